@@ -1,0 +1,1 @@
+"""Producer: hand conversation turns to the fleet (Python API, CLI verb, HTTP API)."""

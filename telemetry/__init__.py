@@ -1,0 +1,1 @@
+"""Telemetry: aggregate the workers' events, price them, raise alerts, answer queries."""

@@ -1,0 +1,59 @@
+"""Fixtures: a real redis-server per test (free port, own data dir), real processes.
+
+Nothing here mocks Redis, arq or the Agents SDK. A test that needs to crash or restart the
+server uses ``redis_server.kill()`` / ``.restart()``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from turnfleet.connection import connect
+from turnfleet.embedded import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator:
+    client = connect(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def fleet_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for turnfleet subprocesses: this test's Redis, nothing inherited that leaks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNFLEET_")}
+    env.pop("REDIS_URL", None)
+    env["REDIS_URL"] = redis_url
+    env["TURNFLEET_STATE_DIR"] = str(tmp_path / "state")
+    env["TURNFLEET_LOG_FORMAT"] = "json"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def turnfleet_cmd() -> list[str]:
+    """How to run the CLI as a subprocess with this interpreter."""
+    return [sys.executable, "-m", "turnfleet.cli"]

@@ -1,0 +1,115 @@
+"""Every Redis key and stream name turnfleet uses, in one place.
+
+Per-conversation keys carry the conversation id in a hash tag (``{...}``) so that a later
+move to Redis Cluster keeps one conversation's keys in one slot. arq's own keys keep arq's
+names (``arq:queue``, ``arq:job:<id>``): the enqueue script writes arq jobs directly so that
+recording a turn and waking its conversation is one atomic step.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tf"
+
+# arq's names (arq.constants), written by our Lua scripts.
+ARQ_QUEUE = "arq:queue"
+ARQ_JOB_PREFIX = "arq:job:"
+ARQ_RETRY_PREFIX = "arq:retry:"
+ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
+
+# Streams.
+RESULTS_STREAM = f"{PREFIX}:results"  # one entry per terminal turn: waiters XREAD it
+TELEMETRY_STREAM = f"{PREFIX}:telemetry"  # one entry per turn attempt: a JSON batch of events
+TELEMETRY_GROUP = "telemetry"
+ALERTS_STREAM = f"{PREFIX}:alerts"  # one entry per alert fired
+
+# Indexes.
+CONVERSATIONS = f"{PREFIX}:conversations"  # zset conversation_id -> first enqueue ms
+REFUND_LEDGER = f"{PREFIX}:ledger:refunds"  # stream: one entry per refund actually made
+WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
+
+
+def turn(turn_id: str) -> str:
+    """Hash: request (JSON), status, attempts, result (JSON), worker, started_at. No expiry."""
+    return f"{PREFIX}:turn:{turn_id}"
+
+
+def turn_errors(turn_id: str) -> str:
+    """List of JSON ``AttemptError`` for every failed attempt of a turn."""
+    return f"{PREFIX}:turn:{turn_id}:errors"
+
+
+def conversation_queue(conversation_id: str) -> str:
+    """List of turn ids not yet finished, in enqueue order; the head is the running turn."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:queue"
+
+
+def conversation_active(conversation_id: str) -> str:
+    """String: the turn id whose arq job is queued or running. Exists iff the queue is non-empty."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:active"
+
+
+def conversation_turns(conversation_id: str) -> str:
+    """List of every turn id ever enqueued for the conversation, in enqueue order."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:turns"
+
+
+def conversation_state(conversation_id: str) -> str:
+    """Hash: customer_id, current_agent (where the next turn starts)."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:state"
+
+
+def customer_conversations(customer_id: str) -> str:
+    """Zset conversation_id -> first enqueue ms, for one customer."""
+    return f"{PREFIX}:customer:{customer_id}:conversations"
+
+
+SESSION_PREFIX = f"{PREFIX}:session"
+
+
+def session_id(conversation_id: str) -> str:
+    """The id handed to the SDK's RedisSession; it builds ``{SESSION_PREFIX}:{session_id}``."""
+    return f"{{{conversation_id}}}"
+
+
+def refund(turn_id: str, order_id: str) -> str:
+    """String: the refund made by this turn for this order (JSON). Makes refunds idempotent."""
+    return f"{PREFIX}:refund:{turn_id}:{order_id}"
+
+
+def escalation(turn_id: str) -> str:
+    """String: the escalation ticket opened by this turn (JSON). Makes escalation idempotent."""
+    return f"{PREFIX}:escalation:{turn_id}"
+
+
+# Telemetry aggregates.
+AGG_KINDS = ("turn", "conversation", "customer", "model")
+
+
+def aggregate(kind: str, subject: str) -> str:
+    """Hash of counters for one subject (kind in AGG_KINDS, or 'global')."""
+    return f"{PREFIX}:agg:{kind}:{subject}"
+
+
+def aggregate_index(kind: str) -> str:
+    """Zset subject -> last update ms, to list the subjects of one kind."""
+    return f"{PREFIX}:agg:index:{kind}"
+
+
+def aggregate_day(kind: str, subject: str, day: str) -> str:
+    """Hash of counters for one subject on one UTC day (YYYY-MM-DD)."""
+    return f"{PREFIX}:agg:{kind}-day:{day}:{subject}"
+
+
+def aggregate_window(window_start_s: int) -> str:
+    """Hash of fleet-wide counters for one error-rate window."""
+    return f"{PREFIX}:agg:window:{window_start_s}"
+
+
+def event_seen(turn_id: str) -> str:
+    """Set of event ids of a turn already aggregated: makes aggregation idempotent."""
+    return f"{PREFIX}:seen:{turn_id}"
+
+
+def alert_fired(rule: str, subject: str, window: str) -> str:
+    """String set once when a rule fires for a subject and window."""
+    return f"{PREFIX}:alert-fired:{rule}:{subject}:{window}"

@@ -1,0 +1,254 @@
+"""The data contract: what a producer sends, what a worker answers, what telemetry counts.
+
+Everything here is plain pydantic and JSON; nothing imports the Agents SDK, so a service
+that only enqueues turns can depend on it cheaply.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+"""Ids (turn, conversation, customer, agent): 1–128 chars, letters, digits and ``._:@-``.
+
+Braces, spaces and control characters are refused: ids become parts of Redis keys, and
+braces would break the per-conversation hash tags.
+"""
+
+DEFAULT_MAX_TEXT_CHARS = 8000
+DEFAULT_MAX_METADATA_ITEMS = 32
+DEFAULT_MAX_METADATA_BYTES = 4096
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_turn_id() -> str:
+    return f"t_{uuid.uuid4().hex}"
+
+
+def check_id(value: str, field: str = "id") -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string")
+    if not value:
+        raise ValueError(f"{field} must not be empty")
+    if len(value) > 128:
+        raise ValueError(f"{field} is {len(value)} characters long; the limit is 128")
+    if not ID_PATTERN.match(value):
+        raise ValueError(
+            f"{field} {value!r} has characters outside letters, digits and . _ : @ - "
+            "(or starts with a symbol)"
+        )
+    return value
+
+
+class TurnRequest(BaseModel):
+    """One user message handed to the fleet.
+
+    Limits on ``text`` and ``metadata`` come from the validation context
+    (``max_text_chars``, ``max_metadata_items``, ``max_metadata_bytes``) so that each producer
+    applies its own settings; without a context the documented defaults apply.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    turn_id: str = Field(default_factory=new_turn_id)
+    conversation_id: str
+    customer_id: str
+    text: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    agent: str = "support-desk"
+    trace: bool = True
+    enqueued_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("turn_id", "conversation_id", "customer_id", "agent", mode="before")
+    @classmethod
+    def _ids(cls, value: Any, info: ValidationInfo) -> str:
+        return check_id(value, info.field_name or "id")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text(cls, value: Any, info: ValidationInfo) -> str:
+        if not isinstance(value, str):
+            raise ValueError("text must be a string")
+        if not value.strip():
+            raise ValueError("text must not be empty")
+        limit = (info.context or {}).get("max_text_chars", DEFAULT_MAX_TEXT_CHARS)
+        if len(value) > limit:
+            raise ValueError(f"text is {len(value)} characters long; the limit is {limit}")
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any, info: ValidationInfo) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("metadata must be a flat mapping of strings to strings")
+        ctx = info.context or {}
+        max_items = ctx.get("max_metadata_items", DEFAULT_MAX_METADATA_ITEMS)
+        max_bytes = ctx.get("max_metadata_bytes", DEFAULT_MAX_METADATA_BYTES)
+        for key, item in value.items():
+            if not isinstance(key, str) or not isinstance(item, str):
+                raise ValueError(
+                    f"metadata must be flat str→str; key {key!r} has a {type(item).__name__} value"
+                )
+            if not key:
+                raise ValueError("metadata keys must not be empty")
+        if len(value) > max_items:
+            raise ValueError(f"metadata has {len(value)} items; the limit is {max_items}")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+        if size > max_bytes:
+            raise ValueError(f"metadata is {size} bytes; the limit is {max_bytes}")
+        return dict(value)
+
+
+class TokenUsage(BaseModel):
+    """Token counts as the SDK's ``Usage`` reports them (cached ⊂ input, reasoning ⊂ output)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            requests=self.requests + other.requests,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+
+class ToolCall(BaseModel):
+    agent: str
+    tool: str
+    call_id: str | None = None
+    arguments: str = ""
+    output: str | None = None
+    duration_ms: float | None = None
+
+
+class Handoff(BaseModel):
+    from_agent: str
+    to_agent: str
+
+
+class AttemptError(BaseModel):
+    attempt: int
+    error_type: str
+    message: str
+    at: datetime = Field(default_factory=utcnow)
+
+
+TurnStatus = Literal["queued", "running", "completed", "failed"]
+TERMINAL_STATUSES = ("completed", "failed")
+
+
+class TurnResult(BaseModel):
+    """How a turn ended (or where it is). Kept without expiry, readable by turn id."""
+
+    turn_id: str
+    conversation_id: str
+    customer_id: str
+    status: TurnStatus
+    text: str = ""
+    final_output: str | None = None
+    agents: list[str] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    handoffs: list[Handoff] = Field(default_factory=list)
+    model: str | None = None
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    attempts: int = 0
+    errors: list[AttemptError] = Field(default_factory=list)
+    error_type: str | None = None
+    error_message: str | None = None
+    enqueued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+    queue_wait_ms: float | None = None
+    worker: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class EventKind(str, Enum):
+    turn_started = "turn_started"
+    agent_start = "agent_start"
+    agent_end = "agent_end"
+    llm_start = "llm_start"
+    llm_end = "llm_end"
+    tool_start = "tool_start"
+    tool_end = "tool_end"
+    handoff = "handoff"
+    guardrail = "guardrail"
+    turn_completed = "turn_completed"
+    attempt_failed = "attempt_failed"  # this attempt failed; the turn will be tried again
+    turn_failed = "turn_failed"  # terminal
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class TelemetryEvent(BaseModel):
+    """One thing that happened in a turn attempt, as telemetry counts it.
+
+    ``event_id`` is ``{turn_id}:{attempt}:{seq}``: deterministic, so a redelivered or
+    re-sent event is recognised and counted once. ``detail`` is redacted before it leaves
+    the worker.
+    """
+
+    event_id: str
+    kind: EventKind
+    seq: int
+    turn_id: str
+    attempt: int
+    conversation_id: str
+    customer_id: str
+    agent: str | None = None
+    model: str | None = None
+    tool: str | None = None
+    ts: datetime = Field(default_factory=utcnow)
+    usage: TokenUsage | None = None
+    duration_ms: float | None = None
+    error: ErrorInfo | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+    @staticmethod
+    def make_id(turn_id: str, attempt: int, seq: int) -> str:
+        return f"{turn_id}:{attempt}:{seq}"
+
+
+class Alert(BaseModel):
+    """An alert as written to the alert stream: what fired, on whom, and the figures why."""
+
+    alert_id: str
+    rule: str
+    severity: Literal["info", "warning", "critical"] = "warning"
+    subject_kind: Literal["conversation", "customer", "turn", "fleet", "model"]
+    subject: str
+    window: str
+    message: str
+    figures: dict[str, float | int | str] = Field(default_factory=dict)
+    conversation_id: str | None = None
+    customer_id: str | None = None
+    turn_id: str | None = None
+    fired_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,121 @@
+"""Settings, one pydantic-settings class per process kind, all read from ``TURNFLEET_*``.
+
+``REDIS_URL`` (or ``TURNFLEET_REDIS_URL``) points every process at a Redis server; without it
+the CLI starts the embedded one. Nothing else in the code reads ``os.environ`` for
+configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TURNFLEET_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "TURNFLEET_REDIS_URL"),
+        description="Redis server for every process; unset: the CLI starts the embedded one.",
+    )
+    state_dir: Path = Field(
+        default=Path(".turnfleet"),
+        description="Where the embedded Redis keeps its data (AOF) and its pid/port file.",
+    )
+    log_format: str = Field(default="console", description="'console' or 'json'.")
+    log_level: str = Field(default="INFO")
+
+
+class ProducerSettings(CommonSettings):
+    max_text_chars: int = Field(default=8000, description="Longest user text accepted.")
+    max_metadata_items: int = Field(default=32)
+    max_metadata_bytes: int = Field(default=4096, description="Keys plus values, UTF-8.")
+    max_bulk: int = Field(default=10_000, description="Most turns in one bulk enqueue.")
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "max_text_chars": self.max_text_chars,
+            "max_metadata_items": self.max_metadata_items,
+            "max_metadata_bytes": self.max_metadata_bytes,
+        }
+
+
+class WorkerProcessSettings(CommonSettings):
+    # arq: measured (DESIGN.md) 0.01 s poll and 10+ concurrent jobs give ~230 turns/s a
+    # process on the offline model; arq's 0.5 s poll gives ~50 and a bimodal pickup latency.
+    # Real model calls are I/O-bound, hence room for 50 turns in flight.
+    poll_delay_s: float = Field(default=0.01, description="arq queue poll interval.")
+    max_jobs: int = Field(default=50, description="Turns in flight per worker process.")
+    turn_timeout_s: float = Field(default=120.0, description="One attempt of a turn, at most.")
+    max_attempts: int = Field(default=3, description="Attempts before a turn ends 'failed'.")
+    retry_delay_s: float = Field(default=0.5, description="Delay before attempt n+1 (× n).")
+    max_agent_turns: int = Field(default=10, description="SDK max_turns per run.")
+    session_ttl_s: int | None = Field(
+        default=None, description="Expiry of conversation memory; unset keeps it."
+    )
+
+    model_name: str = Field(
+        default="turnfleet-offline",
+        description="Model name; 'turnfleet-offline' is the embedded deterministic model.",
+    )
+    model_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint; unset uses the offline model."
+    )
+    model_api_key: str | None = Field(default=None)
+    model_api: str = Field(default="chat", description="'chat' (Chat Completions) or 'responses'.")
+
+    workflow_name: str = Field(default="Support Desk", description="Trace workflow name.")
+    tracing_disabled: bool = Field(default=False)
+    trace_include_sensitive_data: bool = Field(default=True)
+    worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
+
+
+class Price(BaseModel):
+    """USD per 1M tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+DEFAULT_PRICES: dict[str, Price] = {
+    # Published list prices per 1M tokens; check your provider's current page and override
+    # with TURNFLEET_PRICES='{"model": {"input": ..., "cached_input": ..., "output": ...}}'.
+    "gpt-4o": Price(input=2.50, cached_input=1.25, output=10.00),
+    "gpt-4o-mini": Price(input=0.15, cached_input=0.075, output=0.60),
+    "gpt-4.1": Price(input=2.00, cached_input=0.50, output=8.00),
+    "gpt-4.1-mini": Price(input=0.40, cached_input=0.10, output=1.60),
+    "gpt-4.1-nano": Price(input=0.10, cached_input=0.025, output=0.40),
+    "o4-mini": Price(input=1.10, cached_input=0.275, output=4.40),
+    "gpt-5": Price(input=1.25, cached_input=0.125, output=10.00),
+    "gpt-5-mini": Price(input=0.25, cached_input=0.025, output=2.00),
+    "gpt-5-nano": Price(input=0.05, cached_input=0.005, output=0.40),
+    # The offline model is priced as if it were gpt-4.1-mini, so cost figures are realistic.
+    "turnfleet-offline": Price(input=0.40, cached_input=0.10, output=1.60),
+}
+
+
+class TelemetrySettings(CommonSettings):
+    consumer_name: str | None = Field(default=None, description="Defaults to host:pid.")
+    batch_size: int = Field(default=100, description="Stream entries read per XREADGROUP.")
+    block_ms: int = Field(default=1000)
+    claim_idle_ms: int = Field(
+        default=30_000, description="Take over entries another consumer left pending this long."
+    )
+    seen_ttl_s: int = Field(
+        default=7 * 86400, description="How long event ids are remembered for de-duplication."
+    )
+    prices: dict[str, Price] = Field(default_factory=dict, description="Added to the defaults.")
+
+    alert_conversation_cost_usd: float = Field(default=0.50)
+    alert_customer_daily_cost_usd: float = Field(default=20.0)
+    alert_turn_failed: bool = Field(default=True, description="Alert on every failed turn.")
+    alert_error_rate: float = Field(default=0.20, description="Failed/finished turns in a window.")
+    alert_error_rate_window_s: int = Field(default=300)
+    alert_error_rate_min_turns: int = Field(default=10)
+
+    def price_table(self) -> dict[str, Price]:
+        return {**DEFAULT_PRICES, **self.prices}
