@@ -1,1 +1,8 @@
-"""Producer: hand conversation turns to the fleet (Python API, CLI verb, HTTP API)."""
+"""Producer: hand conversation turns to the fleet (Python API, CLI verb, HTTP API).
+
+Importing it does not import the Agents SDK or arq's worker.
+"""
+
+from producer.api import ConversationOwnershipError, Producer, TurnValidationError
+
+__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError"]

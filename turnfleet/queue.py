@@ -283,3 +283,16 @@ def job_payload_json(turn_id: str, conversation_id: str, enqueued_ms: int) -> st
     return json.dumps(
         {"t": 1, "f": JOB_FUNCTION, "a": [turn_id, conversation_id], "k": {}, "et": enqueued_ms}
     )
+
+
+def serialize_job(data: dict[str, object]) -> bytes:
+    """arq ``job_serializer``: JSON, never pickle (writing to Redis must not run code here).
+
+    Anything JSON cannot represent (an exception in a failure record) is stored as text.
+    """
+    return json.dumps(data, default=repr, separators=(",", ":")).encode()
+
+
+def deserialize_job(raw: bytes) -> dict[str, object]:
+    """arq ``job_deserializer``."""
+    return json.loads(raw)

@@ -1,0 +1,127 @@
+"""The producer API: validation at the edge, idempotent enqueue, one job per conversation head."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer import Producer, TurnValidationError
+from turnfleet import keys
+from turnfleet.models import TurnResult
+from turnfleet.queue import ConversationOwnershipError, TurnQueue
+from turnfleet.settings import ProducerSettings
+
+
+@pytest.fixture
+async def producer(redis):
+    p = Producer(redis=redis, settings=ProducerSettings(max_text_chars=100))
+    yield p
+
+
+BAD_INPUTS = [
+    ({"text": "   "}, "text", "must not be empty"),
+    ({"text": "x" * 101}, "text", "the limit is 100"),
+    ({"conversation_id": "has space"}, "conversation_id", "characters outside"),
+    ({"conversation_id": "a{b}"}, "conversation_id", "characters outside"),
+    ({"customer_id": "c" * 129}, "customer_id", "129 characters"),
+    ({"turn_id": ""}, "turn_id", "must not be empty"),
+    ({"metadata": {"k": 1}}, "metadata", "flat str→str"),
+    ({"metadata": {"k": {"nested": "x"}}}, "metadata", "flat str→str"),
+    ({"metadata": {f"k{i}": "v" for i in range(33)}}, "metadata", "the limit is 32"),
+    ({"metadata": {"k": "v" * 5000}}, "metadata", "bytes; the limit is 4096"),
+]
+
+
+@pytest.mark.parametrize("override,field,message", BAD_INPUTS)
+async def test_bad_input_is_rejected_and_nothing_is_written(producer, redis, override, field, message):
+    turn = {"conversation_id": "c-1", "customer_id": "C-100", "text": "hello", **override}
+    with pytest.raises(TurnValidationError) as info:
+        await producer.enqueue_turn(**turn)
+    assert info.value.errors[0]["field"] == field
+    assert message in info.value.errors[0]["message"]
+    assert await redis.dbsize() == 0
+
+
+async def test_bulk_with_one_bad_item_enqueues_nothing(producer, redis):
+    turns = [
+        {"conversation_id": "c-1", "customer_id": "C-100", "text": "one"},
+        {"conversation_id": "c-1", "customer_id": "C-100", "text": ""},
+        {"conversation_id": "c 2", "customer_id": "C-100", "text": "three"},
+    ]
+    with pytest.raises(TurnValidationError) as info:
+        await producer.enqueue_turns(turns)
+    assert [(e["index"], e["field"]) for e in info.value.errors] == [(1, "text"), (2, "conversation_id")]
+    assert await redis.dbsize() == 0
+
+
+async def test_same_turn_id_twice_makes_one_job(producer, redis):
+    first = await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi", turn_id="t-1")
+    second = await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi", turn_id="t-1")
+    assert first == second == "t-1"
+    assert await redis.zrange(keys.ARQ_QUEUE, 0, -1) == ["t-1"]
+    assert await redis.lrange(keys.conversation_queue("c-1"), 0, -1) == ["t-1"]
+    assert await redis.lrange(keys.conversation_turns("c-1"), 0, -1) == ["t-1"]
+
+
+async def test_same_turn_id_after_the_result_is_written_is_still_one_turn(producer, redis):
+    await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi", turn_id="t-1")
+    queue = TurnQueue(redis)
+    decision = await queue.start("t-1", "c-1", "w", "now")
+    assert decision.attempt == 1
+    await queue.finish(
+        TurnResult(turn_id="t-1", conversation_id="c-1", customer_id="C-100", status="completed",
+                   final_output="hello"),
+        telemetry_batch=None,
+    )
+    # arq's job keys are gone by now (arq forgets ids); our record is not.
+    await redis.delete(keys.ARQ_JOB_PREFIX + "t-1")
+    await redis.zrem(keys.ARQ_QUEUE, "t-1")
+    again = await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi", turn_id="t-1")
+    assert again == "t-1"
+    assert await redis.zcard(keys.ARQ_QUEUE) == 0
+    assert await redis.llen(keys.conversation_turns("c-1")) == 1
+    result = await producer.result("t-1")
+    assert result is not None and result.status == "completed" and result.final_output == "hello"
+
+
+async def test_only_the_head_of_a_conversation_has_a_job_and_finishing_wakes_the_next(producer, redis):
+    ids = await producer.enqueue_turns(
+        [{"conversation_id": "c-1", "customer_id": "C-100", "text": f"turn {i}"} for i in range(3)]
+        + [{"conversation_id": "c-2", "customer_id": "C-100", "text": "other"}]
+    )
+    assert set(await redis.zrange(keys.ARQ_QUEUE, 0, -1)) == {ids[0], ids[3]}
+    queue = TurnQueue(redis)
+    assert (await queue.start(ids[1], "c-1", "w", "now")).status == "not-head"
+    assert (await queue.start(ids[0], "c-1", "w", "now")).attempt == 1
+    await redis.zrem(keys.ARQ_QUEUE, ids[0])  # arq removes a job it finished
+    await queue.finish(
+        TurnResult(turn_id=ids[0], conversation_id="c-1", customer_id="C-100", status="failed"), None
+    )
+    assert set(await redis.zrange(keys.ARQ_QUEUE, 0, -1)) == {ids[1], ids[3]}
+    assert await redis.get(keys.conversation_active("c-1")) == ids[1]
+    # Finishing twice (a duplicate run) changes nothing.
+    assert not await queue.finish(
+        TurnResult(turn_id=ids[0], conversation_id="c-1", customer_id="C-100", status="completed"), None
+    )
+    assert await redis.lrange(keys.conversation_queue("c-1"), 0, -1) == ids[1:3]
+
+
+async def test_a_conversation_belongs_to_one_customer(producer, redis):
+    await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi")
+    with pytest.raises(ConversationOwnershipError):
+        await producer.enqueue_turn(conversation_id="c-1", customer_id="C-200", text="hi")
+    assert await redis.llen(keys.conversation_turns("c-1")) == 1
+
+
+async def test_wait_returns_when_the_result_is_written(producer, redis):
+    import asyncio
+
+    turn_id = await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi")
+    waiter = asyncio.create_task(producer.wait(turn_id, timeout_s=30))
+    queue = TurnQueue(redis)
+    await queue.start(turn_id, "c-1", "w", "now")
+    await queue.finish(
+        TurnResult(turn_id=turn_id, conversation_id="c-1", customer_id="C-100", status="completed",
+                   final_output="done"), None
+    )
+    result = await asyncio.wait_for(waiter, 30)
+    assert result is not None and result.final_output == "done"
