@@ -1,0 +1,212 @@
+"""``turnfleet demo``: the Support Desk through the whole fleet, for real.
+
+Starts a telemetry consumer and worker processes (real subprocesses, on the embedded Redis
+or ``REDIS_URL``), enqueues five conversations through the producer API (all turns at once:
+the fleet keeps each conversation's turns in order), prints each turn as it completes, then
+a summary per conversation and the alerts raised. Conversation ids carry a run id, so runs
+against a shared Redis do not mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from turnfleet import keys
+from turnfleet.connection import connect
+from turnfleet.fleet import FleetProcess, fleet_env
+from turnfleet.models import TurnResult
+from turnfleet.render import console, money, ms, render_alert, turn_headline
+from turnfleet.settings import CommonSettings
+
+# (conversation label, customer, turns). Order numbers are in workers/data/orders.json.
+SCENARIO: list[tuple[str, str, list[str]]] = [
+    ("dana", "C-100", [
+        "Hi, I'm Dana Whitfield, customer C-100.",
+        "Where is order 1043?",
+        "This is taking too long. I want to talk to a human, please.",
+    ]),
+    ("priya-refund", "C-102", [
+        "I'd like a refund for order 1047, the headphones stopped working.",
+    ]),
+    ("marcus-late-refund", "C-101", [
+        "Can I get a refund for order 1045?",
+    ]),
+    ("tomas-offtopic", "C-103", [
+        "What's the weather going to be like in Paris tomorrow?",
+    ]),
+    ("aiko-long", "C-104", [
+        "Hello, this is Aiko Tanaka.",
+        "What's the status of order 1052?",
+        "I want a refund for order 1052.",
+        "OK. Where is order 1051 then?",
+        "Can I get my money back for order 1051?",
+        "Please escalate this to a manager.",
+    ]),
+]
+
+# Low enough that the long conversation crosses it, so the demo shows a cost alert.
+DEMO_CONVERSATION_COST_ALERT_USD = "0.004"
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Conversations", title_justify="left")
+    for col, just in [("conversation", "left"), ("customer", "left"), ("turns", "right"),
+                      ("agents", "left"), ("tools", "left"), ("tokens in→out", "right"),
+                      ("cost", "right"), ("latency avg / max", "right"), ("status", "left")]:
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(*r["cells"])
+    return table
+
+
+async def run_demo(redis_url: str, workers: int = 2) -> int:
+    from producer import Producer
+    from telemetry.consumer import caught_up
+    from telemetry.query import conversation_stats, read_alerts, turn_stats
+
+    out = console()
+    state_dir = Path(CommonSettings().state_dir)
+    run_id = uuid.uuid4().hex[:6]
+    log_dir = state_dir / "logs" / f"demo-{run_id}"
+    extra = {"TURNFLEET_LOG_FORMAT": "json"}
+    if "TURNFLEET_ALERT_CONVERSATION_COST_USD" not in os.environ:
+        extra["TURNFLEET_ALERT_CONVERSATION_COST_USD"] = DEMO_CONVERSATION_COST_ALERT_USD
+    env = fleet_env(redis_url, extra)
+    procs = [FleetProcess("telemetry", ["telemetry"], env, log_dir / "telemetry.log")]
+    procs += [
+        FleetProcess(f"worker-{i}", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"demo-worker-{i}"},
+                     log_dir / f"worker-{i}.log")
+        for i in range(1, workers + 1)
+    ]
+
+    out.print(Rule(f"turnfleet demo · run {run_id}"))
+    out.print(f"Redis: {redis_url}")
+    out.print(f"Processes: telemetry + {workers} workers (logs in {log_dir})")
+    out.print(
+        f"Alert rule for the demo: conversation cost > ${env.get('TURNFLEET_ALERT_CONVERSATION_COST_USD', '0.50')}"
+    )
+    redis = connect(redis_url)
+    started = time.monotonic()
+    try:
+        for p in procs:
+            p.start()
+        tail = await redis.xrevrange(keys.RESULTS_STREAM, count=1)
+        results_from = tail[0][0] if tail else "0-0"
+        tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
+        alerts_from = tail[0][0] if tail else "0-0"
+
+        conv_ids: dict[str, str] = {}
+        turn_labels: dict[str, str] = {}
+        async with Producer(redis=redis) as producer:
+            batch = []
+            for label, customer, texts in SCENARIO:
+                cid = f"demo-{run_id}-{label}"
+                conv_ids[cid] = customer
+                for i, text in enumerate(texts, 1):
+                    tid = f"{cid}-t{i}"
+                    turn_labels[tid] = f"{label} {i}/{len(texts)}"
+                    batch.append({"conversation_id": cid, "customer_id": customer, "text": text,
+                                  "turn_id": tid, "metadata": {"channel": "demo"}})
+            await producer.enqueue_turns(batch)
+        out.print(f"Enqueued {len(batch)} turns in {len(conv_ids)} conversations.\n")
+
+        pending = set(turn_labels)
+        results: dict[str, TurnResult] = {}
+        deadline = time.monotonic() + 120
+        last = results_from
+        while pending:
+            if time.monotonic() > deadline:
+                out.print(f"[red]Timed out waiting for {len(pending)} turns.[/red]")
+                return 1
+            dead = [p.name for p in procs if not p.running()]
+            if dead:
+                out.print(f"[red]Process(es) exited early: {', '.join(dead)}; see {log_dir}[/red]")
+                return 1
+            entries = await redis.xread({keys.RESULTS_STREAM: last}, block=1000, count=100)
+            for _s, items in entries or []:
+                for entry_id, fields in items:
+                    last = entry_id
+                    tid = fields.get("turn_id")
+                    if tid not in pending:
+                        continue
+                    pending.discard(tid)
+                    result = await producer.queue.get(tid)
+                    assert result is not None
+                    results[tid] = result
+                    _print_turn(out, turn_labels[tid], result)
+
+        # Wait until telemetry has aggregated every event, so the figures are complete.
+        while not await caught_up(redis):
+            if time.monotonic() > deadline:
+                out.print("[red]Telemetry did not catch up in time.[/red]")
+                return 1
+            await asyncio.sleep(0.05)
+
+        rows = []
+        for cid, customer in conv_ids.items():
+            turns = [r for tid, r in results.items() if r.conversation_id == cid]
+            agg = await conversation_stats(redis, cid)
+            agents: list[str] = []
+            for r in turns:
+                for a in r.agents:
+                    if a not in agents:
+                        agents.append(a)
+            tools = sorted({c.tool for r in turns for c in r.tool_calls})
+            latencies = [r.duration_ms or 0 for r in turns]
+            failed = sum(r.status == "failed" for r in turns)
+            rows.append({"cells": [
+                cid.removeprefix(f"demo-{run_id}-"), customer, str(len(turns)), " → ".join(agents),
+                ", ".join(tools) or "–",
+                f"{agg.get('input_tokens', 0)}→{agg.get('output_tokens', 0)}",
+                money(agg.get("cost_usd")),
+                f"{ms(sum(latencies) / max(1, len(latencies)))} / {ms(max(latencies or [0]))}",
+                "ok" if not failed else f"{failed} failed",
+            ]})
+        out.print()
+        out.print(_summary_table(rows))
+
+        alerts = [(i, a) for i, a in await read_alerts(redis, after_id=alerts_from, count=1000)
+                  if a.conversation_id in conv_ids or a.customer_id in conv_ids.values()]
+        out.print()
+        out.print(Text(f"Alerts raised ({len(alerts)})", style="bold"))
+        for alert_id, alert in alerts:
+            out.print(render_alert(alert_id, alert))
+        if not alerts:
+            out.print(Text("none", style="dim"))
+        total_cost = 0.0
+        for tid in results:
+            total_cost += (await turn_stats(redis, tid)).get("cost_usd") or 0.0
+        out.print()
+        out.print(
+            f"{len(results)} turns in {time.monotonic() - started:.1f} s, total cost {money(total_cost)}."
+            f" Replay one: turnfleet conversation {next(iter(conv_ids))}"
+        )
+        failed = [r for r in results.values() if r.status != "completed"]
+        return 1 if failed else 0
+    finally:
+        for p in procs:
+            p.stop()
+        await redis.aclose()
+
+
+def _print_turn(out: Any, label: str, result: TurnResult) -> None:
+    out.print(turn_headline(result, cost=None, label=label))
+    out.print(Text.assemble(("   user:   ", "dim"), result.text))
+    path = " → ".join(result.agents)
+    out.print(Text.assemble(("   agents: ", "dim"), path))
+    for call in result.tool_calls:
+        out.print(Text.assemble(("   tool:   ", "dim"), (call.tool, "blue"), f"({call.arguments}) → ",
+                                (call.output or "")[:140]))
+    if result.final_output:
+        out.print(Text.assemble(("   answer: ", "dim"), (result.final_output, "green")))
+    if result.status == "failed":
+        out.print(Text(f"   error:  {result.error_type}: {result.error_message}", style="red"))
