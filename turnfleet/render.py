@@ -16,7 +16,9 @@ from turnfleet.models import Alert, TurnResult
 
 
 def console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    """stdout; at least 120 columns when not a terminal (pipes, CI logs) so trees stay readable."""
+    width = None if sys.stdout.isatty() else 120
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
 
 
 def money(value: float | None) -> str:
