@@ -61,8 +61,8 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Conversations", title_justify="left")
     for col, just in [("conversation", "left"), ("customer", "left"), ("turns", "right"),
                       ("agents", "left"), ("tools", "left"), ("tokens in→out", "right"),
-                      ("cost", "right"), ("latency avg / max", "right"), ("status", "left")]:
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+                      ("cost", "right"), ("latency avg/max", "right"), ("status", "left")]:
+        table.add_column(col, justify=just, no_wrap=col != "agents")  # type: ignore[arg-type]
     for r in rows:
         table.add_row(*r["cells"])
     return table
@@ -165,7 +165,7 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
             failed = sum(r.status == "failed" for r in turns)
             rows.append({"cells": [
                 cid.removeprefix(f"demo-{run_id}-"), customer, str(len(turns)), " → ".join(agents),
-                ", ".join(tools) or "–",
+                "\n".join(tools) or "–",
                 f"{agg.get('input_tokens', 0)}→{agg.get('output_tokens', 0)}",
                 money(agg.get("cost_usd")),
                 f"{ms(sum(latencies) / max(1, len(latencies)))} / {ms(max(latencies or [0]))}",
@@ -199,13 +199,15 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
 
 
 def _print_turn(out: Any, label: str, result: TurnResult) -> None:
-    out.print(turn_headline(result, cost=None, label=label))
+    out.print(turn_headline(result, cost=None, label=label, show_cost=False))
     out.print(Text.assemble(("   user:   ", "dim"), result.text))
     path = " → ".join(result.agents)
     out.print(Text.assemble(("   agents: ", "dim"), path))
     for call in result.tool_calls:
-        out.print(Text.assemble(("   tool:   ", "dim"), (call.tool, "blue"), f"({call.arguments}) → ",
-                                (call.output or "")[:140]))
+        line = Text.assemble(("   tool:   ", "dim"), (call.tool, "blue"), f"({call.arguments}) → ",
+                             call.output or "")
+        line.truncate(out.width, overflow="ellipsis")
+        out.print(line, no_wrap=True)
     if result.final_output:
         out.print(Text.assemble(("   answer: ", "dim"), (result.final_output, "green")))
     if result.status == "failed":

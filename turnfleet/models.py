@@ -34,16 +34,17 @@ def new_turn_id() -> str:
     return f"t_{uuid.uuid4().hex}"
 
 
-def check_id(value: str, field: str = "id") -> str:
+def check_id(value: str) -> str:
+    """The id itself, or ValueError saying what is wrong (the caller names the field)."""
     if not isinstance(value, str):
-        raise ValueError(f"{field} must be a string")
+        raise ValueError("must be a string")
     if not value:
-        raise ValueError(f"{field} must not be empty")
+        raise ValueError("must not be empty")
     if len(value) > 128:
-        raise ValueError(f"{field} is {len(value)} characters long; the limit is 128")
+        raise ValueError(f"is {len(value)} characters long; the limit is 128")
     if not ID_PATTERN.match(value):
         raise ValueError(
-            f"{field} {value!r} has characters outside letters, digits and . _ : @ - "
+            f"{value!r} has characters outside letters, digits and . _ : @ - "
             "(or starts with a symbol)"
         )
     return value
@@ -70,19 +71,19 @@ class TurnRequest(BaseModel):
 
     @field_validator("turn_id", "conversation_id", "customer_id", "agent", mode="before")
     @classmethod
-    def _ids(cls, value: Any, info: ValidationInfo) -> str:
-        return check_id(value, info.field_name or "id")
+    def _ids(cls, value: Any) -> str:
+        return check_id(value)
 
     @field_validator("text", mode="before")
     @classmethod
     def _text(cls, value: Any, info: ValidationInfo) -> str:
         if not isinstance(value, str):
-            raise ValueError("text must be a string")
+            raise ValueError("must be a string")
         if not value.strip():
-            raise ValueError("text must not be empty")
+            raise ValueError("must not be empty")
         limit = (info.context or {}).get("max_text_chars", DEFAULT_MAX_TEXT_CHARS)
         if len(value) > limit:
-            raise ValueError(f"text is {len(value)} characters long; the limit is {limit}")
+            raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
         return value
 
     @field_validator("metadata", mode="before")
@@ -91,22 +92,22 @@ class TurnRequest(BaseModel):
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ValueError("metadata must be a flat mapping of strings to strings")
+            raise ValueError("must be a flat mapping of strings to strings")
         ctx = info.context or {}
         max_items = ctx.get("max_metadata_items", DEFAULT_MAX_METADATA_ITEMS)
         max_bytes = ctx.get("max_metadata_bytes", DEFAULT_MAX_METADATA_BYTES)
         for key, item in value.items():
             if not isinstance(key, str) or not isinstance(item, str):
                 raise ValueError(
-                    f"metadata must be flat str→str; key {key!r} has a {type(item).__name__} value"
+                    f"must be flat str→str; key {key!r} has a {type(item).__name__} value"
                 )
             if not key:
-                raise ValueError("metadata keys must not be empty")
+                raise ValueError("keys must not be empty")
         if len(value) > max_items:
-            raise ValueError(f"metadata has {len(value)} items; the limit is {max_items}")
+            raise ValueError(f"has {len(value)} items; the limit is {max_items}")
         size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
         if size > max_bytes:
-            raise ValueError(f"metadata is {size} bytes; the limit is {max_bytes}")
+            raise ValueError(f"is {size} bytes; the limit is {max_bytes}")
         return dict(value)
 
 

@@ -51,13 +51,17 @@ def _short(text: str | None, limit: int = 160) -> str:
 STATUS_STYLE = {"completed": "green", "failed": "red", "running": "yellow", "queued": "dim"}
 
 
-def turn_headline(result: TurnResult, cost: float | None, label: str = "") -> Text:
+def turn_headline(
+    result: TurnResult, cost: float | None, label: str = "", show_cost: bool = True
+) -> Text:
     t = Text()
     if label:
         t.append(f"{label}  ", style="bold")
     t.append(result.turn_id, style="cyan")
     t.append(f"  {result.status}", style=STATUS_STYLE.get(result.status, ""))
-    t.append(f"  {ms(result.duration_ms)}  {result.usage.total_tokens} tok  {money(cost)}")
+    t.append(f"  {ms(result.duration_ms)}  {result.usage.total_tokens} tok")
+    if show_cost:
+        t.append(f"  {money(cost)}")
     if result.attempts > 1:
         t.append(f"  attempts {result.attempts}", style="yellow")
     return t

@@ -1,0 +1,91 @@
+"""The ``turnfleet`` CLI as a user runs it: real subprocesses, real Redis, exit codes, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from turnfleet import keys
+
+CLI = [sys.executable, "-m", "turnfleet.cli"]
+
+
+def tf(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--conversation", "c 1", "--customer", "C-100", "hi"], "conversation_id"),
+        (["--conversation", "c-1", "--customer", "C-100", "  "], "text: must not be empty"),
+        (["--conversation", "c-1", "--customer", "C-100", "--meta", "novalue", "hi"], "KEY=VALUE"),
+        (["--conversation", "c-1", "--customer", "x" * 129, "hi"], "customer_id"),
+    ],
+)
+async def test_enqueue_rejects_bad_input_with_one_line_and_writes_nothing(fleet_env, redis, args, message):
+    proc = tf("enqueue", *args, env=fleet_env)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert await redis.dbsize() == 0
+
+
+async def test_enqueue_result_conversation_stats_and_alerts_verbs(fleet_env, redis, tmp_path):
+    enq = tf("enqueue", "--conversation", "c-cli", "--customer", "C-102", "--meta", "channel=chat",
+             "--turn-id", "turn-cli-1", "I want a refund for order 1047", env=fleet_env)
+    assert enq.returncode == 0, enq.stderr
+    assert enq.stdout.strip() == "turn-cli-1"
+    again = tf("enqueue", "--conversation", "c-cli", "--customer", "C-102", "--turn-id", "turn-cli-1",
+               "I want a refund for order 1047", env=fleet_env)
+    assert again.stdout.strip() == "turn-cli-1"
+    assert await redis.llen(keys.conversation_turns("c-cli")) == 1
+
+    pending = tf("result", "turn-cli-1", "--json", env=fleet_env)
+    assert pending.returncode == 3 and json.loads(pending.stdout)["status"] == "queued"
+
+    assert tf("worker", "--burst", env=fleet_env).returncode == 0
+    assert tf("telemetry", "--burst", env=fleet_env).returncode == 0
+
+    res = tf("result", "turn-cli-1", "--wait", "5", "--json", env=fleet_env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["status"] == "completed" and "$229.00" in data["final_output"]
+    assert data["cost_usd"] > 0
+
+    conv = tf("conversation", "c-cli", "--json", env=fleet_env)
+    turns = json.loads(conv.stdout)["turns"]
+    assert [t["turn_id"] for t in turns] == ["turn-cli-1"]
+    assert [c["tool"] for c in turns[0]["tool_calls"]] == ["check_refund_eligibility", "process_refund"]
+    text = tf("conversation", "c-cli", env=fleet_env).stdout
+    assert "process_refund" in text and "Triage → Billing" in text
+
+    stats = json.loads(tf("stats", "--by", "customer", "--json", env=fleet_env).stdout)
+    row = next(r for r in stats["rows"] if r["subject"] == "C-102")
+    assert row["turns_completed"] == 1 and row["input_tokens"] == data["usage"]["input_tokens"]
+
+    alerts = tf("alerts", "--json", env=fleet_env)
+    assert alerts.returncode == 0 and json.loads(alerts.stdout) == []
+
+    missing = tf("result", "no-such-turn", env=fleet_env)
+    assert missing.returncode == 2 and "no turn" in missing.stderr
+
+
+async def test_without_redis_url_the_embedded_redis_is_started_kept_on_disk_and_stopped(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "TURNFLEET_REDIS_URL")}
+    env["TURNFLEET_STATE_DIR"] = str(tmp_path / "state")
+    enq = tf("enqueue", "--conversation", "c-emb", "--customer", "C-100", "hello", env=env)
+    assert enq.returncode == 0, enq.stderr
+    turn_id = enq.stdout.strip()
+    # The server was stopped on exit; its AOF is on disk, and the next command finds the turn.
+    assert not (tmp_path / "state" / "redis.json").exists()
+    assert list((tmp_path / "state" / "redis").glob("appendonly*"))
+    res = tf("result", turn_id, "--json", env=env)
+    assert res.returncode == 3 and json.loads(res.stdout)["status"] == "queued"
+    assert not (tmp_path / "state" / "redis.json").exists()
