@@ -1,0 +1,489 @@
+"""Turning one telemetry stream entry into counters, exactly once.
+
+Python reads the entry (one turn attempt's batch of events), prices each model call and
+works out every increment; one Lua script then, for each event, ``SADD``s its id to the
+turn's seen-set and applies that event's increments only if the id was new. Dedupe and
+increments share one atomic script, so whatever dies when (consumer, Redis connection), an
+event is counted at most once, and since the stream entry is acknowledged only after the
+script ran, at least once: a redelivered or re-sent entry changes nothing.
+
+What is counted, and where (field names are documented in :mod:`telemetry.query`):
+
+- tokens and requests from ``llm_end`` usage only (``turn_completed.usage`` is a cross-check,
+  logged as ``telemetry.usage_mismatch`` when it disagrees); cost per ``llm_end`` from the
+  price table, in integer nano-dollars (``cost_nusd``), or ``cost_unknown_calls`` + 1;
+- tokens of an attempt that failed (``attempt_failed`` / ``turn_failed`` in its batch) count
+  like any other and are also added to ``failed_attempt_tokens`` / ``failed_attempt_cost_nusd``;
+- turns, failed attempts, latency (``turn_completed`` / ``turn_failed`` duration), calls,
+  tool errors and handoffs.
+
+Each counted event updates the hashes of its turn, conversation, customer, customer-day
+(UTC date of the event) and the fleet (``GLOBAL_KEY``); an ``llm_end`` also its model's
+hash; a finished turn also the error-rate window hash of its end time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from pydantic import TypeAdapter, ValidationError
+from redis.asyncio import Redis
+
+from telemetry.pricing import PriceTable
+from turnfleet import keys
+from turnfleet.models import EventKind, TelemetryEvent, TokenUsage
+from turnfleet.settings import TelemetrySettings
+
+log = structlog.get_logger(__name__)
+
+# Keys telemetry needs beyond turnfleet/keys.py (candidates to move there).
+GLOBAL_SUBJECT = "fleet"
+GLOBAL_KEY = keys.aggregate("global", GLOBAL_SUBJECT)
+MALFORMED_SEEN = f"{keys.PREFIX}:seen-malformed"  # stream entry ids counted as malformed
+DAY_TTL_S = 40 * 86400  # customer-day hashes live 40 days after their last update
+MIN_WINDOW_TTL_S = 86400  # error-rate window hashes: a day, or two windows if longer
+
+STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; another will run
+
+# HINCRBY / HINCRBYFLOAT counters of every aggregate hash.
+INT_COUNTERS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "llm_calls",
+    "tool_calls",
+    "tool_errors",
+    "handoffs",
+    "turns_completed",
+    "turns_failed",
+    "attempts_failed",
+    "failed_attempt_tokens",
+    "failed_attempt_cost_nusd",
+    "cost_nusd",
+    "cost_unknown_calls",
+    "latency_count",
+)
+FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum")
+
+_FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
+_TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
+_COUNTED_KINDS = frozenset({EventKind.llm_end, EventKind.tool_end, EventKind.handoff,
+                            EventKind.attempt_failed, *_TERMINAL_KINDS})
+_EVENTS = TypeAdapter(list[TelemetryEvent])
+
+# KEYS: every key the entry touches. ARGV[1]: the plan as JSON:
+#   g    : groups of KEYS indexes an op applies to
+#   e    : events, each [seen-set KEYS index, event id, ops]; ops run only if SADD added the id
+#   post : ops run whatever was new (idempotent ones: same-value HSET, max, ZADD GT, EXPIRE)
+# An op is [kind, group, a, b]:
+#   i / f : HINCRBY / HINCRBYFLOAT field a by b (summed per key and field, applied at the end)
+#   s     : HSET field a = b             x : HSET field a = b if b is greater (or unset)
+#   st    : HSET status = b; if a == '0' only when status is not already terminal
+#   z     : ZADD GT score b member a     e : EXPIRE b seconds
+# Values travel as strings: Lua would print numbers with 14 significant digits.
+# Returns the number of events that were new.
+AGGREGATE_LUA = """
+local p = cjson.decode(ARGV[1])
+local incr, incrf = {}, {}
+local function add(acc, k, f, v)
+  local h = acc[k]
+  if not h then h = {}; acc[k] = h end
+  h[f] = (h[f] or 0) + tonumber(v)
+end
+local function run(op)
+  local kind, a, b = op[1], op[3], op[4]
+  for _, k in ipairs(p.g[op[2]]) do
+    local key = KEYS[k]
+    if kind == 'i' then add(incr, k, a, b)
+    elseif kind == 'f' then add(incrf, k, a, b)
+    elseif kind == 's' then redis.call('HSET', key, a, b)
+    elseif kind == 'x' then
+      local cur = redis.call('HGET', key, a)
+      if (not cur) or tonumber(b) > tonumber(cur) then redis.call('HSET', key, a, b) end
+    elseif kind == 'st' then
+      local cur = redis.call('HGET', key, 'status')
+      if a == '1' or (cur ~= 'completed' and cur ~= 'failed') then
+        redis.call('HSET', key, 'status', b)
+      end
+    elseif kind == 'z' then redis.call('ZADD', key, 'GT', b, a)
+    elseif kind == 'e' then redis.call('EXPIRE', key, b)
+    end
+  end
+end
+local new = 0
+for _, ev in ipairs(p.e) do
+  if redis.call('SADD', KEYS[ev[1]], ev[2]) == 1 then
+    new = new + 1
+    for _, op in ipairs(ev[3]) do run(op) end
+  end
+end
+for k, h in pairs(incr) do
+  for f, v in pairs(h) do redis.call('HINCRBY', KEYS[k], f, string.format('%.0f', v)) end
+end
+for k, h in pairs(incrf) do
+  for f, v in pairs(h) do redis.call('HINCRBYFLOAT', KEYS[k], f, string.format('%.17g', v)) end
+end
+for _, op in ipairs(p.post) do run(op) end
+return new
+"""
+
+
+class MalformedEntry(ValueError):
+    """A stream entry that cannot be read as a batch of telemetry events."""
+
+
+@dataclass(frozen=True)
+class FailedTurn:
+    turn_id: str
+    conversation_id: str
+    customer_id: str
+
+
+@dataclass
+class Touched:
+    """Subjects an entry may have changed: what the alert rules look at afterwards."""
+
+    conversations: dict[str, str] = field(default_factory=dict)  # conversation -> customer
+    customer_days: set[tuple[str, str]] = field(default_factory=set)  # (customer, YYYY-MM-DD)
+    failed_turns: dict[str, FailedTurn] = field(default_factory=dict)
+    windows: dict[int, FailedTurn | None] = field(default_factory=dict)  # start s -> a failure
+
+    def merge(self, other: Touched) -> None:
+        self.conversations.update(other.conversations)
+        self.customer_days |= other.customer_days
+        self.failed_turns.update(other.failed_turns)
+        for start, failed in other.windows.items():
+            self.windows[start] = failed or self.windows.get(start)
+
+
+@dataclass
+class EntryPlan:
+    """One entry's script call: its keys and JSON argument, and what it touches."""
+
+    entry_id: str
+    keys: list[str]
+    payload: str
+    touched: Touched
+
+
+def parse_batch(fields: Mapping[str, Any] | None) -> list[TelemetryEvent]:
+    """The events of a stream entry; ``MalformedEntry`` says what is wrong with it."""
+    if not isinstance(fields, Mapping) or "batch" not in fields:
+        raise MalformedEntry("entry has no 'batch' field")
+    raw = fields["batch"]
+    if not isinstance(raw, (str, bytes)):
+        raise MalformedEntry(f"'batch' is a {type(raw).__name__}, not JSON text")
+    try:
+        return _EVENTS.validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'batch'}: {err['msg']}"
+            for err in exc.errors()[:3]
+        )
+        raise MalformedEntry(f"{exc.error_count()} problem(s): {problems}") from None
+
+
+def window_start(ts: datetime, window_s: int) -> int:
+    """Start (epoch seconds) of the fixed error-rate window that contains ``ts``."""
+    epoch = int(_utc(ts).timestamp())
+    return epoch - epoch % window_s
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+def _ms(ts: datetime) -> int:
+    return int(_utc(ts).timestamp() * 1000)
+
+
+def _num(value: float | int) -> str:
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+@dataclass
+class _Attempt:
+    """What the whole batch says about one attempt, needed while planning each event."""
+
+    conversation_id: str
+    customer_id: str
+    last_ts_ms: int = 0
+    failed: bool = False
+    agents: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    llm_usage: TokenUsage = field(default_factory=TokenUsage)
+    queue_wait_ms: float | None = None
+
+
+def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attempt]:
+    out: dict[tuple[str, int], _Attempt] = {}
+    for ev in events:
+        a = out.get((ev.turn_id, ev.attempt))
+        if a is None:
+            a = out[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id, ev.customer_id)
+        a.last_ts_ms = max(a.last_ts_ms, _ms(ev.ts))
+        if ev.kind in _FAILED_KINDS:
+            a.failed = True
+        elif ev.kind == EventKind.agent_start and ev.agent:
+            a.agents.append(ev.agent)  # as the hooks record it; a terminal event's list wins
+        elif ev.kind == EventKind.llm_end:
+            if ev.model and ev.model not in a.models:
+                a.models.append(ev.model)
+            if ev.usage:
+                a.llm_usage = a.llm_usage + ev.usage
+        wait = ev.detail.get("queue_wait_ms")
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool):
+            a.queue_wait_ms = float(wait)
+        path = ev.detail.get("agents")
+        if ev.kind in _TERMINAL_KINDS and isinstance(path, list) and all(isinstance(x, str) for x in path):
+            a.agents = list(path)
+    return out
+
+
+class _Plan:
+    """Builds the script's KEYS and JSON argument for one entry."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self._key_ix: dict[str, int] = {}
+        self.groups: list[list[int]] = []
+        self._group_ix: dict[tuple[int, ...], int] = {}
+        self._group_of_names: dict[tuple[str, ...], int] = {}
+        self.events: list[list[Any]] = []
+        self._ops: list[list[str | int]] = []  # of the event being planned
+        self._always: dict[tuple[str, int, str], str] = {}
+        self._index: dict[tuple[str, str], int] = {}  # (kind, subject) -> latest event ms
+        self._expire: dict[str, int] = {}
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> int:
+        ix = self._key_ix.get(name)
+        if ix is None:
+            self.keys.append(name)
+            ix = self._key_ix[name] = len(self.keys)  # Lua: 1-based
+        return ix
+
+    def group(self, names: Sequence[str]) -> int:
+        names = tuple(names)
+        ix = self._group_of_names.get(names)
+        if ix is None:
+            members = tuple(dict.fromkeys(self.key(n) for n in names))
+            ix = self._group_ix.get(members)
+            if ix is None:
+                self.groups.append(list(members))
+                ix = self._group_ix[members] = len(self.groups)
+            self._group_of_names[names] = ix
+        return ix
+
+    def op(self, kind: str, targets: Sequence[str], a: str, b: str | int | float) -> None:
+        if kind in ("i", "f") and not b:
+            return
+        value = b if isinstance(b, str) else _num(b)
+        self._ops.append([kind, self.group(targets), a, value])
+
+    def end_event(self, seen_key: str, event_id: str) -> None:
+        """Close the ops written since the last call into one deduplicated event."""
+        if self._ops:
+            self.events.append([self.key(seen_key), event_id, self._ops])
+            self._seen.add(seen_key)
+        self._ops = []
+
+    def always(self, kind: str, target: str, a: str, b: str | int) -> None:
+        """An idempotent op ('s' or 'x') applied even when every event was already counted."""
+        k = (kind, self.group([target]), a)
+        value = b if isinstance(b, str) else _num(b)
+        if kind == "x" and k in self._always:
+            value = max(value, self._always[k], key=float)
+        self._always[k] = value
+
+    def index(self, kind: str, subject: str, ts_ms: int) -> None:
+        k = (kind, subject)
+        self._index[k] = max(ts_ms, self._index.get(k, 0))
+
+    def expire(self, key: str, ttl_s: int) -> None:
+        self._expire[key] = max(ttl_s, self._expire.get(key, 0))
+
+    def payload(self, seen_ttl_s: int) -> str:
+        post: list[list[str | int]] = [[k, g, a, v] for (k, g, a), v in self._always.items()]
+        for (kind, subject), ts_ms in self._index.items():
+            post.append(["z", self.group([keys.aggregate_index(kind)]), subject, str(ts_ms)])
+        for key in self._seen:
+            self.expire(key, seen_ttl_s)
+        for key, ttl in self._expire.items():
+            post.append(["e", self.group([key]), "", str(ttl)])
+        return json.dumps({"g": self.groups, "e": self.events, "post": post}, separators=(",", ":"))
+
+
+class Aggregator:
+    """Plans and applies the aggregate script for stream entries."""
+
+    def __init__(
+        self, redis: Redis, settings: TelemetrySettings, prices: PriceTable | None = None
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.prices = prices or PriceTable.from_settings(settings)
+        self.window_s = settings.alert_error_rate_window_s
+        self._script = redis.register_script(AGGREGATE_LUA)
+
+    # -- planning (pure) -------------------------------------------------------------
+
+    def plan(self, entry_id: str, fields: Mapping[str, Any] | None) -> EntryPlan:
+        """The script call for one entry. Raises ``MalformedEntry``."""
+        events = parse_batch(fields)
+        attempts = _attempts(events)
+        plan, touched = _Plan(), Touched()
+        for ev in events:
+            if ev.kind in _COUNTED_KINDS:
+                self._plan_event(plan, ev, attempts[(ev.turn_id, ev.attempt)], touched)
+        for (turn_id, number), a in attempts.items():
+            # Identity and listing: the same values whatever is redelivered, so always applied.
+            turn = keys.aggregate("turn", turn_id)
+            plan.always("s", turn, "conversation_id", a.conversation_id)
+            plan.always("s", turn, "customer_id", a.customer_id)
+            plan.always("s", keys.aggregate("conversation", a.conversation_id), "customer_id",
+                        a.customer_id)
+            plan.always("x", turn, "attempts", number)
+            for kind, subject in (("turn", turn_id), ("conversation", a.conversation_id),
+                                  ("customer", a.customer_id)):
+                plan.index(kind, subject, a.last_ts_ms)
+            touched.conversations[a.conversation_id] = a.customer_id
+        self._check_usage(events, attempts)
+        return EntryPlan(entry_id, plan.keys, plan.payload(self.settings.seen_ttl_s), touched)
+
+    def plan_malformed(self, entry_id: str) -> EntryPlan:
+        """Count a malformed entry in ``telemetry_malformed``, once per stream entry id."""
+        plan = _Plan()
+        plan.op("i", [GLOBAL_KEY], "telemetry_malformed", 1)
+        plan.end_event(MALFORMED_SEEN, entry_id)
+        return EntryPlan(entry_id, plan.keys, plan.payload(self.settings.seen_ttl_s), Touched())
+
+    def _plan_event(self, plan: _Plan, ev: TelemetryEvent, attempt: _Attempt, touched: Touched) -> None:
+        ts = _utc(ev.ts)
+        day = ts.date().isoformat()
+        turn = keys.aggregate("turn", ev.turn_id)
+        conv = keys.aggregate("conversation", ev.conversation_id)
+        cust = keys.aggregate("customer", ev.customer_id)
+        cust_day = keys.aggregate_day("customer", ev.customer_id, day)
+        every = [turn, conv, cust, cust_day, GLOBAL_KEY]
+        kind = ev.kind
+
+        if kind == EventKind.llm_end:
+            usage = ev.usage or TokenUsage()
+            targets = every + ([keys.aggregate("model", ev.model)] if ev.model else [])
+            for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
+                         "reasoning_tokens"):
+                plan.op("i", targets, name, getattr(usage, name))
+            plan.op("i", targets, "llm_calls", 1)
+            cost = self.prices.cost_nusd(ev.model, usage)
+            if cost is None:
+                plan.op("i", targets, "cost_unknown_calls", 1)
+            else:
+                plan.op("i", targets, "cost_nusd", cost)
+            if attempt.failed:
+                plan.op("i", targets, "failed_attempt_tokens", usage.total_tokens)
+                plan.op("i", targets, "failed_attempt_cost_nusd", cost or 0)
+            if ev.duration_ms is not None:
+                plan.op("f", targets, "llm_ms_sum", ev.duration_ms)
+            if ev.model:
+                plan.index("model", ev.model, _ms(ts))
+            touched.customer_days.add((ev.customer_id, day))
+        elif kind == EventKind.tool_end:
+            plan.op("i", every, "tool_calls", 1)
+            if ev.error is not None:
+                plan.op("i", every, "tool_errors", 1)
+            if ev.duration_ms is not None:
+                plan.op("f", every, "tool_ms_sum", ev.duration_ms)
+        elif kind == EventKind.handoff:
+            plan.op("i", every, "handoffs", 1)
+        elif kind == EventKind.attempt_failed:
+            plan.op("i", every, "attempts_failed", 1)
+            plan.op("st", [turn], "0", STATUS_RETRYING)
+            self._plan_error(plan, turn, ev)
+        elif kind in _TERMINAL_KINDS:
+            self._plan_terminal(plan, ev, attempt, every, touched)
+
+        plan.end_event(keys.event_seen(ev.turn_id), ev.event_id)
+        plan.expire(cust_day, DAY_TTL_S)
+
+    def _plan_terminal(
+        self, plan: _Plan, ev: TelemetryEvent, attempt: _Attempt, every: list[str], touched: Touched
+    ) -> None:
+        turn = every[0]
+        failed = ev.kind == EventKind.turn_failed
+        status = "failed" if failed else "completed"
+        plan.op("i", every, f"turns_{status}", 1)
+        if ev.duration_ms is not None:
+            plan.op("i", every, "latency_count", 1)
+            plan.op("f", every, "latency_ms_sum", ev.duration_ms)
+            plan.op("x", every, "latency_ms_max", ev.duration_ms)
+            plan.op("s", [turn], "duration_ms", ev.duration_ms)
+        plan.op("st", [turn], "1", status)
+        plan.op("s", [turn], "finished_at", _utc(ev.ts).isoformat())
+        plan.op("s", [turn], "agents", json.dumps(attempt.agents))
+        plan.op("s", [turn], "models", json.dumps(attempt.models or ([ev.model] if ev.model else [])))
+        if ev.model:
+            plan.op("s", [turn], "model", ev.model)
+        if attempt.queue_wait_ms is not None:
+            plan.op("s", [turn], "queue_wait_ms", attempt.queue_wait_ms)
+        if failed:
+            self._plan_error(plan, turn, ev)
+        start = window_start(ev.ts, self.window_s)
+        window = keys.aggregate_window(start)
+        plan.op("i", [window], f"turns_{status}", 1)
+        plan.expire(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+        pointer = FailedTurn(ev.turn_id, ev.conversation_id, ev.customer_id) if failed else None
+        touched.windows[start] = pointer or touched.windows.get(start)
+        if pointer:
+            touched.failed_turns[ev.turn_id] = pointer
+
+    @staticmethod
+    def _plan_error(plan: _Plan, turn: str, ev: TelemetryEvent) -> None:
+        if ev.error is not None:
+            plan.op("s", [turn], "error_type", ev.error.type)
+            plan.op("s", [turn], "error_message", ev.error.message)
+
+    @staticmethod
+    def _check_usage(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
+        """``turn_completed``/``turn_failed`` usage must equal the attempt's ``llm_end`` sum."""
+        for ev in events:
+            if ev.kind not in (*_TERMINAL_KINDS, EventKind.attempt_failed) or ev.usage is None:
+                continue
+            counted = attempts[(ev.turn_id, ev.attempt)].llm_usage
+            if ev.usage != counted:
+                log.warning(
+                    "telemetry.usage_mismatch",
+                    turn_id=ev.turn_id,
+                    attempt=ev.attempt,
+                    event_id=ev.event_id,
+                    reported=ev.usage.model_dump(),
+                    counted_from_llm_end=counted.model_dump(),
+                )
+
+    # -- applying ----------------------------------------------------------------------
+
+    async def apply(self, plans: Sequence[EntryPlan]) -> list[int]:
+        """Run the script for each plan, in one pipelined round trip; new events per plan.
+
+        Raises the first Redis error (nothing may be acknowledged then; the entries stay
+        pending and are handled again, which the dedupe makes harmless).
+        """
+        if not plans:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in plans:
+                await self._script(keys=p.keys, args=[p.payload], client=pipe)
+            return [int(n) for n in await pipe.execute()]
+
+    async def aggregate(self, entry_id: str, fields: Mapping[str, Any] | None) -> EntryPlan:
+        """Plan and apply one entry (no acknowledgement: that is the consumer's job)."""
+        plan = self.plan(entry_id, fields)
+        await self.apply([plan])
+        return plan

@@ -1,0 +1,243 @@
+"""The telemetry consumer: one member of the ``telemetry`` consumer group on the stream.
+
+Delivery is at-least-once and counting exactly-once. Each batch of stream entries is
+aggregated (one idempotent script per entry, pipelined), then the alert rules run for the
+subjects it touched, then the entries are acknowledged. A consumer that dies anywhere in
+between leaves its entries pending; it reads them again when it restarts under the same name
+(own pending list, id ``0``), or another consumer takes them with ``XAUTOCLAIM`` once they
+have been idle ``claim_idle_ms``. Either way the dedupe in the script makes the second pass
+count nothing, and the alert rules, being idempotent, run again safely.
+
+A malformed entry is logged, counted in the fleet's ``telemetry_malformed`` and acknowledged;
+it never stops the loop. Redis errors (connection lost, server restarting) are logged and
+retried with backoff; the entries in hand stay pending and are handled again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
+from telemetry.alerts import AlertRules
+from turnfleet import keys
+from turnfleet.connection import connect
+from turnfleet.settings import TelemetrySettings
+
+log = structlog.get_logger(__name__)
+
+STREAM = keys.TELEMETRY_STREAM
+GROUP = keys.TELEMETRY_GROUP
+MAX_BACKOFF_S = 5.0
+
+Entry = tuple[str | None, dict[str, Any] | None]
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def caught_up(redis: Redis) -> bool:
+    """True when every entry written to the stream has been aggregated and acknowledged.
+
+    That is: the group has delivered the stream's last entry and has nothing pending
+    (Redis 6.2 has no ``lag`` in ``XINFO GROUPS``). No stream yet: nothing to catch up on.
+    """
+    try:
+        info = await redis.xinfo_stream(STREAM)
+    except ResponseError:
+        return True  # no such key: nothing was ever written
+    for group in await redis.xinfo_groups(STREAM):
+        if _text(group["name"]) == GROUP:
+            return (
+                _text(group["last-delivered-id"]) == _text(info["last-generated-id"])
+                and int(group["pending"]) == 0
+            )
+    return int(info["length"]) == 0
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class TelemetryConsumer:
+    """Reads, aggregates, alerts and acknowledges; ``run`` until ``stop``."""
+
+    def __init__(self, redis: Redis, settings: TelemetrySettings, name: str | None = None) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.name = name or settings.consumer_name or default_consumer_name()
+        self.aggregator = Aggregator(redis, settings)
+        self.alerts = AlertRules(redis, settings)
+        self._stop = asyncio.Event()
+        self._group_ready = False
+        self._own_pending = True  # at start and after an error: our pending list may hold entries
+        self._next_claim = 0.0
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the batch in hand (at most ``block_ms`` later)."""
+        self._stop.set()
+
+    async def ensure_group(self) -> None:
+        """Create the group from the stream's start (entries written before it count too)."""
+        try:
+            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+            log.info("telemetry.group_created", stream=STREAM, group=GROUP)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def run(self, burst: bool = False) -> int:
+        """Consume until ``stop()``; with ``burst``, until nothing is left. Entries handled.
+
+        In burst mode a Redis error is raised to the caller; otherwise it is logged and the
+        loop retries with backoff.
+        """
+        handled = 0
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                n = await self._step(burst)
+            except RedisError as exc:
+                self._own_pending = True
+                if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+                    log.warning("telemetry.group_missing", stream=STREAM, group=GROUP)
+                    self._group_ready = False
+                    continue
+                if burst:
+                    raise
+                failures += 1
+                delay = min(MAX_BACKOFF_S, 0.1 * 2**failures)
+                log.error("telemetry.redis_error", consumer=self.name, error=repr(exc),
+                          retry_in_s=delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                continue
+            failures = 0
+            handled += n
+            if burst and n == 0 and not self._own_pending:
+                break
+        log.info("telemetry.consumer_stopped", consumer=self.name, handled=handled)
+        return handled
+
+    async def _step(self, burst: bool) -> int:
+        """One pass: own pending (if any may exist), claimable entries (when due), new ones."""
+        if not self._group_ready:
+            await self.ensure_group()
+        n = 0
+        if self._own_pending:
+            n += await self._drain_own_pending()
+            self._own_pending = False
+        if burst or time.monotonic() >= self._next_claim:
+            n += await self._claim()
+            self._next_claim = time.monotonic() + max(1.0, self.settings.claim_idle_ms / 2000)
+        if self._stop.is_set():
+            return n
+        entries = await self._read(">", block=None if burst else self.settings.block_ms)
+        return n + await self.handle(entries)
+
+    async def _read(self, from_id: str, block: int | None = None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            GROUP, self.name, {STREAM: from_id}, count=self.settings.batch_size, block=block
+        )
+        return list(reply[0][1]) if reply else []
+
+    async def _drain_own_pending(self) -> int:
+        n = 0
+        while not self._stop.is_set():
+            entries = await self._read("0")
+            if not entries:
+                break
+            done = await self.handle(entries)
+            n += done
+            if done == 0:
+                break
+        return n
+
+    async def _claim(self) -> int:
+        """Take over entries other consumers left pending longer than ``claim_idle_ms``."""
+        n, cursor = 0, "0-0"
+        while not self._stop.is_set():
+            reply = await self.redis.xautoclaim(
+                STREAM, GROUP, self.name, min_idle_time=self.settings.claim_idle_ms,
+                start_id=cursor, count=self.settings.batch_size,
+            )
+            cursor, entries = _text(reply[0]), reply[1]
+            if any(entry_id is None for entry_id, _ in entries):
+                # Redis 6.2 claims entries deleted from the stream as nil, without their id;
+                # they are now in our pending list, where reading id 0 shows them to ack.
+                self._own_pending = True
+            if entries:
+                log.info("telemetry.claimed", consumer=self.name, entries=len(entries),
+                         first_id=entries[0][0])
+                n += await self.handle(entries)
+            if cursor == "0-0":
+                break
+        return n
+
+    async def handle(self, entries: Sequence[Entry]) -> int:
+        """Aggregate, evaluate alerts, acknowledge. Returns the number of entries acknowledged.
+
+        An entry whose fields are gone (trimmed from the stream while pending) cannot be
+        counted: it is logged and acknowledged.
+        """
+        plans: list[EntryPlan] = []
+        ack: list[str] = []
+        for entry_id, fields in entries:
+            if entry_id is None:
+                continue
+            ack.append(entry_id)
+            if not fields:
+                log.warning("telemetry.entry_gone", entry_id=entry_id,
+                            hint="trimmed from the stream before it was aggregated")
+                continue
+            try:
+                plans.append(self.aggregator.plan(entry_id, fields))
+            except MalformedEntry as exc:
+                log.error("telemetry.malformed", entry_id=entry_id, turn_id=fields.get("turn_id"),
+                          fields=sorted(fields), error=str(exc))
+                plans.append(self.aggregator.plan_malformed(entry_id))
+        if not ack:
+            return 0
+        new_events = await self.aggregator.apply(plans)
+        touched = Touched()
+        for plan in plans:
+            touched.merge(plan.touched)
+        await self.alerts.evaluate(touched)
+        await self.redis.xack(STREAM, GROUP, *ack)
+        log.debug("telemetry.handled", consumer=self.name, entries=len(ack),
+                  new_events=sum(new_events))
+        return len(ack)
+
+
+async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool = False) -> int:
+    """Run one consumer process until SIGINT/SIGTERM (or, with ``burst``, until drained)."""
+    redis = connect(redis_url)
+    consumer = TelemetryConsumer(redis, settings)
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, consumer.stop)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread / not Unix
+            pass
+    log.info("telemetry.consumer_started", consumer=consumer.name, burst=burst,
+             batch_size=settings.batch_size, claim_idle_ms=settings.claim_idle_ms)
+    try:
+        return await consumer.run(burst=burst)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await redis.aclose()
