@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -57,14 +58,14 @@ SCENARIO: list[tuple[str, str, list[str]]] = [
 DEMO_CONVERSATION_COST_ALERT_USD = "0.004"
 
 
-def _summary_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="Conversations", title_justify="left")
-    for col, just in [("conversation", "left"), ("customer", "left"), ("turns", "right"),
-                      ("agents", "left"), ("tools", "left"), ("tokens in→out", "right"),
-                      ("cost", "right"), ("latency avg/max", "right"), ("status", "left")]:
-        table.add_column(col, justify=just, no_wrap=col != "agents")  # type: ignore[arg-type]
-    for r in rows:
-        table.add_row(*r["cells"])
+def _summary_table(rows: list[list[str]]) -> Table:
+    table = Table(title="Conversations", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    for col, just in [("conversation", "left"), ("turns", "right"), ("agents", "left"),
+                      ("tools", "left"), ("tokens in→out", "right"), ("cost", "right"),
+                      ("latency avg", "right"), ("status", "left")]:
+        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for cells in rows:
+        table.add_row(*cells)
     return table
 
 
@@ -151,7 +152,7 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
                 return 1
             await asyncio.sleep(0.05)
 
-        rows = []
+        rows: list[list[str]] = []
         for cid, customer in conv_ids.items():
             turns = [r for tid, r in results.items() if r.conversation_id == cid]
             agg = await conversation_stats(redis, cid)
@@ -163,14 +164,15 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
             tools = sorted({c.tool for r in turns for c in r.tool_calls})
             latencies = [r.duration_ms or 0 for r in turns]
             failed = sum(r.status == "failed" for r in turns)
-            rows.append({"cells": [
-                cid.removeprefix(f"demo-{run_id}-"), customer, str(len(turns)), " → ".join(agents),
+            rows.append([
+                f"{cid.removeprefix(f'demo-{run_id}-')}\n[dim]{customer}[/dim]", str(len(turns)),
+                "\n".join(agents),
                 "\n".join(tools) or "–",
                 f"{agg.get('input_tokens', 0)}→{agg.get('output_tokens', 0)}",
                 money(agg.get("cost_usd")),
-                f"{ms(sum(latencies) / max(1, len(latencies)))} / {ms(max(latencies or [0]))}",
-                "ok" if not failed else f"{failed} failed",
-            ]})
+                ms(sum(latencies) / max(1, len(latencies))),
+                "ok" if not failed else f"[red]{failed} failed[/red]",
+            ])
         out.print()
         out.print(_summary_table(rows))
 
