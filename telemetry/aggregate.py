@@ -42,9 +42,9 @@ from turnfleet.settings import TelemetrySettings
 log = structlog.get_logger(__name__)
 
 # Keys telemetry needs beyond turnfleet/keys.py (candidates to move there).
-GLOBAL_SUBJECT = "fleet"
-GLOBAL_KEY = keys.aggregate("global", GLOBAL_SUBJECT)
-MALFORMED_SEEN = f"{keys.PREFIX}:seen-malformed"  # stream entry ids counted as malformed
+GLOBAL_SUBJECT = keys.GLOBAL_SUBJECT
+GLOBAL_KEY = keys.GLOBAL_AGGREGATE
+MALFORMED_SEEN = keys.MALFORMED_SEEN
 DAY_TTL_S = 40 * 86400  # customer-day hashes live 40 days after their last update
 MIN_WINDOW_TTL_S = 86400  # error-rate window hashes: a day, or two windows if longer
 

@@ -89,3 +89,44 @@ async def test_without_redis_url_the_embedded_redis_is_started_kept_on_disk_and_
     res = tf("result", turn_id, "--json", env=env)
     assert res.returncode == 3 and json.loads(res.stdout)["status"] == "queued"
     assert not (tmp_path / "state" / "redis.json").exists()
+
+
+def test_ctrl_c_stops_the_embedded_redis_the_command_started(tmp_path):
+    import json as _json
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "TURNFLEET_REDIS_URL")}
+    env["TURNFLEET_STATE_DIR"] = str(tmp_path / "state")
+    env["TURNFLEET_LOG_FORMAT"] = "json"
+    proc = subprocess.Popen([*CLI, "worker"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:  # wait for the event, not a while
+            if "redis.embedded_started" in line:
+                break
+        state = _json.loads((tmp_path / "state" / "redis.json").read_text())
+        os.kill(state["pid"], 0)  # the server runs
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert not (tmp_path / "state" / "redis.json").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(state["pid"], 0)
+
+
+async def test_alerts_follow_prints_each_new_alert_as_a_json_line(fleet_env, redis, tmp_path):
+    follower = subprocess.Popen([*CLI, "alerts", "--follow", "--json"], env=fleet_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        env = {**fleet_env, "TURNFLEET_MAX_AGENT_TURNS": "1"}  # a routed question then fails
+        assert tf("enqueue", "--conversation", "c-f", "--customer", "C-100", "Where is order 1043?",
+                  env=env).returncode == 0
+        assert tf("worker", "--burst", env=env).returncode == 0
+        assert tf("telemetry", "--burst", env=env).returncode == 0
+        line = follower.stdout.readline()  # blocks until the alert is printed
+        alert = json.loads(line)
+        assert alert["rule"] == "turn_failed" and alert["conversation_id"] == "c-f"
+        assert alert["figures"]["error_type"] == "MaxTurnsExceeded"
+    finally:
+        follower.kill()
+        follower.wait()

@@ -90,6 +90,11 @@ def aggregate(kind: str, subject: str) -> str:
     return f"{PREFIX}:agg:{kind}:{subject}"
 
 
+GLOBAL_SUBJECT = "fleet"
+GLOBAL_AGGREGATE = f"{PREFIX}:agg:global:{GLOBAL_SUBJECT}"  # fleet-wide counters
+MALFORMED_SEEN = f"{PREFIX}:seen-malformed"  # telemetry stream entry ids counted as malformed
+
+
 def aggregate_index(kind: str) -> str:
     """Zset subject -> last update ms, to list the subjects of one kind."""
     return f"{PREFIX}:agg:index:{kind}"

@@ -1,0 +1,162 @@
+"""The turn job in this process (real Redis, real SDK, the offline model): tracing, retries,
+memory roll-back and once-only side effects. A flaky model is a real ``Model`` that fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from agents import set_trace_processors
+from agents.extensions.memory import RedisSession
+from agents.tracing import TracingProcessor, get_trace_provider
+from arq import Retry
+
+from producer import Producer
+from turnfleet import keys
+from turnfleet.queue import TurnQueue
+from turnfleet.settings import WorkerProcessSettings
+from workers.job import Runtime, run_turn
+from workers.model import OfflineModel
+from workers.support_desk import build_support_desk
+
+
+class Collector(TracingProcessor):
+    def __init__(self) -> None:
+        self.traces: list[dict[str, Any]] = []
+        self.spans: list[Any] = []
+
+    def on_trace_start(self, trace: Any) -> None:
+        pass
+
+    def on_trace_end(self, trace: Any) -> None:
+        self.traces.append(trace.export())
+
+    def on_span_start(self, span: Any) -> None:
+        pass
+
+    def on_span_end(self, span: Any) -> None:
+        self.spans.append(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+def collector():
+    provider = get_trace_provider()
+    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
+    collecting = Collector()
+    set_trace_processors([collecting])
+    try:
+        yield collecting
+    finally:
+        set_trace_processors(saved)
+
+
+class FlakyModel(OfflineModel):
+    """The offline model, but call number ``fail_on`` raises a connection error once."""
+
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.calls = 0
+        self.fail_on = fail_on
+
+    async def get_response(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise ConnectionError("model endpoint reset the connection")
+        return await super().get_response(*args, **kwargs)
+
+
+def runtime(redis, model, **settings: Any) -> dict[str, Any]:
+    return {
+        "runtime": Runtime(
+            settings=WorkerProcessSettings(**settings),
+            redis=redis,
+            queue=TurnQueue(redis),
+            desk=build_support_desk(model),
+            model_name="turnfleet-offline",
+            worker_name="test-worker",
+        )
+    }
+
+
+async def test_each_turn_runs_under_a_trace_grouped_by_conversation(redis, collector):
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(
+        conversation_id="conv-t", customer_id="C-100", text="Where is order 1042?",
+        metadata={"channel": "email"},
+    )
+    assert await run_turn(runtime(redis, OfflineModel()), turn_id, "conv-t") == "completed"
+    assert len(collector.traces) == 1
+    trace = collector.traces[0]
+    assert trace["workflow_name"] == "Support Desk"
+    assert trace["group_id"] == "conv-t"
+    assert trace["metadata"] == {"customer_id": "C-100", "turn_id": turn_id, "attempt": "1", "channel": "email"}
+    kinds = [s.span_data.type for s in collector.spans]
+    result = await producer.result(turn_id)
+    assert kinds.count("generation") == result.usage.requests == 3
+    assert kinds.count("function") == 1 and kinds.count("handoff") == 1
+
+
+async def test_a_turn_marked_untraced_makes_no_trace_but_still_counts(redis, collector):
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(conversation_id="conv-u", customer_id="C-100", text="Hello", trace=False)
+    assert await run_turn(runtime(redis, OfflineModel()), turn_id, "conv-u") == "completed"
+    assert collector.traces == [] and collector.spans == []
+    batch = (await redis.xrange(keys.TELEMETRY_STREAM))[-1][1]
+    assert batch["turn_id"] == turn_id and '"llm_end"' in batch["batch"]
+
+
+async def test_a_transient_model_failure_is_retried_and_memory_and_refund_happen_once(redis):
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(
+        conversation_id="conv-r", customer_id="C-100", text="I want a refund for order 1042"
+    )
+    # Calls: 1 Triage→handoff, 2 eligibility, 3 process_refund, 4 final answer (fails once).
+    ctx = runtime(redis, FlakyModel(fail_on=4))
+    with pytest.raises(Retry):
+        await run_turn(ctx, turn_id, "conv-r")
+    pending = await producer.result(turn_id)
+    assert pending.status == "queued" and pending.attempts == 1
+    assert [e.error_type for e in pending.errors] == ["ConnectionError"]
+
+    assert await run_turn(ctx, turn_id, "conv-r") == "completed"
+    result = await producer.result(turn_id)
+    assert result.attempts == 2 and "$89.00" in result.final_output
+    assert [e.attempt for e in result.errors] == [1]
+    ledger = await redis.xrange(keys.REFUND_LEDGER)
+    assert len(ledger) == 1 and ledger[0][1]["amount"] == "89.00"
+    replayed = [c for c in result.tool_calls if c.tool == "process_refund"]
+    assert '"replayed":true' in replayed[0].output.replace(" ", "")
+    session = RedisSession(session_id=keys.session_id("conv-r"), redis_client=redis, key_prefix=keys.SESSION_PREFIX)
+    users = [i for i in await session.get_items() if i.get("role") == "user"]
+    assert [u["content"] for u in users] == ["I want a refund for order 1042"]
+    # Telemetry has both attempts: the failed one flagged, its tokens spent.
+    batches = [f["batch"] for _, f in await redis.xrange(keys.TELEMETRY_STREAM)]
+    assert len(batches) == 2 and '"attempt_failed"' in batches[0] and '"turn_completed"' in batches[1]
+
+
+async def test_attempts_used_up_by_lost_workers_end_the_turn_failed(redis):
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(conversation_id="conv-x", customer_id="C-100", text="Hello")
+    nxt = await producer.enqueue_turn(conversation_id="conv-x", customer_id="C-100", text="Hello again")
+    # Three attempts started and never finished (their workers died): the record says so.
+    await redis.hset(keys.turn(turn_id), mapping={"attempts": 3, "status": "running"})
+    assert await run_turn(runtime(redis, OfflineModel()), turn_id, "conv-x") == "failed"
+    result = await producer.result(turn_id)
+    assert result.status == "failed" and result.error_type == "AttemptsExhausted" and result.attempts == 3
+    assert await redis.get(keys.conversation_active("conv-x")) == nxt  # the conversation moves on
+
+
+async def test_the_job_payload_in_redis_is_json(redis):
+    import json
+
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(conversation_id="conv-j", customer_id="C-100", text="Hello")
+    raw = await redis.get(keys.ARQ_JOB_PREFIX + turn_id)
+    payload = json.loads(raw)
+    assert payload["f"] == "run_turn" and payload["a"] == [turn_id, "conv-j"]
