@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from agents import set_trace_processors
+from agents.tracing import TracingProcessor, get_trace_provider
 
 from turnfleet.connection import connect
 from turnfleet.embedded import RedisServer
@@ -57,3 +59,42 @@ def fleet_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 def turnfleet_cmd() -> list[str]:
     """How to run the CLI as a subprocess with this interpreter."""
     return [sys.executable, "-m", "turnfleet.cli"]
+
+
+class Collector(TracingProcessor):
+    """A real trace processor that keeps what the SDK hands it, for assertions."""
+
+    def __init__(self) -> None:
+        self.traces: list[dict] = []
+        self.spans: list = []
+
+    def on_trace_start(self, trace) -> None:
+        pass
+
+    def on_trace_end(self, trace) -> None:
+        self.traces.append(trace.export())
+
+    def on_span_start(self, span) -> None:
+        pass
+
+    def on_span_end(self, span) -> None:
+        self.spans.append(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """Route this process's traces to a Collector for the test, then restore the processors."""
+    provider = get_trace_provider()
+    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
+    collecting = Collector()
+    set_trace_processors([collecting])
+    try:
+        yield collecting
+    finally:
+        set_trace_processors(saved)

@@ -6,9 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from agents import set_trace_processors
 from agents.extensions.memory import RedisSession
-from agents.tracing import TracingProcessor, get_trace_provider
 from arq import Retry
 
 from producer import Producer
@@ -20,40 +18,6 @@ from workers.model import OfflineModel
 from workers.support_desk import build_support_desk
 
 
-class Collector(TracingProcessor):
-    def __init__(self) -> None:
-        self.traces: list[dict[str, Any]] = []
-        self.spans: list[Any] = []
-
-    def on_trace_start(self, trace: Any) -> None:
-        pass
-
-    def on_trace_end(self, trace: Any) -> None:
-        self.traces.append(trace.export())
-
-    def on_span_start(self, span: Any) -> None:
-        pass
-
-    def on_span_end(self, span: Any) -> None:
-        self.spans.append(span)
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self) -> None:
-        pass
-
-
-@pytest.fixture
-def collector():
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
-    collecting = Collector()
-    set_trace_processors([collecting])
-    try:
-        yield collecting
-    finally:
-        set_trace_processors(saved)
 
 
 class FlakyModel(OfflineModel):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents import RunConfig, Runner, set_trace_processors
+from agents import RunConfig, Runner
 from agents.handoffs import handoff
-from agents.tracing import TracingProcessor, get_trace_provider
 from agents.tracing.span_data import GenerationSpanData
 
+from tests.conftest import Collector
 from turnfleet.connection import connect
 from workers.context import TurnContext
 from workers.model import (
@@ -360,41 +359,6 @@ async def test_streamed_run_gives_the_same_answer_and_usage(desk) -> None:
 # ------------------------------------------------------------------ generation spans
 
 
-class Collector(TracingProcessor):
-    """Keeps finished spans in memory."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-
-    def on_trace_start(self, trace: Any) -> None:
-        pass
-
-    def on_trace_end(self, trace: Any) -> None:
-        pass
-
-    def on_span_start(self, span: Any) -> None:
-        pass
-
-    def on_span_end(self, span: Any) -> None:
-        self.spans.append(span)
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self) -> None:
-        pass
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
-    collecting = Collector()
-    set_trace_processors([collecting])
-    try:
-        yield collecting
-    finally:
-        set_trace_processors(saved)
 
 
 def generations(collector: Collector) -> list[GenerationSpanData]:

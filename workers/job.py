@@ -108,7 +108,7 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         message = f"{attempt - 1} attempts started and none finished (worker lost each time)"
         hooks.turn_errored(terminal=True, duration_ms=0.0, error_type="AttemptsExhausted", message=message)
         await _finish_failed(rt, req, hooks, attempt - 1, started_at, queue_wait_ms,
-                             "AttemptsExhausted", message, record_error=True)
+                             "AttemptsExhausted", message)
         log_ctx.warning("turn.failed", error_type="AttemptsExhausted")
         return "failed"
 
@@ -166,7 +166,7 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         hooks.turn_errored(terminal=terminal, duration_ms=duration_ms, error_type=error_type, message=message)
         if terminal:
             await _finish_failed(rt, req, hooks, attempt, started_at, queue_wait_ms,
-                                 error_type, message, record_error=True)
+                                 error_type, message)
             log_ctx.warning("turn.failed", error_type=error_type, error=message)
             return "failed"
         await rt.queue.record_attempt_failure(
@@ -181,31 +181,45 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
     duration_ms = (time.perf_counter() - t0) * 1000
     final = str(result.final_output)
     hooks.turn_completed(duration_ms, queue_wait_ms, final)
-    turn_result = TurnResult(
-        turn_id=turn_id,
-        conversation_id=conversation_id,
+    turn_result = _turn_result(
+        rt, req, hooks, attempt, started_at, queue_wait_ms, "completed",
+        errors=await rt.queue.errors(turn_id), final_output=final, duration_ms=duration_ms,
+    )
+    await rt.queue.finish(turn_result, hooks.batch_json(), current_agent=result.last_agent.name)
+    log_ctx.info("turn.completed", duration_ms=round(duration_ms, 1), agent=result.last_agent.name,
+                 tokens=hooks.usage.total_tokens)
+    return "completed"
+
+
+def _turn_result(
+    rt: Runtime,
+    req: TurnRequest,
+    hooks: TelemetryHooks,
+    attempt: int,
+    started_at: datetime,
+    queue_wait_ms: float,
+    status: str,
+    **outcome: Any,
+) -> TurnResult:
+    return TurnResult(
+        turn_id=req.turn_id,
+        conversation_id=req.conversation_id,
         customer_id=req.customer_id,
-        status="completed",
+        status=status,  # type: ignore[arg-type]
         text=req.text,
-        final_output=final,
         agents=list(hooks.agents),
         tool_calls=hooks.tool_calls,
         handoffs=hooks.handoffs,
         model=rt.model_name,
         usage=hooks.usage,
         attempts=attempt,
-        errors=await rt.queue.errors(turn_id),
         enqueued_at=req.enqueued_at,
         started_at=started_at,
         finished_at=utcnow(),
-        duration_ms=duration_ms,
         queue_wait_ms=queue_wait_ms,
         worker=rt.worker_name,
+        **outcome,
     )
-    await rt.queue.finish(turn_result, hooks.batch_json(), current_agent=result.last_agent.name)
-    log_ctx.info("turn.completed", duration_ms=round(duration_ms, 1), agent=result.last_agent.name,
-                 tokens=hooks.usage.total_tokens)
-    return "completed"
 
 
 async def _finish_failed(
@@ -217,31 +231,11 @@ async def _finish_failed(
     queue_wait_ms: float,
     error_type: str,
     message: str,
-    *,
-    record_error: bool,
 ) -> None:
     errors = await rt.queue.errors(req.turn_id)
-    if record_error:
-        errors.append(AttemptError(attempt=attempt, error_type=error_type, message=message))
-    result = TurnResult(
-        turn_id=req.turn_id,
-        conversation_id=req.conversation_id,
-        customer_id=req.customer_id,
-        status="failed",
-        text=req.text,
-        agents=list(hooks.agents),
-        tool_calls=hooks.tool_calls,
-        handoffs=hooks.handoffs,
-        model=rt.model_name,
-        usage=hooks.usage,
-        attempts=attempt,
-        errors=errors,
-        error_type=error_type,
-        error_message=message,
-        enqueued_at=req.enqueued_at,
-        started_at=started_at,
-        finished_at=utcnow(),
-        queue_wait_ms=queue_wait_ms,
-        worker=rt.worker_name,
+    errors.append(AttemptError(attempt=attempt, error_type=error_type, message=message))
+    result = _turn_result(
+        rt, req, hooks, attempt, started_at, queue_wait_ms, "failed",
+        errors=errors, error_type=error_type, error_message=message,
     )
     await rt.queue.finish(result, hooks.batch_json())
