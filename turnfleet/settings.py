@@ -27,6 +27,14 @@ class CommonSettings(BaseSettings):
     )
     log_format: str = Field(default="console", description="'console' or 'json'.")
     log_level: str = Field(default="INFO")
+    redact_patterns: list[str] = Field(
+        default_factory=list,
+        description="Extra regexes to redact (JSON list); a named group (?P<kind>...) names the kind.",
+    )
+    redact_fields: list[str] = Field(
+        default_factory=list,
+        description="Field names whose values are always redacted (JSON list), e.g. [\"ssn\"].",
+    )
 
 
 class ProducerSettings(CommonSettings):
@@ -70,6 +78,25 @@ class WorkerProcessSettings(CommonSettings):
     workflow_name: str = Field(default="Support Desk", description="Trace workflow name.")
     tracing_disabled: bool = Field(default=False)
     trace_include_sensitive_data: bool = Field(default=True)
+    trace_sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="Share of conversations whose spans are stored (stable per conversation).",
+    )
+    trace_keep_slower_than_ms: float | None = Field(
+        default=10_000.0, description="Turns slower than this keep their spans whatever the rate."
+    )
+    trace_retention_s: int = Field(default=7 * 86400, description="How long stored traces live.")
+    trace_buffer_spans: int = Field(
+        default=20_000, description="Spans buffered per process before new ones are dropped."
+    )
+    trace_redis_url: str | None = Field(
+        default=None, description="Redis for the trace store; unset: REDIS_URL."
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint (e.g. http://localhost:4318/v1/traces); needs turnfleet[otlp].",
+    )
+    otlp_headers: dict[str, str] = Field(default_factory=dict, description="Headers for OTLP (JSON).")
     worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
 
 
@@ -116,6 +143,14 @@ class TelemetrySettings(CommonSettings):
     alert_error_rate: float = Field(default=0.20, description="Failed/finished turns in a window.")
     alert_error_rate_window_s: int = Field(default=300)
     alert_error_rate_min_turns: int = Field(default=10)
+    alert_webhook_url: str | None = Field(
+        default=None, description="POST every alert here (at least once); unset: no webhook."
+    )
+    alert_webhook_timeout_s: float = Field(default=5.0)
+    alert_webhook_max_backoff_s: float = Field(default=60.0, description="Longest wait between retries.")
+    latency_samples: int = Field(
+        default=10_000, description="Latest samples kept per dimension for p50/p95/p99."
+    )
 
     def price_table(self) -> dict[str, Price]:
         return {**DEFAULT_PRICES, **self.prices}
