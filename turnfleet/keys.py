@@ -118,3 +118,16 @@ def event_seen(turn_id: str) -> str:
 def alert_fired(rule: str, subject: str, window: str) -> str:
     """String set once when a rule fires for a subject and window."""
     return f"{PREFIX}:alert-fired:{rule}:{subject}:{window}"
+
+
+# Trace store and per-turn event timelines (redacted telemetry, with retention).
+
+
+def trace(turn_id: str) -> str:
+    """String: the turn's stored trace record(s), JSON ``[{"trace": .., "spans": [..]}, ...]``."""
+    return f"{PREFIX}:trace:{turn_id}"
+
+
+def turn_events(turn_id: str) -> str:
+    """Hash attempt -> the attempt's telemetry batch (JSON), for timelines of unsampled turns."""
+    return f"{PREFIX}:events:{turn_id}"
