@@ -20,6 +20,29 @@ What is counted, and where (field names are documented in :mod:`telemetry.query`
 Each counted event updates the hashes of its turn, conversation, customer, customer-day
 (UTC date of the event) and the fleet (``GLOBAL_KEY``); an ``llm_end`` also its model's
 hash; a finished turn also the error-rate window hash of its end time.
+
+Latency breakdown, from every event (not sampled), under the same dedupe:
+
+- a finished turn's hash gets ``duration_ms``, ``queue_wait_ms``, ``model_ms`` and
+  ``tool_ms`` (sums of the finishing attempt's ``llm_end`` / ``tool_end`` durations) and
+  ``other_ms`` = duration − model − tool, at least 0 (tool calls may overlap; rounded to
+  the µs). These are the
+  finishing attempt's; ``llm_ms_sum`` / ``tool_ms_sum`` count every attempt;
+- samples (ms, newest first) are pushed onto capped lists, ``keys.latency_samples``: each
+  ``llm_end`` onto ``model/<model>/call`` and ``agent/<agent>/call``, each ``tool_end`` onto
+  ``tool/<tool>/call``, each finished turn onto ``turn/fleet/<metric>`` for ``TURN_METRICS``.
+  A list keeps the latest ``settings.latency_samples`` pushed (in aggregation order); the
+  names of each dimension are in ``keys.latency_names``. Pushes sit behind the dedupe, so a
+  redelivered event adds no sample;
+- finished turns go into ``keys.SLOWEST_TURNS`` (score duration ms), trimmed to the
+  ``SLOWEST_TURNS_KEPT`` slowest.
+
+Search indexes for ``turnfleet find`` (idempotent ``ZADD GT``, applied on every delivery):
+``keys.facet_conversations(facet, value)`` lists the conversations per tool called
+(``tool_end``), agent run (``agent_start``) and error type (``attempt_failed`` /
+``turn_failed`` error type, ``ToolError`` for a tool error), scored by the latest such event
+ms; ``keys.conversation_facets`` is the reverse, per conversation. The conversation hash keeps
+``first_event_ms`` / ``last_event_ms``.
 """
 
 from __future__ import annotations
@@ -50,6 +73,11 @@ MIN_WINDOW_TTL_S = 86400  # error-rate window hashes: a day, or two windows if l
 
 STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; another will run
 
+SLOWEST_TURNS_KEPT = 1000  # members of keys.SLOWEST_TURNS
+TURN_METRICS = ("queue_wait", "model", "tool", "other", "total")  # per finished turn, ms
+CALL_METRIC = "call"  # one model or tool call's ms (dimensions model, agent, tool)
+TOOL_ERROR = "ToolError"  # the error facet of a tool_end that carries an error
+
 # HINCRBY / HINCRBYFLOAT counters of every aggregate hash.
 INT_COUNTERS = (
     "requests",
@@ -69,29 +97,35 @@ INT_COUNTERS = (
     "cost_nusd",
     "cost_unknown_calls",
     "latency_count",
+    "spans_dropped",
 )
 FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum")
 
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
 _COUNTED_KINDS = frozenset({EventKind.llm_end, EventKind.tool_end, EventKind.handoff,
-                            EventKind.attempt_failed, *_TERMINAL_KINDS})
+                            EventKind.attempt_failed, EventKind.spans_dropped, *_TERMINAL_KINDS})
 _EVENTS = TypeAdapter(list[TelemetryEvent])
 
 # KEYS: every key the entry touches. ARGV[1]: the plan as JSON:
 #   g    : groups of KEYS indexes an op applies to
 #   e    : events, each [seen-set KEYS index, event id, ops]; ops run only if SADD added the id
-#   post : ops run whatever was new (idempotent ones: same-value HSET, max, ZADD GT, EXPIRE)
+#   post : ops run whatever was new (idempotent ones: same-value HSET, max, min, ZADD GT,
+#          SADD, EXPIRE)
+#   cap  : samples kept per list          top : members kept in a 't' zset
 # An op is [kind, group, a, b]:
 #   i / f : HINCRBY / HINCRBYFLOAT field a by b (summed per key and field, applied at the end)
-#   s     : HSET field a = b             x : HSET field a = b if b is greater (or unset)
+#   s     : HSET field a = b             x / mn : HSET field a = b if b is greater / smaller
 #   st    : HSET status = b; if a == '0' only when status is not already terminal
-#   z     : ZADD GT score b member a     e : EXPIRE b seconds
+#   l     : LPUSH sample b (collected per key, one LPUSH each, then LTRIM to cap if longer)
+#   t     : ZADD score b member a, then (once per key) keep the top highest scores
+#   z     : ZADD GT b, a flat list score, member, ...
+#   sa    : SADD the members in list b   e : EXPIRE b seconds
 # Values travel as strings: Lua would print numbers with 14 significant digits.
 # Returns the number of events that were new.
 AGGREGATE_LUA = """
 local p = cjson.decode(ARGV[1])
-local incr, incrf = {}, {}
+local incr, incrf, lists, tops = {}, {}, {}, {}
 local function add(acc, k, f, v)
   local h = acc[k]
   if not h then h = {}; acc[k] = h end
@@ -107,12 +141,21 @@ local function run(op)
     elseif kind == 'x' then
       local cur = redis.call('HGET', key, a)
       if (not cur) or tonumber(b) > tonumber(cur) then redis.call('HSET', key, a, b) end
+    elseif kind == 'mn' then
+      local cur = redis.call('HGET', key, a)
+      if (not cur) or tonumber(b) < tonumber(cur) then redis.call('HSET', key, a, b) end
+    elseif kind == 'l' then
+      local l = lists[k]
+      if not l then l = {}; lists[k] = l end
+      l[#l + 1] = b
+    elseif kind == 't' then redis.call('ZADD', key, b, a); tops[k] = true
     elseif kind == 'st' then
       local cur = redis.call('HGET', key, 'status')
       if a == '1' or (cur ~= 'completed' and cur ~= 'failed') then
         redis.call('HSET', key, 'status', b)
       end
-    elseif kind == 'z' then redis.call('ZADD', key, 'GT', b, a)
+    elseif kind == 'z' then redis.call('ZADD', key, 'GT', unpack(b))
+    elseif kind == 'sa' then redis.call('SADD', key, unpack(b))
     elseif kind == 'e' then redis.call('EXPIRE', key, b)
     end
   end
@@ -130,6 +173,14 @@ end
 for k, h in pairs(incrf) do
   for f, v in pairs(h) do redis.call('HINCRBYFLOAT', KEYS[k], f, string.format('%.17g', v)) end
 end
+for k, l in pairs(lists) do
+  local len = 0
+  for i = 1, #l, 1000 do
+    len = redis.call('LPUSH', KEYS[k], unpack(l, i, math.min(i + 999, #l)))
+  end
+  if len > p.cap then redis.call('LTRIM', KEYS[k], 0, p.cap - 1) end
+end
+for k in pairs(tops) do redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(p.top + 1)) end
 for _, op in ipairs(p.post) do run(op) end
 return new
 """
@@ -214,8 +265,11 @@ class _Attempt:
 
     conversation_id: str
     customer_id: str
+    first_ts_ms: int | None = None
     last_ts_ms: int = 0
     failed: bool = False
+    llm_ms: float = 0.0  # sum of this attempt's llm_end durations
+    tool_ms: float = 0.0  # sum of this attempt's tool_end durations
     agents: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     llm_usage: TokenUsage = field(default_factory=TokenUsage)
@@ -228,7 +282,11 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
         a = out.get((ev.turn_id, ev.attempt))
         if a is None:
             a = out[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id, ev.customer_id)
-        a.last_ts_ms = max(a.last_ts_ms, _ms(ev.ts))
+        ts_ms = _ms(ev.ts)
+        a.last_ts_ms = max(a.last_ts_ms, ts_ms)
+        a.first_ts_ms = ts_ms if a.first_ts_ms is None else min(a.first_ts_ms, ts_ms)
+        if ev.kind == EventKind.tool_end and ev.duration_ms is not None:
+            a.tool_ms += ev.duration_ms
         if ev.kind in _FAILED_KINDS:
             a.failed = True
         elif ev.kind == EventKind.agent_start and ev.agent:
@@ -238,6 +296,8 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
                 a.models.append(ev.model)
             if ev.usage:
                 a.llm_usage = a.llm_usage + ev.usage
+            if ev.duration_ms is not None:
+                a.llm_ms += ev.duration_ms
         wait = ev.detail.get("queue_wait_ms")
         if isinstance(wait, (int, float)) and not isinstance(wait, bool):
             a.queue_wait_ms = float(wait)
@@ -259,7 +319,8 @@ class _Plan:
         self.events: list[list[Any]] = []
         self._ops: list[list[str | int]] = []  # of the event being planned
         self._always: dict[tuple[str, int, str], str] = {}
-        self._index: dict[tuple[str, str], int] = {}  # (kind, subject) -> latest event ms
+        self._zmax: dict[str, dict[str, int]] = {}  # zset -> member -> latest event ms
+        self._members: dict[str, set[str]] = {}  # set -> members to SADD
         self._expire: dict[str, int] = {}
         self._seen: set[str] = set()
 
@@ -283,7 +344,7 @@ class _Plan:
         return ix
 
     def op(self, kind: str, targets: Sequence[str], a: str, b: str | int | float) -> None:
-        if kind in ("i", "f") and not b:
+        if (kind in ("i", "f") and not b) or not targets:
             return
         value = b if isinstance(b, str) else _num(b)
         self._ops.append([kind, self.group(targets), a, value])
@@ -296,29 +357,42 @@ class _Plan:
         self._ops = []
 
     def always(self, kind: str, target: str, a: str, b: str | int) -> None:
-        """An idempotent op ('s' or 'x') applied even when every event was already counted."""
+        """An idempotent op ('s', 'x' or 'mn') applied even when every event was already counted."""
         k = (kind, self.group([target]), a)
         value = b if isinstance(b, str) else _num(b)
-        if kind == "x" and k in self._always:
-            value = max(value, self._always[k], key=float)
+        if kind in ("x", "mn") and k in self._always:
+            value = (max if kind == "x" else min)(value, self._always[k], key=float)
         self._always[k] = value
 
+    def zmax(self, key: str, member: str, ts_ms: int) -> None:
+        """``ZADD GT`` member at the latest ms seen in the entry (one ZADD per key)."""
+        members = self._zmax.setdefault(key, {})
+        members[member] = max(ts_ms, members.get(member, 0))
+
     def index(self, kind: str, subject: str, ts_ms: int) -> None:
-        k = (kind, subject)
-        self._index[k] = max(ts_ms, self._index.get(k, 0))
+        self.zmax(keys.aggregate_index(kind), subject, ts_ms)
+
+    def member(self, key: str, name: str) -> None:
+        """``SADD`` name to a set (one SADD per key), whatever was new."""
+        self._members.setdefault(key, set()).add(name)
 
     def expire(self, key: str, ttl_s: int) -> None:
         self._expire[key] = max(ttl_s, self._expire.get(key, 0))
 
-    def payload(self, seen_ttl_s: int) -> str:
-        post: list[list[str | int]] = [[k, g, a, v] for (k, g, a), v in self._always.items()]
-        for (kind, subject), ts_ms in self._index.items():
-            post.append(["z", self.group([keys.aggregate_index(kind)]), subject, str(ts_ms)])
+    def payload(self, seen_ttl_s: int, samples_cap: int = 1) -> str:
+        post: list[list[Any]] = [[k, g, a, v] for (k, g, a), v in self._always.items()]
+        for key, members in self._zmax.items():
+            flat = [x for m, ts_ms in members.items() for x in (str(ts_ms), m)]
+            post.append(["z", self.group([key]), "", flat])
+        for key, names in self._members.items():
+            post.append(["sa", self.group([key]), "", sorted(names)])
         for key in self._seen:
             self.expire(key, seen_ttl_s)
         for key, ttl in self._expire.items():
             post.append(["e", self.group([key]), "", str(ttl)])
-        return json.dumps({"g": self.groups, "e": self.events, "post": post}, separators=(",", ":"))
+        return json.dumps({"g": self.groups, "e": self.events, "post": post,
+                           "cap": max(samples_cap, 1), "top": SLOWEST_TURNS_KEPT},
+                          separators=(",", ":"))
 
 
 class Aggregator:
@@ -343,20 +417,26 @@ class Aggregator:
         for ev in events:
             if ev.kind in _COUNTED_KINDS:
                 self._plan_event(plan, ev, attempts[(ev.turn_id, ev.attempt)], touched)
+            self._plan_facets(plan, ev)
         for (turn_id, number), a in attempts.items():
             # Identity and listing: the same values whatever is redelivered, so always applied.
             turn = keys.aggregate("turn", turn_id)
             plan.always("s", turn, "conversation_id", a.conversation_id)
             plan.always("s", turn, "customer_id", a.customer_id)
-            plan.always("s", keys.aggregate("conversation", a.conversation_id), "customer_id",
-                        a.customer_id)
+            conv = keys.aggregate("conversation", a.conversation_id)
+            plan.always("s", conv, "customer_id", a.customer_id)
             plan.always("x", turn, "attempts", number)
+            plan.always("mn", conv, "first_event_ms", a.last_ts_ms if a.first_ts_ms is None
+                        else a.first_ts_ms)
+            plan.always("x", conv, "last_event_ms", a.last_ts_ms)
             for kind, subject in (("turn", turn_id), ("conversation", a.conversation_id),
                                   ("customer", a.customer_id)):
                 plan.index(kind, subject, a.last_ts_ms)
             touched.conversations[a.conversation_id] = a.customer_id
         self._check_usage(events, attempts)
-        return EntryPlan(entry_id, plan.keys, plan.payload(self.settings.seen_ttl_s), touched)
+        return EntryPlan(entry_id, plan.keys,
+                         plan.payload(self.settings.seen_ttl_s, self.settings.latency_samples),
+                         touched)
 
     def plan_malformed(self, entry_id: str) -> EntryPlan:
         """Count a malformed entry in ``telemetry_malformed``, once per stream entry id."""
@@ -392,6 +472,7 @@ class Aggregator:
                 plan.op("i", targets, "failed_attempt_cost_nusd", cost or 0)
             if ev.duration_ms is not None:
                 plan.op("f", targets, "llm_ms_sum", ev.duration_ms)
+                self._plan_call_sample(plan, ev.duration_ms, model=ev.model, agent=ev.agent)
             if ev.model:
                 plan.index("model", ev.model, _ms(ts))
             touched.customer_days.add((ev.customer_id, day))
@@ -401,8 +482,11 @@ class Aggregator:
                 plan.op("i", every, "tool_errors", 1)
             if ev.duration_ms is not None:
                 plan.op("f", every, "tool_ms_sum", ev.duration_ms)
+                self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
         elif kind == EventKind.handoff:
             plan.op("i", every, "handoffs", 1)
+        elif kind == EventKind.spans_dropped:
+            plan.op("i", every, "spans_dropped", int(ev.detail.get("count", 0)))
         elif kind == EventKind.attempt_failed:
             plan.op("i", every, "attempts_failed", 1)
             plan.op("st", [turn], "0", STATUS_RETRYING)
@@ -433,6 +517,7 @@ class Aggregator:
             plan.op("s", [turn], "model", ev.model)
         if attempt.queue_wait_ms is not None:
             plan.op("s", [turn], "queue_wait_ms", attempt.queue_wait_ms)
+        self._plan_breakdown(plan, ev, attempt)
         if failed:
             self._plan_error(plan, turn, ev)
         start = window_start(ev.ts, self.window_s)
@@ -443,6 +528,59 @@ class Aggregator:
         touched.windows[start] = pointer or touched.windows.get(start)
         if pointer:
             touched.failed_turns[ev.turn_id] = pointer
+
+    def _plan_breakdown(self, plan: _Plan, ev: TelemetryEvent, attempt: _Attempt) -> None:
+        """A finished turn's latency breakdown, its samples and its place among the slowest."""
+        turn = keys.aggregate("turn", ev.turn_id)
+        figures: dict[str, float | None] = {
+            "queue_wait": attempt.queue_wait_ms,
+            "model": attempt.llm_ms,
+            "tool": attempt.tool_ms,
+            "other": None,
+            "total": ev.duration_ms,
+        }
+        plan.op("s", [turn], "model_ms", attempt.llm_ms)
+        plan.op("s", [turn], "tool_ms", attempt.tool_ms)
+        if ev.duration_ms is not None:
+            other = round(max(0.0, ev.duration_ms - attempt.llm_ms - attempt.tool_ms), 3)
+            figures["other"] = other
+            plan.op("s", [turn], "other_ms", other)
+            plan.op("t", [keys.SLOWEST_TURNS], ev.turn_id, ev.duration_ms)
+        if self.settings.latency_samples > 0:
+            for metric in TURN_METRICS:
+                value = figures[metric]
+                if value is not None:
+                    sample = keys.latency_samples("turn", GLOBAL_SUBJECT, metric)
+                    plan.op("l", [sample], "", value)
+
+    def _plan_call_sample(self, plan: _Plan, duration_ms: float, **names: str | None) -> None:
+        """One model or tool call's duration onto the lists of each dimension it names."""
+        if self.settings.latency_samples <= 0:
+            return
+        targets = []
+        for dimension, name in names.items():
+            if name:
+                targets.append(keys.latency_samples(dimension, name, CALL_METRIC))
+                plan.member(keys.latency_names(dimension), name)
+        plan.op("l", targets, "", duration_ms)
+
+    @staticmethod
+    def _plan_facets(plan: _Plan, ev: TelemetryEvent) -> None:
+        """What ``turnfleet find`` searches by: tools called, agents run, error types."""
+        facets: list[tuple[str, str]] = []
+        if ev.kind == EventKind.agent_start and ev.agent:
+            facets.append(("agent", ev.agent))
+        elif ev.kind == EventKind.tool_end:
+            if ev.tool:
+                facets.append(("tool", ev.tool))
+            if ev.error is not None:
+                facets.append(("error", TOOL_ERROR))
+        elif ev.kind in _FAILED_KINDS and ev.error is not None:
+            facets.append(("error", ev.error.type))
+        ts_ms = _ms(ev.ts)
+        for facet, value in facets:
+            plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)
+            plan.zmax(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ts_ms)
 
     @staticmethod
     def _plan_error(plan: _Plan, turn: str, ev: TelemetryEvent) -> None:

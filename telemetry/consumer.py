@@ -222,22 +222,59 @@ class TelemetryConsumer:
 
 
 async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool = False) -> int:
-    """Run one consumer process until SIGINT/SIGTERM (or, with ``burst``, until drained)."""
+    """Run one consumer process until SIGINT/SIGTERM (or, with ``burst``, until drained).
+
+    With ``alert_webhook_url`` set, the alert webhook sink (``telemetry/webhook.py``) runs
+    beside the consumer and stops with it; in burst mode it runs after the consumer has
+    drained, so the alerts just fired are delivered before this returns. A sink that dies
+    of an unexpected error stops the consumer, and the error is raised here.
+    """
+    from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
+
     redis = connect(redis_url)
     consumer = TelemetryConsumer(redis, settings)
+    webhook = (AlertWebhook(redis, settings, consumer_name=consumer.name)
+               if settings.alert_webhook_url else None)
+
+    def stop() -> None:
+        consumer.stop()
+        if webhook is not None:
+            webhook.stop()
+
+    def webhook_ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("telemetry.webhook_failed", error=repr(task.exception()))
+            consumer.stop()
+
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, consumer.stop)
+            loop.add_signal_handler(sig, stop)
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # not the main thread / not Unix
             pass
     log.info("telemetry.consumer_started", consumer=consumer.name, burst=burst,
-             batch_size=settings.batch_size, claim_idle_ms=settings.claim_idle_ms)
+             batch_size=settings.batch_size, claim_idle_ms=settings.claim_idle_ms,
+             webhook=webhook is not None)
+    webhook_task: asyncio.Task[None] | None = None
     try:
-        return await consumer.run(burst=burst)
+        if webhook is not None and not burst:
+            webhook_task = asyncio.create_task(webhook.run(), name="alert-webhook")
+            webhook_task.add_done_callback(webhook_ended)
+        handled = await consumer.run(burst=burst)
+        if webhook is not None and burst:
+            delivered = await webhook.run_once()
+            log.info("telemetry.webhook_burst_done", entries=delivered)
+        return handled
     finally:
+        if webhook is not None:
+            webhook.stop()
+            try:
+                if webhook_task is not None:
+                    await webhook_task  # raises what killed the sink, if anything did
+            finally:
+                await webhook.aclose()
         for sig in installed:
             loop.remove_signal_handler(sig)
         await redis.aclose()

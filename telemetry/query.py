@@ -1,7 +1,8 @@
 """Reads of the aggregates and the alert stream, for the CLI, the demo and HTTP.
 
-Pure reads: nothing here writes. Every stats dict has the same counter fields, typed,
-zero when nothing was counted:
+Reads only, with one exception: :func:`find_conversations` intersects index zsets into a
+scratch key that the same Lua script deletes before it returns (nothing is left behind).
+Every stats dict has the same counter fields, typed, zero when nothing was counted:
 
 ========================  =====  ========================================================
 field                     type   meaning
@@ -27,13 +28,16 @@ latency_count             int    finished turns with a duration
 latency_ms_sum / _avg     float  sum / mean of their attempt durations (avg ``None`` if 0)
 latency_ms_max            float  longest (``None`` if none)
 llm_ms_sum / tool_ms_sum  float  time in model calls / tool calls
+spans_dropped             int    trace spans a worker could not keep (full buffer, Redis down)
 ========================  =====  ========================================================
 
 Per kind, identity fields come first: ``turn_id`` (and ``status`` — completed, failed or
 retrying —, ``conversation_id``, ``customer_id``, ``attempts``, ``agents`` (list, the
 path of the last finished attempt), ``model``, ``models`` (list), ``duration_ms``,
-``queue_wait_ms``, ``error_type``, ``error_message`` (latest failed attempt; a turn may have
-completed after it), ``finished_at``); ``conversation_id`` and ``customer_id``;
+``queue_wait_ms``, ``model_ms``, ``tool_ms``, ``other_ms`` (the finishing attempt's time in
+model calls, in tool calls, and the rest of ``duration_ms``, at least 0), ``error_type``,
+``error_message`` (latest failed attempt; a turn may have completed after it),
+``finished_at``); ``conversation_id`` and ``customer_id``;
 ``customer_id`` (and ``day`` for a customer-day); ``model``. ``totals`` adds
 ``telemetry_malformed`` (stream entries that could not be read). ``stats`` rows add
 ``subject`` (the id) and ``last_event_at`` (ISO 8601 UTC of the subject's latest event).
@@ -42,6 +46,9 @@ completed after it), ``finished_at``); ``conversation_id`` and ``customer_id``;
 from __future__ import annotations
 
 import json
+import math
+import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -49,7 +56,14 @@ import structlog
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from telemetry.aggregate import FLOAT_COUNTERS, GLOBAL_KEY, INT_COUNTERS
+from telemetry.aggregate import (
+    CALL_METRIC,
+    FLOAT_COUNTERS,
+    GLOBAL_KEY,
+    GLOBAL_SUBJECT,
+    INT_COUNTERS,
+    TURN_METRICS,
+)
 from telemetry.pricing import nusd_to_usd
 from turnfleet import keys
 from turnfleet.models import Alert
@@ -89,6 +103,7 @@ def counters(raw: dict[str, str]) -> dict[str, Any]:
         "tool_calls": n["tool_calls"],
         "tool_errors": n["tool_errors"],
         "handoffs": n["handoffs"],
+        "spans_dropped": n["spans_dropped"],
         "turns_completed": n["turns_completed"],
         "turns_failed": n["turns_failed"],
         "attempts_failed": n["attempts_failed"],
@@ -123,6 +138,9 @@ async def turn_stats(redis: Redis, turn_id: str) -> dict[str, Any]:
         "models": _list(raw.get("models")),
         "duration_ms": _float(raw.get("duration_ms")),
         "queue_wait_ms": _float(raw.get("queue_wait_ms")),
+        "model_ms": _float(raw.get("model_ms")),
+        "tool_ms": _float(raw.get("tool_ms")),
+        "other_ms": _float(raw.get("other_ms")),
         "error_type": raw.get("error_type"),
         "error_message": raw.get("error_message"),
         "finished_at": raw.get("finished_at"),
@@ -195,3 +213,244 @@ async def read_alerts(
             except ValidationError as exc:
                 log.warning("alerts.unreadable_entry", entry_id=entry_id, error=str(exc))
     return out
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+PERCENTILES = (50, 95, 99)
+CALL_DIMENSIONS = ("model", "agent", "tool")
+
+
+def percentile(ordered: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of ascending values: the ``ceil(p/100 · n)``-th smallest.
+
+    Always one of the samples (no interpolation); ``None`` for no samples. For the values
+    1..100, p50 is 50, p95 is 95, p99 is 99.
+    """
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """``count``, ``p50``, ``p95``, ``p99`` (nearest rank) and ``max`` of some ms samples."""
+    ordered = sorted(samples)
+    out: dict[str, Any] = {"count": len(ordered)}
+    for p in PERCENTILES:
+        out[f"p{p}"] = percentile(ordered, p)
+    out["max"] = ordered[-1] if ordered else None
+    return out
+
+
+async def latency_report(redis: Redis) -> dict[str, dict[str, dict[str, Any]]]:
+    """Latency percentiles over the samples telemetry keeps (the latest ``latency_samples``
+    per list, counted from every event, not a sample of turns).
+
+    ``{"turn": {metric: summary}, "model": {name: summary}, "agent": {name: summary},
+    "tool": {name: summary}}`` where a summary is :func:`summarize`'s dict (ms, nearest-rank
+    percentiles, ``count`` = samples kept) and the turn metrics are ``queue_wait``, ``model``,
+    ``tool``, ``other`` and ``total`` of each finished turn (completed or failed; all five are
+    present, ``count`` 0 when none). ``model`` and ``agent`` summarize single model calls (by
+    model name, by the agent that made them), ``tool`` single tool calls by tool name.
+    Two round trips.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        for dimension in CALL_DIMENSIONS:
+            pipe.smembers(keys.latency_names(dimension))
+        names = [sorted(found) for found in await pipe.execute()]
+    lists: list[tuple[str, str, str]] = [
+        ("turn", metric, keys.latency_samples("turn", GLOBAL_SUBJECT, metric))
+        for metric in TURN_METRICS
+    ]
+    for dimension, found in zip(CALL_DIMENSIONS, names):
+        lists += [(dimension, name, keys.latency_samples(dimension, name, CALL_METRIC))
+                  for name in found]
+    async with redis.pipeline(transaction=False) as pipe:
+        for _, _, key in lists:
+            pipe.lrange(key, 0, -1)
+        values = await pipe.execute()
+    report: dict[str, dict[str, dict[str, Any]]] = {d: {} for d in ("turn", *CALL_DIMENSIONS)}
+    for (dimension, name, _), raw in zip(lists, values):
+        if raw or dimension == "turn":
+            report[dimension][name] = summarize([float(v) for v in raw])
+    return report
+
+
+_SLOW_FIELDS = ("conversation_id", "customer_id", "status", "duration_ms", "queue_wait_ms",
+                "model_ms", "tool_ms", "other_ms", "finished_at")
+
+
+async def slowest_turns(redis: Redis, limit: int = 10) -> list[dict[str, Any]]:
+    """The slowest finished turns (of the 1000 telemetry keeps), slowest first.
+
+    Each row: ``turn_id``, ``conversation_id``, ``customer_id``, ``status``, ``duration_ms``,
+    ``queue_wait_ms``, ``model_ms``, ``tool_ms``, ``other_ms`` (ms floats, ``None`` if
+    unknown) and ``finished_at``. Two round trips.
+    """
+    if limit <= 0:
+        return []
+    ranked = await redis.zrevrange(keys.SLOWEST_TURNS, 0, limit - 1, withscores=True)
+    if not ranked:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for turn_id, _ in ranked:
+            pipe.hmget(keys.aggregate("turn", turn_id), _SLOW_FIELDS)
+        rows = await pipe.execute()
+    out = []
+    for (turn_id, score), values in zip(ranked, rows):
+        raw = dict(zip(_SLOW_FIELDS, values))
+        out.append({
+            "turn_id": turn_id,
+            "conversation_id": raw["conversation_id"],
+            "customer_id": raw["customer_id"],
+            "status": raw["status"],
+            "duration_ms": _float(raw["duration_ms"]) if raw["duration_ms"] else float(score),
+            **{f: _float(raw[f]) for f in ("queue_wait_ms", "model_ms", "tool_ms", "other_ms")},
+            "finished_at": raw["finished_at"],
+        })
+    return out
+
+
+# -- find -------------------------------------------------------------------------------------
+
+# KEYS: the filter zsets, then the conversation index, then a scratch key.
+# ARGV: max ms, min ms, offset, count. The intersection keeps only the index's score (the
+# conversation's last event ms: the other sets weigh 0), so the range and the order are by
+# last event; the scratch key lives only inside this call.
+FIND_LUA = """
+local n = #KEYS - 1
+local scratch = KEYS[#KEYS]
+local args = {'ZINTERSTORE', scratch, n}
+for i = 1, n do args[#args + 1] = KEYS[i] end
+args[#args + 1] = 'WEIGHTS'
+for i = 1, n - 1 do args[#args + 1] = 0 end
+args[#args + 1] = 1
+redis.call(unpack(args))
+local page = redis.call('ZREVRANGEBYSCORE', scratch, ARGV[1], ARGV[2], 'WITHSCORES',
+                        'LIMIT', ARGV[3], ARGV[4])
+redis.call('DEL', scratch)
+return page
+"""
+
+FIND_PAGE_MAX = 5000
+
+
+def _ms_of(ts: datetime) -> int:
+    ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts
+    return int(ts.timestamp() * 1000)
+
+
+def _iso(ms: float | str | None) -> str | None:
+    if ms in (None, ""):
+        return None
+    return datetime.fromtimestamp(float(ms) / 1000, timezone.utc).isoformat()
+
+
+async def find_conversations(
+    redis: Redis,
+    *,
+    customer: str | None = None,
+    tool: str | None = None,
+    agent: str | None = None,
+    error: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    min_cost_usd: float | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Conversations matching every filter given, most recent last event first.
+
+    - ``customer``: the customer's conversations (the producer's
+      ``keys.customer_conversations``); ``tool`` / ``agent`` / ``error``: conversations that
+      called that tool, ran that agent, or had that error type (a failed attempt's or
+      turn's error type; ``ToolError`` for a tool call that errored);
+    - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
+    - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
+
+    Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors`` (sorted
+    lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    ``None`` for conversations aggregated before it was recorded).
+
+    How: Redis does the set algebra. The filter zsets and the conversation index (score: last
+    event ms) are intersected server side with ``ZINTERSTORE`` (weights 0 for the filters, so
+    the score stays the last event ms) and the page is read with ``ZREVRANGEBYSCORE ... LIMIT``
+    in the same script; without filters the index is ranged directly. Only a page of ids
+    travels; the page's hashes are then read in one pipeline. With ``min_cost_usd``, the
+    costs of a page are read first (``HGET``, pipelined) and pages grow until ``limit`` rows
+    are found or candidates run out, so a selective cost filter reads only costs, not whole
+    hashes. Cost: O(smallest filter set × number of filters) for the intersection, then
+    O(limit) reads.
+    """
+    if limit <= 0:
+        return []
+    filters = [keys.customer_conversations(customer)] if customer else []
+    filters += [keys.facet_conversations(facet, value)
+                for facet, value in (("tool", tool), ("agent", agent), ("error", error))
+                if value]
+    index = keys.aggregate_index("conversation")
+    hi = str(_ms_of(until)) if until else "+inf"
+    lo = str(_ms_of(since)) if since else "-inf"
+    min_nusd = None if min_cost_usd is None else round(min_cost_usd * 10**9)
+    script = redis.register_script(FIND_LUA) if filters else None
+
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()  # pages are recomputed: a conversation that moved may come twice
+    offset, page = 0, limit if min_nusd is None else max(4 * limit, 200)
+    while len(rows) < limit:
+        if script is not None:
+            scratch = keys.find_scratch(uuid.uuid4().hex)
+            flat = await script(keys=[*filters, index, scratch], args=[hi, lo, offset, page])
+            found = [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+        else:
+            found = await redis.zrevrangebyscore(index, hi, lo, start=offset, num=page,
+                                                 withscores=True)
+        if not found:
+            break
+        matching = [c for c in found if c[0] not in seen]
+        seen.update(cid for cid, _ in found)
+        if min_nusd is not None and matching:
+            async with redis.pipeline(transaction=False) as pipe:
+                for cid, _ in matching:
+                    pipe.hget(keys.aggregate("conversation", cid), "cost_nusd")
+                costs = await pipe.execute()
+            matching = [c for c, cost in zip(matching, costs) if int(cost or 0) >= min_nusd]
+        while matching and len(rows) < limit:
+            chunk, matching = matching[: limit - len(rows)], matching[limit - len(rows):]
+            rows += await _find_rows(redis, chunk)
+        if len(found) < page:
+            break
+        offset += page
+        page = min(2 * page, FIND_PAGE_MAX)
+    return rows[:limit]
+
+
+async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    if not found:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid, _ in found:
+            pipe.hgetall(keys.aggregate("conversation", cid))
+            pipe.zrange(keys.conversation_facets(cid), 0, -1)
+        replies = await pipe.execute()
+    rows = []
+    for i, (cid, last_ms) in enumerate(found):
+        raw, facets = replies[2 * i], replies[2 * i + 1]
+        if not raw:
+            continue  # indexed but its hash is gone
+        by_facet: dict[str, list[str]] = {f: [] for f in keys.FACETS}
+        for member in facets:
+            facet, _, value = member.partition(":")
+            if facet in by_facet:
+                by_facet[facet].append(value)
+        rows.append({
+            "conversation_id": cid,
+            "customer_id": raw.get("customer_id"),
+            **counters(raw),
+            "tools": sorted(by_facet["tool"]),
+            "agents": sorted(by_facet["agent"]),
+            "errors": sorted(by_facet["error"]),
+            "first_event_at": _iso(raw.get("first_event_ms")),
+            "last_event_at": _iso(last_ms),
+        })
+    return rows

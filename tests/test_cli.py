@@ -60,10 +60,10 @@ async def test_enqueue_result_conversation_stats_and_alerts_verbs(fleet_env, red
 
     conv = tf("conversation", "c-cli", "--json", env=fleet_env)
     turns = json.loads(conv.stdout)["turns"]
-    assert [t["turn_id"] for t in turns] == ["turn-cli-1"]
-    assert [c["tool"] for c in turns[0]["tool_calls"]] == ["check_refund_eligibility", "process_refund"]
+    assert [t["turn"]["turn_id"] for t in turns] == ["turn-cli-1"]
+    assert [c["tool"] for c in turns[0]["turn"]["tool_calls"]] == ["check_refund_eligibility", "process_refund"]
     text = tf("conversation", "c-cli", env=fleet_env).stdout
-    assert "process_refund" in text and "Triage → Billing" in text
+    assert "Tool process_refund" in text and "Handoff Triage → Billing" in text
 
     stats = json.loads(tf("stats", "--by", "customer", "--json", env=fleet_env).stdout)
     row = next(r for r in stats["rows"] if r["subject"] == "C-102")

@@ -143,59 +143,118 @@ async def _turn_cost(redis: Any, turn_id: str) -> float | None:
     return (await turn_stats(redis, turn_id)).get("cost_usd")
 
 
-async def _conversation(args: argparse.Namespace, url: str) -> int:
-    from telemetry.query import conversation_stats, turn_stats
+def _trace_redis(url: str) -> Any:
     from turnfleet.connection import connect
-    from turnfleet.queue import TurnQueue
-    from turnfleet.render import console, render_conversation
 
-    redis = connect(url)
+    trace_url = CommonSettings().trace_redis_url
+    return connect(trace_url) if trace_url else None
+
+
+async def _conversation(args: argparse.Namespace, url: str) -> int:
+    from telemetry.replay import conversation_replay
+    from turnfleet.connection import connect
+    from turnfleet.render import console, render_replay_conversation
+
+    redis, trace_redis = connect(url), _trace_redis(url)
     try:
-        queue = TurnQueue(redis)
-        turn_ids = await queue.conversation_turn_ids(args.conversation_id)
-        if not turn_ids:
-            raise CliError(f"no conversation {args.conversation_id!r}")
-        turns = []
-        for tid in turn_ids:
-            result = await queue.get(tid)
-            if result is not None:
-                turns.append((result, await turn_stats(redis, tid)))
-        totals = await conversation_stats(redis, args.conversation_id)
+        replay = await conversation_replay(redis, args.conversation_id, trace_redis)
     finally:
         await redis.aclose()
+        if trace_redis is not None:
+            await trace_redis.aclose()
+    if replay is None:
+        raise CliError(f"no conversation {args.conversation_id!r}")
     if args.json:
-        _print_json(
-            {
-                "conversation_id": args.conversation_id,
-                "turns": [{**r.model_dump(mode="json"), "telemetry": s} for r, s in turns],
-                "totals": totals,
-            }
-        )
+        _print_json(replay)
     else:
-        console().print(render_conversation(args.conversation_id, turns, totals))
+        console().print(render_replay_conversation(replay))
+    return 0
+
+
+async def _turn(args: argparse.Namespace, url: str) -> int:
+    from telemetry.replay import turn_replay
+    from turnfleet.connection import connect
+    from turnfleet.render import console, render_replay_turn
+
+    redis, trace_redis = connect(url), _trace_redis(url)
+    try:
+        replay = await turn_replay(redis, args.turn_id, trace_redis)
+    finally:
+        await redis.aclose()
+        if trace_redis is not None:
+            await trace_redis.aclose()
+    if replay is None:
+        raise CliError(f"no turn {args.turn_id!r}")
+    if args.json:
+        _print_json(replay)
+    else:
+        console().print(render_replay_turn(replay))
     return 0
 
 
 async def _stats(args: argparse.Namespace, url: str) -> int:
-    from telemetry.query import stats, totals
+    from telemetry.query import latency_report, slowest_turns, stats, totals
     from turnfleet.connection import connect
-    from turnfleet.render import console, render_stats
+    from turnfleet.render import console, render_latency, render_slowest, render_stats
 
     redis = connect(url)
     try:
         rows = await stats(redis, args.by, limit=args.limit)
         overall = await totals(redis)
+        latency = await latency_report(redis)
+        slowest = await slowest_turns(redis, limit=args.slowest)
     finally:
         await redis.aclose()
     if args.json:
-        _print_json({"by": args.by, "rows": rows, "totals": overall})
+        _print_json({"by": args.by, "rows": rows, "totals": overall, "latency": latency, "slowest": slowest})
     else:
-        console().print(render_stats(args.by, rows, overall))
+        out = console()
+        out.print(render_stats(args.by, rows, overall))
+        out.print(render_latency(latency))
+        out.print(render_slowest(slowest))
+    return 0
+
+
+def _when(value: str | None) -> Any:
+    """An ISO time, or a time ago: 30m, 2h, 7d."""
+    from datetime import datetime, timedelta, timezone
+
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(f"not a time: {value!r} (use ISO 8601 or 30m / 2h / 7d ago)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+async def _find(args: argparse.Namespace, url: str) -> int:
+    from telemetry.query import find_conversations
+    from turnfleet.connection import connect
+    from turnfleet.render import console, render_found
+
+    since, until = _when(args.since), _when(args.until)
+    redis = connect(url)
+    try:
+        rows = await find_conversations(
+            redis, customer=args.customer, tool=args.tool, agent=args.agent, error=args.error,
+            since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
+        )
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(rows)
+    else:
+        console().print(render_found(rows))
     return 0
 
 
 async def _alerts(args: argparse.Namespace, url: str) -> int:
     from telemetry.query import read_alerts
+    from turnfleet import keys
     from turnfleet.connection import connect
     from turnfleet.render import console, render_alert, render_alerts
 
@@ -208,10 +267,15 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
             else:
                 console().print(render_alerts(alerts))
             return 0
-        last = "$" if args.new_only else "0-0"
-        if last == "$":
-            tail = await redis.xrevrange("tf:alerts", count=1)
+        cursor = CommonSettings().state_dir / f"alerts-{args.cursor}.cursor"
+        if args.new_only:
+            tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
             last = tail[0][0] if tail else "0-0"
+        elif not args.from_start and cursor.exists():
+            last = cursor.read_text().strip() or "0-0"  # resume where this follower left off
+        else:
+            last = "0-0"
+        cursor.parent.mkdir(parents=True, exist_ok=True)
         while True:
             batch = await read_alerts(redis, after_id=last, count=100, block_ms=5000)
             for alert_id, alert in batch:
@@ -220,6 +284,7 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
                     print(json.dumps({"id": alert_id, **alert.model_dump(mode="json")}), flush=True)
                 else:
                     console().print(render_alert(alert_id, alert))
+                cursor.write_text(last)
     finally:
         await redis.aclose()
 
@@ -264,18 +329,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for it to end")
     r.add_argument("--json", action="store_true")
 
-    c = sub.add_parser("conversation", help="every turn of a conversation, in order")
+    c = sub.add_parser("conversation", help="replay a conversation: every turn as a tree, in order")
     c.add_argument("conversation_id", metavar="ID")
     c.add_argument("--json", action="store_true")
+
+    tr = sub.add_parser("turn", help="replay one turn as a tree")
+    tr.add_argument("turn_id", metavar="TURN_ID")
+    tr.add_argument("--json", action="store_true")
 
     s = sub.add_parser("stats", help="tokens, cost, latency and errors")
     s.add_argument("--by", choices=["conversation", "customer", "model"], default="model")
     s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--slowest", type=int, default=10, metavar="N", help="slowest turns to list")
     s.add_argument("--json", action="store_true")
+
+    f = sub.add_parser("find", help="find conversations by customer, tool, agent, error, time, cost")
+    f.add_argument("--customer", metavar="ID")
+    f.add_argument("--tool", metavar="NAME", help="e.g. process_refund")
+    f.add_argument("--agent", metavar="NAME", help="e.g. Billing")
+    f.add_argument("--error", metavar="TYPE", help="error type, e.g. MaxTurnsExceeded or ToolError")
+    f.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
+    f.add_argument("--until", metavar="TIME")
+    f.add_argument("--min-cost", type=float, metavar="USD")
+    f.add_argument("--limit", type=int, default=50)
+    f.add_argument("--json", action="store_true")
 
     a = sub.add_parser("alerts", help="alerts raised (newest last)")
     a.add_argument("--follow", action="store_true", help="keep printing new alerts")
     a.add_argument("--new-only", action="store_true", help="with --follow: skip the backlog")
+    a.add_argument("--from-start", action="store_true", help="with --follow: ignore the saved cursor")
+    a.add_argument("--cursor", default="default", metavar="NAME",
+                   help="with --follow: resume where the follower of this name left off (default 'default')")
     a.add_argument("--limit", type=int, default=100)
     a.add_argument("--json", action="store_true")
     return p
@@ -285,7 +369,9 @@ ASYNC_VERBS = {
     "enqueue": _enqueue,
     "result": _result,
     "conversation": _conversation,
+    "turn": _turn,
     "stats": _stats,
+    "find": _find,
     "alerts": _alerts,
 }
 PROCESS_VERBS = {"worker": cmd_worker, "telemetry": cmd_telemetry, "demo": cmd_demo}
@@ -295,7 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common = CommonSettings()
     quiet = args.verb not in ("worker", "telemetry")
-    configure_logging("WARNING" if quiet else common.log_level, common.log_format)
+    from turnfleet.redaction import Redactor
+
+    # Redaction runs as a log processor in every process: a log line can't leak what a span can't.
+    configure_logging(
+        "WARNING" if quiet else common.log_level,
+        common.log_format,
+        extra_processors=[Redactor.from_settings(common).structlog_processor()],
+    )
     try:
         if args.verb == "enqueue":
             _check_enqueue(args)  # reject bad input before touching (or starting) Redis

@@ -131,3 +131,41 @@ def trace(turn_id: str) -> str:
 def turn_events(turn_id: str) -> str:
     """Hash attempt -> the attempt's telemetry batch (JSON), for timelines of unsampled turns."""
     return f"{PREFIX}:events:{turn_id}"
+
+
+# Latency samples and the conversation search indexes (written by the telemetry aggregate).
+
+LATENCY_DIMENSIONS = ("turn", "model", "agent", "tool")
+SLOWEST_TURNS = f"{PREFIX}:lat-slowest"  # zset turn_id -> duration ms, the slowest 1000 kept
+
+
+def latency_samples(dimension: str, name: str, metric: str) -> str:
+    """List of the latest samples in ms (newest first, capped) of one metric of one subject.
+
+    ``dimension`` is one of ``LATENCY_DIMENSIONS``; for ``turn`` the name is ``fleet``.
+    """
+    return f"{PREFIX}:lat:{dimension}:{name}:{metric}"
+
+
+def latency_names(dimension: str) -> str:
+    """Set of the names that have latency samples in one dimension (model, agent, tool)."""
+    return f"{PREFIX}:lat-names:{dimension}"
+
+
+FACETS = ("tool", "agent", "error")
+
+
+def facet_conversations(facet: str, value: str) -> str:
+    """Zset conversation_id -> latest event ms with that tool, agent or error type."""
+    return f"{PREFIX}:agg:{facet}-conversations:{value}"
+
+
+def conversation_facets(conversation_id: str) -> str:
+    """Zset ``facet:value`` (``tool:lookup_order``, ``agent:Billing``, ``error:ToolError``)
+    -> latest event ms, for one conversation: what ``turnfleet find`` lists per row."""
+    return f"{PREFIX}:agg:conversation-facets:{conversation_id}"
+
+
+def find_scratch(token: str) -> str:
+    """Zset a search intersects into and deletes within one script call."""
+    return f"{PREFIX}:tmp:find:{token}"

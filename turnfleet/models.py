@@ -202,6 +202,7 @@ class EventKind(str, Enum):
     turn_completed = "turn_completed"
     attempt_failed = "attempt_failed"  # this attempt failed; the turn will be tried again
     turn_failed = "turn_failed"  # terminal
+    spans_dropped = "spans_dropped"  # trace spans this attempt could not keep (detail.count)
 
 
 class ErrorInfo(BaseModel):

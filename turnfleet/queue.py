@@ -24,6 +24,7 @@ from turnfleet.models import AttemptError, TurnRequest, TurnResult
 
 JOB_FUNCTION = "run_turn"
 JOB_TTL_MS = 86_400_000  # arq's expires_extra_ms: a job not started within a day expires
+EVENTS_TTL_S = 7 * 86400  # default retention of per-turn event timelines
 
 _WAKE = """
 local function wake(turn_id, conversation_id, now, job_prefix, job_ttl, fname, queue, active)
@@ -68,9 +69,9 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at'
 return {attempt, 'running'}
 """
 
-# KEYS: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry
+# KEYS: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events
 # ARGV: turn_id, conversation_id, status, result_json, telemetry_batch ('' = none), now_ms,
-#       job_prefix, job_ttl, fname, current_agent ('' = keep)
+#       job_prefix, job_ttl, fname, current_agent ('' = keep), attempt, events_ttl_s
 # Returns 1 (finished now), 0 (was already finished: nothing written)
 FINISH_LUA = _WAKE + """
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -81,6 +82,8 @@ redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
   'turn_id', ARGV[1], 'status', ARGV[3], 'conversation_id', ARGV[2])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[7], '*', 'turn_id', ARGV[1], 'batch', ARGV[5])
+  redis.call('HSET', KEYS[8], ARGV[11], ARGV[5])
+  redis.call('EXPIRE', KEYS[8], tonumber(ARGV[12]))
 end
 if redis.call('LINDEX', KEYS[2], 0) == ARGV[1] then
   redis.call('LPOP', KEYS[2])
@@ -177,7 +180,11 @@ class TurnQueue:
         return StartDecision(int(attempt), str(status))
 
     async def record_attempt_failure(
-        self, turn_id: str, error: AttemptError, telemetry_batch: str | None
+        self,
+        turn_id: str,
+        error: AttemptError,
+        telemetry_batch: str | None,
+        events_ttl_s: int = EVENTS_TTL_S,
     ) -> None:
         """Keep a failed attempt's error (and its telemetry) before the turn is tried again."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -185,12 +192,22 @@ class TurnQueue:
             pipe.hset(keys.turn(turn_id), "status", "queued")
             if telemetry_batch:
                 pipe.xadd(keys.TELEMETRY_STREAM, {"turn_id": turn_id, "batch": telemetry_batch})
+                pipe.hset(keys.turn_events(turn_id), str(error.attempt), telemetry_batch)
+                pipe.expire(keys.turn_events(turn_id), events_ttl_s)
             await pipe.execute()
 
     async def finish(
-        self, result: TurnResult, telemetry_batch: str | None, current_agent: str | None = None
+        self,
+        result: TurnResult,
+        telemetry_batch: str | None,
+        current_agent: str | None = None,
+        events_ttl_s: int = EVENTS_TTL_S,
     ) -> bool:
-        """Write the terminal result and telemetry, then wake the conversation's next turn."""
+        """Write the terminal result and telemetry, then wake the conversation's next turn.
+
+        The telemetry batch is also kept per attempt (``keys.turn_events``) for
+        ``events_ttl_s``: the timeline replay shows for turns whose spans were not sampled.
+        """
         cid = result.conversation_id
         done = await self._finish(
             keys=[
@@ -201,6 +218,7 @@ class TurnQueue:
                 keys.ARQ_QUEUE,
                 keys.RESULTS_STREAM,
                 keys.TELEMETRY_STREAM,
+                keys.turn_events(result.turn_id),
             ],
             args=[
                 result.turn_id,
@@ -213,6 +231,8 @@ class TurnQueue:
                 JOB_TTL_MS,
                 JOB_FUNCTION,
                 current_agent or "",
+                max(result.attempts, 1),
+                events_ttl_s,
             ],
         )
         return int(done) == 1

@@ -164,3 +164,165 @@ def render_alerts(alerts: list[tuple[str, Alert]]) -> Any:
     if not alerts:
         return Text("no alerts", style="dim")
     return Panel(Group(*[render_alert(i, a) for i, a in alerts]), title="alerts", title_align="left")
+
+
+# -- replay (telemetry.replay output) ------------------------------------------------
+
+
+def _decision_text(decision: dict[str, Any] | None) -> str:
+    if not decision:
+        return ""
+    parts = []
+    for call in decision.get("calls") or []:
+        name = call.get("name") or "?"
+        if name.startswith("transfer_to_"):
+            parts.append(f"handoff to {name.removeprefix('transfer_to_').replace('_', ' ').title()}")
+        elif call.get("arguments") is not None:
+            parts.append(f"call {name}({_args(call['arguments'])})")
+        else:
+            parts.append(f"call {name}")
+    message = decision.get("message")
+    if message:
+        parts.append("final answer" if message is True else f"answer: {_short(str(message), 100)}")
+    return " → " + "; ".join(parts) if parts else ""
+
+
+def _node_label(node: dict[str, Any]) -> Text:
+    kind, name, d = node["kind"], node["name"], node.get("detail") or {}
+    dur = ms(node.get("duration_ms")) if node.get("duration_ms") is not None else None
+    t = Text()
+    if kind == "agent":
+        t.append("Agent ", style="bold magenta")
+        t.append(name, style="bold")
+    elif kind == "generation":
+        t.append("Generation ", style="cyan")
+        figures = [f for f in (dur, f"{d.get('input_tokens', '?')}→{d.get('output_tokens', '?')} tok") if f]
+        t.append(f"{name} ({', '.join(figures)})")
+        t.append(_decision_text(d.get("decision")))
+    elif kind == "tool":
+        t.append("Tool ", style="blue")
+        t.append(name, style="bold")
+        if d.get("arguments"):
+            t.append(f"({_args(str(d['arguments']))})")
+        if dur:
+            t.append(f" ({dur})")
+        if d.get("result") is not None:
+            t.append(f" → {_short(str(d['result']), 120)}", style="green")
+    elif kind == "handoff":
+        t.append("Handoff ", style="magenta")
+        t.append(name)
+    elif kind == "custom":
+        t.append("Span ", style="yellow")
+        t.append(name)
+        if dur:
+            t.append(f" ({dur})")
+        if d.get("data"):
+            t.append(f" {_short(json.dumps(d['data'], default=str), 100)}", style="dim")
+    else:
+        t.append(f"{kind} {name}")
+    if node.get("error"):
+        t.append(f"  ✗ {_short(str(node['error']), 120)}", style="red")
+    return t
+
+
+def _add_nodes(tree: Tree, nodes: list[dict[str, Any]]) -> None:
+    for node in nodes:
+        branch = tree.add(_node_label(node))
+        _add_nodes(branch, node.get("children") or [])
+
+
+def render_replay_turn(replay: dict[str, Any], label: str = "") -> Tree:
+    result = TurnResult.model_validate(replay["turn"])
+    cost = (replay.get("telemetry") or {}).get("cost_usd")
+    tree = Tree(turn_headline(result, cost, label))
+    tree.add(Text.assemble(("user: ", "bold"), _short(result.text, 300)))
+    attempts = replay.get("attempts") or []
+    for entry in attempts:
+        parent = tree
+        if len(attempts) > 1 or entry.get("error"):
+            head = Text(f"Attempt {entry['attempt']}  {entry.get('status', '')}", style="bold")
+            if entry.get("error"):
+                err = entry["error"]
+                head.append(f"  {err.get('type')}: {_short(err.get('message'), 120)}", style="red")
+            parent = tree.add(head)
+        if entry.get("source") == "events":
+            parent.add(Text("unsampled: hook-event timeline (no spans stored)", style="dim italic"))
+        _add_nodes(parent, entry.get("tree") or [])
+    if not attempts:
+        tree.add(Text("no telemetry recorded yet", style="dim"))
+    if result.final_output is not None:
+        tree.add(Text.assemble(("answer: ", "bold green"), _short(result.final_output, 400)))
+    if result.status == "failed":
+        tree.add(Text(f"failed: {result.error_type}: {_short(result.error_message)}", style="red"))
+    return tree
+
+
+def render_replay_conversation(replay: dict[str, Any]) -> Group:
+    parts: list[Any] = [Text(f"Conversation {replay['conversation_id']}", style="bold underline")]
+    for i, turn in enumerate(replay["turns"], 1):
+        parts.append(render_replay_turn(turn, label=f"Turn {i}"))
+    totals = replay.get("totals") or {}
+    parts.append(
+        Text(
+            f"total: {len(replay['turns'])} turns, {totals.get('input_tokens', 0)}→{totals.get('output_tokens', 0)} tok"
+            f" ({totals.get('cached_tokens', 0)} cached), cost {money(totals.get('cost_usd'))},"
+            f" failed turns {totals.get('turns_failed', 0)}",
+            style="bold",
+        )
+    )
+    return Group(*parts)
+
+
+# -- latency and search ------------------------------------------------------------------
+
+
+def _pct_row(name: str, p: dict[str, Any]) -> list[str]:
+    return [name, str(p.get("count", 0)), ms(p.get("p50")), ms(p.get("p95")), ms(p.get("p99")), ms(p.get("max"))]
+
+
+def render_latency(report: dict[str, Any]) -> Group:
+    """p50/p95/p99 of the turn breakdown and per model, agent and tool."""
+    tables = []
+    for section, title in (("turn", "turn latency breakdown"), ("model", "model calls by model"),
+                           ("agent", "model time by agent"), ("tool", "tool calls by tool")):
+        rows = report.get(section) or {}
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+        for col in (section if section != "turn" else "part", "n", "p50", "p95", "p99", "max"):
+            table.add_column(col, justify="left" if col in (section, "part") else "right")
+        for name, p in rows.items():
+            table.add_row(*_pct_row(name, p))
+        tables.append(table)
+    return Group(*tables) if tables else Group(Text("no latency samples yet", style="dim"))
+
+
+def render_slowest(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="slowest turns", title_justify="left", box=None, pad_edge=False)
+    for col in ("turn", "conversation", "status", "total", "queue", "model", "tools", "other"):
+        table.add_column(col, justify="right" if col not in ("turn", "conversation", "status") else "left")
+    for r in rows:
+        table.add_row(
+            r.get("turn_id", "?"), r.get("conversation_id") or "–", r.get("status") or "–",
+            ms(r.get("duration_ms")), ms(r.get("queue_wait_ms")),
+            ms(r.get("model_ms", r.get("llm_ms_sum"))), ms(r.get("tool_ms", r.get("tool_ms_sum"))),
+            ms(r.get("other_ms")),
+        )
+    return table
+
+
+def render_found(rows: list[dict[str, Any]]) -> Any:
+    if not rows:
+        return Text("no conversation matches", style="dim")
+    table = Table(title=f"{len(rows)} conversation(s), newest first", title_justify="left")
+    for col in ("conversation", "customer", "last event", "turns", "agents", "tools", "errors", "cost"):
+        table.add_column(col, justify="right" if col in ("turns", "cost") else "left")
+    for r in rows:
+        turns = (r.get("turns_completed") or 0) + (r.get("turns_failed") or 0)
+        last = str(r.get("last_event_at") or "")[:19].replace("T", " ")
+        table.add_row(
+            r.get("conversation_id", "?"), r.get("customer_id") or "–", last, str(turns),
+            ", ".join(r.get("agents") or []), ", ".join(r.get("tools") or []),
+            ", ".join(r.get("errors") or []) or "–", money(r.get("cost_usd")),
+        )
+    return table

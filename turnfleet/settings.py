@@ -25,6 +25,9 @@ class CommonSettings(BaseSettings):
         default=Path(".turnfleet"),
         description="Where the embedded Redis keeps its data (AOF) and its pid/port file.",
     )
+    trace_redis_url: str | None = Field(
+        default=None, description="Redis for the trace store (bulky span payloads); unset: REDIS_URL."
+    )
     log_format: str = Field(default="console", description="'console' or 'json'.")
     log_level: str = Field(default="INFO")
     redact_patterns: list[str] = Field(
@@ -88,9 +91,6 @@ class WorkerProcessSettings(CommonSettings):
     trace_retention_s: int = Field(default=7 * 86400, description="How long stored traces live.")
     trace_buffer_spans: int = Field(
         default=20_000, description="Spans buffered per process before new ones are dropped."
-    )
-    trace_redis_url: str | None = Field(
-        default=None, description="Redis for the trace store; unset: REDIS_URL."
     )
     otlp_endpoint: str | None = Field(
         default=None,

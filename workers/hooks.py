@@ -14,6 +14,7 @@ from typing import Any
 from agents import Agent, RunContextWrapper, RunHooks, Tool
 from agents.items import ModelResponse
 
+from turnfleet.redaction import Redactor
 from turnfleet.models import (
     ErrorInfo,
     EventKind,
@@ -24,6 +25,7 @@ from turnfleet.models import (
 )
 
 DETAIL_LIMIT = 2000  # characters of a tool result or message kept in an event
+JSON_DETAIL_KEYS = ("arguments", "result")  # JSON documents in strings, redacted as JSON
 
 
 def _clip(text: str, limit: int = DETAIL_LIMIT) -> str:
@@ -43,14 +45,20 @@ def usage_of(usage: Any) -> TokenUsage:
     )
 
 
-def decision_of(response: ModelResponse) -> dict[str, Any]:
-    """What the model decided in one call: the tools/handoffs it called, or its message."""
+def decision_of(response: ModelResponse, with_content: bool = True) -> dict[str, Any]:
+    """What the model decided in one call: the tools/handoffs it called, or its message.
+
+    Without content, only the names of what it called (and that it answered) are kept.
+    """
     calls = []
     message = []
     for item in response.output:
         kind = getattr(item, "type", None)
         if kind == "function_call":
-            calls.append({"name": item.name, "arguments": _clip(item.arguments, 500)})
+            call = {"name": item.name}
+            if with_content:
+                call["arguments"] = _clip(item.arguments, 500)
+            calls.append(call)
         elif kind == "message":
             for part in getattr(item, "content", []) or []:
                 text = getattr(part, "text", None)
@@ -60,7 +68,7 @@ def decision_of(response: ModelResponse) -> dict[str, Any]:
     if calls:
         out["calls"] = calls
     if message:
-        out["message"] = _clip("\n".join(message), 500)
+        out["message"] = _clip("\n".join(message), 500) if with_content else True
     return out
 
 
@@ -75,7 +83,13 @@ class TelemetryHooks(RunHooks[Any]):
         conversation_id: str,
         customer_id: str,
         model_name: str,
+        redactor: Redactor | None = None,
+        include_data: bool = True,
     ) -> None:
+        """``include_data=False`` keeps arguments, results and messages out of events, as
+        ``trace_include_sensitive_data=False`` keeps them out of spans."""
+        self.redactor = redactor
+        self.include_data = include_data
         self.turn_id = turn_id
         self.attempt = attempt
         self.conversation_id = conversation_id
@@ -108,7 +122,28 @@ class TelemetryHooks(RunHooks[Any]):
         return event
 
     def batch_json(self) -> str:
-        return json.dumps([e.model_dump(mode="json") for e in self.events], separators=(",", ":"))
+        """The attempt's events as one JSON array, redacted: this is what leaves the process."""
+        return json.dumps([self._export(e) for e in self.events], separators=(",", ":"))
+
+    def _export(self, event: TelemetryEvent) -> dict[str, Any]:
+        data = event.model_dump(mode="json")
+        r = self.redactor
+        if r is None:
+            return data
+        detail = {}
+        for key, value in data["detail"].items():
+            if key in JSON_DETAIL_KEYS and isinstance(value, str):
+                detail[key] = r.json_text(value)
+            else:
+                detail[key] = r.value(value)
+        data["detail"] = detail
+        if data.get("error"):
+            data["error"]["message"] = r.text(data["error"]["message"])
+        return data
+
+    def _data(self, **fields: Any) -> dict[str, Any]:
+        """Detail fields that carry conversation content: only when data may be included."""
+        return fields if self.include_data else {}
 
     def turn_started(self, queue_wait_ms: float | None, agent: str) -> None:
         self.emit(
@@ -128,9 +163,13 @@ class TelemetryHooks(RunHooks[Any]):
             detail={
                 "queue_wait_ms": queue_wait_ms,
                 "agents": list(self.agents),
-                "final_output": _clip(final, 500),
+                **self._data(final_output=_clip(final, 500)),
             },
         )
+
+    def spans_dropped(self, count: int) -> None:
+        if count:
+            self.emit(EventKind.spans_dropped, detail={"count": count})
 
     def turn_errored(self, *, terminal: bool, duration_ms: float, error_type: str, message: str) -> None:
         self.emit(
@@ -150,7 +189,7 @@ class TelemetryHooks(RunHooks[Any]):
         self.emit(EventKind.agent_start, agent=agent.name)
 
     async def on_agent_end(self, context: RunContextWrapper[Any], agent: Agent[Any], output: Any) -> None:
-        self.emit(EventKind.agent_end, agent=agent.name, detail={"output": _clip(str(output), 500)})
+        self.emit(EventKind.agent_end, agent=agent.name, detail=self._data(output=_clip(str(output), 500)))
 
     async def on_llm_start(
         self,
@@ -177,7 +216,10 @@ class TelemetryHooks(RunHooks[Any]):
             model=self.model_name,
             usage=usage,
             duration_ms=(time.perf_counter() - started) * 1000 if started else None,
-            detail={"decision": decision_of(response), "response_id": response.response_id},
+            detail={
+                "decision": decision_of(response, with_content=self.include_data),
+                "response_id": response.response_id,
+            },
         )
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool) -> None:
@@ -185,7 +227,10 @@ class TelemetryHooks(RunHooks[Any]):
         self._tool_started[call_id] = time.perf_counter()
         self.emit(
             EventKind.tool_start, agent=agent.name, tool=tool.name,
-            detail={"call_id": call_id, "arguments": _clip(str(getattr(context, "tool_arguments", "") or ""))},
+            detail={
+                "call_id": call_id,
+                **self._data(arguments=_clip(str(getattr(context, "tool_arguments", "") or ""))),
+            },
         )
 
     async def on_tool_end(
@@ -207,7 +252,7 @@ class TelemetryHooks(RunHooks[Any]):
             error = ErrorInfo(type="ToolError", message=_clip(output, 500))
         self.emit(
             EventKind.tool_end, agent=agent.name, tool=tool.name, duration_ms=duration, error=error,
-            detail={"call_id": call_id, "arguments": _clip(arguments), "result": _clip(output)},
+            detail={"call_id": call_id, **self._data(arguments=_clip(arguments), result=_clip(output))},
         )
 
     async def on_handoff(

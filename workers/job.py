@@ -33,9 +33,11 @@ from redis.asyncio import Redis
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
 from turnfleet.queue import TurnQueue
+from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.context import TurnContext
 from workers.hooks import TelemetryHooks
+from workers.trace_store import TraceStore
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +61,8 @@ class Runtime:
     desk: Any  # workers.support_desk.SupportDesk
     model_name: str
     worker_name: str
+    redactor: Redactor | None = None
+    traces: TraceStore | None = None
 
 
 def default_worker_name() -> str:
@@ -98,6 +102,8 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         conversation_id=conversation_id,
         customer_id=req.customer_id,
         model_name=rt.model_name,
+        redactor=rt.redactor,
+        include_data=rt.settings.trace_include_sensitive_data,
     )
     log_ctx = structlog.get_logger(__name__).bind(
         turn_id=turn_id, conversation_id=conversation_id, attempt=attempt
@@ -129,6 +135,8 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         redis=rt.redis,
         metadata=dict(req.metadata),
     )
+    tracing_off = rt.settings.tracing_disabled or not req.trace
+    trace_id: str | None = None
     t0 = time.perf_counter()
     try:
         await _reset_memory(session, rt.redis, turn_id)
@@ -142,8 +150,9 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
                     "attempt": str(attempt),
                     "channel": req.metadata.get("channel", ""),
                 },
-                disabled=rt.settings.tracing_disabled or not req.trace,
-            ):
+                disabled=tracing_off,
+            ) as current_trace:
+                trace_id = None if tracing_off else current_trace.trace_id
                 result = await Runner.run(
                     agent,
                     req.text,
@@ -154,7 +163,7 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
                     run_config=RunConfig(
                         workflow_name=rt.settings.workflow_name,
                         group_id=conversation_id,
-                        tracing_disabled=rt.settings.tracing_disabled or not req.trace,
+                        tracing_disabled=tracing_off,
                         trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,
                     ),
                 )
@@ -163,6 +172,7 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         error_type = "TurnTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         message = str(exc) or error_type
         terminal = isinstance(exc, DETERMINISTIC_ERRORS) or attempt >= rt.settings.max_attempts
+        await _keep_trace(rt, trace_id, req, hooks, attempt, started_at, "failed", duration_ms)
         hooks.turn_errored(terminal=terminal, duration_ms=duration_ms, error_type=error_type, message=message)
         if terminal:
             await _finish_failed(rt, req, hooks, attempt, started_at, queue_wait_ms,
@@ -172,6 +182,7 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         await rt.queue.record_attempt_failure(
             turn_id, AttemptError(attempt=attempt, error_type=error_type, message=message),
             hooks.batch_json(),
+            events_ttl_s=rt.settings.trace_retention_s,
         )
         log_ctx.warning("turn.attempt_failed", error_type=error_type, error=message)
         raise Retry(defer=rt.settings.retry_delay_s * attempt) from exc
@@ -180,15 +191,47 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
 
     duration_ms = (time.perf_counter() - t0) * 1000
     final = str(result.final_output)
+    await _keep_trace(rt, trace_id, req, hooks, attempt, started_at, "completed", duration_ms)
     hooks.turn_completed(duration_ms, queue_wait_ms, final)
     turn_result = _turn_result(
         rt, req, hooks, attempt, started_at, queue_wait_ms, "completed",
         errors=await rt.queue.errors(turn_id), final_output=final, duration_ms=duration_ms,
     )
-    await rt.queue.finish(turn_result, hooks.batch_json(), current_agent=result.last_agent.name)
+    await rt.queue.finish(turn_result, hooks.batch_json(), current_agent=result.last_agent.name,
+                          events_ttl_s=rt.settings.trace_retention_s)
     log_ctx.info("turn.completed", duration_ms=round(duration_ms, 1), agent=result.last_agent.name,
                  tokens=hooks.usage.total_tokens)
     return "completed"
+
+
+async def _keep_trace(
+    rt: Runtime,
+    trace_id: str | None,
+    req: TurnRequest,
+    hooks: TelemetryHooks,
+    attempt: int,
+    started_at: datetime,
+    status: str,
+    duration_ms: float,
+) -> None:
+    """Hand the attempt's trace to the store (sampling, redaction, one write)."""
+    if rt.traces is None:
+        return
+    _kept, dropped = await rt.traces.finish_attempt(
+        trace_id,
+        {
+            "turn_id": req.turn_id,
+            "attempt": attempt,
+            "conversation_id": req.conversation_id,
+            "customer_id": req.customer_id,
+            "status": status,
+            "started_at": started_at.isoformat(),
+            "ended_at": utcnow().isoformat(),
+        },
+        failed=status == "failed",
+        duration_ms=duration_ms,
+    )
+    hooks.spans_dropped(dropped)
 
 
 def _turn_result(
@@ -238,4 +281,4 @@ async def _finish_failed(
         rt, req, hooks, attempt, started_at, queue_wait_ms, "failed",
         errors=errors, error_type=error_type, error_message=message,
     )
-    await rt.queue.finish(result, hooks.batch_json())
+    await rt.queue.finish(result, hooks.batch_json(), events_ttl_s=rt.settings.trace_retention_s)

@@ -7,6 +7,7 @@ so crashes use them up) and must get the chance to record the final failure.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from agents import set_trace_processors
@@ -14,9 +15,11 @@ from arq.connections import RedisSettings
 
 from turnfleet.connection import connect
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
+from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.job import Runtime, default_worker_name, run_turn
 from workers.llm import make_model
+from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
 _settings = WorkerProcessSettings()
 
@@ -28,8 +31,17 @@ async def startup(ctx: dict[str, Any]) -> None:
     url = ctx.get("redis_url") or settings.redis_url
     redis = connect(url)
     model = make_model(settings)
-    # No OpenAI exporter: traces stay in this process until our processor (issue 4) stores them.
-    set_trace_processors([])
+    redactor = Redactor.from_settings(settings)
+    # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
+    # redacted, and written by the job (or sent to the configured OTLP endpoint).
+    buffer = TraceBuffer(max_spans=settings.trace_buffer_spans)
+    set_trace_processors([buffer])
+    sink = None
+    if settings.otlp_endpoint:
+        from workers.otlp import OtlpSink
+
+        sink = OtlpSink.from_settings(settings)
+    trace_redis = connect(settings.trace_redis_url) if settings.trace_redis_url else redis
     ctx["runtime"] = Runtime(
         settings=settings,
         redis=redis,
@@ -37,12 +49,25 @@ async def startup(ctx: dict[str, Any]) -> None:
         desk=build_support_desk(model),
         model_name=settings.model_name,
         worker_name=settings.worker_name or default_worker_name(),
+        redactor=redactor,
+        traces=TraceStore(
+            buffer,
+            trace_redis,
+            TraceSampler(settings.trace_sample_rate, settings.trace_keep_slower_than_ms),
+            redactor,
+            settings.trace_retention_s,
+            sink,
+        ),
     )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     rt = ctx.get("runtime")
     if rt is not None:
+        if rt.traces is not None and rt.traces.sink is not None:
+            await asyncio.to_thread(rt.traces.sink.shutdown)  # sends what is queued first
+        if rt.traces is not None and rt.traces.redis is not rt.redis:
+            await rt.traces.redis.aclose()
         await rt.redis.aclose()
 
 

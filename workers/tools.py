@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from agents import RunContextWrapper, function_tool
+from agents import RunContextWrapper, custom_span, function_tool
 from agents.exceptions import AgentsException
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -165,7 +165,9 @@ async def process_refund(ctx: RunContextWrapper[TurnContext], order_id: str, amo
         order = book.get(oid, turn.customer_id)
     except OrderNotFound as error:
         return _dumps({"order_id": error.order_id, "refunded": False, "error": str(error)})
-    eligibility = book.refund_eligibility(order)
+    with custom_span("refund.policy_check", data={"order_id": oid}) as span:
+        eligibility = book.refund_eligibility(order)
+        span.span_data.data.update(eligible=eligibility.eligible, amount=f"{eligibility.amount:.2f}")
     if not eligibility.eligible:
         return _dumps(
             {"order_id": oid, "refunded": False, "error": f"Not eligible: {eligibility.reason}"}
@@ -195,9 +197,12 @@ async def process_refund(ctx: RunContextWrapper[TurnContext], order_id: str, amo
         for name in ("refund_id", "turn_id", "order_id", "amount", "currency", "customer_id",
                      "conversation_id", "attempt")
     }
-    created, stored = await record_once(
-        turn.redis, keys.refund(turn.turn_id, oid), record, keys.REFUND_LEDGER, entry
-    )
+    # A custom span makes the ledger write its own step in the replay (see README, "Custom spans").
+    with custom_span("refund.ledger_write", data={"order_id": oid, "amount": record["amount"]}) as span:
+        created, stored = await record_once(
+            turn.redis, keys.refund(turn.turn_id, oid), record, keys.REFUND_LEDGER, entry
+        )
+        span.span_data.data.update(refund_id=stored["refund_id"], replayed=not created)
     log.info(
         "refund.made" if created else "refund.replayed",
         turn_id=turn.turn_id,
@@ -234,7 +239,9 @@ async def escalate_to_human(ctx: RunContextWrapper[TurnContext], reason: str) ->
         "turn_id": turn.turn_id,
         "attempt": turn.attempt,
     }
-    created, stored = await record_once(turn.redis, keys.escalation(turn.turn_id), record)
+    with custom_span("escalation.ticket_write", data={"ticket_id": record["ticket_id"]}) as span:
+        created, stored = await record_once(turn.redis, keys.escalation(turn.turn_id), record)
+        span.span_data.data.update(replayed=not created)
     log.info(
         "escalation.opened" if created else "escalation.replayed",
         turn_id=turn.turn_id,

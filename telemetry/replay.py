@@ -1,0 +1,208 @@
+"""Replay: a turn (or a whole conversation) as the tree of what happened.
+
+Sampled turns are rebuilt from their stored spans (``keys.trace``): agents, model calls with
+the decision each took, tool calls with arguments and results, handoffs, custom spans, with
+their timings. Turns whose spans were not kept (sampling, tracing off for the turn) are
+rebuilt from the hook-event timeline the worker stored for every attempt
+(``keys.turn_events``) and marked ``source: "events"``. Both are redacted already: they are
+telemetry, written by the worker after redaction.
+
+Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
+"custom"|"guardrail", "name", "duration_ms", "detail": {...}, "error", "children": [...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from telemetry.query import conversation_stats, turn_stats
+from turnfleet import keys
+from turnfleet.queue import TurnQueue
+
+SDK_WRAPPER_SPANS = ("task", "turn")  # the SDK's own grouping spans, folded into their parent
+
+
+def _ms(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() * 1000
+
+
+def _node(kind: str, name: str, duration_ms: float | None = None, error: Any = None, **detail: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "name": name,
+        "duration_ms": duration_ms,
+        "detail": {k: v for k, v in detail.items() if v is not None},
+        "error": error,
+        "children": [],
+    }
+
+
+def _decision_from_output(output: Any) -> dict[str, Any] | None:
+    """The decision in a generation span's output items (present when data is included)."""
+    if not isinstance(output, list):
+        return None
+    calls, message = [], []
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            calls.append({"name": item.get("name"), "arguments": item.get("arguments")})
+        elif item.get("type") == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("text"):
+                    message.append(part["text"])
+    out: dict[str, Any] = {}
+    if calls:
+        out["calls"] = calls
+    if message:
+        out["message"] = "\n".join(message)
+    return out or None
+
+
+def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rebuild the span tree; ``decisions`` (from llm_end events, in order) fill in generations
+    whose span carries no output (``trace_include_sensitive_data=False``)."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {s["id"] for s in spans}
+    for span in sorted(spans, key=lambda s: s.get("started_at") or ""):
+        parent = span.get("parent_id") if span.get("parent_id") in ids else None
+        children.setdefault(parent, []).append(span)
+    generation_index = 0
+
+    def build(span: dict[str, Any]) -> list[dict[str, Any]]:
+        nonlocal generation_index
+        data = span.get("span_data") or {}
+        kind = data.get("type")
+        inner = [n for child in children.get(span["id"], []) for n in build(child)]
+        if kind == "custom" and (data.get("data") or {}).get("sdk_span_type") in SDK_WRAPPER_SPANS:
+            return inner
+        duration = _ms(span.get("started_at"), span.get("ended_at"))
+        error = (span.get("error") or {}).get("message") if span.get("error") else None
+        if kind == "agent":
+            node = _node("agent", data.get("name", "?"), duration, error)
+        elif kind == "generation":
+            usage = data.get("usage") or {}
+            decision = _decision_from_output(data.get("output"))
+            if decision is None and generation_index < len(decisions):
+                decision = decisions[generation_index]
+            generation_index += 1
+            node = _node("generation", data.get("model") or "model", duration, error,
+                         input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
+                         decision=decision)
+        elif kind == "function":
+            node = _node("tool", data.get("name", "?"), duration, error,
+                         arguments=data.get("input"), result=data.get("output"))
+        elif kind == "handoff":
+            node = _node("handoff", f"{data.get('from_agent')} → {data.get('to_agent')}", duration, error,
+                         from_agent=data.get("from_agent"), to_agent=data.get("to_agent"))
+        elif kind == "custom":
+            node = _node("custom", data.get("name", "custom"), duration, error, data=data.get("data"))
+        elif kind == "guardrail":
+            node = _node("guardrail", data.get("name", "guardrail"), duration, error,
+                         triggered=data.get("triggered"))
+        else:
+            node = _node(kind or "span", data.get("name", kind or "span"), duration, error)
+        node["children"] = inner
+        return [node]
+
+    return [n for root in children.get(None, []) for n in build(root)]
+
+
+def tree_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The hook-event timeline as the same tree shape (no custom spans, no span timings)."""
+    roots: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for e in sorted(events, key=lambda e: e.get("seq", 0)):
+        kind = e.get("kind")
+        detail = e.get("detail") or {}
+        if kind == "agent_start":
+            current = _node("agent", e.get("agent") or "?")
+            roots.append(current)
+            continue
+        if current is None:
+            continue
+        error = (e.get("error") or {}).get("message") if e.get("error") else None
+        if kind == "llm_end":
+            usage = e.get("usage") or {}
+            current["children"].append(_node(
+                "generation", e.get("model") or "model", e.get("duration_ms"), error,
+                input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
+                decision=detail.get("decision"),
+            ))
+        elif kind == "tool_end":
+            current["children"].append(_node(
+                "tool", e.get("tool") or "?", e.get("duration_ms"), error,
+                arguments=detail.get("arguments"), result=detail.get("result"),
+            ))
+        elif kind == "handoff":
+            current["children"].append(_node(
+                "handoff", f"{detail.get('from_agent')} → {detail.get('to_agent')}", None, None,
+                from_agent=detail.get("from_agent"), to_agent=detail.get("to_agent"),
+            ))
+    return roots
+
+
+def _decisions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        (e.get("detail") or {}).get("decision") or {}
+        for e in sorted(events, key=lambda e: e.get("seq", 0))
+        if e.get("kind") == "llm_end"
+    ]
+
+
+async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = None) -> dict[str, Any] | None:
+    """Everything known about one turn: result, telemetry figures, and per attempt its tree."""
+    result = await TurnQueue(redis).get(turn_id)
+    if result is None:
+        return None
+    records = [json.loads(r) for r in await (trace_redis or redis).lrange(keys.trace(turn_id), 0, -1)]
+    batches = await redis.hgetall(keys.turn_events(turn_id))
+    by_attempt_events = {int(a): json.loads(b) for a, b in batches.items()}
+    by_attempt_trace = {int(r["trace"].get("attempt", 1)): r for r in records}
+    attempts = []
+    for attempt in sorted(set(by_attempt_events) | set(by_attempt_trace)):
+        events = by_attempt_events.get(attempt, [])
+        record = by_attempt_trace.get(attempt)
+        terminal = [e for e in events if e.get("kind") in ("turn_completed", "turn_failed", "attempt_failed")]
+        status = {"turn_completed": "completed", "turn_failed": "failed", "attempt_failed": "failed"}.get(
+            terminal[-1]["kind"] if terminal else "", record["trace"].get("status") if record else "unknown"
+        )
+        entry: dict[str, Any] = {"attempt": attempt, "status": status}
+        if record is not None:
+            entry.update(source="trace", kept_because=record["trace"].get("kept_because"),
+                         trace_id=record["trace"].get("id"),
+                         tree=tree_from_spans(record["spans"], _decisions(events)))
+        else:
+            entry.update(source="events", kept_because=None, trace_id=None, tree=tree_from_events(events))
+        if terminal and terminal[-1].get("error"):
+            entry["error"] = terminal[-1]["error"]
+        attempts.append(entry)
+    return {
+        "turn": result.model_dump(mode="json"),
+        "telemetry": await turn_stats(redis, turn_id),
+        "attempts": attempts,
+    }
+
+
+async def conversation_replay(
+    redis: Redis, conversation_id: str, trace_redis: Redis | None = None
+) -> dict[str, Any] | None:
+    turn_ids = await TurnQueue(redis).conversation_turn_ids(conversation_id)
+    if not turn_ids:
+        return None
+    turns = []
+    for tid in turn_ids:
+        replay = await turn_replay(redis, tid, trace_redis)
+        if replay is not None:
+            turns.append(replay)
+    return {
+        "conversation_id": conversation_id,
+        "turns": turns,
+        "totals": await conversation_stats(redis, conversation_id),
+    }

@@ -1,0 +1,398 @@
+"""OtlpSink against a real OTLP/HTTP receiver, with records made by real SDK runs.
+
+The receiver is an HTTP server on a free local port that decodes ``ExportTraceServiceRequest``
+protobufs, as a collector (or Langfuse, Phoenix, Jaeger) would; tests wait on its condition,
+never on a sleep.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from agents import RunConfig, Runner, trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from turnfleet.settings import WorkerProcessSettings
+from workers.context import TurnContext
+from workers.model import OfflineModel
+from workers.otlp import OTLP_EXTRA_MISSING, OtlpSink, otel_span_id, otel_trace_id
+from workers.support_desk import build_support_desk
+
+STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+
+
+def _value(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    if which == "array_value":
+        return [_value(item) for item in value.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, which) if which else None
+
+
+class Receiver:
+    """A minimal OTLP/HTTP traces receiver: POST /v1/traces, protobuf in, protobuf out."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.requests: list[dict[str, str]] = []  # headers of each request
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/traces":
+                    self.send_error(404)
+                    return
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                receiver.store(request, dict(self.headers))
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def store(self, request: ExportTraceServiceRequest, headers: dict[str, str]) -> None:
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append(
+                        {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex(),
+                            "kind": span.kind,
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                            "status": span.status.code,
+                            "status_message": span.status.message,
+                            "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
+                            "resource": resource,
+                            "scope": scope_spans.scope.name,
+                        }
+                    )
+        with self.arrived:
+            self.spans.extend(spans)
+            self.requests.append({k.lower(): v for k, v in headers.items()})
+            self.arrived.notify_all()
+
+    def wait_for_spans(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.spans) >= count, timeout), (
+                f"{len(self.spans)} of {count} spans arrived"
+            )
+            return list(self.spans)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as running:
+        yield running
+
+
+@pytest.fixture
+def sink(receiver: Receiver) -> Iterator[OtlpSink]:
+    made = OtlpSink(receiver.endpoint, {"Authorization": "Bearer test-key"}, service_name="tf-test")
+    try:
+        yield made
+    finally:
+        made.shutdown()
+
+
+async def refund_record(redis: Any, collector: Any) -> dict[str, Any]:
+    """The trace store's record for one real Support Desk turn (refund: handoff + two tools)."""
+    started = datetime.now(timezone.utc).isoformat()
+    context = TurnContext(
+        turn_id="t-1", conversation_id="conv-1", customer_id="C-100", attempt=1, redis=redis
+    )
+    with trace("Support Desk", group_id="conv-1"):
+        await Runner.run(
+            build_support_desk(OfflineModel()).starting_agent(None),
+            "I want a refund for order 1042",
+            context=context,
+            run_config=RunConfig(workflow_name="Support Desk", group_id="conv-1"),
+        )
+    ended = datetime.now(timezone.utc).isoformat()
+    (exported,) = collector.traces
+    return {
+        "trace": {
+            **exported,
+            "turn_id": "t-1",
+            "attempt": 1,
+            "conversation_id": "conv-1",
+            "customer_id": "C-100",
+            "status": "completed",
+            "kept_because": "sampled",
+            "started_at": started,
+            "ended_at": ended,
+        },
+        "spans": [span.export() for span in collector.spans],
+    }
+
+
+def send(sink: OtlpSink, receiver: Receiver, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Export one record and return what the receiver got: its spans plus the turn's root."""
+    sink.export(record)
+    assert sink.force_flush(5) is True
+    return receiver.wait_for_spans(len(record["spans"]) + 1)
+
+
+def by_sdk_id(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Received spans by the SDK span id they came from (the root has none)."""
+    return {
+        s["attributes"]["turnfleet.sdk_span_id"]: s
+        for s in spans
+        if "turnfleet.sdk_span_id" in s["attributes"]
+    }
+
+
+def ancestors(span: dict[str, Any], spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    index = {s["span_id"]: s for s in spans}
+    chain = []
+    while span["parent_span_id"]:
+        span = index[span["parent_span_id"]]
+        chain.append(span)
+    return chain
+
+
+async def test_a_turn_arrives_as_one_otel_trace_with_its_tree_intact(
+    redis, collector, receiver: Receiver, sink: OtlpSink
+) -> None:
+    record = await refund_record(redis, collector)
+    sdk_spans = record["spans"]
+
+    spans = send(sink, receiver, record)
+    assert len(spans) == len(sdk_spans) + 1
+
+    # One trace, whose id is the SDK trace id's hex digits; every span's parent is in it.
+    trace_hex = record["trace"]["id"].removeprefix("trace_")
+    assert {s["trace_id"] for s in spans} == {trace_hex}
+    assert f"{otel_trace_id(record['trace']['id']):032x}" == trace_hex
+    ids = {s["span_id"] for s in spans}
+    (root,) = [s for s in spans if not s["parent_span_id"]]
+    assert all(s["parent_span_id"] in ids for s in spans if s is not root)
+    assert root["name"] == "Support Desk turn"
+    assert root["attributes"]["gen_ai.operation.name"] == "invoke_workflow"
+    assert root["start"] <= min(s["start"] for s in spans) and root["end"] >= max(s["end"] for s in spans)
+
+    # Every SDK span arrived, under the OTel id derived from its SDK id, with its SDK parent.
+    received = by_sdk_id(spans)
+    assert set(received) == {s["id"] for s in sdk_spans}
+    for sdk in sdk_spans:
+        otel = received[sdk["id"]]
+        assert otel["span_id"] == f"{otel_span_id(sdk['id']):016x}"
+        expected_parent = (
+            f"{otel_span_id(sdk['parent_id']):016x}" if sdk["parent_id"] else root["span_id"]
+        )
+        assert otel["parent_span_id"] == expected_parent
+
+    # Billing's model calls and tool calls sit under the Billing agent span.
+    (billing,) = [s for s in spans if s["name"] == "invoke_agent Billing"]
+    assert billing["attributes"]["gen_ai.agent.name"] == "Billing"
+    generations = [s for s in spans if s["attributes"].get("gen_ai.operation.name") == "chat"]
+    tools = [s for s in spans if s["attributes"].get("gen_ai.operation.name") == "execute_tool"]
+    assert len(generations) == 4 and [t["name"] for t in tools] == [
+        "execute_tool check_refund_eligibility",
+        "execute_tool process_refund",
+    ]
+    billing_calls = [g for g in generations if billing in ancestors(g, spans)]
+    assert len(billing_calls) == 3
+    assert all(billing in ancestors(t, spans) for t in tools)
+    (handoff,) = [s for s in spans if s["attributes"].get("gen_ai.operation.name") == "handoff"]
+    assert handoff["name"] == "handoff Triage → Billing"
+
+    # Model calls carry the SDK span's usage and model; nothing else carries usage.
+    for sdk in sdk_spans:
+        data = sdk["span_data"]
+        attrs = received[sdk["id"]]["attributes"]
+        if data["type"] == "generation":
+            assert received[sdk["id"]]["name"] == "chat turnfleet-offline"
+            assert attrs["gen_ai.usage.input_tokens"] == data["usage"]["input_tokens"]
+            assert attrs["gen_ai.usage.output_tokens"] == data["usage"]["output_tokens"]
+            assert attrs["gen_ai.request.model"] == attrs["gen_ai.response.model"] == "turnfleet-offline"
+            assert attrs["gen_ai.system"] == "openai"
+            assert attrs["gen_ai.input.messages"].startswith("[")  # sensitive data was included
+        else:
+            assert "gen_ai.usage.input_tokens" not in attrs
+    assert sum(g["attributes"]["gen_ai.usage.input_tokens"] for g in generations) == sum(
+        s["span_data"]["usage"]["input_tokens"] for s in sdk_spans if s["span_data"]["type"] == "generation"
+    )
+
+    # The refund tool call is readable: name, arguments, result.
+    (refund,) = [t for t in tools if t["attributes"]["gen_ai.tool.name"] == "process_refund"]
+    assert refund["attributes"]["gen_ai.tool.call.arguments"] == '{"order_id":"1042","amount":"89.00"}'
+    assert '"refunded":true' in refund["attributes"]["gen_ai.tool.call.result"]
+
+    # The conversation, customer and turn are on every span; the resource names the service.
+    for span in spans:
+        attrs = span["attributes"]
+        assert attrs["session.id"] == attrs["gen_ai.conversation.id"] == "conv-1"
+        assert attrs["user.id"] == "C-100"
+        assert attrs["turnfleet.turn_id"] == "t-1" and attrs["turnfleet.attempt"] == 1
+        assert attrs["turnfleet.kept_because"] == "sampled"
+        assert span["resource"]["service.name"] == "tf-test"
+        assert span["status"] != STATUS_ERROR
+    assert receiver.requests[0]["authorization"] == "Bearer test-key"
+    assert receiver.requests[0]["content-type"] == "application/x-protobuf"
+    stats = sink.stats()
+    assert stats.records == 1 and stats.spans_exported == len(spans) and stats.spans_failed == 0
+
+
+async def test_failed_spans_and_turns_arrive_with_error_status(
+    redis, collector, receiver: Receiver, sink: OtlpSink
+) -> None:
+    record = copy.deepcopy(await refund_record(redis, collector))
+    record["trace"].update(status="failed", kept_because="failed")
+    (tool,) = [s for s in record["spans"] if s["span_data"].get("name") == "process_refund"]
+    tool["error"] = {"message": "Error running tool", "data": {"tool_name": "process_refund"}}
+
+    spans = send(sink, receiver, record)
+
+    failed = by_sdk_id(spans)[tool["id"]]
+    assert failed["status"] == STATUS_ERROR and failed["status_message"] == "Error running tool"
+    assert failed["attributes"]["turnfleet.error.data"] == '{"tool_name": "process_refund"}'
+    (root,) = [s for s in spans if not s["parent_span_id"]]
+    assert root["status"] == STATUS_ERROR and root["attributes"]["turnfleet.status"] == "failed"
+    others = [s for s in spans if s is not failed and s is not root]
+    assert all(s["status"] != STATUS_ERROR for s in others)
+    assert all(s["attributes"]["turnfleet.kept_because"] == "failed" for s in spans)
+
+
+async def test_without_sensitive_data_no_arguments_or_messages_are_exported(
+    redis, collector, receiver: Receiver, sink: OtlpSink
+) -> None:
+    record = copy.deepcopy(await refund_record(redis, collector))
+    for span in record["spans"]:
+        if span["span_data"]["type"] in ("function", "generation"):
+            span["span_data"].update(input=None, output=None)
+
+    spans = send(sink, receiver, record)
+
+    for span in spans:
+        attrs = span["attributes"]
+        for key in ("gen_ai.tool.call.arguments", "gen_ai.tool.call.result",
+                    "gen_ai.input.messages", "gen_ai.output.messages"):
+            assert key not in attrs
+    tools = [s for s in spans if s["attributes"].get("gen_ai.operation.name") == "execute_tool"]
+    assert {t["attributes"]["gen_ai.tool.name"] for t in tools} == {"check_refund_eligibility", "process_refund"}
+
+
+async def test_a_span_whose_parent_was_not_kept_hangs_under_the_turn(
+    redis, collector, receiver: Receiver, sink: OtlpSink
+) -> None:
+    record = copy.deepcopy(await refund_record(redis, collector))
+    (billing,) = [
+        s for s in record["spans"] if s["span_data"]["type"] == "agent" and s["span_data"]["name"] == "Billing"
+    ]
+    record["spans"].remove(billing)
+
+    spans = send(sink, receiver, record)
+
+    ids = {s["span_id"] for s in spans}
+    (root,) = [s for s in spans if not s["parent_span_id"]]
+    assert all(s["parent_span_id"] in ids for s in spans if s is not root)
+    orphans = [s for s in spans if s["attributes"].get("turnfleet.sdk_parent_id") == billing["id"]]
+    assert orphans and all(s["parent_span_id"] == root["span_id"] for s in orphans)
+
+
+def _refused_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1/traces"
+
+
+def minimal_record() -> dict[str, Any]:
+    """A kept record with no SDK spans (tracing data excluded): only the turn's root is sent."""
+    return {
+        "trace": {
+            "id": "trace_0123456789abcdef0123456789abcdef",
+            "workflow_name": "Support Desk",
+            "group_id": "conv-9",
+            "metadata": None,
+            "turn_id": "t-9",
+            "attempt": 2,
+            "customer_id": "C-9",
+            "status": "completed",
+            "kept_because": "slow",
+            "started_at": "2025-06-15T10:00:00+00:00",
+            "ended_at": "2025-06-15T10:00:01.5+00:00",
+        },
+        "spans": [],
+    }
+
+
+def test_an_unreachable_collector_never_raises_into_the_worker() -> None:
+    record = minimal_record()
+    sink = OtlpSink(_refused_endpoint(), timeout_s=0.5)
+    try:
+        sink.export(record)
+        assert sink.force_flush(5) is False
+        stats = sink.stats()
+        assert stats.spans_queued == 1 and stats.spans_failed == 1 and stats.spans_exported == 0
+        sink.export({"trace": {"id": "trace_x"}, "spans": [{"id": "span_1"}]})  # malformed: dropped
+        assert sink.stats().records_dropped == 1
+    finally:
+        sink.shutdown()
+    sink.export(record)  # after shutdown: ignored, not raised
+    assert sink.force_flush(1) is False
+
+
+def test_the_worker_settings_make_the_sink(receiver: Receiver) -> None:
+    assert OtlpSink.from_settings(WorkerProcessSettings(otlp_endpoint=None)) is None
+    settings = WorkerProcessSettings(
+        otlp_endpoint=receiver.endpoint, otlp_headers={"x-api-key": "k"}, worker_name="host-a:1"
+    )
+    with OtlpSink.from_settings(settings) as sink:
+        (root,) = send(sink, receiver, minimal_record())
+    assert root["name"] == "Support Desk turn" and root["end"] - root["start"] == 1_500_000_000
+    assert root["resource"]["service.name"] == "turnfleet-worker"
+    assert root["resource"]["service.instance.id"] == "host-a:1"
+    assert root["attributes"]["session.id"] == "conv-9" and root["attributes"]["turnfleet.attempt"] == 2
+    assert receiver.requests[0]["x-api-key"] == "k"
+
+
+def test_a_missing_otlp_extra_says_how_to_install_it(monkeypatch) -> None:
+    import workers.otlp as otlp
+
+    monkeypatch.setattr(otlp, "_otel", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    with pytest.raises(ImportError, match=r"pip install 'turnfleet\[otlp\]'") as raised:
+        OtlpSink("http://127.0.0.1:4318/v1/traces")
+    assert str(raised.value) == OTLP_EXTRA_MISSING

@@ -1,0 +1,182 @@
+"""The trace store: our ``TracingProcessor``, sampling, and the one write per kept turn.
+
+The processor only buffers: span callbacks run inside the agent run and must not wait on
+Redis. When a turn attempt ends, the job takes the attempt's trace from the buffer, decides
+whether to keep it (``TraceSampler``), redacts it, and writes it in one command to
+``keys.trace(turn_id)`` with the retention setting; the same record goes to the OTLP sink if
+one is configured. Spans that cannot be kept — the buffer was full, or the write failed
+because Redis was unreachable — are counted and reported in the turn's telemetry
+(``spans_dropped``), never silently lost.
+
+Sampling is per conversation (a stable hash of its id against the rate), so a sampled
+conversation is complete. Failed attempts and turns slower than the threshold are kept
+whatever the rate: the decision is made at trace end. Aggregates never depend on it: they
+come from the hook events of every turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from agents.tracing import Span, Trace, TracingProcessor
+from redis.asyncio import Redis
+
+from turnfleet import keys
+from turnfleet.redaction import Redactor
+
+log = structlog.get_logger(__name__)
+
+
+def conversation_fraction(conversation_id: str) -> float:
+    """A stable number in [0, 1) for a conversation: the same on every worker and run."""
+    digest = hashlib.sha256(conversation_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class TraceSampler:
+    rate: float = 1.0
+    keep_slower_than_ms: float | None = None
+
+    def sampled(self, conversation_id: str) -> bool:
+        return self.rate >= 1.0 or conversation_fraction(conversation_id) < self.rate
+
+    def keep_reason(self, conversation_id: str, *, failed: bool, duration_ms: float) -> str | None:
+        """Why this attempt's spans are kept ('failed', 'slow', 'sampled'), or None."""
+        if failed:
+            return "failed"
+        if self.keep_slower_than_ms is not None and duration_ms > self.keep_slower_than_ms:
+            return "slow"
+        if self.sampled(conversation_id):
+            return "sampled"
+        return None
+
+
+@dataclass
+class _Buffered:
+    trace: dict[str, Any] | None = None
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    dropped: int = 0
+
+
+class TraceBuffer(TracingProcessor):
+    """Holds each trace's exported spans in memory until the job takes them.
+
+    At most ``max_spans`` spans are held by the process; beyond that new spans are dropped
+    and counted against their trace.
+    """
+
+    def __init__(self, max_spans: int = 20_000) -> None:
+        self.max_spans = max_spans
+        self._traces: dict[str, _Buffered] = {}
+        self._held = 0
+        self._lock = threading.Lock()  # the SDK may call processors from other threads
+
+    def on_trace_start(self, trace: Trace) -> None:
+        with self._lock:
+            self._traces.setdefault(trace.trace_id, _Buffered())
+
+    def on_trace_end(self, trace: Trace) -> None:
+        exported = trace.export()
+        with self._lock:
+            self._traces.setdefault(trace.trace_id, _Buffered()).trace = exported
+
+    def on_span_start(self, span: Span[Any]) -> None:
+        pass
+
+    def on_span_end(self, span: Span[Any]) -> None:
+        exported = span.export()
+        if exported is None:
+            return
+        with self._lock:
+            buffered = self._traces.setdefault(span.trace_id, _Buffered())
+            if self._held >= self.max_spans:
+                buffered.dropped += 1
+                return
+            buffered.spans.append(exported)
+            self._held += 1
+
+    def take(self, trace_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
+        """Remove and return (trace, spans, dropped) of one trace."""
+        with self._lock:
+            buffered = self._traces.pop(trace_id, None)
+            if buffered is None:
+                return None, [], 0
+            self._held -= len(buffered.spans)
+            return buffered.trace, buffered.spans, buffered.dropped
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._traces.clear()
+            self._held = 0
+
+    def force_flush(self) -> None:
+        """Nothing waits in the background: the job writes each turn's trace itself."""
+
+
+def redact_record(record: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
+    """Redact span data; tool inputs/outputs are JSON in strings, redacted as JSON."""
+    spans = []
+    for span in record["spans"]:
+        data = dict(span.get("span_data") or {})
+        if data.get("type") == "function":
+            for key in ("input", "output"):
+                if isinstance(data.get(key), str):
+                    data[key] = redactor.json_text(data[key])
+        spans.append({**span, "span_data": data})
+    return redactor.value({"trace": record["trace"], "spans": spans})
+
+
+class TraceStore:
+    """Writes kept trace records to Redis (and the OTLP sink); counts what it cannot keep."""
+
+    def __init__(
+        self,
+        buffer: TraceBuffer,
+        redis: Redis,
+        sampler: TraceSampler,
+        redactor: Redactor,
+        retention_s: int,
+        sink: Any = None,
+    ) -> None:
+        self.buffer = buffer
+        self.redis = redis
+        self.sampler = sampler
+        self.redactor = redactor
+        self.retention_s = retention_s
+        self.sink = sink
+
+    async def finish_attempt(
+        self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float
+    ) -> tuple[str | None, int]:
+        """Keep or discard one attempt's trace. Returns (why kept or None, spans dropped)."""
+        if not trace_id:
+            return None, 0
+        trace, spans, dropped = self.buffer.take(trace_id)
+        if trace is None:
+            return None, dropped
+        reason = self.sampler.keep_reason(turn["conversation_id"], failed=failed, duration_ms=duration_ms)
+        if reason is None:
+            return None, dropped
+        record = redact_record(
+            {"trace": {**trace, **turn, "kept_because": reason}, "spans": spans}, self.redactor
+        )
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(keys.trace(turn["turn_id"]), json.dumps(record, default=str))
+                pipe.expire(keys.trace(turn["turn_id"]), self.retention_s)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the turn goes on; the loss is counted
+            log.warning("trace.dropped", turn_id=turn["turn_id"], spans=len(spans), error=str(exc))
+            return None, dropped + len(spans)
+        if self.sink is not None:
+            try:
+                self.sink.export(record)
+            except Exception as exc:  # noqa: BLE001 - an exporter must not fail a turn
+                log.warning("trace.otlp_export_failed", turn_id=turn["turn_id"], error=str(exc))
+        return reason, dropped
