@@ -129,3 +129,34 @@ async def test_alerts_follow_prints_each_new_alert_as_a_json_line(fleet_env, red
     finally:
         follower.kill()
         follower.wait()
+
+
+async def test_alerts_follow_resumes_where_the_named_follower_left_off(fleet_env, redis, tmp_path):
+    from turnfleet.models import Alert
+
+    async def fire(n: int) -> None:
+        alert = Alert(alert_id=f"al-{n}", rule="turn_failed", subject_kind="turn", subject=f"t-{n}",
+                      window="once", message=f"turn t-{n} failed")
+        await redis.xadd(keys.ALERTS_STREAM, {"alert": alert.model_dump_json()})
+
+    def follow(count: int) -> list[str]:
+        """Read ``count`` alerts, then Ctrl-C the follower as a person would."""
+        import signal
+
+        proc = subprocess.Popen([*CLI, "alerts", "--follow", "--json", "--cursor", "ops"], env=fleet_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            seen = [json.loads(proc.stdout.readline())["alert_id"] for _ in range(count)]
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            return seen
+        finally:
+            proc.kill()
+
+    await fire(1)
+    await fire(2)
+    assert follow(2) == ["al-1", "al-2"]
+    await fire(3)
+    assert follow(1) == ["al-3"]  # resumed after al-2, not from the start
+    await fire(4)
+    assert follow(1) == ["al-4"]

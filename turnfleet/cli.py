@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -276,15 +277,24 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
         else:
             last = "0-0"
         cursor.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            batch = await read_alerts(redis, after_id=last, count=100, block_ms=5000)
-            for alert_id, alert in batch:
-                last = alert_id
-                if args.json:
-                    print(json.dumps({"id": alert_id, **alert.model_dump(mode="json")}), flush=True)
-                else:
-                    console().print(render_alert(alert_id, alert))
-                cursor.write_text(last)
+        # Ctrl-C / SIGTERM end the loop between reads (a cancelled blocking read can be
+        # swallowed by the client), so the cursor is always written on the way out.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            while not stop.is_set():
+                batch = await read_alerts(redis, after_id=last, count=100, block_ms=500)
+                for alert_id, alert in batch:
+                    if args.json:
+                        print(json.dumps({"id": alert_id, **alert.model_dump(mode="json")}), flush=True)
+                    else:
+                        console().print(render_alert(alert_id, alert))
+                    last = alert_id  # shown: a follower killed now shows it again (at least once)
+                    cursor.write_text(last)
+        finally:
+            cursor.write_text(last)  # Ctrl-C: resume exactly after the last alert shown
     finally:
         await redis.aclose()
 

@@ -1,0 +1,395 @@
+"""Redaction of telemetry: every detector, the things it must leave alone, structures, logs."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import OrderedDict
+
+import pytest
+import structlog
+
+import turnfleet.redaction as redaction
+from turnfleet.redaction import Redactor, default_redactor
+from turnfleet.settings import CommonSettings
+
+R = Redactor()
+
+# Secret-shaped samples are assembled from parts so that no scanner mistakes this file for a
+# leak.
+OPENAI_KEY = "sk-" + "proj-" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z" + "_-9x"
+OPENAI_LEGACY = "sk-" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8s9T0u1V2w3X4"
+STRIPE = [p + "_live_" + "51HqLyjWDarjtT1zdp7dc" for p in ("sk", "pk", "rk")]
+STRIPE_TEST = "sk" + "_test_" + "4eC39HqLyjWDarjtT1zdp7dc"
+GITHUB = [p + "_" + "16C7e42F292c6912E7710c838347Ae178B4a" for p in ("ghp", "gho", "ghs")]
+GITHUB_PAT = "github_pat_" + "11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJ"
+SLACK = ["xox" + k + "-" + "123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx" for k in "bp"]
+AWS = "AKIA" + "IOSFODNN7EXAMPLE"
+GOOGLE = "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY"
+JWT = (
+    "eyJ" + "hbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+    + ".eyJ" + "zdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIn0"
+    + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
+
+POSITIVES: list[tuple[str, str]] = [
+    # cards (Luhn-valid test numbers of each network)
+    ("card 4111111111111111 on file", "card [REDACTED:card] on file"),
+    ("card 4111 1111 1111 1111 on file", "card [REDACTED:card] on file"),
+    ("card 4111-1111-1111-1111.", "card [REDACTED:card]."),
+    ('{"card": "5555555555554444"}', '{"card": "[REDACTED:card]"}'),
+    ("mc 5555 5555 5555 4444", "mc [REDACTED:card]"),
+    ("amex 378282246310005", "amex [REDACTED:card]"),
+    ("amex 3782 822463 10005", "amex [REDACTED:card]"),
+    ("discover 6011111111111117", "discover [REDACTED:card]"),
+    ("discover 6011 0009 9013 9424", "discover [REDACTED:card]"),
+    ("diners 30569309025904", "diners [REDACTED:card]"),
+    ("jcb 3530111333300000", "jcb [REDACTED:card]"),
+    ("visa13 4222222222222", "visa13 [REDACTED:card]"),
+    ("19 digits 4111 1111 1111 1111 003", "19 digits [REDACTED:card]"),
+    ("card 4111 1111 1111 1111 123 items", "card [REDACTED:card] 123 items"),
+    ("(4111111111111111)", "([REDACTED:card])"),
+    # emails
+    ("mail jane.doe@example.com now", "mail [REDACTED:email] now"),
+    ("<bob+tag@mail.example.co.uk>.", "<[REDACTED:email]>."),
+    ("x_y-z.9@sub-domain.example.io", "[REDACTED:email]"),
+    ("customer C-100 (dana.w@example.org) wrote", "customer C-100 ([REDACTED:email]) wrote"),
+    # phones
+    ("call +14155552671", "call [REDACTED:phone]"),
+    ("call +44 20 7946 0958 today", "call [REDACTED:phone] today"),
+    ("call +44 (0)20 7946 0958", "call [REDACTED:phone]"),
+    ("call (415) 555-2671.", "call [REDACTED:phone]."),
+    ("call 415-555-2671", "call [REDACTED:phone]"),
+    ("call 415.555.2671", "call [REDACTED:phone]"),
+    ("call 415 555 2671", "call [REDACTED:phone]"),
+    ("call +1 (415) 555-2671", "call [REDACTED:phone]"),
+    ("call +1 415-555-2671", "call [REDACTED:phone]"),
+    ("call 1-800-555-1212", "call [REDACTED:phone]"),
+    ('{"phone":"+33612345678"}', '{"phone":"[REDACTED:phone]"}'),
+    # provider keys
+    (f"key {OPENAI_KEY} set", "key [REDACTED:secret] set"),
+    (f"OPENAI_API_KEY {OPENAI_LEGACY}", "OPENAI_API_KEY [REDACTED:secret]"),
+    *[(f"stripe {k}", "stripe [REDACTED:secret]") for k in STRIPE],
+    (f"stripe {STRIPE_TEST}", "stripe [REDACTED:secret]"),
+    *[(f"gh {k}", "gh [REDACTED:secret]") for k in GITHUB],
+    (f"gh {GITHUB_PAT}", "gh [REDACTED:secret]"),
+    *[(f"slack {k}", "slack [REDACTED:secret]") for k in SLACK],
+    (f"aws {AWS}", "aws [REDACTED:secret]"),
+    (f"google {GOOGLE}", "google [REDACTED:secret]"),
+    (f"jwt {JWT}", "jwt [REDACTED:secret]"),
+    # Bearer keeps the word
+    ("Authorization: Bearer abc123.def456", "Authorization: Bearer [REDACTED:secret]"),
+    (f"authorization: bearer {JWT}", "authorization: bearer [REDACTED:secret]"),
+    (f"Bearer {OPENAI_KEY}", "Bearer [REDACTED:secret]"),
+    # key=value keeps the key
+    ("api_key=abc123 next", "api_key=[REDACTED:secret] next"),
+    ("apikey: abc123", "apikey: [REDACTED:secret]"),
+    ("x-api-key: zzz", "x-api-key: [REDACTED:secret]"),
+    ("API-KEY=Q1", "API-KEY=[REDACTED:secret]"),
+    ("secret=shh", "secret=[REDACTED:secret]"),
+    ("client_secret=xyz&grant=1", "client_secret=[REDACTED:secret]&grant=1"),
+    ("token: t0k3n", "token: [REDACTED:secret]"),
+    ("?access_token=abc&x=1", "?access_token=[REDACTED:secret]&x=1"),
+    ("password=hunter2", "password=[REDACTED:secret]"),
+    ("passwd: hunter2", "passwd: [REDACTED:secret]"),
+    ("pwd='p a s s'", "pwd='[REDACTED:secret]'"),
+    ("DB_PASSWORD=x", "DB_PASSWORD=[REDACTED:secret]"),
+    (
+        '{"password": "hunter 2", "user": "dana"}',
+        '{"password": "[REDACTED:secret]", "user": "dana"}',
+    ),
+    (f"api_key={OPENAI_KEY}", "api_key=[REDACTED:secret]"),
+]
+
+NEGATIVES = [
+    "order 1042",
+    "Your refund of 89.00 USD for order 1042 is on its way; 229.00 was charged.",
+    "placed on 2025-06-15, delivered 2025-06-17",
+    "at 2026-11-25T00:35:59.450529Z",
+    "at 2025-06-15T12:00:00+00:00",
+    "took 12.5 ms (1500ms, PT15M, 0:00:01.234)",
+    "uuid 123e4567-e89b-12d3-a456-426614174000",
+    "uuid 12345678-1234-1234-1234-123456789012",
+    "turn t_9ab8911835f24b47b141499fd6db1bda",
+    "turn t_4111111111111111abcdefabcdefabcd",
+    "trace trace_0123abcd0123abcd0123abcd0123abcd span span_0123abcd0123abcd",
+    "trace_4111111111111111aaaaaaaaaaaaaaaa",
+    "entry 1732500000000-0 and 1732500000000-12",
+    "epoch ms 1795566343882, ns 1732500000000000000",
+    "versions v1.2.3, 3.11.4, openai-agents 0.24.0, 2025.6.15",
+    "ip 192.168.100.200",
+    "refund RF-0A1B2C3D4E, ticket ESC-9F8E7D6C",
+    "input_tokens=120 output_tokens=30 cached_tokens=0 reasoning_tokens=0 total_tokens=150",
+    '{"max_tokens": 4096, "tokens": 12, "input_tokens": 3}',
+    "Bearer authentication is required",
+    "support-desk task-force risk-free, the monkey=1 and mytoken=2 and sort_key=3",
+    "amount $1,234.56 and +89.00 and -12.5",
+    "4111111111111112",
+    "4111 1111 1111 1112",
+    "1234567890123456",
+    "short +1234 5678",
+    "[REDACTED:card] [REDACTED:email] [REDACTED:secret]",
+    "",
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), POSITIVES)
+def test_detector_replaces_secret_with_its_kind(text: str, expected: str) -> None:
+    assert R.text(text) == expected
+
+
+@pytest.mark.parametrize("text", NEGATIVES)
+def test_harmless_text_is_left_exactly_as_it_was(text: str) -> None:
+    assert R.text(text) == text
+
+
+def test_luhn_invalid_sixteen_digits_are_not_a_card() -> None:
+    assert R.text("ref 4111111111111112 and 5555 5555 5555 4445") == (
+        "ref 4111111111111112 and 5555 5555 5555 4445"
+    )
+    assert R.text("ref 4111111111111111") == "ref [REDACTED:card]"
+
+
+def test_redacting_twice_is_redacting_once() -> None:
+    for text, _ in POSITIVES:
+        once = R.text(text)
+        assert R.text(once) == once, text
+    everything = " | ".join(text for text, _ in POSITIVES)
+    once = R.text(everything)
+    assert R.text(once) == once
+    user = Redactor(patterns=[r"\w+"])
+    once = user.text("card 4111111111111111 ok")
+    assert once == "[REDACTED:custom] [REDACTED:card] [REDACTED:custom]"
+    assert user.text(once) == once
+
+
+def _ungated(s: str) -> str:
+    """Every built-in pattern, in the module's order, without gates or windows."""
+    for pattern in (
+        redaction._OPENAI,
+        redaction._SLACK,
+        redaction._STRIPE,
+        redaction._GITHUB,
+        redaction._AWS_GOOGLE,
+        redaction._JWT,
+    ):
+        s = pattern.sub(redaction._SECRET_MARK, s)
+    s = redaction._BEARER.sub(redaction._bearer, s)
+    s = redaction._KEY_VALUE_COLON.sub(redaction._key_value, s)
+    s = redaction._KEY_VALUE_EQUALS.sub(redaction._key_value, s)
+    s = redaction._emails(s)
+    s = redaction._CARD.sub(redaction._card, s)
+    s = redaction._PHONE_INTL.sub(redaction._phone_intl, s)
+    return redaction._PHONE_NANP.sub(redaction._PHONE_MARK, s)
+
+
+def test_gates_never_change_what_is_found() -> None:
+    samples = [text for text, _ in POSITIVES] + NEGATIVES
+    corpus = list(samples)
+    for i, a in enumerate(samples):
+        b = samples[(i * 7 + 3) % len(samples)]
+        corpus += [f"{a} {b}", f"{b}\n{a}", f"é {a} ü {b}", f"1795566343882 {a} {b}"]
+    for text in corpus:
+        assert R.text(text) == _ungated(text), text
+
+
+def test_non_ascii_text_is_scanned_from_the_start() -> None:
+    text = "Grüße — Karte 4111 1111 1111 1111, Telefon (415) 555-2671, +49 30 123456789"
+    assert R.text(text) == (
+        "Grüße — Karte [REDACTED:card], Telefon [REDACTED:phone], [REDACTED:phone]"
+    )
+
+
+def test_a_late_gate_hit_does_not_hide_an_earlier_match() -> None:
+    # The card gate first fires at the card; the phone's gate must line up after the card
+    # pass shortened the text.
+    text = "4111-1111-1111-1111-003 then 415-555-2671 then 1795566343882"
+    assert R.text(text) == "[REDACTED:card] then [REDACTED:phone] then 1795566343882"
+
+
+def test_value_redacts_deeply_and_whole_sensitive_fields() -> None:
+    event = {
+        "kind": "tool_end",
+        "turn_id": "t_9ab8911835f24b47b141499fd6db1bda",
+        "usage": {
+            "input_tokens": 120,
+            "output_tokens": 30,
+            "cached_tokens": 0,
+            "reasoning_tokens": 0,
+            "total_tokens": 150,
+            "max_tokens": 4096,
+            "tokens": 7,
+        },
+        "detail": {
+            "arguments": {"card": "4111 1111 1111 1111", "email": "jane@example.com"},
+            "headers": [
+                ("Authorization", "Bearer abc123.def456"),
+                {"Set-Cookie": "sid=1", "API-Key": "k", "x-request-id": "r-1"},
+            ],
+            "Password": {"nested": "anything"},
+            "access_token": None,
+            "token": "abc",
+            "auth": ["a", "b"],
+            "cvv": 123,
+            "SSN": "078-05-1120",
+            "card_number": "4111111111111111",
+            "duration_ms": 12.5,
+            "ok": True,
+        },
+    }
+    original = json.loads(json.dumps(event))
+    out = R.value(event)
+    assert out == {
+        "kind": "tool_end",
+        "turn_id": "t_9ab8911835f24b47b141499fd6db1bda",
+        "usage": {
+            "input_tokens": 120,
+            "output_tokens": 30,
+            "cached_tokens": 0,
+            "reasoning_tokens": 0,
+            "total_tokens": 150,
+            "max_tokens": 4096,
+            "tokens": 7,
+        },
+        "detail": {
+            "arguments": {"card": "[REDACTED:card]", "email": "[REDACTED:email]"},
+            "headers": [
+                ("Authorization", "Bearer [REDACTED:secret]"),
+                {
+                    "Set-Cookie": "[REDACTED:field]",
+                    "API-Key": "[REDACTED:field]",
+                    "x-request-id": "r-1",
+                },
+            ],
+            "Password": "[REDACTED:field]",
+            "access_token": "[REDACTED:field]",
+            "token": "[REDACTED:field]",
+            "auth": "[REDACTED:field]",
+            "cvv": "[REDACTED:field]",
+            "SSN": "[REDACTED:field]",
+            "card_number": "[REDACTED:field]",
+            "duration_ms": 12.5,
+            "ok": True,
+        },
+    }
+    assert json.loads(json.dumps(event)) == original  # the argument is untouched
+    assert isinstance(out["detail"]["headers"][0], tuple)
+
+
+def test_value_keeps_numbers_and_redacts_other_objects_only_when_needed() -> None:
+    class Thing:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def __str__(self) -> str:
+            return self.text
+
+    clean = Thing("nothing here")
+    assert R.value(clean) is clean
+    assert R.value(Thing("mail jane@example.com")) == "mail [REDACTED:email]"
+    assert R.value(4111111111111111) == 4111111111111111  # numbers are never scanned
+    assert R.value(OrderedDict(password="x", note="jane@example.com")) == {
+        "password": "[REDACTED:field]",
+        "note": "[REDACTED:email]",
+    }
+    assert R.value({"jane@example.com": 1, 5: "ok"}) == {"[REDACTED:email]": 1, 5: "ok"}
+    assert R.value(frozenset({"jane@example.com"})) == frozenset({"[REDACTED:email]"})
+
+
+def test_user_fields_match_whatever_the_case_and_separators() -> None:
+    redactor = Redactor(fields=["customer_email", "Home Address"])
+    assert redactor.value(
+        {"Customer-Email": "a", "home_address": "b", "HOME-ADDRESS": "c", "email": "d"}
+    ) == {
+        "Customer-Email": "[REDACTED:field]",
+        "home_address": "[REDACTED:field]",
+        "HOME-ADDRESS": "[REDACTED:field]",
+        "email": "d",
+    }
+    assert redactor.is_sensitive_field("CustomerEmail")
+    assert not redactor.is_sensitive_field("input_tokens")
+
+
+def test_json_text_redacts_a_json_document_and_dumps_it_compactly() -> None:
+    args = '{"card": "4111 1111 1111 1111", "order_id": "1042", "amount": 89.0}'
+    assert R.json_text(args) == '{"card":"[REDACTED:card]","order_id":"1042","amount":89.0}'
+    result = '[{"password": "x", "note": "call 415-555-2671"}, 2]'
+    assert R.json_text(result) == (
+        '[{"password":"[REDACTED:field]","note":"call [REDACTED:phone]"},2]'
+    )
+    assert R.json_text('{"name": "Zoë"}') == '{"name":"Zoë"}'
+
+
+def test_json_text_falls_back_to_text_when_not_a_json_document() -> None:
+    assert R.json_text("call 415-555-2671") == "call [REDACTED:phone]"
+    assert R.json_text('{"card": 4111 1111') == '{"card": 4111 1111'
+    assert R.json_text('{"broken": "jane@example.com"') == '{"broken": "[REDACTED:email]"'
+    assert R.json_text("89.00") == "89.00"
+    assert R.json_text('"jane@example.com"') == '"[REDACTED:email]"'
+    assert R.json_text("") == ""
+
+
+def test_user_pattern_with_one_named_group_names_the_kind() -> None:
+    redactor = Redactor(patterns=[r"(?P<employee_id>EMP-\d{6})", r"ORD-\d+", r"(?P<a>x)(?P<b>y)"])
+    assert redactor.text("EMP-123456 filed ORD-77 about xy") == (
+        "[REDACTED:employee_id] filed [REDACTED:custom] about [REDACTED:custom]"
+    )
+    # The whole match goes, not only the group.
+    assert Redactor(patterns=[r"emp=(?P<emp>\d+)"]).text("emp=42 ok") == "[REDACTED:emp] ok"
+
+
+def test_user_pattern_that_can_match_nothing_does_not_sprinkle_markers() -> None:
+    assert Redactor(patterns=[r"z*"]).text("abc zz") == "abc [REDACTED:custom]"
+
+
+def test_invalid_user_pattern_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"invalid redact pattern '\(\?P<x>unclosed'"):
+        Redactor(patterns=[r"ok", r"(?P<x>unclosed"])
+    with pytest.raises(TypeError):
+        Redactor(patterns="abc")  # type: ignore[arg-type]
+
+
+def test_from_settings_uses_redact_patterns_and_fields() -> None:
+    settings = CommonSettings(redact_patterns=[r"(?P<ticket>TCK-\d+)"], redact_fields=["note"])
+    redactor = Redactor.from_settings(settings)
+    assert redactor.value({"note": "x", "text": "see TCK-12"}) == {
+        "note": "[REDACTED:field]",
+        "text": "see [REDACTED:ticket]",
+    }
+    assert default_redactor() is default_redactor()
+
+
+def test_structlog_processor_redacts_what_a_real_logger_writes() -> None:
+    out = io.StringIO()
+    redactor = Redactor(patterns=[r"(?P<ticket>TCK-\d+)"])
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            redactor.structlog_processor(),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        log = structlog.get_logger("test")
+        log.info(
+            "refund for jane@example.com on TCK-9",
+            password="hunter2",
+            input_tokens=120,
+            detail={"card": "4111 1111 1111 1111", "Authorization": "Bearer abc123.def456"},
+            error="api_key=abc123 rejected",
+            turn_id="t_9ab8911835f24b47b141499fd6db1bda",
+        )
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(out.getvalue())
+    assert line == {
+        "event": "refund for [REDACTED:email] on [REDACTED:ticket]",
+        "password": "[REDACTED:field]",
+        "input_tokens": 120,
+        "detail": {"card": "[REDACTED:card]", "Authorization": "[REDACTED:field]"},
+        "error": "api_key=[REDACTED:secret] rejected",
+        "turn_id": "t_9ab8911835f24b47b141499fd6db1bda",
+        "level": "info",
+    }
