@@ -111,21 +111,23 @@ def _gate_view(s: str) -> str:
 
 
 _TOKEN = r"[A-Za-z0-9_\-]"
-_END = r"(?![\w\-])"
+_END = r"(?![\w\-\[])"
 # Not followed by a word character, nor by ".5" or "-0" (a decimal, a stream id's sequence).
-_NOT_BEFORE = r"(?![\w]|[.\-][0-9])"
+# "[" here and "]" in the look-behinds treat a marker like the word it replaced, so that a
+# second pass cannot find what the first rightly skipped (idempotence).
+_NOT_BEFORE = r"(?![\w\[]|[.\-][0-9])"
 
 # Provider keys, one pattern per family, each starting with its literal prefix.
-_OPENAI = re.compile(r"sk-(?<![\w\-]sk-)(?:proj-|svcacct-|admin-)?" + _TOKEN + r"{20,}+" + _END)
-_STRIPE = re.compile(r"(?<![\w\-])[spr]k_(?:live|test)_[0-9A-Za-z]{10,}+" + _END)
-_GITHUB = re.compile(r"g(?<![\w\-]g)(?:h[pousr]_[A-Za-z0-9]{20,}+|ithub_pat_\w{22,}+)" + _END)
+_OPENAI = re.compile(r"sk-(?<![\w\-\]]sk-)(?:proj-|svcacct-|admin-)?" + _TOKEN + r"{20,}+" + _END)
+_STRIPE = re.compile(r"(?<![\w\-\]])[spr]k_(?:live|test)_[0-9A-Za-z]{10,}+" + _END)
+_GITHUB = re.compile(r"g(?<![\w\-\]]g)(?:h[pousr]_[A-Za-z0-9]{20,}+|ithub_pat_\w{22,}+)" + _END)
 _GITHUB_GATE = re.compile(r"gh[pousr]_")
-_SLACK = re.compile(r"xox(?<![\w\-]xox)[abposr]-[A-Za-z0-9\-]{10,}+" + _END)
+_SLACK = re.compile(r"xox(?<![\w\-\]]xox)[abposr]-[A-Za-z0-9\-]{10,}+" + _END)
 _AWS_GOOGLE = re.compile(  # AWS access key ids, Google API keys
-    r"A(?<![\w\-]A)(?:[KS]IA[0-9A-Z]{16}|Iza[0-9A-Za-z_\-]{35})" + _END
+    r"A(?<![\w\-\]]A)(?:[KS]IA[0-9A-Z]{16}|Iza[0-9A-Za-z_\-]{35})" + _END
 )
 _JWT = re.compile(
-    r"eyJ(?<![\w\-]eyJ)" + _TOKEN + r"++\.eyJ" + _TOKEN + r"++\.[A-Za-z0-9_\-+/=]*+" + _END
+    r"eyJ(?<![\w\-\]]eyJ)" + _TOKEN + r"++\.eyJ" + _TOKEN + r"++\.[A-Za-z0-9_\-+/=]*+" + _END
 )
 
 # "Bearer <token>": the word stays, the token goes. Whether it looks like a token (a digit or
@@ -175,7 +177,7 @@ _EMAIL_LOCAL_SYMBOLS = frozenset("._%+-")
 # Cards: first digit 2–6 (the card networks; epoch timestamps start with 1), then the
 # character before it must not be a word character, ".", "+" or "-".
 _CARD = re.compile(
-    r"[2-6](?<![\w.+\-].)(?:"
+    r"[2-6](?<![\w.+\-\]].)(?:"
     r"[0-9]{12,18}+"  # contiguous
     r"|[0-9]{3}(?P<sep>[ \-])[0-9]{4}(?P=sep)[0-9]{4}(?P=sep)[0-9]{1,4}+"  # 4-4-4-4
     r"(?P<tail>(?P=sep)[0-9]{3})?"  # 4-4-4-4-3
@@ -187,14 +189,14 @@ _CARD_GATE = ("0000000000000", "0000 0000", "0000-0000")
 # "+" then digit groups split by single separators, with an optional "(area)"; at least 10
 # digits, counted in the replacement (which keeps the pattern free of ambiguous backtracking).
 _PHONE_INTL = re.compile(
-    r"\+(?<![\w+]\+)[0-9]++(?:[ .\-]?\([0-9]{1,4}+\)[ .\-]?[0-9]++)?(?:[ .\-][0-9]++)*+"
+    r"\+(?<![\w+\]]\+)[0-9]++(?:[ .\-]?\([0-9]{1,4}+\)[ .\-]?[0-9]++)?(?:[ .\-][0-9]++)*+"
     + _NOT_BEFORE
 )
 _PHONE_INTL_GATE = re.compile(r"\+0[0 .\-()]{9}")
 
 # North American: (415) 555-2671, 415-555-2671, 415.555.2671, 415 555 2671, optional "1 ".
 _PHONE_NANP = re.compile(
-    r"[0-9(](?<![\w.+\-].)(?:"
+    r"[0-9(](?<![\w.+\-\]].)(?:"
     r"(?<=1)[ .\-]?(?:\([0-9]{3}\)[ ]?[0-9]{3}[ .\-]|[0-9]{3}-[0-9]{3}-|[0-9]{3}\.[0-9]{3}\."
     r"|[0-9]{3} [0-9]{3} )"
     r"|(?<=\()[0-9]{3}\)[ ]?[0-9]{3}[ .\-]"
