@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from collections import OrderedDict
 
 import pytest
@@ -99,6 +100,10 @@ POSITIVES: list[tuple[str, str]] = [
         '{"password": "[REDACTED:secret]", "user": "dana"}',
     ),
     (f"api_key={OPENAI_KEY}", "api_key=[REDACTED:secret]"),
+    ("{'password': 'hunter2', 'user': 'x'}", "{'password': '[REDACTED:secret]', 'user': 'x'}"),
+    # URL credentials keep the user
+    ("redis://:s3cret@cache.internal:6379/0", "redis://:[REDACTED:secret]@cache.internal:6379/0"),
+    ("https://dana:pa55@db.example.com/x", "https://dana:[REDACTED:secret]@db.example.com/x"),
 ]
 
 NEGATIVES = [
@@ -124,6 +129,7 @@ NEGATIVES = [
     "Bearer authentication is required",
     "support-desk task-force risk-free, the monkey=1 and mytoken=2 and sort_key=3",
     "amount $1,234.56 and +89.00 and -12.5",
+    "see https://example.com/a@b and http://host:8080/path@x and redis://localhost:6379/0",
     "4111111111111112",
     "4111 1111 1111 1112",
     "1234567890123456",
@@ -159,8 +165,23 @@ def test_redacting_twice_is_redacting_once() -> None:
     assert R.text(once) == once
     user = Redactor(patterns=[r"\w+"])
     once = user.text("card 4111111111111111 ok")
-    assert once == "[REDACTED:custom] [REDACTED:card] [REDACTED:custom]"
+    assert once == "[REDACTED:custom] [REDACTED:custom] [REDACTED:custom]"
     assert user.text(once) == once
+    assert user.text("[REDACTED:card] ok") == "[REDACTED:card] [REDACTED:custom]"
+
+
+def test_random_mixtures_are_redacted_idempotently_and_as_without_gates() -> None:
+    rng = random.Random(20250615)
+    pieces = [text for text, _ in POSITIVES] + NEGATIVES
+    pieces += [" ", "-", ".", "_", "[", "]", "+", "(", ")", ":", "=", '"', "1", "4", "é"]
+    user = Redactor(patterns=[r"(?P<ticket>TCK-\d+)", r"\w{30,}"])
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        once = R.text(text)
+        assert once == _ungated(text), text
+        assert R.text(once) == once, text
+        once = user.text(text)
+        assert user.text(once) == once, text
 
 
 def _ungated(s: str) -> str:
@@ -177,6 +198,7 @@ def _ungated(s: str) -> str:
     s = redaction._BEARER.sub(redaction._bearer, s)
     s = redaction._KEY_VALUE_COLON.sub(redaction._key_value, s)
     s = redaction._KEY_VALUE_EQUALS.sub(redaction._key_value, s)
+    s = redaction._URL_CREDENTIALS.sub(redaction._url_credentials, s)
     s = redaction._emails(s)
     s = redaction._CARD.sub(redaction._card, s)
     s = redaction._PHONE_INTL.sub(redaction._phone_intl, s)
@@ -336,6 +358,13 @@ def test_user_pattern_with_one_named_group_names_the_kind() -> None:
     )
     # The whole match goes, not only the group.
     assert Redactor(patterns=[r"emp=(?P<emp>\d+)"]).text("emp=42 ok") == "[REDACTED:emp] ok"
+
+
+def test_user_patterns_see_the_raw_text_before_the_built_in_detectors() -> None:
+    redactor = Redactor(patterns=[r"(?P<account>ACCT \d{16})"])
+    assert redactor.text("ACCT 4111111111111111, card 4111111111111111") == (
+        "[REDACTED:account], card [REDACTED:card]"
+    )
 
 
 def test_user_pattern_that_can_match_nothing_does_not_sprinkle_markers() -> None:

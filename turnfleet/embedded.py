@@ -160,28 +160,28 @@ def redis_url_for(redis_url: str | None, state_dir: Path) -> Iterator[str]:
     state_dir.mkdir(parents=True, exist_ok=True)
     state_file = state_dir / "redis.json"
     server: RedisServer | None = None
-    with open(state_dir / "redis.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            state = json.loads(state_file.read_text())
-            if _pid_alive(state["pid"]) and _ping(state["port"]):
-                url = state["url"]
-            else:
-                raise ValueError("stale")
-        except (OSError, ValueError, KeyError):
-            server = RedisServer(state_dir / "redis")
-            server.start()
-            assert server.process is not None
-            url = server.url
-            state_file.write_text(
-                json.dumps({"pid": server.process.pid, "port": server.port, "url": url})
-            )
-            log.info("redis.embedded_started", url=url, data_dir=str(server.data_dir))
-    try:
+    try:  # one try from before the start: a Ctrl-C at any point still stops what was started
+        with open(state_dir / "redis.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = json.loads(state_file.read_text())
+                if _pid_alive(state["pid"]) and _ping(state["port"]):
+                    url = state["url"]
+                else:
+                    raise ValueError("stale")
+            except (OSError, ValueError, KeyError):
+                server = RedisServer(state_dir / "redis")
+                server.start()
+                assert server.process is not None
+                url = server.url
+                state_file.write_text(
+                    json.dumps({"pid": server.process.pid, "port": server.port, "url": url})
+                )
+                log.info("redis.embedded_started", url=url, data_dir=str(server.data_dir))
         yield url
     finally:
         if server is not None:
             with contextlib.suppress(OSError):
                 state_file.unlink()
             server.stop()
-            log.info("redis.embedded_stopped", url=url)
+            log.info("redis.embedded_stopped", url=server.url)

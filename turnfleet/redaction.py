@@ -19,16 +19,24 @@ A detected secret becomes ``[REDACTED:<kind>]``. Built-in kinds:
 ``secret``
     Provider keys with a recognisable prefix (OpenAI ``sk-``, Stripe ``sk_live_`` and
     friends, GitHub ``ghp_``/``github_pat_``, Slack ``xoxb-``, AWS ``AKIA``, Google ``AIza``),
-    JWTs, the token after ``Bearer``, and the value in ``api_key=…`` / ``password: …`` /
-    ``"secret": "…"`` shapes (the word ``Bearer`` and the key stay readable).
+    JWTs, the token after ``Bearer``, the value in ``api_key=…`` / ``password: …`` /
+    ``"secret": "…"`` shapes and the password in ``redis://user:password@host`` (the word
+    ``Bearer``, the key and the user stay readable).
 ``field``
     From :meth:`Redactor.value`: the whole value of a dict entry whose key is a sensitive
     field name.
 
-User patterns (``TURNFLEET_REDACT_PATTERNS``) are regexes; the whole match is replaced and
-the kind is the name of the pattern's named group if it has exactly one, else ``custom``.
+User patterns (``TURNFLEET_REDACT_PATTERNS``) are regexes, applied before the built-in
+detectors (so they see the raw text); the whole match is replaced and the kind is the name of
+the pattern's named group if it has exactly one, else ``custom``.
 
-A marker is never matched again, so redacting redacted output changes nothing.
+A marker is never matched again, and the detectors treat a marker like the word it replaced,
+so redacting redacted output changes nothing.
+
+Not caught, on purpose: bare 10-digit phone numbers (``4155552671``, indistinguishable from
+ids and amounts in cents), cards starting with 1, 7, 8 or 9 (no card network; epoch
+timestamps start with 1), numbers held as ints rather than text, secrets without a known
+prefix outside a ``key=value`` shape, and postal addresses or names.
 """
 
 from __future__ import annotations
@@ -153,10 +161,12 @@ def _key_value_pattern(sep: str) -> re.Pattern[str]:
         for key in _KV_KEYS
         for gap in _KV_GAPS
     )
+    ends = "(?i:ey|et|en|wd|rd)"  # the last two letters of every key
+    quick = "|".join(rf"(?<={ends}{gap}{sep})" for gap in _KV_GAPS)
     return re.compile(
-        # The first look-behind is a cheap filter: what precedes the separator ends a key or
-        # is a quote or a blank, which a timestamp's "12:" fails at once.
-        rf"{sep}(?<=[yYtTnNdD\"' \t]{sep})(?:{keys})"
+        # The first look-behinds are a cheap filter (a timestamp's "12:" or JSON's "order_id":
+        # fail them at once); the exact keys and their boundary come after.
+        rf"{sep}(?:{quick})(?:{keys})"
         r"[ \t]*(?![\"']?\[REDACTED:)"
         r"(?:\"(?P<dq>[^\"\n]+)\"|'(?P<sq>[^'\n]+)'|(?P<bare>[^\s\"'&,;)\]}]+))"
     )
@@ -164,6 +174,9 @@ def _key_value_pattern(sep: str) -> re.Pattern[str]:
 
 _KEY_VALUE_COLON = _key_value_pattern(":")
 _KEY_VALUE_EQUALS = _key_value_pattern("=")
+
+# The password in a URL's user info (redis://:pw@host, https://user:pw@host); the user stays.
+_URL_CREDENTIALS = re.compile(r"://[^\s/:@\[\]]*:(?!\[REDACTED:)(?P<pw>[^\s/@]+)@")
 
 # Emails are found from the "@" forwards over the domain; the local part is walked back by
 # hand, since a pattern starting at the local part would be tried at every letter.
@@ -241,6 +254,10 @@ def _splice(m: re.Match[str], group: str | int | None) -> str:
     gstart, gend = m.span(group or 0)
     s = m.string
     return s[start:gstart] + _SECRET_MARK + s[gend:end]
+
+
+def _url_credentials(m: re.Match[str]) -> str:
+    return _splice(m, "pw")
 
 
 def _key_value(m: re.Match[str]) -> str:
@@ -354,6 +371,8 @@ def _builtin(s: str) -> str:
     if "=" in s:
         s = _KEY_VALUE_EQUALS.sub(_key_value, s)
     if "@" in s:
+        if "://" in s:
+            s = _URL_CREDENTIALS.sub(_url_credentials, s)
         s = _emails(s)
     return _digits(s)
 
@@ -415,10 +434,10 @@ class Redactor:
         """``s`` with every detected secret replaced by ``[REDACTED:<kind>]``."""
         if not s:
             return s
-        s = _builtin(s)
+        # User patterns first: they are written against the raw text, not against markers.
         for pattern in self._patterns:
             s = pattern.apply(s)
-        return s
+        return _builtin(s)
 
     def json_text(self, s: str) -> str:
         """A JSON object or array held in a string, redacted by :meth:`value`, dumped compactly.
