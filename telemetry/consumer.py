@@ -30,6 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
 from telemetry.alerts import AlertRules
+from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
 from turnfleet import keys
 from turnfleet.connection import connect
 from turnfleet.settings import TelemetrySettings
@@ -40,11 +41,6 @@ STREAM = keys.TELEMETRY_STREAM
 GROUP = keys.TELEMETRY_GROUP
 MAX_BACKOFF_S = 5.0
 
-Entry = tuple[str | None, dict[str, Any] | None]
-
-
-def default_consumer_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def caught_up(redis: Redis) -> bool:
@@ -66,37 +62,27 @@ async def caught_up(redis: Redis) -> bool:
     return int(info["length"]) == 0
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class TelemetryConsumer:
+class TelemetryConsumer(StreamGroupMember):
     """Reads, aggregates, alerts and acknowledges; ``run`` until ``stop``."""
 
+    stream = STREAM
+    group = GROUP
+    event_prefix = "telemetry"
+
     def __init__(self, redis: Redis, settings: TelemetrySettings, name: str | None = None) -> None:
-        self.redis = redis
+        super().__init__(
+            redis,
+            name=name or settings.consumer_name or default_consumer_name(),
+            batch_size=settings.batch_size,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
         self.settings = settings
-        self.name = name or settings.consumer_name or default_consumer_name()
         self.aggregator = Aggregator(redis, settings)
         self.alerts = AlertRules(redis, settings)
-        self._stop = asyncio.Event()
-        self._group_ready = False
-        self._own_pending = True  # at start and after an error: our pending list may hold entries
-        self._next_claim = 0.0
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand (at most ``block_ms`` later)."""
-        self._stop.set()
-
-    async def ensure_group(self) -> None:
-        """Create the group from the stream's start (entries written before it count too)."""
-        try:
-            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-            log.info("telemetry.group_created", stream=STREAM, group=GROUP)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
+        super().stop()
 
     async def run(self, burst: bool = False) -> int:
         """Consume until ``stop()``; with ``burst``, until nothing is left. Entries handled.
@@ -108,12 +94,10 @@ class TelemetryConsumer:
         failures = 0
         while not self._stop.is_set():
             try:
-                n = await self._step(burst)
+                n = await self.step(block=None if burst else self.settings.block_ms, claim_now=burst)
             except RedisError as exc:
-                self._own_pending = True
-                if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
-                    log.warning("telemetry.group_missing", stream=STREAM, group=GROUP)
-                    self._group_ready = False
+                self.lost_redis(exc)
+                if not self._group_ready:
                     continue
                 if burst:
                     raise
@@ -131,60 +115,8 @@ class TelemetryConsumer:
         log.info("telemetry.consumer_stopped", consumer=self.name, handled=handled)
         return handled
 
-    async def _step(self, burst: bool) -> int:
-        """One pass: own pending (if any may exist), claimable entries (when due), new ones."""
-        if not self._group_ready:
-            await self.ensure_group()
-        n = 0
-        if self._own_pending:
-            n += await self._drain_own_pending()
-            self._own_pending = False
-        if burst or time.monotonic() >= self._next_claim:
-            n += await self._claim()
-            self._next_claim = time.monotonic() + max(1.0, self.settings.claim_idle_ms / 2000)
-        if self._stop.is_set():
-            return n
-        entries = await self._read(">", block=None if burst else self.settings.block_ms)
-        return n + await self.handle(entries)
-
-    async def _read(self, from_id: str, block: int | None = None) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            GROUP, self.name, {STREAM: from_id}, count=self.settings.batch_size, block=block
-        )
-        return list(reply[0][1]) if reply else []
-
-    async def _drain_own_pending(self) -> int:
-        n = 0
-        while not self._stop.is_set():
-            entries = await self._read("0")
-            if not entries:
-                break
-            done = await self.handle(entries)
-            n += done
-            if done == 0:
-                break
-        return n
-
-    async def _claim(self) -> int:
-        """Take over entries other consumers left pending longer than ``claim_idle_ms``."""
-        n, cursor = 0, "0-0"
-        while not self._stop.is_set():
-            reply = await self.redis.xautoclaim(
-                STREAM, GROUP, self.name, min_idle_time=self.settings.claim_idle_ms,
-                start_id=cursor, count=self.settings.batch_size,
-            )
-            cursor, entries = _text(reply[0]), reply[1]
-            if any(entry_id is None for entry_id, _ in entries):
-                # Redis 6.2 claims entries deleted from the stream as nil, without their id;
-                # they are now in our pending list, where reading id 0 shows them to ack.
-                self._own_pending = True
-            if entries:
-                log.info("telemetry.claimed", consumer=self.name, entries=len(entries),
-                         first_id=entries[0][0])
-                n += await self.handle(entries)
-            if cursor == "0-0":
-                break
-        return n
+    async def process(self, entries: Sequence[Entry]) -> int:
+        return await self.handle(entries)
 
     async def handle(self, entries: Sequence[Entry]) -> int:
         """Aggregate, evaluate alerts, acknowledge. Returns the number of entries acknowledged.

@@ -73,7 +73,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from telemetry.consumer import default_consumer_name
+from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
 from turnfleet import __version__, keys
 from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings
@@ -90,7 +90,6 @@ REDIS_MAX_BACKOFF_S = 5.0
 BODY_EXCERPT_CHARS = 300
 RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx
 
-Entry = tuple[str | None, dict[str, Any] | None]
 
 # KEYS: stream, stats hash. ARGV: group, entry id, outcome counter.
 # Acknowledge and count together; an entry already acknowledged counts nothing.
@@ -140,11 +139,7 @@ def retry_after_s(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class AlertWebhook:
+class AlertWebhook(StreamGroupMember):
     """Delivers the alert stream to ``settings.alert_webhook_url``; ``run`` until ``stop``.
 
     ``client`` lets a caller supply its own ``httpx.AsyncClient`` (proxies, TLS, auth
@@ -158,18 +153,18 @@ class AlertWebhook:
         if httpx.URL(settings.alert_webhook_url).scheme not in ("http", "https"):
             raise ValueError(f"alert_webhook_url must be an http(s) URL, not "
                              f"{settings.alert_webhook_url!r}")
-        self.redis = redis
+        super().__init__(
+            redis,
+            name=consumer_name or settings.consumer_name or default_consumer_name(),
+            batch_size=settings.batch_size,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
         self.settings = settings
         self.url = settings.alert_webhook_url
-        self.name = consumer_name or settings.consumer_name or default_consumer_name()
         self._client = client or httpx.AsyncClient(timeout=settings.alert_webhook_timeout_s)
         self._owns_client = client is None
         self._ack = redis.register_script(ACK_LUA)
         self._touch = redis.register_script(TOUCH_LUA)
-        self._stop = asyncio.Event()
-        self._group_ready = False
-        self._own_pending = True  # at start and after an error: our pending list may hold entries
-        self._next_claim = 0.0
         self._hand: list[str] = []  # ids read and not yet acknowledged, in stream order
         self._touched_at = 0.0
 
@@ -179,7 +174,14 @@ class AlertWebhook:
 
     def stop(self) -> None:
         """Ask ``run``/``run_once`` to return; an alert being retried stays pending."""
-        self._stop.set()
+        super().stop()
+
+    async def process(self, entries: Sequence[Entry]) -> int:
+        return await self.deliver(entries)
+
+    stream = STREAM
+    group = GROUP
+    event_prefix = "webhook"
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -191,25 +193,15 @@ class AlertWebhook:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def ensure_group(self) -> None:
-        """Create the group at the stream's start: alerts fired before the sink existed count."""
-        try:
-            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-            log.info("webhook.group_created", stream=STREAM, group=GROUP)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
-
     async def run(self) -> None:
         """Deliver until ``stop()``. Redis errors are logged and retried with backoff."""
         log.info("webhook.started", consumer=self.name, url=self.url)
         failures = 0
         while not self._stop.is_set():
             try:
-                await self._step(block=self.settings.block_ms, claim_now=False)
+                await self.step(block=self.settings.block_ms, claim_now=False)
             except RedisError as exc:
-                self._lost_redis(exc)
+                self.lost_redis(exc)
                 if not self._group_ready:
                     continue
                 failures += 1
@@ -233,9 +225,9 @@ class AlertWebhook:
         handled = 0
         while not self._stop.is_set():
             try:
-                n = await self._step(block=None, claim_now=True)
+                n = await self.step(block=None, claim_now=True)
             except ResponseError as exc:
-                self._lost_redis(exc)
+                self.lost_redis(exc)
                 if self._group_ready:
                     raise
                 continue
@@ -243,67 +235,6 @@ class AlertWebhook:
             if n == 0 and not self._own_pending:
                 break
         return handled
-
-    def _lost_redis(self, exc: RedisError) -> None:
-        self._own_pending = True
-        if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
-            log.warning("webhook.group_missing", stream=STREAM, group=GROUP)
-            self._group_ready = False
-
-    async def _step(self, block: int | None, claim_now: bool) -> int:
-        """One pass: own pending (if any may exist), claimable entries (when due), new ones."""
-        if not self._group_ready:
-            await self.ensure_group()
-        n = 0
-        if self._own_pending:
-            self._own_pending = False
-            n += await self._deliver_own_pending()
-        if claim_now or time.monotonic() >= self._next_claim:
-            n += await self._claim()
-            self._next_claim = time.monotonic() + max(1.0, self.settings.claim_idle_ms / 2000)
-        if self._stop.is_set():
-            return n
-        entries = await self._read(">", block=block)
-        return n + await self.deliver(entries)
-
-    async def _read(self, from_id: str, block: int | None = None) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            GROUP, self.name, {STREAM: from_id}, count=self.settings.batch_size, block=block
-        )
-        return list(reply[0][1]) if reply else []
-
-    async def _deliver_own_pending(self) -> int:
-        n = 0
-        while not self._stop.is_set():
-            entries = await self._read("0")
-            if not entries:
-                break
-            done = await self.deliver(entries)
-            n += done
-            if done < len(entries):
-                break
-        return n
-
-    async def _claim(self) -> int:
-        """Take over entries other sinks left pending longer than ``claim_idle_ms``."""
-        n, cursor = 0, "0-0"
-        while not self._stop.is_set():
-            reply = await self.redis.xautoclaim(
-                STREAM, GROUP, self.name, min_idle_time=self.settings.claim_idle_ms,
-                start_id=cursor, count=self.settings.batch_size,
-            )
-            cursor, entries = _text(reply[0]), reply[1]
-            if any(entry_id is None for entry_id, _ in entries):
-                # Redis 6.2 claims entries deleted from the stream as nil, without their id;
-                # they are now in our pending list, where reading id 0 shows them to ack.
-                self._own_pending = True
-            if entries:
-                log.info("webhook.claimed", consumer=self.name, entries=len(entries),
-                         first_id=entries[0][0])
-                n += await self.deliver(entries)
-            if cursor == "0-0":
-                break
-        return n
 
     async def deliver(self, entries: Sequence[Entry]) -> int:
         """Send entries one by one, in order; return how many were acknowledged.
