@@ -100,6 +100,14 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
     try:
         for p in procs:
             p.start()
+        # Wait for the workers' first heartbeat so queue-wait figures measure the fleet, not
+        # Python starting up.
+        while await redis.zcount(keys.WORKERS, int((time.time() - 10) * 1000), "+inf") < workers:
+            dead = [p.name for p in procs if not p.running()]
+            if dead or time.monotonic() - started > 60:
+                out.print(f"[red]Workers did not start ({', '.join(dead) or 'timeout'}); see {log_dir}[/red]")
+                return 1
+            await asyncio.sleep(0.05)
         tail = await redis.xrevrange(keys.RESULTS_STREAM, count=1)
         results_from = tail[0][0] if tail else "0-0"
         tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)

@@ -8,19 +8,24 @@ so crashes use them up) and must get the chance to record the final failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
+import structlog
 from agents import set_trace_processors
 from arq.connections import RedisSettings
+from redis.exceptions import RedisError
 
+from turnfleet import keys
 from turnfleet.connection import connect
-from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
+from turnfleet.queue import TurnQueue, deserialize_job, now_ms, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.job import Runtime, default_worker_name, run_turn
 from workers.llm import make_model
 from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
+log = structlog.get_logger(__name__)
 _settings = WorkerProcessSettings()
 
 
@@ -59,11 +64,33 @@ async def startup(ctx: dict[str, Any]) -> None:
             sink,
         ),
     )
+    ctx["heartbeat"] = asyncio.create_task(heartbeat(redis, ctx["runtime"].worker_name))
+
+
+HEARTBEAT_S = 2.0
+
+
+async def heartbeat(redis: Any, name: str) -> None:
+    """Record this worker as alive (``keys.WORKERS``: name -> last beat ms) every few seconds.
+
+    arq's health-check key is shared by all workers of a queue; this says which ones live.
+    """
+    while True:
+        try:
+            await redis.zadd(keys.WORKERS, {name: now_ms()})
+        except RedisError as exc:
+            log.warning("worker.heartbeat_failed", worker=name, error=str(exc))
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    beat = ctx.get("heartbeat")
+    if beat is not None:
+        beat.cancel()
     rt = ctx.get("runtime")
     if rt is not None:
+        with contextlib.suppress(RedisError):
+            await rt.redis.zrem(keys.WORKERS, rt.worker_name)
         if rt.traces is not None and rt.traces.sink is not None:
             await asyncio.to_thread(rt.traces.sink.shutdown)  # sends what is queued first
         if rt.traces is not None and rt.traces.redis is not rt.redis:
