@@ -3,6 +3,6 @@
 Importing it does not import the Agents SDK or arq's worker.
 """
 
-from producer.api import ConversationOwnershipError, Producer, TurnValidationError
+from producer.api import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
 
-__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError"]
+__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError", "BudgetExceeded"]

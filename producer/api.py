@@ -19,12 +19,14 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from turnfleet import budget
+from turnfleet.budget import BudgetExceeded
 from turnfleet.connection import connect
 from turnfleet.models import TurnRequest, TurnResult
 from turnfleet.queue import ConversationOwnershipError, TurnQueue
 from turnfleet.settings import ProducerSettings
 
-__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError"]
+__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError", "BudgetExceeded"]
 
 
 class TurnValidationError(ValueError):
@@ -117,8 +119,20 @@ class Producer:
                 "trace": trace,
             }
         )
+        await self.check_budget(req.customer_id)
         await self.queue.enqueue(req)
         return req.turn_id
+
+    async def check_budget(self, customer_id: str) -> budget.BudgetStatus | None:
+        """Raise ``BudgetExceeded`` if the customer's daily budget is spent (admission control).
+
+        The spend is telemetry's live customer-day aggregate; a customer without a limit
+        costs no lookup.
+        """
+        status = await budget.check(self.redis, self.settings, customer_id)
+        if status is not None and status.exceeded:
+            raise BudgetExceeded(status)
+        return status
 
     async def enqueue_turns(self, turns: Iterable[Mapping[str, Any]]) -> list[str]:
         """Validate all, then enqueue all in one pipelined round trip; returns turn ids in order.
@@ -127,6 +141,7 @@ class Producer:
         item. Turns whose id is already known are skipped (idempotent) but their id is
         returned. A turn for a conversation owned by another customer raises
         ``ConversationOwnershipError`` naming it; the others of the batch are enqueued.
+        A customer over its daily budget raises ``BudgetExceeded`` before anything is written.
         """
         items = list(turns)
         if len(items) > self.settings.max_bulk:
@@ -142,6 +157,8 @@ class Producer:
                 errors.extend(exc.errors)
         if errors:
             raise TurnValidationError(errors)
+        for customer_id in sorted({r.customer_id for r in reqs}):
+            await self.check_budget(customer_id)
         outcomes = await self.queue.enqueue_many(reqs)
         refused = [r.conversation_id for r, o in zip(reqs, outcomes) if o < 0]
         if refused:

@@ -26,6 +26,9 @@ ALERTS_STREAM = f"{PREFIX}:alerts"  # one entry per alert fired
 CONVERSATIONS = f"{PREFIX}:conversations"  # zset conversation_id -> first enqueue ms
 REFUND_LEDGER = f"{PREFIX}:ledger:refunds"  # stream: one entry per refund actually made
 WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
+WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in flight
+TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms
+COUNTERS = f"{PREFIX}:counters"  # hash of fleet counters the producer keeps (turns_enqueued)
 
 
 def turn(turn_id: str) -> str:

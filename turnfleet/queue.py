@@ -36,7 +36,7 @@ end
 """
 
 # KEYS: turn, conv_queue, conv_active, conv_turns, conv_state, conversations, customer_convs,
-#       arq_queue
+#       arq_queue, counters
 # ARGV: turn_id, conversation_id, customer_id, request_json, now_ms, job_prefix, job_ttl, fname
 # Returns 1 (enqueued), 0 (turn id already known), -1 (conversation belongs to another customer)
 ENQUEUE_LUA = _WAKE + """
@@ -46,6 +46,7 @@ if owner and owner ~= ARGV[3] then return -1 end
 if not owner then redis.call('HSET', KEYS[5], 'customer_id', ARGV[3]) end
 local now = tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'request', ARGV[4], 'status', 'queued', 'attempts', 0)
+redis.call('HINCRBY', KEYS[9], 'turns_enqueued', 1)
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[6], 'NX', now, ARGV[2])
@@ -137,6 +138,7 @@ class TurnQueue:
                 keys.CONVERSATIONS,
                 keys.customer_conversations(req.customer_id),
                 keys.ARQ_QUEUE,
+                keys.COUNTERS,
             ],
             [
                 req.turn_id,

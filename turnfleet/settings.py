@@ -28,6 +28,13 @@ class CommonSettings(BaseSettings):
     trace_redis_url: str | None = Field(
         default=None, description="Redis for the trace store (bulky span payloads); unset: REDIS_URL."
     )
+    budgets: dict[str, float] = Field(
+        default_factory=dict,
+        description='Daily spend limit in USD per customer (JSON), e.g. {"C-100": 5}.',
+    )
+    default_daily_budget_usd: float | None = Field(
+        default=None, description="Daily limit for customers not in TURNFLEET_BUDGETS; unset: none."
+    )
     log_format: str = Field(default="console", description="'console' or 'json'.")
     log_level: str = Field(default="INFO")
     redact_patterns: list[str] = Field(
@@ -40,11 +47,41 @@ class CommonSettings(BaseSettings):
     )
 
 
+class ApiKey(BaseModel):
+    """One API key, stored as the SHA-256 hex digest of the key (never the key itself)."""
+
+    name: str
+    sha256: str
+    customers: list[str] = Field(description='Customer ids this key may use; ["*"]: all (operator).')
+
+
 class ProducerSettings(CommonSettings):
     max_text_chars: int = Field(default=8000, description="Longest user text accepted.")
     max_metadata_items: int = Field(default=32)
     max_metadata_bytes: int = Field(default=4096, description="Keys plus values, UTF-8.")
     max_bulk: int = Field(default=10_000, description="Most turns in one bulk enqueue.")
+
+    http_host: str = Field(default="127.0.0.1", description="Where `turnfleet serve` listens.")
+    http_port: int = Field(default=8080)
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description='JSON list of {"name", "sha256", "customers"}; `turnfleet apikey new` makes one.',
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="JSON file with the same list; re-read when it changes."
+    )
+    api_keys_reload_s: float = Field(
+        default=5.0, description="How often the keys file is checked for changes (also on SIGHUP)."
+    )
+    max_body_bytes: int = Field(default=1_048_576, description="Larger request bodies get 413.")
+    max_batch: int = Field(default=100, description="Most turns in one POST /v1/turns:batch.")
+    max_wait_s: float = Field(default=60.0, description="Longest ?wait= a long-poll may ask for.")
+    ready_worker_max_age_s: float = Field(
+        default=15.0, description="/readyz wants a worker heartbeat at most this old."
+    )
+    ready_max_telemetry_lag: int = Field(
+        default=10_000, description="/readyz wants at most this many telemetry entries not yet aggregated."
+    )
 
     def limits(self) -> dict[str, int]:
         return {
