@@ -1,0 +1,106 @@
+"""API keys for the HTTP API: who may act for which customers.
+
+Keys are configured as SHA-256 digests (``TURNFLEET_API_KEYS`` or ``TURNFLEET_API_KEYS_FILE``),
+never in clear; a presented key is hashed and compared against every configured digest with
+``hmac.compare_digest``, so the comparison takes the same time whichever key (if any) it
+matches. A key is bound to customer ids, or to ``*`` (an operator key that sees everything).
+
+Rotation without a restart: the keys file is re-read when its modification time changes,
+checked every ``api_keys_reload_s`` seconds and at once on SIGHUP (``KeyStore.reload``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pydantic import TypeAdapter
+
+from turnfleet.settings import ApiKey, ProducerSettings
+
+log = structlog.get_logger(__name__)
+
+_KEYS = TypeAdapter(list[ApiKey])
+KEY_PREFIX = "tfk_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random key (shown once; only its digest is stored)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a named key and the customers it may act for."""
+
+    name: str
+    customers: frozenset[str]
+
+    @property
+    def operator(self) -> bool:
+        return "*" in self.customers
+
+    def may(self, customer_id: str | None) -> bool:
+        """May act for this customer. ``None`` (fleet-wide things) is for operators only."""
+        if self.operator:
+            return True
+        return customer_id is not None and customer_id in self.customers
+
+
+class KeyStore:
+    """The configured keys; ``authenticate`` maps a presented key to a ``Principal``."""
+
+    def __init__(self, settings: ProducerSettings) -> None:
+        self.settings = settings
+        self._keys: list[ApiKey] = []
+        self._file_mtime: float | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the keys: settings' list plus the keys file (if set and readable)."""
+        keys = list(self.settings.api_keys)
+        path: Path | None = self.settings.api_keys_file
+        if path is not None:
+            try:
+                self._file_mtime = path.stat().st_mtime
+                keys += _KEYS.validate_python(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                log.error("auth.keys_file_unreadable", path=str(path), error=str(exc))
+                if self._keys:
+                    return  # keep the last good set rather than locking everyone out
+        self._keys = keys
+        log.info("auth.keys_loaded", count=len(keys))
+
+    def reload_if_changed(self) -> bool:
+        path = self.settings.api_keys_file
+        if path is None:
+            return False
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return False
+        if mtime != self._file_mtime:
+            self.reload()
+            return True
+        return False
+
+    def authenticate(self, presented: str | None) -> Principal | None:
+        if not presented:
+            return None
+        digest = hash_key(presented)
+        found: ApiKey | None = None
+        for key in self._keys:  # no early exit: the time does not depend on which key matched
+            if hmac.compare_digest(digest, key.sha256.lower()):
+                found = key
+        if found is None:
+            return None
+        return Principal(found.name, frozenset(found.customers))

@@ -1,0 +1,204 @@
+"""The HTTP server: one FastAPI app composed of the producer's and telemetry's routers.
+
+``turnfleet serve`` runs it with uvicorn. The components stay independent: each exposes an
+``APIRouter`` (``producer/http.py`` for writing turns, ``telemetry/http.py`` for reading
+what happened); this module composes them (imported lazily, like the CLI does) and holds
+what they share: the Redis client, API-key authentication, JSON errors (never a traceback),
+the request-size limit, and the health probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from turnfleet.auth import KeyStore, Principal
+from turnfleet.connection import connect
+from turnfleet.settings import ProducerSettings
+
+log = structlog.get_logger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": code, "message": ..., **extra}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": code, "message": message, **extra}
+
+
+# -- what routers depend on -----------------------------------------------------------
+
+
+def redis_of(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+def trace_redis_of(request: Request) -> Redis:
+    return request.app.state.trace_redis or request.app.state.redis
+
+
+def settings_of(request: Request) -> ProducerSettings:
+    return request.app.state.settings
+
+
+async def principal(request: Request) -> Principal:
+    """The caller's key (``Authorization: Bearer <key>`` or ``X-API-Key``), or 401."""
+    auth = request.headers.get("authorization", "")
+    presented = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+    if not presented:
+        raise ApiError(401, "unauthorized", "an API key is required (Authorization: Bearer <key>)")
+    found = request.app.state.keys.authenticate(presented)
+    if found is None:
+        raise ApiError(401, "unauthorized", "unknown API key")
+    return found
+
+
+# -- limits and errors ---------------------------------------------------------------
+
+
+class BodyLimit:
+    """413 for request bodies over ``limit`` bytes, by header or as the body streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        response = JSONResponse(
+            error_body("too_large", f"request body over {self.limit} bytes"), status_code=413
+        )
+        await response({"type": "http"}, _empty_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, **exc.extra), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body",
+             "message": str(e["msg"]).removeprefix("Value error, ")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(error_body("validation", "the request is not valid", errors=errors),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("http.unexpected_error", path=request.url.path)
+        return JSONResponse(error_body("internal", "internal error; see the server log"), status_code=500)
+
+
+# -- the app ---------------------------------------------------------------------------
+
+
+def create_app(settings: ProducerSettings | None = None, redis_url: str | None = None) -> FastAPI:
+    from producer.http import router as producer_router
+    from telemetry.http import router as telemetry_router
+
+    settings = settings or ProducerSettings()
+    url = redis_url or settings.redis_url
+    if not url:
+        raise ValueError("no Redis: set REDIS_URL or pass redis_url")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.redis = connect(url)
+        app.state.trace_redis = connect(settings.trace_redis_url) if settings.trace_redis_url else None
+        reload_task = asyncio.create_task(_reload_keys(app.state.keys, settings.api_keys_reload_s))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, app.state.keys.reload)
+        try:
+            yield
+        finally:
+            reload_task.cancel()
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await app.state.redis.aclose()
+            if app.state.trace_redis is not None:
+                await app.state.trace_redis.aclose()
+
+    app = FastAPI(
+        title="turnfleet",
+        version=__import__("turnfleet").__version__,
+        description="Hand conversation turns to the fleet and read what happened.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.keys = KeyStore(settings)
+    _install_errors(app)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process answers (liveness). Readiness, with Redis and the fleet, is /readyz."""
+        return {"status": "ok"}
+
+    app.include_router(producer_router)
+    app.include_router(telemetry_router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+async def _reload_keys(store: KeyStore, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        store.reload_if_changed()
