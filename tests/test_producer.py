@@ -125,3 +125,23 @@ async def test_wait_returns_when_the_result_is_written(producer, redis):
     )
     result = await asyncio.wait_for(waiter, 30)
     assert result is not None and result.final_output == "done"
+
+
+async def test_a_customer_over_its_daily_budget_gets_a_typed_error_and_nothing_is_enqueued(redis):
+    from producer import BudgetExceeded
+    from turnfleet import budget
+
+    producer = Producer(redis=redis, settings=ProducerSettings(budgets={"C-100": 0.01}))
+    await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="under budget")
+    # Telemetry's customer-day aggregate says $0.012 spent today (integer nano-dollars).
+    await redis.hset(keys.aggregate_day("customer", "C-100", budget.today()), "cost_nusd", 12_000_000)
+    with pytest.raises(BudgetExceeded) as info:
+        await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="over budget")
+    status = info.value.status
+    assert (status.limit_usd, status.spent_usd, status.day) == (0.01, 0.012, budget.today())
+    assert status.resets_at == budget.resets_at() and status.resets_at.hour == 0
+    assert await redis.llen(keys.conversation_turns("c-1")) == 1
+    with pytest.raises(BudgetExceeded):
+        await producer.enqueue_turns([{"conversation_id": "c-2", "customer_id": "C-100", "text": "x"}])
+    # Customers without a limit are not affected.
+    assert await producer.enqueue_turn(conversation_id="c-3", customer_id="C-200", text="fine")
