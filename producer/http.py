@@ -1,5 +1,450 @@
-"""HTTP routes that hand turns to the fleet (to be built)."""
+"""HTTP routes that hand turns to the fleet: ``POST /v1/turns``, ``POST /v1/turns:batch``,
+``GET /v1/turns/{turn_id}``.
 
-from fastapi import APIRouter
+The rules are the Python API's: bodies are checked by ``Producer.validate`` (same limits, same
+messages naming each field), budgets by ``Producer.check_budget``, and a turn is written by
+the same enqueue script, so nothing is written for a rejected request. What HTTP adds:
 
-router = APIRouter()
+- **Who may do what.** A key acts only for its customers: writing for another customer is
+  403; another customer's turn reads as 404, exactly like a turn that does not exist, so a
+  key cannot probe for turn ids it does not own.
+- **Safe retries.** The ``Idempotency-Key`` header (or the body's ``turn_id``) is the turn id.
+  The first request gets 202; sending the same request again gets 200 and the turn's current
+  status, however long after. Reusing a key for a *different* request (other text,
+  conversation or customer) is 422, never a silent 200 for something that was not enqueued.
+- **Long polls.** ``GET /v1/turns/{id}?wait=S`` answers when the turn ends (it waits on the
+  results stream, no polling) or after ``S`` seconds with the current state.
+
+Bodies are read here rather than by FastAPI so that every message comes from the producer's
+validation and a body over the size limit is 413 however it is sent; the pydantic models
+below document the shapes in OpenAPI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.api import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
+from turnfleet import keys
+from turnfleet.auth import Principal
+from turnfleet.budget import BudgetStatus
+from turnfleet.models import ID_PATTERN, TurnRequest, TurnResult, TurnStatus
+from turnfleet.server import ApiError, error_body, principal, redis_of, settings_of
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["turns"])
+
+_ID = ID_PATTERN.pattern
+_FIELDS_COMPARED = ("conversation_id", "customer_id", "text", "metadata", "agent", "trace")
+
+
+# -- shapes (OpenAPI) -----------------------------------------------------------------
+
+
+class TurnIn(BaseModel):
+    """One user message for the fleet. Limits are the producer's settings (defaults shown)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conversation_id: str = Field(
+        pattern=_ID, max_length=128,
+        description="Turns of one conversation run one at a time, in order. Owned by the "
+                    "customer that first used it.",
+    )
+    customer_id: str = Field(pattern=_ID, max_length=128, description="Must be one of the key's customers.")
+    text: str = Field(min_length=1, description="The user's message; not blank, at most max_text_chars (8000).")
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        description="Flat string→string map; at most max_metadata_items (32) and max_metadata_bytes (4096).",
+    )
+    turn_id: str | None = Field(
+        default=None, pattern=_ID, max_length=128,
+        description="Idempotency key (the Idempotency-Key header wins); generated if absent.",
+    )
+    agent: str | None = Field(default=None, pattern=_ID, max_length=128,
+                              description="Workflow name; default support-desk.")
+    trace: bool | None = Field(default=None, description="false: run this turn without tracing.")
+
+
+class TurnBatchIn(BaseModel):
+    turns: list[TurnIn] = Field(description="At most max_batch (100) turns; each is judged on its own.")
+
+
+class TurnAccepted(BaseModel):
+    """Where a turn is. 202 when this request enqueued it, 200 when it was already known."""
+
+    turn_id: str
+    conversation_id: str
+    status: TurnStatus
+    status_url: str
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class BudgetOut(BaseModel):
+    customer_id: str
+    limit_usd: float
+    spent_usd: float
+    day: str = Field(description="The UTC day the spend is for (YYYY-MM-DD).")
+    resets_at: datetime
+
+
+class ErrorOut(BaseModel):
+    """Every error: a code in ``error``, a sentence in ``message``."""
+
+    error: str = Field(description="unauthorized, forbidden, not_found, conflict, validation, "
+                                   "budget_exceeded, too_large, ...")
+    message: str
+    errors: list[FieldError] | None = Field(default=None, description="validation: each bad field.")
+    budget: BudgetOut | None = Field(default=None, description="budget_exceeded: the numbers.")
+
+
+class BatchItemOut(BaseModel):
+    index: int
+    status: int = Field(description="202 enqueued, 200 already known, 403, 409, 422 or 429.")
+    turn_id: str | None = None
+    conversation_id: str | None = None
+    turn_status: TurnStatus | None = Field(default=None, description="200/202: the turn's status.")
+    status_url: str | None = None
+    error: str | None = None
+    message: str | None = None
+    errors: list[FieldError] | None = None
+    budget: BudgetOut | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItemOut]
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline(model)}}}}
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined (routes do not register it)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "No API key, or an unknown one."},
+    413: {"model": ErrorOut, "description": "Body over max_body_bytes."},
+    422: {"model": ErrorOut, "description": "Invalid request; `errors` names each bad field."},
+}
+
+
+# -- what routes share ----------------------------------------------------------------
+
+
+def producer_of(request: Request) -> Producer:
+    """One ``Producer`` per app over the app's Redis client (rebuilt if the client changes)."""
+    redis = redis_of(request)
+    producer: Producer | None = getattr(request.app.state, "producer", None)
+    if producer is None or producer.redis is not redis:
+        producer = Producer(redis=redis, settings=settings_of(request))
+        request.app.state.producer = producer
+    return producer
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Producing = Annotated[Producer, Depends(producer_of)]
+
+
+def status_url(turn_id: str) -> str:
+    return f"/v1/turns/{turn_id}"
+
+
+async def _read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(422, "validation", "the body is not valid JSON",
+                       errors=[{"field": "body", "message": "is not valid JSON"}]) from None
+
+
+def _budget(status: BudgetStatus) -> dict[str, Any]:
+    return {
+        "customer_id": status.customer_id,
+        "limit_usd": status.limit_usd,
+        "spent_usd": status.spent_usd,
+        "day": status.day,
+        "resets_at": status.resets_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _retry_after(status: BudgetStatus) -> str:
+    return str(max(1, math.ceil((status.resets_at - datetime.now(timezone.utc)).total_seconds())))
+
+
+def _strip_index(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"field": e["field"], "message": e["message"]} for e in errors]
+
+
+def _forbidden(customer_id: str) -> tuple[str, str]:
+    return "forbidden", f"this API key may not act for customer {customer_id!r}"
+
+
+def _same_request(a: TurnRequest, b: TurnRequest) -> bool:
+    return all(getattr(a, f) == getattr(b, f) for f in _FIELDS_COMPARED)
+
+
+_KEY_REUSED = ("idempotency key {!r} was already used for a different request; "
+               "send a new key for a new turn")
+
+
+async def _known(producer: Producer, turn_ids: list[str]) -> list[tuple[TurnRequest | None, str | None]]:
+    """For each id: the request recorded under it and its status, or (None, None)."""
+    async with producer.redis.pipeline(transaction=False) as pipe:
+        for turn_id in turn_ids:
+            pipe.hmget(keys.turn(turn_id), "request", "status")
+        rows = await pipe.execute()
+    return [
+        (TurnRequest.model_validate_json(raw) if raw else None, status)
+        for raw, status in rows
+    ]
+
+
+def _validate(producer: Producer, item: dict[str, Any]) -> TurnRequest:
+    """``Producer.validate``, and no fields a client may not set (``enqueued_at`` is ours)."""
+    unknown = [{"field": str(k), "message": "is not a known field"} for k in item if k not in TurnIn.model_fields]
+    try:
+        req = producer.validate({k: v for k, v in item.items() if k in TurnIn.model_fields})
+    except TurnValidationError as exc:
+        raise TurnValidationError(unknown + exc.errors) from None
+    if unknown:
+        raise TurnValidationError(unknown)
+    return req
+
+
+def _accepted(req: TurnRequest, status: str) -> dict[str, Any]:
+    return {"turn_id": req.turn_id, "conversation_id": req.conversation_id,
+            "status": status, "status_url": status_url(req.turn_id)}
+
+
+# -- routes ---------------------------------------------------------------------------
+
+
+@router.post(
+    "/turns",
+    status_code=202,
+    response_model=TurnAccepted,
+    summary="Hand one turn to the fleet",
+    openapi_extra=_json_body(TurnIn),
+    responses={
+        200: {"model": TurnAccepted, "description": "The same request was already accepted (a retry)."},
+        202: {"model": TurnAccepted, "description": "Enqueued. `Location` is the status URL.",
+              "headers": {"Location": {"schema": {"type": "string"}}}},
+        **_AUTH_ERRORS,
+        403: {"model": ErrorOut, "description": "The key may not act for this customer."},
+        409: {"model": ErrorOut, "description": "The conversation belongs to another customer."},
+        429: {"model": ErrorOut, "description": "The customer's daily budget is spent.",
+              "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                          "description": "Seconds until the budget resets (UTC midnight)."}}},
+    },
+)
+async def create_turn(
+    request: Request,
+    caller: Caller,
+    producer: Producing,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="Makes retries safe; becomes the turn id."),
+    ] = None,
+) -> JSONResponse:
+    """Validate, authorise and enqueue one turn; retries with the same key are answered 200."""
+    body = await _read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "validation", "the body must be a JSON object",
+                       errors=[{"field": "body", "message": "must be a JSON object"}])
+    if idempotency_key is not None:
+        given = body.get("turn_id")
+        if given is not None and given != idempotency_key:
+            raise ApiError(422, "validation", "Idempotency-Key and turn_id differ",
+                           errors=[{"field": "turn_id",
+                                    "message": "differs from the Idempotency-Key header; send one or make them equal"}])
+        body = {**body, "turn_id": idempotency_key}
+    try:
+        req = _validate(producer, body)
+    except TurnValidationError as exc:
+        errors = _strip_index(exc.errors)
+        if idempotency_key is not None:
+            for e in errors:
+                if e["field"] == "turn_id":
+                    e["field"] = "Idempotency-Key"
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise ApiError(422, "validation", message, errors=errors) from None
+    if not caller.may(req.customer_id):
+        raise ApiError(403, *_forbidden(req.customer_id))
+
+    [(known, status)] = await _known(producer, [req.turn_id])
+    if known is None:
+        try:
+            await producer.check_budget(req.customer_id)
+        except BudgetExceeded as exc:
+            log.info("http.turn.over_budget", customer_id=req.customer_id, key=caller.name)
+            return JSONResponse(
+                error_body("budget_exceeded", str(exc), budget=_budget(exc.status)),
+                status_code=429, headers={"Retry-After": _retry_after(exc.status)},
+            )
+        try:
+            created = await producer.queue.enqueue(req)
+        except ConversationOwnershipError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        if created:
+            log.info("http.turn.enqueued", turn_id=req.turn_id, conversation_id=req.conversation_id,
+                     customer_id=req.customer_id, key=caller.name)
+            return JSONResponse(_accepted(req, "queued"), status_code=202,
+                                headers={"Location": status_url(req.turn_id)})
+        [(known, status)] = await _known(producer, [req.turn_id])  # a concurrent retry won the race
+    if known is None or not _same_request(known, req):
+        raise ApiError(422, "validation", _KEY_REUSED.format(req.turn_id),
+                       errors=[{"field": "Idempotency-Key" if idempotency_key else "turn_id",
+                                "message": "already used for a different request"}])
+    return JSONResponse(_accepted(known, status or "queued"), status_code=200,
+                        headers={"Location": status_url(known.turn_id)})
+
+
+@router.post(
+    "/turns:batch",
+    response_model=BatchOut,
+    summary="Hand many turns to the fleet; each is accepted or rejected on its own",
+    openapi_extra=_json_body(TurnBatchIn),
+    responses=_AUTH_ERRORS,
+)
+async def create_turns(request: Request, caller: Caller, producer: Producing) -> BatchOut:
+    """Every item is validated, authorised and budgeted on its own; a rejected item writes
+    nothing and does not stop the others. Items use their ``turn_id`` as idempotency key.
+    Accepted items are written in one pipelined round trip."""
+    body = await _read_json(request)
+    turns = body.get("turns") if isinstance(body, dict) else None
+    if not isinstance(turns, list):
+        raise ApiError(422, "validation", "the body must be {\"turns\": [...]}",
+                       errors=[{"field": "turns", "message": "is required and must be a list"}])
+    limit = settings_of(request).max_batch
+    if len(turns) > limit:
+        raise ApiError(422, "validation", f"{len(turns)} turns; the limit is {limit} a batch",
+                       errors=[{"field": "turns", "message": f"has {len(turns)} items; the limit is {limit}"}])
+
+    results: list[dict[str, Any] | None] = [None] * len(turns)
+    valid: list[tuple[int, TurnRequest]] = []
+    for i, item in enumerate(turns):
+        if not isinstance(item, dict):
+            results[i] = {"index": i, "status": 422, "error": "validation", "message": "must be a JSON object",
+                          "errors": [{"field": "turn", "message": "must be a JSON object"}]}
+            continue
+        try:
+            req = _validate(producer, item)
+        except TurnValidationError as exc:
+            results[i] = {"index": i, "status": 422, "error": "validation", "message": str(exc),
+                          "errors": _strip_index(exc.errors)}
+            continue
+        if not caller.may(req.customer_id):
+            code, message = _forbidden(req.customer_id)
+            results[i] = {"index": i, "status": 403, "error": code, "message": message}
+            continue
+        valid.append((i, req))
+
+    def accepted(i: int, req: TurnRequest, http: int, status: str) -> dict[str, Any]:
+        return {"index": i, "status": http, "turn_id": req.turn_id, "conversation_id": req.conversation_id,
+                "turn_status": status, "status_url": status_url(req.turn_id)}
+
+    def reused(i: int, req: TurnRequest) -> dict[str, Any]:
+        return {"index": i, "status": 422, "error": "validation", "message": _KEY_REUSED.format(req.turn_id),
+                "errors": [{"field": "turn_id", "message": "already used for a different request"}]}
+
+    known = await _known(producer, [req.turn_id for _, req in valid]) if valid else []
+    budgets: dict[str, BudgetExceeded | None] = {}
+    fresh: list[tuple[int, TurnRequest]] = []
+    for (i, req), (found, status) in zip(valid, known):
+        if found is not None:
+            results[i] = accepted(i, req, 200, status or "queued") if _same_request(found, req) else reused(i, req)
+            continue
+        if req.customer_id not in budgets:
+            try:
+                await producer.check_budget(req.customer_id)
+                budgets[req.customer_id] = None
+            except BudgetExceeded as exc:
+                budgets[req.customer_id] = exc
+        over = budgets[req.customer_id]
+        if over is not None:
+            results[i] = {"index": i, "status": 429, "error": "budget_exceeded", "message": str(over),
+                          "budget": _budget(over.status)}
+            continue
+        fresh.append((i, req))
+
+    outcomes = await producer.queue.enqueue_many([req for _, req in fresh])
+    raced = []
+    for (i, req), outcome in zip(fresh, outcomes):
+        if outcome == 1:
+            results[i] = accepted(i, req, 202, "queued")
+        elif outcome < 0:
+            results[i] = {"index": i, "status": 409, "error": "conflict",
+                          "message": f"conversation_id {req.conversation_id!r} belongs to another customer"}
+        else:  # known by now: a concurrent request, or the same id earlier in this batch
+            raced.append((i, req))
+    for (i, req), (found, status) in zip(raced, await _known(producer, [r.turn_id for _, r in raced])):
+        same = found is not None and _same_request(found, req)
+        results[i] = accepted(i, req, 200, status or "queued") if same else reused(i, req)
+    log.info("http.turns.batch", items=len(turns), enqueued=sum(o == 1 for o in outcomes), key=caller.name)
+    return BatchOut.model_validate({"results": results})
+
+
+@router.get(
+    "/turns/{turn_id}",
+    response_model=TurnResult,
+    summary="A turn's status and result; ?wait=S long-polls until it ends",
+    responses={
+        **_AUTH_ERRORS,
+        404: {"model": ErrorOut, "description": "No such turn, or not one of the key's customers'."},
+    },
+)
+async def read_turn(
+    request: Request,
+    caller: Caller,
+    producer: Producing,
+    turn_id: Annotated[str, Path(description="The turn id (the Idempotency-Key it was sent with).")],
+    wait: Annotated[
+        float | None,
+        Query(description="Seconds to wait for the turn to end (0 < wait ≤ max_wait_s, default 60); "
+                          "answers with the current state when the time is up.",
+              json_schema_extra={"exclusiveMinimum": 0}),
+    ] = None,
+) -> TurnResult:
+    """The ``TurnResult``: status (queued, running, completed, failed), final output, agents,
+    tool calls, handoffs, usage, attempts and their errors."""
+    if wait is not None:
+        limit = settings_of(request).max_wait_s
+        if not (math.isfinite(wait) and 0 < wait <= limit):
+            raise ApiError(422, "validation", f"wait must be > 0 and at most {limit:g} seconds",
+                           errors=[{"field": "wait", "message": f"must be > 0 and at most {limit:g}"}])
+    result = await producer.queue.get(turn_id)
+    if result is None or not caller.may(result.customer_id):
+        raise ApiError(404, "not_found", f"no turn {turn_id!r}")
+    if wait is not None and not result.done:
+        result = await producer.queue.wait(turn_id, wait) or result
+    return result

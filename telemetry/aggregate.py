@@ -35,7 +35,14 @@ Latency breakdown, from every event (not sampled), under the same dedupe:
   names of each dimension are in ``keys.latency_names``. Pushes sit behind the dedupe, so a
   redelivered event adds no sample;
 - finished turns go into ``keys.SLOWEST_TURNS`` (score duration ms), trimmed to the
-  ``SLOWEST_TURNS_KEPT`` slowest.
+  ``SLOWEST_TURNS_KEPT`` slowest;
+- histograms for Prometheus (``telemetry/metrics.py``): each finished turn adds one to a
+  bucket of ``keys.HIST_TURN_LATENCY`` (its duration) and, when known, of
+  ``keys.HIST_QUEUE_WAIT`` (its queue wait), plus the value to ``sum`` and one to ``count``.
+  Buckets are *not* cumulative: field ``le_<bound>`` counts values in (previous bound,
+  bound] ms for the bounds of ``HISTOGRAM_BOUNDS_MS``, ``le_inf`` those above the last
+  (the exposition accumulates them at scrape time). Like the samples, these increments sit
+  behind the dedupe: a redelivered event observes nothing twice.
 
 Search indexes for ``turnfleet find`` (idempotent ``ZADD GT``, applied on every delivery):
 ``keys.facet_conversations(facet, value)`` lists the conversations per tool called
@@ -76,6 +83,9 @@ STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; anothe
 SLOWEST_TURNS_KEPT = 1000  # members of keys.SLOWEST_TURNS
 TURN_METRICS = ("queue_wait", "model", "tool", "other", "total")  # per finished turn, ms
 CALL_METRIC = "call"  # one model or tool call's ms (dimensions model, agent, tool)
+HISTOGRAM_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                       120000)  # upper bounds (ms) of the turn latency / queue wait buckets
+HISTOGRAM_INF = "le_inf"  # the bucket above the last bound
 TOOL_ERROR = "ToolError"  # the error facet of a tool_end that carries an error
 
 # HINCRBY / HINCRBYFLOAT counters of every aggregate hash.
@@ -253,6 +263,14 @@ def _utc(ts: datetime) -> datetime:
 
 def _ms(ts: datetime) -> int:
     return int(_utc(ts).timestamp() * 1000)
+
+
+def histogram_bucket(value_ms: float) -> str:
+    """The (non-cumulative) bucket field a value falls in: ``le_<smallest bound ≥ value>``."""
+    for bound in HISTOGRAM_BOUNDS_MS:
+        if value_ms <= bound:
+            return f"le_{bound}"
+    return HISTOGRAM_INF
 
 
 def _num(value: float | int) -> str:
@@ -518,6 +536,8 @@ class Aggregator:
         if attempt.queue_wait_ms is not None:
             plan.op("s", [turn], "queue_wait_ms", attempt.queue_wait_ms)
         self._plan_breakdown(plan, ev, attempt)
+        self._plan_histogram(plan, keys.HIST_TURN_LATENCY, ev.duration_ms)
+        self._plan_histogram(plan, keys.HIST_QUEUE_WAIT, attempt.queue_wait_ms)
         if failed:
             self._plan_error(plan, turn, ev)
         start = window_start(ev.ts, self.window_s)
@@ -552,6 +572,15 @@ class Aggregator:
                 if value is not None:
                     sample = keys.latency_samples("turn", GLOBAL_SUBJECT, metric)
                     plan.op("l", [sample], "", value)
+
+    @staticmethod
+    def _plan_histogram(plan: _Plan, key: str, value_ms: float | None) -> None:
+        """One observation: its bucket, ``sum`` and ``count`` (in the deduplicated event)."""
+        if value_ms is None:
+            return
+        plan.op("i", [key], histogram_bucket(value_ms), 1)
+        plan.op("i", [key], "count", 1)
+        plan.op("f", [key], "sum", value_ms)
 
     def _plan_call_sample(self, plan: _Plan, duration_ms: float, **names: str | None) -> None:
         """One model or tool call's duration onto the lists of each dimension it names."""

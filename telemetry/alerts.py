@@ -56,8 +56,10 @@ RULES = (RULE_CONVERSATION_COST, RULE_CUSTOMER_DAILY_COST, RULE_TURN_FAILED, RUL
 ALERTS_MAXLEN = 100_000  # approximate length the alert stream is trimmed to
 MESSAGE_ERROR_CHARS = 300
 
-# KEYS: alert-fired marker, alert stream. ARGV: alert_id, alert JSON, marker TTL s (0: none),
-# stream maxlen. Returns the stream entry id, or nil if the alert had already fired.
+# KEYS: alert-fired marker, alert stream, per-rule count hash. ARGV: alert_id, alert JSON,
+# marker TTL s (0: none), stream maxlen, rule. Returns the stream entry id, or nil if the
+# alert had already fired. The count (``keys.ALERTS_COUNT``, what /metrics exposes) moves
+# with the XADD, so it equals the alerts written even after the stream is trimmed.
 FIRE_LUA = """
 local set
 if tonumber(ARGV[3]) > 0 then
@@ -66,6 +68,7 @@ else
   set = redis.call('SET', KEYS[1], ARGV[1], 'NX')
 end
 if not set then return false end
+redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
 return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'alert', ARGV[2])
 """
 
@@ -150,8 +153,9 @@ class AlertRules:
         async with self.redis.pipeline(transaction=False) as pipe:
             for check, alert in alerts:
                 await self._fire(
-                    keys=[check.fired_key, keys.ALERTS_STREAM],
-                    args=[alert.alert_id, alert.model_dump_json(), check.ttl_s or 0, ALERTS_MAXLEN],
+                    keys=[check.fired_key, keys.ALERTS_STREAM, keys.ALERTS_COUNT],
+                    args=[alert.alert_id, alert.model_dump_json(), check.ttl_s or 0, ALERTS_MAXLEN,
+                          alert.rule],
                     client=pipe,
                 )
             return list(await pipe.execute())

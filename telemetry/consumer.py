@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 STREAM = keys.TELEMETRY_STREAM
 GROUP = keys.TELEMETRY_GROUP
 MAX_BACKOFF_S = 5.0
-
+HEARTBEAT_S = 2.0  # consumer heartbeats (keys.TELEMETRY_CONSUMERS), like the workers'
 
 
 async def caught_up(redis: Redis) -> bool:
@@ -160,6 +160,10 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     beside the consumer and stops with it; in burst mode it runs after the consumer has
     drained, so the alerts just fired are delivered before this returns. A sink that dies
     of an unexpected error stops the consumer, and the error is raised here.
+
+    While it runs, the consumer beats every ``HEARTBEAT_S`` into ``keys.TELEMETRY_CONSUMERS``
+    (its name -> ms), and removes itself on the way out: what ``turnfleet health --role
+    telemetry`` and ``turnfleet_telemetry_consumers_alive`` read.
     """
     from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
 
@@ -190,6 +194,7 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
              batch_size=settings.batch_size, claim_idle_ms=settings.claim_idle_ms,
              webhook=webhook is not None)
     webhook_task: asyncio.Task[None] | None = None
+    beat = asyncio.create_task(_heartbeat(redis, consumer.name), name="telemetry-heartbeat")
     try:
         if webhook is not None and not burst:
             webhook_task = asyncio.create_task(webhook.run(), name="alert-webhook")
@@ -200,6 +205,11 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
             log.info("telemetry.webhook_burst_done", entries=delivered)
         return handled
     finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat  # no beat may land after the ZREM
+        with contextlib.suppress(RedisError, OSError):
+            await redis.zrem(keys.TELEMETRY_CONSUMERS, consumer.name)
         if webhook is not None:
             webhook.stop()
             try:
@@ -210,3 +220,13 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
         for sig in installed:
             loop.remove_signal_handler(sig)
         await redis.aclose()
+
+
+async def _heartbeat(redis: Redis, name: str) -> None:
+    """Record this consumer as alive (``keys.TELEMETRY_CONSUMERS``: name -> last beat ms)."""
+    while True:
+        try:
+            await redis.zadd(keys.TELEMETRY_CONSUMERS, {name: int(time.time() * 1000)})
+        except RedisError as exc:
+            log.warning("telemetry.heartbeat_failed", consumer=name, error=str(exc))
+        await asyncio.sleep(HEARTBEAT_S)

@@ -1,5 +1,359 @@
-"""HTTP routes that read what happened (to be built)."""
+"""HTTP routes that read what happened: replays, search, stats, alerts, readiness, metrics.
 
-from fastapi import APIRouter
+The same data as the CLI's ``--json`` output (``turnfleet conversation``, ``turn``, ``find``,
+``stats``, ``alerts``), scoped to the caller's key. Every route but ``/readyz`` needs a key
+(``Authorization: Bearer <key>`` or ``X-API-Key``); a key bound to customers sees only their
+data, and something of another customer answers exactly as if it did not exist (404 for a
+conversation or turn, no rows in a list). An operator key (``*``) sees everything.
 
-router = APIRouter()
+Scope of a customer key where figures are fleet-wide:
+
+- ``/v1/find`` without ``customer``: the union over the key's customers (merged by latest
+  event); with a ``customer`` the key may not see: no rows.
+- ``/v1/stats``: ``by=customer`` / ``by=conversation`` rows of the key's customers only;
+  ``totals`` summed over the key's customers; ``slowest`` the slowest of their turns (among
+  the 1000 slowest kept); ``latency`` is ``null`` (the percentile samples are fleet-wide);
+  ``by=model`` is 403 (per-model figures are not split by customer).
+- ``/v1/alerts``: alerts whose ``customer_id`` is one of the key's; alerts without a customer
+  (fleet-wide ``error_rate`` with no failing turn named) for operator keys only.
+- ``/metrics``: operator keys only (401 without a key, 403 for a customer key): the
+  exposition is fleet-wide. Scrape config: ``authorization: {type: Bearer, credentials:
+  <operator key>}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import structlog
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from telemetry.aggregate import SLOWEST_TURNS_KEPT
+from telemetry.metrics import exposition
+from telemetry.query import (
+    FIND_PAGE_MAX,
+    alert_entries,
+    find_conversations,
+    latency_report,
+    live_workers,
+    parse_time,
+    slowest_turns,
+    stats,
+    stats_of_customers,
+    telemetry_lag,
+    totals,
+    totals_of_customers,
+)
+from telemetry.replay import conversation_replay, turn_replay
+from turnfleet import keys
+from turnfleet.auth import Principal
+from turnfleet.models import Alert
+from turnfleet.queue import TurnQueue
+from turnfleet.server import ApiError, principal, redis_of, settings_of, trace_redis_of
+from turnfleet.settings import ProducerSettings
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(tags=["telemetry"])
+
+Caller = Annotated[Principal, Depends(principal)]
+Store = Annotated[Redis, Depends(redis_of)]
+TraceStore = Annotated[Redis, Depends(trace_redis_of)]
+Settings = Annotated[ProducerSettings, Depends(settings_of)]
+
+SSE_BLOCK_MS = 1000  # one blocking XREAD at most this long: a disconnect is noticed this fast
+SSE_KEEPALIVE_S = 15.0  # a ": ping" comment after this long without an event
+SSE_BATCH = 100
+READY_TIMEOUT_S = 2.0  # each /readyz probe of Redis, at most
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+
+
+def _not_found(what: str, ident: str) -> ApiError:
+    return ApiError(404, "not_found", f"no {what} {ident!r}")
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "validation", "the request is not valid",
+                    errors=[{"field": field, "message": message}])
+
+
+# -- replays -----------------------------------------------------------------------------
+
+
+@router.get("/v1/conversations/{conversation_id}")
+async def get_conversation(
+    conversation_id: str, who: Caller, redis: Store, trace_redis: TraceStore
+) -> JSONResponse:
+    """The conversation's replay (``turnfleet conversation ID --json``): every turn's result,
+    figures and attempts as trees, and the conversation totals. 404 if unknown or not the
+    key's customer's."""
+    owner = await redis.hget(keys.conversation_state(conversation_id), "customer_id")
+    if owner is None or not who.may(owner):
+        raise _not_found("conversation", conversation_id)
+    replay = await conversation_replay(redis, conversation_id, trace_redis)
+    if replay is None:
+        raise _not_found("conversation", conversation_id)
+    return JSONResponse(replay)
+
+
+@router.get("/v1/turns/{turn_id}/replay")
+async def get_turn_replay(turn_id: str, who: Caller, redis: Store, trace_redis: TraceStore) -> JSONResponse:
+    """One turn's replay (``turnfleet turn TURN_ID --json``). 404 if unknown or not the key's
+    customer's."""
+    request = await TurnQueue(redis).get_request(turn_id)
+    if request is None or not who.may(request.customer_id):
+        raise _not_found("turn", turn_id)
+    replay = await turn_replay(redis, turn_id, trace_redis)
+    if replay is None:
+        raise _not_found("turn", turn_id)
+    return JSONResponse(replay)
+
+
+# -- find and stats ----------------------------------------------------------------------
+
+
+def _time_param(name: str, value: str | None) -> datetime | None:
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise _invalid(name, str(exc)) from None
+
+
+@router.get("/v1/find")
+async def find(
+    who: Caller,
+    redis: Store,
+    customer: str | None = None,
+    tool: str | None = None,
+    agent: str | None = None,
+    error: str | None = None,
+    since: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
+    until: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
+    min_cost: Annotated[float | None, Query(ge=0, le=1e9, allow_inf_nan=False)] = None,
+    limit: Annotated[int, Query(ge=1, le=FIND_PAGE_MAX)] = 50,
+) -> JSONResponse:
+    """Conversations matching every filter, most recent last event first (``turnfleet find
+    --json``). A customer key searches its customers (all of them without ``customer``)."""
+    filters: dict[str, Any] = dict(
+        tool=tool, agent=agent, error=error, since=_time_param("since", since),
+        until=_time_param("until", until), min_cost_usd=min_cost, limit=limit,
+    )
+    if customer is not None:
+        if not who.may(customer):
+            return JSONResponse([])  # as if the customer had no conversations
+        return JSONResponse(await find_conversations(redis, customer=customer, **filters))
+    if who.operator:
+        return JSONResponse(await find_conversations(redis, **filters))
+    rows: list[dict[str, Any]] = []
+    for mine in sorted(who.customers):
+        rows += await find_conversations(redis, customer=mine, **filters)
+    rows.sort(key=lambda r: datetime.fromisoformat(r["last_event_at"]), reverse=True)
+    return JSONResponse(rows[:limit])
+
+
+@router.get("/v1/stats")
+async def get_stats(
+    who: Caller,
+    redis: Store,
+    by: Literal["conversation", "customer", "model"] = "model",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    slowest: Annotated[int, Query(ge=0, le=SLOWEST_TURNS_KEPT)] = 10,
+) -> JSONResponse:
+    """``{"by", "rows", "totals", "latency", "slowest"}`` as ``turnfleet stats --json``; for a
+    customer key scoped to its customers (module docstring)."""
+    if who.operator:
+        return JSONResponse({
+            "by": by,
+            "rows": await stats(redis, by, limit=limit),
+            "totals": await totals(redis),
+            "latency": await latency_report(redis),
+            "slowest": await slowest_turns(redis, limit=slowest),
+        })
+    if by == "model":
+        raise ApiError(403, "forbidden", "per-model figures are fleet-wide: they need an "
+                       "operator key (use by=customer or by=conversation)")
+    mine = sorted(who.customers)
+    kept = await slowest_turns(redis, limit=SLOWEST_TURNS_KEPT) if slowest else []
+    return JSONResponse({
+        "by": by,
+        "rows": await stats_of_customers(redis, by, mine, limit=limit),
+        "totals": await totals_of_customers(redis, mine),
+        "latency": None,
+        "slowest": [t for t in kept if t["customer_id"] in who.customers][:slowest],
+    })
+
+
+# -- alerts ------------------------------------------------------------------------------
+
+
+def _visible_json(who: Principal, entry_id: str, alert: Alert | None) -> dict[str, Any] | None:
+    """``{"id": <stream id>, ...alert}`` if the key may see the alert, else ``None``."""
+    if alert is None or not who.may(alert.customer_id):
+        return None
+    return {"id": entry_id, **alert.model_dump(mode="json")}
+
+
+def _stream_id(field: str, value: str) -> str:
+    """A Redis stream id (``<ms>-<seq>`` or ``<ms>``, each part a 64-bit unsigned), or 422."""
+    if not _STREAM_ID.match(value) or any(int(part) >= 2**64 for part in value.split("-")):
+        raise _invalid(field, f"not a stream id: {value!r} (e.g. 1700000000000-0)")
+    return value
+
+
+@router.get(
+    "/v1/alerts",
+    response_model=None,
+    responses={200: {"description": "A JSON list; with follow=true, Server-Sent Events.",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def get_alerts(
+    request: Request,
+    who: Caller,
+    redis: Store,
+    follow: bool = False,
+    after: Annotated[str | None, Query(description="stream id: only alerts after it")] = None,
+    new_only: Annotated[bool, Query(description="with follow: skip the alerts already there")] = False,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> JSONResponse | StreamingResponse:
+    """The key's alerts, oldest first: ``[{"id": <stream id>, ...alert}]`` (``turnfleet
+    alerts --json``), at most ``limit`` after ``after``; page on with ``after`` = the last id.
+
+    ``follow=true``: Server-Sent Events (``text/event-stream``), one event per alert
+    (``id: <stream id>``, ``event: alert``, ``data: {"id", ...alert}``) from after the
+    ``Last-Event-ID`` header, else ``after``, else the stream's end with ``new_only``, else
+    its start; a ``: ping`` comment every ~15 s without alerts; it ends when the client goes.
+    """
+    if not follow:
+        start = _stream_id("after", after) if after else "0-0"
+        return JSONResponse(await _alert_page(redis, who, start, limit))
+    if last_event_id:
+        start = _stream_id("Last-Event-ID", last_event_id)
+    elif after:
+        start = _stream_id("after", after)
+    elif new_only:
+        tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
+        start = tail[0][0] if tail else "0-0"
+    else:
+        start = "0-0"
+    return StreamingResponse(
+        _alert_events(request, redis, who, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _alert_page(redis: Redis, who: Principal, after_id: str, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` visible alerts after ``after_id``, reading past the invisible ones."""
+    out: list[dict[str, Any]] = []
+    last = after_id
+    while len(out) < limit:
+        batch = await alert_entries(redis, after_id=last, count=max(limit, SSE_BATCH))
+        if not batch:
+            break
+        for entry_id, alert in batch:
+            shown = _visible_json(who, entry_id, alert)
+            if shown is not None and len(out) < limit:
+                out.append(shown)
+        last = batch[-1][0]
+    return out
+
+
+async def _alert_events(request: Request, redis: Redis, who: Principal, after_id: str) -> AsyncIterator[str]:
+    """The SSE body: blocking reads of at most ``SSE_BLOCK_MS``, so that a client that left
+    is noticed within a second (the server also cancels the body when it sees the disconnect).
+    """
+    last = after_id
+    quiet_since = time.monotonic()
+    yield ": connected\n\n"
+    try:
+        while not await request.is_disconnected():
+            batch = await alert_entries(redis, after_id=last, count=SSE_BATCH, block_ms=SSE_BLOCK_MS)
+            for entry_id, alert in batch:
+                last = entry_id
+                shown = _visible_json(who, entry_id, alert)
+                if shown is not None:
+                    data = json.dumps(shown, separators=(",", ":"))
+                    yield f"id: {entry_id}\nevent: alert\ndata: {data}\n\n"
+                    quiet_since = time.monotonic()
+            if time.monotonic() - quiet_since >= SSE_KEEPALIVE_S:
+                yield ": ping\n\n"
+                quiet_since = time.monotonic()
+    except RedisError as exc:
+        log.warning("http.alerts_stream_redis_error", error=str(exc), last_id=last)
+        yield f": redis error, reconnect with Last-Event-ID {last}\n\n"
+
+
+# -- readiness and metrics ---------------------------------------------------------------
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(redis: Store, settings: Settings) -> JSONResponse:
+    """Ready (200) when Redis answers, a worker beat within ``ready_worker_max_age_s`` and the
+    telemetry lag is at most ``ready_max_telemetry_lag``; otherwise 503. Either way
+    ``{"status": "ready"|"not_ready", "checks": {"redis", "workers", "telemetry"},
+    "failing": [names]}``; each check has ``ok`` (``null``: not run, Redis is down)."""
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await redis.ping()
+        checks["redis"] = {"ok": True}
+    except (RedisError, OSError, TimeoutError) as exc:
+        checks["redis"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        skipped = {"ok": None, "skipped": "Redis does not answer"}
+        checks["workers"], checks["telemetry"] = dict(skipped), dict(skipped)
+    else:
+        checks["workers"], checks["telemetry"] = await _fleet_checks(redis, settings)
+    failing = [name for name, check in checks.items() if check["ok"] is False]
+    body = {"status": "not_ready" if failing else "ready", "checks": checks, "failing": failing}
+    return JSONResponse(body, status_code=503 if failing else 200)
+
+
+async def _fleet_checks(redis: Redis, settings: ProducerSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    max_age = settings.ready_worker_max_age_s
+    max_lag = settings.ready_max_telemetry_lag
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            now = int(time.time() * 1000)
+            live = await live_workers(redis, max_age, now)
+            newest = await redis.zrevrange(keys.WORKERS, 0, 0, withscores=True)
+            lag = await telemetry_lag(redis, cap=max_lag + 1)
+            consumers = await redis.zcount(keys.TELEMETRY_CONSUMERS, now - int(max_age * 1000), "+inf")
+    except (RedisError, OSError, TimeoutError) as exc:
+        error = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return dict(error), dict(error)
+    workers: dict[str, Any] = {
+        "ok": bool(live), "alive": len(live), "max_age_s": max_age,
+        "newest_age_s": round(max(0.0, now - newest[0][1]) / 1000, 3) if newest else None,
+    }
+    if not live:
+        workers["error"] = (f"no worker heartbeat in the last {max_age:g} s" if newest
+                            else "no worker has ever sent a heartbeat")
+    telemetry: dict[str, Any] = {
+        "ok": lag.entries <= max_lag, "lag": lag.entries, "undelivered": lag.undelivered,
+        "pending": lag.pending, "max_lag": max_lag, "consumers_alive": consumers,
+    }
+    if not telemetry["ok"]:
+        telemetry["error"] = f"telemetry lag over {max_lag} entries"
+    return workers, telemetry
+
+
+@router.get("/metrics", tags=["health"], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+async def metrics(who: Caller, redis: Store, settings: Settings) -> Response:
+    """Prometheus text exposition (``telemetry/metrics.py``), read from Redis now. Operator
+    keys only."""
+    if not who.operator:
+        raise ApiError(403, "forbidden", "/metrics is fleet-wide: it needs an operator key")
+    body = await exposition(redis, settings.ready_worker_max_age_s)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

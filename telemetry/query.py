@@ -49,12 +49,14 @@ import json
 import math
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 import structlog
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from telemetry.aggregate import (
     CALL_METRIC,
@@ -65,6 +67,7 @@ from telemetry.aggregate import (
     TURN_METRICS,
 )
 from telemetry.pricing import nusd_to_usd
+from telemetry.stream_group import _text
 from turnfleet import keys
 from turnfleet.models import Alert
 
@@ -170,6 +173,11 @@ async def stats(redis: Redis, by: StatsKind, limit: int = 100) -> list[dict[str,
     if by not in _ID_FIELD:
         raise ValueError(f"by must be one of {', '.join(_ID_FIELD)}, not {by!r}")
     index = await redis.zrevrange(keys.aggregate_index(by), 0, max(limit, 1) - 1, withscores=True)
+    return await _stats_rows(redis, by, index)
+
+
+async def _stats_rows(redis: Redis, by: StatsKind, index: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+    """The :func:`stats` rows of ``(subject, last event ms)`` pairs, in their order."""
     if not index:
         return []
     async with redis.pipeline(transaction=False) as pipe:
@@ -204,15 +212,8 @@ async def read_alerts(
 
     Entries that do not parse as an ``Alert`` are skipped with a warning.
     """
-    reply = await redis.xread({keys.ALERTS_STREAM: after_id}, count=count, block=block_ms)
-    out: list[tuple[str, Alert]] = []
-    for _stream, entries in reply or []:
-        for entry_id, fields in entries:
-            try:
-                out.append((entry_id, Alert.model_validate_json((fields or {}).get("alert", ""))))
-            except ValidationError as exc:
-                log.warning("alerts.unreadable_entry", entry_id=entry_id, error=str(exc))
-    return out
+    entries = await alert_entries(redis, after_id, count, block_ms)
+    return [(entry_id, alert) for entry_id, alert in entries if alert is not None]
 
 
 # -- latency ----------------------------------------------------------------------------------
@@ -454,3 +455,171 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[
             "last_event_at": _iso(last_ms),
         })
     return rows
+
+
+# -- scoped reads for the HTTP API; fleet liveness and telemetry lag -------------------------
+#
+# Added for ``telemetry/http.py`` and ``telemetry/metrics.py``: a key bound to some customers
+# sees rows of those customers only, and /readyz and /metrics need the same liveness and lag
+# figures.
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: str | None, now: datetime | None = None) -> datetime | None:
+    """An ISO 8601 time (naive means UTC), or a time ago: ``30m``, ``2h``, ``7d``, ``90s``.
+
+    ``ValueError`` names what is wrong. ``None`` for ``None`` or an empty string.
+    """
+    if not value:
+        return None
+    unit, amount = value[-1:], value[:-1]
+    if unit in _TIME_UNITS and amount.replace(".", "", 1).isdigit():
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(
+                seconds=float(amount) * _TIME_UNITS[unit])
+        except OverflowError:
+            raise ValueError(f"too long ago: {value!r}") from None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not a time: {value!r} (use ISO 8601 or 30m / 2h / 7d ago)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+async def alert_entries(
+    redis: Redis, after_id: str = "0-0", count: int = 100, block_ms: int | None = None
+) -> list[tuple[str, Alert | None]]:
+    """Like :func:`read_alerts`, but every entry read comes back, ``None`` for one that does
+    not parse: a reader's cursor must move past unreadable entries too, or it reads them
+    again forever."""
+    reply = await redis.xread({keys.ALERTS_STREAM: after_id}, count=count, block=block_ms)
+    out: list[tuple[str, Alert | None]] = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            try:
+                out.append((entry_id, Alert.model_validate_json((fields or {}).get("alert", ""))))
+            except ValidationError as exc:
+                log.warning("alerts.unreadable_entry", entry_id=entry_id, error=str(exc))
+                out.append((entry_id, None))
+    return out
+
+
+async def stats_of_customers(
+    redis: Redis, by: Literal["conversation", "customer"], customers: Sequence[str], limit: int = 100
+) -> list[dict[str, Any]]:
+    """:func:`stats` restricted to some customers: the same rows, most recently active first.
+
+    ``by="customer"``: those customers' rows. ``by="conversation"``: the conversations of those
+    customers (the producer's ``keys.customer_conversations``), intersected with the
+    conversation index server side as :func:`find_conversations` does, one script call per
+    customer, then merged. There is no per-customer split of model figures, so no ``model``.
+    """
+    if by not in ("conversation", "customer"):
+        raise ValueError(f"by must be conversation or customer, not {by!r}")
+    limit = max(limit, 1)
+    wanted = sorted(set(customers))
+    if not wanted:
+        return []
+    index = keys.aggregate_index(by)
+    if by == "customer":
+        async with redis.pipeline(transaction=False) as pipe:
+            for customer in wanted:
+                pipe.zscore(index, customer)
+            scores = await pipe.execute()
+        found = [(c, float(s)) for c, s in zip(wanted, scores) if s is not None]
+    else:
+        script = redis.register_script(FIND_LUA)
+        found = []
+        for customer in wanted:
+            scratch = keys.find_scratch(uuid.uuid4().hex)
+            flat = await script(keys=[keys.customer_conversations(customer), index, scratch],
+                                args=["+inf", "-inf", 0, limit])
+            found += [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+    return await _stats_rows(redis, by, sorted(found, key=lambda item: item[1], reverse=True)[:limit])
+
+
+async def totals_of_customers(redis: Redis, customers: Sequence[str]) -> dict[str, Any]:
+    """:func:`counters` summed over some customers' hashes (``latency_ms_max``: the largest).
+
+    What :func:`totals` is for the fleet, for a key bound to these customers (without the
+    fleet-wide ``telemetry_malformed``).
+    """
+    wanted = sorted(set(customers))
+    async with redis.pipeline(transaction=False) as pipe:
+        for customer in wanted:
+            pipe.hgetall(keys.aggregate("customer", customer))
+        hashes = await pipe.execute() if wanted else []
+    merged: dict[str, Any] = {f: 0 for f in INT_COUNTERS}
+    merged.update({f: 0.0 for f in FLOAT_COUNTERS})
+    for raw in hashes:
+        for f in INT_COUNTERS:
+            merged[f] += int(raw.get(f) or 0)
+        for f in FLOAT_COUNTERS:
+            value = float(raw.get(f) or 0.0)
+            merged[f] = max(merged[f], value) if f == "latency_ms_max" else merged[f] + value
+    return counters(merged)
+
+
+async def live_workers(redis: Redis, max_age_s: float, now_ms: int | None = None) -> dict[str, int]:
+    """Workers whose heartbeat (``keys.WORKERS``) is at most ``max_age_s`` old: name -> ms."""
+    now_ms = now_ms if now_ms is not None else int(datetime.now(timezone.utc).timestamp() * 1000)
+    beats = await redis.zrangebyscore(keys.WORKERS, now_ms - int(max_age_s * 1000), "+inf",
+                                      withscores=True)
+    return {name: int(score) for name, score in beats}
+
+
+@dataclass(frozen=True)
+class TelemetryLag:
+    """Telemetry stream entries not yet aggregated: never delivered to the group, plus
+    delivered and still pending. ``capped``: there were at least ``undelivered`` (counting
+    stopped at the cap)."""
+
+    undelivered: int
+    pending: int
+    capped: bool = False
+
+    @property
+    def entries(self) -> int:
+        return self.undelivered + self.pending
+
+
+# KEYS: the stream. ARGV: start id (inclusive form, e.g. '(' .. id for exclusive), cap.
+# Counts entries from start, a page at a time, so only a page of entries is ever held.
+COUNT_AFTER_LUA = """
+local n, start, cap = 0, ARGV[1], tonumber(ARGV[2])
+while n < cap do
+  local page = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', math.min(500, cap - n))
+  if #page == 0 then break end
+  n = n + #page
+  start = '(' .. page[#page][1]
+end
+return n
+"""
+
+
+async def telemetry_lag(redis: Redis, cap: int = 100_000) -> TelemetryLag:
+    """How far the telemetry group is behind the stream (Redis 6.2 has no ``XINFO`` lag).
+
+    Undelivered entries are those after the group's ``last-delivered-id`` (all of the stream
+    if the group does not exist yet), counted server side up to ``cap``; pending ones come
+    from ``XINFO GROUPS``. No stream: no lag. Cost: O(undelivered, at most ``cap``) on the
+    server, nothing but a number on the wire.
+    """
+    try:
+        info = await redis.xinfo_stream(keys.TELEMETRY_STREAM)
+    except ResponseError:
+        return TelemetryLag(0, 0)
+    group = next((g for g in await redis.xinfo_groups(keys.TELEMETRY_STREAM)
+                  if _text(g["name"]) == keys.TELEMETRY_GROUP), None)
+    if group is None:
+        start, pending = "-", 0
+    else:
+        delivered = _text(group["last-delivered-id"])
+        if delivered == _text(info["last-generated-id"]):
+            return TelemetryLag(0, int(group["pending"]))
+        start, pending = f"({delivered}", int(group["pending"])
+    count_after = redis.register_script(COUNT_AFTER_LUA)
+    undelivered = int(await count_after(keys=[keys.TELEMETRY_STREAM], args=[start, cap]))
+    return TelemetryLag(undelivered, pending, capped=undelivered >= cap)
+

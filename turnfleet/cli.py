@@ -305,6 +305,88 @@ def cmd_demo(args: argparse.Namespace, url: str) -> int:
     return asyncio.run(run_demo(url, workers=args.workers))
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when this host's process of ``--role`` is healthy, else 1 with the reason.
+
+    A probe has no side effects: it uses ``REDIS_URL`` and never starts the embedded Redis.
+    """
+    from turnfleet.health import check
+
+    health = check(args.role, url=args.url, max_age_s=args.max_age, timeout_s=args.timeout)
+    if not health.ok:
+        print(f"turnfleet health: {health.reason}", file=sys.stderr)
+        return 1
+    print(health.reason)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, url: str) -> int:
+    """The HTTP API under uvicorn until SIGTERM or Ctrl-C.
+
+    Shutdown is graceful: no new connections, in-flight requests (long polls included, at
+    most ``max_wait_s``) are answered, then the app's Redis clients are closed. No access
+    log: requests that change something are logged by the routes, as structured events.
+    """
+    import structlog
+    import uvicorn
+
+    from turnfleet.server import create_app
+    from turnfleet.settings import ProducerSettings
+
+    settings = ProducerSettings()
+    host = args.host or settings.http_host
+    port = settings.http_port if args.port is None else args.port
+    log = structlog.get_logger("turnfleet.serve")
+    if not settings.api_keys and settings.api_keys_file is None:
+        log.warning("http.no_api_keys", hint="every request will get 401; see `turnfleet apikey new`")
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings, url), host=host, port=port, log_config=None, access_log=False,
+        server_header=False, timeout_graceful_shutdown=int(settings.max_wait_s) + 5,
+    ))
+    log.info("http.serving", url=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
+    # uvicorn re-raises the signal that stopped it once it has shut down; under the default
+    # SIGTERM disposition that would kill us before an embedded Redis we started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    log.info("http.stopped")
+    return 0 if server.started else 1
+
+
+def cmd_apikey(args: argparse.Namespace) -> int:
+    """``apikey new``: a fresh key (printed once) and its entry; ``apikey hash``: a key's digest."""
+    from turnfleet.auth import hash_key, new_key
+    from turnfleet.models import check_id
+
+    if args.apikey_verb == "hash":
+        key = sys.stdin.readline().strip() if args.key == "-" else args.key
+        if not key:
+            raise CliError("no key given")
+        print(hash_key(key))
+        return 0
+    name = args.name.strip()
+    if not name:
+        raise CliError("--name must not be empty")
+    customers: list[str] = ["*"] if args.operator else []
+    for customer in args.customer or []:
+        try:
+            check_id(customer)
+        except ValueError as exc:
+            raise CliError(f"--customer {exc}") from None
+        if customer not in customers:
+            customers.append(customer)
+    key = new_key()
+    entry = {"name": name, "sha256": hash_key(key), "customers": customers}
+    if args.json:
+        _print_json({"key": key, "entry": entry})
+        return 0
+    print(key)
+    print(json.dumps(entry))
+    print("turnfleet apikey: the key (line 1) is shown once; add the entry (line 2) to "
+          "TURNFLEET_API_KEYS (a JSON list) or to TURNFLEET_API_KEYS_FILE, then send SIGHUP to "
+          "`turnfleet serve` (or let it notice the file change)", file=sys.stderr)
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 
 
@@ -372,6 +454,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --follow: resume where the follower of this name left off (default 'default')")
     a.add_argument("--limit", type=int, default=100)
     a.add_argument("--json", action="store_true")
+
+    from turnfleet.health import DEFAULT_MAX_AGE_S, DEFAULT_TIMEOUT_S, ROLES
+
+    hc = sub.add_parser("health", help="exit 0 if this host's worker, telemetry or producer is healthy (healthchecks)")
+    hc.add_argument("--role", required=True, choices=ROLES)
+    hc.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_S, metavar="SECONDS",
+                    help=f"worker/telemetry: oldest heartbeat that counts (default {DEFAULT_MAX_AGE_S:g})")
+    hc.add_argument("--url", metavar="URL",
+                    help="producer: base URL to GET /healthz from (default http://127.0.0.1:$TURNFLEET_HTTP_PORT)")
+    hc.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                    help=f"give up on Redis or HTTP after this long (default {DEFAULT_TIMEOUT_S:g})")
+
+    sv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    sv.add_argument("--host", metavar="HOST", help="listen address (default $TURNFLEET_HTTP_HOST, 127.0.0.1)")
+    sv.add_argument("--port", type=int, metavar="PORT", help="listen port (default $TURNFLEET_HTTP_PORT, 8080)")
+
+    ak = sub.add_parser("apikey", help="make an API key for the HTTP API, or hash one")
+    ak_sub = ak.add_subparsers(dest="apikey_verb", required=True, metavar="ACTION")
+    akn = ak_sub.add_parser("new", help="a new key (printed once) and the entry to configure")
+    akn.add_argument("--name", required=True, help="who holds the key, e.g. the calling service")
+    who = akn.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer", action="append", metavar="ID", help="a customer it may act for (repeat)")
+    who.add_argument("--operator", action="store_true", help="all customers and fleet-wide reads")
+    akn.add_argument("--json", action="store_true", help='print {"key", "entry"}')
+    akh = ak_sub.add_parser("hash", help="the SHA-256 digest of a key ('-' reads it from stdin)")
+    akh.add_argument("key", metavar="KEY")
     return p
 
 
@@ -385,12 +493,15 @@ ASYNC_VERBS = {
     "alerts": _alerts,
 }
 PROCESS_VERBS = {"worker": cmd_worker, "telemetry": cmd_telemetry, "demo": cmd_demo}
+PROCESS_VERBS["serve"] = cmd_serve
+LOCAL_VERBS = {"apikey": cmd_apikey}  # need no Redis
+LOCAL_VERBS["health"] = cmd_health  # reads REDIS_URL itself: a probe never starts a Redis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common = CommonSettings()
-    quiet = args.verb not in ("worker", "telemetry")
+    quiet = args.verb not in ("worker", "telemetry", "serve")
     from turnfleet.redaction import Redactor
 
     # Redaction runs as a log processor in every process: a log line can't leak what a span can't.
@@ -400,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_processors=[Redactor.from_settings(common).structlog_processor()],
     )
     try:
+        if args.verb in LOCAL_VERBS:
+            return LOCAL_VERBS[args.verb](args)
         if args.verb == "enqueue":
             _check_enqueue(args)  # reject bad input before touching (or starting) Redis
         with redis_url_for(common.redis_url, common.state_dir) as url:

@@ -172,3 +172,10 @@ def conversation_facets(conversation_id: str) -> str:
 def find_scratch(token: str) -> str:
     """Zset a search intersects into and deletes within one script call."""
     return f"{PREFIX}:tmp:find:{token}"
+
+
+# Prometheus exposition (telemetry/metrics.py reads these at scrape time).
+
+HIST_TURN_LATENCY = f"{PREFIX}:hist:turn_latency_ms"  # hash: bucket fields, sum, count (aggregate)
+HIST_QUEUE_WAIT = f"{PREFIX}:hist:queue_wait_ms"  # the same for finished turns' queue wait
+ALERTS_COUNT = f"{PREFIX}:alerts:count"  # hash rule -> alerts fired (the fire script counts)

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,8 +34,11 @@ log = structlog.get_logger(__name__)
 class ApiError(Exception):
     """An error answered as ``{"error": code, "message": ..., **extra}`` with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.code = code
         self.message = message
@@ -60,10 +64,20 @@ def settings_of(request: Request) -> ProducerSettings:
     return request.app.state.settings
 
 
-async def principal(request: Request) -> Principal:
-    """The caller's key (``Authorization: Bearer <key>`` or ``X-API-Key``), or 401."""
-    auth = request.headers.get("authorization", "")
-    presented = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+_BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same key, as a header.")
+
+
+async def principal(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Security(_BEARER),
+    api_key: str | None = Security(_API_KEY),
+) -> Principal:
+    """The caller's key (``Authorization: Bearer <key>`` or ``X-API-Key``), or 401.
+
+    Declared as security schemes so the OpenAPI document (and /docs) shows how to authorise.
+    """
+    presented = bearer.credentials.strip() if bearer is not None else api_key
     if not presented:
         raise ApiError(401, "unauthorized", "an API key is required (Authorization: Bearer <key>)")
     found = request.app.state.keys.authenticate(presented)
@@ -124,12 +138,15 @@ async def _empty_receive() -> Message:
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, **exc.extra), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.code, exc.message, **exc.extra), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body",
+            {"field": ".".join(str(p) for p in e["loc"][1:] if e["loc"][0] in ("body", "query", "path", "header"))
+             or ".".join(str(p) for p in e["loc"]) or "body",
              "message": str(e["msg"]).removeprefix("Value error, ")}
             for e in exc.errors()
         ]

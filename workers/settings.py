@@ -64,20 +64,54 @@ async def startup(ctx: dict[str, Any]) -> None:
             sink,
         ),
     )
-    ctx["heartbeat"] = asyncio.create_task(heartbeat(redis, ctx["runtime"].worker_name))
+    ctx["in_flight"] = InFlight()
+    ctx["heartbeat"] = asyncio.create_task(
+        heartbeat(redis, ctx["runtime"].worker_name, ctx["in_flight"])
+    )
 
 
 HEARTBEAT_S = 2.0
 
 
-async def heartbeat(redis: Any, name: str) -> None:
-    """Record this worker as alive (``keys.WORKERS``: name -> last beat ms) every few seconds.
+class InFlight:
+    """Turns this worker process is running now, counted by arq's job start/end hooks.
+
+    arq copies its ctx for every job (``{**worker ctx, **job ctx}``), so the count lives in
+    this shared object rather than in a ctx value.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+async def job_started(ctx: dict[str, Any]) -> None:
+    """arq ``on_job_start``."""
+    in_flight = ctx.get("in_flight")
+    if in_flight is not None:
+        in_flight.count += 1
+
+
+async def job_ended(ctx: dict[str, Any]) -> None:
+    """arq ``on_job_end``: called whatever the job's outcome (success, error, cancellation)."""
+    in_flight = ctx.get("in_flight")
+    if in_flight is not None:
+        in_flight.count = max(0, in_flight.count - 1)
+
+
+async def heartbeat(redis: Any, name: str, in_flight: InFlight | None = None) -> None:
+    """Record this worker as alive (``keys.WORKERS``: name -> last beat ms) every few seconds,
+    with the turns it is running (``keys.WORKER_INFLIGHT``: name -> count).
 
     arq's health-check key is shared by all workers of a queue; this says which ones live.
+    Readers count in-flight turns of live workers only: a killed worker's count stays behind
+    until its heartbeat is too old to count.
     """
     while True:
         try:
-            await redis.zadd(keys.WORKERS, {name: now_ms()})
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(keys.WORKERS, {name: now_ms()})
+                pipe.hset(keys.WORKER_INFLIGHT, name, in_flight.count if in_flight else 0)
+                await pipe.execute()
         except RedisError as exc:
             log.warning("worker.heartbeat_failed", worker=name, error=str(exc))
         await asyncio.sleep(HEARTBEAT_S)
@@ -87,10 +121,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     beat = ctx.get("heartbeat")
     if beat is not None:
         beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat  # no beat may land after the ZREM below
     rt = ctx.get("runtime")
     if rt is not None:
         with contextlib.suppress(RedisError):
-            await rt.redis.zrem(keys.WORKERS, rt.worker_name)
+            async with rt.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.WORKERS, rt.worker_name)
+                pipe.hdel(keys.WORKER_INFLIGHT, rt.worker_name)
+                await pipe.execute()
         if rt.traces is not None and rt.traces.sink is not None:
             await asyncio.to_thread(rt.traces.sink.shutdown)  # sends what is queued first
         if rt.traces is not None and rt.traces.redis is not rt.redis:
@@ -106,6 +145,8 @@ class WorkerSettings:
     functions = [run_turn]
     on_startup = startup
     on_shutdown = shutdown
+    on_job_start = job_started
+    on_job_end = job_ended
     redis_settings = redis_settings(_settings.redis_url)
     max_jobs = _settings.max_jobs
     poll_delay = _settings.poll_delay_s
