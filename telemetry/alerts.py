@@ -15,6 +15,9 @@ Rules (names are the ``Alert.rule`` values):
   ``alert_customer_daily_cost_usd`` (subject the customer, window the date ``YYYY-MM-DD``);
 - ``turn_failed``: a turn failed terminally, if ``alert_turn_failed`` (subject the turn,
   window ``once``);
+- ``customer_budget``: a customer's known cost on one UTC day crossed 80% (warning) and
+  100% (critical) of its daily budget (``TURNFLEET_BUDGETS`` / ``..._DEFAULT_DAILY_BUDGET_USD``;
+  subject the customer, window ``YYYY-MM-DD:80%`` / ``:100%``);
 - ``error_rate``: failed / finished turns in a fixed window of ``alert_error_rate_window_s``
   ≥ ``alert_error_rate``, with at least ``alert_error_rate_min_turns`` finished (subject
   ``fleet``, window the window start as ISO 8601 UTC).
@@ -41,7 +44,7 @@ from telemetry.aggregate import (
     Touched,
 )
 from telemetry.pricing import nusd_to_usd
-from turnfleet import keys
+from turnfleet import budget, keys
 from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings
 
@@ -51,7 +54,10 @@ RULE_CONVERSATION_COST = "conversation_cost"
 RULE_CUSTOMER_DAILY_COST = "customer_daily_cost"
 RULE_TURN_FAILED = "turn_failed"
 RULE_ERROR_RATE = "error_rate"
-RULES = (RULE_CONVERSATION_COST, RULE_CUSTOMER_DAILY_COST, RULE_TURN_FAILED, RULE_ERROR_RATE)
+RULE_CUSTOMER_BUDGET = "customer_budget"
+RULES = (RULE_CONVERSATION_COST, RULE_CUSTOMER_DAILY_COST, RULE_TURN_FAILED, RULE_ERROR_RATE,
+         RULE_CUSTOMER_BUDGET)
+BUDGET_LEVELS = (0.8, 1.0)  # alert when a customer's day spend crosses these shares of its budget
 
 ALERTS_MAXLEN = 100_000  # approximate length the alert stream is trimmed to
 MESSAGE_ERROR_CHARS = 300
@@ -166,6 +172,12 @@ class AlertRules:
         s = self.settings
         checks = [self._conversation_cost(cid, cust) for cid, cust in touched.conversations.items()]
         checks += [self._customer_daily_cost(cust, day) for cust, day in sorted(touched.customer_days)]
+        checks += [
+            self._customer_budget(cust, day, limit, level)
+            for cust, day in sorted(touched.customer_days)
+            if (limit := budget.limit_for(s, cust)) is not None
+            for level in BUDGET_LEVELS
+        ]
         if s.alert_turn_failed:
             checks += [self._turn_failed(t) for t in touched.failed_turns.values()]
         checks += [self._error_rate(start, t) for start, t in sorted(touched.windows.items())]
@@ -208,6 +220,30 @@ class AlertRules:
 
         return _Check(rule, subject, window, source, ("cost_nusd", "cost_unknown_calls", "llm_calls"),
                       ttl_s, decide)
+
+    def _customer_budget(self, customer: str, day: str, limit: float, level: float) -> _Check:
+        """A customer's spend today crossed ``level`` of its daily budget (80% warns, 100%
+        is critical: the producer now refuses its turns until the budget resets)."""
+        share = round(level * 100)
+        window = f"{day}:{share}%"
+
+        def decide(v: dict[str, str | None]) -> Alert | None:
+            spent = nusd_to_usd(_int(v["cost_nusd"]))
+            if spent < limit * level:
+                return None
+            return self._alert(
+                RULE_CUSTOMER_BUDGET, "customer", customer, window,
+                f"Customer {customer} has spent ${spent:.4f} of its ${limit:.2f} daily budget "
+                f"({spent / limit:.0%}, {day} UTC)"
+                + (": new turns are refused until midnight UTC" if level >= 1.0 else ""),
+                {"spent_usd": spent, "budget_usd": limit, "share": round(spent / limit, 4),
+                 "level": level, "day": day},
+                severity="critical" if level >= 1.0 else "warning",
+                customer_id=customer,
+            )
+
+        return _Check(RULE_CUSTOMER_BUDGET, customer, window,
+                      keys.aggregate_day("customer", customer, day), ("cost_nusd",), DAY_TTL_S, decide)
 
     def _turn_failed(self, turn: FailedTurn) -> _Check:
         def decide(v: dict[str, str | None]) -> Alert | None:

@@ -170,3 +170,29 @@ async def test_read_alerts_pages_after_an_id_and_waits_when_asked(redis: Any) ->
     rest = await read_alerts(redis, after_id=page[-1][0], block_ms=10)
     assert [a.turn_id for _, a in rest] == ["t-2"]
     assert await read_alerts(redis, after_id=rest[-1][0], block_ms=10) == []
+
+
+async def test_budget_alerts_fire_once_at_80_and_100_percent(redis: Any) -> None:
+    # Each support turn costs $0.00043; a $0.001 budget: 43% → 86% (80% alert) → 129% (100%).
+    s = {"budgets": {"cust-b": 0.001}}
+    await support_turn("t-1", "c-1", "cust-b").send(redis)
+    await drain(redis, **s)
+    assert await alerts_of(redis, "customer_budget") == []
+    await support_turn("t-2", "c-2", "cust-b").send(redis)
+    await drain(redis, **s)
+    [eighty] = await alerts_of(redis, "customer_budget")
+    assert (eighty.window, eighty.severity, eighty.figures["spent_usd"]) == ("2025-03-04:80%", "warning", 0.00086)
+    await support_turn("t-3", "c-3", "cust-b").send(redis)
+    await support_turn("t-2", "c-2", "cust-b").send(redis)  # re-sent: counts nothing, fires nothing
+    await drain(redis, **s)
+    await support_turn("t-4", "c-4", "cust-b").send(redis)
+    await drain(redis, **s)
+    alerts = await alerts_of(redis, "customer_budget")
+    assert [(a.window, a.severity) for a in alerts] == [("2025-03-04:80%", "warning"),
+                                                        ("2025-03-04:100%", "critical")]
+    assert alerts[1].figures["spent_usd"] == 0.00129 and alerts[1].figures["budget_usd"] == 0.001
+    assert "refused until midnight UTC" in alerts[1].message
+    # Customers without a budget never get one.
+    await support_turn("t-5", "c-5", "cust-free").send(redis)
+    await drain(redis, **s)
+    assert {a.subject for a in await alerts_of(redis, "customer_budget")} == {"cust-b"}

@@ -218,18 +218,12 @@ async def _stats(args: argparse.Namespace, url: str) -> int:
 
 def _when(value: str | None) -> Any:
     """An ISO time, or a time ago: 30m, 2h, 7d."""
-    from datetime import datetime, timedelta, timezone
+    from telemetry.query import parse_time
 
-    if value is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-        return datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
     try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise CliError(f"not a time: {value!r} (use ISO 8601 or 30m / 2h / 7d ago)") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        return parse_time(value)
+    except ValueError as exc:
+        raise CliError(f"--since/--until: {exc}") from None
 
 
 async def _find(args: argparse.Namespace, url: str) -> int:
@@ -254,7 +248,7 @@ async def _find(args: argparse.Namespace, url: str) -> int:
 
 
 async def _alerts(args: argparse.Namespace, url: str) -> int:
-    from telemetry.query import read_alerts
+    from telemetry.query import alert_entries, read_alerts
     from turnfleet import keys
     from turnfleet.connection import connect
     from turnfleet.render import console, render_alert, render_alerts
@@ -285,8 +279,11 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             while not stop.is_set():
-                batch = await read_alerts(redis, after_id=last, count=100, block_ms=500)
+                batch = await alert_entries(redis, after_id=last, count=100, block_ms=500)
                 for alert_id, alert in batch:
+                    if alert is None:  # unreadable: move past it, or it is read again forever
+                        last = alert_id
+                        continue
                     if args.json:
                         print(json.dumps({"id": alert_id, **alert.model_dump(mode="json")}), flush=True)
                     else:
