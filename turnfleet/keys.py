@@ -20,6 +20,7 @@ ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
 RESULTS_STREAM = f"{PREFIX}:results"  # one entry per terminal turn: waiters XREAD it
 TELEMETRY_STREAM = f"{PREFIX}:telemetry"  # one entry per turn attempt: a JSON batch of events
 TELEMETRY_GROUP = "telemetry"
+TELEMETRY_DEAD_LETTER = f"{PREFIX}:telemetry:dead"  # entries that failed dead_letter_after deliveries
 ALERTS_STREAM = f"{PREFIX}:alerts"  # one entry per alert fired
 
 # Indexes.

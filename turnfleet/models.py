@@ -153,6 +153,7 @@ class AttemptError(BaseModel):
     error_type: str
     message: str
     at: datetime = Field(default_factory=utcnow)
+    usage: TokenUsage | None = None  # what the failed attempt spent (None: not known, e.g. lost worker)
 
 
 TurnStatus = Literal["queued", "running", "completed", "failed"]

@@ -114,6 +114,21 @@ class WorkerProcessSettings(CommonSettings):
     )
     model_api_key: str | None = Field(default=None)
     model_api: str = Field(default="chat", description="'chat' (Chat Completions) or 'responses'.")
+    model_timeout_s: float = Field(default=30.0, description="One model request, at most.")
+    model_max_retries: int = Field(
+        default=3, description="Retries of a model request on 429, 5xx, timeouts, with backoff."
+    )
+    turn_lease_s: float = Field(
+        default=10.0,
+        description="A running turn's lease, renewed while it runs: a killed worker's turn is "
+        "picked up again after at most this long.",
+    )
+    drain_grace_s: float = Field(
+        default=30.0, description="On SIGTERM, how long running turns may finish before they are requeued."
+    )
+    reconcile_every_s: float = Field(
+        default=30.0, description="How often a worker looks for conversations left without a job."
+    )
 
     workflow_name: str = Field(default="Support Desk", description="Trace workflow name.")
     tracing_disabled: bool = Field(default=False)
@@ -185,6 +200,13 @@ class TelemetrySettings(CommonSettings):
     )
     alert_webhook_timeout_s: float = Field(default=5.0)
     alert_webhook_max_backoff_s: float = Field(default=60.0, description="Longest wait between retries.")
+    dead_letter_after: int = Field(
+        default=5, description="Deliveries after which a telemetry entry goes to the dead-letter stream."
+    )
+    telemetry_max_entries: int = Field(
+        default=1_000_000,
+        description="Trim the telemetry stream to about this many entries, never past unacknowledged ones.",
+    )
     latency_samples: int = Field(
         default=10_000, description="Latest samples kept per dimension for p50/p95/p99."
     )

@@ -180,7 +180,8 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
             log_ctx.warning("turn.failed", error_type=error_type, error=message)
             return "failed"
         await rt.queue.record_attempt_failure(
-            turn_id, AttemptError(attempt=attempt, error_type=error_type, message=message),
+            turn_id,
+            AttemptError(attempt=attempt, error_type=error_type, message=message, usage=hooks.usage),
             hooks.batch_json(),
             events_ttl_s=rt.settings.trace_retention_s,
         )
