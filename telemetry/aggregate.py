@@ -21,6 +21,13 @@ Each counted event updates the hashes of its turn, conversation, customer, custo
 (UTC date of the event) and the fleet (``GLOBAL_KEY``); an ``llm_end`` also its model's
 hash; a finished turn also the error-rate window hash of its end time.
 
+Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
+one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
+``errors:MalformedModelResponse``), under the same dedupe: a failed turn of N attempts counts
+N errors, the failures the model endpoint caused and any other (a tool's Redis going away, a
+turn timeout) alike, since the attempt ran on that model. The model is indexed by the
+failure's time too, so a model whose every call failed still shows in ``stats(by="model")``.
+
 Latency breakdown, from every event (not sampled), under the same dedupe:
 
 - a finished turn's hash gets ``duration_ms``, ``queue_wait_ms``, ``model_ms`` and
@@ -87,6 +94,8 @@ HISTOGRAM_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30
                        120000)  # upper bounds (ms) of the turn latency / queue wait buckets
 HISTOGRAM_INF = "le_inf"  # the bucket above the last bound
 TOOL_ERROR = "ToolError"  # the error facet of a tool_end that carries an error
+MODEL_ERRORS = "errors"  # model hash: failed attempts (terminal or not) of turns on the model
+MODEL_ERRORS_BY_TYPE = "errors:"  # model hash field prefix: those failures by error type
 
 # HINCRBY / HINCRBYFLOAT counters of every aggregate hash.
 INT_COUNTERS = (
@@ -509,6 +518,7 @@ class Aggregator:
             plan.op("i", every, "attempts_failed", 1)
             plan.op("st", [turn], "0", STATUS_RETRYING)
             self._plan_error(plan, turn, ev)
+            self._plan_model_error(plan, ev)
         elif kind in _TERMINAL_KINDS:
             self._plan_terminal(plan, ev, attempt, every, touched)
 
@@ -540,6 +550,7 @@ class Aggregator:
         self._plan_histogram(plan, keys.HIST_QUEUE_WAIT, attempt.queue_wait_ms)
         if failed:
             self._plan_error(plan, turn, ev)
+            self._plan_model_error(plan, ev)
         start = window_start(ev.ts, self.window_s)
         window = keys.aggregate_window(start)
         plan.op("i", [window], f"turns_{status}", 1)
@@ -610,6 +621,17 @@ class Aggregator:
         for facet, value in facets:
             plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)
             plan.zmax(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ts_ms)
+
+    @staticmethod
+    def _plan_model_error(plan: _Plan, ev: TelemetryEvent) -> None:
+        """A failed attempt counted against its model: ``errors`` and ``errors:<type>``."""
+        if not ev.model:
+            return
+        model = keys.aggregate("model", ev.model)
+        plan.op("i", [model], MODEL_ERRORS, 1)
+        if ev.error is not None:
+            plan.op("i", [model], MODEL_ERRORS_BY_TYPE + ev.error.type, 1)
+        plan.index("model", ev.model, _ms(ev.ts))
 
     @staticmethod
     def _plan_error(plan: _Plan, turn: str, ev: TelemetryEvent) -> None:

@@ -8,29 +8,86 @@ between leaves its entries pending; it reads them again when it restarts under t
 have been idle ``claim_idle_ms``. Either way the dedupe in the script makes the second pass
 count nothing, and the alert rules, being idempotent, run again safely.
 
-A malformed entry is logged, counted in the fleet's ``telemetry_malformed`` and acknowledged;
-it never stops the loop. Redis errors (connection lost, server restarting) are logged and
-retried with backoff; the entries in hand stay pending and are handled again.
+Redis errors (connection lost, server restarting, out of memory, read-only replica) are
+logged and retried with backoff; the entries in hand stay pending and are handled again.
+They never count against an entry.
+
+**Poison entries and the dead-letter stream.** An entry whose handling raises something
+else (the planner chokes on it, its aggregate script fails, the alert rules fail on what it
+touched) fails alone: the batch is applied again entry by entry, so the others in it are
+aggregated and acknowledged, and the failing one stays pending. It is read again after a
+backoff (0.2 s doubling, at most ``RETRY_MAX_S``), by this consumer (own pending list) or,
+if this one dies, by whichever claims it; every read counts in its delivery counter. When
+it fails on a delivery numbered ``dead_letter_after`` or later, one script copies it to
+``keys.TELEMETRY_DEAD_LETTER`` and acknowledges it (``XADD`` + ``XACK``, only if it is still
+pending, so two consumers racing on it copy it once), and adds one to
+``telemetry_dead_lettered`` on the fleet hash; ``telemetry.dead_lettered`` is logged as an
+error with the traceback.
+
+A malformed entry (not a batch of telemetry events) is logged, counted once in the fleet's
+``telemetry_malformed`` and acknowledged on its first delivery, as before, and copied to the
+dead-letter stream in the same script as its acknowledgement, with reason ``malformed``.
+
+Each dead-letter entry has the fields (all strings)::
+
+    entry_id          the entry's id in tf:telemetry
+    reason            "error" (failed dead_letter_after deliveries) or "malformed"
+    stage             where it failed: "plan", "aggregate", "alerts"; "parse" if malformed
+    error             "<ExceptionType>: <message>" (at most ERROR_CHARS)
+    traceback         the last TRACEBACK_CHARS of the traceback ("" for malformed ones)
+    deliveries        its delivery count when it was dead-lettered
+    consumer          the consumer that held it
+    dead_lettered_at  ISO 8601 UTC
+    stream, group     where it came from
+    fields            the entry's original fields, as one JSON object
+
+``telemetry_dead_lettered`` counts every copy (malformed ones too; ``telemetry_malformed``
+says how many of them were malformed). The stream is capped at about
+``DEAD_LETTER_MAX_ENTRIES`` (``XADD MAXLEN ~``): a flood of garbage cannot exhaust memory,
+the counter keeps the true total. :func:`read_dead_letters` reads it; XADDing an entry's
+``fields`` back to ``tf:telemetry`` re-drives it once the cause is fixed (aggregation is
+idempotent, so events it had already counted count nothing).
+
+**Trimming.** The consumer process (:func:`run_consumer`) trims the stream to its
+unacknowledged tail every ``TRIM_EVERY_S`` and at the end of a burst run; the policy (never
+an entry some group has not acknowledged; a backlog longer than ``telemetry_max_entries`` is
+counted in ``telemetry_backlog_over_limit`` and logged, never trimmed) is in
+:mod:`telemetry.trim`.
+
+**Fault injection (drills only).** ``TURNFLEET_FAULT_CRASH_BEFORE_ACK=N`` (unset by
+default; :class:`FaultInjection`) makes the process end with ``os._exit(137)``, as a SIGKILL
+would leave it, right after the aggregate of the batch holding the N-th entry this process
+aggregated is stored, before alerts run and before ``XACK``. Those entries stay pending with
+their counts stored: what a crash between aggregating and acknowledging leaves. Never set
+it in production.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import signal
-import socket
+import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
 from telemetry.alerts import AlertRules
 from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
+from telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import keys
 from turnfleet.connection import connect
 from turnfleet.settings import TelemetrySettings
@@ -39,8 +96,134 @@ log = structlog.get_logger(__name__)
 
 STREAM = keys.TELEMETRY_STREAM
 GROUP = keys.TELEMETRY_GROUP
+DEAD_LETTER = keys.TELEMETRY_DEAD_LETTER
+DEAD_LETTERED = "telemetry_dead_lettered"  # field on keys.GLOBAL_AGGREGATE
+DEAD_LETTER_MAX_ENTRIES = 100_000  # XADD MAXLEN ~ of the dead-letter stream
 MAX_BACKOFF_S = 5.0
+RETRY_FIRST_S = 0.2  # a failed entry is read again after 0.2 s, 0.4 s, ... (per delivery)
+RETRY_MAX_S = 5.0
+ERROR_CHARS = 2000
+TRACEBACK_CHARS = 8000
+FAULT_EXIT_CODE = 137  # what a shell reports for a SIGKILLed process (128 + 9)
 HEARTBEAT_S = 2.0  # consumer heartbeats (keys.TELEMETRY_CONSUMERS), like the workers'
+
+REASON_ERROR = "error"
+REASON_MALFORMED = "malformed"
+
+
+class FaultInjection(BaseSettings):
+    """Faults a drill can switch on in a real consumer process. All off by default; never
+    set them in production. Read from ``TURNFLEET_FAULT_*`` when a consumer is built."""
+
+    model_config = SettingsConfigDict(env_prefix="TURNFLEET_FAULT_", extra="ignore")
+
+    crash_before_ack: int | None = Field(
+        default=None, ge=1,
+        description="FAULT INJECTION: os._exit(137) right after the aggregate of the N-th entry "
+        "this process aggregated is stored, before alerts and XACK.",
+    )
+
+
+# KEYS: telemetry stream, dead-letter stream, fleet hash.
+# ARGV: group, entry id, deliveries needed (1: at once), dead-letter maxlen, counter field,
+#       then the dead-letter entry's field/value pairs.
+# Only an entry still pending is copied: {1, deliveries, dead-letter id} after XADD + XACK +
+# HINCRBY; {0, deliveries} below the limit (it stays pending); {-1, 0} not pending (already
+# acknowledged, e.g. by a consumer that raced us to it).
+DEAD_LETTER_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 then return {-1, 0} end
+local deliveries = p[1][4]
+if deliveries < tonumber(ARGV[3]) then return {0, deliveries} end
+local add = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+             'deliveries', tostring(deliveries), 'consumer', p[1][2]}
+for i = 6, #ARGV do add[#add + 1] = ARGV[i] end
+local id = redis.call(unpack(add))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
+return {1, deliveries, id}
+"""
+
+# Server states that make a script fail whatever the entry: an outage, not a poison entry.
+_SERVER_STATE = re.compile(
+    r"\b(OOM|READONLY|LOADING|BUSY|MASTERDOWN|NOREPLICAS|CLUSTERDOWN|TRYAGAIN|NOGROUP)\b"
+)
+
+
+def entry_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is this entry's fault (retry it, then dead-letter it), rather than
+    Redis being unavailable (keep everything pending and back off; never dead-letter).
+
+    A script error (``Error running script ...``) is the entry's, unless it reports a server
+    state (out of memory, read-only, loading, ...). Any other Redis error is an outage; any
+    other exception is the entry's.
+    """
+    if isinstance(exc, ResponseError):
+        script_error = _script_error(exc)
+        return script_error is not None and not _SERVER_STATE.search(script_error)
+    if isinstance(exc, RedisError):
+        return False
+    return isinstance(exc, Exception)
+
+
+def _script_error(exc: ResponseError) -> str | None:
+    """The script's own error message, without redis-py's pipeline annotation (which quotes
+    the command and its arguments: the entry's data); None if it is not a script error."""
+    message = str(exc)
+    at = message.rfind("Error running script")
+    if at < 0:
+        return None
+    return message[at:].rstrip("',)")
+
+
+@dataclass
+class _Failure:
+    fields: Mapping[str, Any]
+    error: BaseException
+    stage: str  # plan, aggregate, alerts
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One entry of the dead-letter stream (see the module docstring for the fields)."""
+
+    id: str  # in the dead-letter stream
+    entry_id: str  # in the telemetry stream
+    reason: str  # "error" or "malformed"
+    stage: str
+    error: str
+    traceback: str
+    deliveries: int
+    consumer: str
+    dead_lettered_at: str
+    stream: str
+    group: str
+    fields: dict[str, Any]  # the original entry's fields
+
+    @classmethod
+    def from_entry(cls, entry_id: str, raw: Mapping[str, str]) -> DeadLetter:
+        try:
+            fields = json.loads(raw.get("fields") or "{}")
+        except ValueError:
+            fields = {"_unreadable": raw.get("fields")}
+        return cls(
+            id=entry_id, entry_id=raw.get("entry_id", ""), reason=raw.get("reason", ""),
+            stage=raw.get("stage", ""), error=raw.get("error", ""),
+            traceback=raw.get("traceback", ""), deliveries=int(raw.get("deliveries") or 0),
+            consumer=raw.get("consumer", ""), dead_lettered_at=raw.get("dead_lettered_at", ""),
+            stream=raw.get("stream", ""), group=raw.get("group", ""), fields=fields,
+        )
+
+
+async def read_dead_letters(redis: Redis, start: str = "-", end: str = "+",
+                            count: int | None = 100) -> list[DeadLetter]:
+    """Entries of the telemetry dead-letter stream, oldest first, between ``start`` and
+    ``end`` (stream ids; ``(id`` excludes one, as in ``XRANGE``), at most ``count``.
+
+    Needs a client with ``decode_responses=True`` (``turnfleet.connection.connect``).
+    """
+    page = await redis.xrange(DEAD_LETTER, min=start, max=end, count=count)
+    return [DeadLetter.from_entry(entry_id, raw) for entry_id, raw in page]
 
 
 async def caught_up(redis: Redis) -> bool:
@@ -69,7 +252,8 @@ class TelemetryConsumer(StreamGroupMember):
     group = GROUP
     event_prefix = "telemetry"
 
-    def __init__(self, redis: Redis, settings: TelemetrySettings, name: str | None = None) -> None:
+    def __init__(self, redis: Redis, settings: TelemetrySettings, name: str | None = None,
+                 faults: FaultInjection | None = None) -> None:
         super().__init__(
             redis,
             name=name or settings.consumer_name or default_consumer_name(),
@@ -79,13 +263,20 @@ class TelemetryConsumer(StreamGroupMember):
         self.settings = settings
         self.aggregator = Aggregator(redis, settings)
         self.alerts = AlertRules(redis, settings)
+        self.faults = faults if faults is not None else FaultInjection()
+        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
+        self._aggregated = 0  # entries whose aggregate this process stored (fault injection)
+        if self.faults.crash_before_ack is not None:
+            log.warning("telemetry.fault_injection_armed", consumer=self.name,
+                        crash_before_ack=self.faults.crash_before_ack)
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand (at most ``block_ms`` later)."""
         super().stop()
 
     async def run(self, burst: bool = False) -> int:
-        """Consume until ``stop()``; with ``burst``, until nothing is left. Entries handled.
+        """Consume until ``stop()``; with ``burst``, until nothing is left (entries that failed
+        are retried until they succeed or are dead-lettered). Entries handled.
 
         In burst mode a Redis error is raised to the caller; otherwise it is logged and the
         loop retries with backoff.
@@ -111,49 +302,189 @@ class TelemetryConsumer(StreamGroupMember):
             failures = 0
             handled += n
             if burst and n == 0 and not self._own_pending:
-                break
+                wait = self.retry_in_s  # failed entries wait for their next delivery
+                if wait is None:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=wait)
         log.info("telemetry.consumer_stopped", consumer=self.name, handled=handled)
         return handled
+
+    async def trim(self) -> TrimResult:
+        """Trim the stream to its unacknowledged tail (policy: :mod:`telemetry.trim`)."""
+        result = await trim_acknowledged(self.redis, self.settings.telemetry_max_entries)
+        if result.over_limit:
+            log.warning("telemetry.backlog_over_limit", consumer=self.name, backlog=result.length,
+                        limit=self.settings.telemetry_max_entries, oldest_needed=result.min_id,
+                        hint="consumers are behind or entries are stuck pending; "
+                             "nothing unacknowledged was trimmed")
+        elif result.trimmed:
+            log.info("telemetry.trimmed", consumer=self.name, entries=result.trimmed,
+                     left=result.length, min_id=result.min_id)
+        return result
 
     async def process(self, entries: Sequence[Entry]) -> int:
         return await self.handle(entries)
 
     async def handle(self, entries: Sequence[Entry]) -> int:
-        """Aggregate, evaluate alerts, acknowledge. Returns the number of entries acknowledged.
+        """Aggregate, evaluate alerts, acknowledge. Returns the number of entries acknowledged
+        (dead-lettered ones included).
 
         An entry whose fields are gone (trimmed from the stream while pending) cannot be
-        counted: it is logged and acknowledged.
+        counted: it is logged and acknowledged. A malformed one is counted, acknowledged and
+        copied to the dead-letter stream. One that fails otherwise stays pending for a retry,
+        or is dead-lettered if this was its ``dead_letter_after``-th delivery; the others are
+        handled as if it were not there. Redis being unavailable is raised: nothing is
+        acknowledged then.
         """
-        plans: list[EntryPlan] = []
         ack: list[str] = []
+        plans: list[EntryPlan] = []
+        fields_of: dict[str, Mapping[str, Any]] = {}
+        malformed: dict[str, str] = {}  # entry id -> what is wrong with it
+        failed: dict[str, _Failure] = {}
         for entry_id, fields in entries:
             if entry_id is None:
                 continue
-            ack.append(entry_id)
             if not fields:
                 log.warning("telemetry.entry_gone", entry_id=entry_id,
                             hint="trimmed from the stream before it was aggregated")
+                ack.append(entry_id)
                 continue
+            fields_of[entry_id] = fields
             try:
                 plans.append(self.aggregator.plan(entry_id, fields))
             except MalformedEntry as exc:
                 log.error("telemetry.malformed", entry_id=entry_id, turn_id=fields.get("turn_id"),
                           fields=sorted(fields), error=str(exc))
                 plans.append(self.aggregator.plan_malformed(entry_id))
-        if not ack:
+                malformed[entry_id] = str(exc)
+            except Exception as exc:  # the planner cannot handle this entry: it alone fails
+                failed[entry_id] = _Failure(fields, exc, "plan")
+        if not ack and not fields_of:
             return 0
-        new_events = await self.aggregator.apply(plans)
+        plans = await self._isolating("aggregate", self.aggregator.apply, plans, failed, fields_of)
+        self._crash_if_injected(len(plans))
+        plans = await self._isolating("alerts", self._evaluate_alerts, plans, failed, fields_of)
+        ack += [p.entry_id for p in plans if p.entry_id not in malformed]
+        if ack:
+            await self.redis.xack(STREAM, GROUP, *ack)
+        n = len(ack)
+        for plan in plans:
+            if plan.entry_id in malformed:
+                await self._to_dead_letter(plan.entry_id, fields_of[plan.entry_id],
+                                           REASON_MALFORMED, "parse", malformed[plan.entry_id])
+                n += 1
+        for entry_id, failure in failed.items():
+            n += await self._failed(entry_id, failure)
+        log.debug("telemetry.handled", consumer=self.name, entries=n, failed=len(failed))
+        return n
+
+    async def _isolating(self, stage: str, step: Callable[[list[EntryPlan]], Awaitable[Any]],
+                         plans: list[EntryPlan], failed: dict[str, _Failure],
+                         fields_of: Mapping[str, Mapping[str, Any]]) -> list[EntryPlan]:
+        """Run ``step`` for all plans at once; if that fails through an entry's fault, for
+        each plan alone. Returns the plans it succeeded for; the others go into ``failed``.
+        Redis being unavailable is raised."""
+        if not plans:
+            return []
+        try:
+            await step(plans)
+            return plans
+        except Exception as exc:
+            if not entry_fault(exc):
+                raise
+            if len(plans) == 1:
+                failed[plans[0].entry_id] = _Failure(fields_of[plans[0].entry_id], exc, stage)
+                return []
+            log.warning("telemetry.batch_failed", consumer=self.name, entries=len(plans),
+                        stage=stage, error=_describe(exc), hint="retrying one by one")
+        ok = []
+        for plan in plans:
+            try:
+                await step([plan])
+            except Exception as exc:
+                if not entry_fault(exc):
+                    raise
+                failed[plan.entry_id] = _Failure(fields_of[plan.entry_id], exc, stage)
+            else:
+                ok.append(plan)
+        return ok
+
+    async def _evaluate_alerts(self, plans: list[EntryPlan]) -> None:
+        """The alert rules, for the subjects the plans touched."""
         touched = Touched()
         for plan in plans:
             touched.merge(plan.touched)
         await self.alerts.evaluate(touched)
-        await self.redis.xack(STREAM, GROUP, *ack)
-        log.debug("telemetry.handled", consumer=self.name, entries=len(ack),
-                  new_events=sum(new_events))
-        return len(ack)
+
+    async def _failed(self, entry_id: str, failure: _Failure) -> int:
+        """Dead-letter a failed entry if this was its last allowed delivery, else leave it
+        pending and schedule its retry. 1 if it was dead-lettered (and acknowledged)."""
+        status, deliveries = await self._to_dead_letter(
+            entry_id, failure.fields, REASON_ERROR, failure.stage, _describe(failure.error),
+            _traceback(failure.error), after=self.settings.dead_letter_after,
+        )
+        context = {"consumer": self.name, "entry_id": entry_id, "stage": failure.stage,
+                   "turn_id": failure.fields.get("turn_id"), "error": _describe(failure.error)}
+        if status == 1:
+            log.error("telemetry.dead_lettered", deliveries=deliveries,
+                      dead_letter_after=self.settings.dead_letter_after,
+                      exc_info=failure.error, **context)
+            return 1
+        if status < 0:
+            log.warning("telemetry.entry_failed", hint="no longer pending: another consumer "
+                        "settled it", **context)
+            return 0
+        retry_in = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, deliveries - 1))
+        log.warning("telemetry.entry_failed", deliveries=deliveries,
+                    dead_letter_after=self.settings.dead_letter_after, retry_in_s=retry_in,
+                    **context)
+        self.retry_pending(retry_in)
+        return 0
+
+    async def _to_dead_letter(self, entry_id: str, fields: Mapping[str, Any], reason: str,
+                              stage: str, error: str, trace: str = "", after: int = 1,
+                              ) -> tuple[int, int]:
+        """The dead-letter script for one entry: (status, deliveries), see DEAD_LETTER_LUA."""
+        record = {
+            "entry_id": entry_id, "reason": reason, "stage": stage, "error": error[:ERROR_CHARS],
+            "traceback": trace, "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
+            "stream": STREAM, "group": GROUP,
+            "fields": json.dumps({_text(k): _text(v) if isinstance(v, (str, bytes)) else v
+                                  for k, v in fields.items()}, default=str),
+        }
+        reply = await self._dead_letter(
+            keys=[STREAM, DEAD_LETTER, keys.GLOBAL_AGGREGATE],
+            args=[GROUP, entry_id, max(1, after), DEAD_LETTER_MAX_ENTRIES, DEAD_LETTERED,
+                  *(x for pair in record.items() for x in pair)],
+        )
+        return int(reply[0]), int(reply[1])
+
+    def _crash_if_injected(self, aggregated: int) -> None:
+        """Fault injection: die like a SIGKILL once the N-th entry's aggregate is stored."""
+        limit = self.faults.crash_before_ack
+        if limit is None or not aggregated:
+            return
+        self._aggregated += aggregated
+        if self._aggregated >= limit:
+            log.critical("telemetry.fault_injected", fault="crash_before_ack", consumer=self.name,
+                         aggregated=self._aggregated, exit_code=FAULT_EXIT_CODE)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(FAULT_EXIT_CODE)
 
 
-async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool = False) -> int:
+def _describe(exc: BaseException) -> str:
+    message = (_script_error(exc) if isinstance(exc, ResponseError) else None) or str(exc)
+    return f"{type(exc).__name__}: {message}"[:ERROR_CHARS]
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))[-TRACEBACK_CHARS:]
+
+
+async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool = False,
+                       trim_every_s: float = TRIM_EVERY_S) -> int:
     """Run one consumer process until SIGINT/SIGTERM (or, with ``burst``, until drained).
 
     With ``alert_webhook_url`` set, the alert webhook sink (``telemetry/webhook.py``) runs
@@ -163,7 +494,9 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
 
     While it runs, the consumer beats every ``HEARTBEAT_S`` into ``keys.TELEMETRY_CONSUMERS``
     (its name -> ms), and removes itself on the way out: what ``turnfleet health --role
-    telemetry`` and ``turnfleet_telemetry_consumers_alive`` read.
+    telemetry`` and ``turnfleet_telemetry_consumers_alive`` read. It trims the stream to its
+    unacknowledged tail every ``trim_every_s`` and, in burst mode, once more after draining
+    (:mod:`telemetry.trim`).
     """
     from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
 
@@ -195,16 +528,22 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
              webhook=webhook is not None)
     webhook_task: asyncio.Task[None] | None = None
     beat = asyncio.create_task(_heartbeat(redis, consumer.name), name="telemetry-heartbeat")
+    trimmer = asyncio.create_task(_trim_every(consumer, trim_every_s), name="telemetry-trim")
     try:
         if webhook is not None and not burst:
             webhook_task = asyncio.create_task(webhook.run(), name="alert-webhook")
             webhook_task.add_done_callback(webhook_ended)
         handled = await consumer.run(burst=burst)
+        if burst:
+            await consumer.trim()
         if webhook is not None and burst:
             delivered = await webhook.run_once()
             log.info("telemetry.webhook_burst_done", entries=delivered)
         return handled
     finally:
+        trimmer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trimmer
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat  # no beat may land after the ZREM
@@ -230,3 +569,13 @@ async def _heartbeat(redis: Redis, name: str) -> None:
         except RedisError as exc:
             log.warning("telemetry.heartbeat_failed", consumer=name, error=str(exc))
         await asyncio.sleep(HEARTBEAT_S)
+
+
+async def _trim_every(consumer: TelemetryConsumer, every_s: float) -> None:
+    """Trim the stream every ``every_s`` (a failed pass is logged; the next one catches up)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await consumer.trim()
+        except RedisError as exc:
+            log.warning("telemetry.trim_failed", consumer=consumer.name, error=repr(exc))

@@ -21,6 +21,8 @@ turnfleet_tool_calls_total                                      tool calls
 turnfleet_tool_errors_total                                     tool calls that returned an error
 turnfleet_spans_dropped_total                                   trace spans a worker could not keep
 turnfleet_telemetry_malformed_total                             telemetry entries that could not be read
+turnfleet_telemetry_dead_lettered_total                         entries moved to the dead-letter stream
+turnfleet_telemetry_backlog_over_limit_total                    trim passes that found the unacked backlog over the limit
 turnfleet_tokens_total                      model, kind         tokens by model; kind input (cached
                                                                 included), output (reasoning included),
                                                                 cached, reasoning
@@ -89,6 +91,8 @@ class FleetSnapshot:
     turns_enqueued: int
     fleet: dict[str, Any]  # query.counters of the fleet hash
     telemetry_malformed: int
+    telemetry_dead_lettered: int
+    telemetry_backlog_over_limit: int
     models: dict[str, dict[str, Any]]  # model -> counters
     customers: dict[str, dict[str, Any]]  # the top customers by cost -> counters
     customers_total: int
@@ -141,6 +145,8 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         turns_enqueued=int(enqueued or 0),
         fleet=counters(fleet),
         telemetry_malformed=int(fleet.get("telemetry_malformed") or 0),
+        telemetry_dead_lettered=int(fleet.get("telemetry_dead_lettered") or 0),
+        telemetry_backlog_over_limit=int(fleet.get("telemetry_backlog_over_limit") or 0),
         models=model_rows,
         customers={c: counters(raw) for (c, _), raw in zip(top, customer_hashes) if raw},
         customers_total=len(customers),
@@ -194,6 +200,12 @@ class FleetCollector(Collector):
             yield _counter(f"turnfleet_{name}", text, s.fleet[key])
         yield _counter("turnfleet_telemetry_malformed",
                        "Telemetry stream entries that could not be read.", s.telemetry_malformed)
+        yield _counter("turnfleet_telemetry_dead_lettered",
+                       "Telemetry entries moved to the dead-letter stream (tf:telemetry:dead).",
+                       s.telemetry_dead_lettered)
+        yield _counter("turnfleet_telemetry_backlog_over_limit",
+                       "Trim passes that found more unacknowledged entries than the limit.",
+                       s.telemetry_backlog_over_limit)
 
         tokens = CounterMetricFamily("turnfleet_tokens", "Tokens by model; input includes "
                                      "cached, output includes reasoning.", labels=["model", "kind"])

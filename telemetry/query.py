@@ -40,7 +40,10 @@ model calls, in tool calls, and the rest of ``duration_ms``, at least 0), ``erro
 ``finished_at``); ``conversation_id`` and ``customer_id``;
 ``customer_id`` (and ``day`` for a customer-day); ``model``. ``totals`` adds
 ``telemetry_malformed`` (stream entries that could not be read). ``stats`` rows add
-``subject`` (the id) and ``last_event_at`` (ISO 8601 UTC of the subject's latest event).
+``subject`` (the id) and ``last_event_at`` (ISO 8601 UTC of the subject's latest event);
+``stats(by="model")`` rows also ``errors`` (int: failed attempts, terminal or not, of turns
+run on that model) and ``errors_by_type`` (dict error type -> count, e.g.
+``{"RateLimitError": 2, "MalformedModelResponse": 1}``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ from telemetry.aggregate import (
     GLOBAL_KEY,
     GLOBAL_SUBJECT,
     INT_COUNTERS,
+    MODEL_ERRORS,
+    MODEL_ERRORS_BY_TYPE,
     TURN_METRICS,
 )
 from telemetry.pricing import nusd_to_usd
@@ -195,14 +200,31 @@ async def _stats_rows(redis: Redis, by: StatsKind, index: Sequence[tuple[str, fl
         }
         if by == "conversation":
             row["customer_id"] = raw.get("customer_id")
-        rows.append({**row, **counters(raw)})
+        row.update(counters(raw))
+        if by == "model":
+            row.update(model_errors(raw))
+        rows.append(row)
     return rows
+
+
+def model_errors(raw: dict[str, str]) -> dict[str, Any]:
+    """``errors`` and ``errors_by_type`` of a model's aggregate hash (zero / empty if none)."""
+    by_type = {
+        field[len(MODEL_ERRORS_BY_TYPE):]: int(value)
+        for field, value in raw.items()
+        if field.startswith(MODEL_ERRORS_BY_TYPE)
+    }
+    return {"errors": int(raw.get(MODEL_ERRORS) or 0), "errors_by_type": dict(sorted(by_type.items()))}
 
 
 async def totals(redis: Redis) -> dict[str, Any]:
     """Fleet-wide totals, plus ``telemetry_malformed``."""
     raw = await redis.hgetall(GLOBAL_KEY)
-    return {**counters(raw), "telemetry_malformed": int(raw.get("telemetry_malformed") or 0)}
+    return {
+        **counters(raw),
+        **{f: int(raw.get(f) or 0) for f in
+           ("telemetry_malformed", "telemetry_dead_lettered", "telemetry_backlog_over_limit")},
+    }
 
 
 async def read_alerts(

@@ -1,12 +1,20 @@
 """One member of a Redis Streams consumer group: the reading half both the telemetry
 consumer and the alert webhook share.
 
-Each pass reads, in this order: the member's own pending entries (at start and after any
-error: a restarted member under the same name picks up what it had in hand), entries other
-members left pending longer than ``claim_idle_ms`` (``XAUTOCLAIM``, Redis 6.2+), then new
-entries. What to do with entries, and when to acknowledge them, is the subclass's
-``process``: it returns how many it acknowledged, and fewer than it was given means "stop
-here, the rest stays pending".
+Each pass reads, in this order: the member's own pending entries (at start, after any
+error, and when a retry is due: a restarted member under the same name picks up what it had
+in hand), entries other members left pending longer than ``claim_idle_ms`` (``XAUTOCLAIM``,
+Redis 6.2+), then new entries. What to do with entries, and when to acknowledge them, is the
+subclass's ``process``: it returns how many it acknowledged. Entries it does not
+acknowledge stay pending, and it says what should happen to them:
+
+- ``hold_here()``: stop here; the own pending list is read again, from its start, on the
+  next pass (the webhook, which delivers in order, and whatever stops on ``stop()``);
+- ``retry_pending(after_s)``: these entries failed; go on with the others and read the own
+  pending list again once ``after_s`` has passed. Every such read is a delivery: Redis
+  counts it in the entry's delivery counter (``XPENDING``'s times delivered), as it counts
+  each ``XAUTOCLAIM``, which is what a poison-entry limit can be based on;
+- neither: the entries are not ours any more (another member claimed them): go on.
 """
 
 from __future__ import annotations
@@ -50,10 +58,26 @@ class StreamGroupMember:
         self._stop = asyncio.Event()
         self._group_ready = False
         self._own_pending = True  # at start and after an error: our pending list may hold entries
+        self._retry_at: float | None = None  # monotonic time to re-read entries that failed
         self._next_claim = 0.0
 
     def stop(self) -> None:
         self._stop.set()
+
+    def hold_here(self) -> None:
+        """From ``process``: stop the pass; read the own pending list again on the next one."""
+        self._own_pending = True
+
+    def retry_pending(self, after_s: float) -> None:
+        """From ``process``: entries it was given failed and stay pending; read them again
+        (the own pending list) once ``after_s`` has passed. The earliest request wins."""
+        at = time.monotonic() + max(0.0, after_s)
+        self._retry_at = at if self._retry_at is None else min(self._retry_at, at)
+
+    @property
+    def retry_in_s(self) -> float | None:
+        """Seconds until failed entries are read again; None when none wait."""
+        return None if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
 
     async def process(self, entries: Sequence[Entry]) -> int:
         raise NotImplementedError
@@ -80,8 +104,10 @@ class StreamGroupMember:
         if not self._group_ready:
             await self.ensure_group()
         n = 0
-        if self._own_pending:
+        retry_due = self._retry_at is not None and time.monotonic() >= self._retry_at
+        if self._own_pending or retry_due:
             self._own_pending = False
+            self._retry_at = None
             n += await self._drain_own_pending()
         if claim_now or time.monotonic() >= self._next_claim:
             n += await self._claim()
@@ -98,16 +124,18 @@ class StreamGroupMember:
         return list(reply[0][1]) if reply else []
 
     async def _drain_own_pending(self) -> int:
-        n = 0
+        """Read the own pending list once through (a cursor past each batch, so entries left
+        pending for a later retry are not read again in this pass)."""
+        n, cursor = 0, "0"
         while not self._stop.is_set():
-            entries = await self._read("0")
-            if not entries:
+            entries = await self._read(cursor)
+            ids = [entry_id for entry_id, _ in entries if entry_id is not None]
+            if not ids:
                 break
-            done = await self.process(entries)
-            n += done
-            if done < len(entries):
-                self._own_pending = True
+            n += await self.process(entries)
+            if self._own_pending:  # process said: stop here
                 break
+            cursor = ids[-1]
         return n
 
     async def _claim(self) -> int:

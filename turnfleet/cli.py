@@ -48,14 +48,11 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, url: str) -> int:
-    from arq.worker import run_worker
+    """An arq worker under our supervisor: reconnects after Redis restarts, drains on
+    SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/settings.py``)."""
+    from workers.settings import run
 
-    from workers.settings import WorkerSettings, redis_settings
-
-    worker = run_worker(
-        WorkerSettings, redis_settings=redis_settings(url), burst=args.burst, ctx={"redis_url": url}
-    )
-    return 0 if not worker.jobs_failed else 1
+    return run(url, burst=args.burst)
 
 
 def cmd_telemetry(args: argparse.Namespace, url: str) -> int:

@@ -22,6 +22,7 @@ braces would break the per-conversation hash tags.
 """
 
 DEFAULT_MAX_TEXT_CHARS = 8000
+MAX_COUNT = 2**40  # largest token count a single event may carry
 DEFAULT_MAX_METADATA_ITEMS = 32
 DEFAULT_MAX_METADATA_BYTES = 4096
 
@@ -114,11 +115,13 @@ class TurnRequest(BaseModel):
 class TokenUsage(BaseModel):
     """Token counts as the SDK's ``Usage`` reports them (cached ⊂ input, reasoning ⊂ output)."""
 
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
+    # Bounded so that sums stay within Redis's 64-bit counters: an absurd figure is refused
+    # when the event is read (and dead-lettered), not half-applied.
+    requests: int = Field(default=0, ge=0, le=MAX_COUNT)
+    input_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
+    output_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
+    cached_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
+    reasoning_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
 
     @property
     def total_tokens(self) -> int:

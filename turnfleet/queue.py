@@ -9,20 +9,47 @@ one Lua script (DESIGN.md, ordering shape (a)).
 
 arq jobs are written by the scripts in arq's own layout (``arq:job:<id>`` holding the JSON
 job, ``arq:queue`` scored by time), with ``job id = turn id``. Jobs are JSON, never pickle.
+
+**Attempts, leases and fencing.** ``START`` counts an attempt (``attempts`` on the turn
+record) and returns its number; that number is the attempt's *fencing token*. It also takes
+a lease: arq's ``arq:in-progress:<turn id>`` key (which arq sets for its largest
+``job_timeout`` + 10 s when it claims a job) is set to expire in ``turn_lease_s``, and the
+running attempt renews it (``renew_lease``) every third of that. A worker that dies stops
+renewing, the key lapses, and the job — still in ``arq:queue`` — is claimed by the next
+worker that polls: a killed worker's turn runs again after at most ``turn_lease_s`` +
+``poll_delay_s`` (10.01 s by default). The next ``START`` sees the turn still ``running``,
+records the lost attempt (``WorkerLost``, no usage: nothing of it was recorded) and counts a
+new one. ``FINISH`` and the attempt-failure record are fenced: they write only while the
+turn is ``running`` *with the same attempt*. A stale worker — paused or cut off past its
+lease while another took the turn over — gets ``Outcome.FENCED`` and writes nothing: no
+second result, no second telemetry batch, no advance of the conversation. Side effects
+inside a run are idempotent per turn (refund and escalation keys), so the overlap of a
+stale and a current attempt does no harm; conversation memory writes are not fenced (the
+SDK's ``RedisSession`` writes directly), the next attempt rolls memory back when it starts.
+
+**Reconciling.** ``reconcile_conversation`` repairs one conversation atomically: finished
+turns left at the head are dropped, a missing ``active`` marker is set to the head, a head
+without its arq job (enqueue interrupted, job expired, job failed by arq) gets it back unless
+a worker still holds it, and an in-progress key that would outlive a lease (a worker killed
+between arq's claim and ``START``) is cut down to one. Running it anywhere, any number of
+times, changes nothing in a healthy conversation (``workers/reconcile.py`` runs it).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
 from turnfleet import keys
-from turnfleet.models import AttemptError, TurnRequest, TurnResult
+from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
 
 JOB_FUNCTION = "run_turn"
+UNDECODABLE_FUNCTION = "record_undecodable"  # what an undecodable job payload runs instead
 JOB_TTL_MS = 86_400_000  # arq's expires_extra_ms: a job not started within a day expires
 EVENTS_TTL_S = 7 * 86400  # default retention of per-turn event timelines
 
@@ -32,6 +59,19 @@ local function wake(turn_id, conversation_id, now, job_prefix, job_ttl, fname, q
   local payload = cjson.encode({t=1, f=fname, a={turn_id, conversation_id}, k={}, et=now})
   redis.call('PSETEX', job_prefix .. turn_id, job_ttl, payload)
   redis.call('ZADD', queue, now, turn_id)
+end
+"""
+
+# Shared by the fenced writes: is this attempt still the turn's current, running attempt?
+# Returns 'ok', 'duplicate' (the turn already ended) or 'fenced' (another attempt owns it).
+_FENCE = """
+local function fence_check(turn_key, fence)
+  local st = redis.call('HGET', turn_key, 'status')
+  if st == 'completed' or st == 'failed' then return 'duplicate' end
+  if fence ~= '' then
+    if st ~= 'running' or redis.call('HGET', turn_key, 'attempts') ~= fence then return 'fenced' end
+  end
+  return 'ok'
 end
 """
 
@@ -57,26 +97,71 @@ end
 return 1
 """
 
-# KEYS: turn, conv_queue
-# ARGV: turn_id, worker, started_at_iso
-# Returns {attempt, status}: attempt 0 means "do not run" (status says why).
+# KEYS: turn, conv_queue, turn_errors, in_progress
+# ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso
+# Returns {attempt, status}: attempt 0 means "do not run" (status says why). The attempt
+# number is the fencing token of every later write of this attempt.
 START_LUA = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'unknown'} end
 if st == 'completed' or st == 'failed' then return {0, st} end
 if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[1] then return {0, 'not-head'} end
+if st == 'running' then
+  -- The previous attempt never recorded an outcome: its worker died or lost its lease.
+  local prev = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+  local who = redis.call('HGET', KEYS[1], 'worker') or '?'
+  redis.call('RPUSH', KEYS[3], cjson.encode({
+    attempt = prev, error_type = 'WorkerLost', at = ARGV[5],
+    message = 'attempt ' .. prev .. ' on worker ' .. who ..
+      ' ended without recording an outcome (worker killed, stalled past its lease,'
+      .. ' or cut off from Redis)'}))
+end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
+local lease = tonumber(ARGV[4])
+if lease > 0 then
+  redis.call('SET', KEYS[4], ARGV[2] .. '#' .. attempt, 'PX', lease)
+end
 return {attempt, 'running'}
+"""
+
+# KEYS: turn, in_progress
+# ARGV: attempt, lease_ms, token
+# Returns 1 (lease renewed), 0 (this attempt is no longer the turn's running attempt).
+RENEW_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running'
+   or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS: turn, turn_errors, telemetry, turn_events
+# ARGV: fence ('' = none), error_json, telemetry_batch ('' = none), attempt, events_ttl_s, turn_id
+# Returns 'written', 'duplicate' or 'fenced'.
+FAIL_ATTEMPT_LUA = _FENCE + """
+local verdict = fence_check(KEYS[1], ARGV[1])
+if verdict ~= 'ok' then return verdict end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'queued')
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'turn_id', ARGV[6], 'batch', ARGV[3])
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[5]))
+end
+return 'written'
 """
 
 # KEYS: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events
 # ARGV: turn_id, conversation_id, status, result_json, telemetry_batch ('' = none), now_ms,
-#       job_prefix, job_ttl, fname, current_agent ('' = keep), attempt, events_ttl_s
-# Returns 1 (finished now), 0 (was already finished: nothing written)
-FINISH_LUA = _WAKE + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if st == 'completed' or st == 'failed' then return 0 end
+#       job_prefix, job_ttl, fname, current_agent ('' = keep), attempt, events_ttl_s,
+#       fence ('' = none)
+# Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
+# attempt owns the turn); nothing is written unless 'written'.
+FINISH_LUA = _WAKE + _FENCE + """
+local verdict = fence_check(KEYS[1], ARGV[13])
+if verdict ~= 'ok' then return verdict end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[4], 'current_agent', ARGV[10]) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
@@ -97,8 +182,92 @@ if nxt then
 else
   redis.call('DEL', KEYS[3])
 end
-return 1
+return 'written'
 """
+
+# KEYS: conv_queue, conv_active, arq_queue
+# ARGV: conversation_id, now_ms, job_prefix, job_ttl, fname, turn_key_prefix,
+#       in_progress_prefix, lease_ms
+# Returns {action, turn_id, finished_turns_dropped}; action is one of
+#   idle     no unfinished turn, nothing to do
+#   ok       the head is active and has its arq job
+#   running  the head's job is gone but a worker still holds it (in-progress key)
+#   cleared  no unfinished turn but an active marker was left: removed
+#   woke     the active marker was missing or stale: set to the head (job written if missing)
+#   rewoke   the active head had no arq job: written again
+#   clamped  as ok, but its in-progress key outlived a lease and was cut down to one
+RECONCILE_LUA = """
+local head = redis.call('LINDEX', KEYS[1], 0)
+local dropped = 0
+while head do
+  local st = redis.call('HGET', ARGV[6] .. head, 'status')
+  if st and st ~= 'completed' and st ~= 'failed' then break end
+  redis.call('LPOP', KEYS[1])
+  dropped = dropped + 1
+  head = redis.call('LINDEX', KEYS[1], 0)
+end
+local active = redis.call('GET', KEYS[2])
+if not head then
+  if active then
+    redis.call('DEL', KEYS[2])
+    return {'cleared', active, dropped}
+  end
+  return {'idle', '', dropped}
+end
+local action = 'ok'
+if active ~= head then
+  redis.call('SET', KEYS[2], head)
+  action = 'woke'
+end
+local job_key = ARGV[3] .. head
+local has_job = redis.call('EXISTS', job_key) == 1
+local queued = redis.call('ZSCORE', KEYS[3], head)
+local in_progress = ARGV[7] .. head
+local ttl = redis.call('PTTL', in_progress)
+local lease = tonumber(ARGV[8])
+if ttl ~= -2 and lease > 0 and (ttl == -1 or ttl > lease) then
+  redis.call('PEXPIRE', in_progress, lease)
+  if action == 'ok' then action = 'clamped' end
+end
+if has_job and queued then return {action, head, dropped} end
+if ttl ~= -2 then return {'running', head, dropped} end
+local now = tonumber(ARGV[2])
+if not has_job then
+  local payload = cjson.encode({t=1, f=ARGV[5], a={head, ARGV[1]}, k={}, et=now})
+  redis.call('PSETEX', job_key, tonumber(ARGV[4]), payload)
+end
+redis.call('ZADD', KEYS[3], 'NX', now, head)
+if action == 'ok' then action = 'rewoke' end
+return {action, head, dropped}
+"""
+
+
+class Outcome(enum.Enum):
+    """What a fenced write did. Truthy only when it wrote."""
+
+    WRITTEN = "written"
+    DUPLICATE = "duplicate"  # the turn had already ended: nothing written
+    FENCED = "fenced"  # another attempt owns the turn (this one is stale): nothing written
+
+    def __bool__(self) -> bool:
+        return self is Outcome.WRITTEN
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What ``reconcile_conversation`` found (and did) for one conversation."""
+
+    conversation_id: str
+    action: str
+    turn_id: str
+    dropped: int = 0
+
+    @property
+    def changed(self) -> bool:
+        """A repair of a conversation that could not have moved on by itself. (A ``clamped``
+        lease is not counted: it is also what a healthy claim looks like in the instant
+        between arq's claim and ``START``.)"""
+        return self.action not in ("idle", "ok", "running", "clamped") or self.dropped > 0
 
 
 class ConversationOwnershipError(ValueError):
@@ -122,7 +291,10 @@ class TurnQueue:
         self.redis = redis
         self._enqueue = redis.register_script(ENQUEUE_LUA)
         self._start = redis.register_script(START_LUA)
+        self._renew = redis.register_script(RENEW_LUA)
+        self._fail_attempt = redis.register_script(FAIL_ATTEMPT_LUA)
         self._finish = redis.register_script(FINISH_LUA)
+        self._reconcile = redis.register_script(RECONCILE_LUA)
 
     # -- producer side ---------------------------------------------------------------
 
@@ -174,12 +346,38 @@ class TurnQueue:
 
     # -- worker side -----------------------------------------------------------------
 
-    async def start(self, turn_id: str, conversation_id: str, worker: str, started_at: str) -> StartDecision:
+    async def start(
+        self,
+        turn_id: str,
+        conversation_id: str,
+        worker: str,
+        started_at: str,
+        lease_s: float = 0.0,
+    ) -> StartDecision:
+        """Count an attempt and mark the turn running, if it may run now (it is its
+        conversation's head and has not ended). ``attempt`` is the attempt's fencing token.
+
+        With ``lease_s`` the turn's arq in-progress key is set to expire in that long: the
+        caller renews it with ``renew_lease`` while the attempt runs.
+        """
         attempt, status = await self._start(
-            keys=[keys.turn(turn_id), keys.conversation_queue(conversation_id)],
-            args=[turn_id, worker, started_at],
+            keys=[
+                keys.turn(turn_id),
+                keys.conversation_queue(conversation_id),
+                keys.turn_errors(turn_id),
+                keys.ARQ_IN_PROGRESS_PREFIX + turn_id,
+            ],
+            args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat()],
         )
         return StartDecision(int(attempt), str(status))
+
+    async def renew_lease(self, turn_id: str, attempt: int, worker: str, lease_s: float) -> bool:
+        """Extend the attempt's lease; False once the attempt no longer owns the turn."""
+        held = await self._renew(
+            keys=[keys.turn(turn_id), keys.ARQ_IN_PROGRESS_PREFIX + turn_id],
+            args=[attempt, int(lease_s * 1000), f"{worker}#{attempt}"],
+        )
+        return int(held) == 1
 
     async def record_attempt_failure(
         self,
@@ -187,16 +385,30 @@ class TurnQueue:
         error: AttemptError,
         telemetry_batch: str | None,
         events_ttl_s: int = EVENTS_TTL_S,
-    ) -> None:
-        """Keep a failed attempt's error (and its telemetry) before the turn is tried again."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(keys.turn_errors(turn_id), error.model_dump_json())
-            pipe.hset(keys.turn(turn_id), "status", "queued")
-            if telemetry_batch:
-                pipe.xadd(keys.TELEMETRY_STREAM, {"turn_id": turn_id, "batch": telemetry_batch})
-                pipe.hset(keys.turn_events(turn_id), str(error.attempt), telemetry_batch)
-                pipe.expire(keys.turn_events(turn_id), events_ttl_s)
-            await pipe.execute()
+        fence: int | None = None,
+    ) -> Outcome:
+        """Keep a failed attempt's error (and its telemetry) before the turn is tried again.
+
+        With ``fence`` (the attempt number ``start`` returned) nothing is written unless that
+        attempt is still the turn's running attempt.
+        """
+        verdict = await self._fail_attempt(
+            keys=[
+                keys.turn(turn_id),
+                keys.turn_errors(turn_id),
+                keys.TELEMETRY_STREAM,
+                keys.turn_events(turn_id),
+            ],
+            args=[
+                "" if fence is None else fence,
+                error.model_dump_json(),
+                telemetry_batch or "",
+                error.attempt,
+                events_ttl_s,
+                turn_id,
+            ],
+        )
+        return Outcome(verdict)
 
     async def finish(
         self,
@@ -204,14 +416,17 @@ class TurnQueue:
         telemetry_batch: str | None,
         current_agent: str | None = None,
         events_ttl_s: int = EVENTS_TTL_S,
-    ) -> bool:
+        fence: int | None = None,
+    ) -> Outcome:
         """Write the terminal result and telemetry, then wake the conversation's next turn.
 
         The telemetry batch is also kept per attempt (``keys.turn_events``) for
         ``events_ttl_s``: the timeline replay shows for turns whose spans were not sampled.
+        With ``fence`` (the attempt number ``start`` returned) nothing is written unless that
+        attempt is still the turn's running attempt. Truthy only if this call wrote.
         """
         cid = result.conversation_id
-        done = await self._finish(
+        verdict = await self._finish(
             keys=[
                 keys.turn(result.turn_id),
                 keys.conversation_queue(cid),
@@ -235,9 +450,48 @@ class TurnQueue:
                 current_agent or "",
                 max(result.attempts, 1),
                 events_ttl_s,
+                "" if fence is None else fence,
             ],
         )
-        return int(done) == 1
+        return Outcome(verdict)
+
+    def _reconcile_call(self, conversation_id: str, lease_s: float, client: Any = None) -> Any:
+        return self._reconcile(
+            keys=[
+                keys.conversation_queue(conversation_id),
+                keys.conversation_active(conversation_id),
+                keys.ARQ_QUEUE,
+            ],
+            args=[
+                conversation_id,
+                now_ms(),
+                keys.ARQ_JOB_PREFIX,
+                JOB_TTL_MS,
+                JOB_FUNCTION,
+                keys.turn(""),
+                keys.ARQ_IN_PROGRESS_PREFIX,
+                int(lease_s * 1000),
+            ],
+            client=client,
+        )
+
+    async def reconcile_conversation(self, conversation_id: str, lease_s: float = 0.0) -> Reconciled:
+        """Repair one conversation's queue, active marker and head job (see the module doc)."""
+        action, turn_id, dropped = await self._reconcile_call(conversation_id, lease_s)
+        return Reconciled(conversation_id, str(action), str(turn_id), int(dropped))
+
+    async def reconcile_many(self, conversation_ids: list[str], lease_s: float = 0.0) -> list[Reconciled]:
+        """``reconcile_conversation`` for many, in one pipelined round trip (each atomic)."""
+        if not conversation_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in conversation_ids:
+                await self._reconcile_call(cid, lease_s, client=pipe)
+            replies = await pipe.execute()
+        return [
+            Reconciled(cid, str(action), str(turn_id), int(dropped))
+            for cid, (action, turn_id, dropped) in zip(conversation_ids, replies)
+        ]
 
     # -- read side -------------------------------------------------------------------
 
@@ -316,5 +570,41 @@ def serialize_job(data: dict[str, object]) -> bytes:
 
 
 def deserialize_job(raw: bytes) -> dict[str, object]:
-    """arq ``job_deserializer``."""
-    return json.loads(raw)
+    """arq ``job_deserializer``. Never raises: a payload that is not a well-formed turn job
+    becomes a job for ``record_undecodable`` (``UNDECODABLE_FUNCTION``) with the reason.
+
+    arq's own handling of a payload it cannot decode fails the *arq job* (deletes it) and
+    leaves the turn ``queued`` with no job, its conversation stalled. Decoding it into a job
+    that records the failure instead lets the worker end the turn ``failed``
+    (``UndecodableJob``) for the job id (= the turn id) and wake the conversation's next turn.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return undecodable_job(f"not JSON ({type(exc).__name__}: {exc})")
+    problem = _job_problem(data)
+    if problem is not None:
+        return undecodable_job(problem)
+    return data  # type: ignore[no-any-return]
+
+
+def undecodable_job(reason: str) -> dict[str, object]:
+    """The job ``deserialize_job`` hands arq for a payload it could not decode."""
+    return {"t": 1, "f": UNDECODABLE_FUNCTION, "a": [reason[:500]], "k": {}, "et": now_ms()}
+
+
+def _job_problem(data: object) -> str | None:
+    """Why a decoded payload is not a turn job as the scripts write it (None: it is)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if data.get("f") != JOB_FUNCTION:
+        return f"function {str(data.get('f'))[:80]!r} is not {JOB_FUNCTION!r}"
+    args = data.get("a")
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(x, str) for x in args)):
+        return "arguments are not [turn_id, conversation_id]"
+    if not isinstance(data.get("k"), dict):
+        return "keyword arguments are not an object"
+    for field in ("t", "et"):
+        if not isinstance(data.get(field), int) or isinstance(data.get(field), bool):
+            return f"field {field!r} is not an integer"
+    return None

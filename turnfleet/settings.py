@@ -205,7 +205,8 @@ class TelemetrySettings(CommonSettings):
     )
     telemetry_max_entries: int = Field(
         default=1_000_000,
-        description="Trim the telemetry stream to about this many entries, never past unacknowledged ones.",
+        description="Acknowledged entries are trimmed; an unacknowledged backlog longer than this "
+        "is counted and logged (never trimmed).",
     )
     latency_samples: int = Field(
         default=10_000, description="Latest samples kept per dimension for p50/p95/p99."

@@ -5,17 +5,42 @@ The job for turn T runs only while T is the head of its conversation's queue (se
 exactly one of: a completed result, a recorded failed attempt that arq runs again
 (``Retry``), or a terminal failure; the finish script writes the result, the telemetry batch
 and the next turn's job atomically.
+
+**Crash recovery within a bound.** ``START`` gives the attempt a number (its fencing token)
+and a lease: arq's in-progress key for the turn, set to expire in ``turn_lease_s`` instead of
+arq's ``job_timeout`` + 10 s and renewed every ``turn_lease_s / 3`` by ``Lease`` while the
+attempt runs. A SIGKILLed worker stops renewing; its turn is claimed again by another worker
+at most ``turn_lease_s`` + ``poll_delay_s`` after the kill (10.01 s by default), and the
+next ``START`` records the lost attempt as ``WorkerLost``. (A worker killed in the
+millisecond between arq's claim and ``START`` leaves arq's longer key; the reconciler cuts it
+to one lease, so that case waits at most ``reconcile_every_s`` + ``turn_lease_s``.)
+
+**Never twice at once.** Outcome writes carry the attempt number and are refused unless the
+attempt is still the turn's running attempt. A worker that stalled past its lease (paused,
+partitioned) while another took the turn over learns it at its next renewal — the attempt
+is cancelled — or at its outcome write, which is refused; either way it logs
+``turn.result_dropped`` and writes nothing, and arq's clean-up for it is skipped
+(``Runtime.fenced``, see ``workers.settings.TurnWorker``) so the new attempt's job and lease
+are left alone.
+
+**Drain.** When the worker stops (``Runtime.stopping``), attempts still running after the
+drain grace are cancelled: each records a ``WorkerStopped`` attempt error (with what it had
+spent) and re-raises, and arq puts the job back for another worker.
+
+**Undecodable jobs.** ``record_undecodable`` is what a payload ``deserialize_job`` could not
+decode runs: it ends the turn ``failed`` (``UndecodableJob``) and wakes its conversation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import os
+import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from agents import RunConfig, Runner, flush_traces, trace
@@ -28,11 +53,15 @@ from agents.exceptions import (
 )
 from agents.extensions.memory import RedisSession
 from arq import Retry
+from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
-from turnfleet.queue import TurnQueue
+from turnfleet.queue import Outcome, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.context import TurnContext
@@ -50,6 +79,10 @@ DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
     OutputGuardrailTripwireTriggered,
 )
 
+STALE = "stale"  # what run_turn returns when its attempt lost the turn to another one
+
+T = TypeVar("T")
+
 
 @dataclass
 class Runtime:
@@ -63,10 +96,87 @@ class Runtime:
     worker_name: str
     redactor: Redactor | None = None
     traces: TraceStore | None = None
+    # Job ids whose attempt was fenced out: arq must not delete the job or in-progress key
+    # they share with the attempt that now owns the turn.
+    fenced: set[str] = field(default_factory=set)
+    stopping: bool = False  # the worker is draining: a cancelled attempt is "WorkerStopped"
 
 
 def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Lease:
+    """Keeps a running attempt's lease (arq's in-progress key for the turn) alive.
+
+    Renewed every ``turn_lease_s / 3`` while the attempt runs. A renewal that finds the
+    attempt no longer owns the turn (it stalled past its lease and another worker started a
+    newer attempt) sets ``lost`` and cancels the attempt: its outcome would be refused anyway.
+    A renewal that fails on a Redis error is logged and tried again at the next tick.
+    """
+
+    def __init__(self, rt: Runtime, turn_id: str, attempt: int) -> None:
+        self.rt = rt
+        self.turn_id = turn_id
+        self.attempt = attempt
+        self.lost = False
+        self._job = asyncio.current_task()
+        self._keeper: asyncio.Task[None] | None = None
+        if rt.settings.turn_lease_s > 0:
+            self._keeper = asyncio.create_task(self._keep(), name=f"lease:{turn_id}")
+
+    async def _keep(self) -> None:
+        lease_s = self.rt.settings.turn_lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                held = await self.rt.queue.renew_lease(self.turn_id, self.attempt, self.rt.worker_name, lease_s)
+            except RedisError as exc:
+                log.warning("turn.lease_renew_failed", turn_id=self.turn_id, attempt=self.attempt, error=str(exc))
+                continue
+            if not held:
+                self.lost = True
+                log.warning("turn.lease_lost", turn_id=self.turn_id, attempt=self.attempt,
+                            action="attempt cancelled; a newer attempt owns the turn")
+                if self._job is not None:
+                    self._job.cancel()
+                return
+
+    async def stop(self) -> None:
+        """Stop renewing (before the outcome write, and at the end). Idempotent."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and not keeper.done():
+            keeper.cancel()
+            await asyncio.wait([keeper])  # never swallows a cancellation of the caller
+
+
+async def _durably(rt: Runtime, what: str, write: Callable[[], Awaitable[T]]) -> T:
+    """An outcome write, retried on connection errors for up to one lease (Redis restarting).
+
+    Retrying is safe: the writes are fenced, so a write that landed before its reply was lost
+    comes back ``DUPLICATE`` (finish) or ``FENCED`` (attempt failure), never twice.
+    """
+    deadline = time.monotonic() + max(rt.settings.turn_lease_s, 1.0)
+    delay = 0.1
+    while True:
+        try:
+            return await write()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("turn.outcome_write_retry", what=what, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _dropped(rt: Runtime, turn_id: str, outcome: Outcome, log_ctx: Any, what: str) -> str:
+    """A refused outcome write: log it, and keep arq's hands off the newer attempt's job."""
+    if outcome is Outcome.FENCED:
+        rt.fenced.add(turn_id)
+    log_ctx.warning("turn.result_dropped", what=what, outcome=outcome.value,
+                    reason="another attempt owns the turn" if outcome is Outcome.FENCED
+                    else "the turn had already ended")
+    return STALE
 
 
 async def _reset_memory(session: RedisSession, redis: Redis, turn_id: str) -> None:
@@ -86,36 +196,67 @@ async def _reset_memory(session: RedisSession, redis: Redis, turn_id: str) -> No
 
 
 async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> str:
+    """arq job: one attempt of a turn. Returns how it ended (``completed``, ``failed``,
+    ``stale``, or why it did not run); raises ``Retry`` after a transient failure and
+    ``CancelledError`` when the worker stops before the attempt ends (arq requeues both).
+
+    Redis going away mid-attempt (beyond what ``_durably`` retries) is a ``Retry`` too, not a
+    job failure: arq would delete a failed job, and the turn would wait for the reconciler.
+    The attempt, if it had started, is recorded as ``WorkerLost`` by the next ``START``.
+    """
     rt: Runtime = ctx["runtime"]
+    try:
+        return await _run_turn(rt, turn_id, conversation_id)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("turn.redis_unavailable", turn_id=turn_id, error=str(exc),
+                    retry_in_s=rt.settings.retry_delay_s)
+        raise Retry(defer=rt.settings.retry_delay_s) from exc
+
+
+async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str) -> str:
     started_at = utcnow()
-    decision = await rt.queue.start(turn_id, conversation_id, rt.worker_name, started_at.isoformat())
+    decision = await rt.queue.start(
+        turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s
+    )
     if decision.attempt == 0:
         log.info("turn.skipped", turn_id=turn_id, reason=decision.status)
         return decision.status
+    lease = Lease(rt, turn_id, decision.attempt)
+    try:
+        return await _run_attempt(rt, turn_id, conversation_id, decision.attempt, started_at, lease)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not lease.lost or (task is not None and task.uncancel() > 0):
+            raise  # the worker is stopping (or arq timed the job out): arq requeues it
+        rt.fenced.add(turn_id)
+        log.warning("turn.result_dropped", turn_id=turn_id, attempt=decision.attempt,
+                    what="attempt", outcome="fenced", reason="lease lost to a newer attempt")
+        return STALE
+    finally:
+        await lease.stop()
+
+
+async def _run_attempt(
+    rt: Runtime, turn_id: str, conversation_id: str, attempt: int, started_at: datetime, lease: Lease
+) -> str:
     req = await rt.queue.get_request(turn_id)
     assert req is not None  # start() checked the record exists
-    attempt = decision.attempt
     queue_wait_ms = max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000)
-    hooks = TelemetryHooks(
-        turn_id=turn_id,
-        attempt=attempt,
-        conversation_id=conversation_id,
-        customer_id=req.customer_id,
-        model_name=rt.model_name,
-        redactor=rt.redactor,
-        include_data=rt.settings.trace_include_sensitive_data,
-    )
+    hooks = _hooks(rt, req, attempt)
     log_ctx = structlog.get_logger(__name__).bind(
         turn_id=turn_id, conversation_id=conversation_id, attempt=attempt
     )
 
     if attempt > rt.settings.max_attempts:
-        # Earlier attempts died with their worker (nothing recorded them): give up cleanly.
-        message = f"{attempt - 1} attempts started and none finished (worker lost each time)"
+        # Earlier attempts died with their worker or were stopped by a drain: give up cleanly.
+        message = f"{attempt - 1} attempts started and none finished (worker lost or stopped each time)"
         hooks.turn_errored(terminal=True, duration_ms=0.0, error_type="AttemptsExhausted", message=message)
-        await _finish_failed(rt, req, hooks, attempt - 1, started_at, queue_wait_ms,
-                             "AttemptsExhausted", message)
-        log_ctx.warning("turn.failed", error_type="AttemptsExhausted")
+        await lease.stop()
+        outcome = await _finish_failed(rt, req, hooks, attempt - 1, started_at, queue_wait_ms,
+                                       "AttemptsExhausted", message, fence=attempt)
+        if not outcome:
+            return _dropped(rt, turn_id, outcome, log_ctx, "result")
+        log_ctx.warning("turn.failed", error_type="AttemptsExhausted", attempts=attempt - 1)
         return "failed"
 
     current_agent = await rt.redis.hget(keys.conversation_state(conversation_id), "current_agent")
@@ -167,6 +308,23 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
                         trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,
                     ),
                 )
+    except asyncio.CancelledError:
+        if lease.lost:
+            raise  # run_turn drops it: a newer attempt owns the turn
+        # The worker is stopping (drain grace ran out) or arq timed the job out. Record the
+        # attempt (what it spent included) so the turn is neither lost nor stuck "running",
+        # then let arq requeue the job. Shielded: a second cancel must not cut the record.
+        duration_ms = (time.perf_counter() - t0) * 1000
+        error_type = "WorkerStopped" if rt.stopping else "Cancelled"
+        message = (
+            f"worker {rt.worker_name} stopped before the attempt ended (drain grace "
+            f"{rt.settings.drain_grace_s:g}s ran out); the turn runs again"
+            if rt.stopping else "the attempt was cancelled before it ended; the turn runs again"
+        )
+        await asyncio.shield(_record_cancelled(
+            rt, req, hooks, attempt, started_at, trace_id, duration_ms, error_type, message, lease, log_ctx
+        ))
+        raise
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none is lost
         duration_ms = (time.perf_counter() - t0) * 1000
         error_type = "TurnTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -174,17 +332,21 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         terminal = isinstance(exc, DETERMINISTIC_ERRORS) or attempt >= rt.settings.max_attempts
         await _keep_trace(rt, trace_id, req, hooks, attempt, started_at, "failed", duration_ms)
         hooks.turn_errored(terminal=terminal, duration_ms=duration_ms, error_type=error_type, message=message)
+        await lease.stop()
         if terminal:
-            await _finish_failed(rt, req, hooks, attempt, started_at, queue_wait_ms,
-                                 error_type, message)
+            outcome = await _finish_failed(rt, req, hooks, attempt, started_at, queue_wait_ms,
+                                           error_type, message, fence=attempt)
+            if not outcome:
+                return _dropped(rt, turn_id, outcome, log_ctx, "result")
             log_ctx.warning("turn.failed", error_type=error_type, error=message)
             return "failed"
-        await rt.queue.record_attempt_failure(
-            turn_id,
-            AttemptError(attempt=attempt, error_type=error_type, message=message, usage=hooks.usage),
-            hooks.batch_json(),
-            events_ttl_s=rt.settings.trace_retention_s,
-        )
+        error = AttemptError(attempt=attempt, error_type=error_type, message=message, usage=hooks.usage)
+        batch = hooks.batch_json()
+        outcome = await _durably(rt, "attempt failure", lambda: rt.queue.record_attempt_failure(
+            turn_id, error, batch, events_ttl_s=rt.settings.trace_retention_s, fence=attempt,
+        ))
+        if not outcome:
+            return _dropped(rt, turn_id, outcome, log_ctx, "attempt failure")
         log_ctx.warning("turn.attempt_failed", error_type=error_type, error=message)
         raise Retry(defer=rt.settings.retry_delay_s * attempt) from exc
     finally:
@@ -198,11 +360,103 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
         rt, req, hooks, attempt, started_at, queue_wait_ms, "completed",
         errors=await rt.queue.errors(turn_id), final_output=final, duration_ms=duration_ms,
     )
-    await rt.queue.finish(turn_result, hooks.batch_json(), current_agent=result.last_agent.name,
-                          events_ttl_s=rt.settings.trace_retention_s)
+    await lease.stop()
+    batch = hooks.batch_json()
+    outcome = await _durably(rt, "result", lambda: rt.queue.finish(
+        turn_result, batch, current_agent=result.last_agent.name,
+        events_ttl_s=rt.settings.trace_retention_s, fence=attempt,
+    ))
+    if not outcome:
+        return _dropped(rt, turn_id, outcome, log_ctx, "result")
     log_ctx.info("turn.completed", duration_ms=round(duration_ms, 1), agent=result.last_agent.name,
                  tokens=hooks.usage.total_tokens)
     return "completed"
+
+
+async def _record_cancelled(
+    rt: Runtime,
+    req: TurnRequest,
+    hooks: TelemetryHooks,
+    attempt: int,
+    started_at: datetime,
+    trace_id: str | None,
+    duration_ms: float,
+    error_type: str,
+    message: str,
+    lease: Lease,
+    log_ctx: Any,
+) -> None:
+    await lease.stop()
+    try:
+        await _keep_trace(rt, trace_id, req, hooks, attempt, started_at, "failed", duration_ms)
+    except RedisError as exc:
+        log_ctx.warning("turn.trace_not_kept", error=str(exc))
+    hooks.turn_errored(terminal=False, duration_ms=duration_ms, error_type=error_type, message=message)
+    error = AttemptError(attempt=attempt, error_type=error_type, message=message, usage=hooks.usage)
+    try:
+        outcome = await rt.queue.record_attempt_failure(
+            req.turn_id, error, hooks.batch_json(), events_ttl_s=rt.settings.trace_retention_s, fence=attempt
+        )
+    except RedisError as exc:
+        # Not recorded: the turn stays "running" until its lease lapses, then the next
+        # attempt records this one as WorkerLost.
+        log_ctx.error("turn.attempt_cancelled", error_type=error_type, recorded=False, error=str(exc))
+        return
+    if not outcome:
+        _dropped(rt, req.turn_id, outcome, log_ctx, "attempt failure")
+        return
+    log_ctx.warning("turn.attempt_cancelled", error_type=error_type, recorded=True)
+
+
+async def record_undecodable(ctx: dict[str, Any], reason: str) -> str:
+    """arq job for a payload ``deserialize_job`` could not decode (see its docstring).
+
+    The job id is the turn id: the turn ends ``failed`` with ``UndecodableJob`` (counted as
+    one attempt, in telemetry and alerts like any failure) and its conversation moves on.
+    Not retried: the payload would not decode better next time. A job id that is no turn,
+    or a turn that may not run now, is logged and its job dropped.
+    """
+    rt: Runtime = ctx["runtime"]
+    turn_id = str(ctx.get("job_id", ""))
+    log_ctx = log.bind(turn_id=turn_id)
+    try:
+        req = await rt.queue.get_request(turn_id)
+    except ValidationError as exc:
+        log_ctx.error("job.undecodable", reason=reason, action="dropped", why=f"turn record unreadable: {exc}")
+        return "unknown"
+    if req is None:
+        log_ctx.error("job.undecodable", reason=reason, action="dropped", why="no such turn")
+        return "unknown"
+    started_at = utcnow()
+    decision = await rt.queue.start(
+        turn_id, req.conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s
+    )
+    if decision.attempt == 0:
+        log_ctx.warning("job.undecodable", reason=reason, action="dropped", why=decision.status)
+        return decision.status
+    queue_wait_ms = max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000)
+    hooks = _hooks(rt, req, decision.attempt)
+    message = f"the turn's job payload in Redis could not be decoded: {reason}"
+    hooks.turn_errored(terminal=True, duration_ms=0.0, error_type="UndecodableJob", message=message)
+    outcome = await _finish_failed(rt, req, hooks, decision.attempt, started_at, queue_wait_ms,
+                                   "UndecodableJob", message, fence=decision.attempt)
+    if not outcome:
+        return _dropped(rt, turn_id, outcome, log_ctx, "result")
+    log_ctx.error("turn.failed", error_type="UndecodableJob", error=message, conversation_id=req.conversation_id)
+    return "failed"
+
+
+def _hooks(rt: Runtime, req: TurnRequest, attempt: int) -> TelemetryHooks:
+    """The collector of one attempt's telemetry events."""
+    return TelemetryHooks(
+        turn_id=req.turn_id,
+        attempt=attempt,
+        conversation_id=req.conversation_id,
+        customer_id=req.customer_id,
+        model_name=rt.model_name,
+        redactor=rt.redactor,
+        include_data=rt.settings.trace_include_sensitive_data,
+    )
 
 
 async def _keep_trace(
@@ -275,11 +529,15 @@ async def _finish_failed(
     queue_wait_ms: float,
     error_type: str,
     message: str,
-) -> None:
+    fence: int | None = None,
+) -> Outcome:
     errors = await rt.queue.errors(req.turn_id)
     errors.append(AttemptError(attempt=attempt, error_type=error_type, message=message))
     result = _turn_result(
         rt, req, hooks, attempt, started_at, queue_wait_ms, "failed",
         errors=errors, error_type=error_type, error_message=message,
     )
-    await rt.queue.finish(result, hooks.batch_json(), events_ttl_s=rt.settings.trace_retention_s)
+    batch = hooks.batch_json()
+    return await _durably(rt, "result", lambda: rt.queue.finish(
+        result, batch, events_ttl_s=rt.settings.trace_retention_s, fence=fence,
+    ))

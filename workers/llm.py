@@ -1,33 +1,196 @@
 """Which model the agents call: the offline model by default, or any OpenAI-compatible endpoint.
 
 A settings change (``TURNFLEET_MODEL_BASE_URL``, ``TURNFLEET_MODEL_NAME``,
-``TURNFLEET_MODEL_API_KEY``, ``TURNFLEET_MODEL_API``) switches to OpenAI, vLLM, Ollama or a
-LiteLLM proxy; nothing else changes.
+``TURNFLEET_MODEL_API_KEY``, ``TURNFLEET_MODEL_API`` = ``chat`` | ``responses``) switches to
+OpenAI, vLLM, Ollama or a LiteLLM proxy; nothing else changes.
+
+What a caller may rely on for an endpoint model:
+
+- **Timeout.** Each HTTP request to the endpoint is bounded by ``model_timeout_s`` (connect,
+  read, write and pool each; a server that sends nothing for that long times out).
+- **Retries inside one model call**, by the ``openai`` client itself (``max_retries =
+  model_max_retries``): on 408, 409, 429 and 5xx answers, timeouts and connection errors, with
+  exponential backoff and jitter (0.5 s × 2^n, at most 8 s, minus up to 25 %), honouring a
+  server's ``Retry-After`` / ``retry-after-ms`` (up to the client's cap) and
+  ``x-should-retry``. Only the answer that finally succeeds reaches the SDK: one model call is
+  one ``llm_end`` with that answer's usage (``requests == 1``) and one generation span,
+  whatever was retried underneath; when the retries run out, the last error propagates and
+  the turn attempt fails (the job decides whether another attempt runs).
+- **Malformed answers.** A 2xx answer whose body is not JSON, or is JSON without the shape of
+  a Chat Completion (``choices``, each with a ``message``) or a Response (``output``), raises
+  :class:`MalformedModelResponse` (an ``openai.APIResponseValidationError``) naming the
+  endpoint, the content type and the start of the body. Without this check the SDK would fail
+  with an ``AttributeError`` deep inside its converter, or read a schema-less body as "no
+  choices" and raise ``ModelBehaviorError``, which the job treats as deterministic. The
+  ``openai`` client does not retry it (a response did arrive); it is transient for the job
+  (:func:`is_transient_model_error`).
+- **Tracing.** The SDK's OpenAI models open their own generation spans (model, config, usage,
+  and input/output when sensitive data is included). Nothing here registers the client or
+  its key for trace export (no ``set_default_openai_client``); the worker replaces the SDK's
+  processors with its own at startup, so no trace goes to api.openai.com.
+
+Why the ``openai`` client's retries and not the Agents SDK's runner-managed retries
+(``ModelSettings(retry=ModelRetrySettings(...))``, ``agents/retry.py``): the client's loop is
+the long-standing, widely used one, and it retries *below* the SDK, so the SDK sees one call.
+The runner's loop (opt-in and recent) adds each failed request to the response's
+``usage.requests`` as a zero-token request entry, so ``requests`` would no longer equal the
+number of ``llm_end`` events telemetry counts (the audit compares them); it is configured per
+agent or per run (``ModelSettings``/``RunConfig``), not with the model; and on a first attempt
+it keeps the client's own retries on, so both layers would multiply. Its one advantage, a
+configurable backoff base, does not outweigh that: tests keep retry time small with a low
+``TURNFLEET_MODEL_MAX_RETRIES`` and servers that send ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING, Any
+
+import openai
+import structlog
 from agents.models.interface import Model
 
 from turnfleet.settings import WorkerProcessSettings
 
+if TYPE_CHECKING:
+    import httpx2  # the openai client's HTTP library
+
+log = structlog.get_logger(__name__)
+
 OFFLINE_MODEL = "turnfleet-offline"
+MODEL_APIS = ("chat", "responses")
+BODY_SNIPPET_CHARS = 200
+
+# Answers of these statuses are worth another try (the openai client retries the same set).
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+
+class MalformedModelResponse(openai.APIResponseValidationError):
+    """The endpoint answered 2xx with a body that is not a Chat Completion / Response.
+
+    Transient: a proxy's error page, a truncated body or an overloaded server's junk is not
+    what the same request gets next time. ``body`` holds the decoded JSON when it parsed,
+    else the raw text; ``status_code`` the HTTP status.
+    """
 
 
 def make_model(settings: WorkerProcessSettings) -> Model:
+    """The model the Support Desk runs on, from settings (see the module docstring)."""
     if settings.model_base_url is None and settings.model_name == OFFLINE_MODEL:
         from workers.model import OfflineModel
 
         return OfflineModel(model_name=OFFLINE_MODEL)
+    if settings.model_api not in MODEL_APIS:
+        raise ValueError(
+            f"TURNFLEET_MODEL_API must be one of {', '.join(MODEL_APIS)}, not {settings.model_api!r}"
+        )
     from agents import OpenAIChatCompletionsModel, OpenAIResponsesModel
-    from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(
+    client = openai.AsyncOpenAI(
         base_url=settings.model_base_url,
-        api_key=settings.model_api_key or "not-needed",
-        timeout=settings.turn_timeout_s,
-        max_retries=2,
+        # A local endpoint usually wants no key, but the client insists on one; without a
+        # base URL the client reads OPENAI_API_KEY itself, and fails at startup if unset.
+        api_key=settings.model_api_key or ("not-needed" if settings.model_base_url else None),
+        timeout=settings.model_timeout_s,
+        max_retries=settings.model_max_retries,
+        http_client=openai.DefaultAsyncHttpxClient(
+            event_hooks={"response": [check_model_response]}
+        ),
+    )
+    log.info(
+        "model.endpoint",
+        model=settings.model_name,
+        api=settings.model_api,
+        base_url=str(client.base_url),
+        timeout_s=settings.model_timeout_s,
+        max_retries=settings.model_max_retries,
     )
     if settings.model_api == "responses":
         return OpenAIResponsesModel(model=settings.model_name, openai_client=client)
     return OpenAIChatCompletionsModel(model=settings.model_name, openai_client=client)
+
+
+def is_transient_model_error(exc: BaseException) -> bool | None:
+    """Whether a model endpoint error may go away on another attempt; ``None`` if ``exc`` is
+    not a model endpoint error (the caller decides).
+
+    Transient: :class:`MalformedModelResponse`, timeouts and connection errors, and answers
+    408, 409, 429 and 5xx (what is left of them after the client's own retries). Deterministic:
+    the other 4xx answers (bad request, authentication, permission, unknown model,
+    unprocessable): the same request gets the same answer.
+    """
+    if isinstance(exc, (MalformedModelResponse, openai.APIConnectionError)):
+        return True  # APITimeoutError is an APIConnectionError
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in TRANSIENT_STATUSES or exc.status_code >= 500
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Checking answers before the openai client parses them
+
+
+def _expected_shape(path: str) -> str | None:
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/responses"):
+        return "responses"
+    return None
+
+
+def shape_problem(shape: str, body: Any) -> str | None:
+    """What keeps ``body`` (decoded JSON) from being a Chat Completion or a Response, if anything.
+
+    Deliberately minimal: only what the SDK reads without checking. Providers differ in the
+    optional fields they send, and the SDK handles an empty ``choices`` list itself.
+    """
+    if not isinstance(body, dict):
+        return f"JSON {type(body).__name__}, not an object"
+    if shape == "chat":
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return "no 'choices' list"
+        if any(not isinstance(c, dict) or not isinstance(c.get("message"), dict) for c in choices):
+            return "a choice without a 'message' object"
+    elif not isinstance(body.get("output"), list):
+        return "no 'output' list"
+    usage = body.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return "'usage' is not an object"
+    return None
+
+
+async def check_model_response(response: httpx2.Response) -> None:
+    """httpx response hook: raise :class:`MalformedModelResponse` for a 2xx answer to a
+    non-streaming completion request whose body has not the expected shape.
+
+    Runs inside the client's send, before the openai client parses: an ``openai`` error
+    raised here propagates as itself (the client neither wraps nor retries it).
+    """
+    request = response.request
+    shape = _expected_shape(request.url.path)
+    if shape is None or request.method != "POST" or not response.is_success:
+        return
+    content_type = response.headers.get("content-type", "")
+    if content_type.startswith("text/event-stream"):
+        return  # a stream: the SDK's stream handler reads it event by event
+    await response.aread()
+    text = response.text
+    try:
+        body: Any = json.loads(text)
+    except ValueError:
+        problem, body = "not JSON", text
+    else:
+        problem = shape_problem(shape, body)
+    if problem is None:
+        return
+    snippet = text[:BODY_SNIPPET_CHARS] + ("…" if len(text) > BODY_SNIPPET_CHARS else "")
+    what = "chat completion" if shape == "chat" else "response"
+    raise MalformedModelResponse(
+        response,
+        body,
+        message=(
+            f"{request.url} answered {response.status_code} ({content_type or 'no content type'})"
+            f" with a body that is not a {what}: {problem}: {snippet!r}"
+        ),
+    )

@@ -1,0 +1,378 @@
+"""Drills 1, 2, 3 and 7 (job half): workers that die, stop, meet poison turns and garbage.
+
+Real ``turnfleet worker`` subprocesses (the supervised arq worker a deployment runs), a real
+Redis per test and, where a model call must be held while the test acts, the local
+OpenAI-compatible server (``tests/llm_server.py``) with its hold gate. Every drill waits on
+events — a held model request, a process exit, the results stream, a key, a log line the
+worker writes when it begins to drain — and ends with the audit (``tests/drills/audit.py``).
+
+Leases are 2 s here (``TURNFLEET_TURN_LEASE_S``), so a killed worker's turn is taken over
+within about 2 s; the reconciler runs only where a drill asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from producer import Producer
+from tests.drills.audit import audit
+from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
+from tests.test_fleet import run_burst
+from turnfleet import keys
+from turnfleet.fleet import FleetProcess
+from turnfleet.queue import UNDECODABLE_FUNCTION, deserialize_job
+from workers.reconcile import reconcile
+
+LEASE_S = 2.0
+MODEL = "gpt-4o-mini"
+
+
+def drill_env(env: dict[str, str], server: LLMServer | None = None, **extra: str) -> dict[str, str]:
+    out = {
+        **env,
+        "TURNFLEET_TURN_LEASE_S": str(LEASE_S),
+        "TURNFLEET_RETRY_DELAY_S": "0.05",
+        "TURNFLEET_RECONCILE_EVERY_S": "3600",  # only the reconciler drill runs it often
+        **extra,
+    }
+    if server is not None:
+        out.update({
+            "TURNFLEET_MODEL_BASE_URL": server.url,
+            "TURNFLEET_MODEL_NAME": MODEL,
+            "TURNFLEET_MODEL_API_KEY": "sk-test-dummy",
+            "TURNFLEET_MODEL_TIMEOUT_S": "60",  # a held request must outlast the drill's steps
+            "TURNFLEET_MODEL_MAX_RETRIES": "0",
+        })
+    return out
+
+
+class Fleet:
+    """Worker subprocesses of one test; whatever is still running at the end is killed."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[FleetProcess] = []
+
+    def worker(self, env: dict[str, str], name: str, *, burst: bool = False) -> FleetProcess:
+        args = ["worker", "--burst"] if burst else ["worker"]
+        proc = FleetProcess(name, args, {**env, "TURNFLEET_WORKER_NAME": name},
+                            self.tmp_path / f"{name}.log").start()
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.kill_all()
+
+
+async def exited(proc: FleetProcess, timeout: float = 60) -> int:
+    """The process's exit status, waited for without blocking the event loop."""
+    return await asyncio.to_thread(proc.wait, timeout)
+
+
+async def until(check, what: str, timeout: float = 20.0, proc: FleetProcess | None = None) -> None:
+    """Wait for ``check()`` (sync or async) to hold: a key written, a log line logged."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = check()
+        if asyncio.iscoroutine(ok):
+            ok = await ok
+        if ok:
+            return
+        if proc is not None and not proc.running():
+            raise AssertionError(f"{proc.name} exited ({proc.process.returncode}) before {what}: "
+                                 f"{proc.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def polling(redis, *names: str) -> None:
+    """Until each named worker has written its heartbeat: its poll loop starts right after."""
+    for name in names:
+        await until(lambda n=name: redis.zscore(keys.WORKERS, n), f"{name}'s heartbeat")
+
+
+def logged(proc: FleetProcess, event: str) -> bool:
+    return f'"event": "{event}"' in proc.output()
+
+
+async def finish_audit(redis, fleet_env: dict[str, str], tmp_path: Path, turn_ids: list[str]):
+    run_burst("telemetry", fleet_env, tmp_path, name=f"telemetry-{len(turn_ids)}")
+    return await audit(redis, turn_ids)
+
+
+# -- Drill 1: SIGKILL a worker mid-turn ----------------------------------------------------
+
+
+async def test_drill1_a_killed_workers_turn_completes_on_another_worker_within_the_lease(
+    redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
+):
+    server = llm_server()
+    server.hold(match="order 1047")
+    env = drill_env(fleet_env, server)
+    a, b = fleet.worker(env, "w-a"), fleet.worker(env, "w-b")
+    await polling(redis, "w-a", "w-b")
+    async with Producer(redis=redis) as producer:
+        turn_id = await producer.enqueue_turn(
+            conversation_id="d1", customer_id="C-102",
+            text="I'd like a refund for order 1047, the headphones stopped working.")
+        await server.wait_held(1, timeout=20)
+        holder = await redis.hget(keys.turn(turn_id), "worker")
+        victim, survivor = (a, "w-b") if holder == "w-a" else (b, "w-a")
+        # The running turn holds a lease, not arq's job_timeout + 10 s in-progress key.
+        assert 0 < await redis.pttl(keys.ARQ_IN_PROGRESS_PREFIX + turn_id) <= LEASE_S * 1000
+        killed_at = datetime.now(timezone.utc)
+        victim.kill()  # SIGKILL: no clean-up of any kind
+        server.release()
+        result = await producer.wait(turn_id, timeout_s=30)
+
+    assert result.status == "completed" and "$229.00" in result.final_output
+    assert result.attempts == 2 and result.worker == survivor
+    assert [(e.attempt, e.error_type) for e in result.errors] == [(1, "WorkerLost")]
+    # Taken over once the lease lapsed (≤ 2 s after the kill) plus a poll: not after arq's 160 s.
+    takeover_s = (result.started_at - killed_at).total_seconds()
+    assert takeover_s <= LEASE_S + 1.0, takeover_s
+    for proc in fleet.procs:
+        if proc.running():
+            assert proc.stop() == 0, proc.output()[-3000:]
+    report = await finish_audit(redis, fleet_env, tmp_path, [turn_id])
+    assert report.statuses() == {"completed": 1}
+    assert len(await redis.xrange(keys.REFUND_LEDGER)) == 1
+
+
+# -- Drill 2: SIGTERM with turns in flight --------------------------------------------------
+
+
+async def test_drill2_sigterm_drains_turns_in_flight_and_takes_no_new_ones(
+    redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
+):
+    server = llm_server()
+    server.hold(match="(held)")
+    env = drill_env(fleet_env, server, TURNFLEET_DRAIN_GRACE_S="30")
+    a = fleet.worker(env, "w-a")
+    async with Producer(redis=redis) as producer:
+        held = await producer.enqueue_turns([
+            {"conversation_id": "d2-a", "customer_id": "C-100", "text": "Where is order 1043? (held)"},
+            {"conversation_id": "d2-b", "customer_id": "C-101", "text": "Hello there (held)"},
+        ])
+        await server.wait_held(2, timeout=30)
+        a.process.terminate()  # SIGTERM
+        await until(lambda: logged(a, "worker.draining"), "the drain to begin", proc=a)
+        later = await producer.enqueue_turn(conversation_id="d2-c", customer_id="C-100", text="Hi, I'm Dana.")
+        server.release()
+        assert await exited(a, 40) == 0, a.output()[-3000:]
+        drained = [await producer.result(t) for t in held]
+        assert [(r.status, r.attempts, r.worker) for r in drained] == [("completed", 1, "w-a")] * 2
+        waiting = await producer.result(later)
+        assert (waiting.status, waiting.attempts) == ("queued", 0)  # not taken while draining
+        assert logged(a, "worker.drained")
+
+        assert await exited(fleet.worker(env, "w-b", burst=True), 60) == 0
+        done = await producer.result(later)
+        assert (done.status, done.attempts, done.worker) == ("completed", 1, "w-b")
+    report = await finish_audit(redis, fleet_env, tmp_path, [*held, later])
+    assert report.statuses() == {"completed": 3}
+
+
+async def test_drill2_a_turn_longer_than_the_drain_grace_is_requeued_and_completes_elsewhere(
+    redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
+):
+    server = llm_server()
+    server.hold(match="order 1043")
+    env = drill_env(fleet_env, server)
+    a = fleet.worker({**env, "TURNFLEET_DRAIN_GRACE_S": "0.5"}, "w-a")
+    async with Producer(redis=redis) as producer:
+        turn_id = await producer.enqueue_turn(conversation_id="d2-d", customer_id="C-100",
+                                              text="Where is order 1043?")
+        await server.wait_held(1, timeout=30)
+        a.process.terminate()  # SIGTERM: the held turn cannot finish within 0.5 s
+        assert await exited(a, 30) == 0, a.output()[-3000:]
+        assert logged(a, "worker.drain_grace_over")
+        requeued = await producer.result(turn_id)
+        assert (requeued.status, requeued.attempts) == ("queued", 1)  # not lost, not stuck running
+        assert [(e.attempt, e.error_type) for e in requeued.errors] == [(1, "WorkerStopped")]
+        assert await redis.zscore(keys.ARQ_QUEUE, turn_id) is not None
+        assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + turn_id)
+
+        server.release()
+        assert await exited(fleet.worker(env, "w-b", burst=True), 60) == 0
+        result = await producer.result(turn_id)
+    assert (result.status, result.attempts, result.worker) == ("completed", 2, "w-b")
+    assert [e.error_type for e in result.errors] == ["WorkerStopped"]
+    await finish_audit(redis, fleet_env, tmp_path, [turn_id])
+
+
+# -- Drill 3: a turn that kills its worker every time ---------------------------------------
+
+
+async def test_drill3_a_turn_that_kills_every_worker_fails_after_max_attempts_and_its_conversation_goes_on(
+    redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
+):
+    # The poison: whenever this turn's model request arrives, its worker dies (SIGKILL).
+    server = llm_server()
+    server.hold(match="order 1099")
+    env = drill_env(fleet_env, server, TURNFLEET_MAX_ATTEMPTS="3")
+    async with Producer(redis=redis) as producer:
+        poison, after = await producer.enqueue_turns([
+            {"conversation_id": "d3", "customer_id": "C-100", "text": "Where is order 1099?"},
+            {"conversation_id": "d3", "customer_id": "C-100", "text": "Thanks, bye"},
+        ])
+        worker = fleet.worker(env, "w-1")
+        for life in (1, 2, 3):
+            await server.wait_held(1, timeout=30)
+            assert await redis.hget(keys.turn(poison), "attempts") == str(life)
+            worker.kill()
+            server.release()  # answer the dead worker's request (to no one), then hold again
+            await server.wait_for(lambda s: s.held == 0)
+            server.hold(match="order 1099")
+            # The next worker boots while the dead one's lease runs out.
+            worker = fleet.worker(env, f"w-{life + 1}")
+        # (Not enqueued earlier: a turn running beside the poison on a worker it kills loses
+        # that attempt too, and three such losses would exhaust it as well.)
+        other = await producer.enqueue_turn(conversation_id="d3-other", customer_id="C-101",
+                                            text="Where is order 1045?")
+        failed = await producer.wait(poison, timeout_s=30)
+        followed = await producer.wait(after, timeout_s=30)
+        bystander = await producer.wait(other, timeout_s=30)
+    assert worker.stop() == 0, worker.output()[-3000:]
+
+    assert failed.status == "failed" and failed.error_type == "AttemptsExhausted"
+    assert failed.attempts == 3 and "3 attempts" in failed.error_message
+    assert [(e.attempt, e.error_type) for e in failed.errors] == [
+        (1, "WorkerLost"), (2, "WorkerLost"), (3, "WorkerLost"), (3, "AttemptsExhausted")]
+    assert (followed.status, followed.worker) == ("completed", "w-4")
+    assert bystander.status == "completed", bystander.model_dump_json(indent=1)
+    report = await finish_audit(redis, fleet_env, tmp_path, [poison, after, other])
+    assert report.statuses() == {"completed": 2, "failed": 1}
+
+
+# -- Drill 7 (job half): an undecodable job payload ------------------------------------------
+
+
+def test_an_undecodable_payload_decodes_into_a_job_that_records_the_failure():
+    for raw in (b"\x00\x9f garbage", b"[1, 2]", b'{"f": "os.system", "a": ["rm -rf /"], "k": {}, "t": 1, "et": 1}',
+                b'{"f": "run_turn", "a": ["t-1"], "k": {}, "t": 1, "et": 1}'):
+        job = deserialize_job(raw)
+        assert job["f"] == UNDECODABLE_FUNCTION and isinstance(job["a"][0], str), raw
+    good = {"f": "run_turn", "a": ["t-1", "c-1"], "k": {}, "t": 1, "et": 1}
+    assert deserialize_job(json.dumps(good).encode()) == good
+
+
+async def test_drill7_an_undecodable_job_fails_its_turn_and_everything_else_flows(
+    redis, fleet_env, tmp_path
+):
+    async with Producer(redis=redis) as producer:
+        bad, after, other = await producer.enqueue_turns([
+            {"conversation_id": "d7", "customer_id": "C-100", "text": "Where is order 1043?"},
+            {"conversation_id": "d7", "customer_id": "C-100", "text": "Hello there"},
+            {"conversation_id": "d7-other", "customer_id": "C-101", "text": "Where is order 1045?"},
+        ])
+        # Someone with write access to Redis overwrites the job with bytes that are no job.
+        await redis.execute_command("SET", keys.ARQ_JOB_PREFIX + bad, b"\x80\x04\x95 not a job at all")
+        run_burst("worker", drill_env(fleet_env), tmp_path)
+        results = {t: await producer.result(t) for t in (bad, after, other)}
+
+    failed = results[bad]
+    assert failed.status == "failed" and failed.error_type == "UndecodableJob"
+    assert "could not be decoded" in failed.error_message and failed.attempts == 1
+    assert results[after].status == "completed" and results[other].status == "completed"
+    # Not retried: arq dropped the job once the turn's failure was recorded.
+    assert not await redis.exists(keys.ARQ_JOB_PREFIX + bad)
+    assert await redis.zscore(keys.ARQ_QUEUE, bad) is None
+    report = await finish_audit(redis, fleet_env, tmp_path, [bad, after, other])
+    assert report.telemetry["turns_failed"] == 1
+
+
+# -- The reconciler ------------------------------------------------------------------------
+
+
+async def test_the_reconciler_rewakes_conversations_left_without_a_job(redis, fleet_env, tmp_path):
+    async with Producer(redis=redis) as producer:
+        lost_job, no_marker, behind, healthy = await producer.enqueue_turns([
+            {"conversation_id": "r-1", "customer_id": "C-100", "text": "Where is order 1042?"},
+            {"conversation_id": "r-2", "customer_id": "C-100", "text": "Hello there"},
+            {"conversation_id": "r-2", "customer_id": "C-100", "text": "Where is order 1043?"},
+            {"conversation_id": "r-3", "customer_id": "C-101", "text": "Where is order 1045?"},
+        ])
+        # A job deleted by hand (or expired, or failed by arq)...
+        await redis.delete(keys.ARQ_JOB_PREFIX + lost_job)
+        await redis.zrem(keys.ARQ_QUEUE, lost_job)
+        # ...and queued turns whose conversation lost its active marker and job.
+        await redis.delete(keys.conversation_active("r-2"), keys.ARQ_JOB_PREFIX + no_marker)
+        await redis.zrem(keys.ARQ_QUEUE, no_marker)
+        # An in-progress key a worker killed between arq's claim and START left behind.
+        await redis.psetex(keys.ARQ_IN_PROGRESS_PREFIX + healthy, 190_000, "1")
+
+        first, second = await asyncio.gather(reconcile(redis, lease_s=LEASE_S), reconcile(redis, lease_s=LEASE_S))
+        repairs = sorted((r.conversation_id, r.action, r.turn_id) for r in first.repaired + second.repaired)
+        assert repairs == [("r-1", "rewoke", lost_job), ("r-2", "woke", no_marker)]  # each once
+        assert first.actions["clamped"] + second.actions["clamped"] == 1
+        assert 0 < await redis.pttl(keys.ARQ_IN_PROGRESS_PREFIX + healthy) <= LEASE_S * 1000
+        again = await reconcile(redis, lease_s=LEASE_S)
+        assert again.repaired == [] and again.actions == {"ok": 3}  # idempotent
+        assert await redis.get(keys.conversation_active("r-2")) == no_marker
+        assert set(await redis.zrange(keys.ARQ_QUEUE, 0, -1)) == {lost_job, no_marker, healthy}
+
+        run_burst("worker", drill_env(fleet_env), tmp_path)
+        results = [await producer.result(t) for t in (lost_job, no_marker, behind, healthy)]
+    assert [r.status for r in results] == ["completed"] * 4
+    await finish_audit(redis, fleet_env, tmp_path, [lost_job, no_marker, behind, healthy])
+
+
+async def test_a_worker_reconciles_on_its_own(redis, fleet_env, tmp_path, fleet):
+    async with Producer(redis=redis) as producer:
+        turn_id = await producer.enqueue_turn(conversation_id="r-9", customer_id="C-100", text="Hello there")
+        await redis.delete(keys.ARQ_JOB_PREFIX + turn_id)
+        await redis.zrem(keys.ARQ_QUEUE, turn_id)
+        worker = fleet.worker(drill_env(fleet_env, TURNFLEET_RECONCILE_EVERY_S="0.5"), "w-r")
+        result = await producer.wait(turn_id, timeout_s=30)
+    assert result.status == "completed"
+    assert worker.stop() == 0
+    assert logged(worker, "reconcile.repaired")
+    await finish_audit(redis, fleet_env, tmp_path, [turn_id])
+
+
+# -- Redis restarts --------------------------------------------------------------------------
+
+
+async def test_a_worker_survives_a_redis_restart(redis, redis_server, fleet_env, tmp_path, fleet):
+    worker = fleet.worker(drill_env(fleet_env), "w-s")
+    async with Producer(redis=redis) as producer:
+        before = await producer.enqueue_turn(conversation_id="s-1", customer_id="C-100", text="Hello there")
+        assert (await producer.wait(before, timeout_s=30)).status == "completed"
+        # Down until the worker has noticed (arq's poll loop ends: the supervisor takes over),
+        # then back on the same port with its data (SIGTERM flushed the AOF).
+        await asyncio.to_thread(redis_server.stop)
+        await until(lambda: logged(worker, "worker.redis_lost"), "the worker to notice", proc=worker)
+        await asyncio.to_thread(redis_server.start)
+
+        async def answers() -> bool:
+            try:
+                return bool(await redis.ping())
+            except RedisConnectionError:
+                return False
+
+        await until(answers, "Redis to answer again")
+        after = await producer.enqueue_turn(conversation_id="s-2", customer_id="C-100", text="Where is order 1043?")
+        result = await producer.wait(after, timeout_s=40)
+    assert result.status == "completed" and result.worker == "w-s"
+    assert worker.stop() == 0, worker.output()[-3000:]
+    await finish_audit(redis, fleet_env, tmp_path, [before, after])

@@ -1,0 +1,163 @@
+"""Fencing: an attempt's outcome is written only while it is the turn's running attempt.
+
+The queue scripts against a real Redis, then the job itself in this process (the real SDK,
+the offline model) with a model that lets another worker take the turn over mid-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from producer import Producer
+from turnfleet import keys
+from turnfleet.models import AttemptError, TurnResult
+from turnfleet.queue import Outcome, TurnQueue
+from turnfleet.settings import WorkerProcessSettings
+from workers.job import STALE, Runtime, run_turn
+from workers.model import OfflineModel
+from workers.support_desk import build_support_desk
+
+
+def result(turn_id: str, conversation_id: str = "c-1", status: str = "completed", attempts: int = 1) -> TurnResult:
+    return TurnResult(turn_id=turn_id, conversation_id=conversation_id, customer_id="C-100",
+                      status=status, final_output=f"answer of attempt {attempts}", attempts=attempts)
+
+
+async def two_turns(redis) -> tuple[TurnQueue, str, str]:
+    producer = Producer(redis=redis)
+    first = await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi", turn_id="t-1")
+    second = await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="again", turn_id="t-2")
+    return TurnQueue(redis), first, second
+
+
+async def test_a_stale_attempt_cannot_finish_a_turn_a_newer_attempt_owns(redis):
+    queue, first, second = await two_turns(redis)
+    stale = await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00", lease_s=2)
+    # w1 stalls past its lease; w2 claims the job and starts attempt 2.
+    current = await queue.start(first, "c-1", "w2", "2025-01-01T00:00:05+00:00", lease_s=2)
+    assert (stale.attempt, current.attempt) == (1, 2)
+
+    assert await queue.finish(result(first, attempts=1), '[{"stale": true}]', fence=stale.attempt) is Outcome.FENCED
+    assert await queue.record_attempt_failure(
+        first, AttemptError(attempt=1, error_type="ConnectionError", message="late"), "[]", fence=stale.attempt
+    ) is Outcome.FENCED
+    # Nothing of the stale attempt landed: no result, no telemetry, no advance, no error.
+    record = await redis.hgetall(keys.turn(first))
+    assert record["status"] == "running" and record["attempts"] == "2" and record["worker"] == "w2"
+    assert "result" not in record
+    assert await redis.xlen(keys.RESULTS_STREAM) == 0
+    assert await redis.xlen(keys.TELEMETRY_STREAM) == 0
+    assert await redis.get(keys.conversation_active("c-1")) == first
+    assert await redis.lrange(keys.conversation_queue("c-1"), 0, -1) == [first, second]
+    # The attempt w1 lost is on record, as lost (no usage: nothing of it was recorded).
+    assert [(e.attempt, e.error_type, e.usage) for e in await queue.errors(first)] == [(1, "WorkerLost", None)]
+
+    assert await queue.finish(result(first, attempts=2), None, fence=current.attempt) is Outcome.WRITTEN
+    assert (await queue.get(first)).final_output == "answer of attempt 2"
+    assert await redis.get(keys.conversation_active("c-1")) == second
+    # The stale attempt still cannot write once the turn ended.
+    assert await queue.finish(result(first, attempts=1), None, fence=stale.attempt) is Outcome.DUPLICATE
+
+
+async def test_a_duplicate_finish_is_a_no_op(redis):
+    queue, first, second = await two_turns(redis)
+    attempt = (await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00")).attempt
+    assert await queue.finish(result(first), "[]", fence=attempt) is Outcome.WRITTEN
+    again = await queue.finish(result(first, status="failed"), "[]", fence=attempt)
+    assert again is Outcome.DUPLICATE and not again
+    assert (await queue.get(first)).status == "completed"
+    assert await redis.xlen(keys.RESULTS_STREAM) == 1
+    assert await redis.xlen(keys.TELEMETRY_STREAM) == 1
+    # The next turn was woken once and is not popped by the duplicate.
+    assert await redis.lrange(keys.conversation_queue("c-1"), 0, -1) == [second]
+    assert await redis.zrange(keys.ARQ_QUEUE, 0, -1) == [first, second]  # arq removes its own
+
+
+async def test_an_attempt_that_already_failed_cannot_finish_the_turn(redis):
+    queue, first, _ = await two_turns(redis)
+    attempt = (await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00")).attempt
+    error = AttemptError(attempt=attempt, error_type="ConnectionError", message="reset")
+    assert await queue.record_attempt_failure(first, error, None, fence=attempt) is Outcome.WRITTEN
+    # A retried write of the same failure (its reply was lost) does not record it twice.
+    assert await queue.record_attempt_failure(first, error, None, fence=attempt) is Outcome.FENCED
+    assert await queue.finish(result(first), None, fence=attempt) is Outcome.FENCED
+    assert (await queue.get(first)).status == "queued"
+    assert len(await queue.errors(first)) == 1
+
+
+async def test_start_takes_a_lease_that_only_the_running_attempt_renews(redis):
+    queue, first, _ = await two_turns(redis)
+    in_progress = keys.ARQ_IN_PROGRESS_PREFIX + first
+    await redis.psetex(in_progress, 190_000, "1")  # what arq's claim leaves: job_timeout + 10 s
+    one = (await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00", lease_s=2)).attempt
+    assert 0 < await redis.pttl(in_progress) <= 2000
+    assert await redis.get(in_progress) == "w1#1"
+    assert await queue.renew_lease(first, one, "w1", 3)
+    assert 2000 < await redis.pttl(in_progress) <= 3000
+    two = (await queue.start(first, "c-1", "w2", "2025-01-01T00:00:05+00:00", lease_s=2)).attempt
+    assert not await queue.renew_lease(first, one, "w1", 3)  # w1 learns it lost the turn
+    assert await redis.get(in_progress) == "w2#2"
+    assert await queue.renew_lease(first, two, "w2", 2)
+
+
+# -- the job: a stale worker drops its result ----------------------------------------------
+
+
+class TakeoverModel(OfflineModel):
+    """The offline model; on its first call another worker ("w2") takes the turn over, as if
+    this worker had stalled past its lease. Then it either waits (until cancelled) or answers."""
+
+    def __init__(self, redis, turn_id: str, conversation_id: str, wait: bool) -> None:
+        super().__init__()
+        self.queue = TurnQueue(redis)
+        self.turn_id, self.conversation_id, self.wait = turn_id, conversation_id, wait
+        self.taken_over = False
+        self.cancelled = False
+
+    async def get_response(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if not self.taken_over:
+            self.taken_over = True
+            took = await self.queue.start(self.turn_id, self.conversation_id, "w2", "2025-01-01T00:00:05+00:00")
+            assert took.attempt == 2
+            if self.wait:
+                try:
+                    await asyncio.Event().wait()  # a model call that would never end
+                except asyncio.CancelledError:
+                    self.cancelled = True
+                    raise
+        return await super().get_response(*args, **kwargs)
+
+
+def runtime(redis, model, **settings: Any) -> dict[str, Any]:
+    return {"runtime": Runtime(
+        settings=WorkerProcessSettings(**settings), redis=redis, queue=TurnQueue(redis),
+        desk=build_support_desk(model), model_name="turnfleet-offline", worker_name="w1",
+    )}
+
+
+async def test_a_worker_that_lost_its_lease_is_cancelled_and_writes_nothing(redis):
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(conversation_id="c-9", customer_id="C-100", text="Where is order 1042?")
+    model = TakeoverModel(redis, turn_id, "c-9", wait=True)
+    ctx = runtime(redis, model, turn_lease_s=0.3)  # renewed every 0.1 s
+    assert await asyncio.wait_for(run_turn(ctx, turn_id, "c-9"), 10) == STALE
+    assert model.cancelled  # the renewal noticed the takeover and stopped the run
+    assert turn_id in ctx["runtime"].fenced  # arq will leave w2's job and lease alone
+    record = await redis.hgetall(keys.turn(turn_id))
+    assert (record["status"], record["attempts"], record["worker"]) == ("running", "2", "w2")
+    assert await redis.xlen(keys.RESULTS_STREAM) == 0 and await redis.xlen(keys.TELEMETRY_STREAM) == 0
+    assert [e.error_type for e in await TurnQueue(redis).errors(turn_id)] == ["WorkerLost"]
+
+
+async def test_a_stale_worker_that_finishes_its_run_drops_the_result(redis):
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(conversation_id="c-8", customer_id="C-100", text="Where is order 1042?")
+    nxt = await producer.enqueue_turn(conversation_id="c-8", customer_id="C-100", text="Thanks, bye")
+    ctx = runtime(redis, TakeoverModel(redis, turn_id, "c-8", wait=False), turn_lease_s=60)
+    assert await run_turn(ctx, turn_id, "c-8") == STALE
+    assert turn_id in ctx["runtime"].fenced
+    record = await redis.hgetall(keys.turn(turn_id))
+    assert record["status"] == "running" and "result" not in record
+    assert await redis.xlen(keys.RESULTS_STREAM) == 0 and await redis.xlen(keys.TELEMETRY_STREAM) == 0
+    assert await redis.lrange(keys.conversation_queue("c-8"), 0, -1) == [turn_id, nxt]  # not advanced
