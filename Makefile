@@ -25,3 +25,11 @@ lock: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .turnfleet .pytest_cache
+
+# Benchmarks (not tests: speed is never asserted). Write BENCHMARKS.md; see bench/run.py.
+.PHONY: bench bench-quick
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.run [--quick]` writes BENCHMARKS.md (see `make bench`)."""
