@@ -66,3 +66,24 @@ async def test_an_unsampled_trace_is_discarded_and_frees_the_buffer(redis):
     assert await store.finish_attempt(trace_id, turn(), failed=False, duration_ms=5) == (None, 0)
     assert await redis.exists(keys.trace("t-1")) == 0
     assert buffer._held == 0
+
+
+async def test_the_sdk_openai_exporter_stays_off_unless_configured(redis_url, monkeypatch):
+    from agents.tracing.processors import BatchTraceProcessor
+
+    from workers.settings import shutdown, startup
+
+    provider = get_trace_provider()
+    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
+    try:
+        for enabled, expected in (("false", []), ("true", [BatchTraceProcessor])):
+            monkeypatch.setenv("TURNFLEET_OPENAI_TRACE_EXPORT", enabled)
+            ctx = {"redis_url": redis_url}
+            await startup(ctx)
+            try:
+                kinds = [type(p) for p in provider._multi_processor._processors]  # type: ignore[attr-defined]
+                assert kinds[0] is TraceBuffer and kinds[1:] == expected
+            finally:
+                await shutdown(ctx)
+    finally:
+        set_trace_processors(saved)

@@ -144,6 +144,11 @@ class WorkerProcessSettings(CommonSettings):
     trace_buffer_spans: int = Field(
         default=20_000, description="Spans buffered per process before new ones are dropped."
     )
+    openai_trace_export: bool = Field(
+        default=False,
+        description="Also send traces to OpenAI's dashboard with the SDK's own exporter "
+        "(needs OPENAI_API_KEY; unsampled and unredacted).",
+    )
     otlp_endpoint: str | None = Field(
         default=None,
         description="OTLP/HTTP traces endpoint (e.g. http://localhost:4318/v1/traces); needs turnfleet[otlp].",

@@ -64,7 +64,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
     # redacted, and written by the job (or sent to the configured OTLP endpoint).
     buffer = TraceBuffer(max_spans=settings.trace_buffer_spans)
-    set_trace_processors([buffer])
+    processors: list[Any] = [buffer]
+    if settings.openai_trace_export:
+        from agents.tracing.processors import default_processor
+
+        # Opt-in only: the SDK's exporter sends every span, unsampled and unredacted, to OpenAI.
+        processors.append(default_processor())
+    set_trace_processors(processors)
     sink = None
     if settings.otlp_endpoint:
         from workers.otlp import OtlpSink
