@@ -86,7 +86,8 @@ def _exercise(operation: schemathesis.APIOperation, mode: GenerationMode, stream
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck),
-              phases=[Phase.explicit, Phase.generate, Phase.shrink], database=None)
+              phases=[Phase.explicit, Phase.generate, Phase.shrink], database=None,
+              derandomize=True)  # the same examples every run: CI cannot flake on a lucky draw
     def exercise(case: schemathesis.Case) -> None:
         timeout = STREAM_READ_S if operation.label in streaming else READ_TIMEOUT_S
         response = case.call_and_validate(headers=HEADERS, checks=[not_a_server_error], timeout=timeout)

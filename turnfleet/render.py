@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -133,16 +134,36 @@ def _cell(key: str, value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+MODEL_COLUMNS = [  # a model's aggregate counts its calls, not turns
+    ("llm_calls", "calls"),
+    ("input_tokens", "in tok"),
+    ("cached_tokens", "cached"),
+    ("output_tokens", "out tok"),
+    ("cost_usd", "cost"),
+    ("cost_unknown_calls", "unpriced"),
+]
+
+
 def render_stats(by: str, rows: list[dict[str, Any]], totals: dict[str, Any] | None = None) -> Table:
-    table = Table(title=f"stats by {by}", title_justify="left")
-    table.add_column(by)
-    for _, header in STATS_COLUMNS:
+    columns = MODEL_COLUMNS if by == "model" else STATS_COLUMNS
+    table = Table(title=f"stats by {by}", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    longest = max([len(str(r.get("subject", ""))) for r in rows] + [len(by)])
+    table.add_column(by, no_wrap=True, min_width=min(longest, 40))
+    for _, header in columns:
         table.add_column(header, justify="right")
+    errors = by == "model"  # model rows carry failed attempts per error type
+    if errors:
+        table.add_column("errors", justify="left")
     for row in rows:
-        table.add_row(str(row.get("subject", row.get(by, "?"))), *[_cell(k, row.get(k)) for k, _ in STATS_COLUMNS])
+        cells = [_cell(k, row.get(k)) for k, _ in columns]
+        if errors:
+            by_type = row.get("errors_by_type") or {}
+            cells.append(", ".join(f"{t} {n}" for t, n in sorted(by_type.items())) or "–")
+        table.add_row(str(row.get("subject", row.get(by, "?"))), *cells)
     if totals:
         table.add_section()
-        table.add_row("all", *[_cell(k, totals.get(k)) for k, _ in STATS_COLUMNS], style="bold")
+        table.add_row("all", *[_cell(k, totals.get(k)) for k, _ in columns],
+                      *([""] if errors else []), style="bold")
     return table
 
 
