@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
+from tests.uvicorn_server import serving_app
 from turnfleet import budget, keys
 from turnfleet.auth import hash_key, new_key
 from turnfleet.embedded import free_port
@@ -56,20 +56,8 @@ def make_settings(**overrides: Any) -> ProducerSettings:
 async def serving(settings: ProducerSettings, redis_url: str) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app under uvicorn in this loop, and a client for it; stopped on the way out."""
     app = create_app(settings, redis_url)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # uvicorn's readiness flag: set once the socket listens
-        if task.done():
-            task.result()
-            raise RuntimeError("uvicorn stopped before it started")
-        await asyncio.sleep(0.005)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield app, client
-    finally:
-        server.should_exit = True
-        await task
+    async with serving_app(app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        yield app, client
 
 
 @pytest.fixture
@@ -387,6 +375,7 @@ async def test_rotated_keys_file_takes_effect_without_restart(redis_url, tmp_pat
         assert (await api.post("/v1/turns", json=turn("c-rot", "C-100"), headers=auth(k1))).status_code == 202
         assert_error(await api.get("/v1/turns/t", headers=auth(k2)), 401, "unauthorized")
 
+        app.state.keys.reloaded.clear()
         write_keys(path, ("new", k2, ["C-100"]))
         if trigger == "sighup":
             # The app's lifespan installed its handler in this loop (else SIGHUP would end pytest).
@@ -395,10 +384,8 @@ async def test_rotated_keys_file_takes_effect_without_restart(redis_url, tmp_pat
         else:
             stat = path.stat()  # a visible mtime change, whatever the filesystem's granularity
             os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-        deadline = time.monotonic() + 5
-        while app.state.keys.authenticate(k1) is not None:  # the reload runs on a later loop turn
-            assert time.monotonic() < deadline, f"{trigger} did not reload the keys"
-            await asyncio.sleep(0.005)
+        # The reload runs on a later loop turn: wait for the store to say it reloaded.
+        await asyncio.wait_for(app.state.keys.reloaded.wait(), 5)
 
         assert_error(await api.post("/v1/turns", json=turn("c-rot", "C-100"), headers=auth(k1)), 401, "unauthorized")
         assert (await api.post("/v1/turns", json=turn("c-rot", "C-100"), headers=auth(k2))).status_code == 202

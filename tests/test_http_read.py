@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from producer import Producer
 from telemetry.query import (
@@ -31,9 +30,9 @@ from telemetry.query import (
 )
 from telemetry.replay import conversation_replay, turn_replay
 from tests.test_fleet import run_burst
+from tests.uvicorn_server import serving_app
 from turnfleet import keys
 from turnfleet.auth import hash_key
-from turnfleet.embedded import free_port
 from turnfleet.fleet import FleetProcess
 from turnfleet.models import Alert
 from turnfleet.server import create_app
@@ -63,24 +62,9 @@ def as_json(data: Any) -> Any:
 @contextlib.asynccontextmanager
 async def serve(redis_url: str, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The real app under uvicorn on a free port in this event loop; a client for it."""
-    port = free_port()
     app = create_app(ProducerSettings(api_keys=API_KEYS, **settings), redis_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: _started(server, task), what="uvicorn to start")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> bool:
-    if task.done():
-        task.result()  # raises what stopped it
-        raise AssertionError("uvicorn exited before it started")
-    return server.started
+    async with serving_app(app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        yield client
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30) -> None:

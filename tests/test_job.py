@@ -124,3 +124,13 @@ async def test_the_job_payload_in_redis_is_json(redis):
     raw = await redis.get(keys.ARQ_JOB_PREFIX + turn_id)
     payload = json.loads(raw)
     assert payload["f"] == "run_turn" and payload["a"] == [turn_id, "conv-j"]
+
+
+def test_the_session_messages_key_is_where_the_sdk_keeps_items():
+    from agents.extensions.memory import RedisSession
+
+    from turnfleet.connection import connect
+
+    session = RedisSession(session_id=keys.session_id("conv-k"), redis_client=connect("redis://127.0.0.1:1"),
+                           key_prefix=keys.SESSION_PREFIX)
+    assert session._messages_key == keys.session_messages("conv-k")

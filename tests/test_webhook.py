@@ -21,17 +21,25 @@ from typing import Any
 
 import pytest
 import uvicorn
+from redis.exceptions import ResponseError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
 from telemetry.alerts import alert_id
 from telemetry.consumer import run_consumer
-from telemetry.webhook import GROUP, STATS, USER_AGENT, AlertWebhook, backoff_s, retry_after_s
+from telemetry.webhook import (
+    GROUP,
+    STATS,
+    USER_AGENT,
+    AlertWebhook,
+    backoff_s,
+    retry_after_s,
+)
 from tests.test_alerts import failed_turn
+from tests.uvicorn_server import EventServer
 from turnfleet import __version__, keys
 from turnfleet.connection import connect
 from turnfleet.embedded import free_port
@@ -39,19 +47,6 @@ from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings
 
 WAIT_S = 10.0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server with an event set once it listens (``started`` is only a flag)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = asyncio.Event()
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self.ready.set()
 
 
 @dataclass
@@ -70,7 +65,7 @@ class Receiver:
     default: int = 200
     requests: list[Received] = field(default_factory=list)
     arrived: asyncio.Queue[Received] = field(default_factory=asyncio.Queue)
-    server: _Server | None = None
+    server: EventServer | None = None
     task: asyncio.Task[None] | None = None
 
     @property
@@ -90,7 +85,7 @@ class Receiver:
         app = Starlette(routes=[Route("/alerts", self._handle, methods=["POST"])])
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="off")
-        self.server = server = _Server(config)
+        self.server = server = EventServer(config)
         self.task = asyncio.create_task(server.serve())
         ready = asyncio.create_task(server.ready.wait())
         await asyncio.wait({ready, self.task}, timeout=WAIT_S, return_when=asyncio.FIRST_COMPLETED)

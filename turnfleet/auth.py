@@ -11,6 +11,7 @@ checked every ``api_keys_reload_s`` seconds and at once on SIGHUP (``KeyStore.re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -63,6 +64,7 @@ class KeyStore:
         self.settings = settings
         self._keys: list[ApiKey] = []
         self._file_mtime: float | None = None
+        self.reloaded = asyncio.Event()  # set by every reload (SIGHUP and file changes are async)
         self.reload()
 
     def reload(self) -> None:
@@ -78,6 +80,7 @@ class KeyStore:
                 if self._keys:
                     return  # keep the last good set rather than locking everyone out
         self._keys = keys
+        self.reloaded.set()
         log.info("auth.keys_loaded", count=len(keys))
 
     def reload_if_changed(self) -> bool:

@@ -75,6 +75,11 @@ def session_id(conversation_id: str) -> str:
     return f"{{{conversation_id}}}"
 
 
+def session_messages(conversation_id: str) -> str:
+    """The list RedisSession keeps the items in (its ``_messages_key``: SDK 0.24's layout)."""
+    return f"{SESSION_PREFIX}:{session_id(conversation_id)}:messages"
+
+
 def refund(turn_id: str, order_id: str) -> str:
     """String: the refund made by this turn for this order (JSON). Makes refunds idempotent."""
     return f"{PREFIX}:refund:{turn_id}:{order_id}"

@@ -186,8 +186,12 @@ async def _reset_memory(session: RedisSession, redis: Redis, turn_id: str) -> No
     failed attempt may have written part of them. The length before the first attempt is kept
     on the turn record, and a retry pops anything past it, so memory holds each turn once.
     """
-    length = len(await session.get_items())
-    base = await redis.hget(keys.turn(turn_id), "memory_base")
+    # LLEN, not get_items(): reading and decoding the whole history here would do on every
+    # turn the work the SDK is about to do again.
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.llen(session._messages_key)  # the list keys.session_messages() names
+        pipe.hget(keys.turn(turn_id), "memory_base")
+        length, base = await pipe.execute()
     if base is None:
         await redis.hset(keys.turn(turn_id), "memory_base", length)
         return
