@@ -134,3 +134,6 @@ def test_the_session_messages_key_is_where_the_sdk_keeps_items():
     session = RedisSession(session_id=keys.session_id("conv-k"), redis_client=connect("redis://127.0.0.1:1"),
                            key_prefix=keys.SESSION_PREFIX)
     assert session._messages_key == keys.session_messages("conv-k")
+    from workers.memory import ConversationMemory
+
+    assert ConversationMemory(connect("redis://127.0.0.1:1"), "conv-k").messages_key == keys.session_messages("conv-k")

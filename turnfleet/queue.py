@@ -24,8 +24,8 @@ turn is ``running`` *with the same attempt*. A stale worker — paused or cut of
 lease while another took the turn over — gets ``Outcome.FENCED`` and writes nothing: no
 second result, no second telemetry batch, no advance of the conversation. Side effects
 inside a run are idempotent per turn (refund and escalation keys), so the overlap of a
-stale and a current attempt does no harm; conversation memory writes are not fenced (the
-SDK's ``RedisSession`` writes directly), the next attempt rolls memory back when it starts.
+stale and a current attempt does no harm. Conversation memory writes are fenced the same
+way (``workers/memory.py``), and the next attempt rolls back what a failed one wrote.
 
 **Reconciling.** ``reconcile_conversation`` repairs one conversation atomically: finished
 turns left at the head are dropped, a missing ``active`` marker is set to the head, a head

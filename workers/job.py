@@ -51,7 +51,6 @@ from agents.exceptions import (
     OutputGuardrailTripwireTriggered,
     UserError,
 )
-from agents.extensions.memory import RedisSession
 from arq import Retry
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -66,6 +65,7 @@ from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.context import TurnContext
 from workers.hooks import TelemetryHooks
+from workers.memory import ConversationMemory, MemoryFenced
 from workers.trace_store import TraceStore
 
 log = structlog.get_logger(__name__)
@@ -179,7 +179,7 @@ def _dropped(rt: Runtime, turn_id: str, outcome: Outcome, log_ctx: Any, what: st
     return STALE
 
 
-async def _reset_memory(session: RedisSession, redis: Redis, turn_id: str) -> None:
+async def _reset_memory(memory: ConversationMemory, redis: Redis, turn_id: str) -> None:
     """Make conversation memory as it was before this turn's first attempt.
 
     The SDK writes the user input and new items to the session during the run; a crashed or
@@ -189,14 +189,13 @@ async def _reset_memory(session: RedisSession, redis: Redis, turn_id: str) -> No
     # LLEN, not get_items(): reading and decoding the whole history here would do on every
     # turn the work the SDK is about to do again.
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.llen(session._messages_key)  # the list keys.session_messages() names
+        pipe.llen(memory.messages_key)
         pipe.hget(keys.turn(turn_id), "memory_base")
         length, base = await pipe.execute()
     if base is None:
         await redis.hset(keys.turn(turn_id), "memory_base", length)
-        return
-    for _ in range(length - int(base)):
-        await session.pop_item()
+    elif length > int(base):
+        await memory.truncate(int(base))
 
 
 async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> str:
@@ -266,11 +265,8 @@ async def _run_attempt(
     current_agent = await rt.redis.hget(keys.conversation_state(conversation_id), "current_agent")
     agent = rt.desk.starting_agent(current_agent)
     hooks.turn_started(queue_wait_ms, agent.name)
-    session = RedisSession(
-        session_id=keys.session_id(conversation_id),
-        redis_client=rt.redis,
-        key_prefix=keys.SESSION_PREFIX,
-        ttl=rt.settings.session_ttl_s,
+    session = ConversationMemory(
+        rt.redis, conversation_id, turn_id=turn_id, attempt=attempt, ttl_s=rt.settings.session_ttl_s
     )
     context = TurnContext(
         turn_id=turn_id,
@@ -329,6 +325,10 @@ async def _run_attempt(
             rt, req, hooks, attempt, started_at, trace_id, duration_ms, error_type, message, lease, log_ctx
         ))
         raise
+    except MemoryFenced:
+        # A newer attempt owns the turn (this worker stalled past its lease): its memory
+        # write was refused, and nothing else of this attempt may be written either.
+        return _dropped(rt, turn_id, Outcome.FENCED, log_ctx, "conversation memory")
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none is lost
         duration_ms = (time.perf_counter() - t0) * 1000
         error_type = "TurnTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__

@@ -1,0 +1,131 @@
+"""Conversation memory: the Agents SDK ``Session`` a turn runs with, kept in Redis.
+
+Why not the SDK's ``RedisSession``: it needs redis-py >= 7 (its extra says so) while arq
+pins redis-py < 6. On the redis-py arq allows, every ``RedisSession`` write detaches and
+closes its pooled connection (its release bookkeeping reaches for an event-dispatcher lock
+that redis-py 5 does not have), so each turn opened new TCP connections — a fifth of a
+worker's CPU in ``make bench``'s profile. A write is also a WATCH/TYPE/MULTI round-trip
+sequence where one Lua call does.
+
+This session keeps the SDK's key layout (``{prefix}:{session_id}`` hash and
+``...:messages`` list of JSON items, see ``keys.session_messages``), so history written by
+either reads the same. And it is *fenced*: every write names the attempt it belongs to and
+is refused once that attempt is no longer the turn's running attempt, so a stalled worker
+whose lease a newer attempt took cannot append to the conversation's memory
+(``MemoryFenced`` ends that stale attempt).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from agents.memory.session import SessionABC
+from agents.memory.session_settings import SessionSettings, resolve_session_limit
+from redis.asyncio import Redis
+
+from turnfleet import keys
+
+# KEYS: messages, meta, turn. ARGV: attempt ('' = unfenced), ttl_s ('' = none), now, session_id,
+#       items...
+# Returns the new length, or -1 when the attempt no longer owns the turn (nothing written).
+_APPEND_LUA = """
+if ARGV[1] ~= '' then
+  if redis.call('HGET', KEYS[3], 'status') ~= 'running'
+     or redis.call('HGET', KEYS[3], 'attempts') ~= ARGV[1] then return -1 end
+end
+local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], 'session_id', ARGV[4], 'updated_at', ARGV[3])
+redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
+if ARGV[2] ~= '' then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return n
+"""
+
+# KEYS: messages, turn. ARGV: attempt ('' = unfenced), keep (pop items past this length).
+# Returns how many items were popped, or -1 when fenced.
+_TRIM_LUA = """
+if ARGV[1] ~= '' then
+  if redis.call('HGET', KEYS[2], 'status') ~= 'running'
+     or redis.call('HGET', KEYS[2], 'attempts') ~= ARGV[1] then return -1 end
+end
+local keep = tonumber(ARGV[2])
+local n = redis.call('LLEN', KEYS[1])
+if n <= keep then return 0 end
+if keep == 0 then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, keep - 1) end
+return n - keep
+"""
+
+
+class MemoryFenced(Exception):
+    """A memory write by an attempt that no longer owns its turn (nothing was written)."""
+
+
+class ConversationMemory(SessionABC):
+    """The SDK ``Session`` protocol over one conversation's Redis list, fenced by attempt.
+
+    ``turn_id``/``attempt`` name the attempt writing; without them writes are unfenced
+    (tests and tools that read or seed history).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        conversation_id: str,
+        *,
+        turn_id: str | None = None,
+        attempt: int | None = None,
+        ttl_s: int | None = None,
+        session_settings: SessionSettings | None = None,
+    ) -> None:
+        self.session_id = keys.session_id(conversation_id)
+        self.session_settings = session_settings or SessionSettings()
+        self._redis = redis
+        self._messages = keys.session_messages(conversation_id)
+        self._meta = f"{keys.SESSION_PREFIX}:{self.session_id}"
+        self._turn = keys.turn(turn_id) if turn_id else keys.turn("-")
+        self._fence = str(attempt) if turn_id and attempt else ""
+        self._ttl = "" if ttl_s is None else str(int(ttl_s))
+        self._append = redis.register_script(_APPEND_LUA)
+        self._trim = redis.register_script(_TRIM_LUA)
+
+    @property
+    def messages_key(self) -> str:
+        return self._messages
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        limit = resolve_session_limit(limit, self.session_settings)
+        if limit is not None and limit <= 0:
+            return []
+        raw = await self._redis.lrange(self._messages, 0 if limit is None else -limit, -1)
+        return [json.loads(r) for r in raw]
+
+    async def add_items(self, items: list[Any]) -> None:
+        if not items:
+            return
+        encoded = [json.dumps(i, separators=(",", ":")) for i in items]
+        n = await self._append(keys=[self._messages, self._meta, self._turn],
+                               args=[self._fence, self._ttl, int(time.time()), self.session_id, *encoded])
+        if int(n) < 0:
+            raise MemoryFenced(f"{self._turn}: attempt {self._fence} no longer owns the turn")
+
+    async def pop_item(self) -> Any | None:
+        # Unfenced, like the SDK's: the fleet rolls memory back with ``truncate`` instead.
+        raw = await self._redis.rpop(self._messages)
+        return None if raw is None else json.loads(raw)
+
+    async def clear_session(self) -> None:
+        await self._redis.delete(self._messages, self._meta)
+
+    async def length(self) -> int:
+        return int(await self._redis.llen(self._messages))
+
+    async def truncate(self, keep: int) -> int:
+        """Drop items past the first ``keep`` (a failed attempt's partial writes), fenced."""
+        n = await self._trim(keys=[self._messages, self._turn], args=[self._fence, keep])
+        if int(n) < 0:
+            raise MemoryFenced(f"{self._turn}: attempt {self._fence} no longer owns the turn")
+        return int(n)
