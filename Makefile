@@ -16,8 +16,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/turnfleet demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The console's browser tests drive Debian's Chromium through Playwright (never a downloaded
+# browser). Installed with apt when missing; TURNFLEET_SKIP_BROWSER=1 skips the install and
+# those tests. Without apt the tests run and fail, saying what is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: browser
+browser:
+	@if [ "$$TURNFLEET_SKIP_BROWSER" = 1 ] || [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: $(CHROMIUM) is missing and there is no apt-get: install Chromium there, or set TURNFLEET_SKIP_BROWSER=1" >&2; \
+	  exit 0; \
+	fi; \
+	echo "make: installing Debian's chromium for the console's browser tests"; \
+	$(SUDO) apt-get update -qq && \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 
 # Regenerate the pinned constraints from the current venv (after changing pyproject.toml).
 lock: $(STAMP)
@@ -26,10 +42,21 @@ lock: $(STAMP)
 clean:
 	rm -rf $(VENV) .turnfleet .pytest_cache
 
+# The README's pictures of the web console, from a real run (see tests/console_screenshots.py).
+.PHONY: screenshots
+screenshots: $(STAMP) browser
+	$(BIN)/python -m tests.console_screenshots --out docs
+
 # Benchmarks (not tests: speed is never asserted). Write BENCHMARKS.md; see bench/run.py.
-.PHONY: bench bench-quick
-bench: $(STAMP)
+# They need py-spy (CPU split, from PyPI) and wrk (HTTP load, Debian's package).
+.PHONY: bench bench-quick bench-tools
+bench-tools: $(STAMP)
+	$(BIN)/python -m pip install -qq --disable-pip-version-check py-spy==0.4.3
+	command -v wrk >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends wrk || \
+	  { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends wrk; }; }
+
+bench: bench-tools
 	$(BIN)/python -m bench.run
 
-bench-quick: $(STAMP)
+bench-quick: bench-tools
 	$(BIN)/python -m bench.run --quick
