@@ -145,3 +145,25 @@ async def test_a_customer_over_its_daily_budget_gets_a_typed_error_and_nothing_i
         await producer.enqueue_turns([{"conversation_id": "c-2", "customer_id": "C-100", "text": "x"}])
     # Customers without a limit are not affected.
     assert await producer.enqueue_turn(conversation_id="c-3", customer_id="C-200", text="fine")
+
+
+async def test_bulk_enqueue_across_script_chunks_answers_each_turn_in_order(producer, redis):
+    from turnfleet.models import TurnRequest
+    from turnfleet.queue import ENQUEUE_MANY_CHUNK
+
+    n = ENQUEUE_MANY_CHUNK * 2 + 50
+    reqs = [TurnRequest(turn_id=f"t-{i}", conversation_id=f"c-{i % 300}", customer_id="C-100", text="hi")
+            for i in range(n)]
+    queue = TurnQueue(redis)
+    known = {3, ENQUEUE_MANY_CHUNK + 7, n - 1}
+    for i in known:
+        assert await queue.enqueue(reqs[i]) == 1
+    await redis.hset(keys.conversation_state("c-299"), "customer_id", "C-999")  # someone else's
+    answers = await queue.enqueue_many(reqs)
+    assert len(answers) == n
+    for i, a in enumerate(answers):
+        expected = 0 if i in known else -1 if i % 300 == 299 else 1
+        assert a == expected, (i, a)
+    # One job per conversation that got a turn (its head), the rest wait in their queues.
+    assert await redis.zcard(keys.ARQ_QUEUE) == 299
+    assert await redis.llen(keys.conversation_queue("c-0")) == 2

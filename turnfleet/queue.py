@@ -79,23 +79,40 @@ end
 #       arq_queue, counters
 # ARGV: turn_id, conversation_id, customer_id, request_json, now_ms, job_prefix, job_ttl, fname
 # Returns 1 (enqueued), 0 (turn id already known), -1 (conversation belongs to another customer)
-ENQUEUE_LUA = _WAKE + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local owner = redis.call('HGET', KEYS[5], 'customer_id')
-if owner and owner ~= ARGV[3] then return -1 end
-if not owner then redis.call('HSET', KEYS[5], 'customer_id', ARGV[3]) end
-local now = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'request', ARGV[4], 'status', 'queued', 'attempts', 0)
-redis.call('HINCRBY', KEYS[9], 'turns_enqueued', 1)
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[4], ARGV[1])
-redis.call('ZADD', KEYS[6], 'NX', now, ARGV[2])
-redis.call('ZADD', KEYS[7], 'NX', now, ARGV[2])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  wake(ARGV[1], ARGV[2], now, ARGV[6], tonumber(ARGV[7]), ARGV[8], KEYS[8], KEYS[3])
+_ENQUEUE_ONE = _WAKE + """
+local function enqueue_one(K, A, o)
+  if redis.call('EXISTS', K[o + 1]) == 1 then return 0 end
+  local owner = redis.call('HGET', K[o + 5], 'customer_id')
+  if owner and owner ~= A[3] then return -1 end
+  if not owner then redis.call('HSET', K[o + 5], 'customer_id', A[3]) end
+  local now = tonumber(A[5])
+  redis.call('HSET', K[o + 1], 'request', A[4], 'status', 'queued', 'attempts', 0)
+  redis.call('HINCRBY', K[o + 9], 'turns_enqueued', 1)
+  redis.call('RPUSH', K[o + 2], A[1])
+  redis.call('RPUSH', K[o + 4], A[1])
+  redis.call('ZADD', K[o + 6], 'NX', now, A[2])
+  redis.call('ZADD', K[o + 7], 'NX', now, A[2])
+  if redis.call('EXISTS', K[o + 3]) == 0 then
+    wake(A[1], A[2], now, A[6], tonumber(A[7]), A[8], K[o + 8], K[o + 3])
+  end
+  return 1
 end
-return 1
 """
+ENQUEUE_LUA = _ENQUEUE_ONE + """
+return enqueue_one(KEYS, ARGV, 0)
+"""
+
+# Many turns in one call: KEYS are ENQUEUE's 9 keys per turn, ARGV its 8 arguments per turn,
+# in the same order. Returns ENQUEUE's answer per turn. One script call instead of one per
+# turn: the bulk path's cost was mostly per-command packing and dispatch.
+ENQUEUE_MANY_LUA = _ENQUEUE_ONE + """
+local out = {}
+for i = 0, #KEYS / 9 - 1 do
+  out[i + 1] = enqueue_one(KEYS, {unpack(ARGV, i * 8 + 1, i * 8 + 8)}, i * 9)
+end
+return out
+"""
+ENQUEUE_MANY_CHUNK = 200  # turns per script call: bounds how long Redis is busy with one
 
 # KEYS: turn, conv_queue, turn_errors, in_progress
 # ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso
@@ -290,6 +307,7 @@ class TurnQueue:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self._enqueue_many = redis.register_script(ENQUEUE_MANY_LUA)
         self._start = redis.register_script(START_LUA)
         self._renew = redis.register_script(RENEW_LUA)
         self._fail_attempt = redis.register_script(FAIL_ATTEMPT_LUA)
@@ -335,14 +353,20 @@ class TurnQueue:
         return outcome == 1
 
     async def enqueue_many(self, reqs: list[TurnRequest]) -> list[int]:
-        """One pipelined round trip for many turns; per request 1, 0 or -1 as the script says."""
+        """One pipelined round trip for many turns (one script call per 200); per request 1,
+        0 or -1 as the script says."""
         if not reqs:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for req in reqs:
-                k, a = self._enqueue_args(req)
-                await self._enqueue(keys=k, args=a, client=pipe)
-            return [int(x) for x in await pipe.execute()]
+            for i in range(0, len(reqs), ENQUEUE_MANY_CHUNK):
+                all_keys: list[str] = []
+                all_args: list[object] = []
+                for req in reqs[i:i + ENQUEUE_MANY_CHUNK]:
+                    k, a = self._enqueue_args(req)
+                    all_keys += k
+                    all_args += a
+                await self._enqueue_many(keys=all_keys, args=all_args, client=pipe)
+            return [int(x) for chunk in await pipe.execute() for x in chunk]
 
     # -- worker side -----------------------------------------------------------------
 
