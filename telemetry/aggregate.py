@@ -19,7 +19,12 @@ What is counted, and where (field names are documented in :mod:`telemetry.query`
 
 Each counted event updates the hashes of its turn, conversation, customer, customer-day
 (UTC date of the event) and the fleet (``GLOBAL_KEY``); an ``llm_end`` also its model's
-hash; a finished turn also the error-rate window hash of its end time.
+hash and its model-day hash (``keys.aggregate_day("model", model, day)``), and adds its cost
+and one call to the customer-day hash's per-model fields ``CUSTOMER_MODEL_COST + model`` /
+``CUSTOMER_MODEL_CALLS + model`` (spend per customer and model today); a finished turn also
+the error-rate window hash of its end time and the fleet's minute hash (``minute_key``:
+``turns_completed``, ``turns_failed`` and one latency bucket field, ``latency_bucket``), read
+by the console's last-hour charts.
 
 Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
 one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
@@ -62,6 +67,7 @@ ms; ``keys.conversation_facets`` is the reverse, per conversation. The conversat
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -83,6 +89,12 @@ GLOBAL_SUBJECT = keys.GLOBAL_SUBJECT
 GLOBAL_KEY = keys.GLOBAL_AGGREGATE
 MALFORMED_SEEN = keys.MALFORMED_SEEN
 DAY_TTL_S = 40 * 86400  # customer-day hashes live 40 days after their last update
+MINUTE_TTL_S = 3 * 3600  # minute hashes: the console reads the last hour
+
+
+def minute_key(minute_start_s: int) -> str:
+    """Hash of fleet-wide figures of the turns that finished in one UTC minute."""
+    return f"{keys.PREFIX}:agg:minute:{minute_start_s}"
 MIN_WINDOW_TTL_S = 86400  # error-rate window hashes: a day, or two windows if longer
 
 STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; another will run
@@ -96,6 +108,28 @@ HISTOGRAM_INF = "le_inf"  # the bucket above the last bound
 TOOL_ERROR = "ToolError"  # the error facet of a tool_end that carries an error
 MODEL_ERRORS = "errors"  # model hash: failed attempts (terminal or not) of turns on the model
 MODEL_ERRORS_BY_TYPE = "errors:"  # model hash field prefix: those failures by error type
+CUSTOMER_MODEL_COST = "model_cost_nusd:"  # customer-day field prefix: known cost per model
+CUSTOMER_MODEL_CALLS = "model_calls:"  # customer-day field prefix: model calls per model
+LATENCY_BUCKET = "lat:"  # minute hash field prefix: finished turns per latency bucket
+LATENCY_BUCKETS_PER_DOUBLING = 4  # bucket k holds (2^((k-1)/4), 2^(k/4)] ms: ±19% wide
+
+
+def latency_bucket(value_ms: float) -> int:
+    """The minute histogram's bucket of a duration: the smallest ``k >= 0`` with
+    ``value_ms <= 2 ** (k / 4)`` (bucket 0 holds everything up to 1 ms)."""
+    if value_ms <= 1:
+        return 0
+    k = math.ceil(LATENCY_BUCKETS_PER_DOUBLING * math.log2(value_ms))
+    while 2 ** ((k - 1) / LATENCY_BUCKETS_PER_DOUBLING) >= value_ms:  # float edges
+        k -= 1
+    while 2 ** (k / LATENCY_BUCKETS_PER_DOUBLING) < value_ms:
+        k += 1
+    return k
+
+
+def latency_bucket_bound(k: int) -> float:
+    """The upper bound (ms) of minute histogram bucket ``k``."""
+    return 2 ** (k / LATENCY_BUCKETS_PER_DOUBLING)
 
 # HINCRBY / HINCRBYFLOAT counters of every aggregate hash.
 INT_COUNTERS = (
@@ -484,7 +518,11 @@ class Aggregator:
 
         if kind == EventKind.llm_end:
             usage = ev.usage or TokenUsage()
-            targets = every + ([keys.aggregate("model", ev.model)] if ev.model else [])
+            targets = list(every)
+            if ev.model:
+                model_day = keys.aggregate_day("model", ev.model, day)
+                targets += [keys.aggregate("model", ev.model), model_day]
+                plan.expire(model_day, DAY_TTL_S)
             for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
                          "reasoning_tokens"):
                 plan.op("i", targets, name, getattr(usage, name))
@@ -494,6 +532,9 @@ class Aggregator:
                 plan.op("i", targets, "cost_unknown_calls", 1)
             else:
                 plan.op("i", targets, "cost_nusd", cost)
+            if ev.model:
+                plan.op("i", [cust_day], CUSTOMER_MODEL_CALLS + ev.model, 1)
+                plan.op("i", [cust_day], CUSTOMER_MODEL_COST + ev.model, cost or 0)
             if attempt.failed:
                 plan.op("i", targets, "failed_attempt_tokens", usage.total_tokens)
                 plan.op("i", targets, "failed_attempt_cost_nusd", cost or 0)
@@ -555,6 +596,11 @@ class Aggregator:
         window = keys.aggregate_window(start)
         plan.op("i", [window], f"turns_{status}", 1)
         plan.expire(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+        minute = minute_key(window_start(ev.ts, 60))
+        plan.op("i", [minute], f"turns_{status}", 1)
+        if ev.duration_ms is not None:
+            plan.op("i", [minute], f"{LATENCY_BUCKET}{latency_bucket(ev.duration_ms)}", 1)
+        plan.expire(minute, MINUTE_TTL_S)
         pointer = FailedTurn(ev.turn_id, ev.conversation_id, ev.customer_id) if failed else None
         touched.windows[start] = pointer or touched.windows.get(start)
         if pointer:

@@ -43,6 +43,7 @@ from telemetry.metrics import exposition
 from telemetry.query import (
     FIND_PAGE_MAX,
     alert_entries,
+    alert_entries_before,
     find_conversations,
     latency_report,
     live_workers,
@@ -144,21 +145,29 @@ async def find(
 ) -> JSONResponse:
     """Conversations matching every filter, most recent last event first (``turnfleet find
     --json``). A customer key searches its customers (all of them without ``customer``)."""
-    filters: dict[str, Any] = dict(
-        tool=tool, agent=agent, error=error, since=_time_param("since", since),
-        until=_time_param("until", until), min_cost_usd=min_cost, limit=limit,
-    )
+    return JSONResponse(await find_visible(
+        redis, who, customer=customer, tool=tool, agent=agent, error=error,
+        since=_time_param("since", since), until=_time_param("until", until),
+        min_cost_usd=min_cost, limit=limit,
+    ))
+
+
+async def find_visible(redis: Redis, who: Principal, customer: str | None = None,
+                       limit: int = 50, **filters: Any) -> list[dict[str, Any]]:
+    """:func:`find_conversations` as the key may see it (module docstring): with a
+    ``customer`` the key may not see, no rows; a customer key without ``customer``, the union
+    over its customers, newest first. Shared by ``/v1/find`` and the console's search."""
     if customer is not None:
         if not who.may(customer):
-            return JSONResponse([])  # as if the customer had no conversations
-        return JSONResponse(await find_conversations(redis, customer=customer, **filters))
+            return []  # as if the customer had no conversations
+        return await find_conversations(redis, customer=customer, limit=limit, **filters)
     if who.operator:
-        return JSONResponse(await find_conversations(redis, **filters))
+        return await find_conversations(redis, limit=limit, **filters)
     rows: list[dict[str, Any]] = []
     for mine in sorted(who.customers):
-        rows += await find_conversations(redis, customer=mine, **filters)
+        rows += await find_conversations(redis, customer=mine, limit=limit, **filters)
     rows.sort(key=lambda r: datetime.fromisoformat(r["last_event_at"]), reverse=True)
-    return JSONResponse(rows[:limit])
+    return rows[:limit]
 
 
 @router.get("/v1/stats")
@@ -196,7 +205,7 @@ async def get_stats(
 # -- alerts ------------------------------------------------------------------------------
 
 
-def _visible_json(who: Principal, entry_id: str, alert: Alert | None) -> dict[str, Any] | None:
+def visible_alert(who: Principal, entry_id: str, alert: Alert | None) -> dict[str, Any] | None:
     """``{"id": <stream id>, ...alert}`` if the key may see the alert, else ``None``."""
     if alert is None or not who.may(alert.customer_id):
         return None
@@ -237,13 +246,20 @@ async def get_alerts(
     if not follow:
         start = _stream_id("after", after) if after else "0-0"
         return JSONResponse(await _alert_page(redis, who, start, limit))
+    return await alert_stream(request, redis, who, last_event_id, after, new_only)
+
+
+async def alert_stream(request: Request, redis: Redis, who: Principal, last_event_id: str | None,
+                       after: str | None, new_only: bool) -> StreamingResponse:
+    """The SSE response of ``/v1/alerts?follow=true`` (and of the console's live page): from
+    after ``last_event_id``, else ``after``, else the stream's end with ``new_only``, else its
+    start; 422 for an id that is not a stream id."""
     if last_event_id:
         start = _stream_id("Last-Event-ID", last_event_id)
     elif after:
         start = _stream_id("after", after)
     elif new_only:
-        tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
-        start = tail[0][0] if tail else "0-0"
+        start = await alerts_tail(redis)
     else:
         start = "0-0"
     return StreamingResponse(
@@ -251,6 +267,12 @@ async def get_alerts(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def alerts_tail(redis: Redis) -> str:
+    """The alert stream's newest id (``0-0`` when empty): follow from here for new alerts only."""
+    tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
+    return tail[0][0] if tail else "0-0"
 
 
 async def _alert_page(redis: Redis, who: Principal, after_id: str, limit: int) -> list[dict[str, Any]]:
@@ -262,11 +284,27 @@ async def _alert_page(redis: Redis, who: Principal, after_id: str, limit: int) -
         if not batch:
             break
         for entry_id, alert in batch:
-            shown = _visible_json(who, entry_id, alert)
+            shown = visible_alert(who, entry_id, alert)
             if shown is not None and len(out) < limit:
                 out.append(shown)
         last = batch[-1][0]
     return out
+
+
+async def recent_alerts(redis: Redis, who: Principal, limit: int, scan_max: int = 5000) -> list[dict[str, Any]]:
+    """The key's ``limit`` newest alerts, newest first, reading back at most ``scan_max``
+    entries past the ones it may not see."""
+    out: list[dict[str, Any]] = []
+    before, scanned = "+", 0
+    while len(out) < limit and scanned < scan_max:
+        batch = await alert_entries_before(redis, before, count=SSE_BATCH)
+        if not batch:
+            break
+        scanned += len(batch)
+        out += [shown for entry_id, alert in batch
+                if (shown := visible_alert(who, entry_id, alert)) is not None]
+        before = batch[-1][0]
+    return out[:limit]
 
 
 async def _alert_events(request: Request, redis: Redis, who: Principal, after_id: str) -> AsyncIterator[str]:
@@ -281,7 +319,7 @@ async def _alert_events(request: Request, redis: Redis, who: Principal, after_id
             batch = await alert_entries(redis, after_id=last, count=SSE_BATCH, block_ms=SSE_BLOCK_MS)
             for entry_id, alert in batch:
                 last = entry_id
-                shown = _visible_json(who, entry_id, alert)
+                shown = visible_alert(who, entry_id, alert)
                 if shown is not None:
                     data = json.dumps(shown, separators=(",", ":"))
                     yield f"id: {entry_id}\nevent: alert\ndata: {data}\n\n"

@@ -8,13 +8,17 @@ rebuilt from the hook-event timeline the worker stored for every attempt
 telemetry, written by the worker after redaction.
 
 Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
-"custom"|"guardrail", "name", "duration_ms", "detail": {...}, "error", "children": [...]}``.
+"custom"|"guardrail", "name", "started_at", "duration_ms", "detail": {...}, "error",
+"children": [...]}``. ``started_at`` (ISO 8601, ``None`` when unknown) is the span's start, or
+for a node rebuilt from events the hook event's time (minus the call's duration for model and
+tool calls): with ``duration_ms`` it places the node on the attempt's timeline, which runs from
+the attempt's ``started_at`` to its ``ended_at``.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,10 +36,12 @@ def _ms(start: str | None, end: str | None) -> float | None:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() * 1000
 
 
-def _node(kind: str, name: str, duration_ms: float | None = None, error: Any = None, **detail: Any) -> dict[str, Any]:
+def _node(kind: str, name: str, duration_ms: float | None = None, error: Any = None,
+          started_at: str | None = None, **detail: Any) -> dict[str, Any]:
     return {
         "kind": kind,
         "name": name,
+        "started_at": started_at,
         "duration_ms": duration_ms,
         "detail": {k: v for k, v in detail.items() if v is not None},
         "error": error,
@@ -108,6 +114,7 @@ def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]
                          triggered=data.get("triggered"))
         else:
             node = _node(kind or "span", data.get("name", kind or "span"), duration, error)
+        node["started_at"] = span.get("started_at")
         node["children"] = inner
         return [node]
 
@@ -122,7 +129,7 @@ def tree_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = e.get("kind")
         detail = e.get("detail") or {}
         if kind == "agent_start":
-            current = _node("agent", e.get("agent") or "?")
+            current = _node("agent", e.get("agent") or "?", started_at=e.get("ts"))
             roots.append(current)
             continue
         if current is None:
@@ -132,20 +139,28 @@ def tree_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             usage = e.get("usage") or {}
             current["children"].append(_node(
                 "generation", e.get("model") or "model", e.get("duration_ms"), error,
-                input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
+                _started(e), input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
                 decision=detail.get("decision"),
             ))
         elif kind == "tool_end":
             current["children"].append(_node(
                 "tool", e.get("tool") or "?", e.get("duration_ms"), error,
-                arguments=detail.get("arguments"), result=detail.get("result"),
+                _started(e), arguments=detail.get("arguments"), result=detail.get("result"),
             ))
         elif kind == "handoff":
             current["children"].append(_node(
                 "handoff", f"{detail.get('from_agent')} → {detail.get('to_agent')}", None, None,
-                from_agent=detail.get("from_agent"), to_agent=detail.get("to_agent"),
+                e.get("ts"), from_agent=detail.get("from_agent"), to_agent=detail.get("to_agent"),
             ))
     return roots
+
+
+def _started(event: dict[str, Any]) -> str | None:
+    """When a call that ended with ``event`` started: its time minus its duration."""
+    ts, duration = event.get("ts"), event.get("duration_ms")
+    if not ts or duration is None:
+        return ts
+    return (datetime.fromisoformat(ts) - timedelta(milliseconds=duration)).isoformat()
 
 
 def _decisions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,9 +192,15 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
         if record is not None:
             entry.update(source="trace", kept_because=record["trace"].get("kept_because"),
                          trace_id=record["trace"].get("id"),
+                         started_at=record["trace"].get("started_at"),
+                         ended_at=record["trace"].get("ended_at"),
                          tree=tree_from_spans(record["spans"], _decisions(events)))
         else:
-            entry.update(source="events", kept_because=None, trace_id=None, tree=tree_from_events(events))
+            ordered = sorted(events, key=lambda e: e.get("seq", 0))
+            entry.update(source="events", kept_because=None, trace_id=None,
+                         started_at=ordered[0].get("ts") if ordered else None,
+                         ended_at=ordered[-1].get("ts") if ordered else None,
+                         tree=tree_from_events(events))
         if terminal and terminal[-1].get("error"):
             entry["error"] = terminal[-1]["error"]
         attempts.append(entry)

@@ -2,7 +2,8 @@
 
 ``turnfleet serve`` runs it with uvicorn. The components stay independent: each exposes an
 ``APIRouter`` (``producer/http.py`` for writing turns, ``telemetry/http.py`` for reading
-what happened); this module composes them (imported lazily, like the CLI does) and holds
+what happened, ``telemetry/console.py`` for the web console under ``/console``); this module
+composes them (imported lazily, like the CLI does) and holds
 what they share: the Redis client, API-key authentication, JSON errors (never a traceback),
 the request-size limit, and the health probes.
 """
@@ -169,6 +170,7 @@ def _install_errors(app: FastAPI) -> None:
 
 def create_app(settings: ProducerSettings | None = None, redis_url: str | None = None) -> FastAPI:
     from producer.http import router as producer_router
+    from telemetry.console import router as console_router
     from telemetry.http import router as telemetry_router
 
     settings = settings or ProducerSettings()
@@ -211,6 +213,7 @@ def create_app(settings: ProducerSettings | None = None, redis_url: str | None =
 
     app.include_router(producer_router)
     app.include_router(telemetry_router)
+    app.include_router(console_router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -1,0 +1,518 @@
+"""The web console: search, conversation replay and a live view, as server-rendered HTML.
+
+Served by ``turnfleet serve`` under ``/console`` (``turnfleet/server.py`` composes this router
+beside the JSON API). It reads what the JSON API reads, through the same functions
+(``telemetry/query.py``, ``telemetry/replay.py``, the scoping helpers of ``telemetry/http.py``),
+so a page shows exactly what ``/v1/...`` answers for the same key.
+
+Pages (each needs a key; without one the browser is sent to the login form):
+
+- ``/console/search``: conversations by customer, time range, agent, tool, error type and
+  minimum cost, newest first, a page at a time (``find_visible``, as ``/v1/find``);
+- ``/console/conversations/{id}``: every turn with its attempts, each attempt's span tree
+  (collapsible ``<details>``) and timeline (one bar per span on the attempt's time axis), the
+  turn's split into queue wait, model, tool and other time, tokens and cost per turn and in
+  total, failed attempts with their errors;
+- ``/console/live``: alerts as they arrive (Server-Sent Events from the same generator as
+  ``/v1/alerts?follow=true``), spend per customer and model today, and turns/s, error rate
+  and p95 latency per minute over the last hour as small inline-SVG charts (refreshed from
+  ``/console/live/panels`` every 15 s).
+
+Authentication: ``/console/login`` takes an API key, checks it with the server's
+``KeyStore`` and puts it in a cookie (``HttpOnly``, ``SameSite=Strict``, ``Path=/console``,
+``Secure`` over https, 8 hours). Each request authenticates the cookie again (or an
+``Authorization: Bearer`` / ``X-API-Key`` header), so a key removed from the keys file stops
+working at once. Scoping is the JSON API's: a customer key sees its customers only, a
+conversation of another customer is the same 404 page as one that does not exist, and the
+fleet-wide charts and per-model figures need an operator key. Every value is escaped
+(Jinja autoescape); what the worker redacted shows as its ``[REDACTED:kind]`` marker, and the
+turn's own text (business data, stored as written) passes through the same redactor before it
+is shown. Pages carry a Content-Security-Policy allowing only this server's own script and
+stylesheet (vendored under ``telemetry/console/static``: nothing is fetched from elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+import jinja2
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from markupsafe import Markup, escape
+from redis.asyncio import Redis
+
+from telemetry.http import (
+    alert_stream,
+    alerts_tail,
+    find_visible,
+    recent_alerts,
+)
+from telemetry.query import FIND_PAGE_MAX, last_hour, parse_time, spend_today
+from telemetry.replay import conversation_replay
+from turnfleet import keys
+from turnfleet.auth import Principal
+from turnfleet.redaction import Redactor
+from turnfleet.render import money, ms
+from turnfleet.server import redis_of, settings_of, trace_redis_of
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+HERE = Path(__file__).parent / "console"
+STATIC = {  # what /console/static/ serves, and nothing else
+    "console.css": "text/css; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
+}
+COOKIE = "turnfleet_console"
+COOKIE_MAX_AGE_S = 8 * 3600
+PAGE_SIZE = 25
+RECENT_ALERTS = 30
+MAX_FILTER_CHARS = 128
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+_MARKER = re.compile(r"\[REDACTED:(\w{1,64})\]")
+
+
+# -- templates and filters -----------------------------------------------------------------
+
+
+def _redacted(value: Any) -> Markup:
+    """Escaped text with each ``[REDACTED:kind]`` marker wrapped in ``<mark class=redacted>``."""
+    text = str(escape("" if value is None else value))
+    return Markup(_MARKER.sub(
+        lambda m: f'<mark class="redacted" title="redacted: {m.group(1)}">{m.group(0)}</mark>', text))
+
+
+def _pretty(value: Any) -> str:
+    """A JSON document (or a string holding one) indented; anything else as text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    return "" if value is None else str(value)
+
+
+def _call(name: str, arguments: Any) -> str:
+    """``name(k="v", ...)`` from a tool call's JSON arguments."""
+    try:
+        data = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return f"{name}({arguments})"
+    if not isinstance(data, dict):
+        return f"{name}({'' if data is None else data})"
+    return f"{name}(" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in data.items()) + ")"
+
+
+def _decision(decision: dict[str, Any] | None) -> str:
+    """What a generation decided, in words: a handoff, tool calls, or the answer."""
+    if not decision:
+        return ""
+    parts = []
+    for call in decision.get("calls") or []:
+        name = str(call.get("name") or "?")
+        if name.startswith("transfer_to_"):
+            parts.append("handoff to " + name.removeprefix("transfer_to_").replace("_", " ").title())
+        else:
+            parts.append("call " + _call(name, call.get("arguments")))
+    message = decision.get("message")
+    if message:
+        parts.append("final answer" if message is True else f"answer: {message}")
+    return "; ".join(parts)
+
+
+def _when(value: str | None) -> str:
+    if not value:
+        return "–"
+    try:
+        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return value
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _money(value: float | None) -> str:
+    return money(value) if value is None or value >= 0.0001 or value == 0 else f"${value:.6f}"
+
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"),
+    autoescape=True,  # every template, whatever its name
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_templates.filters.update(
+    redacted=_redacted, pretty=_pretty, call=_call, decision=_decision, when=_when, money=_money,
+    ms=ms, num=_num, pct=_pct, path=lambda v: quote(str(v), safe=""),
+)
+
+
+def _page(request: Request, template: str, status: int = 200, who: Principal | None = None,
+          **context: Any) -> HTMLResponse:
+    body = _templates.get_template(template).render(
+        who=who, path=request.url.path, **context)
+    return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
+
+
+# -- who is asking ---------------------------------------------------------------------------
+
+
+def _presented_key(request: Request) -> str | None:
+    """The key in the console cookie, else in ``Authorization: Bearer`` or ``X-API-Key``."""
+    key = request.cookies.get(COOKIE)
+    if key:
+        return key
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def _who(request: Request) -> Principal | None:
+    return request.app.state.keys.authenticate(_presented_key(request))
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/console/login?{urlencode({'next': target})}", status_code=303,
+                            headers=SECURITY_HEADERS)
+
+
+def _safe_next(target: str | None) -> str:
+    """Where to go after login: a path of this console, never another site."""
+    if target and target.startswith("/console") and not target.startswith("/console/login") \
+            and "//" not in target and "\\" not in target:
+        return target
+    return "/console/search"
+
+
+def _same_origin(request: Request) -> bool:
+    """A form post from this server's own pages (browsers send ``Origin`` with POSTs)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not a browser's cross-site post: browsers send Origin with every POST
+    host = request.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+def _not_found(request: Request, who: Principal, what: str, ident: str) -> HTMLResponse:
+    return _page(request, "not_found.html", status=404, who=who, what=what, ident=ident)
+
+
+# -- login and logout ------------------------------------------------------------------------
+
+
+@router.get("")
+async def console_home() -> RedirectResponse:
+    return RedirectResponse("/console/search", status_code=303, headers=SECURITY_HEADERS)
+
+
+@router.get("/login")
+async def login_form(request: Request, next: str | None = None) -> HTMLResponse:
+    return _page(request, "login.html", who=_who(request), next=_safe_next(next), error=None)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    if not _same_origin(request):
+        return _page(request, "login.html", status=403, next="/console/search",
+                     error="This form must be sent from the console's own page.")
+    form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=10)
+    key = (form.get("api_key") or [""])[0].strip()
+    target = _safe_next((form.get("next") or [None])[0])
+    who = request.app.state.keys.authenticate(key)
+    if who is None:
+        log.info("console.login_refused")
+        return _page(request, "login.html", status=401, next=target,
+                     error="That key is not known here." if key else "Enter an API key.")
+    log.info("console.login", key_name=who.name)
+    response = RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
+    response.set_cookie(COOKIE, key, max_age=COOKIE_MAX_AGE_S, path="/console", httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request) -> RedirectResponse:
+    response = RedirectResponse("/console/login", status_code=303, headers=SECURITY_HEADERS)
+    response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")
+    return response
+
+
+@router.get("/static/{name}")
+async def static(name: str) -> Response:
+    if name not in STATIC:
+        return Response("not found", status_code=404, media_type="text/plain")
+    return FileResponse(HERE / "static" / name, media_type=STATIC[name],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+# -- search ----------------------------------------------------------------------------------
+
+FILTERS = ("customer", "tool", "agent", "error", "since", "until", "min_cost")
+
+
+@router.get("/search")
+async def search(request: Request) -> Response:
+    who = _who(request)
+    if who is None:
+        return _to_login(request)
+    redis: Redis = redis_of(request)
+    params = {name: (request.query_params.get(name) or "").strip() for name in FILTERS}
+    errors: dict[str, str] = {}
+    for name, value in params.items():
+        if len(value) > MAX_FILTER_CHARS:
+            errors[name] = f"at most {MAX_FILTER_CHARS} characters"
+    since = until = min_cost = None
+    try:
+        since = parse_time(params["since"])
+    except ValueError as exc:
+        errors["since"] = str(exc)
+    try:
+        until = parse_time(params["until"])
+    except ValueError as exc:
+        errors["until"] = str(exc)
+    if params["min_cost"]:
+        try:
+            min_cost = float(params["min_cost"])
+            if not math.isfinite(min_cost) or min_cost < 0:
+                raise ValueError
+        except ValueError:
+            errors["min_cost"] = "a number of dollars, 0 or more"
+    size = _int_param(request, "size", PAGE_SIZE, 1, 100)
+    page = _int_param(request, "page", 1, 1, FIND_PAGE_MAX // size)
+    offset = (page - 1) * size
+    rows: list[dict[str, Any]] = []
+    more = False
+    if not errors:
+        # Pages by offset: the first offset + size + 1 matches, newest first, then a slice.
+        found = await find_visible(
+            redis, who, customer=params["customer"] or None, tool=params["tool"] or None,
+            agent=params["agent"] or None, error=params["error"] or None, since=since,
+            until=until, min_cost_usd=min_cost, limit=offset + size + 1)
+        rows, more = found[offset:offset + size], len(found) > offset + size
+    kept = {k: v for k, v in params.items() if v}
+    if size != PAGE_SIZE:
+        kept["size"] = str(size)
+    async with redis.pipeline(transaction=False) as pipe:
+        for dimension in ("tool", "agent"):
+            pipe.smembers(keys.latency_names(dimension))
+        tools, agents = (sorted(names) for names in await pipe.execute())
+    return _page(
+        request, "search.html", status=400 if errors else 200, who=who, params=params,
+        errors=errors, rows=rows, page=page, offset=offset,
+        newer=f"?{urlencode({**kept, 'page': page - 1})}" if page > 1 else None,
+        older=f"?{urlencode({**kept, 'page': page + 1})}" if more else None,
+        filtered=any(params.values()), tools=tools, agents=agents, size=size,
+        default_size=PAGE_SIZE,
+        customers=sorted(who.customers) if not who.operator else [],
+    )
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """A whole-number query parameter within [low, high]; the default when absent or not."""
+    text = request.query_params.get(name) or ""
+    return int(text) if text.isdigit() and low <= int(text) <= high else default
+
+
+# -- one conversation ------------------------------------------------------------------------
+
+KINDS = ("agent", "generation", "tool", "handoff", "custom", "guardrail")
+
+
+def _ts(value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def timeline(attempt: dict[str, Any]) -> dict[str, Any]:
+    """One attempt's spans as waterfall rows, depth first (the tree's order): each row has the
+    node's ``kind``, ``name``, ``depth``, ``offset_ms`` from the attempt's start and
+    ``duration_ms``, and ``x`` / ``w``, its bar's left edge and width in percent of the axis
+    (the attempt's start to its end, or to the last span's end if later). A bar is at least
+    0.4% wide, so an instant span still shows. One row per node of ``attempt["tree"]``."""
+    flat: list[tuple[int, dict[str, Any]]] = []
+
+    def walk(nodes: list[dict[str, Any]], depth: int) -> None:
+        for node in nodes:
+            flat.append((depth, node))
+            walk(node.get("children") or [], depth + 1)
+
+    walk(attempt.get("tree") or [], 0)
+    starts = [_ts(n.get("started_at")) for _, n in flat]
+    known = [s for s in starts if s is not None]
+    base = _ts(attempt.get("started_at")) or (min(known) if known else None)
+    rows = []
+    for (depth, node), start in zip(flat, starts):
+        offset = (start - base).total_seconds() * 1000 if start and base else None
+        rows.append({"kind": node.get("kind"), "name": node.get("name"), "depth": min(depth, 8),
+                     "offset_ms": offset, "duration_ms": node.get("duration_ms"),
+                     "error": node.get("error")})
+    end = _ts(attempt.get("ended_at"))
+    extent = (end - base).total_seconds() * 1000 if end and base else 0.0
+    extent = max([extent] + [(r["offset_ms"] or 0) + (r["duration_ms"] or 0) for r in rows] + [0.001])
+    for r in rows:
+        width = max(100 * (r["duration_ms"] or 0) / extent, 0.4)
+        left = 100 * max(r["offset_ms"] or 0, 0) / extent
+        r["w"] = round(min(width, 100.0), 3)
+        r["x"] = round(min(left, 100.0 - r["w"]), 3)
+    return {"rows": rows, "extent_ms": extent}
+
+
+def breakdown(telemetry: dict[str, Any], turn: dict[str, Any]) -> list[dict[str, Any]]:
+    """The turn's time as stacked segments: queue wait, model, tool, other (ms and percent)."""
+    parts = [
+        ("queue", "queue wait", telemetry.get("queue_wait_ms", turn.get("queue_wait_ms"))),
+        ("model", "model", telemetry.get("model_ms")),
+        ("tool", "tools", telemetry.get("tool_ms")),
+        ("other", "other", telemetry.get("other_ms")),
+    ]
+    total = sum(v or 0 for _, _, v in parts)
+    out, x = [], 0.0
+    for kind, label, value in parts:
+        width = 100 * (value or 0) / total if total > 0 else 0.0
+        out.append({"kind": kind, "label": label, "ms": value, "x": round(x, 3),
+                    "w": round(width, 3)})
+        x += width
+    return out
+
+
+@router.get("/conversations/{conversation_id}")
+async def conversation(request: Request, conversation_id: str) -> Response:
+    who = _who(request)
+    if who is None:
+        return _to_login(request)
+    redis: Redis = redis_of(request)
+    owner = await redis.hget(keys.conversation_state(conversation_id), "customer_id")
+    if owner is None or not who.may(owner):
+        return _not_found(request, who, "conversation", conversation_id)
+    replay = await conversation_replay(redis, conversation_id, trace_redis_of(request))
+    if replay is None:
+        return _not_found(request, who, "conversation", conversation_id)
+    # The turn's text, answer and errors are business data, kept as written: redact them as
+    # telemetry is before showing them (telemetry itself is redacted already; again is a no-op).
+    replay = Redactor.from_settings(settings_of(request)).value(replay)
+    for turn in replay["turns"]:
+        turn["breakdown"] = breakdown(turn.get("telemetry") or {}, turn["turn"])
+        for attempt in turn["attempts"]:
+            attempt["timeline"] = timeline(attempt)
+    return _page(request, "conversation.html", who=who, replay=replay, owner=owner,
+                 kinds=KINDS)
+
+
+# -- live ------------------------------------------------------------------------------------
+
+
+def sparkline(values: list[float | None], width: int = 300, height: int = 64) -> dict[str, Any]:
+    """Polyline segments (gaps where a value is ``None``) of values scaled to the box, and the
+    scale's top. Points are ``x,y`` strings in SVG user units (y grows downwards)."""
+    top = max([v for v in values if v is not None] + [0.0])
+    scale = top if top > 0 else 1.0
+    step = width / max(len(values) - 1, 1)
+    segments: list[list[str]] = []
+    current: list[str] = []
+    for i, v in enumerate(values):
+        if v is None:
+            if current:
+                segments.append(current)
+                current = []
+            continue
+        current.append(f"{i * step:.1f},{height - 2 - (height - 4) * v / scale:.1f}")
+    if current:
+        segments.append(current)
+    return {"segments": [" ".join(s) for s in segments], "top": top, "width": width,
+            "height": height, "dots": [s[0] for s in segments if len(s) == 1]}
+
+
+async def _panels(redis: Redis, who: Principal) -> dict[str, Any]:
+    spend = await spend_today(redis, None if who.operator else sorted(who.customers))
+    context: dict[str, Any] = {"spend": spend, "charts": None}
+    if who.operator:
+        hour = await last_hour(redis)
+        minutes = hour["minutes"]
+        last = next((m for m in reversed(minutes) if m["turns"]), None)
+        context["hour"] = hour["total"]
+        context["charts"] = [
+            {"id": "turns", "title": "Turns per second", "unit": "turns/s",
+             "line": sparkline([m["turns_per_s"] for m in minutes]),
+             "now": _num(minutes[-1]["turns_per_s"]), "hour": _num(hour["total"]["turns_per_s"], 3),
+             "top": _num(max(m["turns_per_s"] for m in minutes))},
+            {"id": "errors", "title": "Error rate", "unit": "failed / finished",
+             "line": sparkline([m["error_rate"] for m in minutes]),
+             "now": _pct(last["error_rate"]) if last else "–",
+             "hour": _pct(hour["total"]["error_rate"]),
+             "top": _pct(max((m["error_rate"] or 0) for m in minutes))},
+            {"id": "p95", "title": "p95 turn latency", "unit": "ms",
+             "line": sparkline([m["p95_ms"] for m in minutes]),
+             "now": ms(last["p95_ms"]) if last else "–", "hour": ms(hour["total"]["p95_ms"]),
+             "top": ms(max((m["p95_ms"] or 0) for m in minutes))},
+        ]
+    return context
+
+
+@router.get("/live")
+async def live(request: Request) -> Response:
+    who = _who(request)
+    if who is None:
+        return _to_login(request)
+    redis: Redis = redis_of(request)
+    tail = await alerts_tail(redis)  # the page's stream starts here: nothing missed, no repeat
+    alerts = await recent_alerts(redis, who, RECENT_ALERTS)
+    return _page(request, "live.html", who=who, alerts=alerts, after=tail,
+                 **await _panels(redis, who))
+
+
+@router.get("/live/panels")
+async def live_panels(request: Request) -> Response:
+    who = _who(request)
+    if who is None:
+        return Response("sign in again", status_code=401, media_type="text/plain")
+    return _page(request, "live_panels.html", who=who, **await _panels(redis_of(request), who))
+
+
+@router.get("/live/alerts")
+async def live_alerts(request: Request, after: str | None = None) -> Response:
+    """The key's alerts as Server-Sent Events (``/v1/alerts?follow=true``'s generator):
+    ``EventSource`` sends the cookie, and ``Last-Event-ID`` when it reconnects."""
+    who = _who(request)
+    if who is None:
+        return Response("sign in again", status_code=401, media_type="text/plain")
+    return await alert_stream(request, redis_of(request), who,
+                              request.headers.get("last-event-id"), after, new_only=True)
+
+
+@router.get("/{rest:path}")
+async def unknown(request: Request, rest: str) -> Response:
+    who = _who(request)
+    if who is None:
+        return _to_login(request)
+    return _not_found(request, who, "page", request.url.path)

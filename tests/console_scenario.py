@@ -1,0 +1,189 @@
+"""The web console's data: the demo scenario through a real fleet, plus a retried turn.
+
+Used by ``tests/test_console.py`` (browser and HTTP tests) and ``tests/console_screenshots.py``
+(the README's pictures), so both show the same, real data:
+
+1. the five conversations of ``turnfleet demo`` (``turnfleet.demo.SCENARIO``), on the offline
+   model, through a real ``turnfleet worker --burst``;
+2. one more conversation for customer C-100 whose text carries a card number and an email
+   address (redacted in telemetry) and whose first attempt fails: its worker talks to the
+   local OpenAI-compatible endpoint of ``tests/llm_server.py``, told to answer the first
+   request 500, with client retries off, so attempt 1 fails and attempt 2 completes;
+3. with ``markup=True``, a conversation whose text is HTML (``MARKUP_TEXT``), for the tests
+   that check every page escapes what it shows;
+4. one ``turnfleet telemetry --burst`` over all of it (the demo's low conversation-cost
+   threshold, so the long conversation raises a real ``conversation_cost`` alert).
+
+Conversation ids are fixed (``console-<label>``), turn ids ``<conversation>-t<n>``.
+
+:func:`console_fleet` does the rest of what a browser test needs: its own ``redis-server``,
+the scenario, then a real ``turnfleet serve`` subprocess with the test keys; and
+:func:`launch_chromium` starts Debian's Chromium (``/usr/bin/chromium``, never a downloaded
+browser) under Playwright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from producer import Producer
+from tests.llm_server import LLMServer
+from turnfleet.auth import hash_key
+from turnfleet.demo import DEMO_CONVERSATION_COST_ALERT_USD, SCENARIO
+from turnfleet.embedded import RedisServer, free_port
+from turnfleet.fleet import FleetProcess
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+OPERATOR = "tfk_console-operator"
+C100 = "tfk_console-c100"  # customer A
+C102 = "tfk_console-c102"  # customer B
+API_KEYS = [
+    {"name": "ops", "sha256": hash_key(OPERATOR), "customers": ["*"]},
+    {"name": "portal-c100", "sha256": hash_key(C100), "customers": ["C-100"]},
+    {"name": "portal-c102", "sha256": hash_key(C102), "customers": ["C-102"]},
+]
+
+PREFIX = "console-"
+RETRIED = f"{PREFIX}dana-card"
+RETRIED_CUSTOMER = "C-100"
+RETRIED_TEXT = ("Please refund order 1042, it was charged twice to my card 4242 4242 4242 4242. "
+                "Send the receipt to dana.whitfield@example.com")
+RETRIED_MODEL = "gpt-4o-mini"  # priced, so the spend table shows a second model
+MARKUP = f"{PREFIX}markup"
+MARKUP_TEXT = '<img src=x onerror="alert(1)"> <b>Where</b> is order 1043?'
+
+
+@dataclass
+class Scenario:
+    """What ran: conversation id -> customer, and every turn id per conversation."""
+
+    conversations: dict[str, str] = field(default_factory=dict)
+    turns: dict[str, list[str]] = field(default_factory=dict)
+
+    def conversation(self, label: str) -> str:
+        return f"{PREFIX}{label}"
+
+
+def _batch(items: list[tuple[str, str, list[str]]], scenario: Scenario) -> list[dict[str, object]]:
+    batch: list[dict[str, object]] = []
+    for label, customer, texts in items:
+        cid = scenario.conversation(label)
+        scenario.conversations[cid] = customer
+        scenario.turns[cid] = []
+        for i, text in enumerate(texts, 1):
+            tid = f"{cid}-t{i}"
+            scenario.turns[cid].append(tid)
+            batch.append({"conversation_id": cid, "customer_id": customer, "text": text,
+                          "turn_id": tid, "metadata": {"channel": "console-test"}})
+    return batch
+
+
+async def _enqueue(redis_url: str, batch: list[dict[str, object]]) -> None:
+    async with Producer(redis_url) as producer:
+        await producer.enqueue_turns(batch)
+
+
+def _burst(verb: str, env: Mapping[str, str], log_dir: Path, name: str) -> None:
+    proc = FleetProcess(name, [verb, "--burst"], env, log_dir / f"{name}.log").start()
+    code = proc.wait(120)
+    if code != 0:
+        raise RuntimeError(f"{name} exited {code}:\n{proc.output()[-3000:]}")
+
+
+def run_console_scenario(redis_url: str, env: Mapping[str, str], log_dir: Path,
+                         markup: bool = False) -> Scenario:
+    """Run everything (module docstring) against ``redis_url``; ``env`` is the processes'
+    environment (``REDIS_URL`` and nothing else of turnfleet's). Blocks until telemetry has
+    aggregated every turn."""
+    scenario = Scenario()
+    env = {**env, "REDIS_URL": redis_url,
+           "TURNFLEET_ALERT_CONVERSATION_COST_USD": DEMO_CONVERSATION_COST_ALERT_USD}
+    extra = [(MARKUP.removeprefix(PREFIX), "C-103", [MARKUP_TEXT])] if markup else []
+    asyncio.run(_enqueue(redis_url, _batch(SCENARIO + extra, scenario)))
+    _burst("worker", env, log_dir, "worker-offline")
+
+    llm = LLMServer().start()
+    try:
+        llm.inject("500", times=1)  # attempt 1 of the retried turn fails; attempt 2 completes
+        asyncio.run(_enqueue(redis_url, _batch(
+            [(RETRIED.removeprefix(PREFIX), RETRIED_CUSTOMER, [RETRIED_TEXT])], scenario)))
+        _burst("worker", llm.worker_env(env, model=RETRIED_MODEL, TURNFLEET_MODEL_MAX_RETRIES="0",
+                                        TURNFLEET_RETRY_DELAY_S="0.05"),
+               log_dir, "worker-endpoint")
+    finally:
+        llm.stop()
+    _burst("telemetry", env, log_dir, "telemetry")
+    return scenario
+
+
+@dataclass
+class ConsoleFleet:
+    """A served console: its base URL, its Redis, what ran, and the server's log."""
+
+    url: str
+    redis_url: str
+    scenario: Scenario
+    serve: FleetProcess
+
+
+def process_env(redis_url: str, state_dir: Path) -> dict[str, str]:
+    """This environment without any ``TURNFLEET_*`` / ``REDIS_URL`` of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNFLEET_") and k != "REDIS_URL"}
+    env.update(REDIS_URL=redis_url, TURNFLEET_STATE_DIR=str(state_dir),
+               TURNFLEET_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    return env
+
+
+@contextlib.contextmanager
+def console_fleet(workdir: Path, markup: bool = False) -> Iterator[ConsoleFleet]:
+    """Redis, the scenario, and ``turnfleet serve`` on a free port, ready when it yields."""
+    redis = RedisServer(workdir / "redis")
+    redis.start()
+    serve: FleetProcess | None = None
+    try:
+        env = process_env(redis.url, workdir / "state")
+        scenario = run_console_scenario(redis.url, env, workdir / "logs", markup=markup)
+        port = free_port()
+        serve = FleetProcess("serve", ["serve", "--port", str(port)],
+                             {**env, "TURNFLEET_API_KEYS": json.dumps(API_KEYS)},
+                             workdir / "logs" / "serve.log").start()
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, serve)
+        yield ConsoleFleet(url, redis.url, scenario, serve)
+    finally:
+        if serve is not None:
+            serve.stop()
+        redis.kill()
+
+
+def wait_ready(url: str, serve: FleetProcess, timeout_s: float = 30.0) -> None:
+    """Until ``/healthz`` answers 200 (a readiness probe), or fail with the server's log."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2) as client:
+        while True:
+            try:
+                if client.get(f"{url}/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if not serve.running() or time.monotonic() > deadline:
+                raise RuntimeError(f"turnfleet serve did not start:\n{serve.output()[-3000:]}")
+            time.sleep(0.05)  # between probes of a server that is still starting
+
+
+def launch_chromium(playwright: Any) -> Any:
+    """Debian's Chromium under Playwright, headless, talking to nothing but this machine."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
