@@ -246,13 +246,16 @@ async def _telemetry(url: str) -> dict[str, float]:
             "tel_entries_s": entries / elapsed}
 
 
-async def _consume(url: str) -> None:
+async def _consume(url: str, env: dict[str, str] | None = None) -> None:
+    """A burst consumer run (with ``env``'s settings: retention purges after draining)."""
     from redis.asyncio import Redis
 
     from telemetry.consumer import caught_up, run_consumer
     from turnfleet.settings import TelemetrySettings
 
-    await run_consumer(TelemetrySettings(), url, burst=True)
+    overrides = {k.removeprefix("TURNFLEET_").lower(): v for k, v in (env or {}).items()
+                 if k in ("TURNFLEET_RETENTION_S", "TURNFLEET_SEEN_TTL_S")}
+    await run_consumer(TelemetrySettings(**overrides), url, burst=True)
     redis = Redis.from_url(url, decode_responses=True)
     ok = await caught_up(redis)
     await redis.aclose()
@@ -518,6 +521,16 @@ def bench_lag(n: int, base: Path, rep: int) -> dict[str, float]:
                 "catch_up_ms": catch_up * 1000}
 
 
+async def _count_turns(url: str) -> int:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    n = sum([1 async for _ in redis.scan_iter(match="tf:turn:*", count=1000)
+             if not _.endswith(b":errors")])
+    await redis.aclose()
+    return n
+
+
 # -- 6b. memory growth over sizes -----------------------------------------------------------------
 
 
@@ -540,10 +553,11 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
             for p in procs:
                 if p.wait(1200) != 0:
                     raise RuntimeError(f"growth: worker failed:\n{p.output()[-2000:]}")
-            asyncio.run(_consume(url))
+            asyncio.run(_consume(url, extra_env))
             done = size
             mem = asyncio.run(_memory(url))
             mem["size"] = size
+            mem["turn_records"] = float(asyncio.run(_count_turns(url)))
             mem["used_memory_delta"] = mem["used_memory"] - before
             mem["elapsed_s"] = time.perf_counter() - t0
             print(f"[growth] {size} turns: used_memory +{mem['used_memory_delta'] / 1e6:.1f} MB "
@@ -625,31 +639,34 @@ def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list
         f"{t / g['size']:,.0f} ({t / 1e6:,.1f} MB)" for t, g in zip(total, growth)) + " | |")
     rows.append("| `INFO` used_memory growth (MB) | " + " | ".join(
         f"{g['used_memory_delta'] / 1e6:,.1f}" for g in growth) + " | |")
-    flat = [f for f in fams if growth[-1].get(f"keys:{f}", 0) and
-            growth[-1].get(f"ttl:{f}", 0) >= growth[-1].get(f"keys:{f}", 0) * 0.99]
+    rows.append("| turn records still in Redis | " + " | ".join(
+        f"{int(g['turn_records']):,}" for g in growth) + " | |")
     return [
         "### 7b. Memory over sizes, with retention",
         "",
         f"One Redis; turns are added up to each size in turn ({', '.join(f'{n:,}' for n in sizes)}), "
-        "each chunk drained by 2 `turnfleet worker --burst` processes and aggregated by a burst "
-        "consumer, then every key is measured as in table 7. Settings: sample rate 1.0 and "
-        + ", ".join(f"`{k}={v}`" for k, v in env.items()) + " (short, so that expiry shows "
-        f"within the run: the run took {growth[-1]['elapsed_s']:.0f} s). Cells are bytes per "
-        "turn so far; a family held flat by retention shows falling bytes/turn as size grows.",
+        "each chunk drained by 2 `turnfleet worker --burst` processes and then aggregated by a "
+        "burst consumer (which also runs the retention purge), then every key is measured as "
+        "in table 7. Settings: sample rate 1.0 and "
+        + ", ".join(f"`{k}={v}`" for k, v in env.items()) + f" (the run took "
+        f"{growth[-1]['elapsed_s']:.0f} s). Cells are bytes per turn enqueued so far: a "
+        "family held flat shows bytes/turn falling as the size grows, because only the turns "
+        "of the last minute or so are still there.",
         "",
         head,
         "|" + "---|" * (len(sizes) + 2),
         *rows,
         "",
-        "Held flat by retention (every key has a TTL): " + (", ".join(f"`{f}`" for f in flat) or "none")
-        + ". `trace_retention_s` bounds traces and per-attempt event timelines, `session_ttl_s` "
-        "conversation memory, `seen_ttl_s` the consumer's dedupe keys. What grows without bound "
-        "whatever the settings: turn records (`tf:turn:*`, kept so a turn id stays idempotent "
-        "and its result readable), conversation records (`tf:conv:*`), per-turn and "
-        "per-conversation aggregates (`tf:agg:*`) and the find indexes (in 'other'): about "
-        "6 kB a turn here. **No setting holds those flat yet**: a `turn_retention_s` that "
-        "expires a finished turn's record, aggregates and index entries together is the "
-        "missing piece (with it, memory ≈ turns/s × retention × bytes/turn).",
+        "What holds memory flat: `TURNFLEET_RETENTION_S` (telemetry/retention.py: the "
+        "consumer purges conversations idle that long, whole: turn records, conversation "
+        "records, per-turn and per-conversation aggregates, index entries, memory, traces) "
+        "with `TURNFLEET_TRACE_RETENTION_S` and `TURNFLEET_SESSION_TTL_S` no longer than it. "
+        "Without it (table 7), every turn keeps its ~6 kB of records and aggregates forever "
+        "plus traces and timelines until `TURNFLEET_TRACE_RETENTION_S` (7 days by default). "
+        "Steady state ≈ turns/s × retention × bytes/turn of table 7; what stays whatever the "
+        "retention is bounded by subjects, not turns (fleet, customer, model and per-day "
+        "aggregates, latency samples capped at `TURNFLEET_LATENCY_SAMPLES`, the streams "
+        "trimmed to their limits) plus the refund ledger and per-turn refund keys.",
         "",
     ]
 
@@ -706,8 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     mj_latency = 1.0
     http_s = 2 if quick else 8
     sizes = [300, 600] if quick else [1000, 10_000, 50_000]
-    growth_env = {"TURNFLEET_TRACE_RETENTION_S": "20" if quick else "60",
-                  "TURNFLEET_SESSION_TTL_S": "20" if quick else "60"}
+    growth_env = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
+                  "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
     started = time.perf_counter()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

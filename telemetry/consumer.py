@@ -87,6 +87,7 @@ from redis.exceptions import RedisError, ResponseError
 from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
 from telemetry.alerts import AlertRules
 from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
+from telemetry.retention import PURGE_EVERY_S, Retention
 from telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import keys
 from turnfleet.connection import connect
@@ -496,7 +497,8 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     (its name -> ms), and removes itself on the way out: what ``turnfleet health --role
     telemetry`` and ``turnfleet_telemetry_consumers_alive`` read. It trims the stream to its
     unacknowledged tail every ``trim_every_s`` and, in burst mode, once more after draining
-    (:mod:`telemetry.trim`).
+    (:mod:`telemetry.trim`). With ``retention_s`` set it purges idle conversations every
+    ``PURGE_EVERY_S`` and after a burst (:mod:`telemetry.retention`).
     """
     from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
 
@@ -529,6 +531,9 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     webhook_task: asyncio.Task[None] | None = None
     beat = asyncio.create_task(_heartbeat(redis, consumer.name), name="telemetry-heartbeat")
     trimmer = asyncio.create_task(_trim_every(consumer, trim_every_s), name="telemetry-trim")
+    retention = Retention(redis, settings.retention_s) if settings.retention_s else None
+    purger = (asyncio.create_task(_purge_every(retention), name="telemetry-retention")
+              if retention is not None and not burst else None)
     try:
         if webhook is not None and not burst:
             webhook_task = asyncio.create_task(webhook.run(), name="alert-webhook")
@@ -536,14 +541,18 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
         handled = await consumer.run(burst=burst)
         if burst:
             await consumer.trim()
+            if retention is not None:
+                await retention.purge()
         if webhook is not None and burst:
             delivered = await webhook.run_once()
             log.info("telemetry.webhook_burst_done", entries=delivered)
         return handled
     finally:
-        trimmer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await trimmer
+        for task in (trimmer, purger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat  # no beat may land after the ZREM
@@ -569,6 +578,16 @@ async def _heartbeat(redis: Redis, name: str) -> None:
         except RedisError as exc:
             log.warning("telemetry.heartbeat_failed", consumer=name, error=str(exc))
         await asyncio.sleep(HEARTBEAT_S)
+
+
+async def _purge_every(retention: Retention, every_s: float = PURGE_EVERY_S) -> None:
+    """Purge conversations past retention every ``every_s`` (telemetry/retention.py)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await retention.purge()
+        except RedisError as exc:
+            log.warning("telemetry.retention_failed", error=repr(exc))
 
 
 async def _trim_every(consumer: TelemetryConsumer, every_s: float) -> None:

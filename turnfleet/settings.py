@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -192,6 +192,11 @@ class TelemetrySettings(CommonSettings):
     seen_ttl_s: int = Field(
         default=7 * 86400, description="How long event ids are remembered for de-duplication."
     )
+    retention_s: int | None = Field(
+        default=None, ge=60,
+        description="Purge finished conversations idle this long (turns, traces, memory, "
+        "aggregates, index entries); unset keeps everything. At least seen_ttl_s.",
+    )
     prices: dict[str, Price] = Field(default_factory=dict, description="Added to the defaults.")
 
     alert_conversation_cost_usd: float = Field(default=0.50)
@@ -216,6 +221,14 @@ class TelemetrySettings(CommonSettings):
     latency_samples: int = Field(
         default=10_000, description="Latest samples kept per dimension for p50/p95/p99."
     )
+
+    @model_validator(mode="after")
+    def _retention_outlives_dedupe(self) -> TelemetrySettings:
+        # A telemetry entry redelivered after its turn's dedupe set was purged would count twice.
+        if self.retention_s is not None and self.retention_s < self.seen_ttl_s:
+            raise ValueError(f"retention_s ({self.retention_s}) must be at least seen_ttl_s "
+                             f"({self.seen_ttl_s}): set TURNFLEET_SEEN_TTL_S too")
+        return self
 
     def price_table(self) -> dict[str, Price]:
         return {**DEFAULT_PRICES, **self.prices}

@@ -1,0 +1,141 @@
+"""Retention: forget finished conversations that have been idle longer than ``retention_s``.
+
+Without it Redis keeps every turn forever: the turn record (which also makes a turn id
+idempotent), the conversation's records, memory, aggregates and search-index entries — about
+6 kB a turn in ``make bench`` — while traces and event timelines already expire by
+``trace_retention_s``. With ``TURNFLEET_RETENTION_S`` set, the telemetry consumer purges, every
+``PURGE_EVERY_S``, each conversation whose last telemetry is older than that and which has no
+turn queued or running: one Lua call per conversation deletes its turns (record, errors,
+trace, events, dedupe set, per-turn aggregate, escalation ticket) and its own keys, and takes
+it out of every index. Steady-state memory is then about turns/s × retention × bytes/turn.
+
+What stays: fleet, customer, model and per-day aggregates (bounded by subjects, not by
+turns), the refund ledger (a business record) and the per-turn refund keys (named by order
+id, which the purge does not know; small). Once a conversation is purged, its turn ids are
+unknown again: an enqueue with an old turn id creates a new turn. ``retention_s`` must be at
+least ``seen_ttl_s``, so that no telemetry entry can be redelivered after its turn's dedupe
+set is gone (it would be counted twice in the fleet totals).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+from redis.asyncio import Redis
+
+from turnfleet import keys
+
+log = structlog.get_logger(__name__)
+
+PURGE_EVERY_S = 60.0
+PURGE_BATCH = 200  # conversations looked at per index read
+
+# KEYS: conversation index, conversation queue, conversation turns, then the keys to delete.
+# ARGV: conversation_id, cutoff_ms, expected number of turns, then
+#       (index key, member) pairs to ZREM.
+# Returns 1 (purged) or 0 (left: a turn is queued or running, or the conversation changed
+# since it was read — a newer event or a new turn).
+_PURGE_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) > tonumber(ARGV[2]) then return 0 end
+if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
+if redis.call('LLEN', KEYS[3]) ~= tonumber(ARGV[3]) then return 0 end
+for i = 4, #KEYS, 500 do
+  redis.call('DEL', unpack(KEYS, i, math.min(i + 499, #KEYS)))
+end
+for i = 4, #ARGV, 2 do
+  redis.call('ZREM', ARGV[i], ARGV[i + 1])
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+@dataclass
+class PurgeResult:
+    conversations: int = 0
+    turns: int = 0
+    skipped: int = 0  # busy (a turn queued or running) or changed since it was read
+
+
+def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
+               facets: list[str]) -> tuple[list[str], list[str]]:
+    """What purging one conversation deletes (keys) and removes from indexes (pairs)."""
+    doomed: list[str] = []
+    zrem: list[str] = []
+    for t in turns:
+        doomed += [keys.turn(t), keys.turn_errors(t), keys.trace(t), keys.turn_events(t),
+                   keys.event_seen(t), keys.aggregate("turn", t), keys.escalation(t),
+                   keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
+        zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t]
+    sid = keys.session_id(conversation_id)
+    doomed += [keys.conversation_active(conversation_id), keys.conversation_state(conversation_id),
+               keys.conversation_turns(conversation_id), keys.conversation_facets(conversation_id),
+               keys.aggregate("conversation", conversation_id), keys.session_messages(conversation_id),
+               f"{keys.SESSION_PREFIX}:{sid}"]
+    zrem += [keys.CONVERSATIONS, conversation_id]
+    if customer_id:
+        zrem += [keys.customer_conversations(customer_id), conversation_id]
+    for fv in facets:
+        facet, _, value = fv.partition(":")
+        if facet in keys.FACETS:
+            zrem += [keys.facet_conversations(facet, value), conversation_id]
+    return doomed, zrem
+
+
+class Retention:
+    """Purges conversations idle for longer than ``retention_s`` (module docstring)."""
+
+    def __init__(self, redis: Redis, retention_s: int) -> None:
+        self.redis = redis
+        self.retention_s = retention_s
+        self._purge = redis.register_script(_PURGE_LUA)
+
+    async def purge_conversation(self, conversation_id: str, cutoff_ms: int) -> int | None:
+        """Purge one conversation if it is still idle past ``cutoff_ms``; its turn count, or
+        None when it was left."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(keys.conversation_turns(conversation_id), 0, -1)
+            pipe.hget(keys.conversation_state(conversation_id), "customer_id")
+            pipe.zrange(keys.conversation_facets(conversation_id), 0, -1)
+            turns, customer, facets = await pipe.execute()
+        turns = [_text(t) for t in turns]
+        doomed, zrem = purge_plan(conversation_id, turns, _text(customer) if customer else None,
+                                  [_text(f) for f in facets])
+        index = keys.aggregate_index("conversation")
+        done = await self._purge(
+            keys=[index, keys.conversation_queue(conversation_id),
+                  keys.conversation_turns(conversation_id), *doomed],
+            args=[conversation_id, cutoff_ms, len(turns), *zrem],
+        )
+        return len(turns) if int(done) == 1 else None
+
+    async def purge(self, now_ms: int | None = None) -> PurgeResult:
+        """One pass over every conversation idle past the cutoff."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cutoff = now_ms - self.retention_s * 1000
+        index = keys.aggregate_index("conversation")
+        result = PurgeResult()
+        while True:
+            # Purged conversations leave the index; skipped ones stay: read past them.
+            batch = await self.redis.zrangebyscore(index, "-inf", cutoff, start=result.skipped,
+                                                   num=PURGE_BATCH)
+            if not batch:
+                break
+            for member in batch:
+                n = await self.purge_conversation(_text(member), cutoff)
+                if n is None:
+                    result.skipped += 1
+                else:
+                    result.conversations += 1
+                    result.turns += n
+        if result.conversations:
+            log.info("telemetry.retention_purged", conversations=result.conversations,
+                     turns=result.turns, skipped=result.skipped, retention_s=self.retention_s)
+        return result
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
