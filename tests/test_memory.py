@@ -80,3 +80,31 @@ async def test_writes_reuse_pooled_connections(redis):
         await memory.get_items()
     after = (await redis.info("stats"))["total_connections_received"]
     assert after == before
+
+
+async def test_a_buffered_run_writes_once_at_flush_and_reads_its_own_items(redis):
+    await redis.hset(keys.turn("t-b"), mapping={"status": "running", "attempts": 1})
+    await ConversationMemory(redis, "conv-b").add_items([USER])  # an earlier turn
+    memory = ConversationMemory(redis, "conv-b", turn_id="t-b", attempt=1, buffered=True)
+    await memory.add_items([USER])
+    await memory.add_items([ANSWER])
+    assert await memory.length() == 1  # nothing written yet
+    assert await memory.get_items() == [USER, USER, ANSWER]
+    assert await memory.get_items(limit=2) == [USER, ANSWER]
+    assert await memory.get_items(limit=3) == [USER, USER, ANSWER]
+    assert await memory.pop_item() == ANSWER
+    assert await memory.flush() == 1
+    assert await ConversationMemory(redis, "conv-b").get_items() == [USER, USER]
+    assert await memory.flush() == 0  # nothing pending: no write
+
+
+async def test_a_buffered_stale_attempt_is_refused_at_flush(redis):
+    await redis.hset(keys.turn("t-s"), mapping={"status": "running", "attempts": 2})
+    memory = ConversationMemory(redis, "conv-s", turn_id="t-s", attempt=1, buffered=True)
+    await memory.add_items([USER])
+    try:
+        await memory.flush()
+        raise AssertionError("the stale flush was accepted")
+    except MemoryFenced:
+        pass
+    assert await memory.length() == 0

@@ -266,7 +266,8 @@ async def _run_attempt(
     agent = rt.desk.starting_agent(current_agent)
     hooks.turn_started(queue_wait_ms, agent.name)
     session = ConversationMemory(
-        rt.redis, conversation_id, turn_id=turn_id, attempt=attempt, ttl_s=rt.settings.session_ttl_s
+        rt.redis, conversation_id, turn_id=turn_id, attempt=attempt, ttl_s=rt.settings.session_ttl_s,
+        buffered=True,
     )
     context = TurnContext(
         turn_id=turn_id,
@@ -308,6 +309,8 @@ async def _run_attempt(
                         trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,
                     ),
                 )
+        # The run's memory items, in one fenced write (refused if a newer attempt took over).
+        await session.flush()
     except asyncio.CancelledError:
         if lease.lost:
             raise  # run_turn drops it: a newer attempt owns the turn

@@ -69,6 +69,11 @@ class ConversationMemory(SessionABC):
 
     ``turn_id``/``attempt`` name the attempt writing; without them writes are unfenced
     (tests and tools that read or seed history).
+
+    With ``buffered=True`` (what the worker uses) the items a run adds are kept in this
+    object and written by ``flush()`` in one fenced call when the run has succeeded: one
+    Redis round trip a turn instead of one per step, and a failed attempt writes nothing
+    (the worker's roll-back stays for an attempt that died between flush and result).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ConversationMemory(SessionABC):
         attempt: int | None = None,
         ttl_s: int | None = None,
         session_settings: SessionSettings | None = None,
+        buffered: bool = False,
     ) -> None:
         self.session_id = keys.session_id(conversation_id)
         self.session_settings = session_settings or SessionSettings()
@@ -89,6 +95,8 @@ class ConversationMemory(SessionABC):
         self._turn = keys.turn(turn_id) if turn_id else keys.turn("-")
         self._fence = str(attempt) if turn_id and attempt else ""
         self._ttl = "" if ttl_s is None else str(int(ttl_s))
+        self._buffered = buffered
+        self._pending: list[str] = []
         self._append = redis.register_script(_APPEND_LUA)
         self._trim = redis.register_script(_TRIM_LUA)
 
@@ -100,24 +108,45 @@ class ConversationMemory(SessionABC):
         limit = resolve_session_limit(limit, self.session_settings)
         if limit is not None and limit <= 0:
             return []
-        raw = await self._redis.lrange(self._messages, 0 if limit is None else -limit, -1)
+        if limit is not None and limit <= len(self._pending):
+            raw = self._pending[-limit:]
+        else:
+            stored = await self._redis.lrange(
+                self._messages, 0 if limit is None else -(limit - len(self._pending)), -1)
+            raw = [*stored, *self._pending]
         return [json.loads(r) for r in raw]
 
     async def add_items(self, items: list[Any]) -> None:
         if not items:
             return
         encoded = [json.dumps(i, separators=(",", ":")) for i in items]
+        if self._buffered:
+            self._pending += encoded
+        else:
+            await self._write(encoded)
+
+    async def flush(self) -> int:
+        """Write what a buffered run added (one fenced call); how many items were written."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await self._write(pending)
+        return len(pending)
+
+    async def _write(self, encoded: list[str]) -> None:
         n = await self._append(keys=[self._messages, self._meta, self._turn],
                                args=[self._fence, self._ttl, int(time.time()), self.session_id, *encoded])
         if int(n) < 0:
             raise MemoryFenced(f"{self._turn}: attempt {self._fence} no longer owns the turn")
 
     async def pop_item(self) -> Any | None:
+        if self._pending:
+            return json.loads(self._pending.pop())
         # Unfenced, like the SDK's: the fleet rolls memory back with ``truncate`` instead.
         raw = await self._redis.rpop(self._messages)
         return None if raw is None else json.loads(raw)
 
     async def clear_session(self) -> None:
+        self._pending = []
         await self._redis.delete(self._messages, self._meta)
 
     async def length(self) -> int:
