@@ -114,7 +114,7 @@ return out
 """
 ENQUEUE_MANY_CHUNK = 200  # turns per script call: bounds how long Redis is busy with one
 
-# KEYS: turn, conv_queue, turn_errors, in_progress
+# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages
 # ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso
 # Returns {attempt, status}: attempt 0 means "do not run" (status says why). The attempt
 # number is the fencing token of every later write of this attempt.
@@ -139,7 +139,18 @@ local lease = tonumber(ARGV[4])
 if lease > 0 then
   redis.call('SET', KEYS[4], ARGV[2] .. '#' .. attempt, 'PX', lease)
 end
-return {attempt, 'running'}
+-- What the attempt needs to begin, read here rather than in four more round trips: the
+-- request, where the conversation stands, the memory length now and before the turn's
+-- first attempt (kept on the turn record), and how many attempt errors there are.
+local mem_len = redis.call('LLEN', KEYS[6])
+local base = redis.call('HGET', KEYS[1], 'memory_base')
+if not base then
+  base = mem_len
+  redis.call('HSET', KEYS[1], 'memory_base', base)
+end
+return {attempt, 'running', redis.call('HGET', KEYS[1], 'request'),
+        redis.call('HGET', KEYS[5], 'current_agent') or '', mem_len, tonumber(base),
+        redis.call('LLEN', KEYS[3])}
 """
 
 # KEYS: turn, in_progress
@@ -295,6 +306,16 @@ class ConversationOwnershipError(ValueError):
 class StartDecision:
     attempt: int  # 0: do not run this job
     status: str
+    # Read by START for a running attempt (what it needs to begin, in the same round trip):
+    request: TurnRequest | None = None
+    current_agent: str | None = None  # where the conversation's next turn starts
+    memory_length: int = 0  # conversation memory items now
+    memory_base: int = 0  # ... and before this turn's first attempt (a retry trims back to it)
+    errors: int = 0  # attempt errors recorded so far
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def now_ms() -> int:
@@ -384,16 +405,26 @@ class TurnQueue:
         With ``lease_s`` the turn's arq in-progress key is set to expire in that long: the
         caller renews it with ``renew_lease`` while the attempt runs.
         """
-        attempt, status = await self._start(
+        out = await self._start(
             keys=[
                 keys.turn(turn_id),
                 keys.conversation_queue(conversation_id),
                 keys.turn_errors(turn_id),
                 keys.ARQ_IN_PROGRESS_PREFIX + turn_id,
+                keys.conversation_state(conversation_id),
+                keys.session_messages(conversation_id),
             ],
             args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat()],
         )
-        return StartDecision(int(attempt), str(status))
+        if int(out[0]) == 0:
+            return StartDecision(0, _str(out[1]))
+        _, status, request, agent, mem_len, base, errors = out
+        return StartDecision(
+            int(out[0]), _str(status),
+            request=TurnRequest.model_validate_json(request) if request else None,
+            current_agent=_str(agent) or None, memory_length=int(mem_len), memory_base=int(base),
+            errors=int(errors),
+        )
 
     async def renew_lease(self, turn_id: str, attempt: int, worker: str, lease_s: float) -> bool:
         """Extend the attempt's lease; False once the attempt no longer owns the turn."""

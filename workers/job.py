@@ -60,7 +60,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
-from turnfleet.queue import Outcome, TurnQueue
+from turnfleet.queue import Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.context import TurnContext
@@ -179,25 +179,6 @@ def _dropped(rt: Runtime, turn_id: str, outcome: Outcome, log_ctx: Any, what: st
     return STALE
 
 
-async def _reset_memory(memory: ConversationMemory, redis: Redis, turn_id: str) -> None:
-    """Make conversation memory as it was before this turn's first attempt.
-
-    The SDK writes the user input and new items to the session during the run; a crashed or
-    failed attempt may have written part of them. The length before the first attempt is kept
-    on the turn record, and a retry pops anything past it, so memory holds each turn once.
-    """
-    # LLEN, not get_items(): reading and decoding the whole history here would do on every
-    # turn the work the SDK is about to do again.
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.llen(memory.messages_key)
-        pipe.hget(keys.turn(turn_id), "memory_base")
-        length, base = await pipe.execute()
-    if base is None:
-        await redis.hset(keys.turn(turn_id), "memory_base", length)
-    elif length > int(base):
-        await memory.truncate(int(base))
-
-
 async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> str:
     """arq job: one attempt of a turn. Returns how it ended (``completed``, ``failed``,
     ``stale``, or why it did not run); raises ``Retry`` after a transient failure and
@@ -226,7 +207,7 @@ async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str) -> str:
         return decision.status
     lease = Lease(rt, turn_id, decision.attempt)
     try:
-        return await _run_attempt(rt, turn_id, conversation_id, decision.attempt, started_at, lease)
+        return await _run_attempt(rt, turn_id, conversation_id, decision, started_at, lease)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if not lease.lost or (task is not None and task.uncancel() > 0):
@@ -240,10 +221,12 @@ async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str) -> str:
 
 
 async def _run_attempt(
-    rt: Runtime, turn_id: str, conversation_id: str, attempt: int, started_at: datetime, lease: Lease
+    rt: Runtime, turn_id: str, conversation_id: str, decision: StartDecision, started_at: datetime,
+    lease: Lease,
 ) -> str:
-    req = await rt.queue.get_request(turn_id)
-    assert req is not None  # start() checked the record exists
+    attempt = decision.attempt
+    req = decision.request
+    assert req is not None  # start() checked the record exists and read it
     queue_wait_ms = max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000)
     hooks = _hooks(rt, req, attempt)
     log_ctx = structlog.get_logger(__name__).bind(
@@ -262,8 +245,7 @@ async def _run_attempt(
         log_ctx.warning("turn.failed", error_type="AttemptsExhausted", attempts=attempt - 1)
         return "failed"
 
-    current_agent = await rt.redis.hget(keys.conversation_state(conversation_id), "current_agent")
-    agent = rt.desk.starting_agent(current_agent)
+    agent = rt.desk.starting_agent(decision.current_agent)
     hooks.turn_started(queue_wait_ms, agent.name)
     session = ConversationMemory(
         rt.redis, conversation_id, turn_id=turn_id, attempt=attempt, ttl_s=rt.settings.session_ttl_s,
@@ -281,7 +263,9 @@ async def _run_attempt(
     trace_id: str | None = None
     t0 = time.perf_counter()
     try:
-        await _reset_memory(session, rt.redis, turn_id)
+        if decision.memory_length > decision.memory_base:
+            # An earlier attempt wrote memory and then died before its result: undo that.
+            await session.truncate(decision.memory_base)
         async with asyncio.timeout(rt.settings.turn_timeout_s):
             with trace(
                 rt.settings.workflow_name,
@@ -365,7 +349,8 @@ async def _run_attempt(
     hooks.turn_completed(duration_ms, queue_wait_ms, final)
     turn_result = _turn_result(
         rt, req, hooks, attempt, started_at, queue_wait_ms, "completed",
-        errors=await rt.queue.errors(turn_id), final_output=final, duration_ms=duration_ms,
+        errors=await rt.queue.errors(turn_id) if decision.errors else [], final_output=final,
+        duration_ms=duration_ms,
     )
     await lease.stop()
     batch = hooks.batch_json()
