@@ -422,3 +422,17 @@ def test_structlog_processor_redacts_what_a_real_logger_writes() -> None:
         "turn_id": "t_9ab8911835f24b47b141499fd6db1bda",
         "level": "info",
     }
+
+
+def test_long_texts_are_remembered_per_redactor_and_stay_redacted():
+    from turnfleet.redaction import TEXT_CACHE_ENTRIES, TEXT_CACHE_MIN_CHARS
+
+    text = "Card 4111 1111 1111 1111 on file; " + "x" * TEXT_CACHE_MIN_CHARS
+    plain, custom = Redactor(), Redactor(patterns=[r"on file"])
+    assert plain.text(text) == plain.text(text) == text.replace("4111 1111 1111 1111", "[REDACTED:card]")
+    assert "on file" not in custom.text(text)  # another redactor's rules, not the first one's answer
+    assert "on file" in plain.text(text)
+    for i in range(TEXT_CACHE_ENTRIES + 5):  # the memory is bounded: full means start again
+        plain.text(f"{i:08d} " + "y" * TEXT_CACHE_MIN_CHARS)
+    assert len(plain._texts) <= TEXT_CACHE_ENTRIES
+    assert "4111" not in plain.text(text)

@@ -405,6 +405,10 @@ class _UserPattern:
         return "".join(parts)
 
 
+TEXT_CACHE_MIN_CHARS = 64  # shorter strings are cheap to redact and mostly unique (ids)
+TEXT_CACHE_ENTRIES = 4096
+
+
 class Redactor:
     """Finds secrets and personal data in telemetry and replaces them with markers.
 
@@ -422,6 +426,9 @@ class Redactor:
         # Dict keys repeat (they are the telemetry's schema): remember what each one becomes,
         # None meaning "sensitive field".
         self._keys: dict[str, str | None] = {}
+        # Long strings repeat too: every generation span carries the agent's instructions and
+        # the conversation so far. Remember the latest results (cleared when full).
+        self._texts: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: CommonSettings) -> Redactor:
@@ -434,6 +441,16 @@ class Redactor:
         """``s`` with every detected secret replaced by ``[REDACTED:<kind>]``."""
         if not s:
             return s
+        if len(s) < TEXT_CACHE_MIN_CHARS:
+            return self._text(s)
+        done = self._texts.get(s)
+        if done is None:
+            if len(self._texts) >= TEXT_CACHE_ENTRIES:
+                self._texts.clear()
+            done = self._texts[s] = self._text(s)
+        return done
+
+    def _text(self, s: str) -> str:
         # User patterns first: they are written against the raw text, not against markers.
         for pattern in self._patterns:
             s = pattern.apply(s)
