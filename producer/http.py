@@ -160,7 +160,7 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 # -- what routes share ----------------------------------------------------------------
 
 
-def producer_of(request: Request) -> Producer:
+async def producer_of(request: Request) -> Producer:
     """One ``Producer`` per app over the app's Redis client (rebuilt if the client changes)."""
     redis = redis_of(request)
     producer: Producer | None = getattr(request.app.state, "producer", None)
@@ -301,7 +301,9 @@ async def create_turn(
     if not caller.may(req.customer_id):
         raise ApiError(403, *_forbidden(req.customer_id))
 
-    [(known, status)] = await _known(producer, [req.turn_id])
+    # A turn id we just made cannot be known: skip the read (the enqueue script checks anyway).
+    client_id = idempotency_key is not None or body.get("turn_id") is not None
+    known, status = (await _known(producer, [req.turn_id]))[0] if client_id else (None, None)
     if known is None:
         try:
             await producer.check_budget(req.customer_id)

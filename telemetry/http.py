@@ -60,7 +60,7 @@ from turnfleet import keys
 from turnfleet.auth import Principal
 from turnfleet.models import Alert
 from turnfleet.queue import TurnQueue
-from turnfleet.server import ApiError, principal, redis_of, settings_of, trace_redis_of
+from turnfleet.server import ApiError, principal, redis_dep, settings_dep, trace_redis_dep
 from turnfleet.settings import ProducerSettings
 
 log = structlog.get_logger(__name__)
@@ -68,9 +68,9 @@ log = structlog.get_logger(__name__)
 router = APIRouter(tags=["telemetry"])
 
 Caller = Annotated[Principal, Depends(principal)]
-Store = Annotated[Redis, Depends(redis_of)]
-TraceStore = Annotated[Redis, Depends(trace_redis_of)]
-Settings = Annotated[ProducerSettings, Depends(settings_of)]
+Store = Annotated[Redis, Depends(redis_dep)]
+TraceStore = Annotated[Redis, Depends(trace_redis_dep)]
+Settings = Annotated[ProducerSettings, Depends(settings_dep)]
 
 SSE_BLOCK_MS = 1000  # one blocking XREAD at most this long: a disconnect is noticed this fast
 SSE_KEEPALIVE_S = 15.0  # a ": ping" comment after this long without an event

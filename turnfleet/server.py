@@ -65,6 +65,21 @@ def settings_of(request: Request) -> ProducerSettings:
     return request.app.state.settings
 
 
+# What routes depend on: the same, as ``async def``. FastAPI runs a plain ``def`` dependency in
+# its thread pool, a thread hand-off per request (measured: ~10% of a `POST /v1/turns`) for
+# what is an attribute read.
+async def redis_dep(request: Request) -> Redis:
+    return redis_of(request)
+
+
+async def trace_redis_dep(request: Request) -> Redis:
+    return trace_redis_of(request)
+
+
+async def settings_dep(request: Request) -> ProducerSettings:
+    return settings_of(request)
+
+
 _BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same key, as a header.")
 
