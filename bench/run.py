@@ -699,7 +699,7 @@ def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list
     ]
 
 
-def feature_lines(feat: dict[str, list[dict[str, float]]], fleet: list[float]) -> list[str]:
+def feature_lines(feat: dict[str, list[dict[str, float]]], fleet: list[float], n_feat: int) -> list[str]:
     """Table 1c: what each SDK feature the worker turns on costs, in one process, no queue."""
     base = col(feat["c10"], "turns_s")
     rows = [
@@ -713,7 +713,7 @@ def feature_lines(feat: dict[str, list[dict[str, float]]], fleet: list[float]) -
     return [
         "### 1b. What the SDK features cost, without any queue",
         "",
-        "The same turns with `Runner.run` in this process, adding one by one what a worker "
+        f"{n_feat} turns a rep with `Runner.run` in this process, adding one by one what a worker "
         "turns on (bench `_bare`). The last row is the ceiling for any queue that runs the SDK "
         "with memory, tracing and hooks at this concurrency; turnfleet's own part is the gap "
         "between it and table 1's turnfleet row.",
@@ -794,17 +794,18 @@ def main(argv: list[str] | None = None) -> int:
             "plain-arq": lambda r: bench_plain_arq(n_plain, base, r),
             "fleet": lambda r: bench_fleet(n_tp, base, r),
         }, "throughput")
+        n_feat = n_tp // 2
         feat = interleave(reps, {
-            "c10": lambda r: bench_bare(n_tp, base),
-            "c50": lambda r: bench_bare(n_tp, base, concurrency=50),
-            "traced": lambda r: bench_bare(n_tp, base, True, 50),
-            "memory": lambda r: bench_bare(n_tp, base, True, 50, memory=True),
-            "hooks": lambda r: bench_bare(n_tp, base, True, 50, memory=True, hooks=True),
+            "c10": lambda r: bench_bare(n_feat, base),
+            "c50": lambda r: bench_bare(n_feat, base, concurrency=50),
+            "traced": lambda r: bench_bare(n_feat, base, True, 50),
+            "memory": lambda r: bench_bare(n_feat, base, True, 50, memory=True),
+            "hooks": lambda r: bench_bare(n_feat, base, True, 50, memory=True, hooks=True),
         }, "sdk features")
         cpu = bench_cpu_split(n_tp, base)
         print(f"[cpu] {cpu}", file=sys.stderr, flush=True)
         pk = interleave(reps, {"pickup": lambda r: bench_pickup(n_pick, base, r)}, "pickup")
-        mj = interleave(reps, {
+        mj = interleave(2, {
             f"mj{m}": (lambda m: lambda r: bench_max_jobs(m, mj_latency, mj_waves, base, r))(m) for m in mj_list
         }, "max_jobs")
         enq = interleave(reps, {
@@ -831,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = col(tp["bare"], "turns_s")
     bare_traced = col(tp["bare-traced"], "turns_s")
     plain = col(tp["plain-arq"], "turns_s")
-    mj_ratio = {m: [r["turns_s"] / r["ideal"] for r in mj[f"mj{m}"]] for m in mj_list}
+    mj_ratio = {m: [r["turns_s"] / r["ideal"] for r in mj[f"mj{m}"]] for m in mj_list}  # 2 reps
     http_med = statistics.median(col(http["single"], "req_s")) if http else 0.0
     fleet = col(tp["fleet"], "turns_s")
     fleet_wall = col(tp["fleet"], "turns_s_wall")
@@ -932,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats(col(tp['fleet'], 'startup_s'))} s.",
         "",
     ]
-    lines += feature_lines(feat, fleet)
+    lines += feature_lines(feat, fleet, n_tp // 2)
     lines += cpu_lines(cpu, n_tp, bare, fleet)
     if ratio_med < 0.80:
         lines += [
@@ -1000,7 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
         "request transform, httpx/anyio connection handling, response parsing), about 24 ms "
         "a turn here against ~10 ms with the in-process model (table 1c), so one process "
         "tops out near 40 turns/s whatever max_jobs; beyond that, add worker processes "
-        "(table 5), not max_jobs.",
+        "(table 5), not max_jobs. (2 repetitions here, not 3: each is seconds of model "
+        "latency.)",
         "",
         "## 3. Enqueue throughput, Python API",
         "",
