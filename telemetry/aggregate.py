@@ -22,7 +22,7 @@ Each counted event updates the hashes of its turn, conversation, customer, custo
 hash and its model-day hash (``keys.aggregate_day("model", model, day)``), and adds its cost
 and one call to the customer-day hash's per-model fields ``CUSTOMER_MODEL_COST + model`` /
 ``CUSTOMER_MODEL_CALLS + model`` (spend per customer and model today); a finished turn also
-the error-rate window hash of its end time and the fleet's minute hash (``minute_key``:
+the error-rate window hash of its end time and the fleet's minute hash (``keys.aggregate_minute``:
 ``turns_completed``, ``turns_failed`` and one latency bucket field, ``latency_bucket``), read
 by the console's last-hour charts.
 
@@ -90,11 +90,6 @@ GLOBAL_KEY = keys.GLOBAL_AGGREGATE
 MALFORMED_SEEN = keys.MALFORMED_SEEN
 DAY_TTL_S = 40 * 86400  # customer-day hashes live 40 days after their last update
 MINUTE_TTL_S = 3 * 3600  # minute hashes: the console reads the last hour
-
-
-def minute_key(minute_start_s: int) -> str:
-    """Hash of fleet-wide figures of the turns that finished in one UTC minute."""
-    return f"{keys.PREFIX}:agg:minute:{minute_start_s}"
 MIN_WINDOW_TTL_S = 86400  # error-rate window hashes: a day, or two windows if longer
 
 STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; another will run
@@ -596,7 +591,7 @@ class Aggregator:
         window = keys.aggregate_window(start)
         plan.op("i", [window], f"turns_{status}", 1)
         plan.expire(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
-        minute = minute_key(window_start(ev.ts, 60))
+        minute = keys.aggregate_minute(window_start(ev.ts, 60))
         plan.op("i", [minute], f"turns_{status}", 1)
         if ev.duration_ms is not None:
             plan.op("i", [minute], f"{LATENCY_BUCKET}{latency_bucket(ev.duration_ms)}", 1)

@@ -74,7 +74,6 @@ from telemetry.aggregate import (
     MODEL_ERRORS_BY_TYPE,
     TURN_METRICS,
     latency_bucket_bound,
-    minute_key,
 )
 from telemetry.pricing import nusd_to_usd
 from telemetry.stream_group import _text
@@ -689,7 +688,7 @@ def _minute_figures(turns_completed: int, turns_failed: int, buckets: dict[int, 
 
 async def last_hour(redis: Redis, minutes: int = 60, now: datetime | None = None) -> dict[str, Any]:
     """Finished turns of the whole fleet per UTC minute over the last ``minutes`` (the
-    aggregate's minute hashes, ``telemetry.aggregate.minute_key``; one pipelined round trip).
+    aggregate's minute hashes, ``keys.aggregate_minute``; one pipelined round trip).
 
     ``{"minutes": [...], "total": {...}}``: ``minutes`` oldest first, the current minute last
     (so far: its ``turns_per_s`` divides by the seconds elapsed in it), each ``{"minute"
@@ -704,7 +703,7 @@ async def last_hour(redis: Redis, minutes: int = 60, now: datetime | None = None
     starts = [current - 60 * i for i in range(max(minutes, 1) - 1, -1, -1)]
     async with redis.pipeline(transaction=False) as pipe:
         for start in starts:
-            pipe.hgetall(minute_key(start))
+            pipe.hgetall(keys.aggregate_minute(start))
         hashes = await pipe.execute()
     rows: list[dict[str, Any]] = []
     merged: dict[int, int] = {}

@@ -119,6 +119,11 @@ def aggregate_window(window_start_s: int) -> str:
     return f"{PREFIX}:agg:window:{window_start_s}"
 
 
+def aggregate_minute(minute_start_s: int) -> str:
+    """Hash of fleet-wide figures of the turns that finished in one UTC minute (expires)."""
+    return f"{PREFIX}:agg:minute:{minute_start_s}"
+
+
 def event_seen(turn_id: str) -> str:
     """Set of event ids of a turn already aggregated: makes aggregation idempotent."""
     return f"{PREFIX}:seen:{turn_id}"
