@@ -52,8 +52,8 @@ screenshots: $(STAMP) browser
 .PHONY: bench bench-quick bench-tools
 bench-tools: $(STAMP)
 	$(BIN)/python -m pip install -qq --disable-pip-version-check py-spy==0.4.3
-	command -v wrk >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends wrk || \
-	  { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends wrk; }; }
+	command -v wrk >/dev/null || { $(SUDO) apt-get install -y -qq --no-install-recommends wrk || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }; }
 
 bench: bench-tools
 	$(BIN)/python -m bench.run
