@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 
 from turnfleet.auth import hash_key
-from turnfleet.fleet import FleetProcess, fleet_env
+from turnfleet.fleet import FleetProcess, fleet_env, listening_socket
 
 KEY = "tf_bench_operator_key_0123456789"
 
@@ -53,12 +51,6 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
@@ -85,23 +77,19 @@ def run(url: str, base: Path, tag: str, duration_s: int, connections: int, batch
 
     from turnfleet import keys
 
-    port = _free_port()
     env = fleet_env(url, {"TURNFLEET_API_KEYS": json.dumps([{"name": "bench", "sha256": hash_key(KEY),
                                                              "customers": ["*"]}]),
                           "TURNFLEET_LOG_LEVEL": "WARNING"})
     script = base / "post.lua"
     script.write_text(LUA)
-    proc = FleetProcess(f"serve-{tag}", ["serve", "--port", str(port)], env, base / "logs" / f"serve-{tag}.log").start()
+    sock = listening_socket()  # requests queue on it until serve is up
+    port = sock.getsockname()[1]
+    proc = FleetProcess(f"serve-{tag}", ["serve", "--fd", str(sock.fileno())], env,
+                        base / "logs" / f"serve-{tag}.log", pass_fds=(sock.fileno(),)).start()
+    sock.close()
     try:
-        deadline = time.monotonic() + 30
-        while True:  # readiness: the process answers /healthz
-            if not proc.running() or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not start:\n{proc.output()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code != 200:
+            raise RuntimeError(f"serve did not start:\n{proc.output()[-2000:]}")
         cmd = [wrk_path() or "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency",
                "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json",
                "-s", str(script), f"http://127.0.0.1:{port}", "--", str(batch)]

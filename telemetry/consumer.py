@@ -530,9 +530,12 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
              webhook=webhook is not None)
     webhook_task: asyncio.Task[None] | None = None
     beat = asyncio.create_task(_heartbeat(redis, consumer.name), name="telemetry-heartbeat")
-    trimmer = asyncio.create_task(_trim_every(consumer, trim_every_s), name="telemetry-trim")
+    trimmer = asyncio.create_task(
+        _every(trim_every_s, consumer.trim, "telemetry.trim_failed", consumer=consumer.name),
+        name="telemetry-trim")
     retention = Retention(redis, settings.retention_s) if settings.retention_s else None
-    purger = (asyncio.create_task(_purge_every(retention), name="telemetry-retention")
+    purger = (asyncio.create_task(_every(PURGE_EVERY_S, retention.purge, "telemetry.retention_failed"),
+                                  name="telemetry-retention")
               if retention is not None and not burst else None)
     try:
         if webhook is not None and not burst:
@@ -580,21 +583,12 @@ async def _heartbeat(redis: Redis, name: str) -> None:
         await asyncio.sleep(HEARTBEAT_S)
 
 
-async def _purge_every(retention: Retention, every_s: float = PURGE_EVERY_S) -> None:
-    """Purge conversations past retention every ``every_s`` (telemetry/retention.py)."""
+async def _every(every_s: float, step: Callable[[], Awaitable[Any]], failed_event: str, **context: Any) -> None:
+    """Run ``step`` every ``every_s`` (trim, retention purge); a failed pass is logged and the
+    next one catches up."""
     while True:
         await asyncio.sleep(every_s)
         try:
-            await retention.purge()
+            await step()
         except RedisError as exc:
-            log.warning("telemetry.retention_failed", error=repr(exc))
-
-
-async def _trim_every(consumer: TelemetryConsumer, every_s: float) -> None:
-    """Trim the stream every ``every_s`` (a failed pass is logged; the next one catches up)."""
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            await consumer.trim()
-        except RedisError as exc:
-            log.warning("telemetry.trim_failed", consumer=consumer.name, error=repr(exc))
+            log.warning(failed_event, error=repr(exc), **context)

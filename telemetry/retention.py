@@ -26,6 +26,7 @@ import structlog
 from redis.asyncio import Redis
 
 from turnfleet import keys
+from turnfleet.connection import as_text as _text
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +136,3 @@ class Retention:
             log.info("telemetry.retention_purged", conversations=result.conversations,
                      turns=result.turns, skipped=result.skipped, retention_s=self.retention_s)
         return result
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -30,6 +30,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from turnfleet.connection import as_text
+
 log = structlog.get_logger(__name__)
 
 Entry = tuple[str | None, dict[str, Any] | None]
@@ -39,8 +41,7 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+_text = as_text  # the name the telemetry modules import
 
 
 class StreamGroupMember:

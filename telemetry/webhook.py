@@ -167,6 +167,21 @@ class AlertWebhook(StreamGroupMember):
         self._touch = redis.register_script(TOUCH_LUA)
         self._hand: list[str] = []  # ids read and not yet acknowledged, in stream order
         self._touched_at = 0.0
+        # Counted changes (a retry counted, an entry settled), for whoever waits on them.
+        self.changes = 0
+        self._changed = asyncio.Condition()
+
+    async def wait_changed(self, since: int) -> int:
+        """Return once ``changes`` has moved past ``since`` (the value read before a check
+        that failed, so no change in between is missed); the new count."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.changes != since)
+            return self.changes
+
+    async def _note_change(self) -> None:
+        self.changes += 1
+        async with self._changed:
+            self._changed.notify_all()
 
     @property
     def _touch_every_s(self) -> float:
@@ -306,6 +321,7 @@ class AlertWebhook(StreamGroupMember):
                 wait = retry_after_s(response.headers.get("retry-after"))
             delay = backoff_s(attempt, self.settings.alert_webhook_max_backoff_s, wait)
             await self.redis.hincrby(STATS, "retries", 1)
+            await self._note_change()
             log.warning("webhook.retry", attempt=attempt, status=status, reason=reason,
                         retry_in_s=round(delay, 3), **context)
             if not await self._pause(delay):
@@ -314,6 +330,7 @@ class AlertWebhook(StreamGroupMember):
     async def _settle(self, entry_id: str, outcome: str) -> bool:
         """Acknowledge and count ``outcome`` (once, however often the entry is delivered)."""
         await self._ack(keys=[STREAM, STATS], args=[GROUP, entry_id, outcome])
+        await self._note_change()
         return True
 
     async def _pause(self, delay_s: float) -> bool:

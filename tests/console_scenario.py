@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,8 @@ from producer import Producer
 from tests.llm_server import LLMServer
 from turnfleet.auth import hash_key
 from turnfleet.demo import DEMO_CONVERSATION_COST_ALERT_USD, SCENARIO
-from turnfleet.embedded import RedisServer, free_port
-from turnfleet.fleet import FleetProcess
+from turnfleet.embedded import RedisServer
+from turnfleet.fleet import FleetProcess, listening_socket
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -156,11 +155,12 @@ def console_fleet(workdir: Path, markup: bool = False) -> Iterator[ConsoleFleet]
     try:
         env = process_env(redis.url, workdir / "state")
         scenario = run_console_scenario(redis.url, env, workdir / "logs", markup=markup)
-        port = free_port()
-        serve = FleetProcess("serve", ["serve", "--port", str(port)],
+        sock = listening_socket()  # requests queue on it until serve is up: no probing
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        serve = FleetProcess("serve", ["serve", "--fd", str(sock.fileno())],
                              {**env, "TURNFLEET_API_KEYS": json.dumps(API_KEYS)},
-                             workdir / "logs" / "serve.log").start()
-        url = f"http://127.0.0.1:{port}"
+                             workdir / "logs" / "serve.log", pass_fds=(sock.fileno(),)).start()
+        sock.close()  # the child holds it now: if it dies, requests fail instead of waiting
         wait_ready(url, serve)
         yield ConsoleFleet(url, redis.url, scenario, serve)
     finally:
@@ -170,18 +170,14 @@ def console_fleet(workdir: Path, markup: bool = False) -> Iterator[ConsoleFleet]
 
 
 def wait_ready(url: str, serve: FleetProcess, timeout_s: float = 30.0) -> None:
-    """Until ``/healthz`` answers 200 (a readiness probe), or fail with the server's log."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=2) as client:
-        while True:
-            try:
-                if client.get(f"{url}/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if not serve.running() or time.monotonic() > deadline:
-                raise RuntimeError(f"turnfleet serve did not start:\n{serve.output()[-3000:]}")
-            time.sleep(0.05)  # between probes of a server that is still starting
+    """``/healthz`` answers 200 (the request waits on the listening socket while the server
+    starts), or fail with the server's log."""
+    try:
+        status = httpx.get(f"{url}/healthz", timeout=timeout_s).status_code
+    except httpx.TransportError as exc:
+        status = f"{type(exc).__name__}: {exc}"
+    if status != 200:
+        raise RuntimeError(f"turnfleet serve did not start ({status}):\n{serve.output()[-3000:]}")
 
 
 def launch_chromium(playwright: Any) -> Any:

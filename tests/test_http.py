@@ -28,8 +28,8 @@ from fastapi import FastAPI
 from tests.uvicorn_server import serving_app
 from turnfleet import budget, keys
 from turnfleet.auth import hash_key, new_key
-from turnfleet.embedded import free_port
-from turnfleet.fleet import FleetProcess
+
+from turnfleet.fleet import FleetProcess, listening_socket
 from turnfleet.server import create_app
 from turnfleet.settings import ApiKey, ProducerSettings
 
@@ -412,19 +412,16 @@ async def test_apikey_new_entry_lets_turnfleet_serve_accept_the_key_and_stop_gra
     bad = tf("apikey", "new", "--name", "x", "--customer", "no spaces", env=fleet_env)
     assert bad.returncode == 2 and "--customer" in bad.stderr and "Traceback" not in bad.stderr
 
-    port = free_port()
     env = {**fleet_env, "TURNFLEET_API_KEYS": json.dumps([entry])}
-    proc = FleetProcess("serve", ["serve", "--port", str(port)], env, tmp_path / "serve.log").start()
+    sock = listening_socket()  # the client's first request queues on it until serve is up
+    port = sock.getsockname()[1]
+    proc = FleetProcess("serve", ["serve", "--fd", str(sock.fileno())], env, tmp_path / "serve.log",
+                        pass_fds=(sock.fileno(),)).start()
+    sock.close()  # the child holds it now: if it dies, the request fails instead of waiting
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.monotonic() + 30
-            while True:  # readiness probe: the process answers /healthz
-                assert proc.running(), proc.output()[-3000:]
-                assert time.monotonic() < deadline, proc.output()[-3000:]
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            healthz = await client.get("/healthz")
+            assert healthz.status_code == 200, proc.output()[-3000:]
             posted = await client.post("/v1/turns", json=turn("conv-serve", "C-102"), headers=auth(key))
             assert posted.status_code == 202, posted.text
             assert (await client.get(posted.json()["status_url"], headers=auth(key))).json()["status"] == "queued"

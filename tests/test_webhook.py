@@ -103,8 +103,21 @@ class Receiver:
         return await asyncio.wait_for(self.arrived.get(), WAIT_S)
 
 
+async def sink_until(sink: AlertWebhook, condition: Callable[[], Awaitable[bool]],
+                     timeout_s: float = WAIT_S) -> None:
+    """Until ``condition`` (Redis state the in-process ``sink`` changes) holds: re-checked at
+    each change the sink records, never on a timer."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            seen = sink.changes
+            if await condition():
+                return
+            await sink.wait_changed(seen)
+
+
 async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = WAIT_S) -> None:
-    """Poll Redis state (a counter, the pending count) until it holds: a result, not a delay."""
+    """Poll Redis state until it holds, for a sink in another process (no event reaches
+    this one): a condition re-checked every 10 ms, not a delay."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = condition()
@@ -257,19 +270,19 @@ async def test_alert_fired_while_the_receiver_is_down_arrives_after_it_restarts(
         first = make_alert(1)
         await fire(redis, first)
         assert (await receiver.next()).body["alert_id"] == first.alert_id
-        await wait_until(lambda: all_acked(redis))  # acknowledged
+        await sink_until(sink, lambda: all_acked(redis))  # acknowledged
         await receiver.stop()
 
         second = make_alert(2)
         second_id = await fire(redis, second)
         # The sink keeps retrying the connection-refused POST.
-        await wait_until(lambda: _stats_at_least(redis, "retries", 3))
+        await sink_until(sink, lambda: _stats_at_least(redis, "retries", 3))
         assert await pending(redis) == 1
 
         restarted = await Receiver(port=receiver.port).start()  # a new server, same port
         try:
             got = await restarted.next()
-            await wait_until(lambda: _stats_at_least(redis, "delivered", 2))
+            await sink_until(sink, lambda: _stats_at_least(redis, "delivered", 2))
         finally:
             await restarted.stop()
     assert got.body == payload(second_id, second)
@@ -358,7 +371,7 @@ async def test_a_sink_retrying_an_alert_keeps_it_from_other_sinks(
         receiver.default = 200
         while (await receiver.next()).status != 200:
             pass
-        await wait_until(lambda: all_acked(redis))
+        await sink_until(retrying, lambda: all_acked(redis))
     assert (await stats(redis))["delivered"] == 1
 
 
@@ -371,14 +384,14 @@ async def test_sink_survives_a_redis_restart(redis_server: Any, receiver: Receiv
             async with running(sink):
                 await fire(client, make_alert(1))
                 await receiver.next()
-                await wait_until(lambda: _stats_at_least(client, "delivered", 1))
+                await sink_until(sink, lambda: _stats_at_least(client, "delivered", 1))
                 redis_server.restart()  # graceful: the AOF keeps the stream and the group
 
                 fresh = connect(redis_server.url)
                 after = make_alert(2)
                 after_id = await fire(fresh, after)
                 got = await receiver.next()
-                await wait_until(lambda: _stats_at_least(fresh, "delivered", 2))
+                await sink_until(sink, lambda: _stats_at_least(fresh, "delivered", 2))
         assert await pending(fresh) == 0
     finally:
         await client.aclose()

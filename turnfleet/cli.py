@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -330,6 +331,12 @@ def cmd_serve(args: argparse.Namespace, url: str) -> int:
     settings = ProducerSettings()
     host = args.host or settings.http_host
     port = settings.http_port if args.port is None else args.port
+    sockets = None
+    if args.fd is not None:
+        # The family is read from the descriptor itself (socket(fileno=...)).
+        sock = socket.socket(fileno=args.fd)
+        host, port = sock.getsockname()[:2]
+        sockets = [sock]
     log = structlog.get_logger("turnfleet.serve")
     if not settings.api_keys and settings.api_keys_file is None:
         log.warning("http.no_api_keys", hint="every request will get 401; see `turnfleet apikey new`")
@@ -341,7 +348,7 @@ def cmd_serve(args: argparse.Namespace, url: str) -> int:
     # uvicorn re-raises the signal that stopped it once it has shut down; under the default
     # SIGTERM disposition that would kill us before an embedded Redis we started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    server.run(sockets=sockets)
     log.info("http.stopped")
     return 0 if server.started else 1
 
@@ -463,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     sv.add_argument("--host", metavar="HOST", help="listen address (default $TURNFLEET_HTTP_HOST, 127.0.0.1)")
     sv.add_argument("--port", type=int, metavar="PORT", help="listen port (default $TURNFLEET_HTTP_PORT, 8080)")
+    sv.add_argument("--fd", type=int, metavar="FD",
+                    help="serve on this inherited, already listening socket instead of --host/--port "
+                         "(socket activation; connections queue on it before the app is ready)")
 
     ak = sub.add_parser("apikey", help="make an API key for the HTTP API, or hash one")
     ak_sub = ak.add_subparsers(dest="apikey_verb", required=True, metavar="ACTION")

@@ -19,3 +19,8 @@ def connect(url: str, **kwargs: object) -> Redis:
         socket_connect_timeout=5,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def as_text(value: str | bytes) -> str:
+    """A reply as ``str``, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -46,6 +46,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from turnfleet import keys
+from turnfleet.connection import as_text
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
 
 JOB_FUNCTION = "run_turn"
@@ -62,9 +63,9 @@ local function wake(turn_id, conversation_id, now, job_prefix, job_ttl, fname, q
 end
 """
 
-# Shared by the fenced writes: is this attempt still the turn's current, running attempt?
+# Shared by the fenced writes (here and workers/memory.py): is this attempt still the turn's current, running attempt?
 # Returns 'ok', 'duplicate' (the turn already ended) or 'fenced' (another attempt owns it).
-_FENCE = """
+FENCE_CHECK_LUA = """
 local function fence_check(turn_key, fence)
   local st = redis.call('HGET', turn_key, 'status')
   if st == 'completed' or st == 'failed' then return 'duplicate' end
@@ -168,7 +169,7 @@ return 1
 # KEYS: turn, turn_errors, telemetry, turn_events
 # ARGV: fence ('' = none), error_json, telemetry_batch ('' = none), attempt, events_ttl_s, turn_id
 # Returns 'written', 'duplicate' or 'fenced'.
-FAIL_ATTEMPT_LUA = _FENCE + """
+FAIL_ATTEMPT_LUA = FENCE_CHECK_LUA + """
 local verdict = fence_check(KEYS[1], ARGV[1])
 if verdict ~= 'ok' then return verdict end
 redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -187,7 +188,7 @@ return 'written'
 #       fence ('' = none)
 # Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
 # attempt owns the turn); nothing is written unless 'written'.
-FINISH_LUA = _WAKE + _FENCE + """
+FINISH_LUA = _WAKE + FENCE_CHECK_LUA + """
 local verdict = fence_check(KEYS[1], ARGV[13])
 if verdict ~= 'ok' then return verdict end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4])
@@ -314,10 +315,6 @@ class StartDecision:
     errors: int = 0  # attempt errors recorded so far
 
 
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -417,12 +414,12 @@ class TurnQueue:
             args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat()],
         )
         if int(out[0]) == 0:
-            return StartDecision(0, _str(out[1]))
+            return StartDecision(0, as_text(out[1]))
         _, status, request, agent, mem_len, base, errors = out
         return StartDecision(
-            int(out[0]), _str(status),
+            int(out[0]), as_text(status),
             request=TurnRequest.model_validate_json(request) if request else None,
-            current_agent=_str(agent) or None, memory_length=int(mem_len), memory_base=int(base),
+            current_agent=as_text(agent) or None, memory_length=int(mem_len), memory_base=int(base),
             errors=int(errors),
         )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from typing import Any
 
 from agents.memory.session import SessionABC
@@ -26,15 +27,13 @@ from agents.memory.session_settings import SessionSettings, resolve_session_limi
 from redis.asyncio import Redis
 
 from turnfleet import keys
+from turnfleet.queue import FENCE_CHECK_LUA
 
 # KEYS: messages, meta, turn. ARGV: attempt ('' = unfenced), ttl_s ('' = none), now, session_id,
 #       items...
 # Returns the new length, or -1 when the attempt no longer owns the turn (nothing written).
-_APPEND_LUA = """
-if ARGV[1] ~= '' then
-  if redis.call('HGET', KEYS[3], 'status') ~= 'running'
-     or redis.call('HGET', KEYS[3], 'attempts') ~= ARGV[1] then return -1 end
-end
+_APPEND_LUA = FENCE_CHECK_LUA + """
+if ARGV[1] ~= '' and fence_check(KEYS[3], ARGV[1]) ~= 'ok' then return -1 end
 local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[2], 'session_id', ARGV[4], 'updated_at', ARGV[3])
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
@@ -47,17 +46,25 @@ return n
 
 # KEYS: messages, turn. ARGV: attempt ('' = unfenced), keep (pop items past this length).
 # Returns how many items were popped, or -1 when fenced.
-_TRIM_LUA = """
-if ARGV[1] ~= '' then
-  if redis.call('HGET', KEYS[2], 'status') ~= 'running'
-     or redis.call('HGET', KEYS[2], 'attempts') ~= ARGV[1] then return -1 end
-end
+_TRIM_LUA = FENCE_CHECK_LUA + """
+if ARGV[1] ~= '' and fence_check(KEYS[2], ARGV[1]) ~= 'ok' then return -1 end
 local keep = tonumber(ARGV[2])
 local n = redis.call('LLEN', KEYS[1])
 if n <= keep then return 0 end
 if keep == 0 then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, keep - 1) end
 return n - keep
 """
+
+
+_SCRIPTS: weakref.WeakKeyDictionary[Redis, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _scripts(redis: Redis) -> tuple[Any, Any]:
+    """The append and trim scripts bound to ``redis``: made once per client, not per turn."""
+    bound = _SCRIPTS.get(redis)
+    if bound is None:
+        bound = _SCRIPTS[redis] = (redis.register_script(_APPEND_LUA), redis.register_script(_TRIM_LUA))
+    return bound
 
 
 class MemoryFenced(Exception):
@@ -97,8 +104,7 @@ class ConversationMemory(SessionABC):
         self._ttl = "" if ttl_s is None else str(int(ttl_s))
         self._buffered = buffered
         self._pending: list[str] = []
-        self._append = redis.register_script(_APPEND_LUA)
-        self._trim = redis.register_script(_TRIM_LUA)
+        self._append, self._trim = _scripts(redis)
 
     @property
     def messages_key(self) -> str:
