@@ -36,14 +36,14 @@ from producer.api import BudgetExceeded, ConversationOwnershipError, Producer, T
 from turnfleet import keys
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus
-from turnfleet.models import ID_PATTERN, TurnRequest, TurnResult, TurnStatus
+from turnfleet.models import ID_SCHEMA_PATTERN, TurnRequest, TurnResult, TurnStatus
 from turnfleet.server import ApiError, error_body, principal, redis_of, settings_of
 
 log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["turns"])
 
-_ID = ID_PATTERN.pattern
+_ID = ID_SCHEMA_PATTERN
 _FIELDS_COMPARED = ("conversation_id", "customer_id", "text", "metadata", "agent", "trace")
 
 

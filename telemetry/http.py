@@ -76,7 +76,7 @@ SSE_BLOCK_MS = 1000  # one blocking XREAD at most this long: a disconnect is not
 SSE_KEEPALIVE_S = 15.0  # a ": ping" comment after this long without an event
 SSE_BATCH = 100
 READY_TIMEOUT_S = 2.0  # each /readyz probe of Redis, at most
-_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+_STREAM_ID = re.compile(r"[0-9]+(?:-[0-9]+)?")  # fullmatch; ASCII digits only (\d takes "١٢٣")
 
 
 def _not_found(what: str, ident: str) -> ApiError:
@@ -214,7 +214,7 @@ def visible_alert(who: Principal, entry_id: str, alert: Alert | None) -> dict[st
 
 def _stream_id(field: str, value: str) -> str:
     """A Redis stream id (``<ms>-<seq>`` or ``<ms>``, each part a 64-bit unsigned), or 422."""
-    if not _STREAM_ID.match(value) or any(int(part) >= 2**64 for part in value.split("-")):
+    if not _STREAM_ID.fullmatch(value) or any(int(part) >= 2**64 for part in value.split("-")):
         raise _invalid(field, f"not a stream id: {value!r} (e.g. 1700000000000-0)")
     return value
 

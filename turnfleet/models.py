@@ -9,17 +9,23 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-"""Ids (turn, conversation, customer, agent): 1–128 chars, letters, digits and ``._:@-``.
+ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+"""Ids (turn, conversation, customer, agent): 1–128 chars, ASCII letters, digits and ``._:@-``.
 
-Braces, spaces and control characters are refused: ids become parts of Redis keys, and
-braces would break the per-conversation hash tags.
+Braces, spaces and control characters are refused: ids become parts of Redis keys and of
+the ``Location`` header, and braces would break the per-conversation hash tags. Anchored
+with ``\\A``/``\\Z`` (not ``^``/``$``: Python's ``$`` also matches before a final newline, which
+let ``"C-100\\n"`` through as a second customer).
 """
+
+ID_SCHEMA_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+"""The same grammar for JSON Schema / OpenAPI, where ``$`` (ECMA-262) is the end of the text."""
 
 DEFAULT_MAX_TEXT_CHARS = 8000
 MAX_COUNT = 2**40  # largest token count a single event may carry
@@ -43,11 +49,28 @@ def check_id(value: str) -> str:
         raise ValueError("must not be empty")
     if len(value) > 128:
         raise ValueError(f"is {len(value)} characters long; the limit is 128")
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(
-            f"{value!r} has characters outside letters, digits and . _ : @ - "
+            f"{ascii(value)} has characters outside letters, digits and . _ : @ - "
             "(or starts with a symbol)"
         )
+    return value
+
+
+def check_unicode(value: str) -> str:
+    """The string itself, or ValueError if it cannot be encoded as UTF-8.
+
+    Lone surrogates (``"\\ud800"`` as a JSON escape, or the bytes of invalid UTF-8 that
+    Python smuggles into ``sys.argv``) are valid ``str`` values but cannot be written to
+    Redis, so they are refused at the edge instead of failing at the write.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise ValueError(
+            f"is not valid UTF-8 text: {ascii(bad)} at character {exc.start} is a lone surrogate"
+        ) from None
     return value
 
 
@@ -82,6 +105,7 @@ class TurnRequest(BaseModel):
             raise ValueError("must be a string")
         if not value.strip():
             raise ValueError("must not be empty")
+        check_unicode(value)
         limit = (info.context or {}).get("max_text_chars", DEFAULT_MAX_TEXT_CHARS)
         if len(value) > limit:
             raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
@@ -92,7 +116,7 @@ class TurnRequest(BaseModel):
     def _metadata(cls, value: Any, info: ValidationInfo) -> dict[str, str]:
         if value is None:
             return {}
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ValueError("must be a flat mapping of strings to strings")
         ctx = info.context or {}
         max_items = ctx.get("max_metadata_items", DEFAULT_MAX_METADATA_ITEMS)
@@ -104,6 +128,11 @@ class TurnRequest(BaseModel):
                 )
             if not key:
                 raise ValueError("keys must not be empty")
+            try:
+                check_unicode(key)
+                check_unicode(item)
+            except ValueError as exc:
+                raise ValueError(f"key {ascii(key)}: {exc}") from None
         if len(value) > max_items:
             raise ValueError(f"has {len(value)} items; the limit is {max_items}")
         size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())

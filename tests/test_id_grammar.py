@@ -1,0 +1,240 @@
+"""The id grammar at every edge, with generated inputs.
+
+Ids (turn, conversation, customer, agent) are 1–128 ASCII letters, digits and ``. _ : @ -``,
+starting with a letter or digit: the whole string, so ``"C-100\\n"`` (Python's ``$`` matches
+before a final newline) is refused like any other control character. Generated bad ids —
+control characters anywhere, Unicode look-alikes, lengths 0 and 129+, leading symbols — must
+be refused by the Python API (``TurnValidationError`` naming the field), the HTTP API (422
+naming the field) and the CLI (one line, exit 2), with nothing written to Redis. Hypothesis
+runs derandomized: the same examples every run, so CI cannot flake on a lucky draw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import string
+import subprocess
+import sys
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from redis import Redis as SyncRedis
+
+from producer import Producer, TurnValidationError
+from tests.serve_process import turnfleet_serve
+from turnfleet import cli
+from turnfleet.auth import hash_key, new_key
+from turnfleet.models import ID_PATTERN, check_id
+
+ALLOWED = set(string.ascii_letters + string.digits + "._:@-")
+ID_FIELDS = ["turn_id", "conversation_id", "customer_id", "agent"]
+CLI_FLAGS = {"turn_id": "--turn-id", "conversation_id": "--conversation", "customer_id": "--customer",
+             "agent": "--agent"}
+LOOKALIKES = [
+    "\u0421",  # Cyrillic Es, looks like C
+    "\u0410", "\u041e", "\u0435",  # Cyrillic A, O, e
+    "\uff11", "\uff10", "\u0661",  # fullwidth 1, 0; Arabic-Indic 1
+    "\u00a0", "\u2007", "\u3000",  # no-break, figure and ideographic spaces
+    "\u200d", "\u200b", "\ufeff", "\u2060",  # zero-width joiner, space, BOM, word joiner
+    "\u2010", "\u2011", "\uff0d", "\u2212",  # hyphens and minus that look like -
+    "\u0131", "\u212a",  # dotless i; Kelvin sign (folds to k)
+]
+SYMBOLS = list(" {}/\\#%?&\"'<>$+=,;*|~`!^()[]")
+GRAMMAR = settings(derandomize=True, database=None, deadline=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+valid_ids = st.from_regex(ID_PATTERN, fullmatch=True)
+bad_chars = st.one_of(
+    st.characters(codec=None, categories=["Cc"]),  # \x00-\x1f, \x7f-\x9f: \n, \r, \t, NUL, ...
+    st.sampled_from(LOOKALIKES),
+    st.sampled_from(SYMBOLS),
+    st.characters(min_codepoint=0x80, exclude_categories=["Cs"]),  # anything non-ASCII
+)
+
+
+@st.composite
+def _with_bad_char(draw: st.DrawFn) -> str:
+    base = draw(st.text(alphabet="".join(sorted(ALLOWED)), min_size=1, max_size=30).map(lambda s: "C" + s))
+    char = draw(bad_chars)
+    where = draw(st.sampled_from(["start", "middle", "end"]))
+    if where == "start":
+        return char + base
+    if where == "end":
+        return base + char
+    i = draw(st.integers(1, len(base)))
+    return base[:i] + char + base[i:]
+
+
+bad_ids = st.one_of(
+    _with_bad_char(),
+    st.just(""),
+    st.integers(129, 300).map(lambda n: "a" * n),  # too long
+    st.tuples(st.sampled_from("._:@-"), valid_ids).map("".join),  # a leading symbol
+)
+BAD_EXAMPLES = ["C-100\n", "t-1\n", "C-100\r", "C-100\r\n", "\nC-100", "C-100\t", "C-\x00100",
+                "\u0421-100", "C-\uff11\uff10\uff10", "C-100\u00a0", "C\u200d-100", "", "a" * 129,
+                "-C-100", ".x", "C 100", "C{100}"]
+
+
+def _reference(value: str) -> bool:
+    """The grammar as prose, without a regex: what ``check_id`` must agree with."""
+    return (1 <= len(value) <= 128 and all(c in ALLOWED for c in value)
+            and value[0] in string.ascii_letters + string.digits)
+
+
+def _explicit(*values: str):  # type: ignore[no-untyped-def]
+    def add(test):  # type: ignore[no-untyped-def]
+        for value in reversed(values):
+            test = example(value)(test)
+        return test
+    return add
+
+
+@settings(GRAMMAR, max_examples=400)
+@given(st.one_of(valid_ids, bad_ids, st.text(max_size=140)))
+@_explicit(*BAD_EXAMPLES, "a", "a" * 128, "C-100", "x.y:z@w_v-1")
+def test_check_id_accepts_exactly_the_documented_grammar(value: str) -> None:
+    try:
+        check_id(value)
+        accepted = True
+    except ValueError as exc:
+        accepted = False
+        assert str(exc) and "\n" not in str(exc)  # one printable line, whatever the input
+    assert accepted == _reference(value), repr(value)
+
+
+# -- the Python API --------------------------------------------------------------------
+
+
+def _turn(field: str, value: str) -> dict[str, str]:
+    return {"conversation_id": "c-1", "customer_id": "C-100", "text": "hello", field: value}
+
+
+@settings(GRAMMAR, max_examples=60)
+@given(field=st.sampled_from(ID_FIELDS), value=bad_ids)
+@example(field="customer_id", value="C-100\n")
+@example(field="turn_id", value="t-1\n")
+def test_python_api_refuses_bad_ids_naming_the_field(redis_url: str, field: str, value: str) -> None:
+    async def enqueue() -> TurnValidationError:
+        async with Producer(redis_url) as producer:
+            with pytest.raises(TurnValidationError) as info:
+                await producer.enqueue_turn(**_turn(field, value))
+            return info.value
+
+    error = asyncio.run(enqueue())
+    assert [e["field"] for e in error.errors] == [field]
+    with SyncRedis.from_url(redis_url) as r:
+        assert r.dbsize() == 0
+
+
+async def test_python_api_newline_customer_is_not_a_second_customer(redis):
+    async with Producer(redis=redis) as producer:
+        await producer.enqueue_turn(conversation_id="c-1", customer_id="C-100", text="hi", turn_id="t-1")
+        before = sorted(await redis.keys("*"))
+        for field, value in (("customer_id", "C-100\n"), ("turn_id", "t-1\n"), ("conversation_id", "c-1\n")):
+            with pytest.raises(TurnValidationError) as info:
+                await producer.enqueue_turn(**{**_turn(field, value), "conversation_id": "c-2"}
+                                            if field != "conversation_id" else _turn(field, value))
+            assert info.value.errors[0]["field"] == field
+        assert sorted(await redis.keys("*")) == before
+
+
+# -- HTTP --------------------------------------------------------------------------------
+
+OPERATOR = new_key()
+
+
+@pytest.fixture
+def serve_url(fleet_env, tmp_path):  # type: ignore[no-untyped-def]
+    keys = [{"name": "ops", "sha256": hash_key(OPERATOR), "customers": ["*"]}]
+    with turnfleet_serve(fleet_env, tmp_path / "serve.log", keys) as (url, proc):
+        yield url, proc
+    assert "Traceback" not in proc.output()
+
+
+HEADERS = {"Authorization": f"Bearer {OPERATOR}"}
+
+
+@settings(GRAMMAR, max_examples=25)
+@given(items=st.lists(st.tuples(st.sampled_from(ID_FIELDS), bad_ids), min_size=1, max_size=20))
+def test_http_refuses_bad_ids_naming_the_field(serve_url, redis_url: str, items) -> None:  # type: ignore[no-untyped-def]
+    url, _ = serve_url
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=30) as client:
+        turns = [_turn(field, value) for field, value in items]
+        resp = client.post("/v1/turns:batch", json={"turns": turns})
+        assert resp.status_code == 200, resp.text
+        for (field, _value), result in zip(items, resp.json()["results"], strict=True):
+            assert result["status"] == 422 and result["error"] == "validation", result
+            assert [e["field"] for e in result["errors"]] == [field]
+        field, value = items[0]
+        one = client.post("/v1/turns", json=_turn(field, value))
+        assert one.status_code == 422, one.text
+        assert [e["field"] for e in one.json()["errors"]] == [field]
+        assert "location" not in one.headers
+    with SyncRedis.from_url(redis_url) as r:
+        assert r.dbsize() == 0
+
+
+def test_http_newline_ids_never_make_a_location_header_or_a_second_customer(serve_url, redis_url):  # type: ignore[no-untyped-def]
+    url, proc = serve_url
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=30) as client:
+        ok = client.post("/v1/turns", json={**_turn("turn_id", "t-1")})
+        assert ok.status_code == 202 and ok.headers["location"] == "/v1/turns/t-1"
+        with SyncRedis.from_url(redis_url, decode_responses=True) as r:
+            before = sorted(r.keys("*"))
+        # Before the fix: "t-1\n" was enqueued and its Location header dropped the connection;
+        # "C-100\n" became a second customer with its own spend and budget.
+        for field, value in (("turn_id", "t-2\n"), ("customer_id", "C-100\n")):
+            resp = client.post("/v1/turns", json={**_turn(field, value), "conversation_id": "c-9"})
+            assert resp.status_code == 422, resp.text
+            assert resp.json()["errors"][0]["field"] == field
+            assert "location" not in resp.headers
+        with SyncRedis.from_url(redis_url, decode_responses=True) as r:
+            assert sorted(r.keys("*")) == before
+    assert "Traceback" not in proc.output()
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@settings(GRAMMAR, max_examples=60)
+@given(field=st.sampled_from(ID_FIELDS), value=bad_ids.filter(lambda v: not v.startswith("-")))
+@example(field="customer_id", value="C-100\n")
+@example(field="turn_id", value="t-1\n")
+def test_cli_refuses_bad_ids_in_one_line(redis_url: str, monkeypatch, field: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """In-process for many generated cases (argparse to exit code); the subprocess test below
+    proves the same for the real command."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    args = {"conversation_id": "c-1", "customer_id": "C-100", field: value}
+    argv = ["enqueue", *(a for f, v in args.items() for a in (CLI_FLAGS[f], v)), "hello"]
+    code, out, err = _cli(argv)
+    assert code == 2, (code, err)
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and field in err, err
+    with SyncRedis.from_url(redis_url) as r:
+        assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize("field,value", [("customer_id", "C-100\n"), ("turn_id", "t-1\n"),
+                                         ("conversation_id", "c-1\r"), ("agent", "\u0421-desk"),
+                                         ("customer_id", "C-\uff11\uff10\uff10")])
+async def test_cli_subprocess_refuses_newline_and_lookalike_ids(fleet_env, redis, field, value):
+    args = {"conversation_id": "c-1", "customer_id": "C-100", field: value}
+    argv = ["enqueue", *(a for f, v in args.items() for a in (CLI_FLAGS[f], v)), "hello"]
+    proc = subprocess.run([sys.executable, "-m", "turnfleet.cli", *argv], env=fleet_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr
+    assert await redis.dbsize() == 0
