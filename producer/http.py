@@ -105,7 +105,7 @@ class ErrorOut(BaseModel):
     """Every error: a code in ``error``, a sentence in ``message``."""
 
     error: str = Field(description="unauthorized, forbidden, not_found, conflict, validation, "
-                                   "budget_exceeded, too_large, ...")
+                                   "budget_exceeded, too_large, unsupported_media_type, ...")
     message: str
     errors: list[FieldError] | None = Field(default=None, description="validation: each bad field.")
     budget: BudgetOut | None = Field(default=None, description="budget_exceeded: the numbers.")
@@ -155,6 +155,10 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorOut, "description": "Body over max_body_bytes."},
     422: {"model": ErrorOut, "description": "Invalid request; `errors` names each bad field."},
 }
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_AUTH_ERRORS,
+    415: {"model": ErrorOut, "description": "A Content-Type other than application/json."},
+}
 
 
 # -- what routes share ----------------------------------------------------------------
@@ -178,10 +182,29 @@ def status_url(turn_id: str) -> str:
     return f"/v1/turns/{turn_id}"
 
 
+def _is_json(content_type: str | None) -> bool:
+    """``application/json`` or ``application/<something>+json``, any parameters; no header at
+    all is read as JSON too (a client that sends none has sent nothing else)."""
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _read_json(request: Request) -> Any:
+    """The body as JSON, or a 4xx: 415 for another media type, 422 for anything that is not
+    JSON — invalid UTF-8, bad syntax, or nesting deeper than the parser's recursion limit
+    (``[`` × 100000 raised ``RecursionError``, a 500, before this caught it)."""
+    content_type = request.headers.get("content-type")
+    if not _is_json(content_type):
+        raise ApiError(415, "unsupported_media_type",
+                       f"the body must be application/json, not {ascii(content_type)}")
     raw = await request.body()
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise ApiError(422, "validation", "the body is nested too deeply",
+                       errors=[{"field": "body", "message": "is nested too deeply"}]) from None
     except (UnicodeDecodeError, ValueError):
         raise ApiError(422, "validation", "the body is not valid JSON",
                        errors=[{"field": "body", "message": "is not valid JSON"}]) from None
@@ -229,9 +252,16 @@ async def _known(producer: Producer, turn_ids: list[str]) -> list[tuple[TurnRequ
     ]
 
 
+def _printable(name: str) -> str:
+    """A client's field name as it can be answered: a lone surrogate (``"\\ud800"`` as a JSON
+    escape) cannot be encoded in the UTF-8 response, so it is shown backslash-escaped."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _validate(producer: Producer, item: dict[str, Any]) -> TurnRequest:
     """``Producer.validate``, and no fields a client may not set (``enqueued_at`` is ours)."""
-    unknown = [{"field": str(k), "message": "is not a known field"} for k in item if k not in TurnIn.model_fields]
+    unknown = [{"field": _printable(k), "message": "is not a known field"}
+               for k in item if k not in TurnIn.model_fields]
     try:
         req = producer.validate({k: v for k, v in item.items() if k in TurnIn.model_fields})
     except TurnValidationError as exc:
@@ -259,7 +289,7 @@ def _accepted(req: TurnRequest, status: str) -> dict[str, Any]:
         200: {"model": TurnAccepted, "description": "The same request was already accepted (a retry)."},
         202: {"model": TurnAccepted, "description": "Enqueued. `Location` is the status URL.",
               "headers": {"Location": {"schema": {"type": "string"}}}},
-        **_AUTH_ERRORS,
+        **_BODY_ERRORS,
         403: {"model": ErrorOut, "description": "The key may not act for this customer."},
         409: {"model": ErrorOut, "description": "The conversation belongs to another customer."},
         429: {"model": ErrorOut, "description": "The customer's daily budget is spent.",
@@ -336,7 +366,7 @@ async def create_turn(
     response_model=BatchOut,
     summary="Hand many turns to the fleet; each is accepted or rejected on its own",
     openapi_extra=_json_body(TurnBatchIn),
-    responses=_AUTH_ERRORS,
+    responses=_BODY_ERRORS,
 )
 async def create_turns(request: Request, caller: Caller, producer: Producing) -> BatchOut:
     """Every item is validated, authorised and budgeted on its own; a rejected item writes

@@ -4,6 +4,10 @@ Every operation the app publishes at ``/openapi.json`` is exercised, including r
 components add (nothing here names them), with valid and invalid inputs, over real HTTP
 (uvicorn on a free port, in a thread: schemathesis calls are synchronous) against a real
 Redis. The property: no input makes the server answer 5xx.
+
+The write operations also get hostile versions of valid bodies (a custom strategy over
+schemathesis' own cases): lone surrogates, control characters and look-alikes in strings,
+and deep nesting where a string belongs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pytest
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -128,3 +133,63 @@ def test_no_operation_answers_with_a_server_error(api_schema: schemathesis.BaseS
         exercised.add(operation.label)
     assert not failures, "\n\n".join(failures)
     assert {"POST /v1/turns", "POST /v1/turns:batch", "GET /v1/turns/{turn_id}"} <= exercised, exercised
+
+
+# -- hostile bodies ------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+HOSTILE_VALUES = st.one_of(
+    st.sampled_from(["\ud800", "refund \udcff", "\udfff\ud800", "C-100\n", "t-1\r\n", "\u0421-100",
+                     "C-\uff11\uff10\uff10", "C\u200d-100", "\x00", ""]),
+    st.integers(100, 600).map(_nested),  # deep, but still serialisable by the client
+)
+WRITES = ("POST /v1/turns", "POST /v1/turns:batch")
+
+
+@st.composite
+def _hostile_case(draw: st.DrawFn, operation: schemathesis.APIOperation) -> schemathesis.Case:
+    """A valid case of ``operation`` with one field of one turn replaced by a hostile value."""
+    case = draw(operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+    body = case.body
+    if operation.label.endswith(":batch"):
+        if not body["turns"]:
+            body["turns"].append({"conversation_id": "c-1", "customer_id": "C-100", "text": "hi"})
+        target = body["turns"][draw(st.integers(0, len(body["turns"]) - 1))]
+    else:
+        target = body
+    field = draw(st.sampled_from(["conversation_id", "customer_id", "text", "turn_id", "agent",
+                                  "metadata", "metadata-key", "unknown-field"]))
+    value = draw(HOSTILE_VALUES)
+    if field == "metadata":
+        target["metadata"] = {"channel": value}
+    elif field == "metadata-key":
+        target["metadata"] = {value if isinstance(value, str) and value else "\ud800": "x"}
+    elif field == "unknown-field":
+        target[value if isinstance(value, str) and value else "\ud800"] = "x"
+    else:
+        target[field] = value
+    return case
+
+
+@pytest.mark.parametrize("label", WRITES)
+def test_hostile_bodies_are_answered_4xx_never_5xx(api_schema: schemathesis.BaseSchema, label: str) -> None:
+    operation = next(r.ok() for r in api_schema.get_all_operations() if r.ok().label == label)
+
+    @given(case=_hostile_case(operation))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.explicit, Phase.generate], database=None, derandomize=True)
+    def exercise(case: schemathesis.Case) -> None:
+        response = case.call_and_validate(headers=HEADERS, checks=[not_a_server_error], timeout=READ_TIMEOUT_S)
+        assert response.status_code in (200, 202, 403, 409, 422, 429), response.text
+        assert "Traceback" not in response.text
+        if response.status_code == 200 and label.endswith(":batch"):  # each item judged on its own
+            assert {r["status"] for r in response.json()["results"]} <= {200, 202, 403, 409, 422, 429}
+
+    exercise()
