@@ -3,6 +3,15 @@
 Importing it does not import the Agents SDK or arq's worker.
 """
 
-from producer.api import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
+from producer.api import (
+    BudgetExceeded,
+    BulkEnqueueError,
+    ConversationOwnershipError,
+    EnqueueResult,
+    Producer,
+    TurnIdReused,
+    TurnValidationError,
+)
 
-__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError", "BudgetExceeded"]
+__all__ = ["Producer", "TurnValidationError", "TurnIdReused", "ConversationOwnershipError", "BudgetExceeded",
+           "EnqueueResult", "BulkEnqueueError"]

@@ -6,27 +6,35 @@
         result = await producer.wait(turn_id, timeout_s=30)
 
 Input is validated before anything is written; a rejected request raises
-``TurnValidationError`` naming each bad field and leaves Redis untouched. Enqueueing a
-``turn_id`` that is already known returns it again and enqueues nothing: one job, one result,
-also long after the result was written (our record never expires, unlike arq's job ids).
+``TurnValidationError`` naming each bad field and leaves Redis untouched — whatever the
+caller passed (wrong types, a list for metadata, lone surrogates). A ``turn_id`` is an
+idempotency key, with the HTTP API's rule: the same request again is the same turn (its id
+is returned, nothing is enqueued, also long after the result was written); the same id for a
+*different* request (other text, conversation, customer, metadata, agent or trace) raises
+``TurnIdReused``. ``enqueue_batch`` judges each turn on its own and says what became of each
+(``EnqueueResult``), like ``POST /v1/turns:batch``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from turnfleet import budget
-from turnfleet.budget import BudgetExceeded
+from turnfleet import budget, keys
+from turnfleet.budget import BudgetExceeded, BudgetStatus
 from turnfleet.connection import connect
-from turnfleet.models import TurnRequest, TurnResult
+from turnfleet.models import TurnRequest, TurnResult, TurnStatus
 from turnfleet.queue import ConversationOwnershipError, TurnQueue
 from turnfleet.settings import ProducerSettings
 
-__all__ = ["Producer", "TurnValidationError", "ConversationOwnershipError", "BudgetExceeded"]
+__all__ = [
+    "Producer", "TurnValidationError", "TurnIdReused", "ConversationOwnershipError", "BudgetExceeded",
+    "EnqueueResult", "BulkEnqueueError",
+]
 
 
 class TurnValidationError(ValueError):
@@ -42,6 +50,101 @@ class TurnValidationError(ValueError):
             where = f"turn {e['index']}: " if "index" in e else ""
             parts.append(f"{where}{e['field']}: {e['message']}")
         super().__init__("; ".join(parts))
+
+
+class TurnIdReused(TurnValidationError):
+    """The turn id was already used for a different request; nothing was enqueued.
+
+    The same request again is not an error (it is the same turn); a different one under the
+    same id would otherwise be silently answered with the first turn.
+    """
+
+    REASON = "already used for a different request"
+
+    def __init__(self, turn_id: str, index: int | None = None) -> None:
+        self.turn_id = turn_id
+        error: dict[str, Any] = {"field": "turn_id", "message": self.REASON}
+        if index is not None:
+            error["index"] = index
+        super().__init__([error])
+
+
+class BulkEnqueueError(ConversationOwnershipError):
+    """``enqueue_turns``: some turns were refused after validation, the others were enqueued.
+
+    ``results`` says what became of each turn (``EnqueueResult``, in order), so the caller
+    knows which ids it got. A ``ConversationOwnershipError``, as this call raised before it
+    said which turns were enqueued.
+    """
+
+    def __init__(self, results: list[EnqueueResult]) -> None:
+        self.results = results
+        refused = [r for r in results if not r.ok]
+        super().__init__(
+            "; ".join(f"turn {r.index}: {r.message}" for r in refused)
+            + f" ({len(refused)} of {len(results)} turns refused, the others were enqueued)"
+        )
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    """What became of one turn of a bulk enqueue; the shape of a ``POST /v1/turns:batch`` item.
+
+    ``status``: ``enqueued`` (new), ``existing`` (the same request was already known: the same
+    turn) or ``rejected`` (nothing written; ``error`` is ``validation`` — ``errors`` names each
+    bad field, a reused turn id included —, ``forbidden``, ``conflict`` for a conversation of
+    another customer, or ``budget_exceeded`` with ``budget``).
+    """
+
+    index: int
+    status: Literal["enqueued", "existing", "rejected"]
+    turn_id: str | None = None
+    conversation_id: str | None = None
+    turn_status: TurnStatus | None = None
+    error: Literal["validation", "forbidden", "conflict", "budget_exceeded"] | None = None
+    message: str | None = None
+    errors: list[dict[str, str]] = field(default_factory=list)
+    budget: BudgetStatus | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Enqueued now or before: the turn will run (or ran)."""
+        return self.status != "rejected"
+
+    @classmethod
+    def accepted(cls, index: int, req: TurnRequest, created: bool, status: str | None = None) -> EnqueueResult:
+        return cls(index, "enqueued" if created else "existing", req.turn_id, req.conversation_id,
+                   (status or "queued") if not created else "queued")  # type: ignore[arg-type]
+
+    @classmethod
+    def invalid(cls, index: int, errors: list[dict[str, Any]]) -> EnqueueResult:
+        errors = [{"field": e["field"], "message": e["message"]} for e in errors]
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return cls(index, "rejected", error="validation", message=message, errors=errors)
+
+    @classmethod
+    def reused(cls, index: int, req: TurnRequest) -> EnqueueResult:
+        return cls(index, "rejected", req.turn_id, req.conversation_id, error="validation",
+                   message=f"turn_id {req.turn_id!r} was {TurnIdReused.REASON}",
+                   errors=[{"field": "turn_id", "message": TurnIdReused.REASON}])
+
+    @classmethod
+    def conflict(cls, index: int, req: TurnRequest) -> EnqueueResult:
+        return cls(index, "rejected", req.turn_id, req.conversation_id, error="conflict",
+                   message=f"conversation_id {req.conversation_id!r} belongs to another customer")
+
+    @classmethod
+    def over_budget(cls, index: int, req: TurnRequest, exc: BudgetExceeded) -> EnqueueResult:
+        return cls(index, "rejected", req.turn_id, req.conversation_id, error="budget_exceeded",
+                   message=str(exc), budget=exc.status)
+
+
+FIELDS_COMPARED = ("conversation_id", "customer_id", "text", "metadata", "agent", "trace")
+
+
+def same_request(a: TurnRequest, b: TurnRequest) -> bool:
+    """The same turn, for idempotency: everything the caller chose (not ``enqueued_at``)."""
+    return all(getattr(a, f) == getattr(b, f) for f in FIELDS_COMPARED)
 
 
 def _field_errors(exc: ValidationError, index: int | None = None) -> list[dict[str, Any]]:
@@ -90,6 +193,9 @@ class Producer:
 
     def validate(self, data: Mapping[str, Any], index: int | None = None) -> TurnRequest:
         """A checked ``TurnRequest`` or ``TurnValidationError``; writes nothing."""
+        if not isinstance(data, Mapping):
+            where = {"index": index} if index is not None else {}
+            raise TurnValidationError([{"field": "turn", "message": "must be a mapping of fields (a dict)", **where}])
         payload = {k: v for k, v in data.items() if v is not None}
         try:
             return TurnRequest.model_validate(payload, context=self.settings.limits())
@@ -107,21 +213,65 @@ class Producer:
         agent: str | None = None,
         trace: bool | None = None,
     ) -> str:
-        """Validate and enqueue one turn; returns its turn id (the given one or a new one)."""
+        """Validate and enqueue one turn; returns its turn id (the given one or a new one).
+
+        Raises ``TurnValidationError`` (``TurnIdReused`` for a known id with other content),
+        ``ConversationOwnershipError`` or ``BudgetExceeded``; nothing is written then.
+        """
         req = self.validate(
             {
                 "conversation_id": conversation_id,
                 "customer_id": customer_id,
                 "text": text,
-                "metadata": dict(metadata) if metadata is not None else None,
+                "metadata": metadata,
                 "turn_id": turn_id,
                 "agent": agent,
                 "trace": trace,
             }
         )
-        await self.check_budget(req.customer_id)
-        await self.queue.enqueue(req)
-        return req.turn_id
+        outcome = await self.enqueue_request(req)
+        if outcome.ok:
+            return req.turn_id
+        if outcome.error == "conflict":
+            raise ConversationOwnershipError(outcome.message)
+        if outcome.error == "budget_exceeded" and outcome.budget is not None:
+            raise BudgetExceeded(outcome.budget)
+        raise TurnIdReused(req.turn_id)
+
+    async def enqueue_request(self, req: TurnRequest, index: int = 0) -> EnqueueResult:
+        """Enqueue one validated turn, or say why not (``EnqueueResult``); never raises for
+        the turn's own sake. A known turn id is ``existing`` for the same request, rejected
+        for another; a known turn is answered even when its customer is over budget."""
+        try:
+            await self.check_budget(req.customer_id)
+        except BudgetExceeded as exc:
+            [(found, status)] = await self.known([req.turn_id])
+            if found is None:
+                return EnqueueResult.over_budget(index, req, exc)
+            return self._repeat(index, req, found, status)
+        try:
+            if await self.queue.enqueue(req):
+                return EnqueueResult.accepted(index, req, True)
+        except ConversationOwnershipError:
+            return EnqueueResult.conflict(index, req)
+        [(found, status)] = await self.known([req.turn_id])
+        return self._repeat(index, req, found, status)
+
+    @staticmethod
+    def _repeat(index: int, req: TurnRequest, found: TurnRequest | None, status: str | None) -> EnqueueResult:
+        if found is not None and same_request(found, req):
+            return EnqueueResult.accepted(index, req, False, status)
+        return EnqueueResult.reused(index, req)
+
+    async def known(self, turn_ids: Sequence[str]) -> list[tuple[TurnRequest | None, str | None]]:
+        """For each id: the request recorded under it and its status, or ``(None, None)``."""
+        if not turn_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for turn_id in turn_ids:
+                pipe.hmget(keys.turn(turn_id), "request", "status")
+            rows = await pipe.execute()
+        return [(TurnRequest.model_validate_json(raw) if raw else None, status) for raw, status in rows]
 
     async def check_budget(self, customer_id: str) -> budget.BudgetStatus | None:
         """Raise ``BudgetExceeded`` if the customer's daily budget is spent (admission control).
@@ -134,20 +284,46 @@ class Producer:
             raise BudgetExceeded(status)
         return status
 
-    async def enqueue_turns(self, turns: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Validate all, then enqueue all in one pipelined round trip; returns turn ids in order.
-
-        If any turn is invalid nothing is enqueued and ``TurnValidationError`` lists every bad
-        item. Turns whose id is already known are skipped (idempotent) but their id is
-        returned. A turn for a conversation owned by another customer raises
-        ``ConversationOwnershipError`` naming it; the others of the batch are enqueued.
-        A customer over its daily budget raises ``BudgetExceeded`` before anything is written.
-        """
-        items = list(turns)
+    def _items(self, turns: Iterable[Mapping[str, Any]]) -> list[Any]:
+        try:
+            items = list(turns)
+        except TypeError:
+            raise TurnValidationError([{"field": "turns", "message": "must be a list of turns"}]) from None
         if len(items) > self.settings.max_bulk:
             raise TurnValidationError(
                 [{"field": "turns", "message": f"{len(items)} turns; the limit is {self.settings.max_bulk}"}]
             )
+        return items
+
+    async def enqueue_batch(self, turns: Iterable[Mapping[str, Any]]) -> list[EnqueueResult]:
+        """Each turn on its own, like ``POST /v1/turns:batch``: one ``EnqueueResult`` per turn,
+        in order. A rejected turn writes nothing and does not stop the others; accepted turns
+        are written in one pipelined round trip. Raises only for the call itself (``turns``
+        not a list, or over ``max_bulk``)."""
+        results: list[EnqueueResult | None] = []
+        valid: list[tuple[int, TurnRequest]] = []
+        for i, item in enumerate(self._items(turns)):
+            try:
+                valid.append((i, self.validate(item, index=i)))
+                results.append(None)
+            except TurnValidationError as exc:
+                results.append(EnqueueResult.invalid(i, exc.errors))
+        for outcome in await self.submit(valid):
+            results[outcome.index] = outcome
+        return [r for r in results if r is not None]
+
+    async def enqueue_turns(self, turns: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Validate all, then enqueue all in one pipelined round trip; returns turn ids in order.
+
+        All or nothing up to the write: if any turn is invalid, ``TurnValidationError`` lists
+        every bad item; a customer over its daily budget raises ``BudgetExceeded``; nothing
+        is written then. A turn id already known for the same request is the same turn (its
+        id is returned). If some turns are refused at the write (a conversation of another
+        customer, a turn id reused for a different request), the others are enqueued and
+        ``BulkEnqueueError`` is raised with every turn's ``EnqueueResult``. To judge each turn
+        on its own instead, use ``enqueue_batch``.
+        """
+        items = self._items(turns)
         reqs: list[TurnRequest] = []
         errors: list[dict[str, Any]] = []
         for i, item in enumerate(items):
@@ -159,14 +335,53 @@ class Producer:
             raise TurnValidationError(errors)
         for customer_id in sorted({r.customer_id for r in reqs}):
             await self.check_budget(customer_id)
-        outcomes = await self.queue.enqueue_many(reqs)
-        refused = [r.conversation_id for r, o in zip(reqs, outcomes) if o < 0]
-        if refused:
-            raise ConversationOwnershipError(
-                f"conversation_id(s) {sorted(set(refused))} belong to another customer; "
-                "those turns were not enqueued, the others were"
-            )
+        results = await self.submit(list(enumerate(reqs)))
+        if not all(r.ok for r in results):
+            raise BulkEnqueueError(results)
         return [r.turn_id for r in reqs]
+
+    async def submit(
+        self, reqs: Sequence[tuple[int, TurnRequest]], may: Any = None
+    ) -> list[EnqueueResult]:
+        """Write validated turns (``(index, request)`` pairs), each judged on its own; one
+        ``EnqueueResult`` per pair, in order. ``may(customer_id)``, if given, says whether the
+        caller may act for a customer (the HTTP API's keys): if not, ``forbidden``."""
+        results: dict[int, EnqueueResult] = {}
+        allowed = []
+        for i, req in reqs:
+            if may is not None and not may(req.customer_id):
+                results[i] = EnqueueResult(i, "rejected", req.turn_id, req.conversation_id, error="forbidden",
+                                           message=f"this API key may not act for customer {req.customer_id!r}")
+            else:
+                allowed.append((i, req))
+        over: dict[str, BudgetExceeded | None] = {}
+        fresh: list[tuple[int, TurnRequest]] = []
+        for (i, req), (found, status) in zip(allowed, await self.known([r.turn_id for _, r in allowed])):
+            if found is not None:
+                results[i] = self._repeat(i, req, found, status)
+                continue
+            if req.customer_id not in over:
+                try:
+                    await self.check_budget(req.customer_id)
+                    over[req.customer_id] = None
+                except BudgetExceeded as exc:
+                    over[req.customer_id] = exc
+            exceeded = over[req.customer_id]
+            if exceeded is not None:
+                results[i] = EnqueueResult.over_budget(i, req, exceeded)
+                continue
+            fresh.append((i, req))
+        raced = []
+        for (i, req), outcome in zip(fresh, await self.queue.enqueue_many([r for _, r in fresh])):
+            if outcome == 1:
+                results[i] = EnqueueResult.accepted(i, req, True)
+            elif outcome < 0:
+                results[i] = EnqueueResult.conflict(i, req)
+            else:  # known by now: a concurrent request, or the same id earlier in this batch
+                raced.append((i, req))
+        for (i, req), (found, status) in zip(raced, await self.known([r.turn_id for _, r in raced])):
+            results[i] = self._repeat(i, req, found, status)
+        return [results[i] for i, _ in reqs]
 
     async def result(self, turn_id: str) -> TurnResult | None:
         return await self.queue.get(turn_id)

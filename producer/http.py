@@ -32,8 +32,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
-from turnfleet import keys
+from producer.api import EnqueueResult, Producer, TurnValidationError
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus
 from turnfleet.models import ID_SCHEMA_PATTERN, TurnRequest, TurnResult, TurnStatus
@@ -44,7 +43,6 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["turns"])
 
 _ID = ID_SCHEMA_PATTERN
-_FIELDS_COMPARED = ("conversation_id", "customer_id", "text", "metadata", "agent", "trace")
 
 
 # -- shapes (OpenAPI) -----------------------------------------------------------------
@@ -228,28 +226,26 @@ def _strip_index(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"field": e["field"], "message": e["message"]} for e in errors]
 
 
-def _forbidden(customer_id: str) -> tuple[str, str]:
-    return "forbidden", f"this API key may not act for customer {customer_id!r}"
-
-
-def _same_request(a: TurnRequest, b: TurnRequest) -> bool:
-    return all(getattr(a, f) == getattr(b, f) for f in _FIELDS_COMPARED)
-
-
 _KEY_REUSED = ("idempotency key {!r} was already used for a different request; "
                "send a new key for a new turn")
+_HTTP_STATUS = {"enqueued": 202, "existing": 200}
+_ERROR_STATUS = {"validation": 422, "forbidden": 403, "conflict": 409, "budget_exceeded": 429}
 
 
-async def _known(producer: Producer, turn_ids: list[str]) -> list[tuple[TurnRequest | None, str | None]]:
-    """For each id: the request recorded under it and its status, or (None, None)."""
-    async with producer.redis.pipeline(transaction=False) as pipe:
-        for turn_id in turn_ids:
-            pipe.hmget(keys.turn(turn_id), "request", "status")
-        rows = await pipe.execute()
-    return [
-        (TurnRequest.model_validate_json(raw) if raw else None, status)
-        for raw, status in rows
-    ]
+def _batch_item(outcome: EnqueueResult) -> dict[str, Any]:
+    """An ``EnqueueResult`` as a ``POST /v1/turns:batch`` item."""
+    if outcome.ok:
+        assert outcome.turn_id is not None
+        return {"index": outcome.index, "status": _HTTP_STATUS[outcome.status], "turn_id": outcome.turn_id,
+                "conversation_id": outcome.conversation_id, "turn_status": outcome.turn_status,
+                "status_url": status_url(outcome.turn_id)}
+    item: dict[str, Any] = {"index": outcome.index, "status": _ERROR_STATUS[outcome.error or "validation"],
+                            "error": outcome.error, "message": outcome.message}
+    if outcome.errors:
+        item["errors"] = outcome.errors
+    if outcome.budget is not None:
+        item["budget"] = _budget(outcome.budget)
+    return item
 
 
 def _printable(name: str) -> str:
@@ -329,36 +325,28 @@ async def create_turn(
         message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         raise ApiError(422, "validation", message, errors=errors) from None
     if not caller.may(req.customer_id):
-        raise ApiError(403, *_forbidden(req.customer_id))
+        raise ApiError(403, "forbidden", f"this API key may not act for customer {req.customer_id!r}")
 
-    # A turn id we just made cannot be known: skip the read (the enqueue script checks anyway).
-    client_id = idempotency_key is not None or body.get("turn_id") is not None
-    known, status = (await _known(producer, [req.turn_id]))[0] if client_id else (None, None)
-    if known is None:
-        try:
-            await producer.check_budget(req.customer_id)
-        except BudgetExceeded as exc:
-            log.info("http.turn.over_budget", customer_id=req.customer_id, key=caller.name)
-            return JSONResponse(
-                error_body("budget_exceeded", str(exc), budget=_budget(exc.status)),
-                status_code=429, headers={"Retry-After": _retry_after(exc.status)},
-            )
-        try:
-            created = await producer.queue.enqueue(req)
-        except ConversationOwnershipError as exc:
-            raise ApiError(409, "conflict", str(exc)) from None
-        if created:
-            log.info("http.turn.enqueued", turn_id=req.turn_id, conversation_id=req.conversation_id,
-                     customer_id=req.customer_id, key=caller.name)
-            return JSONResponse(_accepted(req, "queued"), status_code=202,
-                                headers={"Location": status_url(req.turn_id)})
-        [(known, status)] = await _known(producer, [req.turn_id])  # a concurrent retry won the race
-    if known is None or not _same_request(known, req):
-        raise ApiError(422, "validation", _KEY_REUSED.format(req.turn_id),
-                       errors=[{"field": "Idempotency-Key" if idempotency_key else "turn_id",
-                                "message": "already used for a different request"}])
-    return JSONResponse(_accepted(known, status or "queued"), status_code=200,
-                        headers={"Location": status_url(known.turn_id)})
+    outcome = await producer.enqueue_request(req)
+    if outcome.status == "enqueued":
+        log.info("http.turn.enqueued", turn_id=req.turn_id, conversation_id=req.conversation_id,
+                 customer_id=req.customer_id, key=caller.name)
+        return JSONResponse(_accepted(req, "queued"), status_code=202,
+                            headers={"Location": status_url(req.turn_id)})
+    if outcome.status == "existing":
+        return JSONResponse(_accepted(req, outcome.turn_status or "queued"), status_code=200,
+                            headers={"Location": status_url(req.turn_id)})
+    if outcome.error == "budget_exceeded" and outcome.budget is not None:
+        log.info("http.turn.over_budget", customer_id=req.customer_id, key=caller.name)
+        return JSONResponse(
+            error_body("budget_exceeded", outcome.message or "", budget=_budget(outcome.budget)),
+            status_code=429, headers={"Retry-After": _retry_after(outcome.budget)},
+        )
+    if outcome.error == "conflict":
+        raise ApiError(409, "conflict", outcome.message or "")
+    raise ApiError(422, "validation", _KEY_REUSED.format(req.turn_id),
+                   errors=[{"field": "Idempotency-Key" if idempotency_key else "turn_id",
+                            "message": "already used for a different request"}])
 
 
 @router.post(
@@ -390,59 +378,14 @@ async def create_turns(request: Request, caller: Caller, producer: Producing) ->
                           "errors": [{"field": "turn", "message": "must be a JSON object"}]}
             continue
         try:
-            req = _validate(producer, item)
+            valid.append((i, _validate(producer, item)))
         except TurnValidationError as exc:
-            results[i] = {"index": i, "status": 422, "error": "validation", "message": str(exc),
-                          "errors": _strip_index(exc.errors)}
-            continue
-        if not caller.may(req.customer_id):
-            code, message = _forbidden(req.customer_id)
-            results[i] = {"index": i, "status": 403, "error": code, "message": message}
-            continue
-        valid.append((i, req))
-
-    def accepted(i: int, req: TurnRequest, http: int, status: str) -> dict[str, Any]:
-        return {"index": i, "status": http, "turn_id": req.turn_id, "conversation_id": req.conversation_id,
-                "turn_status": status, "status_url": status_url(req.turn_id)}
-
-    def reused(i: int, req: TurnRequest) -> dict[str, Any]:
-        return {"index": i, "status": 422, "error": "validation", "message": _KEY_REUSED.format(req.turn_id),
-                "errors": [{"field": "turn_id", "message": "already used for a different request"}]}
-
-    known = await _known(producer, [req.turn_id for _, req in valid]) if valid else []
-    budgets: dict[str, BudgetExceeded | None] = {}
-    fresh: list[tuple[int, TurnRequest]] = []
-    for (i, req), (found, status) in zip(valid, known):
-        if found is not None:
-            results[i] = accepted(i, req, 200, status or "queued") if _same_request(found, req) else reused(i, req)
-            continue
-        if req.customer_id not in budgets:
-            try:
-                await producer.check_budget(req.customer_id)
-                budgets[req.customer_id] = None
-            except BudgetExceeded as exc:
-                budgets[req.customer_id] = exc
-        over = budgets[req.customer_id]
-        if over is not None:
-            results[i] = {"index": i, "status": 429, "error": "budget_exceeded", "message": str(over),
-                          "budget": _budget(over.status)}
-            continue
-        fresh.append((i, req))
-
-    outcomes = await producer.queue.enqueue_many([req for _, req in fresh])
-    raced = []
-    for (i, req), outcome in zip(fresh, outcomes):
-        if outcome == 1:
-            results[i] = accepted(i, req, 202, "queued")
-        elif outcome < 0:
-            results[i] = {"index": i, "status": 409, "error": "conflict",
-                          "message": f"conversation_id {req.conversation_id!r} belongs to another customer"}
-        else:  # known by now: a concurrent request, or the same id earlier in this batch
-            raced.append((i, req))
-    for (i, req), (found, status) in zip(raced, await _known(producer, [r.turn_id for _, r in raced])):
-        same = found is not None and _same_request(found, req)
-        results[i] = accepted(i, req, 200, status or "queued") if same else reused(i, req)
-    log.info("http.turns.batch", items=len(turns), enqueued=sum(o == 1 for o in outcomes), key=caller.name)
+            results[i] = _batch_item(EnqueueResult.invalid(i, exc.errors))
+    enqueued = 0
+    for outcome in await producer.submit(valid, may=caller.may):
+        results[outcome.index] = _batch_item(outcome)
+        enqueued += outcome.status == "enqueued"
+    log.info("http.turns.batch", items=len(turns), enqueued=enqueued, key=caller.name)
     return BatchOut.model_validate({"results": results})
 
 

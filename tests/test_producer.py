@@ -167,3 +167,116 @@ async def test_bulk_enqueue_across_script_chunks_answers_each_turn_in_order(prod
     # One job per conversation that got a turn (its head), the rest wait in their queues.
     assert await redis.zcard(keys.ARQ_QUEUE) == 299
     assert await redis.llen(keys.conversation_queue("c-0")) == 2
+
+
+# -- wrong types, repeats and per-item results (issue 12, item 6) ------------------------
+
+WRONG_TYPES = [
+    ({"metadata": ["channel", "chat"]}, "metadata"),
+    ({"metadata": [("channel", "chat")]}, "metadata"),
+    ({"metadata": "channel=chat"}, "metadata"),
+    ({"metadata": {"channel": "\ud800"}}, "metadata"),
+    ({"metadata": {"\udcff": "x"}}, "metadata"),
+    ({"text": "refund \ud800"}, "text"),
+    ({"text": b"bytes"}, "text"),
+    ({"text": 42}, "text"),
+    ({"conversation_id": 42}, "conversation_id"),
+    ({"customer_id": ["C-100"]}, "customer_id"),
+    ({"turn_id": b"t-1"}, "turn_id"),
+    ({"turn_id": "t-\ud800"}, "turn_id"),
+    ({"agent": 1.5}, "agent"),
+    ({"trace": [1]}, "trace"),
+]
+
+
+@pytest.mark.parametrize("override,field", WRONG_TYPES)
+async def test_wrong_types_raise_turn_validation_error_naming_the_field(producer, redis, override, field):
+    turn = {"conversation_id": "c-1", "customer_id": "C-100", "text": "hello", **override}
+    with pytest.raises(TurnValidationError) as info:
+        await producer.enqueue_turn(**turn)
+    assert [e["field"] for e in info.value.errors] == [field]
+    with pytest.raises(TurnValidationError) as bulk:
+        await producer.enqueue_turns([{"conversation_id": "c-1", "customer_id": "C-100", "text": "ok"}, turn])
+    assert [(e["index"], e["field"]) for e in bulk.value.errors] == [(1, field)]
+    assert await redis.dbsize() == 0
+
+
+async def test_bulk_items_that_are_not_mappings_are_named_by_index(producer, redis):
+    good = {"conversation_id": "c-1", "customer_id": "C-100", "text": "ok"}
+    with pytest.raises(TurnValidationError) as info:
+        await producer.enqueue_turns([good, "not a turn", None, ["conversation_id", "c-1"]])
+    assert [(e["index"], e["field"]) for e in info.value.errors] == [(1, "turn"), (2, "turn"), (3, "turn")]
+    for turns in (None, 42):
+        with pytest.raises(TurnValidationError) as whole:
+            await producer.enqueue_turns(turns)
+        assert whole.value.errors[0]["field"] == "turns"
+    assert await redis.dbsize() == 0
+
+
+async def test_same_turn_id_with_different_content_is_refused(producer, redis):
+    from producer import TurnIdReused
+
+    base = {"conversation_id": "c-1", "customer_id": "C-100", "turn_id": "t-1"}
+    assert await producer.enqueue_turn(**base, text="refund order 1042") == "t-1"
+    assert await producer.enqueue_turn(**base, text="refund order 1042") == "t-1"  # a retry: the same turn
+    for other in ({"text": "refund order 1047"}, {"metadata": {"channel": "chat"}}, {"trace": False},
+                  {"conversation_id": "c-2"}):
+        with pytest.raises(TurnIdReused) as info:
+            await producer.enqueue_turn(**{**base, "text": "refund order 1042", **other})
+        assert isinstance(info.value, TurnValidationError)
+        assert info.value.errors == [{"field": "turn_id", "message": "already used for a different request"}]
+    stored = await producer.queue.get_request("t-1")
+    assert stored is not None and stored.text == "refund order 1042"
+    assert await redis.llen(keys.conversation_turns("c-1")) == 1
+    assert not await redis.exists(keys.conversation_turns("c-2"))
+
+
+async def test_bulk_with_a_conversation_of_another_customer_says_which_turns_were_enqueued(producer, redis):
+    from producer import BulkEnqueueError
+
+    await producer.enqueue_turn(conversation_id="c-taken", customer_id="C-200", text="mine", turn_id="x-0")
+    turns = [
+        {"conversation_id": "c-1", "customer_id": "C-100", "text": "one", "turn_id": "b-1"},
+        {"conversation_id": "c-taken", "customer_id": "C-100", "text": "two", "turn_id": "b-2"},
+        {"conversation_id": "c-3", "customer_id": "C-100", "text": "three"},
+        {"conversation_id": "c-taken", "customer_id": "C-200", "text": "other", "turn_id": "x-0"},
+    ]
+    with pytest.raises(BulkEnqueueError) as info:
+        await producer.enqueue_turns(turns)
+    assert isinstance(info.value, ConversationOwnershipError)  # what this call raised before
+    results = info.value.results
+    assert [(r.index, r.status, r.error) for r in results] == [
+        (0, "enqueued", None), (1, "rejected", "conflict"), (2, "enqueued", None), (3, "rejected", "validation")]
+    assert results[0].turn_id == "b-1" and results[2].turn_id and results[2].turn_status == "queued"
+    assert "c-taken" in results[1].message and results[3].errors == [
+        {"field": "turn_id", "message": "already used for a different request"}]
+    assert await redis.lrange(keys.conversation_turns("c-1"), 0, -1) == ["b-1"]
+    assert await redis.lrange(keys.conversation_turns("c-3"), 0, -1) == [results[2].turn_id]
+    assert await redis.lrange(keys.conversation_turns("c-taken"), 0, -1) == ["x-0"]
+
+
+async def test_enqueue_batch_judges_each_turn_on_its_own(redis):
+    from producer import EnqueueResult
+    from turnfleet import budget
+
+    producer = Producer(redis=redis, settings=ProducerSettings(budgets={"C-300": 0.01}))
+    await redis.hset(keys.aggregate_day("customer", "C-300", budget.today()), "cost_nusd", 12_000_000)
+    await producer.enqueue_turn(conversation_id="c-taken", customer_id="C-200", text="mine")
+    results = await producer.enqueue_batch([
+        {"conversation_id": "c-1", "customer_id": "C-100", "text": "one", "turn_id": "b-1"},
+        {"conversation_id": "c-1", "customer_id": "C-100", "text": ""},
+        "not a turn",
+        {"conversation_id": "c-taken", "customer_id": "C-100", "text": "two"},
+        {"conversation_id": "c-2", "customer_id": "C-300", "text": "over budget"},
+        {"conversation_id": "c-1", "customer_id": "C-100", "text": "one", "turn_id": "b-1"},
+    ])
+    assert all(isinstance(r, EnqueueResult) for r in results)
+    assert [(r.index, r.status, r.error) for r in results] == [
+        (0, "enqueued", None), (1, "rejected", "validation"), (2, "rejected", "validation"),
+        (3, "rejected", "conflict"), (4, "rejected", "budget_exceeded"), (5, "existing", None)]
+    assert results[1].errors == [{"field": "text", "message": "must not be empty"}]
+    assert results[2].errors == [{"field": "turn", "message": "must be a mapping of fields (a dict)"}]
+    assert results[4].budget is not None and results[4].budget.limit_usd == 0.01
+    assert results[5].turn_id == "b-1" and results[5].ok
+    assert await redis.lrange(keys.conversation_turns("c-1"), 0, -1) == ["b-1"]
+    assert not await redis.exists(keys.conversation_turns("c-2"))
