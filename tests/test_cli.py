@@ -41,9 +41,12 @@ async def test_enqueue_result_conversation_stats_and_alerts_verbs(fleet_env, red
              "--turn-id", "turn-cli-1", "I want a refund for order 1047", env=fleet_env)
     assert enq.returncode == 0, enq.stderr
     assert enq.stdout.strip() == "turn-cli-1"
-    again = tf("enqueue", "--conversation", "c-cli", "--customer", "C-102", "--turn-id", "turn-cli-1",
-               "I want a refund for order 1047", env=fleet_env)
-    assert again.stdout.strip() == "turn-cli-1"
+    again = tf("enqueue", "--conversation", "c-cli", "--customer", "C-102", "--meta", "channel=chat",
+               "--turn-id", "turn-cli-1", "I want a refund for order 1047", env=fleet_env)
+    assert again.returncode == 0 and again.stdout.strip() == "turn-cli-1"  # the same request: the same turn
+    without_meta = tf("enqueue", "--conversation", "c-cli", "--customer", "C-102", "--turn-id", "turn-cli-1",
+                      "I want a refund for order 1047", env=fleet_env)
+    assert without_meta.returncode == 2 and "already used for a different request" in without_meta.stderr
     assert await redis.llen(keys.conversation_turns("c-cli")) == 1
 
     pending = tf("result", "turn-cli-1", "--json", env=fleet_env)
@@ -73,7 +76,7 @@ async def test_enqueue_result_conversation_stats_and_alerts_verbs(fleet_env, red
     assert alerts.returncode == 0 and json.loads(alerts.stdout) == []
 
     missing = tf("result", "no-such-turn", env=fleet_env)
-    assert missing.returncode == 2 and "no turn" in missing.stderr
+    assert missing.returncode == 1 and "no turn" in missing.stderr  # not found: 1 (2 is bad input)
 
 
 async def test_without_redis_url_the_embedded_redis_is_started_kept_on_disk_and_stopped(tmp_path):
@@ -160,3 +163,89 @@ async def test_alerts_follow_resumes_where_the_named_follower_left_off(fleet_env
     assert follow(1) == ["al-3"]  # resumed after al-2, not from the start
     await fire(4)
     assert follow(1) == ["al-4"]
+
+
+# -- the edges: exit codes, --json errors, invalid UTF-8, refused flag combinations ---------
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The error a user sees: one line on stderr, nothing on stdout, no traceback."""
+    assert proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+async def test_text_that_is_not_utf8_is_one_line_naming_the_field_and_nothing_is_enqueued(fleet_env, redis):
+    for argv, field in (
+        ([b"--conversation", b"c-1", b"--customer", b"C-100", b"caf\xe9 \xff"], "text"),
+        ([b"--conversation", b"c-1", b"--customer", b"C-100", b"--meta", b"k=\xff", b"hi"], "metadata"),
+        ([b"--conversation", b"c-\xff", b"--customer", b"C-100", b"hi"], "conversation_id"),
+        ([b"--conversation", b"c-1", b"--customer", b"C-100", b"--agent", b"\xc3", b"hi"], "agent"),
+    ):
+        proc = subprocess.run([*CLI, "enqueue", *argv], env=fleet_env, capture_output=True, timeout=60)
+        text = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                           proc.stderr.decode(errors="replace"))
+        assert proc.returncode == 2, text.stderr
+        line = one_line(text)
+        assert line.startswith(f"turnfleet enqueue: {field}: "), line
+        assert "UTF-8" in line or "characters outside" in line, line  # text / an id's grammar
+    assert await redis.dbsize() == 0
+    other = subprocess.run([*CLI, "result", b"t-\xff"], env=fleet_env, capture_output=True, timeout=60)
+    assert other.returncode == 2 and b"turn_id" in other.stderr and b"Traceback" not in other.stderr
+
+
+async def test_same_turn_id_with_different_text_is_refused_and_the_first_turn_kept(fleet_env, redis):
+    base = ["enqueue", "--conversation", "c-1", "--customer", "C-100", "--turn-id", "t-1"]
+    assert tf(*base, "refund order 1042", env=fleet_env).stdout.strip() == "t-1"
+    assert tf(*base, "refund order 1042", env=fleet_env).stdout.strip() == "t-1"  # a retry: the same turn
+    other = tf(*base, "refund order 1047", env=fleet_env)
+    assert other.returncode == 2
+    assert one_line(other) == "turnfleet enqueue: turn_id: already used for a different request"
+    as_json = tf(*base, "--json", "refund order 1047", env=fleet_env)
+    assert as_json.returncode == 2 and as_json.stdout == ""
+    assert json.loads(as_json.stderr) == {
+        "error": "validation", "message": "turn_id: already used for a different request",
+        "errors": [{"field": "turn_id", "message": "already used for a different request"}]}
+    assert await redis.lrange(keys.conversation_turns("c-1"), 0, -1) == ["t-1"]
+    assert json.loads(await redis.hget(keys.turn("t-1"), "request"))["text"] == "refund order 1042"
+    taken = tf("enqueue", "--conversation", "c-1", "--customer", "C-200", "hi", env=fleet_env)
+    assert taken.returncode == 1 and "belongs to another customer" in one_line(taken)
+
+
+async def test_not_found_exits_1_and_json_errors_are_json(fleet_env, redis):
+    for verb, ident, what in (("result", "no-such-turn", "turn"), ("turn", "no-such-turn", "turn"),
+                              ("conversation", "no-such-conv", "conversation")):
+        plain = tf(verb, ident, env=fleet_env)
+        assert plain.returncode == 1, (verb, plain.stderr)
+        assert one_line(plain) == f"turnfleet {verb}: no {what} '{ident}'"
+        as_json = tf(verb, ident, "--json", env=fleet_env)
+        assert as_json.returncode == 1 and as_json.stdout == ""
+        assert json.loads(as_json.stderr) == {"error": "not_found", "message": f"no {what} '{ident}'"}
+    bad = tf("enqueue", "--json", "--conversation", "c 1", "--customer", "C-100", "", env=fleet_env)
+    assert bad.returncode == 2 and bad.stdout == ""
+    body = json.loads(bad.stderr)
+    assert body["error"] == "validation" and [e["field"] for e in body["errors"]] == ["conversation_id", "text"]
+    usage = tf("enqueue", "--json", "--conversation", "c-1", env=fleet_env)
+    assert usage.returncode == 2 and json.loads(usage.stderr)["error"] == "usage"
+    assert "--customer" in json.loads(usage.stderr)["message"]
+    assert await redis.dbsize() == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["alerts", "--new-only"], "--new-only: only with --follow"),
+    (["alerts", "--from-start"], "--from-start: only with --follow"),
+    (["alerts", "--cursor", "ops"], "--cursor: only with --follow"),
+    (["alerts", "--follow", "--new-only", "--from-start"], "contradict"),
+    (["alerts", "--follow", "--cursor", "../../etc/x"], "--cursor"),
+    (["demo", "--workers", "0"], "--workers: must be at least 1"),
+    (["demo", "--workers", "-3"], "--workers: must be at least 1"),
+    (["demo", "--workers", "two"], "invalid int value"),
+    (["result", "t-1", "--wait", "-1"], "--wait"),
+])
+async def test_flags_that_would_be_ignored_or_time_out_are_refused_in_one_line(fleet_env, redis, tmp_path, args, message):
+    proc = tf(*args, env=fleet_env, timeout=60)
+    assert proc.returncode == 2
+    assert message in one_line(proc)
+    assert await redis.dbsize() == 0
+    assert not (tmp_path / "state" / "alerts-default.cursor").exists()

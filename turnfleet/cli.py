@@ -1,9 +1,13 @@
 """The ``turnfleet`` command: run the fleet's processes and look into what they did.
 
 Every verb honours ``REDIS_URL``; without it, the embedded Redis is started (or the one
-another turnfleet command already runs is used). Bad input is one line on stderr and exit
-status 2, with nothing written to Redis. ``--json`` prints one JSON document (JSON lines
-with ``--follow``).
+another turnfleet command already runs is used). ``--json`` prints one JSON document (JSON
+lines with ``--follow``).
+
+Errors are one line on stderr — with ``--json``, one JSON document ``{"error": code,
+"message": ..., "errors": [{"field", "message"}]?}`` on stderr — and the exit status says
+what kind: 2 for usage and bad input (nothing written to Redis), 1 for a failed operation
+(not found, refused, Redis unreachable), 3 for ``result`` of a turn not finished yet.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -24,11 +28,40 @@ from turnfleet.embedded import redis_url_for
 from turnfleet.logging import configure_logging
 from turnfleet.settings import CommonSettings
 
-EXIT_USAGE = 2
+EXIT_FAILED = 1  # the operation failed: not found, refused, Redis unreachable
+EXIT_USAGE = 2  # usage and bad input: nothing was written
+EXIT_NOT_FINISHED = 3  # ``result``: the turn has not ended yet
 
 
 class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+    """A user-facing error: one line (or one JSON document with ``--json``) on stderr.
+
+    ``error`` is the code in the JSON form (the HTTP API's codes: ``usage``, ``validation``,
+    ``not_found``, ``conflict``, ``budget_exceeded``, ``redis_unreachable``); ``errors``
+    names each bad field; ``exit`` is the exit status.
+    """
+
+    def __init__(self, message: str, *, exit: int = EXIT_USAGE, error: str = "usage",
+                 errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.exit = exit
+        self.error = error
+        self.errors = errors
+
+
+def _not_found(what: str, ident: str) -> CliError:
+    return CliError(f"no {what} {ident!r}", exit=EXIT_FAILED, error="not_found")
+
+
+def _invalid(field: str, message: str) -> CliError:
+    return CliError(f"{field}: {message}", error="validation", errors=[{"field": field, "message": message}])
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a ``CliError`` (one line, or JSON with ``--json``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see {self.prog} --help)")
 
 
 def _meta(pairs: Sequence[str]) -> dict[str, str]:
@@ -86,11 +119,54 @@ def _check_enqueue(args: argparse.Namespace) -> None:
             {k: v for k, v in data.items() if v is not None}, context=ProducerSettings().limits()
         )
     except ValidationError as exc:
-        raise CliError(str(TurnValidationError(_field_errors(exc)))) from None
+        error = TurnValidationError(_field_errors(exc))
+        raise CliError(str(error), error="validation", errors=error.errors) from None
+
+
+_POSITIONALS = {"text", "turn_id", "conversation_id", "key"}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Input every verb can have wrong, refused before Redis is touched (or started)."""
+    from turnfleet.models import check_id, check_unicode
+
+    for dest, value in vars(args).items():  # invalid UTF-8 in argv arrives as lone surrogates
+        name = dest if dest in _POSITIONALS else "--" + dest.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    check_unicode(item)
+                except ValueError as exc:
+                    raise _invalid(name, str(exc)) from None
+    for dest in ("turn_id", "conversation_id"):
+        if args.verb in ("result", "turn", "conversation") and getattr(args, dest, None) is not None:
+            try:
+                check_id(getattr(args, dest))
+            except ValueError as exc:
+                raise _invalid(dest, str(exc)) from None
+    if args.verb == "result" and not (args.wait >= 0 and args.wait != float("inf")):
+        raise _invalid("--wait", f"must be a number of seconds, at least 0; got {args.wait}")
+    if args.verb == "demo" and args.workers < 1:
+        raise _invalid("--workers", f"must be at least 1; got {args.workers}")
+    if args.verb == "alerts":
+        if not args.follow:
+            given = [flag for flag, on in (("--new-only", args.new_only), ("--from-start", args.from_start),
+                                           ("--cursor", args.cursor is not None)) if on]
+            if given:
+                raise CliError(f"{', '.join(given)}: only with --follow (without it, the alerts are printed once)")
+        elif args.new_only and args.from_start:
+            raise CliError("--new-only and --from-start contradict each other: pass one of them")
+        if args.cursor is not None:
+            try:
+                check_id(args.cursor)  # it names a file in the state folder
+            except ValueError as exc:
+                raise _invalid("--cursor", str(exc)) from None
+        if args.limit < 1:
+            raise _invalid("--limit", f"must be at least 1; got {args.limit}")
 
 
 async def _enqueue(args: argparse.Namespace, url: str) -> int:
-    from producer import ConversationOwnershipError, Producer, TurnValidationError
+    from producer import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
 
     async with Producer(url) as producer:
         try:
@@ -103,8 +179,12 @@ async def _enqueue(args: argparse.Namespace, url: str) -> int:
                 agent=args.agent,
                 trace=False if args.no_trace else None,
             )
-        except (TurnValidationError, ConversationOwnershipError) as exc:
-            raise CliError(str(exc)) from None
+        except TurnValidationError as exc:  # TurnIdReused too: the id was used for other content
+            raise CliError(str(exc), error="validation", errors=exc.errors) from None
+        except ConversationOwnershipError as exc:
+            raise CliError(str(exc), exit=EXIT_FAILED, error="conflict") from None
+        except BudgetExceeded as exc:
+            raise CliError(str(exc), exit=EXIT_FAILED, error="budget_exceeded") from None
     if args.json:
         _print_json({"turn_id": turn_id})
     else:
@@ -125,7 +205,7 @@ async def _result(args: argparse.Namespace, url: str) -> int:
         else:
             result = await queue.get(args.turn_id)
         if result is None:
-            raise CliError(f"no turn {args.turn_id!r}")
+            raise _not_found("turn", args.turn_id)
         cost = await _turn_cost(redis, args.turn_id)
     finally:
         await redis.aclose()
@@ -133,7 +213,7 @@ async def _result(args: argparse.Namespace, url: str) -> int:
         _print_json({**result.model_dump(mode="json"), "cost_usd": cost})
     else:
         console().print(render_turn(result, cost=cost))
-    return 0 if result.done else 3
+    return 0 if result.done else EXIT_NOT_FINISHED
 
 
 async def _turn_cost(redis: Any, turn_id: str) -> float | None:
@@ -162,7 +242,7 @@ async def _conversation(args: argparse.Namespace, url: str) -> int:
         if trace_redis is not None:
             await trace_redis.aclose()
     if replay is None:
-        raise CliError(f"no conversation {args.conversation_id!r}")
+        raise _not_found("conversation", args.conversation_id)
     if args.json:
         _print_json(replay)
     else:
@@ -183,7 +263,7 @@ async def _turn(args: argparse.Namespace, url: str) -> int:
         if trace_redis is not None:
             await trace_redis.aclose()
     if replay is None:
-        raise CliError(f"no turn {args.turn_id!r}")
+        raise _not_found("turn", args.turn_id)
     if args.json:
         _print_json(replay)
     else:
@@ -260,7 +340,7 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
             else:
                 console().print(render_alerts(alerts))
             return 0
-        cursor = CommonSettings().state_dir / f"alerts-{args.cursor}.cursor"
+        cursor = CommonSettings().state_dir / f"alerts-{args.cursor or 'default'}.cursor"
         if args.new_only:
             tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
             last = tail[0][0] if tail else "0-0"
@@ -392,7 +472,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="turnfleet",
         description="Run OpenAI Agents SDK support agents as a fleet on Redis, and see what they did.",
     )
@@ -451,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--follow", action="store_true", help="keep printing new alerts")
     a.add_argument("--new-only", action="store_true", help="with --follow: skip the backlog")
     a.add_argument("--from-start", action="store_true", help="with --follow: ignore the saved cursor")
-    a.add_argument("--cursor", default="default", metavar="NAME",
+    a.add_argument("--cursor", metavar="NAME",
                    help="with --follow: resume where the follower of this name left off (default 'default')")
     a.add_argument("--limit", type=int, default=100)
     a.add_argument("--json", action="store_true")
@@ -502,8 +582,24 @@ LOCAL_VERBS = {"apikey": cmd_apikey}  # need no Redis
 LOCAL_VERBS["health"] = cmd_health  # reads REDIS_URL itself: a probe never starts a Redis
 
 
+def _fail(exc: CliError, where: str, as_json: bool) -> int:
+    """Print the error as one line (or one JSON document) on stderr; its exit status."""
+    if as_json:
+        body: dict[str, Any] = {"error": exc.error, "message": str(exc)}
+        if exc.errors:
+            body["errors"] = [{"field": e["field"], "message": e["message"]} for e in exc.errors]
+        print(json.dumps(body), file=sys.stderr)  # ASCII: safe whatever the input was
+    else:
+        print(f"{where}: {exc}", file=sys.stderr)
+    return exc.exit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        return _fail(exc, "turnfleet", "--json" in argv)
     common = CommonSettings()
     quiet = args.verb not in ("worker", "telemetry", "serve")
     from turnfleet.redaction import Redactor
@@ -519,19 +615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return LOCAL_VERBS[args.verb](args)
         if args.verb == "enqueue":
             _check_enqueue(args)  # reject bad input before touching (or starting) Redis
+        _check_args(args)
         with redis_url_for(common.redis_url, common.state_dir) as url:
             os.environ["REDIS_URL"] = url  # processes this one starts use the same server
             if args.verb in PROCESS_VERBS:
                 return PROCESS_VERBS[args.verb](args, url)
             return asyncio.run(ASYNC_VERBS[args.verb](args, url))
     except CliError as exc:
-        print(f"turnfleet {args.verb}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(exc, f"turnfleet {args.verb}", getattr(args, "json", False))
     except KeyboardInterrupt:
         return 130
     except (RedisConnectionError, ConnectionError) as exc:
-        print(f"turnfleet {args.verb}: cannot reach Redis: {exc}", file=sys.stderr)
-        return 1
+        unreachable = CliError(f"cannot reach Redis: {exc}", exit=EXIT_FAILED, error="redis_unreachable")
+        return _fail(unreachable, f"turnfleet {args.verb}", getattr(args, "json", False))
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ def check_unicode(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        bad = value[exc.start]
-        raise ValueError(
-            f"is not valid UTF-8 text: {ascii(bad)} at character {exc.start} is a lone surrogate"
-        ) from None
+        bad = ord(value[exc.start])
+        what = (f"the byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF  # undecodable argv byte
+                else f"a lone surrogate (U+{bad:04X})")
+        raise ValueError(f"is not valid UTF-8 text: character {exc.start} is {what}") from None
     return value
 
 
