@@ -17,7 +17,7 @@ is returned, nothing is enqueued, also long after the result was written); the s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -113,8 +113,10 @@ class EnqueueResult:
 
     @classmethod
     def accepted(cls, index: int, req: TurnRequest, created: bool, status: str | None = None) -> EnqueueResult:
+        """``created``: enqueued by this call; else the known turn, in its current ``status``."""
+        turn_status = "queued" if created or status is None else status
         return cls(index, "enqueued" if created else "existing", req.turn_id, req.conversation_id,
-                   (status or "queued") if not created else "queued")  # type: ignore[arg-type]
+                   turn_status)  # type: ignore[arg-type]
 
     @classmethod
     def invalid(cls, index: int, errors: list[dict[str, Any]]) -> EnqueueResult:
@@ -341,7 +343,7 @@ class Producer:
         return [r.turn_id for r in reqs]
 
     async def submit(
-        self, reqs: Sequence[tuple[int, TurnRequest]], may: Any = None
+        self, reqs: Sequence[tuple[int, TurnRequest]], may: Callable[[str], bool] | None = None
     ) -> list[EnqueueResult]:
         """Write validated turns (``(index, request)`` pairs), each judged on its own; one
         ``EnqueueResult`` per pair, in order. ``may(customer_id)``, if given, says whether the
@@ -354,32 +356,34 @@ class Producer:
                                            message=f"this API key may not act for customer {req.customer_id!r}")
             else:
                 allowed.append((i, req))
+        # Budgets first (no round trip for customers without a limit). A turn of an over-budget
+        # customer may still be a repeat of a known turn, which is answered as such.
         over: dict[str, BudgetExceeded | None] = {}
         fresh: list[tuple[int, TurnRequest]] = []
-        for (i, req), (found, status) in zip(allowed, await self.known([r.turn_id for _, r in allowed])):
-            if found is not None:
-                results[i] = self._repeat(i, req, found, status)
-                continue
+        held: list[tuple[int, TurnRequest]] = []
+        for i, req in allowed:
             if req.customer_id not in over:
                 try:
                     await self.check_budget(req.customer_id)
                     over[req.customer_id] = None
                 except BudgetExceeded as exc:
                     over[req.customer_id] = exc
+            (held if over[req.customer_id] is not None else fresh).append((i, req))
+        for (i, req), (found, status) in zip(held, await self.known([r.turn_id for _, r in held])):
             exceeded = over[req.customer_id]
-            if exceeded is not None:
-                results[i] = EnqueueResult.over_budget(i, req, exceeded)
-                continue
-            fresh.append((i, req))
-        raced = []
+            assert exceeded is not None
+            results[i] = (self._repeat(i, req, found, status) if found is not None
+                          else EnqueueResult.over_budget(i, req, exceeded))
+        # The enqueue script refuses known ids atomically (0): only those are read back.
+        repeats = []
         for (i, req), outcome in zip(fresh, await self.queue.enqueue_many([r for _, r in fresh])):
             if outcome == 1:
                 results[i] = EnqueueResult.accepted(i, req, True)
             elif outcome < 0:
                 results[i] = EnqueueResult.conflict(i, req)
-            else:  # known by now: a concurrent request, or the same id earlier in this batch
-                raced.append((i, req))
-        for (i, req), (found, status) in zip(raced, await self.known([r.turn_id for _, r in raced])):
+            else:  # known: a retry, a concurrent request, or the same id earlier in this batch
+                repeats.append((i, req))
+        for (i, req), (found, status) in zip(repeats, await self.known([r.turn_id for _, r in repeats])):
             results[i] = self._repeat(i, req, found, status)
         return [results[i] for i, _ in reqs]
 

@@ -238,3 +238,15 @@ async def test_cli_subprocess_refuses_newline_and_lookalike_ids(fleet_env, redis
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr
     assert await redis.dbsize() == 0
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--name", "svc", "--customer", "C-100\n"], "--customer"),
+    (["--name", "svc", "--customer", "\u0421-100"], "--customer"),
+    (["--name", "svc\nx", "--operator"], "--name"),
+    (["--name", "svc\x1b[31m", "--operator"], "--name"),
+])
+def test_apikey_new_refuses_newline_and_lookalike_customers_and_names(args, flag):
+    code, out, err = _cli(["apikey", "new", *args])
+    assert code == 2 and out == ""
+    assert err.startswith(f"turnfleet apikey: {flag}: ") and len(err.strip().splitlines()) == 1, err

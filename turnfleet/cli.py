@@ -444,15 +444,16 @@ def cmd_apikey(args: argparse.Namespace) -> int:
             raise CliError("no key given")
         print(hash_key(key))
         return 0
-    name = args.name.strip()
-    if not name:
-        raise CliError("--name must not be empty")
+    try:
+        name = check_id(args.name.strip())  # it is shown in every log line of the key's requests
+    except ValueError as exc:
+        raise _invalid("--name", str(exc)) from None
     customers: list[str] = ["*"] if args.operator else []
     for customer in args.customer or []:
         try:
             check_id(customer)
         except ValueError as exc:
-            raise CliError(f"--customer {exc}") from None
+            raise _invalid("--customer", str(exc)) from None
         if customer not in customers:
             customers.append(customer)
     key = new_key()
