@@ -191,8 +191,11 @@ async def test_text_that_is_not_utf8_is_one_line_naming_the_field_and_nothing_is
         assert line.startswith(f"turnfleet enqueue: {field}: "), line
         assert "UTF-8" in line or "characters outside" in line, line  # text / an id's grammar
     assert await redis.dbsize() == 0
-    other = subprocess.run([*CLI, "result", b"t-\xff"], env=fleet_env, capture_output=True, timeout=60)
-    assert other.returncode == 2 and b"turn_id" in other.stderr and b"Traceback" not in other.stderr
+    for argv, field in (([b"result", b"t-\xff"], b"turn_id"), ([b"apikey", b"hash", b"\xff"], b"key"),
+                        ([b"find", b"--customer", b"\xff"], b"--customer")):
+        other = subprocess.run([*CLI, *argv], env=fleet_env, capture_output=True, timeout=60)
+        assert other.returncode == 2 and field + b": " in other.stderr, other.stderr
+        assert b"Traceback" not in other.stderr and other.stdout == b""
 
 
 async def test_same_turn_id_with_different_text_is_refused_and_the_first_turn_kept(fleet_env, redis):

@@ -612,11 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_processors=[Redactor.from_settings(common).structlog_processor()],
     )
     try:
-        if args.verb in LOCAL_VERBS:
-            return LOCAL_VERBS[args.verb](args)
         if args.verb == "enqueue":
             _check_enqueue(args)  # reject bad input before touching (or starting) Redis
         _check_args(args)
+        if args.verb in LOCAL_VERBS:
+            return LOCAL_VERBS[args.verb](args)
         with redis_url_for(common.redis_url, common.state_dir) as url:
             os.environ["REDIS_URL"] = url  # processes this one starts use the same server
             if args.verb in PROCESS_VERBS:
