@@ -164,7 +164,7 @@ def _hostile_case(draw: st.DrawFn, operation: schemathesis.APIOperation) -> sche
         target = body["turns"][draw(st.integers(0, len(body["turns"]) - 1))]
     else:
         target = body
-    field = draw(st.sampled_from(["conversation_id", "customer_id", "text", "turn_id", "agent",
+    field = draw(st.sampled_from(["conversation_id", "customer_id", "text", "turn_id", "agent", "trace",
                                   "metadata", "metadata-key", "unknown-field"]))
     value = draw(HOSTILE_VALUES)
     if field == "metadata":

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import string
 import subprocess
 import sys
 
 import httpx
 import pytest
+import structlog
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis import Redis as SyncRedis
@@ -202,9 +204,18 @@ def test_http_newline_ids_never_make_a_location_header_or_a_second_customer(serv
 
 
 def _cli(argv: list[str]) -> tuple[int, str, str]:
+    """``turnfleet ARGV`` in this process; the logging it configures is put back afterwards,
+    so later tests do not log through a filter or into this call's captured stderr."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        structlog.configure(**structlog_config)
+        root.handlers[:], root.level = handlers, level
     return code, out.getvalue(), err.getvalue()
 
 
