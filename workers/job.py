@@ -27,6 +27,11 @@ are left alone.
 drain grace are cancelled: each records a ``WorkerStopped`` attempt error (with what it had
 spent) and re-raises, and arq puts the job back for another worker.
 
+**Guardrails.** A tripwire is an outcome, not a failure: the turn completes with the reply
+the workflow defines for that guardrail (``desk.guardrail_reply``), a ``guardrail`` event is
+recorded, and the run's memory is not written (the refused message must not steer later
+turns). It feeds no error rate and raises no alert.
+
 **Undecodable jobs.** ``record_undecodable`` is what a payload ``deserialize_job`` could not
 decode runs: it ends the turn ``failed`` (``UndecodableJob``) and wakes its conversation.
 """

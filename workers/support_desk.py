@@ -107,6 +107,10 @@ GUARDRAIL_REPLIES = {
     ),
 }
 """The safe reply a turn completes with when a guardrail's tripwire fires, per guardrail."""
+DEFAULT_GUARDRAIL_REPLY = (
+    "I'm sorry, I can't help with that request. I can check on an order, help with a refund, or "
+    "connect you with a person."
+)
 
 
 def _latest_user_text(items: str | list[Any]) -> str:
@@ -146,7 +150,7 @@ class SupportDesk:
 
     def guardrail_reply(self, guardrail: str) -> str:
         """The reply a turn completes with when ``guardrail`` tripped."""
-        return self.guardrail_replies.get(guardrail) or GUARDRAIL_REPLIES[PROMPT_INJECTION]
+        return self.guardrail_replies.get(guardrail) or DEFAULT_GUARDRAIL_REPLY
 
     def starting_agent(self, name: str | None) -> Agent[TurnContext]:
         """The agent a turn starts at: the conversation's current agent, else Triage."""
