@@ -38,7 +38,8 @@ retrying —, ``conversation_id``, ``customer_id``, ``attempts``, ``agents`` (li
 path of the last finished attempt), ``model``, ``models`` (list), ``duration_ms``,
 ``queue_wait_ms``, ``model_ms``, ``tool_ms``, ``other_ms`` (the finishing attempt's time in
 model calls, in tool calls, and the rest of ``duration_ms``, at least 0), ``error_type``,
-``error_message`` (latest failed attempt; a turn may have completed after it),
+``error_message`` (latest failed attempt; a turn may have completed after it), ``guardrail``
+(the guardrail whose tripwire fired, the turn completing with the safe reply),
 ``finished_at``); ``conversation_id`` and ``customer_id``;
 ``customer_id`` (and ``day`` for a customer-day); ``model``. ``totals`` adds
 ``telemetry_malformed`` (stream entries that could not be read). ``stats`` rows add

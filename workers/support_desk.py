@@ -69,7 +69,8 @@ For a refund request:
    eligible amount it returned (e.g. "89.00"). Then confirm the amount and the refund id, and
    say it reaches the original payment method within 5-10 business days.
 3. If it is not eligible, do not call process_refund: explain the reason the tool gave and
-   offer to connect the customer with a person.
+   offer to connect the customer with a person. If it says the order was already refunded,
+   tell the customer when, how much and the refund id it returns: an order is refunded once.
 You may use lookup_order to answer questions about an order's status.
 If the customer asks about something else (greetings, unrelated questions), hand off back to
 Triage.
