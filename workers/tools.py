@@ -242,7 +242,8 @@ async def process_refund(ctx: RunContextWrapper[TurnContext], order_id: str, amo
         "conversation_id": turn.conversation_id,
         "turn_id": turn.turn_id,
         "attempt": turn.attempt,
-        "refunded_at": utcnow().isoformat(),
+        # Whole seconds: a fixed length, so an answer quoting it has a fixed token count.
+        "refunded_at": utcnow().isoformat(timespec="seconds"),
     }
     entry = {
         name: str(record[name])
@@ -274,7 +275,6 @@ async def process_refund(ctx: RunContextWrapper[TurnContext], order_id: str, amo
             "order_id": stored["order_id"],
             "amount": stored["amount"],
             "currency": stored["currency"],
-            "refunded_at": stored["refunded_at"],
             "replayed": not created,
         }
     )
