@@ -15,7 +15,10 @@ What is counted, and where (field names are documented in :mod:`telemetry.query`
 - tokens of an attempt that failed (``attempt_failed`` / ``turn_failed`` in its batch) count
   like any other and are also added to ``failed_attempt_tokens`` / ``failed_attempt_cost_nusd``;
 - turns, failed attempts, latency (``turn_completed`` / ``turn_failed`` duration), calls,
-  tool errors and handoffs.
+  tool errors (``tool_end`` events carrying an error: a tool that raised, see
+  ``turnfleet.tool_errors``; a business answer such as "not eligible" is none), handoffs and
+  guardrails tripped (``guardrail`` events: a tripwire is an outcome of a completed turn,
+  never a failure, so it feeds no error rate).
 
 Each counted event updates the hashes of its turn, conversation, customer, customer-day
 (UTC date of the event) and the fleet (``GLOBAL_KEY``); an ``llm_end`` also its model's
@@ -59,8 +62,8 @@ Latency breakdown, from every event (not sampled), under the same dedupe:
 Search indexes for ``turnfleet find`` (idempotent ``ZADD GT``, applied on every delivery):
 ``keys.facet_conversations(facet, value)`` lists the conversations per tool called
 (``tool_end``), agent run (``agent_start``) and error type (``attempt_failed`` /
-``turn_failed`` error type, ``ToolError`` for a tool error), scored by the latest such event
-ms; ``keys.conversation_facets`` is the reverse, per conversation. The conversation hash keeps
+``turn_failed`` error type, ``ToolError`` for a tool error) and guardrail tripped (``guardrail``
+events, by guardrail name), scored by the latest such event ms; ``keys.conversation_facets`` is the reverse, per conversation. The conversation hash keeps
 ``first_event_ms`` / ``last_event_ms``.
 """
 
@@ -79,6 +82,7 @@ from redis.asyncio import Redis
 
 from telemetry.pricing import PriceTable
 from turnfleet import keys
+from turnfleet import tool_errors
 from turnfleet.models import EventKind, TelemetryEvent, TokenUsage
 from turnfleet.settings import TelemetrySettings
 
@@ -100,7 +104,7 @@ CALL_METRIC = "call"  # one model or tool call's ms (dimensions model, agent, to
 HISTOGRAM_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                        120000)  # upper bounds (ms) of the turn latency / queue wait buckets
 HISTOGRAM_INF = "le_inf"  # the bucket above the last bound
-TOOL_ERROR = "ToolError"  # the error facet of a tool_end that carries an error
+TOOL_ERROR = tool_errors.TOOL_ERROR  # the error facet of a tool_end that carries an error
 MODEL_ERRORS = "errors"  # model hash: failed attempts (terminal or not) of turns on the model
 MODEL_ERRORS_BY_TYPE = "errors:"  # model hash field prefix: those failures by error type
 CUSTOMER_MODEL_COST = "model_cost_nusd:"  # customer-day field prefix: known cost per model
@@ -137,6 +141,7 @@ INT_COUNTERS = (
     "tool_calls",
     "tool_errors",
     "handoffs",
+    "guardrails_tripped",
     "turns_completed",
     "turns_failed",
     "attempts_failed",
@@ -152,7 +157,8 @@ FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
 _COUNTED_KINDS = frozenset({EventKind.llm_end, EventKind.tool_end, EventKind.handoff,
-                            EventKind.attempt_failed, EventKind.spans_dropped, *_TERMINAL_KINDS})
+                            EventKind.guardrail, EventKind.attempt_failed,
+                            EventKind.spans_dropped, *_TERMINAL_KINDS})
 _EVENTS = TypeAdapter(list[TelemetryEvent])
 
 # KEYS: every key the entry touches. ARGV[1]: the plan as JSON:
@@ -548,6 +554,9 @@ class Aggregator:
                 self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
         elif kind == EventKind.handoff:
             plan.op("i", every, "handoffs", 1)
+        elif kind == EventKind.guardrail:
+            plan.op("i", every, "guardrails_tripped", 1)
+            plan.op("s", [turn], "guardrail", str(ev.detail.get("guardrail") or "guardrail"))
         elif kind == EventKind.spans_dropped:
             plan.op("i", every, "spans_dropped", int(ev.detail.get("count", 0)))
         elif kind == EventKind.attempt_failed:
@@ -647,7 +656,8 @@ class Aggregator:
 
     @staticmethod
     def _plan_facets(plan: _Plan, ev: TelemetryEvent) -> None:
-        """What ``turnfleet find`` searches by: tools called, agents run, error types."""
+        """What ``turnfleet find`` searches by: tools called, agents run, error types,
+        guardrails tripped."""
         facets: list[tuple[str, str]] = []
         if ev.kind == EventKind.agent_start and ev.agent:
             facets.append(("agent", ev.agent))
@@ -658,6 +668,8 @@ class Aggregator:
                 facets.append(("error", TOOL_ERROR))
         elif ev.kind in _FAILED_KINDS and ev.error is not None:
             facets.append(("error", ev.error.type))
+        elif ev.kind == EventKind.guardrail:
+            facets.append(("guardrail", str(ev.detail.get("guardrail") or "guardrail")))
         ts_ms = _ms(ev.ts)
         for facet, value in facets:
             plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)

@@ -138,6 +138,7 @@ async def find(
     tool: str | None = None,
     agent: str | None = None,
     error: str | None = None,
+    guardrail: str | None = None,
     since: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     until: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     min_cost: Annotated[float | None, Query(ge=0, le=1e9, allow_inf_nan=False)] = None,
@@ -146,7 +147,7 @@ async def find(
     """Conversations matching every filter, most recent last event first (``turnfleet find
     --json``). A customer key searches its customers (all of them without ``customer``)."""
     return JSONResponse(await find_visible(
-        redis, who, customer=customer, tool=tool, agent=agent, error=error,
+        redis, who, customer=customer, tool=tool, agent=agent, error=error, guardrail=guardrail,
         since=_time_param("since", since), until=_time_param("until", until),
         min_cost_usd=min_cost, limit=limit,
     ))

@@ -18,7 +18,8 @@ turnfleet_turns_completed_total                                 turns that ended
 turnfleet_turns_failed_total                                    turns that ended failed (terminal)
 turnfleet_attempts_failed_total                                 attempts that failed and were retried
 turnfleet_tool_calls_total                                      tool calls
-turnfleet_tool_errors_total                                     tool calls that returned an error
+turnfleet_tool_errors_total                                     tool calls whose tool raised (turnfleet.tool_errors)
+turnfleet_guardrails_tripped_total                              guardrail tripwires (turns completed with the safe reply)
 turnfleet_spans_dropped_total                                   trace spans a worker could not keep
 turnfleet_telemetry_malformed_total                             telemetry entries that could not be read
 turnfleet_telemetry_dead_lettered_total                         entries moved to the dead-letter stream
@@ -194,7 +195,9 @@ class FleetCollector(Collector):
             ("turns_failed", "turns_failed", "Turns that ended failed (terminal)."),
             ("attempts_failed", "attempts_failed", "Attempts that failed and were retried."),
             ("tool_calls", "tool_calls", "Tool calls."),
-            ("tool_errors", "tool_errors", "Tool calls that returned an error."),
+            ("tool_errors", "tool_errors", "Tool calls whose tool raised an exception."),
+            ("guardrails_tripped", "guardrails_tripped",
+             "Guardrail tripwires (the turn completed with the workflow's safe reply)."),
             ("spans_dropped", "spans_dropped", "Trace spans a worker could not keep."),
         ):
             yield _counter(f"turnfleet_{name}", text, s.fleet[key])

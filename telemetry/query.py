@@ -14,8 +14,10 @@ output_tokens             int    output tokens, reasoning ones included
 reasoning_tokens          int    output tokens spent reasoning
 total_tokens              int    input_tokens + output_tokens
 llm_calls                 int    ``llm_end`` events
-tool_calls / tool_errors  int    ``tool_end`` events / those carrying an error
+tool_calls / tool_errors  int    ``tool_end`` events / those carrying a tool error (a tool
+                                 that raised; business answers are not errors)
 handoffs                  int    agent handoffs
+guardrails_tripped        int    guardrail tripwires (the turn completed with the safe reply)
 turns_completed           int    turns that ended completed
 turns_failed              int    turns that ended failed (terminal)
 attempts_failed           int    attempts that failed and were retried
@@ -36,7 +38,8 @@ retrying —, ``conversation_id``, ``customer_id``, ``attempts``, ``agents`` (li
 path of the last finished attempt), ``model``, ``models`` (list), ``duration_ms``,
 ``queue_wait_ms``, ``model_ms``, ``tool_ms``, ``other_ms`` (the finishing attempt's time in
 model calls, in tool calls, and the rest of ``duration_ms``, at least 0), ``error_type``,
-``error_message`` (latest failed attempt; a turn may have completed after it),
+``error_message`` (latest failed attempt; a turn may have completed after it), ``guardrail``
+(the guardrail whose tripwire fired, the turn completing with the safe reply),
 ``finished_at``); ``conversation_id`` and ``customer_id``;
 ``customer_id`` (and ``day`` for a customer-day); ``model``. ``totals`` adds
 ``telemetry_malformed`` (stream entries that could not be read). ``stats`` rows add
@@ -115,6 +118,7 @@ def counters(raw: dict[str, str]) -> dict[str, Any]:
         "tool_calls": n["tool_calls"],
         "tool_errors": n["tool_errors"],
         "handoffs": n["handoffs"],
+        "guardrails_tripped": n["guardrails_tripped"],
         "spans_dropped": n["spans_dropped"],
         "turns_completed": n["turns_completed"],
         "turns_failed": n["turns_failed"],
@@ -155,6 +159,7 @@ async def turn_stats(redis: Redis, turn_id: str) -> dict[str, Any]:
         "other_ms": _float(raw.get("other_ms")),
         "error_type": raw.get("error_type"),
         "error_message": raw.get("error_message"),
+        "guardrail": raw.get("guardrail"),
         "finished_at": raw.get("finished_at"),
         **counters(raw),
     }
@@ -381,6 +386,7 @@ async def find_conversations(
     tool: str | None = None,
     agent: str | None = None,
     error: str | None = None,
+    guardrail: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     min_cost_usd: float | None = None,
@@ -391,12 +397,13 @@ async def find_conversations(
     - ``customer``: the customer's conversations (the producer's
       ``keys.customer_conversations``); ``tool`` / ``agent`` / ``error``: conversations that
       called that tool, ran that agent, or had that error type (a failed attempt's or
-      turn's error type; ``ToolError`` for a tool call that errored);
+      turn's error type; ``ToolError`` for a tool call that errored); ``guardrail``: that had
+      that guardrail's tripwire fire (e.g. ``prompt_injection``);
     - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
     - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
 
-    Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors`` (sorted
-    lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors``,
+    ``guardrails`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
     ``None`` for conversations aggregated before it was recorded).
 
     How: Redis does the set algebra. The filter zsets and the conversation index (score: last
@@ -413,7 +420,8 @@ async def find_conversations(
         return []
     filters = [keys.customer_conversations(customer)] if customer else []
     filters += [keys.facet_conversations(facet, value)
-                for facet, value in (("tool", tool), ("agent", agent), ("error", error))
+                for facet, value in (("tool", tool), ("agent", agent), ("error", error),
+                                     ("guardrail", guardrail))
                 if value]
     index = keys.aggregate_index("conversation")
     hi = str(_ms_of(until)) if until else "+inf"
@@ -477,6 +485,7 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[
             "tools": sorted(by_facet["tool"]),
             "agents": sorted(by_facet["agent"]),
             "errors": sorted(by_facet["error"]),
+            "guardrails": sorted(by_facet["guardrail"]),
             "first_event_at": _iso(raw.get("first_event_ms")),
             "last_event_at": _iso(last_ms),
         })

@@ -13,6 +13,13 @@ Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|
 for a node rebuilt from events the hook event's time (minus the call's duration for model and
 tool calls): with ``duration_ms`` it places the node on the attempt's timeline, which runs from
 the attempt's ``started_at`` to its ``ended_at``.
+
+A tool node's ``detail.outcome`` names what its answer means when that is not plain success:
+``"tool error"`` (the tool raised, ``turnfleet.tool_errors``; the node's ``error`` is set too),
+``"already refunded"`` (the order was refunded before, by another turn: an answer, not an
+error), ``"ticket already open"``, ``"replayed"`` (a retried attempt got its own earlier
+result). A tripped guardrail is a ``guardrail`` node (``detail.triggered``), and the
+attempt's ``guardrail`` names it: the turn completed with the workflow's safe reply.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from redis.asyncio import Redis
 from telemetry.query import conversation_stats, turn_stats
 from turnfleet import keys
 from turnfleet.queue import TurnQueue
+from turnfleet.tool_errors import tool_outcome
 
 SDK_WRAPPER_SPANS = ("task", "turn")  # the SDK's own grouping spans, folded into their parent
 
@@ -103,7 +111,8 @@ def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]
                          decision=decision)
         elif kind == "function":
             node = _node("tool", data.get("name", "?"), duration, error,
-                         arguments=data.get("input"), result=data.get("output"))
+                         arguments=data.get("input"), result=data.get("output"),
+                         outcome=tool_outcome(data.get("output")))
         elif kind == "handoff":
             node = _node("handoff", f"{data.get('from_agent')} → {data.get('to_agent')}", duration, error,
                          from_agent=data.get("from_agent"), to_agent=data.get("to_agent"))
@@ -132,6 +141,12 @@ def tree_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             current = _node("agent", e.get("agent") or "?", started_at=e.get("ts"))
             roots.append(current)
             continue
+        if kind == "guardrail":
+            # An input guardrail trips before any agent starts: a node of its own.
+            node = _node("guardrail", detail.get("guardrail") or "guardrail", None, None,
+                         e.get("ts"), triggered=detail.get("triggered", True))
+            (current["children"] if current is not None else roots).append(node)
+            continue
         if current is None:
             continue
         error = (e.get("error") or {}).get("message") if e.get("error") else None
@@ -146,6 +161,7 @@ def tree_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             current["children"].append(_node(
                 "tool", e.get("tool") or "?", e.get("duration_ms"), error,
                 _started(e), arguments=detail.get("arguments"), result=detail.get("result"),
+                outcome="tool error" if e.get("error") else tool_outcome(detail.get("result")),
             ))
         elif kind == "handoff":
             current["children"].append(_node(
@@ -203,6 +219,9 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
                          tree=tree_from_events(events))
         if terminal and terminal[-1].get("error"):
             entry["error"] = terminal[-1]["error"]
+        tripped = [e for e in events if e.get("kind") == "guardrail"]
+        if tripped:
+            entry["guardrail"] = (tripped[-1].get("detail") or {}).get("guardrail")
         attempts.append(entry)
     return {
         "turn": result.model_dump(mode="json"),

@@ -6,12 +6,15 @@ idempotent), the conversation's records, memory, aggregates and search-index ent
 ``trace_retention_s``. With ``TURNFLEET_RETENTION_S`` set, the telemetry consumer purges, every
 ``PURGE_EVERY_S``, each conversation whose last telemetry is older than that and which has no
 turn queued or running: one Lua call per conversation deletes its turns (record, errors,
-trace, events, dedupe set, per-turn aggregate, escalation ticket) and its own keys, and takes
-it out of every index. Steady-state memory is then about turns/s × retention × bytes/turn.
+trace, events, dedupe set, per-turn aggregate) and its own keys (escalation ticket included),
+and takes it out of every index. Steady-state memory is then about turns/s × retention ×
+bytes/turn.
 
 What stays: fleet, customer, model and per-day aggregates (bounded by subjects, not by
-turns), the refund ledger (a business record) and the per-turn refund keys (named by order
-id, which the purge does not know; small). Once a conversation is purged, its turn ids are
+turns), and the financial ledger (``keys.LEDGER_PREFIX``): the refund ledger stream and the
+per-order refund records (``keys.order_refund``). Those are never purged — ``purge_plan``
+refuses to name one — so an order refunded in a forgotten conversation stays refunded and
+can never be refunded again through forgetting. Once a conversation is purged, its turn ids are
 unknown again: an enqueue with an old turn id creates a new turn. ``retention_s`` must be at
 least ``seen_ttl_s``, so that no telemetry entry can be redelivered after its turn's dedupe
 set is gone (it would be counted twice in the fleet totals).
@@ -68,14 +71,14 @@ def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
     zrem: list[str] = []
     for t in turns:
         doomed += [keys.turn(t), keys.turn_errors(t), keys.trace(t), keys.turn_events(t),
-                   keys.event_seen(t), keys.aggregate("turn", t), keys.escalation(t),
+                   keys.event_seen(t), keys.aggregate("turn", t),
                    keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
         zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t]
     sid = keys.session_id(conversation_id)
     doomed += [keys.conversation_active(conversation_id), keys.conversation_state(conversation_id),
                keys.conversation_turns(conversation_id), keys.conversation_facets(conversation_id),
                keys.aggregate("conversation", conversation_id), keys.session_messages(conversation_id),
-               f"{keys.SESSION_PREFIX}:{sid}"]
+               f"{keys.SESSION_PREFIX}:{sid}", keys.conversation_escalation(conversation_id)]
     zrem += [keys.CONVERSATIONS, conversation_id]
     if customer_id:
         zrem += [keys.customer_conversations(customer_id), conversation_id]
@@ -83,6 +86,9 @@ def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
         facet, _, value = fv.partition(":")
         if facet in keys.FACETS:
             zrem += [keys.facet_conversations(facet, value), conversation_id]
+    ledger = [k for k in doomed if k.startswith(keys.LEDGER_PREFIX)]
+    if ledger:  # an id that makes a key of the ledger: never delete a financial record
+        raise ValueError(f"purge of {conversation_id!r} would delete ledger keys {ledger}")
     return doomed, zrem
 
 

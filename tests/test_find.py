@@ -97,6 +97,7 @@ async def test_a_row_is_the_conversation_stats_plus_what_it_did_and_when(
         "tools": ["lookup_order", "process_refund"],
         "agents": ["Billing", "Triage"],
         "errors": [],
+        "guardrails": [],
         "first_event_at": iso(min(e.ts for e in events)),
         "last_event_at": iso(max(e.ts for e in events)),
     }

@@ -82,16 +82,17 @@ SECRETS = {
     "key": "sk-proj-Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh9Jk",
 }
 BUSINESS_PREFIXES = (
-    keys.ARQ_JOB_PREFIX, keys.SESSION_PREFIX, "tf:turn:", "tf:escalation:", "tf:refund:",
-    keys.REFUND_LEDGER, keys.RESULTS_STREAM,
+    keys.ARQ_JOB_PREFIX, keys.SESSION_PREFIX, "tf:turn:", keys.LEDGER_PREFIX, keys.ORDERS,
+    keys.RESULTS_STREAM,
 )
+BUSINESS_SUFFIXES = (keys.conversation_escalation("").rsplit("}", 1)[1],)  # the ticket
 
 
 async def dump_telemetry_keys(redis) -> dict[str, str]:
     """Every key except business data (jobs, memory, results, the ticket/ledger), as text."""
     out = {}
     async for key in redis.scan_iter(count=1000):
-        if key.startswith(BUSINESS_PREFIXES):
+        if key.startswith(BUSINESS_PREFIXES) or key.endswith(BUSINESS_SUFFIXES):
             continue
         kind = await redis.type(key)
         if kind == "string":
@@ -201,9 +202,10 @@ async def test_spans_that_cannot_be_stored_are_counted(producer, redis, fleet_en
     assert "trace.dropped" in worker.output()
     run_burst("telemetry", fleet_env, tmp_path)
     stats = await conversation_stats(redis, "conv-d")
-    # task, 2 agents, 3 turn spans, 3 generations, 1 handoff, 1 function: 11 spans.
-    assert stats["spans_dropped"] == 11
-    assert (await totals(redis))["spans_dropped"] == 11
+    # task, 2 agents, 3 turn spans, 3 generations, 1 handoff, 1 function, 1 guardrail (the
+    # desk's prompt_injection check, not tripped): 12 spans.
+    assert stats["spans_dropped"] == 12
+    assert (await totals(redis))["spans_dropped"] == 12
 
 
 async def test_a_worker_exports_its_kept_spans_over_otlp(producer, redis, fleet_env, tmp_path):

@@ -229,14 +229,14 @@ def desk():
     return build_support_desk(OfflineModel())
 
 
-def turn_context(turn_id: str = "t-1", customer_id: str = "C-100") -> TurnContext:
-    # These runs call no tool that touches Redis; the client never connects.
+def turn_context(turn_id: str = "t-1", customer_id: str = "C-100", redis=None) -> TurnContext:
+    # Without ``redis``, runs must call no tool that touches Redis; the client never connects.
     return TurnContext(
         turn_id=turn_id,
         conversation_id="conv-1",
         customer_id=customer_id,
         attempt=1,
-        redis=connect("redis://127.0.0.1:1"),
+        redis=redis or connect("redis://127.0.0.1:1"),
     )
 
 
@@ -319,11 +319,12 @@ async def test_cached_tokens_are_the_earlier_turns(desk) -> None:
     assert usage.input_tokens_details.cached_tokens < usage.input_tokens
 
 
-async def test_call_ids_are_unique_within_a_run_and_stable_across_runs(desk) -> None:
+async def test_call_ids_are_unique_within_a_run_and_stable_across_runs(desk, redis) -> None:
     async def call_ids() -> list[str]:
+        # The eligibility check reads the refund ledger: a real Redis.
         result = await Runner.run(
             desk.starting_agent("Orders"), "I want a refund for order 1053",
-            context=turn_context(), run_config=NO_TRACING,
+            context=turn_context(redis=redis), run_config=NO_TRACING,
         )
         return [
             item.raw_item.call_id

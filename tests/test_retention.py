@@ -3,6 +3,7 @@ recent ones are left, fleet totals stay, and nothing of a purged conversation re
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -53,8 +54,7 @@ async def test_an_idle_conversation_is_purged_whole_and_fleet_totals_stay(redis,
     gone = before - after
     # Nothing that names the purged conversation or its turns is left, in keys or indexes.
     old_turns = ids["conv-old"]
-    assert not [k for k in after if ("conv-old" in k or any(t in k for t in old_turns))
-                and not k.startswith(f"{keys.PREFIX}:refund:")]
+    assert not [k for k in after if "conv-old" in k or any(t in k for t in old_turns)]
     assert keys.turn(old_turns[0]) in gone and keys.session_messages("conv-old") in gone
     for index in [keys.CONVERSATIONS, keys.customer_conversations("C-100"),
                   keys.aggregate_index("conversation"), keys.facet_conversations("tool", "lookup_order")]:
@@ -91,3 +91,23 @@ def test_retention_shorter_than_the_dedupe_memory_is_refused():
     with pytest.raises(ValidationError, match="seen_ttl_s"):
         TelemetrySettings(retention_s=3600)
     assert TelemetrySettings(retention_s=3600, seen_ttl_s=3600).retention_s == 3600
+
+
+async def test_a_purged_conversation_leaves_its_refund_and_the_order_stays_refunded(redis, redis_url):
+    ask = "I want a refund for order 1042"
+    ids = await _run_conversations(redis, redis_url, {"conv-refund": [ask]})
+    ledger = await redis.xrange(keys.REFUND_LEDGER)
+    assert len(ledger) == 1
+    now = int(time.time() * 1000) + DAY_MS
+    assert (await Retention(redis, retention_s=3600).purge(now_ms=now)).conversations == 1
+    assert await Producer(redis=redis).result(ids["conv-refund"][0]) is None  # forgotten
+
+    # Asked again after the purge, in a conversation of the same id: no second refund.
+    again = await _run_conversations(redis, redis_url, {"conv-refund": [ask]})
+    assert await redis.xrange(keys.REFUND_LEDGER) == ledger  # the ledger entry stays, alone
+    result = await Producer(redis=redis).result(again["conv-refund"][0])
+    assert result.final_output.startswith(
+        f"Order 1042 was already refunded: $89.00 on {ledger[0][1]['refunded_at'][:10]}, "
+        f"refund {ledger[0][1]['refund_id']}.")
+    record = json.loads(await redis.get(keys.order_refund("1042")))
+    assert (record["refund_id"], record["turn_id"]) == (ledger[0][1]["refund_id"], ids["conv-refund"][0])

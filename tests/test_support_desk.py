@@ -7,6 +7,7 @@ follow-ups) and asserts the exact tool calls, arguments, handoffs and side effec
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -129,7 +130,7 @@ async def test_shipped_order_reports_carrier_and_eta(desk, redis) -> None:
 async def test_another_customers_order_is_not_found_on_your_account(desk, redis) -> None:
     result = await run_turn(desk, redis, "where is order 1042?", customer_id="C-101")
     assert tool_outputs(result) == [
-        {"order_id": "1042", "found": False, "error": "Order 1042 was not found on your account."}
+        {"order_id": "1042", "found": False, "reason": "Order 1042 was not found on your account."}
     ]
     assert "couldn't find order 1042 on your account" in result.final_output
 
@@ -168,10 +169,12 @@ async def test_refund_of_order_1042_refunds_exactly_89_dollars_once(desk, redis)
             "customer_id": "C-100",
             "conversation_id": "conv-1",
             "attempt": "1",
+            "refunded_at": ledger[0][1]["refunded_at"],
         }
     ]
-    stored = json.loads(await redis.get(keys.refund("t-refund", "1042")))
-    assert stored["amount"] == "89.00" and stored["attempt"] == 1
+    assert datetime.fromisoformat(ledger[0][1]["refunded_at"]).utcoffset() == timedelta(0)
+    stored = json.loads(await redis.get(keys.order_refund("1042")))
+    assert stored["amount"] == "89.00" and stored["attempt"] == 1 and stored["turn_id"] == "t-refund"
 
 
 async def test_retried_turn_refunds_once_and_reports_the_first_refund(desk, redis) -> None:
@@ -188,11 +191,37 @@ async def test_retried_turn_refunds_once_and_reports_the_first_refund(desk, redi
     assert ledger[0][1]["attempt"] == "1"
 
 
-async def test_two_turns_make_two_ledger_entries(desk, redis) -> None:
-    await run_turn(desk, redis, "refund order 1042", turn_id="t-a")
-    await run_turn(desk, redis, "refund order 1042", turn_id="t-b")
+async def test_a_second_turn_is_told_the_order_was_already_refunded(desk, redis) -> None:
+    first = await run_turn(desk, redis, "refund order 1042", turn_id="t-a")
+    second = await run_turn(desk, redis, "refund order 1042", turn_id="t-b", conversation_id="conv-2")
     ledger = await redis.xrange(keys.REFUND_LEDGER)
-    assert [(f["turn_id"], f["amount"]) for _, f in ledger] == [("t-a", "89.00"), ("t-b", "89.00")]
+    assert [(f["turn_id"], f["amount"]) for _, f in ledger] == [("t-a", "89.00")]
+    made = json.loads(await redis.get(keys.order_refund("1042")))
+    assert made["refund_id"] == tool_outputs(first)[1]["refund_id"]
+    # The eligibility check already knows: the model never tries process_refund again.
+    assert tool_calls(second) == [("check_refund_eligibility", {"order_id": "1042"})]
+    check = tool_outputs(second)[0]
+    assert check["eligible"] is False and check["already_refunded"] is True
+    assert (check["refund_id"], check["amount"], check["refunded_at"]) == (
+        made["refund_id"], "89.00", made["refunded_at"])
+    assert second.final_output.startswith(
+        f"Order 1042 was already refunded: $89.00 on {made['refunded_at'][:10]}, refund "
+        f"{made['refund_id']}.")
+
+
+async def test_process_refund_of_a_refunded_order_answers_the_original_refund(desk, redis) -> None:
+    # Whatever the model does (here it skips the eligibility check), the tool refunds once.
+    await run_turn(desk, redis, "refund order 1042", turn_id="t-a")
+    context = TurnContext("t-other", "conv-2", "C-100", 1, redis)
+    arguments = json.dumps({"order_id": "1042", "amount": "89.00"})
+    tool_context = ToolContext(
+        context=context, tool_name="process_refund", tool_call_id="call-1", tool_arguments=arguments
+    )
+    answer = json.loads(await process_refund.on_invoke_tool(tool_context, arguments))
+    assert answer["refunded"] is False and answer["already_refunded"] is True
+    assert answer["refund_id"] == refund_id("t-a", "1042") and answer["amount"] == "89.00"
+    assert "error" not in answer and "tool_error" not in answer
+    assert await redis.xlen(keys.REFUND_LEDGER) == 1
 
 
 async def test_process_refund_refuses_an_amount_other_than_the_eligible_one(redis) -> None:
@@ -202,7 +231,7 @@ async def test_process_refund_refuses_an_amount_other_than_the_eligible_one(redi
         context=context, tool_name="process_refund", tool_call_id="call-1", tool_arguments=arguments
     )
     answer = json.loads(await process_refund.on_invoke_tool(tool_context, arguments))
-    assert answer["refunded"] is False and "89.00" in answer["error"]
+    assert answer["refunded"] is False and "89.00" in answer["reason"]
     assert await redis.xlen(keys.REFUND_LEDGER) == 0
 
 
@@ -227,7 +256,7 @@ async def test_ineligible_refund_is_explained_and_nothing_is_refunded(
     assert f"order {order_id} isn't eligible for a refund" in result.final_output
     assert why in result.final_output
     assert await redis.xlen(keys.REFUND_LEDGER) == 0
-    assert await redis.exists(keys.refund("t-1", order_id)) == 0
+    assert await redis.exists(keys.order_refund(order_id)) == 0
 
 
 # ------------------------------------------------------------------ (e) escalation
@@ -248,7 +277,7 @@ async def test_escalation_opens_a_ticket_from_whichever_agent_is_current(
         "ticket_id": ticket, "status": "open", "queue": "human-support", "replayed": False
     }
     assert ticket in result.final_output
-    stored = json.loads(await redis.get(keys.escalation("t-esc")))
+    stored = json.loads(await redis.get(keys.conversation_escalation("conv-1")))
     assert stored["ticket_id"] == ticket and stored["customer_id"] == "C-100"
 
 
@@ -257,6 +286,18 @@ async def test_retried_escalation_reuses_the_ticket(desk, redis) -> None:
     retry = await run_turn(desk, redis, "speak to a manager", turn_id="t-esc2", attempt=2)
     assert tool_outputs(retry)[0]["replayed"] is True
     assert ticket_id("t-esc2") in retry.final_output
+
+
+async def test_a_second_escalation_in_the_conversation_gets_the_open_ticket(desk, redis) -> None:
+    first = await run_turn(desk, redis, "I want to talk to a human", turn_id="t-e1")
+    again = await run_turn(desk, redis, "escalate this to a manager", turn_id="t-e2", agent="Billing")
+    other = await run_turn(desk, redis, "I want a person", turn_id="t-e3", conversation_id="conv-9")
+    ticket = ticket_id("t-e1")
+    assert tool_outputs(first)[0]["ticket_id"] == ticket
+    assert tool_outputs(again)[0] == {"ticket_id": ticket, "status": "open", "queue": "human-support",
+                                      "replayed": False, "already_open": True}
+    assert again.final_output.startswith(f"Your request is already with our human support team under ticket {ticket}")
+    assert tool_outputs(other)[0]["ticket_id"] == ticket_id("t-e3")  # another conversation: its own
 
 
 # ------------------------------------------------------------------ (f) out of scope
@@ -364,6 +405,7 @@ async def test_order_question_without_an_id_asks_for_it(desk, redis) -> None:
 
 async def test_same_turn_gives_identical_usage_and_answer(desk, redis) -> None:
     first = await run_turn(desk, redis, "refund order 1042", turn_id="t-d1", conversation_id="c1")
+    await redis.flushdb()  # the same state again: order 1042 not refunded yet
     second = await run_turn(desk, redis, "refund order 1042", turn_id="t-d2", conversation_id="c2")
     assert first.context_wrapper.usage == second.context_wrapper.usage
     assert first.context_wrapper.usage.requests == 4
@@ -381,7 +423,8 @@ async def test_redis_outage_fails_the_turn_as_retryable_instead_of_answering(des
         await dead.aclose()
     assert not isinstance(failure.value, UserError)  # UserError reads as deterministic
     assert isinstance(failure.value.__cause__, RedisConnectionError)
-    assert str(failure.value).startswith("process_refund failed: ConnectionError")
+    # The eligibility check is the first tool to need Redis (it reads the refund ledger).
+    assert str(failure.value).startswith("check_refund_eligibility failed: ConnectionError")
 
 
 def test_order_book_is_fixed_and_1042_is_eligible_for_89() -> None:

@@ -314,7 +314,7 @@ async def _find(args: argparse.Namespace, url: str) -> int:
     try:
         rows = await find_conversations(
             redis, customer=args.customer, tool=args.tool, agent=args.agent, error=args.error,
-            since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
+            guardrail=args.guardrail, since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
         )
     finally:
         await redis.aclose()
@@ -522,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tool", metavar="NAME", help="e.g. process_refund")
     f.add_argument("--agent", metavar="NAME", help="e.g. Billing")
     f.add_argument("--error", metavar="TYPE", help="error type, e.g. MaxTurnsExceeded or ToolError")
+    f.add_argument("--guardrail", metavar="NAME", help="a guardrail that tripped, e.g. prompt_injection")
     f.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
     f.add_argument("--until", metavar="TIME")
     f.add_argument("--min-cost", type=float, metavar="USD")

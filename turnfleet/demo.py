@@ -5,12 +5,19 @@ or ``REDIS_URL``), enqueues five conversations through the producer API (all tur
 the fleet keeps each conversation's turns in order), prints each turn as it completes, then
 a summary per conversation and the alerts raised. Conversation ids carry a run id, so runs
 against a shared Redis do not mix.
+
+Every run works on its own fresh orders: an order is refunded at most once, ever, so a second
+run asking to refund order 1047 again would (rightly) be told it was already refunded. The
+demo copies the packaged orders its scenario names to new order numbers stored in Redis
+(``workers.orderbook.copy_orders``: 1047 becomes 10470001, then 10470002, ...) and asks about
+those, so every run shows a real refund. The packaged order book is left as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -54,6 +61,14 @@ SCENARIO: list[tuple[str, str, list[str]]] = [
     ]),
 ]
 
+_ORDER_NUMBER = re.compile(r"\b\d{4}\b")
+
+
+def with_orders(text: str, renamed: dict[str, str]) -> str:
+    """``text`` with each order number replaced by this run's copy of it."""
+    return _ORDER_NUMBER.sub(lambda m: renamed.get(m.group(0), m.group(0)), text)
+
+
 # Low enough that the long conversation crosses it, so the demo shows a cost alert.
 DEMO_CONVERSATION_COST_ALERT_USD = "0.004"
 
@@ -73,6 +88,7 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
     from producer import Producer
     from telemetry.consumer import caught_up
     from telemetry.query import conversation_stats, read_alerts, turn_stats
+    from workers.orderbook import copy_orders
 
     out = console()
     state_dir = Path(CommonSettings().state_dir)
@@ -113,6 +129,9 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
         tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
         alerts_from = tail[0][0] if tail else "0-0"
 
+        named = sorted({n for _l, _c, texts in SCENARIO for t in texts for n in _ORDER_NUMBER.findall(t)})
+        renamed = await copy_orders(redis, named)
+        out.print("Fresh orders for this run: " + ", ".join(f"{a} → {b}" for a, b in renamed.items()))
         conv_ids: dict[str, str] = {}
         turn_labels: dict[str, str] = {}
         async with Producer(redis=redis) as producer:
@@ -123,7 +142,8 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
                 for i, text in enumerate(texts, 1):
                     tid = f"{cid}-t{i}"
                     turn_labels[tid] = f"{label} {i}/{len(texts)}"
-                    batch.append({"conversation_id": cid, "customer_id": customer, "text": text,
+                    batch.append({"conversation_id": cid, "customer_id": customer,
+                                  "text": with_orders(text, renamed),
                                   "turn_id": tid, "metadata": {"channel": "demo"}})
             await producer.enqueue_turns(batch)
         out.print(f"Enqueued {len(batch)} turns in {len(conv_ids)} conversations.\n")

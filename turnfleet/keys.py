@@ -25,7 +25,10 @@ ALERTS_STREAM = f"{PREFIX}:alerts"  # one entry per alert fired
 
 # Indexes.
 CONVERSATIONS = f"{PREFIX}:conversations"  # zset conversation_id -> first enqueue ms
-REFUND_LEDGER = f"{PREFIX}:ledger:refunds"  # stream: one entry per refund actually made
+LEDGER_PREFIX = f"{PREFIX}:ledger:"  # the financial ledger: never expired, purged or erased
+REFUND_LEDGER = f"{LEDGER_PREFIX}refunds"  # stream: one entry per refund actually made
+ORDERS = f"{PREFIX}:orders"  # hash order_id -> order JSON: orders added to the order book at run time
+ORDER_COPIES = f"{PREFIX}:orders:copies"  # counter: runs of copied orders (workers.orderbook.copy_orders)
 WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
 WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in flight
 TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms
@@ -80,14 +83,18 @@ def session_messages(conversation_id: str) -> str:
     return f"{SESSION_PREFIX}:{session_id(conversation_id)}:messages"
 
 
-def refund(turn_id: str, order_id: str) -> str:
-    """String: the refund made by this turn for this order (JSON). Makes refunds idempotent."""
-    return f"{PREFIX}:refund:{turn_id}:{order_id}"
+def order_refund(order_id: str) -> str:
+    """String: the one refund ever made for this order (JSON, with the turn that made it).
+
+    Part of the financial ledger, like ``REFUND_LEDGER``: set once, in the same script that
+    appends the ledger entry, and never expired, purged or erased.
+    """
+    return f"{LEDGER_PREFIX}refund:{order_id}"
 
 
-def escalation(turn_id: str) -> str:
-    """String: the escalation ticket opened by this turn (JSON). Makes escalation idempotent."""
-    return f"{PREFIX}:escalation:{turn_id}"
+def conversation_escalation(conversation_id: str) -> str:
+    """String: the escalation ticket of this conversation (JSON): one per conversation."""
+    return f"{PREFIX}:conv:{{{conversation_id}}}:escalation"
 
 
 # Telemetry aggregates.
@@ -166,11 +173,12 @@ def latency_names(dimension: str) -> str:
     return f"{PREFIX}:lat-names:{dimension}"
 
 
-FACETS = ("tool", "agent", "error")
+FACETS = ("tool", "agent", "error", "guardrail")
 
 
 def facet_conversations(facet: str, value: str) -> str:
-    """Zset conversation_id -> latest event ms with that tool, agent or error type."""
+    """Zset conversation_id -> latest event ms with that tool, agent, error type or guardrail
+    tripped."""
     return f"{PREFIX}:agg:{facet}-conversations:{value}"
 
 

@@ -14,6 +14,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from turnfleet.models import Alert, TurnResult
+from turnfleet.tool_errors import tool_outcome
 
 
 def console() -> Console:
@@ -77,11 +78,14 @@ def render_turn(result: TurnResult, cost: float | None = None, label: str = "") 
     for h in result.handoffs:
         tree.add(Text.assemble(("handoff ", "magenta"), f"{h.from_agent} → {h.to_agent}"))
     for call in result.tool_calls:
+        outcome = tool_outcome(call.output)
         tree.add(
             Text.assemble(
                 ("tool ", "blue"),
                 (f"{call.tool}({_args(call.arguments)})", "bold"),
-                f"  [{call.agent}, {ms(call.duration_ms)}] → ",
+                f"  [{call.agent}, {ms(call.duration_ms)}]",
+                (f" [{outcome}]" if outcome else "", "red" if outcome == "tool error" else "yellow"),
+                " → ",
                 _short(call.output, 200),
             )
         )
@@ -227,6 +231,8 @@ def _node_label(node: dict[str, Any]) -> Text:
             t.append(f"({_args(str(d['arguments']))})")
         if dur:
             t.append(f" ({dur})")
+        if d.get("outcome"):
+            t.append(f" [{d['outcome']}]", style="red" if d["outcome"] == "tool error" else "yellow")
         if d.get("result") is not None:
             t.append(f" → {_short(str(d['result']), 120)}", style="green")
     elif kind == "handoff":
@@ -239,6 +245,11 @@ def _node_label(node: dict[str, Any]) -> Text:
             t.append(f" ({dur})")
         if d.get("data"):
             t.append(f" {_short(json.dumps(d['data'], default=str), 100)}", style="dim")
+    elif kind == "guardrail":
+        t.append("Guardrail ", style="yellow")
+        t.append(name, style="bold")
+        if d.get("triggered"):
+            t.append(" tripped: the turn completed with the safe reply", style="yellow")
     else:
         t.append(f"{kind} {name}")
     if node.get("error"):
@@ -266,6 +277,8 @@ def render_replay_turn(replay: dict[str, Any], label: str = "") -> Tree:
                 err = entry["error"]
                 head.append(f"  {err.get('type')}: {_short(err.get('message'), 120)}", style="red")
             parent = tree.add(head)
+        if entry.get("guardrail"):
+            parent.add(Text(f"guardrail {entry['guardrail']} tripped", style="yellow"))
         if entry.get("source") == "events":
             parent.add(Text("unsampled: hook-event timeline (no spans stored)", style="dim italic"))
         _add_nodes(parent, entry.get("tree") or [])
@@ -336,7 +349,8 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
     if not rows:
         return Text("no conversation matches", style="dim")
     table = Table(title=f"{len(rows)} conversation(s), newest first", title_justify="left")
-    for col in ("conversation", "customer", "last event", "turns", "agents", "tools", "errors", "cost"):
+    for col in ("conversation", "customer", "last event", "turns", "agents", "tools", "errors",
+                "guardrails", "cost"):
         table.add_column(col, justify="right" if col in ("turns", "cost") else "left")
     for r in rows:
         turns = (r.get("turns_completed") or 0) + (r.get("turns_failed") or 0)
@@ -344,6 +358,7 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
         table.add_row(
             r.get("conversation_id", "?"), r.get("customer_id") or "–", last, str(turns),
             ", ".join(r.get("agents") or []), ", ".join(r.get("tools") or []),
-            ", ".join(r.get("errors") or []) or "–", money(r.get("cost_usd")),
+            ", ".join(r.get("errors") or []) or "–", ", ".join(r.get("guardrails") or []) or "–",
+            money(r.get("cost_usd")),
         )
     return table

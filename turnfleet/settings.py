@@ -155,6 +155,11 @@ class WorkerProcessSettings(CommonSettings):
     )
     otlp_headers: dict[str, str] = Field(default_factory=dict, description="Headers for OTLP (JSON).")
     worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
+    order_book: Path | None = Field(
+        default=None,
+        description="The Support Desk's order book (a JSON file like workers/data/orders.json); "
+        "unset: the packaged one.",
+    )
 
 
 class Price(BaseModel):

@@ -15,6 +15,7 @@ from agents import Agent, RunContextWrapper, RunHooks, Tool
 from agents.items import ModelResponse
 
 from turnfleet.redaction import Redactor
+from turnfleet.tool_errors import tool_error_of
 from turnfleet.models import (
     ErrorInfo,
     EventKind,
@@ -167,6 +168,14 @@ class TelemetryHooks(RunHooks[Any]):
             },
         )
 
+    def guardrail_tripped(self, guardrail: str, agent: str | None, kind: str = "input") -> None:
+        """A guardrail's tripwire fired: an outcome of the turn, not an error."""
+        self.emit(
+            EventKind.guardrail,
+            agent=agent,
+            detail={"guardrail": guardrail, "kind": kind, "triggered": True},
+        )
+
     def spans_dropped(self, count: int) -> None:
         if count:
             self.emit(EventKind.spans_dropped, detail={"count": count})
@@ -247,9 +256,9 @@ class TelemetryHooks(RunHooks[Any]):
                 output=output, duration_ms=duration,
             )
         )
-        error = None
-        if output.startswith("An error occurred while running the tool"):
-            error = ErrorInfo(type="ToolError", message=_clip(output, 500))
+        error = tool_error_of(output)  # a business answer ("not eligible") is not an error
+        if error is not None:
+            error.message = _clip(error.message, 500)
         self.emit(
             EventKind.tool_end, agent=agent.name, tool=tool.name, duration_ms=duration, error=error,
             detail={"call_id": call_id, **self._data(arguments=_clip(arguments), result=_clip(output))},

@@ -27,6 +27,11 @@ are left alone.
 drain grace are cancelled: each records a ``WorkerStopped`` attempt error (with what it had
 spent) and re-raises, and arq puts the job back for another worker.
 
+**Guardrails.** A tripwire is an outcome, not a failure: the turn completes with the reply
+the workflow defines for that guardrail (``desk.guardrail_reply``), a ``guardrail`` event is
+recorded, and the run's memory is not written (the refused message must not steer later
+turns). It feeds no error rate and raises no alert.
+
 **Undecodable jobs.** ``record_undecodable`` is what a payload ``deserialize_job`` could not
 decode runs: it ends the turn ``failed`` (``UndecodableJob``) and wakes its conversation.
 """
@@ -70,13 +75,12 @@ from workers.trace_store import TraceStore
 
 log = structlog.get_logger(__name__)
 
-# Failures that a second attempt would repeat: fail the turn at once.
+# Failures that a second attempt would repeat: fail the turn at once. (A guardrail tripwire
+# is no failure: the turn completes with the reply the workflow defines, ``_guardrail_outcome``.)
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
     MaxTurnsExceeded,
     ModelBehaviorError,
     UserError,
-    InputGuardrailTripwireTriggered,
-    OutputGuardrailTripwireTriggered,
 )
 
 STALE = "stale"  # what run_turn returns when its attempt lost the turn to another one
@@ -261,6 +265,7 @@ async def _run_attempt(
     )
     tracing_off = rt.settings.tracing_disabled or not req.trace
     trace_id: str | None = None
+    tripped: InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered | None = None
     t0 = time.perf_counter()
     try:
         if decision.memory_length > decision.memory_base:
@@ -279,22 +284,27 @@ async def _run_attempt(
                 disabled=tracing_off,
             ) as current_trace:
                 trace_id = None if tracing_off else current_trace.trace_id
-                result = await Runner.run(
-                    agent,
-                    req.text,
-                    context=context,
-                    hooks=hooks,
-                    session=session,
-                    max_turns=rt.settings.max_agent_turns,
-                    run_config=RunConfig(
-                        workflow_name=rt.settings.workflow_name,
-                        group_id=conversation_id,
-                        tracing_disabled=tracing_off,
-                        trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,
-                    ),
-                )
-        # The run's memory items, in one fenced write (refused if a newer attempt took over).
-        await session.flush()
+                try:
+                    result = await Runner.run(
+                        agent,
+                        req.text,
+                        context=context,
+                        hooks=hooks,
+                        session=session,
+                        max_turns=rt.settings.max_agent_turns,
+                        run_config=RunConfig(
+                            workflow_name=rt.settings.workflow_name,
+                            group_id=conversation_id,
+                            tracing_disabled=tracing_off,
+                            trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,
+                        ),
+                    )
+                except (InputGuardrailTripwireTriggered, OutputGuardrailTripwireTriggered) as exc:
+                    tripped = exc
+        if tripped is None:
+            # The run's memory items, in one fenced write (refused if a newer attempt took over).
+            await session.flush()
+        # A tripped guardrail's message is not kept in memory: it must not steer later turns.
     except asyncio.CancelledError:
         if lease.lost:
             raise  # run_turn drops it: a newer attempt owns the turn
@@ -344,7 +354,10 @@ async def _run_attempt(
         flush_traces()
 
     duration_ms = (time.perf_counter() - t0) * 1000
-    final = str(result.final_output)
+    if tripped is not None:
+        final, last_agent = _guardrail_outcome(rt, hooks, tripped, agent.name, log_ctx)
+    else:
+        final, last_agent = str(result.final_output), result.last_agent.name
     await _keep_trace(rt, trace_id, req, hooks, attempt, started_at, "completed", duration_ms)
     hooks.turn_completed(duration_ms, queue_wait_ms, final)
     turn_result = _turn_result(
@@ -355,14 +368,33 @@ async def _run_attempt(
     await lease.stop()
     batch = hooks.batch_json()
     outcome = await _durably(rt, "result", lambda: rt.queue.finish(
-        turn_result, batch, current_agent=result.last_agent.name,
+        turn_result, batch, current_agent=last_agent,
         events_ttl_s=rt.settings.trace_retention_s, fence=attempt,
     ))
     if not outcome:
         return _dropped(rt, turn_id, outcome, log_ctx, "result")
-    log_ctx.info("turn.completed", duration_ms=round(duration_ms, 1), agent=result.last_agent.name,
+    log_ctx.info("turn.completed", duration_ms=round(duration_ms, 1), agent=last_agent,
                  tokens=hooks.usage.total_tokens)
     return "completed"
+
+
+def _guardrail_outcome(
+    rt: Runtime,
+    hooks: TelemetryHooks,
+    tripped: InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered,
+    starting_agent: str,
+    log_ctx: Any,
+) -> tuple[str, str]:
+    """A tripped guardrail as the turn's outcome: the workflow's safe reply (and the agent the
+    next turn starts at), with a ``guardrail`` event recorded for telemetry."""
+    found = tripped.guardrail_result
+    name = found.guardrail.get_name()
+    kind = "input" if isinstance(tripped, InputGuardrailTripwireTriggered) else "output"
+    agent = getattr(found, "agent", None)
+    agent_name = agent.name if agent is not None else starting_agent
+    hooks.guardrail_tripped(name, agent_name, kind)
+    log_ctx.info("turn.guardrail_tripped", guardrail=name, kind=kind, agent=agent_name)
+    return rt.desk.guardrail_reply(name), agent_name
 
 
 async def _record_cancelled(

@@ -77,6 +77,8 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from turnfleet.tool_errors import is_tool_error
+
 if TYPE_CHECKING:
     from agents.agent_output import AgentOutputSchemaBase
     from agents.model_settings import ModelSettings
@@ -285,8 +287,8 @@ class ToolCallRecord:
 
     @property
     def result(self) -> dict[str, Any] | None:
-        """The output as JSON, or None when the tool failed with plain text."""
-        if self.output is None:
+        """The output as JSON, or None when the tool failed (a tool error, or plain text)."""
+        if self.output is None or is_tool_error(self.output):
             return None
         try:
             value = json.loads(self.output)
@@ -468,8 +470,19 @@ def _ask_for_order_id(intent: Intent) -> Decision:
     return _message(intent, "I can check on that. Could you share the order number?")
 
 
+def _already_refunded(oid: str, result: Mapping[str, Any]) -> Decision:
+    """An order refunded before (by another turn): tell the customer when, how much, which."""
+    when = str(result.get("refunded_at") or "")[:10]
+    return _message(
+        "refund",
+        f"Order {oid} was already refunded: ${result.get('amount')} on {when}, refund "
+        f"{result.get('refund_id')}. It goes back to your original payment method within 5-10 "
+        "business days of that date. Is there anything else I can help with?",
+    )
+
+
 def _order_status_message(result: Mapping[str, Any]) -> str:
-    if "error" in result or result.get("found") is False:
+    if result.get("found") is False:
         return (
             f"I couldn't find order {result.get('order_id', '')} on your account. "
             "Could you double-check the order number?"
@@ -496,6 +509,8 @@ def _refund_flow(conv: Conversation, tools: Collection[str], oid: str) -> Decisi
         result = refund.result
         if result is None:
             return _tool_failed("refund", f"processing the refund for order {oid}")
+        if result.get("already_refunded"):
+            return _already_refunded(oid, result)
         if result.get("refunded"):
             return _message(
                 "refund",
@@ -505,7 +520,7 @@ def _refund_flow(conv: Conversation, tools: Collection[str], oid: str) -> Decisi
             )
         return _message(
             "refund",
-            f"I'm sorry, I couldn't process the refund for order {oid}: {result.get('error')}",
+            f"I'm sorry, I couldn't process the refund for order {oid}: {result.get('reason')}",
         )
     check = conv.last_call(CHECK_REFUND, oid)
     if check is None:
@@ -513,12 +528,14 @@ def _refund_flow(conv: Conversation, tools: Collection[str], oid: str) -> Decisi
     result = check.result
     if result is None:
         return _tool_failed("refund", f"checking refund eligibility for order {oid}")
-    if "error" in result:
+    if result.get("found") is False:
         return _message(
             "refund",
             f"I couldn't find order {oid} on your account. Could you double-check the order "
             "number?",
         )
+    if result.get("already_refunded"):
+        return _already_refunded(oid, result)
     if not result.get("eligible"):
         return _message(
             "refund",
@@ -546,6 +563,12 @@ def _do(intent: Intent, conv: Conversation, tools: Collection[str]) -> Decision:
         result = done.result
         if result is None or "ticket_id" not in result:
             return _tool_failed(intent, "opening a ticket with our human support team")
+        if result.get("already_open"):
+            return _message(
+                intent,
+                "Your request is already with our human support team under ticket "
+                f"{result['ticket_id']}; someone will get back to you shortly.",
+            )
         return _message(
             intent,
             "I've passed this to our human support team. Your ticket number is "
@@ -593,9 +616,11 @@ def decide(
     Understood (latest user message, case-insensitive):
 
     * escalation — "talk to a human", "speak to a manager", "escalate", "a real person",
-      "representative", "supervisor": ``escalate_to_human(reason)`` then the ticket id;
+      "representative", "supervisor": ``escalate_to_human(reason)`` then the ticket id (the
+      open one, when the conversation already has a ticket);
     * refund — "refund", "money back", "return it", "reimburse": eligibility check, then
-      ``process_refund`` with the eligible amount, or an explanation when not eligible;
+      ``process_refund`` with the eligible amount, or an explanation when not eligible, or
+      the original refund (id, amount, date) when the order was already refunded;
     * order status — "where is order 1042?", "status of my order #1042", "track 1042",
       "has it shipped?", "when will it arrive?": ``lookup_order`` then status/carrier/date;
     * a bare order id ("It's 1042", "#1043") continues what the previous message asked;

@@ -57,6 +57,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings = WorkerProcessSettings()
     from workers.support_desk import build_support_desk
 
+    from workers.orderbook import use_order_book
+
+    use_order_book(settings.order_book)
     url = ctx.get("redis_url") or settings.redis_url
     redis = connect(url)
     model = make_model(settings)

@@ -8,13 +8,23 @@ specialist (``SupportDesk.starting_agent(current_agent)``), so that a follow-up 
 "refund it" goes straight to Billing with the conversation's context; a specialist hands
 anything outside its job back to Triage. Starting every turn at Triage would cost one extra
 model call per turn and re-route what is already routed.
+
+Guardrail: every agent has the input guardrail ``prompt_injection`` (deterministic, offline,
+run before the first model call so a refused message costs no tokens): a message that tells
+the desk to ignore, forget or override its instructions, asks for its system prompt, or
+switches it into another "mode" trips it. A tripwire is an outcome, not a failure: the turn
+completes with the reply the desk defines for that guardrail (``SupportDesk.guardrail_reply``),
+the worker records a ``guardrail`` telemetry event, and the message is not kept in the
+conversation's memory (it must not steer later turns).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
-from agents import Agent
+from agents import Agent, GuardrailFunctionOutput, RunContextWrapper, input_guardrail
 from agents.models.interface import Model
 
 from workers.context import TurnContext
@@ -59,7 +69,8 @@ For a refund request:
    eligible amount it returned (e.g. "89.00"). Then confirm the amount and the refund id, and
    say it reaches the original payment method within 5-10 business days.
 3. If it is not eligible, do not call process_refund: explain the reason the tool gave and
-   offer to connect the customer with a person.
+   offer to connect the customer with a person. If it says the order was already refunded,
+   tell the customer when, how much and the refund id it returns: an order is refunded once.
 You may use lookup_order to answer questions about an order's status.
 If the customer asks about something else (greetings, unrelated questions), hand off back to
 Triage.
@@ -79,11 +90,68 @@ For refunds or anything else outside order status, hand off back to Triage.
 """.strip()
 
 
+PROMPT_INJECTION = "prompt_injection"
+
+_INJECTION = re.compile(
+    r"\b(ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}?\b(instructions?|rules|"
+    r"prompts?|guidelines|polic(y|ies)|guardrails?)\b"
+    r"|\b(system|developer|hidden|initial) (prompt|message|instructions)\b"
+    r"|\b(developer|god|dan|jailbreak|admin) mode\b|\bjailbreak\w*\b"
+    r"|\byou are (now|no longer)\b|\bpretend (to be|you are)\b",
+    re.IGNORECASE,
+)
+
+GUARDRAIL_REPLIES = {
+    PROMPT_INJECTION: (
+        "I can't change how I work or share my instructions, but I'm happy to help with your "
+        "orders: I can check on an order, help with a refund, or connect you with a person."
+    ),
+}
+"""The safe reply a turn completes with when a guardrail's tripwire fires, per guardrail."""
+DEFAULT_GUARDRAIL_REPLY = (
+    "I'm sorry, I can't help with that request. I can check on an order, help with a refund, or "
+    "connect you with a person."
+)
+
+
+def _latest_user_text(items: str | list[Any]) -> str:
+    if isinstance(items, str):
+        return items
+    for item in reversed(items):
+        get = item.get if isinstance(item, dict) else lambda k, d=None, i=item: getattr(i, k, d)
+        if get("role") == "user":
+            content = get("content")
+            if isinstance(content, str):
+                return content
+            return " ".join(str(p.get("text", "")) for p in content or [] if isinstance(p, dict))
+    return ""
+
+
+def injection_attempt(text: str) -> str | None:
+    """The phrase that makes ``text`` a prompt-injection attempt, or None."""
+    match = _INJECTION.search(text)
+    return match.group(0) if match else None
+
+
+@input_guardrail(name=PROMPT_INJECTION, run_in_parallel=False)
+async def prompt_injection(
+    ctx: RunContextWrapper[TurnContext], agent: Agent[TurnContext], items: str | list[Any]
+) -> GuardrailFunctionOutput:
+    """Trips on the latest user message when it tries to override the desk's instructions."""
+    matched = injection_attempt(_latest_user_text(items))
+    return GuardrailFunctionOutput(output_info={"matched": matched}, tripwire_triggered=bool(matched))
+
+
 @dataclass
 class SupportDesk:
-    """The desk's agents by name, and where a turn starts."""
+    """The desk's agents by name, where a turn starts, and what a tripped guardrail answers."""
 
     agents: dict[str, Agent[TurnContext]]
+    guardrail_replies: dict[str, str] = field(default_factory=lambda: dict(GUARDRAIL_REPLIES))
+
+    def guardrail_reply(self, guardrail: str) -> str:
+        """The reply a turn completes with when ``guardrail`` tripped."""
+        return self.guardrail_replies.get(guardrail) or DEFAULT_GUARDRAIL_REPLY
 
     def starting_agent(self, name: str | None) -> Agent[TurnContext]:
         """The agent a turn starts at: the conversation's current agent, else Triage."""
@@ -99,6 +167,7 @@ def build_support_desk(model: Model) -> SupportDesk:
     triage = Agent[TurnContext](
         name=TRIAGE,
         instructions=TRIAGE_INSTRUCTIONS,
+        input_guardrails=[prompt_injection],
         handoff_description="Front desk: greets, routes requests, declines what the desk can't do.",
         model=model,
         tools=[escalate_to_human],
@@ -106,6 +175,7 @@ def build_support_desk(model: Model) -> SupportDesk:
     billing = Agent[TurnContext](
         name=BILLING,
         instructions=BILLING_INSTRUCTIONS,
+        input_guardrails=[prompt_injection],
         handoff_description="Refunds and charges: checks eligibility and issues refunds.",
         model=model,
         tools=[lookup_order, check_refund_eligibility, process_refund, escalate_to_human],
@@ -113,6 +183,7 @@ def build_support_desk(model: Model) -> SupportDesk:
     orders = Agent[TurnContext](
         name=ORDERS,
         instructions=ORDERS_INSTRUCTIONS,
+        input_guardrails=[prompt_injection],
         handoff_description="Order status: where an order is, carrier, delivery dates.",
         model=model,
         tools=[lookup_order, escalate_to_human],

@@ -6,11 +6,13 @@
    attempt's usage (``TurnResult.usage``) plus each recorded failed attempt's
    (``AttemptError.usage``). An attempt lost with a killed worker left no telemetry and no
    usage record, so it is in neither side.
-3. The refund ledger holds each (turn, order) once.
+3. The refund ledger holds each order once, ever (whatever turn refunded it), and each entry
+   matches the order's refund record (``keys.order_refund``).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -64,7 +66,10 @@ async def audit(redis, turn_ids: list[str]) -> AuditReport:
     assert got == want, f"telemetry totals {got} != model usage {want}"
 
     ledger = await redis.xrange(keys.REFUND_LEDGER)
-    pairs = Counter((f["turn_id"], f["order_id"]) for _, f in ledger)
-    doubles = {p: n for p, n in pairs.items() if n > 1}
-    assert not doubles, f"refunds made more than once: {doubles}"
+    orders = Counter(f["order_id"] for _, f in ledger)
+    doubles = {o: n for o, n in orders.items() if n > 1}
+    assert not doubles, f"orders refunded more than once: {doubles}"
+    for _, entry in ledger:
+        record = json.loads(await redis.get(keys.order_refund(entry["order_id"])) or "{}")
+        assert record.get("refund_id") == entry["refund_id"], f"ledger entry without its record: {entry}"
     return AuditReport(results, expected, figures)
