@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+RAW: dict[str, Any] = {NEVER_DECODE: []}
+"""``execute_command`` option: this reply as bytes. For values anyone with write access may
+have stored as something other than UTF-8: decoding them in the client raises before the
+caller sees the reply."""
 
 
 def connect(url: str, **kwargs: object) -> Redis:
@@ -24,3 +34,18 @@ def connect(url: str, **kwargs: object) -> Redis:
 def as_text(value: str | bytes) -> str:
     """A reply as ``str``, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def lenient_text(value: str | bytes | None) -> str | None:
+    """A reply read raw (``RAW``) as text: invalid UTF-8 is replaced, never raised."""
+    if value is None:
+        return None
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+async def eval_raw(redis: Redis, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    """Run a registered script with its reply as bytes (``RAW``); loads it if Redis lost it."""
+    try:
+        return await redis.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, **RAW)
+    except NoScriptError:
+        return await redis.execute_command("EVAL", script.script, len(keys), *keys, *args, **RAW)
