@@ -15,9 +15,11 @@ record) and returns its number; that number is the attempt's *fencing token*. It
 a lease: arq's ``arq:in-progress:<turn id>`` key (which arq sets for its largest
 ``job_timeout`` + 10 s when it claims a job) is set to expire in ``turn_lease_s``, and the
 running attempt renews it (``renew_lease``) every third of that. A worker that dies stops
-renewing, the key lapses, and the job — still in ``arq:queue`` — is claimed by the next
-worker that polls: a killed worker's turn runs again after at most ``turn_lease_s`` +
-``poll_delay_s`` (10.01 s by default). The next ``START`` sees the turn still ``running``,
+renewing, the key lapses (⅔ to 1 lease after the kill), and the job — still in
+``arq:queue``, first in line by its old score — is claimed at the next read of a worker with a
+free slot: ``turn_lease_s`` + ``poll_delay_s`` (10.01 s by default) while one has a free slot;
+a saturated worker reads again only after working through the jobs it read last, which
+adds up to a few seconds (``make bench``, section 8). The next ``START`` sees the turn still ``running``,
 records the lost attempt (``WorkerLost``, no usage: nothing of it was recorded) and counts a
 new one. ``FINISH`` and the attempt-failure record are fenced: they write only while the
 turn is ``running`` *with the same attempt*. A stale worker — paused or cut off past its

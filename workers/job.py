@@ -10,7 +10,8 @@ and the next turn's job atomically.
 and a lease: arq's in-progress key for the turn, set to expire in ``turn_lease_s`` instead of
 arq's ``job_timeout`` + 10 s and renewed every ``turn_lease_s / 3`` by ``Lease`` while the
 attempt runs. A SIGKILLed worker stops renewing; its turn is claimed again by another worker
-at most ``turn_lease_s`` + ``poll_delay_s`` after the kill (10.01 s by default), and the
+at most ``turn_lease_s`` + ``poll_delay_s`` after the kill (10.01 s by default) when one has
+a free slot (a saturated fleet adds its wait for a slot, see ``turnfleet/queue.py``), and the
 next ``START`` records the lost attempt as ``WorkerLost``. (A worker killed in the
 millisecond between arq's claim and ``START`` leaves arq's longer key; the reconciler cuts it
 to one lease, so that case waits at most ``reconcile_every_s`` + ``turn_lease_s``.)

@@ -19,7 +19,8 @@ so crashes use them up) and must get the chance to record the final failure.
   records a ``WorkerStopped`` attempt error and arq puts its job back for another worker
   (``retry_jobs``). A second signal skips what is left of the grace.
 - **Leases instead of arq's in-progress timeout** (``workers/job.py``): a SIGKILLed worker's
-  turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s``, and
+  turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s`` (plus, on a
+  saturated fleet, the wait for a free slot), and
   ``TurnWorker`` leaves the job alone when an attempt was fenced out by a newer one.
 - **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
 
