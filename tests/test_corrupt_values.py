@@ -79,6 +79,21 @@ async def test_a_turn_whose_stored_request_is_corrupt_fails_and_its_conversation
     assert json.loads(cli.stdout)["error_type"] == CORRUPT_TURN_RECORD and "Traceback" not in cli.stderr
 
 
+async def test_http_answers_for_a_turn_whose_record_is_corrupt(redis, redis_url):
+    from tests.test_http import KEY_A, KEY_B, auth, make_settings, serving
+
+    async with Producer(redis=redis) as producer:
+        turn_id = await producer.enqueue_turn(conversation_id="cv-http", customer_id="C-100", text="Hello there")
+    await redis.hset(keys.turn(turn_id), "request", DEEP)
+    async with serving(make_settings(), redis_url) as (_app, api):
+        status = await api.get(f"/v1/turns/{turn_id}", headers=auth(KEY_A))
+        replay = await api.get(f"/v1/turns/{turn_id}/replay", headers=auth(KEY_A))
+        other = await api.get(f"/v1/turns/{turn_id}", headers=auth(KEY_B))
+    assert status.status_code == 200 and status.json()["error_type"] == CORRUPT_TURN_RECORD, status.text
+    assert replay.status_code == 200 and replay.json()["turn"]["error_type"] == CORRUPT_TURN_RECORD, replay.text
+    assert other.status_code == 404  # still only its own customer's
+
+
 async def test_a_stored_result_or_attempt_error_that_is_corrupt_is_read_as_such(redis):
     async with Producer(redis=redis) as producer:
         turn_id = await producer.enqueue_turn(conversation_id="cv-r", customer_id="C-100", text="Hello there")
@@ -164,13 +179,16 @@ async def test_every_undecodable_payload_fails_its_turn_promptly_and_the_convers
     redis, fleet_env, tmp_path
 ):
     async with Producer(redis=redis) as producer:
-        convs = await _two_turn_conversations(producer, CORRUPT_PAYLOADS)
+        convs = await _two_turn_conversations(producer, [*CORRUPT_PAYLOADS, "another-turn"])
         for name, raw in CORRUPT_PAYLOADS.items():
             await redis.execute_command("SET", keys.ARQ_JOB_PREFIX + convs[name][0], raw)
+        # Well-formed, but naming another conversation's queued turn instead of its own.
+        await redis.set(keys.ARQ_JOB_PREFIX + convs["another-turn"][0], json.dumps(
+            {"t": 1, "f": "run_turn", "a": [convs["deep"][1], "cv-deep"], "k": {}, "et": 1}))
         # No reconciler pass: the worker alone must end each turn. A job arq could not
         # decode would count as a failed job and make the burst exit 1.
         run_burst("worker", {**fleet_env, "TURNFLEET_RECONCILE_EVERY_S": "3600"}, tmp_path)
         for name, (first, second) in convs.items():
             failed, followed = await producer.result(first), await producer.result(second)
             assert (failed.status, failed.error_type) == ("failed", "UndecodableJob"), (name, failed)
-            assert followed.status == "completed", name
+            assert (followed.status, followed.attempts) == ("completed", 1), (name, followed)
