@@ -27,6 +27,7 @@ CORRUPT_REQUESTS = {
     "deep": DEEP.encode(),
     "not-utf8": b'{"text": "\xff\xfe"}',
     "missing": None,  # the field deleted
+    "not-a-hash": "string",  # the whole record replaced by a string
 }
 
 
@@ -50,6 +51,9 @@ async def test_a_turn_whose_stored_request_is_corrupt_fails_and_its_conversation
             turn = keys.turn(convs[name][0])
             if raw is None:
                 await redis.hdel(turn, "request")
+            elif raw == "string":
+                await redis.delete(turn)
+                await redis.set(turn, "garbage")
             else:
                 await redis.execute_command("HSET", turn, "request", raw)
         queue = TurnQueue(redis)
@@ -58,13 +62,17 @@ async def test_a_turn_whose_stored_request_is_corrupt_fails_and_its_conversation
         assert before is not None and before.status == "queued"
         assert (before.error_type, before.conversation_id, before.customer_id) == (
             CORRUPT_TURN_RECORD, "cv-deep", "C-100")
+        assert (await queue.get(convs["not-a-hash"][0])).error_type == CORRUPT_TURN_RECORD
+        # The reconciler sees an unfinished head (not an error) and leaves the job be.
+        assert set((await reconcile(redis, lease_s=2.0)).actions) == {"ok"}
 
         run_burst("worker", {**fleet_env, "TURNFLEET_RECONCILE_EVERY_S": "3600"}, tmp_path)
 
         for name, (first, second) in convs.items():
             failed, followed = await queue.get(first), await queue.get(second)
             assert (failed.status, failed.error_type, failed.attempts) == ("failed", CORRUPT_TURN_RECORD, 1), name
-            assert "stored request" in failed.error_message and failed.customer_id == "C-100", name
+            assert ("not a hash" if name == "not-a-hash" else "stored request") in failed.error_message, name
+            assert failed.customer_id == "C-100", name
             assert followed.status == "completed", (name, followed)
         # Nothing left for the reconciler: every conversation moved on, and a pass is clean.
         report = await reconcile(redis, lease_s=2.0)
@@ -72,6 +80,7 @@ async def test_a_turn_whose_stored_request_is_corrupt_fails_and_its_conversation
         replay = await turn_replay(redis, convs["not-utf8"][0])
         assert replay["turn"]["error_type"] == CORRUPT_TURN_RECORD
         assert [a["status"] for a in replay["attempts"]] == ["failed"]
+        assert await redis.get(keys.turn_quarantine(convs["not-a-hash"][0])) == "garbage"  # kept aside
 
     cli = subprocess.run([*turnfleet_cmd, "result", convs["deep"][0], "--json"], env=fleet_env,
                          capture_output=True, text=True, timeout=60)
@@ -107,14 +116,14 @@ async def test_a_stored_result_or_attempt_error_that_is_corrupt_is_read_as_such(
 
 async def test_one_conversation_the_reconcile_script_fails_on_does_not_stop_the_pass(redis):
     async with Producer(redis=redis) as producer:
-        broken, lost = await producer.enqueue_turns([
+        _, lost = await producer.enqueue_turns([
             {"conversation_id": "cv-wrongtype", "customer_id": "C-100", "text": "Hello there"},
             {"conversation_id": "cv-lost", "customer_id": "C-100", "text": "Hello there"},
         ])
-    # A turn record of the wrong type (the script's HGET fails on it), and a healthy
+    # A conversation queue of the wrong type (the script fails on it), and a healthy
     # conversation whose job is gone: the pass must still repair the second.
-    await redis.delete(keys.turn(broken))
-    await redis.set(keys.turn(broken), "not a hash")
+    await redis.delete(keys.conversation_queue("cv-wrongtype"))
+    await redis.set(keys.conversation_queue("cv-wrongtype"), "not a list")
     await redis.delete(keys.ARQ_JOB_PREFIX + lost)
     await redis.zrem(keys.ARQ_QUEUE, lost)
     report = await reconcile(redis, lease_s=2.0)

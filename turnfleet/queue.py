@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from turnfleet import keys
 from turnfleet.connection import RAW, as_text, eval_raw, lenient_text
@@ -123,11 +124,19 @@ return out
 """
 ENQUEUE_MANY_CHUNK = 200  # turns per script call: bounds how long Redis is busy with one
 
-# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages
+# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine
 # ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso
 # Returns {attempt, status}: attempt 0 means "do not run" (status says why). The attempt
 # number is the fencing token of every later write of this attempt.
 START_LUA = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  -- Not a record at all (a string, a list... written by hand): keep it aside for whoever
+  -- investigates, and start a record that can carry the turn's failure.
+  redis.call('RENAME', KEYS[1], KEYS[7])
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0,
+             'corrupt', 'the turn record was a Redis ' .. kind .. ', not a hash (moved to ' .. KEYS[7] .. ')')
+end
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'unknown'} end
 if st == 'completed' or st == 'failed' then return {0, st} end
@@ -159,7 +168,8 @@ if not base then
 end
 return {attempt, 'running', redis.call('HGET', KEYS[1], 'request') or '',
         redis.call('HGET', KEYS[5], 'current_agent') or '', mem_len, tonumber(base),
-        redis.call('LLEN', KEYS[3]), redis.call('HGET', KEYS[5], 'customer_id') or ''}
+        redis.call('LLEN', KEYS[3]), redis.call('HGET', KEYS[5], 'customer_id') or '',
+        redis.call('HGET', KEYS[1], 'corrupt') or ''}
 """
 
 # KEYS: turn, in_progress
@@ -234,10 +244,16 @@ return 'written'
 #   rewoke   the active head had no arq job: written again
 #   clamped  as ok, but its in-progress key outlived a lease and was cut down to one
 RECONCILE_LUA = """
+local function status_of(key)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'none' then return nil end
+  if kind ~= 'hash' then return 'corrupt' end  -- unfinished: its job's START quarantines it
+  return redis.call('HGET', key, 'status')
+end
 local head = redis.call('LINDEX', KEYS[1], 0)
 local dropped = 0
 while head do
-  local st = redis.call('HGET', ARGV[6] .. head, 'status')
+  local st = status_of(ARGV[6] .. head)
   if st and st ~= 'completed' and st ~= 'failed' then break end
   redis.call('LPOP', KEYS[1])
   dropped = dropped + 1
@@ -423,17 +439,18 @@ class TurnQueue:
                 keys.ARQ_IN_PROGRESS_PREFIX + turn_id,
                 keys.conversation_state(conversation_id),
                 keys.session_messages(conversation_id),
+                keys.turn_quarantine(turn_id),
             ],
             args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat()],
         )
         if int(out[0]) == 0:
             return StartDecision(0, as_text(out[1]))
-        _, status, raw, agent, mem_len, base, errors, customer = out
+        _, status, raw, agent, mem_len, base, errors, customer, quarantined = out
         corrupt = None
         try:
             request = decode_request(raw)
         except CorruptRecord as exc:
-            corrupt = str(exc)
+            corrupt = lenient_text(quarantined) or str(exc)
             request = stand_in_request(turn_id, conversation_id, lenient_text(customer) or "")
         return StartDecision(
             int(out[0]), as_text(status), request=request,
@@ -578,7 +595,14 @@ class TurnQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.execute_command("HGETALL", keys.turn(turn_id), **RAW)
             pipe.execute_command("LRANGE", keys.turn_errors(turn_id), 0, -1, **RAW)
-            raw_record, errors = await pipe.execute()
+            raw_record, errors = await pipe.execute(raise_on_error=False)
+        if isinstance(errors, ResponseError):  # WRONGTYPE: not a list
+            errors = [b"unreadable"]
+        if isinstance(raw_record, ResponseError):  # WRONGTYPE: not a hash (START quarantines it)
+            return corrupt_result(turn_id, {}, f"the turn record is not a hash ({raw_record})",
+                                  _decode_errors(errors))
+        if isinstance(raw_record, Exception):
+            raise raw_record
         if not raw_record:
             return None
         # JSON fields stay bytes (pydantic checks their UTF-8); the others are plain text.
@@ -609,13 +633,20 @@ class TurnQueue:
         return decode_request(raw) if raw else None
 
     async def conversation_of(self, turn_id: str) -> str | None:
-        """The conversation the turn record names (kept beside the request since enqueue)."""
-        return lenient_text(await self.redis.execute_command(
-            "HGET", keys.turn(turn_id), "conversation_id", **RAW))
+        """The conversation the turn record names (kept beside the request since enqueue);
+        None if it names none or is no record at all."""
+        try:
+            return lenient_text(await self.redis.execute_command(
+                "HGET", keys.turn(turn_id), "conversation_id", **RAW))
+        except ResponseError:  # WRONGTYPE
+            return None
 
     async def errors(self, turn_id: str) -> list[AttemptError]:
-        return _decode_errors(await self.redis.execute_command(
-            "LRANGE", keys.turn_errors(turn_id), 0, -1, **RAW))
+        try:
+            raw = await self.redis.execute_command("LRANGE", keys.turn_errors(turn_id), 0, -1, **RAW)
+        except ResponseError:  # WRONGTYPE: shown as one unreadable error, not raised
+            raw = [b"unreadable"]
+        return _decode_errors(raw)
 
     async def wait(self, turn_id: str, timeout_s: float) -> TurnResult | None:
         """Wait for the turn to end, on the results stream (no polling); None if unknown."""

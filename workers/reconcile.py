@@ -22,8 +22,8 @@ Each conversation is repaired by one Lua script (``TurnQueue.reconcile_conversat
 pass is idempotent and safe to run on every worker at once: a healthy conversation is left
 exactly as it was. A conversation whose script fails (a key of the wrong type, written by
 hand) is logged (``reconcile.conversation_failed``) and the pass goes on with the others.
-(A turn record whose request cannot be decoded needs no repair here: its job ends it
-``CorruptTurnRecord`` when it starts, see ``workers/job.py``.) Every worker runs ``reconcile_forever`` (every ``reconcile_every_s``, first
+(A turn record that cannot be decoded, or is no hash, counts as an unfinished head: its
+job ends it ``CorruptTurnRecord`` when it starts, see ``workers/job.py``.) Every worker runs ``reconcile_forever`` (every ``reconcile_every_s``, first
 pass at start-up); tests and tools call ``reconcile`` directly. What a pass changed is logged
 per conversation (``reconcile.repaired``) and summed (``reconcile.pass``).
 
@@ -118,7 +118,8 @@ async def _open_conversations(conversation_ids: list[str], redis: Redis) -> list
         for cid in conversation_ids:
             pipe.llen(keys.conversation_queue(cid))
             pipe.exists(keys.conversation_active(cid))
-        replies = await pipe.execute()
+        # An error (a queue key of the wrong type) counts as open: its repair reports it.
+        replies = await pipe.execute(raise_on_error=False)
     return [cid for i, cid in enumerate(conversation_ids) if replies[2 * i] or replies[2 * i + 1]]
 
 
