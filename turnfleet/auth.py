@@ -76,34 +76,29 @@ class KeyStore:
         self._keys: list[ApiKey] = []
         self._file_mtime: float | None = None
         self.reloaded = asyncio.Event()  # set by every reload (SIGHUP and file changes are async)
-        path = settings.api_keys_file
-        if path is not None:
-            try:
-                self._read(path)
-            except (OSError, ValueError) as exc:
-                raise KeysFileError(f"TURNFLEET_API_KEYS_FILE {str(path)!r} cannot be used: "
-                                    f"{_why(exc)}") from None
-        self.reload()
-
-    def _read(self, path: Path) -> list[ApiKey]:
-        mtime = path.stat().st_mtime
-        keys = _KEYS.validate_python(json.loads(path.read_text()))
-        self._file_mtime = mtime
-        return keys
+        self._load(at_start=True)
 
     def reload(self) -> None:
         """Re-read the keys: settings' list plus the keys file (if set and readable)."""
+        self._load(at_start=False)
+
+    def _load(self, at_start: bool) -> None:
         keys = list(self.settings.api_keys)
         path: Path | None = self.settings.api_keys_file
         if path is not None:
             try:
-                keys += self._read(path)
+                mtime = path.stat().st_mtime
+                keys += _KEYS.validate_python(json.loads(path.read_text()))
             except (OSError, ValueError) as exc:
+                if at_start:
+                    raise KeysFileError(f"TURNFLEET_API_KEYS_FILE {str(path)!r} cannot be used: "
+                                        f"{_why(exc)}") from None
                 with contextlib.suppress(OSError):
                     self._file_mtime = path.stat().st_mtime  # not re-read until it changes again
                 log.error("auth.keys_file_unreadable", path=str(path), error=_why(exc),
                           action=f"kept the last good {len(self._keys)} keys")
                 return  # keep the last good set rather than locking everyone out
+            self._file_mtime = mtime
         self._keys = keys
         self.reloaded.set()
         log.info("auth.keys_loaded", count=len(keys))

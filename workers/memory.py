@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import structlog
-
 from agents.memory.session import SessionABC
 from agents.memory.session_settings import SessionSettings, resolve_session_limit
 from redis.asyncio import Redis
