@@ -1,4 +1,4 @@
-"""turnfleet benchmarks: ``python -m bench.run [--quick]``.
+"""turnfleet benchmarks: ``python -m bench.run [--quick] [--only SECTION]``.
 
 Every variant runs ``reps`` times (2 quick, 3 full), interleaved (rep 1 of A, rep 1 of B, rep 2
 of A, ...), each against its own private ``redis-server``; tables give median and min–max.
@@ -597,6 +597,152 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
 # -- the run ----------------------------------------------------------------------------------
 
 
+# -- 8. SIGKILL: how long until a killed worker's turn runs again --------------------------
+
+
+async def _until_async(check: Callable[[], Any], what: str, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sigkill: timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def _sigkill_trial(url: str, env: dict[str, str], base: Path, trial: str, turns: int,
+                         lease_s: float, backlog: int) -> list[dict[str, float]]:
+    """One kill: ``turns`` turns running on a victim worker (their model calls held, started
+    a third of a lease apart in all, so their renewals are spread over the renewal period),
+    a survivor polling (with ``backlog`` more turns queued to keep it busy), SIGKILL the
+    victim; per turn, the lease left at the kill and when the survivor's START took it."""
+    from producer.api import Producer
+    from turnfleet import keys
+    from turnfleet.connection import connect
+
+    redis = connect(url)
+    victim = FleetProcess(f"{trial}-victim", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"{trial}-victim"},
+                          base / "logs" / f"{trial}-victim.log").start()
+    survivor = FleetProcess(f"{trial}-survivor", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"{trial}-survivor"},
+                            base / "logs" / f"{trial}-survivor.log")
+    try:
+        await _until_async(lambda: redis.zscore(keys.WORKERS, f"{trial}-victim"), "the victim's heartbeat", 60)
+        ids = []
+        async with Producer(url) as p:
+            for i in range(turns):
+                ids.append(await p.enqueue_turn(conversation_id=f"bench-kill-{trial}-{i}", customer_id=CUSTOMER,
+                                                text=f"{TEXT} (held)"))
+                await asyncio.sleep(lease_s / 3 / turns)
+            if backlog:
+                await p.enqueue_turns(conv_turns(backlog, f"kill-{trial}-load"))
+
+        async def all_running() -> bool:
+            async with redis.pipeline(transaction=False) as pipe:
+                for t in ids:
+                    pipe.hmget(keys.turn(t), "status", "worker")
+                rows = await pipe.execute()
+            return all(r == ["running", f"{trial}-victim"] for r in rows)
+
+        await _until_async(all_running, "the turns to run on the victim", 60)
+        survivor.start()
+        await _until_async(lambda: redis.zscore(keys.WORKERS, f"{trial}-survivor"), "the survivor's heartbeat", 60)
+        async with redis.pipeline(transaction=False) as pipe:
+            for t in ids:
+                pipe.pttl(keys.ARQ_IN_PROGRESS_PREFIX + t)
+            left_ms = await pipe.execute()
+        killed_at = time.time()
+        victim.kill()
+
+        async def taken_over() -> list[Any] | None:
+            async with redis.pipeline(transaction=False) as pipe:
+                for t in ids:
+                    pipe.hmget(keys.turn(t), "attempts", "started_at")
+                rows = await pipe.execute()
+            return rows if all(int(a or 0) >= 2 for a, _ in rows) else None
+
+        rows = await _until_async(taken_over, "the survivor to take every turn over", 120)
+        out = []
+        for (_, started), left in zip(rows, left_ms):
+            again = datetime.fromisoformat(started).timestamp() - killed_at
+            out.append({"takeover_s": again, "lease_left_s": left / 1000, "pickup_s": again - left / 1000})
+        return out
+    finally:
+        victim.kill()
+        survivor.kill()
+        await redis.aclose()
+
+
+def bench_sigkill(kills: int, turns: int, base: Path, backlog: int = 0, tag: str = "idle") -> list[dict[str, float]]:
+    """Section 8: ``kills`` kills, each of a worker running ``turns`` turns, default lease and
+    poll delay; each kill on its own private Redis."""
+    from tests.llm_server import LLMServer
+    from turnfleet.settings import WorkerProcessSettings
+
+    lease_s = WorkerProcessSettings().turn_lease_s
+    samples: list[dict[str, float]] = []
+    with LLMServer(latency=0.2 if backlog else 0.0) as llm:
+        llm.hold(match="(held)")
+        for k in range(kills):
+            with PrivateRedis(base) as server:
+                env = llm.worker_env(worker_env(server.url, base / "state"), TURNFLEET_MODEL_TIMEOUT_S="300")
+                samples += asyncio.run(_sigkill_trial(server.url, env, base, f"{tag}{k}", turns, lease_s, backlog))
+            print(f"[sigkill {tag}] kill {k + 1}/{kills}: max takeover "
+                  f"{max(x['takeover_s'] for x in samples):.2f} s", file=sys.stderr, flush=True)
+        llm.release()
+    return samples
+
+
+def sigkill_lines(runs: dict[str, list[dict[str, float]]], kills: dict[str, int], turns: int,
+                  backlog: int, note: str = "") -> list[str]:
+    from turnfleet.settings import WorkerProcessSettings
+
+    s = WorkerProcessSettings()
+
+    def row(label: str, values: list[float]) -> str:
+        return (f"| {label} | {len(values)} | {percentile(values, 50):.2f} | {percentile(values, 95):.2f} | "
+                f"{max(values):.2f} |")
+
+    lines = [
+        "## 8. After a SIGKILL: time until the turn runs again",
+        "",
+        f"A worker running {turns} turns (model calls held at the local OpenAI-compatible server, "
+        f"started within {s.turn_lease_s / 3:.2f} s, so their lease renewals are spread over "
+        "the renewal period) is SIGKILLed while a second worker polls; per turn: the lease left "
+        "at the kill (PTTL of its in-progress key), and the time from the kill to the second "
+        "worker's `START` of the next attempt (the turn record's `started_at`), split into the "
+        f"lease that was left and the pickup after it lapsed. Defaults: lease {s.turn_lease_s:g} s, "
+        f"renewed every {s.turn_lease_s / 3:.2f} s, poll delay {s.poll_delay_s:g} s. 'busy' runs the "
+        f"same with {backlog} more turns queued (model calls 0.2 s each), so the second worker "
+        f"has all {s.max_jobs} of its slots taken when the lease lapses. " + note,
+        "",
+        "| survivor | measure | turns | p50 s | p95 s | max s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, samples in runs.items():
+        for label, key in (("kill → runs again", "takeover_s"), ("lease left at the kill", "lease_left_s"),
+                           ("lapse → runs again (pickup)", "pickup_s")):
+            lines.append(row(f"{name} ({kills[name]} kills) | {label}", [x[key] for x in samples]))
+    lease_left = [x["lease_left_s"] for name in runs for x in runs[name]]
+    pickups = {name: max(x["pickup_s"] for x in samples) for name, samples in runs.items()}
+    lines += [
+        "",
+        f"Where the time goes. The lease left at the kill is at most the lease (max "
+        f"{max(lease_left):.2f} s here) and at least two thirds of it (the last renewal was at most "
+        "a third of a lease before the kill): that is the bound the lease gives. After it lapses, "
+        "the turn's job is still in `arq:queue` with its old score, so it is first in line at the "
+        "next read of a worker with a free slot: an idle worker takes it at its next poll "
+        f"(pickup max {pickups.get('idle', 0):.2f} s). A worker with every slot taken does not read "
+        "the queue; arq's `start_jobs` works through the ids it read last (up to 5 × max_jobs, "
+        "running ones included), waiting for a slot before each, and the lapsed turn is seen only "
+        f"at the read after that (pickup max {pickups.get('busy', 0):.2f} s here). So the bound is "
+        "the lease plus the time until some worker has a free slot and reads the queue again: "
+        "the same wait any queued turn has on a saturated fleet.",
+        "",
+    ]
+    return lines
+
+
 def interleave(reps: int, variants: dict[str, Callable[[int], dict[str, float]]],
                label: str) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
@@ -765,11 +911,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run")
     ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--only", choices=["sigkill"],
+                    help="run just this section and print its table (BENCHMARKS.md is not written)")
     args = ap.parse_args(argv)
     from turnfleet.logging import configure_logging
 
     configure_logging("WARNING")  # this process's own logs (the children keep their defaults)
     quick = args.quick
+    # Section 8 costs ~18 s a kill (two worker start-ups, the stagger, up to a lease): many
+    # turns per kill rather than many kills keeps the full run within its 15 minutes.
+    kill_turns, kill_backlog = 10, 600
+    kill_counts = {"busy": 1} if quick else {"idle": 2, "busy": 2}
+
+    def sigkill_section(base: Path, note: str = "") -> list[str]:
+        runs = {name: bench_sigkill(k, kill_turns, base, kill_backlog if name == "busy" else 0, name)
+                for name, k in kill_counts.items()}
+        return sigkill_lines(runs, kill_counts, kill_turns, kill_backlog, note)
+
+    if args.only == "sigkill":
+        started = time.perf_counter()
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
+            lines = sigkill_section(Path(tmp), f"From a section run (`python -m bench.run --only sigkill"
+                                    f"{' --quick' if quick else ''}`) on {date}.")
+        print("\n".join(lines))
+        print(f"section sigkill in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return 0
     reps = 2 if quick else 3
     n_tp = 200 if quick else 1000
     n_plain = 60 if quick else 300
@@ -827,6 +994,7 @@ def main(argv: list[str] | None = None) -> int:
             "1w-rate0.1": lambda r: bench_workers(n_w, base, r, "r01", 1, "rate0.1", True),
         }, "workers")
         growth = bench_growth(sizes, base, growth_env)
+        kill_lines = sigkill_section(base)
     total = time.perf_counter() - started
 
     bare = col(tp["bare"], "turns_s")
@@ -1211,6 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     lines += growth_lines(growth, growth_env, fams)
+    lines += ["", *kill_lines]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out} in {total:.0f} s", file=sys.stderr)
     return 0

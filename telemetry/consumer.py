@@ -90,7 +90,7 @@ from telemetry.stream_group import Entry, StreamGroupMember, _text, default_cons
 from telemetry.retention import PURGE_EVERY_S, Retention
 from telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import keys
-from turnfleet.connection import connect
+from turnfleet.connection import RedisUnavailable, connect, wait_for_redis
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -279,28 +279,37 @@ class TelemetryConsumer(StreamGroupMember):
         """Consume until ``stop()``; with ``burst``, until nothing is left (entries that failed
         are retried until they succeed or are dead-lettered). Entries handled.
 
-        In burst mode a Redis error is raised to the caller; otherwise it is logged and the
-        loop retries with backoff.
+        A Redis error is logged and retried with backoff (one line per retry, with the next
+        delay). A burst run must end: once Redis has failed for ``connect_timeout_s`` in a
+        row it raises ``RedisUnavailable``.
         """
         handled = 0
         failures = 0
+        down_since: float | None = None
         while not self._stop.is_set():
             try:
                 n = await self.step(block=None if burst else self.settings.block_ms, claim_now=burst)
             except RedisError as exc:
                 self.lost_redis(exc)
-                if not self._group_ready:
-                    continue
-                if burst:
-                    raise
+                if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+                    continue  # the next step re-creates the group
                 failures += 1
                 delay = min(MAX_BACKOFF_S, 0.1 * 2**failures)
+                if burst:
+                    down_since = time.monotonic() if down_since is None else down_since
+                    left = self.settings.connect_timeout_s - (time.monotonic() - down_since)
+                    if left <= 0:
+                        raise RedisUnavailable(
+                            f"Redis failed for {self.settings.connect_timeout_s:g} s "
+                            f"(TURNFLEET_CONNECT_TIMEOUT_S): {exc}") from exc
+                    delay = min(delay, left)
                 log.error("telemetry.redis_error", consumer=self.name, error=repr(exc),
-                          retry_in_s=delay)
+                          retry_in_s=round(delay, 2))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
                 continue
             failures = 0
+            down_since = None
             handled += n
             if burst and n == 0 and not self._own_pending:
                 wait = self.retry_in_s  # failed entries wait for their next delivery
@@ -503,6 +512,12 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
 
     redis = connect(redis_url)
+    if burst:
+        try:  # a burst run must end: wait for Redis a bounded time, then give up
+            await wait_for_redis(redis, settings.connect_timeout_s, "telemetry", redis_url)
+        except RedisUnavailable:
+            await redis.aclose()
+            raise
     consumer = TelemetryConsumer(redis, settings)
     webhook = (AlertWebhook(redis, settings, consumer_name=consumer.name)
                if settings.alert_webhook_url else None)

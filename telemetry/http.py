@@ -111,8 +111,8 @@ async def get_conversation(
 async def get_turn_replay(turn_id: str, who: Caller, redis: Store, trace_redis: TraceStore) -> JSONResponse:
     """One turn's replay (``turnfleet turn TURN_ID --json``). 404 if unknown or not the key's
     customer's."""
-    request = await TurnQueue(redis).get_request(turn_id)
-    if request is None or not who.may(request.customer_id):
+    turn = await TurnQueue(redis).get(turn_id)  # never raises on a corrupt record
+    if turn is None or not who.may(turn.customer_id):
         raise _not_found("turn", turn_id)
     replay = await turn_replay(redis, turn_id, trace_redis)
     if replay is None:

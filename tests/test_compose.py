@@ -195,6 +195,36 @@ def test_workers_and_telemetry_scale_no_container_name_no_fixed_host_port(compos
     assert "stop_grace_period" in compose["services"]["worker"]
 
 
+KILL_MARGIN_S = 10.0  # after its own drain: heartbeat removal, OTLP / trace flush, closing
+
+
+def duration_s(value: str) -> float:
+    """A compose duration (``1m30s``, ``60s``, ``500ms``) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", str(value))
+    assert parts and "".join(n + u for n, u in parts) == str(value), f"not a duration: {value!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[u] for n, u in parts)
+
+
+def test_docker_kills_no_service_before_its_drain_ends(compose, monkeypatch):
+    """SIGKILL after ``stop_grace_period``: it must land after the service's own drain
+    (worker: drain grace, then requeueing the cancelled turns; producer: the longest long
+    poll) plus a margin for flushing, or turns are lost mid-requeue and traces unflushed."""
+    from turnfleet.cli import serve_shutdown_s
+    from turnfleet.settings import ProducerSettings, WorkerProcessSettings
+    from workers.settings import CANCELLED_CLEANUP_S
+
+    drains = {
+        "worker": lambda: WorkerProcessSettings().drain_grace_s + CANCELLED_CLEANUP_S,
+        "producer": lambda: serve_shutdown_s(ProducerSettings()),
+    }
+    for name, drain in drains.items():
+        svc = compose["services"][name]
+        instantiate_all(environment(svc), monkeypatch, f"service {name}")
+        grace = duration_s(svc["stop_grace_period"])
+        assert grace > drain() + KILL_MARGIN_S, (
+            f"{name}: stop_grace_period {grace:g}s must exceed its drain {drain():g}s + {KILL_MARGIN_S:g}s")
+
+
 def test_turnfleet_services_wait_for_a_healthy_redis_and_restart(compose):
     for name, svc in turnfleet_services(compose).items():
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name

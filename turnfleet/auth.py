@@ -12,6 +12,7 @@ checked every ``api_keys_reload_s`` seconds and at once on SIGHUP (``KeyStore.re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from turnfleet.settings import ApiKey, ProducerSettings
 
@@ -57,28 +58,47 @@ class Principal:
         return customer_id is not None and customer_id in self.customers
 
 
+class KeysFileError(ValueError):
+    """The keys file cannot be used at start-up (missing, unreadable, not a list of keys)."""
+
+
 class KeyStore:
-    """The configured keys; ``authenticate`` maps a presented key to a ``Principal``."""
+    """The configured keys; ``authenticate`` maps a presented key to a ``Principal``.
+
+    The keys file must be usable when the store is made: a server that started with no keys
+    would look healthy and answer every request 401, so ``KeysFileError`` (naming the file)
+    stops it instead. Later reloads of a file that has become unusable keep the last good
+    keys and log ``auth.keys_file_unreadable``.
+    """
 
     def __init__(self, settings: ProducerSettings) -> None:
         self.settings = settings
         self._keys: list[ApiKey] = []
         self._file_mtime: float | None = None
         self.reloaded = asyncio.Event()  # set by every reload (SIGHUP and file changes are async)
-        self.reload()
+        self._load(at_start=True)
 
     def reload(self) -> None:
         """Re-read the keys: settings' list plus the keys file (if set and readable)."""
+        self._load(at_start=False)
+
+    def _load(self, at_start: bool) -> None:
         keys = list(self.settings.api_keys)
         path: Path | None = self.settings.api_keys_file
         if path is not None:
             try:
-                self._file_mtime = path.stat().st_mtime
+                mtime = path.stat().st_mtime
                 keys += _KEYS.validate_python(json.loads(path.read_text()))
             except (OSError, ValueError) as exc:
-                log.error("auth.keys_file_unreadable", path=str(path), error=str(exc))
-                if self._keys:
-                    return  # keep the last good set rather than locking everyone out
+                if at_start:
+                    raise KeysFileError(f"TURNFLEET_API_KEYS_FILE {str(path)!r} cannot be used: "
+                                        f"{_why(exc)}") from None
+                with contextlib.suppress(OSError):
+                    self._file_mtime = path.stat().st_mtime  # not re-read until it changes again
+                log.error("auth.keys_file_unreadable", path=str(path), error=_why(exc),
+                          action=f"kept the last good {len(self._keys)} keys")
+                return  # keep the last good set rather than locking everyone out
+            self._file_mtime = mtime
         self._keys = keys
         self.reloaded.set()
         log.info("auth.keys_loaded", count=len(keys))
@@ -107,3 +127,16 @@ class KeyStore:
         if found is None:
             return None
         return Principal(found.name, frozenset(found.customers))
+
+
+def _why(exc: BaseException) -> str:
+    """One line: what is wrong with the keys file (pydantic's first error, not all of them)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "document"
+        return f"not a JSON list of keys ({where}: {first['msg']})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc})"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)

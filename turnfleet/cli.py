@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from turnfleet.connection import RedisUrlError, check_redis_url
 from turnfleet.embedded import redis_url_for
 from turnfleet.logging import configure_logging
 from turnfleet.settings import CommonSettings
@@ -395,6 +396,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_shutdown_s(settings: Any) -> int:
+    """How long ``serve`` waits for in-flight requests on SIGTERM: the longest long poll + 5 s."""
+    return int(settings.max_wait_s) + 5
+
+
 def cmd_serve(args: argparse.Namespace, url: str) -> int:
     """The HTTP API under uvicorn until SIGTERM or Ctrl-C.
 
@@ -420,9 +426,16 @@ def cmd_serve(args: argparse.Namespace, url: str) -> int:
     log = structlog.get_logger("turnfleet.serve")
     if not settings.api_keys and settings.api_keys_file is None:
         log.warning("http.no_api_keys", hint="every request will get 401; see `turnfleet apikey new`")
+    from turnfleet.auth import KeysFileError
+
+    try:
+        app = create_app(settings, url)
+    except KeysFileError as exc:  # refuse to start: with no keys every request would be 401
+        print(f"turnfleet serve: {exc}", file=sys.stderr)
+        return 1
     server = uvicorn.Server(uvicorn.Config(
-        create_app(settings, url), host=host, port=port, log_config=None, access_log=False,
-        server_header=False, timeout_graceful_shutdown=int(settings.max_wait_s) + 5,
+        app, host=host, port=port, log_config=None, access_log=False,
+        server_header=False, timeout_graceful_shutdown=serve_shutdown_s(settings),
     ))
     log.info("http.serving", url=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
     # uvicorn re-raises the signal that stopped it once it has shut down; under the default
@@ -618,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_args(args)
         if args.verb in LOCAL_VERBS:
             return LOCAL_VERBS[args.verb](args)
+        check_redis_url(common.redis_url)
+        check_redis_url(common.trace_redis_url, "TURNFLEET_TRACE_REDIS_URL")
         with redis_url_for(common.redis_url, common.state_dir) as url:
             os.environ["REDIS_URL"] = url  # processes this one starts use the same server
             if args.verb in PROCESS_VERBS:
@@ -625,6 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(ASYNC_VERBS[args.verb](args, url))
     except CliError as exc:
         return _fail(exc, f"turnfleet {args.verb}", getattr(args, "json", False))
+    except RedisUrlError as exc:  # configuration, like bad input: nothing was started
+        config = CliError(str(exc), exit=EXIT_USAGE, error="configuration")
+        return _fail(config, f"turnfleet {args.verb}", getattr(args, "json", False))
     except KeyboardInterrupt:
         return 130
     except (RedisConnectionError, ConnectionError) as exc:

@@ -28,12 +28,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import RedisError
 
 from turnfleet import keys
-from turnfleet.connection import connect
+from turnfleet.connection import RedisUrlError, check_redis_url, connect, masked
 
 ROLES = ("worker", "telemetry", "producer")
 DEFAULT_MAX_AGE_S = 15.0  # workers beat every 2 s: several missed beats, not one slow one
@@ -48,18 +47,6 @@ class Health:
 
     ok: bool
     reason: str
-
-
-def masked(url: str) -> str:
-    """``url`` with the password of its userinfo replaced by ``***`` (for messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _glob_escape(text: str) -> str:
@@ -165,6 +152,10 @@ def check(
     target = redis_url or settings.redis_url
     if not target:
         return Health(False, "no Redis: set REDIS_URL")
+    try:
+        check_redis_url(target)
+    except RedisUrlError as exc:
+        return Health(False, str(exc))
     return asyncio.run(
         heartbeat_health(target, role, max_age_s=max_age_s, name=name, timeout_s=timeout_s)
     )

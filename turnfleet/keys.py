@@ -40,6 +40,11 @@ def turn(turn_id: str) -> str:
     return f"{PREFIX}:turn:{turn_id}"
 
 
+def turn_quarantine(turn_id: str) -> str:
+    """Whatever held ``turn(turn_id)`` when it was no hash, moved aside by ``START``."""
+    return f"{PREFIX}:turn:{turn_id}:corrupt"
+
+
 def turn_errors(turn_id: str) -> str:
     """List of JSON ``AttemptError`` for every failed attempt of a turn."""
     return f"{PREFIX}:turn:{turn_id}:errors"

@@ -216,6 +216,7 @@ class TurnResult(BaseModel):
     duration_ms: float | None = None
     queue_wait_ms: float | None = None
     worker: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # e.g. a corrupt memory item skipped
 
     @property
     def done(self) -> bool:

@@ -15,9 +15,11 @@ record) and returns its number; that number is the attempt's *fencing token*. It
 a lease: arq's ``arq:in-progress:<turn id>`` key (which arq sets for its largest
 ``job_timeout`` + 10 s when it claims a job) is set to expire in ``turn_lease_s``, and the
 running attempt renews it (``renew_lease``) every third of that. A worker that dies stops
-renewing, the key lapses, and the job — still in ``arq:queue`` — is claimed by the next
-worker that polls: a killed worker's turn runs again after at most ``turn_lease_s`` +
-``poll_delay_s`` (10.01 s by default). The next ``START`` sees the turn still ``running``,
+renewing, the key lapses (⅔ to 1 lease after the kill), and the job — still in
+``arq:queue``, first in line by its old score — is claimed at the next read of a worker with a
+free slot: ``turn_lease_s`` + ``poll_delay_s`` (10.01 s by default) while one has a free slot;
+a saturated worker reads again only after working through the jobs it read last, which
+adds up to a few seconds (``make bench``, section 8). The next ``START`` sees the turn still ``running``,
 records the lost attempt (``WorkerLost``, no usage: nothing of it was recorded) and counts a
 new one. ``FINISH`` and the attempt-failure record are fenced: they write only while the
 turn is ``running`` *with the same attempt*. A stale worker — paused or cut off past its
@@ -41,13 +43,17 @@ import enum
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from turnfleet import keys
-from turnfleet.connection import as_text
-from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
+from turnfleet.connection import RAW, as_text, eval_raw, lenient_text
+from turnfleet.models import AttemptError, TurnRequest, TurnResult, TurnStatus, check_id, utcnow
+
+M = TypeVar("M", bound=BaseModel)
 
 JOB_FUNCTION = "run_turn"
 UNDECODABLE_FUNCTION = "record_undecodable"  # what an undecodable job payload runs instead
@@ -87,7 +93,10 @@ local function enqueue_one(K, A, o)
   if owner and owner ~= A[3] then return -1 end
   if not owner then redis.call('HSET', K[o + 5], 'customer_id', A[3]) end
   local now = tonumber(A[5])
-  redis.call('HSET', K[o + 1], 'request', A[4], 'status', 'queued', 'attempts', 0)
+  -- The ids again, outside the request: a record whose request is corrupt still says
+  -- whose turn it is and where it belongs (its failure can be recorded and read).
+  redis.call('HSET', K[o + 1], 'request', A[4], 'status', 'queued', 'attempts', 0,
+             'conversation_id', A[2], 'customer_id', A[3])
   redis.call('HINCRBY', K[o + 9], 'turns_enqueued', 1)
   redis.call('RPUSH', K[o + 2], A[1])
   redis.call('RPUSH', K[o + 4], A[1])
@@ -115,11 +124,19 @@ return out
 """
 ENQUEUE_MANY_CHUNK = 200  # turns per script call: bounds how long Redis is busy with one
 
-# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages
+# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine
 # ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso
 # Returns {attempt, status}: attempt 0 means "do not run" (status says why). The attempt
 # number is the fencing token of every later write of this attempt.
 START_LUA = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  -- Not a record at all (a string, a list... written by hand): keep it aside for whoever
+  -- investigates, and start a record that can carry the turn's failure.
+  redis.call('RENAME', KEYS[1], KEYS[7])
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0,
+             'corrupt', 'the turn record was a Redis ' .. kind .. ', not a hash (moved to ' .. KEYS[7] .. ')')
+end
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'unknown'} end
 if st == 'completed' or st == 'failed' then return {0, st} end
@@ -149,9 +166,10 @@ if not base then
   base = mem_len
   redis.call('HSET', KEYS[1], 'memory_base', base)
 end
-return {attempt, 'running', redis.call('HGET', KEYS[1], 'request'),
+return {attempt, 'running', redis.call('HGET', KEYS[1], 'request') or '',
         redis.call('HGET', KEYS[5], 'current_agent') or '', mem_len, tonumber(base),
-        redis.call('LLEN', KEYS[3])}
+        redis.call('LLEN', KEYS[3]), redis.call('HGET', KEYS[5], 'customer_id') or '',
+        redis.call('HGET', KEYS[1], 'corrupt') or ''}
 """
 
 # KEYS: turn, in_progress
@@ -226,10 +244,16 @@ return 'written'
 #   rewoke   the active head had no arq job: written again
 #   clamped  as ok, but its in-progress key outlived a lease and was cut down to one
 RECONCILE_LUA = """
+local function status_of(key)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'none' then return nil end
+  if kind ~= 'hash' then return 'corrupt' end  -- unfinished: its job's START quarantines it
+  return redis.call('HGET', key, 'status')
+end
 local head = redis.call('LINDEX', KEYS[1], 0)
 local dropped = 0
 while head do
-  local st = redis.call('HGET', ARGV[6] .. head, 'status')
+  local st = status_of(ARGV[6] .. head)
   if st and st ~= 'completed' and st ~= 'failed' then break end
   redis.call('LPOP', KEYS[1])
   dropped = dropped + 1
@@ -287,16 +311,17 @@ class Reconciled:
     """What ``reconcile_conversation`` found (and did) for one conversation."""
 
     conversation_id: str
-    action: str
+    action: str  # one of RECONCILE_LUA's actions, or "error" (the script failed: ``error``)
     turn_id: str
     dropped: int = 0
+    error: str | None = None
 
     @property
     def changed(self) -> bool:
         """A repair of a conversation that could not have moved on by itself. (A ``clamped``
         lease is not counted: it is also what a healthy claim looks like in the instant
         between arq's claim and ``START``.)"""
-        return self.action not in ("idle", "ok", "running", "clamped") or self.dropped > 0
+        return self.action not in ("idle", "ok", "running", "clamped", "error") or self.dropped > 0
 
 
 class ConversationOwnershipError(ValueError):
@@ -313,6 +338,9 @@ class StartDecision:
     memory_length: int = 0  # conversation memory items now
     memory_base: int = 0  # ... and before this turn's first attempt (a retry trims back to it)
     errors: int = 0  # attempt errors recorded so far
+    # Set when the stored request could not be decoded (why): ``request`` is then a
+    # stand-in (``stand_in_request``) and the attempt must end the turn failed at once.
+    corrupt: str | None = None
 
 
 def now_ms() -> int:
@@ -402,7 +430,8 @@ class TurnQueue:
         With ``lease_s`` the turn's arq in-progress key is set to expire in that long: the
         caller renews it with ``renew_lease`` while the attempt runs.
         """
-        out = await self._start(
+        out = await eval_raw(
+            self.redis, self._start,  # raw: the stored request may be anything, UTF-8 or not
             keys=[
                 keys.turn(turn_id),
                 keys.conversation_queue(conversation_id),
@@ -410,17 +439,23 @@ class TurnQueue:
                 keys.ARQ_IN_PROGRESS_PREFIX + turn_id,
                 keys.conversation_state(conversation_id),
                 keys.session_messages(conversation_id),
+                keys.turn_quarantine(turn_id),
             ],
             args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat()],
         )
         if int(out[0]) == 0:
             return StartDecision(0, as_text(out[1]))
-        _, status, request, agent, mem_len, base, errors = out
+        _, status, raw, agent, mem_len, base, errors, customer, quarantined = out
+        corrupt = None
+        try:
+            request = decode_request(raw)
+        except CorruptRecord as exc:
+            corrupt = lenient_text(quarantined) or str(exc)
+            request = stand_in_request(turn_id, conversation_id, lenient_text(customer) or "")
         return StartDecision(
-            int(out[0]), as_text(status),
-            request=TurnRequest.model_validate_json(request) if request else None,
-            current_agent=as_text(agent) or None, memory_length=int(mem_len), memory_base=int(base),
-            errors=int(errors),
+            int(out[0]), as_text(status), request=request,
+            current_agent=lenient_text(agent) or None, memory_length=int(mem_len),
+            memory_base=int(base), errors=int(errors), corrupt=corrupt,
         )
 
     async def renew_lease(self, turn_id: str, attempt: int, worker: str, lease_s: float) -> bool:
@@ -539,46 +574,79 @@ class TurnQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for cid in conversation_ids:
                 await self._reconcile_call(cid, lease_s, client=pipe)
-            replies = await pipe.execute()
+            # One conversation's script error (a key of the wrong type, written by hand) must
+            # not hide the others' answers: it is reported as that conversation's ``error``.
+            replies = await pipe.execute(raise_on_error=False)
         return [
-            Reconciled(cid, str(action), str(turn_id), int(dropped))
-            for cid, (action, turn_id, dropped) in zip(conversation_ids, replies)
+            Reconciled(cid, "error", "", 0, error=f"{type(reply).__name__}: {reply}")
+            if isinstance(reply, Exception) else Reconciled(cid, str(reply[0]), str(reply[1]), int(reply[2]))
+            for cid, reply in zip(conversation_ids, replies)
         ]
 
     # -- read side -------------------------------------------------------------------
 
     async def get(self, turn_id: str) -> TurnResult | None:
-        """The turn's result if it ended, else its request with the current status."""
+        """The turn's result if it ended, else its request with the current status.
+
+        Never raises on what is stored: a record that cannot be decoded is answered as a
+        ``CorruptTurnRecord`` failure (with the ids the record still holds), so every
+        reader (CLI, HTTP, replay) shows it instead of failing.
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.turn(turn_id))
-            pipe.lrange(keys.turn_errors(turn_id), 0, -1)
-            record, errors = await pipe.execute()
-        if not record:
+            pipe.execute_command("HGETALL", keys.turn(turn_id), **RAW)
+            pipe.execute_command("LRANGE", keys.turn_errors(turn_id), 0, -1, **RAW)
+            raw_record, errors = await pipe.execute(raise_on_error=False)
+        if isinstance(errors, ResponseError):  # WRONGTYPE: not a list
+            errors = [b"unreadable"]
+        if isinstance(raw_record, ResponseError):  # WRONGTYPE: not a hash (START quarantines it)
+            return corrupt_result(turn_id, {}, f"the turn record is not a hash ({raw_record})",
+                                  _decode_errors(errors))
+        if isinstance(raw_record, Exception):
+            raise raw_record
+        if not raw_record:
             return None
-        if record.get("result"):
-            return TurnResult.model_validate_json(record["result"])
-        req = TurnRequest.model_validate_json(record["request"])
+        # JSON fields stay bytes (pydantic checks their UTF-8); the others are plain text.
+        record: dict[str, Any] = {
+            lenient_text(k): v if k in (b"request", b"result") else lenient_text(v) for k, v in raw_record.items()
+        }
+        try:
+            if record.get("result"):
+                return _decode(TurnResult, record["result"], "stored result")
+            req = decode_request(record.get("request"))
+        except CorruptRecord as exc:
+            return corrupt_result(turn_id, record, str(exc), _decode_errors(errors))
         return TurnResult(
             turn_id=req.turn_id,
             conversation_id=req.conversation_id,
             customer_id=req.customer_id,
-            status=record.get("status", "queued"),  # type: ignore[arg-type]
+            status=_status(record.get("status")),
             text=req.text,
-            attempts=int(record.get("attempts", 0)),
-            errors=[AttemptError.model_validate_json(e) for e in errors],
+            attempts=_int(record.get("attempts")),
+            errors=_decode_errors(errors),
             enqueued_at=req.enqueued_at,
             worker=record.get("worker"),
         )
 
     async def get_request(self, turn_id: str) -> TurnRequest | None:
-        raw = await self.redis.hget(keys.turn(turn_id), "request")
-        return TurnRequest.model_validate_json(raw) if raw else None
+        """The stored request, None if the turn is unknown; ``CorruptRecord`` if unreadable."""
+        raw = await self.redis.execute_command("HGET", keys.turn(turn_id), "request", **RAW)
+        return decode_request(raw) if raw else None
+
+    async def conversation_of(self, turn_id: str) -> str | None:
+        """The conversation the turn record names (kept beside the request since enqueue);
+        None if it names none or is no record at all."""
+        try:
+            return lenient_text(await self.redis.execute_command(
+                "HGET", keys.turn(turn_id), "conversation_id", **RAW))
+        except ResponseError:  # WRONGTYPE
+            return None
 
     async def errors(self, turn_id: str) -> list[AttemptError]:
-        return [
-            AttemptError.model_validate_json(e)
-            for e in await self.redis.lrange(keys.turn_errors(turn_id), 0, -1)
-        ]
+        try:
+            raw = await self.redis.execute_command("LRANGE", keys.turn_errors(turn_id), 0, -1, **RAW)
+        except ResponseError:  # WRONGTYPE: shown as one unreadable error, not raised
+            raw = [b"unreadable"]
+        return _decode_errors(raw)
 
     async def wait(self, turn_id: str, timeout_s: float) -> TurnResult | None:
         """Wait for the turn to end, on the results stream (no polling); None if unknown."""
@@ -629,12 +697,19 @@ def deserialize_job(raw: bytes) -> dict[str, object]:
     leaves the turn ``queued`` with no job, its conversation stalled. Decoding it into a job
     that records the failure instead lets the worker end the turn ``failed``
     (``UndecodableJob``) for the job id (= the turn id) and wake the conversation's next turn.
+
+    Anything may be in Redis: bytes that are not UTF-8, nesting deep enough that the JSON
+    parser gives up with ``RecursionError`` (not a ``ValueError``), numbers too long to
+    convert, ids no producer would accept, counters arq would choke on. Each is a reason.
     """
     try:
         data = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return undecodable_job(f"not JSON ({type(exc).__name__}: {exc})")
-    problem = _job_problem(data)
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, digits
+        return undecodable_job(f"not JSON ({type(exc).__name__}: {str(exc)[:200]})")
+    try:
+        problem = _job_problem(data)
+    except RecursionError:  # a str()/repr() of something absurd; never propagate
+        problem = "not a turn job (unprintable)"
     if problem is not None:
         return undecodable_job(problem)
     return data  # type: ignore[no-any-return]
@@ -645,18 +720,109 @@ def undecodable_job(reason: str) -> dict[str, object]:
     return {"t": 1, "f": UNDECODABLE_FUNCTION, "a": [reason[:500]], "k": {}, "et": now_ms()}
 
 
+MAX_JOB_TRY = 1000  # arq copies a payload's try count above its own into its retry key
+MAX_JOB_TIME_MS = 2**53  # enqueue times are milliseconds; arq turns them into datetimes
+
+
 def _job_problem(data: object) -> str | None:
     """Why a decoded payload is not a turn job as the scripts write it (None: it is)."""
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
     if data.get("f") != JOB_FUNCTION:
-        return f"function {str(data.get('f'))[:80]!r} is not {JOB_FUNCTION!r}"
+        f = data.get("f")
+        return f"function {f[:80]!r} is not {JOB_FUNCTION!r}" if isinstance(f, str) else \
+            f"function is a JSON {type(f).__name__}, not {JOB_FUNCTION!r}"
     args = data.get("a")
     if not (isinstance(args, list) and len(args) == 2 and all(isinstance(x, str) for x in args)):
         return "arguments are not [turn_id, conversation_id]"
-    if not isinstance(data.get("k"), dict):
-        return "keyword arguments are not an object"
-    for field in ("t", "et"):
-        if not isinstance(data.get(field), int) or isinstance(data.get(field), bool):
+    for name, value in zip(("turn_id", "conversation_id"), args):
+        try:
+            check_id(value)
+        except ValueError:
+            return f"argument {name} is not a valid id"
+    if not isinstance(data.get("k"), dict) or data["k"]:
+        return "keyword arguments are not an empty object"
+    for field, top in (("t", MAX_JOB_TRY), ("et", MAX_JOB_TIME_MS)):
+        value = data.get(field)
+        if not isinstance(value, int) or isinstance(value, bool):
             return f"field {field!r} is not an integer"
+        if not 0 <= value <= top:
+            return f"field {field!r} is out of range"
     return None
+
+
+# -- decoding what is stored -------------------------------------------------------------
+
+CORRUPT_TURN_RECORD = "CorruptTurnRecord"  # error type of a turn whose stored record is unreadable
+
+
+class CorruptRecord(ValueError):
+    """A stored value (turn request, result, attempt error) that cannot be decoded. The
+    message says which and why, without the stored text (it may hold customer data)."""
+
+
+def _decode(model: type[M], raw: str | bytes | None, what: str) -> M:
+    """``model`` from stored JSON, or ``CorruptRecord``. pydantic parses nesting of any depth
+    without recursing in Python, so deep JSON is a ``ValidationError`` here too."""
+    if not raw:
+        raise CorruptRecord(f"{what} is missing")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "document"
+        raise CorruptRecord(f"{what} cannot be decoded ({exc.error_count()} errors; "
+                            f"{where}: {first.get('msg', '?')})") from None
+
+
+def decode_request(raw: str | bytes | None) -> TurnRequest:
+    """The stored ``TurnRequest``, or ``CorruptRecord`` saying why not."""
+    return _decode(TurnRequest, raw, "stored request")
+
+
+def stand_in_request(turn_id: str, conversation_id: str, customer_id: str) -> TurnRequest:
+    """What is still known of a turn whose request is unreadable: enough to record its
+    failure (ids; no text), built without validation since nothing here came from a client."""
+    return TurnRequest.model_construct(
+        turn_id=turn_id, conversation_id=conversation_id, customer_id=customer_id, text="",
+        metadata={}, agent="support-desk", trace=False, enqueued_at=None,
+    )
+
+
+def corrupt_result(turn_id: str, record: dict[str, Any], reason: str,
+                   errors: list[AttemptError]) -> TurnResult:
+    """How ``get`` answers for a record it cannot decode: the failure, with the ids the
+    record still holds (``""`` for a record written before it held them)."""
+    return TurnResult(
+        turn_id=turn_id,
+        conversation_id=record.get("conversation_id") or "",
+        customer_id=record.get("customer_id") or "",
+        status=_status(record.get("status")),
+        attempts=_int(record.get("attempts")),
+        errors=errors,
+        error_type=CORRUPT_TURN_RECORD,
+        error_message=f"the turn's record in Redis is corrupt: {reason}",
+        worker=record.get("worker"),
+    )
+
+
+def _decode_errors(raw: list[bytes]) -> list[AttemptError]:
+    """Attempt errors as stored; one that cannot be decoded is shown as such, not raised."""
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            out.append(_decode(AttemptError, item, f"attempt error {i + 1}"))
+        except CorruptRecord as exc:
+            out.append(AttemptError(attempt=0, error_type=CORRUPT_TURN_RECORD, message=str(exc)))
+    return out
+
+
+def _status(value: str | None) -> TurnStatus:
+    return value if value in ("queued", "running", "completed", "failed") else "queued"  # type: ignore[return-value]
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0

@@ -28,6 +28,11 @@ class CommonSettings(BaseSettings):
     trace_redis_url: str | None = Field(
         default=None, description="Redis for the trace store (bulky span payloads); unset: REDIS_URL."
     )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="How long a --burst worker or telemetry consumer waits for Redis to answer "
+                    "(at start or after losing it) before it gives up with exit status 1.",
+    )
     budgets: dict[str, float] = Field(
         default_factory=dict,
         description='Daily spend limit in USD per customer (JSON), e.g. {"C-100": 5}.',

@@ -10,7 +10,8 @@ and the next turn's job atomically.
 and a lease: arq's in-progress key for the turn, set to expire in ``turn_lease_s`` instead of
 arq's ``job_timeout`` + 10 s and renewed every ``turn_lease_s / 3`` by ``Lease`` while the
 attempt runs. A SIGKILLed worker stops renewing; its turn is claimed again by another worker
-at most ``turn_lease_s`` + ``poll_delay_s`` after the kill (10.01 s by default), and the
+at most ``turn_lease_s`` + ``poll_delay_s`` after the kill (10.01 s by default) when one has
+a free slot (a saturated fleet adds its wait for a slot, see ``turnfleet/queue.py``), and the
 next ``START`` records the lost attempt as ``WorkerLost``. (A worker killed in the
 millisecond between arq's claim and ``START`` leaves arq's longer key; the reconciler cuts it
 to one lease, so that case waits at most ``reconcile_every_s`` + ``turn_lease_s``.)
@@ -32,8 +33,10 @@ the workflow defines for that guardrail (``desk.guardrail_reply``), a ``guardrai
 recorded, and the run's memory is not written (the refused message must not steer later
 turns). It feeds no error rate and raises no alert.
 
-**Undecodable jobs.** ``record_undecodable`` is what a payload ``deserialize_job`` could not
-decode runs: it ends the turn ``failed`` (``UndecodableJob``) and wakes its conversation.
+**Undecodable jobs and records.** ``record_undecodable`` is what a payload
+``deserialize_job`` could not decode runs: it ends the turn ``failed`` (``UndecodableJob``)
+and wakes its conversation. A turn whose stored request cannot be decoded ends the same way
+(``CorruptTurnRecord``) when its job starts: a retry would read the same bytes.
 """
 
 from __future__ import annotations
@@ -57,7 +60,6 @@ from agents.exceptions import (
     UserError,
 )
 from arq import Retry
-from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -65,7 +67,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
-from turnfleet.queue import Outcome, StartDecision, TurnQueue
+from turnfleet.queue import CORRUPT_TURN_RECORD, CorruptRecord, Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.context import TurnContext
@@ -193,6 +195,10 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
     The attempt, if it had started, is recorded as ``WorkerLost`` by the next ``START``.
     """
     rt: Runtime = ctx["runtime"]
+    job_id = ctx.get("job_id")
+    if job_id is not None and job_id != turn_id:
+        # A payload someone rewrote to name another turn: fail the job's own turn instead.
+        return await record_undecodable(ctx, "its arguments name another turn than its job id")
     try:
         return await _run_turn(rt, turn_id, conversation_id)
     except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -209,6 +215,10 @@ async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str) -> str:
     if decision.attempt == 0:
         log.info("turn.skipped", turn_id=turn_id, reason=decision.status)
         return decision.status
+    if decision.corrupt:
+        message = f"the turn's record in Redis is corrupt: {decision.corrupt}"
+        return await _fail_unrunnable(rt, decision, started_at, CORRUPT_TURN_RECORD, message,
+                                      log.bind(turn_id=turn_id))
     lease = Lease(rt, turn_id, decision.attempt)
     try:
         return await _run_attempt(rt, turn_id, conversation_id, decision, started_at, lease)
@@ -363,7 +373,7 @@ async def _run_attempt(
     turn_result = _turn_result(
         rt, req, hooks, attempt, started_at, queue_wait_ms, "completed",
         errors=await rt.queue.errors(turn_id) if decision.errors else [], final_output=final,
-        duration_ms=duration_ms,
+        duration_ms=duration_ms, warnings=session.warnings,
     )
     await lease.stop()
     batch = hooks.batch_json()
@@ -445,28 +455,45 @@ async def record_undecodable(ctx: dict[str, Any], reason: str) -> str:
     log_ctx = log.bind(turn_id=turn_id)
     try:
         req = await rt.queue.get_request(turn_id)
-    except ValidationError as exc:
-        log_ctx.error("job.undecodable", reason=reason, action="dropped", why=f"turn record unreadable: {exc}")
-        return "unknown"
-    if req is None:
+        conversation_id = req.conversation_id if req is not None else None
+    except CorruptRecord:
+        # The turn's request is corrupt too: the record still names its conversation.
+        conversation_id = await rt.queue.conversation_of(turn_id)
+    if conversation_id is None:
+        # No turn (or a record from before it named its conversation, whose job the
+        # reconciler writes again; that job then ends the turn CorruptTurnRecord).
         log_ctx.error("job.undecodable", reason=reason, action="dropped", why="no such turn")
         return "unknown"
     started_at = utcnow()
     decision = await rt.queue.start(
-        turn_id, req.conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s
+        turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s
     )
     if decision.attempt == 0:
         log_ctx.warning("job.undecodable", reason=reason, action="dropped", why=decision.status)
         return decision.status
-    queue_wait_ms = max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000)
-    hooks = _hooks(rt, req, decision.attempt)
     message = f"the turn's job payload in Redis could not be decoded: {reason}"
-    hooks.turn_errored(terminal=True, duration_ms=0.0, error_type="UndecodableJob", message=message)
+    if decision.corrupt:
+        message += f"; {decision.corrupt}"
+    return await _fail_unrunnable(rt, decision, started_at, "UndecodableJob", message, log_ctx)
+
+
+async def _fail_unrunnable(
+    rt: Runtime, decision: StartDecision, started_at: datetime, error_type: str, message: str, log_ctx: Any,
+) -> str:
+    """End a started turn ``failed`` at once, without running it: its job or its record
+    cannot be decoded, and would not decode better on a retry. The finish script records the
+    failure (one attempt, telemetry, alerts like any failure) and wakes the conversation's
+    next turn."""
+    req = decision.request
+    assert req is not None
+    queue_wait_ms = max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000) if req.enqueued_at else None
+    hooks = _hooks(rt, req, decision.attempt)
+    hooks.turn_errored(terminal=True, duration_ms=0.0, error_type=error_type, message=message)
     outcome = await _finish_failed(rt, req, hooks, decision.attempt, started_at, queue_wait_ms,
-                                   "UndecodableJob", message, fence=decision.attempt)
+                                   error_type, message, fence=decision.attempt)
     if not outcome:
-        return _dropped(rt, turn_id, outcome, log_ctx, "result")
-    log_ctx.error("turn.failed", error_type="UndecodableJob", error=message, conversation_id=req.conversation_id)
+        return _dropped(rt, req.turn_id, outcome, log_ctx, "result")
+    log_ctx.error("turn.failed", error_type=error_type, error=message, conversation_id=req.conversation_id)
     return "failed"
 
 
@@ -519,7 +546,7 @@ def _turn_result(
     hooks: TelemetryHooks,
     attempt: int,
     started_at: datetime,
-    queue_wait_ms: float,
+    queue_wait_ms: float | None,
     status: str,
     **outcome: Any,
 ) -> TurnResult:
@@ -550,7 +577,7 @@ async def _finish_failed(
     hooks: TelemetryHooks,
     attempt: int,
     started_at: datetime,
-    queue_wait_ms: float,
+    queue_wait_ms: float | None,
     error_type: str,
     message: str,
     fence: int | None = None,

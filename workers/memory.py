@@ -13,20 +13,30 @@ either reads the same. And it is *fenced*: every write names the attempt it belo
 is refused once that attempt is no longer the turn's running attempt, so a stalled worker
 whose lease a newer attempt took cannot append to the conversation's memory
 (``MemoryFenced`` ends that stale attempt).
+
+A stored item that cannot be decoded (written by hand, by a bad migration, not UTF-8, nested
+past what the parser takes) would fail every later turn of the conversation. Reading
+replaces it in place by a marker item (``CORRUPT_ITEM_TYPE``, same list index, so the memory
+length and a turn's ``memory_base`` keep their meaning), skips it and every marker, logs
+``memory.corrupt_item`` and keeps a warning the job puts in the turn's result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import weakref
+from datetime import datetime, timezone
 from typing import Any
 
+import structlog
 from agents.memory.session import SessionABC
 from agents.memory.session_settings import SessionSettings, resolve_session_limit
 from redis.asyncio import Redis
 
 from turnfleet import keys
+from turnfleet.connection import RAW
 from turnfleet.queue import FENCE_CHECK_LUA
 
 # KEYS: messages, meta, turn. ARGV: attempt ('' = unfenced), ttl_s ('' = none), now, session_id,
@@ -56,15 +66,51 @@ return n - keep
 """
 
 
-_SCRIPTS: weakref.WeakKeyDictionary[Redis, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+# KEYS: messages, turn. ARGV: attempt ('' = unfenced), index, the corrupt item as read, marker.
+# Replaces the item at that index by the marker only if it still holds what was read (LSET:
+# the list keeps its length, so memory_length/memory_base and roll-backs keep their meaning).
+# Returns 1 (marked), 0 (the item changed meanwhile) or -1 (fenced: nothing written).
+_MARK_LUA = FENCE_CHECK_LUA + """
+if ARGV[1] ~= '' and fence_check(KEYS[2], ARGV[1]) ~= 'ok' then return -1 end
+if redis.call('LINDEX', KEYS[1], ARGV[2]) ~= ARGV[3] then return 0 end
+redis.call('LSET', KEYS[1], ARGV[2], ARGV[4])
+return 1
+"""
+
+CORRUPT_ITEM_TYPE = "turnfleet.corrupt_memory_item"
+"""``type`` of the marker that takes a corrupt memory item's place; readers skip it."""
+
+_SCRIPTS: weakref.WeakKeyDictionary[Redis, tuple[Any, Any, Any]] = weakref.WeakKeyDictionary()
+
+log = structlog.get_logger(__name__)
 
 
-def _scripts(redis: Redis) -> tuple[Any, Any]:
-    """The append and trim scripts bound to ``redis``: made once per client, not per turn."""
+def _scripts(redis: Redis) -> tuple[Any, Any, Any]:
+    """The append, trim and mark scripts bound to ``redis``: made once per client, not per turn."""
     bound = _SCRIPTS.get(redis)
     if bound is None:
-        bound = _SCRIPTS[redis] = (redis.register_script(_APPEND_LUA), redis.register_script(_TRIM_LUA))
+        bound = _SCRIPTS[redis] = (redis.register_script(_APPEND_LUA), redis.register_script(_TRIM_LUA),
+                                   redis.register_script(_MARK_LUA))
     return bound
+
+
+def decode_item(raw: bytes | str) -> tuple[Any, str | None]:
+    """A stored memory item and ``None``, or ``None`` and why it is no item the SDK can use:
+    not UTF-8, not JSON (nesting too deep included), or not an object with a ``type`` or
+    ``role``. The reason never quotes the item (it may hold customer data)."""
+    try:
+        item = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, digits
+        return None, f"not JSON ({type(exc).__name__})"
+    if not isinstance(item, dict):
+        return None, f"a JSON {type(item).__name__}, not an object"
+    if not (isinstance(item.get("type"), str) or isinstance(item.get("role"), str)):
+        return None, "an object with neither a type nor a role"
+    return item, None
+
+
+def is_marker(item: dict[str, Any]) -> bool:
+    return item.get("type") == CORRUPT_ITEM_TYPE
 
 
 class MemoryFenced(Exception):
@@ -104,7 +150,10 @@ class ConversationMemory(SessionABC):
         self._ttl = "" if ttl_s is None else str(int(ttl_s))
         self._buffered = buffered
         self._pending: list[str] = []
-        self._append, self._trim = _scripts(redis)
+        self._append, self._trim, self._mark = _scripts(redis)
+        self._turn_id = turn_id
+        self._conversation_id = conversation_id
+        self.warnings: list[str] = []  # corrupt items this session found and skipped (for the result)
 
     @property
     def messages_key(self) -> str:
@@ -115,12 +164,33 @@ class ConversationMemory(SessionABC):
         if limit is not None and limit <= 0:
             return []
         if limit is not None and limit <= len(self._pending):
-            raw = self._pending[-limit:]
-        else:
-            stored = await self._redis.lrange(
-                self._messages, 0 if limit is None else -(limit - len(self._pending)), -1)
-            raw = [*stored, *self._pending]
-        return [json.loads(r) for r in raw]
+            return [json.loads(r) for r in self._pending[-limit:]]
+        stored = await self._redis.execute_command(  # raw: an item may not even be UTF-8
+            "LRANGE", self._messages, 0 if limit is None else -(limit - len(self._pending)), -1, **RAW)
+        items = []
+        for i, raw in enumerate(stored):
+            item, problem = decode_item(raw)
+            if problem is not None:
+                await self._mark_corrupt(i - len(stored), raw, problem)
+            elif not is_marker(item):
+                items.append(item)
+        return [*items, *(json.loads(r) for r in self._pending)]
+
+    async def _mark_corrupt(self, index: int, raw: bytes, problem: str) -> None:
+        """Replace a corrupt item in place by a marker (same index: positions do not shift),
+        log it and keep a warning for the turn's result. Skipped, never silently dropped."""
+        position = await self._redis.llen(self._messages) + index  # index counts from the end
+        marker = json.dumps({
+            "type": CORRUPT_ITEM_TYPE, "reason": problem, "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(), "found_by_turn": self._turn_id,
+            "found_at": datetime.now(timezone.utc).isoformat(),
+        }, separators=(",", ":"))
+        marked = int(await self._mark(keys=[self._messages, self._turn], args=[self._fence, index, raw, marker]))
+        warning = f"conversation memory item {position} is corrupt ({problem}): skipped"
+        self.warnings.append(warning + ("" if marked > 0 else " (not marked: "
+                                        + ("the item changed meanwhile)" if marked == 0 else "attempt fenced)")))
+        log.warning("memory.corrupt_item", conversation_id=self._conversation_id, turn_id=self._turn_id,
+                    index=position, reason=problem, bytes=len(raw), marked=marked > 0)
 
     async def add_items(self, items: list[Any]) -> None:
         if not items:
@@ -148,8 +218,8 @@ class ConversationMemory(SessionABC):
         if self._pending:
             return json.loads(self._pending.pop())
         # Unfenced, like the SDK's: the fleet rolls memory back with ``truncate`` instead.
-        raw = await self._redis.rpop(self._messages)
-        return None if raw is None else json.loads(raw)
+        raw = await self._redis.execute_command("RPOP", self._messages, **RAW)
+        return None if raw is None else decode_item(raw)[0]
 
     async def clear_session(self) -> None:
         self._pending = []

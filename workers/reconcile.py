@@ -20,7 +20,10 @@ head's arq job consistent in every step they take; the reconciler covers what ha
 
 Each conversation is repaired by one Lua script (``TurnQueue.reconcile_conversation``), so a
 pass is idempotent and safe to run on every worker at once: a healthy conversation is left
-exactly as it was. Every worker runs ``reconcile_forever`` (every ``reconcile_every_s``, first
+exactly as it was. A conversation whose script fails (a key of the wrong type, written by
+hand) is logged (``reconcile.conversation_failed``) and the pass goes on with the others.
+(A turn record that cannot be decoded, or is no hash, counts as an unfinished head: its
+job ends it ``CorruptTurnRecord`` when it starts, see ``workers/job.py``.) Every worker runs ``reconcile_forever`` (every ``reconcile_every_s``, first
 pass at start-up); tests and tools call ``reconcile`` directly. What a pass changed is logged
 per conversation (``reconcile.repaired``) and summed (``reconcile.pass``).
 
@@ -82,7 +85,10 @@ async def reconcile(redis: Redis, *, lease_s: float = 0.0, page_size: int = PAGE
             report.actions["idle"] += len(page) - len(open_ids)
         for found in await queue.reconcile_many(open_ids, lease_s=lease_s):
             report.actions[found.action] += 1
-            if found.action == "clamped":
+            if found.action == "error":
+                log.error("reconcile.conversation_failed", conversation_id=found.conversation_id,
+                          error=found.error, action="skipped; the other conversations are repaired")
+            elif found.action == "clamped":
                 log.debug("reconcile.lease_clamped", conversation_id=found.conversation_id,
                           turn_id=found.turn_id)
             if found.changed:
@@ -112,7 +118,8 @@ async def _open_conversations(conversation_ids: list[str], redis: Redis) -> list
         for cid in conversation_ids:
             pipe.llen(keys.conversation_queue(cid))
             pipe.exists(keys.conversation_active(cid))
-        replies = await pipe.execute()
+        # An error (a queue key of the wrong type) counts as open: its repair reports it.
+        replies = await pipe.execute(raise_on_error=False)
     return [cid for i, cid in enumerate(conversation_ids) if replies[2 * i] or replies[2 * i + 1]]
 
 
@@ -125,4 +132,6 @@ async def reconcile_forever(redis: Redis, every_s: float, lease_s: float) -> Non
             await reconcile(redis, lease_s=lease_s)
         except RedisError as exc:
             log.warning("reconcile.failed", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad pass
+            log.error("reconcile.failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         await asyncio.sleep(every_s * random.uniform(0.8, 1.2))

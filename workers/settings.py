@@ -10,14 +10,17 @@ so crashes use them up) and must get the chance to record the final failure.
   The supervisor logs it (``worker.redis_lost``), lets the turns in flight finish (or fail)
   within the drain grace, backs off (0.5 s doubling to 15 s) and starts a new arq ``Worker``
   with the same settings and ctx, until SIGTERM/SIGINT. ``--burst`` keeps its meaning: the
-  supervised worker drains the queue, then the process exits.
+  supervised worker drains the queue, then the process exits; a burst run must end, so it
+  waits for Redis (at start, and after losing it) at most ``connect_timeout_s``, then raises
+  ``RedisUnavailable`` (the CLI prints one line, exit 1).
 - **Drains on SIGTERM/SIGINT.** No new turns are taken; running turns get
   ``drain_grace_s`` to finish (arq's ``job_completion_wait``, done here because signal
   handling must outlive one arq ``Worker``); those still running are then cancelled — each
   records a ``WorkerStopped`` attempt error and arq puts its job back for another worker
   (``retry_jobs``). A second signal skips what is left of the grace.
 - **Leases instead of arq's in-progress timeout** (``workers/job.py``): a SIGKILLed worker's
-  turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s``, and
+  turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s`` (plus, on a
+  saturated fleet, the wait for a free slot), and
   ``TurnWorker`` leaves the job alone when an attempt was fenced out by a newer one.
 - **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 from typing import Any
 
@@ -40,7 +44,7 @@ from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
 from turnfleet import keys
-from turnfleet.connection import connect
+from turnfleet.connection import connect, wait_for_redis
 from turnfleet.queue import TurnQueue, deserialize_job, now_ms, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
@@ -229,6 +233,9 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
     """Run arq ``Worker``s one after another until SIGTERM/SIGINT (or, with ``burst``, until
     the queue is drained); see the module docstring. ``ctx`` is added to every Worker's ctx."""
     settings = WorkerProcessSettings()
+    if burst:
+        # A burst run must end: wait for Redis a bounded time, then give up (one line, exit 1).
+        await _redis_within(redis_url, settings.connect_timeout_s)
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
 
@@ -245,7 +252,8 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
     shared_ctx: dict[str, Any] = {"redis_url": redis_url, **(ctx or {})}
     kwargs = {
         **get_kwargs(WorkerSettings),
-        "redis_settings": redis_settings(redis_url),
+        # No retries inside arq's pool creation: the loop below retries, logging each one.
+        "redis_settings": dataclasses.replace(redis_settings(redis_url), conn_retries=0),
         "burst": burst,
         "ctx": shared_ctx,
         "handle_signals": False,  # ours, above: they must outlive one Worker
@@ -276,10 +284,14 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
                 raise error
             if loop.time() - began >= RECONNECT_MAX_S:
                 backoff = RECONNECT_FIRST_S
-            log.error("worker.redis_lost", error=f"{type(error).__name__}: {error}", restart_in_s=backoff)
+            log.error("worker.redis_lost", error=f"{type(error).__name__}: {error}",
+                      restart_in_s=None if burst else backoff)
             await _drain(worker, settings.drain_grace_s, hurry)
             await _close(worker)
             jobs_failed += worker.jobs_failed
+            if burst:
+                await _redis_within(redis_url, settings.connect_timeout_s)
+                continue
             try:
                 await asyncio.wait_for(stop.wait(), backoff)
             except asyncio.TimeoutError:
@@ -290,6 +302,16 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
             loop.remove_signal_handler(sig)
     log.info("worker.stopped", jobs_failed=jobs_failed)
     return 0 if not jobs_failed else 1
+
+
+async def _redis_within(redis_url: str | None, timeout_s: float) -> None:
+    """Return once Redis answers; ``RedisUnavailable`` after ``timeout_s`` (burst runs)."""
+    probe = connect(redis_url or "redis://localhost:6379/0")
+    try:
+        await wait_for_redis(probe, timeout_s, "worker", redis_url)
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await probe.aclose()
 
 
 async def _drain(worker: Worker, grace_s: float, hurry: asyncio.Event) -> None:
