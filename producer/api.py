@@ -23,18 +23,23 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from turnfleet import budget, keys
 from turnfleet.budget import BudgetExceeded, BudgetStatus
-from turnfleet.connection import connect
+from turnfleet.connection import RAW, connect, lenient_text
 from turnfleet.models import TurnRequest, TurnResult, TurnStatus
-from turnfleet.queue import ConversationOwnershipError, TurnQueue
+from turnfleet.queue import ConversationOwnershipError, CorruptRecord, TurnQueue, decode_request
 from turnfleet.settings import ProducerSettings
 
 __all__ = [
     "Producer", "TurnValidationError", "TurnIdReused", "ConversationOwnershipError", "BudgetExceeded",
     "EnqueueResult", "BulkEnqueueError",
 ]
+
+
+UNREADABLE = "unreadable"
+"""``known``'s status for a turn id whose stored record cannot be decoded."""
 
 
 class TurnValidationError(ValueError):
@@ -248,7 +253,7 @@ class Producer:
             await self.check_budget(req.customer_id)
         except BudgetExceeded as exc:
             [(found, status)] = await self.known([req.turn_id])
-            if found is None:
+            if found is None and status is None:  # not a repeat: the budget answers
                 return EnqueueResult.over_budget(index, req, exc)
             return self._repeat(index, req, found, status)
         try:
@@ -271,9 +276,26 @@ class Producer:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for turn_id in turn_ids:
-                pipe.hmget(keys.turn(turn_id), "request", "status")
-            rows = await pipe.execute()
-        return [(TurnRequest.model_validate_json(raw) if raw else None, status) for raw, status in rows]
+                pipe.execute_command("HMGET", keys.turn(turn_id), "request", "status", **RAW)
+            rows = await pipe.execute(raise_on_error=False)
+        return [self._known_row(row) for row in rows]
+
+    @staticmethod
+    def _known_row(row: Any) -> tuple[TurnRequest | None, str | None]:
+        """One ``HMGET`` reply, read raw: a record that is not a hash, or whose request cannot
+        be decoded, is an id already taken by an unreadable turn (``unreadable``), never an
+        exception (a repeat of it is refused as a reused id: nothing can show it is the same)."""
+        if isinstance(row, ResponseError):  # WRONGTYPE: the record was replaced by another type
+            return None, UNREADABLE
+        if isinstance(row, Exception):
+            raise row
+        raw, status = row
+        if raw is None:
+            return None, lenient_text(status)
+        try:
+            return decode_request(raw), lenient_text(status)
+        except CorruptRecord:
+            return None, UNREADABLE
 
     async def check_budget(self, customer_id: str) -> budget.BudgetStatus | None:
         """Raise ``BudgetExceeded`` if the customer's daily budget is spent (admission control).
@@ -372,7 +394,7 @@ class Producer:
         for (i, req), (found, status) in zip(held, await self.known([r.turn_id for _, r in held])):
             exceeded = over[req.customer_id]
             assert exceeded is not None
-            results[i] = (self._repeat(i, req, found, status) if found is not None
+            results[i] = (self._repeat(i, req, found, status) if found is not None or status is not None
                           else EnqueueResult.over_budget(i, req, exceeded))
         # The enqueue script refuses known ids atomically (0): only those are read back.
         repeats = []

@@ -28,10 +28,13 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from telemetry.query import conversation_stats, turn_stats
 from turnfleet import keys
+from turnfleet.connection import RAW
 from turnfleet.queue import TurnQueue
 from turnfleet.tool_errors import tool_outcome
 
@@ -187,15 +190,78 @@ def _decisions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+log = structlog.get_logger(__name__)
+
+
+def _stored_json(raw: Any) -> Any:
+    """A stored JSON document, or ``None`` when it is not one (invalid UTF-8, bad JSON, too
+    deep): what workers wrote is read as untrusted, so one bad value never breaks a replay."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError, TypeError):
+        return None
+
+
+async def _read_raw(client: Redis, *command: Any) -> Any:
+    """A read with its reply as bytes; a key of the wrong type reads as nothing."""
+    try:
+        return await client.execute_command(*command, **RAW)
+    except ResponseError:
+        return None
+
+
+async def _stored_attempts(
+    redis: Redis, turn_id: str, trace_redis: Redis | None
+) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], list[str]]:
+    """The turn's trace records and event timelines by attempt, and what could not be read."""
+    unreadable: list[str] = []
+    by_attempt_trace: dict[int, dict[str, Any]] = {}
+    for raw in await _read_raw(trace_redis or redis, "LRANGE", keys.trace(turn_id), 0, -1) or []:
+        record = _stored_json(raw)
+        trace = record.get("trace") if isinstance(record, dict) else None
+        attempt = trace.get("attempt", 1) if isinstance(trace, dict) else None
+        if not isinstance(attempt, int) or not isinstance(record.get("spans"), list):
+            unreadable.append("a trace record")
+            continue
+        by_attempt_trace[attempt] = record
+    by_attempt_events: dict[int, list[dict[str, Any]]] = {}
+    for raw_attempt, raw in (await _read_raw(redis, "HGETALL", keys.turn_events(turn_id)) or {}).items():
+        events = _stored_json(raw)
+        try:
+            attempt = int(raw_attempt)
+        except ValueError:
+            attempt = None
+        if attempt is None or not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            unreadable.append(f"the event timeline of attempt {raw_attempt.decode(errors='replace')[:20]}")
+            continue
+        by_attempt_events[attempt] = events
+    if unreadable:
+        log.warning("replay.unreadable", turn_id=turn_id, what=unreadable)
+    return by_attempt_trace, by_attempt_events, unreadable
+
+
+def _tree(record: dict[str, Any] | None, events: list[dict[str, Any]]) -> tuple[str, list[Any] | None]:
+    """The attempt's tree from its spans, else from its events; ``None`` if neither reads."""
+    if record is not None:
+        try:
+            return "trace", tree_from_spans(record["spans"], _decisions(events))
+        except (TypeError, KeyError, AttributeError, ValueError):
+            pass  # a damaged trace record: the events still tell the story
+    try:
+        return "events", tree_from_events(events)
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return "events", None
+
+
 async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = None) -> dict[str, Any] | None:
-    """Everything known about one turn: result, telemetry figures, and per attempt its tree."""
+    """Everything known about one turn: result, telemetry figures, and per attempt its tree.
+
+    Never raises on what is stored: an unreadable trace record or event timeline is left out
+    and named under ``unreadable``."""
     result = await TurnQueue(redis).get(turn_id)
     if result is None:
         return None
-    records = [json.loads(r) for r in await (trace_redis or redis).lrange(keys.trace(turn_id), 0, -1)]
-    batches = await redis.hgetall(keys.turn_events(turn_id))
-    by_attempt_events = {int(a): json.loads(b) for a, b in batches.items()}
-    by_attempt_trace = {int(r["trace"].get("attempt", 1)): r for r in records}
+    by_attempt_trace, by_attempt_events, unreadable = await _stored_attempts(redis, turn_id, trace_redis)
     attempts = []
     for attempt in sorted(set(by_attempt_events) | set(by_attempt_trace)):
         events = by_attempt_events.get(attempt, [])
@@ -205,29 +271,37 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
             terminal[-1]["kind"] if terminal else "", record["trace"].get("status") if record else "unknown"
         )
         entry: dict[str, Any] = {"attempt": attempt, "status": status}
-        if record is not None:
+        source, tree = _tree(record, events)
+        if tree is None:
+            unreadable.append(f"the tree of attempt {attempt}")
+            tree = []
+        if source == "trace":
             entry.update(source="trace", kept_because=record["trace"].get("kept_because"),
                          trace_id=record["trace"].get("id"),
                          started_at=record["trace"].get("started_at"),
                          ended_at=record["trace"].get("ended_at"),
-                         tree=tree_from_spans(record["spans"], _decisions(events)))
+                         tree=tree)
         else:
-            ordered = sorted(events, key=lambda e: e.get("seq", 0))
+            ordered = sorted(events, key=lambda e: e.get("seq", 0) if isinstance(e.get("seq"), int) else 0)
             entry.update(source="events", kept_because=None, trace_id=None,
                          started_at=ordered[0].get("ts") if ordered else None,
                          ended_at=ordered[-1].get("ts") if ordered else None,
-                         tree=tree_from_events(events))
+                         tree=tree)
         if terminal and terminal[-1].get("error"):
             entry["error"] = terminal[-1]["error"]
         tripped = [e for e in events if e.get("kind") == "guardrail"]
         if tripped:
-            entry["guardrail"] = (tripped[-1].get("detail") or {}).get("guardrail")
+            detail = tripped[-1].get("detail")
+            entry["guardrail"] = detail.get("guardrail") if isinstance(detail, dict) else None
         attempts.append(entry)
-    return {
+    replay = {
         "turn": result.model_dump(mode="json"),
         "telemetry": await turn_stats(redis, turn_id),
         "attempts": attempts,
     }
+    if unreadable:
+        replay["unreadable"] = unreadable
+    return replay
 
 
 async def conversation_replay(

@@ -201,3 +201,70 @@ async def test_every_undecodable_payload_fails_its_turn_promptly_and_the_convers
             failed, followed = await producer.result(first), await producer.result(second)
             assert (failed.status, failed.error_type) == ("failed", "UndecodableJob"), (name, failed)
             assert (followed.status, followed.attempts) == ("completed", 1), (name, followed)
+
+
+async def test_repeating_a_turn_id_whose_record_is_corrupt_is_refused_not_an_error(redis, redis_url):
+    """A retried POST (or enqueue) of a turn whose stored record is unreadable can't be shown
+    to be the same turn: it is refused as a reused id (422), never a 500 or a raw exception."""
+    from producer import TurnIdReused
+    from tests.test_http import KEY_A, auth, make_settings, serving
+
+    body = {"conversation_id": "cv-rep", "customer_id": "C-100", "text": "Hello there"}
+    async with Producer(redis=redis) as producer:
+        ids = [await producer.enqueue_turn(**body, turn_id=f"rep-{name}") for name in CORRUPT_REQUESTS]
+        for turn_id, raw in zip(ids, CORRUPT_REQUESTS.values()):
+            if raw is None:
+                await redis.hdel(keys.turn(turn_id), "request")
+            elif raw == "string":
+                await redis.delete(keys.turn(turn_id))
+                await redis.set(keys.turn(turn_id), "garbage")
+            else:
+                await redis.execute_command("HSET", keys.turn(turn_id), "request", raw)
+        for turn_id in ids:
+            try:
+                await producer.enqueue_turn(**body, turn_id=turn_id)
+            except TurnIdReused as exc:
+                assert exc.errors[0]["field"] == "turn_id", exc.errors
+            else:
+                raise AssertionError(f"{turn_id}: a repeat of an unreadable turn was accepted")
+    async with serving(make_settings(), redis_url) as (_app, api):
+        answers = [await api.post("/v1/turns", json={**body, "turn_id": turn_id}, headers=auth(KEY_A))
+                   for turn_id in ids]
+    assert [a.status_code for a in answers] == [422] * len(ids), [a.text for a in answers]
+    assert {a.json()["error"] for a in answers} == {"validation"}
+    assert await redis.llen(keys.conversation_queue("cv-rep")) == len(ids)  # nothing more queued
+
+
+async def test_a_replay_with_an_unreadable_trace_record_or_timeline_names_them_and_still_answers(
+    redis, fleet_env, tmp_path, turnfleet_cmd
+):
+    async with Producer(redis=redis) as producer:
+        turn_id = await producer.enqueue_turn(conversation_id="cv-replay", customer_id="C-100",
+                                              text="Where is order 1043?")
+    run_burst("worker", fleet_env, tmp_path)
+    whole = await turn_replay(redis, turn_id)
+    assert [a["source"] for a in whole["attempts"]] == ["trace"] and "unreadable" not in whole
+    # Damage what the worker wrote: a second trace record that is not JSON, one that is too
+    # deep, an event timeline of invalid UTF-8 and one under an attempt that is not a number.
+    await redis.execute_command("RPUSH", keys.trace(turn_id), b"\xff{", DEEP)
+    await redis.execute_command("HSET", keys.turn_events(turn_id), "7", b"\xfe[", "x", "[]")
+    replay = await turn_replay(redis, turn_id)
+    assert replay["attempts"] == whole["attempts"]  # what could be read is shown as before
+    assert sorted(replay["unreadable"]) == sorted([
+        "a trace record", "a trace record", "the event timeline of attempt 7",
+        "the event timeline of attempt x"])
+    # The spans themselves damaged: the replay falls back to the hook-event timeline.
+    await redis.delete(keys.trace(turn_id))
+    await redis.rpush(keys.trace(turn_id), json.dumps({"trace": {"attempt": 1}, "spans": [1, "x"]}))
+    fallback = await turn_replay(redis, turn_id)
+    assert [a["source"] for a in fallback["attempts"]] == ["events"]
+    assert any(node["kind"] == "tool" for node in _walk(fallback["attempts"][0]["tree"]))
+    cli = subprocess.run([*turnfleet_cmd, "turn", turn_id], env=fleet_env, capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 0 and "lookup_order" in cli.stdout and "Traceback" not in cli.stderr, cli.stderr
+
+
+def _walk(nodes):
+    for node in nodes:
+        yield node
+        yield from _walk(node.get("children", []))
