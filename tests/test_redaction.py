@@ -126,6 +126,7 @@ POSITIVES: list[tuple[str, str]] = [
     ("mail jane.doe@example.com now", "mail [REDACTED:email] now"),
     ("<bob+tag@mail.example.co.uk>.", "<[REDACTED:email]>."),
     ("x_y-z.9@sub-domain.example.io", "[REDACTED:email]"),
+    ("mail 0@a.xn--90ais.", "mail [REDACTED:email]."),  # an IDN top-level domain
     ("customer C-100 (dana.w@example.org) wrote", "customer C-100 ([REDACTED:email]) wrote"),
     # phones
     ("call +14155552671", "call [REDACTED:phone]"),

@@ -214,7 +214,7 @@ _URL_CREDENTIALS = re.compile(r"://[^\s/:@\[\]]*:(?!\[REDACTED:)(?P<pw>[^\s/@]+)
 _EMAIL_DOMAIN = re.compile(
     r"@[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*"
-    r"\.[A-Za-z]{2,24}(?![\w\-])"
+    r"\.(?:[A-Za-z]{2,24}|[Xx][Nn]--[A-Za-z0-9]{1,59})(?![\w\-])"  # a TLD, or an IDN one (punycode)
 )
 _EMAIL_LOCAL_SYMBOLS = frozenset("._%+-")
 
@@ -444,18 +444,29 @@ _BACK = 8
 
 
 def _sub_from(pattern: re.Pattern[str], repl: Any, s: str, at: int) -> str:
-    """``pattern.sub(repl, s)``, for a pattern that cannot match before ``at - 7``.
+    """``pattern.sub(repl, s)``, for a pattern that cannot match before ``at - 6``.
 
     A digit pass is often gated in by something harmless (an epoch timestamp); starting the
     scan near the gate's hit saves most of the work. View positions are positions in ``s``
-    only when ``s`` is ASCII; otherwise the scan starts at 0. The characters kept before
-    ``at`` cover a needle up to 6 characters into a match ("07700 " of a UK mobile) and the
-    character a look-behind inspects before the match.
+    only when ``s`` is ASCII; otherwise the scan starts at 0. The scan starts a few
+    characters early (a needle may sit up to 6 characters into a match: "07700 " of a UK
+    mobile) and runs over the whole string from there, not over a slice, so a look-behind
+    sees what precedes the start (a slice would make the middle of a number look like the
+    start of one).
     """
     start = at - _BACK
     if start <= 0 or not s.isascii():
         return pattern.sub(repl, s)
-    return s[:start] + pattern.sub(repl, s[start:])
+    parts: list[str] = []
+    end = 0
+    for m in pattern.finditer(s, start):
+        parts.append(s[end : m.start()])
+        parts.append(repl if isinstance(repl, str) else repl(m))
+        end = m.end()
+    if not parts:
+        return s
+    parts.append(s[end:])
+    return "".join(parts)
 
 
 Gate = Callable[[str, str, int], int]
