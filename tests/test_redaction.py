@@ -103,6 +103,7 @@ NEW_NEGATIVES = [
     "$229.00 and 1,234.56 USD on 2026-11-29 at 2026-11-29T21:54:17.450529Z",
     "turn t_0123456789abcdef0123456789abcdef, t_01234567890123456789012345678901",
     "[REDACTED:phone] 9876543210",  # a marker is not a phone context
+    "at 2026-11-29T22:08:05.527000-05:30, 2026-11-29 07:30:05.123456+01:00",  # seconds, offsets
 ]
 
 POSITIVES: list[tuple[str, str]] = [
@@ -586,3 +587,23 @@ def test_detect_names_the_kind_found_first() -> None:
     assert redaction.detect("token:abc123") == "secret"
     for harmless in ("C-100", "1234567890", "t_9ab8911835f24b47b141499fd6db1bda", "order-1042"):
         assert redaction.detect(harmless) is None
+
+
+def test_timestamps_and_one_word_ids_are_found_as_without_the_shortcuts() -> None:
+    """A whole ISO timestamp skips the digit detectors and a one-word id runs only the IBAN
+    one: both must find exactly what the ungated detectors find."""
+    rng = random.Random(1414)
+    samples = ["NO9386011117947", "GB82WEST12345698765432", "gb82west12345698765432"]
+    for _ in range(2000):
+        digits = "".join(rng.choice("0123456789") for _ in range(40))
+        samples += [
+            f"20{digits[:2]}-{digits[2:4]}-{digits[4:6]}T{digits[6:8]}:{digits[8:10]}:"
+            f"{digits[10:12]}{rng.choice(['', '.' + digits[12:18], '.' + digits[12:21]])}"
+            f"{rng.choice(['', 'Z', '+00:00', '-05:30', '+' + digits[22:24] + ':' + digits[24:26]])}",
+            rng.choice(["call_", "fc_", "t_", "trace_", "span_", "x", "C"]) + "".join(
+                rng.choice("0123456789abcdef" + "0123456789" * 3) for _ in range(rng.randint(8, 32))),
+            f"x{digits[:rng.randint(10, 20)]}",
+        ]
+    for text in samples:
+        assert R.text(text) == _ungated(text), text
+    assert R.text("NO9386011117947") == "[REDACTED:iban]"

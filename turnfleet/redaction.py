@@ -271,15 +271,18 @@ _PHONE_INTL_GATE = re.compile(r"\+0[0 .\-()]{9}")
 # 0151 23456789, 030/12345678; FR 01 23 45 67 89, 06.12.34.56.78; IN 098765 43210): "0", a
 # digit 1–9, a first group of 2–6 digits (or "(020) "), then groups of 2–8 digits split by one
 # consistent space, dot or dash; or 11–12 digits in one run (07700900123). 10–12 digits in
-# all, counted in the replacement. A leading "00" (zero-padded ids) never starts one.
+# all, counted in the replacement. A leading "00" (zero-padded ids) never starts one, nor a
+# "0" after a digit (or a marker) and ":" (the seconds of "T22:08:05.527000-05:30").
 _PHONE_NATIONAL = re.compile(
-    r"[0(](?<![\w.+\-\]/].)(?:"
+    r"[0(](?<![\w.+\-\]/].)(?<![0-9\]]:.)(?:"
     r"(?:(?<=\()0[1-9][0-9]{0,4}\)[ ]?|(?<=0)[1-9][0-9]{0,4}[ .\-/])"
     r"[0-9]{2,8}(?:(?P<sep>[ .\-])[0-9]{2,8}(?:(?P=sep)[0-9]{2,8}){0,3})?"
     r"|(?<=0)[1-9][0-9]{9,10}+"
     r")" + _NOT_BEFORE
 )
-_PHONE_NATIONAL_ZERO = re.compile(r"0(?<![\w.+\-\]/]0)[1-9]")
+# Its start in the text: "0", 1–9, a few more digits and a separator or more digits (the
+# hour in "T22:08:00" is followed by ":").
+_PHONE_NATIONAL_ZERO = re.compile(r"0(?<![\w.+\-\]/]0)(?<![0-9\]]:0)[1-9][0-9]{0,4}[ .\-/0-9]")
 
 # North American: (415) 555-2671, 415-555-2671, 415.555.2671, 415 555 2671, optional "1 ".
 _PHONE_NANP = re.compile(
@@ -491,7 +494,7 @@ class Detector:
 
     __slots__ = (
         "name", "kind", "pattern", "needles", "gate", "replace", "digits", "scan", "trigger",
-        "_needle",
+        "min_length", "min_digits", "in_words", "_needle",
     )
 
     def __init__(
@@ -506,6 +509,9 @@ class Detector:
         digits: bool = False,
         scan: Callable[[str], str] | None = None,
         trigger: str | None = None,
+        min_length: int = 0,
+        min_digits: int = 0,
+        in_words: bool = False,
     ) -> None:
         if (pattern is None) == (scan is None):
             raise ValueError(f"detector {name!r}: give a pattern or a scan function, not both")
@@ -521,6 +527,13 @@ class Detector:
         # take a slower search, and neighbours sharing a trigger are gated by one check.
         self.trigger = trigger if trigger is not None else "0" if digits else None
         self._needle = needles[0] if len(needles) == 1 else None
+        # The shortest text, and the fewest ASCII digits, a match can have: most telemetry
+        # strings are short ids and numbers, turned away by len() and one count.
+        self.min_length = min_length
+        self.min_digits = min_digits
+        # Whether a match can start at a letter inside one ASCII word (an IBAN can; a number
+        # must start a token): ids like call_a8b8bce0003dd188 skip the others.
+        self.in_words = in_words
 
     def __repr__(self) -> str:
         return f"Detector({self.name!r}, kind={self.kind!r})"
@@ -558,6 +571,8 @@ def _github_gate(s: str, text: str, first: int) -> int:
 
 
 def _iban_gate(s: str, view: str, first: int) -> int:
+    if s.islower():  # letters, none of them capitals: ids in hex, prose
+        return -1
     # Two capitals and two digits, in a view that keeps case: hex ids have the shape in lower
     # case, and a regex scan for capitals costs more than building the view.
     at = _case_view(s).find("AA00", max(0, first - 6))
@@ -597,25 +612,33 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("email", "email", None, ("@",), scan=_emails, trigger="@"),
     # Digit detectors, on the digit view. IBANs before cards: a grouped IBAN's digits could
     # otherwise pass for a card.
-    Detector("iban", "iban", _IBAN, ("00",), gate=_iban_gate, replace=_iban, digits=True),
-    Detector("card", "card", _CARD, _CARD_GATE, replace=_card, digits=True),
-    Detector("ssn", "ssn", _SSN, _SSN_GATE, replace=_ssn, digits=True),
-    Detector("phone-intl", "phone", _PHONE_INTL, ("+",), gate=_regex_gate(_PHONE_INTL_GATE),
-             replace=_phone_intl, digits=True),
+    Detector("iban", "iban", _IBAN, ("00",), gate=_iban_gate, replace=_iban, digits=True,
+             min_length=15, min_digits=2, in_words=True),
+    Detector("card", "card", _CARD, _CARD_GATE, replace=_card, digits=True,
+             min_length=13, min_digits=13),
+    Detector("ssn", "ssn", _SSN, _SSN_GATE, replace=_ssn, digits=True,
+             min_length=11, min_digits=9),
+    # National before international: an international number's digit groups run on without
+    # bound, and a national number after it ("+1415555267 0161 496 0123") must not be the
+    # marker that lets a second pass find what the first did not.
     Detector("phone-national", "phone", _PHONE_NATIONAL, ("0",), gate=_national_gate,
-             replace=_phone_national, digits=True),
-    Detector("phone-nanp", "phone", _PHONE_NANP, _PHONE_NANP_GATE, digits=True),
+             replace=_phone_national, digits=True, min_length=10, min_digits=10),
+    Detector("phone-intl", "phone", _PHONE_INTL, ("+",), gate=_regex_gate(_PHONE_INTL_GATE),
+             replace=_phone_intl, digits=True, min_length=11, min_digits=10),
+    Detector("phone-nanp", "phone", _PHONE_NANP, _PHONE_NANP_GATE, digits=True,
+             min_length=10, min_digits=10),
     Detector("phone-context", "phone", _PHONE_BARE, ("0000000000",), gate=_phone_words_gate,
-             replace=_phone_bare, digits=True),
+             replace=_phone_bare, digits=True, min_length=10, min_digits=10),
 )
 """The built-in detectors, most specific first (a later one skips what is already a marker)."""
 
 
-Plan = tuple[tuple[bool, "str | None", tuple[Detector, ...]], ...]
+Plan = tuple[tuple[bool, "str | None", int, tuple[Detector, ...]], ...]
 
 
 def plan(detectors: Sequence[Detector]) -> Plan:
-    """``detectors`` in order, neighbours with the same trigger grouped behind one check."""
+    """``detectors`` in order, neighbours with the same trigger grouped behind one check
+    (and the group's shortest possible match)."""
     groups: list[tuple[bool, str | None, list[Detector]]] = []
     for d in detectors:
         if groups and d.trigger is not None and groups[-1][:2] == (d.digits, d.trigger):
@@ -624,17 +647,35 @@ def plan(detectors: Sequence[Detector]) -> Plan:
             groups.append((d.digits, d.trigger, [d]))
     return tuple(
         # A lone detector whose trigger is its only needle needs no second look.
-        (digits, None if len(ds) == 1 and ds[0].needles == (trigger,) else trigger, tuple(ds))
+        (digits, None if len(ds) == 1 and ds[0].needles == (trigger,) else trigger,
+         min(d.min_length for d in ds), tuple(ds))
         for digits, trigger, ds in groups
     )
 
 
+# A whole string that is one ISO timestamp (span and event times) holds no number a digit
+# detector matches: every digit group is preceded by a digit, a letter or one of - : . +
+# in a way no pattern starts after (the tests check this against the ungated patterns).
+_ISO_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?"
+    r"(?:Z|[+\-][0-9]{2}:[0-9]{2})?"
+)
+
+
 def _run(steps: Plan, s: str) -> str:
     view: str | None = None  # the digit view of s, built when a digit detector first needs it
-    for digits, trigger, group in steps:
+    digit_count = 0
+    one_word = False
+    for digits, trigger, min_length, group in steps:
+        if len(s) < min_length:
+            continue
         if digits:
+            if _ISO_TIME.fullmatch(s):
+                continue
             if view is None:
                 view = _gate_view(s)
+                digit_count = view.count("0")
+                one_word = s.isascii() and s.isidentifier()
             if trigger is not None and trigger not in view:
                 continue
         elif trigger is not None and trigger not in s:
@@ -643,6 +684,12 @@ def _run(steps: Plan, s: str) -> str:
             if digits:
                 if view is None:
                     view = _gate_view(s)
+                    digit_count = view.count("0")
+                    one_word = s.isascii() and s.isidentifier()
+                if digit_count < d.min_digits or len(s) < d.min_length or (
+                    one_word and not d.in_words
+                ):
+                    continue
                 at = d.start(s, view)
             else:
                 at = d.start(s)
