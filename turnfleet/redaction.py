@@ -732,7 +732,10 @@ class _UserPattern:
         return "".join(parts)
 
 
-TEXT_CACHE_MIN_CHARS = 64  # shorter strings are cheap to redact and mostly unique (ids)
+# Every non-empty string is remembered: telemetry repeats its short strings (event kinds,
+# agent and tool names, a turn's ids in each of its events) far more often than it has unique
+# ones, and a lookup costs less than running the detectors even on "turn".
+TEXT_CACHE_MIN_CHARS = 1
 TEXT_CACHE_ENTRIES = 4096
 
 
