@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from collections import OrderedDict
 
 import pytest
@@ -607,3 +608,37 @@ def test_timestamps_and_one_word_ids_are_found_as_without_the_shortcuts() -> Non
     for text in samples:
         assert R.text(text) == _ungated(text), text
     assert R.text("NO9386011117947") == "[REDACTED:iban]"
+
+
+# -- extra detectors (TURNFLEET_REDACT_DETECTORS) ----------------------------------------------
+
+
+def test_extra_detectors_from_settings_run_after_the_built_in_ones() -> None:
+    settings = CommonSettings(redact_detectors=["tests.redact_detectors:recognisers"])
+    redactor = Redactor.from_settings(settings)
+    text = "EMP-123456 (Dana Whitfield, dana@example.com) asked about order 1042"
+    assert redactor.text(text) == (
+        "[REDACTED:employee] ([REDACTED:person], [REDACTED:email]) asked about order 1042"
+    )
+    assert redactor.text(redactor.text(text)) == redactor.text(text)
+    assert redactor.value({"note": "by Captain Refund"}) == {"note": "by [REDACTED:person]"}
+    assert R.text(text) == "EMP-123456 (Dana Whitfield, [REDACTED:email]) asked about order 1042"
+    one = Redactor.from_settings(CommonSettings(redact_detectors=["tests.redact_detectors:employee_ids"]))
+    assert one.text("EMP-654321 and XEMP-654321") == "[REDACTED:employee] and XEMP-654321"
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("tests.redact_detectors", "is not 'module:callable'"),
+    (":employee_ids", "is not 'module:callable'"),
+    ("tests.no_such_module:x", "cannot be loaded"),
+    ("tests.redact_detectors:missing", "cannot be loaded"),
+    ("tests.redact_detectors:not_detectors", "returned str, not turnfleet.redaction.Detector"),
+])
+def test_an_unusable_extra_detector_is_refused_naming_it(spec: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"redact detector {spec!r} ") + ".*" + re.escape(why)):
+        Redactor.from_settings(CommonSettings(redact_detectors=[spec]))
+
+
+def test_extra_detectors_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("TURNFLEET_REDACT_DETECTORS", '["tests.redact_detectors:employee_ids"]')
+    assert Redactor.from_settings(CommonSettings()).text("EMP-000001") == "[REDACTED:employee]"

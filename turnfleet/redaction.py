@@ -57,6 +57,7 @@ secrets without a known prefix outside a ``key=value`` shape, and postal address
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -72,7 +73,9 @@ __all__ = [
     "Redactor",
     "default_redactor",
     "detect",
+    "load_detectors",
     "normalise_field",
+    "outside_markers",
 ]
 
 SENSITIVE_FIELDS: frozenset[str] = frozenset(
@@ -543,7 +546,10 @@ class Detector:
         text = view if self.digits else s
         assert text is not None
         needle = self._needle
-        at = text.find(needle) if needle is not None else _first(text, self.needles)
+        if needle is not None:
+            at = text.find(needle)
+        else:
+            at = _first(text, self.needles) if self.needles else 0  # no needles: always run
         if at >= 0 and self.gate is not None:
             at = self.gate(s, text, at)
         return at
@@ -770,8 +776,10 @@ class Redactor:
 
     @classmethod
     def from_settings(cls, settings: CommonSettings) -> Redactor:
-        """From ``redact_patterns`` and ``redact_fields`` (``TURNFLEET_REDACT_*``)."""
-        return cls(patterns=settings.redact_patterns, fields=settings.redact_fields)
+        """From ``redact_patterns``, ``redact_fields`` and ``redact_detectors``
+        (``TURNFLEET_REDACT_*``); the extra detectors run after the built-in ones."""
+        return cls(patterns=settings.redact_patterns, fields=settings.redact_fields,
+                   detectors=(*DETECTORS, *load_detectors(settings.redact_detectors)))
 
     # -- strings ------------------------------------------------------------------------------
 
@@ -898,6 +906,58 @@ class Redactor:
 def default_redactor() -> Redactor:
     """The redactor for this process's ``TURNFLEET_REDACT_*`` settings, built once."""
     return Redactor.from_settings(CommonSettings())
+
+
+def outside_markers(scan: Callable[[str], str]) -> Callable[[str], str]:
+    """``scan`` applied to the text between ``[REDACTED:…]`` markers, leaving them as they are.
+
+    For an extra detector's ``scan`` (a named-entity recogniser, say): it sees the text after
+    the built-in detectors, and must neither redact their markers nor find them again.
+    """
+
+    def between(s: str) -> str:
+        if _MARKER_OPEN not in s:
+            return scan(s)
+        parts = _MARKER_SPLIT.split(s)
+        for i in range(0, len(parts), 2):
+            if parts[i]:
+                parts[i] = scan(parts[i])
+        return "".join(parts)
+
+    return between
+
+
+def load_detectors(specs: Sequence[str]) -> tuple[Detector, ...]:
+    """Extra detectors from ``"module:callable"`` specs (``TURNFLEET_REDACT_DETECTORS``).
+
+    Each callable is called once, without arguments, and returns a :class:`Detector` or an
+    iterable of them; a spec that is malformed, cannot be imported or returns anything else is
+    a ``ValueError`` naming it. This is the hook for a heavier detector (Presidio, a spaCy
+    model): it runs in-process, so whatever it needs (a model package) must be installed
+    beforehand; turnfleet downloads nothing.
+    """
+    if isinstance(specs, str):
+        raise TypeError("specs is a sequence of strings, not one string")
+    found: list[Detector] = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+        if not module_name or not attr:
+            raise ValueError(f"redact detector {spec!r} is not 'module:callable'")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"redact detector {spec!r} cannot be loaded: {exc}") from None
+        made = factory()
+        try:
+            items = [made] if isinstance(made, (Detector, str)) else list(made)
+        except TypeError:
+            items = [made]
+        for item in items:
+            if not isinstance(item, Detector):
+                raise ValueError(f"redact detector {spec!r} returned {type(item).__name__}, "
+                                 "not turnfleet.redaction.Detector")
+        found += items
+    return tuple(found)
 
 
 _MARKER_KIND = re.compile(r"\[REDACTED:(\w{1,64})\]")

@@ -50,6 +50,11 @@ class CommonSettings(BaseSettings):
         default_factory=list,
         description="Field names whose values are always redacted (JSON list), e.g. [\"ssn\"].",
     )
+    redact_detectors: list[str] = Field(
+        default_factory=list,
+        description='Extra detectors (JSON list of "module:callable"); each callable returns '
+        "turnfleet.redaction.Detector objects, run after the built-in ones.",
+    )
 
 
 class ApiKey(BaseModel):
