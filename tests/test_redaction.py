@@ -6,6 +6,8 @@ import io
 import json
 import random
 import re
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -642,3 +644,16 @@ def test_an_unusable_extra_detector_is_refused_naming_it(spec: str, why: str) ->
 def test_extra_detectors_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("TURNFLEET_REDACT_DETECTORS", '["tests.redact_detectors:employee_ids"]')
     assert Redactor.from_settings(CommonSettings()).text("EMP-000001") == "[REDACTED:employee]"
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("TURNFLEET_REDACT_DETECTORS", '["tests.no_such_module:x"]',
+     "redact detector 'tests.no_such_module:x' cannot be loaded"),
+    ("TURNFLEET_REDACT_PATTERNS", '["(unclosed"]', "invalid redact pattern '(unclosed'"),
+])
+def test_the_cli_refuses_unusable_redaction_settings_in_one_line(fleet_env, name, value, says) -> None:
+    proc = subprocess.run([sys.executable, "-m", "turnfleet.cli", "apikey", "hash", "abc"],
+                          env={**fleet_env, name: value}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"turnfleet: {says}") and len(proc.stderr.strip().splitlines()) == 1

@@ -619,11 +619,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.verb not in ("worker", "telemetry", "serve")
     from turnfleet.redaction import Redactor
 
+    try:
+        redactor = Redactor.from_settings(common)
+    except ValueError as exc:  # TURNFLEET_REDACT_PATTERNS / _DETECTORS: one line, no traceback
+        return _fail(CliError(str(exc)), "turnfleet", "--json" in argv)
     # Redaction runs as a log processor in every process: a log line can't leak what a span can't.
     configure_logging(
         "WARNING" if quiet else common.log_level,
         common.log_format,
-        extra_processors=[Redactor.from_settings(common).structlog_processor()],
+        extra_processors=[redactor.structlog_processor()],
     )
     try:
         if args.verb == "enqueue":
