@@ -116,13 +116,15 @@ def normalise_field(name: str) -> str:
 # Speed: this runs on every string of every telemetry event, so the no-match path is what
 # counts. A regex that may start at any letter or digit pays one engine attempt per position
 # (one combined alternation cost ~115 µs on a clean 500-character string). Here every
-# detector sits behind a gate, a few `in` checks that mostly look for one character (a memchr)
-# before a longer needle, and every pattern starts with a literal or a character class, so the
+# detector (a `Detector` in `DETECTORS`) sits behind a gate: a one-character trigger shared by
+# its neighbours (a memchr), then its needles, then optionally a finer check; the digit
+# detectors also turn away texts shorter, or with fewer digits, than any match, whole ISO
+# timestamps and one-word ids. Every pattern starts with a literal or a character class, so the
 # engine's own first-character scan skips the text between candidates. Look-behinds that
 # check what precedes a match come after that first character, not before it (a leading
 # look-behind would switch the scan off). Each gate is a superset of its pattern, so gating
 # changes how fast nothing is found, never what is found; the tests compare against the
-# ungated patterns.
+# ungated patterns. BENCHMARKS.md, table 9, has the cost per turn.
 #
 # The digit detectors gate on a view of the text with ASCII letters lower-cased and ASCII
 # digits turned into "0" (which is why their classes are [0-9], not \d).
