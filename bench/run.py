@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run")
     ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["sigkill"],
+    ap.add_argument("--only", choices=["sigkill", "redaction"],
                     help="run just this section and print its table (BENCHMARKS.md is not written)")
     args = ap.parse_args(argv)
     from turnfleet.logging import configure_logging
@@ -928,6 +928,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name, k in kill_counts.items()}
         return sigkill_lines(runs, kill_counts, kill_turns, kill_backlog, note)
 
+    if args.only == "redaction":
+        from bench import redaction
+
+        started = time.perf_counter()
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
+            lines = redaction.section(Path(tmp), quick, f"From a section run (`python -m bench.run "
+                                      f"--only redaction{' --quick' if quick else ''}`) on {date}.")
+        print("\n".join(lines))
+        print(f"section redaction in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return 0
     if args.only == "sigkill":
         started = time.perf_counter()
         date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -995,6 +1006,9 @@ def main(argv: list[str] | None = None) -> int:
         }, "workers")
         growth = bench_growth(sizes, base, growth_env)
         kill_lines = sigkill_section(base)
+        from bench import redaction
+
+        redaction_lines = redaction.section(base, quick)
     total = time.perf_counter() - started
 
     bare = col(tp["bare"], "turns_s")
@@ -1379,7 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     lines += growth_lines(growth, growth_env, fams)
-    lines += ["", *kill_lines]
+    lines += ["", *kill_lines, *redaction_lines]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out} in {total:.0f} s", file=sys.stderr)
     return 0

@@ -14,23 +14,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import string
 import subprocess
 import sys
+import uuid
 
 import httpx
 import pytest
 import structlog
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.provisional import domains
 from redis import Redis as SyncRedis
 
 from producer import Producer, TurnValidationError
 from tests.serve_process import turnfleet_serve
 from turnfleet import cli
 from turnfleet.auth import hash_key, new_key
-from turnfleet.models import ID_PATTERN, check_id
+from turnfleet.models import ID_PATTERN, check_id, check_pseudonymous_id
 
 ALLOWED = set(string.ascii_letters + string.digits + "._:@-")
 ID_FIELDS = ["turn_id", "conversation_id", "customer_id", "agent"]
@@ -121,6 +124,12 @@ def _turn(field: str, value: str) -> dict[str, str]:
 @example(field="customer_id", value="C-100\n")
 @example(field="turn_id", value="t-1\n")
 def test_python_api_refuses_bad_ids_naming_the_field(redis_url: str, field: str, value: str) -> None:
+    _refused_by_python_api(redis_url, field, value)
+
+
+def _refused_by_python_api(redis_url: str, field: str, value: str) -> TurnValidationError:
+    """The Python API's error for a turn with ``field=value``, naming only that field, after
+    checking that nothing was written."""
     async def enqueue() -> TurnValidationError:
         async with Producer(redis_url) as producer:
             with pytest.raises(TurnValidationError) as info:
@@ -131,6 +140,7 @@ def test_python_api_refuses_bad_ids_naming_the_field(redis_url: str, field: str,
     assert [e["field"] for e in error.errors] == [field]
     with SyncRedis.from_url(redis_url) as r:
         assert r.dbsize() == 0
+    return error
 
 
 async def test_python_api_newline_customer_is_not_a_second_customer(redis):
@@ -227,6 +237,12 @@ def test_cli_refuses_bad_ids_in_one_line(redis_url: str, monkeypatch, field: str
     """In-process for many generated cases (argparse to exit code); the subprocess test below
     proves the same for the real command."""
     monkeypatch.setenv("REDIS_URL", redis_url)
+    _refused_by_cli(redis_url, field, value)
+
+
+def _refused_by_cli(redis_url: str, field: str, value: str) -> str:
+    """``turnfleet enqueue`` with ``field=value``: exit 2, one line naming the field, nothing
+    written; the line."""
     args = {"conversation_id": "c-1", "customer_id": "C-100", field: value}
     argv = ["enqueue", *(a for f, v in args.items() for a in (CLI_FLAGS[f], v)), "hello"]
     code, out, err = _cli(argv)
@@ -235,6 +251,7 @@ def test_cli_refuses_bad_ids_in_one_line(redis_url: str, monkeypatch, field: str
     assert len(err.strip().splitlines()) == 1 and field in err, err
     with SyncRedis.from_url(redis_url) as r:
         assert r.dbsize() == 0
+    return err
 
 
 @pytest.mark.parametrize("field,value", [("customer_id", "C-100\n"), ("turn_id", "t-1\n"),
@@ -261,3 +278,163 @@ def test_apikey_new_refuses_newline_and_lookalike_customers_and_names(args, flag
     code, out, err = _cli(["apikey", "new", *args])
     assert code == 2 and out == ""
     assert err.startswith(f"turnfleet apikey: {flag}: ") and len(err.strip().splitlines()) == 1, err
+
+
+# -- ids are pseudonymous: what the redactor would redact is refused at the edge -------------
+#
+# An id names Redis keys, alerts, /metrics labels and log lines, where it is never redacted:
+# an e-mail address, a phone number, a card, an SSN, an IBAN or a secret as an id would leak.
+
+PERSONAL_IDS = [  # (id, what the message says it looks like)
+    ("jane@example.com", "an e-mail address"),
+    ("jane.doe_shop@mail.example.co.uk", "an e-mail address"),
+    ("07700900123", "a phone number"),  # UK mobile, trunk 0
+    ("09876543210", "a phone number"),  # IN mobile, trunk 0
+    ("015123456789", "a phone number"),  # DE mobile, trunk 0
+    ("4111111111111111", "a card number"),
+    ("5555-5555-5555-4444", "a card number"),
+    ("123-45-6789", "a US social security number"),
+    ("GB82WEST12345698765432", "a bank account (IBAN)"),
+    ("token:abc123", "a secret"),
+    ("AKIA" + "IOSFODNN7EXAMPLE", "a secret"),
+]
+
+pseudonymous_ids = st.one_of(
+    st.from_regex(r"C-[0-9]{1,12}", fullmatch=True),
+    st.from_regex(r"[1-9][0-9]{0,9}", fullmatch=True),  # numeric customer numbers, up to 10 digits
+    st.from_regex(r"0[0-9]{0,9}", fullmatch=True),  # zero-led up to 10 digits: not a phone alone
+    st.from_regex(r"t_[0-9a-f]{32}", fullmatch=True),
+    st.uuids().map(str),
+    st.uuids().map(lambda u: f"conv-{u}"),
+    st.from_regex(r"demo-[0-9a-f]{6}-(refund|order|escalate)", fullmatch=True),
+    st.from_regex(r"(order|RF|ESC)-[0-9A-F]{4,10}", fullmatch=True),
+    st.from_regex(r"[a-z]{2,8}@[a-z]{2,8}", fullmatch=True),  # an "@" without a domain is no e-mail
+    st.from_regex(r"4111111111111112|[1-9][0-9]{2}-[0-9]{3}-[0-9]{3}", fullmatch=True),  # Luhn fails; not 3-2-4
+)
+
+
+@st.composite
+def _email_ids(draw: st.DrawFn) -> str:
+    local = draw(st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True))
+    domain = draw(domains(max_length=60))
+    return f"{local}@{domain}"
+
+
+@settings(GRAMMAR, max_examples=300)
+@given(pseudonymous_ids)
+@_explicit("C-100", "C-102", "1234567890", "447946095800", "10470001", "1042", "c-1", "t-1",
+           "support-desk", "demo-a1b2c3-refund", "x.y:z@w_v-1", "0612345678")
+def test_pseudonymous_ids_pass(value: str) -> None:
+    assert check_pseudonymous_id(value) == value
+
+
+@settings(GRAMMAR, max_examples=200)
+@given(_email_ids().filter(lambda v: ID_PATTERN.fullmatch(v) is not None))
+def test_generated_email_ids_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="looks like an e-mail address; ids must be pseudonymous"):
+        check_pseudonymous_id(value)
+
+
+@pytest.mark.parametrize(("value", "what"), PERSONAL_IDS)
+def test_personal_data_ids_are_refused_saying_what_they_look_like(value: str, what: str) -> None:
+    with pytest.raises(ValueError) as info:
+        check_pseudonymous_id(value)
+    message = str(info.value)
+    assert message.startswith(f"looks like {what}") and "pseudonymous" in message
+    assert value not in message  # the message never repeats the personal data
+    assert check_id(value) == value  # the grammar alone allows it: reads of stored ids still work
+
+
+def test_a_stored_request_with_a_personal_id_still_decodes() -> None:
+    """Turns recorded before the rule are read back (answered, replayed, erased), not failed."""
+    from turnfleet.queue import decode_request
+
+    raw = ('{"turn_id":"t-old","conversation_id":"c-old","customer_id":"jane@example.com",'
+           '"text":"hi","metadata":{},"agent":"support-desk","trace":true,'
+           '"enqueued_at":"2026-11-01T00:00:00Z"}')
+    assert decode_request(raw).customer_id == "jane@example.com"
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize(("value", "what"), PERSONAL_IDS[:1] + PERSONAL_IDS[2:3] + PERSONAL_IDS[5:6])
+def test_python_api_refuses_personal_data_ids_naming_the_field(redis_url: str, field: str, value: str,
+                                                               what: str) -> None:
+    error = _refused_by_python_api(redis_url, field, value)
+    assert error.errors[0]["message"].startswith(f"looks like {what}; ids must be pseudonymous")
+
+
+@settings(GRAMMAR, max_examples=40)
+@given(field=st.sampled_from(["turn_id", "conversation_id", "customer_id"]), value=pseudonymous_ids)
+def test_python_api_accepts_generated_pseudonymous_ids(redis_url: str, field: str, value: str) -> None:
+    async def enqueue() -> str:
+        async with Producer(redis_url) as producer:
+            turn = _turn(field, value)
+            if field != "turn_id":
+                turn["turn_id"] = f"t-{uuid.uuid4().hex}"
+            if field != "conversation_id":
+                turn["conversation_id"] = f"c-{uuid.uuid4().hex}"
+            return await producer.enqueue_turn(**turn)
+
+    assert asyncio.run(enqueue())
+
+
+def test_http_refuses_personal_data_ids_with_422_naming_the_field(serve_url, redis_url) -> None:  # type: ignore[no-untyped-def]
+    url, proc = serve_url
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=30) as client:
+        for field, (value, what) in zip(["customer_id", "conversation_id", "turn_id"],
+                                        [PERSONAL_IDS[0], PERSONAL_IDS[2], PERSONAL_IDS[7]]):
+            resp = client.post("/v1/turns", json=_turn(field, value))
+            assert resp.status_code == 422, resp.text
+            [error] = resp.json()["errors"]
+            assert error["field"] == field
+            assert error["message"].startswith(f"looks like {what}")
+            assert value not in resp.text
+        turns = [_turn("customer_id", value) for value, _ in PERSONAL_IDS]
+        batch = client.post("/v1/turns:batch", json={"turns": turns})
+        assert batch.status_code == 200, batch.text
+        assert [(r["status"], r["errors"][0]["field"]) for r in batch.json()["results"]] == (
+            [(422, "customer_id")] * len(PERSONAL_IDS))
+    with SyncRedis.from_url(redis_url) as r:
+        assert r.dbsize() == 0
+    assert "jane@example.com" not in proc.output()
+
+
+@pytest.mark.parametrize(("field", "value"), [("customer_id", "jane@example.com"),
+                                              ("conversation_id", "07700900123"),
+                                              ("turn_id", "4111111111111111")])
+def test_cli_refuses_personal_data_ids_in_one_line(redis_url: str, monkeypatch, field: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    err = _refused_by_cli(redis_url, field, value)
+    assert "ids must be pseudonymous" in err and value not in err
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--name", "svc", "--customer", "jane@example.com"], "--customer"),
+    (["--name", "svc", "--customer", "C-100", "--customer", "07700900123"], "--customer"),
+    (["--name", "dana@example.com", "--operator"], "--name"),
+])
+def test_apikey_new_refuses_personal_data_customers_and_names(args, flag):  # type: ignore[no-untyped-def]
+    code, out, err = _cli(["apikey", "new", *args])
+    assert code == 2 and out == ""
+    assert err.startswith(f"turnfleet apikey: {flag}: looks like ") and "pseudonymous" in err, err
+
+
+def test_apikey_new_accepts_pseudonymous_customers():
+    code, out, err = _cli(["apikey", "new", "--name", "svc", "--customer", "C-100", "--customer",
+                           "1234567890", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["entry"]["customers"] == ["C-100", "1234567890"]
+
+
+def test_a_keys_file_naming_a_personal_data_customer_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from turnfleet.auth import KeysFileError, KeyStore
+    from turnfleet.settings import ApiKey, ProducerSettings
+
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps([{"name": "svc", "sha256": hash_key(OPERATOR),
+                                 "customers": ["C-100", "jane@example.com"]}]))
+    with pytest.raises(KeysFileError) as info:
+        KeyStore(ProducerSettings(api_keys_file=path))
+    assert "customer 2: looks like an e-mail address" in str(info.value)
+    assert "jane@example.com" not in str(info.value)
+    assert ApiKey(name="ops", sha256="0" * 64, customers=["*", "C-100"]).customers == ["*", "C-100"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -33,6 +36,79 @@ JWT = (
     + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
 
+# Issue 14: cards with mixed separators, US SSNs, IBANs, national phone formats.
+NEW_POSITIVES: list[tuple[str, str]] = [
+    ("card 4111 1111-1111 1111 on file", "card [REDACTED:card] on file"),
+    ("card 4111-1111 1111-1111.", "card [REDACTED:card]."),
+    ("amex 3782-822463 10005", "amex [REDACTED:card]"),
+    ("ssn 123-45-6789.", "ssn [REDACTED:ssn]."),
+    ("ssn 078-05-1120 and 123 45 6789", "ssn [REDACTED:ssn] and [REDACTED:ssn]"),
+    ("(665-12-3456)", "([REDACTED:ssn])"),
+    ("iban GB82 WEST 1234 5698 7654 32 thanks", "iban [REDACTED:iban] thanks"),
+    ("iban GB82WEST12345698765432.", "iban [REDACTED:iban]."),
+    ("IBAN: DE89 3704 0044 0532 0130 00", "IBAN: [REDACTED:iban]"),
+    ("pay NL91ABNA0417164300 now", "pay [REDACTED:iban] now"),
+    ("NO9386011117947", "[REDACTED:iban]"),
+    ("FR14 2004 1010 0505 0001 3M02 606", "[REDACTED:iban]"),
+    ("BE68 5390 0754 7034 PAID", "[REDACTED:iban] PAID"),
+    # UK
+    ("call +44 20 7946 0958", "call [REDACTED:phone]"),
+    ("call 020 7946 0958 today", "call [REDACTED:phone] today"),
+    ("mobile 07700 900123.", "mobile [REDACTED:phone]."),
+    ("(020) 7946 0958", "[REDACTED:phone]"),
+    ("0161 496 0123", "[REDACTED:phone]"),
+    ("ring 07700900123", "ring [REDACTED:phone]"),
+    # DE
+    ("Tel. +49 30 12345678", "Tel. [REDACTED:phone]"),
+    ("030 12345678", "[REDACTED:phone]"),
+    ("0151 23456789", "[REDACTED:phone]"),
+    ("030/12345678", "[REDACTED:phone]"),
+    ("0171-1234567", "[REDACTED:phone]"),
+    # FR
+    ("appel +33 1 23 45 67 89", "appel [REDACTED:phone]"),
+    ("01 23 45 67 89", "[REDACTED:phone]"),
+    ("06.12.34.56.78", "[REDACTED:phone]"),
+    ("06-12-34-56-78", "[REDACTED:phone]"),
+    # IN
+    ("+91 98765 43210", "[REDACTED:phone]"),
+    ("098765 43210", "[REDACTED:phone]"),
+    ("09876543210", "[REDACTED:phone]"),
+    ("+919876543210", "[REDACTED:phone]"),
+    # a bare 10–12 digit number in a phone context
+    ("call me on 9876543210", "call me on [REDACTED:phone]"),
+    ("my mobile number is 9876543210", "my mobile number is [REDACTED:phone]"),
+    ("Phone: 4155552671", "Phone: [REDACTED:phone]"),
+    ("whatsapp 919876543210", "whatsapp [REDACTED:phone]"),
+    ("tel 0612345678", "tel [REDACTED:phone]"),
+]
+
+# Near-misses of the new shapes: must stay exactly as written.
+NEW_NEGATIVES = [
+    "4111 1111-1111 1112",  # Luhn fails, mixed separators
+    "4111-1111 1111-1112",
+    "GB82 WEST 1234 5698 7654 33",  # IBAN, bad check digits
+    "GB82WEST12345698765433",
+    "GB82WEST1234569876543",  # one character short for GB
+    "XX82WEST12345698765432",  # no such country
+    "ABCD1234EFGH5678IJKL",
+    "000-12-3456 666-12-3456 900-12-3456 999-99-9999",  # areas never issued
+    "123-00-4567 123-45-0000",  # group 00, serial 0000
+    "123-45-678 1234-56-7890 123-456-789",  # wrong lengths
+    "123-45 6789",  # mixed separators
+    "9876543210",  # bare 10 digits: an id or cents without a phone word
+    "order 9876543210 and invoice 0612345678",
+    "hotel 9876543210, excellent 9876543210",
+    "030 1234 and 01 23 45 67",  # too short
+    "0151 2345678901234",  # too long
+    "00 44 20 7946 0958 0012345678901",  # a leading 00 is a padded id
+    "05.06.2026 10:30, 01/02/2026, 0.24.0, 0:00:01.234",
+    "order 1042, order 10470001, refund RF-0A1B2C3D4E, ticket ESC-9F8E7D6C",
+    "$229.00 and 1,234.56 USD on 2026-11-29 at 2026-11-29T21:54:17.450529Z",
+    "turn t_0123456789abcdef0123456789abcdef, t_01234567890123456789012345678901",
+    "[REDACTED:phone] 9876543210",  # a marker is not a phone context
+    "at 2026-11-29T22:08:05.527000-05:30, 2026-11-29 07:30:05.123456+01:00",  # seconds, offsets
+]
+
 POSITIVES: list[tuple[str, str]] = [
     # cards (Luhn-valid test numbers of each network)
     ("card 4111111111111111 on file", "card [REDACTED:card] on file"),
@@ -54,6 +130,7 @@ POSITIVES: list[tuple[str, str]] = [
     ("mail jane.doe@example.com now", "mail [REDACTED:email] now"),
     ("<bob+tag@mail.example.co.uk>.", "<[REDACTED:email]>."),
     ("x_y-z.9@sub-domain.example.io", "[REDACTED:email]"),
+    ("mail 0@a.xn--90ais.", "mail [REDACTED:email]."),  # an IDN top-level domain
     ("customer C-100 (dana.w@example.org) wrote", "customer C-100 ([REDACTED:email]) wrote"),
     # phones
     ("call +14155552671", "call [REDACTED:phone]"),
@@ -67,6 +144,7 @@ POSITIVES: list[tuple[str, str]] = [
     ("call +1 415-555-2671", "call [REDACTED:phone]"),
     ("call 1-800-555-1212", "call [REDACTED:phone]"),
     ('{"phone":"+33612345678"}', '{"phone":"[REDACTED:phone]"}'),
+    *NEW_POSITIVES,
     # provider keys
     (f"key {OPENAI_KEY} set", "key [REDACTED:secret] set"),
     (f"OPENAI_API_KEY {OPENAI_LEGACY}", "OPENAI_API_KEY [REDACTED:secret]"),
@@ -136,6 +214,7 @@ NEGATIVES = [
     "short +1234 5678",
     "[REDACTED:card] [REDACTED:email] [REDACTED:secret]",
     "",
+    *NEW_NEGATIVES,
 ]
 
 
@@ -185,24 +264,10 @@ def test_random_mixtures_are_redacted_idempotently_and_as_without_gates() -> Non
 
 
 def _ungated(s: str) -> str:
-    """Every built-in pattern, in the module's order, without gates or windows."""
-    for pattern in (
-        redaction._OPENAI,
-        redaction._SLACK,
-        redaction._STRIPE,
-        redaction._GITHUB,
-        redaction._AWS_GOOGLE,
-        redaction._JWT,
-    ):
-        s = pattern.sub(redaction._SECRET_MARK, s)
-    s = redaction._BEARER.sub(redaction._bearer, s)
-    s = redaction._KEY_VALUE_COLON.sub(redaction._key_value, s)
-    s = redaction._KEY_VALUE_EQUALS.sub(redaction._key_value, s)
-    s = redaction._URL_CREDENTIALS.sub(redaction._url_credentials, s)
-    s = redaction._emails(s)
-    s = redaction._CARD.sub(redaction._card, s)
-    s = redaction._PHONE_INTL.sub(redaction._phone_intl, s)
-    return redaction._PHONE_NANP.sub(redaction._PHONE_MARK, s)
+    """Every built-in detector, in the module's order, without gates or windows."""
+    for detector in redaction.DETECTORS:
+        s = detector.apply(s)
+    return s
 
 
 def test_gates_never_change_what_is_found() -> None:
@@ -436,3 +501,159 @@ def test_long_texts_are_remembered_per_redactor_and_stay_redacted():
         plain.text(f"{i:08d} " + "y" * TEXT_CACHE_MIN_CHARS)
     assert len(plain._texts) <= TEXT_CACHE_ENTRIES
     assert "4111" not in plain.text(text)
+
+
+@pytest.mark.parametrize(("text", "expected"), NEW_POSITIVES)
+def test_new_shapes_are_redacted_in_json_values_too(text: str, expected: str) -> None:
+    assert R.value({"note": text, "items": [text, {"deep": text}]}) == {
+        "note": expected, "items": [expected, {"deep": expected}]
+    }
+    document = json.dumps({"order_id": "1042", "message": text, "amount": "229.00"})
+    assert json.loads(R.json_text(document)) == {
+        "order_id": "1042", "message": expected, "amount": "229.00"
+    }
+
+
+@pytest.mark.parametrize("text", NEW_NEGATIVES)
+def test_near_misses_of_the_new_shapes_stay_in_json_values(text: str) -> None:
+    assert R.value({"note": text}) == {"note": text}
+    document = json.dumps({"message": text}, ensure_ascii=False, separators=(",", ":"))
+    assert R.json_text(document) == document
+
+
+def test_iban_checksum_and_country_length_decide() -> None:
+    good = "GB82WEST12345698765432"
+    for i in range(4, len(good)):  # any single changed digit or letter breaks mod 97
+        ch = good[i]
+        bad = good[:i] + ("1" if ch.isdigit() and ch != "1" else "2" if ch.isdigit() else
+                          "A" if ch != "A" else "B") + good[i + 1:]
+        assert R.text(f"iban {bad}") == f"iban {bad}", bad
+    assert R.text(f"iban {good}") == "iban [REDACTED:iban]"
+
+
+def test_ssn_areas_groups_and_serials_that_are_never_issued_stay() -> None:
+    for area in ("000", "666", *(f"9{n:02d}" for n in range(100))):
+        assert R.text(f"ssn {area}-12-3456") == f"ssn {area}-12-3456"
+    for area in ("001", "665", "667", "899"):
+        assert R.text(f"ssn {area}-12-3456") == "ssn [REDACTED:ssn]"
+    assert R.text("ssn 123-00-4567 123-45-0000") == "ssn 123-00-4567 123-45-0000"
+
+
+def test_mixed_separator_cards_pass_or_fail_by_luhn_alone() -> None:
+    rng = random.Random(14)
+    for _ in range(200):
+        seps = [rng.choice(" -") for _ in range(3)]
+        for number, card in (("4111111111111111", True), ("4111111111111112", False)):
+            text = "".join(d + (seps[i // 4] if i % 4 == 3 and i < 15 else "")
+                           for i, d in enumerate(number))
+            assert (R.text(f"card {text}.") == "card [REDACTED:card].") is card, text
+
+
+def test_a_text_without_digits_never_runs_a_digit_detector() -> None:
+    ran: list[str] = []
+
+    class Watched(redaction.Detector):
+        __slots__ = ()
+
+        def start(self, s: str, view: str | None = None) -> int:
+            ran.append(self.name)
+            return super().start(s, view)
+
+    detectors = [
+        Watched(d.name, d.kind, d.pattern, d.needles, gate=d.gate, replace=d.replace, digits=True)
+        if d.digits else d
+        for d in redaction.DETECTORS
+    ]
+    redactor = Redactor(detectors=detectors)
+    assert redactor.text("Dear customer, your parcel is on its way (UPS); sk- xox @ :=") == (
+        "Dear customer, your parcel is on its way (UPS); sk- xox @ :="
+    )
+    assert ran == []
+    assert redactor.text("call 020 7946 0958") == "call [REDACTED:phone]"
+    assert "phone-national" in ran
+
+
+def test_a_redactor_runs_only_the_detectors_it_is_given() -> None:
+    old = Redactor(detectors=[d for d in redaction.DETECTORS if d.kind not in ("iban", "ssn")])
+    text = "ssn 123-45-6789, iban GB82WEST12345698765432, card 4111111111111111"
+    assert old.text(text) == "ssn 123-45-6789, iban GB82WEST12345698765432, card [REDACTED:card]"
+    assert R.text(text) == "ssn [REDACTED:ssn], iban [REDACTED:iban], card [REDACTED:card]"
+    assert {d.kind for d in redaction.DETECTORS} == {"secret", "email", "card", "ssn", "iban", "phone"}
+
+
+def test_detect_names_the_kind_found_first() -> None:
+    assert redaction.detect("jane@example.com") == "email"
+    assert redaction.detect("4111111111111111") == "card"
+    assert redaction.detect("123-45-6789") == "ssn"
+    assert redaction.detect("GB82WEST12345698765432") == "iban"
+    assert redaction.detect("07700900123") == "phone"
+    assert redaction.detect("token:abc123") == "secret"
+    for harmless in ("C-100", "1234567890", "t_9ab8911835f24b47b141499fd6db1bda", "order-1042"):
+        assert redaction.detect(harmless) is None
+
+
+def test_timestamps_and_one_word_ids_are_found_as_without_the_shortcuts() -> None:
+    """A whole ISO timestamp skips the digit detectors and a one-word id runs only the IBAN
+    one: both must find exactly what the ungated detectors find."""
+    rng = random.Random(1414)
+    samples = ["NO9386011117947", "GB82WEST12345698765432", "gb82west12345698765432"]
+    for _ in range(2000):
+        digits = "".join(rng.choice("0123456789") for _ in range(40))
+        samples += [
+            f"20{digits[:2]}-{digits[2:4]}-{digits[4:6]}T{digits[6:8]}:{digits[8:10]}:"
+            f"{digits[10:12]}{rng.choice(['', '.' + digits[12:18], '.' + digits[12:21]])}"
+            f"{rng.choice(['', 'Z', '+00:00', '-05:30', '+' + digits[22:24] + ':' + digits[24:26]])}",
+            rng.choice(["call_", "fc_", "t_", "trace_", "span_", "x", "C"]) + "".join(
+                rng.choice("0123456789abcdef" + "0123456789" * 3) for _ in range(rng.randint(8, 32))),
+            f"x{digits[:rng.randint(10, 20)]}",
+        ]
+    for text in samples:
+        assert R.text(text) == _ungated(text), text
+    assert R.text("NO9386011117947") == "[REDACTED:iban]"
+
+
+# -- extra detectors (TURNFLEET_REDACT_DETECTORS) ----------------------------------------------
+
+
+def test_extra_detectors_from_settings_run_after_the_built_in_ones() -> None:
+    settings = CommonSettings(redact_detectors=["tests.redact_detectors:recognisers"])
+    redactor = Redactor.from_settings(settings)
+    text = "EMP-123456 (Dana Whitfield, dana@example.com) asked about order 1042"
+    assert redactor.text(text) == (
+        "[REDACTED:employee] ([REDACTED:person], [REDACTED:email]) asked about order 1042"
+    )
+    assert redactor.text(redactor.text(text)) == redactor.text(text)
+    assert redactor.value({"note": "by Captain Refund"}) == {"note": "by [REDACTED:person]"}
+    assert R.text(text) == "EMP-123456 (Dana Whitfield, [REDACTED:email]) asked about order 1042"
+    one = Redactor.from_settings(CommonSettings(redact_detectors=["tests.redact_detectors:employee_ids"]))
+    assert one.text("EMP-654321 and XEMP-654321") == "[REDACTED:employee] and XEMP-654321"
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("tests.redact_detectors", "is not 'module:callable'"),
+    (":employee_ids", "is not 'module:callable'"),
+    ("tests.no_such_module:x", "cannot be loaded"),
+    ("tests.redact_detectors:missing", "cannot be loaded"),
+    ("tests.redact_detectors:not_detectors", "returned str, not turnfleet.redaction.Detector"),
+])
+def test_an_unusable_extra_detector_is_refused_naming_it(spec: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"redact detector {spec!r} ") + ".*" + re.escape(why)):
+        Redactor.from_settings(CommonSettings(redact_detectors=[spec]))
+
+
+def test_extra_detectors_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("TURNFLEET_REDACT_DETECTORS", '["tests.redact_detectors:employee_ids"]')
+    assert Redactor.from_settings(CommonSettings()).text("EMP-000001") == "[REDACTED:employee]"
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("TURNFLEET_REDACT_DETECTORS", '["tests.no_such_module:x"]',
+     "redact detector 'tests.no_such_module:x' cannot be loaded"),
+    ("TURNFLEET_REDACT_PATTERNS", '["(unclosed"]', "invalid redact pattern '(unclosed'"),
+])
+def test_the_cli_refuses_unusable_redaction_settings_in_one_line(fleet_env, name, value, says) -> None:
+    proc = subprocess.run([sys.executable, "-m", "turnfleet.cli", "apikey", "hash", "abc"],
+                          env={**fleet_env, name: value}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"turnfleet: {says}") and len(proc.stderr.strip().splitlines()) == 1

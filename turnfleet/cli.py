@@ -449,7 +449,7 @@ def cmd_serve(args: argparse.Namespace, url: str) -> int:
 def cmd_apikey(args: argparse.Namespace) -> int:
     """``apikey new``: a fresh key (printed once) and its entry; ``apikey hash``: a key's digest."""
     from turnfleet.auth import hash_key, new_key
-    from turnfleet.models import check_id
+    from turnfleet.models import check_pseudonymous_id
 
     if args.apikey_verb == "hash":
         key = sys.stdin.readline().strip() if args.key == "-" else args.key
@@ -458,13 +458,13 @@ def cmd_apikey(args: argparse.Namespace) -> int:
         print(hash_key(key))
         return 0
     try:
-        name = check_id(args.name.strip())  # it is shown in every log line of the key's requests
+        name = check_pseudonymous_id(args.name.strip())  # shown in every log line of the key's requests
     except ValueError as exc:
         raise _invalid("--name", str(exc)) from None
     customers: list[str] = ["*"] if args.operator else []
     for customer in args.customer or []:
         try:
-            check_id(customer)
+            check_pseudonymous_id(customer)  # as a request's customer_id is checked
         except ValueError as exc:
             raise _invalid("--customer", str(exc)) from None
         if customer not in customers:
@@ -619,11 +619,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.verb not in ("worker", "telemetry", "serve")
     from turnfleet.redaction import Redactor
 
+    try:
+        redactor = Redactor.from_settings(common)
+    except ValueError as exc:  # TURNFLEET_REDACT_PATTERNS / _DETECTORS: one line, no traceback
+        return _fail(CliError(str(exc)), "turnfleet", "--json" in argv)
     # Redaction runs as a log processor in every process: a log line can't leak what a span can't.
     configure_logging(
         "WARNING" if quiet else common.log_level,
         common.log_format,
-        extra_processors=[Redactor.from_settings(common).structlog_processor()],
+        extra_processors=[redactor.structlog_processor()],
     )
     try:
         if args.verb == "enqueue":

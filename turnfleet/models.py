@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from turnfleet.redaction import detect
+
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
 """Ids (turn, conversation, customer, agent): 1–128 chars, ASCII letters, digits and ``._:@-``.
 
@@ -57,6 +59,38 @@ def check_id(value: str) -> str:
     return value
 
 
+_LOOKS_LIKE = {
+    "email": "an e-mail address",
+    "phone": "a phone number",
+    "card": "a card number",
+    "ssn": "a US social security number",
+    "iban": "a bank account (IBAN)",
+    "secret": "a secret (a key, token or password)",
+}
+
+
+def check_pseudonymous_id(value: str) -> str:
+    """An id a client hands us: :func:`check_id`, and nothing the redactor would redact.
+
+    Ids are pseudonymous by contract: they name keys, alerts, ``/metrics`` labels and log
+    lines, which are never redacted by position, so an id that is an e-mail address, a phone
+    number, a card, an SSN, an IBAN or a secret (by the same built-in detectors as text,
+    ``turnfleet.redaction.DETECTORS``) is refused. The message names what it looks like and
+    never repeats the value. A digits-only id passes unless text with it would be redacted
+    (``1234567890`` passes; ``07700900123`` is a UK phone number; ``4111111111111111`` a card).
+
+    Checked where an id enters (requests, API key entries), not where a stored one is read
+    back: a turn recorded before this rule still decodes, is answered and can be erased.
+    """
+    check_id(value)
+    kind = detect(value)
+    if kind is not None:
+        what = _LOOKS_LIKE.get(kind, f"personal data ({kind})")
+        raise ValueError(f"looks like {what}; ids must be pseudonymous, e.g. an internal "
+                         "customer number")
+    return value
+
+
 def check_unicode(value: str) -> str:
     """The string itself, or ValueError if it cannot be encoded as UTF-8.
 
@@ -95,7 +129,12 @@ class TurnRequest(BaseModel):
 
     @field_validator("turn_id", "conversation_id", "customer_id", "agent", mode="before")
     @classmethod
-    def _ids(cls, value: Any) -> str:
+    def _ids(cls, value: Any, info: ValidationInfo) -> str:
+        # A request from a client (Python objects: the Python API, the CLI, the HTTP body once
+        # parsed) must carry pseudonymous ids; a stored request, read back as JSON, only the
+        # grammar: it was checked under the rules of the day it came in.
+        if info.mode == "python":
+            return check_pseudonymous_id(value)
         return check_id(value)
 
     @field_validator("text", mode="before")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,6 +50,11 @@ class CommonSettings(BaseSettings):
         default_factory=list,
         description="Field names whose values are always redacted (JSON list), e.g. [\"ssn\"].",
     )
+    redact_detectors: list[str] = Field(
+        default_factory=list,
+        description='Extra detectors (JSON list of "module:callable"); each callable returns '
+        "turnfleet.redaction.Detector objects, run after the built-in ones.",
+    )
 
 
 class ApiKey(BaseModel):
@@ -58,6 +63,20 @@ class ApiKey(BaseModel):
     name: str
     sha256: str
     customers: list[str] = Field(description='Customer ids this key may use; ["*"]: all (operator).')
+
+    @field_validator("customers")
+    @classmethod
+    def _pseudonymous(cls, customers: list[str]) -> list[str]:
+        """A key for a customer id no request may carry (an e-mail address...) is refused."""
+        from turnfleet.models import check_pseudonymous_id  # models imports redaction, which imports us
+
+        for i, customer in enumerate(customers):
+            if customer != "*":
+                try:
+                    check_pseudonymous_id(customer)
+                except ValueError as exc:
+                    raise ValueError(f"customer {i + 1}: {exc}") from None
+        return customers
 
 
 class ProducerSettings(CommonSettings):
