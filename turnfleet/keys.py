@@ -15,6 +15,9 @@ ARQ_QUEUE = "arq:queue"
 ARQ_JOB_PREFIX = "arq:job:"
 ARQ_RETRY_PREFIX = "arq:retry:"
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
+# The isolated lane's arq queue: turns lost with a worker run here, alone on their worker
+# (workers/isolation.py). Same job and in-progress keys as ``ARQ_QUEUE``; only the zset differs.
+ISOLATED_QUEUE = "arq:queue:isolated"
 
 # Streams.
 RESULTS_STREAM = f"{PREFIX}:results"  # one entry per terminal turn: waiters XREAD it
