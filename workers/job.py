@@ -16,6 +16,13 @@ next ``START`` records the lost attempt as ``WorkerLost``. (A worker killed in t
 millisecond between arq's claim and ``START`` leaves arq's longer key; the reconciler cuts it
 to one lease, so that case waits at most ``reconcile_every_s`` + ``turn_lease_s``.)
 
+**Worker losses are not charged alike** (``workers/isolation.py``). A turn found lost after
+running beside other turns is handed to the isolated lane by ``START`` (``run_turn`` returns
+``isolate`` and arq's clean-up of the job is skipped: the job lives on in the other queue);
+its lost attempt is ``spared``, so ``max_attempts`` counts ``attempt - spared``. A turn lost
+while it ran alone comes back from ``START`` as ``poison`` after
+``TURNFLEET_ISOLATED_LOSSES`` such losses, and ends ``failed`` with ``WorkerLost``.
+
 **Never twice at once.** Outcome writes carry the attempt number and are refused unless the
 attempt is still the turn's running attempt. A worker that stalled past its lease (paused,
 partitioned) while another took the turn over learns it at its next renewal — the attempt

@@ -22,11 +22,15 @@ so crashes use them up) and must get the chance to record the final failure.
   turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s`` (plus, on a
   saturated fleet, the wait for a free slot), and
   ``TurnWorker`` leaves the job alone when an attempt was fenced out by a newer one.
+- **Two lanes** (``workers/isolation.py``): the shared one (``arq:queue``, ``max_jobs``) and
+  the isolated one (``arq:queue:isolated``, one turn, only while the shared lane runs none),
+  where turns lost with a worker run again alone; drained and closed together.
 - **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
 
 Run directly by arq (``arq workers.settings.WorkerSettings``) leases, fencing, the
 reconciler and undecodable-job handling still apply; supervision and our drain do not (arq's
-``job_completion_wait`` gives the drain), nor does ``TurnWorker``'s fenced clean-up.
+``job_completion_wait`` gives the drain), nor does ``TurnWorker``'s fenced clean-up, nor the
+isolated lane (a turn lost with its worker is charged an ordinary attempt there).
 """
 
 from __future__ import annotations
