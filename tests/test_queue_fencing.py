@@ -182,7 +182,10 @@ async def test_a_turn_lost_beside_others_is_handed_to_the_isolated_lane_without_
     assert await redis.zscore(keys.ISOLATED_QUEUE, first) is not None
     assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + first)  # the isolated lane may claim it
     assert await redis.exists(keys.ARQ_JOB_PREFIX + first)
-    assert await queue.isolated_waiting() == 1
+    # One waiting suspect: the first worker to look serves the isolated lane, the next does not.
+    assert await queue.isolated_turn("w8", serving=False) == (1, True)
+    assert await queue.isolated_turn("w9", serving=False) == (1, False)
+    assert await queue.isolated_turn("w8", serving=False) == (1, True)  # it stays until done
     # The lost attempt is fenced out, and recorded once.
     assert await queue.finish(result(first), None, fence=lost.attempt) is Outcome.FENCED
     assert [e.error_type for e in await queue.errors(first)] == ["WorkerLost"]
@@ -191,7 +194,11 @@ async def test_a_turn_lost_beside_others_is_handed_to_the_isolated_lane_without_
     alone = await queue.start(first, "c-1", "w3", T0, lease_s=2, lane=Lane.ISOLATED)
     assert (alone.attempt, alone.status, alone.spared) == (2, "running", 1)
     assert await redis.hget(keys.turn(first), "lane") == "isolated"
+    assert await queue.isolated_turn("w3", serving=True) == (0, True)  # its turn runs there
     assert await queue.finish(result(first, attempts=2), None, fence=alone.attempt) is Outcome.WRITTEN
+    await redis.zrem(keys.ISOLATED_QUEUE, first)  # (arq's clean-up)
+    assert await queue.isolated_turn("w3", serving=False) == (0, False)  # nothing waits: it leaves
+    assert await redis.zscore(keys.WORKERS_ISOLATING, "w3") is None
 
 
 async def test_a_turn_lost_while_isolated_is_poison(redis):

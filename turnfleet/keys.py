@@ -34,6 +34,8 @@ ORDERS = f"{PREFIX}:orders"  # hash order_id -> order JSON: orders added to the 
 ORDER_COPIES = f"{PREFIX}:orders:copies"  # counter: runs of copied orders (workers.orderbook.copy_orders)
 WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
 WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in flight
+# zset worker name -> ms of its last look while it serves the isolated lane (workers/isolation.py)
+WORKERS_ISOLATING = f"{PREFIX}:workers:isolating"
 TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms
 COUNTERS = f"{PREFIX}:counters"  # hash of fleet counters the producer keeps (turns_enqueued)
 

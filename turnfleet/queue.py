@@ -343,15 +343,31 @@ return {action, head, dropped}
 """
 
 
-# KEYS: isolated_queue
-# ARGV: now_ms, in_progress_prefix
-# Returns how many jobs of the isolated lane are due and held by no worker (its first 100).
+# KEYS: isolated_queue, isolating_workers
+# ARGV: now_ms, in_progress_prefix, worker, stale_ms, serving ('1': the worker serves the
+#       isolated lane now: a turn of it runs there)
+# Returns {waiting, serve}: jobs of the isolated lane due and held by no worker (of its first
+# 100), and whether this worker is to serve the lane: it is if it was already, or if fewer
+# other workers serve it than jobs wait (so one waiting suspect pauses one worker, not all).
 ISOLATED_WAITING_LUA = """
-local n = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)) do
-  if redis.call('EXISTS', ARGV[2] .. id) == 0 then n = n + 1 end
+local now = tonumber(ARGV[1])
+local waiting = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)) do
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then waiting = waiting + 1 end
 end
-return n
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
+local mine = redis.call('ZSCORE', KEYS[2], ARGV[3])
+if waiting == 0 and ARGV[5] ~= '1' then
+  if mine then redis.call('ZREM', KEYS[2], ARGV[3]) end
+  return {0, 0}
+end
+local others = redis.call('ZCARD', KEYS[2])
+if mine then others = others - 1 end
+if mine or ARGV[5] == '1' or others < waiting then
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  return {waiting, 1}
+end
+return {waiting, 0}
 """
 
 
@@ -537,10 +553,18 @@ class TurnQueue:
             memory_base=int(base), errors=int(errors), corrupt=corrupt, spared=int(spared),
         )
 
-    async def isolated_waiting(self) -> int:
-        """Jobs of the isolated lane that are due and that no worker holds (up to 100)."""
-        return int(await self._isolated_waiting(
-            keys=[keys.ISOLATED_QUEUE], args=[now_ms(), keys.ARQ_IN_PROGRESS_PREFIX]))
+    async def isolated_turn(self, worker: str, serving: bool, stale_ms: int = 2000) -> tuple[int, bool]:
+        """How many jobs of the isolated lane wait (due, held by no worker; up to 100), and
+        whether ``worker`` is to serve the lane now (see ``ISOLATED_WAITING_LUA``). A worker
+        that serves it is listed in ``keys.WORKERS_ISOLATING`` while it looks at least every
+        ``stale_ms``; one that stops looking (dead) drops out after that long."""
+        waiting, serve = await self._isolated_waiting(
+            keys=[keys.ISOLATED_QUEUE, keys.WORKERS_ISOLATING],
+            args=[now_ms(), keys.ARQ_IN_PROGRESS_PREFIX, worker, stale_ms, int(serving)])
+        return int(waiting), bool(serve)
+
+    async def leave_isolated_lane(self, worker: str) -> None:
+        await self.redis.zrem(keys.WORKERS_ISOLATING, worker)
 
     async def renew_lease(self, turn_id: str, attempt: int, worker: str, lease_s: float) -> bool:
         """Extend the attempt's lease; False once the attempt no longer owns the turn."""

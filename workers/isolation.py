@@ -25,9 +25,10 @@ shared lane (``arq:queue``, ``max_jobs``) and the isolated lane (``ISOLATED_QUEU
 ``max_jobs`` 1) — and a switch that never lets both hold turns at once: while a suspect is due
 and held by no worker (or runs in this process's isolated lane), the shared lane takes no new
 turn; once its running turns have ended, the isolated lane may take one. When no suspect
-waits, the isolated lane stops taking and the shared lane resumes. Every worker serves the
-isolated lane, so suspects run one per process in parallel; the price is that a worker's
-shared lane pauses (after finishing what it runs) while suspects wait: after a loss of k turns
+waits, the isolated lane stops taking and the shared lane resumes. As many workers serve the
+isolated lane as suspects wait (``keys.WORKERS_ISOLATING``; one waiting suspect pauses one
+worker, not the fleet), so suspects run one per process in parallel; the price is that a
+serving worker's shared lane pauses (after finishing what it runs): after a loss of k turns
 the fleet spends about k turn-times / workers running them alone. (A separate quarantine
 process per worker would keep the shared lane going, at the cost of a second interpreter and
 SDK per worker; not done.)
@@ -46,6 +47,7 @@ loss is an ordinary attempt there, as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import structlog
@@ -123,31 +125,41 @@ class Lanes:
 
     async def _switch(self) -> None:
         await self.ready.wait()
-        queue: TurnQueue = self.shared.ctx["runtime"].queue
+        rt = self.shared.ctx["runtime"]
+        queue: TurnQueue = rt.queue
         shared, isolated = self.shared, self.isolated
-        while True:
-            await asyncio.sleep(SWITCH_EVERY_S)
-            if self.stopping:
-                continue
-            try:
-                waiting = await queue.isolated_waiting()
-            except RedisError as exc:
-                log.warning("worker.lane_switch_failed", error=str(exc))
-                continue
-            if waiting or busy(isolated):
-                if shared.allow_pick_jobs:
-                    log.info("worker.lane_isolated", suspects_waiting=waiting)
-                shared.allow_pick_jobs = False
-                # Only once no shared turn runs (and none is being taken) may a suspect start.
-                isolated.allow_pick_jobs = not busy(shared) and not self.stopping
-            else:
+        serving = False  # this worker serves the isolated lane (its shared lane is paused)
+        try:
+            while True:
+                await asyncio.sleep(SWITCH_EVERY_S)
+                if self.stopping:
+                    continue
+                try:
+                    waiting, serve = await queue.isolated_turn(rt.worker_name, busy(isolated))
+                except RedisError as exc:
+                    log.warning("worker.lane_switch_failed", error=str(exc))
+                    continue
+                if serve:
+                    if not serving:
+                        log.info("worker.lane_isolated", suspects_waiting=waiting)
+                    serving = True
+                    shared.allow_pick_jobs = False
+                    # Only once no shared turn runs (and none is being taken) may a suspect start.
+                    isolated.allow_pick_jobs = not busy(shared) and not self.stopping
+                    continue
                 isolated.allow_pick_jobs = False
-                if not busy(isolated) and not self.stopping:
-                    if not shared.allow_pick_jobs:
-                        log.info("worker.lane_shared")
-                    shared.allow_pick_jobs = True
-                if self.burst and not busy(shared) and not busy(isolated) and await _queues_empty(queue):
+                if busy(isolated) or self.stopping:
+                    continue  # (its turn ended between the look and now: next look)
+                if serving:
+                    log.info("worker.lane_shared")
+                    serving = False
+                shared.allow_pick_jobs = True
+                if self.burst and not waiting and not busy(shared) and await _queues_empty(queue):
                     return
+        finally:
+            if serving:
+                with contextlib.suppress(RedisError, OSError):
+                    await queue.leave_isolated_lane(rt.worker_name)
 
 
 async def _queues_empty(queue: TurnQueue) -> bool:
