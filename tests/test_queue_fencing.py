@@ -12,7 +12,7 @@ from typing import Any
 from producer import Producer
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnResult
-from turnfleet.queue import Outcome, TurnQueue
+from turnfleet.queue import Lane, Outcome, TurnQueue
 from turnfleet.settings import WorkerProcessSettings
 from workers.job import STALE, Runtime, run_turn
 from workers.model import OfflineModel
@@ -161,3 +161,81 @@ async def test_a_stale_worker_that_finishes_its_run_drops_the_result(redis):
     assert record["status"] == "running" and "result" not in record
     assert await redis.xlen(keys.RESULTS_STREAM) == 0 and await redis.xlen(keys.TELEMETRY_STREAM) == 0
     assert await redis.lrange(keys.conversation_queue("c-8"), 0, -1) == [turn_id, nxt]  # not advanced
+
+
+# -- Worker losses: suspects run isolated, a turn lost while isolated is poison ------------
+
+T0 = "2025-01-01T00:00:00+00:00"
+
+
+async def test_a_turn_lost_beside_others_is_handed_to_the_isolated_lane_without_an_attempt(redis):
+    queue, first, _ = await two_turns(redis)
+    lost = await queue.start(first, "c-1", "w1", T0, lease_s=2, lane=Lane.SHARED)
+    assert (lost.attempt, lost.status, lost.spared) == (1, "running", 0)
+    # w1 dies; w2's shared lane claims the job (arq set its in-progress key) and meets a suspect.
+    await redis.set(keys.ARQ_IN_PROGRESS_PREFIX + first, "1")
+    handed = await queue.start(first, "c-1", "w2", T0, lease_s=2, lane=Lane.SHARED)
+    assert (handed.attempt, handed.status) == (0, "isolate")
+    record = await redis.hgetall(keys.turn(first))
+    assert (record["status"], record["attempts"], record["suspect"], record["spared"]) == ("queued", "1", "1", "1")
+    assert await redis.zscore(keys.ARQ_QUEUE, first) is None
+    assert await redis.zscore(keys.ISOLATED_QUEUE, first) is not None
+    assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + first)  # the isolated lane may claim it
+    assert await redis.exists(keys.ARQ_JOB_PREFIX + first)
+    # One waiting suspect: the first worker to look serves the isolated lane, the next does not.
+    assert await queue.isolated_turn("w8", serving=False) == (1, True)
+    assert await queue.isolated_turn("w9", serving=False) == (1, False)
+    assert await queue.isolated_turn("w8", serving=False) == (1, True)  # it stays until done
+    # The lost attempt is fenced out, and recorded once.
+    assert await queue.finish(result(first), None, fence=lost.attempt) is Outcome.FENCED
+    assert [e.error_type for e in await queue.errors(first)] == ["WorkerLost"]
+    # A shared lane that meets it again (a job the reconciler wrote back) hands it over again.
+    assert (await queue.start(first, "c-1", "w3", T0, lane=Lane.SHARED)).status == "isolate"
+    alone = await queue.start(first, "c-1", "w3", T0, lease_s=2, lane=Lane.ISOLATED)
+    assert (alone.attempt, alone.status, alone.spared) == (2, "running", 1)
+    assert await redis.hget(keys.turn(first), "lane") == "isolated"
+    assert await queue.isolated_turn("w3", serving=True) == (0, True)  # its turn runs there
+    assert await queue.finish(result(first, attempts=2), None, fence=alone.attempt) is Outcome.WRITTEN
+    await redis.zrem(keys.ISOLATED_QUEUE, first)  # (arq's clean-up)
+    assert await queue.isolated_turn("w3", serving=False) == (0, False)  # nothing waits: it leaves
+    assert await redis.zscore(keys.WORKERS_ISOLATING, "w3") is None
+
+
+async def test_a_turn_lost_while_isolated_is_poison(redis):
+    queue, first, _ = await two_turns(redis)
+    await queue.start(first, "c-1", "w1", T0, lane=Lane.SHARED)
+    assert (await queue.start(first, "c-1", "w2", T0, lane=Lane.SHARED)).status == "isolate"
+    await queue.start(first, "c-1", "w2", T0, lane=Lane.ISOLATED)
+    # w2 dies while the turn runs alone on it: with one isolated loss allowed, it is poison.
+    poison = await queue.start(first, "c-1", "w3", T0, lane=Lane.ISOLATED, isolated_losses=1)
+    assert (poison.attempt, poison.status, poison.spared) == (3, "poison", 2)
+    assert [e.error_type for e in await queue.errors(first)] == ["WorkerLost", "WorkerLost"]
+    assert "while running isolated (1 of 1)" in (await queue.errors(first))[1].message
+
+
+async def test_with_two_isolated_losses_allowed_a_turn_runs_alone_again_after_the_first(redis):
+    queue, first, _ = await two_turns(redis)
+    await queue.start(first, "c-1", "w1", T0, lane=Lane.SHARED)
+    await queue.start(first, "c-1", "w2", T0, lane=Lane.SHARED)
+    await queue.start(first, "c-1", "w2", T0, lane=Lane.ISOLATED, isolated_losses=2)
+    again = await queue.start(first, "c-1", "w3", T0, lane=Lane.ISOLATED, isolated_losses=2)
+    assert (again.attempt, again.status, again.spared) == (3, "running", 2)
+    last = await queue.start(first, "c-1", "w4", T0, lane=Lane.ISOLATED, isolated_losses=2)
+    assert (last.attempt, last.status, last.spared) == (4, "poison", 3)
+
+
+async def test_without_an_isolated_lane_a_lost_attempt_is_an_ordinary_one(redis):
+    queue, first, _ = await two_turns(redis)
+    await queue.start(first, "c-1", "w1", T0)
+    again = await queue.start(first, "c-1", "w2", T0)  # Lane.PLAIN: arq runs the settings directly
+    assert (again.attempt, again.status, again.spared) == (2, "running", 0)
+    assert await redis.hget(keys.turn(first), "suspect") is None
+
+
+async def test_the_reconciler_leaves_a_job_in_the_isolated_lane_where_it_is(redis):
+    queue, first, _ = await two_turns(redis)
+    await queue.start(first, "c-1", "w1", T0, lane=Lane.SHARED)
+    await queue.start(first, "c-1", "w2", T0, lane=Lane.SHARED)
+    found = await queue.reconcile_conversation("c-1", lease_s=2)
+    assert (found.action, found.turn_id) == ("ok", first)
+    assert await redis.zscore(keys.ARQ_QUEUE, first) is None  # not queued twice

@@ -15,6 +15,9 @@ ARQ_QUEUE = "arq:queue"
 ARQ_JOB_PREFIX = "arq:job:"
 ARQ_RETRY_PREFIX = "arq:retry:"
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
+# The isolated lane's arq queue: turns lost with a worker run here, alone on their worker
+# (workers/isolation.py). Same job and in-progress keys as ``ARQ_QUEUE``; only the zset differs.
+ISOLATED_QUEUE = "arq:queue:isolated"
 
 # Streams.
 RESULTS_STREAM = f"{PREFIX}:results"  # one entry per terminal turn: waiters XREAD it
@@ -31,6 +34,8 @@ ORDERS = f"{PREFIX}:orders"  # hash order_id -> order JSON: orders added to the 
 ORDER_COPIES = f"{PREFIX}:orders:copies"  # counter: runs of copied orders (workers.orderbook.copy_orders)
 WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
 WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in flight
+# zset worker name -> ms of its last look while it serves the isolated lane (workers/isolation.py)
+WORKERS_ISOLATING = f"{PREFIX}:workers:isolating"
 TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms
 COUNTERS = f"{PREFIX}:counters"  # hash of fleet counters the producer keeps (turns_enqueued)
 

@@ -29,6 +29,25 @@ inside a run are idempotent per turn (refund and escalation keys), so the overla
 stale and a current attempt does no harm. Conversation memory writes are fenced the same
 way (``workers/memory.py``), and the next attempt rolls back what a failed one wrote.
 
+**Worker losses.** A worker process that dies (SIGKILL, OOM, ``os._exit`` in a tool) takes
+every attempt it was running with it, and usually one of them killed it. So a loss is not
+charged to the turns alike. ``START`` learns of a loss when it finds the turn still
+``running``, and the attempt's ``lane`` (kept on the turn record) says how it ran:
+
+- *shared* (beside other turns): the turn becomes a **suspect** and its job is moved to the
+  isolated lane (``keys.ISOLATED_QUEUE``) without starting an attempt; the lost attempt is
+  ``spared`` (not charged to ``max_attempts``);
+- *isolated* (alone on its worker, ``workers/isolation.py``): the loss is the turn's own.
+  After ``isolated_losses`` of them (``TURNFLEET_ISOLATED_LOSSES``, default 1) ``START``
+  answers ``poison`` and the job ends the turn ``failed`` with ``WorkerLost``; before that
+  it is spared too and the turn runs isolated again;
+- *plain* (a worker run by arq directly, with no isolated lane): as before, an ordinary
+  attempt.
+
+So an innocent neighbour of a poison turn is lost at most once (then runs alone) and spends
+none of its attempts on it, and a poison turn takes down at most ``1 + isolated_losses``
+worker processes: the one it shared, and those it ran alone on.
+
 **Reconciling.** ``reconcile_conversation`` repairs one conversation atomically: finished
 turns left at the head are dropped, a missing ``active`` marker is set to the head, a head
 without its arq job (enqueue interrupted, job expired, job failed by arq) gets it back unless
@@ -124,10 +143,13 @@ return out
 """
 ENQUEUE_MANY_CHUNK = 200  # turns per script call: bounds how long Redis is busy with one
 
-# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine
-# ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso
-# Returns {attempt, status}: attempt 0 means "do not run" (status says why). The attempt
-# number is the fencing token of every later write of this attempt.
+# KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine,
+#       arq_queue, isolated_queue
+# ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso, lane, isolated_losses
+#       (after this many losses while running isolated the turn is poison), now_ms
+# Returns {attempt, status}: attempt 0 means "do not run" (status says why: 'isolate' = handed
+# to the isolated lane). The attempt number is the fencing token of every later write of this
+# attempt. Status 'poison': the turn lost its worker while isolated; end it WorkerLost.
 START_LUA = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then
@@ -141,18 +163,43 @@ local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'unknown'} end
 if st == 'completed' or st == 'failed' then return {0, st} end
 if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[1] then return {0, 'not-head'} end
+local lane = ARGV[6]
+local status = 'running'
 if st == 'running' then
   -- The previous attempt never recorded an outcome: its worker died or lost its lease.
   local prev = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
   local who = redis.call('HGET', KEYS[1], 'worker') or '?'
+  local prev_lane = redis.call('HGET', KEYS[1], 'lane') or 'plain'
+  local how = ''
+  if prev_lane == 'isolated' then
+    -- Lost while it ran alone on its worker: the likeliest cause of the loss is the turn.
+    local n = redis.call('HINCRBY', KEYS[1], 'isolated_losses', 1)
+    redis.call('HINCRBY', KEYS[1], 'spared', 1)
+    how = ' while running isolated (' .. n .. ' of ' .. ARGV[7] .. ')'
+    if n >= tonumber(ARGV[7]) then status = 'poison' end
+  elseif lane ~= 'plain' then
+    -- Lost with the other turns of its worker: a suspect, run alone next, not charged.
+    redis.call('HSET', KEYS[1], 'suspect', 1)
+    redis.call('HINCRBY', KEYS[1], 'spared', 1)
+    how = ' beside other turns (runs isolated next)'
+  end
   redis.call('RPUSH', KEYS[3], cjson.encode({
     attempt = prev, error_type = 'WorkerLost', at = ARGV[5],
     message = 'attempt ' .. prev .. ' on worker ' .. who ..
       ' ended without recording an outcome (worker killed, stalled past its lease,'
-      .. ' or cut off from Redis)'}))
+      .. ' or cut off from Redis)' .. how}))
+end
+if status == 'running' and lane == 'shared' and redis.call('HGET', KEYS[1], 'suspect') == '1' then
+  -- A suspect runs only in the isolated lane: hand the job over without starting an attempt.
+  -- (The caller skips arq's clean-up of the job: the job key stays, the zset changes here.)
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('ZREM', KEYS[8], ARGV[1])
+  redis.call('ZADD', KEYS[9], tonumber(ARGV[8]), ARGV[1])
+  redis.call('DEL', KEYS[4])
+  return {0, 'isolate'}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'lane', lane)
 local lease = tonumber(ARGV[4])
 if lease > 0 then
   redis.call('SET', KEYS[4], ARGV[2] .. '#' .. attempt, 'PX', lease)
@@ -166,10 +213,11 @@ if not base then
   base = mem_len
   redis.call('HSET', KEYS[1], 'memory_base', base)
 end
-return {attempt, 'running', redis.call('HGET', KEYS[1], 'request') or '',
+return {attempt, status, redis.call('HGET', KEYS[1], 'request') or '',
         redis.call('HGET', KEYS[5], 'current_agent') or '', mem_len, tonumber(base),
         redis.call('LLEN', KEYS[3]), redis.call('HGET', KEYS[5], 'customer_id') or '',
-        redis.call('HGET', KEYS[1], 'corrupt') or ''}
+        redis.call('HGET', KEYS[1], 'corrupt') or '',
+        tonumber(redis.call('HGET', KEYS[1], 'spared') or '0')}
 """
 
 # KEYS: turn, in_progress
@@ -232,7 +280,7 @@ end
 return 'written'
 """
 
-# KEYS: conv_queue, conv_active, arq_queue
+# KEYS: conv_queue, conv_active, arq_queue, isolated_queue
 # ARGV: conversation_id, now_ms, job_prefix, job_ttl, fname, turn_key_prefix,
 #       in_progress_prefix, lease_ms
 # Returns {action, turn_id, finished_turns_dropped}; action is one of
@@ -274,7 +322,7 @@ if active ~= head then
 end
 local job_key = ARGV[3] .. head
 local has_job = redis.call('EXISTS', job_key) == 1
-local queued = redis.call('ZSCORE', KEYS[3], head)
+local queued = redis.call('ZSCORE', KEYS[3], head) or redis.call('ZSCORE', KEYS[4], head)
 local in_progress = ARGV[7] .. head
 local ttl = redis.call('PTTL', in_progress)
 local lease = tonumber(ARGV[8])
@@ -292,6 +340,34 @@ end
 redis.call('ZADD', KEYS[3], 'NX', now, head)
 if action == 'ok' then action = 'rewoke' end
 return {action, head, dropped}
+"""
+
+
+# KEYS: isolated_queue, isolating_workers
+# ARGV: now_ms, in_progress_prefix, worker, stale_ms, serving ('1': the worker serves the
+#       isolated lane now: a turn of it runs there)
+# Returns {waiting, serve}: jobs of the isolated lane due and held by no worker (of its first
+# 100), and whether this worker is to serve the lane: it is if it was already, or if fewer
+# other workers serve it than jobs wait (so one waiting suspect pauses one worker, not all).
+ISOLATED_WAITING_LUA = """
+local now = tonumber(ARGV[1])
+local waiting = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)) do
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then waiting = waiting + 1 end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
+local mine = redis.call('ZSCORE', KEYS[2], ARGV[3])
+if waiting == 0 and ARGV[5] ~= '1' then
+  if mine then redis.call('ZREM', KEYS[2], ARGV[3]) end
+  return {0, 0}
+end
+local others = redis.call('ZCARD', KEYS[2])
+if mine then others = others - 1 end
+if mine or ARGV[5] == '1' or others < waiting then
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  return {waiting, 1}
+end
+return {waiting, 0}
 """
 
 
@@ -341,6 +417,16 @@ class StartDecision:
     # Set when the stored request could not be decoded (why): ``request`` is then a
     # stand-in (``stand_in_request``) and the attempt must end the turn failed at once.
     corrupt: str | None = None
+    # Attempts lost with a worker and not charged to the turn's ordinary attempts.
+    spared: int = 0
+
+
+class Lane(enum.Enum):
+    """Where a job runs (``START``'s ``lane``): see "Worker losses" in the module doc."""
+
+    SHARED = "shared"  # beside other turns, on a worker that has an isolated lane
+    ISOLATED = "isolated"  # alone on its worker (the isolated lane)
+    PLAIN = "plain"  # a worker without an isolated lane: a loss is an ordinary attempt
 
 
 def now_ms() -> int:
@@ -359,6 +445,7 @@ class TurnQueue:
         self._fail_attempt = redis.register_script(FAIL_ATTEMPT_LUA)
         self._finish = redis.register_script(FINISH_LUA)
         self._reconcile = redis.register_script(RECONCILE_LUA)
+        self._isolated_waiting = redis.register_script(ISOLATED_WAITING_LUA)
 
     # -- producer side ---------------------------------------------------------------
 
@@ -423,12 +510,17 @@ class TurnQueue:
         worker: str,
         started_at: str,
         lease_s: float = 0.0,
+        lane: Lane = Lane.PLAIN,
+        isolated_losses: int = 1,
     ) -> StartDecision:
         """Count an attempt and mark the turn running, if it may run now (it is its
         conversation's head and has not ended). ``attempt`` is the attempt's fencing token.
 
         With ``lease_s`` the turn's arq in-progress key is set to expire in that long: the
-        caller renews it with ``renew_lease`` while the attempt runs.
+        caller renews it with ``renew_lease`` while the attempt runs. ``lane`` says where
+        the job runs (see "Worker losses" in the module doc): a suspect met in the shared
+        lane is handed to the isolated lane (``status`` ``isolate``, attempt 0), and a turn
+        lost ``isolated_losses`` times while isolated comes back with ``status`` ``poison``.
         """
         out = await eval_raw(
             self.redis, self._start,  # raw: the stored request may be anything, UTF-8 or not
@@ -440,12 +532,15 @@ class TurnQueue:
                 keys.conversation_state(conversation_id),
                 keys.session_messages(conversation_id),
                 keys.turn_quarantine(turn_id),
+                keys.ARQ_QUEUE,
+                keys.ISOLATED_QUEUE,
             ],
-            args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat()],
+            args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat(),
+                  lane.value, isolated_losses, now_ms()],
         )
         if int(out[0]) == 0:
             return StartDecision(0, as_text(out[1]))
-        _, status, raw, agent, mem_len, base, errors, customer, quarantined = out
+        _, status, raw, agent, mem_len, base, errors, customer, quarantined, spared = out
         corrupt = None
         try:
             request = decode_request(raw)
@@ -455,8 +550,21 @@ class TurnQueue:
         return StartDecision(
             int(out[0]), as_text(status), request=request,
             current_agent=lenient_text(agent) or None, memory_length=int(mem_len),
-            memory_base=int(base), errors=int(errors), corrupt=corrupt,
+            memory_base=int(base), errors=int(errors), corrupt=corrupt, spared=int(spared),
         )
+
+    async def isolated_turn(self, worker: str, serving: bool, stale_ms: int = 2000) -> tuple[int, bool]:
+        """How many jobs of the isolated lane wait (due, held by no worker; up to 100), and
+        whether ``worker`` is to serve the lane now (see ``ISOLATED_WAITING_LUA``). A worker
+        that serves it is listed in ``keys.WORKERS_ISOLATING`` while it looks at least every
+        ``stale_ms``; one that stops looking (dead) drops out after that long."""
+        waiting, serve = await self._isolated_waiting(
+            keys=[keys.ISOLATED_QUEUE, keys.WORKERS_ISOLATING],
+            args=[now_ms(), keys.ARQ_IN_PROGRESS_PREFIX, worker, stale_ms, int(serving)])
+        return int(waiting), bool(serve)
+
+    async def leave_isolated_lane(self, worker: str) -> None:
+        await self.redis.zrem(keys.WORKERS_ISOLATING, worker)
 
     async def renew_lease(self, turn_id: str, attempt: int, worker: str, lease_s: float) -> bool:
         """Extend the attempt's lease; False once the attempt no longer owns the turn."""
@@ -548,6 +656,7 @@ class TurnQueue:
                 keys.conversation_queue(conversation_id),
                 keys.conversation_active(conversation_id),
                 keys.ARQ_QUEUE,
+                keys.ISOLATED_QUEUE,
             ],
             args=[
                 conversation_id,

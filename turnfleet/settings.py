@@ -147,6 +147,11 @@ class WorkerProcessSettings(CommonSettings):
         description="A running turn's lease, renewed while it runs: a killed worker's turn is "
         "picked up again after at most this long.",
     )
+    isolated_losses: int = Field(
+        default=1, ge=1,
+        description="A turn that loses its worker this many times while it runs alone (the isolated "
+        "lane) ends 'failed' with WorkerLost. Losses beside other turns are not charged.",
+    )
     drain_grace_s: float = Field(
         default=30.0, description="On SIGTERM, how long running turns may finish before they are requeued."
     )

@@ -16,6 +16,13 @@ next ``START`` records the lost attempt as ``WorkerLost``. (A worker killed in t
 millisecond between arq's claim and ``START`` leaves arq's longer key; the reconciler cuts it
 to one lease, so that case waits at most ``reconcile_every_s`` + ``turn_lease_s``.)
 
+**Worker losses are not charged alike** (``workers/isolation.py``). A turn found lost after
+running beside other turns is handed to the isolated lane by ``START`` (``run_turn`` returns
+``isolate`` and arq's clean-up of the job is skipped: the job lives on in the other queue);
+its lost attempt is ``spared``, so ``max_attempts`` counts ``attempt - spared``. A turn lost
+while it ran alone comes back from ``START`` as ``poison`` after
+``TURNFLEET_ISOLATED_LOSSES`` such losses, and ends ``failed`` with ``WorkerLost``.
+
 **Never twice at once.** Outcome writes carry the attempt number and are refused unless the
 attempt is still the turn's running attempt. A worker that stalled past its lease (paused,
 partitioned) while another took the turn over learns it at its next renewal — the attempt
@@ -67,7 +74,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
-from turnfleet.queue import CORRUPT_TURN_RECORD, CorruptRecord, Outcome, StartDecision, TurnQueue
+from turnfleet.queue import CORRUPT_TURN_RECORD, CorruptRecord, Lane, Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.context import TurnContext
@@ -86,6 +93,7 @@ DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 STALE = "stale"  # what run_turn returns when its attempt lost the turn to another one
+WORKER_LOST = "WorkerLost"  # error type of a lost attempt, and of a turn that kills its worker
 
 T = TypeVar("T")
 
@@ -199,19 +207,29 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
     if job_id is not None and job_id != turn_id:
         # A payload someone rewrote to name another turn: fail the job's own turn instead.
         return await record_undecodable(ctx, "its arguments name another turn than its job id")
+    # The lane the job's arq Worker serves (``workers/isolation.py``); none when arq runs
+    # the settings directly: one plain lane.
+    lane = Lane(ctx.get("lane", Lane.PLAIN.value))
     try:
-        return await _run_turn(rt, turn_id, conversation_id)
+        return await _run_turn(rt, turn_id, conversation_id, lane)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("turn.redis_unavailable", turn_id=turn_id, error=str(exc),
                     retry_in_s=rt.settings.retry_delay_s)
         raise Retry(defer=rt.settings.retry_delay_s) from exc
 
 
-async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str) -> str:
+async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str, lane: Lane) -> str:
     started_at = utcnow()
     decision = await rt.queue.start(
-        turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s
+        turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s,
+        lane=lane, isolated_losses=rt.settings.isolated_losses,
     )
+    if decision.status == "isolate":
+        # START moved the job to the isolated lane: arq must not delete it or its new place.
+        rt.fenced.add(turn_id)
+        log.warning("turn.isolated", turn_id=turn_id, conversation_id=conversation_id,
+                    reason="lost with its worker beside other turns; runs alone next")
+        return decision.status
     if decision.attempt == 0:
         log.info("turn.skipped", turn_id=turn_id, reason=decision.status)
         return decision.status
@@ -247,7 +265,20 @@ async def _run_attempt(
         turn_id=turn_id, conversation_id=conversation_id, attempt=attempt
     )
 
-    if attempt > rt.settings.max_attempts:
+    if decision.status == "poison":
+        # Its worker died while it ran alone there: the turn is the likeliest cause.
+        message = (f"the turn's worker was lost while it ran alone on it "
+                   f"({rt.settings.isolated_losses} time(s)), after a loss beside other turns: "
+                   f"it is taken for the cause and not run again")
+        hooks.turn_errored(terminal=True, duration_ms=0.0, error_type=WORKER_LOST, message=message)
+        await lease.stop()
+        outcome = await _finish_failed(rt, req, hooks, attempt - 1, started_at, queue_wait_ms,
+                                       WORKER_LOST, message, fence=attempt)
+        if not outcome:
+            return _dropped(rt, turn_id, outcome, log_ctx, "result")
+        log_ctx.error("turn.failed", error_type=WORKER_LOST, attempts=attempt - 1, poison=True)
+        return "failed"
+    if attempt - decision.spared > rt.settings.max_attempts:
         # Earlier attempts died with their worker or were stopped by a drain: give up cleanly.
         message = f"{attempt - 1} attempts started and none finished (worker lost or stopped each time)"
         hooks.turn_errored(terminal=True, duration_ms=0.0, error_type="AttemptsExhausted", message=message)
@@ -340,7 +371,7 @@ async def _run_attempt(
         duration_ms = (time.perf_counter() - t0) * 1000
         error_type = "TurnTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         message = str(exc) or error_type
-        terminal = isinstance(exc, DETERMINISTIC_ERRORS) or attempt >= rt.settings.max_attempts
+        terminal = isinstance(exc, DETERMINISTIC_ERRORS) or attempt - decision.spared >= rt.settings.max_attempts
         await _keep_trace(rt, trace_id, req, hooks, attempt, started_at, "failed", duration_ms)
         hooks.turn_errored(terminal=terminal, duration_ms=duration_ms, error_type=error_type, message=message)
         await lease.stop()

@@ -4,7 +4,8 @@ The queue scripts keep a conversation's unfinished turns, its ``active`` marker 
 head's arq job consistent in every step they take; the reconciler covers what happens
 *between* or *outside* those steps:
 
-- a head turn with no arq job (not in ``arq:queue`` or no ``arq:job:<id>``) that is not
+- a head turn with no arq job (in neither ``arq:queue`` nor the isolated lane's queue, or no
+  ``arq:job:<id>``) that is not
   finished — an enqueue or wake-up interrupted half-way (Redis restarted from an AOF that
   lost its last second), a job that expired, a job arq itself marked failed (its own retry
   limit, its job timeout): the job is written again, atomically and only if still missing,

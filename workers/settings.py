@@ -22,11 +22,15 @@ so crashes use them up) and must get the chance to record the final failure.
   turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s`` (plus, on a
   saturated fleet, the wait for a free slot), and
   ``TurnWorker`` leaves the job alone when an attempt was fenced out by a newer one.
+- **Two lanes** (``workers/isolation.py``): the shared one (``arq:queue``, ``max_jobs``) and
+  the isolated one (``arq:queue:isolated``, one turn, only while the shared lane runs none),
+  where turns lost with a worker run again alone; drained and closed together.
 - **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
 
 Run directly by arq (``arq workers.settings.WorkerSettings``) leases, fencing, the
 reconciler and undecodable-job handling still apply; supervision and our drain do not (arq's
-``job_completion_wait`` gives the drain), nor does ``TurnWorker``'s fenced clean-up.
+``job_completion_wait`` gives the drain), nor does ``TurnWorker``'s fenced clean-up, nor the
+isolated lane (a turn lost with its worker is charged an ordinary attempt there).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from turnfleet.connection import connect, wait_for_redis
 from turnfleet.queue import TurnQueue, deserialize_job, now_ms, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
+from workers.isolation import Lanes
 from workers.job import Runtime, default_worker_name, record_undecodable, run_turn
 from workers.llm import make_model
 from workers.reconcile import reconcile_forever
@@ -192,7 +197,8 @@ class WorkerSettings:
     max_jobs = _settings.max_jobs
     poll_delay = _settings.poll_delay_s
     job_timeout = _settings.turn_timeout_s + 30  # our own per-attempt timeout fires first
-    max_tries = _settings.max_attempts + 5
+    # Spared attempts (worker losses) and hand-offs to the isolated lane are tries for arq too.
+    max_tries = _settings.max_attempts + 2 * _settings.isolated_losses + 10
     keep_result = 0  # our TurnResult is the record; arq's expires after an hour anyway
     job_serializer = serialize_job
     job_deserializer = deserialize_job  # never raises: undecodable payloads fail their turn
@@ -201,9 +207,20 @@ class WorkerSettings:
 
 
 class TurnWorker(Worker):
-    """arq's ``Worker`` with one change: after an attempt that was fenced out (a newer attempt
-    of the turn, on another worker, owns it now), arq's clean-up is skipped — it would delete
-    the in-progress key (the newer attempt's lease) and, for a returned job, the job itself."""
+    """arq's ``Worker`` with two changes: after an attempt that was fenced out (a newer attempt
+    of the turn, on another worker, owns it now) or a job handed to the isolated lane, arq's
+    clean-up is skipped — it would delete the in-progress key (the newer attempt's lease) and,
+    for a returned job, the job itself; and ``picking`` says when a poll may be taking jobs
+    (the lane switch, ``workers/isolation.py``, waits for it to end)."""
+
+    picking = False
+
+    async def _poll_iteration(self) -> None:
+        self.picking = self.allow_pick_jobs
+        try:
+            await super()._poll_iteration()
+        finally:
+            self.picking = False
 
     async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
         rt = self.ctx.get("runtime")
@@ -262,33 +279,33 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
     backoff = RECONNECT_FIRST_S
     try:
         while not stop.is_set():
-            worker = TurnWorker(**kwargs)
+            lanes = Lanes(TurnWorker, kwargs, burst=burst)
             began = loop.time()
-            main = worker.main_task = asyncio.create_task(worker.main(), name="arq-worker")
+            main = asyncio.create_task(lanes.main(), name="arq-lanes")
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             if not main.done():  # a stop signal
-                await _drain(worker, settings.drain_grace_s, hurry)
-                await _close(worker)
-                jobs_failed += worker.jobs_failed
+                await _drain(lanes, settings.drain_grace_s, hurry)
+                await _close(lanes, main)
+                jobs_failed += _jobs_failed(lanes)
                 break
             error = None if main.cancelled() else main.exception()
             if error is None:  # burst: the queue is drained
-                await _close(worker)
-                jobs_failed += worker.jobs_failed
+                await _close(lanes, main)
+                jobs_failed += _jobs_failed(lanes)
                 break
             if not isinstance(error, CONNECTION_ERRORS):
-                await _drain(worker, settings.drain_grace_s, hurry)
-                await _close(worker)
+                await _drain(lanes, settings.drain_grace_s, hurry)
+                await _close(lanes, main)
                 raise error
             if loop.time() - began >= RECONNECT_MAX_S:
                 backoff = RECONNECT_FIRST_S
             log.error("worker.redis_lost", error=f"{type(error).__name__}: {error}",
                       restart_in_s=None if burst else backoff)
-            await _drain(worker, settings.drain_grace_s, hurry)
-            await _close(worker)
-            jobs_failed += worker.jobs_failed
+            await _drain(lanes, settings.drain_grace_s, hurry)
+            await _close(lanes, main)
+            jobs_failed += _jobs_failed(lanes)
             if burst:
                 await _redis_within(redis_url, settings.connect_timeout_s)
                 continue
@@ -314,29 +331,37 @@ async def _redis_within(redis_url: str | None, timeout_s: float) -> None:
             await probe.aclose()
 
 
-async def _drain(worker: Worker, grace_s: float, hurry: asyncio.Event) -> None:
+def _jobs_failed(lanes: Lanes) -> int:
+    return sum(w.jobs_failed for w in lanes.workers)
+
+
+async def _drain(lanes: Lanes, grace_s: float, hurry: asyncio.Event) -> None:
     """Take no new turns; give running ones ``grace_s`` (less if ``hurry`` is set) to end,
     then cancel the rest and give them ``CANCELLED_CLEANUP_S`` to record their attempt."""
-    worker.allow_pick_jobs = False
-    rt = worker.ctx.get("runtime")
+    lanes.stop_picking()
+    rt = lanes.shared.ctx.get("runtime")
     if rt is not None:
         rt.stopping = True
+
+    def running() -> list[asyncio.Task[Any]]:
+        return [t for w in lanes.workers for t in w.tasks.values() if not t.done()]
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
-    in_flight = [t for t in worker.tasks.values() if not t.done()]
+    in_flight = running()
     if in_flight:
         log.info("worker.draining", in_flight=len(in_flight), grace_s=grace_s)
     hurried = asyncio.create_task(hurry.wait())
     try:
         while not hurry.is_set():
-            pending = {t for t in worker.tasks.values() if not t.done()}
+            pending = set(running())
             remaining = deadline - loop.time()
             if not pending or remaining <= 0:
                 break
             await asyncio.wait(pending | {hurried}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hurried.cancel()
-    left = [t for t in worker.tasks.values() if not t.done()]
+    left = running()
     if left:
         log.warning("worker.drain_grace_over", cancelling=len(left), action="turns requeued")
         for task in left:
@@ -346,9 +371,18 @@ async def _drain(worker: Worker, grace_s: float, hurry: asyncio.Event) -> None:
         log.info("worker.drained", turns=len(in_flight))
 
 
-async def _close(worker: Worker) -> None:
-    """Stop the poll loop and close the Worker, also when Redis is gone (arq's own
+async def _close(lanes: Lanes, main: asyncio.Task[None]) -> None:
+    """Stop the poll loops and close both Workers (the isolated lane first: the shared one's
+    ``on_shutdown`` closes the runtime they share), also when Redis is gone (arq's own
     ``close`` gives up at its first Redis error and would skip ``on_shutdown``)."""
+    if not main.done():
+        main.cancel()
+        await asyncio.wait([main])
+    for worker in lanes.workers:
+        await _close_worker(worker)
+
+
+async def _close_worker(worker: Worker) -> None:
     main = worker.main_task
     if main is not None and not main.done():
         main.cancel()

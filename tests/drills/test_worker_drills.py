@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -223,7 +224,7 @@ async def test_drill2_a_turn_longer_than_the_drain_grace_is_requeued_and_complet
 # -- Drill 3: a turn that kills its worker every time ---------------------------------------
 
 
-async def test_drill3_a_turn_that_kills_every_worker_fails_after_max_attempts_and_its_conversation_goes_on(
+async def test_drill3_a_turn_that_kills_every_worker_fails_worker_lost_after_one_isolated_run(
     redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
 ):
     # The poison: whenever this turn's model request arrives, its worker dies (SIGKILL).
@@ -236,17 +237,17 @@ async def test_drill3_a_turn_that_kills_every_worker_fails_after_max_attempts_an
             {"conversation_id": "d3", "customer_id": "C-100", "text": "Thanks, bye"},
         ])
         worker = fleet.worker(env, "w-1")
-        for life in (1, 2, 3):
+        # Life 1 beside (possibly) other turns; life 2 alone, in the isolated lane.
+        for life, lane in ((1, "shared"), (2, "isolated")):
             await server.wait_held(1, timeout=30)
             assert await redis.hget(keys.turn(poison), "attempts") == str(life)
+            assert await redis.hget(keys.turn(poison), "lane") == lane
             worker.kill()
             server.release()  # answer the dead worker's request (to no one), then hold again
             await server.wait_for(lambda s: s.held == 0)
             server.hold(match="order 1099")
             # The next worker boots while the dead one's lease runs out.
             worker = fleet.worker(env, f"w-{life + 1}")
-        # (Not enqueued earlier: a turn running beside the poison on a worker it kills loses
-        # that attempt too, and three such losses would exhaust it as well.)
         other = await producer.enqueue_turn(conversation_id="d3-other", customer_id="C-101",
                                             text="Where is order 1045?")
         failed = await producer.wait(poison, timeout_s=30)
@@ -254,14 +255,131 @@ async def test_drill3_a_turn_that_kills_every_worker_fails_after_max_attempts_an
         bystander = await producer.wait(other, timeout_s=30)
     assert worker.stop() == 0, worker.output()[-3000:]
 
-    assert failed.status == "failed" and failed.error_type == "AttemptsExhausted"
-    assert failed.attempts == 3 and "3 attempts" in failed.error_message
+    assert failed.status == "failed" and failed.error_type == "WorkerLost"
+    assert failed.attempts == 2 and "ran alone" in failed.error_message
     assert [(e.attempt, e.error_type) for e in failed.errors] == [
-        (1, "WorkerLost"), (2, "WorkerLost"), (3, "WorkerLost"), (3, "AttemptsExhausted")]
-    assert (followed.status, followed.worker) == ("completed", "w-4")
+        (1, "WorkerLost"), (2, "WorkerLost"), (2, "WorkerLost")]
+    assert (followed.status, followed.worker) == ("completed", "w-3")
     assert bystander.status == "completed", bystander.model_dump_json(indent=1)
     report = await finish_audit(redis, fleet_env, tmp_path, [poison, after, other])
     assert report.statuses() == {"completed": 2, "failed": 1}
+
+
+# -- Drill 3b: a poison turn among 50 innocent slow turns fails alone -----------------------
+
+POISON = "order 1099"
+
+
+async def _poison_among_innocents(redis, fleet_env, tmp_path, fleet, server: LLMServer, take_down: str):
+    """One poison turn among 50 innocent slow turns on two workers. Whenever the poison's
+    model request arrives, the drill takes its worker down (``kill``: SIGKILL, as a tool's
+    ``os._exit`` or the OOM killer would; ``hang``: SIGSTOP, an event loop that runs nothing,
+    as a CPU-bound tool makes it) and starts a replacement, as a supervisor would, until the
+    poison has ended. Returns the turns, the take-downs and the results."""
+    server.hold(match=POISON)
+    env = drill_env(fleet_env, server, TURNFLEET_MAX_ATTEMPTS="2")
+    live = {name: fleet.worker(env, name) for name in ("w-1", "w-2")}
+    await polling(redis, *live)
+    hung = []
+    downs: list[dict] = []
+    async with Producer(redis=redis) as producer:
+        innocents = await producer.enqueue_turns([
+            {"conversation_id": f"p-{i}", "customer_id": "C-100",
+             "text": "Where is order 1043?" if i % 2 else "Hello there"} for i in range(25)])
+        poison = await producer.enqueue_turn(conversation_id="p-poison", customer_id="C-101",
+                                             text=f"Where is {POISON}?")
+        innocents += await producer.enqueue_turns([
+            {"conversation_id": f"p-{i}", "customer_id": "C-100",
+             "text": "Where is order 1043?" if i % 2 else "Hello there"} for i in range(25, 50)])
+
+        async def poison_held_or_ended() -> bool:
+            return server.held > 0 or await redis.hget(keys.turn(poison), "status") == "failed"
+
+        while True:
+            await until(poison_held_or_ended, "the poison's model request, or its end", timeout=120)
+            if server.held == 0:
+                break
+            holder, lane = await redis.hmget(keys.turn(poison), "worker", "lane")
+            beside = 0
+            for t in innocents:
+                if await redis.hmget(keys.turn(t), "status", "worker") == ["running", holder]:
+                    beside += 1
+            downs.append({"worker": holder, "lane": lane, "beside": beside})
+            victim = live.pop(holder)
+            if take_down == "kill":
+                victim.kill()
+            else:
+                victim.process.send_signal(signal.SIGSTOP)
+                hung.append(victim)
+            # Answer the request (to no one, or to a process that runs nothing), hold again.
+            server.release()
+            await server.wait_for(lambda s: s.held == 0)
+            server.hold(match=POISON)
+            name = f"w-{len(downs) + 2}"
+            live[name] = fleet.worker(env, name)
+        results = {t: await producer.wait(t, timeout_s=120) for t in [poison, *innocents]}
+    for proc in hung:  # the hung loops run again: everything they still try is fenced out
+        proc.process.send_signal(signal.SIGCONT)
+    for proc in live.values():
+        assert proc.stop() == 0, proc.output()[-3000:]
+    for proc in hung:
+        # A job a hung worker had claimed but not begun was taken over (the new workers' first
+        # reconcile pass cut its claim to a lease) and finished elsewhere: arq, finding the job
+        # gone when the loop runs again, counts it failed ("expired"): exit status 1, no crash.
+        assert proc.stop() in (0, 1) and "Traceback" not in proc.output(), proc.output()[-3000:]
+    return poison, innocents, downs, results, hung
+
+
+def _assert_poison_failed_alone(poison, innocents, downs, results):
+    # At most two processes lost to the poison: the one it shared, the one it ran alone on.
+    assert len(downs) <= 2, downs
+    assert [d["lane"] for d in downs] == ["shared", "isolated"], downs
+    assert downs[0]["beside"] >= 1, downs  # it did share its worker with innocent turns...
+    assert downs[1]["beside"] == 0, downs  # ...and ran alone the second time
+    failed = results[poison]
+    assert (failed.status, failed.error_type) == ("failed", "WorkerLost"), failed.model_dump_json(indent=1)
+    assert [e.error_type for e in failed.errors] == ["WorkerLost"] * 3
+    suspects = 0
+    for t in innocents:
+        r = results[t]
+        lost = sum(e.error_type == "WorkerLost" for e in r.errors)
+        assert r.status == "completed", r.model_dump_json(indent=1)
+        assert lost <= 1, r.model_dump_json(indent=1)  # lost at most once, beside the poison
+        assert r.attempts - lost == 1, r.model_dump_json(indent=1)  # one ordinary attempt each
+        suspects += lost
+    assert suspects >= 1
+    return suspects
+
+
+async def test_drill3b_a_poison_turn_among_50_slow_turns_fails_alone_and_kills_at_most_two_workers(
+    redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
+):
+    server = llm_server(latency=0.3)
+    poison, innocents, downs, results, _ = await _poison_among_innocents(
+        redis, fleet_env, tmp_path, fleet, server, "kill")
+    suspects = _assert_poison_failed_alone(poison, innocents, downs, results)
+    print(f"worker losses to the poison: {len(downs)} {downs}; innocent suspects run alone: {suspects}")
+    report = await finish_audit(redis, fleet_env, tmp_path, [poison, *innocents])
+    assert report.statuses() == {"completed": 50, "failed": 1}
+    # The turn_failed alert names the poison turn, with its own error type.
+    alerts = [json.loads(f["alert"]) for _, f in await redis.xrange(keys.ALERTS_STREAM)]
+    assert [(a["turn_id"], a["figures"]["error_type"]) for a in alerts
+            if a["rule"] == "turn_failed"] == [(poison, "WorkerLost")], alerts
+
+
+async def test_drill3c_a_turn_that_hangs_its_worker_fails_alone_and_the_hung_workers_write_nothing(
+    redis, fleet_env, tmp_path, fleet, llm_server  # noqa: F811
+):
+    server = llm_server(latency=0.3)
+    poison, innocents, downs, results, hung = await _poison_among_innocents(
+        redis, fleet_env, tmp_path, fleet, server, "hang")
+    _assert_poison_failed_alone(poison, innocents, downs, results)
+    # The attempts each hung worker still ran when its loop woke up were refused (fenced).
+    for proc in hung:
+        assert logged(proc, "turn.result_dropped"), proc.output()[-3000:]
+    # The hung workers' attempts ran on after SIGCONT and were refused: one outcome per turn.
+    report = await finish_audit(redis, fleet_env, tmp_path, [poison, *innocents])
+    assert report.statuses() == {"completed": 50, "failed": 1}
 
 
 # -- Drill 7 (job half): an undecodable job payload ------------------------------------------

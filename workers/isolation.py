@@ -1,0 +1,170 @@
+"""The isolated lane: a turn lost with its worker runs again alone, so a poison turn fails alone.
+
+A turn whose model call or tool kills its worker process (SIGKILL, OOM, ``os._exit``) takes
+every turn running beside it down too. If every lost attempt were charged alike, one poison
+turn among ``max_jobs`` 50 would fail dozens of innocent turns (``AttemptsExhausted``) as it
+killed worker after worker. Instead (``START`` in ``turnfleet/queue.py``, "Worker losses"):
+
+1. every attempt records the lane it runs in; a turn found lost (still ``running`` when its
+   lease lapsed and another worker claimed its job) that ran *shared* is a **suspect**: its
+   lost attempt is not charged, and its job moves to the isolated lane's queue
+   (``keys.ISOLATED_QUEUE``);
+2. a suspect runs **alone on its worker process**: if it completes, it was innocent (it
+   spent no ordinary attempt on the loss); if its worker is lost again while it runs alone,
+   it is the cause: after ``TURNFLEET_ISOLATED_LOSSES`` such losses (default 1) it ends
+   ``failed`` with ``WorkerLost`` (the ``turn_failed`` alert names it, with that error type),
+   and its conversation moves on.
+
+So a poison turn takes down at most ``1 + isolated_losses`` processes (2 by default): the one
+it shared, and the one it ran alone on. Its neighbours each run once more, alone, within
+their ordinary attempts.
+
+**Alone means no neighbours in the process.** A process-wide exclusive run is what makes the
+second loss cost nothing else, so ``Lanes`` runs two arq ``Worker``s on one event loop — the
+shared lane (``arq:queue``, ``max_jobs``) and the isolated lane (``ISOLATED_QUEUE``,
+``max_jobs`` 1) — and a switch that never lets both hold turns at once: while a suspect is due
+and held by no worker (or runs in this process's isolated lane), the shared lane takes no new
+turn; once its running turns have ended, the isolated lane may take one. When no suspect
+waits, the isolated lane stops taking and the shared lane resumes. As many workers serve the
+isolated lane as suspects wait (``keys.WORKERS_ISOLATING``; one waiting suspect pauses one
+worker, not the fleet), so suspects run one per process in parallel; the price is that a
+serving worker's shared lane pauses (after finishing what it runs): after a loss of k turns
+the fleet spends about k turn-times / workers running them alone. (A separate quarantine
+process per worker would keep the shared lane going, at the cost of a second interpreter and
+SDK per worker; not done.)
+
+**A turn that hangs its worker's event loop** (a CPU-bound tool) is covered the same way: the
+loop cannot renew the leases or write the heartbeat, so all its turns' leases lapse, other
+workers claim them and find them lost; the suspects run alone, the hanging turn hangs its
+isolated worker and is then failed ``WorkerLost`` by whichever worker claims it next. The
+hung processes' attempts are stale: when their loop runs again, their lease renewals and
+outcome writes are refused (fencing), and they write nothing.
+
+A worker run by arq directly (``arq workers.settings.WorkerSettings``) has one plain lane: a
+loss is an ordinary attempt there, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from arq.worker import Worker
+from redis.exceptions import RedisError
+
+from turnfleet import keys
+from turnfleet.queue import Lane, TurnQueue
+
+log = structlog.get_logger(__name__)
+
+SWITCH_EVERY_S = 0.05  # how often a process looks for suspects waiting for the isolated lane
+
+
+def busy(worker: Worker) -> bool:
+    """The lane is reading its queue or has a turn running (its turns are not over)."""
+    return bool(getattr(worker, "picking", False)) or any(not t.done() for t in worker.tasks.values())
+
+
+class Lanes:
+    """The shared and the isolated lane of one worker process, and the switch between them.
+
+    ``main`` runs until one lane's poll loop fails (the error is raised: the supervisor
+    handles it) or, with ``burst``, until both queues are empty and no turn runs.
+    """
+
+    def __init__(self, worker_cls: type[Worker], kwargs: dict[str, Any], *, burst: bool) -> None:
+        self.burst = burst
+        self.ready = asyncio.Event()
+        startup = kwargs.get("on_startup")
+
+        async def on_startup(ctx: dict[str, Any]) -> None:
+            if startup is not None:
+                await startup(ctx)
+            self.ready.set()
+
+        self.shared = worker_cls(**{**kwargs, "burst": False, "on_startup": on_startup,
+                                    "ctx": {**kwargs.get("ctx", {}), "lane": Lane.SHARED.value}})
+        self.isolated = worker_cls(**{
+            **kwargs, "burst": False, "queue_name": keys.ISOLATED_QUEUE, "max_jobs": 1,
+            "on_startup": None, "on_shutdown": None, "ctx": {"lane": Lane.ISOLATED.value},
+        })
+        self.isolated.allow_pick_jobs = False
+        self.stopping = False
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [self.isolated, self.shared]
+
+    def stop_picking(self) -> None:
+        """No lane takes a new turn from now on (the drain)."""
+        self.stopping = True
+        for worker in self.workers:
+            worker.allow_pick_jobs = False
+
+    async def main(self) -> None:
+        tasks = [asyncio.create_task(self.shared.main(), name="arq-shared"),
+                 asyncio.create_task(self._isolated_main(), name="arq-isolated"),
+                 asyncio.create_task(self._switch(), name="lane-switch")]
+        self.shared.main_task, self.isolated.main_task = tasks[0], tasks[1]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _isolated_main(self) -> None:
+        await self.ready.wait()
+        self.isolated.ctx.update(runtime=self.shared.ctx["runtime"], in_flight=self.shared.ctx.get("in_flight"))
+        await self.isolated.main()
+
+    async def _switch(self) -> None:
+        await self.ready.wait()
+        rt = self.shared.ctx["runtime"]
+        queue: TurnQueue = rt.queue
+        shared, isolated = self.shared, self.isolated
+        serving = False  # this worker serves the isolated lane (its shared lane is paused)
+        try:
+            while True:
+                await asyncio.sleep(SWITCH_EVERY_S)
+                if self.stopping:
+                    continue
+                try:
+                    waiting, serve = await queue.isolated_turn(rt.worker_name, busy(isolated))
+                except RedisError as exc:
+                    log.warning("worker.lane_switch_failed", error=str(exc))
+                    continue
+                if serve:
+                    if not serving:
+                        log.info("worker.lane_isolated", suspects_waiting=waiting)
+                    serving = True
+                    shared.allow_pick_jobs = False
+                    # Only once no shared turn runs (and none is being taken) may a suspect start.
+                    isolated.allow_pick_jobs = not busy(shared) and not self.stopping
+                    continue
+                isolated.allow_pick_jobs = False
+                if busy(isolated) or self.stopping:
+                    continue  # (its turn ended between the look and now: next look)
+                if serving:
+                    log.info("worker.lane_shared")
+                    serving = False
+                shared.allow_pick_jobs = True
+                if self.burst and not waiting and not busy(shared) and await _queues_empty(queue):
+                    return
+        finally:
+            if serving:
+                with contextlib.suppress(RedisError, OSError):
+                    await queue.leave_isolated_lane(rt.worker_name)
+
+
+async def _queues_empty(queue: TurnQueue) -> bool:
+    async with queue.redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.ARQ_QUEUE)
+        pipe.zcard(keys.ISOLATED_QUEUE)
+        counts = await pipe.execute()
+    return not any(counts)
