@@ -38,6 +38,7 @@ turnfleet_turn_latency_seconds              (histogram)         finished turns' 
 turnfleet_turn_queue_wait_seconds           (histogram)         finished turns' wait before starting
 turnfleet_queue_depth                                           turns ready to run, not yet started
 turnfleet_queue_scheduled                                       turns deferred to a later time (retries)
+turnfleet_queue_isolated                                        suspects waiting for (or running in) the isolated lane
 turnfleet_turns_in_flight                                       turns running on live workers
 turnfleet_workers_alive                                         workers with a recent heartbeat
 turnfleet_telemetry_consumers_alive                             telemetry consumers with a recent beat
@@ -105,6 +106,7 @@ class FleetSnapshot:
     turns_in_flight: int
     queue_depth: int
     queue_scheduled: int
+    queue_isolated: int
     consumers_alive: int
 
 
@@ -123,8 +125,9 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         pipe.zcount(keys.ARQ_QUEUE, "-inf", now)
         pipe.zcount(keys.ARQ_QUEUE, f"({now}", "+inf")
         pipe.zcount(keys.TELEMETRY_CONSUMERS, now - int(worker_max_age_s * 1000), "+inf")
+        pipe.zcard(keys.ISOLATED_QUEUE)  # suspects of a worker loss (workers/isolation.py)
         (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, due, scheduled,
-         consumers) = await pipe.execute()
+         consumers, isolated) = await pipe.execute()
     live = await live_workers(redis, worker_max_age_s, now)
     running = sum(int(n or 0) for name, n in in_flight.items() if name in live)
 
@@ -157,8 +160,9 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         telemetry_lag=lag.entries,
         workers_alive=len(live),
         turns_in_flight=running,
-        queue_depth=max(0, int(due) - running),
+        queue_depth=max(0, int(due) + int(isolated) - running),
         queue_scheduled=int(scheduled),
+        queue_isolated=int(isolated),
         consumers_alive=int(consumers),
     )
 
@@ -262,6 +266,8 @@ class FleetCollector(Collector):
             ("turnfleet_queue_depth", s.queue_depth, "Turns ready to run and not yet started."),
             ("turnfleet_queue_scheduled", s.queue_scheduled,
              "Turns deferred to a later time (retry delay)."),
+            ("turnfleet_queue_isolated", s.queue_isolated,
+             "Turns lost with a worker, waiting for or running in the isolated lane."),
             ("turnfleet_turns_in_flight", s.turns_in_flight, "Turns running on live workers."),
             ("turnfleet_workers_alive", s.workers_alive, "Workers with a recent heartbeat."),
             ("turnfleet_telemetry_consumers_alive", s.consumers_alive,

@@ -131,7 +131,7 @@ async def test_metrics_equal_the_telemetry_aggregates_after_a_real_scenario(
 
     # Burst processes have exited and taken their heartbeats with them; nothing is queued.
     for name in ("turnfleet_workers_alive", "turnfleet_turns_in_flight", "turnfleet_queue_depth",
-                 "turnfleet_queue_scheduled", "turnfleet_telemetry_lag_entries",
+                 "turnfleet_queue_scheduled", "turnfleet_queue_isolated", "turnfleet_telemetry_lag_entries",
                  "turnfleet_telemetry_consumers_alive"):
         assert value(m, name) == 0, name
 
@@ -185,3 +185,15 @@ async def test_telemetry_lag_counts_undelivered_and_pending_entries(redis, redis
     assert await telemetry_lag(redis, cap=2) == TelemetryLag(undelivered=2, pending=1, capped=True)
     async with serve(redis_url) as http:
         assert value(await scrape(http), "turnfleet_telemetry_lag_entries") == 5
+
+
+async def test_suspects_in_the_isolated_lane_count_in_the_queue_metrics(redis, redis_url):
+    """A turn handed to the isolated lane after a worker loss is still queued work: it shows in
+    ``turnfleet_queue_depth`` and, on its own, in ``turnfleet_queue_isolated``."""
+    now_ms = await redis.time()
+    await redis.zadd(keys.ISOLATED_QUEUE, {"t-suspect-1": now_ms[0] * 1000, "t-suspect-2": now_ms[0] * 1000})
+    await redis.zadd(keys.ARQ_QUEUE, {"t-plain": now_ms[0] * 1000})
+    async with serve(redis_url) as http:
+        m = await scrape(http)
+    assert value(m, "turnfleet_queue_isolated") == 2
+    assert value(m, "turnfleet_queue_depth") == 3
