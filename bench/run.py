@@ -612,11 +612,13 @@ async def _until_async(check: Callable[[], Any], what: str, timeout_s: float) ->
 
 
 async def _sigkill_trial(url: str, env: dict[str, str], base: Path, trial: str, turns: int,
-                         lease_s: float, backlog: int) -> list[dict[str, float]]:
+                         lease_s: float, backlog: int, release: Callable[[], None]) -> list[dict[str, float]]:
     """One kill: ``turns`` turns running on a victim worker (their model calls held, started
     a third of a lease apart in all, so their renewals are spread over the renewal period),
     a survivor polling (with ``backlog`` more turns queued to keep it busy), SIGKILL the
-    victim; per turn, the lease left at the kill and when the survivor's START took it."""
+    victim and ``release`` the held calls; per turn, the lease left at the kill, when the
+    survivor's ``START`` found it lost (the ``WorkerLost`` record) and when its next attempt
+    started (in the isolated lane: one lost turn at a time, see workers/isolation.py)."""
     from producer.api import Producer
     from turnfleet import keys
     from turnfleet.connection import connect
@@ -653,19 +655,24 @@ async def _sigkill_trial(url: str, env: dict[str, str], base: Path, trial: str, 
             left_ms = await pipe.execute()
         killed_at = time.time()
         victim.kill()
+        release()
 
         async def taken_over() -> list[Any] | None:
             async with redis.pipeline(transaction=False) as pipe:
                 for t in ids:
                     pipe.hmget(keys.turn(t), "attempts", "started_at")
+                    pipe.lindex(keys.turn_errors(t), 0)
                 rows = await pipe.execute()
-            return rows if all(int(a or 0) >= 2 for a, _ in rows) else None
+            pairs = list(zip(rows[::2], rows[1::2]))
+            return pairs if all(int(a or 0) >= 2 and lost for (a, _), lost in pairs) else None
 
-        rows = await _until_async(taken_over, "the survivor to take every turn over", 120)
+        rows = await _until_async(taken_over, "the survivor to take every turn over", 300)
         out = []
-        for (_, started), left in zip(rows, left_ms):
+        for ((_, started), lost), left in zip(rows, left_ms):
+            noticed = datetime.fromisoformat(json.loads(lost)["at"]).timestamp() - killed_at
             again = datetime.fromisoformat(started).timestamp() - killed_at
-            out.append({"takeover_s": again, "lease_left_s": left / 1000, "pickup_s": again - left / 1000})
+            out.append({"takeover_s": again, "noticed_s": noticed, "lease_left_s": left / 1000,
+                        "pickup_s": noticed - left / 1000})
         return out
     finally:
         victim.kill()
@@ -682,11 +689,12 @@ def bench_sigkill(kills: int, turns: int, base: Path, backlog: int = 0, tag: str
     lease_s = WorkerProcessSettings().turn_lease_s
     samples: list[dict[str, float]] = []
     with LLMServer(latency=0.2 if backlog else 0.0) as llm:
-        llm.hold(match="(held)")
         for k in range(kills):
+            llm.hold(match="(held)")
             with PrivateRedis(base) as server:
                 env = llm.worker_env(worker_env(server.url, base / "state"), TURNFLEET_MODEL_TIMEOUT_S="300")
-                samples += asyncio.run(_sigkill_trial(server.url, env, base, f"{tag}{k}", turns, lease_s, backlog))
+                samples += asyncio.run(_sigkill_trial(server.url, env, base, f"{tag}{k}", turns, lease_s,
+                                                      backlog, llm.release))
             print(f"[sigkill {tag}] kill {k + 1}/{kills}: max takeover "
                   f"{max(x['takeover_s'] for x in samples):.2f} s", file=sys.stderr, flush=True)
         llm.release()
@@ -708,10 +716,13 @@ def sigkill_lines(runs: dict[str, list[dict[str, float]]], kills: dict[str, int]
         "",
         f"A worker running {turns} turns (model calls held at the local OpenAI-compatible server, "
         f"started within {s.turn_lease_s / 3:.2f} s, so their lease renewals are spread over "
-        "the renewal period) is SIGKILLed while a second worker polls; per turn: the lease left "
-        "at the kill (PTTL of its in-progress key), and the time from the kill to the second "
-        "worker's `START` of the next attempt (the turn record's `started_at`), split into the "
-        f"lease that was left and the pickup after it lapsed. Defaults: lease {s.turn_lease_s:g} s, "
+        "the renewal period) is SIGKILLed while a second worker polls, and the held calls are "
+        "released; per turn: the lease left at the kill (PTTL of its in-progress key), the time "
+        "from the kill to the second worker's `START` finding the turn lost (its `WorkerLost` "
+        "record), split into the lease that was left and the pickup after it lapsed, and the time "
+        "from the kill to the turn's next attempt (`started_at`): since issue 13 the lost turns are "
+        "suspects and run again in the isolated lane, one at a time, once the survivor's running "
+        f"turns have ended (workers/isolation.py). Defaults: lease {s.turn_lease_s:g} s, "
         f"renewed every {s.turn_lease_s / 3:.2f} s, poll delay {s.poll_delay_s:g} s. 'busy' runs the "
         f"same with {backlog} more turns queued (model calls 0.2 s each), so the second worker "
         f"has all {s.max_jobs} of its slots taken when the lease lapses. " + note,
@@ -720,8 +731,9 @@ def sigkill_lines(runs: dict[str, list[dict[str, float]]], kills: dict[str, int]
         "|---|---|---|---|---|---|",
     ]
     for name, samples in runs.items():
-        for label, key in (("kill → runs again", "takeover_s"), ("lease left at the kill", "lease_left_s"),
-                           ("lapse → runs again (pickup)", "pickup_s")):
+        for label, key in (("kill → loss noticed", "noticed_s"), ("lease left at the kill", "lease_left_s"),
+                           ("lapse → noticed (pickup)", "pickup_s"),
+                           ("kill → runs again (isolated lane)", "takeover_s")):
             lines.append(row(f"{name} ({kills[name]} kills) | {label}", [x[key] for x in samples]))
     lease_left = [x["lease_left_s"] for name in runs for x in runs[name]]
     pickups = {name: max(x["pickup_s"] for x in samples) for name, samples in runs.items()}
@@ -737,7 +749,9 @@ def sigkill_lines(runs: dict[str, list[dict[str, float]]], kills: dict[str, int]
         "running ones included), waiting for a slot before each, and the lapsed turn is seen only "
         f"at the read after that (pickup max {pickups.get('busy', 0):.2f} s here). So the bound is "
         "the lease plus the time until some worker has a free slot and reads the queue again: "
-        "the same wait any queued turn has on a saturated fleet.",
+        "the same wait any queued turn has on a saturated fleet. The lost turns then run again "
+        f"alone, one after the other ({turns} of them here): the last one starts after the "
+        "others have run, and on a busy survivor only after its running turns have ended.",
         "",
     ]
     return lines
