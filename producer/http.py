@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from producer.api import EnqueueResult, Producer, TurnValidationError
+from turnfleet import audit
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus
 from turnfleet.models import ID_SCHEMA_PATTERN, TurnRequest, TurnResult, TurnStatus
@@ -395,6 +396,7 @@ async def create_turns(request: Request, caller: Caller, producer: Producing) ->
     summary="A turn's status and result; ?wait=S long-polls until it ends",
     responses={
         **_AUTH_ERRORS,
+        403: {"model": ErrorOut, "description": "?unredacted=true from a key without that permission."},
         404: {"model": ErrorOut, "description": "No such turn, or not one of the key's customers'."},
     },
 )
@@ -409,9 +411,16 @@ async def read_turn(
                           "answers with the current state when the time is up.",
               json_schema_extra={"exclusiveMinimum": 0}),
     ] = None,
-) -> TurnResult:
+    unredacted: Annotated[
+        bool, Query(description="Operator keys: the text as written (keys with the unredacted permission; "
+                                "audited). A customer key reads its own turns as written anyway."),
+    ] = False,
+) -> TurnResult | JSONResponse:
     """The ``TurnResult``: status (queued, running, completed, failed), final output, agents,
-    tool calls, handoffs, usage, attempts and their errors."""
+    tool calls, handoffs, usage, attempts and their errors. A customer key reads its own turn as
+    written (the end user's answer); an operator key reads it redacted unless ``?unredacted=true``."""
+    if unredacted and not caller.unredacted:
+        raise ApiError(403, "forbidden", "unredacted reads need a key with the unredacted permission")
     if wait is not None:
         limit = settings_of(request).max_wait_s
         if not (math.isfinite(wait) and 0 < wait <= limit):
@@ -422,4 +431,9 @@ async def read_turn(
         raise ApiError(404, "not_found", f"no turn {turn_id!r}")
     if wait is not None and not result.done:
         result = await producer.queue.wait(turn_id, wait) or result
+    if unredacted:
+        await audit.record(redis_of(request), caller.name, "GET /v1/turns/{id}", turn_id)
+    elif caller.operator:
+        # As JSON values: a redacted string need not satisfy the model's constraints any more.
+        return JSONResponse(audit.redacted(result.model_dump(mode="json", by_alias=True), settings_of(request)))
     return result

@@ -56,7 +56,7 @@ from telemetry.query import (
     totals_of_customers,
 )
 from telemetry.replay import conversation_replay, turn_replay
-from turnfleet import keys
+from turnfleet import audit, keys
 from turnfleet.auth import Principal
 from turnfleet.models import Alert
 from turnfleet.queue import TurnQueue
@@ -91,33 +91,68 @@ def _invalid(field: str, message: str) -> ApiError:
 # -- replays -----------------------------------------------------------------------------
 
 
+Unredacted = Annotated[bool, Query(description="Text as written (keys with the unredacted permission; audited).")]
+
+
+def _check_unredacted(who: Principal, unredacted: bool) -> None:
+    """403 for ``?unredacted=true`` from a key without the permission (before any lookup)."""
+    if unredacted and not who.unredacted:
+        raise ApiError(403, "forbidden", "unredacted reads need a key with the unredacted permission")
+
+
+async def _view(redis: Redis, settings: ProducerSettings, who: Principal, unredacted: bool,
+                what: str, subject: str, replay: dict[str, Any]) -> JSONResponse:
+    """The replay as the caller may read it: redacted, or raw with one audit entry."""
+    if unredacted:
+        await audit.record(redis, who.name, what, subject)
+        return JSONResponse(replay)
+    return JSONResponse(audit.redacted(replay, settings))
+
+
 @router.get("/v1/conversations/{conversation_id}")
 async def get_conversation(
-    conversation_id: str, who: Caller, redis: Store, trace_redis: TraceStore
+    conversation_id: str, who: Caller, redis: Store, trace_redis: TraceStore, settings: Settings,
+    unredacted: Unredacted = False,
 ) -> JSONResponse:
     """The conversation's replay (``turnfleet conversation ID --json``): every turn's result,
-    figures and attempts as trees, and the conversation totals. 404 if unknown or not the
-    key's customer's."""
+    figures and attempts as trees, and the conversation totals, redacted (``?unredacted=true``:
+    as written, for keys with that permission, audited). 404 if unknown or not the key's
+    customer's."""
+    _check_unredacted(who, unredacted)
     owner = await redis.hget(keys.conversation_state(conversation_id), "customer_id")
     if owner is None or not who.may(owner):
         raise _not_found("conversation", conversation_id)
     replay = await conversation_replay(redis, conversation_id, trace_redis)
     if replay is None:
         raise _not_found("conversation", conversation_id)
-    return JSONResponse(replay)
+    return await _view(redis, settings, who, unredacted, "GET /v1/conversations/{id}", conversation_id, replay)
 
 
 @router.get("/v1/turns/{turn_id}/replay")
-async def get_turn_replay(turn_id: str, who: Caller, redis: Store, trace_redis: TraceStore) -> JSONResponse:
-    """One turn's replay (``turnfleet turn TURN_ID --json``). 404 if unknown or not the key's
-    customer's."""
+async def get_turn_replay(
+    turn_id: str, who: Caller, redis: Store, trace_redis: TraceStore, settings: Settings,
+    unredacted: Unredacted = False,
+) -> JSONResponse:
+    """One turn's replay (``turnfleet turn TURN_ID --json``), redacted unless
+    ``?unredacted=true`` (as above). 404 if unknown or not the key's customer's."""
+    _check_unredacted(who, unredacted)
     turn = await TurnQueue(redis).get(turn_id)  # never raises on a corrupt record
     if turn is None or not who.may(turn.customer_id):
         raise _not_found("turn", turn_id)
     replay = await turn_replay(redis, turn_id, trace_redis)
     if replay is None:
         raise _not_found("turn", turn_id)
-    return JSONResponse(replay)
+    return await _view(redis, settings, who, unredacted, "GET /v1/turns/{id}/replay", turn_id, replay)
+
+
+@router.get("/v1/audit")
+async def get_audit(
+    who: Caller, redis: Store, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> JSONResponse:
+    """The latest unredacted reads (who, what, which id, when), oldest first. Operator keys only."""
+    if not who.operator:
+        raise ApiError(403, "forbidden", "the audit log is fleet-wide: it needs an operator key")
+    return JSONResponse({"entries": await audit.entries(redis, limit)})
 
 
 # -- find and stats ----------------------------------------------------------------------

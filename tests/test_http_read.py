@@ -61,8 +61,9 @@ def as_json(data: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def serve(redis_url: str, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app under uvicorn on a free port in this event loop; a client for it."""
-    app = create_app(ProducerSettings(api_keys=API_KEYS, **settings), redis_url)
+    """The real app under uvicorn on a free port in this event loop; a client for it
+    (``api_keys`` defaults to ``API_KEYS``)."""
+    app = create_app(ProducerSettings(**{"api_keys": API_KEYS, **settings}), redis_url)
     async with serving_app(app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         yield client
 

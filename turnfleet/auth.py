@@ -46,6 +46,7 @@ class Principal:
 
     name: str
     customers: frozenset[str]
+    unredacted: bool = False  # may ask for text as written (?unredacted=true); audited
 
     @property
     def operator(self) -> bool:
@@ -126,7 +127,7 @@ class KeyStore:
                 found = key
         if found is None:
             return None
-        return Principal(found.name, frozenset(found.customers))
+        return Principal(found.name, frozenset(found.customers), found.unredacted)
 
 
 def _why(exc: BaseException) -> str:

@@ -195,6 +195,7 @@ async def _enqueue(args: argparse.Namespace, url: str) -> int:
 
 async def _result(args: argparse.Namespace, url: str) -> int:
     from turnfleet.connection import connect
+    from turnfleet.models import TurnResult
     from turnfleet.queue import TurnQueue
     from turnfleet.render import console, render_turn
 
@@ -208,8 +209,12 @@ async def _result(args: argparse.Namespace, url: str) -> int:
         if result is None:
             raise _not_found("turn", args.turn_id)
         cost = await _turn_cost(redis, args.turn_id)
+        if args.unredacted:
+            await _audit(redis, "result", args.turn_id)
     finally:
         await redis.aclose()
+    if not args.unredacted:
+        result = TurnResult.model_validate(_redacted(result.model_dump(mode="json")))
     if args.json:
         _print_json({**result.model_dump(mode="json"), "cost_usd": cost})
     else:
@@ -221,6 +226,20 @@ async def _turn_cost(redis: Any, turn_id: str) -> float | None:
     from telemetry.query import turn_stats
 
     return (await turn_stats(redis, turn_id)).get("cost_usd")
+
+
+def _redacted(data: Any) -> Any:
+    """What an operator reads by default: the same redaction as telemetry and the console."""
+    from turnfleet.audit import redacted
+
+    return redacted(data, CommonSettings())
+
+
+async def _audit(redis: Any, verb: str, subject: str) -> None:
+    """One audit entry for an ``--unredacted`` read: ``cli:<user>@<host>``, the verb, the id."""
+    from turnfleet.audit import cli_who, record
+
+    await record(redis, cli_who(), f"turnfleet {verb}", subject)
 
 
 def _trace_redis(url: str) -> Any:
@@ -238,12 +257,16 @@ async def _conversation(args: argparse.Namespace, url: str) -> int:
     redis, trace_redis = connect(url), _trace_redis(url)
     try:
         replay = await conversation_replay(redis, args.conversation_id, trace_redis)
+        if replay is not None and args.unredacted:
+            await _audit(redis, "conversation", args.conversation_id)
     finally:
         await redis.aclose()
         if trace_redis is not None:
             await trace_redis.aclose()
     if replay is None:
         raise _not_found("conversation", args.conversation_id)
+    if not args.unredacted:
+        replay = _redacted(replay)
     if args.json:
         _print_json(replay)
     else:
@@ -259,16 +282,37 @@ async def _turn(args: argparse.Namespace, url: str) -> int:
     redis, trace_redis = connect(url), _trace_redis(url)
     try:
         replay = await turn_replay(redis, args.turn_id, trace_redis)
+        if replay is not None and args.unredacted:
+            await _audit(redis, "turn", args.turn_id)
     finally:
         await redis.aclose()
         if trace_redis is not None:
             await trace_redis.aclose()
     if replay is None:
         raise _not_found("turn", args.turn_id)
+    if not args.unredacted:
+        replay = _redacted(replay)
     if args.json:
         _print_json(replay)
     else:
         console().print(render_replay_turn(replay))
+    return 0
+
+
+async def _audit_log(args: argparse.Namespace, url: str) -> int:
+    from turnfleet.audit import entries
+    from turnfleet.connection import connect
+
+    redis = connect(url)
+    try:
+        rows = await entries(redis, args.limit)
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json({"entries": rows})
+    else:
+        for row in rows:
+            print(f"{row['at']}  {row['who']}  {row['what']}  {row['subject']}")
     return 0
 
 
@@ -470,7 +514,9 @@ def cmd_apikey(args: argparse.Namespace) -> int:
         if customer not in customers:
             customers.append(customer)
     key = new_key()
-    entry = {"name": name, "sha256": hash_key(key), "customers": customers}
+    entry: dict[str, Any] = {"name": name, "sha256": hash_key(key), "customers": customers}
+    if args.unredacted:
+        entry["unredacted"] = True
     if args.json:
         _print_json({"key": key, "entry": entry})
         return 0
@@ -515,14 +561,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("turn_id", metavar="TURN_ID")
     r.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for it to end")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--unredacted", action="store_true",
+                   help="text as written (cards, e-mails, keys); the read is audited")
 
     c = sub.add_parser("conversation", help="replay a conversation: every turn as a tree, in order")
     c.add_argument("conversation_id", metavar="ID")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--unredacted", action="store_true",
+                   help="text as written (cards, e-mails, keys); the read is audited")
 
     tr = sub.add_parser("turn", help="replay one turn as a tree")
     tr.add_argument("turn_id", metavar="TURN_ID")
     tr.add_argument("--json", action="store_true")
+    tr.add_argument("--unredacted", action="store_true",
+                   help="text as written (cards, e-mails, keys); the read is audited")
+
+    au = sub.add_parser("audit", help="unredacted reads (who, what, which id, when), newest last")
+    au.add_argument("--limit", type=int, default=100)
+    au.add_argument("--json", action="store_true")
 
     s = sub.add_parser("stats", help="tokens, cost, latency and errors")
     s.add_argument("--by", choices=["conversation", "customer", "model"], default="model")
@@ -576,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     who = akn.add_mutually_exclusive_group(required=True)
     who.add_argument("--customer", action="append", metavar="ID", help="a customer it may act for (repeat)")
     who.add_argument("--operator", action="store_true", help="all customers and fleet-wide reads")
+    akn.add_argument("--unredacted", action="store_true",
+                     help="may read text as written (?unredacted=true); each such read is audited")
     akn.add_argument("--json", action="store_true", help='print {"key", "entry"}')
     akh = ak_sub.add_parser("hash", help="the SHA-256 digest of a key ('-' reads it from stdin)")
     akh.add_argument("key", metavar="KEY")
@@ -590,6 +648,7 @@ ASYNC_VERBS = {
     "stats": _stats,
     "find": _find,
     "alerts": _alerts,
+    "audit": _audit_log,
 }
 PROCESS_VERBS = {"worker": cmd_worker, "telemetry": cmd_telemetry, "demo": cmd_demo}
 PROCESS_VERBS["serve"] = cmd_serve

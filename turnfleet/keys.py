@@ -37,6 +37,7 @@ WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in f
 # zset worker name -> ms of its last look while it serves the isolated lane (workers/isolation.py)
 WORKERS_ISOLATING = f"{PREFIX}:workers:isolating"
 TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms
+AUDIT = f"{PREFIX}:audit"  # stream: one entry per unredacted read (who, what, id, when); no customer text
 COUNTERS = f"{PREFIX}:counters"  # hash of fleet counters the producer keeps (turns_enqueued)
 
 

@@ -63,6 +63,8 @@ class ApiKey(BaseModel):
     name: str
     sha256: str
     customers: list[str] = Field(description='Customer ids this key may use; ["*"]: all (operator).')
+    unredacted: bool = Field(default=False, description="May read turns' text as written "
+                             "(?unredacted=true on the replay and turn routes); each such read is audited.")
 
     @field_validator("customers")
     @classmethod
