@@ -16,6 +16,9 @@ Scope of a customer key where figures are fleet-wide:
   ``by=model`` is 403 (per-model figures are not split by customer).
 - ``/v1/alerts``: alerts whose ``customer_id`` is one of the key's; alerts without a customer
   (fleet-wide ``error_rate`` with no failing turn named) for operator keys only.
+- Replays (``/v1/conversations/{id}``, ``/v1/turns/{id}/replay``) are redacted for every key;
+  ``?unredacted=true`` needs a key with the ``unredacted`` permission (403 otherwise) and is
+  audited (``turnfleet.audit``); ``/v1/audit`` lists those reads, operator keys only.
 - ``/metrics``: operator keys only (401 without a key, 403 for a customer key): the
   exposition is fleet-wide. Scrape config: ``authorization: {type: Bearer, credentials:
   <operator key>}``.
