@@ -310,6 +310,8 @@ async def _audit_log(args: argparse.Namespace, url: str) -> int:
         await redis.aclose()
     if args.json:
         _print_json({"entries": rows})
+    elif not rows:
+        print("No unredacted reads recorded.")
     else:
         for row in rows:
             print(f"{row['at']}  {row['who']}  {row['what']}  {row['subject']}")
