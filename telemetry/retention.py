@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from turnfleet import keys
 from turnfleet.connection import as_text as _text
+from turnfleet.erasure import purge_plan
 
 log = structlog.get_logger(__name__)
 
@@ -62,34 +63,6 @@ class PurgeResult:
     conversations: int = 0
     turns: int = 0
     skipped: int = 0  # busy (a turn queued or running) or changed since it was read
-
-
-def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
-               facets: list[str]) -> tuple[list[str], list[str]]:
-    """What purging one conversation deletes (keys) and removes from indexes (pairs)."""
-    doomed: list[str] = []
-    zrem: list[str] = []
-    for t in turns:
-        doomed += [keys.turn(t), keys.turn_quarantine(t), keys.turn_errors(t), keys.trace(t), keys.turn_events(t),
-                   keys.event_seen(t), keys.aggregate("turn", t),
-                   keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
-        zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t]
-    sid = keys.session_id(conversation_id)
-    doomed += [keys.conversation_active(conversation_id), keys.conversation_state(conversation_id),
-               keys.conversation_turns(conversation_id), keys.conversation_facets(conversation_id),
-               keys.aggregate("conversation", conversation_id), keys.session_messages(conversation_id),
-               f"{keys.SESSION_PREFIX}:{sid}", keys.conversation_escalation(conversation_id)]
-    zrem += [keys.CONVERSATIONS, conversation_id]
-    if customer_id:
-        zrem += [keys.customer_conversations(customer_id), conversation_id]
-    for fv in facets:
-        facet, _, value = fv.partition(":")
-        if facet in keys.FACETS:
-            zrem += [keys.facet_conversations(facet, value), conversation_id]
-    ledger = [k for k in doomed if k.startswith(keys.LEDGER_PREFIX)]
-    if ledger:  # an id that makes a key of the ledger: never delete a financial record
-        raise ValueError(f"purge of {conversation_id!r} would delete ledger keys {ledger}")
-    return doomed, zrem
 
 
 class Retention:

@@ -39,6 +39,13 @@ WORKERS_ISOLATING = f"{PREFIX}:workers:isolating"
 TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms
 AUDIT = f"{PREFIX}:audit"  # stream: one entry per unredacted read (who, what, id, when); no customer text
 COUNTERS = f"{PREFIX}:counters"  # hash of fleet counters the producer keeps (turns_enqueued)
+# zset turn_id -> ms the turn finished, while its record still holds raw customer text: what the
+# raw-text expiry (TURNFLEET_RAW_RETENTION_S) walks; a turn leaves it once redacted or erased.
+RAW_TEXT = f"{PREFIX}:raw-text"
+# zset digest -> ms erased: salted SHA-256 digests of erased customer, conversation and turn ids
+# (never the ids), so that telemetry still pending for them cannot rebuild what was erased.
+ERASED = f"{PREFIX}:erased"
+ERASED_SALT = f"{PREFIX}:erased:salt"  # string: the deployment's random salt of those digests
 
 
 def turn(turn_id: str) -> str:

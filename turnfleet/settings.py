@@ -233,6 +233,12 @@ class TelemetrySettings(CommonSettings):
         description="Purge finished conversations idle this long (turns, traces, memory, "
         "aggregates, index entries); unset keeps everything. At least seen_ttl_s.",
     )
+    raw_retention_s: int = Field(
+        default=7 * 86400, ge=0,
+        description="How long raw customer text (turn requests and answers, tool output in "
+        "results, attempt error messages, escalation tickets, conversation memory) is kept after "
+        "its turn finished; then only the redacted form stays. 0: kept as long as the turn.",
+    )
     prices: dict[str, Price] = Field(default_factory=dict, description="Added to the defaults.")
 
     alert_conversation_cost_usd: float = Field(default=0.50)
