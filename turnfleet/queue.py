@@ -248,16 +248,23 @@ end
 return 'written'
 """
 
-# KEYS: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events
+# KEYS: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events,
+#       raw_text, session_messages, session_meta
 # ARGV: turn_id, conversation_id, status, result_json, telemetry_batch ('' = none), now_ms,
 #       job_prefix, job_ttl, fname, current_agent ('' = keep), attempt, events_ttl_s,
 #       fence ('' = none)
 # Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
-# attempt owns the turn); nothing is written unless 'written'.
+# attempt owns the turn); nothing is written unless 'written'. With the result, the turn
+# enters the raw-text index (finish time) and its record keeps where its memory ends
+# (``memory_end``, with ``memory_session``: the memory's creation time, so the raw-text
+# expiry can tell that [memory_base, memory_end) still are this turn's items).
 FINISH_LUA = _WAKE + FENCE_CHECK_LUA + """
 local verdict = fence_check(KEYS[1], ARGV[13])
 if verdict ~= 'ok' then return verdict end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4],
+           'memory_end', redis.call('LLEN', KEYS[10]),
+           'memory_session', redis.call('HGET', KEYS[11], 'created_at') or '')
+redis.call('ZADD', KEYS[9], tonumber(ARGV[6]), ARGV[1])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[4], 'current_agent', ARGV[10]) end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
   'turn_id', ARGV[1], 'status', ARGV[3], 'conversation_id', ARGV[2])
@@ -431,6 +438,12 @@ class Lane(enum.Enum):
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def session_meta(conversation_id: str) -> str:
+    """The hash beside the conversation memory (the SDK's ``{prefix}:{session_id}``: session_id,
+    created_at, updated_at), as ``workers/memory.py`` writes it."""
+    return f"{keys.SESSION_PREFIX}:{keys.session_id(conversation_id)}"
 
 
 class TurnQueue:
@@ -617,6 +630,8 @@ class TurnQueue:
 
         The telemetry batch is also kept per attempt (``keys.turn_events``) for
         ``events_ttl_s``: the timeline replay shows for turns whose spans were not sampled.
+        The turn enters ``keys.RAW_TEXT`` (its finish time) in the same step: what the
+        raw-text expiry (``telemetry/raw_expiry.py``) walks.
         With ``fence`` (the attempt number ``start`` returned) nothing is written unless that
         attempt is still the turn's running attempt. Truthy only if this call wrote.
         """
@@ -631,6 +646,9 @@ class TurnQueue:
                 keys.RESULTS_STREAM,
                 keys.TELEMETRY_STREAM,
                 keys.turn_events(result.turn_id),
+                keys.RAW_TEXT,
+                keys.session_messages(cid),
+                session_meta(cid),
             ],
             args=[
                 result.turn_id,
