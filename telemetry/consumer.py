@@ -87,6 +87,7 @@ from redis.exceptions import RedisError, ResponseError
 from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
 from telemetry.alerts import AlertRules
 from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
+from telemetry.raw_expiry import RawExpiry
 from telemetry.retention import PURGE_EVERY_S, Retention
 from telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import keys
@@ -507,7 +508,8 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     telemetry`` and ``turnfleet_telemetry_consumers_alive`` read. It trims the stream to its
     unacknowledged tail every ``trim_every_s`` and, in burst mode, once more after draining
     (:mod:`telemetry.trim`). With ``retention_s`` set it purges idle conversations every
-    ``PURGE_EVERY_S`` and after a burst (:mod:`telemetry.retention`).
+    ``PURGE_EVERY_S`` and after a burst (:mod:`telemetry.retention`); with
+    ``raw_retention_s`` > 0, the same for turns' expired raw text (:mod:`telemetry.raw_expiry`).
     """
     from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
 
@@ -552,6 +554,10 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     purger = (asyncio.create_task(_every(PURGE_EVERY_S, retention.purge, "telemetry.retention_failed"),
                                   name="telemetry-retention")
               if retention is not None and not burst else None)
+    raw_expiry = RawExpiry(redis, settings) if settings.raw_retention_s > 0 else None
+    expirer = (asyncio.create_task(_every(PURGE_EVERY_S, raw_expiry.expire, "telemetry.raw_expiry_failed"),
+                                   name="telemetry-raw-expiry")
+               if raw_expiry is not None and not burst else None)
     try:
         if webhook is not None and not burst:
             webhook_task = asyncio.create_task(webhook.run(), name="alert-webhook")
@@ -561,12 +567,14 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
             await consumer.trim()
             if retention is not None:
                 await retention.purge()
+            if raw_expiry is not None:
+                await raw_expiry.expire()
         if webhook is not None and burst:
             delivered = await webhook.run_once()
             log.info("telemetry.webhook_burst_done", entries=delivered)
         return handled
     finally:
-        for task in (trimmer, purger):
+        for task in (trimmer, purger, expirer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -16,6 +16,8 @@ equal the offline model's). It can be slow, fail, or hold requests, as a test sa
     server.inject("schemaless")                    # 200, JSON without 'choices' / 'output'
     server.inject("503", times=None, match="1099") # every request of a turn whose latest user
                                                    # message contains "1099"
+    server.inject("400", echo=True)                # the error message quotes the user's message,
+                                                   # as providers' content errors do
     server.error_rate = 0.1                        # and 10% of the others (seeded RNG) fail
     server.hold(match="refund")                    # matching requests wait at a gate...
     await server.wait_held(1)                      # ...until one is waiting (kill a worker now)
@@ -89,6 +91,7 @@ class Fault:
     times: int | None = 1  # requests it answers; None: all matching ones, until cleared
     retry_after: float | None = None  # seconds, sent as Retry-After with a status answer
     match: str | None = None  # only requests whose latest user message contains this
+    echo: bool = False  # the error message quotes the latest user message (status faults)
     served: int = 0
 
     def takes(self, user_text: str) -> bool:
@@ -229,12 +232,12 @@ class LLMServer:
     # -- control -----------------------------------------------------------------------
 
     def inject(self, kind: str | int, times: int | None = 1, *, retry_after: float | None = None,
-               match: str | None = None) -> Fault:
+               match: str | None = None, echo: bool = False) -> Fault:
         """Answer the next ``times`` matching requests with a fault (module docstring)."""
         kind = str(kind)
         if kind not in FAULT_KINDS and not (kind.isdigit() and 400 <= int(kind) <= 599):
             raise ValueError(f"fault kind must be an HTTP error status or one of {FAULT_KINDS}")
-        fault = Fault(kind, times, retry_after, match)
+        fault = Fault(kind, times, retry_after, match, echo)
         with self._changed:
             self._faults.append(fault)
         return fault
@@ -344,7 +347,7 @@ class LLMServer:
         with self._changed:
             self._changed.notify_all()  # a request arrived (wait_for predicates may read log)
         await self._gatekeeper(user_text)
-        kind, retry_after = self._take_fault(user_text)
+        kind, retry_after, echo = self._take_fault(user_text)
         if kind == "timeout":
             record.outcome = "timeout"
             self._record(record)
@@ -356,7 +359,7 @@ class LLMServer:
         if kind is not None:
             record.outcome = kind
             self._record(record)
-            return _fault_response(kind, retry_after)
+            return _fault_response(kind, retry_after, user_text if echo else None)
         answer, usage, decision = _answer(shape, body, system, items, tools)
         record.outcome, record.usage, record.decision = "ok", usage, decision
         self._record(record)
@@ -367,15 +370,15 @@ class LLMServer:
             self._arrivals += 1
             return self._arrivals
 
-    def _take_fault(self, user_text: str) -> tuple[str | None, float | None]:
+    def _take_fault(self, user_text: str) -> tuple[str | None, float | None, bool]:
         with self._changed:
             for fault in self._faults:
                 if fault.takes(user_text):
                     fault.served += 1
-                    return fault.kind, fault.retry_after
+                    return fault.kind, fault.retry_after, fault.echo
             if self.error_rate > 0 and self._rng.random() < self.error_rate:
-                return self.error_kind, None
-        return None, None
+                return self.error_kind, None, False
+        return None, None, False
 
     async def _chat(self, request: Request) -> Response:
         return await self._serve(request, "chat")
@@ -513,7 +516,7 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
                         status_code=status, headers=headers)
 
 
-def _fault_response(kind: str, retry_after: float | None) -> Response:
+def _fault_response(kind: str, retry_after: float | None, echo: str | None = None) -> Response:
     if kind == "garbage":
         return Response("<html><body>502 Bad Gateway</body></html>\n{not json",
                         media_type="application/json")
@@ -523,7 +526,8 @@ def _fault_response(kind: str, retry_after: float | None) -> Response:
     headers = {"retry-after": f"{retry_after:g}"} if retry_after is not None else None
     error_type = "rate_limit_error" if status == 429 else "server_error" if status >= 500 \
         else "invalid_request_error"
-    return _error(status, f"injected fault: {status}", error_type, headers)
+    message = f"injected fault: {status}" + (f"; could not process input: {echo}" if echo is not None else "")
+    return _error(status, message, error_type, headers)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ spans that cannot be stored are counted; a worker exports spans over OTLP.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,14 @@ BUSINESS_SUFFIXES = (keys.conversation_escalation("").rsplit("}", 1)[1],)  # the
 
 async def dump_telemetry_keys(redis) -> dict[str, str]:
     """Every key except business data (jobs, memory, results, the ticket/ledger), as text."""
+    return await dump_keys(redis, lambda key: key.startswith(BUSINESS_PREFIXES) or key.endswith(BUSINESS_SUFFIXES))
+
+
+async def dump_keys(redis, skip: Callable[[str], bool] = lambda key: False) -> dict[str, str]:
+    """Every key (but those ``skip`` names) and its whole value, as text."""
     out = {}
     async for key in redis.scan_iter(count=1000):
-        if key.startswith(BUSINESS_PREFIXES) or key.endswith(BUSINESS_SUFFIXES):
+        if skip(key):
             continue
         kind = await redis.type(key)
         if kind == "string":

@@ -1,0 +1,295 @@
+"""Raw-text expiry: after ``raw_retention_s``, a finished turn keeps only the redacted form.
+
+Every turn that ends enters ``keys.RAW_TEXT`` with its finish time, in the finish script.
+With ``TURNFLEET_RAW_RETENTION_S`` > 0 the telemetry consumer runs :meth:`RawExpiry.expire`
+every ``PURGE_EVERY_S`` (and after a burst): each turn finished before now minus that long
+has its customer text replaced by the redacted form (``turnfleet/raw_text.py``, the same
+``Redactor`` as telemetry and the operator views) in
+
+- the turn record's ``request`` and ``result`` (ids kept; they still decode as ``TurnRequest``
+  and ``TurnResult``, so replay, ``turnfleet turn``/``conversation``, find and stats work,
+  with the same agents, tools, tokens and cost);
+- its attempt errors (``keys.turn_errors``);
+- the conversation's escalation ticket, if this turn opened it;
+- the conversation memory items it wrote (``[memory_base, memory_end)`` on the record;
+  rewritten in place, the list keeps its length, and only while the memory is the one the
+  turn wrote to: ``memory_session``, its creation time, still matches);
+
+its quarantined record (``keys.turn_quarantine``) is deleted, the record is marked
+``raw_expired_at`` and the turn leaves the index. Each turn is one script that writes only
+if everything it read is unchanged (compared by SHA-1); a concurrent change leaves the turn
+for the next pass. A pass walks the index in batches of ``EXPIRE_BATCH``, reading a batch in
+two pipelined round trips and writing it in one. Running it again changes nothing.
+
+Idempotency survives: the producer compares a repeated enqueue of an expired turn with the
+stored request in redacted form (``producer/api.py``). Turns that finished before this index
+existed are not in it, and keep their raw text until their conversation is purged or erased.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
+
+from turnfleet import keys
+from turnfleet.connection import RAW, lenient_text
+from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
+from turnfleet.queue import session_meta
+from turnfleet.raw_text import (
+    redact_error,
+    redact_memory_item,
+    redact_request,
+    redact_result,
+    redact_ticket,
+    redact_unreadable,
+)
+from turnfleet.redaction import Redactor
+from turnfleet.settings import TelemetrySettings
+
+log = structlog.get_logger(__name__)
+
+EXPIRE_BATCH = 200  # turns read (and written) per round of the pass
+
+# KEYS: raw_text index, turn, turn errors, escalation, session messages, session meta, quarantine
+# ARGV: the plan (JSON): turn_id, at, request / result ({sha, new}), error_shas, errors_new,
+#       ticket ({sha, new} or null), memory_session, memory ([{i, sha, new}, ...]).
+# A sha is the SHA-1 of the value as read ('' = absent); nothing is written unless every value
+# the plan rewrites still has it. Returns 'done', 'changed' (left for the next pass) or 'gone'
+# (no longer in the index, or no record: taken out of the index).
+_EXPIRE_LUA = """
+local p = cjson.decode(ARGV[1])
+if not redis.call('ZSCORE', KEYS[1], p.turn_id) then return 'gone' end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], p.turn_id)
+  return 'gone'
+end
+local function sha(v)
+  if not v then return '' end
+  return redis.sha1hex(v)
+end
+for _, f in ipairs({'request', 'result'}) do
+  if sha(redis.call('HGET', KEYS[2], f)) ~= p[f].sha then return 'changed' end
+end
+local errs = redis.call('LRANGE', KEYS[3], 0, -1)
+if #errs ~= #p.error_shas then return 'changed' end
+for i, e in ipairs(errs) do
+  if redis.sha1hex(e) ~= p.error_shas[i] then return 'changed' end
+end
+local ticket = type(p.ticket) == 'table'
+if ticket and sha(redis.call('GET', KEYS[4])) ~= p.ticket.sha then return 'changed' end
+if #p.memory > 0 then
+  if (redis.call('HGET', KEYS[6], 'created_at') or '') ~= p.memory_session then return 'changed' end
+  for _, m in ipairs(p.memory) do
+    if sha(redis.call('LINDEX', KEYS[5], m.i)) ~= m.sha then return 'changed' end
+  end
+end
+for _, f in ipairs({'request', 'result'}) do
+  if type(p[f].new) == 'string' then redis.call('HSET', KEYS[2], f, p[f].new) end
+end
+redis.call('HSET', KEYS[2], 'raw_expired_at', p.at)
+for i, e in ipairs(p.errors_new) do redis.call('LSET', KEYS[3], i - 1, e) end
+if ticket then redis.call('SET', KEYS[4], p.ticket.new, 'KEEPTTL') end
+for _, m in ipairs(p.memory) do redis.call('LSET', KEYS[5], m.i, m.new) end
+redis.call('DEL', KEYS[7])
+redis.call('ZREM', KEYS[1], p.turn_id)
+return 'done'
+"""
+
+
+@dataclass
+class RawExpiryResult:
+    """What one pass did. ``turns``: turns redacted; ``skipped``: changed while read (left
+    for the next pass); the others count what was rewritten in the redacted turns."""
+
+    turns: int = 0
+    skipped: int = 0
+    gone: int = 0  # in the index without a record (or taken out meanwhile): dropped from it
+    errors: int = 0
+    tickets: int = 0
+    memory_items: int = 0
+    turn_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """One turn's rewrite, as :meth:`RawExpiry.read` planned it from what it read."""
+
+    turn_id: str
+    conversation_id: str
+    plan: dict[str, Any]  # the script's ARGV (see _EXPIRE_LUA)
+
+
+def _sha(raw: bytes | None) -> str:
+    return "" if raw is None else hashlib.sha1(raw).hexdigest()
+
+
+def _rewrite(model: type[BaseModel], raw: bytes | None, redact: Any, redactor: Redactor) -> dict[str, Any]:
+    """``{sha, new}`` for a stored JSON value: its redacted form (``new`` None when absent)."""
+    if raw is None:
+        return {"sha": "", "new": None}
+    try:
+        new = redact(model.model_validate_json(raw), redactor).model_dump_json()
+    except ValidationError:
+        new = redact_unreadable(raw, redactor)
+    return {"sha": _sha(raw), "new": new}
+
+
+def _int(raw: bytes | None) -> int | None:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+class RawExpiry:
+    """Redacts turns whose raw text is older than ``raw_retention_s`` (module docstring)."""
+
+    def __init__(self, redis: Redis, settings: TelemetrySettings) -> None:
+        self.redis = redis
+        self.raw_retention_s = settings.raw_retention_s
+        self.redactor = Redactor.from_settings(settings)
+        self._expire = redis.register_script(_EXPIRE_LUA)
+
+    def plan(self, turn_id: str, record: dict[bytes, bytes], errors: list[bytes], ticket: bytes | None,
+             memory: list[bytes], memory_session: bytes | None) -> dict[str, Any]:
+        """The script's plan for one turn, from what was read of it."""
+        r = self.redactor
+        error_news = []
+        for raw in errors:
+            try:
+                error_news.append(redact_error(AttemptError.model_validate_json(raw), r).model_dump_json())
+            except ValidationError:
+                error_news.append(redact_unreadable(raw, r))
+        base = _int(record.get(b"memory_base")) or 0
+        items = []
+        for i, raw in enumerate(memory):
+            new = redact_memory_item(raw, r)
+            if new.encode() != raw:
+                items.append({"i": base + i, "sha": _sha(raw), "new": new})
+        return {
+            "turn_id": turn_id,
+            "at": utcnow().isoformat(),
+            "request": _rewrite(TurnRequest, record.get(b"request"), redact_request, r),
+            "result": _rewrite(TurnResult, record.get(b"result"), redact_result, r),
+            "error_shas": [_sha(e) for e in errors],
+            "errors_new": error_news,
+            "ticket": self._ticket(turn_id, ticket),
+            "memory_session": lenient_text(memory_session) or "",
+            "memory": items,
+        }
+
+    def _ticket(self, turn_id: str, raw: bytes | None) -> dict[str, str] | None:
+        """The ticket's rewrite if this turn opened it; None otherwise (another turn's, or none)."""
+        if raw is None:
+            return None
+        try:
+            ticket = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None  # not a ticket the tools could have written: not this turn's
+        if not isinstance(ticket, dict) or ticket.get("turn_id") != turn_id:
+            return None
+        return {"sha": _sha(raw), "new": json.dumps(redact_ticket(ticket, self.redactor))}
+
+    async def expire_turns(self, turn_ids: list[str]) -> RawExpiryResult:
+        """Redact these turns now, whatever their finish time (each only while it is in the
+        index): :meth:`read`, then :meth:`write`."""
+        plans, unreadable = await self.read(turn_ids)
+        result = await self.write(plans)
+        result.skipped += unreadable
+        return result
+
+    async def read(self, turn_ids: list[str]) -> tuple[list[TurnPlan], int]:
+        """Read the turns (two pipelined round trips for all) and plan their rewrite. Also
+        returns how many could not be read (a record that is no hash: left in the index)."""
+        if not turn_ids:
+            return [], 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for t in turn_ids:
+                pipe.execute_command("HGETALL", keys.turn(t), **RAW)
+                pipe.execute_command("LRANGE", keys.turn_errors(t), 0, -1, **RAW)
+            first = await pipe.execute(raise_on_error=False)
+        records: dict[str, tuple[dict[bytes, bytes], list[bytes]]] = {}
+        for t, record, errors in zip(turn_ids, first[::2], first[1::2]):
+            if isinstance(record, Exception) or isinstance(errors, Exception):
+                # Not a hash / not a list (written by hand): nothing this pass can redact safely.
+                log.warning("telemetry.raw_text_unreadable", turn_id=t,
+                            error=repr(record if isinstance(record, Exception) else errors))
+                continue
+            records[t] = (record, errors)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record, _ in records.values():
+                cid = lenient_text(record.get(b"conversation_id")) or ""
+                base = _int(record.get(b"memory_base"))
+                end = _int(record.get(b"memory_end"))
+                pipe.execute_command("GET", keys.conversation_escalation(cid), **RAW)
+                if base is not None and end is not None and end > base:
+                    pipe.execute_command("LRANGE", keys.session_messages(cid), base, end - 1, **RAW)
+                else:
+                    pipe.execute_command("LRANGE", keys.session_messages(cid), 1, 0, **RAW)  # none
+                pipe.execute_command("HGET", session_meta(cid), "created_at", **RAW)
+            second = await pipe.execute(raise_on_error=False)
+        plans = []
+        for n, (t, (record, errors)) in enumerate(records.items()):
+            ticket, memory, meta = (None if isinstance(v, Exception) else v for v in second[3 * n:3 * n + 3])
+            session = record.get(b"memory_session")
+            if lenient_text(meta) != lenient_text(session):
+                memory = []  # the memory was dropped and started again since: not this turn's items
+            cid = lenient_text(record.get(b"conversation_id")) or ""
+            plans.append(TurnPlan(t, cid, self.plan(t, record, errors, ticket, memory or [], session)))
+        return plans, len(turn_ids) - len(records)
+
+    async def write(self, plans: list[TurnPlan]) -> RawExpiryResult:
+        """Run each turn's script (pipelined, each atomic and compare-and-set)."""
+        result = RawExpiryResult()
+        if not plans:
+            return result
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tp in plans:
+                t, cid = tp.turn_id, tp.conversation_id
+                await self._expire(
+                    keys=[keys.RAW_TEXT, keys.turn(t), keys.turn_errors(t), keys.conversation_escalation(cid),
+                          keys.session_messages(cid), session_meta(cid), keys.turn_quarantine(t)],
+                    args=[json.dumps(tp.plan, ensure_ascii=False, separators=(",", ":"))],
+                    client=pipe)
+            verdicts = await pipe.execute()
+        for tp, verdict in zip(plans, verdicts):
+            verdict = lenient_text(verdict)
+            if verdict == "done":
+                result.turns += 1
+                result.turn_ids.append(tp.turn_id)
+                result.errors += len(tp.plan["errors_new"])
+                result.tickets += tp.plan["ticket"] is not None
+                result.memory_items += len(tp.plan["memory"])
+            elif verdict == "gone":
+                result.gone += 1
+            else:
+                result.skipped += 1
+        return result
+
+    async def expire(self, now_ms: int | None = None) -> RawExpiryResult:
+        """One pass over every turn finished before ``now_ms - raw_retention_s``."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cutoff = now_ms - self.raw_retention_s * 1000
+        total = RawExpiryResult()
+        while True:
+            # Redacted turns leave the index; skipped ones stay: read past them.
+            batch = await self.redis.zrangebyscore(keys.RAW_TEXT, "-inf", cutoff, start=total.skipped,
+                                                   num=EXPIRE_BATCH)
+            if not batch:
+                break
+            done = await self.expire_turns([lenient_text(t) or "" for t in batch])
+            for name in ("turns", "skipped", "gone", "errors", "tickets", "memory_items"):
+                setattr(total, name, getattr(total, name) + getattr(done, name))
+            total.turn_ids += done.turn_ids
+        if total.turns or total.gone or total.skipped:
+            log.info("telemetry.raw_text_expired", turns=total.turns, skipped=total.skipped, gone=total.gone,
+                     errors=total.errors, tickets=total.tickets, memory_items=total.memory_items,
+                     raw_retention_s=self.raw_retention_s)
+        return total

@@ -1,0 +1,202 @@
+"""Raw text has a bounded life (issue 14): after ``raw_retention_s`` a finished turn keeps only
+the redacted form, everywhere it kept the customer's words, and everything still works.
+
+The scenario runs in real worker processes against the local OpenAI-compatible model server
+(``tests/llm_server.py``, which also fails the calls of one turn with an error quoting the
+customer's message), telemetry through the real consumer; the expiry pass is given an explicit
+``now_ms`` (no waiting for the clock).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from producer import Producer
+from telemetry.consumer import run_consumer
+from telemetry.query import find_conversations, stats
+from telemetry.raw_expiry import RawExpiry
+from telemetry.replay import conversation_replay
+from tests.llm_server import llm_server  # noqa: F401 - the fixture
+from tests.test_cli import tf
+from tests.test_fleet import run_burst
+from tests.test_http_read import C100, auth, serve
+from tests.test_job import runtime
+from tests.test_observability import dump_keys
+from turnfleet import keys
+from turnfleet.audit import redacted
+from turnfleet.models import AttemptError, TurnRequest, TurnResult
+from turnfleet.settings import CommonSettings, TelemetrySettings
+from workers.job import run_turn
+from workers.model import OfflineModel
+
+CARD = "4111 1111 1111 1111"
+PHONE = "+44 20 7946 0958"
+EMAIL = "dana.whitfield@example.com"
+KEY = "sk-proj-Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh9Jk"
+FAIL_EMAIL = "lee.park@example.org"  # the failing turn's: its model calls fail, quoting it
+FAIL_CARD = "5500 0000 0000 0004"
+RECENT_EMAIL = "robin.frost@example.net"  # a turn finished after the cutoff keeps it
+EXPIRED = (CARD, PHONE, EMAIL, KEY, FAIL_EMAIL, FAIL_CARD)
+WEEK_MS = 7 * 86_400_000
+
+
+async def _run(ctx: dict[str, Any], producer: Producer, conv: str, text: str, **kw: Any) -> str:
+    """One turn through the job function in this process (no telemetry redactor: for the
+    tests that look at the turn's own records only)."""
+    tid = await producer.enqueue_turn(conversation_id=conv, customer_id="C-100", text=text, **kw)
+    assert await run_turn(ctx, tid, conv) == "completed"
+    return tid
+
+
+def _found(blob: str, values: tuple[str, ...]) -> list[str]:
+    """Which of ``values`` occur in ``blob``."""
+    return [v for v in values if v in blob]
+
+
+async def test_expired_turns_keep_only_redacted_text_everywhere_and_everything_still_works(
+    redis, redis_url, fleet_env, tmp_path, llm_server  # noqa: F811
+):
+    server = llm_server()
+    env = server.worker_env(fleet_env, TURNFLEET_MAX_ATTEMPTS="2", TURNFLEET_RETRY_DELAY_S="0")
+    producer = Producer(redis=redis)
+
+    async def turn(conv: str, text: str) -> str:
+        return await producer.enqueue_turn(conversation_id=conv, customer_id="C-100", text=text)
+
+    t1 = await turn("conv-raw", f"Where is order 1043? My card is {CARD}, phone {PHONE}.")
+    t2 = await turn("conv-raw", f"I want to talk to a human. Mail {EMAIL}, my key is {KEY}.")
+    # A turn whose model calls fail with an error quoting the customer (two attempts, both fail).
+    server.inject("400", times=None, match=FAIL_EMAIL, echo=True)
+    failed = await turn("conv-raw-fail", f"Refund order 1042 to card {FAIL_CARD}, mail {FAIL_EMAIL}")
+    run_burst("worker", env, tmp_path)
+    recent = await turn("conv-raw", f"Thanks, that's all. Write to {RECENT_EMAIL}")
+    run_burst("worker", env, tmp_path, "worker-recent")
+    assert [(await producer.result(t)).status for t in (t1, t2, failed, recent)] == [
+        "completed", "completed", "failed", "completed"]
+    await run_consumer(TelemetrySettings(block_ms=50), redis_url, burst=True)  # nothing is old yet
+
+    # Raw text where it was kept, before the expiry.
+    assert FAIL_EMAIL in (await producer.result(failed)).error_message
+    assert FAIL_EMAIL in (await redis.lindex(keys.turn_errors(failed), 0))
+    assert EMAIL in json.loads(await redis.get(keys.conversation_escalation("conv-raw")))["reason"]
+    await redis.set(keys.turn_quarantine(t1), f"an old record with {CARD}")
+    memory_before = await redis.lrange(keys.session_messages("conv-raw"), 0, -1)
+    assert _found("".join(memory_before), EXPIRED) == [CARD, PHONE, EMAIL, KEY]
+    before = {
+        "replay": redacted(await conversation_replay(redis, "conv-raw"), CommonSettings()),
+        "fail_replay": redacted(await conversation_replay(redis, "conv-raw-fail"), CommonSettings()),
+        "cli": tf("conversation", "conv-raw", "--json", env=fleet_env),
+        "stats": await stats(redis, "conversation"),
+        "find": await find_conversations(redis, customer="C-100"),
+        "results": {t: await producer.result(t) for t in (t1, t2, failed)},
+    }
+    assert before["cli"].returncode == 0, before["cli"].stderr
+
+    # The cutoff falls after the first three turns finished, before the recent one did.
+    last_old = max([await redis.zscore(keys.RAW_TEXT, t) for t in (t1, t2, failed)])
+    assert last_old < await redis.zscore(keys.RAW_TEXT, recent)
+    expiry = RawExpiry(redis, TelemetrySettings())
+    done = await expiry.expire(now_ms=int(last_old) + WEEK_MS)
+    assert sorted(done.turn_ids) == sorted([t1, t2, failed])
+    assert (done.turns, done.skipped, done.errors, done.tickets) == (3, 0, 1, 1)
+    assert done.memory_items > 0
+    assert await redis.zrange(keys.RAW_TEXT, 0, -1) == [recent]
+
+    # Every key and value in Redis: no raw value of an expired turn is left anywhere.
+    everything = await dump_keys(redis)
+    blob = "\n".join(f"{k}\n{v}" for k, v in everything.items())
+    assert _found(blob, EXPIRED) == []
+    assert RECENT_EMAIL in json.loads(await redis.hget(keys.turn(recent), "request"))["text"]
+    assert keys.turn_quarantine(t1) not in everything
+    for kind in ("card", "phone", "email", "secret"):
+        assert f"[REDACTED:{kind}]" in blob, kind
+
+    # Each place, redacted and still decodable; ids, tools, agents, usage unchanged.
+    for t in (t1, t2, failed):
+        record = await redis.hgetall(keys.turn(t))
+        assert record["raw_expired_at"]
+        request = TurnRequest.model_validate_json(record["request"])
+        result = TurnResult.model_validate_json(record["result"])
+        old = before["results"][t]
+        assert (request.turn_id, request.conversation_id, request.customer_id) == (t, old.conversation_id, "C-100")
+        assert "[REDACTED:" in request.text and result.text == request.text
+        assert ([c.tool for c in result.tool_calls], result.agents, result.usage, result.status) == (
+            [c.tool for c in old.tool_calls], old.agents, old.usage, old.status)
+    assert "[REDACTED:email]" in (await producer.result(failed)).error_message
+    [error] = [AttemptError.model_validate_json(e) for e in await redis.lrange(keys.turn_errors(failed), 0, -1)]
+    assert error.error_type == "BadRequestError" and "[REDACTED:email]" in error.message
+    ticket = json.loads(await redis.get(keys.conversation_escalation("conv-raw")))
+    assert ticket["turn_id"] == t2 and "[REDACTED:email]" in ticket["reason"]
+    memory_after = await redis.lrange(keys.session_messages("conv-raw"), 0, -1)
+    assert len(memory_after) == len(memory_before)
+    recent_record = await redis.hgetall(keys.turn(recent))
+    recent_items = slice(int(recent_record["memory_base"]), int(recent_record["memory_end"]))
+    assert memory_after[recent_items] == memory_before[recent_items]  # after the cutoff: as written
+    assert RECENT_EMAIL in "".join(memory_after[recent_items])
+
+    # A second pass finds nothing to do, and changes nothing.
+    assert (await expiry.expire(now_ms=int(last_old) + WEEK_MS)).turns == 0
+    assert await dump_keys(redis) == everything
+
+    # The operator views read the same as before (they were redacted already); stats and find
+    # are untouched; even an audited unredacted read gets the redacted form now.
+    assert redacted(await conversation_replay(redis, "conv-raw"), CommonSettings()) == before["replay"]
+    assert redacted(await conversation_replay(redis, "conv-raw-fail"), CommonSettings()) == before["fail_replay"]
+    cli = tf("conversation", "conv-raw", "--json", env=fleet_env)
+    assert cli.returncode == 0 and json.loads(cli.stdout) == json.loads(before["cli"].stdout)
+    raw_view = tf("turn", t1, "--json", "--unredacted", env=fleet_env)
+    assert raw_view.returncode == 0, raw_view.stderr
+    assert _found(raw_view.stdout, EXPIRED) == [] and "[REDACTED:card]" in raw_view.stdout
+    assert await stats(redis, "conversation") == before["stats"]
+    assert await find_conversations(redis, customer="C-100") == before["find"]
+    async with serve(redis_url) as http:  # the customer's own read: what is left is the redacted form
+        own = await http.get(f"/v1/turns/{t1}", headers=auth(C100))
+        assert own.status_code == 200
+        assert own.json()["text"] == "Where is order 1043? My card is [REDACTED:card], phone [REDACTED:phone]."
+
+    # The conversation goes on with its redacted memory.
+    t5 = await turn("conv-raw", "Where is my order now?")
+    run_burst("worker", env, tmp_path, "worker-after")
+    assert (await producer.result(t5)).status == "completed"
+    assert [c.tool for c in (await producer.result(t5)).tool_calls] == ["lookup_order"]
+    assert json.loads((await producer.result(t5)).tool_calls[0].arguments) == {"order_id": "1043"}
+
+
+async def test_a_turn_changed_while_read_is_left_for_the_next_pass(redis):
+    producer = Producer(redis=redis)
+    ctx = runtime(redis, OfflineModel())
+    tid = await _run(ctx, producer, "conv-cas", f"I want to talk to a human. Mail {EMAIL}")
+    expiry = RawExpiry(redis, TelemetrySettings())
+    [plan], unreadable = await expiry.read([tid])
+    assert unreadable == 0 and plan.plan["memory"] and plan.plan["ticket"]
+    # Between the read and the write, the conversation memory item changes (by another hand).
+    first = plan.plan["memory"][0]["i"]
+    await redis.lset(keys.session_messages("conv-cas"), first, json.dumps({"role": "user", "content": EMAIL}))
+    result = await expiry.write([plan])
+    assert (result.turns, result.skipped) == (0, 1)
+    assert EMAIL in (await redis.hget(keys.turn(tid), "request"))  # nothing was written
+    assert await redis.zscore(keys.RAW_TEXT, tid) is not None
+    again = await expiry.expire_turns([tid])
+    assert (again.turns, again.skipped) == (1, 0)
+    assert EMAIL not in "".join(await redis.lrange(keys.session_messages("conv-cas"), 0, -1))
+    assert EMAIL not in await redis.hget(keys.turn(tid), "request")
+
+
+async def test_the_telemetry_consumer_runs_the_expiry(redis, fleet_env, tmp_path):
+    producer = Producer(redis=redis)
+    ctx = runtime(redis, OfflineModel())
+    old = await _run(ctx, producer, "conv-old", f"Where is order 1043? Mail {EMAIL}")
+    new = await _run(ctx, producer, "conv-new", f"Where is order 1043? Mail {RECENT_EMAIL}")
+    # The old turn finished two days ago (as far as the index says); the new one just now.
+    finished = await redis.zscore(keys.RAW_TEXT, old)
+    await redis.zadd(keys.RAW_TEXT, {old: finished - 2 * 86_400_000})
+    run_burst("telemetry", {**fleet_env, "TURNFLEET_RAW_RETENTION_S": "86400"}, tmp_path)
+    assert EMAIL not in await redis.hget(keys.turn(old), "request")
+    assert await redis.hget(keys.turn(old), "raw_expired_at")
+    assert RECENT_EMAIL in await redis.hget(keys.turn(new), "request")
+    assert await redis.zrange(keys.RAW_TEXT, 0, -1) == [new]
+    # With 0 the raw text is kept as long as the turn: the consumer runs no expiry.
+    await redis.zadd(keys.RAW_TEXT, {new: 0})
+    run_burst("telemetry", {**fleet_env, "TURNFLEET_RAW_RETENTION_S": "0"}, tmp_path, "telemetry-keep")
+    assert RECENT_EMAIL in await redis.hget(keys.turn(new), "request")
