@@ -11,7 +11,9 @@ caller passed (wrong types, a list for metadata, lone surrogates). A ``turn_id``
 idempotency key, with the HTTP API's rule: the same request again is the same turn (its id
 is returned, nothing is enqueued, also long after the result was written); the same id for a
 *different* request (other text, conversation, customer, metadata, agent or trace) raises
-``TurnIdReused``. ``enqueue_batch`` judges each turn on its own and says what became of each
+``TurnIdReused``. Once the turn's raw text has expired (``TURNFLEET_RAW_RETENTION_S``) its
+record holds the request redacted, and a repeat is compared in redacted form: the same
+request is still the same turn. ``enqueue_batch`` judges each turn on its own and says what became of each
 (``EnqueueResult``), like ``POST /v1/turns:batch``.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -30,6 +32,8 @@ from turnfleet.budget import BudgetExceeded, BudgetStatus
 from turnfleet.connection import RAW, connect, lenient_text
 from turnfleet.models import TurnRequest, TurnResult, TurnStatus
 from turnfleet.queue import ConversationOwnershipError, CorruptRecord, TurnQueue, decode_request
+from turnfleet.raw_text import redact_request
+from turnfleet.redaction import Redactor
 from turnfleet.settings import ProducerSettings
 
 __all__ = [
@@ -154,6 +158,18 @@ def same_request(a: TurnRequest, b: TurnRequest) -> bool:
     return all(getattr(a, f) == getattr(b, f) for f in FIELDS_COMPARED)
 
 
+class Known(NamedTuple):
+    """What is recorded under a turn id (``Producer.known``): ``(None, None)`` if nothing."""
+
+    request: TurnRequest | None
+    status: str | None
+    raw_expired: bool = False  # the record keeps the request redacted (its raw text expired)
+
+    @property
+    def nothing(self) -> bool:
+        return self.request is None and self.status is None
+
+
 def _field_errors(exc: ValidationError, index: int | None = None) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors():
@@ -187,6 +203,7 @@ class Producer:
         self._owns_client = redis is None
         self.redis = redis if redis is not None else connect(url)  # type: ignore[arg-type]
         self.queue = TurnQueue(self.redis)
+        self._redactor: Redactor | None = None  # built at the first repeat of an expired turn
 
     async def __aenter__(self) -> Producer:
         return self
@@ -252,50 +269,59 @@ class Producer:
         try:
             await self.check_budget(req.customer_id)
         except BudgetExceeded as exc:
-            [(found, status)] = await self.known([req.turn_id])
-            if found is None and status is None:  # not a repeat: the budget answers
+            [known] = await self.known([req.turn_id])
+            if known.nothing:  # not a repeat: the budget answers
                 return EnqueueResult.over_budget(index, req, exc)
-            return self._repeat(index, req, found, status)
+            return self._repeat(index, req, known)
         try:
             if await self.queue.enqueue(req):
                 return EnqueueResult.accepted(index, req, True)
         except ConversationOwnershipError:
             return EnqueueResult.conflict(index, req)
-        [(found, status)] = await self.known([req.turn_id])
-        return self._repeat(index, req, found, status)
+        [known] = await self.known([req.turn_id])
+        return self._repeat(index, req, known)
 
-    @staticmethod
-    def _repeat(index: int, req: TurnRequest, found: TurnRequest | None, status: str | None) -> EnqueueResult:
-        if found is not None and same_request(found, req):
-            return EnqueueResult.accepted(index, req, False, status)
+    def _repeat(self, index: int, req: TurnRequest, known: Known) -> EnqueueResult:
+        if known.request is not None and same_request(known.request, self._as_stored(req, known)):
+            return EnqueueResult.accepted(index, req, False, known.status)
         return EnqueueResult.reused(index, req)
 
-    async def known(self, turn_ids: Sequence[str]) -> list[tuple[TurnRequest | None, str | None]]:
-        """For each id: the request recorded under it and its status, or ``(None, None)``."""
+    def _as_stored(self, req: TurnRequest, known: Known) -> TurnRequest:
+        """``req`` as the known turn's record would hold it: redacted once the turn's raw text
+        has expired (``telemetry/raw_expiry.py``), as it was otherwise."""
+        if not known.raw_expired:
+            return req
+        if self._redactor is None:
+            self._redactor = Redactor.from_settings(self.settings)
+        return redact_request(req, self._redactor)
+
+    async def known(self, turn_ids: Sequence[str]) -> list[Known]:
+        """For each id: the request recorded under it and its status, or ``(None, None)``;
+        ``raw_expired`` when the record holds the request in redacted form only."""
         if not turn_ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for turn_id in turn_ids:
-                pipe.execute_command("HMGET", keys.turn(turn_id), "request", "status", **RAW)
+                pipe.execute_command("HMGET", keys.turn(turn_id), "request", "status", "raw_expired_at", **RAW)
             rows = await pipe.execute(raise_on_error=False)
         return [self._known_row(row) for row in rows]
 
     @staticmethod
-    def _known_row(row: Any) -> tuple[TurnRequest | None, str | None]:
+    def _known_row(row: Any) -> Known:
         """One ``HMGET`` reply, read raw: a record that is not a hash, or whose request cannot
         be decoded, is an id already taken by an unreadable turn (``unreadable``), never an
         exception (a repeat of it is refused as a reused id: nothing can show it is the same)."""
         if isinstance(row, ResponseError):  # WRONGTYPE: the record was replaced by another type
-            return None, UNREADABLE
+            return Known(None, UNREADABLE)
         if isinstance(row, Exception):
             raise row
-        raw, status = row
+        raw, status, expired = row
         if raw is None:
-            return None, lenient_text(status)
+            return Known(None, lenient_text(status))
         try:
-            return decode_request(raw), lenient_text(status)
+            return Known(decode_request(raw), lenient_text(status), expired is not None)
         except CorruptRecord:
-            return None, UNREADABLE
+            return Known(None, UNREADABLE)
 
     async def check_budget(self, customer_id: str) -> budget.BudgetStatus | None:
         """Raise ``BudgetExceeded`` if the customer's daily budget is spent (admission control).
@@ -391,10 +417,10 @@ class Producer:
                 except BudgetExceeded as exc:
                     over[req.customer_id] = exc
             (held if over[req.customer_id] is not None else fresh).append((i, req))
-        for (i, req), (found, status) in zip(held, await self.known([r.turn_id for _, r in held])):
+        for (i, req), known in zip(held, await self.known([r.turn_id for _, r in held])):
             exceeded = over[req.customer_id]
             assert exceeded is not None
-            results[i] = (self._repeat(i, req, found, status) if found is not None or status is not None
+            results[i] = (self._repeat(i, req, known) if not known.nothing
                           else EnqueueResult.over_budget(i, req, exceeded))
         # The enqueue script refuses known ids atomically (0): only those are read back.
         repeats = []
@@ -405,8 +431,8 @@ class Producer:
                 results[i] = EnqueueResult.conflict(i, req)
             else:  # known: a retry, a concurrent request, or the same id earlier in this batch
                 repeats.append((i, req))
-        for (i, req), (found, status) in zip(repeats, await self.known([r.turn_id for _, r in repeats])):
-            results[i] = self._repeat(i, req, found, status)
+        for (i, req), known in zip(repeats, await self.known([r.turn_id for _, r in repeats])):
+            results[i] = self._repeat(i, req, known)
         return [results[i] for i, _ in reqs]
 
     async def result(self, turn_id: str) -> TurnResult | None:

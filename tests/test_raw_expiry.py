@@ -163,6 +163,29 @@ async def test_expired_turns_keep_only_redacted_text_everywhere_and_everything_s
     assert json.loads((await producer.result(t5)).tool_calls[0].arguments) == {"order_id": "1043"}
 
 
+async def test_an_expired_turn_sent_again_is_the_same_turn_and_a_different_one_is_refused(redis):
+    producer = Producer(redis=redis)
+    ctx = runtime(redis, OfflineModel())
+    text = f"Where is order 1043? My card is {CARD}"
+    metadata = {"channel": "email", "api_key": "abc123"}
+    tid = await _run(ctx, producer, "conv-idem", text, turn_id="t-idem", metadata=metadata)
+    assert (await RawExpiry(redis, TelemetrySettings()).expire_turns([tid])).turns == 1
+    stored = json.loads(await redis.hget(keys.turn(tid), "request"))
+    assert CARD not in stored["text"] and stored["metadata"] == {"channel": "email", "api_key": "[REDACTED:field]"}
+
+    same = {"conversation_id": "conv-idem", "customer_id": "C-100", "text": text, "metadata": metadata,
+            "turn_id": "t-idem"}
+    [again] = await producer.enqueue_batch([same])
+    assert (again.status, again.turn_status) == ("existing", "completed")
+    assert await producer.enqueue_turn(**same) == "t-idem"
+    for change in ({"text": f"Where is order 1043? My card is {FAIL_CARD}."}, {"text": "Where is order 1044?"},
+                   {"metadata": {"channel": "chat", "api_key": "abc123"}}, {"conversation_id": "conv-other"}):
+        [other] = await producer.enqueue_batch([{**same, **change}])
+        assert (other.status, other.error) == ("rejected", "validation"), change
+        assert other.errors == [{"field": "turn_id", "message": "already used for a different request"}]
+    assert await redis.llen(keys.conversation_turns("conv-idem")) == 1
+
+
 async def test_a_turn_changed_while_read_is_left_for_the_next_pass(redis):
     producer = Producer(redis=redis)
     ctx = runtime(redis, OfflineModel())
