@@ -25,7 +25,16 @@ from tests.test_job import runtime
 from tests.test_observability import dump_keys
 from turnfleet import keys
 from turnfleet.audit import redacted
-from turnfleet.models import AttemptError, TurnRequest, TurnResult
+from turnfleet.models import (
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_ITEMS,
+    DEFAULT_MAX_TEXT_CHARS,
+    AttemptError,
+    TurnRequest,
+    TurnResult,
+)
+from turnfleet.raw_text import redact_request
+from turnfleet.redaction import Redactor
 from turnfleet.settings import CommonSettings, TelemetrySettings
 from workers.job import run_turn
 from workers.model import OfflineModel
@@ -223,3 +232,19 @@ async def test_the_telemetry_consumer_runs_the_expiry(redis, fleet_env, tmp_path
     await redis.zadd(keys.RAW_TEXT, {new: 0})
     run_burst("telemetry", {**fleet_env, "TURNFLEET_RAW_RETENTION_S": "0"}, tmp_path, "telemetry-keep")
     assert RECENT_EMAIL in await redis.hget(keys.turn(new), "request")
+
+
+def test_the_redacted_form_of_a_request_at_its_limits_still_decodes_and_redacting_again_changes_nothing():
+    redactor = Redactor()
+    # Markers are longer than what they replace: text at the length limit, metadata at its size limit.
+    text = ("x@y.io " * 1200)[:DEFAULT_MAX_TEXT_CHARS]
+    metadata = {f"k{i:02}": ("a@b.io " * 17).strip() for i in range(DEFAULT_MAX_METADATA_ITEMS)}
+    assert sum(len(k) + len(v) for k, v in metadata.items()) <= DEFAULT_MAX_METADATA_BYTES
+    req = TurnRequest(conversation_id="c-1", customer_id="C-100", text=text, metadata=metadata)
+    out = redact_request(req, redactor)
+    assert TurnRequest.model_validate_json(out.model_dump_json()) == out
+    assert "@" not in out.text and "@" not in "".join(out.metadata.values())
+    assert set(out.metadata) == set(metadata)
+    assert redact_request(out, redactor) == out
+    assert (out.turn_id, out.conversation_id, out.customer_id, out.enqueued_at) == (
+        req.turn_id, req.conversation_id, req.customer_id, req.enqueued_at)
