@@ -31,7 +31,7 @@ from tests.test_job import FlakyModel
 from tests.test_llm_endpoint import endpoint_model
 from turnfleet import audit, keys
 from turnfleet.connection import connect
-from turnfleet.erasure import ErasureBusy, forget, rewrite_aof
+from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
 from turnfleet.queue import TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import TelemetrySettings, WorkerProcessSettings
@@ -43,8 +43,10 @@ from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
 A, B = "cust-erase-a7f3", "cust-erase-b9k2"
 LEDGER = (keys.LEDGER_PREFIX,)
-# Low thresholds: every conversation and customer-day of the scenario fires a cost alert.
-ALERTS = {"alert_conversation_cost_usd": 1e-9, "alert_customer_daily_cost_usd": 1e-9}
+# Low thresholds: every conversation and customer-day of the scenario fires a cost alert, and
+# each customer's daily budget alerts (telemetry's; the producer does not read these settings).
+ALERTS = {"alert_conversation_cost_usd": 1e-9, "alert_customer_daily_cost_usd": 1e-9,
+          "budgets": {A: 1e-6, B: 1e-6}}
 
 
 def telemetry_settings() -> TelemetrySettings:
@@ -206,7 +208,7 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
 
     # Every kind of data is there, for both, before: the scan finds each customer everywhere.
     rules = {al.rule for _, al in await read_alerts(redis, count=1000) if al.customer_id == A}
-    assert rules >= {"turn_failed", "conversation_cost", "customer_daily_cost"}
+    assert rules >= {"turn_failed", "conversation_cost", "customer_daily_cost", "customer_budget"}
     assert await redis.exists(keys.conversation_escalation(a.conv(1)))
     assert await redis.xlen(keys.TELEMETRY_DEAD_LETTER) == 2 and await redis.xlen(keys.REFUND_LEDGER) == 2
     assert await redis.zscore(keys.facet_conversations("guardrail", PROMPT_INJECTION), a.conv(2))
@@ -348,3 +350,15 @@ async def test_rewrite_aof_runs_only_when_aof_is_on(redis):
     assert await rewrite_aof(redis) is on
     await redis.config_set("appendonly", "no")
     assert await rewrite_aof(redis) is False
+
+
+def test_an_id_is_named_as_a_whole_never_as_part_of_a_longer_id():
+    ids = {"C-1", "t_1"}
+    assert names_any('{"customer_id":"C-1"}', ids) and names_any("t_1:2:7", ids)
+    assert names_any("Turn t_1 of conversation c failed", ids)
+    assert not names_any('{"customer_id":"C-100"}', ids) and not names_any("xt_1", ids)
+    assert alert_marker_about(keys.alert_fired("customer_budget", "C-1", "2026-11-29:80%"), ids)
+    assert alert_marker_about(keys.alert_fired("turn_failed", "t_1", "once"), ids)
+    # Another subject that starts with an erased id, ':' and all, is not about it.
+    assert not alert_marker_about(keys.alert_fired("turn_failed", "t_1:x", "once"), ids)
+    assert not alert_marker_about(keys.alert_fired("error_rate", "fleet", "2026-11-29T00:00:00+00:00"), ids)

@@ -262,7 +262,7 @@ async def forget(redis: Redis, *, customer_id: str | None = None, conversation_i
         report.keys += await _delete(redis, [k async for k in _customer_days(redis, customer_id)])
         report.index_entries += await _forget_orders(redis, customer_id)
     report.keys += await _delete(redis, [k async for k in _scan(redis, ALERT_FIRED_PREFIX + "*")
-                                         if _alert_subject_in(k, ids)])
+                                         if alert_marker_about(k, ids)])
     for stream in ERASED_STREAMS:
         report.stream_entries += await _forget_stream_entries(redis, stream, ids)
     if customer_id is not None and (report.keys or report.index_entries or report.stream_entries):
@@ -371,7 +371,9 @@ async def _delete(redis: Redis, names: list[str]) -> int:
 
 def names_any(value: str, ids: set[str]) -> bool:
     """Whether ``value`` names one of ``ids``: as a whole run of id characters, or as a run of
-    its ``:``-separated parts (``t_1:3:7`` names ``t_1``; ``C-100`` does not name ``C-1``)."""
+    its ``:``-separated parts (``t_1:3:7`` names ``t_1``; ``C-100`` does not name ``C-1``).
+    So an entry naming another id that starts with an erased one and ``:`` goes too: stream
+    entries err on the side of erasing."""
     for token in _TOKEN.findall(value):
         if token in ids:
             return True
@@ -384,7 +386,7 @@ def names_any(value: str, ids: set[str]) -> bool:
     return False
 
 
-def _alert_subject_in(key: str, ids: set[str]) -> bool:
+def alert_marker_about(key: str, ids: set[str]) -> bool:
     """Whether an alert-fired marker (``tf:alert-fired:<rule>:<subject>:<window>``) is about
     one of ``ids`` (a subject may hold ':', so each split is tried against the windows)."""
     rest = key[len(ALERT_FIRED_PREFIX):]
