@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,12 @@ from turnfleet import audit, keys
 from turnfleet.connection import connect
 from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
 from turnfleet.queue import TurnQueue
-from turnfleet.redaction import Redactor
 from turnfleet.settings import TelemetrySettings, WorkerProcessSettings
 from workers.job import Runtime, run_turn
+from workers.settings import shutdown, startup
 from workers.model import OfflineModel
 from workers.orderbook import _packaged_text
 from workers.support_desk import PROMPT_INJECTION, build_support_desk
-from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
 A, B = "cust-erase-a7f3", "cust-erase-b9k2"
 LEDGER = (keys.LEDGER_PREFIX,)
@@ -74,15 +73,20 @@ async def trace_redis(trace_server):
 
 
 @pytest.fixture
-def traced():
-    """Route this process's SDK traces into a TraceBuffer (as a worker does), then restore."""
+async def worker(redis_url, trace_server, monkeypatch):
+    """A worker's runtime as ``turnfleet worker`` builds it (``on_startup``), with its trace
+    store in the second Redis (TURNFLEET_TRACE_REDIS_URL) and every trace kept; jobs are run
+    in this process, as the other tests do."""
+    monkeypatch.setenv("TURNFLEET_TRACE_REDIS_URL", trace_server.url)
+    monkeypatch.setenv("TURNFLEET_TRACE_SAMPLE_RATE", "1")
     provider = get_trace_provider()
     saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
-    buffer = TraceBuffer(max_spans=1000)
-    set_trace_processors([buffer])
+    ctx: dict[str, Any] = {"redis_url": redis_url}
+    await startup(ctx)
     try:
-        yield buffer
+        yield ctx["runtime"]
     finally:
+        await shutdown(ctx)
         set_trace_processors(saved)
 
 
@@ -110,23 +114,18 @@ class Customer:
 
 
 class Fleet:
-    """The in-process worker of the other tests (real SDK, real Redis), traces kept in a
-    separate trace store, every trace sampled."""
+    """The worker's runtime, running jobs in this process (real SDK, real Redis)."""
 
-    def __init__(self, redis: Any, trace_redis: Any, buffer: TraceBuffer) -> None:
+    def __init__(self, redis: Any, trace_redis: Any, worker: Runtime) -> None:
         self.redis = redis
         self.producer = Producer(redis=redis)
         self.trace_redis = trace_redis
-        self.buffer = buffer
+        self.worker = worker
 
     def ctx(self, model: Any, **settings: Any) -> dict[str, Any]:
-        redactor = Redactor()
-        return {"runtime": Runtime(
-            settings=WorkerProcessSettings(**settings), redis=self.redis, queue=TurnQueue(self.redis),
-            desk=build_support_desk(model), model_name="turnfleet-offline", worker_name="erasure-worker",
-            redactor=redactor,
-            traces=TraceStore(self.buffer, self.trace_redis, TraceSampler(1.0), redactor, 3600),
-        )}
+        """The worker's runtime with this model (and these settings) for one job."""
+        return {"runtime": replace(self.worker, desk=build_support_desk(model),
+                                   settings=self.worker.settings.model_copy(update=settings))}
 
     async def turn(self, who: Customer, conv: str, text: str, model: Any = None, n: int | None = None,
                    expect: str = "completed", **settings: Any) -> str:
@@ -190,8 +189,8 @@ async def anonymous_totals(redis: Any) -> dict[str, Any]:
 
 
 async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
-        redis, redis_url, trace_redis, trace_server, traced):
-    fleet = Fleet(redis, trace_redis, traced)
+        redis, redis_url, trace_redis, trace_server, worker):
+    fleet = Fleet(redis, trace_redis, worker)
     a, b = Customer(A, "a7f3", "90420001"), Customer(B, "b9k2", "90420002")
     for who in (a, b):
         await scenario(fleet, who)
@@ -255,8 +254,8 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
 
 
 async def test_forgetting_one_conversation_leaves_the_customer_and_its_other_conversations(
-        redis, redis_url, trace_redis, trace_server, traced):
-    fleet = Fleet(redis, trace_redis, traced)
+        redis, redis_url, trace_redis, trace_server, worker):
+    fleet = Fleet(redis, trace_redis, worker)
     a = Customer(A, "a7f3", "90420001")
     await scenario(fleet, a)
     await drain(redis)
@@ -277,8 +276,8 @@ async def test_forgetting_one_conversation_leaves_the_customer_and_its_other_con
 
 
 async def test_telemetry_in_a_consumers_hands_when_a_conversation_is_forgotten_counts_nothing(
-        redis, redis_url, trace_redis, trace_server, traced):
-    fleet = Fleet(redis, trace_redis, traced)
+        redis, redis_url, trace_redis, trace_server, worker):
+    fleet = Fleet(redis, trace_redis, worker)
     a = Customer(A, "a7f3", "90420001")
     await store_order(redis, a)
     await fleet.turn(a, a.conv(1), f"Where is order {a.order}? Quokka{a.tag} asks")
