@@ -10,6 +10,7 @@ customer, a conversation or a turn must be erased too, or the scan finds it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -361,3 +362,14 @@ def test_an_id_is_named_as_a_whole_never_as_part_of_a_longer_id():
     # Another subject that starts with an erased id, ':' and all, is not about it.
     assert not alert_marker_about(keys.alert_fired("turn_failed", "t_1:x", "once"), ids)
     assert not alert_marker_about(keys.alert_fired("error_rate", "fleet", "2026-11-29T00:00:00+00:00"), ids)
+
+
+async def test_tombstones_are_salted_digests_and_old_ones_are_trimmed(redis):
+    await redis.zadd(keys.ERASED, {"a-tombstone-from-long-ago": 1})
+    await forget(redis, customer_id=A)
+    salt = await redis.get(keys.ERASED_SALT)
+    [(digest, at_ms)] = await redis.zrange(keys.ERASED, 0, -1, withscores=True)
+    assert digest == hashlib.sha1(f"{salt}{A}".encode()).hexdigest() and A not in digest
+    assert len(salt) == 32 and at_ms > 1
+    await forget(redis, customer_id=B)
+    assert await redis.get(keys.ERASED_SALT) == salt  # one salt per deployment
