@@ -39,8 +39,9 @@ A turn of the subject queued or running blocks the erasure: ``forget`` waits up 
 for it to end (reading the results stream, no polling), else raises ``ErasureBusy`` and erases
 nothing. The check, the tombstones and every per-turn, per-conversation and per-customer key
 are one Lua call, so a turn enqueued meanwhile either lands before it (and blocks it) or after
-(a new turn, kept). Streams, per-day aggregates, alert markers and stored orders are then
-looked through in chunks (``SCAN``/``XRANGE``/``HSCAN``), never in one long call.
+(a new turn, kept; its stream entries go too if it reuses an erased conversation id).
+Streams, per-day aggregates, alert markers and stored orders are then looked through in
+chunks (``SCAN``/``XRANGE``/``HSCAN``), never in one long call.
 
 What erasure cannot reach:
 
@@ -230,28 +231,7 @@ async def forget(redis: Redis, *, customer_id: str | None = None, conversation_i
 
         tombstone_ttl_s = TelemetrySettings().seen_ttl_s
     report = ErasureReport()
-    started = time.monotonic()
-    script = redis.register_script(_ERASE_LUA)
-    for _ in range(MAX_ROUNDS):
-        results_tail = await _stream_tail(redis, keys.RESULTS_STREAM)
-        subject = await _read_subject(redis, customer_id, conversation_id)
-        call_keys, plan = await _erase_plan(redis, subject, tombstone_ttl_s)
-        reply = await script(keys=call_keys, args=[json.dumps(plan, separators=(",", ":"))])
-        status = int(reply[0])
-        if status == -2:
-            continue  # a turn or conversation was added since it was read: read it again
-        if status == -1:
-            left = wait_s - (time.monotonic() - started)
-            if left <= 0:
-                raise ErasureBusy(int(reply[1]), round(wait_s, 3))
-            await redis.xread({keys.RESULTS_STREAM: results_tail}, block=max(1, int(left * 1000)),
-                              count=100)
-            continue
-        report.keys += int(reply[1])
-        report.index_entries += int(reply[2])
-        break
-    else:
-        raise RuntimeError(f"the subject kept changing while it was erased ({MAX_ROUNDS} tries)")
+    subject = await _erase_subject(redis, customer_id, conversation_id, wait_s, tombstone_ttl_s, report)
     report.conversations = len(subject.found)
     report.turns = sum(len(subject.conversations[c]) for c in subject.found)
     if trace_redis is not None and trace_redis is not redis:
@@ -273,13 +253,45 @@ async def forget(redis: Redis, *, customer_id: str | None = None, conversation_i
     return report
 
 
+async def _erase_subject(redis: Redis, customer_id: str | None, conversation_id: str | None,
+                         wait_s: float, tombstone_ttl_s: int, report: ErasureReport) -> _Subject:
+    """Read the subject and erase its keys in one script call, once none of its turns is
+    queued or running (waiting up to ``wait_s`` for the results stream to say one ended);
+    read again if it changed in between. Adds what it deleted to ``report``."""
+    started = time.monotonic()
+    script = redis.register_script(_ERASE_LUA)
+    for _ in range(MAX_ROUNDS):
+        results_tail = await _stream_tail(redis, keys.RESULTS_STREAM)  # before the check
+        subject = await _read_subject(redis, customer_id, conversation_id)
+        call_keys, plan = await _erase_plan(redis, subject, tombstone_ttl_s)
+        reply = await script(keys=call_keys, args=[json.dumps(plan, separators=(",", ":"))])
+        status = int(reply[0])
+        if status == -2:
+            continue  # a turn or conversation was added since it was read: read it again
+        if status == -1:
+            left = wait_s - (time.monotonic() - started)
+            if left <= 0:
+                raise ErasureBusy(int(reply[1]), round(wait_s, 3))
+            await redis.xread({keys.RESULTS_STREAM: results_tail}, block=max(1, int(left * 1000)),
+                              count=100)
+            continue
+        report.keys += int(reply[1])
+        report.index_entries += int(reply[2])
+        return subject
+    raise RuntimeError(f"the subject kept changing while it was erased ({MAX_ROUNDS} tries)")
+
+
 async def rewrite_aof(redis: Redis) -> bool:
     """``BGREWRITEAOF`` if AOF is on (True), else False: the erased writes leave the AOF once
     the rewrite is done (Redis rewrites in the background)."""
     config = await redis.config_get("appendonly")
     if _text(config.get("appendonly", "no")) != "yes":
         return False
-    await redis.bgrewriteaof()
+    try:
+        await redis.bgrewriteaof()
+    except ResponseError as exc:  # one is running: Redis schedules no second; say so
+        if "already in progress" not in str(exc):
+            raise
     return True
 
 
