@@ -65,6 +65,12 @@ Search indexes for ``turnfleet find`` (idempotent ``ZADD GT``, applied on every 
 ``turn_failed`` error type, ``ToolError`` for a tool error) and guardrail tripped (``guardrail``
 events, by guardrail name), scored by the latest such event ms; ``keys.conversation_facets`` is the reverse, per conversation. The conversation hash keeps
 ``first_event_ms`` / ``last_event_ms``.
+
+Erasure (``turnfleet/erasure.py``): an entry one of whose turn, conversation or customer ids
+has a tombstone in ``keys.ERASED`` scored at or after the entry's stream id time is skipped
+whole by the same script — nothing written, no alert, acknowledged by the consumer, counted in
+the fleet hash's ``telemetry_erased_skipped`` (``ERASED_SKIPPED``) — so telemetry still
+pending when a customer is forgotten cannot rebuild it, while its later turns count.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ MODEL_ERRORS = "errors"  # model hash: failed attempts (terminal or not) of turn
 MODEL_ERRORS_BY_TYPE = "errors:"  # model hash field prefix: those failures by error type
 CUSTOMER_MODEL_COST = "model_cost_nusd:"  # customer-day field prefix: known cost per model
 CUSTOMER_MODEL_CALLS = "model_calls:"  # customer-day field prefix: model calls per model
+ERASED_SKIPPED = "telemetry_erased_skipped"  # fleet hash: entries skipped, their subject erased
 LATENCY_BUCKET = "lat:"  # minute hash field prefix: finished turns per latency bucket
 LATENCY_BUCKETS_PER_DOUBLING = 4  # bucket k holds (2^((k-1)/4), 2^(k/4)] ms: ±19% wide
 
@@ -175,10 +182,26 @@ _EVENTS = TypeAdapter(list[TelemetryEvent])
 #   t     : ZADD score b member a, then (once per key) keep the top highest scores
 #   z     : ZADD GT b, a flat list score, member, ...
 #   sa    : SADD the members in list b   e : EXPIRE b seconds
+#   er    : [tombstones, salt, fleet hash (KEYS indexes), entry ms, ids]: erasure
+#           (turnfleet/erasure.py); absent for an entry with no ids (malformed)
 # Values travel as strings: Lua would print numbers with 14 significant digits.
-# Returns the number of events that were new.
+# Returns the number of events that were new, or -1: an id of the entry (turn, conversation,
+# customer) was erased at or after the entry was written; the entry is skipped whole, nothing
+# is written but ``ERASED_SKIPPED`` + 1 on the fleet hash. No salt: nothing was ever erased.
 AGGREGATE_LUA = """
 local p = cjson.decode(ARGV[1])
+if p.er then
+  local salt = redis.call('GET', KEYS[p.er[2]])
+  if salt then
+    for _, id in ipairs(p.er[5]) do
+      local at = redis.call('ZSCORE', KEYS[p.er[1]], redis.sha1hex(salt .. id))
+      if at and tonumber(at) >= tonumber(p.er[4]) then
+        redis.call('HINCRBY', KEYS[p.er[3]], '""" + ERASED_SKIPPED + """', 1)
+        return -1
+      end
+    end
+  end
+end
 local incr, incrf, lists, tops = {}, {}, {}, {}
 local function add(acc, k, f, v)
   local h = acc[k]
@@ -276,6 +299,7 @@ class EntryPlan:
     keys: list[str]
     payload: str
     touched: Touched
+    skipped: bool = False  # set by ``apply``: its subject was erased (no alerts for it)
 
 
 def parse_batch(fields: Mapping[str, Any] | None) -> list[TelemetryEvent]:
@@ -385,6 +409,7 @@ class _Plan:
         self._members: dict[str, set[str]] = {}  # set -> members to SADD
         self._expire: dict[str, int] = {}
         self._seen: set[str] = set()
+        self._erased: list[Any] | None = None
 
     def key(self, name: str) -> int:
         ix = self._key_ix.get(name)
@@ -452,9 +477,18 @@ class _Plan:
             self.expire(key, seen_ttl_s)
         for key, ttl in self._expire.items():
             post.append(["e", self.group([key]), "", str(ttl)])
-        return json.dumps({"g": self.groups, "e": self.events, "post": post,
-                           "cap": max(samples_cap, 1), "top": SLOWEST_TURNS_KEPT},
-                          separators=(",", ":"))
+        body = {"g": self.groups, "e": self.events, "post": post,
+                "cap": max(samples_cap, 1), "top": SLOWEST_TURNS_KEPT}
+        if self._erased is not None:
+            body["er"] = self._erased
+        return json.dumps(body, separators=(",", ":"))
+
+    def erased_check(self, entry_id: str, ids: Iterable[str]) -> None:
+        """Skip the entry if one of ``ids`` was erased at or after its stream time (an id
+        that is no stream id, as in hand-fed tests, counts as written at time 0)."""
+        ms = entry_id.partition("-")[0]
+        self._erased = [self.key(keys.ERASED), self.key(keys.ERASED_SALT), self.key(GLOBAL_KEY),
+                        ms if ms.isdigit() else "0", sorted(ids)]
 
 
 class Aggregator:
@@ -495,6 +529,8 @@ class Aggregator:
                                   ("customer", a.customer_id)):
                 plan.index(kind, subject, a.last_ts_ms)
             touched.conversations[a.conversation_id] = a.customer_id
+        plan.erased_check(entry_id, {x for (t, _), a in attempts.items()
+                                     for x in (t, a.conversation_id, a.customer_id)})
         self._check_usage(events, attempts)
         return EntryPlan(entry_id, plan.keys,
                          plan.payload(self.settings.seen_ttl_s, self.settings.latency_samples),
@@ -722,7 +758,12 @@ class Aggregator:
         async with self.redis.pipeline(transaction=False) as pipe:
             for p in plans:
                 await self._script(keys=p.keys, args=[p.payload], client=pipe)
-            return [int(n) for n in await pipe.execute()]
+            new = [int(n) for n in await pipe.execute()]
+        for p, n in zip(plans, new):
+            p.skipped = n < 0
+        if any(p.skipped for p in plans):
+            log.info("telemetry.erased_skipped", entries=sum(p.skipped for p in plans))
+        return new
 
     async def aggregate(self, entry_id: str, fields: Mapping[str, Any] | None) -> EntryPlan:
         """Plan and apply one entry (no acknowledgement: that is the consumer's job)."""

@@ -425,7 +425,8 @@ class TelemetryConsumer(StreamGroupMember):
         """The alert rules, for the subjects the plans touched."""
         touched = Touched()
         for plan in plans:
-            touched.merge(plan.touched)
+            if not plan.skipped:  # erased (turnfleet/erasure.py): nothing may fire for it
+                touched.merge(plan.touched)
         await self.alerts.evaluate(touched)
 
     async def _failed(self, entry_id: str, failure: _Failure) -> int:

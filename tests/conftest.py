@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,21 @@ from turnfleet.connection import connect
 from turnfleet.embedded import RedisServer
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
+@contextmanager
+def running_redis(data_dir: Path) -> Iterator[RedisServer]:
+    """A redis-server on a free port with its data in ``data_dir``, killed afterwards."""
+    server = RedisServer(data_dir)
     server.start()
     try:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture
