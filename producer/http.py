@@ -1,5 +1,6 @@
 """HTTP routes that hand turns to the fleet: ``POST /v1/turns``, ``POST /v1/turns:batch``,
-``GET /v1/turns/{turn_id}``.
+``GET /v1/turns/{turn_id}``; and erase them: ``DELETE /v1/customers/{id}``,
+``DELETE /v1/conversations/{id}`` (operator keys; ``turnfleet.erasure``).
 
 The rules are the Python API's: bodies are checked by ``Producer.validate`` (same limits, same
 messages naming each field), budgets by ``Producer.check_budget``, and a turn is written by
@@ -437,3 +438,98 @@ async def read_turn(
         # As JSON values: a redacted string need not satisfy the model's constraints any more.
         return JSONResponse(audit.redacted(result.model_dump(mode="json", by_alias=True), settings_of(request)))
     return result
+
+
+# -- erasure --------------------------------------------------------------------------
+
+
+class ErasureOut(BaseModel):
+    """What ``DELETE /v1/customers/{id}`` or ``/v1/conversations/{id}`` removed."""
+
+    erased: str = Field(description="customer or conversation")
+    id: str
+    customers: int
+    conversations: int
+    turns: int
+    keys: int = Field(description="Redis keys deleted (main Redis and the trace store's)")
+    index_entries: int = Field(description="entries removed from indexes (sorted sets, hashes)")
+    stream_entries: int = Field(description="stream entries deleted (results, telemetry, alerts, audit...)")
+    nothing: bool = Field(description="true when nothing was left to erase (never seen, or erased before)")
+    kept: str = Field(description="what erasure keeps on purpose")
+    not_reached: str = Field(description="what erasure cannot reach")
+
+
+_ERASURE_KEPT = "the refund ledger and the per-order refund records (a financial record)"
+_ERASURE_NOT_REACHED = ("copies already sent over OTLP or the alert webhook, log files, backups and RDB "
+                        "snapshots, and the AOF until it is rewritten (?rewrite_aof=true)")
+
+_ERASURE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_AUTH_ERRORS,
+    403: {"model": ErrorOut, "description": "Not an operator key."},
+    409: {"model": ErrorOut, "description": "A turn of it is queued or running (after ?wait=S): nothing erased."},
+    422: {"model": ErrorOut, "description": "Not a valid id, or a bad wait."},
+}
+
+_EraseWait = Annotated[
+    float, Query(description="Seconds to wait for its queued or running turns to end (0: refuse at once; "
+                             "at most max_wait_s).")]
+_RewriteAof = Annotated[
+    bool, Query(description="Then rewrite Redis's append-only file, so older copies leave the disk.")]
+
+
+async def _erase(request: Request, caller: Principal, kind: str, subject: str, wait: float,
+                 rewrite_aof: bool) -> ErasureOut:
+    """One erasure for an operator key (403 otherwise), as ``turnfleet forget`` does it."""
+    from turnfleet.erasure import ErasureBusy, forget
+    from turnfleet.erasure import rewrite_aof as rewrite
+    from turnfleet.models import check_id
+
+    if not caller.operator:
+        raise ApiError(403, "forbidden", "erasure needs an operator key")
+    try:
+        check_id(subject)  # the grammar only: an id stored before the pseudonymous rule can be erased
+    except ValueError as exc:
+        raise ApiError(422, "validation", "the request is not valid",
+                       errors=[{"field": f"{kind}_id", "message": str(exc)}]) from None
+    limit = settings_of(request).max_wait_s
+    if not (math.isfinite(wait) and 0 <= wait <= limit):
+        raise ApiError(422, "validation", f"wait must be at least 0 and at most {limit:g} seconds",
+                       errors=[{"field": "wait", "message": f"must be at least 0 and at most {limit:g}"}])
+    redis, trace_redis = redis_of(request), request.app.state.trace_redis
+    try:
+        report = await forget(redis, trace_redis=trace_redis, wait_s=wait, who=caller.name,
+                              **{f"{kind}_id": subject})
+    except ErasureBusy as exc:
+        raise ApiError(409, "busy", f"{exc}: nothing was erased", unfinished=exc.unfinished) from None
+    if rewrite_aof:
+        for client in (redis, trace_redis):
+            if client is not None:
+                await rewrite(client)
+    log.info("http.erased", kind=kind, key=caller.name, **report.to_dict())
+    return ErasureOut(erased=kind, id=subject, **report.to_dict(), nothing=report.nothing,
+                      kept=_ERASURE_KEPT, not_reached=_ERASURE_NOT_REACHED)
+
+
+@router.delete("/customers/{customer_id}", response_model=ErasureOut, responses=_ERASURE_RESPONSES,
+               summary="Erase one customer: its conversations, turns, memory, traces and figures")
+async def erase_customer(
+    request: Request, caller: Caller,
+    customer_id: Annotated[str, Path(description="The customer id.")],
+    wait: _EraseWait = 0.0, rewrite_aof: _RewriteAof = False,
+) -> ErasureOut:
+    """Everything the fleet keeps of the customer, except the refund ledger and per-order refund
+    records; anonymous fleet and model totals stay. Idempotent: erasing again answers
+    ``nothing: true``. Operator keys only."""
+    return await _erase(request, caller, "customer", customer_id, wait, rewrite_aof)
+
+
+@router.delete("/conversations/{conversation_id}", response_model=ErasureOut, responses=_ERASURE_RESPONSES,
+               summary="Erase one conversation: its turns, memory, traces and figures")
+async def erase_conversation(
+    request: Request, caller: Caller,
+    conversation_id: Annotated[str, Path(description="The conversation id.")],
+    wait: _EraseWait = 0.0, rewrite_aof: _RewriteAof = False,
+) -> ErasureOut:
+    """As ``DELETE /v1/customers/{id}``, for one conversation: the customer's totals keep what
+    it cost. Operator keys only."""
+    return await _erase(request, caller, "conversation", conversation_id, wait, rewrite_aof)

@@ -7,7 +7,8 @@ lines with ``--follow``).
 Errors are one line on stderr — with ``--json``, one JSON document ``{"error": code,
 "message": ..., "errors": [{"field", "message"}]?}`` on stderr — and the exit status says
 what kind: 2 for usage and bad input (nothing written to Redis), 1 for a failed operation
-(not found, refused, Redis unreachable), 3 for ``result`` of a turn not finished yet.
+(not found, refused, Redis unreachable), 3 for ``result`` of a turn not finished yet and for
+``forget`` while a turn of its subject is queued or running (nothing erased).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from turnfleet.settings import CommonSettings
 
 EXIT_FAILED = 1  # the operation failed: not found, refused, Redis unreachable
 EXIT_USAGE = 2  # usage and bad input: nothing was written
-EXIT_NOT_FINISHED = 3  # ``result``: the turn has not ended yet
+EXIT_NOT_FINISHED = 3  # ``result``: the turn has not ended yet; ``forget``: a turn of it has not
 
 
 class CliError(Exception):
@@ -145,7 +146,14 @@ def _check_args(args: argparse.Namespace) -> None:
                 check_id(getattr(args, dest))
             except ValueError as exc:
                 raise _invalid(dest, str(exc)) from None
-    if args.verb == "result" and not (args.wait >= 0 and args.wait != float("inf")):
+    if args.verb == "forget":
+        for dest in ("customer", "conversation"):
+            if getattr(args, dest) is not None:
+                try:  # the grammar only: an id from before the pseudonymous rule can be erased too
+                    check_id(getattr(args, dest))
+                except ValueError as exc:
+                    raise _invalid("--" + dest, str(exc)) from None
+    if args.verb in ("result", "forget") and not (args.wait >= 0 and args.wait != float("inf")):
         raise _invalid("--wait", f"must be a number of seconds, at least 0; got {args.wait}")
     if args.verb == "demo" and args.workers < 1:
         raise _invalid("--workers", f"must be at least 1; got {args.workers}")
@@ -315,6 +323,54 @@ async def _audit_log(args: argparse.Namespace, url: str) -> int:
     else:
         for row in rows:
             print(f"{row['at']}  {row['who']}  {row['what']}  {row['subject']}")
+    return 0
+
+
+FORGET_KEPT = "Kept: the refund ledger and the per-order refund records (a financial record)."
+FORGET_NOT_REACHED = ("Not reached: copies already sent over OTLP or the alert webhook, log files, "
+                      "backups and RDB snapshots, and the AOF until it is rewritten (--rewrite-aof).")
+
+
+async def _forget(args: argparse.Namespace, url: str) -> int:
+    from turnfleet.audit import cli_who
+    from turnfleet.connection import connect
+    from turnfleet.erasure import ErasureBusy, forget, rewrite_aof
+
+    kind, subject = ("customer", args.customer) if args.customer is not None else ("conversation", args.conversation)
+    redis, trace_redis = connect(url), _trace_redis(url)
+    try:
+        try:
+            report = await forget(redis, trace_redis=trace_redis, wait_s=args.wait, who=cli_who(),
+                                  **{f"{kind}_id": subject})
+        except ErasureBusy as exc:
+            raise CliError(f"{exc} (nothing was erased; --wait SECONDS waits for them)",
+                           exit=EXIT_NOT_FINISHED, error="busy") from None
+        rewritten: list[str] = []
+        if args.rewrite_aof:
+            for name, client in (("main", redis), ("trace store", trace_redis)):
+                if client is not None and await rewrite_aof(client):
+                    rewritten.append(name)
+    finally:
+        await redis.aclose()
+        if trace_redis is not None:
+            await trace_redis.aclose()
+    if args.json:
+        _print_json({"erased": kind, "id": subject, **report.to_dict(), "nothing": report.nothing,
+                     "aof_rewrite_started": rewritten if args.rewrite_aof else None})
+        return 0
+    if report.nothing:
+        print(f"Nothing to erase for {kind} {subject!r}: never seen, or already erased.")
+    else:
+        r = report.to_dict()
+        print(f"Erased {kind} {subject!r}: {r['conversations']} conversation(s), {r['turns']} turn(s); "
+              f"removed {r['keys']} keys, {r['index_entries']} index entries, "
+              f"{r['stream_entries']} stream entries.")
+    print(FORGET_KEPT)
+    if args.rewrite_aof:
+        print(f"AOF rewrite started on: {', '.join(rewritten)}." if rewritten
+              else "AOF is off on the Redis used: nothing to rewrite.")
+    else:
+        print(FORGET_NOT_REACHED)
     return 0
 
 
@@ -582,6 +638,16 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, default=100)
     au.add_argument("--json", action="store_true")
 
+    fg = sub.add_parser("forget", help="erase one customer or one conversation (all but the refund ledger)")
+    subject = fg.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--customer", metavar="ID", help="the customer: every conversation, turn and figure of it")
+    subject.add_argument("--conversation", metavar="ID", help="one conversation and its turns")
+    fg.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                    help="wait this long for its queued or running turns to end (default: refuse at once)")
+    fg.add_argument("--rewrite-aof", action="store_true",
+                    help="then rewrite Redis's append-only file, so older copies leave the disk")
+    fg.add_argument("--json", action="store_true")
+
     s = sub.add_parser("stats", help="tokens, cost, latency and errors")
     s.add_argument("--by", choices=["conversation", "customer", "model"], default="model")
     s.add_argument("--limit", type=int, default=50)
@@ -651,6 +717,7 @@ ASYNC_VERBS = {
     "find": _find,
     "alerts": _alerts,
     "audit": _audit_log,
+    "forget": _forget,
 }
 PROCESS_VERBS = {"worker": cmd_worker, "telemetry": cmd_telemetry, "demo": cmd_demo}
 PROCESS_VERBS["serve"] = cmd_serve
