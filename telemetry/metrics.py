@@ -23,6 +23,7 @@ turnfleet_guardrails_tripped_total                              guardrail tripwi
 turnfleet_spans_dropped_total                                   trace spans a worker could not keep
 turnfleet_telemetry_malformed_total                             telemetry entries that could not be read
 turnfleet_telemetry_dead_lettered_total                         entries moved to the dead-letter stream
+turnfleet_telemetry_erased_skipped_total                        entries skipped: their subject was erased
 turnfleet_telemetry_backlog_over_limit_total                    trim passes that found the unacked backlog over the limit
 turnfleet_tokens_total                      model, kind         tokens by model; kind input (cached
                                                                 included), output (reasoning included),
@@ -75,7 +76,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from telemetry.aggregate import GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
+from telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
 from telemetry.alerts import RULES
 from telemetry.query import counters, live_workers, telemetry_lag
 from turnfleet import keys
@@ -94,6 +95,7 @@ class FleetSnapshot:
     fleet: dict[str, Any]  # query.counters of the fleet hash
     telemetry_malformed: int
     telemetry_dead_lettered: int
+    telemetry_erased_skipped: int
     telemetry_backlog_over_limit: int
     models: dict[str, dict[str, Any]]  # model -> counters
     customers: dict[str, dict[str, Any]]  # the top customers by cost -> counters
@@ -150,6 +152,7 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         fleet=counters(fleet),
         telemetry_malformed=int(fleet.get("telemetry_malformed") or 0),
         telemetry_dead_lettered=int(fleet.get("telemetry_dead_lettered") or 0),
+        telemetry_erased_skipped=int(fleet.get(ERASED_SKIPPED) or 0),
         telemetry_backlog_over_limit=int(fleet.get("telemetry_backlog_over_limit") or 0),
         models=model_rows,
         customers={c: counters(raw) for (c, _), raw in zip(top, customer_hashes) if raw},
@@ -210,6 +213,9 @@ class FleetCollector(Collector):
         yield _counter("turnfleet_telemetry_dead_lettered",
                        "Telemetry entries moved to the dead-letter stream (tf:telemetry:dead).",
                        s.telemetry_dead_lettered)
+        yield _counter("turnfleet_telemetry_erased_skipped",
+                       "Telemetry entries skipped because their customer, conversation or turn was erased.",
+                       s.telemetry_erased_skipped)
         yield _counter("turnfleet_telemetry_backlog_over_limit",
                        "Trim passes that found more unacknowledged entries than the limit.",
                        s.telemetry_backlog_over_limit)

@@ -22,6 +22,7 @@ from agents.tracing import get_trace_provider
 
 from producer import Producer
 from telemetry.aggregate import ERASED_SKIPPED
+from telemetry.metrics import exposition
 from telemetry.consumer import TelemetryConsumer
 from telemetry.query import read_alerts
 from telemetry.replay import conversation_replay
@@ -238,6 +239,7 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
     await drain(redis)
     assert await find_mentions([redis_url, trace_server.url], a.needles, LEDGER) == []
     assert int(await redis.hget(keys.GLOBAL_AGGREGATE, ERASED_SKIPPED)) == 1
+    assert b"\nturnfleet_telemetry_erased_skipped_total 1.0\n" in await exposition(redis, 60.0)
     b_turn = await redis.hgetall(keys.aggregate("turn", b.turns[b.conv(1)][-1]))
     assert b_turn["status"] == "completed"  # B's pending entry counted as usual
     assert await redis.xlen(keys.ALERTS_STREAM) == alerts_before  # B's alerts had fired already

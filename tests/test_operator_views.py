@@ -104,7 +104,7 @@ async def test_cli_views_redact_and_unredacted_is_audited(redis, fleet_env, tmp_
         assert_redacted(proc.stdout)
     assert await redis.xlen(keys.AUDIT) == 0
     empty = tf("audit", env=fleet_env)
-    assert empty.returncode == 0 and empty.stdout.strip() == "No unredacted reads recorded."
+    assert empty.returncode == 0 and empty.stdout.strip() == "No unredacted reads or erasures recorded."
 
     raw = tf("turn", turn_id, "--json", "--unredacted", env=fleet_env)
     assert raw.returncode == 0, raw.stderr

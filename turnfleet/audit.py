@@ -5,7 +5,8 @@ What an operator reads (``turnfleet conversation``/``turn``/``result``, the repl
 and the console: a turn's own text, its answer, tool arguments and results, error messages.
 Raw text needs ``--unredacted`` (CLI: its user has Redis access anyway) or
 ``?unredacted=true`` with a key that carries ``unredacted: true``; each such read adds one
-entry to ``tf:audit`` — who, what, which id, when — and never the text itself.
+entry to ``tf:audit`` — who, what, which id, when — and never the text itself. Each erasure
+(``turnfleet.erasure``) adds one too, with subject ``(erased)``: never whom.
 """
 
 from __future__ import annotations

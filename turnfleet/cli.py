@@ -319,7 +319,7 @@ async def _audit_log(args: argparse.Namespace, url: str) -> int:
     if args.json:
         _print_json({"entries": rows})
     elif not rows:
-        print("No unredacted reads recorded.")
+        print("No unredacted reads or erasures recorded.")
     else:
         for row in rows:
             print(f"{row['at']}  {row['who']}  {row['what']}  {row['subject']}")
@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--unredacted", action="store_true",
                    help="text as written (cards, e-mails, keys); the read is audited")
 
-    au = sub.add_parser("audit", help="unredacted reads (who, what, which id, when), newest last")
+    au = sub.add_parser("audit", help="unredacted reads and erasures (who, what, which id, when), newest last")
     au.add_argument("--limit", type=int, default=100)
     au.add_argument("--json", action="store_true")
 
