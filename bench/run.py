@@ -925,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run")
     ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["sigkill", "redaction"],
+    ap.add_argument("--only", choices=["sigkill", "redaction", "privacy"],
                     help="run just this section and print its table (BENCHMARKS.md is not written)")
     args = ap.parse_args(argv)
     from turnfleet.logging import configure_logging
@@ -952,6 +952,17 @@ def main(argv: list[str] | None = None) -> int:
                                       f"--only redaction{' --quick' if quick else ''}`) on {date}.")
         print("\n".join(lines))
         print(f"section redaction in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return 0
+    if args.only == "privacy":
+        from bench import privacy
+
+        started = time.perf_counter()
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
+            lines = privacy.section(Path(tmp), quick, f"From a section run (`python -m bench.run "
+                                    f"--only privacy{' --quick' if quick else ''}`) on {date}.")
+        print("\n".join(lines))
+        print(f"section privacy in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         return 0
     if args.only == "sigkill":
         started = time.perf_counter()
@@ -1023,6 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench import redaction
 
         redaction_lines = redaction.section(base, quick)
+        from bench import privacy
+
+        privacy_lines = privacy.section(base, quick)
     total = time.perf_counter() - started
 
     bare = col(tp["bare"], "turns_s")
@@ -1407,7 +1421,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     lines += growth_lines(growth, growth_env, fams)
-    lines += ["", *kill_lines, *redaction_lines]
+    lines += ["", *kill_lines, *redaction_lines, *privacy_lines]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out} in {total:.0f} s", file=sys.stderr)
     return 0
