@@ -8,10 +8,12 @@ from producer.api import (
     BulkEnqueueError,
     ConversationOwnershipError,
     EnqueueResult,
+    ErasureBusy,
+    ErasureReport,
     Producer,
     TurnIdReused,
     TurnValidationError,
 )
 
 __all__ = ["Producer", "TurnValidationError", "TurnIdReused", "ConversationOwnershipError", "BudgetExceeded",
-           "EnqueueResult", "BulkEnqueueError"]
+           "EnqueueResult", "BulkEnqueueError", "ErasureBusy", "ErasureReport"]

@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 from turnfleet import budget, keys
 from turnfleet.budget import BudgetExceeded, BudgetStatus
 from turnfleet.connection import RAW, connect, lenient_text
+from turnfleet.erasure import ErasureBusy, ErasureReport, forget
 from turnfleet.models import TurnRequest, TurnResult, TurnStatus
 from turnfleet.queue import ConversationOwnershipError, CorruptRecord, TurnQueue, decode_request
 from turnfleet.raw_text import redact_request
@@ -437,6 +438,22 @@ class Producer:
 
     async def result(self, turn_id: str) -> TurnResult | None:
         return await self.queue.get(turn_id)
+
+    async def forget(self, *, customer_id: str | None = None, conversation_id: str | None = None,
+                     wait_s: float = 0.0, who: str = "python") -> ErasureReport:
+        """Erase one customer or one conversation as ``turnfleet forget`` does
+        (``turnfleet.erasure``): everything the fleet keeps of it but the refund ledger, in this
+        Redis and the trace store's (``TURNFLEET_TRACE_REDIS_URL``). Raises ``ErasureBusy``
+        (nothing erased) while a turn of it is still queued or running after ``wait_s``, and
+        ``ValueError`` for a bad id. ``who`` is what the audit log records."""
+        url = self.settings.trace_redis_url
+        trace_redis = connect(url) if url else None
+        try:
+            return await forget(self.redis, customer_id=customer_id, conversation_id=conversation_id,
+                                trace_redis=trace_redis, wait_s=wait_s, who=who)
+        finally:
+            if trace_redis is not None:
+                await trace_redis.aclose()
 
     async def wait(self, turn_id: str, timeout_s: float = 30.0) -> TurnResult | None:
         """The turn's outcome once it ends, or its current state after ``timeout_s``."""

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from producer import Producer
+from producer import ErasureBusy, Producer
 from tests.test_cli import tf
 from tests.test_operator_views import pii_turn
 from tests.test_http_read import C100, OPERATOR, auth, serve
-from turnfleet import keys
+from turnfleet import audit, keys
 
 
 async def _queued_turn(redis: Any, customer: str = "C-100", conversation: str = "conv-queued") -> str:
@@ -124,3 +124,20 @@ async def test_http_erasure_refuses_while_a_turn_is_queued(redis, redis_url):
         assert r.status_code == 409 and r.json()["unfinished"] == 1
     assert await redis.hget(keys.turn(turn_id), "status") == "queued"
     assert await redis.zscore(keys.customer_conversations("C-100"), "conv-queued") is not None
+
+
+async def test_python_api_forget_erases_and_refuses_while_busy(redis, fleet_env, tmp_path):
+    turn_id = await pii_turn(redis, fleet_env, tmp_path)
+    queued = await _queued_turn(redis, customer="C-101", conversation="conv-busy")
+    async with Producer(redis=redis) as producer:
+        with pytest.raises(ErasureBusy) as busy:
+            await producer.forget(customer_id="C-101")
+        assert busy.value.unfinished == 1 and await redis.exists(keys.turn(queued))
+        with pytest.raises(ValueError, match="customer_id"):
+            await producer.forget(customer_id="C-100\n")
+        report = await producer.forget(customer_id="C-100", who="crm")
+        assert (report.conversations, report.turns, report.nothing) == (1, 1, False)
+        assert await producer.result(turn_id) is None
+        assert (await producer.forget(customer_id="C-100")).nothing
+    entries = [e for e in await audit.entries(redis) if e["what"] == "forget customer"]
+    assert [e["who"] for e in entries] == ["crm", "python"]  # a refusal erased nothing: not an erasure
