@@ -30,7 +30,8 @@ found by :meth:`RawExpiry.backfill`, which each pass runs first: a walk of the k
 ``keys.RAW_TEXT_BACKFILL``) that indexes every finished record without ``raw_expired_at`` at
 its finish time, so the pass redacts it when due. It walks once ("done"): a turn an old
 worker finishes after the walk passed its key stays out (``DEL tf:raw-text:backfill`` walks
-again). Such legacy records have no ``memory_end`` / ``memory_session``: their memory is left.
+again). Such legacy records have no ``memory_end`` / ``memory_session``; their memory range
+and memory check are derived (:meth:`RawExpiry.legacy_memory`), or the memory is left as is.
 """
 
 from __future__ import annotations
@@ -137,6 +138,27 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
+# KEYS: conversation turns, session messages, conversation queue, session meta.
+# ARGV: the turn key prefix. One snapshot of what a legacy turn's memory range is derived from:
+# {memory length, queue length, memory created_at ('' = none), then per turn of the
+# conversation in enqueue order: turn_id, memory_base ('' = none), status ('' = no record or
+# no hash), attempts}.
+_LEGACY_MEMORY_LUA = """
+local out = {redis.call('LLEN', KEYS[2]), redis.call('LLEN', KEYS[3]),
+             redis.call('HGET', KEYS[4], 'created_at') or ''}
+for _, t in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local k = ARGV[1] .. t
+  local v = {false, false, false}
+  if redis.call('TYPE', k).ok == 'hash' then v = redis.call('HMGET', k, 'memory_base', 'status', 'attempts') end
+  out[#out + 1] = t
+  out[#out + 1] = v[1] or ''
+  out[#out + 1] = v[2] or ''
+  out[#out + 1] = v[3] or '0'
+end
+return out
+"""
+
+
 @dataclass
 class RawExpiryResult:
     """What one pass did. ``turns``: turns redacted; ``skipped``: changed while read (left
@@ -227,6 +249,7 @@ class RawExpiry:
         self._expire = redis.register_script(_EXPIRE_LUA)
         self._backfill = redis.register_script(_BACKFILL_LUA)
         self._cursor = redis.register_script(_CURSOR_LUA)
+        self._legacy = redis.register_script(_LEGACY_MEMORY_LUA)
 
     def plan(self, turn_id: str, record: dict[bytes, bytes], errors: list[bytes], ticket: bytes | None,
              memory: list[bytes], memory_session: bytes | str | None) -> dict[str, Any]:
@@ -320,15 +343,82 @@ class RawExpiry:
     async def memory_ranges(self, records: dict[str, tuple[dict[bytes, bytes], list[bytes]]]
                             ) -> dict[str, MemoryRange]:
         """The memory range of each turn that has one: ``[memory_base, memory_end)`` and
-        ``memory_session`` as the finish script kept them (a legacy record has none)."""
+        ``memory_session`` as the finish script kept them, or for a legacy record (no
+        ``memory_end``) what :meth:`legacy_memory` derives, read in one snapshot per
+        conversation (one pipelined round trip for all)."""
         ranges: dict[str, MemoryRange] = {}
+        legacy: dict[str, list[str]] = {}
         for t, (record, _) in records.items():
             base, end = _int(record.get(b"memory_base")), _int(record.get(b"memory_end"))
             if base is None:
                 continue  # never started an attempt (or older still): no items it could have written
             if end is not None:
                 ranges[t] = MemoryRange(base, end, lenient_text(record.get(b"memory_session")) or "")
+            else:
+                legacy.setdefault(lenient_text(record.get(b"conversation_id")) or "", []).append(t)
+        if not legacy:
+            return ranges
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in legacy:
+                await self._legacy(keys=[keys.conversation_turns(cid), keys.session_messages(cid),
+                                         keys.conversation_queue(cid), session_meta(cid)],
+                                   args=[keys.turn("")], client=pipe)
+            snapshots = await pipe.execute(raise_on_error=False)
+        for (cid, turn_ids), snapshot in zip(legacy.items(), snapshots):
+            if isinstance(snapshot, Exception):  # a key of the wrong type (written by hand)
+                log.warning("telemetry.raw_text_memory_unreadable", conversation_id=cid, error=repr(snapshot))
+                continue
+            for t in turn_ids:
+                span = self.legacy_memory(t, records[t][0], snapshot)
+                if span is not None:
+                    ranges[t] = span
         return ranges
+
+    @staticmethod
+    def legacy_memory(turn_id: str, record: dict[bytes, bytes], snapshot: list[Any]) -> MemoryRange | None:
+        """The items a legacy turn (finished before the finish script kept ``memory_end``)
+        wrote, from its conversation's snapshot (``_LEGACY_MEMORY_LUA``); None leaves its memory
+        as it is.
+
+        Its range ends at the ``memory_base`` of the conversation's next turn that started an
+        attempt (turns run one at a time, in enqueue order; a later turn that finished without
+        ever starting wrote nothing and is passed over), or, when no later turn started, at the
+        memory's length, but only while no turn of the conversation is queued or running. It
+        is unknown, and the memory left, when a later turn is queued or running before any
+        started, when one ran but has no ``memory_base`` (older still), or the range is empty.
+
+        Its memory check: a legacy record has no ``memory_session``, so the memory counts as
+        the one the turn wrote to when it was created (``created_at``, whole seconds) no later
+        than the turn finished (:func:`finished_ms`): a memory dropped (expired, purged) and
+        started again since was created after. That ``created_at`` is then the script's
+        ``memory_session``, compared again when it writes; each item's SHA-1 as well. Without a
+        ``created_at`` or a finish time the memory is left. The times come from the workers'
+        clocks: a memory dropped and started again within the second the turn finished (or
+        within the clocks' skew) would pass.
+        """
+        base = _int(record.get(b"memory_base"))
+        length, queued, created = _int(snapshot[0]), _int(snapshot[1]), lenient_text(snapshot[2]) or ""
+        turns = [[lenient_text(v) or "" for v in snapshot[i:i + 4]] for i in range(3, len(snapshot) - 3, 4)]
+        ids = [row[0] for row in turns]
+        if base is None or length is None or turn_id not in ids:
+            return None
+        end = None
+        for _, later_base, status, attempts in turns[ids.index(turn_id) + 1:]:
+            if later_base:
+                end = _int(later_base)
+                break
+            if status not in FINISHED or _int(attempts) != 0:
+                return None  # queued or running: where this turn's items end is not known yet
+        if end is None:
+            if queued or any(row[2] not in FINISHED for row in turns):
+                return None
+            end = length
+        finished, created_s = finished_ms(record), _int(created)
+        if end is None or not base < end <= length or finished is None or created_s is None:
+            return None
+        if created_s * 1000 > finished:
+            return None  # created after the turn finished: not the memory it wrote to
+        return MemoryRange(base, end, created)
 
     async def write(self, plans: list[TurnPlan]) -> RawExpiryResult:
         """Run each turn's script (pipelined, each atomic and compare-and-set)."""

@@ -276,6 +276,67 @@ def _finish_ms(result: TurnResult) -> int:
     return int(result.finished_at.timestamp() * 1000)
 
 
+async def test_turns_finished_before_the_index_are_backfilled_and_redacted_with_their_memory(
+    redis, fleet_env, tmp_path, llm_server  # noqa: F811
+):
+    server = llm_server()
+    env = server.worker_env(fleet_env, TURNFLEET_MAX_ATTEMPTS="2", TURNFLEET_RETRY_DELAY_S="0")
+    producer = Producer(redis=redis)
+    t1, t2, failed = await _run_fleet_scenario(producer, server, env, tmp_path, "conv-legacy")
+    waiting = await _turn(producer, "conv-legacy-waiting", f"Where is order 1043? Write to {RECENT_EMAIL}")  # not run
+    results = {t: await producer.result(t) for t in (t1, t2, failed)}
+    assert [r.status for r in results.values()] == ["completed", "completed", "failed"]
+    await _as_legacy(redis, t1, t2, failed)
+    assert await redis.zcard(keys.RAW_TEXT) == 0
+    memory_before = await redis.lrange(keys.session_messages("conv-legacy"), 0, -1)
+    base1, base2 = [int(await redis.hget(keys.turn(t), "memory_base")) for t in (t1, t2)]
+    first, last = slice(base1, base2), slice(base2, len(memory_before))
+    assert _found("".join(memory_before[first]), EXPIRED) == [CARD, PHONE]
+    assert _found("".join(memory_before[last]), EXPIRED) == [EMAIL, KEY]
+
+    # A pass at the first turn's due time: it indexes the three finished turns (at their finish
+    # time) and redacts the first, whose memory ends where the next turn's begins.
+    expiry = RawExpiry(redis, TelemetrySettings())
+    done = await expiry.expire(now_ms=_finish_ms(results[t1]) + WEEK_MS)
+    assert done.backfilled == 3 and t1 in done.turn_ids and t2 not in done.turn_ids
+    assert await redis.get(keys.RAW_TEXT_BACKFILL) == "done"
+    assert await redis.zscore(keys.RAW_TEXT, t2) == _finish_ms(results[t2])
+    memory_mid = await redis.lrange(keys.session_messages("conv-legacy"), 0, -1)
+    assert _found("".join(memory_mid[first]), EXPIRED) == [] and "[REDACTED:card]" in "".join(memory_mid[first])
+    assert memory_mid[last] == memory_before[last]  # the second turn's items: not due yet
+
+    # A pass a week after the last: the rest, the last turn's memory up to the memory's length.
+    late = max(_finish_ms(r) for r in results.values()) + WEEK_MS
+    done = await expiry.expire(now_ms=late)
+    assert done.backfilled == 0 and t2 in done.turn_ids and await redis.zcard(keys.RAW_TEXT) == 0
+    memory_after = await redis.lrange(keys.session_messages("conv-legacy"), 0, -1)
+    assert len(memory_after) == len(memory_before)
+    assert "[REDACTED:secret]" in "".join(memory_after[last])
+    everything = await dump_keys(redis)
+    blob = "\n".join(f"{k}\n{v}" for k, v in everything.items())
+    assert _found(blob, EXPIRED) == []
+    for t in (t1, t2, failed):
+        record = await redis.hgetall(keys.turn(t))
+        assert record["raw_expired_at"]
+        result = TurnResult.model_validate_json(record["result"])
+        assert (result.status, result.usage, result.agents) == (results[t].status, results[t].usage, results[t].agents)
+    [error] = [AttemptError.model_validate_json(e) for e in await redis.lrange(keys.turn_errors(failed), 0, -1)]
+    assert "[REDACTED:email]" in error.message
+    assert json.loads(await redis.get(keys.conversation_escalation("conv-legacy")))["turn_id"] == t2
+
+    # The unfinished turn is neither indexed nor touched.
+    record = await redis.hgetall(keys.turn(waiting))
+    assert record["status"] == "queued" and "raw_expired_at" not in record
+    assert RECENT_EMAIL in json.loads(record["request"])["text"]
+    assert await redis.zscore(keys.RAW_TEXT, waiting) is None
+
+    # Later passes do no SCAN work, and change nothing.
+    scans = (await redis.info("commandstats"))["cmdstat_scan"]["calls"]
+    assert (await expiry.expire(now_ms=late)).backfilled == 0
+    assert (await redis.info("commandstats"))["cmdstat_scan"]["calls"] == scans
+    assert await dump_keys(redis) == everything
+
+
 async def test_the_backfill_walks_a_keyspace_bigger_than_one_pass_over_several_passes(redis):
     producer = Producer(redis=redis)
     ctx = runtime(redis, OfflineModel())
@@ -310,3 +371,26 @@ async def test_the_backfill_walks_a_keyspace_bigger_than_one_pass_over_several_p
     scans = (await redis.info("commandstats"))["cmdstat_scan"]["calls"]
     assert await expiry.backfill() == 0
     assert (await redis.info("commandstats"))["cmdstat_scan"]["calls"] == scans
+
+
+async def test_legacy_memory_is_left_when_its_range_or_its_memory_cannot_be_known(redis):
+    producer = Producer(redis=redis)
+    ctx = runtime(redis, OfflineModel())
+    expiry = RawExpiry(redis, TelemetrySettings())
+    # conv-open: two legacy turns, then a third queued: the last one's items end is not known yet.
+    t1 = await _run(ctx, producer, "conv-open", f"Where is order 1043? My card is {CARD}")
+    t2 = await _run(ctx, producer, "conv-open", f"I want to talk to a human. Mail {EMAIL}")
+    await producer.enqueue_turn(conversation_id="conv-open", customer_id="C-100", text="Thanks")
+    # conv-again: its memory was dropped and started again after the turn finished.
+    t3 = await _run(ctx, producer, "conv-again", f"I want to talk to a human. Mail {FAIL_EMAIL}")
+    finished = _finish_ms(await producer.result(t3))
+    await redis.hset(f"{keys.SESSION_PREFIX}:{keys.session_id('conv-again')}", "created_at", finished // 1000 + 60)
+    await _as_legacy(redis, t1, t2, t3)
+
+    done = await expiry.expire(now_ms=finished + WEEK_MS)
+    assert done.backfilled == 3 and sorted(done.turn_ids) == sorted([t1, t2, t3])
+    memory = "".join(await redis.lrange(keys.session_messages("conv-open"), 0, -1))
+    assert CARD not in memory and EMAIL in memory  # the first turn's items (to t2's base) only
+    assert FAIL_EMAIL in "".join(await redis.lrange(keys.session_messages("conv-again"), 0, -1))
+    for t in (t1, t2, t3):  # the records themselves are redacted all the same
+        assert "[REDACTED:" in json.loads(await redis.hget(keys.turn(t), "request"))["text"]
