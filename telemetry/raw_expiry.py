@@ -22,8 +22,16 @@ for the next pass. A pass walks the index in batches of ``EXPIRE_BATCH``, readin
 two pipelined round trips and writing it in one. Running it again changes nothing.
 
 Idempotency survives: the producer compares a repeated enqueue of an expired turn with the
-stored request in redacted form (``producer/api.py``). Turns that finished before this index
-existed are not in it, and keep their raw text until their conversation is purged or erased.
+stored request in redacted form (``producer/api.py``).
+
+Turns that finished before the finish script filled this index (an upgraded deployment) are
+found by :meth:`RawExpiry.backfill`, which each pass runs first: a walk of the keyspace
+(``SCAN MATCH tf:turn:* TYPE hash``, at most ``BACKFILL_SCANS`` calls a pass, its cursor in
+``keys.RAW_TEXT_BACKFILL``) that indexes every finished record without ``raw_expired_at`` at
+its finish time, so the pass redacts it when due. It walks once ("done"): a turn an old
+worker finishes after the walk passed its key stays out (``DEL tf:raw-text:backfill`` walks
+again). Such legacy records have no ``memory_end`` / ``memory_session``; their memory range
+and memory check are derived (:meth:`RawExpiry.legacy_memory`), or the memory is left as is.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -56,6 +66,10 @@ from turnfleet.settings import TelemetrySettings
 log = structlog.get_logger(__name__)
 
 EXPIRE_BATCH = 200  # turns read (and written) per round of the pass
+BACKFILL_SCANS = 10  # SCAN calls a pass makes at most while the backfill walks the keyspace
+BACKFILL_COUNT = 1000  # SCAN's COUNT: keys looked at per call
+BACKFILL_DONE = "done"  # keys.RAW_TEXT_BACKFILL once the keyspace was walked
+FINISHED = ("completed", "failed")
 
 # KEYS: raw_text index, turn, turn errors, escalation, session messages, session meta, quarantine
 # ARGV: the plan (JSON): turn_id, at, request / result ({sha, new}), error_shas, errors_new,
@@ -103,6 +117,48 @@ return 'done'
 """
 
 
+# KEYS: raw_text index, turn. ARGV: turn_id, finish ms.
+# Indexes a turn that finished before the index existed: only a finished record (a hash, status
+# completed/failed) not yet redacted, never over an entry (NX). Atomic with those checks, so an
+# erased or running turn is never indexed. Returns 1 (indexed) or 0.
+_BACKFILL_LUA = """
+if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then return 0 end
+local st = redis.call('HGET', KEYS[2], 'status')
+if st ~= 'completed' and st ~= 'failed' then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'raw_expired_at') == 1 then return 0 end
+return redis.call('ZADD', KEYS[1], 'NX', tonumber(ARGV[2]), ARGV[1])
+"""
+
+# KEYS: the backfill cursor. ARGV: the cursor as read ('' = absent), the new one.
+# Moves the cursor only from where this pass read it: two consumers walking at once never
+# move it back (nor past "done"). Returns 1 (moved) or 0 (another pass moved it).
+_CURSOR_LUA = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: conversation turns, session messages, conversation queue, session meta.
+# ARGV: the turn key prefix. One snapshot of what a legacy turn's memory range is derived from:
+# {memory length, queue length, memory created_at ('' = none), then per turn of the
+# conversation in enqueue order: turn_id, memory_base ('' = none), status ('' = no record or
+# no hash), attempts}.
+_LEGACY_MEMORY_LUA = """
+local out = {redis.call('LLEN', KEYS[2]), redis.call('LLEN', KEYS[3]),
+             redis.call('HGET', KEYS[4], 'created_at') or ''}
+for _, t in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local k = ARGV[1] .. t
+  local v = {false, false, false}
+  if redis.call('TYPE', k).ok == 'hash' then v = redis.call('HMGET', k, 'memory_base', 'status', 'attempts') end
+  out[#out + 1] = t
+  out[#out + 1] = v[1] or ''
+  out[#out + 1] = v[2] or ''
+  out[#out + 1] = v[3] or '0'
+end
+return out
+"""
+
+
 @dataclass
 class RawExpiryResult:
     """What one pass did. ``turns``: turns redacted; ``skipped``: changed while read (left
@@ -111,6 +167,7 @@ class RawExpiryResult:
     turns: int = 0
     skipped: int = 0
     gone: int = 0  # in the index without a record (or taken out meanwhile): dropped from it
+    backfilled: int = 0  # finished before the index existed: indexed by this pass's backfill
     errors: int = 0
     tickets: int = 0
     memory_items: int = 0
@@ -141,11 +198,43 @@ def _rewrite(model: type[BaseModel], raw: bytes | None, redact: Any, redactor: R
     return {"sha": _sha(raw), "new": new}
 
 
-def _int(raw: bytes | None) -> int | None:
+def _int(raw: bytes | str | None) -> int | None:
     try:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def _ms(iso: Any) -> int | None:
+    """An ISO timestamp (naive = UTC) as epoch ms; None when it is none."""
+    try:
+        at = datetime.fromisoformat(iso if isinstance(iso, str) else (lenient_text(iso) or ""))
+    except (TypeError, ValueError):
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return int(at.timestamp() * 1000)
+
+
+def finished_ms(record: Mapping[bytes, bytes | None]) -> int | None:
+    """When a finished turn finished: its result's ``finished_at`` when readable, else its
+    (last attempt's) ``started_at``; None when neither is known."""
+    try:
+        result = json.loads(record.get(b"result") or b"")
+    except (ValueError, RecursionError):
+        result = None
+    at = _ms(result.get("finished_at")) if isinstance(result, dict) else None
+    return at if at is not None else _ms(record.get(b"started_at"))
+
+
+@dataclass(frozen=True)
+class MemoryRange:
+    """The memory items ``[base, end)`` a turn wrote, and the ``created_at`` of the memory they
+    are in (what the script compares before it rewrites them)."""
+
+    base: int
+    end: int
+    session: str
 
 
 class RawExpiry:
@@ -155,10 +244,15 @@ class RawExpiry:
         self.redis = redis
         self.raw_retention_s = settings.raw_retention_s
         self.redactor = Redactor.from_settings(settings)
+        self.backfill_scans = BACKFILL_SCANS
+        self.backfill_count = BACKFILL_COUNT
         self._expire = redis.register_script(_EXPIRE_LUA)
+        self._backfill = redis.register_script(_BACKFILL_LUA)
+        self._cursor = redis.register_script(_CURSOR_LUA)
+        self._legacy = redis.register_script(_LEGACY_MEMORY_LUA)
 
     def plan(self, turn_id: str, record: dict[bytes, bytes], errors: list[bytes], ticket: bytes | None,
-             memory: list[bytes], memory_session: bytes | None) -> dict[str, Any]:
+             memory: list[bytes], memory_session: bytes | str | None) -> dict[str, Any]:
         """The script's plan for one turn, from what was read of it."""
         r = self.redactor
         error_news = []
@@ -223,14 +317,14 @@ class RawExpiry:
                             error=repr(record if isinstance(record, Exception) else errors))
                 continue
             records[t] = (record, errors)
+        ranges = await self.memory_ranges(records)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for record, _ in records.values():
+            for t, (record, _) in records.items():
                 cid = lenient_text(record.get(b"conversation_id")) or ""
-                base = _int(record.get(b"memory_base"))
-                end = _int(record.get(b"memory_end"))
+                span = ranges.get(t)
                 pipe.execute_command("GET", keys.conversation_escalation(cid), **RAW)
-                if base is not None and end is not None and end > base:
-                    pipe.execute_command("LRANGE", keys.session_messages(cid), base, end - 1, **RAW)
+                if span is not None and span.end > span.base:
+                    pipe.execute_command("LRANGE", keys.session_messages(cid), span.base, span.end - 1, **RAW)
                 else:
                     pipe.execute_command("LRANGE", keys.session_messages(cid), 1, 0, **RAW)  # none
                 pipe.execute_command("HGET", session_meta(cid), "created_at", **RAW)
@@ -238,12 +332,93 @@ class RawExpiry:
         plans = []
         for n, (t, (record, errors)) in enumerate(records.items()):
             ticket, memory, meta = (None if isinstance(v, Exception) else v for v in second[3 * n:3 * n + 3])
-            session = record.get(b"memory_session")
-            if lenient_text(meta) != lenient_text(session):
+            span = ranges.get(t)
+            if span is None or lenient_text(meta) != span.session:
                 memory = []  # the memory was dropped and started again since: not this turn's items
             cid = lenient_text(record.get(b"conversation_id")) or ""
-            plans.append(TurnPlan(t, cid, self.plan(t, record, errors, ticket, memory or [], session)))
+            plans.append(TurnPlan(t, cid, self.plan(t, record, errors, ticket, memory or [],
+                                                    span.session if span is not None else None)))
         return plans, len(turn_ids) - len(records)
+
+    async def memory_ranges(self, records: dict[str, tuple[dict[bytes, bytes], list[bytes]]]
+                            ) -> dict[str, MemoryRange]:
+        """The memory range of each turn that has one: ``[memory_base, memory_end)`` and
+        ``memory_session`` as the finish script kept them, or for a legacy record (no
+        ``memory_end``) what :meth:`legacy_memory` derives, read in one snapshot per
+        conversation (one pipelined round trip for all)."""
+        ranges: dict[str, MemoryRange] = {}
+        legacy: dict[str, list[str]] = {}
+        for t, (record, _) in records.items():
+            base, end = _int(record.get(b"memory_base")), _int(record.get(b"memory_end"))
+            if base is None:
+                continue  # never started an attempt (or older still): no items it could have written
+            if end is not None:
+                ranges[t] = MemoryRange(base, end, lenient_text(record.get(b"memory_session")) or "")
+            else:
+                legacy.setdefault(lenient_text(record.get(b"conversation_id")) or "", []).append(t)
+        if not legacy:
+            return ranges
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in legacy:
+                await self._legacy(keys=[keys.conversation_turns(cid), keys.session_messages(cid),
+                                         keys.conversation_queue(cid), session_meta(cid)],
+                                   args=[keys.turn("")], client=pipe)
+            snapshots = await pipe.execute(raise_on_error=False)
+        for (cid, turn_ids), snapshot in zip(legacy.items(), snapshots):
+            if isinstance(snapshot, Exception):  # a key of the wrong type (written by hand)
+                log.warning("telemetry.raw_text_memory_unreadable", conversation_id=cid, error=repr(snapshot))
+                continue
+            for t in turn_ids:
+                span = self.legacy_memory(t, records[t][0], snapshot)
+                if span is not None:
+                    ranges[t] = span
+        return ranges
+
+    @staticmethod
+    def legacy_memory(turn_id: str, record: dict[bytes, bytes], snapshot: list[Any]) -> MemoryRange | None:
+        """The items a legacy turn (finished before the finish script kept ``memory_end``)
+        wrote, from its conversation's snapshot (``_LEGACY_MEMORY_LUA``); None leaves its memory
+        as it is.
+
+        Its range ends at the ``memory_base`` of the conversation's next turn that started an
+        attempt (turns run one at a time, in enqueue order; a later turn that finished without
+        ever starting wrote nothing and is passed over), or, when no later turn started, at the
+        memory's length, but only while no turn of the conversation is queued or running. It
+        is unknown, and the memory left, when a later turn is queued or running before any
+        started, when one ran but has no ``memory_base`` (older still), or the range is empty.
+
+        Its memory check: a legacy record has no ``memory_session``, so the memory counts as
+        the one the turn wrote to when it was created (``created_at``, whole seconds) no later
+        than the turn finished (:func:`finished_ms`): a memory dropped (expired, purged) and
+        started again since was created after. That ``created_at`` is then the script's
+        ``memory_session``, compared again when it writes; each item's SHA-1 as well. Without a
+        ``created_at`` or a finish time the memory is left. The times come from the workers'
+        clocks: a memory dropped and started again within the second the turn finished (or
+        within the clocks' skew) would pass.
+        """
+        base = _int(record.get(b"memory_base"))
+        length, queued, created = _int(snapshot[0]), _int(snapshot[1]), lenient_text(snapshot[2]) or ""
+        turns = [[lenient_text(v) or "" for v in snapshot[i:i + 4]] for i in range(3, len(snapshot) - 3, 4)]
+        ids = [row[0] for row in turns]
+        if base is None or length is None or turn_id not in ids:
+            return None
+        end = None
+        for _, later_base, status, attempts in turns[ids.index(turn_id) + 1:]:
+            if later_base:
+                end = _int(later_base)
+                break
+            if status not in FINISHED or _int(attempts) != 0:
+                return None  # queued or running: where this turn's items end is not known yet
+        if end is None:
+            if queued or any(row[2] not in FINISHED for row in turns):
+                return None
+            end = length
+        finished, created_s = finished_ms(record), _int(created)
+        if end is None or not base < end <= length or finished is None or created_s is None:
+            return None
+        if created_s * 1000 > finished:
+            return None  # created after the turn finished: not the memory it wrote to
+        return MemoryRange(base, end, created)
 
     async def write(self, plans: list[TurnPlan]) -> RawExpiryResult:
         """Run each turn's script (pipelined, each atomic and compare-and-set)."""
@@ -273,11 +448,69 @@ class RawExpiry:
                 result.skipped += 1
         return result
 
+    async def backfill(self, now_ms: int | None = None) -> int:
+        """Index the finished turns the finish script did not (they finished before it did):
+        at most ``backfill_scans`` SCAN calls, from the cursor the last pass left in
+        ``keys.RAW_TEXT_BACKFILL``; nothing but one GET once it is "done". A turn is indexed at
+        :func:`finished_ms` (``now_ms`` when unknown). Returns how many turns it indexed."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        read = lenient_text(await self.redis.execute_command("GET", keys.RAW_TEXT_BACKFILL, **RAW)) or ""
+        if read == BACKFILL_DONE:
+            return 0
+        cursor = _int(read) or 0
+        cursor = 0 if cursor < 0 else cursor  # not a cursor (written by hand): walk from the start
+        added = 0
+        for _ in range(self.backfill_scans):
+            nxt, found = await self.redis.execute_command(
+                "SCAN", cursor, "MATCH", f"{keys.turn('')}*", "COUNT", self.backfill_count, "TYPE", "hash", **RAW)
+            added += await self._index(found, now_ms)
+            new = BACKFILL_DONE if int(nxt) == 0 else str(int(nxt))
+            if not await self._cursor(keys=[keys.RAW_TEXT_BACKFILL], args=[read, new]) or new == BACKFILL_DONE:
+                break  # another pass moved the cursor meanwhile (it goes on from there), or done
+            read, cursor = new, int(nxt)
+        return added
+
+    async def _index(self, found: list[bytes], now_ms: int) -> int:
+        """Index those of ``found`` (turn record keys) that are finished, not redacted and not
+        in the index: three pipelined round trips (the result is read only for those)."""
+        prefix = keys.turn("")
+        turn_ids = [k[len(prefix):] for k in (lenient_text(key) or "" for key in found)
+                    if k.startswith(prefix) and len(k) > len(prefix)]
+        if not turn_ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for t in turn_ids:
+                pipe.execute_command("HMGET", keys.turn(t), "status", "raw_expired_at", "started_at", **RAW)
+                pipe.execute_command("ZSCORE", keys.RAW_TEXT, t)
+            seen = await pipe.execute(raise_on_error=False)
+        started: dict[str, bytes | None] = {}
+        for t, fields, score in zip(turn_ids, seen[::2], seen[1::2]):
+            if isinstance(fields, Exception) or isinstance(score, Exception) or score is not None:
+                continue  # no hash any more, or already indexed
+            status, expired, started_at = fields
+            if lenient_text(status) in FINISHED and expired is None:
+                started[t] = started_at
+        if not started:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for t in started:
+                pipe.execute_command("HGET", keys.turn(t), "result", **RAW)
+            results = await pipe.execute(raise_on_error=False)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (t, started_at), result in zip(started.items(), results):
+                at = finished_ms({b"result": None if isinstance(result, Exception) else result,
+                                  b"started_at": started_at})
+                await self._backfill(keys=[keys.RAW_TEXT, keys.turn(t)], args=[t, now_ms if at is None else at],
+                                     client=pipe)
+            added = await pipe.execute(raise_on_error=False)
+        return sum(1 for a in added if a == 1)
+
     async def expire(self, now_ms: int | None = None) -> RawExpiryResult:
-        """One pass over every turn finished before ``now_ms - raw_retention_s``."""
+        """One pass over every turn finished before ``now_ms - raw_retention_s``, after the
+        :meth:`backfill` step (which indexes turns finished before the index existed)."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         cutoff = now_ms - self.raw_retention_s * 1000
-        total = RawExpiryResult()
+        total = RawExpiryResult(backfilled=await self.backfill(now_ms))
         while True:
             # Redacted turns leave the index; skipped ones stay: read past them.
             batch = await self.redis.zrangebyscore(keys.RAW_TEXT, "-inf", cutoff, start=total.skipped,
@@ -288,8 +521,9 @@ class RawExpiry:
             for name in ("turns", "skipped", "gone", "errors", "tickets", "memory_items"):
                 setattr(total, name, getattr(total, name) + getattr(done, name))
             total.turn_ids += done.turn_ids
-        if total.turns or total.gone or total.skipped:
+        if total.turns or total.gone or total.skipped or total.backfilled:
             log.info("telemetry.raw_text_expired", turns=total.turns, skipped=total.skipped, gone=total.gone,
+                     backfilled=total.backfilled,
                      errors=total.errors, tickets=total.tickets, memory_items=total.memory_items,
                      raw_retention_s=self.raw_retention_s)
         return total

@@ -10,6 +10,8 @@ customer's message), telemetry through the real consumer; the expiry pass is giv
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from producer import Producer
@@ -63,23 +65,31 @@ def _found(blob: str, values: tuple[str, ...]) -> list[str]:
     return [v for v in values if v in blob]
 
 
+async def _turn(producer: Producer, conv: str, text: str) -> str:
+    return await producer.enqueue_turn(conversation_id=conv, customer_id="C-100", text=text)
+
+
+async def _run_fleet_scenario(producer: Producer, server: Any, env: dict[str, str], tmp_path: Path,
+                              conv: str) -> tuple[str, str, str]:
+    """Through a real worker process: two turns of ``conv`` holding a card, phone, e-mail and
+    key (the second opens an escalation ticket), and a turn of ``<conv>-fail`` whose model calls
+    fail with an error quoting the customer (two attempts, both fail)."""
+    t1 = await _turn(producer, conv, f"Where is order 1043? My card is {CARD}, phone {PHONE}.")
+    t2 = await _turn(producer, conv, f"I want to talk to a human. Mail {EMAIL}, my key is {KEY}.")
+    server.inject("400", times=None, match=FAIL_EMAIL, echo=True)
+    failed = await _turn(producer, f"{conv}-fail", f"Refund order 1042 to card {FAIL_CARD}, mail {FAIL_EMAIL}")
+    run_burst("worker", env, tmp_path)
+    return t1, t2, failed
+
+
 async def test_expired_turns_keep_only_redacted_text_everywhere_and_everything_still_works(
     redis, redis_url, fleet_env, tmp_path, llm_server  # noqa: F811
 ):
     server = llm_server()
     env = server.worker_env(fleet_env, TURNFLEET_MAX_ATTEMPTS="2", TURNFLEET_RETRY_DELAY_S="0")
     producer = Producer(redis=redis)
-
-    async def turn(conv: str, text: str) -> str:
-        return await producer.enqueue_turn(conversation_id=conv, customer_id="C-100", text=text)
-
-    t1 = await turn("conv-raw", f"Where is order 1043? My card is {CARD}, phone {PHONE}.")
-    t2 = await turn("conv-raw", f"I want to talk to a human. Mail {EMAIL}, my key is {KEY}.")
-    # A turn whose model calls fail with an error quoting the customer (two attempts, both fail).
-    server.inject("400", times=None, match=FAIL_EMAIL, echo=True)
-    failed = await turn("conv-raw-fail", f"Refund order 1042 to card {FAIL_CARD}, mail {FAIL_EMAIL}")
-    run_burst("worker", env, tmp_path)
-    recent = await turn("conv-raw", f"Thanks, that's all. Write to {RECENT_EMAIL}")
+    t1, t2, failed = await _run_fleet_scenario(producer, server, env, tmp_path, "conv-raw")
+    recent = await _turn(producer, "conv-raw", f"Thanks, that's all. Write to {RECENT_EMAIL}")
     run_burst("worker", env, tmp_path, "worker-recent")
     assert [(await producer.result(t)).status for t in (t1, t2, failed, recent)] == [
         "completed", "completed", "failed", "completed"]
@@ -165,7 +175,7 @@ async def test_expired_turns_keep_only_redacted_text_everywhere_and_everything_s
         assert own.json()["text"] == "Where is order 1043? My card is [REDACTED:card], phone [REDACTED:phone]."
 
     # The conversation goes on with its redacted memory.
-    t5 = await turn("conv-raw", "Where is my order now?")
+    t5 = await _turn(producer, "conv-raw", "Where is my order now?")
     run_burst("worker", env, tmp_path, "worker-after")
     assert (await producer.result(t5)).status == "completed"
     assert [c.tool for c in (await producer.result(t5)).tool_calls] == ["lookup_order"]
@@ -248,3 +258,139 @@ def test_the_redacted_form_of_a_request_at_its_limits_still_decodes_and_redactin
     assert redact_request(out, redactor) == out
     assert (out.turn_id, out.conversation_id, out.customer_id, out.enqueued_at) == (
         req.turn_id, req.conversation_id, req.customer_id, req.enqueued_at)
+
+
+# -- turns that finished before the raw-text index existed (an upgraded deployment) ----------
+
+
+async def _as_legacy(redis, *turn_ids: str) -> None:
+    """What a release before the raw-text index left of these finished turns: no index entry,
+    no ``memory_end`` / ``memory_session`` on the record (the only things its finish script
+    did not write)."""
+    for t in turn_ids:
+        assert await redis.zrem(keys.RAW_TEXT, t) == 1
+        assert await redis.hdel(keys.turn(t), "memory_end", "memory_session") == 2
+
+
+def _finish_ms(result: TurnResult) -> int:
+    return int(result.finished_at.timestamp() * 1000)
+
+
+async def test_turns_finished_before_the_index_are_backfilled_and_redacted_with_their_memory(
+    redis, fleet_env, tmp_path, llm_server  # noqa: F811
+):
+    server = llm_server()
+    env = server.worker_env(fleet_env, TURNFLEET_MAX_ATTEMPTS="2", TURNFLEET_RETRY_DELAY_S="0")
+    producer = Producer(redis=redis)
+    t1, t2, failed = await _run_fleet_scenario(producer, server, env, tmp_path, "conv-legacy")
+    waiting = await _turn(producer, "conv-legacy-waiting", f"Where is order 1043? Write to {RECENT_EMAIL}")  # not run
+    results = {t: await producer.result(t) for t in (t1, t2, failed)}
+    assert [r.status for r in results.values()] == ["completed", "completed", "failed"]
+    await _as_legacy(redis, t1, t2, failed)
+    assert await redis.zcard(keys.RAW_TEXT) == 0
+    memory_before = await redis.lrange(keys.session_messages("conv-legacy"), 0, -1)
+    base1, base2 = [int(await redis.hget(keys.turn(t), "memory_base")) for t in (t1, t2)]
+    first, last = slice(base1, base2), slice(base2, len(memory_before))
+    assert _found("".join(memory_before[first]), EXPIRED) == [CARD, PHONE]
+    assert _found("".join(memory_before[last]), EXPIRED) == [EMAIL, KEY]
+
+    # A pass at the first turn's due time: it indexes the three finished turns (at their finish
+    # time) and redacts the first, whose memory ends where the next turn's begins.
+    expiry = RawExpiry(redis, TelemetrySettings())
+    done = await expiry.expire(now_ms=_finish_ms(results[t1]) + WEEK_MS)
+    assert done.backfilled == 3 and t1 in done.turn_ids and t2 not in done.turn_ids
+    assert await redis.get(keys.RAW_TEXT_BACKFILL) == "done"
+    assert await redis.zscore(keys.RAW_TEXT, t2) == _finish_ms(results[t2])
+    memory_mid = await redis.lrange(keys.session_messages("conv-legacy"), 0, -1)
+    assert _found("".join(memory_mid[first]), EXPIRED) == [] and "[REDACTED:card]" in "".join(memory_mid[first])
+    assert memory_mid[last] == memory_before[last]  # the second turn's items: not due yet
+
+    # A pass a week after the last: the rest, the last turn's memory up to the memory's length.
+    late = max(_finish_ms(r) for r in results.values()) + WEEK_MS
+    done = await expiry.expire(now_ms=late)
+    assert done.backfilled == 0 and t2 in done.turn_ids and await redis.zcard(keys.RAW_TEXT) == 0
+    memory_after = await redis.lrange(keys.session_messages("conv-legacy"), 0, -1)
+    assert len(memory_after) == len(memory_before)
+    assert "[REDACTED:secret]" in "".join(memory_after[last])
+    everything = await dump_keys(redis)
+    blob = "\n".join(f"{k}\n{v}" for k, v in everything.items())
+    assert _found(blob, EXPIRED) == []
+    for t in (t1, t2, failed):
+        record = await redis.hgetall(keys.turn(t))
+        assert record["raw_expired_at"]
+        result = TurnResult.model_validate_json(record["result"])
+        assert (result.status, result.usage, result.agents) == (results[t].status, results[t].usage, results[t].agents)
+    [error] = [AttemptError.model_validate_json(e) for e in await redis.lrange(keys.turn_errors(failed), 0, -1)]
+    assert "[REDACTED:email]" in error.message
+    assert json.loads(await redis.get(keys.conversation_escalation("conv-legacy")))["turn_id"] == t2
+
+    # The unfinished turn is neither indexed nor touched.
+    record = await redis.hgetall(keys.turn(waiting))
+    assert record["status"] == "queued" and "raw_expired_at" not in record
+    assert RECENT_EMAIL in json.loads(record["request"])["text"]
+    assert await redis.zscore(keys.RAW_TEXT, waiting) is None
+
+    # Later passes do no SCAN work, and change nothing.
+    scans = (await redis.info("commandstats"))["cmdstat_scan"]["calls"]
+    assert (await expiry.expire(now_ms=late)).backfilled == 0
+    assert (await redis.info("commandstats"))["cmdstat_scan"]["calls"] == scans
+    assert await dump_keys(redis) == everything
+
+
+async def test_the_backfill_walks_a_keyspace_bigger_than_one_pass_over_several_passes(redis):
+    producer = Producer(redis=redis)
+    ctx = runtime(redis, OfflineModel())
+    finished = [await _run(ctx, producer, f"conv-walk-{i}", f"Where is order 1043? Mail {EMAIL}") for i in range(6)]
+    await _as_legacy(redis, *finished)
+    expiry = RawExpiry(redis, TelemetrySettings())
+    # One already redacted (it left the index) and one still queued: neither is indexed again.
+    redacted_turn = await _run(ctx, producer, "conv-walk-done", "Where is order 1043?")
+    assert (await expiry.expire_turns([redacted_turn])).turns == 1
+    waiting = await producer.enqueue_turn(conversation_id="conv-walk-0", customer_id="C-100", text="And 1044?")
+    await redis.mset({f"filler:{i}": "x" for i in range(400)})  # a keyspace many passes long
+    # Indexed at the result's finished_at; without a readable result at started_at; else now.
+    due = {t: _finish_ms(await producer.result(t)) for t in finished}
+    await redis.hset(keys.turn(finished[0]), "result", "{not a result")
+    due[finished[0]] = int(datetime.fromisoformat(await redis.hget(keys.turn(finished[0]), "started_at"))
+                           .timestamp() * 1000)
+    await redis.hset(keys.turn(finished[1]), "result", "{not a result")
+    await redis.hdel(keys.turn(finished[1]), "started_at")
+    now_ms = due[finished[1]] = max(due.values()) + 1000
+
+    expiry.backfill_scans, expiry.backfill_count = 2, 10
+    passes, added = 0, 0
+    while await redis.get(keys.RAW_TEXT_BACKFILL) != "done":
+        added += await expiry.backfill(now_ms)
+        passes += 1
+        assert passes < 200, "the walk never ends"
+    assert passes > 3 and added == len(finished)
+    indexed = dict(await redis.zrange(keys.RAW_TEXT, 0, -1, withscores=True))
+    assert indexed == due
+    assert waiting not in indexed and redacted_turn not in indexed
+
+    scans = (await redis.info("commandstats"))["cmdstat_scan"]["calls"]
+    assert await expiry.backfill() == 0
+    assert (await redis.info("commandstats"))["cmdstat_scan"]["calls"] == scans
+
+
+async def test_legacy_memory_is_left_when_its_range_or_its_memory_cannot_be_known(redis):
+    producer = Producer(redis=redis)
+    ctx = runtime(redis, OfflineModel())
+    expiry = RawExpiry(redis, TelemetrySettings())
+    # conv-open: two legacy turns, then a third queued: the last one's items end is not known yet.
+    t1 = await _run(ctx, producer, "conv-open", f"Where is order 1043? My card is {CARD}")
+    t2 = await _run(ctx, producer, "conv-open", f"I want to talk to a human. Mail {EMAIL}")
+    await producer.enqueue_turn(conversation_id="conv-open", customer_id="C-100", text="Thanks")
+    # conv-again: its memory was dropped and started again after the turn finished.
+    t3 = await _run(ctx, producer, "conv-again", f"I want to talk to a human. Mail {FAIL_EMAIL}")
+    finished = _finish_ms(await producer.result(t3))
+    await redis.hset(f"{keys.SESSION_PREFIX}:{keys.session_id('conv-again')}", "created_at", finished // 1000 + 60)
+    await _as_legacy(redis, t1, t2, t3)
+
+    done = await expiry.expire(now_ms=finished + WEEK_MS)
+    assert done.backfilled == 3 and sorted(done.turn_ids) == sorted([t1, t2, t3])
+    memory = "".join(await redis.lrange(keys.session_messages("conv-open"), 0, -1))
+    assert CARD not in memory and EMAIL in memory  # the first turn's items (to t2's base) only
+    assert FAIL_EMAIL in "".join(await redis.lrange(keys.session_messages("conv-again"), 0, -1))
+    for t in (t1, t2, t3):  # the records themselves are redacted all the same
+        assert "[REDACTED:" in json.loads(await redis.hget(keys.turn(t), "request"))["text"]

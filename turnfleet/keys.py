@@ -42,6 +42,9 @@ COUNTERS = f"{PREFIX}:counters"  # hash of fleet counters the producer keeps (tu
 # zset turn_id -> ms the turn finished, while its record still holds raw customer text: what the
 # raw-text expiry (TURNFLEET_RAW_RETENTION_S) walks; a turn leaves it once redacted or erased.
 RAW_TEXT = f"{PREFIX}:raw-text"
+# string: the SCAN cursor of the raw-text backfill (turns finished before RAW_TEXT existed), "done"
+# once it walked the keyspace: new turns enter RAW_TEXT in the finish script, so once is enough.
+RAW_TEXT_BACKFILL = f"{PREFIX}:raw-text:backfill"
 # zset digest -> ms erased: salted SHA-256 digests of erased customer, conversation and turn ids
 # (never the ids), so that telemetry still pending for them cannot rebuild what was erased.
 ERASED = f"{PREFIX}:erased"
