@@ -38,7 +38,7 @@ from turnfleet import audit
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus
 from turnfleet.models import ID_SCHEMA_PATTERN, TurnRequest, TurnResult, TurnStatus
-from turnfleet.server import ApiError, error_body, principal, redis_of, settings_of
+from turnfleet.http import ApiError, error_body, principal, redis_of, settings_of
 
 log = structlog.get_logger(__name__)
 

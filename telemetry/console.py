@@ -60,7 +60,7 @@ from turnfleet import keys
 from turnfleet.auth import Principal
 from turnfleet.redaction import Redactor
 from turnfleet.render import money, ms
-from turnfleet.server import redis_of, settings_of, trace_redis_of
+from turnfleet.http import redis_of, settings_of, trace_redis_of
 
 log = structlog.get_logger(__name__)
 

@@ -63,7 +63,7 @@ from turnfleet import audit, keys
 from turnfleet.auth import Principal
 from turnfleet.models import Alert
 from turnfleet.queue import TurnQueue
-from turnfleet.server import ApiError, principal, redis_dep, settings_dep, trace_redis_dep
+from turnfleet.http import ApiError, principal, redis_dep, settings_dep, trace_redis_dep
 from turnfleet.settings import ProducerSettings
 
 log = structlog.get_logger(__name__)

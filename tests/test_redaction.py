@@ -14,7 +14,8 @@ import pytest
 import structlog
 
 import turnfleet.redaction as redaction
-from turnfleet.redaction import Redactor, default_redactor
+from turnfleet.redaction import Redactor
+from turnfleet.settings import default_redactor
 from turnfleet.settings import CommonSettings
 
 R = Redactor()

@@ -56,14 +56,12 @@ secrets without a known prefix outside a ``key=value`` shape, and postal address
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from turnfleet.settings import CommonSettings
 
 __all__ = [
     "DETECTORS",
@@ -71,7 +69,6 @@ __all__ = [
     "Detector",
     "SENSITIVE_FIELDS",
     "Redactor",
-    "default_redactor",
     "detect",
     "load_detectors",
     "normalise_field",
@@ -747,6 +744,15 @@ TEXT_CACHE_MIN_CHARS = 1
 TEXT_CACHE_ENTRIES = 4096
 
 
+class RedactionSettings(Protocol):
+    """What a redactor is built from: ``turnfleet.settings.CommonSettings`` has these (the
+    ``TURNFLEET_REDACT_*`` settings). A protocol, so that this module imports no settings."""
+
+    redact_patterns: list[str]
+    redact_fields: list[str]
+    redact_detectors: list[str]
+
+
 class Redactor:
     """Finds secrets and personal data in telemetry and replaces them with markers.
 
@@ -777,7 +783,7 @@ class Redactor:
         self._texts: dict[str, str] = {}
 
     @classmethod
-    def from_settings(cls, settings: CommonSettings) -> Redactor:
+    def from_settings(cls, settings: RedactionSettings) -> Redactor:
         """From ``redact_patterns``, ``redact_fields`` and ``redact_detectors``
         (``TURNFLEET_REDACT_*``); the extra detectors run after the built-in ones."""
         return cls(patterns=settings.redact_patterns, fields=settings.redact_fields,
@@ -904,10 +910,6 @@ class Redactor:
         return redact_event
 
 
-@functools.lru_cache(maxsize=1)
-def default_redactor() -> Redactor:
-    """The redactor for this process's ``TURNFLEET_REDACT_*`` settings, built once."""
-    return Redactor.from_settings(CommonSettings())
 
 
 def outside_markers(scan: Callable[[str], str]) -> Callable[[str], str]:

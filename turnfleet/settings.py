@@ -7,10 +7,14 @@ configuration.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from turnfleet.models import check_pseudonymous_id
+from turnfleet.redaction import Redactor
 
 
 class CommonSettings(BaseSettings):
@@ -70,7 +74,6 @@ class ApiKey(BaseModel):
     @classmethod
     def _pseudonymous(cls, customers: list[str]) -> list[str]:
         """A key for a customer id no request may carry (an e-mail address...) is refused."""
-        from turnfleet.models import check_pseudonymous_id  # models imports redaction, which imports us
 
         for i, customer in enumerate(customers):
             if customer != "*":
@@ -274,3 +277,9 @@ class TelemetrySettings(CommonSettings):
 
     def price_table(self) -> dict[str, Price]:
         return {**DEFAULT_PRICES, **self.prices}
+
+
+@functools.lru_cache(maxsize=1)
+def default_redactor() -> Redactor:
+    """The redactor for this process's ``TURNFLEET_REDACT_*`` settings, built once."""
+    return Redactor.from_settings(CommonSettings())
