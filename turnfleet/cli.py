@@ -737,6 +737,11 @@ def _fail(exc: CliError, where: str, as_json: bool) -> int:
     return exc.exit
 
 
+def _stop_while_starting(signum: int, frame: Any) -> NoReturn:
+    print(f"turnfleet: stopped by signal {signum} while starting; nothing was taken", file=sys.stderr)
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -765,6 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return LOCAL_VERBS[args.verb](args)
         check_redis_url(common.redis_url)
         check_redis_url(common.trace_redis_url, "TURNFLEET_TRACE_REDIS_URL")
+        if args.verb in ("worker", "telemetry"):
+            # Until the process installs its own handlers (its event loop's), a SIGTERM means
+            # "stop before you start": exit 0 having taken nothing, as a supervisor expects,
+            # rather than die of the signal halfway through importing the SDK.
+            signal.signal(signal.SIGTERM, _stop_while_starting)
         with redis_url_for(common.redis_url, common.state_dir) as url:
             os.environ["REDIS_URL"] = url  # processes this one starts use the same server
             if args.verb in PROCESS_VERBS:
