@@ -47,13 +47,13 @@ from arq.connections import RedisSettings
 from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
-from turnfleet import keys
+from turnfleet import heartbeat
 from turnfleet.connection import connect, wait_for_redis
-from turnfleet.queue import TurnQueue, deserialize_job, now_ms, serialize_job
+from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from workers.isolation import Lanes
-from workers.job import Runtime, default_worker_name, record_undecodable, run_turn
+from workers.job import Runtime, record_undecodable, run_turn
 from workers.llm import make_model
 from workers.reconcile import reconcile_forever
 from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
@@ -95,7 +95,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         queue=TurnQueue(redis),
         desk=build_support_desk(model),
         model_name=settings.model_name,
-        worker_name=settings.worker_name or default_worker_name(),
+        worker_name=settings.worker_name or heartbeat.default_name(),
         redactor=redactor,
         traces=TraceStore(
             buffer,
@@ -107,15 +107,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
     )
     ctx["in_flight"] = InFlight()
-    ctx["heartbeat"] = asyncio.create_task(
-        heartbeat(redis, ctx["runtime"].worker_name, ctx["in_flight"])
-    )
+    ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
+        redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count))
     ctx["reconciler"] = asyncio.create_task(
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )
-
-
-HEARTBEAT_S = 2.0
 
 
 class InFlight:
@@ -143,25 +139,6 @@ async def job_ended(ctx: dict[str, Any]) -> None:
         in_flight.count = max(0, in_flight.count - 1)
 
 
-async def heartbeat(redis: Any, name: str, in_flight: InFlight | None = None) -> None:
-    """Record this worker as alive (``keys.WORKERS``: name -> last beat ms) every few seconds,
-    with the turns it is running (``keys.WORKER_INFLIGHT``: name -> count).
-
-    arq's health-check key is shared by all workers of a queue; this says which ones live.
-    Readers count in-flight turns of live workers only: a killed worker's count stays behind
-    until its heartbeat is too old to count.
-    """
-    while True:
-        try:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(keys.WORKERS, {name: now_ms()})
-                pipe.hset(keys.WORKER_INFLIGHT, name, in_flight.count if in_flight else 0)
-                await pipe.execute()
-        except RedisError as exc:
-            log.warning("worker.heartbeat_failed", worker=name, error=str(exc))
-        await asyncio.sleep(HEARTBEAT_S)
-
-
 async def shutdown(ctx: dict[str, Any]) -> None:
     """arq ``on_shutdown``: stop the background tasks, unregister, close connections."""
     for name in ("reconciler", "heartbeat"):
@@ -172,10 +149,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     rt = ctx.pop("runtime", None)
     if rt is not None:
         with contextlib.suppress(RedisError, OSError):
-            async with rt.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(keys.WORKERS, rt.worker_name)
-                pipe.hdel(keys.WORKER_INFLIGHT, rt.worker_name)
-                await pipe.execute()
+            await heartbeat.forget(rt.redis, "worker", rt.worker_name)
         if rt.traces is not None and rt.traces.sink is not None:
             await asyncio.to_thread(rt.traces.sink.shutdown)  # sends what is queued first
         if rt.traces is not None and rt.traces.redis is not rt.redis:
