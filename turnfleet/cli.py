@@ -85,8 +85,8 @@ def _print_json(data: Any) -> None:
 
 def cmd_worker(args: argparse.Namespace, url: str) -> int:
     """An arq worker under our supervisor: reconnects after Redis restarts, drains on
-    SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/settings.py``)."""
-    from workers.settings import run
+    SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/supervisor.py``)."""
+    from workers.supervisor import run
 
     return run(url, burst=args.burst)
 
