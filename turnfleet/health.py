@@ -6,9 +6,9 @@ shared by every worker of a queue, so it cannot tell which one died (DESIGN.md).
 process records its own heartbeat instead (:mod:`turnfleet.heartbeat`), and the probe asks
 whether *this host's* process has beaten recently:
 
-- ``worker``: Redis answers PING, and ``keys.WORKERS`` holds a heartbeat of this host's
-  worker younger than ``max_age_s``;
-- ``telemetry``: the same with ``keys.TELEMETRY_CONSUMERS``;
+- ``worker``: Redis answers PING, and this host's worker has a heartbeat younger than
+  ``max_age_s``;
+- ``telemetry``: the same for this host's telemetry consumer;
 - ``producer``: ``GET {url}/healthz`` answers 200.
 
 "This host's" means the name configured for the process (``TURNFLEET_WORKER_NAME`` /
