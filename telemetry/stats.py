@@ -72,6 +72,7 @@ _ID_FIELD = {"conversation": "conversation_id", "customer": "customer_id", "mode
 
 
 def optional_float(value: str | None) -> float | None:
+    """A stored number field; ``None`` when absent or empty (not yet known)."""
     return float(value) if value not in (None, "") else None
 
 
@@ -172,8 +173,10 @@ async def stats(redis: Redis, by: StatsKind, limit: int = 100) -> list[dict[str,
     return await stats_rows(redis, by, index)
 
 
-async def stats_rows(redis: Redis, by: StatsKind, index: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
-    """The :func:`stats` rows (also :mod:`telemetry.scoped`'s) of ``(subject, last event ms)`` pairs, in their order."""
+async def stats_rows(redis: Redis, by: StatsKind,
+                     index: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+    """The :func:`stats` rows (also :mod:`telemetry.scoped`'s) of ``(subject, last event ms)``
+    pairs, in their order."""
     if not index:
         return []
     async with redis.pipeline(transaction=False) as pipe:
