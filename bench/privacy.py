@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import PrivateRedis, consume, enqueue_all, worker_env
+from turnfleet.fleet import FleetProcess
+
 TEXT = "Where is order 1043? My card is 4111 1111 1111 1111, mail me at dana{c}@example.com"
 TURNS_PER_CONV, CONVS_PER_CUSTOMER = 5, 2
 PER_CUSTOMER = TURNS_PER_CONV * CONVS_PER_CUSTOMER
@@ -84,22 +87,20 @@ async def _expire_timed(url: str) -> dict[str, float]:
 
 
 def bench_privacy(sizes: list[int], base: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    from bench.run import FleetProcess, PrivateRedis, _consume, _enqueue_all, worker_env
-
     rows: list[dict[str, Any]] = []
     with PrivateRedis(base) as server:
         url = server.url
         customers = 0
         for size in sizes:
             want = size // PER_CUSTOMER
-            asyncio.run(_enqueue_all(url, _turns(customers, want - customers)))
+            asyncio.run(enqueue_all(url, _turns(customers, want - customers)))
             customers = want
             procs = [FleetProcess(f"privacy-{size}-{w}", ["worker", "--burst"], worker_env(url, base / "state"),
                                   base / "logs" / f"privacy-{size}-{w}.log").start() for w in range(2)]
             for p in procs:
                 if p.wait(1200) != 0:
                     raise RuntimeError(f"privacy: worker failed:\n{p.output()[-2000:]}")
-            asyncio.run(_consume(url))
+            asyncio.run(consume(url))
             # Erase the customers added last (their per-day aggregates, alerts and stream
             # entries are the newest), then put them back so the next size starts whole.
             victims = [f"P-{c}" for c in range(customers - ERASED_PER_SIZE, customers)]

@@ -30,7 +30,8 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
                                        "workers/support_desk.py", "workers/orderbook.py",
                                        "workers/context.py")),
     ("queue and turn bookkeeping", ("arq/", "turnfleet/queue.py", "workers/job.py",
-                                    "workers/settings.py", "workers/reconcile.py",
+                                    "workers/settings.py", "workers/supervisor.py",
+                                    "workers/reconcile.py", "turnfleet/heartbeat.py",
                                     "turnfleet/models.py", "turnfleet/connection.py")),
 ]
 REDACTION = "of which redaction (turnfleet/redaction.py)"

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import PrivateRedis, stats
+
 # The detectors issue 14 added; "before" is every other one (the card detector is the new one
 # in both: it differs only in accepting mixed separators).
 NEW_DETECTORS = ("iban", "ssn", "phone-national", "phone-context")
@@ -122,8 +124,6 @@ def bench_redaction(n: int, reps: int, url: str) -> dict[str, list[float]]:
 
 
 def redaction_lines(runs: dict[str, list[float]], n: int, reps: int, note: str = "") -> list[str]:
-    from bench.run import stats
-
     def row(label: str, key: str) -> str:
         before, after = runs[f"before:{key}"], runs[f"after:{key}"]
         extra = [a - b for a, b in zip(after, before)]
@@ -159,8 +159,6 @@ def redaction_lines(runs: dict[str, list[float]], n: int, reps: int, note: str =
 
 
 def section(base: Path, quick: bool, note: str = "") -> list[str]:
-    from bench.run import PrivateRedis
-
     n, reps = (50, 3) if quick else (200, 9)
     with PrivateRedis(base) as server:
         runs = bench_redaction(n, reps, server.url)

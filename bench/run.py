@@ -3,6 +3,14 @@
 Every variant runs ``reps`` times (2 quick, 3 full), interleaved (rep 1 of A, rep 1 of B, rep 2
 of A, ...), each against its own private ``redis-server``; tables give median and min–max.
 Writes BENCHMARKS.md at the repository root. Speed is never asserted here or in tests.
+
+How it is put together: :class:`Plan` is the run's size (quick or full); :func:`measure` runs
+every table's variants (``bench_*`` below) and returns :class:`Runs`; each ``*_lines``
+function writes one part of the report from them, and :func:`main` assembles the parts in
+:data:`REPORT` order. Sections with a module of their own (``bench/sigkill.py``,
+``bench/redaction.py``, ``bench/privacy.py``) measure and write their table in one
+``section(base, quick, note)`` call, and can run alone with ``--only``. What the sections share
+(the workload, private Redis servers, ``interleave``, cell formatting) is ``bench/common.py``.
 """
 
 from __future__ import annotations
@@ -17,72 +25,29 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from turnfleet.embedded import RedisServer, redis_server_binary
-from turnfleet.fleet import FleetProcess, fleet_env
-
-ROOT = Path(__file__).resolve().parent.parent
-TEXT = "Where is order 1043?"
-CUSTOMER = "C-100"
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def stats(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    med = statistics.median(values)
-    return f"{_fmt(med)} ({_fmt(min(values))}–{_fmt(max(values))})"
-
-
-def _fmt(v: float) -> str:
-    if v >= 1000:
-        return f"{v:,.0f}"
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest rank: always one of the samples."""
-    s = sorted(values)
-    k = max(1, -(-len(s) * p // 100))
-    return s[int(k) - 1]
-
-
-class PrivateRedis:
-    def __init__(self, base: Path) -> None:
-        self.server = RedisServer(base / f"redis-{uuid.uuid4().hex[:8]}")
-
-    def __enter__(self) -> RedisServer:
-        self.server.start()
-        return self.server
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.kill()  # nothing here needs to survive
-
-
-def worker_env(url: str, state_dir: Path) -> dict[str, str]:
-    return fleet_env(url, {
-        "TURNFLEET_STATE_DIR": str(state_dir),
-        "TURNFLEET_TRACE_SAMPLE_RATE": "1.0",
-        "TURNFLEET_TRACING_DISABLED": "false",
-    })
-
-
-def conv_turns(n: int, tag: str) -> list[dict[str, Any]]:
-    return [{"conversation_id": f"bench-{tag}-{i}", "customer_id": CUSTOMER, "text": TEXT}
-            for i in range(n)]
-
+from bench.common import (
+    CUSTOMER,
+    ROOT,
+    TEXT,
+    PrivateRedis,
+    col,
+    consume,
+    conv_turns,
+    enqueue_all,
+    fmt,
+    interleave,
+    percentile,
+    stats,
+    worker_env,
+)
+from turnfleet.embedded import redis_server_binary
+from turnfleet.fleet import FleetProcess
 
 # -- 1. throughput per worker process ---------------------------------------------------------
 
@@ -171,16 +136,6 @@ def bench_plain_arq(n: int, base: Path, rep: int) -> dict[str, float]:
         return {"turns_s": n / span}
 
 
-async def _enqueue_all(url: str, turns: list[dict[str, Any]]) -> list[str]:
-    from producer.api import Producer
-
-    ids: list[str] = []
-    async with Producer(url) as p:
-        for i in range(0, len(turns), 1000):
-            ids += await p.enqueue_turns(turns[i:i + 1000])
-    return ids
-
-
 async def _results(url: str, ids: list[str]) -> list[Any]:
     from producer.api import Producer
 
@@ -209,7 +164,7 @@ def bench_fleet(n: int, base: Path, rep: int) -> dict[str, float]:
     with PrivateRedis(base) as server:
         url = server.url
         startup = _run_burst_worker(url, base, f"empty-{rep}", 60)  # startup + exit, empty queue
-        ids = asyncio.run(_enqueue_all(url, conv_turns(n, f"tp{rep}")))
+        ids = asyncio.run(enqueue_all(url, conv_turns(n, f"tp{rep}")))
         wall = _run_burst_worker(url, base, f"burst-{rep}", 600)
         results = asyncio.run(_results(url, ids))
         done = [r for r in results if r is not None and r.status == "completed"]
@@ -260,23 +215,6 @@ async def _telemetry(url: str) -> dict[str, float]:
         raise RuntimeError(f"telemetry: handled {handled} of {entries} entries, caught_up={ok}")
     return {"tel_entries": entries, "tel_events": events, "tel_events_s": events / elapsed,
             "tel_entries_s": entries / elapsed}
-
-
-async def _consume(url: str, env: dict[str, str] | None = None) -> None:
-    """A burst consumer run (with ``env``'s settings: retention purges after draining)."""
-    from redis.asyncio import Redis
-
-    from telemetry.consumer import caught_up, run_consumer
-    from turnfleet.settings import TelemetrySettings
-
-    overrides = {k.removeprefix("TURNFLEET_").lower(): v for k, v in (env or {}).items()
-                 if k in ("TURNFLEET_RETENTION_S", "TURNFLEET_SEEN_TTL_S")}
-    await run_consumer(TelemetrySettings(**overrides), url, burst=True)
-    redis = Redis.from_url(url, decode_responses=True)
-    ok = await caught_up(redis)
-    await redis.aclose()
-    if not ok:
-        raise RuntimeError("telemetry: not caught up after a burst run")
 
 
 # -- 2. pickup latency ------------------------------------------------------------------------
@@ -402,7 +340,7 @@ def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing
         out: dict[str, float] = {}
         if memory:
             out["used_memory_before"] = asyncio.run(_memory(url))["used_memory"]
-        ids = asyncio.run(_enqueue_all(url, conv_turns(n, f"{name}{rep}")))
+        ids = asyncio.run(enqueue_all(url, conv_turns(n, f"{name}{rep}")))
         cpu0 = asyncio.run(_redis_cpu(url))
         env = {**worker_env(url, base / "state"), **TRACING[tracing]}
         procs = [FleetProcess(f"{name}-{rep}-{w}", ["worker", "--burst"], env,
@@ -442,7 +380,7 @@ def bench_cpu_split(n: int, base: Path) -> dict[str, float] | None:
     if profile.py_spy() is None:
         return None
     with PrivateRedis(base) as server:
-        ids = asyncio.run(_enqueue_all(server.url, conv_turns(n, "cpu")))
+        ids = asyncio.run(enqueue_all(server.url, conv_turns(n, "cpu")))
         env = {**os.environ, **worker_env(server.url, base / "state")}
         parts = profile.record([sys.executable, "-m", "turnfleet.cli", "worker", "--burst"], env,
                                base / "cpu.raw", base / "logs" / "cpu.log", 600)
@@ -461,7 +399,7 @@ def bench_max_jobs(max_jobs: int, latency_s: float, waves: int, base: Path, rep:
 
     n = max_jobs * waves
     with PrivateRedis(base) as server, LLMServer(latency=latency_s) as llm:
-        ids = asyncio.run(_enqueue_all(server.url, conv_turns(n, f"mj{max_jobs}-{rep}")))
+        ids = asyncio.run(enqueue_all(server.url, conv_turns(n, f"mj{max_jobs}-{rep}")))
         env = llm.worker_env({**worker_env(server.url, base / "state"),
                               "TURNFLEET_MAX_JOBS": str(max_jobs)})
         proc = FleetProcess(f"mj-{max_jobs}-{rep}", ["worker", "--burst"], env,
@@ -506,7 +444,7 @@ def bench_lag(n: int, base: Path, rep: int) -> dict[str, float]:
 
     with PrivateRedis(base) as server:
         url = server.url
-        asyncio.run(_enqueue_all(url, conv_turns(n, f"lag{rep}")))
+        asyncio.run(enqueue_all(url, conv_turns(n, f"lag{rep}")))
         env = worker_env(url, base / "state")
         consumer = FleetProcess(f"tel-{rep}", ["telemetry"], env, base / "logs" / f"tel-{rep}.log").start()
         samples: list[int] = []
@@ -574,14 +512,14 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
         for size in sizes:
             for i in range(done, size, 10_000):
                 chunk = min(10_000, size - i)
-                asyncio.run(_enqueue_all(url, conv_turns(chunk, f"g{i}")))
+                asyncio.run(enqueue_all(url, conv_turns(chunk, f"g{i}")))
             env = {**worker_env(url, base / "state"), **extra_env}
             procs = [FleetProcess(f"grow-{size}-{w}", ["worker", "--burst"], env,
                                   base / "logs" / f"grow-{size}-{w}.log").start() for w in range(2)]
             for p in procs:
                 if p.wait(1200) != 0:
                     raise RuntimeError(f"growth: worker failed:\n{p.output()[-2000:]}")
-            asyncio.run(_consume(url, extra_env))
+            asyncio.run(consume(url, extra_env))
             done = size
             mem = asyncio.run(_memory(url))
             mem["size"] = size
@@ -594,184 +532,7 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
     return out
 
 
-# -- the run ----------------------------------------------------------------------------------
-
-
-# -- 8. SIGKILL: how long until a killed worker's turn runs again --------------------------
-
-
-async def _until_async(check: Callable[[], Any], what: str, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"sigkill: timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def _sigkill_trial(url: str, env: dict[str, str], base: Path, trial: str, turns: int,
-                         lease_s: float, backlog: int, release: Callable[[], None]) -> list[dict[str, float]]:
-    """One kill: ``turns`` turns running on a victim worker (their model calls held, started
-    a third of a lease apart in all, so their renewals are spread over the renewal period),
-    a survivor polling (with ``backlog`` more turns queued to keep it busy), SIGKILL the
-    victim and ``release`` the held calls; per turn, the lease left at the kill, when the
-    survivor's ``START`` found it lost (the ``WorkerLost`` record) and when its next attempt
-    started (in the isolated lane: one lost turn at a time, see workers/isolation.py)."""
-    from producer.api import Producer
-    from turnfleet import keys
-    from turnfleet.connection import connect
-
-    redis = connect(url)
-    victim = FleetProcess(f"{trial}-victim", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"{trial}-victim"},
-                          base / "logs" / f"{trial}-victim.log").start()
-    survivor = FleetProcess(f"{trial}-survivor", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"{trial}-survivor"},
-                            base / "logs" / f"{trial}-survivor.log")
-    try:
-        await _until_async(lambda: redis.zscore(keys.WORKERS, f"{trial}-victim"), "the victim's heartbeat", 60)
-        ids = []
-        async with Producer(url) as p:
-            for i in range(turns):
-                ids.append(await p.enqueue_turn(conversation_id=f"bench-kill-{trial}-{i}", customer_id=CUSTOMER,
-                                                text=f"{TEXT} (held)"))
-                await asyncio.sleep(lease_s / 3 / turns)
-            if backlog:
-                await p.enqueue_turns(conv_turns(backlog, f"kill-{trial}-load"))
-
-        async def all_running() -> bool:
-            async with redis.pipeline(transaction=False) as pipe:
-                for t in ids:
-                    pipe.hmget(keys.turn(t), "status", "worker")
-                rows = await pipe.execute()
-            return all(r == ["running", f"{trial}-victim"] for r in rows)
-
-        await _until_async(all_running, "the turns to run on the victim", 60)
-        survivor.start()
-        await _until_async(lambda: redis.zscore(keys.WORKERS, f"{trial}-survivor"), "the survivor's heartbeat", 60)
-        async with redis.pipeline(transaction=False) as pipe:
-            for t in ids:
-                pipe.pttl(keys.ARQ_IN_PROGRESS_PREFIX + t)
-            left_ms = await pipe.execute()
-        killed_at = time.time()
-        victim.kill()
-        release()
-
-        async def taken_over() -> list[Any] | None:
-            async with redis.pipeline(transaction=False) as pipe:
-                for t in ids:
-                    pipe.hmget(keys.turn(t), "attempts", "started_at")
-                    pipe.lindex(keys.turn_errors(t), 0)
-                rows = await pipe.execute()
-            pairs = list(zip(rows[::2], rows[1::2]))
-            return pairs if all(int(a or 0) >= 2 and lost for (a, _), lost in pairs) else None
-
-        rows = await _until_async(taken_over, "the survivor to take every turn over", 300)
-        out = []
-        for ((_, started), lost), left in zip(rows, left_ms):
-            noticed = datetime.fromisoformat(json.loads(lost)["at"]).timestamp() - killed_at
-            again = datetime.fromisoformat(started).timestamp() - killed_at
-            out.append({"takeover_s": again, "noticed_s": noticed, "lease_left_s": left / 1000,
-                        "pickup_s": noticed - left / 1000})
-        return out
-    finally:
-        victim.kill()
-        survivor.kill()
-        await redis.aclose()
-
-
-def bench_sigkill(kills: int, turns: int, base: Path, backlog: int = 0, tag: str = "idle") -> list[dict[str, float]]:
-    """Section 8: ``kills`` kills, each of a worker running ``turns`` turns, default lease and
-    poll delay; each kill on its own private Redis."""
-    from tests.llm_server import LLMServer
-    from turnfleet.settings import WorkerProcessSettings
-
-    lease_s = WorkerProcessSettings().turn_lease_s
-    samples: list[dict[str, float]] = []
-    with LLMServer(latency=0.2 if backlog else 0.0) as llm:
-        for k in range(kills):
-            llm.hold(match="(held)")
-            with PrivateRedis(base) as server:
-                env = llm.worker_env(worker_env(server.url, base / "state"), TURNFLEET_MODEL_TIMEOUT_S="300")
-                samples += asyncio.run(_sigkill_trial(server.url, env, base, f"{tag}{k}", turns, lease_s,
-                                                      backlog, llm.release))
-            print(f"[sigkill {tag}] kill {k + 1}/{kills}: max takeover "
-                  f"{max(x['takeover_s'] for x in samples):.2f} s", file=sys.stderr, flush=True)
-        llm.release()
-    return samples
-
-
-def sigkill_lines(runs: dict[str, list[dict[str, float]]], kills: dict[str, int], turns: int,
-                  backlog: int, note: str = "") -> list[str]:
-    from turnfleet.settings import WorkerProcessSettings
-
-    s = WorkerProcessSettings()
-
-    def row(label: str, values: list[float]) -> str:
-        return (f"| {label} | {len(values)} | {percentile(values, 50):.2f} | {percentile(values, 95):.2f} | "
-                f"{max(values):.2f} |")
-
-    lines = [
-        "## 8. After a SIGKILL: time until the turn runs again",
-        "",
-        f"A worker running {turns} turns (model calls held at the local OpenAI-compatible server, "
-        f"started within {s.turn_lease_s / 3:.2f} s, so their lease renewals are spread over "
-        "the renewal period) is SIGKILLed while a second worker polls, and the held calls are "
-        "released; per turn: the lease left at the kill (PTTL of its in-progress key), the time "
-        "from the kill to the second worker's `START` finding the turn lost (its `WorkerLost` "
-        "record), split into the lease that was left and the pickup after it lapsed, and the time "
-        "from the kill to the turn's next attempt (`started_at`): since issue 13 the lost turns are "
-        "suspects and run again in the isolated lane, one at a time, once the survivor's running "
-        f"turns have ended (workers/isolation.py). Defaults: lease {s.turn_lease_s:g} s, "
-        f"renewed every {s.turn_lease_s / 3:.2f} s, poll delay {s.poll_delay_s:g} s. 'busy' runs the "
-        f"same with {backlog} more turns queued (model calls 0.2 s each), so the second worker "
-        f"has all {s.max_jobs} of its slots taken when the lease lapses. " + note,
-        "",
-        "| survivor | measure | turns | p50 s | p95 s | max s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, samples in runs.items():
-        for label, key in (("kill → loss noticed", "noticed_s"), ("lease left at the kill", "lease_left_s"),
-                           ("lapse → noticed (pickup)", "pickup_s"),
-                           ("kill → runs again (isolated lane)", "takeover_s")):
-            lines.append(row(f"{name} ({kills[name]} kills) | {label}", [x[key] for x in samples]))
-    lease_left = [x["lease_left_s"] for name in runs for x in runs[name]]
-    pickups = {name: max(x["pickup_s"] for x in samples) for name, samples in runs.items()}
-    lines += [
-        "",
-        f"Where the time goes. The lease left at the kill is at most the lease (max "
-        f"{max(lease_left):.2f} s here) and at least two thirds of it (the last renewal was at most "
-        "a third of a lease before the kill): that is the bound the lease gives. After it lapses, "
-        "the turn's job is still in `arq:queue` with its old score, so it is first in line at the "
-        "next read of a worker with a free slot: an idle worker takes it at its next poll "
-        f"(pickup max {pickups.get('idle', 0):.2f} s). A worker with every slot taken does not read "
-        "the queue; arq's `start_jobs` works through the ids it read last (up to 5 × max_jobs, "
-        "running ones included), waiting for a slot before each, and the lapsed turn is seen only "
-        f"at the read after that (pickup max {pickups.get('busy', 0):.2f} s here). So the bound is "
-        "the lease plus the time until some worker has a free slot and reads the queue again: "
-        "the same wait any queued turn has on a saturated fleet. The lost turns then run again "
-        f"alone, one after the other ({turns} of them here): the last one starts after the "
-        "others have run, and on a busy survivor only after its running turns have ended.",
-        "",
-    ]
-    return lines
-
-
-def interleave(reps: int, variants: dict[str, Callable[[int], dict[str, float]]],
-               label: str) -> dict[str, list[dict[str, float]]]:
-    out: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    for rep in range(reps):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            out[name].append(fn(rep))
-            print(f"[{label}] rep {rep + 1}/{reps} {name}: "
-                  f"{ {k: round(v, 2) for k, v in out[name][-1].items()} } "
-                  f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
-    return out
-
-
-def col(runs: list[dict[str, float]], key: str) -> list[float]:
-    return [r[key] for r in runs]
+# -- the report's shared parts ----------------------------------------------------------------
 
 
 def _version(dist: str) -> str:
@@ -921,150 +682,159 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.run")
-    ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
-    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["sigkill", "redaction", "privacy"],
-                    help="run just this section and print its table (BENCHMARKS.md is not written)")
-    args = ap.parse_args(argv)
-    from turnfleet.logging import configure_logging
+# -- the run: what to measure, then the report section by section -----------------------------
 
-    configure_logging("WARNING")  # this process's own logs (the children keep their defaults)
-    quick = args.quick
-    # Section 8 costs ~18 s a kill (two worker start-ups, the stagger, up to a lease): many
-    # turns per kill rather than many kills keeps the full run within its 15 minutes.
-    kill_turns, kill_backlog = 10, 600
-    kill_counts = {"busy": 1} if quick else {"idle": 2, "busy": 2}
+GROWTH_ENV = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
+              "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
+SECTIONS = ("sigkill", "redaction", "privacy")  # sections that run alone: ``--only``
 
-    def sigkill_section(base: Path, note: str = "") -> list[str]:
-        runs = {name: bench_sigkill(k, kill_turns, base, kill_backlog if name == "busy" else 0, name)
-                for name, k in kill_counts.items()}
-        return sigkill_lines(runs, kill_counts, kill_turns, kill_backlog, note)
+Reps = dict[str, list[dict[str, float]]]  # variant -> one dict of figures a rep
 
-    if args.only == "redaction":
-        from bench import redaction
 
-        started = time.perf_counter()
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
-            lines = redaction.section(Path(tmp), quick, f"From a section run (`python -m bench.run "
-                                      f"--only redaction{' --quick' if quick else ''}`) on {date}.")
-        print("\n".join(lines))
-        print(f"section redaction in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        return 0
-    if args.only == "privacy":
-        from bench import privacy
+@dataclass(frozen=True)
+class Plan:
+    """How big a run is: ``--quick`` (a minute or two) or full (~15 minutes)."""
 
-        started = time.perf_counter()
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
-            lines = privacy.section(Path(tmp), quick, f"From a section run (`python -m bench.run "
-                                    f"--only privacy{' --quick' if quick else ''}`) on {date}.")
-        print("\n".join(lines))
-        print(f"section privacy in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        return 0
-    if args.only == "sigkill":
-        started = time.perf_counter()
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
-            lines = sigkill_section(Path(tmp), f"From a section run (`python -m bench.run --only sigkill"
-                                    f"{' --quick' if quick else ''}`) on {date}.")
-        print("\n".join(lines))
-        print(f"section sigkill in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        return 0
-    reps = 2 if quick else 3
-    n_tp = 200 if quick else 1000
-    n_plain = 60 if quick else 300
-    n_pick = 100 if quick else 300
-    n_seq, n_gather, n_bulk = (1000, 3000, 20000) if quick else (3000, 10000, 50000)
-    n_w = 120 if quick else 500
-    mj_list = [10] if quick else [10, 50, 200]
-    mj_waves = 2 if quick else 3
-    mj_latency = 1.0
-    http_s = 2 if quick else 6
-    sizes = [300, 600] if quick else [1000, 10_000, 50_000]
-    growth_env = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
-                  "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
-    started = time.perf_counter()
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    quick: bool
+    reps: int
+    n_tp: int
+    n_plain: int
+    n_pick: int
+    n_seq: int
+    n_gather: int
+    n_bulk: int
+    n_w: int
+    mj_list: list[int]
+    mj_waves: int
+    mj_latency: float
+    http_s: int
+    sizes: list[int]
 
-    with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
-        base = Path(tmp)
-        tp = interleave(reps, {
-            "bare": lambda r: bench_bare(n_tp, base),
-            "bare-traced": lambda r: bench_bare(n_tp, base, traced=True),
-            "plain-arq": lambda r: bench_plain_arq(n_plain, base, r),
-            "fleet": lambda r: bench_fleet(n_tp, base, r),
-        }, "throughput")
-        n_feat = n_tp // 2
-        feat = interleave(reps, {
-            "c10": lambda r: bench_bare(n_feat, base),
-            "c50": lambda r: bench_bare(n_feat, base, concurrency=50),
-            "traced": lambda r: bench_bare(n_feat, base, True, 50),
-            "memory": lambda r: bench_bare(n_feat, base, True, 50, memory=True),
-            "hooks": lambda r: bench_bare(n_feat, base, True, 50, memory=True, hooks=True),
-        }, "sdk features")
-        cpu = bench_cpu_split(n_tp, base)
-        print(f"[cpu] {cpu}", file=sys.stderr, flush=True)
-        pk = interleave(reps, {"pickup": lambda r: bench_pickup(n_pick, base, r)}, "pickup")
-        mj = interleave(2, {
-            f"mj{m}": (lambda m: lambda r: bench_max_jobs(m, mj_latency, mj_waves, base, r))(m) for m in mj_list
-        }, "max_jobs")
-        enq = interleave(reps, {
-            "sequential": lambda r: bench_enqueue("sequential", n_seq, base, r),
-            "gather": lambda r: bench_enqueue("gather", n_gather, base, r),
-            "bulk": lambda r: bench_enqueue("bulk", n_bulk, base, r),
-        }, "enqueue")
-        from bench import http_load
-        http = interleave(reps, {
-            "single": lambda r: bench_http(0, http_s, base, r),
-            "batch100": lambda r: bench_http(100, http_s, base, r),
-        }, "http") if http_load.wrk_path() else None
-        lag = interleave(reps, {"lag": lambda r: bench_lag(n_tp // 2, base, r)}, "telemetry lag")
-        wk = interleave(reps, {
-            "1w-off": lambda r: bench_workers(n_w, base, r, "off", 1, "off"),
-            "1w-unsampled": lambda r: bench_workers(n_w, base, r, "unsampled", 1, "unsampled"),
-            "1w-sampled": lambda r: bench_workers(n_w, base, r, "sampled", 1, "sampled", True),
-            "2w-sampled": lambda r: bench_workers(n_w, base, r, "two", 2, "sampled"),
-            "1w-rate0.1": lambda r: bench_workers(n_w, base, r, "r01", 1, "rate0.1", True),
-        }, "workers")
-        growth = bench_growth(sizes, base, growth_env)
-        kill_lines = sigkill_section(base)
-        from bench import redaction
+    @classmethod
+    def of(cls, quick: bool) -> Plan:
+        return cls(
+            quick=quick, reps=2 if quick else 3, n_tp=200 if quick else 1000,
+            n_plain=60 if quick else 300, n_pick=100 if quick else 300,
+            n_seq=1000 if quick else 3000, n_gather=3000 if quick else 10000,
+            n_bulk=20000 if quick else 50000, n_w=120 if quick else 500,
+            mj_list=[10] if quick else [10, 50, 200], mj_waves=2 if quick else 3, mj_latency=1.0,
+            http_s=2 if quick else 6, sizes=[300, 600] if quick else [1000, 10_000, 50_000],
+        )
 
-        redaction_lines = redaction.section(base, quick)
-        from bench import privacy
 
-        privacy_lines = privacy.section(base, quick)
-    total = time.perf_counter() - started
+@dataclass
+class Runs:
+    """Everything one full run measured; the properties are the figures several tables use."""
 
-    bare = col(tp["bare"], "turns_s")
-    bare_traced = col(tp["bare-traced"], "turns_s")
-    plain = col(tp["plain-arq"], "turns_s")
-    mj_ratio = {m: [r["turns_s"] / r["ideal"] for r in mj[f"mj{m}"]] for m in mj_list}  # 2 reps
-    http_med = statistics.median(col(http["single"], "req_s")) if http else 0.0
-    fleet = col(tp["fleet"], "turns_s")
-    fleet_wall = col(tp["fleet"], "turns_s_wall")
-    ratios = [f / b for f, b in zip(fleet, bare)]
-    ratios_wall = [f / b for f, b in zip(fleet_wall, bare)]
-    p50 = col(pk["pickup"], "p50")
-    p99 = col(pk["pickup"], "p99")
-    bulk = col(enq["bulk"], "turns_s")
-    tel = col(tp["fleet"], "tel_events_s")
+    tp: Reps  # table 1 (and 4: the fleet runs' telemetry)
+    feat: Reps  # 1b
+    cpu: dict[str, float] | None  # 1c
+    pk: Reps  # 2
+    mj: Reps  # 2b
+    enq: Reps  # 3
+    http: Reps | None  # 3b, None without wrk
+    lag: Reps  # 4b
+    wk: Reps  # 5, 6, 7
+    growth: list[dict[str, float]]  # 7b
+    sections: list[str]  # 8 on: the sections of their own modules, their lines
 
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "**missed**"
+    @property
+    def bare(self) -> list[float]:
+        return col(self.tp["bare"], "turns_s")
 
-    ratio_med = statistics.median(ratios)
-    p50_med, p99_med = statistics.median(p50), statistics.median(p99)
-    bulk_med, tel_med = statistics.median(bulk), statistics.median(tel)
-    one_w, two_w = col(wk["1w-sampled"], "turns_s"), col(wk["2w-sampled"], "turns_s")
-    scale = [b / a for a, b in zip(one_w, two_w)]
-    scale_med = statistics.median(scale)
-    ev_per_turn = tp["fleet"][0]["tel_events"] / tp["fleet"][0]["tel_entries"]
+    @property
+    def fleet(self) -> list[float]:
+        return col(self.tp["fleet"], "turns_s")
 
-    lines = [
+    @property
+    def ratio_med(self) -> float:
+        return statistics.median([f / b for f, b in zip(self.fleet, self.bare)])
+
+    @property
+    def p50_med(self) -> float:
+        return statistics.median(col(self.pk["pickup"], "p50"))
+
+    @property
+    def p99_med(self) -> float:
+        return statistics.median(col(self.pk["pickup"], "p99"))
+
+    @property
+    def bulk_med(self) -> float:
+        return statistics.median(col(self.enq["bulk"], "turns_s"))
+
+    @property
+    def tel_med(self) -> float:
+        return statistics.median(col(self.tp["fleet"], "tel_events_s"))
+
+    @property
+    def scale(self) -> list[float]:
+        return [b / a for a, b in zip(col(self.wk["1w-sampled"], "turns_s"),
+                                      col(self.wk["2w-sampled"], "turns_s"))]
+
+    @property
+    def http_med(self) -> float:
+        return statistics.median(col(self.http["single"], "req_s")) if self.http else 0.0
+
+    def mj_ratio(self, m: int) -> list[float]:
+        return [r["turns_s"] / r["ideal"] for r in self.mj[f"mj{m}"]]  # 2 reps
+
+
+def measure(plan: Plan, base: Path) -> Runs:
+    """Run every table's variants, each on its own private Redis under ``base``."""
+    from bench import http_load, privacy, redaction, sigkill
+
+    reps, n_tp, n_w = plan.reps, plan.n_tp, plan.n_w
+    tp = interleave(reps, {
+        "bare": lambda r: bench_bare(n_tp, base),
+        "bare-traced": lambda r: bench_bare(n_tp, base, traced=True),
+        "plain-arq": lambda r: bench_plain_arq(plan.n_plain, base, r),
+        "fleet": lambda r: bench_fleet(n_tp, base, r),
+    }, "throughput")
+    n_feat = n_tp // 2
+    feat = interleave(reps, {
+        "c10": lambda r: bench_bare(n_feat, base),
+        "c50": lambda r: bench_bare(n_feat, base, concurrency=50),
+        "traced": lambda r: bench_bare(n_feat, base, True, 50),
+        "memory": lambda r: bench_bare(n_feat, base, True, 50, memory=True),
+        "hooks": lambda r: bench_bare(n_feat, base, True, 50, memory=True, hooks=True),
+    }, "sdk features")
+    cpu = bench_cpu_split(n_tp, base)
+    print(f"[cpu] {cpu}", file=sys.stderr, flush=True)
+    pk = interleave(reps, {"pickup": lambda r: bench_pickup(plan.n_pick, base, r)}, "pickup")
+    mj = interleave(2, {
+        f"mj{m}": (lambda m: lambda r: bench_max_jobs(m, plan.mj_latency, plan.mj_waves, base, r))(m)
+        for m in plan.mj_list
+    }, "max_jobs")
+    enq = interleave(reps, {
+        "sequential": lambda r: bench_enqueue("sequential", plan.n_seq, base, r),
+        "gather": lambda r: bench_enqueue("gather", plan.n_gather, base, r),
+        "bulk": lambda r: bench_enqueue("bulk", plan.n_bulk, base, r),
+    }, "enqueue")
+    http = interleave(reps, {
+        "single": lambda r: bench_http(0, plan.http_s, base, r),
+        "batch100": lambda r: bench_http(100, plan.http_s, base, r),
+    }, "http") if http_load.wrk_path() else None
+    lag = interleave(reps, {"lag": lambda r: bench_lag(n_tp // 2, base, r)}, "telemetry lag")
+    wk = interleave(reps, {
+        "1w-off": lambda r: bench_workers(n_w, base, r, "off", 1, "off"),
+        "1w-unsampled": lambda r: bench_workers(n_w, base, r, "unsampled", 1, "unsampled"),
+        "1w-sampled": lambda r: bench_workers(n_w, base, r, "sampled", 1, "sampled", True),
+        "2w-sampled": lambda r: bench_workers(n_w, base, r, "two", 2, "sampled"),
+        "1w-rate0.1": lambda r: bench_workers(n_w, base, r, "r01", 1, "rate0.1", True),
+    }, "workers")
+    growth = bench_growth(plan.sizes, base, GROWTH_ENV)
+    sections = [line for module in (sigkill, redaction, privacy)
+                for line in module.section(base, plan.quick)]
+    return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def header_lines(plan: Plan, date: str, total: float) -> list[str]:
+    quick, reps = plan.quick, plan.reps
+    return [
         "# BENCHMARKS",
         "",
         f"Generated by `{'make bench-quick' if quick else 'make bench'}` "
@@ -1088,28 +858,51 @@ def main(argv: list[str] | None = None) -> int:
         "logging INFO console) plus tracing on and `TURNFLEET_TRACE_SAMPLE_RATE=1.0`.",
         "- Speed is never asserted in tests; these figures are for this machine only.",
         "",
+    ]
+
+
+def goal_lines(plan: Plan, r: Runs) -> list[str]:
+    ratio_med, p50_med, p99_med, bulk_med = r.ratio_med, r.p50_med, r.p99_med, r.bulk_med
+    tel_med, scale_med, http_med, http = r.tel_med, statistics.median(r.scale), r.http_med, r.http
+    fleet, plain = r.fleet, col(r.tp["plain-arq"], "turns_s")
+    mj_latency, mj_list = plan.mj_latency, plan.mj_list
+    mj_ratio = {m: r.mj_ratio(m) for m in mj_list}
+    return [
         "## Goals (from the issue) at a glance",
         "",
         "| goal | result (median) | |",
         "|---|---|---|",
         f"| turnfleet worker ≥ 0.80× bare `Runner.run` per process | {ratio_med:.2f}× | "
         f"{verdict(ratio_med >= 0.80)} |",
-        f"| pickup latency on an idle fleet ≤ 10 ms p50 / ≤ 50 ms p99 | {_fmt(p50_med)} / "
-        f"{_fmt(p99_med)} ms | {verdict(p50_med <= 10 and p99_med <= 50)} |",
+        f"| pickup latency on an idle fleet ≤ 10 ms p50 / ≤ 50 ms p99 | {fmt(p50_med)} / "
+        f"{fmt(p99_med)} ms | {verdict(p50_med <= 10 and p99_med <= 50)} |",
         f"| turnfleet worker vs plain arq + XADD hooks (no goal) | "
         f"{statistics.median([f / p for f, p in zip(fleet, plain)]):.1f}× | |",
-        f"| bulk enqueue ≥ 20k turns/s | {_fmt(bulk_med)} turns/s | {verdict(bulk_med >= 20_000)} |",
-        f"| telemetry ≥ 50k events/s per consumer | {_fmt(tel_med)} events/s | "
+        f"| bulk enqueue ≥ 20k turns/s | {fmt(bulk_med)} turns/s | {verdict(bulk_med >= 20_000)} |",
+        f"| telemetry ≥ 50k events/s per consumer | {fmt(tel_med)} events/s | "
         f"{verdict(tel_med >= 50_000)} |",
         f"| 2 worker processes ≥ 1.8× 1 worker | {scale_med:.2f}× | "
         f"{verdict(scale_med >= 1.8)} |",
         *[f"| max_jobs {m} at {mj_latency:g} s a model call ≥ 0.9 × max_jobs / turn latency | "
           f"{statistics.median(mj_ratio[m]):.2f}× | {verdict(statistics.median(mj_ratio[m]) >= 0.9)} |"
           for m in mj_list],
-        (f"| HTTP `POST /v1/turns` ≥ 1.5k req/s, one uvicorn process | {_fmt(http_med)} req/s | "
+        (f"| HTTP `POST /v1/turns` ≥ 1.5k req/s, one uvicorn process | {fmt(http_med)} req/s | "
          f"{verdict(http_med >= 1500)} |" if http else
          "| HTTP `POST /v1/turns` ≥ 1.5k req/s | not run: `wrk` not found | **missed** |"),
         "",
+    ]
+
+
+def throughput_lines(plan: Plan, r: Runs) -> list[str]:
+    """Tables 1, 1b and 1c (and where the time goes if the goal is missed)."""
+    n_tp, n_plain, tp, ratio_med = plan.n_tp, plan.n_plain, r.tp, r.ratio_med
+    bare, fleet = r.bare, r.fleet
+    bare_traced = col(tp["bare-traced"], "turns_s")
+    plain = col(tp["plain-arq"], "turns_s")
+    fleet_wall = col(tp["fleet"], "turns_s_wall")
+    ratios = [f / b for f, b in zip(fleet, bare)]
+    ratios_wall = [f / b for f, b in zip(fleet_wall, bare)]
+    lines = [
         "## 1. Throughput per worker process (offline model)",
         "",
         f"{n_tp} turns a rep. **bare**: `Runner.run(triage, text, context=TurnContext(...))` in "
@@ -1143,8 +936,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats(col(tp['fleet'], 'startup_s'))} s.",
         "",
     ]
-    lines += feature_lines(feat, fleet, n_tp // 2)
-    lines += cpu_lines(cpu, n_tp, bare, fleet)
+    lines += feature_lines(r.feat, fleet, n_tp // 2)
+    lines += cpu_lines(r.cpu, n_tp, bare, fleet)
     if ratio_med < 0.80:
         lines += [
             "Goal ≥ 0.80× missed. Where the time goes: table 1b shows the ceiling is not the "
@@ -1168,6 +961,14 @@ def main(argv: list[str] | None = None) -> int:
             "offline model, and merging the trace write into the result script.",
             "",
         ]
+    return lines
+
+
+def pickup_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 2."""
+    n_pick, pk, p50_med, p99_med = plan.n_pick, r.pk, r.p50_med, r.p99_med
+    p50, p99 = col(pk["pickup"], "p50"), col(pk["pickup"], "p99")
+    lines: list[str] = []
     lines += [
         "## 2. Pickup latency on an idle fleet",
         "",
@@ -1188,6 +989,16 @@ def main(argv: list[str] | None = None) -> int:
             "plus arq's job fetch and our start-of-turn Redis round trips.",
             "",
         ]
+    return lines
+
+
+def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
+    """Tables 2b and 3 (and where the time goes if the bulk goal is missed)."""
+    mj, mj_list, mj_waves, mj_latency = r.mj, plan.mj_list, plan.mj_waves, plan.mj_latency
+    mj_ratio = {m: r.mj_ratio(m) for m in mj_list}
+    n_seq, n_gather, n_bulk, enq, bulk_med = plan.n_seq, plan.n_gather, plan.n_bulk, r.enq, r.bulk_med
+    bulk = col(enq["bulk"], "turns_s")
+    lines: list[str] = []
     lines += [
         "## 2b. Turns in flight against a slow model: max_jobs",
         "",
@@ -1245,6 +1056,13 @@ def main(argv: list[str] | None = None) -> int:
             "callers (it is what makes bad input fail with field names, so it stays).",
             "",
         ]
+    return lines
+
+
+def http_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 3b (none without wrk)."""
+    http, http_s, http_med = r.http, plan.http_s, r.http_med
+    lines: list[str] = []
     if http:
         hs, hb = http["single"], http["batch100"]
         lines += [
@@ -1275,6 +1093,15 @@ def main(argv: list[str] | None = None) -> int:
                 "(they share nothing but Redis) or use the batch route.",
                 "",
             ]
+    return lines
+
+
+def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
+    """Tables 4 and 4b."""
+    tp, n_tp, lag, tel_med = r.tp, plan.n_tp, r.lag, r.tel_med
+    tel = col(tp["fleet"], "tel_events_s")
+    ev_per_turn = tp["fleet"][0]["tel_events"] / tp["fleet"][0]["tel_entries"]
+    lines: list[str] = []
     lines += [
         "## 4. Telemetry aggregation",
         "",
@@ -1322,17 +1149,15 @@ def main(argv: list[str] | None = None) -> int:
         "an order of magnitude more turns/s than a worker runs).",
         "",
     ]
-    off_us = col(wk["1w-off"], "us_turn")
+    return lines
 
-    def trace_row(label: str, key: str) -> str:
-        runs = wk[key]
-        extra = [r["us_turn"] - o for r, o in zip(runs, off_us)]
-        rel = [t / o for t, o in zip(col(runs, "turns_s"), col(wk["1w-off"], "turns_s"))]
-        extra_cell = "0" if key == "1w-off" else stats(extra) if min(extra) >= 0 else (
-            f"{statistics.median(extra):+.0f} ({min(extra):+.0f} to {max(extra):+.0f})")
-        return (f"| {label} | {stats(col(runs, 'turns_s'))} | {stats(col(runs, 'us_turn'))} | "
-                f"{extra_cell} | {stats(rel)}× |")
 
+def scaling_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 5."""
+    n_w, wk, scale = plan.n_w, r.wk, r.scale
+    one_w, two_w = col(wk["1w-sampled"], "turns_s"), col(wk["2w-sampled"], "turns_s")
+    scale_med = statistics.median(scale)
+    lines: list[str] = []
     lines += [
         "## 5. Scaling: 1 vs 2 worker processes (offline model)",
         "",
@@ -1363,6 +1188,24 @@ def main(argv: list[str] | None = None) -> int:
             f"here the two workers' start-ups also overlap imperfectly over a {n_w}-turn drain.",
             "",
         ]
+    return lines
+
+
+def tracing_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 6."""
+    n_w, wk = plan.n_w, r.wk
+    off_us = col(wk["1w-off"], "us_turn")
+
+    def trace_row(label: str, key: str) -> str:
+        runs = wk[key]
+        extra = [r["us_turn"] - o for r, o in zip(runs, off_us)]
+        rel = [t / o for t, o in zip(col(runs, "turns_s"), col(wk["1w-off"], "turns_s"))]
+        extra_cell = "0" if key == "1w-off" else stats(extra) if min(extra) >= 0 else (
+            f"{statistics.median(extra):+.0f} ({min(extra):+.0f} to {max(extra):+.0f})")
+        return (f"| {label} | {stats(col(runs, 'turns_s'))} | {stats(col(runs, 'us_turn'))} | "
+                f"{extra_cell} | {stats(rel)}× |")
+
+    lines: list[str] = []
     lines += [
         "## 6. Tracing overhead (one worker process)",
         "",
@@ -1381,6 +1224,15 @@ def main(argv: list[str] | None = None) -> int:
         trace_row("(c) on, sample rate 1.0", "1w-sampled"),
         trace_row("(d) on, sample rate 0.1 (table 7's run)", "1w-rate0.1"),
         "",
+    ]
+    return lines
+
+
+def memory_lines(plan: Plan, r: Runs) -> list[str]:
+    """Tables 7 and 7b."""
+    n_w, wk, reps = plan.n_w, r.wk, plan.reps
+    lines: list[str] = []
+    lines += [
         "## 7. Cost of keeping it: Redis memory per turn",
         "",
         f"After the {n_w} turns of table 6 (c) (sample rate 1.0) and (d) (rate 0.1) are drained "
@@ -1420,12 +1272,54 @@ def main(argv: list[str] | None = None) -> int:
         f"One size (N = {n_w}); table 7b follows memory over sizes.",
         "",
     ]
-    lines += growth_lines(growth, growth_env, fams)
-    lines += ["", *kill_lines, *redaction_lines, *privacy_lines]
+    lines += growth_lines(r.growth, GROWTH_ENV, fams)
+    return lines
+
+
+REPORT = (goal_lines, throughput_lines, pickup_lines, max_jobs_and_enqueue_lines, http_lines,
+          telemetry_lines, scaling_lines, tracing_lines, memory_lines)
+
+
+def run_section(name: str, quick: bool) -> int:
+    """``--only NAME``: one section of its own module, its table printed (nothing written)."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    started = time.perf_counter()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
+        lines = module.section(Path(tmp), quick, f"From a section run (`python -m bench.run "
+                               f"--only {name}{' --quick' if quick else ''}`) on {date}.")
+    print("\n".join(lines))
+    print(f"section {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run")
+    ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--only", choices=SECTIONS,
+                    help="run just this section and print its table (BENCHMARKS.md is not written)")
+    args = ap.parse_args(argv)
+    from turnfleet.logging import configure_logging
+
+    configure_logging("WARNING")  # this process's own logs (the children keep their defaults)
+    if args.only:
+        return run_section(args.only, args.quick)
+    plan = Plan.of(args.quick)
+    started = time.perf_counter()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
+        runs = measure(plan, Path(tmp))
+    total = time.perf_counter() - started
+    lines = header_lines(plan, date, total)
+    for section in REPORT:
+        lines += section(plan, runs)
+    lines += ["", *runs.sections]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out} in {total:.0f} s", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

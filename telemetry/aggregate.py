@@ -7,7 +7,7 @@ increments share one atomic script, so whatever dies when (consumer, Redis conne
 event is counted at most once, and since the stream entry is acknowledged only after the
 script ran, at least once: a redelivered or re-sent entry changes nothing.
 
-What is counted, and where (field names are documented in :mod:`telemetry.query`):
+What is counted, and where (field names are documented in :mod:`telemetry.stats`):
 
 - tokens and requests from ``llm_end`` usage only (``turn_completed.usage`` is a cross-check,
   logged as ``telemetry.usage_mismatch`` when it disagrees); cost per ``llm_end`` from the

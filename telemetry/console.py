@@ -2,8 +2,8 @@
 
 Served by ``turnfleet serve`` under ``/console`` (``turnfleet/server.py`` composes this router
 beside the JSON API). It reads what the JSON API reads, through the same functions
-(``telemetry/query.py``, ``telemetry/replay.py``, the scoping helpers of ``telemetry/http.py``),
-so a page shows exactly what ``/v1/...`` answers for the same key.
+(``telemetry/stats.py``, ``find.py``, ``live_figures.py``, ``replay.py``, the scoping helpers
+of ``telemetry/http.py``), so a page shows exactly what ``/v1/...`` answers for the same key.
 
 Pages (each needs a key; without one the browser is sent to the login form):
 
@@ -54,8 +54,10 @@ from telemetry.http import (
     find_visible,
     recent_alerts,
 )
-from telemetry.query import FIND_PAGE_MAX, last_hour, parse_time, spend_today
+from telemetry.find import FIND_PAGE_MAX
+from telemetry.live_figures import last_hour, spend_today
 from telemetry.replay import conversation_replay
+from telemetry.times import parse_time
 from turnfleet import keys
 from turnfleet.auth import Principal
 from turnfleet.redaction import Redactor

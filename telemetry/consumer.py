@@ -86,11 +86,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
 from telemetry.alerts import AlertRules
-from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
+from telemetry.stream_group import Entry, StreamGroupMember, _text
 from telemetry.raw_expiry import RawExpiry
 from telemetry.retention import PURGE_EVERY_S, Retention
 from telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
-from turnfleet import keys
+from turnfleet import heartbeat, keys
 from turnfleet.connection import RedisUnavailable, connect, wait_for_redis
 from turnfleet.settings import TelemetrySettings
 
@@ -107,7 +107,6 @@ RETRY_MAX_S = 5.0
 ERROR_CHARS = 2000
 TRACEBACK_CHARS = 8000
 FAULT_EXIT_CODE = 137  # what a shell reports for a SIGKILLed process (128 + 9)
-HEARTBEAT_S = 2.0  # consumer heartbeats (keys.TELEMETRY_CONSUMERS), like the workers'
 
 REASON_ERROR = "error"
 REASON_MALFORMED = "malformed"
@@ -258,7 +257,7 @@ class TelemetryConsumer(StreamGroupMember):
                  faults: FaultInjection | None = None) -> None:
         super().__init__(
             redis,
-            name=name or settings.consumer_name or default_consumer_name(),
+            name=name or settings.consumer_name or heartbeat.default_name(),
             batch_size=settings.batch_size,
             claim_idle_ms=settings.claim_idle_ms,
         )
@@ -504,8 +503,8 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     drained, so the alerts just fired are delivered before this returns. A sink that dies
     of an unexpected error stops the consumer, and the error is raised here.
 
-    While it runs, the consumer beats every ``HEARTBEAT_S`` into ``keys.TELEMETRY_CONSUMERS``
-    (its name -> ms), and removes itself on the way out: what ``turnfleet health --role
+    While it runs, the consumer beats (:mod:`turnfleet.heartbeat`), and removes its beat on the
+    way out: what ``turnfleet health --role
     telemetry`` and ``turnfleet_telemetry_consumers_alive`` read. It trims the stream to its
     unacknowledged tail every ``trim_every_s`` and, in burst mode, once more after draining
     (:mod:`telemetry.trim`). With ``retention_s`` set it purges idle conversations every
@@ -547,7 +546,8 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
              batch_size=settings.batch_size, claim_idle_ms=settings.claim_idle_ms,
              webhook=webhook is not None)
     webhook_task: asyncio.Task[None] | None = None
-    beat = asyncio.create_task(_heartbeat(redis, consumer.name), name="telemetry-heartbeat")
+    beat = asyncio.create_task(heartbeat.beat_forever(redis, "telemetry", consumer.name),
+                               name="telemetry-heartbeat")
     trimmer = asyncio.create_task(
         _every(trim_every_s, consumer.trim, "telemetry.trim_failed", consumer=consumer.name),
         name="telemetry-trim")
@@ -584,7 +584,7 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
         with contextlib.suppress(asyncio.CancelledError):
             await beat  # no beat may land after the ZREM
         with contextlib.suppress(RedisError, OSError):
-            await redis.zrem(keys.TELEMETRY_CONSUMERS, consumer.name)
+            await heartbeat.forget(redis, "telemetry", consumer.name)
         if webhook is not None:
             webhook.stop()
             try:
@@ -595,16 +595,6 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
         for sig in installed:
             loop.remove_signal_handler(sig)
         await redis.aclose()
-
-
-async def _heartbeat(redis: Redis, name: str) -> None:
-    """Record this consumer as alive (``keys.TELEMETRY_CONSUMERS``: name -> last beat ms)."""
-    while True:
-        try:
-            await redis.zadd(keys.TELEMETRY_CONSUMERS, {name: int(time.time() * 1000)})
-        except RedisError as exc:
-            log.warning("telemetry.heartbeat_failed", consumer=name, error=str(exc))
-        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _every(every_s: float, step: Callable[[], Awaitable[Any]], failed_event: str, **context: Any) -> None:

@@ -42,24 +42,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from telemetry.aggregate import SLOWEST_TURNS_KEPT
+from telemetry.alert_reads import alert_entries, alert_entries_before
+from telemetry.find import FIND_PAGE_MAX, find_conversations
+from telemetry.lag import telemetry_lag
+from telemetry.latency import latency_report, slowest_turns
 from telemetry.metrics import exposition
-from telemetry.query import (
-    FIND_PAGE_MAX,
-    alert_entries,
-    alert_entries_before,
-    find_conversations,
-    latency_report,
-    live_workers,
-    parse_time,
-    slowest_turns,
-    stats,
-    stats_of_customers,
-    telemetry_lag,
-    totals,
-    totals_of_customers,
-)
 from telemetry.replay import conversation_replay, turn_replay
-from turnfleet import audit, keys
+from telemetry.scoped import stats_of_customers, totals_of_customers
+from telemetry.stats import stats, totals
+from telemetry.times import parse_time
+from turnfleet import audit, heartbeat, keys
 from turnfleet.auth import Principal
 from turnfleet.models import Alert
 from turnfleet.queue import TurnQueue
@@ -402,16 +394,16 @@ async def _fleet_checks(redis: Redis, settings: ProducerSettings) -> tuple[dict[
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             now = int(time.time() * 1000)
-            live = await live_workers(redis, max_age, now)
-            newest = await redis.zrevrange(keys.WORKERS, 0, 0, withscores=True)
+            live = await heartbeat.alive(redis, "worker", max_age, now)
+            newest = await heartbeat.newest(redis, "worker")
             lag = await telemetry_lag(redis, cap=max_lag + 1)
-            consumers = await redis.zcount(keys.TELEMETRY_CONSUMERS, now - int(max_age * 1000), "+inf")
+            consumers = len(await heartbeat.alive(redis, "telemetry", max_age, now))
     except (RedisError, OSError, TimeoutError) as exc:
         error = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return dict(error), dict(error)
     workers: dict[str, Any] = {
         "ok": bool(live), "alive": len(live), "max_age_s": max_age,
-        "newest_age_s": round(max(0.0, now - newest[0][1]) / 1000, 3) if newest else None,
+        "newest_age_s": round(max(0.0, now - newest[1]) / 1000, 3) if newest else None,
     }
     if not live:
         workers["error"] = (f"no worker heartbeat in the last {max_age:g} s" if newest

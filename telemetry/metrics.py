@@ -78,8 +78,9 @@ from redis.asyncio import Redis
 
 from telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
 from telemetry.alerts import RULES
-from telemetry.query import counters, live_workers, telemetry_lag
-from turnfleet import keys
+from telemetry.lag import telemetry_lag
+from telemetry.stats import counters
+from turnfleet import heartbeat, keys
 
 TOP_CUSTOMERS = 50  # customers exported in the by-customer families (highest known cost)
 LAG_CAP = 100_000  # the telemetry lag is counted up to this many entries
@@ -92,7 +93,7 @@ class FleetSnapshot:
     """What one scrape read from Redis."""
 
     turns_enqueued: int
-    fleet: dict[str, Any]  # query.counters of the fleet hash
+    fleet: dict[str, Any]  # stats.counters of the fleet hash
     telemetry_malformed: int
     telemetry_dead_lettered: int
     telemetry_erased_skipped: int
@@ -126,11 +127,11 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         pipe.hgetall(keys.WORKER_INFLIGHT)
         pipe.zcount(keys.ARQ_QUEUE, "-inf", now)
         pipe.zcount(keys.ARQ_QUEUE, f"({now}", "+inf")
-        pipe.zcount(keys.TELEMETRY_CONSUMERS, now - int(worker_max_age_s * 1000), "+inf")
         pipe.zcard(keys.ISOLATED_QUEUE)  # suspects of a worker loss (workers/isolation.py)
         (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, due, scheduled,
-         consumers, isolated) = await pipe.execute()
-    live = await live_workers(redis, worker_max_age_s, now)
+         isolated) = await pipe.execute()
+    live = await heartbeat.alive(redis, "worker", worker_max_age_s, now)
+    consumers = len(await heartbeat.alive(redis, "telemetry", worker_max_age_s, now))
     running = sum(int(n or 0) for name, n in in_flight.items() if name in live)
 
     async with redis.pipeline(transaction=False) as pipe:

@@ -32,7 +32,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from telemetry.query import conversation_stats, turn_stats
+from telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from turnfleet.connection import RAW
 from turnfleet.queue import TurnQueue

@@ -20,8 +20,6 @@ acknowledge stay pending, and it says what should happen to them:
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,10 +33,6 @@ from turnfleet.connection import as_text
 log = structlog.get_logger(__name__)
 
 Entry = tuple[str | None, dict[str, Any] | None]
-
-
-def default_consumer_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 _text = as_text  # the name the telemetry modules import

@@ -73,8 +73,8 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from telemetry.stream_group import Entry, StreamGroupMember, _text, default_consumer_name
-from turnfleet import __version__, keys
+from telemetry.stream_group import Entry, StreamGroupMember, _text
+from turnfleet import __version__, heartbeat, keys
 from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings
 
@@ -155,7 +155,7 @@ class AlertWebhook(StreamGroupMember):
                              f"{settings.alert_webhook_url!r}")
         super().__init__(
             redis,
-            name=consumer_name or settings.consumer_name or default_consumer_name(),
+            name=consumer_name or settings.consumer_name or heartbeat.default_name(),
             batch_size=settings.batch_size,
             claim_idle_ms=settings.claim_idle_ms,
         )

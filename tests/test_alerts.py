@@ -13,7 +13,7 @@ from typing import Any
 from telemetry.aggregate import Touched
 from telemetry.alerts import AlertRules, alert_id
 from telemetry.consumer import TelemetryConsumer
-from telemetry.query import read_alerts
+from telemetry.alert_reads import read_alerts
 from tests.test_telemetry import (
     T0,
     AttemptBatch,

@@ -211,7 +211,7 @@ def test_docker_kills_no_service_before_its_drain_ends(compose, monkeypatch):
     poll) plus a margin for flushing, or turns are lost mid-requeue and traces unflushed."""
     from turnfleet.cli import serve_shutdown_s
     from turnfleet.settings import ProducerSettings, WorkerProcessSettings
-    from workers.settings import CANCELLED_CLEANUP_S
+    from workers.supervisor import CANCELLED_CLEANUP_S
 
     drains = {
         "worker": lambda: WorkerProcessSettings().drain_grace_s + CANCELLED_CLEANUP_S,

@@ -15,13 +15,9 @@ import pytest
 
 from telemetry.aggregate import latency_bucket, latency_bucket_bound
 from telemetry.console import breakdown, sparkline, timeline
-from telemetry.query import (
-    alert_entries_before,
-    customer_day_stats,
-    histogram_percentile,
-    last_hour,
-    spend_today,
-)
+from telemetry.alert_reads import alert_entries_before
+from telemetry.live_figures import histogram_percentile, last_hour, spend_today
+from telemetry.stats import customer_day_stats
 from tests.test_telemetry import T0, AttemptBatch, drain, support_turn
 from turnfleet import keys
 from turnfleet.models import Alert

@@ -25,7 +25,7 @@ from telemetry.consumer import (
     read_dead_letters,
     run_consumer,
 )
-from telemetry.query import totals, turn_stats
+from telemetry.stats import totals, turn_stats
 from telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
 from tests.test_telemetry import TURN_TOKENS, AttemptBatch, drain, pending, pick, settings, support_turn
 from turnfleet import keys

@@ -24,7 +24,7 @@ from producer import Producer
 from telemetry.aggregate import ERASED_SKIPPED
 from telemetry.metrics import exposition
 from telemetry.consumer import TelemetryConsumer
-from telemetry.query import read_alerts
+from telemetry.alert_reads import read_alerts
 from telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.redis_scan import find_mentions

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from producer import Producer
-from telemetry.query import conversation_stats, find_conversations
+from telemetry.find import find_conversations
+from telemetry.stats import conversation_stats
 from tests.test_telemetry import T0, AttemptBatch, drain
 from turnfleet import keys
 

@@ -13,7 +13,8 @@ import pytest
 from agents.extensions.memory import RedisSession
 
 from producer import Producer
-from telemetry.query import conversation_stats, read_alerts, turn_stats
+from telemetry.alert_reads import read_alerts
+from telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from turnfleet.fleet import FleetProcess
 from turnfleet.models import TokenUsage

@@ -11,7 +11,9 @@ import json
 import pytest
 
 from producer import Producer
-from telemetry.query import conversation_stats, find_conversations, read_alerts, totals, turn_stats
+from telemetry.alert_reads import read_alerts
+from telemetry.find import find_conversations
+from telemetry.stats import conversation_stats, totals, turn_stats
 from tests.test_cli import tf
 from tests.test_fleet import run_burst
 from tests.test_http_read import OPERATOR, auth, serve

@@ -20,14 +20,10 @@ import httpx
 import pytest
 
 from producer import Producer
-from telemetry.query import (
-    find_conversations,
-    latency_report,
-    read_alerts,
-    slowest_turns,
-    stats,
-    totals,
-)
+from telemetry.alert_reads import read_alerts
+from telemetry.find import find_conversations
+from telemetry.latency import latency_report, slowest_turns
+from telemetry.stats import stats, totals
 from telemetry.replay import conversation_replay, turn_replay
 from tests.test_fleet import run_burst
 from tests.uvicorn_server import serving_app

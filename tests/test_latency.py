@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import Any
 
 from telemetry.aggregate import SLOWEST_TURNS_KEPT
-from telemetry.query import latency_report, percentile, slowest_turns, totals, turn_stats
+from telemetry.latency import latency_report, percentile, slowest_turns
+from telemetry.stats import totals, turn_stats
 from tests.test_telemetry import (
     OFFLINE,
     T0,

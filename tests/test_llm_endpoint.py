@@ -24,7 +24,7 @@ from agents.handoffs import handoff
 from agents.models.interface import Model, ModelTracing
 
 from producer import Producer
-from telemetry.query import stats, turn_stats
+from telemetry.stats import stats, turn_stats
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
 from tests.test_fleet import run_burst
 from turnfleet.connection import connect

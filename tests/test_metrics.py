@@ -15,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry.aggregate import HISTOGRAM_BOUNDS_MS
 from telemetry.metrics import TOKEN_KINDS
-from telemetry.query import TelemetryLag, read_alerts, stats, telemetry_lag, totals, turn_stats
+from telemetry.alert_reads import read_alerts
+from telemetry.lag import TelemetryLag, telemetry_lag
+from telemetry.stats import stats, totals, turn_stats
 from tests.test_fleet import run_burst
 from tests.test_http_read import C100, OPERATOR, auth, eventually, serve
 from tests.test_telemetry import drain, support_turn

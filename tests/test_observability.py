@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from producer import Producer
-from telemetry.query import conversation_stats, read_alerts, totals
+from telemetry.alert_reads import read_alerts
+from telemetry.stats import conversation_stats, totals
 from telemetry.replay import conversation_replay, turn_replay
 from turnfleet import keys
 from turnfleet.embedded import free_port

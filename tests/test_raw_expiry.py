@@ -16,7 +16,8 @@ from typing import Any
 
 from producer import Producer
 from telemetry.consumer import run_consumer
-from telemetry.query import find_conversations, stats
+from telemetry.find import find_conversations
+from telemetry.stats import stats
 from telemetry.raw_expiry import RawExpiry
 from telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture

@@ -10,7 +10,7 @@ marker is in the trace.
 from __future__ import annotations
 
 from producer import Producer
-from telemetry.query import read_alerts
+from telemetry.alert_reads import read_alerts
 from tests.test_observability import dump_telemetry_keys, run_burst
 from turnfleet import keys
 

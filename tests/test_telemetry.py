@@ -17,13 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from telemetry.consumer import TelemetryConsumer, caught_up, run_consumer
-from telemetry.query import (
-    conversation_stats,
-    customer_day_stats,
-    stats,
-    totals,
-    turn_stats,
-)
+from telemetry.stats import conversation_stats, customer_day_stats, stats, totals, turn_stats
 from turnfleet import keys
 from turnfleet.models import ErrorInfo, EventKind, TelemetryEvent, TokenUsage
 from turnfleet.settings import TelemetrySettings

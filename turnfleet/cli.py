@@ -85,8 +85,8 @@ def _print_json(data: Any) -> None:
 
 def cmd_worker(args: argparse.Namespace, url: str) -> int:
     """An arq worker under our supervisor: reconnects after Redis restarts, drains on
-    SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/settings.py``)."""
-    from workers.settings import run
+    SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/supervisor.py``)."""
+    from workers.supervisor import run
 
     return run(url, burst=args.burst)
 
@@ -231,7 +231,7 @@ async def _result(args: argparse.Namespace, url: str) -> int:
 
 
 async def _turn_cost(redis: Any, turn_id: str) -> float | None:
-    from telemetry.query import turn_stats
+    from telemetry.stats import turn_stats
 
     return (await turn_stats(redis, turn_id)).get("cost_usd")
 
@@ -375,7 +375,8 @@ async def _forget(args: argparse.Namespace, url: str) -> int:
 
 
 async def _stats(args: argparse.Namespace, url: str) -> int:
-    from telemetry.query import latency_report, slowest_turns, stats, totals
+    from telemetry.latency import latency_report, slowest_turns
+    from telemetry.stats import stats, totals
     from turnfleet.connection import connect
     from turnfleet.render import console, render_latency, render_slowest, render_stats
 
@@ -399,7 +400,7 @@ async def _stats(args: argparse.Namespace, url: str) -> int:
 
 def _when(value: str | None) -> Any:
     """An ISO time, or a time ago: 30m, 2h, 7d."""
-    from telemetry.query import parse_time
+    from telemetry.times import parse_time
 
     try:
         return parse_time(value)
@@ -408,7 +409,7 @@ def _when(value: str | None) -> Any:
 
 
 async def _find(args: argparse.Namespace, url: str) -> int:
-    from telemetry.query import find_conversations
+    from telemetry.find import find_conversations
     from turnfleet.connection import connect
     from turnfleet.render import console, render_found
 
@@ -429,7 +430,7 @@ async def _find(args: argparse.Namespace, url: str) -> int:
 
 
 async def _alerts(args: argparse.Namespace, url: str) -> int:
-    from telemetry.query import alert_entries, read_alerts
+    from telemetry.alert_reads import alert_entries, read_alerts
     from turnfleet import keys
     from turnfleet.connection import connect
     from turnfleet.render import console, render_alert, render_alerts

@@ -28,7 +28,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from turnfleet import keys
+from turnfleet import heartbeat, keys
 from turnfleet.connection import connect
 from turnfleet.fleet import FleetProcess, fleet_env
 from turnfleet.models import TurnResult
@@ -86,8 +86,9 @@ def _summary_table(rows: list[list[str]]) -> Table:
 
 async def run_demo(redis_url: str, workers: int = 2) -> int:
     from producer import Producer
+    from telemetry.alert_reads import read_alerts
     from telemetry.consumer import caught_up
-    from telemetry.query import conversation_stats, read_alerts, turn_stats
+    from telemetry.stats import conversation_stats, turn_stats
     from workers.orderbook import copy_orders
 
     out = console()
@@ -118,7 +119,7 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
             p.start()
         # Wait for the workers' first heartbeat so queue-wait figures measure the fleet, not
         # Python starting up.
-        while await redis.zcount(keys.WORKERS, int((time.time() - 10) * 1000), "+inf") < workers:
+        while len(await heartbeat.alive(redis, "worker", 10)) < workers:
             dead = [p.name for p in procs if not p.running()]
             if dead or time.monotonic() - started > 60:
                 out.print(f"[red]Workers did not start ({', '.join(dead) or 'timeout'}); see {log_dir}[/red]")

@@ -3,12 +3,12 @@
 The compose healthchecks call this because the slim image has no curl and no redis-cli, and
 because "the container is up" says little about a worker: arq's own health-check key is
 shared by every worker of a queue, so it cannot tell which one died (DESIGN.md). Each
-process records its own heartbeat instead, and the probe asks whether *this host's* process
-has beaten recently:
+process records its own heartbeat instead (:mod:`turnfleet.heartbeat`), and the probe asks
+whether *this host's* process has beaten recently:
 
-- ``worker``: Redis answers PING, and ``keys.WORKERS`` holds a heartbeat of this host's
-  worker younger than ``max_age_s``;
-- ``telemetry``: the same with ``keys.TELEMETRY_CONSUMERS``;
+- ``worker``: Redis answers PING, and this host's worker has a heartbeat younger than
+  ``max_age_s``;
+- ``telemetry``: the same for this host's telemetry consumer;
 - ``producer``: ``GET {url}/healthz`` answers 200.
 
 "This host's" means the name configured for the process (``TURNFLEET_WORKER_NAME`` /
@@ -31,14 +31,12 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from turnfleet import keys
+from turnfleet import heartbeat
 from turnfleet.connection import RedisUrlError, check_redis_url, connect, masked
 
 ROLES = ("worker", "telemetry", "producer")
-DEFAULT_MAX_AGE_S = 15.0  # workers beat every 2 s: several missed beats, not one slow one
+DEFAULT_MAX_AGE_S = 15.0  # processes beat every 2 s: several missed beats, not one slow one
 DEFAULT_TIMEOUT_S = 3.0
-
-_HEARTBEATS = {"worker": keys.WORKERS, "telemetry": keys.TELEMETRY_CONSUMERS}
 
 
 @dataclass(frozen=True)
@@ -47,10 +45,6 @@ class Health:
 
     ok: bool
     reason: str
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 async def heartbeat_health(
@@ -66,23 +60,14 @@ async def heartbeat_health(
 
     ``name`` is the exact process name to look for; without it, any ``<hostname>:*``.
     """
-    zset = _HEARTBEATS[role]
+    zset = heartbeat.ZSETS[role]
     hostname = hostname or socket.gethostname()
     who = repr(name) if name else f"host {hostname!r}"
     redis = connect(redis_url)
     try:
         async with asyncio.timeout(timeout_s):
             await redis.ping()
-            if name:
-                score = await redis.zscore(zset, name)
-                beats = [] if score is None else [(name, score)]
-            else:
-                beats = [
-                    (member, score)
-                    async for member, score in redis.zscan_iter(
-                        zset, match=f"{_glob_escape(hostname)}:*", count=500
-                    )
-                ]
+            beats = await heartbeat.beats_of(redis, role, name=name, hostname=hostname)
     except TimeoutError:
         return Health(False, f"Redis at {masked(redis_url)} did not answer within {timeout_s:g} s")
     except (RedisError, OSError) as exc:

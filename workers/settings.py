@@ -1,31 +1,13 @@
-"""What arq starts: ``turnfleet worker`` (or ``arq workers.settings.WorkerSettings``).
+"""What arq starts: ``arq workers.settings.WorkerSettings``, and ``turnfleet worker`` through
+``workers/supervisor.py``.
 
 Values come from ``WorkerProcessSettings`` (``TURNFLEET_*``). arq's own retry count is set
 above ours on purpose: our job counts attempts itself (arq counts a try when a job *starts*,
 so crashes use them up) and must get the chance to record the final failure.
 
-``turnfleet worker`` runs arq under ``supervise``, which adds what arq 0.28 lacks:
-
-- **Survives Redis restarts.** arq's poll loop ends on a connection error (arq #435, #498).
-  The supervisor logs it (``worker.redis_lost``), lets the turns in flight finish (or fail)
-  within the drain grace, backs off (0.5 s doubling to 15 s) and starts a new arq ``Worker``
-  with the same settings and ctx, until SIGTERM/SIGINT. ``--burst`` keeps its meaning: the
-  supervised worker drains the queue, then the process exits; a burst run must end, so it
-  waits for Redis (at start, and after losing it) at most ``connect_timeout_s``, then raises
-  ``RedisUnavailable`` (the CLI prints one line, exit 1).
-- **Drains on SIGTERM/SIGINT.** No new turns are taken; running turns get
-  ``drain_grace_s`` to finish (arq's ``job_completion_wait``, done here because signal
-  handling must outlive one arq ``Worker``); those still running are then cancelled — each
-  records a ``WorkerStopped`` attempt error and arq puts its job back for another worker
-  (``retry_jobs``). A second signal skips what is left of the grace.
-- **Leases instead of arq's in-progress timeout** (``workers/job.py``): a SIGKILLed worker's
-  turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s`` (plus, on a
-  saturated fleet, the wait for a free slot), and
-  ``TurnWorker`` leaves the job alone when an attempt was fenced out by a newer one.
-- **Two lanes** (``workers/isolation.py``): the shared one (``arq:queue``, ``max_jobs``) and
-  the isolated one (``arq:queue:isolated``, one turn, only while the shared lane runs none),
-  where turns lost with a worker run again alone; drained and closed together.
-- **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
+``startup`` builds the worker's ``Runtime`` and starts its heartbeat
+(:mod:`turnfleet.heartbeat`, carrying the turns in flight) and reconciler; ``shutdown`` stops
+them, removes the heartbeat and closes connections.
 
 Run directly by arq (``arq workers.settings.WorkerSettings``) leases, fencing, the
 reconciler and undecodable-job handling still apply; supervision and our drain do not (arq's
@@ -37,28 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import signal
 from typing import Any
 
-import structlog
 from agents import set_trace_processors
 from arq.connections import RedisSettings
-from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
-from turnfleet import keys
-from turnfleet.connection import connect, wait_for_redis
-from turnfleet.queue import TurnQueue, deserialize_job, now_ms, serialize_job
+from turnfleet import heartbeat
+from turnfleet.connection import connect
+from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
-from workers.isolation import Lanes
-from workers.job import Runtime, default_worker_name, record_undecodable, run_turn
+from workers.job import Runtime, record_undecodable, run_turn
 from workers.llm import make_model
 from workers.reconcile import reconcile_forever
 from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
-log = structlog.get_logger(__name__)
 _settings = WorkerProcessSettings()
 
 
@@ -95,7 +71,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         queue=TurnQueue(redis),
         desk=build_support_desk(model),
         model_name=settings.model_name,
-        worker_name=settings.worker_name or default_worker_name(),
+        worker_name=settings.worker_name or heartbeat.default_name(),
         redactor=redactor,
         traces=TraceStore(
             buffer,
@@ -107,15 +83,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
     )
     ctx["in_flight"] = InFlight()
-    ctx["heartbeat"] = asyncio.create_task(
-        heartbeat(redis, ctx["runtime"].worker_name, ctx["in_flight"])
-    )
+    ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
+        redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count))
     ctx["reconciler"] = asyncio.create_task(
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )
-
-
-HEARTBEAT_S = 2.0
 
 
 class InFlight:
@@ -143,25 +115,6 @@ async def job_ended(ctx: dict[str, Any]) -> None:
         in_flight.count = max(0, in_flight.count - 1)
 
 
-async def heartbeat(redis: Any, name: str, in_flight: InFlight | None = None) -> None:
-    """Record this worker as alive (``keys.WORKERS``: name -> last beat ms) every few seconds,
-    with the turns it is running (``keys.WORKER_INFLIGHT``: name -> count).
-
-    arq's health-check key is shared by all workers of a queue; this says which ones live.
-    Readers count in-flight turns of live workers only: a killed worker's count stays behind
-    until its heartbeat is too old to count.
-    """
-    while True:
-        try:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(keys.WORKERS, {name: now_ms()})
-                pipe.hset(keys.WORKER_INFLIGHT, name, in_flight.count if in_flight else 0)
-                await pipe.execute()
-        except RedisError as exc:
-            log.warning("worker.heartbeat_failed", worker=name, error=str(exc))
-        await asyncio.sleep(HEARTBEAT_S)
-
-
 async def shutdown(ctx: dict[str, Any]) -> None:
     """arq ``on_shutdown``: stop the background tasks, unregister, close connections."""
     for name in ("reconciler", "heartbeat"):
@@ -172,10 +125,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     rt = ctx.pop("runtime", None)
     if rt is not None:
         with contextlib.suppress(RedisError, OSError):
-            async with rt.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(keys.WORKERS, rt.worker_name)
-                pipe.hdel(keys.WORKER_INFLIGHT, rt.worker_name)
-                await pipe.execute()
+            await heartbeat.forget(rt.redis, "worker", rt.worker_name)
         if rt.traces is not None and rt.traces.sink is not None:
             await asyncio.to_thread(rt.traces.sink.shutdown)  # sends what is queued first
         if rt.traces is not None and rt.traces.redis is not rt.redis:
@@ -204,205 +154,3 @@ class WorkerSettings:
     job_deserializer = deserialize_job  # never raises: undecodable payloads fail their turn
     retry_jobs = True  # Retry and cancelled (drained) jobs go back to the queue
     job_completion_wait = _settings.drain_grace_s  # the drain when arq runs this directly
-
-
-class TurnWorker(Worker):
-    """arq's ``Worker`` with two changes: after an attempt that was fenced out (a newer attempt
-    of the turn, on another worker, owns it now) or a job handed to the isolated lane, arq's
-    clean-up is skipped — it would delete the in-progress key (the newer attempt's lease) and,
-    for a returned job, the job itself; and ``picking`` says when a poll may be taking jobs
-    (the lane switch, ``workers/isolation.py``, waits for it to end)."""
-
-    picking = False
-
-    async def _poll_iteration(self) -> None:
-        self.picking = self.allow_pick_jobs
-        try:
-            await super()._poll_iteration()
-        finally:
-            self.picking = False
-
-    async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
-        rt = self.ctx.get("runtime")
-        if rt is not None and job_id in rt.fenced:
-            rt.fenced.discard(job_id)
-            log.info("turn.arq_cleanup_skipped", turn_id=job_id, reason="a newer attempt owns the job")
-            return
-        await super().finish_job(job_id, finish, *args, **kwargs)
-
-
-RECONNECT_FIRST_S = 0.5  # first wait before a new arq Worker after Redis was lost
-RECONNECT_MAX_S = 15.0  # longest wait; a Worker that ran this long resets the backoff
-CANCELLED_CLEANUP_S = 10.0  # how long cancelled turns get to record their attempt
-# A poll loop that ends with one of these lost Redis (or Redis refused it: LOADING after a
-# restart, READONLY after a failover, a WATCH cut by a dropped connection): start a new
-# Worker after a backoff. Anything else is a bug: the process exits with it.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
-
-
-def run(redis_url: str | None, *, burst: bool = False) -> int:
-    """``turnfleet worker``: ``supervise`` in a fresh event loop. Exit status 0, or 1 if
-    any job failed inside arq (an exception our job did not turn into an outcome)."""
-    return asyncio.run(supervise(redis_url, burst=burst))
-
-
-async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str, Any] | None = None) -> int:
-    """Run arq ``Worker``s one after another until SIGTERM/SIGINT (or, with ``burst``, until
-    the queue is drained); see the module docstring. ``ctx`` is added to every Worker's ctx."""
-    settings = WorkerProcessSettings()
-    if burst:
-        # A burst run must end: wait for Redis a bounded time, then give up (one line, exit 1).
-        await _redis_within(redis_url, settings.connect_timeout_s)
-    loop = asyncio.get_running_loop()
-    stop, hurry = asyncio.Event(), asyncio.Event()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            hurry.set()
-            log.warning("worker.stop_now", signal=sig.name)
-            return
-        log.info("worker.stopping", signal=sig.name, drain_grace_s=settings.drain_grace_s)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    shared_ctx: dict[str, Any] = {"redis_url": redis_url, **(ctx or {})}
-    kwargs = {
-        **get_kwargs(WorkerSettings),
-        # No retries inside arq's pool creation: the loop below retries, logging each one.
-        "redis_settings": dataclasses.replace(redis_settings(redis_url), conn_retries=0),
-        "burst": burst,
-        "ctx": shared_ctx,
-        "handle_signals": False,  # ours, above: they must outlive one Worker
-    }
-    jobs_failed = 0
-    backoff = RECONNECT_FIRST_S
-    try:
-        while not stop.is_set():
-            lanes = Lanes(TurnWorker, kwargs, burst=burst)
-            began = loop.time()
-            main = asyncio.create_task(lanes.main(), name="arq-lanes")
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not main.done():  # a stop signal
-                await _drain(lanes, settings.drain_grace_s, hurry)
-                await _close(lanes, main)
-                jobs_failed += _jobs_failed(lanes)
-                break
-            error = None if main.cancelled() else main.exception()
-            if error is None:  # burst: the queue is drained
-                await _close(lanes, main)
-                jobs_failed += _jobs_failed(lanes)
-                break
-            if not isinstance(error, CONNECTION_ERRORS):
-                await _drain(lanes, settings.drain_grace_s, hurry)
-                await _close(lanes, main)
-                raise error
-            if loop.time() - began >= RECONNECT_MAX_S:
-                backoff = RECONNECT_FIRST_S
-            log.error("worker.redis_lost", error=f"{type(error).__name__}: {error}",
-                      restart_in_s=None if burst else backoff)
-            await _drain(lanes, settings.drain_grace_s, hurry)
-            await _close(lanes, main)
-            jobs_failed += _jobs_failed(lanes)
-            if burst:
-                await _redis_within(redis_url, settings.connect_timeout_s)
-                continue
-            try:
-                await asyncio.wait_for(stop.wait(), backoff)
-            except asyncio.TimeoutError:
-                pass
-            backoff = min(backoff * 2, RECONNECT_MAX_S)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    log.info("worker.stopped", jobs_failed=jobs_failed)
-    return 0 if not jobs_failed else 1
-
-
-async def _redis_within(redis_url: str | None, timeout_s: float) -> None:
-    """Return once Redis answers; ``RedisUnavailable`` after ``timeout_s`` (burst runs)."""
-    probe = connect(redis_url or "redis://localhost:6379/0")
-    try:
-        await wait_for_redis(probe, timeout_s, "worker", redis_url)
-    finally:
-        with contextlib.suppress(RedisError, OSError):
-            await probe.aclose()
-
-
-def _jobs_failed(lanes: Lanes) -> int:
-    return sum(w.jobs_failed for w in lanes.workers)
-
-
-async def _drain(lanes: Lanes, grace_s: float, hurry: asyncio.Event) -> None:
-    """Take no new turns; give running ones ``grace_s`` (less if ``hurry`` is set) to end,
-    then cancel the rest and give them ``CANCELLED_CLEANUP_S`` to record their attempt."""
-    lanes.stop_picking()
-    rt = lanes.shared.ctx.get("runtime")
-    if rt is not None:
-        rt.stopping = True
-
-    def running() -> list[asyncio.Task[Any]]:
-        return [t for w in lanes.workers for t in w.tasks.values() if not t.done()]
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace_s
-    in_flight = running()
-    if in_flight:
-        log.info("worker.draining", in_flight=len(in_flight), grace_s=grace_s)
-    hurried = asyncio.create_task(hurry.wait())
-    try:
-        while not hurry.is_set():
-            pending = set(running())
-            remaining = deadline - loop.time()
-            if not pending or remaining <= 0:
-                break
-            await asyncio.wait(pending | {hurried}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hurried.cancel()
-    left = running()
-    if left:
-        log.warning("worker.drain_grace_over", cancelling=len(left), action="turns requeued")
-        for task in left:
-            task.cancel()
-        await asyncio.wait(left, timeout=CANCELLED_CLEANUP_S)
-    elif in_flight:
-        log.info("worker.drained", turns=len(in_flight))
-
-
-async def _close(lanes: Lanes, main: asyncio.Task[None]) -> None:
-    """Stop the poll loops and close both Workers (the isolated lane first: the shared one's
-    ``on_shutdown`` closes the runtime they share), also when Redis is gone (arq's own
-    ``close`` gives up at its first Redis error and would skip ``on_shutdown``)."""
-    if not main.done():
-        main.cancel()
-        await asyncio.wait([main])
-    for worker in lanes.workers:
-        await _close_worker(worker)
-
-
-async def _close_worker(worker: Worker) -> None:
-    main = worker.main_task
-    if main is not None and not main.done():
-        main.cancel()
-        await asyncio.wait([main])
-    for task in list(worker.tasks.values()):
-        if not task.done():
-            task.cancel()
-            await asyncio.wait([task], timeout=CANCELLED_CLEANUP_S)
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.warning("worker.job_task_error", error=repr(task.exception()))
-    pool = worker._pool  # arq has no public "is connected"
-    if pool is None:
-        return
-    if worker.on_shutdown is not None:
-        try:
-            await worker.on_shutdown(worker.ctx)
-        except Exception as exc:  # noqa: BLE001 - closing must go on
-            log.warning("worker.shutdown_failed", error=f"{type(exc).__name__}: {exc}")
-    with contextlib.suppress(RedisError, OSError):
-        await pool.delete(worker.health_check_key)
-    with contextlib.suppress(RedisError, OSError):
-        await pool.close(close_connection_pool=True)
-    worker._pool = None

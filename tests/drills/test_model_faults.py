@@ -20,7 +20,8 @@ process exits and stored results only.
 from __future__ import annotations
 
 from producer import Producer
-from telemetry.query import read_alerts, stats, totals
+from telemetry.alert_reads import read_alerts
+from telemetry.stats import stats, totals
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
 from tests.test_fleet import run_burst

@@ -18,7 +18,7 @@ from typing import Any
 
 from producer import Producer
 from telemetry.consumer import DEAD_LETTERED, read_dead_letters
-from telemetry.query import totals
+from telemetry.stats import totals
 from telemetry.trim import BACKLOG_OVER_LIMIT
 from tests.drills.audit import audit
 from tests.test_dead_letter import poison_turn

@@ -1,0 +1,158 @@
+"""Find conversations by customer, tool, agent, error, guardrail, time and cost.
+
+Reads only, with one exception: :func:`find_conversations` intersects index zsets into a
+scratch key that the same Lua script deletes before it returns (nothing is left behind).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from telemetry.stats import counters
+from telemetry.times import iso_of_ms, ms_of
+from turnfleet import keys
+
+# KEYS: the filter zsets, then the conversation index, then a scratch key.
+# ARGV: max ms, min ms, offset, count. The intersection keeps only the index's score (the
+# conversation's last event ms: the other sets weigh 0), so the range and the order are by
+# last event; the scratch key lives only inside this call.
+FIND_LUA = """
+local n = #KEYS - 1
+local scratch = KEYS[#KEYS]
+local args = {'ZINTERSTORE', scratch, n}
+for i = 1, n do args[#args + 1] = KEYS[i] end
+args[#args + 1] = 'WEIGHTS'
+for i = 1, n - 1 do args[#args + 1] = 0 end
+args[#args + 1] = 1
+redis.call(unpack(args))
+local page = redis.call('ZREVRANGEBYSCORE', scratch, ARGV[1], ARGV[2], 'WITHSCORES',
+                        'LIMIT', ARGV[3], ARGV[4])
+redis.call('DEL', scratch)
+return page
+"""
+
+FIND_PAGE_MAX = 5000
+
+
+async def find_page(redis: Redis, filters: list[str], index: str, hi: str, lo: str, offset: int,
+                    count: int) -> list[tuple[str, float]]:
+    """One page of ``(member, score)`` of ``index`` also in every zset of ``filters`` (at least
+    one), score in [lo, hi], highest first: :data:`FIND_LUA`, its scratch key unique."""
+    scratch = keys.find_scratch(uuid.uuid4().hex)
+    flat = await redis.register_script(FIND_LUA)(keys=[*filters, index, scratch],
+                                                 args=[hi, lo, offset, count])
+    return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+async def find_conversations(
+    redis: Redis,
+    *,
+    customer: str | None = None,
+    tool: str | None = None,
+    agent: str | None = None,
+    error: str | None = None,
+    guardrail: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    min_cost_usd: float | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Conversations matching every filter given, most recent last event first.
+
+    - ``customer``: the customer's conversations (the producer's
+      ``keys.customer_conversations``); ``tool`` / ``agent`` / ``error``: conversations that
+      called that tool, ran that agent, or had that error type (a failed attempt's or
+      turn's error type; ``ToolError`` for a tool call that errored); ``guardrail``: that had
+      that guardrail's tripwire fire (e.g. ``prompt_injection``);
+    - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
+    - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
+
+    Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors``,
+    ``guardrails`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    ``None`` for conversations aggregated before it was recorded).
+
+    How: Redis does the set algebra. The filter zsets and the conversation index (score: last
+    event ms) are intersected server side with ``ZINTERSTORE`` (weights 0 for the filters, so
+    the score stays the last event ms) and the page is read with ``ZREVRANGEBYSCORE ... LIMIT``
+    in the same script; without filters the index is ranged directly. Only a page of ids
+    travels; the page's hashes are then read in one pipeline. With ``min_cost_usd``, the
+    costs of a page are read first (``HGET``, pipelined) and pages grow until ``limit`` rows
+    are found or candidates run out, so a selective cost filter reads only costs, not whole
+    hashes. Cost: O(smallest filter set × number of filters) for the intersection, then
+    O(limit) reads.
+    """
+    if limit <= 0:
+        return []
+    filters = [keys.customer_conversations(customer)] if customer else []
+    filters += [keys.facet_conversations(facet, value)
+                for facet, value in (("tool", tool), ("agent", agent), ("error", error),
+                                     ("guardrail", guardrail))
+                if value]
+    index = keys.aggregate_index("conversation")
+    hi = str(ms_of(until)) if until else "+inf"
+    lo = str(ms_of(since)) if since else "-inf"
+    min_nusd = None if min_cost_usd is None else round(min_cost_usd * 10**9)
+
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()  # pages are recomputed: a conversation that moved may come twice
+    offset, page = 0, limit if min_nusd is None else max(4 * limit, 200)
+    while len(rows) < limit:
+        if filters:
+            found = await find_page(redis, filters, index, hi, lo, offset, page)
+        else:
+            found = await redis.zrevrangebyscore(index, hi, lo, start=offset, num=page,
+                                                 withscores=True)
+        if not found:
+            break
+        matching = [c for c in found if c[0] not in seen]
+        seen.update(cid for cid, _ in found)
+        if min_nusd is not None and matching:
+            async with redis.pipeline(transaction=False) as pipe:
+                for cid, _ in matching:
+                    pipe.hget(keys.aggregate("conversation", cid), "cost_nusd")
+                costs = await pipe.execute()
+            matching = [c for c, cost in zip(matching, costs) if int(cost or 0) >= min_nusd]
+        while matching and len(rows) < limit:
+            chunk, matching = matching[: limit - len(rows)], matching[limit - len(rows):]
+            rows += await _find_rows(redis, chunk)
+        if len(found) < page:
+            break
+        offset += page
+        page = min(2 * page, FIND_PAGE_MAX)
+    return rows[:limit]
+
+
+async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    if not found:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid, _ in found:
+            pipe.hgetall(keys.aggregate("conversation", cid))
+            pipe.zrange(keys.conversation_facets(cid), 0, -1)
+        replies = await pipe.execute()
+    rows = []
+    for i, (cid, last_ms) in enumerate(found):
+        raw, facets = replies[2 * i], replies[2 * i + 1]
+        if not raw:
+            continue  # indexed but its hash is gone
+        by_facet: dict[str, list[str]] = {f: [] for f in keys.FACETS}
+        for member in facets:
+            facet, _, value = member.partition(":")
+            if facet in by_facet:
+                by_facet[facet].append(value)
+        rows.append({
+            "conversation_id": cid,
+            "customer_id": raw.get("customer_id"),
+            **counters(raw),
+            "tools": sorted(by_facet["tool"]),
+            "agents": sorted(by_facet["agent"]),
+            "errors": sorted(by_facet["error"]),
+            "guardrails": sorted(by_facet["guardrail"]),
+            "first_event_at": iso_of_ms(raw.get("first_event_ms")),
+            "last_event_at": iso_of_ms(last_ms),
+        })
+    return rows
