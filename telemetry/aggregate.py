@@ -7,6 +7,10 @@ increments share one atomic script, so whatever dies when (consumer, Redis conne
 event is counted at most once, and since the stream entry is acknowledged only after the
 script ran, at least once: a redelivered or re-sent entry changes nothing.
 
+The entry is read through the event contract (``turnfleet.events``): an event whose kind or
+payload does not fit is a ``MalformedEntry``. What each kind adds is its entry in
+:data:`PLANNERS` (increments, ``find`` facets, the ``/metrics`` families it feeds).
+
 What is counted, and where (field names are documented in :mod:`telemetry.query`):
 
 - tokens and requests from ``llm_end`` usage only (``turn_completed.usage`` is a cross-check,

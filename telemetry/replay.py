@@ -4,8 +4,9 @@ Sampled turns are rebuilt from their stored spans (``keys.trace``): agents, mode
 the decision each took, tool calls with arguments and results, handoffs, custom spans, with
 their timings. Turns whose spans were not kept (sampling, tracing off for the turn) are
 rebuilt from the hook-event timeline the worker stored for every attempt
-(``keys.turn_events``) and marked ``source: "events"``. Both are redacted already: they are
-telemetry, written by the worker after redaction.
+(``keys.turn_events``, read through the event contract ``turnfleet.events``; the node each
+kind makes is its entry in :data:`NODES`) and marked ``source: "events"``. Both are redacted
+already: they are telemetry, written by the worker after redaction.
 
 Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
 "custom"|"guardrail", "name", "started_at", "duration_ms", "detail": {...}, "error",

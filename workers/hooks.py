@@ -3,6 +3,8 @@
 Events are collected in memory and written in one batch when the attempt ends (one Redis
 round trip per turn, not per hook: measured +0.6 ms a turn against +1.3–2 ms). Parameter
 names match ``agents/lifecycle.py`` because the SDK calls hooks with keyword arguments.
+Each event is built from its kind's payload class (``turnfleet.events``), the contract the
+consumer and the replay read it with.
 """
 
 from __future__ import annotations
