@@ -7,6 +7,10 @@ increments share one atomic script, so whatever dies when (consumer, Redis conne
 event is counted at most once, and since the stream entry is acknowledged only after the
 script ran, at least once: a redelivered or re-sent entry changes nothing.
 
+The entry is read through the event contract (``turnfleet.events``): an event whose kind or
+payload does not fit is a ``MalformedEntry``. What each kind adds is its entry in
+:data:`PLANNERS` (increments, ``find`` facets, the ``/metrics`` families it feeds).
+
 What is counted, and where (field names are documented in :mod:`telemetry.stats`):
 
 - tokens and requests from ``llm_end`` usage only (``turn_completed.usage`` is a cross-check,
@@ -77,19 +81,29 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import structlog
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from telemetry.pricing import PriceTable
 from turnfleet import keys
 from turnfleet import tool_errors
-from turnfleet.models import EventKind, TelemetryEvent, TokenUsage
+from turnfleet.events import (
+    EventKind,
+    GuardrailDetail,
+    SpansDroppedDetail,
+    TelemetryEvent,
+    TurnCompletedDetail,
+    TurnFailedDetail,
+    TurnStartedDetail,
+    parse_events,
+)
+from turnfleet.models import TokenUsage
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -163,10 +177,6 @@ FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum
 
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
-_COUNTED_KINDS = frozenset({EventKind.llm_end, EventKind.tool_end, EventKind.handoff,
-                            EventKind.guardrail, EventKind.attempt_failed,
-                            EventKind.spans_dropped, *_TERMINAL_KINDS})
-_EVENTS = TypeAdapter(list[TelemetryEvent])
 
 # KEYS: every key the entry touches. ARGV[1]: the plan as JSON:
 #   g    : groups of KEYS indexes an op applies to
@@ -310,7 +320,7 @@ def parse_batch(fields: Mapping[str, Any] | None) -> list[TelemetryEvent]:
     if not isinstance(raw, (str, bytes)):
         raise MalformedEntry(f"'batch' is a {type(raw).__name__}, not JSON text")
     try:
-        return _EVENTS.validate_json(raw)
+        return parse_events(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'batch'}: {err['msg']}"
@@ -384,12 +394,11 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
                 a.llm_usage = a.llm_usage + ev.usage
             if ev.duration_ms is not None:
                 a.llm_ms += ev.duration_ms
-        wait = ev.detail.get("queue_wait_ms")
-        if isinstance(wait, (int, float)) and not isinstance(wait, bool):
-            a.queue_wait_ms = float(wait)
-        path = ev.detail.get("agents")
-        if ev.kind in _TERMINAL_KINDS and isinstance(path, list) and all(isinstance(x, str) for x in path):
-            a.agents = list(path)
+        detail = ev.detail
+        if isinstance(detail, (TurnStartedDetail, TurnCompletedDetail)) and detail.queue_wait_ms is not None:
+            a.queue_wait_ms = detail.queue_wait_ms
+        if isinstance(detail, (TurnCompletedDetail, TurnFailedDetail)) and detail.agents is not None:
+            a.agents = list(detail.agents)
     return out
 
 
@@ -511,9 +520,12 @@ class Aggregator:
         attempts = _attempts(events)
         plan, touched = _Plan(), Touched()
         for ev in events:
-            if ev.kind in _COUNTED_KINDS:
-                self._plan_event(plan, ev, attempts[(ev.turn_id, ev.attempt)], touched)
-            self._plan_facets(plan, ev)
+            spec = PLANNERS[ev.kind]
+            if spec.count is not None:
+                self._plan_event(plan, ev, _Counting(attempts[(ev.turn_id, ev.attempt)], touched),
+                                 spec.count)
+            if spec.facets is not None:
+                _plan_facets(plan, ev, spec.facets(ev))
         for (turn_id, number), a in attempts.items():
             # Identity and listing: the same values whatever is redelivered, so always applied.
             turn = keys.aggregate("turn", turn_id)
@@ -543,68 +555,78 @@ class Aggregator:
         plan.end_event(MALFORMED_SEEN, entry_id)
         return EntryPlan(entry_id, plan.keys, plan.payload(self.settings.seen_ttl_s), Touched())
 
-    def _plan_event(self, plan: _Plan, ev: TelemetryEvent, attempt: _Attempt, touched: Touched) -> None:
+    def _plan_event(self, plan: _Plan, ev: TelemetryEvent, at: _Counting, count: _Count) -> None:
+        """One counted event: its kind's increments, deduplicated on its id."""
         ts = _utc(ev.ts)
-        day = ts.date().isoformat()
+        at.day = ts.date().isoformat()
         turn = keys.aggregate("turn", ev.turn_id)
         conv = keys.aggregate("conversation", ev.conversation_id)
         cust = keys.aggregate("customer", ev.customer_id)
-        cust_day = keys.aggregate_day("customer", ev.customer_id, day)
-        every = [turn, conv, cust, cust_day, GLOBAL_KEY]
-        kind = ev.kind
-
-        if kind == EventKind.llm_end:
-            usage = ev.usage or TokenUsage()
-            targets = list(every)
-            if ev.model:
-                model_day = keys.aggregate_day("model", ev.model, day)
-                targets += [keys.aggregate("model", ev.model), model_day]
-                plan.expire(model_day, DAY_TTL_S)
-            for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
-                         "reasoning_tokens"):
-                plan.op("i", targets, name, getattr(usage, name))
-            plan.op("i", targets, "llm_calls", 1)
-            cost = self.prices.cost_nusd(ev.model, usage)
-            if cost is None:
-                plan.op("i", targets, "cost_unknown_calls", 1)
-            else:
-                plan.op("i", targets, "cost_nusd", cost)
-            if ev.model:
-                plan.op("i", [cust_day], CUSTOMER_MODEL_CALLS + ev.model, 1)
-                plan.op("i", [cust_day], CUSTOMER_MODEL_COST + ev.model, cost or 0)
-            if attempt.failed:
-                plan.op("i", targets, "failed_attempt_tokens", usage.total_tokens)
-                plan.op("i", targets, "failed_attempt_cost_nusd", cost or 0)
-            if ev.duration_ms is not None:
-                plan.op("f", targets, "llm_ms_sum", ev.duration_ms)
-                self._plan_call_sample(plan, ev.duration_ms, model=ev.model, agent=ev.agent)
-            if ev.model:
-                plan.index("model", ev.model, _ms(ts))
-            touched.customer_days.add((ev.customer_id, day))
-        elif kind == EventKind.tool_end:
-            plan.op("i", every, "tool_calls", 1)
-            if ev.error is not None:
-                plan.op("i", every, "tool_errors", 1)
-            if ev.duration_ms is not None:
-                plan.op("f", every, "tool_ms_sum", ev.duration_ms)
-                self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
-        elif kind == EventKind.handoff:
-            plan.op("i", every, "handoffs", 1)
-        elif kind == EventKind.guardrail:
-            plan.op("i", every, "guardrails_tripped", 1)
-            plan.op("s", [turn], "guardrail", str(ev.detail.get("guardrail") or "guardrail"))
-        elif kind == EventKind.spans_dropped:
-            plan.op("i", every, "spans_dropped", int(ev.detail.get("count", 0)))
-        elif kind == EventKind.attempt_failed:
-            plan.op("i", every, "attempts_failed", 1)
-            plan.op("st", [turn], "0", STATUS_RETRYING)
-            self._plan_error(plan, turn, ev)
-            self._plan_model_error(plan, ev)
-        elif kind in _TERMINAL_KINDS:
-            self._plan_terminal(plan, ev, attempt, every, touched)
-
+        cust_day = keys.aggregate_day("customer", ev.customer_id, at.day)
+        at.every = [turn, conv, cust, cust_day, GLOBAL_KEY]
+        count(self, plan, ev, at)
         plan.end_event(keys.event_seen(ev.turn_id), ev.event_id)
         plan.expire(cust_day, DAY_TTL_S)
+
+    def _count_llm_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        every, day = at.every, at.day
+        cust_day = every[3]
+        usage = ev.usage or TokenUsage()
+        targets = list(every)
+        if ev.model:
+            model_day = keys.aggregate_day("model", ev.model, day)
+            targets += [keys.aggregate("model", ev.model), model_day]
+            plan.expire(model_day, DAY_TTL_S)
+        for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
+                     "reasoning_tokens"):
+            plan.op("i", targets, name, getattr(usage, name))
+        plan.op("i", targets, "llm_calls", 1)
+        cost = self.prices.cost_nusd(ev.model, usage)
+        if cost is None:
+            plan.op("i", targets, "cost_unknown_calls", 1)
+        else:
+            plan.op("i", targets, "cost_nusd", cost)
+        if ev.model:
+            plan.op("i", [cust_day], CUSTOMER_MODEL_CALLS + ev.model, 1)
+            plan.op("i", [cust_day], CUSTOMER_MODEL_COST + ev.model, cost or 0)
+        if at.attempt.failed:
+            plan.op("i", targets, "failed_attempt_tokens", usage.total_tokens)
+            plan.op("i", targets, "failed_attempt_cost_nusd", cost or 0)
+        if ev.duration_ms is not None:
+            plan.op("f", targets, "llm_ms_sum", ev.duration_ms)
+            self._plan_call_sample(plan, ev.duration_ms, model=ev.model, agent=ev.agent)
+        if ev.model:
+            plan.index("model", ev.model, _ms(ev.ts))
+        at.touched.customer_days.add((ev.customer_id, day))
+
+    def _count_tool_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        plan.op("i", at.every, "tool_calls", 1)
+        if ev.error is not None:
+            plan.op("i", at.every, "tool_errors", 1)
+        if ev.duration_ms is not None:
+            plan.op("f", at.every, "tool_ms_sum", ev.duration_ms)
+            self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
+
+    def _count_handoff(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        plan.op("i", at.every, "handoffs", 1)
+
+    def _count_guardrail(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        plan.op("i", at.every, "guardrails_tripped", 1)
+        plan.op("s", [at.every[0]], "guardrail", _guardrail_name(ev))
+
+    def _count_spans_dropped(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        assert isinstance(ev.detail, SpansDroppedDetail)
+        plan.op("i", at.every, "spans_dropped", ev.detail.count)
+
+    def _count_attempt_failed(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        turn = at.every[0]
+        plan.op("i", at.every, "attempts_failed", 1)
+        plan.op("st", [turn], "0", STATUS_RETRYING)
+        self._plan_error(plan, turn, ev)
+        self._plan_model_error(plan, ev)
+
+    def _count_terminal(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        self._plan_terminal(plan, ev, at.attempt, at.every, at.touched)
 
     def _plan_terminal(
         self, plan: _Plan, ev: TelemetryEvent, attempt: _Attempt, every: list[str], touched: Touched
@@ -691,27 +713,6 @@ class Aggregator:
         plan.op("l", targets, "", duration_ms)
 
     @staticmethod
-    def _plan_facets(plan: _Plan, ev: TelemetryEvent) -> None:
-        """What ``turnfleet find`` searches by: tools called, agents run, error types,
-        guardrails tripped."""
-        facets: list[tuple[str, str]] = []
-        if ev.kind == EventKind.agent_start and ev.agent:
-            facets.append(("agent", ev.agent))
-        elif ev.kind == EventKind.tool_end:
-            if ev.tool:
-                facets.append(("tool", ev.tool))
-            if ev.error is not None:
-                facets.append(("error", TOOL_ERROR))
-        elif ev.kind in _FAILED_KINDS and ev.error is not None:
-            facets.append(("error", ev.error.type))
-        elif ev.kind == EventKind.guardrail:
-            facets.append(("guardrail", str(ev.detail.get("guardrail") or "guardrail")))
-        ts_ms = _ms(ev.ts)
-        for facet, value in facets:
-            plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)
-            plan.zmax(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ts_ms)
-
-    @staticmethod
     def _plan_model_error(plan: _Plan, ev: TelemetryEvent) -> None:
         """A failed attempt counted against its model: ``errors`` and ``errors:<type>``."""
         if not ev.model:
@@ -770,3 +771,101 @@ class Aggregator:
         plan = self.plan(entry_id, fields)
         await self.apply([plan])
         return plan
+
+
+# -- what aggregation does per event kind -----------------------------------------------------
+
+
+@dataclass
+class _Counting:
+    """What planning one counted event needs besides the event: its attempt, what the entry
+    touched, and (set by ``Aggregator._plan_event``) its UTC day and the hashes every counted
+    event updates (turn, conversation, customer, customer-day, fleet)."""
+
+    attempt: _Attempt
+    touched: Touched
+    day: str = ""
+    every: list[str] = field(default_factory=list)
+
+
+_Count = Callable[[Aggregator, _Plan, TelemetryEvent, _Counting], None]
+_Facets = Callable[[TelemetryEvent], list[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class KindPlan:
+    """What aggregation does with one kind of event.
+
+    ``count``: its deduplicated increments (``None``: it is not counted on its own; its
+    attempt's figures still read it, e.g. ``turn_started``'s queue wait). ``facets``: what
+    ``turnfleet find`` indexes it by. ``metrics``: the ``/metrics`` families its increments
+    feed (a test checks each one moves).
+    """
+
+    count: _Count | None = None
+    facets: _Facets | None = None
+    metrics: tuple[str, ...] = ()
+
+
+def _guardrail_name(ev: TelemetryEvent) -> str:
+    detail = ev.detail
+    return (detail.guardrail if isinstance(detail, GuardrailDetail) else None) or "guardrail"
+
+
+def _agent_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    return [("agent", ev.agent)] if ev.agent else []
+
+
+def _tool_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    facets = [("tool", ev.tool)] if ev.tool else []
+    if ev.error is not None:
+        facets.append(("error", TOOL_ERROR))
+    return facets
+
+
+def _error_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    return [("error", ev.error.type)] if ev.error is not None else []
+
+
+def _guardrail_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    return [("guardrail", _guardrail_name(ev))]
+
+
+def _plan_facets(plan: _Plan, ev: TelemetryEvent, facets: list[tuple[str, str]]) -> None:
+    """What ``turnfleet find`` searches by (tools called, agents run, error types, guardrails
+    tripped), scored by the event's time, both ways (facet → conversations, conversation →
+    facets)."""
+    ts_ms = _ms(ev.ts)
+    for facet, value in facets:
+        plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)
+        plan.zmax(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ts_ms)
+
+
+_LLM_METRICS = ("turnfleet_tokens_total", "turnfleet_llm_calls_total", "turnfleet_cost_usd_total",
+                "turnfleet_tokens_by_customer_total", "turnfleet_cost_by_customer_usd_total")
+
+PLANNERS: dict[EventKind, KindPlan] = {
+    EventKind.turn_started: KindPlan(),  # its queue wait is read with the attempt's figures
+    EventKind.agent_start: KindPlan(facets=_agent_facets),
+    EventKind.agent_end: KindPlan(),
+    EventKind.llm_start: KindPlan(),
+    EventKind.llm_end: KindPlan(Aggregator._count_llm_end, metrics=_LLM_METRICS),
+    EventKind.tool_start: KindPlan(),
+    EventKind.tool_end: KindPlan(Aggregator._count_tool_end, _tool_facets,
+                                 ("turnfleet_tool_calls_total", "turnfleet_tool_errors_total")),
+    EventKind.handoff: KindPlan(Aggregator._count_handoff),  # in stats, not in /metrics
+    EventKind.guardrail: KindPlan(Aggregator._count_guardrail, _guardrail_facets,
+                                  ("turnfleet_guardrails_tripped_total",)),
+    EventKind.turn_completed: KindPlan(
+        Aggregator._count_terminal,
+        metrics=("turnfleet_turns_completed_total", "turnfleet_turn_latency_seconds_count",
+                 "turnfleet_turn_queue_wait_seconds_count")),
+    EventKind.attempt_failed: KindPlan(Aggregator._count_attempt_failed, _error_facets,
+                                       ("turnfleet_attempts_failed_total",)),
+    EventKind.turn_failed: KindPlan(Aggregator._count_terminal, _error_facets,
+                                    ("turnfleet_turns_failed_total",)),
+    EventKind.spans_dropped: KindPlan(Aggregator._count_spans_dropped,
+                                      metrics=("turnfleet_spans_dropped_total",)),
+}
+"""The registry: aggregation's plan for each event kind (see the module docstring for what
+each counter means)."""

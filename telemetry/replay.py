@@ -4,8 +4,9 @@ Sampled turns are rebuilt from their stored spans (``keys.trace``): agents, mode
 the decision each took, tool calls with arguments and results, handoffs, custom spans, with
 their timings. Turns whose spans were not kept (sampling, tracing off for the turn) are
 rebuilt from the hook-event timeline the worker stored for every attempt
-(``keys.turn_events``) and marked ``source: "events"``. Both are redacted already: they are
-telemetry, written by the worker after redaction.
+(``keys.turn_events``, read through the event contract ``turnfleet.events``; the node each
+kind makes is its entry in :data:`NODES`) and marked ``source: "events"``. Both are redacted
+already: they are telemetry, written by the worker after redaction.
 
 Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
 "custom"|"guardrail", "name", "started_at", "duration_ms", "detail": {...}, "error",
@@ -25,20 +26,35 @@ attempt's ``guardrail`` names it: the turn completed with the workflow's safe re
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from turnfleet.connection import RAW
+from turnfleet.events import (
+    EventKind,
+    GuardrailDetail,
+    HandoffDetail,
+    LlmEndDetail,
+    TelemetryEvent,
+    ToolEndDetail,
+    validate_events,
+)
 from turnfleet.queue import TurnQueue
 from turnfleet.tool_errors import tool_outcome
 
 SDK_WRAPPER_SPANS = ("task", "turn")  # the SDK's own grouping spans, folded into their parent
+_TS: TypeAdapter[datetime] = TypeAdapter(datetime)
+_TERMINAL_STATUS = {EventKind.turn_completed: "completed", EventKind.turn_failed: "failed",
+                    EventKind.attempt_failed: "failed"}
 
 
 def _ms(start: str | None, end: str | None) -> float | None:
@@ -133,60 +149,118 @@ def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]
     return [n for root in children.get(None, []) for n in build(root)]
 
 
-def tree_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _iso(ts: datetime) -> str:
+    """An event's time as the worker wrote it (pydantic's JSON form)."""
+    return _TS.dump_python(ts, mode="json")
+
+
+def _agent_node(e: TelemetryEvent) -> dict[str, Any]:
+    return _node("agent", e.agent or "?", started_at=_iso(e.ts))
+
+
+def _generation_node(e: TelemetryEvent) -> dict[str, Any]:
+    detail = e.detail
+    assert isinstance(detail, LlmEndDetail)
+    usage = e.usage
+    return _node("generation", e.model or "model", e.duration_ms, _error_message(e), _started(e),
+                 input_tokens=usage.input_tokens if usage else None,
+                 output_tokens=usage.output_tokens if usage else None,
+                 decision=_decision(detail))
+
+
+def _tool_node(e: TelemetryEvent) -> dict[str, Any]:
+    detail = e.detail
+    assert isinstance(detail, ToolEndDetail)
+    return _node("tool", e.tool or "?", e.duration_ms, _error_message(e), _started(e),
+                 arguments=detail.arguments, result=detail.result,
+                 outcome="tool error" if e.error else tool_outcome(detail.result))
+
+
+def _handoff_node(e: TelemetryEvent) -> dict[str, Any]:
+    detail = e.detail
+    assert isinstance(detail, HandoffDetail)
+    return _node("handoff", f"{detail.from_agent} → {detail.to_agent}", None, None, _iso(e.ts),
+                 from_agent=detail.from_agent, to_agent=detail.to_agent)
+
+
+def _guardrail_node(e: TelemetryEvent) -> dict[str, Any]:
+    detail = e.detail
+    assert isinstance(detail, GuardrailDetail)
+    return _node("guardrail", detail.guardrail or "guardrail", None, None, _iso(e.ts),
+                 triggered=detail.triggered)
+
+
+@dataclass(frozen=True)
+class EventNode:
+    """The replay node one kind of event makes, and where it goes: ``opens`` an agent (the
+    following nodes are its children), or a child of the current agent; ``before_agent``: a
+    node of its own when no agent has started yet (an input guardrail trips before any)."""
+
+    build: Callable[[TelemetryEvent], dict[str, Any]]
+    opens: bool = False
+    before_agent: bool = False
+
+
+NODES: dict[EventKind, EventNode | None] = {
+    EventKind.turn_started: None,  # the attempt's start: its ``started_at``
+    EventKind.agent_start: EventNode(_agent_node, opens=True),
+    EventKind.agent_end: None,  # the agent's node closes with the next one
+    EventKind.llm_start: None,  # a model call is one node, built from its end
+    EventKind.llm_end: EventNode(_generation_node),
+    EventKind.tool_start: None,  # a tool call is one node, built from its end
+    EventKind.tool_end: EventNode(_tool_node),
+    EventKind.handoff: EventNode(_handoff_node),
+    EventKind.guardrail: EventNode(_guardrail_node, before_agent=True),
+    EventKind.turn_completed: None,  # the attempt's status
+    EventKind.attempt_failed: None,  # the attempt's status and error
+    EventKind.turn_failed: None,  # the attempt's status and error
+    EventKind.spans_dropped: None,  # counted in the turn's telemetry figures
+}
+"""The registry: the node each kind of hook event makes in a tree rebuilt from events."""
+
+
+def tree_from_events(events: list[TelemetryEvent]) -> list[dict[str, Any]]:
     """The hook-event timeline as the same tree shape (no custom spans, no span timings)."""
     roots: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
-    for e in sorted(events, key=lambda e: e.get("seq", 0)):
-        kind = e.get("kind")
-        detail = e.get("detail") or {}
-        if kind == "agent_start":
-            current = _node("agent", e.get("agent") or "?", started_at=e.get("ts"))
-            roots.append(current)
+    for e in sorted(events, key=lambda e: e.seq):
+        spec = NODES[e.kind]
+        if spec is None:
             continue
-        if kind == "guardrail":
-            # An input guardrail trips before any agent starts: a node of its own.
-            node = _node("guardrail", detail.get("guardrail") or "guardrail", None, None,
-                         e.get("ts"), triggered=detail.get("triggered", True))
-            (current["children"] if current is not None else roots).append(node)
-            continue
-        if current is None:
-            continue
-        error = (e.get("error") or {}).get("message") if e.get("error") else None
-        if kind == "llm_end":
-            usage = e.get("usage") or {}
-            current["children"].append(_node(
-                "generation", e.get("model") or "model", e.get("duration_ms"), error,
-                _started(e), input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
-                decision=detail.get("decision"),
-            ))
-        elif kind == "tool_end":
-            current["children"].append(_node(
-                "tool", e.get("tool") or "?", e.get("duration_ms"), error,
-                _started(e), arguments=detail.get("arguments"), result=detail.get("result"),
-                outcome="tool error" if e.get("error") else tool_outcome(detail.get("result")),
-            ))
-        elif kind == "handoff":
-            current["children"].append(_node(
-                "handoff", f"{detail.get('from_agent')} → {detail.get('to_agent')}", None, None,
-                e.get("ts"), from_agent=detail.get("from_agent"), to_agent=detail.get("to_agent"),
-            ))
+        node = spec.build(e)
+        if spec.opens:
+            current = node
+            roots.append(node)
+        elif current is not None:
+            current["children"].append(node)
+        elif spec.before_agent:
+            roots.append(node)
     return roots
 
 
-def _started(event: dict[str, Any]) -> str | None:
+def _error_message(e: TelemetryEvent) -> str | None:
+    return e.error.message if e.error else None
+
+
+def _decision(detail: LlmEndDetail) -> dict[str, Any] | None:
+    """The decision as written (``None`` when the event has none)."""
+    if "decision" not in detail.model_fields_set:
+        return None
+    return detail.decision.model_dump(mode="json", exclude_unset=True)
+
+
+def _started(event: TelemetryEvent) -> str | None:
     """When a call that ended with ``event`` started: its time minus its duration."""
-    ts, duration = event.get("ts"), event.get("duration_ms")
-    if not ts or duration is None:
-        return ts
-    return (datetime.fromisoformat(ts) - timedelta(milliseconds=duration)).isoformat()
+    if event.duration_ms is None:
+        return _iso(event.ts)
+    return (event.ts - timedelta(milliseconds=event.duration_ms)).isoformat()
 
 
-def _decisions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _decisions(events: list[TelemetryEvent]) -> list[dict[str, Any]]:
     return [
-        (e.get("detail") or {}).get("decision") or {}
-        for e in sorted(events, key=lambda e: e.get("seq", 0))
-        if e.get("kind") == "llm_end"
+        _decision(e.detail) or {}
+        for e in sorted(events, key=lambda e: e.seq)
+        if isinstance(e.detail, LlmEndDetail)
     ]
 
 
@@ -212,7 +286,7 @@ async def _read_raw(client: Redis, *command: Any) -> Any:
 
 async def _stored_attempts(
     redis: Redis, turn_id: str, trace_redis: Redis | None
-) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], list[str]]:
+) -> tuple[dict[int, dict[str, Any]], dict[int, list[TelemetryEvent]], list[str]]:
     """The turn's trace records and event timelines by attempt, and what could not be read."""
     unreadable: list[str] = []
     by_attempt_trace: dict[int, dict[str, Any]] = {}
@@ -224,14 +298,15 @@ async def _stored_attempts(
             unreadable.append("a trace record")
             continue
         by_attempt_trace[attempt] = record
-    by_attempt_events: dict[int, list[dict[str, Any]]] = {}
+    by_attempt_events: dict[int, list[TelemetryEvent]] = {}
     for raw_attempt, raw in (await _read_raw(redis, "HGETALL", keys.turn_events(turn_id)) or {}).items():
         events = _stored_json(raw)
         try:
-            attempt = int(raw_attempt)
-        except ValueError:
+            attempt: int | None = int(raw_attempt)
+            events = validate_events(events) if isinstance(events, list) else None
+        except (ValueError, ValidationError):  # not a number; not events of the contract
             attempt = None
-        if attempt is None or not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        if attempt is None or events is None:
             unreadable.append(f"the event timeline of attempt {raw_attempt.decode(errors='replace')[:20]}")
             continue
         by_attempt_events[attempt] = events
@@ -240,7 +315,7 @@ async def _stored_attempts(
     return by_attempt_trace, by_attempt_events, unreadable
 
 
-def _tree(record: dict[str, Any] | None, events: list[dict[str, Any]]) -> tuple[str, list[Any] | None]:
+def _tree(record: dict[str, Any] | None, events: list[TelemetryEvent]) -> tuple[str, list[Any] | None]:
     """The attempt's tree from its spans, else from its events; ``None`` if neither reads."""
     if record is not None:
         try:
@@ -266,10 +341,9 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
     for attempt in sorted(set(by_attempt_events) | set(by_attempt_trace)):
         events = by_attempt_events.get(attempt, [])
         record = by_attempt_trace.get(attempt)
-        terminal = [e for e in events if e.get("kind") in ("turn_completed", "turn_failed", "attempt_failed")]
-        status = {"turn_completed": "completed", "turn_failed": "failed", "attempt_failed": "failed"}.get(
-            terminal[-1]["kind"] if terminal else "", record["trace"].get("status") if record else "unknown"
-        )
+        terminal = [e for e in events if e.kind in _TERMINAL_STATUS]
+        status = (_TERMINAL_STATUS[terminal[-1].kind] if terminal
+                  else record["trace"].get("status") if record else "unknown")
         entry: dict[str, Any] = {"attempt": attempt, "status": status}
         source, tree = _tree(record, events)
         if tree is None:
@@ -282,17 +356,16 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
                          ended_at=record["trace"].get("ended_at"),
                          tree=tree)
         else:
-            ordered = sorted(events, key=lambda e: e.get("seq", 0) if isinstance(e.get("seq"), int) else 0)
+            ordered = sorted(events, key=lambda e: e.seq)
             entry.update(source="events", kept_because=None, trace_id=None,
-                         started_at=ordered[0].get("ts") if ordered else None,
-                         ended_at=ordered[-1].get("ts") if ordered else None,
+                         started_at=_iso(ordered[0].ts) if ordered else None,
+                         ended_at=_iso(ordered[-1].ts) if ordered else None,
                          tree=tree)
-        if terminal and terminal[-1].get("error"):
-            entry["error"] = terminal[-1]["error"]
-        tripped = [e for e in events if e.get("kind") == "guardrail"]
+        if terminal and terminal[-1].error:
+            entry["error"] = terminal[-1].error.model_dump(mode="json")
+        tripped = [e.detail for e in events if isinstance(e.detail, GuardrailDetail)]
         if tripped:
-            detail = tripped[-1].get("detail")
-            entry["guardrail"] = detail.get("guardrail") if isinstance(detail, dict) else None
+            entry["guardrail"] = tripped[-1].guardrail
         attempts.append(entry)
     replay = {
         "turn": result.model_dump(mode="json"),

@@ -27,17 +27,19 @@ from telemetry.consumer import (
 )
 from telemetry.stats import totals, turn_stats
 from telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
-from tests.test_telemetry import TURN_TOKENS, AttemptBatch, drain, pending, pick, settings, support_turn
+from tests.batches import AttemptBatch
+from tests.test_telemetry import TURN_TOKENS, drain, pending, pick, settings, support_turn
 from turnfleet import keys
-from turnfleet.models import EventKind
 
 WAIT_S = 10.0
 
 
 def poison_turn(turn_id: str = "t-poison") -> AttemptBatch:
-    """Valid JSON and valid events, but a ``spans_dropped`` count the planner cannot read:
-    ``int("lots")`` raises ValueError on every delivery."""
-    return AttemptBatch(turn_id).started().emit(EventKind.spans_dropped, detail={"count": "lots"})
+    """Valid JSON and valid events, but a turn duration the planner cannot place in a latency
+    bucket: ``NaN`` ms, ``math.ceil(nan)`` raises ValueError on every delivery. (A payload that
+    does not fit its kind, such as a ``spans_dropped`` count ``"lots"``, is no poison: the event
+    contract refuses it when the entry is read, so it is malformed.)"""
+    return AttemptBatch(turn_id).started().completed(duration_ms=float("nan"))
 
 
 
@@ -71,7 +73,7 @@ async def wait_until(condition: Any, what: str) -> None:
 def test_the_poison_batch_really_makes_the_planner_raise(redis: Any) -> None:
     # The tests below mean something only if the planner chokes on this entry.
     fields = {"turn_id": "t-poison", "batch": poison_turn().batch_json()}
-    with pytest.raises(ValueError, match="lots"):
+    with pytest.raises(ValueError, match="NaN"):
         Aggregator(redis, settings()).plan("1-0", fields)
 
 
@@ -95,7 +97,7 @@ async def test_poison_entry_is_dead_lettered_after_n_deliveries_and_acknowledged
 
     [dead] = await read_dead_letters(redis)
     assert (dead.entry_id, dead.reason, dead.stage, dead.deliveries) == (poison_id, "error", "plan", 3)
-    assert dead.error.startswith("ValueError: invalid literal for int()")
+    assert dead.error.startswith("ValueError: cannot convert float NaN to integer")
     assert "ValueError" in dead.traceback and dead.consumer == "test-consumer"
     assert dead.fields == {"turn_id": "t-poison", "batch": poison.batch_json()}
     assert (dead.stream, dead.group) == (keys.TELEMETRY_STREAM, keys.TELEMETRY_GROUP)

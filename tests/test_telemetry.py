@@ -18,82 +18,12 @@ from structlog.testing import capture_logs
 
 from telemetry.consumer import TelemetryConsumer, caught_up, run_consumer
 from telemetry.stats import conversation_stats, customer_day_stats, stats, totals, turn_stats
+from tests.batches import OFFLINE, T0, AttemptBatch
 from turnfleet import keys
-from turnfleet.models import ErrorInfo, EventKind, TelemetryEvent, TokenUsage
+from turnfleet.models import TokenUsage
 from turnfleet.settings import TelemetrySettings
 
-T0 = datetime(2025, 3, 4, 10, 0, tzinfo=timezone.utc)
-OFFLINE = "turnfleet-offline"  # input 0.40, cached 0.10, output 1.60 USD per 1M tokens
 REPO = Path(__file__).resolve().parents[1]
-
-
-class AttemptBatch:
-    """One turn attempt's events, in the order the worker's hooks emit them."""
-
-    def __init__(self, turn_id: str, conversation_id: str = "c-1", customer_id: str = "cust-1",
-                 attempt: int = 1, at: datetime = T0, model: str = OFFLINE) -> None:
-        self.turn_id, self.conversation_id, self.customer_id = turn_id, conversation_id, customer_id
-        self.attempt, self.at, self.model = attempt, at, model
-        self.events: list[TelemetryEvent] = []
-        self.usage = TokenUsage()
-        self.agents: list[str] = []
-
-    def emit(self, kind: EventKind, **fields: Any) -> AttemptBatch:
-        seq = len(self.events) + 1
-        self.events.append(TelemetryEvent(
-            event_id=TelemetryEvent.make_id(self.turn_id, self.attempt, seq), kind=kind, seq=seq,
-            turn_id=self.turn_id, attempt=self.attempt, conversation_id=self.conversation_id,
-            customer_id=self.customer_id, ts=self.at + timedelta(milliseconds=seq), **fields,
-        ))
-        return self
-
-    def started(self, queue_wait_ms: float = 12.0) -> AttemptBatch:
-        return self.emit(EventKind.turn_started, model=self.model,
-                         detail={"queue_wait_ms": queue_wait_ms})
-
-    def agent(self, name: str) -> AttemptBatch:
-        self.agents.append(name)
-        return self.emit(EventKind.agent_start, agent=name)
-
-    def llm(self, agent: str, input_tokens: int, output_tokens: int, cached_tokens: int = 0,
-            reasoning_tokens: int = 0, model: str | None = None, duration_ms: float = 100.0) -> AttemptBatch:
-        usage = TokenUsage(requests=1, input_tokens=input_tokens, output_tokens=output_tokens,
-                           cached_tokens=cached_tokens, reasoning_tokens=reasoning_tokens)
-        self.usage = self.usage + usage
-        self.emit(EventKind.llm_start, agent=agent, model=model or self.model)
-        return self.emit(EventKind.llm_end, agent=agent, model=model or self.model, usage=usage,
-                         duration_ms=duration_ms, detail={"decision": {}})
-
-    def tool(self, agent: str, tool: str, duration_ms: float = 5.0, error: str | None = None) -> AttemptBatch:
-        self.emit(EventKind.tool_start, agent=agent, tool=tool, detail={"arguments": "{}"})
-        return self.emit(EventKind.tool_end, agent=agent, tool=tool, duration_ms=duration_ms,
-                         error=ErrorInfo(type="ToolError", message=error) if error else None,
-                         detail={"arguments": "{}", "result": error or "ok"})
-
-    def handoff(self, from_agent: str, to_agent: str) -> AttemptBatch:
-        return self.emit(EventKind.handoff, agent=from_agent,
-                         detail={"from_agent": from_agent, "to_agent": to_agent})
-
-    def completed(self, duration_ms: float = 1000.0, queue_wait_ms: float = 12.0) -> AttemptBatch:
-        if self.agents:
-            self.emit(EventKind.agent_end, agent=self.agents[-1])
-        return self.emit(EventKind.turn_completed, model=self.model, usage=self.usage,
-                         duration_ms=duration_ms,
-                         detail={"queue_wait_ms": queue_wait_ms, "agents": list(self.agents)})
-
-    def failed(self, error_type: str = "ModelError", message: str = "model unavailable",
-               duration_ms: float = 500.0, terminal: bool = True) -> AttemptBatch:
-        return self.emit(EventKind.turn_failed if terminal else EventKind.attempt_failed,
-                         model=self.model, usage=self.usage, duration_ms=duration_ms,
-                         error=ErrorInfo(type=error_type, message=message),
-                         detail={"agents": list(self.agents)})
-
-    def batch_json(self) -> str:
-        return json.dumps([e.model_dump(mode="json") for e in self.events])
-
-    async def send(self, redis: Any) -> str:
-        return await redis.xadd(keys.TELEMETRY_STREAM,
-                                {"turn_id": self.turn_id, "batch": self.batch_json()})
 
 
 def support_turn(turn_id: str, conversation_id: str = "c-1", customer_id: str = "cust-1",
@@ -255,6 +185,7 @@ CRASHING_CONSUMER = """
 import asyncio, os, signal, sys
 from telemetry.consumer import TelemetryConsumer
 from turnfleet.connection import connect
+from turnfleet.models import TokenUsage
 from turnfleet.settings import TelemetrySettings
 
 async def main():

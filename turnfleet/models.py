@@ -1,5 +1,8 @@
 """The data contract: what a producer sends, what a worker answers, what telemetry counts.
 
+Telemetry events (``TelemetryEvent``, ``EventKind`` and a payload class per kind) are in
+:mod:`turnfleet.events`.
+
 Everything here is plain pydantic and JSON; nothing imports the Agents SDK, so a service
 that only enqueues turns can depend on it cheaply.
 """
@@ -10,7 +13,6 @@ import re
 import uuid
 from datetime import datetime, timezone
 from collections.abc import Mapping
-from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -262,54 +264,9 @@ class TurnResult(BaseModel):
         return self.status in TERMINAL_STATUSES
 
 
-class EventKind(str, Enum):
-    turn_started = "turn_started"
-    agent_start = "agent_start"
-    agent_end = "agent_end"
-    llm_start = "llm_start"
-    llm_end = "llm_end"
-    tool_start = "tool_start"
-    tool_end = "tool_end"
-    handoff = "handoff"
-    guardrail = "guardrail"
-    turn_completed = "turn_completed"
-    attempt_failed = "attempt_failed"  # this attempt failed; the turn will be tried again
-    turn_failed = "turn_failed"  # terminal
-    spans_dropped = "spans_dropped"  # trace spans this attempt could not keep (detail.count)
-
-
 class ErrorInfo(BaseModel):
     type: str
     message: str
-
-
-class TelemetryEvent(BaseModel):
-    """One thing that happened in a turn attempt, as telemetry counts it.
-
-    ``event_id`` is ``{turn_id}:{attempt}:{seq}``: deterministic, so a redelivered or
-    re-sent event is recognised and counted once. ``detail`` is redacted before it leaves
-    the worker.
-    """
-
-    event_id: str
-    kind: EventKind
-    seq: int
-    turn_id: str
-    attempt: int
-    conversation_id: str
-    customer_id: str
-    agent: str | None = None
-    model: str | None = None
-    tool: str | None = None
-    ts: datetime = Field(default_factory=utcnow)
-    usage: TokenUsage | None = None
-    duration_ms: float | None = None
-    error: ErrorInfo | None = None
-    detail: dict[str, Any] = Field(default_factory=dict)
-
-    @staticmethod
-    def make_id(turn_id: str, attempt: int, seq: int) -> str:
-        return f"{turn_id}:{attempt}:{seq}"
 
 
 class Alert(BaseModel):
