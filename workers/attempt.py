@@ -323,7 +323,8 @@ class Attempt:
     # -- outcomes --------------------------------------------------------------------
 
     async def complete(self, ran: RunResult | Tripwire, starting_agent: str, session: ConversationMemory) -> str:
-        """The run ended (or a guardrail tripped): write the result and wake the next turn."""
+        """The run ended (or a guardrail tripped): write the result and wake the next turn.
+        The result's ``errors`` (earlier attempts') are filled in by the finish script."""
         rt, hooks = self.rt, self.hooks
         duration_ms = self._elapsed_ms()
         if isinstance(ran, Tripwire):
@@ -332,11 +333,8 @@ class Attempt:
             final, last_agent = str(ran.final_output), ran.last_agent.name
         await self._keep_trace("completed", duration_ms)
         hooks.turn_completed(duration_ms, self.queue_wait_ms, final)
-        result = self._result(
-            "completed", attempts=self.number,
-            errors=await rt.queue.errors(self.req.turn_id) if self.decision.errors else [],
-            final_output=final, duration_ms=duration_ms, warnings=session.warnings,
-        )
+        result = self._result("completed", attempts=self.number, final_output=final,
+                              duration_ms=duration_ms, warnings=session.warnings)
         await self._stop_lease()
         batch = hooks.batch_json()
         outcome = await durably(rt, "result", lambda: rt.queue.finish(
@@ -507,13 +505,12 @@ class Attempt:
         )
 
     async def _finish_failed(self, error_type: str, message: str, attempts: int) -> Outcome:
-        """Write the turn's terminal failure (fenced), its final error after the stored ones."""
+        """Write the turn's terminal failure (fenced). The finish script puts the final error
+        after the attempt errors it finds stored, in the same step: nothing is read first."""
         rt = self.rt
-        errors = await rt.queue.errors(self.req.turn_id)
-        errors.append(AttemptError(attempt=attempts, error_type=error_type, message=message))
-        result = self._result("failed", attempts=attempts, errors=errors,
-                              error_type=error_type, error_message=message)
+        final = AttemptError(attempt=attempts, error_type=error_type, message=message)
+        result = self._result("failed", attempts=attempts, error_type=error_type, error_message=message)
         batch = self.hooks.batch_json()
         return await durably(rt, "result", lambda: rt.queue.finish(
-            result, batch, events_ttl_s=rt.settings.trace_retention_s, fence=self.number,
+            result, batch, events_ttl_s=rt.settings.trace_retention_s, fence=self.number, final_error=final,
         ))
