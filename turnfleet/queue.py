@@ -260,7 +260,10 @@ return 'written'
 # expiry can tell that [memory_base, memory_end) still are this turn's items). The result's
 # ``errors`` are written here, from what is stored: the attempt errors (``turn_errors``, as
 # ``TurnQueue.errors`` reads them: one that cannot be decoded is shown as such), then the
-# final error the turn fails with (kept in the result only: no attempt follows it).
+# final error the turn fails with (kept in the result only: no attempt follows it). The script
+# checks an entry's shape (UTF-8, JSON, field types), not all that pydantic checks: an entry
+# written by hand that passes it and still is no ``AttemptError`` (a 13th month) makes the
+# stored result read as ``CorruptTurnRecord``, as any corrupt result does.
 FINISH_LUA = _WAKE + FENCE_CHECK_LUA + """
 local verdict = fence_check(KEYS[1], ARGV[13])
 if verdict ~= 'ok' then return verdict end
