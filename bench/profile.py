@@ -29,7 +29,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("Agents SDK run (model, tools)", ("agents/", "workers/model.py", "workers/tools.py",
                                        "workers/support_desk.py", "workers/orderbook.py",
                                        "workers/context.py")),
-    ("queue and turn bookkeeping", ("arq/", "turnfleet/queue.py", "workers/job.py",
+    ("queue and turn bookkeeping", ("arq/", "turnfleet/queue.py", "workers/job.py", "workers/attempt.py",
                                     "workers/settings.py", "workers/supervisor.py",
                                     "workers/reconcile.py", "turnfleet/heartbeat.py",
                                     "turnfleet/models.py", "turnfleet/connection.py")),

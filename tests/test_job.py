@@ -137,3 +137,24 @@ def test_the_session_messages_key_is_where_the_sdk_keeps_items():
     from workers.memory import ConversationMemory
 
     assert ConversationMemory(connect("redis://127.0.0.1:1"), "conv-k").messages_key == keys.session_messages("conv-k")
+
+
+def test_the_steps_of_a_turn_attempt_take_few_arguments():
+    """Past five, the arguments are an object waiting to be named (CONVENTIONS.md): the job's
+    steps share one ``Attempt`` instead of passing its runtime, request, hooks, lease, trace
+    and timing from function to function."""
+    import ast
+    import inspect
+
+    import workers.attempt
+    import workers.job
+
+    too_many = []
+    for module in (workers.job, workers.attempt):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                a = node.args
+                count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+                if count > 5:
+                    too_many.append(f"{module.__name__}.{node.name}: {count}")
+    assert too_many == []

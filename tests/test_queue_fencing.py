@@ -12,7 +12,7 @@ from typing import Any
 from producer import Producer
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnResult
-from turnfleet.queue import Lane, Outcome, TurnQueue
+from turnfleet.queue import CORRUPT_TURN_RECORD, Lane, Outcome, TurnQueue
 from turnfleet.settings import WorkerProcessSettings
 from workers.job import STALE, Runtime, run_turn
 from workers.model import OfflineModel
@@ -84,6 +84,46 @@ async def test_an_attempt_that_already_failed_cannot_finish_the_turn(redis):
     assert await queue.finish(result(first), None, fence=attempt) is Outcome.FENCED
     assert (await queue.get(first)).status == "queued"
     assert len(await queue.errors(first)) == 1
+
+
+async def test_the_finish_script_writes_the_stored_attempt_errors_then_the_final_error(redis):
+    queue, first, _ = await two_turns(redis)
+    one = (await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00")).attempt
+    retried = AttemptError(attempt=one, error_type="ConnectionError", message="reset")
+    assert await queue.record_attempt_failure(first, retried, None, fence=one) is Outcome.WRITTEN
+    two = (await queue.start(first, "c-1", "w1", "2025-01-01T00:00:01+00:00")).attempt
+    final = AttemptError(attempt=two, error_type="BadRequestError", message="refused")
+    failed = result(first, status="failed", attempts=two)
+    # A stale attempt's final error lands nowhere.
+    assert await queue.finish(failed, None, fence=one, final_error=final) is Outcome.FENCED
+    assert "result" not in await redis.hgetall(keys.turn(first))
+    assert await queue.finish(failed, None, fence=two, final_error=final) is Outcome.WRITTEN
+    stored = await queue.get(first)
+    assert [(e.attempt, e.error_type, e.message) for e in stored.errors] == [
+        (1, "ConnectionError", "reset"), (2, "BadRequestError", "refused")]
+    # The attempt errors stay as they were: the final error is the result's only.
+    assert [e.error_type for e in await queue.errors(first)] == ["ConnectionError"]
+
+
+async def test_a_stored_attempt_error_that_is_corrupt_leaves_the_result_readable(redis):
+    queue, first, second = await two_turns(redis)
+    attempt = (await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00")).attempt
+    kept = AttemptError(attempt=1, error_type="ConnectionError", message="café 😀 reset")
+    await redis.rpush(keys.turn_errors(first), "[" * 50_000, '{"attempt": 1}',
+                      b'{"attempt":1,"error_type":"\xff","message":"x"}',
+                      '{"attempt":1,"error_type":"\\ud800","message":"x"}', kept.model_dump_json())
+    assert await queue.finish(result(first), None, fence=attempt) is Outcome.WRITTEN
+    stored = await queue.get(first)
+    assert (stored.status, stored.error_type) == ("completed", None)
+    # The same errors as the stored ones read one by one: corrupt ones shown as such.
+    assert [e.error_type for e in stored.errors] == [e.error_type for e in await queue.errors(first)] == [
+        CORRUPT_TURN_RECORD] * 4 + ["ConnectionError"]
+    assert stored.errors[-1] == kept
+    # Attempt errors that are no list at all (written by hand): one unreadable error.
+    attempt = (await queue.start(second, "c-1", "w1", "2025-01-01T00:00:01+00:00")).attempt
+    await redis.set(keys.turn_errors(second), "not a list")
+    assert await queue.finish(result(second), None, fence=attempt) is Outcome.WRITTEN
+    assert [e.error_type for e in (await queue.get(second)).errors] == [CORRUPT_TURN_RECORD]
 
 
 async def test_start_takes_a_lease_that_only_the_running_attempt_renews(redis):

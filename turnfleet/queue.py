@@ -249,19 +249,65 @@ return 'written'
 """
 
 # KEYS: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events,
-#       raw_text, session_messages, session_meta
-# ARGV: turn_id, conversation_id, status, result_json, telemetry_batch ('' = none), now_ms,
-#       job_prefix, job_ttl, fname, current_agent ('' = keep), attempt, events_ttl_s,
-#       fence ('' = none)
+#       raw_text, session_messages, session_meta, turn_errors
+# ARGV: turn_id, conversation_id, status, result_json (without ``errors``), telemetry_batch
+#       ('' = none), now_ms, job_prefix, job_ttl, fname, current_agent ('' = keep), attempt,
+#       events_ttl_s, fence ('' = none), final_error_json ('' = none)
 # Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
 # attempt owns the turn); nothing is written unless 'written'. With the result, the turn
 # enters the raw-text index (finish time) and its record keeps where its memory ends
 # (``memory_end``, with ``memory_session``: the memory's creation time, so the raw-text
-# expiry can tell that [memory_base, memory_end) still are this turn's items).
+# expiry can tell that [memory_base, memory_end) still are this turn's items). The result's
+# ``errors`` are written here, from what is stored: the attempt errors (``turn_errors``, as
+# ``TurnQueue.errors`` reads them: one that cannot be decoded is shown as such), then the
+# final error the turn fails with (kept in the result only: no attempt follows it). The script
+# checks an entry's shape (UTF-8, JSON, field types), not all that pydantic checks: an entry
+# written by hand that passes it and still is no ``AttemptError`` (a 13th month) makes the
+# stored result read as ``CorruptTurnRecord``, as any corrupt result does.
 FINISH_LUA = _WAKE + FENCE_CHECK_LUA + """
 local verdict = fence_check(KEYS[1], ARGV[13])
 if verdict ~= 'ok' then return verdict end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4],
+local function utf8_valid(s)  -- RFC 3629, as pydantic reads it (Lua 5.1 has no utf8 library)
+  if not string.find(s, '[\\128-\\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c, len, lo, hi = string.byte(s, i), 1, 0x80, 0xBF
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    elseif c >= 0x80 then return false end
+    for j = 1, len - 1 do
+      local d = string.byte(s, i + j)
+      if not d or d < lo or d > hi then return false end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
+local function attempt_error(item, i)
+  local ok, e = false, nil
+  if utf8_valid(item) then ok, e = pcall(cjson.decode, item) end
+  if ok and type(e) == 'table' and type(e.attempt) == 'number' and e.attempt % 1 == 0
+     and type(e.error_type) == 'string' and type(e.message) == 'string'
+     and (e.at == nil or (type(e.at) == 'string' and string.find(e.at, '^%d%d%d%d%-%d%d%-%d%d')))
+     and (e.usage == nil or e.usage == cjson.null or type(e.usage) == 'table') then
+    return item
+  end
+  return cjson.encode({attempt = 0, error_type = 'CorruptTurnRecord',
+                       message = 'attempt error ' .. i .. ' cannot be decoded'})
+end
+local errors = {}
+local stored = redis.pcall('LRANGE', KEYS[12], 0, -1)
+if stored.err then stored = {'unreadable'} end  -- WRONGTYPE: one unreadable error, not a stuck turn
+for i, item in ipairs(stored) do errors[i] = attempt_error(item, i) end
+if ARGV[14] ~= '' then errors[#errors + 1] = ARGV[14] end
+local result = string.sub(ARGV[4], 1, -2) .. ',"errors":[' .. table.concat(errors, ',') .. ']}'
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', result,
            'memory_end', redis.call('LLEN', KEYS[10]),
            'memory_session', redis.call('HGET', KEYS[11], 'created_at') or '')
 redis.call('ZADD', KEYS[9], tonumber(ARGV[6]), ARGV[1])
@@ -625,8 +671,13 @@ class TurnQueue:
         current_agent: str | None = None,
         events_ttl_s: int = EVENTS_TTL_S,
         fence: int | None = None,
+        final_error: AttemptError | None = None,
     ) -> Outcome:
         """Write the terminal result and telemetry, then wake the conversation's next turn.
+
+        The result's ``errors`` are not the caller's (``result.errors`` is ignored): the script
+        writes the attempt errors stored for the turn, then ``final_error`` (what a failed turn
+        fails with; kept in the result only), in the same atomic step as the result.
 
         The telemetry batch is also kept per attempt (``keys.turn_events``) for
         ``events_ttl_s``: the timeline replay shows for turns whose spans were not sampled.
@@ -649,12 +700,13 @@ class TurnQueue:
                 keys.RAW_TEXT,
                 keys.session_messages(cid),
                 session_meta(cid),
+                keys.turn_errors(result.turn_id),
             ],
             args=[
                 result.turn_id,
                 cid,
                 result.status,
-                result.model_dump_json(),
+                result.model_dump_json(exclude={"errors"}),
                 telemetry_batch or "",
                 now_ms(),
                 keys.ARQ_JOB_PREFIX,
@@ -664,6 +716,7 @@ class TurnQueue:
                 max(result.attempts, 1),
                 events_ttl_s,
                 "" if fence is None else fence,
+                "" if final_error is None else final_error.model_dump_json(),
             ],
         )
         return Outcome(verdict)
