@@ -35,7 +35,6 @@ and wakes its conversation. A turn whose stored request cannot be decoded ends t
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import structlog
