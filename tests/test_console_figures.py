@@ -18,7 +18,8 @@ from telemetry.console import breakdown, sparkline, timeline
 from telemetry.alert_reads import alert_entries_before
 from telemetry.live_figures import histogram_percentile, last_hour, spend_today
 from telemetry.stats import customer_day_stats
-from tests.test_telemetry import T0, AttemptBatch, drain, support_turn
+from tests.batches import T0, AttemptBatch
+from tests.test_telemetry import drain, support_turn
 from turnfleet import keys
 from turnfleet.models import Alert
 

@@ -13,7 +13,7 @@ import subprocess
 
 from producer import Producer
 from telemetry.replay import turn_replay
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from turnfleet import keys
 from turnfleet.queue import CORRUPT_TURN_RECORD, TurnQueue, deserialize_job, UNDECODABLE_FUNCTION
 from workers.memory import CORRUPT_ITEM_TYPE

@@ -15,7 +15,8 @@ import pytest
 from producer import Producer
 from telemetry.find import find_conversations
 from telemetry.stats import conversation_stats
-from tests.test_telemetry import T0, AttemptBatch, drain
+from tests.batches import T0, AttemptBatch
+from tests.test_telemetry import drain
 from turnfleet import keys
 
 

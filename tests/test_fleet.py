@@ -16,20 +16,8 @@ from producer import Producer
 from telemetry.alert_reads import read_alerts
 from telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
-from turnfleet.fleet import FleetProcess
+from tests.processes import run_burst, start_burst
 from turnfleet.models import TokenUsage
-
-
-def run_burst(verb: str, env: dict[str, str], tmp_path: Path, name: str | None = None,
-              timeout: float = 90) -> FleetProcess:
-    proc = FleetProcess(name or verb, [verb, "--burst"], env, tmp_path / f"{name or verb}.log").start()
-    code = proc.wait(timeout)
-    assert code == 0, proc.output()[-3000:]
-    return proc
-
-
-def start_burst(verb: str, env: dict[str, str], tmp_path: Path, name: str) -> FleetProcess:
-    return FleetProcess(name, [verb, "--burst"], env, tmp_path / f"{name}.log").start()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from telemetry.alert_reads import read_alerts
 from telemetry.find import find_conversations
 from telemetry.stats import conversation_stats, totals, turn_stats
 from tests.test_cli import tf
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from tests.test_http_read import OPERATOR, auth, serve
 from turnfleet import keys
 from workers.support_desk import GUARDRAIL_REPLIES, PROMPT_INJECTION, injection_attempt

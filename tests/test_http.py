@@ -29,6 +29,7 @@ from tests.uvicorn_server import serving_app
 from turnfleet import budget, keys
 from turnfleet.auth import hash_key, new_key
 
+from tests.processes import run_burst_in_thread
 from turnfleet.fleet import FleetProcess, listening_socket
 from turnfleet.server import create_app
 from turnfleet.settings import ApiKey, ProducerSettings
@@ -71,12 +72,6 @@ async def api(served: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
     return served[1]
 
 
-async def run_burst(verb: str, env: dict[str, str], tmp_path: Path, name: str | None = None) -> None:
-    proc = FleetProcess(name or verb, [verb, "--burst"], env, tmp_path / f"{name or verb}.log").start()
-    code = await asyncio.to_thread(proc.wait, 120)
-    assert code == 0, proc.output()[-3000:]
-
-
 def turn(conversation_id: str, customer_id: str, text: str = "Where is order 1042?", **extra: Any) -> dict[str, Any]:
     return {"conversation_id": conversation_id, "customer_id": customer_id, "text": text, **extra}
 
@@ -106,7 +101,7 @@ async def test_turn_posted_over_http_is_run_by_a_worker_and_read_back(api, fleet
     queued = await api.get(body["status_url"], headers=auth(KEY_B))
     assert queued.status_code == 200 and queued.json()["status"] == "queued"
 
-    await run_burst("worker", fleet_env, tmp_path)
+    await run_burst_in_thread("worker", fleet_env, tmp_path)
     done = (await api.get(body["status_url"], headers=auth(KEY_B))).json()
     assert done["status"] == "completed"
     assert done["turn_id"] == turn_id and done["customer_id"] == "C-102"
@@ -205,7 +200,7 @@ async def test_long_poll_is_answered_when_a_worker_finishes_the_turn(api, redis,
         assert time.monotonic() < deadline, "the long poll never reached Redis"
     assert not poll.done()
 
-    await run_burst("worker", fleet_env, tmp_path)
+    await run_burst_in_thread("worker", fleet_env, tmp_path)
     answered = await poll
     assert answered.status_code == 200, answered.text
     assert answered.json()["status"] == "completed"
@@ -323,8 +318,8 @@ async def test_customer_over_daily_budget_gets_429_with_retry_after(redis_url, r
         first = await api.post("/v1/turns", json=turn("conv-spend", "C-102", REFUND_1047),
                                headers={**auth(KEY_B), "Idempotency-Key": "spend-1"})
         assert first.status_code == 202, first.text
-        await run_burst("worker", fleet_env, tmp_path)
-        await run_burst("telemetry", fleet_env, tmp_path)
+        await run_burst_in_thread("worker", fleet_env, tmp_path)
+        await run_burst_in_thread("telemetry", fleet_env, tmp_path)
         spent = await budget.spend_today(redis, "C-102")
         assert spent > limit
 

@@ -25,7 +25,7 @@ from telemetry.find import find_conversations
 from telemetry.latency import latency_report, slowest_turns
 from telemetry.stats import stats, totals
 from telemetry.replay import conversation_replay, turn_replay
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from tests.uvicorn_server import serving_app
 from turnfleet import keys
 from turnfleet.auth import hash_key

@@ -26,7 +26,7 @@ from agents.models.interface import Model, ModelTracing
 from producer import Producer
 from telemetry.stats import stats, turn_stats
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from turnfleet.connection import connect
 from turnfleet.embedded import RedisServer
 from turnfleet.settings import DEFAULT_PRICES, WorkerProcessSettings

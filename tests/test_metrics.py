@@ -18,7 +18,7 @@ from telemetry.metrics import TOKEN_KINDS
 from telemetry.alert_reads import read_alerts
 from telemetry.lag import TelemetryLag, telemetry_lag
 from telemetry.stats import stats, totals, turn_stats
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from tests.test_http_read import C100, OPERATOR, auth, eventually, serve
 from tests.test_telemetry import drain, support_turn
 from turnfleet import keys

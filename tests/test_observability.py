@@ -20,14 +20,9 @@ from telemetry.replay import conversation_replay, turn_replay
 from turnfleet import keys
 from turnfleet.embedded import free_port
 from turnfleet.fleet import FleetProcess
+from tests.processes import run_burst
 from turnfleet.models import TokenUsage
 from workers.trace_store import conversation_fraction
-
-
-def run_burst(verb: str, env: dict[str, str], tmp_path: Path, name: str | None = None) -> FleetProcess:
-    proc = FleetProcess(name or verb, [verb, "--burst"], env, tmp_path / f"{name or verb}.log").start()
-    assert proc.wait(120) == 0, proc.output()[-3000:]
-    return proc
 
 
 @pytest.fixture

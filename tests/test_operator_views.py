@@ -12,7 +12,7 @@ from typing import Any
 
 from producer import Producer
 from tests.test_cli import tf
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from tests.test_http_read import API_KEYS, C100, OPERATOR, auth, serve
 from turnfleet import keys
 from turnfleet.auth import hash_key

@@ -22,7 +22,7 @@ from telemetry.raw_expiry import RawExpiry
 from telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.test_cli import tf
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from tests.test_http_read import C100, auth, serve
 from tests.test_job import runtime
 from tests.test_observability import dump_keys

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from producer import Producer
 from telemetry.alert_reads import read_alerts
-from tests.test_observability import dump_telemetry_keys, run_burst
+from tests.processes import run_burst
+from tests.test_observability import dump_telemetry_keys
 from turnfleet import keys
 
 PERSONAL = {

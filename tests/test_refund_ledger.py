@@ -11,7 +11,7 @@ import json
 from producer import Producer
 from tests.drills.audit import audit
 from tests.test_cli import tf
-from tests.test_fleet import run_burst, start_burst
+from tests.processes import run_burst, start_burst
 from turnfleet import keys
 
 REFUND_1047 = "I'd like a refund for order 1047, the headphones stopped working."

@@ -14,7 +14,7 @@ from producer import Producer
 from telemetry.metrics import exposition
 from telemetry.find import find_conversations
 from telemetry.stats import conversation_stats, totals
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from tests.test_metrics import parse, value
 from turnfleet.tool_errors import tool_error_of
 from workers import orderbook

@@ -24,7 +24,7 @@ from telemetry.alert_reads import read_alerts
 from telemetry.stats import stats, totals
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 
 MODEL = "gpt-4o-mini"
 

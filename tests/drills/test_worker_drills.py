@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from producer import Producer
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
-from tests.test_fleet import run_burst
+from tests.processes import run_burst
 from turnfleet import keys
 from turnfleet.fleet import FleetProcess
 from turnfleet.queue import UNDECODABLE_FUNCTION, deserialize_job
