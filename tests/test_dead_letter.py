@@ -8,7 +8,6 @@ write them (or, for poison and garbage, raw). The subprocess versions are the dr
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from telemetry.consumer import (
 )
 from telemetry.stats import totals, turn_stats
 from telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
+from tests.waiting import until
 from tests.batches import AttemptBatch
 from tests.test_telemetry import TURN_TOKENS, drain, pending, pick, settings, support_turn
 from turnfleet import keys
@@ -63,11 +63,8 @@ async def deliveries(redis: Any, entry_id: str) -> int:
 
 
 async def wait_until(condition: Any, what: str) -> None:
-    """Poll a Redis-side condition (an observable state, not a guess at timing)."""
-    deadline = time.monotonic() + WAIT_S
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    """Wait for a Redis-side condition (an observable state, not a guess at timing)."""
+    await until(condition, what, WAIT_S)
 
 
 def test_the_poison_batch_really_makes_the_planner_raise(redis: Any) -> None:

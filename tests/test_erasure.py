@@ -28,6 +28,7 @@ from telemetry.alert_reads import read_alerts
 from telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.redis_scan import find_mentions
+from tests.waiting import until
 from tests.conftest import running_redis
 from tests.test_job import FlakyModel
 from tests.test_llm_endpoint import endpoint_model
@@ -327,8 +328,10 @@ async def test_forget_waits_for_a_running_turn_or_refuses_and_erases_nothing(
     assert (await producer.result(turn_id)).status == "running"
 
     waiting = asyncio.create_task(forget(redis, customer_id=A, wait_s=60))
-    while not any(c.get("cmd") == "xread" for c in await redis.client_list()):
-        await asyncio.sleep(0.01)  # until forget blocks on the results stream
+    async def blocked_on_results() -> bool:
+        return any(c.get("cmd") == "xread" for c in await redis.client_list())
+
+    await until(blocked_on_results, "forget to block on the results stream")
     assert not waiting.done()
     server.release()
     assert await running == "completed"

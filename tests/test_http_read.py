@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from telemetry.find import find_conversations
 from telemetry.latency import latency_report, slowest_turns
 from telemetry.stats import stats, totals
 from telemetry.replay import conversation_replay, turn_replay
+from tests.waiting import until
 from tests.processes import run_burst
 from tests.uvicorn_server import serving_app
 from turnfleet import keys
@@ -65,12 +65,8 @@ async def serve(redis_url: str, **settings: Any) -> AsyncIterator[httpx.AsyncCli
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30) -> None:
-    """Wait until ``check()`` holds (a condition, re-checked every 20 ms), or fail naming it."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    """Wait until ``check()`` holds, or fail naming it."""
+    await until(check, what, timeout_s)
 
 
 @pytest.fixture

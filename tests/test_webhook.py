@@ -38,6 +38,7 @@ from telemetry.webhook import (
     backoff_s,
     retry_after_s,
 )
+from tests.waiting import until
 from tests.test_alerts import failed_turn
 from tests.uvicorn_server import EventServer
 from turnfleet import __version__, keys
@@ -117,16 +118,8 @@ async def sink_until(sink: AlertWebhook, condition: Callable[[], Awaitable[bool]
 
 async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = WAIT_S) -> None:
     """Poll Redis state until it holds, for a sink in another process (no event reaches
-    this one): a condition re-checked every 10 ms, not a delay."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    this one)."""
+    await until(condition, "the condition", timeout_s)
 
 
 @pytest.fixture

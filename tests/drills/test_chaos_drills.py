@@ -43,13 +43,12 @@ async def wait_all_done(redis, turn_ids: list[str], procs: list[FleetProcess], t
 
 
 async def wait_telemetry(redis, procs: list[FleetProcess], timeout_s: float = 60) -> None:
-    import asyncio
-    import time
+    from tests.waiting import until
 
-    deadline = time.monotonic() + timeout_s
-    while not await caught_up(redis):  # polls a condition the consumer advances
-        assert time.monotonic() < deadline, "telemetry did not catch up: " + procs[0].output()[-2000:]
-        await asyncio.sleep(0.05)
+    try:
+        await until(lambda: caught_up(redis), "telemetry to catch up", timeout_s)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {procs[0].output()[-2000:]}") from None
 
 
 async def test_drill_5_redis_killed_and_restarted_under_load(redis_server, redis, fleet_env, tmp_path: Path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from producer import Producer
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
+from tests import waiting
 from tests.processes import run_burst
 from turnfleet import keys
 from turnfleet.fleet import FleetProcess
@@ -90,19 +90,13 @@ async def exited(proc: FleetProcess, timeout: float = 60) -> int:
 
 async def until(check, what: str, timeout: float = 20.0, proc: FleetProcess | None = None) -> None:
     """Wait for ``check()`` (sync or async) to hold: a key written, a log line logged."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = check()
-        if asyncio.iscoroutine(ok):
-            ok = await ok
-        if ok:
-            return
-        if proc is not None and not proc.running():
-            raise AssertionError(f"{proc.name} exited ({proc.process.returncode}) before {what}: "
-                                 f"{proc.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+
+    def exited() -> str | None:
+        if proc is None or proc.running():
+            return None
+        return f"{proc.name} exited ({proc.process.returncode}): {proc.output()[-3000:]}"
+
+    await waiting.until(check, what, timeout, gave_up=exited)
 
 
 async def polling(redis, *names: str) -> None:
