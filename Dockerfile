@@ -15,17 +15,18 @@ WORKDIR /app
 # Dependencies first, pinned by constraints.txt, in their own layer: a code change does not
 # reinstall them. Empty packages stand in for the code so setuptools can resolve the project.
 COPY pyproject.toml constraints.txt ./
-RUN mkdir turnfleet producer workers telemetry \
-    && touch turnfleet/__init__.py producer/__init__.py workers/__init__.py telemetry/__init__.py \
+RUN mkdir turnfleet producer workers telemetry shell \
+    && touch turnfleet/__init__.py producer/__init__.py workers/__init__.py telemetry/__init__.py shell/__init__.py \
     && pip install -c constraints.txt '.[otlp]' \
     && pip uninstall -y turnfleet \
-    && rm -rf turnfleet producer workers telemetry build *.egg-info
+    && rm -rf turnfleet producer workers telemetry shell build *.egg-info
 
 # The code. --no-deps: everything it needs is in the layer above, at the pinned versions.
 COPY turnfleet turnfleet
 COPY producer producer
 COPY workers workers
 COPY telemetry telemetry
+COPY shell shell
 RUN pip install --no-deps -c constraints.txt '.[otlp]' \
     && pip check \
     && rm -rf build *.egg-info \

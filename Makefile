@@ -16,8 +16,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/turnfleet demo
 
+# The whole suite on .venv's Python, then the quick subset on each other supported Python
+# present here (tools/other-pythons says which it ran and which it skipped).
+QUICK_TESTS := tests/test_layering.py tests/test_events.py tests/test_job.py tests/test_producer.py \
+	tests/test_support_desk.py tests/test_cli.py
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+	QUICK_TESTS="$(QUICK_TESTS)" tools/other-pythons
+
+# Only the other Pythons' quick subset.
+.PHONY: test-pythons
+test-pythons: $(STAMP)
+	QUICK_TESTS="$(QUICK_TESTS)" tools/other-pythons
 
 # The console's browser tests drive Debian's Chromium through Playwright (never a downloaded
 # browser). Installed with apt when missing; TURNFLEET_SKIP_BROWSER=1 skips the install and
@@ -40,7 +50,7 @@ lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .turnfleet .pytest_cache
+	rm -rf $(VENV) $(VENV)-3.* .turnfleet .pytest_cache
 
 # The README's pictures of the web console, from a real run (see tests/console_screenshots.py).
 .PHONY: screenshots

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from turnfleet.embedded import RedisServer
-from turnfleet.fleet import fleet_env
+from turnfleet.shell.embedded import RedisServer
+from turnfleet.shell.fleet import fleet_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "Where is order 1043?"
@@ -86,7 +86,7 @@ def col(runs: list[dict[str, float]], key: str) -> list[float]:
 
 
 async def enqueue_all(url: str, turns: list[dict[str, Any]]) -> list[str]:
-    from producer.api import Producer
+    from turnfleet.producer.api import Producer
 
     ids: list[str] = []
     async with Producer(url) as p:
@@ -99,7 +99,7 @@ async def consume(url: str, env: dict[str, str] | None = None) -> None:
     """A burst consumer run (with ``env``'s settings: retention purges after draining)."""
     from redis.asyncio import Redis
 
-    from telemetry.consumer import caught_up, run_consumer
+    from turnfleet.telemetry.consumer import caught_up, run_consumer
     from turnfleet.settings import TelemetrySettings
 
     overrides = {k.removeprefix("TURNFLEET_").lower(): v for k, v in (env or {}).items()

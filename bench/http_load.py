@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from turnfleet.auth import hash_key
-from turnfleet.fleet import FleetProcess, fleet_env, listening_socket
+from turnfleet.shell.fleet import FleetProcess, fleet_env, listening_socket
 
 KEY = "tf_bench_operator_key_0123456789"
 

@@ -17,9 +17,9 @@ from agents import Agent, RunContextWrapper, RunHooks, Runner, Tool
 from arq.connections import RedisSettings
 from redis.asyncio import Redis
 
-from workers.context import TurnContext
-from workers.model import OfflineModel
-from workers.support_desk import build_support_desk
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import build_support_desk
 
 STREAM = "plain:events"
 

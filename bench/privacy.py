@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PrivateRedis, consume, enqueue_all, worker_env
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 
 TEXT = "Where is order 1043? My card is 4111 1111 1111 1111, mail me at dana{c}@example.com"
 TURNS_PER_CONV, CONVS_PER_CUSTOMER = 5, 2
@@ -67,7 +67,7 @@ async def _forget_timed(url: str, customers: list[str]) -> list[dict[str, float]
 async def _expire_timed(url: str) -> dict[str, float]:
     from redis.asyncio import Redis
 
-    from telemetry.raw_expiry import RawExpiry
+    from turnfleet.telemetry.raw_expiry import RawExpiry
     from turnfleet import keys
     from turnfleet.settings import TelemetrySettings
 

@@ -41,11 +41,11 @@ async def capture(url: str, texts: list[str], tag: str) -> list[tuple[Any, dict[
     from agents import RunConfig, Runner, set_trace_processors
     from redis.asyncio import Redis
 
-    from workers.context import TurnContext
-    from workers.hooks import TelemetryHooks
-    from workers.model import OfflineModel
-    from workers.support_desk import build_support_desk
-    from workers.trace_store import TraceBuffer
+    from turnfleet.workers.context import TurnContext
+    from turnfleet.workers.hooks import TelemetryHooks
+    from turnfleet.workers.model import OfflineModel
+    from turnfleet.workers.support_desk import build_support_desk
+    from turnfleet.workers.trace_store import TraceBuffer
 
     desk = build_support_desk(OfflineModel())
     buffer = TraceBuffer()
@@ -78,7 +78,7 @@ async def capture(url: str, texts: list[str], tag: str) -> list[tuple[Any, dict[
 def redact_turns(turns: list[tuple[Any, dict[str, Any]]], detectors: Any) -> float:
     """µs per turn to redact the turns' events and trace records with a fresh redactor."""
     from turnfleet.redaction import Redactor
-    from workers.trace_store import redact_record
+    from turnfleet.workers.trace_store import redact_record
 
     redactor = Redactor(detectors=detectors)
     t0 = time.perf_counter()

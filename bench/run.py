@@ -46,8 +46,8 @@ from bench.common import (
     stats,
     worker_env,
 )
-from turnfleet.embedded import redis_server_binary
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.embedded import redis_server_binary
+from turnfleet.shell.fleet import FleetProcess
 
 # -- 1. throughput per worker process ---------------------------------------------------------
 
@@ -58,11 +58,11 @@ async def _bare(n: int, concurrency: int, url: str, traced: bool = False, memory
     from redis.asyncio import Redis
 
     from turnfleet.redaction import Redactor
-    from workers.context import TurnContext
-    from workers.hooks import TelemetryHooks
-    from workers.memory import ConversationMemory
-    from workers.model import OfflineModel
-    from workers.support_desk import build_support_desk
+    from turnfleet.workers.context import TurnContext
+    from turnfleet.workers.hooks import TelemetryHooks
+    from turnfleet.workers.memory import ConversationMemory
+    from turnfleet.workers.model import OfflineModel
+    from turnfleet.workers.support_desk import build_support_desk
 
     desk = build_support_desk(OfflineModel())
     redis = Redis.from_url(url)
@@ -137,7 +137,7 @@ def bench_plain_arq(n: int, base: Path, rep: int) -> dict[str, float]:
 
 
 async def _results(url: str, ids: list[str]) -> list[Any]:
-    from producer.api import Producer
+    from turnfleet.producer.api import Producer
 
     async with Producer(url) as p:
         return [await p.result(t) for t in ids]
@@ -189,7 +189,7 @@ def bench_fleet(n: int, base: Path, rep: int) -> dict[str, float]:
 async def _telemetry(url: str) -> dict[str, float]:
     from redis.asyncio import Redis
 
-    from telemetry.consumer import caught_up, run_consumer
+    from turnfleet.telemetry.consumer import caught_up, run_consumer
     from turnfleet import keys
     from turnfleet.settings import TelemetrySettings
 
@@ -221,7 +221,7 @@ async def _telemetry(url: str) -> dict[str, float]:
 
 
 async def _pickup(url: str, n: int, tag: str) -> list[float]:
-    from producer.api import Producer
+    from turnfleet.producer.api import Producer
 
     waits = []
     async with Producer(url) as p:
@@ -251,7 +251,7 @@ def bench_pickup(n: int, base: Path, rep: int) -> dict[str, float]:
 
 
 async def _enqueue(url: str, mode: str, n: int, tag: str) -> dict[str, float]:
-    from producer.api import Producer
+    from turnfleet.producer.api import Producer
 
     turns = conv_turns(n, f"enq-{mode}-{tag}")
     async with Producer(url) as p:
@@ -382,7 +382,7 @@ def bench_cpu_split(n: int, base: Path) -> dict[str, float] | None:
     with PrivateRedis(base) as server:
         ids = asyncio.run(enqueue_all(server.url, conv_turns(n, "cpu")))
         env = {**os.environ, **worker_env(server.url, base / "state")}
-        parts = profile.record([sys.executable, "-m", "turnfleet.cli", "worker", "--burst"], env,
+        parts = profile.record([sys.executable, "-m", "turnfleet.shell.cli", "worker", "--burst"], env,
                                base / "cpu.raw", base / "logs" / "cpu.log", 600)
         results = asyncio.run(_results(server.url, ids))
         if sum(1 for r in results if r is not None and r.status == "completed") != n:

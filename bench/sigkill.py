@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import CUSTOMER, TEXT, PrivateRedis, conv_turns, percentile, worker_env
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 
 # ~18 s a kill (two worker start-ups, the stagger, up to a lease): many turns per kill rather
 # than many kills keeps the full run within its 15 minutes.
@@ -42,7 +42,7 @@ async def _sigkill_trial(url: str, env: dict[str, str], base: Path, trial: str, 
     victim and ``release`` the held calls; per turn, the lease left at the kill, when the
     survivor's ``START`` found it lost (the ``WorkerLost`` record) and when its next attempt
     started (in the isolated lane: one lost turn at a time, see workers/isolation.py)."""
-    from producer.api import Producer
+    from turnfleet.producer.api import Producer
     from turnfleet import heartbeat, keys
     from turnfleet.connection import connect
 

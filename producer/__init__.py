@@ -3,7 +3,7 @@
 Importing it does not import the Agents SDK or arq's worker.
 """
 
-from producer.api import (
+from turnfleet.producer.api import (
     BudgetExceeded,
     BulkEnqueueError,
     ConversationOwnershipError,

@@ -33,7 +33,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api import EnqueueResult, Producer, TurnValidationError
+from turnfleet.producer.api import EnqueueResult, Producer, TurnValidationError
 from turnfleet import audit
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus

@@ -11,7 +11,7 @@ The entry is read through the event contract (``turnfleet.events``): an event wh
 payload does not fit is a ``MalformedEntry``. What each kind adds is its entry in
 :data:`PLANNERS` (increments, ``find`` facets, the ``/metrics`` families it feeds).
 
-What is counted, and where (field names are documented in :mod:`telemetry.stats`):
+What is counted, and where (field names are documented in :mod:`turnfleet.telemetry.stats`):
 
 - tokens and requests from ``llm_end`` usage only (``turn_completed.usage`` is a cross-check,
   logged as ``telemetry.usage_mismatch`` when it disagrees); cost per ``llm_end`` from the
@@ -90,7 +90,7 @@ import structlog
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from telemetry.pricing import PriceTable
+from turnfleet.telemetry.pricing import PriceTable
 from turnfleet import keys
 from turnfleet import tool_errors
 from turnfleet.events import (

@@ -36,14 +36,14 @@ from datetime import datetime, timezone
 import structlog
 from redis.asyncio import Redis
 
-from telemetry.aggregate import (
+from turnfleet.telemetry.aggregate import (
     DAY_TTL_S,
     GLOBAL_SUBJECT,
     MIN_WINDOW_TTL_S,
     FailedTurn,
     Touched,
 )
-from telemetry.pricing import nusd_to_usd
+from turnfleet.telemetry.pricing import nusd_to_usd
 from turnfleet import budget, keys
 from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings

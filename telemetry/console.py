@@ -48,20 +48,20 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from markupsafe import Markup, escape
 from redis.asyncio import Redis
 
-from telemetry.http import (
+from turnfleet.telemetry.http import (
     alert_stream,
     alerts_tail,
     find_visible,
     recent_alerts,
 )
-from telemetry.find import FIND_PAGE_MAX
-from telemetry.live_figures import last_hour, spend_today
-from telemetry.replay import conversation_replay
-from telemetry.times import parse_time
+from turnfleet.telemetry.find import FIND_PAGE_MAX
+from turnfleet.telemetry.live_figures import last_hour, spend_today
+from turnfleet.telemetry.replay import conversation_replay
+from turnfleet.telemetry.times import parse_time
 from turnfleet import keys
 from turnfleet.auth import Principal
 from turnfleet.redaction import Redactor
-from turnfleet.render import money, ms
+from turnfleet.formatting import money, ms
 from turnfleet.http import redis_of, settings_of, trace_redis_of
 
 log = structlog.get_logger(__name__)

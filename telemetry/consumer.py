@@ -52,7 +52,7 @@ idempotent, so events it had already counted count nothing).
 unacknowledged tail every ``TRIM_EVERY_S`` and at the end of a burst run; the policy (never
 an entry some group has not acknowledged; a backlog longer than ``telemetry_max_entries`` is
 counted in ``telemetry_backlog_over_limit`` and logged, never trimmed) is in
-:mod:`telemetry.trim`.
+:mod:`turnfleet.telemetry.trim`.
 
 **Fault injection (drills only).** ``TURNFLEET_FAULT_CRASH_BEFORE_ACK=N`` (unset by
 default; :class:`FaultInjection`) makes the process end with ``os._exit(137)``, as a SIGKILL
@@ -84,12 +84,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
-from telemetry.alerts import AlertRules
-from telemetry.stream_group import Entry, StreamGroupMember, _text
-from telemetry.raw_expiry import RawExpiry
-from telemetry.retention import PURGE_EVERY_S, Retention
-from telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
+from turnfleet.telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
+from turnfleet.telemetry.alerts import AlertRules
+from turnfleet.telemetry.stream_group import Entry, StreamGroupMember, _text
+from turnfleet.telemetry.raw_expiry import RawExpiry
+from turnfleet.telemetry.retention import PURGE_EVERY_S, Retention
+from turnfleet.telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import heartbeat, keys
 from turnfleet.connection import RedisUnavailable, connect, wait_for_redis
 from turnfleet.settings import TelemetrySettings
@@ -321,7 +321,7 @@ class TelemetryConsumer(StreamGroupMember):
         return handled
 
     async def trim(self) -> TrimResult:
-        """Trim the stream to its unacknowledged tail (policy: :mod:`telemetry.trim`)."""
+        """Trim the stream to its unacknowledged tail (policy: :mod:`turnfleet.telemetry.trim`)."""
         result = await trim_acknowledged(self.redis, self.settings.telemetry_max_entries)
         if result.over_limit:
             log.warning("telemetry.backlog_over_limit", consumer=self.name, backlog=result.length,
@@ -507,11 +507,11 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
     way out: what ``turnfleet health --role
     telemetry`` and ``turnfleet_telemetry_consumers_alive`` read. It trims the stream to its
     unacknowledged tail every ``trim_every_s`` and, in burst mode, once more after draining
-    (:mod:`telemetry.trim`). With ``retention_s`` set it purges idle conversations every
-    ``PURGE_EVERY_S`` and after a burst (:mod:`telemetry.retention`); with
-    ``raw_retention_s`` > 0, the same for turns' expired raw text (:mod:`telemetry.raw_expiry`).
+    (:mod:`turnfleet.telemetry.trim`). With ``retention_s`` set it purges idle conversations every
+    ``PURGE_EVERY_S`` and after a burst (:mod:`turnfleet.telemetry.retention`); with
+    ``raw_retention_s`` > 0, the same for turns' expired raw text (:mod:`turnfleet.telemetry.raw_expiry`).
     """
-    from telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
+    from turnfleet.telemetry.webhook import AlertWebhook  # imported here: webhook.py imports this module
 
     redis = connect(redis_url)
     if burst:

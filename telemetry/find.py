@@ -12,8 +12,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from telemetry.stats import counters
-from telemetry.times import iso_of_ms, ms_of
+from turnfleet.telemetry.stats import counters
+from turnfleet.telemetry.times import iso_of_ms, ms_of
 from turnfleet import keys
 
 # KEYS: the filter zsets, then the conversation index, then a scratch key.

@@ -41,16 +41,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from telemetry.aggregate import SLOWEST_TURNS_KEPT
-from telemetry.alert_reads import alert_entries, alert_entries_before
-from telemetry.find import FIND_PAGE_MAX, find_conversations
-from telemetry.lag import telemetry_lag
-from telemetry.latency import latency_report, slowest_turns
-from telemetry.metrics import exposition
-from telemetry.replay import conversation_replay, turn_replay
-from telemetry.scoped import stats_of_customers, totals_of_customers
-from telemetry.stats import stats, totals
-from telemetry.times import parse_time
+from turnfleet.telemetry.aggregate import SLOWEST_TURNS_KEPT
+from turnfleet.telemetry.alert_reads import alert_entries, alert_entries_before
+from turnfleet.telemetry.find import FIND_PAGE_MAX, find_conversations
+from turnfleet.telemetry.lag import telemetry_lag
+from turnfleet.telemetry.latency import latency_report, slowest_turns
+from turnfleet.telemetry.metrics import exposition
+from turnfleet.telemetry.replay import conversation_replay, turn_replay
+from turnfleet.telemetry.scoped import stats_of_customers, totals_of_customers
+from turnfleet.telemetry.stats import stats, totals
+from turnfleet.telemetry.times import parse_time
 from turnfleet import audit, heartbeat, keys
 from turnfleet.auth import Principal
 from turnfleet.models import Alert

@@ -11,8 +11,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from telemetry.aggregate import CALL_METRIC, GLOBAL_SUBJECT, TURN_METRICS
-from telemetry.stats import optional_float
+from turnfleet.telemetry.aggregate import CALL_METRIC, GLOBAL_SUBJECT, TURN_METRICS
+from turnfleet.telemetry.stats import optional_float
 from turnfleet import keys
 
 PERCENTILES = (50, 95, 99)

@@ -9,15 +9,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from telemetry.aggregate import (
+from turnfleet.telemetry.aggregate import (
     CUSTOMER_MODEL_CALLS,
     CUSTOMER_MODEL_COST,
     LATENCY_BUCKET,
     latency_bucket_bound,
 )
-from telemetry.pricing import nusd_to_usd
-from telemetry.stats import counters
-from telemetry.times import iso_of_ms, ms_of
+from turnfleet.telemetry.pricing import nusd_to_usd
+from turnfleet.telemetry.stats import counters
+from turnfleet.telemetry.times import iso_of_ms, ms_of
 from turnfleet import keys
 
 

@@ -76,10 +76,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
-from telemetry.alerts import RULES
-from telemetry.lag import telemetry_lag
-from telemetry.stats import counters
+from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
+from turnfleet.telemetry.alerts import RULES
+from turnfleet.telemetry.lag import telemetry_lag
+from turnfleet.telemetry.stats import counters
 from turnfleet import heartbeat, keys
 
 TOP_CUSTOMERS = 50  # customers exported in the by-customer families (highest known cost)

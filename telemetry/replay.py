@@ -36,7 +36,7 @@ from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from telemetry.stats import conversation_stats, turn_stats
+from turnfleet.telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from turnfleet.connection import RAW
 from turnfleet.events import (

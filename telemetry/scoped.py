@@ -1,5 +1,5 @@
 """Reads scoped to some customers, for the HTTP API: a key bound to some customers sees rows
-of those customers only (the same rows :mod:`telemetry.stats` gives the fleet)."""
+of those customers only (the same rows :mod:`turnfleet.telemetry.stats` gives the fleet)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from telemetry.aggregate import FLOAT_COUNTERS, INT_COUNTERS
-from telemetry.find import find_page
-from telemetry.stats import counters, stats_rows
+from turnfleet.telemetry.aggregate import FLOAT_COUNTERS, INT_COUNTERS
+from turnfleet.telemetry.find import find_page
+from turnfleet.telemetry.stats import counters, stats_rows
 from turnfleet import keys
 
 
 async def stats_of_customers(
     redis: Redis, by: Literal["conversation", "customer"], customers: Sequence[str], limit: int = 100
 ) -> list[dict[str, Any]]:
-    """:func:`telemetry.stats.stats` restricted to some customers: the same rows, most recently
+    """:func:`turnfleet.telemetry.stats.stats` restricted to some customers: the same rows, most recently
     active first.
 
     ``by="customer"``: those customers' rows. ``by="conversation"``: the conversations of those
     customers (the producer's ``keys.customer_conversations``), intersected with the
-    conversation index server side (:func:`telemetry.find.find_page`), one script call per
+    conversation index server side (:func:`turnfleet.telemetry.find.find_page`), one script call per
     customer, then merged. There is no per-customer split of model figures, so no ``model``.
     """
     if by not in ("conversation", "customer"):
@@ -49,7 +49,7 @@ async def stats_of_customers(
 async def totals_of_customers(redis: Redis, customers: Sequence[str]) -> dict[str, Any]:
     """:func:`counters` summed over some customers' hashes (``latency_ms_max``: the largest).
 
-    What :func:`telemetry.stats.totals` is for the fleet, for a key bound to these customers (without the
+    What :func:`turnfleet.telemetry.stats.totals` is for the fleet, for a key bound to these customers (without the
     fleet-wide ``telemetry_malformed``).
     """
     wanted = sorted(set(customers))

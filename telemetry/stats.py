@@ -57,14 +57,14 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from telemetry.aggregate import (
+from turnfleet.telemetry.aggregate import (
     FLOAT_COUNTERS,
     GLOBAL_KEY,
     INT_COUNTERS,
     MODEL_ERRORS,
     MODEL_ERRORS_BY_TYPE,
 )
-from telemetry.pricing import nusd_to_usd
+from turnfleet.telemetry.pricing import nusd_to_usd
 from turnfleet import keys
 
 StatsKind = Literal["conversation", "customer", "model"]
@@ -175,7 +175,7 @@ async def stats(redis: Redis, by: StatsKind, limit: int = 100) -> list[dict[str,
 
 async def stats_rows(redis: Redis, by: StatsKind,
                      index: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
-    """The :func:`stats` rows (also :mod:`telemetry.scoped`'s) of ``(subject, last event ms)``
+    """The :func:`stats` rows (also :mod:`turnfleet.telemetry.scoped`'s) of ``(subject, last event ms)``
     pairs, in their order."""
     if not index:
         return []

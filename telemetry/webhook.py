@@ -73,7 +73,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from telemetry.stream_group import Entry, StreamGroupMember, _text
+from turnfleet.telemetry.stream_group import Entry, StreamGroupMember, _text
 from turnfleet import __version__, heartbeat, keys
 from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings

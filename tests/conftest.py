@@ -17,7 +17,7 @@ from agents import set_trace_processors
 from agents.tracing import TracingProcessor, get_trace_provider
 
 from turnfleet.connection import connect
-from turnfleet.embedded import RedisServer
+from turnfleet.shell.embedded import RedisServer
 
 
 @contextmanager
@@ -66,7 +66,7 @@ def fleet_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def turnfleet_cmd() -> list[str]:
     """How to run the CLI as a subprocess with this interpreter."""
-    return [sys.executable, "-m", "turnfleet.cli"]
+    return [sys.executable, "-m", "turnfleet.shell.cli"]
 
 
 class Collector(TracingProcessor):

@@ -3,7 +3,7 @@
 Used by ``tests/test_console.py`` (browser and HTTP tests) and ``tests/console_screenshots.py``
 (the README's pictures), so both show the same, real data:
 
-1. the five conversations of ``turnfleet demo`` (``turnfleet.demo.SCENARIO``), on the offline
+1. the five conversations of ``turnfleet demo`` (``turnfleet.shell.demo.SCENARIO``), on the offline
    model, through a real ``turnfleet worker --burst``;
 2. one more conversation for customer C-100 whose text carries a card number and an email
    address (redacted in telemetry) and whose first attempt fails: its worker talks to the
@@ -35,12 +35,12 @@ from typing import Any
 
 import httpx
 
-from producer import Producer
+from turnfleet.producer import Producer
 from tests.llm_server import LLMServer
 from turnfleet.auth import hash_key
-from turnfleet.demo import DEMO_CONVERSATION_COST_ALERT_USD, SCENARIO
-from turnfleet.embedded import RedisServer
-from turnfleet.fleet import FleetProcess, listening_socket
+from turnfleet.shell.demo import DEMO_CONVERSATION_COST_ALERT_USD, SCENARIO
+from turnfleet.shell.embedded import RedisServer
+from turnfleet.shell.fleet import FleetProcess, listening_socket
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

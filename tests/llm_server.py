@@ -1,7 +1,7 @@
 """A local OpenAI-compatible model endpoint for tests and drills: the Support Desk over HTTP.
 
 ``LLMServer`` answers ``POST /v1/chat/completions`` and ``POST /v1/responses`` with the
-decisions of the offline model (``workers.model.decide``): the request's messages (tool calls
+decisions of the offline model (``turnfleet.workers.model.decide``): the request's messages (tool calls
 and tool results included) and its tools (handoffs are the ``transfer_to_*`` tools) are turned
 into the offline model's input, and the decision comes back as ``tool_calls`` or a message,
 with usage counted by the offline model's formula (so for the same conversation the numbers
@@ -69,7 +69,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from workers.model import (
+from turnfleet.workers.model import (
     Decision,
     HandoffOption,
     canonical_json,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 
 
 def start_burst(verb: str, env: dict[str, str], tmp_path: Path, name: str) -> FleetProcess:

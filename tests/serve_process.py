@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from turnfleet.fleet import FleetProcess, listening_socket
+from turnfleet.shell.fleet import FleetProcess, listening_socket
 
 
 @contextlib.contextmanager

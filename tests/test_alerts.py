@@ -10,10 +10,10 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from telemetry.aggregate import Touched
-from telemetry.alerts import AlertRules, alert_id
-from telemetry.consumer import TelemetryConsumer
-from telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.aggregate import Touched
+from turnfleet.telemetry.alerts import AlertRules, alert_id
+from turnfleet.telemetry.consumer import TelemetryConsumer
+from turnfleet.telemetry.alert_reads import read_alerts
 from tests.test_telemetry import (
     T0,
     AttemptBatch,

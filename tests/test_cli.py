@@ -11,7 +11,7 @@ import pytest
 
 from turnfleet import keys
 
-CLI = [sys.executable, "-m", "turnfleet.cli"]
+CLI = [sys.executable, "-m", "turnfleet.shell.cli"]
 
 
 def tf(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:

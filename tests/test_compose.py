@@ -29,11 +29,11 @@ from redis import Redis
 
 import turnfleet.settings as settings_module
 from turnfleet import keys
-from turnfleet.cli import build_parser
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.cli import build_parser
+from turnfleet.shell.fleet import FleetProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "turnfleet.cli"]
+CLI = [sys.executable, "-m", "turnfleet.shell.cli"]
 TURNFLEET_SERVICES = {"producer", "worker", "telemetry"}
 HEALTH_ROLE = {"producer": "producer", "worker": "worker", "telemetry": "telemetry"}
 
@@ -209,9 +209,9 @@ def test_docker_kills_no_service_before_its_drain_ends(compose, monkeypatch):
     """SIGKILL after ``stop_grace_period``: it must land after the service's own drain
     (worker: drain grace, then requeueing the cancelled turns; producer: the longest long
     poll) plus a margin for flushing, or turns are lost mid-requeue and traces unflushed."""
-    from turnfleet.cli import serve_shutdown_s
+    from turnfleet.shell.cli import serve_shutdown_s
     from turnfleet.settings import ProducerSettings, WorkerProcessSettings
-    from workers.supervisor import CANCELLED_CLEANUP_S
+    from turnfleet.workers.supervisor import CANCELLED_CLEANUP_S
 
     drains = {
         "worker": lambda: WorkerProcessSettings().drain_grace_s + CANCELLED_CLEANUP_S,

@@ -39,7 +39,7 @@ from tests.console_scenario import (
 )
 from turnfleet import keys
 from turnfleet.models import Alert
-from turnfleet.render import money
+from turnfleet.formatting import money
 
 PRIYA = "console-priya-refund"  # C-102: refund of order 1047, $229.00
 DANA = "console-dana"  # C-100

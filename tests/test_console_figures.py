@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from telemetry.aggregate import latency_bucket, latency_bucket_bound
-from telemetry.console import breakdown, sparkline, timeline
-from telemetry.alert_reads import alert_entries_before
-from telemetry.live_figures import histogram_percentile, last_hour, spend_today
-from telemetry.stats import customer_day_stats
+from turnfleet.telemetry.aggregate import latency_bucket, latency_bucket_bound
+from turnfleet.telemetry.console import breakdown, sparkline, timeline
+from turnfleet.telemetry.alert_reads import alert_entries_before
+from turnfleet.telemetry.live_figures import histogram_percentile, last_hour, spend_today
+from turnfleet.telemetry.stats import customer_day_stats
 from tests.batches import T0, AttemptBatch
 from tests.test_telemetry import drain, support_turn
 from turnfleet import keys

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 
-from producer import Producer
-from telemetry.replay import turn_replay
+from turnfleet.producer import Producer
+from turnfleet.telemetry.replay import turn_replay
 from tests.processes import run_burst
 from turnfleet import keys
 from turnfleet.queue import CORRUPT_TURN_RECORD, TurnQueue, deserialize_job, UNDECODABLE_FUNCTION
-from workers.memory import CORRUPT_ITEM_TYPE
-from workers.reconcile import reconcile
+from turnfleet.workers.memory import CORRUPT_ITEM_TYPE
+from turnfleet.workers.reconcile import reconcile
 
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError on this, not ValueError
 
@@ -206,7 +206,7 @@ async def test_every_undecodable_payload_fails_its_turn_promptly_and_the_convers
 async def test_repeating_a_turn_id_whose_record_is_corrupt_is_refused_not_an_error(redis, redis_url):
     """A retried POST (or enqueue) of a turn whose stored record is unreadable can't be shown
     to be the same turn: it is refused as a reused id (422), never a 500 or a raw exception."""
-    from producer import TurnIdReused
+    from turnfleet.producer import TurnIdReused
     from tests.test_http import KEY_A, auth, make_settings, serving
 
     body = {"conversation_id": "cv-rep", "customer_id": "C-100", "text": "Hello there"}

@@ -15,8 +15,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
-from telemetry.aggregate import Aggregator
-from telemetry.consumer import (
+from turnfleet.telemetry.aggregate import Aggregator
+from turnfleet.telemetry.consumer import (
     DEAD_LETTERED,
     FaultInjection,
     TelemetryConsumer,
@@ -24,8 +24,8 @@ from telemetry.consumer import (
     read_dead_letters,
     run_consumer,
 )
-from telemetry.stats import totals, turn_stats
-from telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
+from turnfleet.telemetry.stats import totals, turn_stats
+from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
 from tests.waiting import until
 from tests.batches import AttemptBatch
 from tests.test_telemetry import TURN_TOKENS, drain, pending, pick, settings, support_turn

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from turnfleet.demo import SCENARIO
+from turnfleet.shell.demo import SCENARIO
 
 TURNFLEET = Path(sys.executable).parent / "turnfleet"
 REFUND = re.compile(r"I've refunded \$229\.00 for order (\d+) \(refund (RF-[0-9A-F]{10})\)")

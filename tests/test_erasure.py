@@ -20,12 +20,12 @@ import pytest
 from agents import set_trace_processors
 from agents.tracing import get_trace_provider
 
-from producer import Producer
-from telemetry.aggregate import ERASED_SKIPPED
-from telemetry.metrics import exposition
-from telemetry.consumer import TelemetryConsumer
-from telemetry.alert_reads import read_alerts
-from telemetry.replay import conversation_replay
+from turnfleet.producer import Producer
+from turnfleet.telemetry.aggregate import ERASED_SKIPPED
+from turnfleet.telemetry.metrics import exposition
+from turnfleet.telemetry.consumer import TelemetryConsumer
+from turnfleet.telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.redis_scan import find_mentions
 from tests.waiting import until
@@ -37,11 +37,11 @@ from turnfleet.connection import connect
 from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
 from turnfleet.queue import TurnQueue
 from turnfleet.settings import TelemetrySettings, WorkerProcessSettings
-from workers.job import Runtime, run_turn
-from workers.settings import shutdown, startup
-from workers.model import OfflineModel
-from workers.orderbook import _packaged_text
-from workers.support_desk import PROMPT_INJECTION, build_support_desk
+from turnfleet.workers.job import Runtime, run_turn
+from turnfleet.workers.settings import shutdown, startup
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.orderbook import _packaged_text
+from turnfleet.workers.support_desk import PROMPT_INJECTION, build_support_desk
 
 A, B = "cust-erase-a7f3", "cust-erase-b9k2"
 LEDGER = (keys.LEDGER_PREFIX,)

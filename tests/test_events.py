@@ -17,11 +17,11 @@ from agents.usage import Usage
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText
 from prometheus_client.parser import text_string_to_metric_families
 
-from telemetry.aggregate import PLANNERS
-from telemetry.consumer import read_dead_letters
-from telemetry.metrics import exposition
-from telemetry.stats import totals, turn_stats
-from telemetry.replay import NODES, tree_from_events
+from turnfleet.telemetry.aggregate import PLANNERS
+from turnfleet.telemetry.consumer import read_dead_letters
+from turnfleet.telemetry.metrics import exposition
+from turnfleet.telemetry.stats import totals, turn_stats
+from turnfleet.telemetry.replay import NODES, tree_from_events
 from tests.batches import T0, AttemptBatch
 from tests.test_telemetry import drain, pending, support_turn
 from turnfleet import events as ev
@@ -29,7 +29,7 @@ from turnfleet import keys
 from turnfleet.events import PAYLOADS, EventKind, batch_json, parse_events
 from turnfleet.models import ErrorInfo
 from turnfleet.redaction import Redactor
-from workers.hooks import TelemetryHooks
+from turnfleet.workers.hooks import TelemetryHooks
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = "4111 1111 1111 1111"

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from producer import Producer
-from telemetry.find import find_conversations
-from telemetry.stats import conversation_stats
+from turnfleet.producer import Producer
+from turnfleet.telemetry.find import find_conversations
+from turnfleet.telemetry.stats import conversation_stats
 from tests.batches import T0, AttemptBatch
 from tests.test_telemetry import drain
 from turnfleet import keys

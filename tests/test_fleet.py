@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from agents.extensions.memory import RedisSession
 
-from producer import Producer
-from telemetry.alert_reads import read_alerts
-from telemetry.stats import conversation_stats, turn_stats
+from turnfleet.producer import Producer
+from turnfleet.telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from tests.processes import run_burst, start_burst
 from turnfleet.models import TokenUsage

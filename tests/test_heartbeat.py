@@ -12,7 +12,7 @@ from pathlib import Path
 from turnfleet import heartbeat, keys
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ("turnfleet", "workers", "telemetry", "producer", "bench")
+PRODUCT = ("turnfleet", "workers", "telemetry", "producer", "shell", "bench")
 HEARTBEAT_ZSETS = re.compile(r"keys\.(WORKERS|TELEMETRY_CONSUMERS)\b")
 
 

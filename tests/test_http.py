@@ -30,8 +30,8 @@ from turnfleet import budget, keys
 from turnfleet.auth import hash_key, new_key
 
 from tests.processes import run_burst_in_thread
-from turnfleet.fleet import FleetProcess, listening_socket
-from turnfleet.server import create_app
+from turnfleet.shell.fleet import FleetProcess, listening_socket
+from turnfleet.shell.server import create_app
 from turnfleet.settings import ApiKey, ProducerSettings
 
 KEY_A = new_key()  # customer C-100
@@ -390,7 +390,7 @@ async def test_rotated_keys_file_takes_effect_without_restart(redis_url, tmp_pat
 
 
 def tf(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "turnfleet.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "turnfleet.shell.cli", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 

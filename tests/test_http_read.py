@@ -18,20 +18,20 @@ from typing import Any
 import httpx
 import pytest
 
-from producer import Producer
-from telemetry.alert_reads import read_alerts
-from telemetry.find import find_conversations
-from telemetry.latency import latency_report, slowest_turns
-from telemetry.stats import stats, totals
-from telemetry.replay import conversation_replay, turn_replay
+from turnfleet.producer import Producer
+from turnfleet.telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.find import find_conversations
+from turnfleet.telemetry.latency import latency_report, slowest_turns
+from turnfleet.telemetry.stats import stats, totals
+from turnfleet.telemetry.replay import conversation_replay, turn_replay
 from tests.waiting import until
 from tests.processes import run_burst
 from tests.uvicorn_server import serving_app
 from turnfleet import keys
 from turnfleet.auth import hash_key
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 from turnfleet.models import Alert
-from turnfleet.server import create_app
+from turnfleet.shell.server import create_app
 from turnfleet.settings import ApiKey, ProducerSettings
 
 OPERATOR = "tfk_test-operator"

@@ -28,8 +28,8 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 
 from turnfleet.auth import hash_key, new_key
-from turnfleet.embedded import free_port
-from turnfleet.server import create_app
+from turnfleet.shell.embedded import free_port
+from turnfleet.shell.server import create_app
 from turnfleet.settings import ApiKey, ProducerSettings
 
 OPERATOR_KEY = new_key()

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from hypothesis.provisional import domains
 from redis import Redis as SyncRedis
 
-from producer import Producer, TurnValidationError
+from turnfleet.producer import Producer, TurnValidationError
 from tests.serve_process import turnfleet_serve
-from turnfleet import cli
+from turnfleet.shell import cli
 from turnfleet.auth import hash_key, new_key
 from turnfleet.models import ID_PATTERN, check_id, check_pseudonymous_id
 
@@ -260,7 +260,7 @@ def _refused_by_cli(redis_url: str, field: str, value: str) -> str:
 async def test_cli_subprocess_refuses_newline_and_lookalike_ids(fleet_env, redis, field, value):
     args = {"conversation_id": "c-1", "customer_id": "C-100", field: value}
     argv = ["enqueue", *(a for f, v in args.items() for a in (CLI_FLAGS[f], v)), "hello"]
-    proc = subprocess.run([sys.executable, "-m", "turnfleet.cli", *argv], env=fleet_env,
+    proc = subprocess.run([sys.executable, "-m", "turnfleet.shell.cli", *argv], env=fleet_env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr

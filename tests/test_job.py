@@ -9,13 +9,13 @@ import pytest
 from agents.extensions.memory import RedisSession
 from arq import Retry
 
-from producer import Producer
+from turnfleet.producer import Producer
 from turnfleet import keys
 from turnfleet.queue import TurnQueue
 from turnfleet.settings import WorkerProcessSettings
-from workers.job import Runtime, run_turn
-from workers.model import OfflineModel
-from workers.support_desk import build_support_desk
+from turnfleet.workers.job import Runtime, run_turn
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import build_support_desk
 
 
 
@@ -134,7 +134,7 @@ def test_the_session_messages_key_is_where_the_sdk_keeps_items():
     session = RedisSession(session_id=keys.session_id("conv-k"), redis_client=connect("redis://127.0.0.1:1"),
                            key_prefix=keys.SESSION_PREFIX)
     assert session._messages_key == keys.session_messages("conv-k")
-    from workers.memory import ConversationMemory
+    from turnfleet.workers.memory import ConversationMemory
 
     assert ConversationMemory(connect("redis://127.0.0.1:1"), "conv-k").messages_key == keys.session_messages("conv-k")
 
@@ -146,11 +146,11 @@ def test_the_steps_of_a_turn_attempt_take_few_arguments():
     import ast
     import inspect
 
-    import workers.attempt
-    import workers.job
+    import turnfleet.workers.attempt
+    import turnfleet.workers.job
 
     too_many = []
-    for module in (workers.job, workers.attempt):
+    for module in (turnfleet.workers.job, turnfleet.workers.attempt):
         for node in ast.walk(ast.parse(inspect.getsource(module))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 a = node.args

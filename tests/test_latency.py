@@ -11,9 +11,9 @@ import random
 from datetime import timedelta
 from typing import Any
 
-from telemetry.aggregate import SLOWEST_TURNS_KEPT
-from telemetry.latency import latency_report, percentile, slowest_turns
-from telemetry.stats import totals, turn_stats
+from turnfleet.telemetry.aggregate import SLOWEST_TURNS_KEPT
+from turnfleet.telemetry.latency import latency_report, percentile, slowest_turns
+from turnfleet.telemetry.stats import totals, turn_stats
 from tests.test_telemetry import (
     OFFLINE,
     T0,

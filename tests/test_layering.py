@@ -1,4 +1,7 @@
-"""The product's imports form no cycle, and the components import only ``turnfleet``.
+"""The product's layering: no import cycle; the contract (``turnfleet``) imports none of the
+components nor the shell; the components (``turnfleet.producer``, ``.workers``, ``.telemetry``)
+import the contract, never each other nor the shell; and nothing is installed outside the
+``turnfleet`` namespace.
 
 Every import counts, at module level or inside a function (a lazy import is still a
 dependency), so a cycle cannot hide behind ``import`` in a function body.
@@ -7,19 +10,40 @@ dependency), so a cycle cannot hide behind ``import`` in a function body.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("turnfleet", "producer", "workers", "telemetry")
-COMPONENTS = ("producer", "workers", "telemetry")
+# folder in the checkout -> the package it installs as
+PACKAGES = {
+    "turnfleet": "turnfleet",
+    "producer": "turnfleet.producer",
+    "workers": "turnfleet.workers",
+    "telemetry": "turnfleet.telemetry",
+    "shell": "turnfleet.shell",
+}
+COMPONENTS = ("turnfleet.producer", "turnfleet.workers", "turnfleet.telemetry")
+SHELL = "turnfleet.shell"
+
+
+def _layer(module: str) -> str:
+    """``turnfleet`` (the contract), ``turnfleet.shell`` or one component."""
+    for package in (*COMPONENTS, SHELL):
+        if module == package or module.startswith(package + "."):
+            return package
+    return "turnfleet"
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            out[name] = path
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            out[".".join((package, *parts)).removesuffix(".__init__")] = path
     return out
 
 
@@ -82,7 +106,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_product_has_no_import_cycle():
     graph = import_graph()
-    assert "turnfleet.server" in graph and "producer.http" in graph["turnfleet.server"]  # the scan sees lazy imports
+    assert "turnfleet.producer.http" in graph["turnfleet.shell.server"]  # the scan sees lazy imports
     assert cycles(graph) == []
 
 
@@ -90,10 +114,74 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_components_import_turnfleet_never_each_other():
-    crossing = sorted(
+def crossings(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that go up or sideways: the contract imports only itself; a component the
+    contract and itself; only the shell imports the components."""
+    allowed = {"turnfleet": {"turnfleet"}, SHELL: {"turnfleet", SHELL, *COMPONENTS}}
+    return sorted(
         f"{module} imports {dep}"
-        for module, deps in import_graph().items() if module.split(".")[0] in COMPONENTS
-        for dep in deps if dep.split(".")[0] in COMPONENTS and dep.split(".")[0] != module.split(".")[0]
+        for module, deps in graph.items()
+        for dep in deps
+        if _layer(dep) not in allowed.get(_layer(module), {"turnfleet", _layer(module)})
     )
-    assert crossing == []
+
+
+def test_each_layer_imports_only_those_below_it():
+    assert crossings(import_graph()) == []
+
+
+def test_the_layer_check_sees_each_kind_of_crossing():
+    graph = {
+        "turnfleet.keys": {"turnfleet.workers.job"},             # contract -> component
+        "turnfleet.models": {"turnfleet.shell.render"},          # contract -> shell
+        "turnfleet.telemetry.find": {"turnfleet.producer.api"},  # component -> component
+        "turnfleet.workers.job": {"turnfleet.shell.cli", "turnfleet.keys"},  # component -> shell
+        "turnfleet.shell.cli": {"turnfleet.workers.job", "turnfleet.keys"},  # fine
+    }
+    assert crossings(graph) == [
+        "turnfleet.keys imports turnfleet.workers.job",
+        "turnfleet.models imports turnfleet.shell.render",
+        "turnfleet.telemetry.find imports turnfleet.producer.api",
+        "turnfleet.workers.job imports turnfleet.shell.cli",
+    ]
+
+
+def test_only_the_turnfleet_namespace_is_installed(tmp_path):
+    """Outside the checkout, ``import workers`` (``telemetry``, ``producer``, ``shell``) fails,
+    and the installed packages are the ``turnfleet.*`` ones, from these folders."""
+    code = (
+        "import importlib, json\n"
+        "out = {}\n"
+        "for name in ('workers', 'telemetry', 'producer', 'shell'):\n"
+        "    try:\n"
+        "        importlib.import_module(name); out[name] = 'imported'\n"
+        "    except ImportError:\n"
+        "        out[name] = 'missing'\n"
+        "import turnfleet.workers.job, turnfleet.telemetry.consumer, turnfleet.producer.api, turnfleet.shell.cli\n"
+        "out['turnfleet.workers'] = turnfleet.workers.__file__\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    out = json.loads(proc.stdout)
+    assert {k: out[k] for k in ("workers", "telemetry", "producer", "shell")} == dict.fromkeys(
+        ("workers", "telemetry", "producer", "shell"), "missing")
+    assert Path(out["turnfleet.workers"]).name == "__init__.py"
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGES))
+def test_no_module_is_imported_by_its_folder_name(folder):
+    """Inside the checkout a folder would import as a top-level package too (twice, as two
+    module objects): no code says ``from workers ...``."""
+    if folder == "turnfleet":
+        return
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted(ROOT.rglob("*.py")) if ".venv" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line.lstrip().startswith((f"from {folder}.", f"from {folder} ", f"import {folder}"))
+    ]
+    assert offenders == []

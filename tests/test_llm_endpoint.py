@@ -23,16 +23,16 @@ from agents import ModelSettings
 from agents.handoffs import handoff
 from agents.models.interface import Model, ModelTracing
 
-from producer import Producer
-from telemetry.stats import stats, turn_stats
+from turnfleet.producer import Producer
+from turnfleet.telemetry.stats import stats, turn_stats
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
 from tests.processes import run_burst
 from turnfleet.connection import connect
-from turnfleet.embedded import RedisServer
+from turnfleet.shell.embedded import RedisServer
 from turnfleet.settings import DEFAULT_PRICES, WorkerProcessSettings
-from workers.llm import MalformedModelResponse, is_transient_model_error, make_model
-from workers.model import OfflineModel
-from workers.support_desk import build_support_desk
+from turnfleet.workers.llm import MalformedModelResponse, is_transient_model_error, make_model
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import build_support_desk
 
 REFUND = "I'd like a refund of $89.00 for order 1042, the boots are too small."
 MODEL = "gpt-4o-mini"  # priced, so cost is known

@@ -5,7 +5,7 @@ from __future__ import annotations
 from agents.extensions.memory import RedisSession
 
 from turnfleet import keys
-from workers.memory import ConversationMemory, MemoryFenced
+from turnfleet.workers.memory import ConversationMemory, MemoryFenced
 
 USER = {"role": "user", "content": "Where is order 1043?"}
 ANSWER = {"role": "assistant", "content": "It has shipped."}

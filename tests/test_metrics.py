@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from telemetry.aggregate import HISTOGRAM_BOUNDS_MS
-from telemetry.metrics import TOKEN_KINDS
-from telemetry.alert_reads import read_alerts
-from telemetry.lag import TelemetryLag, telemetry_lag
-from telemetry.stats import stats, totals, turn_stats
+from turnfleet.telemetry.aggregate import HISTOGRAM_BOUNDS_MS
+from turnfleet.telemetry.metrics import TOKEN_KINDS
+from turnfleet.telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.lag import TelemetryLag, telemetry_lag
+from turnfleet.telemetry.stats import stats, totals, turn_stats
 from tests.processes import run_burst
 from tests.test_http_read import C100, OPERATOR, auth, eventually, serve
 from tests.test_telemetry import drain, support_turn
 from turnfleet import keys
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -57,7 +57,7 @@ async def scrape(http: Any) -> Samples:
 async def test_metrics_equal_the_telemetry_aggregates_after_a_real_scenario(
     redis, redis_url, fleet_env, tmp_path
 ):
-    from producer import Producer
+    from turnfleet.producer import Producer
 
     async with Producer(redis=redis) as producer:
         ok = [

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from producer import Producer
-from telemetry.alert_reads import read_alerts
-from telemetry.stats import conversation_stats, totals
-from telemetry.replay import conversation_replay, turn_replay
+from turnfleet.producer import Producer
+from turnfleet.telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.stats import conversation_stats, totals
+from turnfleet.telemetry.replay import conversation_replay, turn_replay
 from turnfleet import keys
-from turnfleet.embedded import free_port
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.embedded import free_port
+from turnfleet.shell.fleet import FleetProcess
 from tests.processes import run_burst
 from turnfleet.models import TokenUsage
-from workers.trace_store import conversation_fraction
+from turnfleet.workers.trace_store import conversation_fraction
 
 
 @pytest.fixture

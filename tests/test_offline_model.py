@@ -17,8 +17,8 @@ from agents.tracing.span_data import GenerationSpanData
 
 from tests.conftest import Collector
 from turnfleet.connection import connect
-from workers.context import TurnContext
-from workers.model import (
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.model import (
     DEFAULT_MODEL_NAME,
     Conversation,
     HandoffOption,
@@ -26,7 +26,7 @@ from workers.model import (
     decide,
     order_ids_in,
 )
-from workers.support_desk import build_support_desk
+from turnfleet.workers.support_desk import build_support_desk
 
 TRIAGE_HANDOFFS = [
     HandoffOption("transfer_to_billing", "Billing"),

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.drills.test_worker_drills import until
-from turnfleet.embedded import RedisServer, free_port
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.embedded import RedisServer, free_port
+from turnfleet.shell.fleet import FleetProcess
 
-CLI = [sys.executable, "-m", "turnfleet.cli"]
+CLI = [sys.executable, "-m", "turnfleet.shell.cli"]
 
 
 def tf(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -25,10 +25,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from turnfleet.settings import WorkerProcessSettings
-from workers.context import TurnContext
-from workers.model import OfflineModel
-from workers.otlp import OTLP_EXTRA_MISSING, OtlpSink, otel_span_id, otel_trace_id
-from workers.support_desk import build_support_desk
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.otlp import OTLP_EXTRA_MISSING, OtlpSink, otel_span_id, otel_trace_id
+from turnfleet.workers.support_desk import build_support_desk
 
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
 
@@ -389,7 +389,7 @@ def test_the_worker_settings_make_the_sink(receiver: Receiver) -> None:
 
 
 def test_a_missing_otlp_extra_says_how_to_install_it(monkeypatch) -> None:
-    import workers.otlp as otlp
+    import turnfleet.workers.otlp as otlp
 
     monkeypatch.setattr(otlp, "_otel", None)
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)

@@ -6,7 +6,7 @@ import uuid
 
 from structlog.testing import capture_logs
 
-from telemetry.pricing import PriceTable, nusd_to_usd
+from turnfleet.telemetry.pricing import PriceTable, nusd_to_usd
 from turnfleet.models import TokenUsage
 from turnfleet.settings import DEFAULT_PRICES, Price, TelemetrySettings
 

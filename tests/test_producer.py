@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer import Producer, TurnValidationError
+from turnfleet.producer import Producer, TurnValidationError
 from turnfleet import keys
 from turnfleet.models import TurnResult
 from turnfleet.queue import ConversationOwnershipError, TurnQueue
@@ -128,7 +128,7 @@ async def test_wait_returns_when_the_result_is_written(producer, redis):
 
 
 async def test_a_customer_over_its_daily_budget_gets_a_typed_error_and_nothing_is_enqueued(redis):
-    from producer import BudgetExceeded
+    from turnfleet.producer import BudgetExceeded
     from turnfleet import budget
 
     producer = Producer(redis=redis, settings=ProducerSettings(budgets={"C-100": 0.01}))
@@ -214,7 +214,7 @@ async def test_bulk_items_that_are_not_mappings_are_named_by_index(producer, red
 
 
 async def test_same_turn_id_with_different_content_is_refused(producer, redis):
-    from producer import TurnIdReused
+    from turnfleet.producer import TurnIdReused
 
     base = {"conversation_id": "c-1", "customer_id": "C-100", "turn_id": "t-1"}
     assert await producer.enqueue_turn(**base, text="refund order 1042") == "t-1"
@@ -232,7 +232,7 @@ async def test_same_turn_id_with_different_content_is_refused(producer, redis):
 
 
 async def test_bulk_with_a_conversation_of_another_customer_says_which_turns_were_enqueued(producer, redis):
-    from producer import BulkEnqueueError
+    from turnfleet.producer import BulkEnqueueError
 
     await producer.enqueue_turn(conversation_id="c-taken", customer_id="C-200", text="mine", turn_id="x-0")
     turns = [
@@ -256,7 +256,7 @@ async def test_bulk_with_a_conversation_of_another_customer_says_which_turns_wer
 
 
 async def test_enqueue_batch_judges_each_turn_on_its_own(redis):
-    from producer import EnqueueResult
+    from turnfleet.producer import EnqueueResult
     from turnfleet import budget
 
     producer = Producer(redis=redis, settings=ProducerSettings(budgets={"C-300": 0.01}))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from producer import Producer
+from turnfleet.producer import Producer
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnResult
 from turnfleet.queue import CORRUPT_TURN_RECORD, Lane, Outcome, TurnQueue
 from turnfleet.settings import WorkerProcessSettings
-from workers.job import STALE, Runtime, run_turn
-from workers.model import OfflineModel
-from workers.support_desk import build_support_desk
+from turnfleet.workers.job import STALE, Runtime, run_turn
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import build_support_desk
 
 
 def result(turn_id: str, conversation_id: str = "c-1", status: str = "completed", attempts: int = 1) -> TurnResult:

@@ -14,12 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from producer import Producer
-from telemetry.consumer import run_consumer
-from telemetry.find import find_conversations
-from telemetry.stats import stats
-from telemetry.raw_expiry import RawExpiry
-from telemetry.replay import conversation_replay
+from turnfleet.producer import Producer
+from turnfleet.telemetry.consumer import run_consumer
+from turnfleet.telemetry.find import find_conversations
+from turnfleet.telemetry.stats import stats
+from turnfleet.telemetry.raw_expiry import RawExpiry
+from turnfleet.telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.test_cli import tf
 from tests.processes import run_burst
@@ -39,8 +39,8 @@ from turnfleet.models import (
 from turnfleet.raw_text import redact_request
 from turnfleet.redaction import Redactor
 from turnfleet.settings import CommonSettings, TelemetrySettings
-from workers.job import run_turn
-from workers.model import OfflineModel
+from turnfleet.workers.job import run_turn
+from turnfleet.workers.model import OfflineModel
 
 CARD = "4111 1111 1111 1111"
 PHONE = "+44 20 7946 0958"

@@ -653,7 +653,7 @@ def test_extra_detectors_come_from_the_environment(monkeypatch) -> None:
     ("TURNFLEET_REDACT_PATTERNS", '["(unclosed"]', "invalid redact pattern '(unclosed'"),
 ])
 def test_the_cli_refuses_unusable_redaction_settings_in_one_line(fleet_env, name, value, says) -> None:
-    proc = subprocess.run([sys.executable, "-m", "turnfleet.cli", "apikey", "hash", "abc"],
+    proc = subprocess.run([sys.executable, "-m", "turnfleet.shell.cli", "apikey", "hash", "abc"],
                           env={**fleet_env, name: value}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr

@@ -9,8 +9,8 @@ marker is in the trace.
 
 from __future__ import annotations
 
-from producer import Producer
-from telemetry.alert_reads import read_alerts
+from turnfleet.producer import Producer
+from turnfleet.telemetry.alert_reads import read_alerts
 from tests.processes import run_burst
 from tests.test_observability import dump_telemetry_keys
 from turnfleet import keys

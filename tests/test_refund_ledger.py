@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from producer import Producer
+from turnfleet.producer import Producer
 from tests.drills.audit import audit
 from tests.test_cli import tf
 from tests.processes import run_burst, start_burst

@@ -9,14 +9,14 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from producer import Producer
-from telemetry.consumer import run_consumer
-from telemetry.retention import Retention
+from turnfleet.producer import Producer
+from turnfleet.telemetry.consumer import run_consumer
+from turnfleet.telemetry.retention import Retention
 from tests.test_job import runtime
 from turnfleet import keys
 from turnfleet.settings import TelemetrySettings
-from workers.job import run_turn
-from workers.model import OfflineModel
+from turnfleet.workers.job import run_turn
+from turnfleet.workers.model import OfflineModel
 
 TEXTS = ["Where is order 1043?", "I want a refund for order 1042", "Please escalate to a human"]
 DAY_MS = 86_400_000

@@ -22,12 +22,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from turnfleet import keys
 from turnfleet.connection import connect
-from turnfleet.embedded import free_port
-from workers.context import TurnContext
-from workers.model import OfflineModel
-from workers.orderbook import load_order_book
-from workers.support_desk import SupportDesk, build_support_desk
-from workers.tools import ToolUnavailable, process_refund, refund_id, ticket_id
+from turnfleet.shell.embedded import free_port
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.orderbook import load_order_book
+from turnfleet.workers.support_desk import SupportDesk, build_support_desk
+from turnfleet.workers.tools import ToolUnavailable, process_refund, refund_id, ticket_id
 
 
 @pytest.fixture

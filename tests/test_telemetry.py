@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from telemetry.consumer import TelemetryConsumer, caught_up, run_consumer
-from telemetry.stats import conversation_stats, customer_day_stats, stats, totals, turn_stats
+from turnfleet.telemetry.consumer import TelemetryConsumer, caught_up, run_consumer
+from turnfleet.telemetry.stats import conversation_stats, customer_day_stats, stats, totals, turn_stats
 from tests.batches import OFFLINE, T0, AttemptBatch
 from turnfleet import keys
 from turnfleet.models import TokenUsage
@@ -183,7 +183,7 @@ async def test_unacked_entry_is_claimed_by_another_consumer_and_not_double_count
 
 CRASHING_CONSUMER = """
 import asyncio, os, signal, sys
-from telemetry.consumer import TelemetryConsumer
+from turnfleet.telemetry.consumer import TelemetryConsumer
 from turnfleet.connection import connect
 from turnfleet.models import TokenUsage
 from turnfleet.settings import TelemetrySettings

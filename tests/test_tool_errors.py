@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from producer import Producer
-from telemetry.metrics import exposition
-from telemetry.find import find_conversations
-from telemetry.stats import conversation_stats, totals
+from turnfleet.producer import Producer
+from turnfleet.telemetry.metrics import exposition
+from turnfleet.telemetry.find import find_conversations
+from turnfleet.telemetry.stats import conversation_stats, totals
 from tests.processes import run_burst
 from tests.test_metrics import parse, value
 from turnfleet.tool_errors import tool_error_of
-from workers import orderbook
+from turnfleet.workers import orderbook
 
 MALFORMED = {"order_id": "9001", "customer_id": "C-100", "customer_name": "Dana Whitfield",
              "items": ["Trail map"], "amount": "12.00", "status": "delivered", "carrier": "UPS",

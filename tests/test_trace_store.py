@@ -9,10 +9,10 @@ from agents.tracing import get_trace_provider
 
 from turnfleet import keys
 from turnfleet.redaction import Redactor
-from workers.context import TurnContext
-from workers.model import OfflineModel
-from workers.support_desk import build_support_desk
-from workers.trace_store import TraceBuffer, TraceSampler, TraceStore, conversation_fraction
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import build_support_desk
+from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore, conversation_fraction
 
 
 async def run_traced(redis, buffer: TraceBuffer, text: str, conversation_id: str = "conv-1") -> str:
@@ -71,7 +71,7 @@ async def test_an_unsampled_trace_is_discarded_and_frees_the_buffer(redis):
 async def test_the_sdk_openai_exporter_stays_off_unless_configured(redis_url, monkeypatch):
     from agents.tracing.processors import BatchTraceProcessor
 
-    from workers.settings import shutdown, startup
+    from turnfleet.workers.settings import shutdown, startup
 
     provider = get_trace_provider()
     saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]

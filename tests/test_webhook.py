@@ -28,9 +28,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
-from telemetry.alerts import alert_id
-from telemetry.consumer import run_consumer
-from telemetry.webhook import (
+from turnfleet.telemetry.alerts import alert_id
+from turnfleet.telemetry.consumer import run_consumer
+from turnfleet.telemetry.webhook import (
     GROUP,
     STATS,
     USER_AGENT,
@@ -43,7 +43,7 @@ from tests.test_alerts import failed_turn
 from tests.uvicorn_server import EventServer
 from turnfleet import __version__, keys
 from turnfleet.connection import connect
-from turnfleet.embedded import free_port
+from turnfleet.shell.embedded import free_port
 from turnfleet.models import Alert
 from turnfleet.settings import TelemetrySettings
 
@@ -418,7 +418,7 @@ async def test_telemetry_process_posts_alerts_until_sigterm(
     env = {**fleet_env, "TURNFLEET_ALERT_WEBHOOK_URL": receiver.url,
            "TURNFLEET_ALERT_WEBHOOK_MAX_BACKOFF_S": "0.05", "TURNFLEET_BLOCK_MS": "50"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "turnfleet.cli", "telemetry", env=env,
+        sys.executable, "-m", "turnfleet.shell.cli", "telemetry", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         await failed_turn("t-7").send(redis)

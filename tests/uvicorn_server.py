@@ -13,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from turnfleet.embedded import free_port
+from turnfleet.shell.embedded import free_port
 
 
 class EventServer(uvicorn.Server):

@@ -7,7 +7,7 @@ class per span kind), so writer and readers share one definition instead of each
 shape of a free dict in its head.
 
 - :data:`PAYLOADS` is the registry kind → payload class. The readers keep their own table per
-  kind next to it (``telemetry.aggregate.PLANNERS``, ``telemetry.replay.NODES``) and a test
+  kind next to it (``turnfleet.telemetry.aggregate.PLANNERS``, ``turnfleet.telemetry.replay.NODES``) and a test
   checks that every kind is in each, in ``/metrics`` where it feeds a counter, and in the
   README's event table. Adding a kind: its member of :class:`EventKind`, its payload class and
   registry line here, its planner and replay entry, its README row (and the hook that emits it).

@@ -71,6 +71,7 @@ from redis.exceptions import ResponseError
 from turnfleet import keys
 from turnfleet.connection import RAW, as_text, eval_raw, lenient_text
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, TurnStatus, check_id, utcnow
+from turnfleet.scripts import load_script
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -78,6 +79,8 @@ JOB_FUNCTION = "run_turn"
 UNDECODABLE_FUNCTION = "record_undecodable"  # what an undecodable job payload runs instead
 JOB_TTL_MS = 86_400_000  # arq's expires_extra_ms: a job not started within a day expires
 EVENTS_TTL_S = 7 * 86400  # default retention of per-turn event timelines
+
+RENEW = load_script("renew")
 
 _WAKE = """
 local function wake(turn_id, conversation_id, now, job_prefix, job_ttl, fname, queue, active)
@@ -218,18 +221,6 @@ return {attempt, status, redis.call('HGET', KEYS[1], 'request') or '',
         redis.call('LLEN', KEYS[3]), redis.call('HGET', KEYS[5], 'customer_id') or '',
         redis.call('HGET', KEYS[1], 'corrupt') or '',
         tonumber(redis.call('HGET', KEYS[1], 'spared') or '0')}
-"""
-
-# KEYS: turn, in_progress
-# ARGV: attempt, lease_ms, token
-# Returns 1 (lease renewed), 0 (this attempt is no longer the turn's running attempt).
-RENEW_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[2]))
-return 1
 """
 
 # KEYS: turn, turn_errors, telemetry, turn_events
@@ -500,7 +491,7 @@ class TurnQueue:
         self._enqueue = redis.register_script(ENQUEUE_LUA)
         self._enqueue_many = redis.register_script(ENQUEUE_MANY_LUA)
         self._start = redis.register_script(START_LUA)
-        self._renew = redis.register_script(RENEW_LUA)
+        self._renew = RENEW.bind(redis)
         self._fail_attempt = redis.register_script(FAIL_ATTEMPT_LUA)
         self._finish = redis.register_script(FINISH_LUA)
         self._reconcile = redis.register_script(RECONCILE_LUA)
@@ -628,8 +619,8 @@ class TurnQueue:
     async def renew_lease(self, turn_id: str, attempt: int, worker: str, lease_s: float) -> bool:
         """Extend the attempt's lease; False once the attempt no longer owns the turn."""
         held = await self._renew(
-            keys=[keys.turn(turn_id), keys.ARQ_IN_PROGRESS_PREFIX + turn_id],
-            args=[attempt, int(lease_s * 1000), f"{worker}#{attempt}"],
+            keys={"turn": keys.turn(turn_id), "in_progress": keys.ARQ_IN_PROGRESS_PREFIX + turn_id},
+            args={"attempt": attempt, "lease_ms": int(lease_s * 1000), "token": f"{worker}#{attempt}"},
         )
         return int(held) == 1
 

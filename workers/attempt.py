@@ -26,7 +26,7 @@ still the turn's running attempt, and retried on connection errors for up to one
 another took the turn over learns it at its next renewal — the attempt is cancelled — or at
 its outcome write, which is refused; either way it logs ``turn.result_dropped`` and writes
 nothing, and arq's clean-up for it is skipped (``Runtime.fenced``, see
-``workers.supervisor.TurnWorker``) so the new attempt's job and lease are left alone.
+``turnfleet.workers.supervisor.TurnWorker``) so the new attempt's job and lease are left alone.
 
 **Drain.** When the worker stops (``Runtime.stopping``), attempts still running after the
 drain grace are cancelled: each records a ``WorkerStopped`` attempt error (with what it had
@@ -66,10 +66,10 @@ from turnfleet.models import AttemptError, TurnResult, utcnow
 from turnfleet.queue import Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
-from workers.context import TurnContext
-from workers.hooks import TelemetryHooks
-from workers.memory import ConversationMemory, MemoryFenced
-from workers.trace_store import TraceStore
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.hooks import TelemetryHooks
+from turnfleet.workers.memory import ConversationMemory, MemoryFenced
+from turnfleet.workers.trace_store import TraceStore
 
 log = structlog.get_logger(__name__)
 

@@ -44,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from turnfleet.models import utcnow
 from turnfleet.queue import CORRUPT_TURN_RECORD, CorruptRecord, Lane
-from workers.attempt import STALE, Attempt, Runtime
+from turnfleet.workers.attempt import STALE, Attempt, Runtime
 
 __all__ = ["STALE", "Runtime", "record_undecodable", "run_turn"]
 

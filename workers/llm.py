@@ -77,7 +77,7 @@ class MalformedModelResponse(openai.APIResponseValidationError):
 def make_model(settings: WorkerProcessSettings) -> Model:
     """The model the Support Desk runs on, from settings (see the module docstring)."""
     if settings.model_base_url is None and settings.model_name == OFFLINE_MODEL:
-        from workers.model import OfflineModel
+        from turnfleet.workers.model import OfflineModel
 
         return OfflineModel(model_name=OFFLINE_MODEL)
     if settings.model_api not in MODEL_APIS:

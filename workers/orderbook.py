@@ -178,13 +178,7 @@ def use_order_book(path: Path | str | None) -> None:
 
 
 def _packaged_text() -> str:
-    try:
-        data = resources.files("workers").joinpath("data", DATA_FILE)
-        return data.read_text(encoding="utf-8")
-    except (NotADirectoryError, TypeError):
-        # An editable install made while workers/ had no __init__.py maps it as a namespace
-        # package, which importlib.resources can't read in 3.11 outside the repo's cwd.
-        return (Path(__file__).parent / "data" / DATA_FILE).read_text(encoding="utf-8")
+    return resources.files("turnfleet.workers").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
 
 
 @cache

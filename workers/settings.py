@@ -30,19 +30,19 @@ from turnfleet.connection import connect
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
-from workers.job import Runtime, record_undecodable, run_turn
-from workers.llm import make_model
-from workers.reconcile import reconcile_forever
-from workers.trace_store import TraceBuffer, TraceSampler, TraceStore
+from turnfleet.workers.job import Runtime, record_undecodable, run_turn
+from turnfleet.workers.llm import make_model
+from turnfleet.workers.reconcile import reconcile_forever
+from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
 _settings = WorkerProcessSettings()
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = WorkerProcessSettings()
-    from workers.support_desk import build_support_desk
+    from turnfleet.workers.support_desk import build_support_desk
 
-    from workers.orderbook import use_order_book
+    from turnfleet.workers.orderbook import use_order_book
 
     use_order_book(settings.order_book)
     url = ctx.get("redis_url") or settings.redis_url
@@ -61,7 +61,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     set_trace_processors(processors)
     sink = None
     if settings.otlp_endpoint:
-        from workers.otlp import OtlpSink
+        from turnfleet.workers.otlp import OtlpSink
 
         sink = OtlpSink.from_settings(settings)
     trace_redis = connect(settings.trace_redis_url) if settings.trace_redis_url else redis

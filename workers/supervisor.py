@@ -38,8 +38,8 @@ from redis.exceptions import RedisError
 
 from turnfleet.connection import connect, wait_for_redis
 from turnfleet.settings import WorkerProcessSettings
-from workers.isolation import Lanes
-from workers.settings import WorkerSettings, redis_settings
+from turnfleet.workers.isolation import Lanes
+from turnfleet.workers.settings import WorkerSettings, redis_settings
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 from agents import Agent, GuardrailFunctionOutput, RunContextWrapper, input_guardrail
 from agents.models.interface import Model
 
-from workers.context import TurnContext
-from workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
 
 TRIAGE = "Triage"
 BILLING = "Billing"

@@ -41,8 +41,8 @@ from redis.exceptions import RedisError
 from turnfleet import keys
 from turnfleet.models import utcnow
 from turnfleet.tool_errors import tool_error_output
-from workers.context import TurnContext
-from workers.orderbook import (
+from turnfleet.workers.context import TurnContext
+from turnfleet.workers.orderbook import (
     Order,
     OrderBook,
     OrderNotFound,

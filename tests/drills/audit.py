@@ -16,7 +16,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from telemetry.stats import totals
+from turnfleet.telemetry.stats import totals
 from turnfleet import keys
 from turnfleet.models import TokenUsage, TurnResult
 from turnfleet.queue import TurnQueue

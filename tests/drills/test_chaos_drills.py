@@ -9,11 +9,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from producer import Producer
-from telemetry.consumer import caught_up
+from turnfleet.producer import Producer
+from turnfleet.telemetry.consumer import caught_up
 from tests.drills.audit import audit
 from turnfleet import keys
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 
 TEXTS = ["Hello", "Where is order 1043?", "I want a refund for order 1042",
          "What's the weather like?", "I want to talk to a human"]

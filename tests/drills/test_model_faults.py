@@ -19,9 +19,9 @@ process exits and stored results only.
 
 from __future__ import annotations
 
-from producer import Producer
-from telemetry.alert_reads import read_alerts
-from telemetry.stats import stats, totals
+from turnfleet.producer import Producer
+from turnfleet.telemetry.alert_reads import read_alerts
+from turnfleet.telemetry.stats import stats, totals
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
 from tests.processes import run_burst

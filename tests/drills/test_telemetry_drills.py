@@ -2,7 +2,7 @@
 
 Turns are enqueued with the producer and run by a real ``turnfleet worker --burst``; the
 telemetry stream they leave is consumed by real ``turnfleet telemetry --burst`` processes
-(``turnfleet.fleet.FleetProcess``). A crash between aggregating and acknowledging is the
+(``turnfleet.shell.fleet.FleetProcess``). A crash between aggregating and acknowledging is the
 consumer's documented fault injection (``TURNFLEET_FAULT_CRASH_BEFORE_ACK``): the process
 ends with ``os._exit(137)`` right after storing an aggregate, before ``XACK``, as SIGKILL
 would leave it. Tests wait on process exits and on Redis state (``XPENDING``, stream
@@ -16,14 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from producer import Producer
-from telemetry.consumer import DEAD_LETTERED, read_dead_letters
-from telemetry.stats import totals
-from telemetry.trim import BACKLOG_OVER_LIMIT
+from turnfleet.producer import Producer
+from turnfleet.telemetry.consumer import DEAD_LETTERED, read_dead_letters
+from turnfleet.telemetry.stats import totals
+from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT
 from tests.drills.audit import audit
 from tests.test_dead_letter import poison_turn
 from turnfleet import keys
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 
 EXIT_TIMEOUT_S = 60
 KILLED = 137  # FAULT_EXIT_CODE: what the fault injection exits with, as a SIGKILL reports

@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer import Producer
+from turnfleet.producer import Producer
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
 from tests import waiting
 from tests.processes import run_burst
 from turnfleet import keys
-from turnfleet.fleet import FleetProcess
+from turnfleet.shell.fleet import FleetProcess
 from turnfleet.queue import UNDECODABLE_FUNCTION, deserialize_job
-from workers.reconcile import reconcile
+from turnfleet.workers.reconcile import reconcile
 
 LEASE_S = 2.0
 MODEL = "gpt-4o-mini"

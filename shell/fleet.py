@@ -31,7 +31,7 @@ class FleetProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "turnfleet.cli", *self.args],
+            [sys.executable, "-m", "turnfleet.shell.cli", *self.args],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=log,

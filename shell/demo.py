@@ -9,7 +9,7 @@ against a shared Redis do not mix.
 Every run works on its own fresh orders: an order is refunded at most once, ever, so a second
 run asking to refund order 1047 again would (rightly) be told it was already refunded. The
 demo copies the packaged orders its scenario names to new order numbers stored in Redis
-(``workers.orderbook.copy_orders``: 1047 becomes 10470001, then 10470002, ...) and asks about
+(``turnfleet.workers.orderbook.copy_orders``: 1047 becomes 10470001, then 10470002, ...) and asks about
 those, so every run shows a real refund. The packaged order book is left as it is.
 """
 
@@ -30,9 +30,10 @@ from rich.text import Text
 
 from turnfleet import heartbeat, keys
 from turnfleet.connection import connect
-from turnfleet.fleet import FleetProcess, fleet_env
+from turnfleet.shell.fleet import FleetProcess, fleet_env
 from turnfleet.models import TurnResult
-from turnfleet.render import console, money, ms, render_alert, turn_headline
+from turnfleet.formatting import money, ms
+from turnfleet.shell.render import console, render_alert, turn_headline
 from turnfleet.settings import CommonSettings
 
 # (conversation label, customer, turns). Order numbers are in workers/data/orders.json.
@@ -85,11 +86,11 @@ def _summary_table(rows: list[list[str]]) -> Table:
 
 
 async def run_demo(redis_url: str, workers: int = 2) -> int:
-    from producer import Producer
-    from telemetry.alert_reads import read_alerts
-    from telemetry.consumer import caught_up
-    from telemetry.stats import conversation_stats, turn_stats
-    from workers.orderbook import copy_orders
+    from turnfleet.producer import Producer
+    from turnfleet.telemetry.alert_reads import read_alerts
+    from turnfleet.telemetry.consumer import caught_up
+    from turnfleet.telemetry.stats import conversation_stats, turn_stats
+    from turnfleet.workers.orderbook import copy_orders
 
     out = console()
     state_dir = Path(CommonSettings().state_dir)

@@ -25,9 +25,9 @@ from turnfleet.settings import ProducerSettings
 
 
 def create_app(settings: ProducerSettings | None = None, redis_url: str | None = None) -> FastAPI:
-    from producer.http import router as producer_router
-    from telemetry.console import router as console_router
-    from telemetry.http import router as telemetry_router
+    from turnfleet.producer.http import router as producer_router
+    from turnfleet.telemetry.console import router as console_router
+    from turnfleet.telemetry.http import router as telemetry_router
 
     settings = settings or ProducerSettings()
     url = redis_url or settings.redis_url

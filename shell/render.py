@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from turnfleet.formatting import money, ms
 from turnfleet.models import Alert, TurnResult
 from turnfleet.tool_errors import tool_outcome
 
@@ -21,18 +22,6 @@ def console() -> Console:
     """stdout; at least 120 columns when not a terminal (pipes, CI logs) so trees stay readable."""
     width = None if sys.stdout.isatty() else 120
     return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
-
-
-def money(value: float | None) -> str:
-    if value is None:
-        return "unknown"
-    return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
-
-
-def ms(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
 def _args(arguments: str) -> str:

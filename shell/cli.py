@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from turnfleet.connection import RedisUrlError, check_redis_url
-from turnfleet.embedded import redis_url_for
+from turnfleet.shell.embedded import redis_url_for
 from turnfleet.logging import configure_logging
 from turnfleet.settings import CommonSettings
 
@@ -86,13 +86,13 @@ def _print_json(data: Any) -> None:
 def cmd_worker(args: argparse.Namespace, url: str) -> int:
     """An arq worker under our supervisor: reconnects after Redis restarts, drains on
     SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/supervisor.py``)."""
-    from workers.supervisor import run
+    from turnfleet.workers.supervisor import run
 
     return run(url, burst=args.burst)
 
 
 def cmd_telemetry(args: argparse.Namespace, url: str) -> int:
-    from telemetry.consumer import run_consumer
+    from turnfleet.telemetry.consumer import run_consumer
     from turnfleet.settings import TelemetrySettings
 
     handled = asyncio.run(run_consumer(TelemetrySettings(), url, burst=args.burst))
@@ -104,7 +104,7 @@ def cmd_telemetry(args: argparse.Namespace, url: str) -> int:
 def _check_enqueue(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
-    from producer.api import TurnValidationError, _field_errors
+    from turnfleet.producer.api import TurnValidationError, _field_errors
     from turnfleet.models import TurnRequest
     from turnfleet.settings import ProducerSettings
 
@@ -175,7 +175,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 async def _enqueue(args: argparse.Namespace, url: str) -> int:
-    from producer import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
+    from turnfleet.producer import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
 
     async with Producer(url) as producer:
         try:
@@ -205,7 +205,7 @@ async def _result(args: argparse.Namespace, url: str) -> int:
     from turnfleet.connection import connect
     from turnfleet.models import TurnResult
     from turnfleet.queue import TurnQueue
-    from turnfleet.render import console, render_turn
+    from turnfleet.shell.render import console, render_turn
 
     redis = connect(url)
     try:
@@ -231,7 +231,7 @@ async def _result(args: argparse.Namespace, url: str) -> int:
 
 
 async def _turn_cost(redis: Any, turn_id: str) -> float | None:
-    from telemetry.stats import turn_stats
+    from turnfleet.telemetry.stats import turn_stats
 
     return (await turn_stats(redis, turn_id)).get("cost_usd")
 
@@ -258,9 +258,9 @@ def _trace_redis(url: str) -> Any:
 
 
 async def _conversation(args: argparse.Namespace, url: str) -> int:
-    from telemetry.replay import conversation_replay
+    from turnfleet.telemetry.replay import conversation_replay
     from turnfleet.connection import connect
-    from turnfleet.render import console, render_replay_conversation
+    from turnfleet.shell.render import console, render_replay_conversation
 
     redis, trace_redis = connect(url), _trace_redis(url)
     try:
@@ -283,9 +283,9 @@ async def _conversation(args: argparse.Namespace, url: str) -> int:
 
 
 async def _turn(args: argparse.Namespace, url: str) -> int:
-    from telemetry.replay import turn_replay
+    from turnfleet.telemetry.replay import turn_replay
     from turnfleet.connection import connect
-    from turnfleet.render import console, render_replay_turn
+    from turnfleet.shell.render import console, render_replay_turn
 
     redis, trace_redis = connect(url), _trace_redis(url)
     try:
@@ -375,10 +375,10 @@ async def _forget(args: argparse.Namespace, url: str) -> int:
 
 
 async def _stats(args: argparse.Namespace, url: str) -> int:
-    from telemetry.latency import latency_report, slowest_turns
-    from telemetry.stats import stats, totals
+    from turnfleet.telemetry.latency import latency_report, slowest_turns
+    from turnfleet.telemetry.stats import stats, totals
     from turnfleet.connection import connect
-    from turnfleet.render import console, render_latency, render_slowest, render_stats
+    from turnfleet.shell.render import console, render_latency, render_slowest, render_stats
 
     redis = connect(url)
     try:
@@ -400,7 +400,7 @@ async def _stats(args: argparse.Namespace, url: str) -> int:
 
 def _when(value: str | None) -> Any:
     """An ISO time, or a time ago: 30m, 2h, 7d."""
-    from telemetry.times import parse_time
+    from turnfleet.telemetry.times import parse_time
 
     try:
         return parse_time(value)
@@ -409,9 +409,9 @@ def _when(value: str | None) -> Any:
 
 
 async def _find(args: argparse.Namespace, url: str) -> int:
-    from telemetry.find import find_conversations
+    from turnfleet.telemetry.find import find_conversations
     from turnfleet.connection import connect
-    from turnfleet.render import console, render_found
+    from turnfleet.shell.render import console, render_found
 
     since, until = _when(args.since), _when(args.until)
     redis = connect(url)
@@ -430,10 +430,10 @@ async def _find(args: argparse.Namespace, url: str) -> int:
 
 
 async def _alerts(args: argparse.Namespace, url: str) -> int:
-    from telemetry.alert_reads import alert_entries, read_alerts
+    from turnfleet.telemetry.alert_reads import alert_entries, read_alerts
     from turnfleet import keys
     from turnfleet.connection import connect
-    from turnfleet.render import console, render_alert, render_alerts
+    from turnfleet.shell.render import console, render_alert, render_alerts
 
     redis = connect(url)
     try:
@@ -479,7 +479,7 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, url: str) -> int:
-    from turnfleet.demo import run_demo
+    from turnfleet.shell.demo import run_demo
 
     return asyncio.run(run_demo(url, workers=args.workers))
 
@@ -489,7 +489,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     A probe has no side effects: it uses ``REDIS_URL`` and never starts the embedded Redis.
     """
-    from turnfleet.health import check
+    from turnfleet.shell.health import check
 
     health = check(args.role, url=args.url, max_age_s=args.max_age, timeout_s=args.timeout)
     if not health.ok:
@@ -514,7 +514,7 @@ def cmd_serve(args: argparse.Namespace, url: str) -> int:
     import structlog
     import uvicorn
 
-    from turnfleet.server import create_app
+    from turnfleet.shell.server import create_app
     from turnfleet.settings import ProducerSettings
 
     settings = ProducerSettings()
@@ -676,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=100)
     a.add_argument("--json", action="store_true")
 
-    from turnfleet.health import DEFAULT_MAX_AGE_S, DEFAULT_TIMEOUT_S, ROLES
+    from turnfleet.shell.health import DEFAULT_MAX_AGE_S, DEFAULT_TIMEOUT_S, ROLES
 
     hc = sub.add_parser("health", help="exit 0 if this host's worker, telemetry or producer is healthy (healthchecks)")
     hc.add_argument("--role", required=True, choices=ROLES)
