@@ -70,3 +70,14 @@ bench: bench-tools
 
 bench-quick: bench-tools
 	$(BIN)/python -m bench.run --quick
+
+# Tables 1 and 4 of this checkout against another commit, side by side in one run:
+#   make bench-compare AGAINST=<commit> [REPS=5]   (builds that commit in a worktree under /tmp)
+AGAINST ?= HEAD~1
+REPS ?= 5
+AGAINST_DIR := /tmp/turnfleet-against-$(shell git rev-parse --short $(AGAINST) 2>/dev/null)
+.PHONY: bench-compare
+bench-compare: $(STAMP)
+	test -d $(AGAINST_DIR) || git worktree add --detach $(AGAINST_DIR) $(AGAINST)
+	$(MAKE) -C $(AGAINST_DIR) install
+	$(BIN)/python -m bench.before_after --against $(AGAINST_DIR) --reps $(REPS)
