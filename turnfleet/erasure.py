@@ -283,11 +283,11 @@ async def _read_subject(redis: Redis, customer_id: str | None, conversation_id: 
 
 async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> tuple[list[str], dict]:
     """The erase script's subject keys and plan for one subject (erase.lua)."""
-    call_keys: list[str] = []
+    subject_keys: list[str] = []
 
     def ix(key: str) -> int:  # its position in the subject keys, as Lua counts
-        call_keys.append(key)
-        return len(call_keys)
+        subject_keys.append(key)
+        return len(subject_keys)
 
     plan: dict = {"queues": [], "turns": [], "cc": [], "ids": sorted(subject.ids),
                   "salt": secrets.token_hex(16), "keep_ms": tombstone_ttl_s * 1000, "zrem": []}
@@ -318,9 +318,9 @@ async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> 
         plan["cc"] = [ix(keys.customer_conversations(cust)), subject.customer_count]
         doomed += [keys.customer_conversations(cust), keys.aggregate("customer", cust)]
         plan["zrem"].append(["ZREM", keys.aggregate_index("customer"), cust])
-    plan["first"] = len(call_keys) + 1
-    call_keys += list(dict.fromkeys(doomed))
-    return call_keys, plan
+    plan["first"] = len(subject_keys) + 1
+    subject_keys += list(dict.fromkeys(doomed))
+    return subject_keys, plan
 
 
 async def _stream_tail(redis: Redis, stream: str) -> str:
