@@ -12,7 +12,7 @@ from typing import Any
 from turnfleet.producer import Producer
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnResult
-from turnfleet.queue import CORRUPT_TURN_RECORD, Lane, Outcome, TurnQueue
+from turnfleet.queue import CORRUPT_TURN_RECORD, FinishExtras, Lane, Outcome, TurnQueue
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import STALE, Runtime, run_turn
 from turnfleet.workers.model import OfflineModel
@@ -95,9 +95,9 @@ async def test_the_finish_script_writes_the_stored_attempt_errors_then_the_final
     final = AttemptError(attempt=two, error_type="BadRequestError", message="refused")
     failed = result(first, status="failed", attempts=two)
     # A stale attempt's final error lands nowhere.
-    assert await queue.finish(failed, None, fence=one, final_error=final) is Outcome.FENCED
+    assert await queue.finish(failed, None, fence=one, extras=FinishExtras(final_error=final)) is Outcome.FENCED
     assert "result" not in await redis.hgetall(keys.turn(first))
-    assert await queue.finish(failed, None, fence=two, final_error=final) is Outcome.WRITTEN
+    assert await queue.finish(failed, None, fence=two, extras=FinishExtras(final_error=final)) is Outcome.WRITTEN
     stored = await queue.get(first)
     assert [(e.attempt, e.error_type, e.message) for e in stored.errors] == [
         (1, "ConnectionError", "reset"), (2, "BadRequestError", "refused")]

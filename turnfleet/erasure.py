@@ -71,6 +71,7 @@ from redis.exceptions import ResponseError
 from turnfleet import audit, keys
 from turnfleet.connection import as_text as _text
 from turnfleet.models import check_id
+from turnfleet.scripts import load_script
 
 
 def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
@@ -117,40 +118,7 @@ _SUBJECT_WINDOW = re.compile(r"lifetime|once|\d{4}-\d\d-\d\d(:\d+%)?")
 # Runs of id characters (turnfleet.models.ID_PATTERN); ':' also separates ids in values.
 _TOKEN = re.compile(r"[A-Za-z0-9._:@-]+")
 
-# KEYS: tombstones zset, salt, then what the plan refers to by index (1-based), the keys to
-#       delete from p.first on.
-# ARGV[1]: the plan as JSON:
-#   queues : [ix]               conversation queues: any turn in them blocks the erasure
-#   turns  : [[ix, n]]          conversation turn lists and their length when read
-#   cc     : [ix, n] or []      the customer's conversation index and its size when read
-#   ids    : [id]               ids to tombstone       salt : a salt to use if none is set yet
-#   keep_ms: tombstones older than this are trimmed
-#   zrem   : [[cmd, key, member]]  (ZREM / HDEL)       first : index of the first key to delete
-# Returns {-1, unfinished} (busy: nothing written), {-2} (changed since read: nothing written)
-# or {1, keys deleted, index entries removed}.
-_ERASE_LUA = """
-local p = cjson.decode(ARGV[1])
-local busy = 0
-for _, ix in ipairs(p.queues) do busy = busy + redis.call('LLEN', KEYS[ix]) end
-if busy > 0 then return {-1, busy} end
-for _, t in ipairs(p.turns) do
-  if redis.call('LLEN', KEYS[t[1]]) ~= t[2] then return {-2} end
-end
-if #p.cc > 0 and redis.call('ZCARD', KEYS[p.cc[1]]) ~= p.cc[2] then return {-2} end
-redis.call('SET', KEYS[2], p.salt, 'NX')
-local salt = redis.call('GET', KEYS[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, id in ipairs(p.ids) do redis.call('ZADD', KEYS[1], now, redis.sha1hex(salt .. id)) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - p.keep_ms))
-local deleted = 0
-for i = p.first, #KEYS, 500 do
-  deleted = deleted + redis.call('DEL', unpack(KEYS, i, math.min(i + 499, #KEYS)))
-end
-local removed = 0
-for _, z in ipairs(p.zrem) do removed = removed + redis.call(z[1], z[2], z[3]) end
-return {1, deleted, removed}
-"""
+ERASE = load_script("erase")  # turnfleet/lua/erase.lua: the plan it takes is described there
 
 
 @dataclass
@@ -259,12 +227,13 @@ async def _erase_subject(redis: Redis, customer_id: str | None, conversation_id:
     queued or running (waiting up to ``wait_s`` for the results stream to say one ended);
     read again if it changed in between. Adds what it deleted to ``report``."""
     started = time.monotonic()
-    script = redis.register_script(_ERASE_LUA)
+    script = ERASE.bind(redis)
     for _ in range(MAX_ROUNDS):
         results_tail = await _stream_tail(redis, keys.RESULTS_STREAM)  # before the check
         subject = await _read_subject(redis, customer_id, conversation_id)
-        call_keys, plan = await _erase_plan(redis, subject, tombstone_ttl_s)
-        reply = await script(keys=call_keys, args=[json.dumps(plan, separators=(",", ":"))])
+        subject_keys, plan = await _erase_plan(redis, subject, tombstone_ttl_s)
+        reply = await script(keys={"tombstones": keys.ERASED, "salt": keys.ERASED_SALT, "subject": subject_keys},
+                             args={"plan": json.dumps(plan, separators=(",", ":"))})
         status = int(reply[0])
         if status == -2:
             continue  # a turn or conversation was added since it was read: read it again
@@ -313,12 +282,12 @@ async def _read_subject(redis: Redis, customer_id: str | None, conversation_id: 
 
 
 async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> tuple[list[str], dict]:
-    """The erase script's KEYS and plan for one subject."""
-    call_keys = [keys.ERASED, keys.ERASED_SALT]
+    """The erase script's subject keys and plan for one subject (erase.lua)."""
+    subject_keys: list[str] = []
 
-    def ix(key: str) -> int:
-        call_keys.append(key)
-        return len(call_keys)
+    def ix(key: str) -> int:  # its position in the subject keys, as Lua counts
+        subject_keys.append(key)
+        return len(subject_keys)
 
     plan: dict = {"queues": [], "turns": [], "cc": [], "ids": sorted(subject.ids),
                   "salt": secrets.token_hex(16), "keep_ms": tombstone_ttl_s * 1000, "zrem": []}
@@ -349,9 +318,9 @@ async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> 
         plan["cc"] = [ix(keys.customer_conversations(cust)), subject.customer_count]
         doomed += [keys.customer_conversations(cust), keys.aggregate("customer", cust)]
         plan["zrem"].append(["ZREM", keys.aggregate_index("customer"), cust])
-    plan["first"] = len(call_keys) + 1
-    call_keys += list(dict.fromkeys(doomed))
-    return call_keys, plan
+    plan["first"] = len(subject_keys) + 1
+    subject_keys += list(dict.fromkeys(doomed))
+    return subject_keys, plan
 
 
 async def _stream_tail(redis: Redis, stream: str) -> str:

@@ -63,7 +63,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from turnfleet.models import AttemptError, TurnResult, utcnow
-from turnfleet.queue import Outcome, StartDecision, TurnQueue
+from turnfleet.queue import FinishExtras, Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.context import TurnContext
@@ -338,8 +338,8 @@ class Attempt:
         await self._stop_lease()
         batch = hooks.batch_json()
         outcome = await durably(rt, "result", lambda: rt.queue.finish(
-            result, batch, current_agent=last_agent,
-            events_ttl_s=rt.settings.trace_retention_s, fence=self.number,
+            result, batch, fence=self.number,
+            extras=FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s),
         ))
         if not outcome:
             return self._dropped(outcome, "result")
@@ -512,5 +512,6 @@ class Attempt:
         result = self._result("failed", attempts=attempts, error_type=error_type, error_message=message)
         batch = self.hooks.batch_json()
         return await durably(rt, "result", lambda: rt.queue.finish(
-            result, batch, events_ttl_s=rt.settings.trace_retention_s, fence=self.number, final_error=final,
+            result, batch, fence=self.number,
+            extras=FinishExtras(events_ttl_s=rt.settings.trace_retention_s, final_error=final),
         ))

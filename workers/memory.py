@@ -37,60 +37,27 @@ from redis.asyncio import Redis
 
 from turnfleet import keys
 from turnfleet.connection import RAW
-from turnfleet.queue import FENCE_CHECK_LUA
+from turnfleet.scripts import BoundScript, load_script
 
-# KEYS: messages, meta, turn. ARGV: attempt ('' = unfenced), ttl_s ('' = none), now, session_id,
-#       items...
-# Returns the new length, or -1 when the attempt no longer owns the turn (nothing written).
-_APPEND_LUA = FENCE_CHECK_LUA + """
-if ARGV[1] ~= '' and fence_check(KEYS[3], ARGV[1]) ~= 'ok' then return -1 end
-local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
-redis.call('HSET', KEYS[2], 'session_id', ARGV[4], 'updated_at', ARGV[3])
-redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
-if ARGV[2] ~= '' then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-end
-return n
-"""
-
-# KEYS: messages, turn. ARGV: attempt ('' = unfenced), keep (pop items past this length).
-# Returns how many items were popped, or -1 when fenced.
-_TRIM_LUA = FENCE_CHECK_LUA + """
-if ARGV[1] ~= '' and fence_check(KEYS[2], ARGV[1]) ~= 'ok' then return -1 end
-local keep = tonumber(ARGV[2])
-local n = redis.call('LLEN', KEYS[1])
-if n <= keep then return 0 end
-if keep == 0 then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, keep - 1) end
-return n - keep
-"""
-
-
-# KEYS: messages, turn. ARGV: attempt ('' = unfenced), index, the corrupt item as read, marker.
-# Replaces the item at that index by the marker only if it still holds what was read (LSET:
-# the list keeps its length, so memory_length/memory_base and roll-backs keep their meaning).
-# Returns 1 (marked), 0 (the item changed meanwhile) or -1 (fenced: nothing written).
-_MARK_LUA = FENCE_CHECK_LUA + """
-if ARGV[1] ~= '' and fence_check(KEYS[2], ARGV[1]) ~= 'ok' then return -1 end
-if redis.call('LINDEX', KEYS[1], ARGV[2]) ~= ARGV[3] then return 0 end
-redis.call('LSET', KEYS[1], ARGV[2], ARGV[4])
-return 1
-"""
+# workers/lua/memory_*.lua: every write names the attempt it belongs to (fence_check).
+APPEND = load_script("memory_append", "turnfleet.workers")
+TRIM = load_script("memory_trim", "turnfleet.workers")
+MARK = load_script("memory_mark", "turnfleet.workers")
 
 CORRUPT_ITEM_TYPE = "turnfleet.corrupt_memory_item"
 """``type`` of the marker that takes a corrupt memory item's place; readers skip it."""
 
-_SCRIPTS: weakref.WeakKeyDictionary[Redis, tuple[Any, Any, Any]] = weakref.WeakKeyDictionary()
+_SCRIPTS: weakref.WeakKeyDictionary[Redis, tuple[BoundScript, BoundScript, BoundScript]] = \
+    weakref.WeakKeyDictionary()
 
 log = structlog.get_logger(__name__)
 
 
-def _scripts(redis: Redis) -> tuple[Any, Any, Any]:
+def _scripts(redis: Redis) -> tuple[BoundScript, BoundScript, BoundScript]:
     """The append, trim and mark scripts bound to ``redis``: made once per client, not per turn."""
     bound = _SCRIPTS.get(redis)
     if bound is None:
-        bound = _SCRIPTS[redis] = (redis.register_script(_APPEND_LUA), redis.register_script(_TRIM_LUA),
-                                   redis.register_script(_MARK_LUA))
+        bound = _SCRIPTS[redis] = (APPEND.bind(redis), TRIM.bind(redis), MARK.bind(redis))
     return bound
 
 
@@ -185,7 +152,8 @@ class ConversationMemory(SessionABC):
             "sha256": hashlib.sha256(raw).hexdigest(), "found_by_turn": self._turn_id,
             "found_at": datetime.now(timezone.utc).isoformat(),
         }, separators=(",", ":"))
-        marked = int(await self._mark(keys=[self._messages, self._turn], args=[self._fence, index, raw, marker]))
+        marked = int(await self._mark(keys={"messages": self._messages, "turn": self._turn},
+                                      args={"attempt": self._fence, "index": index, "item": raw, "marker": marker}))
         warning = f"conversation memory item {position} is corrupt ({problem}): skipped"
         self.warnings.append(warning + ("" if marked > 0 else " (not marked: "
                                         + ("the item changed meanwhile)" if marked == 0 else "attempt fenced)")))
@@ -209,8 +177,9 @@ class ConversationMemory(SessionABC):
         return len(pending)
 
     async def _write(self, encoded: list[str]) -> None:
-        n = await self._append(keys=[self._messages, self._meta, self._turn],
-                               args=[self._fence, self._ttl, int(time.time()), self.session_id, *encoded])
+        n = await self._append(keys={"messages": self._messages, "meta": self._meta, "turn": self._turn},
+                               args={"attempt": self._fence, "ttl_s": self._ttl, "now": int(time.time()),
+                                     "session_id": self.session_id, "items": encoded})
         if int(n) < 0:
             raise MemoryFenced(f"{self._turn}: attempt {self._fence} no longer owns the turn")
 
@@ -230,7 +199,8 @@ class ConversationMemory(SessionABC):
 
     async def truncate(self, keep: int) -> int:
         """Drop items past the first ``keep`` (a failed attempt's partial writes), fenced."""
-        n = await self._trim(keys=[self._messages, self._turn], args=[self._fence, keep])
+        n = await self._trim(keys={"messages": self._messages, "turn": self._turn},
+                             args={"attempt": self._fence, "keep": keep})
         if int(n) < 0:
             raise MemoryFenced(f"{self._turn}: attempt {self._fence} no longer owns the turn")
         return int(n)

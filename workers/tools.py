@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from turnfleet import keys
 from turnfleet.models import utcnow
+from turnfleet.scripts import load_script
 from turnfleet.tool_errors import tool_error_output
 from turnfleet.workers.context import TurnContext
 from turnfleet.workers.orderbook import (
@@ -53,17 +54,7 @@ from turnfleet.workers.orderbook import (
 
 log = structlog.get_logger(__name__)
 
-RECORD_ONCE = """
--- KEYS[1]: where the side effect is recorded; KEYS[2] (optional): a stream that gets one
--- entry (ARGV[2..], field/value pairs) the first time only. ARGV[1]: the record (JSON).
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  if KEYS[2] then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-  end
-  return {1, ARGV[1]}
-end
-return {0, redis.call('GET', KEYS[1])}
-"""
+RECORD_ONCE = load_script("record_once", "turnfleet.workers")  # workers/lua/record_once.lua
 
 
 def _dumps(value: dict[str, Any]) -> str:
@@ -97,12 +88,11 @@ async def record_once(
     Returns (created, the stored record). One script, so the record and the ledger entry are
     written together or not at all.
     """
-    script = redis.register_script(RECORD_ONCE)
-    stream_keys = [stream] if stream else []
-    args: list[str] = [_dumps(record)]
+    fields: list[str] = []
     for name, value in (entry or {}).items():
-        args += [name, value]
-    created, stored = await script(keys=[key, *stream_keys], args=args)
+        fields += [name, value]
+    created, stored = await RECORD_ONCE.bind(redis)(keys={"record": key, "stream": [stream] if stream else []},
+                                                    args={"value": _dumps(record), "entry": fields})
     return bool(created), json.loads(stored)
 
 

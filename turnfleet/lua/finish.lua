@@ -1,0 +1,84 @@
+-- Write a turn's terminal result and telemetry, then wake its conversation's next turn.
+--! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors
+--! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json
+--! include: arq_job, wake, fence_check
+-- result_json: without ``errors``. '' means none for telemetry_batch, fence and
+-- final_error_json, and "keep" for current_agent.
+-- Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
+-- attempt owns the turn); nothing is written unless 'written'. With the result, the turn
+-- enters the raw-text index (finish time) and its record keeps where its memory ends
+-- (``memory_end``, with ``memory_session``: the memory's creation time, so the raw-text
+-- expiry can tell that [memory_base, memory_end) still are this turn's items). The result's
+-- ``errors`` are written here, from what is stored: the attempt errors (``turn_errors``, as
+-- ``TurnQueue.errors`` reads them: one that cannot be decoded is shown as such), then the
+-- final error the turn fails with (kept in the result only: no attempt follows it). The
+-- script checks an entry's shape (UTF-8, JSON, field types), not all that pydantic checks:
+-- an entry written by hand that passes it and still is no ``AttemptError`` (a 13th month)
+-- makes the stored result read as ``CorruptTurnRecord``, as any corrupt result does.
+local verdict = fence_check(K.turn, A.fence)
+if verdict ~= 'ok' then return verdict end
+local function utf8_valid(s)  -- RFC 3629, as pydantic reads it (Lua 5.1 has no utf8 library)
+  if not string.find(s, '[\128-\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c, len, lo, hi = string.byte(s, i), 1, 0x80, 0xBF
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    elseif c >= 0x80 then return false end
+    for j = 1, len - 1 do
+      local d = string.byte(s, i + j)
+      if not d or d < lo or d > hi then return false end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
+local function attempt_error(item, i)
+  local ok, e = false, nil
+  if utf8_valid(item) then ok, e = pcall(cjson.decode, item) end
+  if ok and type(e) == 'table' and type(e.attempt) == 'number' and e.attempt % 1 == 0
+     and type(e.error_type) == 'string' and type(e.message) == 'string'
+     and (e.at == nil or (type(e.at) == 'string' and string.find(e.at, '^%d%d%d%d%-%d%d%-%d%d')))
+     and (e.usage == nil or e.usage == cjson.null or type(e.usage) == 'table') then
+    return item
+  end
+  return cjson.encode({attempt = 0, error_type = 'CorruptTurnRecord',
+                       message = 'attempt error ' .. i .. ' cannot be decoded'})
+end
+local errors = {}
+local stored = redis.pcall('LRANGE', K.turn_errors, 0, -1)
+if stored.err then stored = {'unreadable'} end  -- WRONGTYPE: one unreadable error, not a stuck turn
+for i, item in ipairs(stored) do errors[i] = attempt_error(item, i) end
+if A.final_error_json ~= '' then errors[#errors + 1] = A.final_error_json end
+local result = string.sub(A.result_json, 1, -2) .. ',"errors":[' .. table.concat(errors, ',') .. ']}'
+redis.call('HSET', K.turn, 'status', A.status, 'result', result,
+           'memory_end', redis.call('LLEN', K.session_messages),
+           'memory_session', redis.call('HGET', K.session_meta, 'created_at') or '')
+redis.call('ZADD', K.raw_text, tonumber(A.now_ms), A.turn_id)
+if A.current_agent ~= '' then redis.call('HSET', K.conv_state, 'current_agent', A.current_agent) end
+redis.call('XADD', K.results, 'MAXLEN', '~', 100000, '*',
+  'turn_id', A.turn_id, 'status', A.status, 'conversation_id', A.conversation_id)
+if A.telemetry_batch ~= '' then
+  redis.call('XADD', K.telemetry, '*', 'turn_id', A.turn_id, 'batch', A.telemetry_batch)
+  redis.call('HSET', K.turn_events, A.attempt, A.telemetry_batch)
+  redis.call('EXPIRE', K.turn_events, tonumber(A.events_ttl_s))
+end
+if redis.call('LINDEX', K.conv_queue, 0) == A.turn_id then
+  redis.call('LPOP', K.conv_queue)
+else
+  redis.call('LREM', K.conv_queue, 1, A.turn_id)
+end
+local nxt = redis.call('LINDEX', K.conv_queue, 0)
+if nxt then
+  wake(nxt, A.conversation_id, tonumber(A.now_ms), A.job_prefix, tonumber(A.job_ttl), A.fname,
+       K.arq_queue, K.conv_active)
+else
+  redis.call('DEL', K.conv_active)
+end
+return 'written'
