@@ -68,7 +68,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from turnfleet import keys
+from turnfleet import keys, versions
 from turnfleet.connection import RAW, as_text, eval_raw, lenient_text
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, TurnStatus, check_id, utcnow
 from turnfleet.scripts import load_script
@@ -77,6 +77,7 @@ M = TypeVar("M", bound=BaseModel)
 
 JOB_FUNCTION = "run_turn"
 UNDECODABLE_FUNCTION = "record_undecodable"  # what an undecodable job payload runs instead
+NEWER_FUNCTION = "leave_newer_job"  # what a job of a newer format version runs instead
 JOB_TTL_MS = 86_400_000  # arq's expires_extra_ms: a job not started within a day expires
 EVENTS_TTL_S = 7 * 86400  # default retention of per-turn event timelines
 
@@ -85,7 +86,7 @@ RENEW = load_script("renew")
 _WAKE = """
 local function wake(turn_id, conversation_id, now, job_prefix, job_ttl, fname, queue, active)
   redis.call('SET', active, turn_id)
-  local payload = cjson.encode({t=1, f=fname, a={turn_id, conversation_id}, k={}, et=now})
+  local payload = cjson.encode({t=1, f=fname, a={turn_id, conversation_id}, k={}, et=now, v=1})
   redis.call('PSETEX', job_prefix .. turn_id, job_ttl, payload)
   redis.call('ZADD', queue, now, turn_id)
 end
@@ -118,7 +119,7 @@ local function enqueue_one(K, A, o)
   -- The ids again, outside the request: a record whose request is corrupt still says
   -- whose turn it is and where it belongs (its failure can be recorded and read).
   redis.call('HSET', K[o + 1], 'request', A[4], 'status', 'queued', 'attempts', 0,
-             'conversation_id', A[2], 'customer_id', A[3])
+             'conversation_id', A[2], 'customer_id', A[3], 'v', 1)
   redis.call('HINCRBY', K[o + 9], 'turns_enqueued', 1)
   redis.call('RPUSH', K[o + 2], A[1])
   redis.call('RPUSH', K[o + 4], A[1])
@@ -149,10 +150,12 @@ ENQUEUE_MANY_CHUNK = 200  # turns per script call: bounds how long Redis is busy
 # KEYS: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine,
 #       arq_queue, isolated_queue
 # ARGV: turn_id, worker, started_at_iso, lease_ms (0 = no lease), now_iso, lane, isolated_losses
-#       (after this many losses while running isolated the turn is poison), now_ms
+#       (after this many losses while running isolated the turn is poison), now_ms,
+#       record_version (the newest turn record version this process reads)
 # Returns {attempt, status}: attempt 0 means "do not run" (status says why: 'isolate' = handed
 # to the isolated lane). The attempt number is the fencing token of every later write of this
 # attempt. Status 'poison': the turn lost its worker while isolated; end it WorkerLost.
+# Status 'newer': the record's version is newer than this process reads; nothing was changed.
 START_LUA = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then
@@ -162,6 +165,7 @@ if kind ~= 'hash' and kind ~= 'none' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0,
              'corrupt', 'the turn record was a Redis ' .. kind .. ', not a hash (moved to ' .. KEYS[7] .. ')')
 end
+if (tonumber(redis.call('HGET', KEYS[1], 'v') or '1') or 1) > tonumber(ARGV[9]) then return {0, 'newer'} end
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'unknown'} end
 if st == 'completed' or st == 'failed' then return {0, st} end
@@ -232,7 +236,7 @@ if verdict ~= 'ok' then return verdict end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'queued')
 if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[3], '*', 'turn_id', ARGV[6], 'batch', ARGV[3])
+  redis.call('XADD', KEYS[3], '*', 'turn_id', ARGV[6], 'v', '1', 'batch', ARGV[3])
   redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[5]))
 end
@@ -306,7 +310,7 @@ if ARGV[10] ~= '' then redis.call('HSET', KEYS[4], 'current_agent', ARGV[10]) en
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
   'turn_id', ARGV[1], 'status', ARGV[3], 'conversation_id', ARGV[2])
 if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[7], '*', 'turn_id', ARGV[1], 'batch', ARGV[5])
+  redis.call('XADD', KEYS[7], '*', 'turn_id', ARGV[1], 'v', '1', 'batch', ARGV[5])
   redis.call('HSET', KEYS[8], ARGV[11], ARGV[5])
   redis.call('EXPIRE', KEYS[8], tonumber(ARGV[12]))
 end
@@ -378,7 +382,7 @@ if has_job and queued then return {action, head, dropped} end
 if ttl ~= -2 then return {'running', head, dropped} end
 local now = tonumber(ARGV[2])
 if not has_job then
-  local payload = cjson.encode({t=1, f=ARGV[5], a={head, ARGV[1]}, k={}, et=now})
+  local payload = cjson.encode({t=1, f=ARGV[5], a={head, ARGV[1]}, k={}, et=now, v=1})
   redis.call('PSETEX', job_key, tonumber(ARGV[4]), payload)
 end
 redis.call('ZADD', KEYS[3], 'NX', now, head)
@@ -463,6 +467,9 @@ class StartDecision:
     corrupt: str | None = None
     # Attempts lost with a worker and not charged to the turn's ordinary attempts.
     spared: int = 0
+
+
+NEWER = "newer"  # START's status for a record of a newer format version (nothing changed)
 
 
 class Lane(enum.Enum):
@@ -586,7 +593,7 @@ class TurnQueue:
                 keys.ISOLATED_QUEUE,
             ],
             args=[turn_id, worker, started_at, int(lease_s * 1000), utcnow().isoformat(),
-                  lane.value, isolated_losses, now_ms()],
+                  lane.value, isolated_losses, now_ms(), versions.TURN_RECORD],
         )
         if int(out[0]) == 0:
             return StartDecision(0, as_text(out[1]))
@@ -848,7 +855,8 @@ class TurnQueue:
 def job_payload_json(turn_id: str, conversation_id: str, enqueued_ms: int) -> str:
     """The arq job as the scripts write it (for tests and tools that inspect jobs)."""
     return json.dumps(
-        {"t": 1, "f": JOB_FUNCTION, "a": [turn_id, conversation_id], "k": {}, "et": enqueued_ms}
+        {"t": 1, "f": JOB_FUNCTION, "a": [turn_id, conversation_id], "k": {}, "et": enqueued_ms,
+         versions.FIELD: versions.JOB}
     )
 
 
@@ -872,11 +880,21 @@ def deserialize_job(raw: bytes) -> dict[str, object]:
     Anything may be in Redis: bytes that are not UTF-8, nesting deep enough that the JSON
     parser gives up with ``RecursionError`` (not a ``ValueError``), numbers too long to
     convert, ids no producer would accept, counters arq would choke on. Each is a reason.
+
+    A job whose format version (``"v"``, :mod:`turnfleet.versions`) is newer than this
+    process reads becomes a job for ``leave_newer_job`` (``NEWER_FUNCTION``): it is put
+    back for a newer worker, never failed.
     """
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, digits
         return undecodable_job(f"not JSON ({type(exc).__name__}: {str(exc)[:200]})")
+    version = versions.version_of(data.get(versions.FIELD)) if isinstance(data, dict) else 1
+    if version is None:
+        return undecodable_job(f"field {versions.FIELD!r} is not a format version")
+    if version > versions.JOB:
+        # Written by a newer process: its shape is not ours to judge. Leave it for one.
+        return {"t": 1, "f": NEWER_FUNCTION, "a": [version], "k": {}, "et": now_ms()}
     try:
         problem = _job_problem(data)
     except RecursionError:  # a str()/repr() of something absurd; never propagate
