@@ -189,6 +189,9 @@ async def test_a_newer_job_and_a_newer_turn_record_are_left_queued_never_failed_
     assert record_before["attempts"] == "0"
     assert await redis.llen(keys.turn_errors("t-rec")) == 0
     assert (await job_of(redis, "t-rec"))["f"] == "run_turn"
+    shown = await TurnQueue(redis).get("t-rec")  # what `turnfleet turn` and the HTTP API answer
+    assert shown is not None and shown.status == "queued"
+    assert "written by a newer turnfleet (turn record format 2" in (shown.error_message or "")
     assert await redis.zscore(keys.ARQ_QUEUE, "t-rec") is not None
     # Nothing of either reached the results or telemetry; the ordinary turn did.
     results = [f["turn_id"] for _, f in await redis.xrange(keys.RESULTS_STREAM)]

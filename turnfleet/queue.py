@@ -792,7 +792,12 @@ class TurnQueue:
                 return _decode(TurnResult, record["result"], "stored result")
             req = decode_request(record.get("request"))
         except CorruptRecord as exc:
-            return corrupt_result(turn_id, record, str(exc), _decode_errors(errors))
+            reason = str(exc)
+            version = versions.version_of(record.get(versions.FIELD))
+            if version is not None and version > versions.TURN_RECORD:  # not corrupt: newer
+                reason = (f"it was written by a newer turnfleet (turn record format {version}; this "
+                          f"process reads up to {versions.TURN_RECORD}) and a newer process reads it: {reason}")
+            return corrupt_result(turn_id, record, reason, _decode_errors(errors))
         return TurnResult(
             turn_id=req.turn_id,
             conversation_id=req.conversation_id,
