@@ -494,8 +494,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     health = check(args.role, url=args.url, max_age_s=args.max_age, timeout_s=args.timeout)
     if not health.ok:
         print(f"turnfleet health: {health.reason}", file=sys.stderr)
+        for note in health.notes:
+            print(f"turnfleet health: {note}", file=sys.stderr)
         return 1
     print(health.reason)
+    for note in health.notes:
+        print(note)
     return 0
 
 

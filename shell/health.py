@@ -18,6 +18,10 @@ replica of a scaled service checks its own process). The freshest matching heart
 
 A probe never raises for an unhealthy process: it returns a ``Health`` whose ``reason`` is
 one line fit for a healthcheck log, with any password in a URL masked.
+
+The worker and telemetry probes also say, in ``notes`` (printed after the reason, never a
+failure: the process is healthy), when items of a newer format version are waiting for a
+newer process (:mod:`turnfleet.versions`): a rolling deploy that has not finished.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from turnfleet import heartbeat
+from turnfleet import heartbeat, versions
 from turnfleet.connection import RedisUrlError, check_redis_url, connect, masked
 
 ROLES = ("worker", "telemetry", "producer")
@@ -45,6 +49,7 @@ class Health:
 
     ok: bool
     reason: str
+    notes: tuple[str, ...] = ()  # more lines worth saying, whatever ``ok`` is
 
 
 async def heartbeat_health(
@@ -68,21 +73,23 @@ async def heartbeat_health(
         async with asyncio.timeout(timeout_s):
             await redis.ping()
             beats = await heartbeat.beats_of(redis, role, name=name, hostname=hostname)
+            note = versions.waiting_note(await versions.read_left(redis))
     except TimeoutError:
         return Health(False, f"Redis at {masked(redis_url)} did not answer within {timeout_s:g} s")
     except (RedisError, OSError) as exc:
         return Health(False, f"Redis at {masked(redis_url)} unreachable: {type(exc).__name__}: {exc}")
     finally:
         await redis.aclose()
+    notes = (note,) if note else ()
     if not beats:
-        return Health(False, f"no {role} heartbeat for {who} in {zset}")
+        return Health(False, f"no {role} heartbeat for {who} in {zset}", notes)
     member, score = max(beats, key=lambda beat: beat[1])
     age_s = max(0.0, time.time() - float(score) / 1000)
     if age_s > max_age_s:
         return Health(
-            False, f"{role} {member} last beat {age_s:.1f} s ago (max {max_age_s:g} s) in {zset}"
+            False, f"{role} {member} last beat {age_s:.1f} s ago (max {max_age_s:g} s) in {zset}", notes
         )
-    return Health(True, f"{role} {member} beat {age_s:.1f} s ago")
+    return Health(True, f"{role} {member} beat {age_s:.1f} s ago", notes)
 
 
 def http_health(base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Health:

@@ -24,6 +24,16 @@ pending, so two consumers racing on it copy it once), and adds one to
 ``telemetry_dead_lettered`` on the fleet hash; ``telemetry.dead_lettered`` is logged as an
 error with the traceback.
 
+**Newer batches are left, never dead-lettered** (:mod:`turnfleet.versions`). An entry whose
+format version (field ``v``; none is version 1) is newer than this consumer reads
+(``reads_batch_version``) was written by a newer worker during a rolling deploy: it is not
+aggregated, not acknowledged and never dead-lettered, however often it is delivered. It stays
+pending; once idle ``claim_idle_ms`` any consumer may claim it, and the first that reads its
+version aggregates it (exactly once, as any entry). Each leave is counted on the fleet hash
+(``newer_format_left_batch``) and logged once per entry by each consumer. A batch of version
+1 that holds an event kind this consumer does not know is malformed, as before: a writer that
+adds a kind writes a newer batch version, so older consumers leave it instead.
+
 A malformed entry (not a batch of telemetry events) is logged, counted once in the fleet's
 ``telemetry_malformed`` and acknowledged on its first delivery, as before, and copied to the
 dead-letter stream in the same script as its acknowledgement, with reason ``malformed``.
@@ -90,7 +100,7 @@ from turnfleet.telemetry.stream_group import Entry, StreamGroupMember, _text
 from turnfleet.telemetry.raw_expiry import RawExpiry
 from turnfleet.telemetry.retention import PURGE_EVERY_S, Retention
 from turnfleet.telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
-from turnfleet import heartbeat, keys
+from turnfleet import heartbeat, keys, versions
 from turnfleet.connection import RedisUnavailable, connect, wait_for_redis
 from turnfleet.settings import TelemetrySettings
 
@@ -252,6 +262,7 @@ class TelemetryConsumer(StreamGroupMember):
     stream = STREAM
     group = GROUP
     event_prefix = "telemetry"
+    reads_batch_version = versions.BATCH  # newer entries are left pending for a newer consumer
 
     def __init__(self, redis: Redis, settings: TelemetrySettings, name: str | None = None,
                  faults: FaultInjection | None = None) -> None:
@@ -267,6 +278,7 @@ class TelemetryConsumer(StreamGroupMember):
         self.faults = faults if faults is not None else FaultInjection()
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._aggregated = 0  # entries whose aggregate this process stored (fault injection)
+        self._left_logged = versions.Once()  # newer-version entries this consumer has logged
         if self.faults.crash_before_ack is not None:
             log.warning("telemetry.fault_injection_armed", consumer=self.name,
                         crash_before_ack=self.faults.crash_before_ack)
@@ -352,6 +364,7 @@ class TelemetryConsumer(StreamGroupMember):
         fields_of: dict[str, Mapping[str, Any]] = {}
         malformed: dict[str, str] = {}  # entry id -> what is wrong with it
         failed: dict[str, _Failure] = {}
+        left = 0
         for entry_id, fields in entries:
             if entry_id is None:
                 continue
@@ -360,8 +373,15 @@ class TelemetryConsumer(StreamGroupMember):
                             hint="trimmed from the stream before it was aggregated")
                 ack.append(entry_id)
                 continue
+            version = versions.version_of(fields.get(versions.FIELD))
+            if version is not None and version > self.reads_batch_version:
+                left += 1
+                self._leave(entry_id, fields, version)
+                continue
             fields_of[entry_id] = fields
             try:
+                if version is None:
+                    raise MalformedEntry(f"field {versions.FIELD!r} is not a format version")
                 plans.append(self.aggregator.plan(entry_id, fields))
             except MalformedEntry as exc:
                 log.error("telemetry.malformed", entry_id=entry_id, turn_id=fields.get("turn_id"),
@@ -370,6 +390,8 @@ class TelemetryConsumer(StreamGroupMember):
                 malformed[entry_id] = str(exc)
             except Exception as exc:  # the planner cannot handle this entry: it alone fails
                 failed[entry_id] = _Failure(fields, exc, "plan")
+        if left:
+            await versions.count_left(self.redis, versions.Kind.batch, left)
         if not ack and not fields_of:
             return 0
         plans = await self._isolating("aggregate", self.aggregator.apply, plans, failed, fields_of)
@@ -388,6 +410,15 @@ class TelemetryConsumer(StreamGroupMember):
             n += await self._failed(entry_id, failure)
         log.debug("telemetry.handled", consumer=self.name, entries=n, failed=len(failed))
         return n
+
+    def _leave(self, entry_id: str, fields: Mapping[str, Any], version: int) -> None:
+        """An entry of a newer batch version: left pending (see the module doc); logged once."""
+        if self._left_logged.first(entry_id):
+            log.warning("telemetry.newer_format_left", consumer=self.name, entry_id=entry_id,
+                        turn_id=fields.get("turn_id"), version=version,
+                        reads=self.reads_batch_version,
+                        action="left pending for a consumer that reads it (not acknowledged, "
+                               "not dead-lettered)")
 
     async def _isolating(self, stage: str, step: Callable[[list[EntryPlan]], Awaitable[Any]],
                          plans: list[EntryPlan], failed: dict[str, _Failure],

@@ -25,6 +25,9 @@ turnfleet_telemetry_malformed_total                             telemetry entrie
 turnfleet_telemetry_dead_lettered_total                         entries moved to the dead-letter stream
 turnfleet_telemetry_erased_skipped_total                        entries skipped: their subject was erased
 turnfleet_telemetry_backlog_over_limit_total                    trim passes that found the unacked backlog over the limit
+turnfleet_newer_format_left_total           kind                times a process left an item of a newer
+                                                                format version for a newer process; kind
+                                                                job, turn (record) or batch
 turnfleet_tokens_total                      model, kind         tokens by model; kind input (cached
                                                                 included), output (reasoning included),
                                                                 cached, reasoning
@@ -80,7 +83,7 @@ from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_
 from turnfleet.telemetry.alerts import RULES
 from turnfleet.telemetry.lag import telemetry_lag
 from turnfleet.telemetry.stats import counters
-from turnfleet import heartbeat, keys
+from turnfleet import heartbeat, keys, versions
 
 TOP_CUSTOMERS = 50  # customers exported in the by-customer families (highest known cost)
 LAG_CAP = 100_000  # the telemetry lag is counted up to this many entries
@@ -98,6 +101,7 @@ class FleetSnapshot:
     telemetry_dead_lettered: int
     telemetry_erased_skipped: int
     telemetry_backlog_over_limit: int
+    newer_format_left: dict[str, int]  # kind -> times an item of a newer format was left
     models: dict[str, dict[str, Any]]  # model -> counters
     customers: dict[str, dict[str, Any]]  # the top customers by cost -> counters
     customers_total: int
@@ -155,6 +159,7 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         telemetry_dead_lettered=int(fleet.get("telemetry_dead_lettered") or 0),
         telemetry_erased_skipped=int(fleet.get(ERASED_SKIPPED) or 0),
         telemetry_backlog_over_limit=int(fleet.get("telemetry_backlog_over_limit") or 0),
+        newer_format_left={k.value: x.count for k, x in versions.left_from(fleet).items()},
         models=model_rows,
         customers={c: counters(raw) for (c, _), raw in zip(top, customer_hashes) if raw},
         customers_total=len(customers),
@@ -220,6 +225,13 @@ class FleetCollector(Collector):
         yield _counter("turnfleet_telemetry_backlog_over_limit",
                        "Trim passes that found more unacknowledged entries than the limit.",
                        s.telemetry_backlog_over_limit)
+        left = CounterMetricFamily("turnfleet_newer_format_left",
+                                   "Times a process left an item of a newer format version (a rolling "
+                                   "deploy) for a newer process, by kind: job, turn (record), batch.",
+                                   labels=["kind"])
+        for kind, n in sorted(s.newer_format_left.items()):
+            left.add_metric([kind], n)
+        yield left
 
         tokens = CounterMetricFamily("turnfleet_tokens", "Tokens by model; input includes "
                                      "cached, output includes reasoning.", labels=["model", "kind"])

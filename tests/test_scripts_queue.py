@@ -83,7 +83,8 @@ def start_keys(turn_id: str, conversation_id: str) -> dict[str, str]:
 
 def start_args(turn_id: str) -> dict[str, Any]:
     return {"turn_id": turn_id, "worker": "w1", "started_at": "2025-01-01T00:00:00+00:00", "lease_ms": 0,
-            "now_iso": "2025-01-01T00:00:00+00:00", "lane": "plain", "isolated_losses": 1, "now_ms": 1}
+            "now_iso": "2025-01-01T00:00:00+00:00", "lane": "plain", "isolated_losses": 1, "now_ms": 1,
+            "record_version": 1}
 
 
 async def test_start_answers_by_name_whether_it_runs_or_not(redis):
@@ -135,7 +136,7 @@ async def test_enqueue_many_answers_as_enqueue_per_turn(redis):
     for turn_id, conversation_id in (("t-1", "c-1"), ("t-3", "c-2"), ("t-bulk-7", "c-bulk-7")):
         assert await redis.hgetall(keys.turn(turn_id)) == {
             "request": next(r for r in reqs if r.turn_id == turn_id).model_dump_json(), "status": "queued",
-            "attempts": "0", "conversation_id": conversation_id, "customer_id": "C-100"}
+            "attempts": "0", "conversation_id": conversation_id, "customer_id": "C-100", "v": "1"}
         assert (await arq_job(redis, turn_id)).args == [turn_id, conversation_id]
     assert await redis.hget(keys.COUNTERS, "turns_enqueued") == str(len(reqs) - 2)
 

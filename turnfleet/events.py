@@ -17,7 +17,12 @@ shape of a free dict in its head.
   payload written before a field existed still reads. A payload that does not fit its kind
   (a ``count`` that is no integer) makes the event, and so its batch, unreadable: the consumer
   counts it malformed, as it does a batch that is no JSON.
-- Versions: events carry none yet; the batch (not each event) is where a format version goes.
+- Versions: the batch (not each event) carries the format version, in its stream entry's ``v``
+  field (:mod:`turnfleet.versions`; none is version 1). This module's shape is batch version
+  ``versions.BATCH``. A writer that adds an event kind, or changes a payload so that older
+  readers would misread it, writes a newer batch version: an older consumer then leaves the
+  batch pending for a newer one instead of counting it malformed. A version-1 batch holding a
+  kind this reader does not know is malformed (dead-lettered), as before.
 """
 
 from __future__ import annotations

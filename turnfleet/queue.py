@@ -68,7 +68,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from turnfleet import keys
+from turnfleet import keys, versions
 from turnfleet.connection import RAW, as_text, lenient_text
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, TurnStatus, check_id, utcnow
 from turnfleet.scripts import load_script
@@ -77,6 +77,7 @@ M = TypeVar("M", bound=BaseModel)
 
 JOB_FUNCTION = "run_turn"
 UNDECODABLE_FUNCTION = "record_undecodable"  # what an undecodable job payload runs instead
+NEWER_FUNCTION = "leave_newer_job"  # what a job of a newer format version runs instead
 JOB_TTL_MS = 86_400_000  # arq's expires_extra_ms: a job not started within a day expires
 EVENTS_TTL_S = 7 * 86400  # default retention of per-turn event timelines
 
@@ -153,6 +154,9 @@ class FinishExtras:
     current_agent: str | None = None  # where the conversation's next turn starts (None: keep)
     events_ttl_s: int = EVENTS_TTL_S  # how long the batch is kept per attempt (keys.turn_events)
     final_error: AttemptError | None = None  # what a failed turn fails with (in the result only)
+
+
+NEWER = "newer"  # START's status for a record of a newer format version (nothing changed)
 
 
 class Lane(enum.Enum):
@@ -261,7 +265,8 @@ class TurnQueue:
             },
             args={"turn_id": turn_id, "worker": worker, "started_at": started_at,
                   "lease_ms": int(lease_s * 1000), "now_iso": utcnow().isoformat(), "lane": lane.value,
-                  "isolated_losses": isolated_losses, "now_ms": now_ms()},
+                  "isolated_losses": isolated_losses, "now_ms": now_ms(),
+                  "record_version": versions.TURN_RECORD},
         )
         attempt, status = int(out["attempt"]), as_text(out["status"])
         if attempt == 0:
@@ -439,7 +444,12 @@ class TurnQueue:
                 return _decode(TurnResult, record["result"], "stored result")
             req = decode_request(record.get("request"))
         except CorruptRecord as exc:
-            return corrupt_result(turn_id, record, str(exc), _decode_errors(errors))
+            reason = str(exc)
+            version = versions.version_of(record.get(versions.FIELD))
+            if version is not None and version > versions.TURN_RECORD:  # not corrupt: newer
+                reason = (f"it was written by a newer turnfleet (turn record format {version}; this "
+                          f"process reads up to {versions.TURN_RECORD}) and a newer process reads it: {reason}")
+            return corrupt_result(turn_id, record, reason, _decode_errors(errors))
         return TurnResult(
             turn_id=req.turn_id,
             conversation_id=req.conversation_id,
@@ -519,11 +529,21 @@ def deserialize_job(raw: bytes) -> dict[str, object]:
     Anything may be in Redis: bytes that are not UTF-8, nesting deep enough that the JSON
     parser gives up with ``RecursionError`` (not a ``ValueError``), numbers too long to
     convert, ids no producer would accept, counters arq would choke on. Each is a reason.
+
+    A job whose format version (``"v"``, :mod:`turnfleet.versions`) is newer than this
+    process reads becomes a job for ``leave_newer_job`` (``NEWER_FUNCTION``): it is put
+    back for a newer worker, never failed.
     """
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, digits
         return undecodable_job(f"not JSON ({type(exc).__name__}: {str(exc)[:200]})")
+    version = versions.version_of(data.get(versions.FIELD)) if isinstance(data, dict) else 1
+    if version is None:
+        return undecodable_job(f"field {versions.FIELD!r} is not a format version")
+    if version > versions.JOB:
+        # Written by a newer process: its shape is not ours to judge. Leave it for one.
+        return {"t": 1, "f": NEWER_FUNCTION, "a": [version], "k": {}, "et": now_ms()}
     try:
         problem = _job_problem(data)
     except RecursionError:  # a str()/repr() of something absurd; never propagate

@@ -4,7 +4,9 @@ Events are collected in memory and written in one batch when the attempt ends (o
 round trip per turn, not per hook: measured +0.6 ms a turn against +1.3–2 ms). Parameter
 names match ``agents/lifecycle.py`` because the SDK calls hooks with keyword arguments.
 Each event is built from its kind's payload class (``turnfleet.events``), the contract the
-consumer and the replay read it with.
+consumer and the replay read it with. The batch is format version ``turnfleet.versions.BATCH``
+(the finish script writes it in the stream entry's ``v``): a change to it that older consumers
+would misread is a new batch version (see ``turnfleet.events``).
 """
 
 from __future__ import annotations

@@ -31,10 +31,19 @@ attempt, and ends it in exactly one recorded outcome (fenced: a stale attempt wr
 ``deserialize_job`` could not decode runs: it ends the turn ``failed`` (``UndecodableJob``)
 and wakes its conversation. A turn whose stored request cannot be decoded ends the same way
 (``CorruptTurnRecord``) when its job starts: a retry would read the same bytes.
+
+**Newer formats are left, not failed** (:mod:`turnfleet.versions`). During a rolling deploy a
+newer process may write a job or a turn record this one cannot read. A job of a newer version
+runs ``leave_newer_job`` instead (``deserialize_job``), a record of a newer version makes
+``START`` answer ``newer`` before it counts an attempt; either way the job goes back to its
+queue ``retry_delay_s`` later for another worker, arq's try counter for it is undone (so
+being left any number of times never exhausts arq's ``max_tries``) and arq's clean-up is
+skipped. The turn's attempts do not change; the leave is counted and logged once per turn.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -42,13 +51,17 @@ from arq import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from turnfleet import keys, versions
 from turnfleet.models import utcnow
-from turnfleet.queue import CORRUPT_TURN_RECORD, CorruptRecord, Lane
+from turnfleet.queue import CORRUPT_TURN_RECORD, NEWER, CorruptRecord, Lane
 from turnfleet.workers.attempt import STALE, Attempt, Runtime
 
-__all__ = ["STALE", "Runtime", "record_undecodable", "run_turn"]
+__all__ = ["LEFT", "STALE", "Runtime", "leave_newer_job", "record_undecodable", "run_turn"]
 
 log = structlog.get_logger(__name__)
+
+LEFT = "left"  # what a job returns when it left a newer-format job or record for a newer process
+_left_logged = versions.Once()  # turns whose leave this process has logged
 
 
 async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> str:
@@ -83,6 +96,8 @@ async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str, lane: Lane)
         turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s,
         lane=lane, isolated_losses=rt.settings.isolated_losses,
     )
+    if decision.status == NEWER:
+        return await _leave(rt, turn_id, versions.Kind.turn, "its turn record")
     if decision.status == "isolate":
         # START moved the job to the isolated lane: arq must not delete it or its new place.
         rt.fenced.add(turn_id)
@@ -125,6 +140,8 @@ async def record_undecodable(ctx: dict[str, Any], reason: str) -> str:
     decision = await rt.queue.start(
         turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s
     )
+    if decision.status == NEWER:
+        return await _leave(rt, turn_id, versions.Kind.turn, "its turn record")
     if decision.attempt == 0:
         log_ctx.warning("job.undecodable", reason=reason, action="dropped", why=decision.status)
         return decision.status
@@ -132,3 +149,30 @@ async def record_undecodable(ctx: dict[str, Any], reason: str) -> str:
     if decision.corrupt:
         message += f"; {decision.corrupt}"
     return await Attempt(rt, decision, started_at).unrunnable("UndecodableJob", message)
+
+
+async def leave_newer_job(ctx: dict[str, Any], version: int) -> str:
+    """arq job for a payload of a newer format version than this worker reads
+    (``deserialize_job``): leave it for a newer worker (see "Newer formats" above)."""
+    rt: Runtime = ctx["runtime"]
+    return await _leave(rt, str(ctx.get("job_id", "")), versions.Kind.job, f"its job (version {version})")
+
+
+async def _leave(rt: Runtime, turn_id: str, kind: versions.Kind, what: str) -> str:
+    """Put the turn's job back in its queue ``retry_delay_s`` from now, untouched, for a newer
+    worker: nothing of the turn is written, arq's try count of this claim is undone, and arq's
+    clean-up is skipped (it would delete the job)."""
+    due = int((time.time() + rt.settings.retry_delay_s) * 1000)
+    async with rt.redis.pipeline(transaction=True) as pipe:
+        for queue in (keys.ARQ_QUEUE, keys.ISOLATED_QUEUE):  # whichever lane holds it
+            pipe.zadd(queue, {turn_id: due}, xx=True)
+        pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + turn_id)
+        pipe.decr(keys.ARQ_RETRY_PREFIX + turn_id)
+        await pipe.execute()
+    rt.fenced.add(turn_id)
+    await versions.count_left(rt.redis, kind)
+    if _left_logged.first(turn_id):
+        log.warning("turn.newer_format_left", turn_id=turn_id, kind=kind.value,
+                    reason=f"{what} is of a newer format version than this worker reads",
+                    action=f"left queued for a newer worker (back in {rt.settings.retry_delay_s:g} s)")
+    return LEFT

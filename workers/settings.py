@@ -30,7 +30,7 @@ from turnfleet.connection import connect
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
-from turnfleet.workers.job import Runtime, record_undecodable, run_turn
+from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
 from turnfleet.workers.llm import make_model
 from turnfleet.workers.reconcile import reconcile_forever
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
@@ -138,7 +138,7 @@ def redis_settings(url: str | None) -> RedisSettings:
 
 
 class WorkerSettings:
-    functions = [run_turn, record_undecodable]
+    functions = [run_turn, record_undecodable, leave_newer_job]
     on_startup = startup
     on_shutdown = shutdown
     on_job_start = job_started

@@ -19,7 +19,7 @@ local function enqueue_one(turn, queue, active, turns, state, customer_convs,
   if not owner then redis.call('HSET', state, 'customer_id', customer_id) end
   -- The ids again, outside the request: a record whose request is corrupt still says
   -- whose turn it is and where it belongs (its failure can be recorded and read).
-  redis.call('HSET', turn, 'request', request, 'status', 'queued', 'attempts', 0,
+  redis.call('HSET', turn, 'v', 1, 'request', request, 'status', 'queued', 'attempts', 0,
              'conversation_id', conversation_id, 'customer_id', customer_id)
   redis.call('HINCRBY', K.counters, 'turns_enqueued', 1)
   redis.call('RPUSH', queue, turn_id)

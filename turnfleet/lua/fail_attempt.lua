@@ -8,7 +8,7 @@ if verdict ~= 'ok' then return verdict end
 redis.call('RPUSH', K.turn_errors, A.error_json)
 redis.call('HSET', K.turn, 'status', 'queued')
 if A.telemetry_batch ~= '' then
-  redis.call('XADD', K.telemetry, '*', 'turn_id', A.turn_id, 'batch', A.telemetry_batch)
+  redis.call('XADD', K.telemetry, '*', 'turn_id', A.turn_id, 'v', '1', 'batch', A.telemetry_batch)
   redis.call('HSET', K.turn_events, A.attempt, A.telemetry_batch)
   redis.call('EXPIRE', K.turn_events, tonumber(A.events_ttl_s))
 end

@@ -65,7 +65,7 @@ if A.current_agent ~= '' then redis.call('HSET', K.conv_state, 'current_agent', 
 redis.call('XADD', K.results, 'MAXLEN', '~', 100000, '*',
   'turn_id', A.turn_id, 'status', A.status, 'conversation_id', A.conversation_id)
 if A.telemetry_batch ~= '' then
-  redis.call('XADD', K.telemetry, '*', 'turn_id', A.turn_id, 'batch', A.telemetry_batch)
+  redis.call('XADD', K.telemetry, '*', 'turn_id', A.turn_id, 'v', '1', 'batch', A.telemetry_batch)
   redis.call('HSET', K.turn_events, A.attempt, A.telemetry_batch)
   redis.call('EXPIRE', K.turn_events, tonumber(A.events_ttl_s))
 end

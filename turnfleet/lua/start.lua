@@ -1,12 +1,14 @@
 -- Count an attempt and mark the turn running, if it may run now (its conversation's head,
 -- not ended). The attempt number is the fencing token of every later write of the attempt.
 --! keys: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine, arq_queue, isolated_queue
---! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms
+--! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms, record_version
 --! returns: attempt, status, request, current_agent, memory_length, memory_base, customer_id, corrupt, spared
 -- lease_ms: 0 = no lease. isolated_losses: after this many losses while running isolated the
 -- turn is poison. attempt 0 means "do not run" (status says why: 'isolate' = handed to the
 -- isolated lane; the rest of the reply is then empty). Status 'poison': the turn lost its
--- worker while isolated; end it WorkerLost.
+-- worker while isolated; end it WorkerLost. Status 'newer': the record's format version ('v',
+-- none = 1) is newer than record_version, what this process reads: nothing is changed, the
+-- job is left for a newer worker (turnfleet/versions.py).
 local function skip(why) return {0, why, '', '', 0, 0, '', '', 0} end
 local kind = redis.call('TYPE', K.turn).ok
 if kind ~= 'hash' and kind ~= 'none' then
@@ -16,6 +18,7 @@ if kind ~= 'hash' and kind ~= 'none' then
   redis.call('HSET', K.turn, 'status', 'queued', 'attempts', 0,
              'corrupt', 'the turn record was a Redis ' .. kind .. ', not a hash (moved to ' .. K.quarantine .. ')')
 end
+if (tonumber(redis.call('HGET', K.turn, 'v') or '1') or 1) > tonumber(A.record_version) then return skip('newer') end
 local st = redis.call('HGET', K.turn, 'status')
 if not st then return skip('unknown') end
 if st == 'completed' or st == 'failed' then return skip(st) end
