@@ -11,41 +11,9 @@ from arq import Retry
 
 from turnfleet.producer import Producer
 from turnfleet import keys
-from turnfleet.queue import TurnQueue
-from turnfleet.settings import WorkerProcessSettings
-from turnfleet.workers.job import Runtime, run_turn
+from turnfleet.workers.job import run_turn
 from turnfleet.workers.model import OfflineModel
-from turnfleet.workers.support_desk import build_support_desk
-
-
-
-
-class FlakyModel(OfflineModel):
-    """The offline model, but call number ``fail_on`` raises a connection error once."""
-
-    def __init__(self, fail_on: int) -> None:
-        super().__init__()
-        self.calls = 0
-        self.fail_on = fail_on
-
-    async def get_response(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise ConnectionError("model endpoint reset the connection")
-        return await super().get_response(*args, **kwargs)
-
-
-def runtime(redis, model, **settings: Any) -> dict[str, Any]:
-    return {
-        "runtime": Runtime(
-            settings=WorkerProcessSettings(**settings),
-            redis=redis,
-            queue=TurnQueue(redis),
-            desk=build_support_desk(model),
-            model_name="turnfleet-offline",
-            worker_name="test-worker",
-        )
-    }
+from tests.worker_runtime import FlakyModel, runtime
 
 
 async def test_each_turn_runs_under_a_trace_grouped_by_conversation(redis, collector):

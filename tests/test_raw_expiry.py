@@ -24,7 +24,7 @@ from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.test_cli import tf
 from tests.processes import run_burst
 from tests.test_http_read import C100, auth, serve
-from tests.test_job import runtime
+from tests.worker_runtime import runtime
 from tests.test_observability import dump_keys
 from turnfleet import keys
 from turnfleet.audit import redacted
