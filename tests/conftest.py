@@ -13,11 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from agents import set_trace_processors
-from agents.tracing import TracingProcessor, get_trace_provider
 
 from turnfleet.connection import connect
 from turnfleet.shell.embedded import RedisServer
+from tests.tracing import Collector, traces_to
 
 
 @contextmanager
@@ -69,40 +68,9 @@ def turnfleet_cmd() -> list[str]:
     return [sys.executable, "-m", "turnfleet.shell.cli"]
 
 
-class Collector(TracingProcessor):
-    """A real trace processor that keeps what the SDK hands it, for assertions."""
-
-    def __init__(self) -> None:
-        self.traces: list[dict] = []
-        self.spans: list = []
-
-    def on_trace_start(self, trace) -> None:
-        pass
-
-    def on_trace_end(self, trace) -> None:
-        self.traces.append(trace.export())
-
-    def on_span_start(self, span) -> None:
-        pass
-
-    def on_span_end(self, span) -> None:
-        self.spans.append(span)
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self) -> None:
-        pass
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    """Route this process's traces to a Collector for the test, then restore the processors."""
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
+    """Route this process's traces to a Collector for the test, then restore the provider."""
     collecting = Collector()
-    set_trace_processors([collecting])
-    try:
+    with traces_to(collecting):
         yield collecting
-    finally:
-        set_trace_processors(saved)

@@ -15,7 +15,7 @@ from agents import RunConfig, Runner
 from agents.handoffs import handoff
 from agents.tracing.span_data import GenerationSpanData
 
-from tests.conftest import Collector
+from tests.tracing import Collector
 from turnfleet.connection import connect
 from turnfleet.workers.context import TurnContext
 from turnfleet.workers.model import (
