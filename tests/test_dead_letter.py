@@ -1,7 +1,10 @@
 """Poison entries, the dead-letter stream, trimming and the fault-injection setting, in process.
 
 Consumers run in this event loop against a real Redis; entries are XADDed as the workers
-write them (or, for poison and garbage, raw). The subprocess versions are the drills in
+write them (batches from the worker's own hooks, ``tests/batches.py``), the poison too (a NaN
+duration the hooks pass through). Garbage entries (not JSON, a cut-off array, a bare ``"x"``
+where only the stream's ids matter) are written raw on purpose: no worker writes them, so the
+hooks cannot make them. The subprocess versions are the drills in
 ``tests/drills/test_telemetry_drills.py``.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -239,12 +239,8 @@ async def test_out_of_order_retry_does_not_undo_a_finished_turn(redis: Any) -> N
 async def test_failed_attempt_tokens_are_counted_and_flagged(redis: Any) -> None:
     first = AttemptBatch("t-1", attempt=1).started().agent("Triage").llm("Triage", 120, 20)
     first.failed("APITimeoutError", "model timed out", terminal=False)
-    second = support_turn("t-1")
-    second.attempt = 2
-    second.events = []
-    second.usage = TokenUsage()
-    second.agents = []
-    second.started().agent("Triage").llm("Triage", 120, 20).completed(duration_ms=800.0)
+    second = AttemptBatch("t-1", attempt=2).started().agent("Triage").llm("Triage", 120, 20)
+    second.completed(duration_ms=800.0)
     await first.send(redis)
     await second.send(redis)
     await drain(redis)
@@ -304,6 +300,8 @@ async def test_usage_mismatch_between_turn_completed_and_llm_end_is_logged_not_c
 
 async def test_malformed_entries_are_acked_counted_and_do_not_stop_later_ones(redis: Any) -> None:
     await support_turn("t-1").send(redis)
+    # Raw on purpose: no worker writes these (not JSON, no batch, an event without its
+    # envelope, not a list), so the hooks cannot build them.
     await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-x", "batch": "{not json"})
     await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-x"})
     await redis.xadd(keys.TELEMETRY_STREAM, {"batch": json.dumps([{"kind": "llm_end"}])})

@@ -151,7 +151,8 @@ async def test_drill7_poison_and_malformed_entries_are_dead_lettered_and_everyth
     redis, fleet_env, tmp_path
 ):
     # Raw XADDs around the real turns' entries: the poison first (valid JSON and events, but
-    # a turn duration the planner cannot bucket), the malformed one last.
+    # a turn duration the planner cannot bucket), the malformed one last (raw on purpose: no
+    # worker writes a cut-off array, so the hooks cannot build it).
     poison = {"turn_id": "poison-1", "batch": poison_turn("poison-1").batch_json()}
     poison_id = await redis.xadd(keys.TELEMETRY_STREAM, poison)
     turn_ids = await real_turns(redis, fleet_env, tmp_path, "7")
