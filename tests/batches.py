@@ -156,3 +156,41 @@ class AttemptBatch:
     async def send(self, redis: Any) -> str:
         return await redis.xadd(keys.TELEMETRY_STREAM,
                                 {"turn_id": self.turn_id, "batch": self.batch_json()})
+
+
+def support_turn(turn_id: str, conversation_id: str = "c-1", customer_id: str = "cust-1",
+                 at: datetime = T0, model: str = OFFLINE, duration_ms: float = 1000.0) -> AttemptBatch:
+    """Triage → handoff → Billing → tool → answer: 3 model calls costing 430 000 n$ offline.
+
+    Calls (input, cached, output): (120, 0, 20) 80 000 n$; (300, 100, 40) 154 000 n$;
+    (400, 200, 60 with 10 reasoning) 196 000 n$.
+    """
+    return (
+        AttemptBatch(turn_id, conversation_id, customer_id, at=at, model=model)
+        .started().agent("Triage").llm("Triage", 120, 20)
+        .handoff("Triage", "Billing").agent("Billing")
+        .llm("Billing", 300, 40, cached_tokens=100)
+        .tool("Billing", "lookup_order", duration_ms=7.5)
+        .llm("Billing", 400, 60, cached_tokens=200, reasoning_tokens=10)
+        .completed(duration_ms=duration_ms)
+    )
+
+
+def failed_turn(turn_id: str, at_s: int = 0, attempt: int = 1) -> AttemptBatch:
+    """One model call, then the turn fails (``ModelError``), ``at_s`` seconds after ``T0``."""
+    batch = AttemptBatch(turn_id, "c-f", "cust-f", attempt=attempt, at=T0 + timedelta(seconds=at_s))
+    return batch.started().agent("Triage").llm("Triage", 10, 2).failed()
+
+
+def poison_turn(turn_id: str = "t-poison") -> AttemptBatch:
+    """Valid JSON and valid events, but a turn duration the planner cannot place in a latency
+    bucket: ``NaN`` ms, ``math.ceil(nan)`` raises ValueError on every delivery. (A payload that
+    does not fit its kind, such as a ``spans_dropped`` count ``"lots"``, is no poison: the event
+    contract refuses it when the entry is read, so it is malformed.)"""
+    return AttemptBatch(turn_id).started().completed(duration_ms=float("nan"))
+
+
+# What one support_turn spends (usage and calls), and its cost offline.
+TURN_TOKENS = {"requests": 3, "input_tokens": 820, "cached_tokens": 300, "output_tokens": 120,
+               "reasoning_tokens": 10, "total_tokens": 940, "llm_calls": 3}
+TURN_COST_NUSD = 430_000

@@ -30,21 +30,11 @@ from turnfleet.telemetry.consumer import (
 from turnfleet.telemetry.stats import totals, turn_stats
 from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
 from tests.waiting import until
-from tests.batches import AttemptBatch
-from tests.test_telemetry import TURN_TOKENS, drain, pending, pick, settings, support_turn
+from tests.batches import TURN_TOKENS, poison_turn, support_turn
+from tests.consuming import drain, pending, pick, settings
 from turnfleet import keys
 
 WAIT_S = 10.0
-
-
-def poison_turn(turn_id: str = "t-poison") -> AttemptBatch:
-    """Valid JSON and valid events, but a turn duration the planner cannot place in a latency
-    bucket: ``NaN`` ms, ``math.ceil(nan)`` raises ValueError on every delivery. (A payload that
-    does not fit its kind, such as a ``spans_dropped`` count ``"lots"``, is no poison: the event
-    contract refuses it when the entry is read, so it is malformed.)"""
-    return AttemptBatch(turn_id).started().completed(duration_ms=float("nan"))
-
-
 
 
 async def fleet(redis: Any) -> dict[str, int]:

@@ -22,8 +22,8 @@ from turnfleet.telemetry.consumer import read_dead_letters
 from turnfleet.telemetry.metrics import exposition
 from turnfleet.telemetry.stats import totals, turn_stats
 from turnfleet.telemetry.replay import NODES, tree_from_events
-from tests.batches import T0, AttemptBatch
-from tests.test_telemetry import drain, pending, support_turn
+from tests.batches import T0, AttemptBatch, support_turn
+from tests.consuming import drain, pending
 from turnfleet import events as ev
 from turnfleet import keys
 from turnfleet.events import PAYLOADS, EventKind, batch_json, parse_events

@@ -7,7 +7,6 @@ then exit), so a test waits on process exit and on result keys, never on a sleep
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from agents.extensions.memory import RedisSession

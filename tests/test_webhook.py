@@ -39,7 +39,7 @@ from turnfleet.telemetry.webhook import (
     retry_after_s,
 )
 from tests.waiting import until
-from tests.test_alerts import failed_turn
+from tests.batches import failed_turn
 from tests.uvicorn_server import EventServer
 from turnfleet import __version__, keys
 from turnfleet.connection import connect

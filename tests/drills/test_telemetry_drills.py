@@ -21,7 +21,7 @@ from turnfleet.telemetry.consumer import DEAD_LETTERED, read_dead_letters
 from turnfleet.telemetry.stats import totals
 from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT
 from tests.drills.audit import audit
-from tests.test_dead_letter import poison_turn
+from tests.batches import poison_turn
 from turnfleet import keys
 from turnfleet.shell.fleet import FleetProcess
 
