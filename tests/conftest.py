@@ -7,15 +7,19 @@ server uses ``redis_server.kill()`` / ``.restart()``.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from turnfleet.connection import connect
+from turnfleet.producer import Producer
 from turnfleet.shell.embedded import RedisServer
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import SupportDesk, build_support_desk
+from tests.processes import CLI
 from tests.tracing import Collector, traces_to
 
 
@@ -41,13 +45,33 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator:
-    client = connect(redis_url)
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[Redis]:
+    """A client of the Redis at ``url`` (turnfleet's ``connect``), closed afterwards."""
+    client = connect(url)
     try:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    async with redis_client(redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+async def producer(redis: Redis) -> AsyncIterator[Producer]:
+    """The producer on this test's Redis, closed afterwards."""
+    async with Producer(redis=redis) as p:
+        yield p
+
+
+@pytest.fixture
+def desk() -> SupportDesk:
+    """The Support Desk on the offline model (deterministic answers and token usage)."""
+    return build_support_desk(OfflineModel())
 
 
 @pytest.fixture
@@ -65,7 +89,7 @@ def fleet_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def turnfleet_cmd() -> list[str]:
     """How to run the CLI as a subprocess with this interpreter."""
-    return [sys.executable, "-m", "turnfleet.shell.cli"]
+    return list(CLI)
 
 
 @pytest.fixture

@@ -40,3 +40,8 @@ def pick(d: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
 async def pending(redis: Any) -> int:
     """Telemetry entries delivered to the group and not yet acknowledged."""
     return (await redis.xpending(keys.TELEMETRY_STREAM, keys.TELEMETRY_GROUP))["pending"]
+
+
+async def stream_ids(redis: Any) -> list[str]:
+    """The ids of the entries the telemetry stream holds, oldest first."""
+    return [entry_id for entry_id, _ in await redis.xrange(keys.TELEMETRY_STREAM)]

@@ -31,7 +31,7 @@ from turnfleet.telemetry.stats import totals, turn_stats
 from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
 from tests.waiting import until
 from tests.batches import TURN_TOKENS, poison_turn, support_turn
-from tests.consuming import drain, pending, pick, settings
+from tests.consuming import drain, pending, pick, settings, stream_ids
 from turnfleet import keys
 
 WAIT_S = 10.0
@@ -231,10 +231,6 @@ async def test_read_dead_letters_pages_oldest_first(redis: Any) -> None:
 
 
 # -- trimming -------------------------------------------------------------------------------------
-
-
-async def stream_ids(redis: Any) -> list[str]:
-    return [entry_id for entry_id, _ in await redis.xrange(keys.TELEMETRY_STREAM)]
 
 
 async def test_trim_drops_only_what_every_group_acknowledged(redis: Any) -> None:

@@ -28,11 +28,10 @@ from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.redis_scan import find_mentions
 from tests.waiting import until
 from tests.tracing import traces_to
-from tests.conftest import running_redis
+from tests.conftest import redis_client, running_redis
 from tests.worker_runtime import FlakyModel, runtime
 from tests.test_llm_endpoint import endpoint_model
 from turnfleet import audit, keys
-from turnfleet.connection import connect
 from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
 from turnfleet.settings import TelemetrySettings
 from turnfleet.workers.job import Runtime, run_turn
@@ -66,11 +65,8 @@ def trace_server(tmp_path: Path):
 
 @pytest.fixture
 async def trace_redis(trace_server):
-    client = connect(trace_server.url)
-    try:
+    async with redis_client(trace_server.url) as client:
         yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

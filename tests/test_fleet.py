@@ -11,18 +11,11 @@ import json
 import pytest
 from agents.extensions.memory import RedisSession
 
-from turnfleet.producer import Producer
 from turnfleet.telemetry.alert_reads import read_alerts
 from turnfleet.telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from tests.processes import run_burst, start_burst
 from turnfleet.models import TokenUsage
-
-
-@pytest.fixture
-async def producer(redis):
-    async with Producer(redis=redis) as p:
-        yield p
 
 
 async def test_three_turn_conversation_telemetry_totals_equal_model_usage(producer, redis, fleet_env, tmp_path):

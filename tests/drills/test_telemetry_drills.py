@@ -22,6 +22,7 @@ from turnfleet.telemetry.stats import totals
 from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT
 from tests.drills.audit import audit
 from tests.batches import poison_turn
+from tests.consuming import stream_ids
 from turnfleet import keys
 from turnfleet.shell.fleet import FleetProcess
 
@@ -79,10 +80,6 @@ async def pending_by_consumer(redis: Any) -> dict[str, int]:
     for row in rows:
         counts[row["consumer"]] = counts.get(row["consumer"], 0) + 1
     return counts
-
-
-async def stream_ids(redis: Any) -> list[str]:
-    return [entry_id for entry_id, _ in await redis.xrange(keys.TELEMETRY_STREAM)]
 
 
 async def fleet_counter(redis: Any, field: str) -> int:
