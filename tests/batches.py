@@ -7,7 +7,9 @@ of the hooks' output changes these batches too, so no test checks a stale shape.
 
 The test still picks the values it needs to know exactly, and only those: event ``n`` is
 stamped ``at`` + ``n`` ms, and a model call's or tool call's duration is the one given (the
-hooks would measure it). Nothing here builds an event itself.
+hooks would measure it). Nothing here builds an event itself. The hooks run without a
+redactor (a worker always has one): these batches carry no personal data, and redaction of
+the written batch is tested on its own (test_events, test_redaction_fleet).
 """
 
 from __future__ import annotations
