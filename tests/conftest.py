@@ -7,17 +7,20 @@ server uses ``redis_server.kill()`` / ``.restart()``.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
-from agents import set_trace_processors
-from agents.tracing import TracingProcessor, get_trace_provider
+from redis.asyncio import Redis
 
 from turnfleet.connection import connect
+from turnfleet.producer import Producer
 from turnfleet.shell.embedded import RedisServer
+from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.support_desk import SupportDesk, build_support_desk
+from tests.processes import CLI
+from tests.tracing import Collector, traces_to
 
 
 @contextmanager
@@ -42,13 +45,33 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator:
-    client = connect(redis_url)
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[Redis]:
+    """A client of the Redis at ``url`` (turnfleet's ``connect``), closed afterwards."""
+    client = connect(url)
     try:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    async with redis_client(redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+async def producer(redis: Redis) -> AsyncIterator[Producer]:
+    """The producer on this test's Redis, closed afterwards."""
+    async with Producer(redis=redis) as p:
+        yield p
+
+
+@pytest.fixture
+def desk() -> SupportDesk:
+    """The Support Desk on the offline model (deterministic answers and token usage)."""
+    return build_support_desk(OfflineModel())
 
 
 @pytest.fixture
@@ -66,43 +89,12 @@ def fleet_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def turnfleet_cmd() -> list[str]:
     """How to run the CLI as a subprocess with this interpreter."""
-    return [sys.executable, "-m", "turnfleet.shell.cli"]
-
-
-class Collector(TracingProcessor):
-    """A real trace processor that keeps what the SDK hands it, for assertions."""
-
-    def __init__(self) -> None:
-        self.traces: list[dict] = []
-        self.spans: list = []
-
-    def on_trace_start(self, trace) -> None:
-        pass
-
-    def on_trace_end(self, trace) -> None:
-        self.traces.append(trace.export())
-
-    def on_span_start(self, span) -> None:
-        pass
-
-    def on_span_end(self, span) -> None:
-        self.spans.append(span)
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self) -> None:
-        pass
+    return list(CLI)
 
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    """Route this process's traces to a Collector for the test, then restore the processors."""
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
+    """Route this process's traces to a Collector for the test, then restore the provider."""
     collecting = Collector()
-    set_trace_processors([collecting])
-    try:
+    with traces_to(collecting):
         yield collecting
-    finally:
-        set_trace_processors(saved)

@@ -14,25 +14,14 @@ from turnfleet.telemetry.aggregate import Touched
 from turnfleet.telemetry.alerts import AlertRules, alert_id
 from turnfleet.telemetry.consumer import TelemetryConsumer
 from turnfleet.telemetry.alert_reads import read_alerts
-from tests.test_telemetry import (
-    T0,
-    AttemptBatch,
-    aggregate_without_ack,
-    drain,
-    settings,
-    support_turn,
-)
+from tests.batches import T0, AttemptBatch, failed_turn, support_turn
+from tests.consuming import aggregate_without_ack, drain, settings
 from turnfleet import keys
 from turnfleet.models import Alert
 
 
 async def alerts_of(redis: Any, rule: str) -> list[Alert]:
     return [a for _, a in await read_alerts(redis, count=1000) if a.rule == rule]
-
-
-def failed_turn(turn_id: str, at_s: int = 0, attempt: int = 1) -> AttemptBatch:
-    batch = AttemptBatch(turn_id, "c-f", "cust-f", attempt=attempt, at=T0 + timedelta(seconds=at_s))
-    return batch.started().agent("Triage").llm("Triage", 10, 2).failed()
 
 
 def completed_turn(turn_id: str, at_s: int = 0) -> AttemptBatch:

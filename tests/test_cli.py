@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
+from tests.processes import CLI, tf
 from turnfleet import keys
 
-CLI = [sys.executable, "-m", "turnfleet.shell.cli"]
-
-
-def tf(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(

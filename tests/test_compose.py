@@ -16,7 +16,6 @@ import re
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,9 @@ import turnfleet.settings as settings_module
 from turnfleet import keys
 from turnfleet.shell.cli import build_parser
 from turnfleet.shell.fleet import FleetProcess
+from tests.processes import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "turnfleet.shell.cli"]
 TURNFLEET_SERVICES = {"producer", "worker", "telemetry"}
 HEALTH_ROLE = {"producer": "producer", "worker": "worker", "telemetry": "telemetry"}
 

@@ -18,8 +18,8 @@ from turnfleet.telemetry.console import breakdown, sparkline, timeline
 from turnfleet.telemetry.alert_reads import alert_entries_before
 from turnfleet.telemetry.live_figures import histogram_percentile, last_hour, spend_today
 from turnfleet.telemetry.stats import customer_day_stats
-from tests.batches import T0, AttemptBatch
-from tests.test_telemetry import drain, support_turn
+from tests.batches import T0, AttemptBatch, support_turn
+from tests.consuming import drain
 from turnfleet import keys
 from turnfleet.models import Alert
 

@@ -1,7 +1,10 @@
 """Poison entries, the dead-letter stream, trimming and the fault-injection setting, in process.
 
 Consumers run in this event loop against a real Redis; entries are XADDed as the workers
-write them (or, for poison and garbage, raw). The subprocess versions are the drills in
+write them (batches from the worker's own hooks, ``tests/batches.py``), the poison too (a NaN
+duration the hooks pass through). Garbage entries (not JSON, a cut-off array, a bare ``"x"``
+where only the stream's ids matter) are written raw on purpose: no worker writes them, so the
+hooks cannot make them. The subprocess versions are the drills in
 ``tests/drills/test_telemetry_drills.py``.
 """
 
@@ -27,21 +30,11 @@ from turnfleet.telemetry.consumer import (
 from turnfleet.telemetry.stats import totals, turn_stats
 from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT, TrimResult, trim_acknowledged
 from tests.waiting import until
-from tests.batches import AttemptBatch
-from tests.test_telemetry import TURN_TOKENS, drain, pending, pick, settings, support_turn
+from tests.batches import TURN_TOKENS, poison_turn, support_turn
+from tests.consuming import drain, pending, pick, settings, stream_ids
 from turnfleet import keys
 
 WAIT_S = 10.0
-
-
-def poison_turn(turn_id: str = "t-poison") -> AttemptBatch:
-    """Valid JSON and valid events, but a turn duration the planner cannot place in a latency
-    bucket: ``NaN`` ms, ``math.ceil(nan)`` raises ValueError on every delivery. (A payload that
-    does not fit its kind, such as a ``spans_dropped`` count ``"lots"``, is no poison: the event
-    contract refuses it when the entry is read, so it is malformed.)"""
-    return AttemptBatch(turn_id).started().completed(duration_ms=float("nan"))
-
-
 
 
 async def fleet(redis: Any) -> dict[str, int]:
@@ -238,10 +231,6 @@ async def test_read_dead_letters_pages_oldest_first(redis: Any) -> None:
 
 
 # -- trimming -------------------------------------------------------------------------------------
-
-
-async def stream_ids(redis: Any) -> list[str]:
-    return [entry_id for entry_id, _ in await redis.xrange(keys.TELEMETRY_STREAM)]
 
 
 async def test_trim_drops_only_what_every_group_acknowledged(redis: Any) -> None:

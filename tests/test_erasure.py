@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import set_trace_processors
-from agents.tracing import get_trace_provider
 
 from turnfleet.producer import Producer
 from turnfleet.telemetry.aggregate import ERASED_SKIPPED
@@ -29,14 +27,13 @@ from turnfleet.telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.redis_scan import find_mentions
 from tests.waiting import until
-from tests.conftest import running_redis
-from tests.test_job import FlakyModel
+from tests.tracing import traces_to
+from tests.conftest import redis_client, running_redis
+from tests.worker_runtime import FlakyModel, runtime
 from tests.test_llm_endpoint import endpoint_model
 from turnfleet import audit, keys
-from turnfleet.connection import connect
 from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
-from turnfleet.queue import TurnQueue
-from turnfleet.settings import TelemetrySettings, WorkerProcessSettings
+from turnfleet.settings import TelemetrySettings
 from turnfleet.workers.job import Runtime, run_turn
 from turnfleet.workers.settings import shutdown, startup
 from turnfleet.workers.model import OfflineModel
@@ -68,11 +65,8 @@ def trace_server(tmp_path: Path):
 
 @pytest.fixture
 async def trace_redis(trace_server):
-    client = connect(trace_server.url)
-    try:
+    async with redis_client(trace_server.url) as client:
         yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -82,15 +76,13 @@ async def worker(redis_url, trace_server, monkeypatch):
     in this process, as the other tests do."""
     monkeypatch.setenv("TURNFLEET_TRACE_REDIS_URL", trace_server.url)
     monkeypatch.setenv("TURNFLEET_TRACE_SAMPLE_RATE", "1")
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
     ctx: dict[str, Any] = {"redis_url": redis_url}
-    await startup(ctx)
-    try:
-        yield ctx["runtime"]
-    finally:
-        await shutdown(ctx)
-        set_trace_processors(saved)
+    with traces_to():  # startup installs the worker's trace processors: in this provider
+        await startup(ctx)
+        try:
+            yield ctx["runtime"]
+        finally:
+            await shutdown(ctx)
 
 
 @dataclass
@@ -315,9 +307,7 @@ async def test_forget_waits_for_a_running_turn_or_refuses_and_erases_nothing(
     conv = "conv-erase-busy"
     turn_id = await producer.enqueue_turn(conversation_id=conv, customer_id=A,
                                           text="Where is order 1042? quokka-hold")
-    ctx = {"runtime": Runtime(
-        settings=WorkerProcessSettings(), redis=redis, queue=TurnQueue(redis),
-        desk=build_support_desk(endpoint_model(server)), model_name="m", worker_name="w")}
+    ctx = runtime(redis, endpoint_model(server), model_name="m", worker_name="w")
     running = asyncio.create_task(run_turn(ctx, turn_id, conv))
     await server.wait_held(1)
 

@@ -22,8 +22,8 @@ from turnfleet.telemetry.consumer import read_dead_letters
 from turnfleet.telemetry.metrics import exposition
 from turnfleet.telemetry.stats import totals, turn_stats
 from turnfleet.telemetry.replay import NODES, tree_from_events
-from tests.batches import T0, AttemptBatch
-from tests.test_telemetry import drain, pending, support_turn
+from tests.batches import T0, AttemptBatch, support_turn
+from tests.consuming import drain, pending
 from turnfleet import events as ev
 from turnfleet import keys
 from turnfleet.events import PAYLOADS, EventKind, batch_json, parse_events
@@ -40,10 +40,10 @@ def every_kind_batches() -> list[AttemptBatch]:
     retried = (AttemptBatch("t-every", "c-every", "cust-every", attempt=1).started().agent("Triage")
                .llm("Triage", 10, 2).failed("ModelError", terminal=False))
     done = (AttemptBatch("t-every", "c-every", "cust-every", attempt=2).started()
-            .emit(ev.GuardrailDetail(guardrail="prompt_injection", kind="input"), agent="Triage")
+            .guardrail("prompt_injection", "Triage")
             .agent("Triage").llm("Triage", 120, 20).handoff("Triage", "Billing").agent("Billing")
             .tool("Billing", "lookup_order", error="boom").llm("Billing", 300, 40)
-            .emit(ev.SpansDroppedDetail(count=3)).completed())
+            .spans_dropped(3).completed())
     failed = (AttemptBatch("t-failed", "c-failed", "cust-every").started().agent("Triage")
               .llm("Triage", 10, 2).failed("ModelError"))
     return [retried, done, failed]
@@ -243,11 +243,12 @@ async def test_events_in_the_previous_shape_are_counted_and_replayed(redis: Any)
 
 async def test_a_payload_that_does_not_fit_its_kind_is_malformed_when_read(redis: Any) -> None:
     # Before the contract, a spans_dropped count of "lots" passed the read and crashed the
-    # planner on every delivery until the entry was dead-lettered as an error.
+    # planner on every delivery until the entry was dead-lettered as an error. The hooks
+    # cannot write such a count: the batch is theirs, its one payload altered by hand.
     await support_turn("t-1").send(redis)
     bad = {"turn_id": "t-bad", "batch": json.dumps([
         {**e.export(), "detail": {"count": "lots"}} if e.kind == EventKind.spans_dropped else e.export()
-        for e in AttemptBatch("t-bad").started().emit(ev.SpansDroppedDetail(count=1)).events])}
+        for e in AttemptBatch("t-bad").started().spans_dropped(1).events])}
     bad_id = await redis.xadd(keys.TELEMETRY_STREAM, bad)
     await support_turn("t-2").send(redis)
     assert await drain(redis, dead_letter_after=3) == 3

@@ -16,7 +16,7 @@ from turnfleet.producer import Producer
 from turnfleet.telemetry.find import find_conversations
 from turnfleet.telemetry.stats import conversation_stats
 from tests.batches import T0, AttemptBatch
-from tests.test_telemetry import drain
+from tests.consuming import drain
 from turnfleet import keys
 
 

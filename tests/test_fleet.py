@@ -7,23 +7,15 @@ then exit), so a test waits on process exit and on result keys, never on a sleep
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from agents.extensions.memory import RedisSession
 
-from turnfleet.producer import Producer
 from turnfleet.telemetry.alert_reads import read_alerts
 from turnfleet.telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from tests.processes import run_burst, start_burst
 from turnfleet.models import TokenUsage
-
-
-@pytest.fixture
-async def producer(redis):
-    async with Producer(redis=redis) as p:
-        yield p
 
 
 async def test_three_turn_conversation_telemetry_totals_equal_model_usage(producer, redis, fleet_env, tmp_path):

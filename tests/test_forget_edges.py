@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from turnfleet.producer import ErasureBusy, Producer
-from tests.test_cli import tf
+from tests.processes import tf
 from tests.test_operator_views import pii_turn
 from tests.test_http_read import C100, OPERATOR, auth, serve
 from turnfleet import audit, keys

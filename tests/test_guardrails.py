@@ -14,7 +14,7 @@ from turnfleet.producer import Producer
 from turnfleet.telemetry.alert_reads import read_alerts
 from turnfleet.telemetry.find import find_conversations
 from turnfleet.telemetry.stats import conversation_stats, totals, turn_stats
-from tests.test_cli import tf
+from tests.processes import tf
 from tests.processes import run_burst
 from tests.test_http_read import OPERATOR, auth, serve
 from turnfleet import keys

@@ -13,8 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -29,7 +27,7 @@ from tests.uvicorn_server import serving_app
 from turnfleet import budget, keys
 from turnfleet.auth import hash_key, new_key
 
-from tests.processes import run_burst_in_thread
+from tests.processes import run_burst_in_thread, tf
 from turnfleet.shell.fleet import FleetProcess, listening_socket
 from turnfleet.shell.server import create_app
 from turnfleet.settings import ApiKey, ProducerSettings
@@ -387,11 +385,6 @@ async def test_rotated_keys_file_takes_effect_without_restart(redis_url, tmp_pat
 
 
 # -- the CLI verbs ----------------------------------------------------------------------
-
-
-def tf(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "turnfleet.shell.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
 
 
 async def test_apikey_new_entry_lets_turnfleet_serve_accept_the_key_and_stop_gracefully(fleet_env, tmp_path):

@@ -69,12 +69,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s:
     await until(check, what, timeout_s)
 
 
-@pytest.fixture
-async def producer(redis: Any) -> AsyncIterator[Producer]:
-    async with Producer(redis=redis) as p:
-        yield p
-
-
 async def support_scenario(producer: Producer, fleet_env: dict[str, str], tmp_path: Path,
                            **telemetry_env: str) -> dict[str, str]:
     """Three customers' conversations through a burst worker and burst telemetry."""

@@ -17,8 +17,6 @@ import io
 import json
 import logging
 import string
-import subprocess
-import sys
 import uuid
 
 import httpx
@@ -30,6 +28,7 @@ from hypothesis.provisional import domains
 from redis import Redis as SyncRedis
 
 from turnfleet.producer import Producer, TurnValidationError
+from tests.processes import tf
 from tests.serve_process import turnfleet_serve
 from turnfleet.shell import cli
 from turnfleet.auth import hash_key, new_key
@@ -260,8 +259,7 @@ def _refused_by_cli(redis_url: str, field: str, value: str) -> str:
 async def test_cli_subprocess_refuses_newline_and_lookalike_ids(fleet_env, redis, field, value):
     args = {"conversation_id": "c-1", "customer_id": "C-100", field: value}
     argv = ["enqueue", *(a for f, v in args.items() for a in (CLI_FLAGS[f], v)), "hello"]
-    proc = subprocess.run([sys.executable, "-m", "turnfleet.shell.cli", *argv], env=fleet_env,
-                          capture_output=True, text=True, timeout=60)
+    proc = tf(*argv, env=fleet_env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr

@@ -3,7 +3,7 @@ memory roll-back and once-only side effects. A flaky model is a real ``Model`` t
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
 import pytest
 from agents.extensions.memory import RedisSession
@@ -11,41 +11,9 @@ from arq import Retry
 
 from turnfleet.producer import Producer
 from turnfleet import keys
-from turnfleet.queue import TurnQueue
-from turnfleet.settings import WorkerProcessSettings
-from turnfleet.workers.job import Runtime, run_turn
+from turnfleet.workers.job import run_turn
 from turnfleet.workers.model import OfflineModel
-from turnfleet.workers.support_desk import build_support_desk
-
-
-
-
-class FlakyModel(OfflineModel):
-    """The offline model, but call number ``fail_on`` raises a connection error once."""
-
-    def __init__(self, fail_on: int) -> None:
-        super().__init__()
-        self.calls = 0
-        self.fail_on = fail_on
-
-    async def get_response(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise ConnectionError("model endpoint reset the connection")
-        return await super().get_response(*args, **kwargs)
-
-
-def runtime(redis, model, **settings: Any) -> dict[str, Any]:
-    return {
-        "runtime": Runtime(
-            settings=WorkerProcessSettings(**settings),
-            redis=redis,
-            queue=TurnQueue(redis),
-            desk=build_support_desk(model),
-            model_name="turnfleet-offline",
-            worker_name="test-worker",
-        )
-    }
+from tests.worker_runtime import FlakyModel, runtime
 
 
 async def test_each_turn_runs_under_a_trace_grouped_by_conversation(redis, collector):
@@ -117,8 +85,6 @@ async def test_attempts_used_up_by_lost_workers_end_the_turn_failed(redis):
 
 
 async def test_the_job_payload_in_redis_is_json(redis):
-    import json
-
     producer = Producer(redis=redis)
     turn_id = await producer.enqueue_turn(conversation_id="conv-j", customer_id="C-100", text="Hello")
     raw = await redis.get(keys.ARQ_JOB_PREFIX + turn_id)
@@ -126,14 +92,16 @@ async def test_the_job_payload_in_redis_is_json(redis):
     assert payload["f"] == "run_turn" and payload["a"] == [turn_id, "conv-j"]
 
 
-def test_the_session_messages_key_is_where_the_sdk_keeps_items():
-    from agents.extensions.memory import RedisSession
-
+async def test_the_session_messages_key_is_where_the_sdk_keeps_items(redis):
     from turnfleet.connection import connect
 
-    session = RedisSession(session_id=keys.session_id("conv-k"), redis_client=connect("redis://127.0.0.1:1"),
+    # Through the SDK's public Session API (not its private ``_messages_key``): what
+    # RedisSession stores lands in the list keys.session_messages names.
+    session = RedisSession(session_id=keys.session_id("conv-k"), redis_client=redis,
                            key_prefix=keys.SESSION_PREFIX)
-    assert session._messages_key == keys.session_messages("conv-k")
+    item = {"role": "user", "content": "Where is order 1042?"}
+    await session.add_items([item])
+    assert [json.loads(raw) for raw in await redis.lrange(keys.session_messages("conv-k"), 0, -1)] == [item]
     from turnfleet.workers.memory import ConversationMemory
 
     assert ConversationMemory(connect("redis://127.0.0.1:1"), "conv-k").messages_key == keys.session_messages("conv-k")

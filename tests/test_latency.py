@@ -1,8 +1,8 @@
 """Latency breakdown: per-turn figures, exact nearest-rank percentiles, capped samples, slowest.
 
 Everything is counted from every event under the same dedupe as the other aggregates, so a
-re-sent or redelivered batch adds no sample. Batches are built with the contract's models and
-aggregated by a real consumer in burst mode.
+re-sent or redelivered batch adds no sample. Batches are written by the
+worker's own hooks (``tests/batches.py``) and aggregated by a real consumer in burst mode.
 """
 
 from __future__ import annotations
@@ -14,15 +14,8 @@ from typing import Any
 from turnfleet.telemetry.aggregate import SLOWEST_TURNS_KEPT
 from turnfleet.telemetry.latency import latency_report, percentile, slowest_turns
 from turnfleet.telemetry.stats import totals, turn_stats
-from tests.test_telemetry import (
-    OFFLINE,
-    T0,
-    AttemptBatch,
-    aggregate_without_ack,
-    drain,
-    pick,
-    support_turn,
-)
+from tests.batches import OFFLINE, T0, AttemptBatch, support_turn
+from tests.consuming import aggregate_without_ack, drain, pick
 from turnfleet import keys
 
 MINI = "gpt-4o-mini"

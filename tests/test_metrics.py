@@ -20,7 +20,8 @@ from turnfleet.telemetry.lag import TelemetryLag, telemetry_lag
 from turnfleet.telemetry.stats import stats, totals, turn_stats
 from tests.processes import run_burst
 from tests.test_http_read import C100, OPERATOR, auth, eventually, serve
-from tests.test_telemetry import drain, support_turn
+from tests.batches import support_turn
+from tests.consuming import drain
 from turnfleet import keys
 from turnfleet.shell.fleet import FleetProcess
 

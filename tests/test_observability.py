@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 
-import pytest
 
-from turnfleet.producer import Producer
 from turnfleet.telemetry.alert_reads import read_alerts
 from turnfleet.telemetry.stats import conversation_stats, totals
 from turnfleet.telemetry.replay import conversation_replay, turn_replay
@@ -23,12 +20,6 @@ from turnfleet.shell.fleet import FleetProcess
 from tests.processes import run_burst
 from turnfleet.models import TokenUsage
 from turnfleet.workers.trace_store import conversation_fraction
-
-
-@pytest.fixture
-async def producer(redis):
-    async with Producer(redis=redis) as p:
-        yield p
 
 
 def walk(nodes):

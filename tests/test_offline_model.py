@@ -15,18 +15,16 @@ from agents import RunConfig, Runner
 from agents.handoffs import handoff
 from agents.tracing.span_data import GenerationSpanData
 
-from tests.conftest import Collector
+from tests.tracing import Collector
 from turnfleet.connection import connect
 from turnfleet.workers.context import TurnContext
 from turnfleet.workers.model import (
     DEFAULT_MODEL_NAME,
     Conversation,
     HandoffOption,
-    OfflineModel,
     decide,
     order_ids_in,
 )
-from turnfleet.workers.support_desk import build_support_desk
 
 TRIAGE_HANDOFFS = [
     HandoffOption("transfer_to_billing", "Billing"),
@@ -222,11 +220,6 @@ def test_handoff_is_never_repeated_to_the_same_agent_in_one_turn() -> None:
 
 
 # ------------------------------------------------------------------ runs through the SDK
-
-
-@pytest.fixture
-def desk():
-    return build_support_desk(OfflineModel())
 
 
 def turn_context(turn_id: str = "t-1", customer_id: str = "C-100", redis=None) -> TurnContext:

@@ -10,21 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.drills.test_worker_drills import until
+from tests.processes import tf, until_or_exit
 from turnfleet.shell.embedded import RedisServer, free_port
 from turnfleet.shell.fleet import FleetProcess
-
-CLI = [sys.executable, "-m", "turnfleet.shell.cli"]
-
-
-def tf(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
 
 def one_line(run: subprocess.CompletedProcess[str]) -> str:
     """stderr is exactly one line, and no traceback."""
@@ -80,13 +72,13 @@ async def test_a_long_running_process_keeps_retrying_says_so_and_recovers(nowher
             return [json.loads(line) for line in proc.output().splitlines()
                     if line.startswith("{") and f'"event": "{event}"' in line]
 
-        await until(lambda: len(retries()) >= 2, f"two {event} lines", timeout=60, proc=proc)
+        await until_or_exit(lambda: len(retries()) >= 2, f"two {event} lines", timeout=60, proc=proc)
         assert all((r.get("retry_in_s") or r.get("restart_in_s") or 0) > 0 for r in retries()), retries()
         health = tf("health", "--role", verb, env=nowhere)
         assert health.returncode == 1 and "unreachable" in one_line(health)
 
         server.start()  # Redis comes back on the same port: the process carries on by itself
-        await until(lambda: tf("health", "--role", verb, env=nowhere).returncode == 0,
+        await until_or_exit(lambda: tf("health", "--role", verb, env=nowhere).returncode == 0,
                     f"{verb} healthy once Redis is back", timeout=60, proc=proc)
     finally:
         code = proc.stop()

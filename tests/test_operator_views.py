@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from turnfleet.producer import Producer
-from tests.test_cli import tf
+from tests.processes import tf
 from tests.processes import run_burst
 from tests.test_http_read import API_KEYS, C100, OPERATOR, auth, serve
 from turnfleet import keys

@@ -13,10 +13,9 @@ from turnfleet.producer import Producer
 from turnfleet import keys
 from turnfleet.models import AttemptError, TurnResult
 from turnfleet.queue import CORRUPT_TURN_RECORD, FinishExtras, Lane, Outcome, TurnQueue
-from turnfleet.settings import WorkerProcessSettings
-from turnfleet.workers.job import STALE, Runtime, run_turn
+from turnfleet.workers.job import STALE, run_turn
 from turnfleet.workers.model import OfflineModel
-from turnfleet.workers.support_desk import build_support_desk
+from tests.worker_runtime import runtime
 
 
 def result(turn_id: str, conversation_id: str = "c-1", status: str = "completed", attempts: int = 1) -> TurnResult:
@@ -169,18 +168,11 @@ class TakeoverModel(OfflineModel):
         return await super().get_response(*args, **kwargs)
 
 
-def runtime(redis, model, **settings: Any) -> dict[str, Any]:
-    return {"runtime": Runtime(
-        settings=WorkerProcessSettings(**settings), redis=redis, queue=TurnQueue(redis),
-        desk=build_support_desk(model), model_name="turnfleet-offline", worker_name="w1",
-    )}
-
-
 async def test_a_worker_that_lost_its_lease_is_cancelled_and_writes_nothing(redis):
     producer = Producer(redis=redis)
     turn_id = await producer.enqueue_turn(conversation_id="c-9", customer_id="C-100", text="Where is order 1042?")
     model = TakeoverModel(redis, turn_id, "c-9", wait=True)
-    ctx = runtime(redis, model, turn_lease_s=0.3)  # renewed every 0.1 s
+    ctx = runtime(redis, model, worker_name="w1", turn_lease_s=0.3)  # renewed every 0.1 s
     assert await asyncio.wait_for(run_turn(ctx, turn_id, "c-9"), 10) == STALE
     assert model.cancelled  # the renewal noticed the takeover and stopped the run
     assert turn_id in ctx["runtime"].fenced  # arq will leave w2's job and lease alone
@@ -194,7 +186,7 @@ async def test_a_stale_worker_that_finishes_its_run_drops_the_result(redis):
     producer = Producer(redis=redis)
     turn_id = await producer.enqueue_turn(conversation_id="c-8", customer_id="C-100", text="Where is order 1042?")
     nxt = await producer.enqueue_turn(conversation_id="c-8", customer_id="C-100", text="Thanks, bye")
-    ctx = runtime(redis, TakeoverModel(redis, turn_id, "c-8", wait=False), turn_lease_s=60)
+    ctx = runtime(redis, TakeoverModel(redis, turn_id, "c-8", wait=False), worker_name="w1", turn_lease_s=60)
     assert await run_turn(ctx, turn_id, "c-8") == STALE
     assert turn_id in ctx["runtime"].fenced
     record = await redis.hgetall(keys.turn(turn_id))

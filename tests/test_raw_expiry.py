@@ -21,10 +21,10 @@ from turnfleet.telemetry.stats import stats
 from turnfleet.telemetry.raw_expiry import RawExpiry
 from turnfleet.telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
-from tests.test_cli import tf
+from tests.processes import tf
 from tests.processes import run_burst
 from tests.test_http_read import C100, auth, serve
-from tests.test_job import runtime
+from tests.worker_runtime import runtime
 from tests.test_observability import dump_keys
 from turnfleet import keys
 from turnfleet.audit import redacted

@@ -6,8 +6,6 @@ import io
 import json
 import random
 import re
-import subprocess
-import sys
 from collections import OrderedDict
 
 import pytest
@@ -17,6 +15,7 @@ import turnfleet.redaction as redaction
 from turnfleet.redaction import Redactor
 from turnfleet.settings import default_redactor
 from turnfleet.settings import CommonSettings
+from tests.processes import tf
 
 R = Redactor()
 
@@ -653,8 +652,7 @@ def test_extra_detectors_come_from_the_environment(monkeypatch) -> None:
     ("TURNFLEET_REDACT_PATTERNS", '["(unclosed"]', "invalid redact pattern '(unclosed'"),
 ])
 def test_the_cli_refuses_unusable_redaction_settings_in_one_line(fleet_env, name, value, says) -> None:
-    proc = subprocess.run([sys.executable, "-m", "turnfleet.shell.cli", "apikey", "hash", "abc"],
-                          env={**fleet_env, name: value}, capture_output=True, text=True, timeout=60)
+    proc = tf("apikey", "hash", "abc", env={**fleet_env, name: value})
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"turnfleet: {says}") and len(proc.stderr.strip().splitlines()) == 1

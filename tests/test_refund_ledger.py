@@ -10,7 +10,7 @@ import json
 
 from turnfleet.producer import Producer
 from tests.drills.audit import audit
-from tests.test_cli import tf
+from tests.processes import tf
 from tests.processes import run_burst, start_burst
 from turnfleet import keys
 

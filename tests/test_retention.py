@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from turnfleet.producer import Producer
 from turnfleet.telemetry.consumer import run_consumer
 from turnfleet.telemetry.retention import Retention
-from tests.test_job import runtime
+from tests.worker_runtime import runtime
 from turnfleet import keys
 from turnfleet.settings import TelemetrySettings
 from turnfleet.workers.job import run_turn

@@ -24,15 +24,9 @@ from turnfleet import keys
 from turnfleet.connection import connect
 from turnfleet.shell.embedded import free_port
 from turnfleet.workers.context import TurnContext
-from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.orderbook import load_order_book
-from turnfleet.workers.support_desk import SupportDesk, build_support_desk
+from turnfleet.workers.support_desk import SupportDesk
 from turnfleet.workers.tools import ToolUnavailable, process_refund, refund_id, ticket_id
-
-
-@pytest.fixture
-def desk() -> SupportDesk:
-    return build_support_desk(OfflineModel())
 
 
 async def run_turn(

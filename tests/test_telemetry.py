@@ -1,7 +1,7 @@
 """Telemetry aggregation: exact totals, exactly once, through redelivery, claims and crashes.
 
-Batches are built with the contract's models and XADDed as the workers write them; a real
-consumer (in this event loop, or a subprocess that is killed) aggregates them.
+Batches are written by the worker's own hooks (``tests/batches.py``) and XADDed as the workers
+write them; a real consumer (in this event loop, or a subprocess that is killed) aggregates them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,61 +18,12 @@ from structlog.testing import capture_logs
 
 from turnfleet.telemetry.consumer import TelemetryConsumer, caught_up, run_consumer
 from turnfleet.telemetry.stats import conversation_stats, customer_day_stats, stats, totals, turn_stats
-from tests.batches import OFFLINE, T0, AttemptBatch
+from tests.batches import OFFLINE, T0, TURN_COST_NUSD, TURN_TOKENS, AttemptBatch, support_turn
+from tests.consuming import aggregate_without_ack, drain, pending, pick, settings
 from turnfleet import keys
 from turnfleet.models import TokenUsage
-from turnfleet.settings import TelemetrySettings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def support_turn(turn_id: str, conversation_id: str = "c-1", customer_id: str = "cust-1",
-                 at: datetime = T0, model: str = OFFLINE, duration_ms: float = 1000.0) -> AttemptBatch:
-    """Triage → handoff → Billing → tool → answer: 3 model calls costing 430 000 n$ offline.
-
-    Calls (input, cached, output): (120, 0, 20) 80 000 n$; (300, 100, 40) 154 000 n$;
-    (400, 200, 60 with 10 reasoning) 196 000 n$.
-    """
-    return (
-        AttemptBatch(turn_id, conversation_id, customer_id, at=at, model=model)
-        .started().agent("Triage").llm("Triage", 120, 20)
-        .handoff("Triage", "Billing").agent("Billing")
-        .llm("Billing", 300, 40, cached_tokens=100)
-        .tool("Billing", "lookup_order", duration_ms=7.5)
-        .llm("Billing", 400, 60, cached_tokens=200, reasoning_tokens=10)
-        .completed(duration_ms=duration_ms)
-    )
-
-
-TURN_TOKENS = {"requests": 3, "input_tokens": 820, "cached_tokens": 300, "output_tokens": 120,
-               "reasoning_tokens": 10, "total_tokens": 940, "llm_calls": 3}
-TURN_COST_NUSD = 430_000
-
-
-def settings(**overrides: Any) -> TelemetrySettings:
-    return TelemetrySettings(**{"block_ms": 50, **overrides})
-
-
-async def drain(redis: Any, name: str = "test-consumer", **overrides: Any) -> int:
-    """Run a consumer in burst mode: everything written so far is handled when it returns."""
-    return await TelemetryConsumer(redis, settings(**overrides), name=name).run(burst=True)
-
-
-async def aggregate_without_ack(redis: Any) -> None:
-    """What a consumer that dies after storing the aggregate leaves: an entry still pending."""
-    dead = TelemetryConsumer(redis, settings(), name="dead")
-    await dead.ensure_group()
-    reply = await redis.xreadgroup(keys.TELEMETRY_GROUP, "dead", {keys.TELEMETRY_STREAM: ">"})
-    [(entry_id, fields)] = reply[0][1]
-    await dead.aggregator.aggregate(entry_id, fields)
-
-
-def pick(d: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: d.get(k) for k in fields}
-
-
-async def pending(redis: Any) -> int:
-    return (await redis.xpending(keys.TELEMETRY_STREAM, keys.TELEMETRY_GROUP))["pending"]
 
 
 # -- exact totals -------------------------------------------------------------------------
@@ -239,12 +190,8 @@ async def test_out_of_order_retry_does_not_undo_a_finished_turn(redis: Any) -> N
 async def test_failed_attempt_tokens_are_counted_and_flagged(redis: Any) -> None:
     first = AttemptBatch("t-1", attempt=1).started().agent("Triage").llm("Triage", 120, 20)
     first.failed("APITimeoutError", "model timed out", terminal=False)
-    second = support_turn("t-1")
-    second.attempt = 2
-    second.events = []
-    second.usage = TokenUsage()
-    second.agents = []
-    second.started().agent("Triage").llm("Triage", 120, 20).completed(duration_ms=800.0)
+    second = AttemptBatch("t-1", attempt=2).started().agent("Triage").llm("Triage", 120, 20)
+    second.completed(duration_ms=800.0)
     await first.send(redis)
     await second.send(redis)
     await drain(redis)
@@ -304,6 +251,8 @@ async def test_usage_mismatch_between_turn_completed_and_llm_end_is_logged_not_c
 
 async def test_malformed_entries_are_acked_counted_and_do_not_stop_later_ones(redis: Any) -> None:
     await support_turn("t-1").send(redis)
+    # Raw on purpose: no worker writes these (not JSON, no batch, an event without its
+    # envelope, not a list), so the hooks cannot build them.
     await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-x", "batch": "{not json"})
     await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-x"})
     await redis.xadd(keys.TELEMETRY_STREAM, {"batch": json.dumps([{"kind": "llm_end"}])})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from agents import Runner, set_trace_processors, trace
-from agents.tracing import get_trace_provider
+from agents import Runner, trace
 
+from tests.tracing import traces_to
 from turnfleet import keys
 from turnfleet.redaction import Redactor
 from turnfleet.workers.context import TurnContext
@@ -16,17 +16,12 @@ from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore,
 
 
 async def run_traced(redis, buffer: TraceBuffer, text: str, conversation_id: str = "conv-1") -> str:
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
-    set_trace_processors([buffer])
-    try:
+    with traces_to(buffer):
         desk = build_support_desk(OfflineModel())
         with trace("Support Desk", group_id=conversation_id) as t:
             await Runner.run(desk.starting_agent(None), text,
                              context=TurnContext("t-1", conversation_id, "C-100", 1, redis))
         return t.trace_id
-    finally:
-        set_trace_processors(saved)
 
 
 def turn(conversation_id: str = "conv-1") -> dict:
@@ -73,17 +68,13 @@ async def test_the_sdk_openai_exporter_stays_off_unless_configured(redis_url, mo
 
     from turnfleet.workers.settings import shutdown, startup
 
-    provider = get_trace_provider()
-    saved = list(provider._multi_processor._processors)  # type: ignore[attr-defined]
-    try:
+    with traces_to() as provider:
         for enabled, expected in (("false", []), ("true", [BatchTraceProcessor])):
             monkeypatch.setenv("TURNFLEET_OPENAI_TRACE_EXPORT", enabled)
             ctx = {"redis_url": redis_url}
             await startup(ctx)
             try:
-                kinds = [type(p) for p in provider._multi_processor._processors]  # type: ignore[attr-defined]
+                kinds = [type(p) for p in provider.processors]
                 assert kinds[0] is TraceBuffer and kinds[1:] == expected
             finally:
                 await shutdown(ctx)
-    finally:
-        set_trace_processors(saved)

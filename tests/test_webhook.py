@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from turnfleet.telemetry.webhook import (
     retry_after_s,
 )
 from tests.waiting import until
-from tests.test_alerts import failed_turn
+from tests.batches import failed_turn
+from tests.processes import CLI
 from tests.uvicorn_server import EventServer
 from turnfleet import __version__, keys
 from turnfleet.connection import connect
@@ -418,7 +418,7 @@ async def test_telemetry_process_posts_alerts_until_sigterm(
     env = {**fleet_env, "TURNFLEET_ALERT_WEBHOOK_URL": receiver.url,
            "TURNFLEET_ALERT_WEBHOOK_MAX_BACKOFF_S": "0.05", "TURNFLEET_BLOCK_MS": "50"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "turnfleet.shell.cli", "telemetry", env=env,
+        *CLI, "telemetry", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         await failed_turn("t-7").send(redis)

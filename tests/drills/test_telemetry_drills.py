@@ -21,7 +21,8 @@ from turnfleet.telemetry.consumer import DEAD_LETTERED, read_dead_letters
 from turnfleet.telemetry.stats import totals
 from turnfleet.telemetry.trim import BACKLOG_OVER_LIMIT
 from tests.drills.audit import audit
-from tests.test_dead_letter import poison_turn
+from tests.batches import poison_turn
+from tests.consuming import stream_ids
 from turnfleet import keys
 from turnfleet.shell.fleet import FleetProcess
 
@@ -79,10 +80,6 @@ async def pending_by_consumer(redis: Any) -> dict[str, int]:
     for row in rows:
         counts[row["consumer"]] = counts.get(row["consumer"], 0) + 1
     return counts
-
-
-async def stream_ids(redis: Any) -> list[str]:
-    return [entry_id for entry_id, _ in await redis.xrange(keys.TELEMETRY_STREAM)]
 
 
 async def fleet_counter(redis: Any, field: str) -> int:
@@ -151,7 +148,8 @@ async def test_drill7_poison_and_malformed_entries_are_dead_lettered_and_everyth
     redis, fleet_env, tmp_path
 ):
     # Raw XADDs around the real turns' entries: the poison first (valid JSON and events, but
-    # a turn duration the planner cannot bucket), the malformed one last.
+    # a turn duration the planner cannot bucket), the malformed one last (raw on purpose: no
+    # worker writes a cut-off array, so the hooks cannot build it).
     poison = {"turn_id": "poison-1", "batch": poison_turn("poison-1").batch_json()}
     poison_id = await redis.xadd(keys.TELEMETRY_STREAM, poison)
     turn_ids = await real_turns(redis, fleet_env, tmp_path, "7")

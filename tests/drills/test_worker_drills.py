@@ -25,8 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from turnfleet.producer import Producer
 from tests.drills.audit import audit
 from tests.llm_server import LLMServer, llm_server  # noqa: F401 - the fixture
-from tests import waiting
-from tests.processes import run_burst
+from tests.processes import run_burst, until_or_exit
 from turnfleet import keys
 from turnfleet.shell.fleet import FleetProcess
 from turnfleet.queue import UNDECODABLE_FUNCTION, deserialize_job
@@ -88,21 +87,10 @@ async def exited(proc: FleetProcess, timeout: float = 60) -> int:
     return await asyncio.to_thread(proc.wait, timeout)
 
 
-async def until(check, what: str, timeout: float = 20.0, proc: FleetProcess | None = None) -> None:
-    """Wait for ``check()`` (sync or async) to hold: a key written, a log line logged."""
-
-    def exited() -> str | None:
-        if proc is None or proc.running():
-            return None
-        return f"{proc.name} exited ({proc.process.returncode}): {proc.output()[-3000:]}"
-
-    await waiting.until(check, what, timeout, gave_up=exited)
-
-
 async def polling(redis, *names: str) -> None:
     """Until each named worker has written its heartbeat: its poll loop starts right after."""
     for name in names:
-        await until(lambda n=name: redis.zscore(keys.WORKERS, n), f"{name}'s heartbeat")
+        await until_or_exit(lambda n=name: redis.zscore(keys.WORKERS, n), f"{name}'s heartbeat")
 
 
 def logged(proc: FleetProcess, event: str) -> bool:
@@ -170,7 +158,7 @@ async def test_drill2_sigterm_drains_turns_in_flight_and_takes_no_new_ones(
         ])
         await server.wait_held(2, timeout=30)
         a.process.terminate()  # SIGTERM
-        await until(lambda: logged(a, "worker.draining"), "the drain to begin", proc=a)
+        await until_or_exit(lambda: logged(a, "worker.draining"), "the drain to begin", proc=a)
         later = await producer.enqueue_turn(conversation_id="d2-c", customer_id="C-100", text="Hi, I'm Dana.")
         server.release()
         assert await exited(a, 40) == 0, a.output()[-3000:]
@@ -290,7 +278,7 @@ async def _poison_among_innocents(redis, fleet_env, tmp_path, fleet, server: LLM
             return server.held > 0 or await redis.hget(keys.turn(poison), "status") == "failed"
 
         while True:
-            await until(poison_held_or_ended, "the poison's model request, or its end", timeout=120)
+            await until_or_exit(poison_held_or_ended, "the poison's model request, or its end", timeout=120)
             if server.held == 0:
                 break
             holder, lane = await redis.hmget(keys.turn(poison), "worker", "lane")
@@ -473,7 +461,7 @@ async def test_a_worker_survives_a_redis_restart(redis, redis_server, fleet_env,
         # Down until the worker has noticed (arq's poll loop ends: the supervisor takes over),
         # then back on the same port with its data (SIGTERM flushed the AOF).
         await asyncio.to_thread(redis_server.stop)
-        await until(lambda: logged(worker, "worker.redis_lost"), "the worker to notice", proc=worker)
+        await until_or_exit(lambda: logged(worker, "worker.redis_lost"), "the worker to notice", proc=worker)
         await asyncio.to_thread(redis_server.start)
 
         async def answers() -> bool:
@@ -482,7 +470,7 @@ async def test_a_worker_survives_a_redis_restart(redis, redis_server, fleet_env,
             except RedisConnectionError:
                 return False
 
-        await until(answers, "Redis to answer again")
+        await until_or_exit(answers, "Redis to answer again")
         after = await producer.enqueue_turn(conversation_id="s-2", customer_id="C-100", text="Where is order 1043?")
         result = await producer.wait(after, timeout_s=40)
     assert result.status == "completed" and result.worker == "w-s"
