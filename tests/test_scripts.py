@@ -31,7 +31,7 @@ def test_a_header_names_keys_and_args_and_the_body_reads_them_by_name():
     s = LuaScript.parse("t", "--! keys: a, b\n--! args: x, *more\n--! returns: one, two\nreturn {K.a, A.x}\n")
     assert (s.keys, s.args, s.returns) == (("a", "b"), ("x", "*more"), ("one", "two"))
     assert "local K = {a = KEYS[1], b = KEYS[2]}" in s.body
-    assert "local A = {x = ARGV[1], more = {unpack(ARGV, 2)}}" in s.body
+    assert "local A = {x = ARGV[1], more = {}}\nfor i = 2, #ARGV do A.more[i - 1] = ARGV[i] end\n" in s.body
     assert s.positional({"a": "ka", "b": "kb"}, {"x": 1, "more": [2, 3]}) == (["ka", "kb"], [1, 2, 3])
     assert s.named(["p", "q"]) == {"one": "p", "two": "q"}
 
@@ -98,3 +98,10 @@ async def test_an_included_fragment_and_a_rest_list_run_in_redis(redis):
     await redis.hset("tf:test:turn", mapping={"status": "running", "attempts": "3"})
     assert await s(keys={"turn": "tf:test:turn"}, args={"fence": "3", "extra": ["a", "b"]}) == ["ok", 2, "b"]
     assert await s(keys={"turn": "tf:test:turn"}, args={"fence": "2"}) == ["fenced", 0]  # Lua drops a trailing nil
+
+
+async def test_a_rest_list_takes_more_values_than_lua_can_unpack(redis):
+    """An erasure passes every key of a customer's turns: tens of thousands, past the ~8000
+    values Lua's ``unpack`` can return at once."""
+    s = LuaScript.parse("t", "--! keys: a, *rest\nreturn {#K.rest, K.rest[1], K.rest[#K.rest]}\n").bind(redis)
+    assert await s(keys={"a": "x", "rest": [f"k{i}" for i in range(20_000)]}) == [20_000, "k0", "k19999"]

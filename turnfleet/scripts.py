@@ -55,13 +55,16 @@ def _names(value: str, where: str) -> tuple[str, ...]:
 def _bind_names(table: str, source: str, names: tuple[str, ...]) -> str:
     if not names:
         return f"local {table} = {{}}\n"
-    fields = []
+    fields, rest = [], ""
     for i, n in enumerate(names, 1):
         if n.startswith("*"):
-            fields.append(f"{n[1:]} = {{unpack({source}, {i})}}")
+            # A loop, not {unpack(...)}: Lua's unpack stops at ~8000 values (an erasure
+            # passes every key of a customer's turns).
+            fields.append(f"{n[1:]} = {{}}")
+            rest = f"for i = {i}, #{source} do {table}.{n[1:]}[i - {i - 1}] = {source}[i] end\n"
         else:
             fields.append(f"{n} = {source}[{i}]")
-    return f"local {table} = {{{', '.join(fields)}}}\n"
+    return f"local {table} = {{{', '.join(fields)}}}\n" + rest
 
 
 @cache
