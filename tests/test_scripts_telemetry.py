@@ -238,7 +238,8 @@ async def test_purge_deletes_and_unindexes_an_idle_conversation_and_leaves_a_cha
     await redis.zadd("tf:test:convs", {"c-1": 100})
     await redis.zadd("tf:test:facet", {"c-1": 100, "c-2": 100})
     await redis.rpush("tf:test:turns", "t-1")
-    doomed = [f"tf:test:doomed:{i}" for i in range(1200)]  # more than one DEL's worth
+    # A conversation of ~900 turns (10 keys each): past the ~8000 values Lua's unpack takes at once.
+    doomed = [f"tf:test:doomed:{i}" for i in range(9000)]
     await redis.mset({k: "x" for k in doomed})
     purge = script("purge", redis)
     named = {"index": "tf:test:convs", "queue": "tf:test:queue", "turns": "tf:test:turns", "doomed": doomed}
