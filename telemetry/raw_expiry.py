@@ -389,7 +389,8 @@ class RawExpiry:
                 "SCAN", cursor, "MATCH", f"{keys.turn('')}*", "COUNT", self.backfill_count, "TYPE", "hash", **RAW)
             added += await self._index(found, now_ms)
             new = BACKFILL_DONE if int(nxt) == 0 else str(int(nxt))
-            moved = await self._cursor(keys={"cursor": keys.RAW_TEXT_BACKFILL}, args={"read": read, "new": new})
+            moved = await self._cursor(keys={"cursor": keys.RAW_TEXT_BACKFILL},
+                                       args={"read": read, "new": new})
             if not moved or new == BACKFILL_DONE:
                 break  # another pass moved the cursor meanwhile (it goes on from there), or done
             read, cursor = new, int(nxt)
