@@ -104,6 +104,7 @@ from turnfleet.events import (
     parse_events,
 )
 from turnfleet.models import TokenUsage
+from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -178,99 +179,8 @@ FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
 
-# KEYS: every key the entry touches. ARGV[1]: the plan as JSON:
-#   g    : groups of KEYS indexes an op applies to
-#   e    : events, each [seen-set KEYS index, event id, ops]; ops run only if SADD added the id
-#   post : ops run whatever was new (idempotent ones: same-value HSET, max, min, ZADD GT,
-#          SADD, EXPIRE)
-#   cap  : samples kept per list          top : members kept in a 't' zset
-# An op is [kind, group, a, b]:
-#   i / f : HINCRBY / HINCRBYFLOAT field a by b (summed per key and field, applied at the end)
-#   s     : HSET field a = b             x / mn : HSET field a = b if b is greater / smaller
-#   st    : HSET status = b; if a == '0' only when status is not already terminal
-#   l     : LPUSH sample b (collected per key, one LPUSH each, then LTRIM to cap if longer)
-#   t     : ZADD score b member a, then (once per key) keep the top highest scores
-#   z     : ZADD GT b, a flat list score, member, ...
-#   sa    : SADD the members in list b   e : EXPIRE b seconds
-#   er    : [tombstones, salt, fleet hash (KEYS indexes), entry ms, ids]: erasure
-#           (turnfleet/erasure.py); absent for an entry with no ids (malformed)
-# Values travel as strings: Lua would print numbers with 14 significant digits.
-# Returns the number of events that were new, or -1: an id of the entry (turn, conversation,
-# customer) was erased at or after the entry was written; the entry is skipped whole, nothing
-# is written but ``ERASED_SKIPPED`` + 1 on the fleet hash. No salt: nothing was ever erased.
-AGGREGATE_LUA = """
-local p = cjson.decode(ARGV[1])
-if p.er then
-  local salt = redis.call('GET', KEYS[p.er[2]])
-  if salt then
-    for _, id in ipairs(p.er[5]) do
-      local at = redis.call('ZSCORE', KEYS[p.er[1]], redis.sha1hex(salt .. id))
-      if at and tonumber(at) >= tonumber(p.er[4]) then
-        redis.call('HINCRBY', KEYS[p.er[3]], '""" + ERASED_SKIPPED + """', 1)
-        return -1
-      end
-    end
-  end
-end
-local incr, incrf, lists, tops = {}, {}, {}, {}
-local function add(acc, k, f, v)
-  local h = acc[k]
-  if not h then h = {}; acc[k] = h end
-  h[f] = (h[f] or 0) + tonumber(v)
-end
-local function run(op)
-  local kind, a, b = op[1], op[3], op[4]
-  for _, k in ipairs(p.g[op[2]]) do
-    local key = KEYS[k]
-    if kind == 'i' then add(incr, k, a, b)
-    elseif kind == 'f' then add(incrf, k, a, b)
-    elseif kind == 's' then redis.call('HSET', key, a, b)
-    elseif kind == 'x' then
-      local cur = redis.call('HGET', key, a)
-      if (not cur) or tonumber(b) > tonumber(cur) then redis.call('HSET', key, a, b) end
-    elseif kind == 'mn' then
-      local cur = redis.call('HGET', key, a)
-      if (not cur) or tonumber(b) < tonumber(cur) then redis.call('HSET', key, a, b) end
-    elseif kind == 'l' then
-      local l = lists[k]
-      if not l then l = {}; lists[k] = l end
-      l[#l + 1] = b
-    elseif kind == 't' then redis.call('ZADD', key, b, a); tops[k] = true
-    elseif kind == 'st' then
-      local cur = redis.call('HGET', key, 'status')
-      if a == '1' or (cur ~= 'completed' and cur ~= 'failed') then
-        redis.call('HSET', key, 'status', b)
-      end
-    elseif kind == 'z' then redis.call('ZADD', key, 'GT', unpack(b))
-    elseif kind == 'sa' then redis.call('SADD', key, unpack(b))
-    elseif kind == 'e' then redis.call('EXPIRE', key, b)
-    end
-  end
-end
-local new = 0
-for _, ev in ipairs(p.e) do
-  if redis.call('SADD', KEYS[ev[1]], ev[2]) == 1 then
-    new = new + 1
-    for _, op in ipairs(ev[3]) do run(op) end
-  end
-end
-for k, h in pairs(incr) do
-  for f, v in pairs(h) do redis.call('HINCRBY', KEYS[k], f, string.format('%.0f', v)) end
-end
-for k, h in pairs(incrf) do
-  for f, v in pairs(h) do redis.call('HINCRBYFLOAT', KEYS[k], f, string.format('%.17g', v)) end
-end
-for k, l in pairs(lists) do
-  local len = 0
-  for i = 1, #l, 1000 do
-    len = redis.call('LPUSH', KEYS[k], unpack(l, i, math.min(i + 999, #l)))
-  end
-  if len > p.cap then redis.call('LTRIM', KEYS[k], 0, p.cap - 1) end
-end
-for k in pairs(tops) do redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(p.top + 1)) end
-for _, op in ipairs(p.post) do run(op) end
-return new
-"""
+# The script (telemetry/lua/aggregate.lua says what a plan holds): dedupe and increments in one.
+AGGREGATE = load_script("aggregate", "turnfleet.telemetry")
 
 
 class MalformedEntry(ValueError):
@@ -403,7 +313,7 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
 
 
 class _Plan:
-    """Builds the script's KEYS and JSON argument for one entry."""
+    """Builds the script's keys (``K.touched``) and JSON plan for one entry."""
 
     def __init__(self) -> None:
         self.keys: list[str] = []
@@ -510,7 +420,7 @@ class Aggregator:
         self.settings = settings
         self.prices = prices or PriceTable.from_settings(settings)
         self.window_s = settings.alert_error_rate_window_s
-        self._script = redis.register_script(AGGREGATE_LUA)
+        self._script = AGGREGATE.bind(redis)
 
     # -- planning (pure) -------------------------------------------------------------
 
@@ -758,7 +668,8 @@ class Aggregator:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for p in plans:
-                await self._script(keys=p.keys, args=[p.payload], client=pipe)
+                await self._script(keys={"touched": p.keys},
+                                   args={"plan": p.payload, "erased_skipped": ERASED_SKIPPED}, client=pipe)
             new = [int(n) for n in await pipe.execute()]
         for p, n in zip(plans, new):
             p.skipped = n < 0

@@ -46,6 +46,7 @@ from turnfleet.telemetry.aggregate import (
 from turnfleet.telemetry.pricing import nusd_to_usd
 from turnfleet import budget, keys
 from turnfleet.models import Alert
+from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -62,21 +63,8 @@ BUDGET_LEVELS = (0.8, 1.0)  # alert when a customer's day spend crosses these sh
 ALERTS_MAXLEN = 100_000  # approximate length the alert stream is trimmed to
 MESSAGE_ERROR_CHARS = 300
 
-# KEYS: alert-fired marker, alert stream, per-rule count hash. ARGV: alert_id, alert JSON,
-# marker TTL s (0: none), stream maxlen, rule. Returns the stream entry id, or nil if the
-# alert had already fired. The count (``keys.ALERTS_COUNT``, what /metrics exposes) moves
-# with the XADD, so it equals the alerts written even after the stream is trimmed.
-FIRE_LUA = """
-local set
-if tonumber(ARGV[3]) > 0 then
-  set = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3])
-else
-  set = redis.call('SET', KEYS[1], ARGV[1], 'NX')
-end
-if not set then return false end
-redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'alert', ARGV[2])
-"""
+# SET the fired marker NX and, only if set, XADD and count the alert (lua/fire_alert.lua).
+FIRE = load_script("fire_alert", "turnfleet.telemetry")
 
 
 def alert_id(rule: str, subject: str, window: str) -> str:
@@ -120,7 +108,7 @@ class AlertRules:
     def __init__(self, redis: Redis, settings: TelemetrySettings) -> None:
         self.redis = redis
         self.settings = settings
-        self._fire = redis.register_script(FIRE_LUA)
+        self._fire = FIRE.bind(redis)
 
     async def evaluate(self, touched: Touched) -> list[tuple[str, Alert]]:
         """Fire every rule that holds for a touched subject and has not fired yet.
@@ -159,9 +147,10 @@ class AlertRules:
         async with self.redis.pipeline(transaction=False) as pipe:
             for check, alert in alerts:
                 await self._fire(
-                    keys=[check.fired_key, keys.ALERTS_STREAM, keys.ALERTS_COUNT],
-                    args=[alert.alert_id, alert.model_dump_json(), check.ttl_s or 0, ALERTS_MAXLEN,
-                          alert.rule],
+                    keys={"fired": check.fired_key, "stream": keys.ALERTS_STREAM,
+                          "counts": keys.ALERTS_COUNT},
+                    args={"alert_id": alert.alert_id, "alert": alert.model_dump_json(),
+                          "ttl_s": check.ttl_s or 0, "maxlen": ALERTS_MAXLEN, "rule": alert.rule},
                     client=pipe,
                 )
             return list(await pipe.execute())

@@ -102,6 +102,7 @@ from turnfleet.telemetry.retention import PURGE_EVERY_S, Retention
 from turnfleet.telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import heartbeat, keys, versions
 from turnfleet.connection import RedisUnavailable, connect, wait_for_redis
+from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -135,25 +136,8 @@ class FaultInjection(BaseSettings):
     )
 
 
-# KEYS: telemetry stream, dead-letter stream, fleet hash.
-# ARGV: group, entry id, deliveries needed (1: at once), dead-letter maxlen, counter field,
-#       then the dead-letter entry's field/value pairs.
-# Only an entry still pending is copied: {1, deliveries, dead-letter id} after XADD + XACK +
-# HINCRBY; {0, deliveries} below the limit (it stays pending); {-1, 0} not pending (already
-# acknowledged, e.g. by a consumer that raced us to it).
-DEAD_LETTER_LUA = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 then return {-1, 0} end
-local deliveries = p[1][4]
-if deliveries < tonumber(ARGV[3]) then return {0, deliveries} end
-local add = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
-             'deliveries', tostring(deliveries), 'consumer', p[1][2]}
-for i = 6, #ARGV do add[#add + 1] = ARGV[i] end
-local id = redis.call(unpack(add))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
-return {1, deliveries, id}
-"""
+# Copy a still-pending entry to the dead-letter stream and acknowledge it (lua/dead_letter.lua).
+DEAD_LETTER_SCRIPT = load_script("dead_letter", "turnfleet.telemetry")
 
 # Server states that make a script fail whatever the entry: an outage, not a poison entry.
 _SERVER_STATE = re.compile(
@@ -276,7 +260,7 @@ class TelemetryConsumer(StreamGroupMember):
         self.aggregator = Aggregator(redis, settings)
         self.alerts = AlertRules(redis, settings)
         self.faults = faults if faults is not None else FaultInjection()
-        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
+        self._dead_letter = DEAD_LETTER_SCRIPT.bind(redis)
         self._aggregated = 0  # entries whose aggregate this process stored (fault injection)
         self._left_logged = versions.Once()  # newer-version entries this consumer has logged
         if self.faults.crash_before_ack is not None:
@@ -487,7 +471,7 @@ class TelemetryConsumer(StreamGroupMember):
     async def _to_dead_letter(self, entry_id: str, fields: Mapping[str, Any], reason: str,
                               stage: str, error: str, trace: str = "", after: int = 1,
                               ) -> tuple[int, int]:
-        """The dead-letter script for one entry: (status, deliveries), see DEAD_LETTER_LUA."""
+        """The dead-letter script for one entry: (status, deliveries), see lua/dead_letter.lua."""
         record = {
             "entry_id": entry_id, "reason": reason, "stage": stage, "error": error[:ERROR_CHARS],
             "traceback": trace, "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
@@ -496,11 +480,12 @@ class TelemetryConsumer(StreamGroupMember):
                                   for k, v in fields.items()}, default=str),
         }
         reply = await self._dead_letter(
-            keys=[STREAM, DEAD_LETTER, keys.GLOBAL_AGGREGATE],
-            args=[GROUP, entry_id, max(1, after), DEAD_LETTER_MAX_ENTRIES, DEAD_LETTERED,
-                  *(x for pair in record.items() for x in pair)],
+            keys={"stream": STREAM, "dead_letter": DEAD_LETTER, "fleet": keys.GLOBAL_AGGREGATE},
+            args={"group": GROUP, "entry_id": entry_id, "after": max(1, after),
+                  "maxlen": DEAD_LETTER_MAX_ENTRIES, "counter": DEAD_LETTERED,
+                  "record": [x for pair in record.items() for x in pair]},
         )
-        return int(reply[0]), int(reply[1])
+        return int(reply["status"]), int(reply["deliveries"])
 
     def _crash_if_injected(self, aggregated: int) -> None:
         """Fault injection: die like a SIGKILL once the N-th entry's aggregate is stored."""

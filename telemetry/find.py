@@ -15,25 +15,10 @@ from redis.asyncio import Redis
 from turnfleet.telemetry.stats import counters
 from turnfleet.telemetry.times import iso_of_ms, ms_of
 from turnfleet import keys
+from turnfleet.scripts import load_script
 
-# KEYS: the filter zsets, then the conversation index, then a scratch key.
-# ARGV: max ms, min ms, offset, count. The intersection keeps only the index's score (the
-# conversation's last event ms: the other sets weigh 0), so the range and the order are by
-# last event; the scratch key lives only inside this call.
-FIND_LUA = """
-local n = #KEYS - 1
-local scratch = KEYS[#KEYS]
-local args = {'ZINTERSTORE', scratch, n}
-for i = 1, n do args[#args + 1] = KEYS[i] end
-args[#args + 1] = 'WEIGHTS'
-for i = 1, n - 1 do args[#args + 1] = 0 end
-args[#args + 1] = 1
-redis.call(unpack(args))
-local page = redis.call('ZREVRANGEBYSCORE', scratch, ARGV[1], ARGV[2], 'WITHSCORES',
-                        'LIMIT', ARGV[3], ARGV[4])
-redis.call('DEL', scratch)
-return page
-"""
+# Intersects the filters with the index server side; its scratch key lives only inside the call.
+FIND = load_script("find", "turnfleet.telemetry")
 
 FIND_PAGE_MAX = 5000
 
@@ -41,10 +26,10 @@ FIND_PAGE_MAX = 5000
 async def find_page(redis: Redis, filters: list[str], index: str, hi: str, lo: str, offset: int,
                     count: int) -> list[tuple[str, float]]:
     """One page of ``(member, score)`` of ``index`` also in every zset of ``filters`` (at least
-    one), score in [lo, hi], highest first: :data:`FIND_LUA`, its scratch key unique."""
+    one), score in [lo, hi], highest first: ``lua/find.lua``, its scratch key unique."""
     scratch = keys.find_scratch(uuid.uuid4().hex)
-    flat = await redis.register_script(FIND_LUA)(keys=[*filters, index, scratch],
-                                                 args=[hi, lo, offset, count])
+    flat = await FIND.bind(redis)(keys={"index": index, "scratch": scratch, "filters": filters},
+                                  args={"max_ms": hi, "min_ms": lo, "offset": offset, "count": count})
     return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 

@@ -9,6 +9,7 @@ from redis.exceptions import ResponseError
 
 from turnfleet import keys
 from turnfleet.connection import as_text
+from turnfleet.scripts import load_script
 
 
 @dataclass(frozen=True)
@@ -26,18 +27,8 @@ class TelemetryLag:
         return self.undelivered + self.pending
 
 
-# KEYS: the stream. ARGV: start id (inclusive form, e.g. '(' .. id for exclusive), cap.
-# Counts entries from start, a page at a time, so only a page of entries is ever held.
-COUNT_AFTER_LUA = """
-local n, start, cap = 0, ARGV[1], tonumber(ARGV[2])
-while n < cap do
-  local page = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', math.min(500, cap - n))
-  if #page == 0 then break end
-  n = n + #page
-  start = '(' .. page[#page][1]
-end
-return n
-"""
+# Counts a stream's entries after an id server side, a page at a time (lua/count_after.lua).
+COUNT_AFTER = load_script("count_after", "turnfleet.telemetry")
 
 
 async def telemetry_lag(redis: Redis, cap: int = 100_000) -> TelemetryLag:
@@ -61,6 +52,7 @@ async def telemetry_lag(redis: Redis, cap: int = 100_000) -> TelemetryLag:
         if delivered == as_text(info["last-generated-id"]):
             return TelemetryLag(0, int(group["pending"]))
         start, pending = f"({delivered}", int(group["pending"])
-    count_after = redis.register_script(COUNT_AFTER_LUA)
-    undelivered = int(await count_after(keys=[keys.TELEMETRY_STREAM], args=[start, cap]))
+    count_after = COUNT_AFTER.bind(redis)
+    undelivered = int(await count_after(keys={"stream": keys.TELEMETRY_STREAM},
+                                        args={"start": start, "cap": cap}))
     return TelemetryLag(undelivered, pending, capped=undelivered >= cap)

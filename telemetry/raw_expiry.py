@@ -61,6 +61,7 @@ from turnfleet.raw_text import (
     redact_unreadable,
 )
 from turnfleet.redaction import Redactor
+from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -71,92 +72,11 @@ BACKFILL_COUNT = 1000  # SCAN's COUNT: keys looked at per call
 BACKFILL_DONE = "done"  # keys.RAW_TEXT_BACKFILL once the keyspace was walked
 FINISHED = ("completed", "failed")
 
-# KEYS: raw_text index, turn, turn errors, escalation, session messages, session meta, quarantine
-# ARGV: the plan (JSON): turn_id, at, request / result ({sha, new}), error_shas, errors_new,
-#       ticket ({sha, new} or null), memory_session, memory ([{i, sha, new}, ...]).
-# A sha is the SHA-1 of the value as read ('' = absent); nothing is written unless every value
-# the plan rewrites still has it. Returns 'done', 'changed' (left for the next pass) or 'gone'
-# (no longer in the index, or no record: taken out of the index).
-_EXPIRE_LUA = """
-local p = cjson.decode(ARGV[1])
-if not redis.call('ZSCORE', KEYS[1], p.turn_id) then return 'gone' end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('ZREM', KEYS[1], p.turn_id)
-  return 'gone'
-end
-local function sha(v)
-  if not v then return '' end
-  return redis.sha1hex(v)
-end
-for _, f in ipairs({'request', 'result'}) do
-  if sha(redis.call('HGET', KEYS[2], f)) ~= p[f].sha then return 'changed' end
-end
-local errs = redis.call('LRANGE', KEYS[3], 0, -1)
-if #errs ~= #p.error_shas then return 'changed' end
-for i, e in ipairs(errs) do
-  if redis.sha1hex(e) ~= p.error_shas[i] then return 'changed' end
-end
-local ticket = type(p.ticket) == 'table'
-if ticket and sha(redis.call('GET', KEYS[4])) ~= p.ticket.sha then return 'changed' end
-if #p.memory > 0 then
-  if (redis.call('HGET', KEYS[6], 'created_at') or '') ~= p.memory_session then return 'changed' end
-  for _, m in ipairs(p.memory) do
-    if sha(redis.call('LINDEX', KEYS[5], m.i)) ~= m.sha then return 'changed' end
-  end
-end
-for _, f in ipairs({'request', 'result'}) do
-  if type(p[f].new) == 'string' then redis.call('HSET', KEYS[2], f, p[f].new) end
-end
-redis.call('HSET', KEYS[2], 'raw_expired_at', p.at)
-for i, e in ipairs(p.errors_new) do redis.call('LSET', KEYS[3], i - 1, e) end
-if ticket then redis.call('SET', KEYS[4], p.ticket.new, 'KEEPTTL') end
-for _, m in ipairs(p.memory) do redis.call('LSET', KEYS[5], m.i, m.new) end
-redis.call('DEL', KEYS[7])
-redis.call('ZREM', KEYS[1], p.turn_id)
-return 'done'
-"""
-
-
-# KEYS: raw_text index, turn. ARGV: turn_id, finish ms.
-# Indexes a turn that finished before the index existed: only a finished record (a hash, status
-# completed/failed) not yet redacted, never over an entry (NX). Atomic with those checks, so an
-# erased or running turn is never indexed. Returns 1 (indexed) or 0.
-_BACKFILL_LUA = """
-if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then return 0 end
-local st = redis.call('HGET', KEYS[2], 'status')
-if st ~= 'completed' and st ~= 'failed' then return 0 end
-if redis.call('HEXISTS', KEYS[2], 'raw_expired_at') == 1 then return 0 end
-return redis.call('ZADD', KEYS[1], 'NX', tonumber(ARGV[2]), ARGV[1])
-"""
-
-# KEYS: the backfill cursor. ARGV: the cursor as read ('' = absent), the new one.
-# Moves the cursor only from where this pass read it: two consumers walking at once never
-# move it back (nor past "done"). Returns 1 (moved) or 0 (another pass moved it).
-_CURSOR_LUA = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-"""
-
-# KEYS: conversation turns, session messages, conversation queue, session meta.
-# ARGV: the turn key prefix. One snapshot of what a legacy turn's memory range is derived from:
-# {memory length, queue length, memory created_at ('' = none), then per turn of the
-# conversation in enqueue order: turn_id, memory_base ('' = none), status ('' = no record or
-# no hash), attempts}.
-_LEGACY_MEMORY_LUA = """
-local out = {redis.call('LLEN', KEYS[2]), redis.call('LLEN', KEYS[3]),
-             redis.call('HGET', KEYS[4], 'created_at') or ''}
-for _, t in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  local k = ARGV[1] .. t
-  local v = {false, false, false}
-  if redis.call('TYPE', k).ok == 'hash' then v = redis.call('HMGET', k, 'memory_base', 'status', 'attempts') end
-  out[#out + 1] = t
-  out[#out + 1] = v[1] or ''
-  out[#out + 1] = v[2] or ''
-  out[#out + 1] = v[3] or '0'
-end
-return out
-"""
+# The scripts (telemetry/lua/raw_*.lua say what each takes and returns).
+EXPIRE = load_script("raw_expire", "turnfleet.telemetry")  # one turn's compare-and-set rewrite
+BACKFILL = load_script("raw_backfill", "turnfleet.telemetry")  # index a finished legacy turn
+CURSOR = load_script("raw_cursor", "turnfleet.telemetry")  # move the backfill cursor
+LEGACY_MEMORY = load_script("raw_legacy_memory", "turnfleet.telemetry")  # a legacy memory snapshot
 
 
 @dataclass
@@ -180,7 +100,7 @@ class TurnPlan:
 
     turn_id: str
     conversation_id: str
-    plan: dict[str, Any]  # the script's ARGV (see _EXPIRE_LUA)
+    plan: dict[str, Any]  # the script's plan (see lua/raw_expire.lua)
 
 
 def _sha(raw: bytes | None) -> str:
@@ -246,10 +166,10 @@ class RawExpiry:
         self.redactor = Redactor.from_settings(settings)
         self.backfill_scans = BACKFILL_SCANS
         self.backfill_count = BACKFILL_COUNT
-        self._expire = redis.register_script(_EXPIRE_LUA)
-        self._backfill = redis.register_script(_BACKFILL_LUA)
-        self._cursor = redis.register_script(_CURSOR_LUA)
-        self._legacy = redis.register_script(_LEGACY_MEMORY_LUA)
+        self._expire = EXPIRE.bind(redis)
+        self._backfill = BACKFILL.bind(redis)
+        self._cursor = CURSOR.bind(redis)
+        self._legacy = LEGACY_MEMORY.bind(redis)
 
     def plan(self, turn_id: str, record: dict[bytes, bytes], errors: list[bytes], ticket: bytes | None,
              memory: list[bytes], memory_session: bytes | str | None) -> dict[str, Any]:
@@ -360,9 +280,11 @@ class RawExpiry:
             return ranges
         async with self.redis.pipeline(transaction=False) as pipe:
             for cid in legacy:
-                await self._legacy(keys=[keys.conversation_turns(cid), keys.session_messages(cid),
-                                         keys.conversation_queue(cid), session_meta(cid)],
-                                   args=[keys.turn("")], client=pipe)
+                await self._legacy(keys={"turns": keys.conversation_turns(cid),
+                                         "memory": keys.session_messages(cid),
+                                         "queue": keys.conversation_queue(cid),
+                                         "memory_meta": session_meta(cid)},
+                                   args={"turn_prefix": keys.turn("")}, client=pipe)
             snapshots = await pipe.execute(raise_on_error=False)
         for (cid, turn_ids), snapshot in zip(legacy.items(), snapshots):
             if isinstance(snapshot, Exception):  # a key of the wrong type (written by hand)
@@ -377,7 +299,7 @@ class RawExpiry:
     @staticmethod
     def legacy_memory(turn_id: str, record: dict[bytes, bytes], snapshot: list[Any]) -> MemoryRange | None:
         """The items a legacy turn (finished before the finish script kept ``memory_end``)
-        wrote, from its conversation's snapshot (``_LEGACY_MEMORY_LUA``); None leaves its memory
+        wrote, from its conversation's snapshot (``lua/raw_legacy_memory.lua``); None leaves its memory
         as it is.
 
         Its range ends at the ``memory_base`` of the conversation's next turn that started an
@@ -429,9 +351,11 @@ class RawExpiry:
             for tp in plans:
                 t, cid = tp.turn_id, tp.conversation_id
                 await self._expire(
-                    keys=[keys.RAW_TEXT, keys.turn(t), keys.turn_errors(t), keys.conversation_escalation(cid),
-                          keys.session_messages(cid), session_meta(cid), keys.turn_quarantine(t)],
-                    args=[json.dumps(tp.plan, ensure_ascii=False, separators=(",", ":"))],
+                    keys={"index": keys.RAW_TEXT, "turn": keys.turn(t), "errors": keys.turn_errors(t),
+                          "escalation": keys.conversation_escalation(cid),
+                          "memory": keys.session_messages(cid), "memory_meta": session_meta(cid),
+                          "quarantine": keys.turn_quarantine(t)},
+                    args={"plan": json.dumps(tp.plan, ensure_ascii=False, separators=(",", ":"))},
                     client=pipe)
             verdicts = await pipe.execute()
         for tp, verdict in zip(plans, verdicts):
@@ -465,7 +389,9 @@ class RawExpiry:
                 "SCAN", cursor, "MATCH", f"{keys.turn('')}*", "COUNT", self.backfill_count, "TYPE", "hash", **RAW)
             added += await self._index(found, now_ms)
             new = BACKFILL_DONE if int(nxt) == 0 else str(int(nxt))
-            if not await self._cursor(keys=[keys.RAW_TEXT_BACKFILL], args=[read, new]) or new == BACKFILL_DONE:
+            moved = await self._cursor(keys={"cursor": keys.RAW_TEXT_BACKFILL},
+                                       args={"read": read, "new": new})
+            if not moved or new == BACKFILL_DONE:
                 break  # another pass moved the cursor meanwhile (it goes on from there), or done
             read, cursor = new, int(nxt)
         return added
@@ -500,7 +426,8 @@ class RawExpiry:
             for (t, started_at), result in zip(started.items(), results):
                 at = finished_ms({b"result": None if isinstance(result, Exception) else result,
                                   b"started_at": started_at})
-                await self._backfill(keys=[keys.RAW_TEXT, keys.turn(t)], args=[t, now_ms if at is None else at],
+                await self._backfill(keys={"index": keys.RAW_TEXT, "turn": keys.turn(t)},
+                                     args={"turn_id": t, "finished_ms": now_ms if at is None else at},
                                      client=pipe)
             added = await pipe.execute(raise_on_error=False)
         return sum(1 for a in added if a == 1)

@@ -31,31 +31,15 @@ from redis.asyncio import Redis
 from turnfleet import keys
 from turnfleet.connection import as_text as _text
 from turnfleet.erasure import purge_plan
+from turnfleet.scripts import load_script
 
 log = structlog.get_logger(__name__)
 
 PURGE_EVERY_S = 60.0
 PURGE_BATCH = 200  # conversations looked at per index read
 
-# KEYS: conversation index, conversation queue, conversation turns, then the keys to delete.
-# ARGV: conversation_id, cutoff_ms, expected number of turns, then
-#       (index key, member) pairs to ZREM.
-# Returns 1 (purged) or 0 (left: a turn is queued or running, or the conversation changed
-# since it was read — a newer event or a new turn).
-_PURGE_LUA = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) > tonumber(ARGV[2]) then return 0 end
-if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
-if redis.call('LLEN', KEYS[3]) ~= tonumber(ARGV[3]) then return 0 end
-for i = 4, #KEYS, 500 do
-  redis.call('DEL', unpack(KEYS, i, math.min(i + 499, #KEYS)))
-end
-for i = 4, #ARGV, 2 do
-  redis.call('ZREM', ARGV[i], ARGV[i + 1])
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-return 1
-"""
+# One conversation's purge, left if it changed since it was read (lua/purge.lua).
+PURGE = load_script("purge", "turnfleet.telemetry")
 
 
 @dataclass
@@ -71,7 +55,7 @@ class Retention:
     def __init__(self, redis: Redis, retention_s: int) -> None:
         self.redis = redis
         self.retention_s = retention_s
-        self._purge = redis.register_script(_PURGE_LUA)
+        self._purge = PURGE.bind(redis)
 
     async def purge_conversation(self, conversation_id: str, cutoff_ms: int) -> int | None:
         """Purge one conversation if it is still idle past ``cutoff_ms``; its turn count, or
@@ -86,9 +70,10 @@ class Retention:
                                   [_text(f) for f in facets])
         index = keys.aggregate_index("conversation")
         done = await self._purge(
-            keys=[index, keys.conversation_queue(conversation_id),
-                  keys.conversation_turns(conversation_id), *doomed],
-            args=[conversation_id, cutoff_ms, len(turns), *zrem],
+            keys={"index": index, "queue": keys.conversation_queue(conversation_id),
+                  "turns": keys.conversation_turns(conversation_id), "doomed": doomed},
+            args={"conversation_id": conversation_id, "cutoff_ms": cutoff_ms,
+                  "turns_read": len(turns), "unindex": zrem},
         )
         return len(turns) if int(done) == 1 else None
 

@@ -35,63 +35,13 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from turnfleet import keys
+from turnfleet.scripts import load_script
 
 TRIM_EVERY_S = 30.0
 BACKLOG_OVER_LIMIT = "telemetry_backlog_over_limit"  # field on keys.GLOBAL_AGGREGATE
 
-# KEYS: stream, counter hash. ARGV: max entries, counter field.
-# Returns {entries trimmed, length after, MINID used ('' if none), 1 if over the limit else 0}.
-# Ids are compared and incremented as decimal strings: sequence numbers may exceed 2^53.
-TRIM_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', 0} end
-local function split(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return ms, seq
-end
-local function num_less(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-local function id_less(a, b)
-  local am, as = split(a)
-  local bm, bs = split(b)
-  if am ~= bm then return num_less(am, bm) end
-  return num_less(as, bs)
-end
-local function incr(s)
-  local i = #s
-  while i > 0 and string.sub(s, i, i) == '9' do i = i - 1 end
-  if i == 0 then return '1' .. string.rep('0', #s) end
-  return string.sub(s, 1, i - 1) .. string.char(string.byte(s, i) + 1) .. string.rep('0', #s - i)
-end
-local function after(id)
-  local ms, seq = split(id)
-  if seq == '18446744073709551615' then return incr(ms) .. '-0' end
-  return ms .. '-' .. incr(seq)
-end
-local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-local minid = nil
-local function consider(id)
-  if id and (minid == nil or id_less(id, minid)) then minid = id end
-end
-for _, g in ipairs(groups) do
-  local info = {}
-  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  consider(after(info['last-delivered-id']))
-  if tonumber(info['pending']) > 0 then
-    consider(redis.call('XPENDING', KEYS[1], info['name'])[2])
-  end
-end
-local trimmed = 0
-if minid then trimmed = redis.call('XTRIM', KEYS[1], 'MINID', minid) end
-local len = redis.call('XLEN', KEYS[1])
-local over = 0
-if len > tonumber(ARGV[1]) then
-  over = 1
-  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-end
-return {trimmed, len, minid or '', over}
-"""
+# The policy above, in one script (lua/trim.lua).
+TRIM = load_script("trim", "turnfleet.telemetry")
 
 
 @dataclass(frozen=True)
@@ -115,9 +65,9 @@ async def trim_acknowledged(
 
     Safe to run from any number of processes at once. Raises Redis errors to the caller.
     """
-    script = redis.register_script(TRIM_LUA)
-    trimmed, length, min_id, over = await script(
-        keys=[stream, counter_key], args=[max_entries, counter_field]
-    )
+    reply = await TRIM.bind(redis)(keys={"stream": stream, "counter_hash": counter_key},
+                                   args={"max_entries": max_entries, "counter": counter_field})
+    min_id = reply["min_id"]
     min_id = min_id.decode() if isinstance(min_id, bytes) else min_id
-    return TrimResult(int(trimmed), int(length), min_id or None, bool(over))
+    return TrimResult(int(reply["trimmed"]), int(reply["length"]), min_id or None,
+                      bool(reply["over_limit"]))

@@ -76,6 +76,7 @@ from redis.exceptions import RedisError, ResponseError
 from turnfleet.telemetry.stream_group import Entry, StreamGroupMember, _text
 from turnfleet import __version__, heartbeat, keys
 from turnfleet.models import Alert
+from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 
 log = structlog.get_logger(__name__)
@@ -91,25 +92,10 @@ BODY_EXCERPT_CHARS = 300
 RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx
 
 
-# KEYS: stream, stats hash. ARGV: group, entry id, outcome counter.
-# Acknowledge and count together; an entry already acknowledged counts nothing.
-ACK_LUA = """
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if acked == 1 then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
-return acked
-"""
-
-# KEYS: stream. ARGV: group, consumer, first id, last id, count.
-# Reset the idle time of this consumer's pending entries in [first, last] (XCLAIM JUSTID keeps
-# the delivery counter) and return their ids; entries another consumer took are left alone.
-TOUCH_LUA = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[2])
-if #pending == 0 then return {} end
-local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-for _, entry in ipairs(pending) do claim[#claim + 1] = entry[1] end
-claim[#claim + 1] = 'JUSTID'
-return redis.call(unpack(claim))
-"""
+# Acknowledge and count an outcome together (lua/webhook_ack.lua); keep the entries in hand
+# this consumer's (lua/webhook_touch.lua).
+ACK = load_script("webhook_ack", "turnfleet.telemetry")
+TOUCH = load_script("webhook_touch", "turnfleet.telemetry")
 
 
 def backoff_s(attempt: int, cap_s: float, retry_after_s: float | None = None) -> float:
@@ -163,8 +149,8 @@ class AlertWebhook(StreamGroupMember):
         self.url = settings.alert_webhook_url
         self._client = client or httpx.AsyncClient(timeout=settings.alert_webhook_timeout_s)
         self._owns_client = client is None
-        self._ack = redis.register_script(ACK_LUA)
-        self._touch = redis.register_script(TOUCH_LUA)
+        self._ack = ACK.bind(redis)
+        self._touch = TOUCH.bind(redis)
         self._hand: list[str] = []  # ids read and not yet acknowledged, in stream order
         self._touched_at = 0.0
         # Counted changes (a retry counted, an entry settled), for whoever waits on them.
@@ -329,7 +315,8 @@ class AlertWebhook(StreamGroupMember):
 
     async def _settle(self, entry_id: str, outcome: str) -> bool:
         """Acknowledge and count ``outcome`` (once, however often the entry is delivered)."""
-        await self._ack(keys=[STREAM, STATS], args=[GROUP, entry_id, outcome])
+        await self._ack(keys={"stream": STREAM, "stats": STATS},
+                        args={"group": GROUP, "entry_id": entry_id, "outcome": outcome})
         await self._note_change()
         return True
 
@@ -351,7 +338,8 @@ class AlertWebhook(StreamGroupMember):
         if not self._hand:
             return
         kept = {_text(i) for i in await self._touch(
-            keys=[STREAM], args=[GROUP, self.name, self._hand[0], self._hand[-1], len(self._hand)])}
+            keys={"stream": STREAM}, args={"group": GROUP, "consumer": self.name, "first": self._hand[0],
+                                           "last": self._hand[-1], "count": len(self._hand)})}
         taken = [i for i in self._hand if i not in kept]
         if taken:
             log.warning("webhook.entries_taken", consumer=self.name, entries=len(taken),
