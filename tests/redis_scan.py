@@ -1,14 +1,16 @@
-"""Scan every key of a Redis for strings: what the erasure test (and later ones) assert with.
+"""Read every key of a Redis: what the erasure test (and later ones) assert with.
 
 ``find_mentions`` reads every key of each server — its name and every value of strings,
 hashes, lists, sets, zsets (members) and streams (every field and value of every entry) — as
 raw bytes, and reports each place a needle occurs. Nothing is sampled: a key of a kind added
 later is read too, so a test that says "no mention of X anywhere" keeps meaning it.
+``dump_keys`` is every key and its whole value as text: "nothing changed" is two equal dumps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
 
 from redis.asyncio import Redis
 
@@ -66,3 +68,28 @@ async def find_mentions(urls: Sequence[str], needles: Iterable[str],
         finally:
             await redis.aclose()
     return found
+
+
+async def dump_keys(redis: Redis, skip: Callable[[str], bool] = lambda key: False) -> dict[str, str]:
+    """Every key (but those ``skip`` names) and its whole value, as text."""
+    out = {}
+    async for key in redis.scan_iter(count=1000):
+        if skip(key):
+            continue
+        kind = await redis.type(key)
+        if kind == "string":
+            value = await redis.get(key)
+        elif kind == "hash":
+            value = await redis.hgetall(key)
+        elif kind == "list":
+            value = await redis.lrange(key, 0, -1)
+        elif kind == "set":
+            value = sorted(await redis.smembers(key))
+        elif kind == "zset":
+            value = await redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = await redis.xrange(key)
+        else:
+            value = kind
+        out[key] = json.dumps(value, default=str)
+    return out

@@ -8,7 +8,6 @@ spans that cannot be stored are counted; a worker exports spans over OTLP.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 
 from turnfleet.telemetry.alert_reads import read_alerts
@@ -17,6 +16,7 @@ from turnfleet.telemetry.replay import conversation_replay, turn_replay
 from turnfleet import keys
 from turnfleet.shell.embedded import free_port
 from turnfleet.shell.fleet import FleetProcess
+from tests.redis_scan import dump_keys
 from tests.processes import run_burst
 from turnfleet.models import TokenUsage
 from turnfleet.workers.trace_store import conversation_fraction
@@ -79,31 +79,6 @@ BUSINESS_SUFFIXES = (keys.conversation_escalation("").rsplit("}", 1)[1],)  # the
 async def dump_telemetry_keys(redis) -> dict[str, str]:
     """Every key except business data (jobs, memory, results, the ticket/ledger), as text."""
     return await dump_keys(redis, lambda key: key.startswith(BUSINESS_PREFIXES) or key.endswith(BUSINESS_SUFFIXES))
-
-
-async def dump_keys(redis, skip: Callable[[str], bool] = lambda key: False) -> dict[str, str]:
-    """Every key (but those ``skip`` names) and its whole value, as text."""
-    out = {}
-    async for key in redis.scan_iter(count=1000):
-        if skip(key):
-            continue
-        kind = await redis.type(key)
-        if kind == "string":
-            value = await redis.get(key)
-        elif kind == "hash":
-            value = await redis.hgetall(key)
-        elif kind == "list":
-            value = await redis.lrange(key, 0, -1)
-        elif kind == "set":
-            value = sorted(await redis.smembers(key))
-        elif kind == "zset":
-            value = await redis.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = await redis.xrange(key)
-        else:
-            value = kind
-        out[key] = json.dumps(value, default=str)
-    return out
 
 
 async def test_secrets_in_a_turn_reach_no_telemetry_trace_alert_or_log(producer, redis, fleet_env, tmp_path):

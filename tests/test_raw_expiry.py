@@ -25,7 +25,7 @@ from tests.processes import tf
 from tests.processes import run_burst
 from tests.test_http_read import C100, auth, serve
 from tests.worker_runtime import runtime
-from tests.test_observability import dump_keys
+from tests.redis_scan import dump_keys
 from turnfleet import keys
 from turnfleet.audit import redacted
 from turnfleet.models import (

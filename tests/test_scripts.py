@@ -105,3 +105,16 @@ async def test_a_rest_list_takes_more_values_than_lua_can_unpack(redis):
     values Lua's ``unpack`` can return at once."""
     s = LuaScript.parse("t", "--! keys: a, *rest\nreturn {#K.rest, K.rest[1], K.rest[#K.rest]}\n").bind(redis)
     assert await s(keys={"a": "x", "rest": [f"k{i}" for i in range(20_000)]}) == [20_000, "k0", "k19999"]
+
+
+def test_no_lua_is_left_in_python_strings():
+    """Every script is a .lua file: no product module calls Redis from Lua text of its own."""
+    lua = re.compile(r"redis\.p?call\s*\(")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for folder in (*FOLDERS, "producer", "shell", "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if lua.search(line)
+    ]
+    assert offenders == []

@@ -17,7 +17,7 @@ from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, PLANNERS, Aggregator
 from tests.batches import AttemptBatch
-from tests.test_observability import dump_keys
+from tests.redis_scan import dump_keys
 
 PACKAGE = "turnfleet.telemetry"
 TELEMETRY = Path(__file__).resolve().parent.parent / "telemetry"
