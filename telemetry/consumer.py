@@ -101,6 +101,7 @@ from turnfleet.telemetry.raw_expiry import RawExpiry
 from turnfleet.telemetry.retention import PURGE_EVERY_S, Retention
 from turnfleet.telemetry.trim import TRIM_EVERY_S, TrimResult, trim_acknowledged
 from turnfleet import heartbeat, keys, versions
+from turnfleet.startup_heap import freeze_startup_heap
 from turnfleet.connection import RedisUnavailable, connect, wait_for_redis
 from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
@@ -537,6 +538,7 @@ async def run_consumer(settings: TelemetrySettings, redis_url: str, burst: bool 
             await redis.aclose()
             raise
     consumer = TelemetryConsumer(redis, settings)
+    freeze_startup_heap()  # imports and settings are never garbage (turnfleet/startup_heap.py)
     webhook = (AlertWebhook(redis, settings, consumer_name=consumer.name)
                if settings.alert_webhook_url else None)
 

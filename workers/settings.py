@@ -32,6 +32,7 @@ from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
 from turnfleet.workers.llm import make_model
+from turnfleet.startup_heap import freeze_startup_heap
 from turnfleet.workers.reconcile import reconcile_forever
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 
@@ -88,6 +89,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["reconciler"] = asyncio.create_task(
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )
+    freeze_startup_heap()  # the SDK, the agents and the runtime are never garbage
 
 
 class InFlight:
