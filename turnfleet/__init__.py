@@ -2,6 +2,24 @@
 
 Importing this package must stay cheap and must not import the Agents SDK, arq's worker,
 or any of the components: services that only enqueue turns depend on it.
+
+What a team imports comes from here: ``Workflow`` and ``App`` (``turnfleet/workflow.py``),
+loaded on first use.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {name: "turnfleet.workflow" for name in ("Workflow", "App", "WorkflowError", "AppLoadError", "load_app")}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'turnfleet' has no attribute {name!r}")
