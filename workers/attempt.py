@@ -240,7 +240,7 @@ class Attempt:
                 f"{self.number - 1} attempts started and none finished "
                 f"(worker lost or stopped each time)"))
         agent = rt.desk.starting_agent(decision.current_agent)
-        self.hooks.turn_started(self.queue_wait_ms, agent.name)
+        self.hooks.turn_started(self.queue_wait_ms, agent.name, model=self.hooks.model_of(agent))
         session = ConversationMemory(
             rt.redis, self.req.conversation_id, turn_id=self.req.turn_id, attempt=self.number,
             ttl_s=rt.settings.session_ttl_s, buffered=True,

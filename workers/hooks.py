@@ -7,6 +7,14 @@ Each event is built from its kind's payload class (``turnfleet.events``), the co
 consumer and the replay read it with. The batch is format version ``turnfleet.versions.BATCH``
 (the finish script writes it in the stream entry's ``v``): a change to it that older consumers
 would misread is a new batch version (see ``turnfleet.events``).
+
+**Which model.** Each ``llm_start``/``llm_end`` names the model that made that call, so the
+consumer prices and counts it at that model's price: the calling agent's own ``model``
+(:func:`model_name_of`), else the run's default (``model_name``: ``TURNFLEET_MODEL_NAME``).
+A turn-level event names one model: ``turn_started`` the starting agent's;
+``turn_completed``, ``attempt_failed`` and ``turn_failed`` the model of the attempt's last
+model call (the one in flight when a call failed), else the starting agent's, so a failed
+attempt counts against the model it was on when it failed.
 """
 
 from __future__ import annotations
@@ -42,6 +50,27 @@ def usage_of(usage: Any) -> TokenUsage:
         cached_tokens=cached,
         reasoning_tokens=reasoning,
     )
+
+
+def model_name_of(model: Any, default: str) -> str:
+    """The name a call of an agent whose ``model`` is ``model`` is priced and counted by.
+
+    The SDK runs an agent on its own ``model`` when it has one (we set no run-wide
+    ``RunConfig.model``, which would override it): a name (``"gpt-4o"``), or a ``Model``
+    object, whose name is its ``model`` (the SDK's OpenAI and LiteLLM models) or
+    ``model_name`` (``OfflineModel``). ``None`` runs on the run's default: ``default``. A
+    ``Model`` that names itself neither way is counted under its class name, which no price
+    matches: its cost is unknown, not guessed from another model's price.
+    """
+    if model is None:
+        return default
+    if isinstance(model, str):
+        return model
+    for attribute in ("model", "model_name"):
+        name = getattr(model, attribute, None)
+        if isinstance(name, str) and name:
+            return name
+    return type(model).__name__
 
 
 def decision_of(response: ModelResponse, with_content: bool = True) -> ev.Decision:
@@ -93,13 +122,14 @@ class TelemetryHooks(RunHooks[Any]):
         self.attempt = attempt
         self.conversation_id = conversation_id
         self.customer_id = customer_id
-        self.model_name = model_name
+        self.model_name = model_name  # the run's default model, for agents without their own
+        self.current_model = model_name  # the turn's model so far (see the module doc)
         self.events: list[TelemetryEvent] = []
         self.agents: list[str] = []
         self.tool_calls: list[ToolCall] = []
         self.handoffs: list[Handoff] = []
         self.usage = TokenUsage()
-        self._llm_started: dict[str, float] = {}
+        self._llm_started: dict[str, tuple[float, str]] = {}  # agent -> (start, model)
         self._tool_started: dict[str, float] = {}
         self._seq = 0
 
@@ -139,16 +169,22 @@ class TelemetryHooks(RunHooks[Any]):
         """Detail fields that carry conversation content: only when data may be included."""
         return fields if self.include_data else {}
 
-    def turn_started(self, queue_wait_ms: float | None, agent: str) -> None:
+    def model_of(self, agent: Agent[Any]) -> str:
+        """The model ``agent``'s calls run on (:func:`model_name_of`)."""
+        return model_name_of(agent.model, self.model_name)
+
+    def turn_started(self, queue_wait_ms: float | None, agent: str, model: str | None = None) -> None:
+        """The attempt began at ``agent``, on ``model`` (default: the run's default model)."""
+        self.current_model = model or self.model_name
         self.emit(ev.TurnStartedDetail(queue_wait_ms=queue_wait_ms), agent=agent,
-                  model=self.model_name)
+                  model=self.current_model)
 
     def turn_completed(self, duration_ms: float, queue_wait_ms: float | None, final: str) -> None:
         self.emit(
             ev.TurnCompletedDetail(queue_wait_ms=queue_wait_ms, agents=list(self.agents),
                                    **self._data(final_output=_clip(final, 500))),
             agent=self.agents[-1] if self.agents else None,
-            model=self.model_name,
+            model=self.current_model,
             usage=self.usage,
             duration_ms=duration_ms,
         )
@@ -166,7 +202,7 @@ class TelemetryHooks(RunHooks[Any]):
         self.emit(
             failed(agents=list(self.agents)),
             agent=self.agents[-1] if self.agents else None,
-            model=self.model_name,
+            model=self.current_model,
             usage=self.usage,
             duration_ms=duration_ms,
             error=ErrorInfo(type=error_type, message=_clip(message, 1000)),
@@ -188,23 +224,27 @@ class TelemetryHooks(RunHooks[Any]):
         system_prompt: str | None,
         input_items: list[Any],
     ) -> None:
-        self._llm_started[agent.name] = time.perf_counter()
-        self.emit(ev.LlmStartDetail(input_items=len(input_items)), agent=agent.name,
-                  model=self.model_name)
+        model = self.current_model = model_name_of(agent.model, self.model_name)
+        self._llm_started[agent.name] = (time.perf_counter(), model)
+        self.emit(ev.LlmStartDetail(input_items=len(input_items)), agent=agent.name, model=model)
 
     async def on_llm_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
     ) -> None:
         started = self._llm_started.pop(agent.name, None)
+        if started is None:  # no llm_start seen for it: resolve the model here
+            model, began = self.model_of(agent), None
+        else:
+            began, model = started
         usage = usage_of(response.usage)
         self.usage = self.usage + usage
         self.emit(
             ev.LlmEndDetail(decision=decision_of(response, with_content=self.include_data),
                             response_id=response.response_id),
             agent=agent.name,
-            model=self.model_name,
+            model=model,
             usage=usage,
-            duration_ms=(time.perf_counter() - started) * 1000 if started else None,
+            duration_ms=(time.perf_counter() - began) * 1000 if began is not None else None,
         )
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool) -> None:
