@@ -32,7 +32,14 @@ from turnfleet.budget import BudgetExceeded, BudgetStatus
 from turnfleet.connection import RAW, connect, lenient_text
 from turnfleet.erasure import ErasureBusy, ErasureReport, forget
 from turnfleet.models import TurnRequest, TurnResult, TurnStatus
-from turnfleet.queue import ConversationOwnershipError, CorruptRecord, TurnQueue, decode_request
+from turnfleet.queue import (
+    WRONG_WORKFLOW,
+    ConversationOwnershipError,
+    ConversationWorkflowError,
+    CorruptRecord,
+    TurnQueue,
+    decode_request,
+)
 from turnfleet.raw_text import redact_request
 from turnfleet.redaction import Redactor
 from turnfleet.settings import ProducerSettings
@@ -139,6 +146,12 @@ class EnqueueResult:
         return cls(index, "rejected", req.turn_id, req.conversation_id, error="validation",
                    message=f"turn_id {req.turn_id!r} was {TurnIdReused.REASON}",
                    errors=[{"field": "turn_id", "message": TurnIdReused.REASON}])
+
+    @classmethod
+    def wrong_workflow(cls, index: int, req: TurnRequest, exc: ConversationWorkflowError) -> EnqueueResult:
+        """A turn for another workflow than its conversation's: bad input naming ``agent``."""
+        return cls(index, "rejected", req.turn_id, req.conversation_id, error="validation",
+                   message=f"agent: {exc}", errors=[{"field": "agent", "message": str(exc)}])
 
     @classmethod
     def conflict(cls, index: int, req: TurnRequest) -> EnqueueResult:
@@ -261,6 +274,8 @@ class Producer:
             raise ConversationOwnershipError(outcome.message)
         if outcome.error == "budget_exceeded" and outcome.budget is not None:
             raise BudgetExceeded(outcome.budget)
+        if outcome.errors and outcome.errors[0]["field"] == "agent":
+            raise TurnValidationError(outcome.errors)
         raise TurnIdReused(req.turn_id)
 
     async def enqueue_request(self, req: TurnRequest, index: int = 0) -> EnqueueResult:
@@ -279,6 +294,8 @@ class Producer:
                 return EnqueueResult.accepted(index, req, True)
         except ConversationOwnershipError:
             return EnqueueResult.conflict(index, req)
+        except ConversationWorkflowError as exc:
+            return EnqueueResult.wrong_workflow(index, req, exc)
         [known] = await self.known([req.turn_id])
         return self._repeat(index, req, known)
 
@@ -428,6 +445,9 @@ class Producer:
         for (i, req), outcome in zip(fresh, await self.queue.enqueue_many([r for _, r in fresh])):
             if outcome == 1:
                 results[i] = EnqueueResult.accepted(i, req, True)
+            elif outcome == WRONG_WORKFLOW:
+                workflow = await self.queue.conversation_workflow(req.conversation_id)
+                results[i] = EnqueueResult.wrong_workflow(i, req, ConversationWorkflowError(req.conversation_id, workflow))
             elif outcome < 0:
                 results[i] = EnqueueResult.conflict(i, req)
             else:  # known: a retry, a concurrent request, or the same id earlier in this batch

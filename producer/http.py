@@ -346,6 +346,8 @@ async def create_turn(
         )
     if outcome.error == "conflict":
         raise ApiError(409, "conflict", outcome.message or "")
+    if outcome.errors and outcome.errors[0]["field"] == "agent":  # another workflow's conversation
+        raise ApiError(422, "validation", outcome.message or "", errors=outcome.errors)
     raise ApiError(422, "validation", _KEY_REUSED.format(req.turn_id),
                    errors=[{"field": "Idempotency-Key" if idempotency_key else "turn_id",
                             "message": "already used for a different request"}])

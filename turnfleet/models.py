@@ -110,6 +110,9 @@ def check_unicode(value: str) -> str:
     return value
 
 
+DEFAULT_WORKFLOW = "support-desk"  # the built-in workflow, always known
+
+
 class TurnRequest(BaseModel):
     """One user message handed to the fleet.
 
@@ -125,7 +128,7 @@ class TurnRequest(BaseModel):
     customer_id: str
     text: str
     metadata: dict[str, str] = Field(default_factory=dict)
-    agent: str = "support-desk"
+    agent: str = DEFAULT_WORKFLOW  # the workflow that runs the turn
     trace: bool = True
     enqueued_at: datetime = Field(default_factory=utcnow)
 

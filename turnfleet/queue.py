@@ -70,7 +70,7 @@ from redis.exceptions import ResponseError
 
 from turnfleet import keys, versions
 from turnfleet.connection import RAW, as_text, lenient_text
-from turnfleet.models import AttemptError, TurnRequest, TurnResult, TurnStatus, check_id, utcnow
+from turnfleet.models import DEFAULT_WORKFLOW, AttemptError, TurnRequest, TurnResult, TurnStatus, check_id, utcnow
 from turnfleet.scripts import load_script
 
 M = TypeVar("M", bound=BaseModel)
@@ -129,6 +129,18 @@ def _reconciled(conversation_id: str, reply: dict[str, Any]) -> Reconciled:
 
 class ConversationOwnershipError(ValueError):
     """The conversation id is already used by another customer."""
+
+
+class ConversationWorkflowError(ValueError):
+    """The conversation belongs to another workflow (its first turn's); ``workflow`` is it."""
+
+    def __init__(self, conversation_id: str, workflow: str) -> None:
+        self.conversation_id, self.workflow = conversation_id, workflow
+        super().__init__(f"conversation {conversation_id!r} belongs to workflow {workflow!r} "
+                         f"(a conversation keeps the workflow of its first turn)")
+
+
+WRONG_WORKFLOW = -2  # ENQUEUE's answer for a turn of another workflow than its conversation's
 
 
 @dataclass(frozen=True)
@@ -193,7 +205,7 @@ class TurnQueue:
     # -- producer side ---------------------------------------------------------------
 
     def _enqueue_call(self, reqs: list[TurnRequest], client: Any = None) -> Any:
-        """ENQUEUE for these turns: 6 keys and 4 arguments each, in the order enqueue.lua reads."""
+        """ENQUEUE for these turns: 6 keys and 5 arguments each, in the order enqueue.lua reads."""
         turn_keys: list[str] = []
         turn_args: list[str] = []
         for req in reqs:
@@ -201,18 +213,20 @@ class TurnQueue:
             turn_keys += [keys.turn(req.turn_id), keys.conversation_queue(cid), keys.conversation_active(cid),
                           keys.conversation_turns(cid), keys.conversation_state(cid),
                           keys.customer_conversations(req.customer_id)]
-            turn_args += [req.turn_id, cid, req.customer_id, req.model_dump_json()]
+            turn_args += [req.turn_id, cid, req.customer_id, req.model_dump_json(), req.agent]
         return self._enqueue(
             keys={"conversations": keys.CONVERSATIONS, "arq_queue": keys.ARQ_QUEUE, "counters": keys.COUNTERS,
                   "turns": turn_keys},
             args={"now_ms": now_ms(), "job_prefix": keys.ARQ_JOB_PREFIX, "job_ttl": JOB_TTL_MS,
-                  "fname": JOB_FUNCTION, "turns": turn_args},
+                  "fname": JOB_FUNCTION, "default_workflow": DEFAULT_WORKFLOW, "turns": turn_args},
             client=client,
         )
 
     async def enqueue(self, req: TurnRequest) -> bool:
         """Record the turn and wake its conversation if idle. False: turn id already known."""
         outcome = int((await self._enqueue_call([req]))[0])
+        if outcome == WRONG_WORKFLOW:
+            raise ConversationWorkflowError(req.conversation_id, await self.conversation_workflow(req.conversation_id))
         if outcome < 0:
             raise ConversationOwnershipError(
                 f"conversation_id {req.conversation_id!r} belongs to another customer"
@@ -221,13 +235,19 @@ class TurnQueue:
 
     async def enqueue_many(self, reqs: list[TurnRequest]) -> list[int]:
         """One pipelined round trip for many turns (one script call per 200); per request 1,
-        0 or -1 as the script says."""
+        0, -1 or -2 (``WRONG_WORKFLOW``) as the script says."""
         if not reqs:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for i in range(0, len(reqs), ENQUEUE_MANY_CHUNK):
                 await self._enqueue_call(reqs[i:i + ENQUEUE_MANY_CHUNK], client=pipe)
             return [int(x) for chunk in await pipe.execute() for x in chunk]
+
+    async def conversation_workflow(self, conversation_id: str) -> str:
+        """The workflow a conversation belongs to (its first turn's; the built-in one for a
+        conversation recorded before workflows existed, or one not known yet)."""
+        found = await self.redis.hget(keys.conversation_state(conversation_id), "workflow")
+        return as_text(found) if found is not None else DEFAULT_WORKFLOW
 
     # -- worker side -----------------------------------------------------------------
 
@@ -623,7 +643,7 @@ def stand_in_request(turn_id: str, conversation_id: str, customer_id: str) -> Tu
     failure (ids; no text), built without validation since nothing here came from a client."""
     return TurnRequest.model_construct(
         turn_id=turn_id, conversation_id=conversation_id, customer_id=customer_id, text="",
-        metadata={}, agent="support-desk", trace=False, enqueued_at=None,
+        metadata={}, agent=DEFAULT_WORKFLOW, trace=False, enqueued_at=None,
     )
 
 
