@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from turnfleet import budget, keys
+from turnfleet import budget, keys, registry
 from turnfleet.budget import BudgetExceeded, BudgetStatus
 from turnfleet.connection import RAW, connect, lenient_text
 from turnfleet.erasure import ErasureBusy, ErasureReport, forget
@@ -282,6 +282,9 @@ class Producer:
         """Enqueue one validated turn, or say why not (``EnqueueResult``); never raises for
         the turn's own sake. A known turn id is ``existing`` for the same request, rejected
         for another; a known turn is answered even when its customer is over budget."""
+        refused = await self.unknown_workflows([(index, req)])
+        if refused:
+            return EnqueueResult.invalid(index, refused[index])
         try:
             await self.check_budget(req.customer_id)
         except BudgetExceeded as exc:
@@ -341,6 +344,16 @@ class Producer:
         except CorruptRecord:
             return Known(None, UNREADABLE)
 
+    async def unknown_workflows(self, reqs: Sequence[tuple[int, TurnRequest]]) -> dict[int, list[dict[str, str]]]:
+        """The turns naming a workflow (``agent``) no worker ever served, by index, each with
+        its error; nothing to ask Redis when every turn is for the built-in workflow."""
+        unknown = await registry.unknown(self.redis, (req.agent for _, req in reqs))
+        if not unknown:
+            return {}
+        known = set(await registry.workflows(self.redis))
+        return {i: [{"field": "agent", "message": registry.unknown_message(req.agent, known)}]
+                for i, req in reqs if req.agent in unknown}
+
     async def check_budget(self, customer_id: str) -> budget.BudgetStatus | None:
         """Raise ``BudgetExceeded`` if the customer's daily budget is spent (admission control).
 
@@ -399,8 +412,10 @@ class Producer:
                 reqs.append(self.validate(item, index=i))
             except TurnValidationError as exc:
                 errors.extend(exc.errors)
+        for i, refused in (await self.unknown_workflows(list(enumerate(reqs)))).items():
+            errors.extend({**e, "index": i} for e in refused)
         if errors:
-            raise TurnValidationError(errors)
+            raise TurnValidationError(sorted(errors, key=lambda e: e.get("index", 0)))
         for customer_id in sorted({r.customer_id for r in reqs}):
             await self.check_budget(customer_id)
         results = await self.submit(list(enumerate(reqs)))
@@ -422,6 +437,10 @@ class Producer:
                                            message=f"this API key may not act for customer {req.customer_id!r}")
             else:
                 allowed.append((i, req))
+        refused = await self.unknown_workflows(allowed)
+        for i, errors in refused.items():
+            results[i] = EnqueueResult.invalid(i, errors)
+        allowed = [(i, req) for i, req in allowed if i not in refused]
         # Budgets first (no round trip for customers without a limit). A turn of an over-budget
         # customer may still be a repeat of a known turn, which is answered as such.
         over: dict[str, BudgetExceeded | None] = {}

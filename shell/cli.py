@@ -88,6 +88,16 @@ def cmd_worker(args: argparse.Namespace, url: str) -> int:
     SIGTERM/SIGINT within ``TURNFLEET_DRAIN_GRACE_S`` (see ``workers/supervisor.py``)."""
     from turnfleet.workers.supervisor import run
 
+    if args.app:
+        os.environ["TURNFLEET_APP"] = args.app  # the worker's settings (and its lanes) read it
+    spec = os.environ.get("TURNFLEET_APP")
+    if spec:
+        from turnfleet.workflow import AppLoadError, WorkflowError, load_app
+
+        try:  # here, once, so a bad app is one line and exit 2, not a worker that fails to start
+            load_app(spec)
+        except (AppLoadError, WorkflowError) as exc:
+            raise CliError(str(exc)) from None
     return run(url, burst=args.burst)
 
 
@@ -606,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run an arq worker process")
     w.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    w.add_argument("--app", metavar="MODULE:ATTR",
+                   help="the workflows to serve (TURNFLEET_APP); default: the built-in Support Desk")
 
     t = sub.add_parser("telemetry", help="run a telemetry consumer")
     t.add_argument("--burst", action="store_true", help="aggregate what is there, then exit")

@@ -40,7 +40,7 @@ def two_model_desk(redis: Any, back: OfflineModel) -> dict[str, Any]:
     """A worker runtime whose Triage runs on ``tf-front`` and Orders on ``back``; the
     worker's default model (``TURNFLEET_MODEL_NAME``) is neither."""
     ctx = runtime(redis, OfflineModel(model_name=FRONT), model_name=DEFAULT)
-    ctx["runtime"].desk.agents[ORDERS].model = back
+    ctx["runtime"].app.get("support-desk").agents[ORDERS].model = back
     return ctx
 
 

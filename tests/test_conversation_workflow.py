@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from turnfleet import keys
+from turnfleet import keys, registry
 from turnfleet.producer import TurnValidationError
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.queue import ConversationWorkflowError, TurnQueue
@@ -17,6 +17,12 @@ from turnfleet.producer.api import BulkEnqueueError
 from tests.processes import tf
 from tests.redis_scan import dump_keys
 from tests.test_http import KEY_A, assert_error, auth, make_settings, serving, turn
+
+
+@pytest.fixture(autouse=True)
+async def helpdesk_known(redis):
+    """it-helpdesk as a worker serving it registers it (unknown workflows are refused first)."""
+    await registry.register(redis, [registry.Registration("it-helpdesk", "f-1")], "w-test")
 
 
 async def test_the_first_turn_binds_the_conversation_and_another_workflow_is_refused(producer, redis):
@@ -46,7 +52,7 @@ async def test_a_conversation_from_before_workflows_belongs_to_the_built_in_one(
 
 async def test_the_queue_itself_raises_naming_the_conversations_workflow(redis, producer):
     await producer.enqueue_turn(conversation_id="c-2", customer_id="C-100", text="hi")
-    req = producer.validate({"conversation_id": "c-2", "customer_id": "C-100", "text": "x", "agent": "other"})
+    req = producer.validate({"conversation_id": "c-2", "customer_id": "C-100", "text": "x", "agent": "it-helpdesk"})
     with pytest.raises(ConversationWorkflowError) as caught:
         await TurnQueue(redis).enqueue(req)
     assert (caught.value.conversation_id, caught.value.workflow) == ("c-2", DEFAULT_WORKFLOW)
@@ -80,7 +86,7 @@ async def _http_refuses(api, redis):
     assert await redis.llen(keys.conversation_turns("c-h")) == 1
 
 
-def test_the_cli_exits_2_naming_agent(fleet_env):
+async def test_the_cli_exits_2_naming_agent(fleet_env):
     assert tf("enqueue", "--conversation", "c-cli", "--customer", "C-100", "--agent", "it-helpdesk", "hi",
               env=fleet_env).returncode == 0
     refused = tf("enqueue", "--conversation", "c-cli", "--customer", "C-100", "hello", env=fleet_env)

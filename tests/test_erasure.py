@@ -38,7 +38,7 @@ from turnfleet.workers.job import Runtime, run_turn
 from turnfleet.workers.settings import shutdown, startup
 from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.orderbook import _packaged_text
-from turnfleet.workers.support_desk import PROMPT_INJECTION, build_support_desk
+from turnfleet.workers.support_desk import PROMPT_INJECTION, builtin_app
 
 A, B = "cust-erase-a7f3", "cust-erase-b9k2"
 LEDGER = (keys.LEDGER_PREFIX,)
@@ -119,7 +119,7 @@ class Fleet:
 
     def ctx(self, model: Any, **settings: Any) -> dict[str, Any]:
         """The worker's runtime with this model (and these settings) for one job."""
-        return {"runtime": replace(self.worker, desk=build_support_desk(model),
+        return {"runtime": replace(self.worker, app=builtin_app(model),
                                    settings=self.worker.settings.model_copy(update=settings))}
 
     async def turn(self, who: Customer, conv: str, text: str, model: Any = None, n: int | None = None,

@@ -12,7 +12,7 @@ from turnfleet.queue import TurnQueue
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import Runtime
 from turnfleet.workers.model import OfflineModel
-from turnfleet.workers.support_desk import build_support_desk
+from turnfleet.workers.support_desk import builtin_app
 
 
 def runtime(redis: Any, model: Model, *, worker_name: str = "test-worker",
@@ -21,7 +21,7 @@ def runtime(redis: Any, model: Model, *, worker_name: str = "test-worker",
     on ``model``; ``settings`` are ``WorkerProcessSettings`` fields."""
     return {"runtime": Runtime(
         settings=WorkerProcessSettings(**settings), redis=redis, queue=TurnQueue(redis),
-        desk=build_support_desk(model), model_name=model_name, worker_name=worker_name,
+        app=builtin_app(model), model_name=model_name, worker_name=worker_name,
     )}
 
 

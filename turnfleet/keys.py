@@ -33,6 +33,7 @@ REFUND_LEDGER = f"{LEDGER_PREFIX}refunds"  # stream: one entry per refund actual
 ORDERS = f"{PREFIX}:orders"  # hash order_id -> order JSON: orders added to the order book at run time
 ORDER_COPIES = f"{PREFIX}:orders:copies"  # counter: runs of copied orders (workers.orderbook.copy_orders)
 WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
+WORKFLOWS = f"{PREFIX}:workflows"  # hash workflow name -> latest registration JSON (turnfleet/registry.py)
 WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in flight
 # zset worker name -> ms of its last look while it serves the isolated lane (workers/isolation.py)
 WORKERS_ISOLATING = f"{PREFIX}:workers:isolating"
@@ -219,3 +220,8 @@ def find_scratch(token: str) -> str:
 HIST_TURN_LATENCY = f"{PREFIX}:hist:turn_latency_ms"  # hash: bucket fields, sum, count (aggregate)
 HIST_QUEUE_WAIT = f"{PREFIX}:hist:queue_wait_ms"  # the same for finished turns' queue wait
 ALERTS_COUNT = f"{PREFIX}:alerts:count"  # hash rule -> alerts fired (the fire script counts)
+
+
+def workflow_versions(name: str) -> str:
+    """hash fingerprint -> registration JSON: every version of a workflow workers served."""
+    return f"{PREFIX}:workflow:versions:{name}"

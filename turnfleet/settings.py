@@ -164,6 +164,11 @@ class WorkerProcessSettings(CommonSettings):
         default=30.0, description="How often a worker looks for conversations left without a job."
     )
 
+    app: str | None = Field(
+        default=None,
+        description="The workflows this worker serves, as module:attribute (a turnfleet Workflow, a "
+        "list of them, or an App), like `uvicorn module:app`; unset: the built-in Support Desk.",
+    )
     workflow_name: str = Field(default="Support Desk", description="Trace workflow name.")
     tracing_disabled: bool = Field(default=False)
     trace_include_sensitive_data: bool = Field(default=True)

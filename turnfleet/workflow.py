@@ -50,6 +50,11 @@ class Workflow:
     model_settings: Any = None  # agents.ModelSettings for every agent of the workflow
     redaction_patterns: Sequence[str] = ()  # extra regexes redacted in this workflow's telemetry
     prices: Mapping[str, Any] | None = None  # model name -> price overrides
+    # What a turn answers when a guardrail of this name trips (the default otherwise): a
+    # tripped guardrail completes the turn with this safe reply, never the model's output.
+    guardrail_replies: Mapping[str, str] = field(default_factory=dict)
+    default_guardrail_reply: str = "I'm sorry, I can't help with that request."
+    trace_name: str | None = None  # the SDK trace's workflow_name (default: ``name``)
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,12 +77,18 @@ class Workflow:
         """The agent named ``name`` (where the conversation stands), else the starting agent."""
         return self._agents.get(name or "", self.agent)
 
+    def guardrail_reply(self, guardrail: str) -> str:
+        """The reply a turn completes with when ``guardrail`` tripped."""
+        return self.guardrail_replies.get(guardrail) or self.default_guardrail_reply
+
     def describe(self) -> dict[str, Any]:
         """What the fingerprint is computed from, as plain JSON types."""
         return {
             "workflow": self.name,
             "version": self.version,
             "start": self.agent.name,
+            "guardrail_replies": dict(sorted(self.guardrail_replies.items())),
+            "default_guardrail_reply": self.default_guardrail_reply,
             "model_settings": _settings(self.model_settings),
             "agents": [_agent(a) for a in sorted(self._agents.values(), key=lambda a: a.name)],
         }

@@ -48,7 +48,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import structlog
-from agents import Agent, RunConfig, Runner, RunResult, flush_traces, trace
+from agents import Agent, ModelProvider, RunConfig, Runner, RunResult, flush_traces, trace
 from agents.exceptions import (
     InputGuardrailTripwireTriggered,
     MaxTurnsExceeded,
@@ -66,6 +66,7 @@ from turnfleet.models import AttemptError, TurnResult, utcnow
 from turnfleet.queue import FinishExtras, Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
+from turnfleet.workflow import App, Workflow
 from turnfleet.workers.context import TurnContext
 from turnfleet.workers.hooks import TelemetryHooks
 from turnfleet.workers.memory import ConversationMemory, MemoryFenced
@@ -83,6 +84,7 @@ DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
 
 STALE = "stale"  # what an attempt returns when it lost the turn to another one
 WORKER_LOST = "WorkerLost"  # error type of a lost attempt, and of a turn that kills its worker
+UNKNOWN_WORKFLOW = "UnknownWorkflow"  # a turn for a workflow this worker does not serve
 
 Tripwire = InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered
 T = TypeVar("T")
@@ -95,7 +97,7 @@ class Runtime:
     settings: WorkerProcessSettings
     redis: Redis
     queue: TurnQueue
-    desk: Any  # workers.support_desk.SupportDesk
+    app: App  # the workflows this worker serves (turnfleet.App; the Support Desk by default)
     model_name: str
     worker_name: str
     redactor: Redactor | None = None
@@ -104,6 +106,8 @@ class Runtime:
     # they share with the attempt that now owns the turn.
     fenced: set[str] = field(default_factory=set)
     stopping: bool = False  # the worker is draining: a cancelled attempt is "WorkerStopped"
+    # Models for agents that name one (or none) instead of holding a Model object.
+    models: ModelProvider | None = None
 
 
 class Lease:
@@ -200,6 +204,7 @@ class Attempt:
         self.lease: Lease | None = None  # taken by run(); an unrunnable turn has none
         self.trace_id: str | None = None  # the run's trace, if traced
         self._t0 = 0.0  # perf_counter() when the run began
+        self.workflow: Workflow | None = None  # the turn's workflow, found by run()
 
     # -- running ---------------------------------------------------------------------
 
@@ -239,7 +244,14 @@ class Attempt:
             return await self.exhausted("AttemptsExhausted", (
                 f"{self.number - 1} attempts started and none finished "
                 f"(worker lost or stopped each time)"))
-        agent = rt.desk.starting_agent(decision.current_agent)
+        self.workflow = rt.app.get(self.req.agent)
+        if self.workflow is None:
+            # Refused at the edge unless no worker serving it ever registered; a fleet whose
+            # pools serve different workflows routes each turn to its own (not yet: see README).
+            served = ", ".join(w.name for w in rt.app.workflows)
+            return await self.exhausted(UNKNOWN_WORKFLOW, (
+                f"workflow {self.req.agent!r} is not served by this worker (it serves {served})"))
+        agent = self.workflow.starting_agent(decision.current_agent)
         self.hooks.turn_started(self.queue_wait_ms, agent.name, model=self.hooks.model_of(agent))
         session = ConversationMemory(
             rt.redis, self.req.conversation_id, turn_id=self.req.turn_id, attempt=self.number,
@@ -276,7 +288,7 @@ class Attempt:
         ran: RunResult | Tripwire
         async with asyncio.timeout(rt.settings.turn_timeout_s):
             with trace(
-                rt.settings.workflow_name,
+                self._trace_name(),
                 group_id=req.conversation_id,
                 metadata={
                     "customer_id": req.customer_id,
@@ -303,7 +315,8 @@ class Attempt:
                         session=session,
                         max_turns=rt.settings.max_agent_turns,
                         run_config=RunConfig(
-                            workflow_name=rt.settings.workflow_name,
+                            workflow_name=self._trace_name(),
+                            model_provider=rt.models or RunConfig().model_provider,
                             group_id=req.conversation_id,
                             tracing_disabled=tracing_off,
                             trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,
@@ -316,6 +329,10 @@ class Attempt:
             await session.flush()
         # A tripped guardrail's message is not kept in memory: it must not steer later turns.
         return ran
+
+    def _trace_name(self) -> str:
+        assert self.workflow is not None
+        return self.workflow.trace_name or self.workflow.name
 
     def _elapsed_ms(self) -> float:
         return (time.perf_counter() - self._t0) * 1000
@@ -460,7 +477,8 @@ class Attempt:
         agent_name = agent.name if agent is not None else starting_agent
         self.hooks.guardrail_tripped(name, agent_name, kind)
         self.log.info("turn.guardrail_tripped", guardrail=name, kind=kind, agent=agent_name)
-        return self.rt.desk.guardrail_reply(name), agent_name
+        assert self.workflow is not None  # a guardrail tripped in a run of it
+        return self.workflow.guardrail_reply(name), agent_name
 
     async def _keep_trace(self, status: str, duration_ms: float) -> None:
         """Hand the attempt's trace to the store (sampling, redaction, one write)."""

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 import structlog
-from agents.models.interface import Model
+from agents.models.interface import Model, ModelProvider
 
 from turnfleet.settings import WorkerProcessSettings
 
@@ -108,6 +108,32 @@ def make_model(settings: WorkerProcessSettings) -> Model:
     if settings.model_api == "responses":
         return OpenAIResponsesModel(model=settings.model_name, openai_client=client)
     return OpenAIChatCompletionsModel(model=settings.model_name, openai_client=client)
+
+
+class WorkerModels(ModelProvider):
+    """Models for agents that name one, or none, instead of holding a ``Model`` object (a
+    team's agents need not build clients): none, or the configured name, is the worker's model;
+    another name is the same endpoint under that name (the offline model under that name when
+    the fleet runs offline), built once per name."""
+
+    def __init__(self, settings: WorkerProcessSettings, default: Model) -> None:
+        self.settings = settings
+        self.default = default
+        self._made: dict[str, Model] = {}
+
+    def get_model(self, model_name: str | None) -> Model:
+        if not model_name or model_name == self.settings.model_name:
+            return self.default
+        model = self._made.get(model_name)
+        if model is None:
+            if self.settings.model_base_url is None and self.settings.model_name == OFFLINE_MODEL:
+                from turnfleet.workers.model import OfflineModel
+
+                model = OfflineModel(model_name=model_name)
+            else:
+                model = make_model(self.settings.model_copy(update={"model_name": model_name}))
+            self._made[model_name] = model
+        return model
 
 
 def is_transient_model_error(exc: BaseException) -> bool | None:

@@ -25,13 +25,14 @@ from agents import set_trace_processors
 from arq.connections import RedisSettings
 from redis.exceptions import RedisError
 
-from turnfleet import heartbeat
+from turnfleet import heartbeat, registry
 from turnfleet.connection import connect
+from turnfleet.workflow import load_app
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
-from turnfleet.workers.llm import make_model
+from turnfleet.workers.llm import WorkerModels, make_model
 from turnfleet.startup_heap import freeze_startup_heap
 from turnfleet.workers.reconcile import reconcile_forever
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
@@ -41,7 +42,7 @@ _settings = WorkerProcessSettings()
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = WorkerProcessSettings()
-    from turnfleet.workers.support_desk import build_support_desk
+    from turnfleet.workers.support_desk import builtin_app
 
     from turnfleet.workers.orderbook import use_order_book
 
@@ -70,7 +71,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings=settings,
         redis=redis,
         queue=TurnQueue(redis),
-        desk=build_support_desk(model),
+        app=load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name),
+        models=WorkerModels(settings, model),
         model_name=settings.model_name,
         worker_name=settings.worker_name or heartbeat.default_name(),
         redactor=redactor,
@@ -83,6 +85,11 @@ async def startup(ctx: dict[str, Any]) -> None:
             sink,
         ),
     )
+    rt = ctx["runtime"]
+    # Workers say what they serve: the registry outlives them, and the edges refuse a
+    # workflow no worker ever served (turnfleet/registry.py).
+    await registry.register(redis, [registry.Registration(w.name, w.fingerprint(), w.version)
+                                    for w in rt.app.workflows], rt.worker_name)
     ctx["in_flight"] = InFlight()
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
         redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count))

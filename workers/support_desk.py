@@ -27,7 +27,9 @@ from typing import Any
 from agents import Agent, GuardrailFunctionOutput, RunContextWrapper, input_guardrail
 from agents.models.interface import Model
 
+from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.workers.context import TurnContext
+from turnfleet.workflow import App, Workflow
 from turnfleet.workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
 
 TRIAGE = "Triage"
@@ -192,3 +194,15 @@ def build_support_desk(model: Model) -> SupportDesk:
     billing.handoffs = [triage]
     orders.handoffs = [triage]
     return SupportDesk(agents={agent.name: agent for agent in (triage, billing, orders)})
+
+
+def support_desk_workflow(model: Model, trace_name: str = "Support Desk") -> Workflow:
+    """The built-in workflow (``support-desk``): the Desk's agents as a ``turnfleet.Workflow``,
+    what a worker serves without ``--app``."""
+    desk = build_support_desk(model)
+    return Workflow(name=DEFAULT_WORKFLOW, agent=desk.triage, guardrail_replies=dict(GUARDRAIL_REPLIES),
+                    default_guardrail_reply=DEFAULT_GUARDRAIL_REPLY, trace_name=trace_name)
+
+
+def builtin_app(model: Model, trace_name: str = "Support Desk") -> App:
+    return App([support_desk_workflow(model, trace_name)])

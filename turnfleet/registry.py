@@ -1,0 +1,100 @@
+"""The workflow registry: which workflows the fleet knows, in which versions.
+
+Workers register the workflows they serve when they start (name, declared version,
+fingerprint: ``turnfleet.Workflow``); the registry outlives them, so a turn for a workflow
+whose workers are all stopped is still known (it waits for them) while a turn for a workflow
+no worker ever served is refused at the edge (``agent``), at the Python API, the CLI and over
+HTTP. The built-in workflow (``support-desk``) is always known.
+
+Keys (``turnfleet/keys.py``): ``tf:workflows`` (hash: name -> the latest registration, JSON)
+and ``tf:workflow:versions:<name>`` (hash: fingerprint -> that version's registration, JSON:
+``version``, ``fingerprint``, ``first_seen``, ``last_seen``, ``worker``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from turnfleet import keys
+from turnfleet.models import DEFAULT_WORKFLOW, utcnow
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a worker says about one workflow it serves."""
+
+    name: str
+    fingerprint: str
+    version: str | None = None
+
+
+async def register(redis: Redis, served: Iterable[Registration], worker: str) -> None:
+    """Record (or refresh) each workflow and its version as served by ``worker``, now."""
+    now = utcnow().isoformat()
+    served = list(served)
+    if not served:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for r in served:
+            versions = keys.workflow_versions(r.name)
+            pipe.hget(versions, r.fingerprint)
+        before = await pipe.execute()
+    async with redis.pipeline(transaction=True) as pipe:
+        for r, seen in zip(served, before):
+            first = _field(seen, "first_seen") or now
+            record = json.dumps({"name": r.name, "version": r.version, "fingerprint": r.fingerprint,
+                                 "first_seen": first, "last_seen": now, "worker": worker},
+                                separators=(",", ":"))
+            pipe.hset(keys.workflow_versions(r.name), r.fingerprint, record)
+            pipe.hset(keys.WORKFLOWS, r.name, record)
+        await pipe.execute()
+
+
+def _field(raw: Any, name: str) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get(name)
+    except (ValueError, AttributeError):
+        return None
+
+
+async def unknown(redis: Redis, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` no worker ever registered (the built-in workflow is always known)."""
+    wanted = sorted({n for n in names if n != DEFAULT_WORKFLOW})
+    if not wanted:
+        return set()
+    found = await redis.hmget(keys.WORKFLOWS, wanted)
+    return {name for name, record in zip(wanted, found) if record is None}
+
+
+async def workflows(redis: Redis) -> dict[str, dict[str, Any]]:
+    """Every registered workflow's latest registration, by name (the built-in one included)."""
+    out: dict[str, dict[str, Any]] = {DEFAULT_WORKFLOW: {"name": DEFAULT_WORKFLOW, "builtin": True}}
+    for name, raw in (await redis.hgetall(keys.WORKFLOWS)).items():
+        try:
+            out[name] = {**out.get(name, {}), **json.loads(raw)}
+        except ValueError:
+            out[name] = {"name": name, "unreadable": True}
+    return out
+
+
+async def versions(redis: Redis, name: str) -> list[dict[str, Any]]:
+    """Every version (fingerprint) of a workflow ever registered, oldest first."""
+    rows = []
+    for raw in (await redis.hgetall(keys.workflow_versions(name))).values():
+        try:
+            rows.append(json.loads(raw))
+        except ValueError:
+            continue
+    return sorted(rows, key=lambda r: r.get("first_seen") or "")
+
+
+def unknown_message(name: str, known: Iterable[str]) -> str:
+    listed = ", ".join(sorted(known)) or DEFAULT_WORKFLOW
+    return f"unknown workflow {name!r}: no worker has served it (known: {listed})"
