@@ -38,6 +38,7 @@ no LLM span otherwise, and traces would show no model calls and no tokens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -164,6 +165,7 @@ def compute_usage(
 # Deciding: the workflow's script
 
 
+@functools.cache
 def builtin_script() -> Script:
     """The built-in app's script (the Support Desk's): a model given no script follows it."""
     from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT

@@ -112,16 +112,19 @@ class Slot:
 
     name: str
     patterns: Pattern | Sequence[Pattern]
-    _compiled: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    _groups: tuple[tuple[re.Pattern[str], int], ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", _compile(self.patterns))
+        compiled = _compile(self.patterns)
+        object.__setattr__(self, "_groups", tuple((p, 1 if p.groups else 0) for p in compiled))
 
     def find(self, text: str) -> list[str]:
         """Values named in ``text``, in order of appearance, each once."""
         found = [
-            (m.start(1), m.group(1)) if m.re.groups else (m.start(), m.group())
-            for pattern in self._compiled
+            (m.start(group), m.group(group))
+            for pattern, group in self._groups
             for m in pattern.finditer(text)
         ]
         seen: list[str] = []
@@ -143,7 +146,10 @@ class Rule:
         object.__setattr__(self, "_compiled", _compile(self.patterns))
 
     def matches(self, lowered: str) -> bool:
-        return all(pattern.search(lowered) for pattern in self._compiled)
+        for pattern in self._compiled:
+            if pattern.search(lowered) is None:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -154,18 +160,24 @@ class FollowUp:
     otherwise: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Facts:
     """What a reply or argument callable knows: the conversation, the slot, the result."""
 
     conversation: Conversation
-    slot: str | None
     result: Mapping[str, Any]
     tools: Collection[str]
+    slot_kind: Slot | None
 
     @property
     def text(self) -> str:
+        """The latest user message."""
         return self.conversation.user_text
+
+    @property
+    def slot(self) -> str | None:
+        """The slot's current value (``Conversation.latest``)."""
+        return self.conversation.latest(self.slot_kind)
 
 
 Reply = Union[str, Callable[[Facts], str]]
@@ -287,6 +299,7 @@ class Conversation:
     previous_user_text: str | None
     calls: list[ToolCallRecord]  # this turn's function calls (tools and handoffs), in order
     handed_to: list[str]  # agents that received a handoff during this turn
+    _latest: dict[str, str | None] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def read(cls, input: str | Sequence[Any]) -> Conversation:
@@ -328,6 +341,11 @@ class Conversation:
         """The slot this message is about: named in it, else the most recent one mentioned."""
         if slot is None:
             return None
+        if slot.name not in self._latest:
+            self._latest[slot.name] = self._find_latest(slot)
+        return self._latest[slot.name]
+
+    def _find_latest(self, slot: Slot) -> str | None:
         found = slot.find(self.user_text)
         if found:
             return found[0]
@@ -370,13 +388,13 @@ class _Fields(dict):  # type: ignore[type-arg]
         return ""
 
 
-def _render(reply: Reply, facts: Facts, slot: Slot | None) -> str:
+def _render(reply: Reply, facts: Facts) -> str:
     if callable(reply):
         return reply(facts)
     fields = _Fields(facts.result)
     fields["text"] = facts.text
-    if slot is not None:
-        fields[slot.name] = facts.slot or ""
+    if facts.slot_kind is not None:
+        fields[facts.slot_kind.name] = facts.slot or ""
     return reply.format_map(fields)
 
 
@@ -432,13 +450,13 @@ class Script:
         conv = Conversation.read(input)
         intent = self.intent_of(conv)
         tools = set(tool_names)
-        value = conv.latest(self.slot)
 
         def message(reply: Reply, result: Mapping[str, Any] | None = None) -> Decision:
-            facts = Facts(conv, value, result or {}, tools)
-            return Decision("message", intent.name, text=_render(reply, facts, self.slot))
+            facts = Facts(conv, result or {}, tools, self.slot)
+            return Decision("message", intent.name, text=_render(reply, facts))
 
         if intent.steps and intent.steps[0].call.tool in tools:
+            value = conv.latest(self.slot)
             if intent.ask is not None and value is None:
                 return message(intent.ask)
             return self._perform(intent, conv, tools, value, message)
@@ -459,7 +477,7 @@ class Script:
             if routed is not None:
                 return routed
         if intent.route:
-            if intent.ask is not None and value is None:
+            if intent.ask is not None and conv.latest(self.slot) is None:
                 return message(intent.ask)
             for option in specialists:
                 if option.serves(*intent.route):
@@ -480,9 +498,9 @@ class Script:
         """The agent holds the intent's tool: run its flow one step further."""
 
         def call(step_call: Call, result: Mapping[str, Any]) -> Decision:
-            facts = Facts(conv, value, result, tools)
+            facts = Facts(conv, result, tools, self.slot)
             arguments = {
-                key: _render(arg, facts, self.slot)
+                key: _render(arg, facts)
                 if isinstance(arg, str) or callable(arg)
                 else arg
                 for key, arg in step_call.arguments.items()
