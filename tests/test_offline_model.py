@@ -423,12 +423,14 @@ HELPDESK_SCRIPT = Script(
                     failed="Something went wrong resetting {username}.",
                 ),
             ),
+            route=("accounts",),
             ask="Which username is it?",
         ),
         Intent("other", reply="I reset passwords; tell me the username."),
     ),
     fallback="other",
     slot=USERNAME,
+    home=("front",),
 )
 
 
@@ -482,6 +484,25 @@ async def test_a_script_asks_for_its_slot_and_answers_what_it_does_not_know() ->
     assert (asked.final_output, other.final_output) == (
         "Which username is it?", "I reset passwords; tell me the username.")
     assert calls == []  # nothing of the Desk's script leaks into another workflow's agent
+
+
+async def test_a_scripts_route_words_hand_the_turn_to_the_agent_holding_the_tool() -> None:
+    calls: list[dict[str, Any]] = []
+    accounts = helpdesk(calls).clone(name="Accounts")
+    front = Agent(name="Front", instructions="You route IT requests.", handoffs=[accounts],
+                  model=accounts.model)
+    accounts.handoffs = [front]
+
+    routed = await Runner.run(front, "I forgot my password, user dana.w", run_config=NO_TRACING)
+    assert [r.output[0].name for r in routed.raw_responses[:2]] == ["transfer_to_accounts", RESET]
+    assert (routed.last_agent.name, routed.final_output) == (
+        "Accounts", "Done: dana.w can log in with tmp-dana.w now.")
+    assert calls == [{"username": "dana.w", "notify": True}]
+
+    # The specialist hands what it does not hold a tool for back to its front desk (``home``).
+    back = await Runner.run(accounts, "hello there", run_config=NO_TRACING)
+    assert (back.last_agent.name, back.final_output) == (
+        "Front", "I reset passwords; tell me the username.")
 
 
 def test_a_script_naming_an_intent_it_does_not_define_is_refused() -> None:
