@@ -1,17 +1,20 @@
-"""The offline model: its decisions, its documented usage, its ids and its generation spans.
+"""The offline model: its decisions, its documented usage, its ids and its generation spans;
+and a workflow's own script (not the Desk's) driving it.
 
-Runs use the real SDK (``Runner.run``) and the real Support Desk agents; no model, tool or SDK
-piece is replaced.
+Runs use the real SDK (``Runner.run``) and the real Support Desk agents (or a test's own agent
+and tool); no model, tool or SDK piece is replaced.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from typing import Any
 
 import pytest
-from agents import RunConfig, Runner
+from agents import Agent, RunConfig, Runner, function_tool
 from agents.handoffs import handoff
 from agents.tracing.span_data import GenerationSpanData
 
@@ -20,11 +23,12 @@ from turnfleet.connection import connect
 from turnfleet.workers.context import TurnContext
 from turnfleet.workers.model import (
     DEFAULT_MODEL_NAME,
-    Conversation,
     HandoffOption,
+    OfflineModel,
     decide,
-    order_ids_in,
 )
+from turnfleet.workers.model_script import Call, Conversation, Intent, Outcome, Rule, Script, Slot, Step
+from turnfleet.workers.support_desk_script import order_ids_in
 
 TRIAGE_HANDOFFS = [
     HandoffOption("transfer_to_billing", "Billing"),
@@ -398,3 +402,117 @@ async def test_no_spans_when_tracing_is_disabled(desk, collector) -> None:
     )
     assert generations(collector) == []
 
+
+
+# ------------------------------------------------------------------ a workflow's own script
+
+USERNAME = Slot("username", r"\buser(?:name)?\s+([a-z][a-z0-9._-]*[a-z0-9])")
+RESET = "reset_password"
+HELPDESK_SCRIPT = Script(
+    rules=(Rule("reset", (r"\b(reset|forgot)\b", r"\bpassword\b")),),
+    intents=(
+        Intent(
+            "reset",
+            steps=(
+                Step(
+                    Call(RESET, {"username": "{username}", "notify": True}),
+                    outcomes=(
+                        Outcome("reset", "Done: {username} can log in with {temporary} now."),
+                        Outcome(None, "I could not reset {username}: {reason}"),
+                    ),
+                    failed="Something went wrong resetting {username}.",
+                ),
+            ),
+            route=("accounts",),
+            ask="Which username is it?",
+        ),
+        Intent("other", reply="I reset passwords; tell me the username."),
+    ),
+    fallback="other",
+    slot=USERNAME,
+    home=("front",),
+)
+
+
+def helpdesk(calls: list[dict[str, Any]]) -> Agent[Any]:
+    """A one-agent workflow that is not the Desk: its own tool, its own script."""
+
+    @function_tool
+    def reset_password(username: str, notify: bool) -> str:
+        """Reset an account's password and return a temporary one."""
+        calls.append({"username": username, "notify": notify})
+        return json.dumps({"reset": True, "temporary": f"tmp-{username}"})
+
+    return Agent(
+        name="Helpdesk",
+        instructions="You are the IT helpdesk. Reset passwords with reset_password.",
+        tools=[reset_password],
+        model=OfflineModel(script=HELPDESK_SCRIPT),
+    )
+
+
+async def test_a_workflows_own_script_calls_its_own_tool_and_answers_its_text() -> None:
+    calls: list[dict[str, Any]] = []
+    agent = helpdesk(calls)
+    text = "I forgot my password, user dana.w"
+    result = await Runner.run(agent, text, run_config=NO_TRACING)
+
+    assert calls == [{"username": "dana.w", "notify": True}]  # the scripted arguments
+    assert result.final_output == "Done: dana.w can log in with tmp-dana.w now."
+    first, second = result.raw_responses
+    (call_item,) = first.output
+    arguments = '{"username":"dana.w","notify":true}'
+    assert (call_item.name, call_item.arguments) == (RESET, arguments)
+
+    # Usage as the model's docstring says, on this agent's own text.
+    tool_output = json.dumps({"reset": True, "temporary": "tmp-dana.w"})
+    asked = len(agent.instructions) + len(f"user: {text}") + chars_of_tools(agent)
+    answered = asked + len(f"{RESET}({arguments})") + len(tool_output)
+    assert (first.usage.input_tokens, first.usage.output_tokens) == (
+        math.ceil(asked / 4), math.ceil(len(RESET + arguments) / 4))
+    assert (second.usage.input_tokens, second.usage.output_tokens) == (
+        math.ceil(answered / 4), math.ceil(len(result.final_output) / 4))
+    assert [u.usage.input_tokens_details.cached_tokens for u in result.raw_responses] == [0, 0]
+    assert result.context_wrapper.usage.requests == 2
+
+
+async def test_a_script_asks_for_its_slot_and_answers_what_it_does_not_know() -> None:
+    calls: list[dict[str, Any]] = []
+    agent = helpdesk(calls)
+    asked = await Runner.run(agent, "please reset my password", run_config=NO_TRACING)
+    other = await Runner.run(agent, "where is order 1042?", run_config=NO_TRACING)
+    assert (asked.final_output, other.final_output) == (
+        "Which username is it?", "I reset passwords; tell me the username.")
+    assert calls == []  # nothing of the Desk's script leaks into another workflow's agent
+
+
+async def test_a_scripts_route_words_hand_the_turn_to_the_agent_holding_the_tool() -> None:
+    calls: list[dict[str, Any]] = []
+    accounts = helpdesk(calls).clone(name="Accounts")
+    front = Agent(name="Front", instructions="You route IT requests.", handoffs=[accounts],
+                  model=accounts.model)
+    accounts.handoffs = [front]
+
+    routed = await Runner.run(front, "I forgot my password, user dana.w", run_config=NO_TRACING)
+    assert [r.output[0].name for r in routed.raw_responses[:2]] == ["transfer_to_accounts", RESET]
+    assert (routed.last_agent.name, routed.final_output) == (
+        "Accounts", "Done: dana.w can log in with tmp-dana.w now.")
+    assert calls == [{"username": "dana.w", "notify": True}]
+
+    # The specialist hands what it does not hold a tool for back to its front desk (``home``).
+    back = await Runner.run(accounts, "hello there", run_config=NO_TRACING)
+    assert (back.last_agent.name, back.final_output) == (
+        "Front", "I reset passwords; tell me the username.")
+
+
+def test_a_script_naming_an_intent_it_does_not_define_is_refused() -> None:
+    with pytest.raises(ValueError, match="resett"):
+        Script(rules=(Rule("resett", r"reset"),), intents=(Intent("other", reply="x"),),
+               fallback="other")
+
+
+def test_scripts_import_without_the_agents_sdk() -> None:
+    code = ("import sys, turnfleet.workers.support_desk_script; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'openai')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,7 +1,8 @@
 """The Support Desk: Triage routes, Billing refunds, Orders answers order questions.
 
 ``build_support_desk(model)`` wires the three agents to one ``Model`` (the offline model or an
-OpenAI-compatible one); the instructions are real prompts, so the same desk runs on an LLM.
+OpenAI-compatible one); the instructions are real prompts, so the same desk runs on an LLM. On
+the offline model the agents follow the desk's script (``workers/support_desk_script.py``).
 
 Where a turn starts: a conversation handed to a specialist should start its next turn at that
 specialist (``SupportDesk.starting_agent(current_agent)``), so that a follow-up such as
@@ -29,6 +30,8 @@ from agents.models.interface import Model
 
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.workers.context import TurnContext
+from turnfleet.workers.model_script import Script
+from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT
 from turnfleet.workflow import App, Workflow
 from turnfleet.workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
 
@@ -146,10 +149,13 @@ async def prompt_injection(
 
 @dataclass
 class SupportDesk:
-    """The desk's agents by name, where a turn starts, and what a tripped guardrail answers."""
+    """The desk's agents by name, where a turn starts, what a tripped guardrail answers, and the
+    script the offline model follows for them (``OfflineModel(script=desk.script)``; also the
+    model's default, as the built-in app's)."""
 
     agents: dict[str, Agent[TurnContext]]
     guardrail_replies: dict[str, str] = field(default_factory=lambda: dict(GUARDRAIL_REPLIES))
+    script: Script = SUPPORT_DESK_SCRIPT
 
     def guardrail_reply(self, guardrail: str) -> str:
         """The reply a turn completes with when ``guardrail`` tripped."""
