@@ -103,7 +103,12 @@ def test_ctrl_c_stops_the_embedded_redis_the_command_started(tmp_path):
         state = _json.loads((tmp_path / "state" / "redis.json").read_text())
         os.kill(state["pid"], 0)  # the server runs
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:  # communicate, not wait: the child's log goes on after the line read above, and
+            # a pipe nobody reads fills up and blocks it
+            _out, rest = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"worker still running 90 s after SIGINT; its log: {proc.communicate()[1][-3000:]}")
     finally:
         proc.kill()
     assert not (tmp_path / "state" / "redis.json").exists()
