@@ -792,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # "stop before you start": exit 0 having taken nothing, as a supervisor expects,
             # rather than die of the signal halfway through importing the SDK.
             signal.signal(signal.SIGTERM, _stop_while_starting)
+            # A process started in the background by a non-interactive shell inherits SIGINT
+            # ignored; a worker must still stop on it (Ctrl-C, kill -INT) while it starts.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         with redis_url_for(common.redis_url, common.state_dir) as url:
             os.environ["REDIS_URL"] = url  # processes this one starts use the same server
             if args.verb in PROCESS_VERBS:
