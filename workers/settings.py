@@ -92,7 +92,8 @@ async def startup(ctx: dict[str, Any]) -> None:
                                     for w in rt.app.workflows], rt.worker_name)
     ctx["in_flight"] = InFlight()
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
-        redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count))
+        redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count,
+        [w.name for w in rt.app.workflows]))
     ctx["reconciler"] = asyncio.create_task(
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )
