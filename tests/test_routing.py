@@ -14,6 +14,7 @@ import json
 from turnfleet import heartbeat, keys, registry
 from turnfleet.models import TurnResult
 from turnfleet.queue import Lane, Outcome, TurnQueue
+from turnfleet.telemetry.metrics import snapshot
 from turnfleet.workers.reconcile import reconcile
 from tests.apps.desk_copy import workflow as desk_b
 from tests.processes import run_burst, start_burst, tf
@@ -141,6 +142,7 @@ async def test_a_turn_no_live_worker_serves_stays_queued_and_is_said(redis, prod
     assert (await TurnQueue(redis).get(turn)).status == "queued"
     assert await queued_in(redis, turn) == [DESK_B_QUEUE]
     assert await heartbeat.unserved(redis, 15) == {"desk-b": 1}
+    assert (await snapshot(redis, 15)).queue_depth == 1  # /metrics counts every workflow's queue
     note = "turns of desk-b are waiting: no worker serves it (1 queued)"
     assert heartbeat.unserved_notes({"desk-b": 1}) == [note]
     health = tf("health", "--role", "worker", env=fleet_env)
@@ -154,3 +156,15 @@ async def test_a_turn_no_live_worker_serves_stays_queued_and_is_said(redis, prod
     # ... and one that serves it runs the turn.
     run_burst("worker", {**fleet_env, "TURNFLEET_APP": APP, "TURNFLEET_WORKER_NAME": "pool-b"}, tmp_path, "pool-b")
     assert (await TurnQueue(redis).get(turn)).worker == "pool-b"
+
+
+async def test_one_worker_serves_each_workflow_of_its_app_from_its_own_queue(redis, producer, fleet_env, tmp_path):
+    await known_desk_b(redis)
+    ours = await producer.enqueue_turn(conversation_id="c-b", customer_id="C-100", text="Where is order 1042?",
+                                       agent="desk-b")
+    built_in = await producer.enqueue_turn(conversation_id="c-a", customer_id="C-100", text="Where is order 1042?")
+    env = {**fleet_env, "TURNFLEET_APP": "tests.apps.desk_copy:with_builtin", "TURNFLEET_WORKER_NAME": "both",
+           "TURNFLEET_MAX_JOBS": "1"}
+    run_burst("worker", env, tmp_path, "both")
+    queue = TurnQueue(redis)
+    assert [((r := await queue.get(t)).status, r.worker) for t in (ours, built_in)] == [("completed", "both")] * 2
