@@ -12,7 +12,9 @@ them, removes the heartbeat and closes connections.
 Run directly by arq (``arq workers.settings.WorkerSettings``) leases, fencing, the
 reconciler and undecodable-job handling still apply; supervision and our drain do not (arq's
 ``job_completion_wait`` gives the drain), nor does ``TurnWorker``'s fenced clean-up, nor the
-isolated lane (a turn lost with its worker is charged an ordinary attempt there).
+isolated lane (a turn lost with its worker is charged an ordinary attempt there); it reads
+arq's own queue, the built-in workflow's, only: other workflows' turns are routed to their own
+queues (``keys.workflow_queue``), which only ``turnfleet worker`` serves.
 """
 
 from __future__ import annotations

@@ -67,10 +67,10 @@ class TurnWorker(Worker):
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's, one job at a time, stopping once the lanes that share ``max_jobs``
         (``slots``: the shared lanes of every workflow served, ``workers/isolation.py``) run
-        that many turns, or once taking is stopped (a drain, the lane switch)."""
+        that many turns (arq alone counts this lane's only)."""
         slots: list[Worker] = getattr(self, "slots", None) or [self]
         for job_id in job_ids:
-            if not self.allow_pick_jobs or sum(w.job_counter for w in slots) >= self.max_jobs:
+            if sum(w.job_counter for w in slots) >= self.max_jobs:
                 return
             await super().start_jobs([job_id])
 
