@@ -387,13 +387,18 @@ async def _forget(args: argparse.Namespace, url: str) -> int:
 async def _stats(args: argparse.Namespace, url: str) -> int:
     from turnfleet.telemetry.latency import latency_report, slowest_turns
     from turnfleet.telemetry.stats import stats, totals
+    from turnfleet import heartbeat
     from turnfleet.connection import connect
+    from turnfleet.shell.health import DEFAULT_MAX_AGE_S
     from turnfleet.shell.render import console, render_latency, render_slowest, render_stats
 
     redis = connect(url)
     try:
         rows = await stats(redis, args.by, limit=args.limit)
         overall = await totals(redis)
+        unserved = await heartbeat.unserved(redis, DEFAULT_MAX_AGE_S)
+        if unserved:
+            overall["unserved_workflows"] = unserved
         latency = await latency_report(redis)
         slowest = await slowest_turns(redis, limit=args.slowest)
     finally:
@@ -403,6 +408,8 @@ async def _stats(args: argparse.Namespace, url: str) -> int:
     else:
         out = console()
         out.print(render_stats(args.by, rows, overall))
+        for note in heartbeat.unserved_notes(unserved):
+            out.print(note, style="yellow", markup=False)
         out.print(render_latency(latency))
         out.print(render_slowest(slowest))
     return 0

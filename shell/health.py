@@ -21,7 +21,9 @@ one line fit for a healthcheck log, with any password in a URL masked.
 
 The worker and telemetry probes also say, in ``notes`` (printed after the reason, never a
 failure: the process is healthy), when items of a newer format version are waiting for a
-newer process (:mod:`turnfleet.versions`): a rolling deploy that has not finished.
+newer process (:mod:`turnfleet.versions`): a rolling deploy that has not finished; and when
+turns of a known workflow are queued with no live worker serving it ("turns of W are waiting:
+no worker serves it"; :func:`turnfleet.heartbeat.unserved`).
 """
 
 from __future__ import annotations
@@ -74,13 +76,14 @@ async def heartbeat_health(
             await redis.ping()
             beats = await heartbeat.beats_of(redis, role, name=name, hostname=hostname)
             note = versions.waiting_note(await versions.read_left(redis))
+            unserved = heartbeat.unserved_notes(await heartbeat.unserved(redis, max_age_s))
     except TimeoutError:
         return Health(False, f"Redis at {masked(redis_url)} did not answer within {timeout_s:g} s")
     except (RedisError, OSError) as exc:
         return Health(False, f"Redis at {masked(redis_url)} unreachable: {type(exc).__name__}: {exc}")
     finally:
         await redis.aclose()
-    notes = (note,) if note else ()
+    notes = ((note,) if note else ()) + tuple(unserved)
     if not beats:
         return Health(False, f"no {role} heartbeat for {who} in {zset}", notes)
     member, score = max(beats, key=lambda beat: beat[1])

@@ -369,7 +369,9 @@ async def _alert_events(request: Request, redis: Redis, who: Principal, after_id
 @router.get("/readyz", tags=["health"])
 async def readyz(redis: Store, settings: Settings) -> JSONResponse:
     """Ready (200) when Redis answers, a worker beat within ``ready_worker_max_age_s`` and the
-    telemetry lag is at most ``ready_max_telemetry_lag``; otherwise 503. Either way
+    telemetry lag is at most ``ready_max_telemetry_lag``; otherwise 503. (A known workflow with
+    turns queued and no live worker serving it is said in ``checks.workers.notes`` and
+    ``unserved``, not failed: the producer still takes turns.) Either way
     ``{"status": "ready"|"not_ready", "checks": {"redis", "workers", "telemetry"},
     "failing": [names]}``; each check has ``ok`` (``null``: not run, Redis is down)."""
     checks: dict[str, dict[str, Any]] = {}
@@ -398,6 +400,7 @@ async def _fleet_checks(redis: Redis, settings: ProducerSettings) -> tuple[dict[
             newest = await heartbeat.newest(redis, "worker")
             lag = await telemetry_lag(redis, cap=max_lag + 1)
             consumers = len(await heartbeat.alive(redis, "telemetry", max_age, now))
+            unserved = await heartbeat.unserved(redis, max_age, now)
     except (RedisError, OSError, TimeoutError) as exc:
         error = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return dict(error), dict(error)
@@ -408,6 +411,9 @@ async def _fleet_checks(redis: Redis, settings: ProducerSettings) -> tuple[dict[
     if not live:
         workers["error"] = (f"no worker heartbeat in the last {max_age:g} s" if newest
                             else "no worker has ever sent a heartbeat")
+    if unserved:  # said, not failed: the producer still takes turns; they wait for a worker
+        workers["unserved"] = unserved
+        workers["notes"] = heartbeat.unserved_notes(unserved)
     telemetry: dict[str, Any] = {
         "ok": lag.entries <= max_lag, "lag": lag.entries, "undelivered": lag.undelivered,
         "pending": lag.pending, "max_lag": max_lag, "consumers_alive": consumers,

@@ -83,7 +83,7 @@ from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_
 from turnfleet.telemetry.alerts import RULES
 from turnfleet.telemetry.lag import telemetry_lag
 from turnfleet.telemetry.stats import counters
-from turnfleet import heartbeat, keys, versions
+from turnfleet import heartbeat, keys, registry, versions
 
 TOP_CUSTOMERS = 50  # customers exported in the by-customer families (highest known cost)
 LAG_CAP = 100_000  # the telemetry lag is counted up to this many entries
@@ -120,6 +120,7 @@ class FleetSnapshot:
 async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
     """Read everything the exposition shows. O(models + customers + live workers) reads."""
     now = int(time.time() * 1000)
+    workflows = sorted(await registry.workflows(redis))
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(keys.COUNTERS, "turns_enqueued")
         pipe.hgetall(GLOBAL_KEY)
@@ -129,11 +130,12 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         pipe.hgetall(keys.HIST_QUEUE_WAIT)
         pipe.hgetall(keys.ALERTS_COUNT)
         pipe.hgetall(keys.WORKER_INFLIGHT)
-        pipe.zcount(keys.ARQ_QUEUE, "-inf", now)
-        pipe.zcount(keys.ARQ_QUEUE, f"({now}", "+inf")
-        pipe.zcard(keys.ISOLATED_QUEUE)  # suspects of a worker loss (workers/isolation.py)
-        (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, due, scheduled,
-         isolated) = await pipe.execute()
+        for workflow in workflows:  # each workflow's own queues (routing), summed
+            pipe.zcount(keys.workflow_queue(workflow), "-inf", now)
+            pipe.zcount(keys.workflow_queue(workflow), f"({now}", "+inf")
+            pipe.zcard(keys.workflow_isolated_queue(workflow))  # suspects of a worker loss (workers/isolation.py)
+        (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, *depths) = await pipe.execute()
+    due, scheduled, isolated = (sum(int(n) for n in depths[i::3]) for i in range(3))
     live = await heartbeat.alive(redis, "worker", worker_max_age_s, now)
     consumers = len(await heartbeat.alive(redis, "telemetry", worker_max_age_s, now))
     running = sum(int(n or 0) for name, n in in_flight.items() if name in live)

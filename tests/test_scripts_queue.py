@@ -16,6 +16,7 @@ from turnfleet.queue import (
     JOB_FUNCTION,
     START,
     ConversationOwnershipError,
+    ROUTING,
     Outcome,
     TurnQueue,
     deserialize_job,
@@ -84,7 +85,7 @@ def start_keys(turn_id: str, conversation_id: str) -> dict[str, str]:
 def start_args(turn_id: str) -> dict[str, Any]:
     return {"turn_id": turn_id, "worker": "w1", "started_at": "2025-01-01T00:00:00+00:00", "lease_ms": 0,
             "now_iso": "2025-01-01T00:00:00+00:00", "lane": "plain", "isolated_losses": 1, "now_ms": 1,
-            "record_version": 1}
+            "record_version": 1, **ROUTING}
 
 
 async def test_start_answers_by_name_whether_it_runs_or_not(redis):

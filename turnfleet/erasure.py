@@ -70,7 +70,7 @@ from redis.exceptions import ResponseError
 
 from turnfleet import audit, keys
 from turnfleet.connection import as_text as _text
-from turnfleet.models import check_id
+from turnfleet.models import DEFAULT_WORKFLOW, check_id
 from turnfleet.scripts import load_script
 
 
@@ -296,12 +296,13 @@ async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> 
     async with redis.pipeline(transaction=False) as pipe:
         for c, _ in convs:
             pipe.hget(keys.conversation_state(c), "customer_id")
+            pipe.hget(keys.conversation_state(c), "workflow")
             pipe.zrange(keys.conversation_facets(c), 0, -1)
             pipe.exists(keys.conversation_state(c), keys.aggregate("conversation", c),
                         keys.session_messages(c), keys.conversation_escalation(c))
         replies = await pipe.execute()
     for n, (c, turns) in enumerate(convs):
-        owner, facets, stored = replies[3 * n:3 * n + 3]
+        owner, workflow, facets, stored = replies[4 * n:4 * n + 4]
         if turns or stored:
             subject.found.add(c)
         plan["queues"].append(ix(keys.conversation_queue(c)))
@@ -310,8 +311,9 @@ async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> 
                                      [_text(f) for f in facets])
         doomed += c_doomed
         pairs += [keys.aggregate_index("conversation"), c]
+        workflow = _text(workflow) if workflow else DEFAULT_WORKFLOW
         for t in turns:  # finished turns arq did not clear from its queues (in-process runs)
-            pairs += [keys.ARQ_QUEUE, t, keys.ISOLATED_QUEUE, t]
+            pairs += [keys.workflow_queue(workflow), t, keys.workflow_isolated_queue(workflow), t]
         plan["zrem"] += [["ZREM", pairs[i], pairs[i + 1]] for i in range(0, len(pairs), 2)]
     if subject.customer_id is not None:
         cust = subject.customer_id

@@ -8,6 +8,8 @@ recording a turn and waking its conversation is one atomic step.
 
 from __future__ import annotations
 
+from turnfleet.models import DEFAULT_WORKFLOW
+
 PREFIX = "tf"
 
 # arq's names (arq.constants), written by our Lua scripts.
@@ -18,6 +20,23 @@ ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
 # The isolated lane's arq queue: turns lost with a worker run here, alone on their worker
 # (workers/isolation.py). Same job and in-progress keys as ``ARQ_QUEUE``; only the zset differs.
 ISOLATED_QUEUE = "arq:queue:isolated"
+# A queue per workflow (routing: a workflow's turns reach only workers that serve it). The
+# built-in workflow keeps the two names above (jobs queued by older processes keep working);
+# workflow W gets these prefixes + W. The Lua scripts apply the same rule (fragments/route.lua),
+# given these prefixes as arguments.
+WORKFLOW_QUEUE_PREFIX = "arq:queue:wf:"
+WORKFLOW_ISOLATED_PREFIX = "arq:queue:isolated:wf:"
+
+
+def workflow_queue(workflow: str) -> str:
+    """The shared lane's arq queue of a workflow's turns."""
+    return ARQ_QUEUE if workflow == DEFAULT_WORKFLOW else WORKFLOW_QUEUE_PREFIX + workflow
+
+
+def workflow_isolated_queue(workflow: str) -> str:
+    """The isolated lane's arq queue of a workflow's turns (workers/isolation.py)."""
+    return ISOLATED_QUEUE if workflow == DEFAULT_WORKFLOW else WORKFLOW_ISOLATED_PREFIX + workflow
+
 
 # Streams.
 RESULTS_STREAM = f"{PREFIX}:results"  # one entry per terminal turn: waiters XREAD it
@@ -35,6 +54,7 @@ ORDER_COPIES = f"{PREFIX}:orders:copies"  # counter: runs of copied orders (work
 WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat ms
 WORKFLOWS = f"{PREFIX}:workflows"  # hash workflow name -> latest registration JSON (turnfleet/registry.py)
 WORKER_INFLIGHT = f"{PREFIX}:workers:inflight"  # hash worker name -> turns in flight
+WORKER_WORKFLOWS = f"{PREFIX}:workers:workflows"  # hash worker name -> JSON list of the workflows it serves
 # zset worker name -> ms of its last look while it serves the isolated lane (workers/isolation.py)
 WORKERS_ISOLATING = f"{PREFIX}:workers:isolating"
 TELEMETRY_CONSUMERS = f"{PREFIX}:telemetry:consumers"  # zset consumer name -> last heartbeat ms

@@ -94,6 +94,12 @@ RECONCILE = load_script("reconcile")
 ISOLATED_WAITING = load_script("isolated_waiting")
 
 
+# The routing rule the scripts apply (fragments/route.lua, ``keys.workflow_queue``): the
+# built-in workflow keeps arq's queues, another workflow gets these prefixes + its name.
+ROUTING = {"default_workflow": DEFAULT_WORKFLOW, "queue_prefix": keys.WORKFLOW_QUEUE_PREFIX,
+           "isolated_prefix": keys.WORKFLOW_ISOLATED_PREFIX}
+
+
 class Outcome(enum.Enum):
     """What a fenced write did. Truthy only when it wrote."""
 
@@ -218,7 +224,8 @@ class TurnQueue:
             keys={"conversations": keys.CONVERSATIONS, "arq_queue": keys.ARQ_QUEUE, "counters": keys.COUNTERS,
                   "turns": turn_keys},
             args={"now_ms": now_ms(), "job_prefix": keys.ARQ_JOB_PREFIX, "job_ttl": JOB_TTL_MS,
-                  "fname": JOB_FUNCTION, "default_workflow": DEFAULT_WORKFLOW, "turns": turn_args},
+                  "fname": JOB_FUNCTION, "default_workflow": DEFAULT_WORKFLOW,
+                  "queue_prefix": keys.WORKFLOW_QUEUE_PREFIX, "turns": turn_args},
             client=client,
         )
 
@@ -286,7 +293,7 @@ class TurnQueue:
             args={"turn_id": turn_id, "worker": worker, "started_at": started_at,
                   "lease_ms": int(lease_s * 1000), "now_iso": utcnow().isoformat(), "lane": lane.value,
                   "isolated_losses": isolated_losses, "now_ms": now_ms(),
-                  "record_version": versions.TURN_RECORD},
+                  "record_version": versions.TURN_RECORD, **ROUTING},
         )
         attempt, status = int(out["attempt"]), as_text(out["status"])
         if attempt == 0:
@@ -304,15 +311,23 @@ class TurnQueue:
         )
 
     async def isolated_turn(self, worker: str, serving: bool, stale_ms: int = 2000) -> tuple[int, bool]:
-        """How many jobs of the isolated lane wait (due, held by no worker; up to 100), and
-        whether ``worker`` is to serve the lane now (see ``isolated_waiting.lua``). A worker
+        """``isolated_lanes`` for the built-in workflow alone: (waiting, serve)."""
+        waiting, serve, _lane = await self.isolated_lanes(worker, serving, stale_ms)
+        return waiting, serve
+
+    async def isolated_lanes(self, worker: str, serving: bool, stale_ms: int = 2000,
+                             workflows: tuple[str, ...] = (DEFAULT_WORKFLOW,)) -> tuple[int, bool, int]:
+        """How many jobs of the isolated lanes of ``workflows`` wait (due, held by no worker; up
+        to 100 each), whether ``worker`` is to serve the lane now, and which workflow's lane to
+        open (index into ``workflows``, -1: none waits; see ``isolated_waiting.lua``). A worker
         that serves it is listed in ``keys.WORKERS_ISOLATING`` while it looks at least every
         ``stale_ms``; one that stops looking (dead) drops out after that long."""
         out = await self._isolated_waiting(
-            keys={"isolated_queue": keys.ISOLATED_QUEUE, "isolating_workers": keys.WORKERS_ISOLATING},
+            keys={"isolating_workers": keys.WORKERS_ISOLATING,
+                  "isolated_queues": [keys.workflow_isolated_queue(w) for w in workflows]},
             args={"now_ms": now_ms(), "in_progress_prefix": keys.ARQ_IN_PROGRESS_PREFIX, "worker": worker,
                   "stale_ms": stale_ms, "serving": int(serving)})
-        return int(out["waiting"]), bool(out["serve"])
+        return int(out["waiting"]), bool(out["serve"]), int(out["queue"]) - 1
 
     async def leave_isolated_lane(self, worker: str) -> None:
         await self.redis.zrem(keys.WORKERS_ISOLATING, worker)
@@ -398,6 +413,8 @@ class TurnQueue:
                 "events_ttl_s": extras.events_ttl_s,
                 "fence": "" if fence is None else fence,
                 "final_error_json": "" if final_error is None else final_error.model_dump_json(),
+                "default_workflow": DEFAULT_WORKFLOW,
+                "queue_prefix": keys.WORKFLOW_QUEUE_PREFIX,
             },
         )
         return Outcome(verdict)
@@ -406,10 +423,12 @@ class TurnQueue:
         return self._reconcile(
             keys={"conv_queue": keys.conversation_queue(conversation_id),
                   "conv_active": keys.conversation_active(conversation_id),
+                  "conv_state": keys.conversation_state(conversation_id),
                   "arq_queue": keys.ARQ_QUEUE, "isolated_queue": keys.ISOLATED_QUEUE},
             args={"conversation_id": conversation_id, "now_ms": now_ms(), "job_prefix": keys.ARQ_JOB_PREFIX,
                   "job_ttl": JOB_TTL_MS, "fname": JOB_FUNCTION, "turn_key_prefix": keys.turn(""),
-                  "in_progress_prefix": keys.ARQ_IN_PROGRESS_PREFIX, "lease_ms": int(lease_s * 1000)},
+                  "in_progress_prefix": keys.ARQ_IN_PROGRESS_PREFIX, "lease_ms": int(lease_s * 1000),
+                  **ROUTING},
             client=client,
         )
 

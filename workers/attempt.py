@@ -84,7 +84,7 @@ DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
 
 STALE = "stale"  # what an attempt returns when it lost the turn to another one
 WORKER_LOST = "WorkerLost"  # error type of a lost attempt, and of a turn that kills its worker
-UNKNOWN_WORKFLOW = "UnknownWorkflow"  # a turn for a workflow this worker does not serve
+UNKNOWN_WORKFLOW = "UnknownWorkflow"  # a turn for a workflow this worker does not serve (safety net)
 
 Tripwire = InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered
 T = TypeVar("T")
@@ -246,8 +246,9 @@ class Attempt:
                 f"(worker lost or stopped each time)"))
         self.workflow = rt.app.get(self.req.agent)
         if self.workflow is None:
-            # Refused at the edge unless no worker serving it ever registered; a fleet whose
-            # pools serve different workflows routes each turn to its own (not yet: see README).
+            # A safety net: each workflow's turns are queued only in its own queues, which only
+            # workers serving it read (routing); an older process may still have queued one in
+            # arq:queue. Never run it on another workflow's agents.
             served = ", ".join(w.name for w in rt.app.workflows)
             return await self.exhausted(UNKNOWN_WORKFLOW, (
                 f"workflow {self.req.agent!r} is not served by this worker (it serves {served})"))

@@ -55,6 +55,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from turnfleet import keys
+from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.queue import Lane, TurnQueue
 
 log = structlog.get_logger(__name__)
@@ -68,14 +69,26 @@ def busy(worker: Worker) -> bool:
 
 
 class Lanes:
-    """The shared and the isolated lane of one worker process, and the switch between them.
+    """The shared and the isolated lane of one worker process, for each workflow it serves,
+    and the switch between them.
+
+    Routing (issue 16): a workflow's turns are queued only in its own queues
+    (``keys.workflow_queue`` / ``keys.workflow_isolated_queue``), so per workflow served there
+    is one shared-lane and one isolated-lane arq ``Worker``; a worker never reads another
+    workflow's queue. The shared lanes *share* ``max_jobs`` (``TurnWorker.slots``): a busy
+    workflow may use every slot while the others are idle, and the process never runs more
+    than ``max_jobs`` turns; dividing it would leave slots idle under uneven load. The
+    isolated lanes are one lane: at most one of them takes a turn, and only while no shared
+    lane runs one ("alone means no neighbours in the process").
 
     ``main`` runs until one lane's poll loop fails (the error is raised: the supervisor
-    handles it) or, with ``burst``, until both queues are empty and no turn runs.
+    handles it) or, with ``burst``, until every queue is empty and no turn runs.
     """
 
-    def __init__(self, worker_cls: type[Worker], kwargs: dict[str, Any], *, burst: bool) -> None:
+    def __init__(self, worker_cls: type[Worker], kwargs: dict[str, Any], *, burst: bool,
+                 workflows: tuple[str, ...] = (DEFAULT_WORKFLOW,)) -> None:
         self.burst = burst
+        self.workflows = tuple(dict.fromkeys(workflows)) or (DEFAULT_WORKFLOW,)
         self.ready = asyncio.Event()
         startup = kwargs.get("on_startup")
 
@@ -84,18 +97,35 @@ class Lanes:
                 await startup(ctx)
             self.ready.set()
 
-        self.shared = worker_cls(**{**kwargs, "burst": False, "on_startup": on_startup,
-                                    "ctx": {**kwargs.get("ctx", {}), "lane": Lane.SHARED.value}})
-        self.isolated = worker_cls(**{
-            **kwargs, "burst": False, "queue_name": keys.ISOLATED_QUEUE, "max_jobs": 1,
-            "on_startup": None, "on_shutdown": None, "ctx": {"lane": Lane.ISOLATED.value},
-        })
-        self.isolated.allow_pick_jobs = False
+        base_ctx = kwargs.get("ctx", {})
+        self.shared_lanes: list[Worker] = []
+        self.isolated_lanes: list[Worker] = []
+        for i, workflow in enumerate(self.workflows):
+            # The first shared lane starts and stops the runtime every lane shares.
+            owner = {"on_startup": on_startup} if i == 0 else {"on_startup": None, "on_shutdown": None}
+            self.shared_lanes.append(worker_cls(**{
+                **kwargs, **owner, "burst": False, "queue_name": keys.workflow_queue(workflow),
+                "ctx": {**base_ctx, "lane": Lane.SHARED.value}}))
+            self.isolated_lanes.append(worker_cls(**{
+                **kwargs, "burst": False, "queue_name": keys.workflow_isolated_queue(workflow), "max_jobs": 1,
+                "on_startup": None, "on_shutdown": None, "ctx": {"lane": Lane.ISOLATED.value},
+            }))
+        for worker in self.shared_lanes:
+            worker.slots = self.shared_lanes  # type: ignore[attr-defined]  # max_jobs is shared
+        for worker in self.isolated_lanes:
+            worker.allow_pick_jobs = False
         self.stopping = False
 
     @property
+    def shared(self) -> Worker:
+        """The shared lane that owns the runtime (its ``on_startup`` built it)."""
+        return self.shared_lanes[0]
+
+    @property
     def workers(self) -> list[Worker]:
-        return [self.isolated, self.shared]
+        """Every lane, in closing order: the runtime's owner last (its ``on_shutdown`` closes
+        what the others use)."""
+        return [*self.isolated_lanes, *self.shared_lanes[1:], self.shared]
 
     def stop_picking(self) -> None:
         """No lane takes a new turn from now on (the drain)."""
@@ -104,10 +134,13 @@ class Lanes:
             worker.allow_pick_jobs = False
 
     async def main(self) -> None:
-        tasks = [asyncio.create_task(self.shared.main(), name="arq-shared"),
-                 asyncio.create_task(self._isolated_main(), name="arq-isolated"),
-                 asyncio.create_task(self._switch(), name="lane-switch")]
-        self.shared.main_task, self.isolated.main_task = tasks[0], tasks[1]
+        tasks = [asyncio.create_task(self.shared.main(), name="arq-shared")]
+        for worker in self.workers[:-1]:
+            tasks.append(asyncio.create_task(self._after_startup(worker), name=f"arq-{worker.queue_name}"))
+        tasks.append(asyncio.create_task(self._switch(), name="lane-switch"))
+        self.shared.main_task = tasks[0]
+        for worker, task in zip(self.workers[:-1], tasks[1:-1]):
+            worker.main_task = task
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -118,24 +151,34 @@ class Lanes:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def _isolated_main(self) -> None:
+    async def _after_startup(self, worker: Worker) -> None:
         await self.ready.wait()
-        self.isolated.ctx.update(runtime=self.shared.ctx["runtime"], in_flight=self.shared.ctx.get("in_flight"))
-        await self.isolated.main()
+        worker.ctx.update(runtime=self.shared.ctx["runtime"], in_flight=self.shared.ctx.get("in_flight"))
+        await worker.main()
+
+    def _shared_busy(self) -> bool:
+        return any(busy(w) for w in self.shared_lanes)
+
+    def _isolated_busy(self) -> bool:
+        return any(busy(w) for w in self.isolated_lanes)
+
+    def _shared_picking(self, allow: bool) -> None:
+        for worker in self.shared_lanes:
+            worker.allow_pick_jobs = allow
 
     async def _switch(self) -> None:
         await self.ready.wait()
         rt = self.shared.ctx["runtime"]
         queue: TurnQueue = rt.queue
-        shared, isolated = self.shared, self.isolated
-        serving = False  # this worker serves the isolated lane (its shared lane is paused)
+        serving = False  # this worker serves the isolated lane (its shared lanes are paused)
         try:
             while True:
                 await asyncio.sleep(SWITCH_EVERY_S)
                 if self.stopping:
                     continue
                 try:
-                    waiting, serve = await queue.isolated_turn(rt.worker_name, busy(isolated))
+                    waiting, serve, lane = await queue.isolated_lanes(rt.worker_name, self._isolated_busy(),
+                                                                     workflows=self.workflows)
                 except RedisError as exc:
                     log.warning("worker.lane_switch_failed", error=str(exc))
                     continue
@@ -143,28 +186,32 @@ class Lanes:
                     if not serving:
                         log.info("worker.lane_isolated", suspects_waiting=waiting)
                     serving = True
-                    shared.allow_pick_jobs = False
-                    # Only once no shared turn runs (and none is being taken) may a suspect start.
-                    isolated.allow_pick_jobs = not busy(shared) and not self.stopping
+                    self._shared_picking(False)
+                    # Only once no turn runs (and none is being taken) may a suspect start, in
+                    # one isolated lane: the one whose workflow has a suspect waiting.
+                    if not self._isolated_busy():
+                        for i, isolated in enumerate(self.isolated_lanes):
+                            isolated.allow_pick_jobs = i == lane and not self._shared_busy() and not self.stopping
                     continue
-                isolated.allow_pick_jobs = False
-                if busy(isolated) or self.stopping:
+                for isolated in self.isolated_lanes:
+                    isolated.allow_pick_jobs = False
+                if self._isolated_busy() or self.stopping:
                     continue  # (its turn ended between the look and now: next look)
                 if serving:
                     log.info("worker.lane_shared")
                     serving = False
-                shared.allow_pick_jobs = True
-                if self.burst and not waiting and not busy(shared) and await _queues_empty(queue):
+                self._shared_picking(True)
+                if self.burst and not waiting and not self._shared_busy() and await self._queues_empty(queue):
                     return
         finally:
             if serving:
                 with contextlib.suppress(RedisError, OSError):
                     await queue.leave_isolated_lane(rt.worker_name)
 
-
-async def _queues_empty(queue: TurnQueue) -> bool:
-    async with queue.redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(keys.ARQ_QUEUE)
-        pipe.zcard(keys.ISOLATED_QUEUE)
-        counts = await pipe.execute()
-    return not any(counts)
+    async def _queues_empty(self, queue: TurnQueue) -> bool:
+        async with queue.redis.pipeline(transaction=False) as pipe:
+            for workflow in self.workflows:
+                pipe.zcard(keys.workflow_queue(workflow))
+                pipe.zcard(keys.workflow_isolated_queue(workflow))
+            counts = await pipe.execute()
+        return not any(counts)

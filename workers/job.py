@@ -164,7 +164,10 @@ async def _leave(rt: Runtime, turn_id: str, kind: versions.Kind, what: str) -> s
     clean-up is skipped (it would delete the job)."""
     due = int((time.time() + rt.settings.retry_delay_s) * 1000)
     async with rt.redis.pipeline(transaction=True) as pipe:
-        for queue in (keys.ARQ_QUEUE, keys.ISOLATED_QUEUE):  # whichever lane holds it
+        served = {keys.ARQ_QUEUE, keys.ISOLATED_QUEUE}  # whichever lane holds it
+        for workflow in rt.app.workflows:
+            served |= {keys.workflow_queue(workflow.name), keys.workflow_isolated_queue(workflow.name)}
+        for queue in sorted(served):
             pipe.zadd(queue, {turn_id: due}, xx=True)
         pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + turn_id)
         pipe.decr(keys.ARQ_RETRY_PREFIX + turn_id)

@@ -12,7 +12,9 @@ them, removes the heartbeat and closes connections.
 Run directly by arq (``arq workers.settings.WorkerSettings``) leases, fencing, the
 reconciler and undecodable-job handling still apply; supervision and our drain do not (arq's
 ``job_completion_wait`` gives the drain), nor does ``TurnWorker``'s fenced clean-up, nor the
-isolated lane (a turn lost with its worker is charged an ordinary attempt there).
+isolated lane (a turn lost with its worker is charged an ordinary attempt there); it reads
+arq's own queue, the built-in workflow's, only: other workflows' turns are routed to their own
+queues (``keys.workflow_queue``), which only ``turnfleet worker`` serves.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ async def startup(ctx: dict[str, Any]) -> None:
                                     for w in rt.app.workflows], rt.worker_name)
     ctx["in_flight"] = InFlight()
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
-        redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count))
+        redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count,
+        [w.name for w in rt.app.workflows]))
     ctx["reconciler"] = asyncio.create_task(
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )

@@ -16,9 +16,11 @@
   turn runs again on another worker within ``turn_lease_s`` + ``poll_delay_s`` (plus, on a
   saturated fleet, the wait for a free slot), and
   ``TurnWorker`` leaves the job alone when an attempt was fenced out by a newer one.
-- **Two lanes** (``workers/isolation.py``): the shared one (``arq:queue``, ``max_jobs``) and
-  the isolated one (``arq:queue:isolated``, one turn, only while the shared lane runs none),
-  where turns lost with a worker run again alone; drained and closed together.
+- **Two lanes per workflow served** (``workers/isolation.py``): the shared one (the workflow's
+  queue, ``arq:queue`` for the built-in one; every shared lane of the process shares
+  ``max_jobs``) and the isolated one (``arq:queue:isolated`` for the built-in one; one turn in
+  the process, only while no shared lane runs one), where turns lost with a worker run again
+  alone; drained and closed together. A worker reads only the queues of what it serves.
 - **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
 
 The arq settings, startup and shutdown it runs are ``workers/settings.py``'s.
@@ -37,7 +39,9 @@ from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
 from turnfleet.connection import connect, wait_for_redis
+from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.settings import WorkerProcessSettings
+from turnfleet.workflow import load_app
 from turnfleet.workers.isolation import Lanes
 from turnfleet.workers.settings import WorkerSettings, redis_settings
 
@@ -59,6 +63,16 @@ class TurnWorker(Worker):
             await super()._poll_iteration()
         finally:
             self.picking = False
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's, one job at a time, stopping once the lanes that share ``max_jobs``
+        (``slots``: the shared lanes of every workflow served, ``workers/isolation.py``) run
+        that many turns (arq alone counts this lane's only)."""
+        slots: list[Worker] = getattr(self, "slots", None) or [self]
+        for job_id in job_ids:
+            if sum(w.job_counter for w in slots) >= self.max_jobs:
+                return
+            await super().start_jobs([job_id])
 
     async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
         rt = self.ctx.get("runtime")
@@ -105,6 +119,7 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     shared_ctx: dict[str, Any] = {"redis_url": redis_url, **(ctx or {})}
+    workflows = served_workflows(settings)
     kwargs = {
         **get_kwargs(WorkerSettings),
         # No retries inside arq's pool creation: the loop below retries, logging each one.
@@ -117,7 +132,7 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
     backoff = RECONNECT_FIRST_S
     try:
         while not stop.is_set():
-            lanes = Lanes(TurnWorker, kwargs, burst=burst)
+            lanes = Lanes(TurnWorker, kwargs, burst=burst, workflows=workflows)
             began = loop.time()
             main = asyncio.create_task(lanes.main(), name="arq-lanes")
             stopped = asyncio.create_task(stop.wait())
@@ -157,6 +172,15 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
             loop.remove_signal_handler(sig)
     log.info("worker.stopped", jobs_failed=jobs_failed)
     return 0 if not jobs_failed else 1
+
+
+def served_workflows(settings: WorkerProcessSettings) -> tuple[str, ...]:
+    """The names of the workflows this worker serves (``--app``, or the built-in one): each
+    gets its own lanes, on its own queues. (Loading the app here imports it once; startup's
+    ``load_app`` gets the same module's objects.)"""
+    if not settings.app:
+        return (DEFAULT_WORKFLOW,)
+    return tuple(w.name for w in load_app(settings.app).workflows)
 
 
 async def _redis_within(redis_url: str | None, timeout_s: float) -> None:

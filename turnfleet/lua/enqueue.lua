@@ -2,13 +2,14 @@
 -- to a chunk of them in one call (``enqueue_many``: the bulk path's cost was mostly
 -- per-command packing and dispatch). Each turn is 6 keys and 5 arguments of the lists below.
 --! keys: conversations, arq_queue, counters, *turns
---! args: now_ms, job_prefix, job_ttl, fname, default_workflow, *turns
---! include: arq_job, wake
+--! args: now_ms, job_prefix, job_ttl, fname, default_workflow, queue_prefix, *turns
+--! include: arq_job, wake, route
 -- K.turns, per turn: turn, conv_queue, conv_active, conv_turns, conv_state, customer_convs.
 -- A.turns, per turn: turn_id, conversation_id, customer_id, request_json, workflow.
 -- Returns, per turn: 1 (enqueued), 0 (turn id already known), -1 (the conversation belongs
 -- to another customer), -2 (the conversation belongs to another workflow: a conversation keeps
--- its first turn's; one recorded before workflows existed ran default_workflow).
+-- its first turn's; one recorded before workflows existed ran default_workflow). A woken
+-- turn's job goes to its workflow's queue (route: arq_queue for default_workflow).
 local now = tonumber(A.now_ms)
 local job_ttl = tonumber(A.job_ttl)
 
@@ -31,7 +32,8 @@ local function enqueue_one(turn, queue, active, turns, state, customer_convs,
   redis.call('ZADD', K.conversations, 'NX', now, conversation_id)
   redis.call('ZADD', customer_convs, 'NX', now, conversation_id)
   if redis.call('EXISTS', active) == 0 then
-    wake(turn_id, conversation_id, now, A.job_prefix, job_ttl, A.fname, K.arq_queue, active)
+    wake(turn_id, conversation_id, now, A.job_prefix, job_ttl, A.fname,
+         route(workflow, A.default_workflow, K.arq_queue, A.queue_prefix), active)
   end
   return 1
 end

@@ -1,9 +1,11 @@
 -- Write a turn's terminal result and telemetry, then wake its conversation's next turn.
 --! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors
---! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json
---! include: arq_job, wake, fence_check
+--! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix
+--! include: arq_job, wake, route, fence_check
 -- result_json: without ``errors``. '' means none for telemetry_batch, fence and
--- final_error_json, and "keep" for current_agent.
+-- final_error_json, and "keep" for current_agent. The next turn's job goes to the queue of the
+-- conversation's own workflow (conv_state ``workflow``; absent: default_workflow, arq_queue),
+-- never to one the finishing worker names: an older worker cannot misroute it.
 -- Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
 -- attempt owns the turn); nothing is written unless 'written'. With the result, the turn
 -- enters the raw-text index (finish time) and its record keeps where its memory ends
@@ -76,8 +78,10 @@ else
 end
 local nxt = redis.call('LINDEX', K.conv_queue, 0)
 if nxt then
+  local queue = route(redis.call('HGET', K.conv_state, 'workflow'), A.default_workflow, K.arq_queue,
+                      A.queue_prefix)
   wake(nxt, A.conversation_id, tonumber(A.now_ms), A.job_prefix, tonumber(A.job_ttl), A.fname,
-       K.arq_queue, K.conv_active)
+       queue, K.conv_active)
 else
   redis.call('DEL', K.conv_active)
 end

@@ -1,9 +1,11 @@
 -- Repair one conversation's queue, active marker and head job (``queue.py``'s module doc,
 -- "Reconciling"): changes nothing in a healthy conversation.
---! keys: conv_queue, conv_active, arq_queue, isolated_queue
---! args: conversation_id, now_ms, job_prefix, job_ttl, fname, turn_key_prefix, in_progress_prefix, lease_ms
+--! keys: conv_queue, conv_active, conv_state, arq_queue, isolated_queue
+--! args: conversation_id, now_ms, job_prefix, job_ttl, fname, turn_key_prefix, in_progress_prefix, lease_ms, default_workflow, queue_prefix, isolated_prefix
 --! returns: action, turn_id, dropped
---! include: arq_job
+--! include: arq_job, route
+-- The head's job is looked for, and written, in the queues of the conversation's workflow
+-- (route: arq_queue / isolated_queue for default_workflow).
 -- dropped: finished turns dropped from the head. action is one of
 --   idle     no unfinished turn, nothing to do
 --   ok       the head is active and has its arq job
@@ -41,7 +43,10 @@ if active ~= head then
   action = 'woke'
 end
 local has_job = redis.call('EXISTS', A.job_prefix .. head) == 1
-local queued = redis.call('ZSCORE', K.arq_queue, head) or redis.call('ZSCORE', K.isolated_queue, head)
+local workflow = redis.call('HGET', K.conv_state, 'workflow')
+local queue = route(workflow, A.default_workflow, K.arq_queue, A.queue_prefix)
+local queued = redis.call('ZSCORE', queue, head)
+  or redis.call('ZSCORE', route(workflow, A.default_workflow, K.isolated_queue, A.isolated_prefix), head)
 local in_progress = A.in_progress_prefix .. head
 local ttl = redis.call('PTTL', in_progress)
 local lease = tonumber(A.lease_ms)
@@ -55,6 +60,6 @@ local now = tonumber(A.now_ms)
 if not has_job then
   arq_job(A.job_prefix, tonumber(A.job_ttl), A.fname, head, A.conversation_id, now)
 end
-redis.call('ZADD', K.arq_queue, 'NX', now, head)
+redis.call('ZADD', queue, 'NX', now, head)
 if action == 'ok' then action = 'rewoke' end
 return {action, head, dropped}

@@ -1,14 +1,16 @@
 -- Count an attempt and mark the turn running, if it may run now (its conversation's head,
 -- not ended). The attempt number is the fencing token of every later write of the attempt.
 --! keys: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine, arq_queue, isolated_queue
---! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms, record_version
+--! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms, record_version, default_workflow, queue_prefix, isolated_prefix
 --! returns: attempt, status, request, current_agent, memory_length, memory_base, customer_id, corrupt, spared
+--! include: route
 -- lease_ms: 0 = no lease. isolated_losses: after this many losses while running isolated the
 -- turn is poison. attempt 0 means "do not run" (status says why: 'isolate' = handed to the
 -- isolated lane; the rest of the reply is then empty). Status 'poison': the turn lost its
 -- worker while isolated; end it WorkerLost. Status 'newer': the record's format version ('v',
 -- none = 1) is newer than record_version, what this process reads: nothing is changed, the
--- job is left for a newer worker (turnfleet/versions.py).
+-- job is left for a newer worker (turnfleet/versions.py). A suspect moves to the isolated queue
+-- of its conversation's workflow (route: isolated_queue for default_workflow).
 local function skip(why) return {0, why, '', '', 0, 0, '', '', 0} end
 local kind = redis.call('TYPE', K.turn).ok
 if kind ~= 'hash' and kind ~= 'none' then
@@ -53,8 +55,10 @@ if status == 'running' and lane == 'shared' and redis.call('HGET', K.turn, 'susp
   -- A suspect runs only in the isolated lane: hand the job over without starting an attempt.
   -- (The caller skips arq's clean-up of the job: the job key stays, the zset changes here.)
   redis.call('HSET', K.turn, 'status', 'queued')
-  redis.call('ZREM', K.arq_queue, A.turn_id)
-  redis.call('ZADD', K.isolated_queue, tonumber(A.now_ms), A.turn_id)
+  local workflow = redis.call('HGET', K.conv_state, 'workflow')
+  redis.call('ZREM', route(workflow, A.default_workflow, K.arq_queue, A.queue_prefix), A.turn_id)
+  redis.call('ZADD', route(workflow, A.default_workflow, K.isolated_queue, A.isolated_prefix),
+             tonumber(A.now_ms), A.turn_id)
   redis.call('DEL', K.in_progress)
   return skip('isolate')
 end
