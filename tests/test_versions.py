@@ -23,6 +23,7 @@ from tests.test_telemetry import TURN_COST_NUSD, pending, settings, support_turn
 from tests.waiting import until
 from turnfleet import keys, versions
 from turnfleet.models import TurnRequest
+from turnfleet.producer import Producer
 from turnfleet.queue import NEWER_FUNCTION, UNDECODABLE_FUNCTION, TurnQueue, deserialize_job
 from turnfleet.shell.fleet import FleetProcess
 from turnfleet.telemetry.consumer import DEAD_LETTERED, TelemetryConsumer
@@ -160,7 +161,9 @@ async def test_a_newer_job_and_a_newer_turn_record_are_left_queued_never_failed_
 
         await until(both_left_often, "both turns left more often than arq's max_tries", WAIT_S,
                     gave_up=lambda: None if worker.running else "the worker exited")
-        await until(lambda: _status_is(redis, "t-ok", "completed"), "t-ok to complete", WAIT_S)
+        async with Producer(redis=redis) as producer:  # waits on the results stream: an event
+            done = await producer.wait("t-ok", timeout_s=WAIT_S)
+        assert done is not None and done.status == "completed"
 
         # Health and metrics say so while it happens.
         probe = subprocess.run([*turnfleet_cmd, "health", "--role", "worker"], env=skew_env,
@@ -201,10 +204,6 @@ async def test_a_newer_job_and_a_newer_turn_record_are_left_queued_never_failed_
     logged = [json.loads(line) for line in worker.output().splitlines()
               if "turn.newer_format_left" in line]
     assert sorted((x["turn_id"], x["kind"]) for x in logged) == [("t-job", "job"), ("t-rec", "turn")]
-
-
-async def _status_is(redis: Any, turn_id: str, status: str) -> bool:
-    return await redis.hget(keys.turn(turn_id), "status") == status
 
 
 # -- a newer telemetry batch: pending until a consumer that reads it takes it --------------------
