@@ -119,6 +119,27 @@ def test_load_app_says_what_is_wrong_with_a_bad_spec(spec, message):
         load_app(spec)
 
 
+def test_load_app_finds_a_module_in_the_app_dir_like_uvicorn(tmp_path):
+    (tmp_path / "teamapp_wf_probe.py").write_text(
+        "from agents import Agent\nfrom turnfleet import Workflow\n"
+        "workflow = Workflow(name='probe-desk', agent=Agent(name='Probe', instructions='x'))\n")
+    with pytest.raises(AppLoadError, match="no module named 'teamapp_wf_probe'"):
+        load_app("teamapp_wf_probe:workflow", app_dir=None)
+    try:
+        assert [w.name for w in load_app("teamapp_wf_probe:workflow", app_dir=str(tmp_path)).workflows] == ["probe-desk"]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("teamapp_wf_probe", None)
+
+
+def test_a_version_label_is_the_declared_version_at_the_fingerprint():
+    bare = Workflow(name="w", agent=helpdesk())
+    declared = Workflow(name="w", agent=helpdesk(), version="2.1")
+    assert bare.version_label() == bare.fingerprint()
+    assert declared.version_label() == f"2.1@{declared.fingerprint()}"
+    assert declared.fingerprint() != bare.fingerprint()
+
+
 def test_importing_turnfleet_and_the_producer_does_not_load_the_sdk():
     code = ("import sys, turnfleet, turnfleet.producer; turnfleet.Workflow; "
             "print('agents' in sys.modules, 'openai' in sys.modules)")

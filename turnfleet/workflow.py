@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +98,12 @@ class Workflow:
     def fingerprint(self) -> str:
         text = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+    def version_label(self) -> str:
+        """The version a turn records: ``<declared>@<fingerprint>``, or the fingerprint alone
+        when nothing is declared (a changed prompt is a new label either way)."""
+        fp = self.fingerprint()
+        return f"{self.version}@{fp}" if self.version else fp
 
 
 def _walk(workflow: str, roots: Iterable[Any]) -> dict[str, Any]:
@@ -194,11 +202,19 @@ def as_app(value: Any, where: str = "app") -> App:
     raise AppLoadError(f"{where} is a {type(value).__name__}; expected a turnfleet Workflow, a list of them, or an App")
 
 
-def load_app(spec: str) -> App:
-    """``module:attr`` (as ``uvicorn module:app``): import the module, read the attribute."""
+def load_app(spec: str, app_dir: str | None = ".") -> App:
+    """``module:attr`` (as ``uvicorn module:app``): import the module, read the attribute.
+
+    Like uvicorn's ``--app-dir``, ``app_dir`` (the working directory by default) is put first
+    on ``sys.path``, so ``turnfleet worker --app myteam.agents:app`` run in the team's
+    checkout finds ``myteam`` without installing it; ``None`` leaves ``sys.path`` alone."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise AppLoadError(f"--app {spec!r}: expected module:attribute, e.g. myteam.agents:app")
+    if app_dir is not None:
+        path = os.path.abspath(app_dir)
+        if path not in sys.path:
+            sys.path.insert(0, path)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
