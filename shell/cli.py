@@ -501,6 +501,21 @@ def cmd_demo(args: argparse.Namespace, url: str) -> int:
     return asyncio.run(run_demo(url, workers=args.workers))
 
 
+def cmd_dev(args: argparse.Namespace, url: str) -> int:
+    """``turnfleet dev --app module:attr``: the app on N workers and telemetry until Ctrl-C
+    (``shell/dev.py``)."""
+    from turnfleet.shell.dev import run_dev
+    from turnfleet.workflow import AppLoadError, WorkflowError, load_app
+
+    if args.workers < 1:
+        raise _invalid("--workers", f"must be at least 1; got {args.workers}")
+    try:  # a bad app is one line and exit 2, before any process starts
+        app = load_app(args.app)
+    except (AppLoadError, WorkflowError) as exc:
+        raise CliError(str(exc)) from None
+    return asyncio.run(run_dev(url, args.app, app, args.workers))
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this host's process of ``--role`` is healthy, else 1 with the reason.
 
@@ -620,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the Support Desk demo: Redis, telemetry, 2 workers, 5 conversations")
     d.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+
+    dv = sub.add_parser("dev", help="your app on a local fleet (Redis, workers, telemetry) until Ctrl-C")
+    dv.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the workflows to serve, e.g. my_agents:app")
+    dv.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
 
     w = sub.add_parser("worker", help="run an arq worker process")
     w.add_argument("--burst", action="store_true", help="drain the queue, then exit")
@@ -745,6 +764,7 @@ ASYNC_VERBS = {
 }
 PROCESS_VERBS = {"worker": cmd_worker, "telemetry": cmd_telemetry, "demo": cmd_demo}
 PROCESS_VERBS["serve"] = cmd_serve
+PROCESS_VERBS["dev"] = cmd_dev
 LOCAL_VERBS = {"apikey": cmd_apikey}  # need no Redis
 LOCAL_VERBS["health"] = cmd_health  # reads REDIS_URL itself: a probe never starts a Redis
 
