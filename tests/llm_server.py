@@ -20,6 +20,8 @@ equal the offline model's). It can be slow, fail, or hold requests, as a test sa
                                                    # as providers' content errors do
     server.error_rate = 0.1                        # and 10% of the others (seeded RNG) fail
     server.hold(match="refund")                    # matching requests wait at a gate...
+    server.hold(after_tool="process_refund")       # (or: only those that follow that tool's
+                                                   # result in this turn, i.e. after it ran)
     await server.wait_held(1)                      # ...until one is waiting (kill a worker now)
     server.release()                               # let held (and later) requests through
     await server.wait_for(lambda s: s.counts["ok"] >= 5)
@@ -144,6 +146,7 @@ class LLMServer:
         self.held = 0  # requests waiting at the gate now
         self._arrivals = 0
         self._hold: str | None | bool = False  # False: open; None: hold all; str: hold matching
+        self._hold_after: str | None = None  # and only requests after this tool's result
         self._gate: asyncio.Event | None = None
         self._closing: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -246,11 +249,13 @@ class LLMServer:
         with self._changed:
             self._faults.clear()
 
-    def hold(self, match: str | None = None) -> None:
+    def hold(self, match: str | None = None, *, after_tool: str | None = None) -> None:
         """From now on, requests (those whose latest user message contains ``match``, if
-        given) wait at a gate until :meth:`release`; ``held`` counts those waiting."""
+        given; with ``after_tool``, only those whose turn already holds that tool's result:
+        the model call after the tool ran) wait at a gate until :meth:`release`; ``held``
+        counts those waiting."""
         with self._changed:
-            self._hold = match
+            self._hold, self._hold_after = match, after_tool
 
     def release(self) -> None:
         """Open the gate: held requests go on, new ones are not held."""
@@ -303,10 +308,12 @@ class LLMServer:
             self.counts[served.outcome] += 1
             self._changed.notify_all()
 
-    async def _gatekeeper(self, user_text: str) -> None:
+    async def _gatekeeper(self, user_text: str, items: Sequence[dict[str, Any]] = ()) -> None:
         with self._changed:
             hold = self._hold
             if hold is False or (hold is not None and hold not in user_text):
+                return
+            if self._hold_after is not None and self._hold_after not in _answered_tools(items):
                 return
             if self._gate is None:
                 self._gate = asyncio.Event()
@@ -346,7 +353,7 @@ class LLMServer:
                         int(retry) if retry.isdigit() else 0, time.monotonic())
         with self._changed:
             self._changed.notify_all()  # a request arrived (wait_for predicates may read log)
-        await self._gatekeeper(user_text)
+        await self._gatekeeper(user_text, items)
         kind, retry_after, echo = self._take_fault(user_text)
         if kind == "timeout":
             record.outcome = "timeout"
@@ -440,6 +447,15 @@ def _latest_user_text(items: Sequence[dict[str, Any]]) -> str:
         if item.get("role") == "user" and item.get("type", "message") == "message":
             return _text_of(item.get("content"))
     return ""
+
+
+def _answered_tools(items: Sequence[dict[str, Any]]) -> set[str]:
+    """Tools called since the latest user message whose result is in ``items``."""
+    start = max((i for i, item in enumerate(items) if item.get("role") == "user"), default=-1)
+    turn = items[start + 1:]
+    answered = {item.get("call_id") for item in turn if item.get("type") == "function_call_output"}
+    return {str(item.get("name")) for item in turn
+            if item.get("type") == "function_call" and item.get("call_id") in answered}
 
 
 def handoff_option(tool: dict[str, Any]) -> HandoffOption:
