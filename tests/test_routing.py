@@ -168,3 +168,26 @@ async def test_one_worker_serves_each_workflow_of_its_app_from_its_own_queue(red
     run_burst("worker", env, tmp_path, "both")
     queue = TurnQueue(redis)
     assert [((r := await queue.get(t)).status, r.worker) for t in (ours, built_in)] == [("completed", "both")] * 2
+
+
+async def test_a_job_an_older_process_left_in_the_builtin_queue_moves_to_its_workflows_queue(
+        redis, producer, fleet_env, tmp_path):
+    """Before routing every job went to ``arq:queue``: a built-in worker meeting a desk-b turn
+    there moves it to desk-b's queue (no attempt counted, arq's try undone) instead of ending it
+    UnknownWorkflow, and a desk-b worker then runs it."""
+    await known_desk_b(redis)
+    turn = await producer.enqueue_turn(conversation_id="c-b", customer_id="C-100", text="Where is order 1042?",
+                                       agent="desk-b")
+    score = await redis.zscore(DESK_B_QUEUE, turn)
+    await redis.zrem(DESK_B_QUEUE, turn)
+    await redis.zadd(keys.ARQ_QUEUE, {turn: score})  # where an older producer put it
+    run_burst("worker", {**fleet_env, "TURNFLEET_WORKER_NAME": "built-in"}, tmp_path, "built-in")
+    record = await TurnQueue(redis).get(turn)
+    assert (record.status, record.attempts, record.errors) == ("queued", 0, [])
+    assert await queued_in(redis, turn) == [DESK_B_QUEUE]
+    assert await redis.zscore(DESK_B_QUEUE, turn) == score  # its due time kept
+    assert await redis.exists(keys.ARQ_JOB_PREFIX + turn) == 1  # the job itself is kept for its new queue
+    assert int(await redis.get(keys.ARQ_RETRY_PREFIX + turn) or 0) == 0  # the built-in worker's claim undone
+    run_burst("worker", {**fleet_env, "TURNFLEET_APP": APP, "TURNFLEET_WORKER_NAME": "pool-b"}, tmp_path, "pool-b")
+    record = await TurnQueue(redis).get(turn)
+    assert (record.status, record.attempts, record.worker) == ("completed", 1, "pool-b")

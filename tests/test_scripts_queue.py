@@ -79,13 +79,14 @@ def start_keys(turn_id: str, conversation_id: str) -> dict[str, str]:
             "conv_state": keys.conversation_state(conversation_id),
             "session_messages": keys.session_messages(conversation_id),
             "quarantine": keys.turn_quarantine(turn_id), "arq_queue": keys.ARQ_QUEUE,
-            "isolated_queue": keys.ISOLATED_QUEUE}
+            "isolated_queue": keys.ISOLATED_QUEUE, "source_queue": keys.ARQ_QUEUE,
+            "arq_retry": keys.ARQ_RETRY_PREFIX + turn_id}
 
 
 def start_args(turn_id: str) -> dict[str, Any]:
     return {"turn_id": turn_id, "worker": "w1", "started_at": "2025-01-01T00:00:00+00:00", "lease_ms": 0,
             "now_iso": "2025-01-01T00:00:00+00:00", "lane": "plain", "isolated_losses": 1, "now_ms": 1,
-            "record_version": 1, **ROUTING}
+            "record_version": 1, **ROUTING, "served": ""}
 
 
 async def test_start_answers_by_name_whether_it_runs_or_not(redis):

@@ -61,6 +61,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -267,6 +268,8 @@ class TurnQueue:
         lease_s: float = 0.0,
         lane: Lane = Lane.PLAIN,
         isolated_losses: int = 1,
+        served: Sequence[str] = (),
+        source_queue: str = keys.ARQ_QUEUE,
     ) -> StartDecision:
         """Count an attempt and mark the turn running, if it may run now (it is its
         conversation's head and has not ended). ``attempt`` is the attempt's fencing token.
@@ -276,6 +279,11 @@ class TurnQueue:
         the job runs (see "Worker losses" in the module doc): a suspect met in the shared
         lane is handed to the isolated lane (``status`` ``isolate``, attempt 0), and a turn
         lost ``isolated_losses`` times while isolated comes back with ``status`` ``poison``.
+
+        ``served``: the workflows the calling worker serves. A turn of another workflow met in
+        ``source_queue`` (the queue the job was taken from: an older process queued it in
+        ``arq:queue``) is moved to its own workflow's queue, arq's claim undone, nothing
+        counted (``status`` ``rerouted``, attempt 0). Empty: no check.
         """
         out = await self._start.raw(  # raw: the stored request may be anything, UTF-8 or not
             self.redis,
@@ -289,11 +297,14 @@ class TurnQueue:
                 "quarantine": keys.turn_quarantine(turn_id),
                 "arq_queue": keys.ARQ_QUEUE,
                 "isolated_queue": keys.ISOLATED_QUEUE,
+                "source_queue": source_queue,
+                "arq_retry": keys.ARQ_RETRY_PREFIX + turn_id,
             },
             args={"turn_id": turn_id, "worker": worker, "started_at": started_at,
                   "lease_ms": int(lease_s * 1000), "now_iso": utcnow().isoformat(), "lane": lane.value,
                   "isolated_losses": isolated_losses, "now_ms": now_ms(),
-                  "record_version": versions.TURN_RECORD, **ROUTING},
+                  "record_version": versions.TURN_RECORD, **ROUTING,
+                  "served": json.dumps(list(served)) if served else ""},
         )
         attempt, status = int(out["attempt"]), as_text(out["status"])
         if attempt == 0:

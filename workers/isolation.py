@@ -105,10 +105,11 @@ class Lanes:
             owner = {"on_startup": on_startup} if i == 0 else {"on_startup": None, "on_shutdown": None}
             self.shared_lanes.append(worker_cls(**{
                 **kwargs, **owner, "burst": False, "queue_name": keys.workflow_queue(workflow),
-                "ctx": {**base_ctx, "lane": Lane.SHARED.value}}))
+                "ctx": {**base_ctx, "lane": Lane.SHARED.value, "queue": keys.workflow_queue(workflow)}}))
             self.isolated_lanes.append(worker_cls(**{
                 **kwargs, "burst": False, "queue_name": keys.workflow_isolated_queue(workflow), "max_jobs": 1,
-                "on_startup": None, "on_shutdown": None, "ctx": {"lane": Lane.ISOLATED.value},
+                "on_startup": None, "on_shutdown": None,
+                "ctx": {"lane": Lane.ISOLATED.value, "queue": keys.workflow_isolated_queue(workflow)},
             }))
         for worker in self.shared_lanes:
             worker.slots = self.shared_lanes  # type: ignore[attr-defined]  # max_jobs is shared

@@ -60,6 +60,7 @@ __all__ = ["LEFT", "STALE", "Runtime", "leave_newer_job", "record_undecodable", 
 
 log = structlog.get_logger(__name__)
 
+REROUTED = "rerouted"  # START moved a job of a workflow this worker does not serve to its own queue
 LEFT = "left"  # what a job returns when it left a newer-format job or record for a newer process
 _left_logged = versions.Once()  # turns whose leave this process has logged
 
@@ -82,22 +83,30 @@ async def run_turn(ctx: dict[str, Any], turn_id: str, conversation_id: str) -> s
     # the settings directly: one plain lane.
     lane = Lane(ctx.get("lane", Lane.PLAIN.value))
     try:
-        return await _run_turn(rt, turn_id, conversation_id, lane)
+        return await _run_turn(rt, turn_id, conversation_id, lane, ctx.get("queue", keys.ARQ_QUEUE))
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("turn.redis_unavailable", turn_id=turn_id, error=str(exc),
                     retry_in_s=rt.settings.retry_delay_s)
         raise Retry(defer=rt.settings.retry_delay_s) from exc
 
 
-async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str, lane: Lane) -> str:
+async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str, lane: Lane, source_queue: str) -> str:
     """``START`` the attempt, and run it if ``START`` says it may run."""
     started_at = utcnow()
     decision = await rt.queue.start(
         turn_id, conversation_id, rt.worker_name, started_at.isoformat(), lease_s=rt.settings.turn_lease_s,
         lane=lane, isolated_losses=rt.settings.isolated_losses,
+        served=[w.name for w in rt.app.workflows], source_queue=source_queue,
     )
     if decision.status == NEWER:
         return await _leave(rt, turn_id, versions.Kind.turn, "its turn record")
+    if decision.status == REROUTED:
+        # START moved the job to its workflow's queue (an older process queued it in ours):
+        # arq must not delete the job key the new place shares.
+        rt.fenced.add(turn_id)
+        log.warning("turn.rerouted", turn_id=turn_id, conversation_id=conversation_id, source_queue=source_queue,
+                    reason="a turn of a workflow this worker does not serve: moved to its workflow's queue")
+        return decision.status
     if decision.status == "isolate":
         # START moved the job to the isolated lane: arq must not delete it or its new place.
         rt.fenced.add(turn_id)

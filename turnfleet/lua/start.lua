@@ -1,7 +1,7 @@
 -- Count an attempt and mark the turn running, if it may run now (its conversation's head,
 -- not ended). The attempt number is the fencing token of every later write of the attempt.
---! keys: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine, arq_queue, isolated_queue
---! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms, record_version, default_workflow, queue_prefix, isolated_prefix
+--! keys: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine, arq_queue, isolated_queue, source_queue, arq_retry
+--! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms, record_version, default_workflow, queue_prefix, isolated_prefix, served
 --! returns: attempt, status, request, current_agent, memory_length, memory_base, customer_id, corrupt, spared
 --! include: route
 -- lease_ms: 0 = no lease. isolated_losses: after this many losses while running isolated the
@@ -10,7 +10,12 @@
 -- worker while isolated; end it WorkerLost. Status 'newer': the record's format version ('v',
 -- none = 1) is newer than record_version, what this process reads: nothing is changed, the
 -- job is left for a newer worker (turnfleet/versions.py). A suspect moves to the isolated queue
--- of its conversation's workflow (route: isolated_queue for default_workflow).
+-- of its conversation's workflow (route: isolated_queue for default_workflow). Status
+-- 'rerouted': the worker does not serve the conversation's workflow (served: a JSON list of
+-- the names it serves; '' = no check) and the job sat in source_queue, the queue the worker
+-- took it from (an older process queued it in arq:queue): the job moves to its workflow's
+-- queue of the same lane with its due time, arq's claim is undone (in-progress key deleted,
+-- try count decremented), no attempt is counted.
 local function skip(why) return {0, why, '', '', 0, 0, '', '', 0} end
 local kind = redis.call('TYPE', K.turn).ok
 if kind ~= 'hash' and kind ~= 'none' then
@@ -26,6 +31,30 @@ if not st then return skip('unknown') end
 if st == 'completed' or st == 'failed' then return skip(st) end
 if redis.call('LINDEX', K.conv_queue, 0) ~= A.turn_id then return skip('not-head') end
 local lane = A.lane
+if A.served ~= '' then
+  local workflow = redis.call('HGET', K.conv_state, 'workflow')
+  local wanted = workflow or A.default_workflow
+  local serves = false
+  for _, name in ipairs(cjson.decode(A.served)) do
+    if name == wanted then serves = true end
+  end
+  if not serves then
+    local target
+    if lane == 'isolated' then
+      target = route(workflow, A.default_workflow, K.isolated_queue, A.isolated_prefix)
+    else
+      target = route(workflow, A.default_workflow, K.arq_queue, A.queue_prefix)
+    end
+    if target ~= K.source_queue then
+      local due = redis.call('ZSCORE', K.source_queue, A.turn_id) or A.now_ms
+      redis.call('ZREM', K.source_queue, A.turn_id)
+      redis.call('ZADD', target, due, A.turn_id)
+      redis.call('DEL', K.in_progress)
+      if tonumber(redis.call('GET', K.arq_retry) or '0') > 0 then redis.call('DECR', K.arq_retry) end
+      return skip('rerouted')
+    end
+  end
+end
 local status = 'running'
 if st == 'running' then
   -- The previous attempt never recorded an outcome: its worker died or lost its lease.
