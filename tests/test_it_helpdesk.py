@@ -30,7 +30,7 @@ from tests.test_otlp import Receiver
 
 APP = "examples.it_helpdesk:app"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "it_helpdesk"
-RESET_LEDGER = f"{keys.LEDGER_PREFIX}it:password-resets"
+RESET_LEDGER = f"{keys.LEDGER_PREFIX}it-password-resets"
 RESET_DONE = "Done: the password of jane.doe is reset (reset PR-"
 
 

@@ -7,7 +7,7 @@ exactly like one that does not exist.
 The side effects go through ``turnfleet.once``: a retried attempt of a turn (its worker died
 after the tool ran) gets the first attempt's answer back, flagged ``replayed``, instead of
 resetting the password twice. ``reset_password`` also appends one entry to the ledger
-``it:password-resets`` when, and only when, it resets: that stream is the outbox the
+``it-password-resets`` when, and only when, it resets: that stream is the outbox the
 directory's password service reads. No tool ever answers a secret: a reset answers its reset
 id and says a temporary password went to the account's e-mail address on file; no tool
 answers the e-mail address itself.
@@ -25,7 +25,7 @@ from agents import RunContextWrapper, function_tool
 from turnfleet import TurnContext, once
 
 DIRECTORY = json.loads((Path(__file__).with_name("accounts.json")).read_text())["accounts"]
-RESET_LEDGER = "it:password-resets"
+RESET_LEDGER = "it-password-resets"  # the stream tf:ledger:it-password-resets
 DELIVERY = "a temporary password was sent to the account's e-mail address on file"
 
 
@@ -79,11 +79,12 @@ async def reset_password(ctx: RunContextWrapper[TurnContext], account: str) -> s
     row = find_account(turn.customer_id, account)
     if row is None:
         return _not_found()
-    reset = {"reset_id": _short_id("PR", turn.turn_id, row["username"]), "username": row["username"],
-             "customer_id": turn.customer_id}
-    # Once per turn: the record and its ledger entry are written together, on the first
-    # attempt only; a retried attempt of this turn gets the same reset back (replayed).
-    done = await once(ctx, "reset_password", reset, ledger=RESET_LEDGER)
+    reset = {"reset_id": _short_id("PR", turn.turn_id, row["username"]), "username": row["username"]}
+    # Once per turn: the record and its ledger entry (what the password service needs, no
+    # e-mail address) are written together, on the first attempt only; a retried attempt of
+    # this turn gets the same reset back (replayed).
+    done = await once(ctx, "reset_password", reset, ledger=RESET_LEDGER,
+                      entry={**reset, "customer_id": turn.customer_id, "turn_id": turn.turn_id})
     return _dumps({"reset": True, "username": done.value["username"], "reset_id": done.value["reset_id"],
                    "delivery": DELIVERY, "replayed": done.replayed})
 
