@@ -15,6 +15,7 @@ embedded Redis. A child that exits on its own stops the others too: exit 1, nami
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -64,7 +65,11 @@ async def run_dev(redis_url: str, spec: str, app: App, workers: int) -> int:
                 return _stopped_early(dead, log_dir)
             await _wait(stop, 0.05)
         first = app.workflows[0].name
-        _say(f"ready: {served}. Commands run in this directory use this Redis; elsewhere export REDIS_URL.")
+        if _embedded(redis_url):
+            _say(f"ready: {served}. turnfleet commands run in this folder use this Redis by themselves "
+                 "(elsewhere, export the REDIS_URL above).")
+        else:
+            _say(f"ready: {served}. turnfleet commands use it with the REDIS_URL above.")
         _say(f'  turnfleet enqueue --agent {first} --conversation c-1 --customer C-100 "hello"')
         _say("  turnfleet conversation c-1      # the replay; Ctrl-C here stops the fleet")
         while not stop.is_set():
@@ -78,6 +83,16 @@ async def run_dev(redis_url: str, spec: str, app: App, workers: int) -> int:
         codes = [p.stop() for p in procs]
         await redis.aclose()
         _say(f"turnfleet dev: stopped ({len([c for c in codes if c is not None])} processes)")
+
+
+def _embedded(redis_url: str) -> bool:
+    """Whether ``redis_url`` is the embedded Redis of this folder's state (which other
+    commands find by themselves), not one given by ``REDIS_URL``."""
+    try:
+        state = json.loads((Path(CommonSettings().state_dir) / "redis.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("url") == redis_url
 
 
 def _exited(procs: list[FleetProcess]) -> list[FleetProcess]:
