@@ -500,6 +500,7 @@ class Attempt:
             },
             failed=status == "failed",
             duration_ms=duration_ms,
+            workflow=self.workflow.name if self.workflow else None,
         )
         self.hooks.spans_dropped(dropped)
 
