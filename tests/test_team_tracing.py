@@ -18,10 +18,11 @@ from turnfleet.workers.trace_store import TRACE_FIELDS, TraceBuffer
 
 
 async def run_turn_of_traced_app(redis, redis_url, monkeypatch, rate: str) -> str:
-    """One turn of ``tests/apps/traced_app.py`` in a worker started and stopped for it."""
+    """One turn of each workflow of ``tests/apps/traced_app.py`` in a worker started and
+    stopped for them; returns the turn of the workflow with processors."""
     for processor in (collector, broken):
         processor.reset()
-    monkeypatch.setenv("TURNFLEET_APP", "tests.apps.traced_app:workflow")
+    monkeypatch.setenv("TURNFLEET_APP", "tests.apps.traced_app:app")
     monkeypatch.setenv("TURNFLEET_TRACE_SAMPLE_RATE", rate)
     ctx = {"redis_url": redis_url}
     with traces_to() as provider:
@@ -29,10 +30,17 @@ async def run_turn_of_traced_app(redis, redis_url, monkeypatch, rate: str) -> st
         try:
             # The SDK itself hands spans to our buffer only: a team's processor is not there.
             assert [type(p) for p in provider.processors] == [TraceBuffer]
-            turn_id = await Producer(redis=redis).enqueue_turn(
+            producer = Producer(redis=redis)
+            turn_id = await producer.enqueue_turn(
                 conversation_id="c-traced", customer_id="C-100", text="Where is order 1042?",
                 agent="traced-desk")
+            plain_id = await producer.enqueue_turn(
+                conversation_id="c-plain", customer_id="C-100", text="Where is order 1042?",
+                agent="plain-desk")
             assert await run_turn(ctx, turn_id, "c-traced") == "completed"
+            assert await run_turn(ctx, plain_id, "c-plain") == "completed"
+            # The other workflow's turn was kept too (same rate), but not handed to these.
+            assert await redis.exists(keys.trace(plain_id)) == (rate == "1")
         finally:
             await shutdown(ctx)
     assert (collector.flushed, collector.shut) == (True, True)  # the worker's stop

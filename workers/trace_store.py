@@ -151,9 +151,29 @@ class StoredSpanData(SpanData):
             raise AttributeError(name) from None
 
 
-class StoredSpan(Span[StoredSpanData]):
-    """A kept, redacted span as the SDK's ``Span`` interface, for a team's processor. It ended
-    before it was kept: ``start``/``finish``/``set_error`` do nothing."""
+class _Ended:
+    """A trace or span that ended before it was kept: starting or finishing it does nothing."""
+
+    @property
+    def tracing_api_key(self) -> str | None:
+        return None
+
+    def start(self, mark_as_current: bool = False) -> None:
+        pass
+
+    def finish(self, reset_current: bool = False) -> None:
+        pass
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        pass
+
+
+class StoredSpan(_Ended, Span[StoredSpanData]):
+    """A kept, redacted span as the SDK's ``Span`` interface, for a team's processor
+    (``set_error`` does nothing either)."""
 
     def __init__(self, exported: dict[str, Any]) -> None:
         self._exported = exported
@@ -187,22 +207,6 @@ class StoredSpan(Span[StoredSpanData]):
     def ended_at(self) -> str | None:
         return self._exported.get("ended_at")
 
-    @property
-    def tracing_api_key(self) -> str | None:
-        return None
-
-    def start(self, mark_as_current: bool = False) -> None:
-        pass
-
-    def finish(self, reset_current: bool = False) -> None:
-        pass
-
-    def __enter__(self) -> StoredSpan:
-        return self
-
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        pass
-
     def set_error(self, error: Any) -> None:
         pass
 
@@ -213,7 +217,7 @@ class StoredSpan(Span[StoredSpanData]):
 TRACE_FIELDS = ("object", "id", "workflow_name", "group_id", "metadata")  # the SDK's Trace.export
 
 
-class StoredTrace(Trace):
+class StoredTrace(_Ended, Trace):
     """A kept, redacted trace as the SDK's ``Trace`` interface; ``record`` is the whole stored
     trace (with turnfleet's turn fields: turn, attempt, status, ``kept_because``)."""
 
@@ -235,22 +239,6 @@ class StoredTrace(Trace):
     @property
     def metadata(self) -> dict[str, Any] | None:
         return self.record.get("metadata")
-
-    @property
-    def tracing_api_key(self) -> str | None:
-        return None
-
-    def start(self, mark_as_current: bool = False) -> None:
-        pass
-
-    def finish(self, reset_current: bool = False) -> None:
-        pass
-
-    def __enter__(self) -> StoredTrace:
-        return self
-
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        pass
 
     def export(self) -> dict[str, Any]:
         return {k: self.record.get(k) for k in TRACE_FIELDS}

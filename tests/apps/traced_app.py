@@ -13,7 +13,7 @@ from agents import RunContextWrapper, custom_span, function_tool
 from agents import Agent
 
 from tests.tracing import Collector
-from turnfleet import TurnContext, Workflow
+from turnfleet import App, TurnContext, Workflow
 
 SECRET = "sk-proj-Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh9Jk"
 
@@ -73,3 +73,6 @@ broken = Broken()
 collector = Collecting()
 orders = Agent(name="Orders", instructions="Answer questions about orders.", tools=[lookup_order])
 workflow = Workflow(name="traced-desk", agent=orders, trace_processors=[broken, collector])
+# Another workflow of the same app, without processors: its turns reach neither of them.
+plain = Workflow(name="plain-desk", agent=Agent(name="Orders", instructions="Orders, plainly.", tools=[lookup_order]))
+app = App([workflow, plain])
