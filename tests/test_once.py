@@ -19,7 +19,7 @@ import pytest
 from tests.apps.once_app import LEDGER, workflow
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
 from tests.processes import start_burst
-from turnfleet import Once, OnceError, TurnContext, keys, once, registry
+from turnfleet import Once, OnceError, TurnContext, idempotency_key, keys, once, registry
 from turnfleet.erasure import forget
 from turnfleet.queue import TurnQueue
 from turnfleet.telemetry.replay import turn_replay
@@ -100,6 +100,7 @@ async def test_two_turns_racing_on_one_key_make_it_once_and_the_other_gets_it_ba
     assert (loser.already, loser.replayed, loser.value, loser.made_by_turn) == (
         True, False, winner.value, winner.made_by_turn)
     assert loser.idempotency_key == winner.idempotency_key  # per key, whichever turn asks
+    assert idempotency_key(turn(redis, "t-z"), "reset", key="acct-7") == winner.idempotency_key
     assert await redis.xlen(keys.once_ledger("resets")) == 1
     retry = await once(turn(redis, winner.made_by_turn, attempt=2), "reset", {"by": "a retry"},
                        key="acct-7", ledger="resets")
@@ -119,6 +120,7 @@ async def test_once_per_turn_is_per_name_and_a_retry_gets_the_first_value(redis)
     other = await once(turn(redis, "t-1"), "sms", {"n": 3})
     assert (first.created, again.replayed, again.value, other.created) == (True, True, {"n": 1}, True)
     assert first.idempotency_key == again.idempotency_key != other.idempotency_key
+    assert idempotency_key(turn(redis, "t-1"), "mail") == first.idempotency_key  # known before
     assert isinstance(first, Once) and first.made_by_turn == "t-1"
 
 
