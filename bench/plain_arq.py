@@ -17,7 +17,7 @@ from agents import Agent, RunContextWrapper, RunHooks, Runner, Tool
 from arq.connections import RedisSettings
 from redis.asyncio import Redis
 
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.support_desk import build_support_desk
 

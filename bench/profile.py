@@ -29,7 +29,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("Agents SDK run (model, tools)", ("agents/", "workers/model.py", "workers/model_script.py",
                                        "workers/support_desk_script.py", "workers/tools.py",
                                        "workers/support_desk.py", "workers/orderbook.py",
-                                       "workers/context.py")),
+                                       "turnfleet/context.py", "turnfleet/side_effects.py")),
     ("queue and turn bookkeeping", ("arq/", "turnfleet/queue.py", "workers/job.py", "workers/attempt.py",
                                     "workers/settings.py", "workers/supervisor.py",
                                     "workers/reconcile.py", "turnfleet/heartbeat.py",

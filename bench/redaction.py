@@ -41,7 +41,7 @@ async def capture(url: str, texts: list[str], tag: str) -> list[tuple[Any, dict[
     from agents import RunConfig, Runner, set_trace_processors
     from redis.asyncio import Redis
 
-    from turnfleet.workers.context import TurnContext
+    from turnfleet.context import TurnContext
     from turnfleet.workers.hooks import TelemetryHooks
     from turnfleet.workers.model import OfflineModel
     from turnfleet.workers.support_desk import build_support_desk

@@ -58,7 +58,7 @@ async def _bare(n: int, concurrency: int, url: str, traced: bool = False, memory
     from redis.asyncio import Redis
 
     from turnfleet.redaction import Redactor
-    from turnfleet.workers.context import TurnContext
+    from turnfleet.context import TurnContext
     from turnfleet.workers.hooks import TelemetryHooks
     from turnfleet.workers.memory import ConversationMemory
     from turnfleet.workers.model import OfflineModel

@@ -19,7 +19,11 @@ A tool node's ``detail.outcome`` names what its answer means when that is not pl
 ``"tool error"`` (the tool raised, ``turnfleet.tool_errors``; the node's ``error`` is set too),
 ``"already refunded"`` (the order was refunded before, by another turn: an answer, not an
 error), ``"ticket already open"``, ``"replayed"`` (a retried attempt got its own earlier
-result). A tripped guardrail is a ``guardrail`` node (``detail.triggered``), and the
+result), ``"already done"`` (a ``turnfleet.once`` call got another turn's record back).
+A tool that called ``turnfleet.once`` has ``detail.once`` (``created``, ``replayed``,
+``already``): from its ``once:<name>`` spans, or from its ``tool_end`` event — so it shows
+even when arguments and results are kept out (``trace_include_sensitive_data`` off).
+A tripped guardrail is a ``guardrail`` node (``detail.triggered``), and the
 attempt's ``guardrail`` names it: the turn completed with the workflow's safe reply.
 """
 
@@ -129,9 +133,10 @@ def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]
                          input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
                          decision=decision)
         elif kind == "function":
+            once = _once_in(inner)
             node = _node("tool", data.get("name", "?"), duration, error,
                          arguments=data.get("input"), result=data.get("output"),
-                         outcome=tool_outcome(data.get("output")))
+                         outcome=tool_outcome(data.get("output")) or _once_outcome(once), once=once)
         elif kind == "handoff":
             node = _node("handoff", f"{data.get('from_agent')} → {data.get('to_agent')}", duration, error,
                          from_agent=data.get("from_agent"), to_agent=data.get("to_agent"))
@@ -147,6 +152,30 @@ def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]
         return [node]
 
     return [n for root in children.get(None, []) for n in build(root)]
+
+
+def _once_in(nodes: list[dict[str, Any]]) -> dict[str, bool] | None:
+    """What the ``once:<name>`` custom spans under a tool call found (any of them), if any."""
+    found: dict[str, bool] | None = None
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node["kind"] != "custom":
+            continue
+        todo.extend(node["children"])
+        data = node["detail"].get("data")
+        if str(node["name"]).startswith("once:") and isinstance(data, dict):
+            found = found or {"created": False, "replayed": False, "already": False}
+            for flag in found:
+                found[flag] |= data.get(flag) is True
+    return found
+
+
+def _once_outcome(once: dict[str, bool] | None) -> str | None:
+    """The label of a tool call whose ``once`` found an earlier record."""
+    if not once:
+        return None
+    return "already done" if once.get("already") else "replayed" if once.get("replayed") else None
 
 
 def _iso(ts: datetime) -> str:
@@ -171,9 +200,11 @@ def _generation_node(e: TelemetryEvent) -> dict[str, Any]:
 def _tool_node(e: TelemetryEvent) -> dict[str, Any]:
     detail = e.detail
     assert isinstance(detail, ToolEndDetail)
+    once = detail.once.model_dump() if detail.once is not None else None
     return _node("tool", e.tool or "?", e.duration_ms, _error_message(e), _started(e),
                  arguments=detail.arguments, result=detail.result,
-                 outcome="tool error" if e.error else tool_outcome(detail.result))
+                 outcome="tool error" if e.error else tool_outcome(detail.result) or _once_outcome(once),
+                 once=once)
 
 
 def _handoff_node(e: TelemetryEvent) -> dict[str, Any]:

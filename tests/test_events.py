@@ -274,7 +274,7 @@ SAMPLES: dict[EventKind, ev.EventDetail] = {
         response_id=f"r {CARD}"),
     EventKind.tool_start: ev.ToolStartDetail(call_id=f"c {CARD}", arguments=SECRET_JSON),
     EventKind.tool_end: ev.ToolEndDetail(call_id=f"c {CARD}", arguments=SECRET_JSON,
-                                         result=SECRET_JSON),
+                                         result=SECRET_JSON, once=ev.OnceOutcome(replayed=True)),
     EventKind.handoff: ev.HandoffDetail(from_agent=f"a {CARD}", to_agent=f"b {CARD}"),
     EventKind.guardrail: ev.GuardrailDetail(guardrail=f"g {CARD}", kind=f"k {CARD}", triggered=True),
     EventKind.turn_completed: ev.TurnCompletedDetail(queue_wait_ms=1.0, agents=[f"a {CARD}"],

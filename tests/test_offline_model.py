@@ -20,7 +20,7 @@ from agents.tracing.span_data import GenerationSpanData
 
 from tests.tracing import Collector
 from turnfleet.connection import connect
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.model import (
     DEFAULT_MODEL_NAME,
     HandoffOption,

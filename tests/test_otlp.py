@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from turnfleet.settings import WorkerProcessSettings
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.otlp import OTLP_EXTRA_MISSING, OtlpSink, otel_span_id, otel_trace_id
 from turnfleet.workers.support_desk import build_support_desk

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from turnfleet import keys
 from turnfleet.connection import connect
 from turnfleet.shell.embedded import free_port
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.orderbook import load_order_book
 from turnfleet.workers.support_desk import SupportDesk
 from turnfleet.workers.tools import ToolUnavailable, process_refund, refund_id, ticket_id

@@ -9,7 +9,7 @@ from agents import Runner, trace
 from tests.tracing import traces_to
 from turnfleet import keys
 from turnfleet.redaction import Redactor
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.support_desk import build_support_desk
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore, conversation_fraction

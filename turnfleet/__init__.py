@@ -14,6 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {name: "turnfleet.workflow" for name in ("Workflow", "App", "WorkflowError", "AppLoadError", "load_app")}
+_LAZY |= {"TurnContext": "turnfleet.context"}
+_LAZY |= {name: "turnfleet.side_effects" for name in ("once", "Once", "OnceError", "idempotency_key")}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -10,7 +10,8 @@ name or value in the main Redis, nor in the trace store's Redis when it is separ
 customer, its conversations or turns, and none of their texts remain:
 
 - per turn and conversation, everything ``purge_plan`` names (turn records and errors, results,
-  conversation memory and session, escalation ticket, traces, event timelines, dedupe sets,
+  conversation memory and session, escalation ticket, the turns' ``once`` records (which carry
+  the customer id and whatever value a tool stored), traces, event timelines, dedupe sets,
   per-turn and per-conversation aggregates, the search indexes, the slowest-turns and raw-text
   indexes), and the conversation's member of the conversation aggregate index;
 - per customer, its conversation index, its aggregate and its per-day aggregates (every day:
@@ -22,7 +23,9 @@ customer, its conversations or turns, and none of their texts remain:
 
 What is kept: the financial ledger — the refund ledger stream (``keys.REFUND_LEDGER``) and the
 per-order refund records (``keys.order_refund``), which name the order, the amount and the turn
-that made it: a financial record the business must keep (``purge_plan`` refuses to name one).
+that made it: a financial record the business must keep (``purge_plan`` refuses to name one);
+likewise a team's ledgers and its per-key ``once`` records (``keys.once_by_key``, under the
+ledger prefix: their business key appears only as a digest).
 Anonymous fleet-wide totals, model totals, per-model-day totals, latency samples, histograms
 and error-rate windows stay as they were: they name no customer, conversation or turn.
 
@@ -81,7 +84,7 @@ def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
     zrem: list[str] = []
     for t in turns:
         doomed += [keys.turn(t), keys.turn_quarantine(t), keys.turn_errors(t), keys.trace(t), keys.turn_events(t),
-                   keys.event_seen(t), keys.aggregate("turn", t),
+                   keys.event_seen(t), keys.aggregate("turn", t), keys.turn_once(t),
                    keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
         zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t, keys.RAW_TEXT, t]
     sid = keys.session_id(conversation_id)

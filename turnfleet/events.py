@@ -117,12 +117,25 @@ class ToolStartDetail(EventDetail):
     arguments: str | None = None  # clipped; only when data may be included
 
 
+class OnceOutcome(BaseModel):
+    """What a tool call's ``turnfleet.once`` calls found (``turnfleet.side_effects``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    created: bool = False  # stored by this call
+    replayed: bool = False  # stored before by this turn: a retried attempt got it back
+    already: bool = False  # stored before by another turn (once per key)
+
+
 class ToolEndDetail(EventDetail):
     event_kind = EventKind.tool_end
     json_fields = ("arguments", "result")
     call_id: str | None = None
     arguments: str | None = None  # clipped; only when data may be included
     result: str | None = None  # clipped; only when data may be included
+    # Set when the tool called ``once``; kept whatever data may be included (no content).
+    # Added without a new batch version: an older reader ignores it (payloads ignore unknown
+    # fields) and reads every other field as before; a batch without it reads as ``None``.
+    once: OnceOutcome | None = None
 
 
 class HandoffDetail(EventDetail):

@@ -245,3 +245,27 @@ ALERTS_COUNT = f"{PREFIX}:alerts:count"  # hash rule -> alerts fired (the fire s
 def workflow_versions(name: str) -> str:
     """hash fingerprint -> registration JSON: every version of a workflow workers served."""
     return f"{PREFIX}:workflow:versions:{name}"
+
+
+# Side effects once (turnfleet/side_effects.py).
+
+
+def turn_once(turn_id: str) -> str:
+    """Hash name -> JSON record: what ``once(ctx, name, ...)`` stored for this turn (no key).
+
+    Per-turn data, like the turn's record: purged with it (``TURNFLEET_RETENTION_S``) and erased
+    with it (``turnfleet forget``; ``erasure.purge_plan``)."""
+    return f"{PREFIX}:once:turn:{turn_id}"
+
+
+def once_by_key(workflow: str, name: str, key_digest: str) -> str:
+    """String: the one record ``once(ctx, name, ..., key=...)`` ever stored for a business key
+    (JSON, with the turn that made it). The key appears only as a digest (a key may be personal:
+    an e-mail address). Part of the ledger: never expired, purged or erased."""
+    return f"{LEDGER_PREFIX}once:{workflow}:{name}:{key_digest}"
+
+
+def once_ledger(name: str) -> str:
+    """Stream: a team's ledger (outbox) named in ``once(..., ledger=name)``; one entry per record
+    made. ``once_ledger("refunds")`` is ``REFUND_LEDGER``. Never expired, purged or erased."""
+    return f"{LEDGER_PREFIX}{name}"

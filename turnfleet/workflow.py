@@ -57,6 +57,9 @@ class Workflow:
     guardrail_replies: Mapping[str, str] = field(default_factory=dict)
     default_guardrail_reply: str = "I'm sorry, I can't help with that request."
     trace_name: str | None = None  # the SDK trace's workflow_name (default: ``name``)
+    # The team's own agents.tracing.TracingProcessor objects (their vendor's exporter): each gets
+    # this workflow's kept, redacted traces and spans (workers/trace_store.py); not fingerprinted.
+    trace_processors: Sequence[Any] = ()
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

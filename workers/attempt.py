@@ -67,7 +67,7 @@ from turnfleet.queue import FinishExtras, Outcome, StartDecision, TurnQueue
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workflow import App, Workflow
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.hooks import TelemetryHooks
 from turnfleet.workers.memory import ConversationMemory, MemoryFenced
 from turnfleet.workers.trace_store import TraceStore
@@ -311,6 +311,7 @@ class Attempt:
                             attempt=self.number,
                             redis=rt.redis,
                             metadata=dict(req.metadata),
+                            workflow=self.workflow.name if self.workflow else req.agent,
                         ),
                         hooks=self.hooks,
                         session=session,
@@ -499,6 +500,7 @@ class Attempt:
             },
             failed=status == "failed",
             duration_ms=duration_ms,
+            workflow=self.workflow.name if self.workflow else None,
         )
         self.hooks.spans_dropped(dropped)
 

@@ -271,8 +271,11 @@ class TelemetryHooks(RunHooks[Any]):
         error = tool_error_of(output)  # a business answer ("not eligible") is not an error
         if error is not None:
             error.message = _clip(error.message, 500)
+        note = getattr(context.context, "take_once_note", None)
+        once = note(call_id) if note is not None else None  # what its turnfleet.once calls found
         self.emit(
             ev.ToolEndDetail(call_id=call_id,
+                             **({"once": ev.OnceOutcome(**vars(once))} if once is not None else {}),
                              **self._data(arguments=_clip(arguments), result=_clip(output))),
             agent=agent.name, tool=tool.name, duration_ms=duration, error=error,
         )

@@ -69,11 +69,12 @@ async def startup(ctx: dict[str, Any]) -> None:
 
         sink = OtlpSink.from_settings(settings)
     trace_redis = connect(settings.trace_redis_url) if settings.trace_redis_url else redis
+    app = load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name)
     ctx["runtime"] = Runtime(
         settings=settings,
         redis=redis,
         queue=TurnQueue(redis),
-        app=load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name),
+        app=app,
         models=WorkerModels(settings, model),
         model_name=settings.model_name,
         worker_name=settings.worker_name or heartbeat.default_name(),
@@ -85,6 +86,9 @@ async def startup(ctx: dict[str, Any]) -> None:
             redactor,
             settings.trace_retention_s,
             sink,
+            # A team's own processors get their workflow's kept, redacted traces from the store,
+            # never from the SDK (which would hand them every span, unsampled and unredacted).
+            {w.name: w.trace_processors for w in app.workflows},
         ),
     )
     rt = ctx["runtime"]
@@ -140,6 +144,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
             await heartbeat.forget(rt.redis, "worker", rt.worker_name)
         if rt.traces is not None and rt.traces.sink is not None:
             await asyncio.to_thread(rt.traces.sink.shutdown)  # sends what is queued first
+        if rt.traces is not None:
+            await asyncio.to_thread(rt.traces.shutdown_processors)  # a team's: flush, shut down
         if rt.traces is not None and rt.traces.redis is not rt.redis:
             await rt.traces.redis.aclose()
         await rt.redis.aclose()

@@ -29,7 +29,7 @@ from agents import Agent, GuardrailFunctionOutput, RunContextWrapper, input_guar
 from agents.models.interface import Model
 
 from turnfleet.models import DEFAULT_WORKFLOW
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.model_script import Script
 from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT
 from turnfleet.workflow import App, Workflow

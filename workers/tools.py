@@ -7,7 +7,8 @@ errors, so the model can explain them. An exception inside a tool is a tool erro
 
 **A refund is made at most once per order, ever.** The refund is recorded under the order
 (``keys.order_refund(order_id)``) with ``SET NX`` and appended to the refund ledger
-(``keys.REFUND_LEDGER``) in the same Lua script: of any number of turns asking at once, on any
+(``keys.REFUND_LEDGER``) in the same Lua script — ``turnfleet.side_effects.claim``, the
+mechanism under the public ``turnfleet.once``, with the Desk's own record keys and shapes: of any number of turns asking at once, on any
 workers, exactly one refunds; the others get that refund back as their answer
 (``"already_refunded": true`` with its id, amount and time), and a retried attempt of the
 refunding turn gets it back flagged ``"replayed": true``. ``check_refund_eligibility`` reads
@@ -40,9 +41,9 @@ from redis.exceptions import RedisError
 
 from turnfleet import keys
 from turnfleet.models import utcnow
-from turnfleet.scripts import load_script
+from turnfleet.side_effects import claim, record_once  # noqa: F401 - record_once: tests import it here
 from turnfleet.tool_errors import tool_error_output
-from turnfleet.workers.context import TurnContext
+from turnfleet.context import TurnContext
 from turnfleet.workers.orderbook import (
     Order,
     OrderBook,
@@ -53,9 +54,6 @@ from turnfleet.workers.orderbook import (
 )
 
 log = structlog.get_logger(__name__)
-
-RECORD_ONCE = load_script("record_once", "turnfleet.workers")  # workers/lua/record_once.lua
-
 
 def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -74,26 +72,6 @@ def refund_id(turn_id: str, order_id: str) -> str:
 def ticket_id(turn_id: str) -> str:
     """Deterministic per turn, so a retried escalation reports the same ticket."""
     return f"ESC-{_short_hash(turn_id, 8)}"
-
-
-async def record_once(
-    redis: Redis,
-    key: str,
-    record: dict[str, Any],
-    stream: str | None = None,
-    entry: dict[str, str] | None = None,
-) -> tuple[bool, dict[str, Any]]:
-    """Store ``record`` at ``key`` unless something is there; on first store also XADD ``entry``.
-
-    Returns (created, the stored record). One script, so the record and the ledger entry are
-    written together or not at all.
-    """
-    fields: list[str] = []
-    for name, value in (entry or {}).items():
-        fields += [name, value]
-    created, stored = await RECORD_ONCE.bind(redis)(keys={"record": key, "stream": [stream] if stream else []},
-                                                    args={"value": _dumps(record), "entry": fields})
-    return bool(created), json.loads(stored)
 
 
 class ToolUnavailable(AgentsException):
@@ -242,12 +220,11 @@ async def process_refund(ctx: RunContextWrapper[TurnContext], order_id: str, amo
     }
     # A custom span makes the ledger write its own step in the replay (see README, "Custom spans").
     with custom_span("refund.ledger_write", data={"order_id": oid, "amount": record["amount"]}) as span:
-        created, stored = await record_once(
-            turn.redis, keys.order_refund(oid), record, keys.REFUND_LEDGER, entry
-        )
-        ours = stored["turn_id"] == turn.turn_id
-        span.span_data.data.update(refund_id=stored["refund_id"], replayed=ours and not created,
-                                   already_refunded=not ours)
+        made = await claim(ctx, "refund", keys.order_refund(oid), record,
+                           ledger=keys.REFUND_LEDGER, entry=entry)
+        stored, created, ours = made.value, made.created, not made.already
+        span.span_data.data.update(refund_id=stored["refund_id"], replayed=made.replayed,
+                                   already_refunded=made.already)
     log.info(
         "refund.made" if created else "refund.replayed" if ours else "refund.already_made",
         turn_id=turn.turn_id,
@@ -289,10 +266,10 @@ async def escalate_to_human(ctx: RunContextWrapper[TurnContext], reason: str) ->
     }
     key = keys.conversation_escalation(turn.conversation_id)
     with custom_span("escalation.ticket_write", data={"ticket_id": record["ticket_id"]}) as span:
-        created, stored = await record_once(turn.redis, key, record)
-        ours = stored["turn_id"] == turn.turn_id
-        span.span_data.data.update(ticket_id=stored["ticket_id"], replayed=ours and not created,
-                                   already_open=not ours)
+        made = await claim(ctx, "escalation", key, record)
+        stored, created, ours = made.value, made.created, not made.already
+        span.span_data.data.update(ticket_id=stored["ticket_id"], replayed=made.replayed,
+                                   already_open=made.already)
     log.info(
         "escalation.opened" if created else "escalation.replayed" if ours else "escalation.already_open",
         turn_id=turn.turn_id,
@@ -302,7 +279,7 @@ async def escalate_to_human(ctx: RunContextWrapper[TurnContext], reason: str) ->
         "ticket_id": stored["ticket_id"],
         "status": "open",
         "queue": "human-support",
-        "replayed": ours and not created,
+        "replayed": made.replayed,
     }
     if not ours:
         answer["already_open"] = True

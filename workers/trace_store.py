@@ -8,6 +8,15 @@ one is configured. Spans that cannot be kept — the buffer was full, or the wri
 because Redis was unreachable — are counted and reported in the turn's telemetry
 (``spans_dropped``), never silently lost.
 
+**A team's own processors** (``Workflow(trace_processors=[...])``, their vendor's exporter, as
+the SDK's ``add_trace_processor``) are never registered with the SDK, so they never see a span
+that is unsampled or unredacted: when the store keeps an attempt's trace, it hands each of the
+workflow's processors the kept, redacted record as SDK objects (:class:`StoredTrace`,
+:class:`StoredSpan`): ``on_trace_start``, ``on_span_start`` / ``on_span_end`` per span,
+``on_trace_end``, in the job, after the write (also when the write failed: the trace was kept).
+A processor that raises is logged (``trace.processor_failed``) and never fails the turn;
+``force_flush`` and ``shutdown`` run when the worker stops.
+
 Sampling is per conversation (a stable hash of its id against the rate), so a sampled
 conversation is complete. Failed attempts and turns slower than the threshold are kept
 whatever the rate: the decision is made at trace end. Aggregates never depend on it: they
@@ -20,10 +29,12 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
 from agents.tracing import Span, Trace, TracingProcessor
+from agents.tracing.span_data import SpanData
 from redis.asyncio import Redis
 
 from turnfleet import keys
@@ -119,6 +130,143 @@ class TraceBuffer(TracingProcessor):
         """Nothing waits in the background: the job writes each turn's trace itself."""
 
 
+class StoredSpanData(SpanData):
+    """A kept span's data as stored (redacted): its exported fields, read as attributes too
+    (``span_data.name``, ``span_data.data`` of a custom span, ``span_data.input``...)."""
+
+    def __init__(self, exported: dict[str, Any]) -> None:
+        self._exported = exported
+
+    @property
+    def type(self) -> str:
+        return str(self._exported.get("type") or "custom")
+
+    def export(self) -> dict[str, Any]:
+        return dict(self._exported)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_exported"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _Ended:
+    """A trace or span that ended before it was kept: starting or finishing it does nothing."""
+
+    @property
+    def tracing_api_key(self) -> str | None:
+        return None
+
+    def start(self, mark_as_current: bool = False) -> None:
+        pass
+
+    def finish(self, reset_current: bool = False) -> None:
+        pass
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        pass
+
+
+class StoredSpan(_Ended, Span[StoredSpanData]):
+    """A kept, redacted span as the SDK's ``Span`` interface, for a team's processor
+    (``set_error`` does nothing either)."""
+
+    def __init__(self, exported: dict[str, Any]) -> None:
+        self._exported = exported
+        self._data = StoredSpanData(dict(exported.get("span_data") or {}))
+
+    @property
+    def trace_id(self) -> str:
+        return str(self._exported.get("trace_id"))
+
+    @property
+    def span_id(self) -> str:
+        return str(self._exported.get("id"))
+
+    @property
+    def span_data(self) -> StoredSpanData:
+        return self._data
+
+    @property
+    def parent_id(self) -> str | None:
+        return self._exported.get("parent_id")
+
+    @property
+    def error(self) -> Any:
+        return self._exported.get("error")
+
+    @property
+    def started_at(self) -> str | None:
+        return self._exported.get("started_at")
+
+    @property
+    def ended_at(self) -> str | None:
+        return self._exported.get("ended_at")
+
+    def set_error(self, error: Any) -> None:
+        pass
+
+    def export(self) -> dict[str, Any]:
+        return dict(self._exported)
+
+
+TRACE_FIELDS = ("object", "id", "workflow_name", "group_id", "metadata")  # the SDK's Trace.export
+
+
+class StoredTrace(_Ended, Trace):
+    """A kept, redacted trace as the SDK's ``Trace`` interface; ``record`` is the whole stored
+    trace (with turnfleet's turn fields: turn, attempt, status, ``kept_because``)."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    @property
+    def trace_id(self) -> str:
+        return str(self.record.get("id"))
+
+    @property
+    def name(self) -> str:
+        return str(self.record.get("workflow_name"))
+
+    @property
+    def group_id(self) -> str | None:
+        return self.record.get("group_id")
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        return self.record.get("metadata")
+
+    def export(self) -> dict[str, Any]:
+        return {k: self.record.get(k) for k in TRACE_FIELDS}
+
+
+def _call(processor: Any, method: str, arg: Any = None, **context: Any) -> None:
+    """One call of a team's processor: what it raises is logged, never the turn's failure."""
+    try:
+        getattr(processor, method)(*(() if arg is None else (arg,)))
+    except Exception as exc:  # noqa: BLE001 - a team's exporter must not fail a turn
+        log.warning("trace.processor_failed", processor=type(processor).__name__, method=method,
+                    error_type=type(exc).__name__, error=str(exc)[:200], **context)
+
+
+def deliver(processors: Iterable[Any], record: dict[str, Any]) -> None:
+    """Hand one kept, redacted record to a team's processors, as the SDK would have."""
+    trace = StoredTrace(record["trace"])
+    spans = [StoredSpan(s) for s in record["spans"] if isinstance(s, dict)]
+    turn_id = record["trace"].get("turn_id")
+    for processor in processors:
+        _call(processor, "on_trace_start", trace, turn_id=turn_id)
+        for span in sorted(spans, key=lambda s: s.started_at or ""):
+            _call(processor, "on_span_start", span, turn_id=turn_id)
+        for span in spans:  # the order they ended in (the buffer's)
+            _call(processor, "on_span_end", span, turn_id=turn_id)
+        _call(processor, "on_trace_end", trace, turn_id=turn_id)
+
+
 def redact_record(record: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
     """Redact span data; tool inputs/outputs are JSON in strings, redacted as JSON."""
     spans = []
@@ -143,7 +291,10 @@ class TraceStore:
         redactor: Redactor,
         retention_s: int,
         sink: Any = None,
+        processors: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
+        """``processors``: a workflow's name -> the team's own processors of that workflow."""
+        self.processors = {name: list(ps) for name, ps in (processors or {}).items() if ps}
         self.buffer = buffer
         self.redis = redis
         self.sampler = sampler
@@ -152,9 +303,11 @@ class TraceStore:
         self.sink = sink
 
     async def finish_attempt(
-        self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float
+        self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float,
+        workflow: str | None = None,
     ) -> tuple[str | None, int]:
-        """Keep or discard one attempt's trace. Returns (why kept or None, spans dropped)."""
+        """Keep or discard one attempt's trace (of ``workflow``: its processors get it when
+        kept). Returns (why kept or None, spans dropped)."""
         if not trace_id:
             return None, 0
         trace, spans, dropped = self.buffer.take(trace_id)
@@ -166,17 +319,34 @@ class TraceStore:
         record = redact_record(
             {"trace": {**trace, **turn, "kept_because": reason}, "spans": spans}, self.redactor
         )
+        kept = await self._write(record, turn["turn_id"], reason, dropped)
+        team = self.processors.get(workflow or "")
+        if team:
+            deliver(team, record)
+        return kept
+
+    async def _write(self, record: dict[str, Any], turn_id: str, reason: str,
+                     dropped: int) -> tuple[str | None, int]:
+        """One command to the trace store, then the OTLP sink."""
+        spans = record["spans"]
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(keys.trace(turn["turn_id"]), json.dumps(record, default=str))
-                pipe.expire(keys.trace(turn["turn_id"]), self.retention_s)
+                pipe.rpush(keys.trace(turn_id), json.dumps(record, default=str))
+                pipe.expire(keys.trace(turn_id), self.retention_s)
                 await pipe.execute()
         except Exception as exc:  # noqa: BLE001 - the turn goes on; the loss is counted
-            log.warning("trace.dropped", turn_id=turn["turn_id"], spans=len(spans), error=str(exc))
+            log.warning("trace.dropped", turn_id=turn_id, spans=len(spans), error=str(exc))
             return None, dropped + len(spans)
         if self.sink is not None:
             try:
                 self.sink.export(record)
             except Exception as exc:  # noqa: BLE001 - an exporter must not fail a turn
-                log.warning("trace.otlp_export_failed", turn_id=turn["turn_id"], error=str(exc))
+                log.warning("trace.otlp_export_failed", turn_id=turn_id, error=str(exc))
         return reason, dropped
+
+    def shutdown_processors(self) -> None:
+        """The worker stops: each team processor flushes what it holds, then shuts down."""
+        unique = {id(p): p for ps in self.processors.values() for p in ps}
+        for processor in unique.values():
+            _call(processor, "force_flush")
+            _call(processor, "shutdown")
