@@ -205,6 +205,7 @@ async def test_a_password_is_reset_once_when_its_worker_is_killed_after_the_tool
     assert last["attempt"] == 2
     [node] = tool_nodes(last["tree"], "reset_password")
     assert node["detail"]["outcome"] == "replayed"
+    assert node["detail"]["once"] == {"created": False, "replayed": True, "already": False}
 
 
 # -- d. the unchanged paths: redaction, alerts, OTLP, erasure ---------------------------------
