@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def readme_section() -> str:
     readme = (ROOT / "README.md").read_text()
-    return readme.split("## Run your own agents", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n## Run your own agents\n", 1)[1]
+    return re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading, subsections too
 
 
 def readme_example() -> tuple[str, list[str]]:
