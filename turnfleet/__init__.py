@@ -14,6 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {name: "turnfleet.workflow" for name in ("Workflow", "App", "WorkflowError", "AppLoadError", "load_app")}
+_LAZY |= {name: "turnfleet.offline_script" for name in ("Script", "Rule", "FollowUp", "Intent", "Step", "Call", "Outcome", "Slot", "Facts")}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -30,7 +30,7 @@ from agents.models.interface import Model
 
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.workers.context import TurnContext
-from turnfleet.workers.model_script import Script
+from turnfleet.offline_script import Script
 from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT
 from turnfleet.workflow import App, Workflow
 from turnfleet.workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
