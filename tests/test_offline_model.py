@@ -27,7 +27,8 @@ from turnfleet.workers.model import (
     OfflineModel,
     decide,
 )
-from turnfleet.offline_script import Call, Conversation, Intent, Outcome, Rule, Script, Slot, Step
+from turnfleet.offline_script import Conversation, Intent, Rule, Script
+from tests.apps.scripted import HELPDESK_SCRIPT, RESET
 from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT, order_ids_in
 
 TRIAGE_HANDOFFS = [
@@ -406,32 +407,7 @@ async def test_no_spans_when_tracing_is_disabled(desk, collector) -> None:
 
 # ------------------------------------------------------------------ a workflow's own script
 
-USERNAME = Slot("username", r"\buser(?:name)?\s+([a-z][a-z0-9._-]*[a-z0-9])")
-RESET = "reset_password"
-HELPDESK_SCRIPT = Script(
-    rules=(Rule("reset", (r"\b(reset|forgot)\b", r"\bpassword\b")),),
-    intents=(
-        Intent(
-            "reset",
-            steps=(
-                Step(
-                    Call(RESET, {"username": "{username}", "notify": True}),
-                    outcomes=(
-                        Outcome("reset", "Done: {username} can log in with {temporary} now."),
-                        Outcome(None, "I could not reset {username}: {reason}"),
-                    ),
-                    failed="Something went wrong resetting {username}.",
-                ),
-            ),
-            route=("accounts",),
-            ask="Which username is it?",
-        ),
-        Intent("other", reply="I reset passwords; tell me the username."),
-    ),
-    fallback="other",
-    slot=USERNAME,
-    home=("front",),
-)
+# The helpdesk script lives with the app that serves it (tests/apps/scripted.py).
 
 
 def helpdesk(calls: list[dict[str, Any]]) -> Agent[Any]:

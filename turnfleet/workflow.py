@@ -57,6 +57,11 @@ class Workflow:
     guardrail_replies: Mapping[str, str] = field(default_factory=dict)
     default_guardrail_reply: str = "I'm sorry, I can't help with that request."
     trace_name: str | None = None  # the SDK trace's workflow_name (default: ``name``)
+    # What the offline model decides for this workflow's agents (a ``turnfleet.Script``) when
+    # the fleet runs offline; it stands in for the LLM, so it is not part of the fingerprint.
+    offline_script: Any = None
+    # The model of the workflow's agents that name none: a model name or an SDK ``Model``.
+    model: Any = None
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +97,7 @@ class Workflow:
             "guardrail_replies": dict(sorted(self.guardrail_replies.items())),
             "default_guardrail_reply": self.default_guardrail_reply,
             "model_settings": _settings(self.model_settings),
+            **({"model": _model(self.model)} if self.model is not None else {}),
             "agents": [_agent(a) for a in sorted(self._agents.values(), key=lambda a: a.name)],
         }
 
