@@ -1,5 +1,8 @@
 """Models per workflow and per agent (issue 16, "Models"; "The offline model becomes generic").
 
+On an endpoint, the tests' local OpenAI-compatible server serves the workflow's own script
+(``llm_server(script=...)``), chat and responses, to a real worker.
+
 Offline, a workflow's agents that name no model run the ``OfflineModel`` following THAT
 workflow's ``offline_script``, under the workflow's ``model`` name: one real worker process
 (``--app tests.apps.scripted:with_desk``) serves a helpdesk and a copy of the Desk whose agents
@@ -11,7 +14,10 @@ from __future__ import annotations
 
 from agents import Agent
 
+import pytest
+
 from tests.apps.scripted import HELPDESK_MODEL, HELPDESK_SCRIPT, RESET, helpdesk, workflow
+from tests.llm_server import llm_server  # noqa: F401 - fixture
 from tests.processes import run_burst, tf
 from tests.test_call_model import written_events
 from turnfleet import Workflow
@@ -95,3 +101,27 @@ def test_the_workflow_model_is_in_the_fingerprint_and_the_script_is_not():
     assert on_a.fingerprint() != bare.fingerprint()
     assert Workflow(name="w", agent=agent, model="model-b").fingerprint() != on_a.fingerprint()
     assert Workflow(name="w", agent=agent, model=OfflineModel(model_name="model-a")).fingerprint() == on_a.fingerprint()
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_the_local_server_serves_a_workflows_own_script_to_a_real_worker(
+        api, llm_server, producer, redis, fleet_env, tmp_path):  # noqa: F811 - fixture
+    server = llm_server(script=HELPDESK_SCRIPT)
+    env = server.worker_env({**fleet_env, "TURNFLEET_APP": "tests.apps.scripted:app"},
+                            TURNFLEET_MODEL_API=api)
+    run_burst("worker", env, tmp_path, "register")
+    turn = await producer.enqueue_turn(conversation_id=f"c-{api}", customer_id="C-100",
+                                       text="I forgot my password, user dana.w", agent="it-scripted")
+    run_burst("worker", env, tmp_path, "serve")
+
+    done = await TurnQueue(redis).get(turn)
+    assert done.status == "completed", done.error_message
+    assert done.final_output == "Done: dana.w can log in with tmp-dana.w now."
+    assert [c.tool for c in done.tool_calls] == [RESET]
+    served = server.served("ok")
+    assert [(s.decision, s.model, s.path) for s in served] == [
+        (RESET, HELPDESK_MODEL, f"/v1/{'chat/completions' if api == 'chat' else 'responses'}"),
+        ("message", HELPDESK_MODEL, f"/v1/{'chat/completions' if api == 'chat' else 'responses'}")]
+    figures = server.usage_served()
+    assert (done.usage.requests, done.usage.input_tokens, done.usage.output_tokens) == (
+        figures["requests"], figures["input_tokens"], figures["output_tokens"])
