@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 OFFLINE_MODEL = "turnfleet-offline"
+LITELLM_PREFIX = "litellm/"  # the SDK's MultiProvider prefix for its LiteLLM models
 MODEL_APIS = ("chat", "responses")
 BODY_SNIPPET_CHARS = 200
 
@@ -175,15 +176,13 @@ class WorkerModels(ModelProvider):
         return model
 
 
-LITELLM_PREFIX = "litellm/"  # the SDK's MultiProvider prefix for its LiteLLM models
-
-
 def needs_script(workflow: Workflow, settings: WorkerProcessSettings) -> list[str]:
     """The agents of ``workflow`` that would run the offline model (they hold no ``Model``
     object) when the fleet runs offline; empty when it does not, or when none would."""
     if not runs_offline(settings):
         return []
-    on_default = not isinstance(workflow.model, Model) and not str(workflow.model or "").startswith(LITELLM_PREFIX)
+    on_default = not isinstance(workflow.model, Model) and not (
+        isinstance(workflow.model, str) and workflow.model.startswith(LITELLM_PREFIX))
     return [name for name, agent in workflow.agents.items()
             if (agent.model is None and on_default)
             or (isinstance(agent.model, str) and not agent.model.startswith(LITELLM_PREFIX))]
