@@ -26,7 +26,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
                                "turnfleet/redaction.py", "agents/tracing/", "structlog/",
                                "turnfleet/logging.py", "logging/")),
     ("conversation memory", ("workers/memory.py",)),
-    ("Agents SDK run (model, tools)", ("agents/", "workers/model.py", "workers/model_script.py",
+    ("Agents SDK run (model, tools)", ("agents/", "workers/model.py", "turnfleet/offline_script.py",
                                        "workers/support_desk_script.py", "workers/tools.py",
                                        "workers/support_desk.py", "workers/orderbook.py",
                                        "turnfleet/context.py", "turnfleet/side_effects.py")),

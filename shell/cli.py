@@ -94,8 +94,11 @@ def cmd_worker(args: argparse.Namespace, url: str) -> int:
     if spec:
         from turnfleet.workflow import AppLoadError, WorkflowError, load_app
 
+        from turnfleet.settings import WorkerProcessSettings
+        from turnfleet.workers.llm import check_offline_scripts
+
         try:  # here, once, so a bad app is one line and exit 2, not a worker that fails to start
-            load_app(spec)
+            check_offline_scripts(load_app(spec), WorkerProcessSettings())
         except (AppLoadError, WorkflowError) as exc:
             raise CliError(str(exc)) from None
     return run(url, burst=args.burst)

@@ -27,8 +27,18 @@ log = structlog.get_logger(__name__)
 NANO_PER_USD = 10**9
 _NANO_PER_TOKEN_PER_USD_PER_1M = Decimal(NANO_PER_USD) / Decimal(10**6)  # 1000
 _DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_ROUTER_PREFIX = "litellm/"  # the Agents SDK's prefix for its LiteLLM models
 
 _warned_models: set[str | None] = set()  # per process: warn once per unknown model
+
+
+def _candidates(model: str) -> list[str]:
+    """``model``, then without the router prefix, then without each ``<provider>/`` in turn."""
+    rest = model.removeprefix(_ROUTER_PREFIX)
+    names = [model] if rest in (model, "") else [model, rest]
+    while "/" in rest and (rest := rest.partition("/")[2]):
+        names.append(rest)
+    return names
 
 
 def nusd_to_usd(nusd: int) -> float:
@@ -54,17 +64,24 @@ class PriceTable:
         return cls(settings.price_table())
 
     def resolve(self, model: str | None) -> str | None:
-        """The table entry for ``model``: exact name, else the name without a date suffix.
+        """The table entry for ``model``: the exact name, else the name without a date suffix;
+        then the same for the provider's own name when ``model`` is routed
+        (``litellm/anthropic/claude-3-5-sonnet-20240620``, ``anthropic/claude-...``,
+        ``openai/gpt-4o``): the ``litellm/`` prefix, then each ``<provider>/`` in turn, is
+        dropped, so a more specific entry (``anthropic/claude-...``) wins over the bare name.
 
         Providers answer with dated snapshots (``gpt-4o-2024-08-06``); those are priced as
         their family. Nothing looser: a wrong price is worse than an unknown one.
         """
         if model is None:
             return None
-        if model in self._nano:
-            return model
-        base = _DATE_SUFFIX.sub("", model)
-        return base if base in self._nano else None
+        for name in _candidates(model):
+            if name in self._nano:
+                return name
+            base = _DATE_SUFFIX.sub("", name)
+            if base in self._nano:
+                return base
+        return None
 
     def price(self, model: str | None) -> Price | None:
         name = self.resolve(model)

@@ -1,7 +1,9 @@
-"""A local OpenAI-compatible model endpoint for tests and drills: the Support Desk over HTTP.
+"""A local OpenAI-compatible model endpoint for tests and drills: an offline script over HTTP.
 
 ``LLMServer`` answers ``POST /v1/chat/completions`` and ``POST /v1/responses`` with the
-decisions of the offline model (``turnfleet.workers.model.decide``): the request's messages (tool calls
+decisions of the offline model (``turnfleet.workers.model.decide``) following ``script`` (a
+``turnfleet.Script``; default: the Support Desk's), so a team's workflow runs on it with its
+own decisions: ``llm_server(script=HELPDESK_SCRIPT)``. The request's messages (tool calls
 and tool results included) and its tools (handoffs are the ``transfer_to_*`` tools) are turned
 into the offline model's input, and the decision comes back as ``tool_calls`` or a message,
 with usage counted by the offline model's formula (so for the same conversation the numbers
@@ -71,6 +73,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from turnfleet.offline_script import Script
 from turnfleet.workers.model import (
     Decision,
     HandoffOption,
@@ -114,6 +117,7 @@ class Served:
     arrived: float = 0.0  # time.monotonic()
     usage: dict[str, int] | None = None  # on ok: input, output, cached tokens
     decision: str = ""  # on ok: "message", or the tool / handoff called
+    model: str = ""  # the model the request named
 
 
 class LLMServer:
@@ -133,7 +137,9 @@ class LLMServer:
         error_kind: str = "500",
         seed: int = 0,
         stall_s: float = 30.0,
+        script: Script | None = None,
     ) -> None:
+        self.script = script  # whose decisions it serves (None: the Support Desk's)
         self.latency = latency
         self.error_rate = error_rate
         self.error_kind = error_kind
@@ -350,7 +356,8 @@ class LLMServer:
         user_text = _latest_user_text(items)
         retry = request.headers.get("x-stainless-retry-count", "0")
         record = Served(self._number(), request.url.path, "", user_text,
-                        int(retry) if retry.isdigit() else 0, time.monotonic())
+                        int(retry) if retry.isdigit() else 0, time.monotonic(),
+                        model=str(body.get("model") or ""))
         with self._changed:
             self._changed.notify_all()  # a request arrived (wait_for predicates may read log)
         await self._gatekeeper(user_text, items)
@@ -367,7 +374,7 @@ class LLMServer:
             record.outcome = kind
             self._record(record)
             return _fault_response(kind, retry_after, user_text if echo else None)
-        answer, usage, decision = _answer(shape, body, system, items, tools)
+        answer, usage, decision = _answer(shape, body, system, items, tools, self.script)
         record.outcome, record.usage, record.decision = "ok", usage, decision
         self._record(record)
         return JSONResponse(answer, headers={"x-request-id": f"req_{record.number}"})
@@ -468,11 +475,12 @@ def handoff_option(tool: dict[str, Any]) -> HandoffOption:
 
 
 def _answer(shape: str, body: dict[str, Any], system: str | None, items: list[dict[str, Any]],
-            tools: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, int], str]:
+            tools: list[dict[str, Any]], script: Script | None = None,
+            ) -> tuple[dict[str, Any], dict[str, int], str]:
     """The answer body, the usage reported in it, and the decision in short."""
     names = [str(t["name"]) for t in tools]
     handoffs = [handoff_option(t) for t in tools if str(t["name"]).startswith(HANDOFF_PREFIX)]
-    decision = decide(items, [n for n in names if not n.startswith(HANDOFF_PREFIX)], handoffs)
+    decision = decide(items, [n for n in names if not n.startswith(HANDOFF_PREFIX)], handoffs, script)
     digest = hashlib.sha256(canonical_json(
         [system, [item_text(i) for i in items], decision.kind, decision.name, decision.arguments,
          decision.text]).encode()).hexdigest()[:24]

@@ -50,11 +50,18 @@ async def written_events(redis: Any) -> list[TelemetryEvent]:
             for e in parse_events(fields["batch"])]
 
 
-async def test_each_call_is_costed_at_its_own_models_price(redis, collector):
+# A provider-routed name (LiteLLM's ``litellm/<provider>/<model>``) is priced by the provider's
+# own model name: ``tf-back``'s price.
+ROUTED_BACK = f"litellm/anthropic/{BACK}"
+
+
+@pytest.mark.parametrize("back", [BACK, ROUTED_BACK])
+async def test_each_call_is_costed_at_its_own_models_price(redis, collector, back):
     producer = Producer(redis=redis)
     turn_id = await producer.enqueue_turn(conversation_id="conv-m", customer_id="C-100",
                                           text="Where is order 1042?")
-    ctx = two_model_desk(redis, OfflineModel(model_name=BACK))
+    ctx = two_model_desk(redis, OfflineModel(model_name=back))
+    nusd_per_token = {FRONT: NUSD_PER_TOKEN[FRONT], back: NUSD_PER_TOKEN[BACK]}  # either name
     assert await run_turn(ctx, turn_id, "conv-m") == "completed"
 
     # What each model did, as the models themselves report it in their generation spans.
@@ -65,21 +72,21 @@ async def test_each_call_is_costed_at_its_own_models_price(redis, collector):
             spent[data.model]["llm_calls"] += 1
             spent[data.model]["input_tokens"] += data.usage["input_tokens"]
             spent[data.model]["output_tokens"] += data.usage["output_tokens"]
-    assert sorted(spent) == [BACK, FRONT]  # Triage routed, Orders looked up and answered
-    assert spent[FRONT]["llm_calls"] == 1 and spent[BACK]["llm_calls"] == 2
+    assert sorted(spent) == sorted([back, FRONT])  # Triage routed, Orders looked up and answered
+    assert spent[FRONT]["llm_calls"] == 1 and spent[back]["llm_calls"] == 2
 
     events = await written_events(redis)
     calls = [(e.agent, e.model) for e in events if e.kind == EventKind.llm_end]
-    assert calls == [(TRIAGE, FRONT), (ORDERS, BACK), (ORDERS, BACK)]
+    assert calls == [(TRIAGE, FRONT), (ORDERS, back), (ORDERS, back)]
     turn_level = {e.kind: e.model for e in events if e.kind in (EventKind.turn_started,
                                                                  EventKind.turn_completed)}
-    assert turn_level == {EventKind.turn_started: FRONT, EventKind.turn_completed: BACK}
+    assert turn_level == {EventKind.turn_started: FRONT, EventKind.turn_completed: back}
 
     await drain(redis, prices=PRICES)
-    expected_cost = {m: (s["input_tokens"] + s["output_tokens"]) * NUSD_PER_TOKEN[m]
+    expected_cost = {m: (s["input_tokens"] + s["output_tokens"]) * nusd_per_token[m]
                      for m, s in spent.items()}
     rows = {row["model"]: row for row in await stats(redis, "model")}
-    assert sorted(rows) == [BACK, FRONT]  # nothing counted against the worker's default
+    assert sorted(rows) == sorted([back, FRONT])  # nothing counted against the worker's default
     for model, figures in spent.items():
         assert {k: rows[model][k] for k in figures} == figures
         raw = await redis.hgetall(keys.aggregate("model", model))
@@ -87,7 +94,7 @@ async def test_each_call_is_costed_at_its_own_models_price(redis, collector):
         assert "cost_unknown_calls" not in raw or int(raw["cost_unknown_calls"]) == 0
     turn = await redis.hgetall(keys.aggregate("turn", turn_id))
     assert int(turn["cost_nusd"]) == sum(expected_cost.values())
-    assert turn["models"] == f'["{FRONT}", "{BACK}"]' and turn["model"] == BACK
+    assert turn["models"] == f'["{FRONT}", "{back}"]' and turn["model"] == back
 
 
 async def test_a_failed_call_is_counted_against_the_model_that_made_it(redis):

@@ -27,8 +27,9 @@ from turnfleet.workers.model import (
     OfflineModel,
     decide,
 )
-from turnfleet.workers.model_script import Call, Conversation, Intent, Outcome, Rule, Script, Slot, Step
-from turnfleet.workers.support_desk_script import order_ids_in
+from turnfleet.offline_script import Conversation, Intent, Rule, Script
+from tests.apps.scripted import HELPDESK_SCRIPT, RESET
+from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT, order_ids_in
 
 TRIAGE_HANDOFFS = [
     HandoffOption("transfer_to_billing", "Billing"),
@@ -406,32 +407,7 @@ async def test_no_spans_when_tracing_is_disabled(desk, collector) -> None:
 
 # ------------------------------------------------------------------ a workflow's own script
 
-USERNAME = Slot("username", r"\buser(?:name)?\s+([a-z][a-z0-9._-]*[a-z0-9])")
-RESET = "reset_password"
-HELPDESK_SCRIPT = Script(
-    rules=(Rule("reset", (r"\b(reset|forgot)\b", r"\bpassword\b")),),
-    intents=(
-        Intent(
-            "reset",
-            steps=(
-                Step(
-                    Call(RESET, {"username": "{username}", "notify": True}),
-                    outcomes=(
-                        Outcome("reset", "Done: {username} can log in with {temporary} now."),
-                        Outcome(None, "I could not reset {username}: {reason}"),
-                    ),
-                    failed="Something went wrong resetting {username}.",
-                ),
-            ),
-            route=("accounts",),
-            ask="Which username is it?",
-        ),
-        Intent("other", reply="I reset passwords; tell me the username."),
-    ),
-    fallback="other",
-    slot=USERNAME,
-    home=("front",),
-)
+# The helpdesk script lives with the app that serves it (tests/apps/scripted.py).
 
 
 def helpdesk(calls: list[dict[str, Any]]) -> Agent[Any]:
@@ -513,6 +489,17 @@ def test_a_script_naming_an_intent_it_does_not_define_is_refused() -> None:
 
 def test_scripts_import_without_the_agents_sdk() -> None:
     code = ("import sys, turnfleet.workers.support_desk_script; "
+            "from turnfleet import Script, Rule, FollowUp, Intent, Step, Call, Outcome, Slot, Facts; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'openai')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_team_writes_its_script_with_names_from_turnfleet_alone() -> None:
+    import turnfleet
+    from turnfleet import offline_script
+
+    for name in ("Script", "Rule", "FollowUp", "Intent", "Step", "Call", "Outcome", "Slot", "Facts"):
+        assert getattr(turnfleet, name) is getattr(offline_script, name)
+        assert name in turnfleet.__all__
+    assert isinstance(SUPPORT_DESK_SCRIPT, turnfleet.Script)

@@ -66,3 +66,19 @@ def test_unknown_model_has_no_cost_and_is_warned_about_once() -> None:
         assert PriceTable(DEFAULT_PRICES).cost_nusd(model, usage(1, 1)) is None
     warnings = [e for e in logs if e["event"] == "pricing.unknown_model"]
     assert [(w["model"], w["log_level"]) for w in warnings] == [(model, "warning")]
+
+
+def test_a_routed_model_is_priced_by_the_providers_own_name() -> None:
+    table = PriceTable({**DEFAULT_PRICES, "anthropic/claude-house": Price(input=9, cached_input=9, output=9),
+                        "claude-house": Price(input=1, cached_input=1, output=1)})
+    for routed in ("litellm/anthropic/claude-3-5-sonnet-20240620", "anthropic/claude-3-5-sonnet-20240620",
+                   "openrouter/anthropic/claude-3-5-sonnet-20240620"):
+        assert table.resolve(routed) == "claude-3-5-sonnet-20240620"
+    assert table.cost_nusd("litellm/anthropic/claude-3-5-sonnet-20240620", usage(1000, 100)) == 4_500_000
+    assert table.resolve("litellm/openai/gpt-4o-2024-08-06") == "gpt-4o"  # and its family
+    assert table.resolve("litellm/gpt-4o-mini") == "gpt-4o-mini"
+    # The most specific entry wins: the provider-qualified one over the bare name.
+    assert table.resolve("litellm/anthropic/claude-house") == "anthropic/claude-house"
+    assert table.resolve("vertex/claude-house") == "claude-house"
+    assert table.resolve("litellm/anthropic/claude-unknown") is None  # nothing looser
+    assert table.resolve("litellm/") is None

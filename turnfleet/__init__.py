@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {name: "turnfleet.workflow" for name in ("Workflow", "App", "WorkflowError", "AppLoadError", "load_app")}
 _LAZY |= {"TurnContext": "turnfleet.context"}
 _LAZY |= {name: "turnfleet.side_effects" for name in ("once", "Once", "OnceError", "idempotency_key")}
+_LAZY |= {name: "turnfleet.offline_script" for name in ("Script", "Rule", "FollowUp", "Intent", "Step", "Call", "Outcome", "Slot", "Facts")}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -221,6 +221,11 @@ DEFAULT_PRICES: dict[str, Price] = {
     "gpt-5": Price(input=1.25, cached_input=0.125, output=10.00),
     "gpt-5-mini": Price(input=0.25, cached_input=0.025, output=2.00),
     "gpt-5-nano": Price(input=0.05, cached_input=0.005, output=0.40),
+    # Other providers by their own model names (a "litellm/anthropic/<name>" call is priced
+    # by "<name>"); cached_input is the cache-read price.
+    "claude-3-5-sonnet-20240620": Price(input=3.00, cached_input=0.30, output=15.00),
+    "claude-3-5-haiku-20241022": Price(input=0.80, cached_input=0.08, output=4.00),
+    "claude-sonnet-4-20250514": Price(input=3.00, cached_input=0.30, output=15.00),
     # The offline model is priced as if it were gpt-4.1-mini, so cost figures are realistic.
     "turnfleet-offline": Price(input=0.40, cached_input=0.10, output=1.60),
 }

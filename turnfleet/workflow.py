@@ -60,6 +60,11 @@ class Workflow:
     # The team's own agents.tracing.TracingProcessor objects (their vendor's exporter): each gets
     # this workflow's kept, redacted traces and spans (workers/trace_store.py); not fingerprinted.
     trace_processors: Sequence[Any] = ()
+    # What the offline model decides for this workflow's agents (a ``turnfleet.Script``) when
+    # the fleet runs offline; it stands in for the LLM, so it is not part of the fingerprint.
+    offline_script: Any = None
+    # The model of the workflow's agents that name none: a model name or an SDK ``Model``.
+    model: Any = None
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +100,7 @@ class Workflow:
             "guardrail_replies": dict(sorted(self.guardrail_replies.items())),
             "default_guardrail_reply": self.default_guardrail_reply,
             "model_settings": _settings(self.model_settings),
+            **({"model": _model(self.model)} if self.model is not None else {}),
             "agents": [_agent(a) for a in sorted(self._agents.values(), key=lambda a: a.name)],
         }
 

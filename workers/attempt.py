@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
 import structlog
-from agents import Agent, ModelProvider, RunConfig, Runner, RunResult, flush_traces, trace
+from agents import Agent, RunConfig, Runner, RunResult, flush_traces, trace
 from agents.exceptions import (
     InputGuardrailTripwireTriggered,
     MaxTurnsExceeded,
@@ -69,6 +69,7 @@ from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workflow import App, Workflow
 from turnfleet.context import TurnContext
 from turnfleet.workers.hooks import TelemetryHooks
+from turnfleet.workers.llm import WorkerModels
 from turnfleet.workers.memory import ConversationMemory, MemoryFenced
 from turnfleet.workers.trace_store import TraceStore
 
@@ -106,8 +107,9 @@ class Runtime:
     # they share with the attempt that now owns the turn.
     fenced: set[str] = field(default_factory=set)
     stopping: bool = False  # the worker is draining: a cancelled attempt is "WorkerStopped"
-    # Models for agents that name one (or none) instead of holding a Model object.
-    models: ModelProvider | None = None
+    # Per workflow name: models for agents that name one (or none) instead of holding a Model
+    # object (workers/llm.py WorkerModels).
+    models: Mapping[str, WorkerModels] | None = None
 
 
 class Lease:
@@ -253,6 +255,8 @@ class Attempt:
             return await self.exhausted(UNKNOWN_WORKFLOW, (
                 f"workflow {self.req.agent!r} is not served by this worker (it serves {served})"))
         agent = self.workflow.starting_agent(decision.current_agent)
+        if rt.models:  # an agent naming no model runs on (and is counted under) its workflow's
+            self.hooks.model_name = rt.models[self.workflow.name].default_name
         self.hooks.turn_started(self.queue_wait_ms, agent.name, model=self.hooks.model_of(agent))
         session = ConversationMemory(
             rt.redis, self.req.conversation_id, turn_id=self.req.turn_id, attempt=self.number,
@@ -318,7 +322,7 @@ class Attempt:
                         max_turns=rt.settings.max_agent_turns,
                         run_config=RunConfig(
                             workflow_name=self._trace_name(),
-                            model_provider=rt.models or RunConfig().model_provider,
+                            model_provider=rt.models[self.workflow.name] if rt.models else RunConfig().model_provider,
                             group_id=req.conversation_id,
                             tracing_disabled=tracing_off,
                             trace_include_sensitive_data=rt.settings.trace_include_sensitive_data,

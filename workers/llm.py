@@ -1,5 +1,10 @@
 """Which model the agents call: the offline model by default, or any OpenAI-compatible endpoint.
 
+Per workflow (``app_models``): a workflow's agents that name no model run on the workflow's
+``model``, else the worker's; offline, on the ``OfflineModel`` following the workflow's
+``offline_script``. Per agent: an agent's own ``model`` (a name, or a ``Model`` object, which
+it keeps); ``litellm/<provider>/<model>`` names run the SDK's LiteLLM model.
+
 A settings change (``TURNFLEET_MODEL_BASE_URL``, ``TURNFLEET_MODEL_NAME``,
 ``TURNFLEET_MODEL_API_KEY``, ``TURNFLEET_MODEL_API`` = ``chat`` | ``responses``) switches to
 OpenAI, vLLM, Ollama or a LiteLLM proxy; nothing else changes.
@@ -50,7 +55,9 @@ import openai
 import structlog
 from agents.models.interface import Model, ModelProvider
 
+from turnfleet.offline_script import Script
 from turnfleet.settings import WorkerProcessSettings
+from turnfleet.workflow import App, Workflow, WorkflowError
 
 if TYPE_CHECKING:
     import httpx2  # the openai client's HTTP library
@@ -58,6 +65,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 OFFLINE_MODEL = "turnfleet-offline"
+LITELLM_PREFIX = "litellm/"  # the SDK's MultiProvider prefix for its LiteLLM models
 MODEL_APIS = ("chat", "responses")
 BODY_SNIPPET_CHARS = 200
 
@@ -74,12 +82,18 @@ class MalformedModelResponse(openai.APIResponseValidationError):
     """
 
 
-def make_model(settings: WorkerProcessSettings) -> Model:
-    """The model the Support Desk runs on, from settings (see the module docstring)."""
-    if settings.model_base_url is None and settings.model_name == OFFLINE_MODEL:
+def runs_offline(settings: WorkerProcessSettings) -> bool:
+    """No endpoint configured and the offline model named: the fleet runs offline."""
+    return settings.model_base_url is None and settings.model_name == OFFLINE_MODEL
+
+
+def make_model(settings: WorkerProcessSettings, script: Script | None = None) -> Model:
+    """The worker's model, from settings (see the module docstring); offline, the
+    ``OfflineModel`` following ``script`` (default: the built-in app's, the Desk's)."""
+    if runs_offline(settings):
         from turnfleet.workers.model import OfflineModel
 
-        return OfflineModel(model_name=OFFLINE_MODEL)
+        return OfflineModel(model_name=OFFLINE_MODEL, script=script)
     if settings.model_api not in MODEL_APIS:
         raise ValueError(
             f"TURNFLEET_MODEL_API must be one of {', '.join(MODEL_APIS)}, not {settings.model_api!r}"
@@ -111,29 +125,97 @@ def make_model(settings: WorkerProcessSettings) -> Model:
 
 
 class WorkerModels(ModelProvider):
-    """Models for agents that name one, or none, instead of holding a ``Model`` object (a
-    team's agents need not build clients): none, or the configured name, is the worker's model;
-    another name is the same endpoint under that name (the offline model under that name when
-    the fleet runs offline), built once per name."""
+    """The models of one workflow's agents that name one, or none, instead of holding a
+    ``Model`` object (a team's agents need not build clients); the attempt passes it to the
+    SDK as ``RunConfig.model_provider``. Agents holding a ``Model`` object keep it.
 
-    def __init__(self, settings: WorkerProcessSettings, default: Model) -> None:
+    - none: the workflow's ``model`` (a name, resolved as below, or a ``Model`` object), else
+      the worker's model (``TURNFLEET_MODEL_NAME``);
+    - ``litellm/<provider>/<model>``: the SDK's LiteLLM model for that provider (the
+      ``turnfleet[litellm]`` extra), as the SDK's own ``MultiProvider`` resolves the prefix;
+    - the worker's model name: the worker's model; any other name: the same endpoint under
+      that name, built once per name.
+
+    Offline (no ``TURNFLEET_MODEL_BASE_URL``, model ``turnfleet-offline``) every name is the
+    ``OfflineModel`` under that name, following the workflow's ``offline_script``.
+    ``default_name`` is what a call of an agent naming no model is counted under.
+    """
+
+    def __init__(self, settings: WorkerProcessSettings, default: Model | None = None, *,
+                 script: Script | None = None, workflow_model: str | Model | None = None) -> None:
+        from turnfleet.workers.hooks import model_name_of
+
         self.settings = settings
-        self.default = default
+        self.script = script
         self._made: dict[str, Model] = {}
+        self.worker_model = default if default is not None else make_model(settings, script)
+        if isinstance(workflow_model, Model):
+            self.default = workflow_model
+        else:
+            self.default = self.get_model(workflow_model) if workflow_model else self.worker_model
+        self.default_name = model_name_of(workflow_model, settings.model_name)
 
     def get_model(self, model_name: str | None) -> Model:
-        if not model_name or model_name == self.settings.model_name:
+        if not model_name:
             return self.default
+        if model_name == self.settings.model_name:
+            return self.worker_model
         model = self._made.get(model_name)
         if model is None:
-            if self.settings.model_base_url is None and self.settings.model_name == OFFLINE_MODEL:
+            if model_name.startswith(LITELLM_PREFIX):
+                from agents.extensions.models.litellm_provider import LitellmProvider
+
+                model = LitellmProvider().get_model(model_name.removeprefix(LITELLM_PREFIX))
+            elif runs_offline(self.settings):
                 from turnfleet.workers.model import OfflineModel
 
-                model = OfflineModel(model_name=model_name)
+                model = OfflineModel(model_name=model_name, script=self.script)
             else:
                 model = make_model(self.settings.model_copy(update={"model_name": model_name}))
             self._made[model_name] = model
         return model
+
+
+def needs_script(workflow: Workflow, settings: WorkerProcessSettings) -> list[str]:
+    """The agents of ``workflow`` that would run the offline model (they hold no ``Model``
+    object) when the fleet runs offline; empty when it does not, or when none would."""
+    if not runs_offline(settings):
+        return []
+    on_default = not isinstance(workflow.model, Model) and not (
+        isinstance(workflow.model, str) and workflow.model.startswith(LITELLM_PREFIX))
+    return [name for name, agent in workflow.agents.items()
+            if (agent.model is None and on_default)
+            or (isinstance(agent.model, str) and not agent.model.startswith(LITELLM_PREFIX))]
+
+
+def check_offline_scripts(app: App, settings: WorkerProcessSettings) -> None:
+    """Refuse (``WorkflowError``, one line naming the workflow) a workflow whose agents would
+    run the offline model without a script: they would follow another workflow's decisions
+    and silently never call their own tools."""
+    for workflow in app.workflows:
+        agents = needs_script(workflow, settings) if workflow.offline_script is None else []
+        if agents:
+            raise WorkflowError(
+                f"Workflow {workflow.name!r}: agent(s) {', '.join(agents)} run on the offline model "
+                f"but the workflow has no offline_script; give Workflow(offline_script=...) or "
+                f"point the worker at a model (TURNFLEET_MODEL_BASE_URL)")
+
+
+def app_models(app: App, settings: WorkerProcessSettings, model: Model) -> dict[str, WorkerModels]:
+    """One ``WorkerModels`` per workflow of ``app``, by name: offline, each follows its own
+    workflow's script; on an endpoint, they share the worker's ``model`` (one client)."""
+    check_offline_scripts(app, settings)
+    for workflow in app.workflows:
+        if workflow.prices:
+            # Calls are priced by the telemetry consumer, which loads no app: say so rather
+            # than let a declared price be ignored silently.
+            log.warning("workflow.prices_not_applied", workflow=workflow.name,
+                        models=sorted(workflow.prices),
+                        hint="give these prices to the telemetry consumer in TURNFLEET_PRICES")
+    offline = runs_offline(settings)
+    return {w.name: WorkerModels(settings, None if offline else model, script=w.offline_script,
+                                 workflow_model=w.model)
+            for w in app.workflows}
 
 
 def is_transient_model_error(exc: BaseException) -> bool | None:

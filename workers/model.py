@@ -4,7 +4,7 @@ No machine here reaches an LLM service, yet the fleet must run real agent loops:
 calls, real handoffs, real token usage. This model reads what an LLM would read (the system
 instructions, the conversation in Responses format — this run's items and earlier turns loaded
 from session memory — and the agent's tools and handoffs) and answers what the workflow's
-script says (``workers/model_script.py``: rules are data the workflow supplies, so adding a
+script says (``turnfleet/offline_script.py``: rules are data the workflow supplies, so adding a
 tool to a workflow never means editing this module). ``OfflineModel()`` without a script
 follows the built-in app's, the Support Desk's (``workers/support_desk_script.py``). The same
 input always gives the same output, ids and usage, so telemetry totals for a scenario are known
@@ -71,7 +71,7 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
-from turnfleet.workers.model_script import (
+from turnfleet.offline_script import (
     Decision,
     HandoffOption,
     Script,
@@ -223,7 +223,7 @@ def _json_safe(value: Any) -> Any:
 class OfflineModel(Model):
     """The embedded default model: deterministic, offline, with real calls, handoffs and usage.
 
-    ``script`` is the workflow's (``workers/model_script.py``); without one, the built-in
+    ``script`` is the workflow's (``turnfleet/offline_script.py``); without one, the built-in
     app's, the Support Desk's. Stateless and safe to share between concurrent runs.
     """
 

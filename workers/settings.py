@@ -34,7 +34,7 @@ from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
-from turnfleet.workers.llm import WorkerModels, make_model
+from turnfleet.workers.llm import app_models, make_model
 from turnfleet.startup_heap import freeze_startup_heap
 from turnfleet.workers.reconcile import reconcile_forever
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
@@ -52,6 +52,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     url = ctx.get("redis_url") or settings.redis_url
     redis = connect(url)
     model = make_model(settings)
+    app = load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name)
+    models = app_models(app, settings, model)  # per workflow; refuses one offline without a script
     redactor = Redactor.from_settings(settings)
     # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
     # redacted, and written by the job (or sent to the configured OTLP endpoint).
@@ -75,7 +77,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         redis=redis,
         queue=TurnQueue(redis),
         app=app,
-        models=WorkerModels(settings, model),
+        models=models,
         model_name=settings.model_name,
         worker_name=settings.worker_name or heartbeat.default_name(),
         redactor=redactor,

@@ -30,7 +30,7 @@ from agents.models.interface import Model
 
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.context import TurnContext
-from turnfleet.workers.model_script import Script
+from turnfleet.offline_script import Script
 from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT
 from turnfleet.workflow import App, Workflow
 from turnfleet.workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
@@ -207,7 +207,8 @@ def support_desk_workflow(model: Model, trace_name: str = "Support Desk") -> Wor
     what a worker serves without ``--app``."""
     desk = build_support_desk(model)
     return Workflow(name=DEFAULT_WORKFLOW, agent=desk.triage, guardrail_replies=dict(GUARDRAIL_REPLIES),
-                    default_guardrail_reply=DEFAULT_GUARDRAIL_REPLY, trace_name=trace_name)
+                    default_guardrail_reply=DEFAULT_GUARDRAIL_REPLY, trace_name=trace_name,
+                    offline_script=desk.script)
 
 
 def builtin_app(model: Model, trace_name: str = "Support Desk") -> App:

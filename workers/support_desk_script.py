@@ -1,6 +1,6 @@
 """The Support Desk's script for the offline model: what its agents do, as data.
 
-One instance of ``workers/model_script.py``'s ``Script`` (read its docstring for how a script
+One instance of ``turnfleet/offline_script.py``'s ``Script`` (read its docstring for how a script
 decides). Understood (latest user message, case-insensitive):
 
 * escalation — "talk to a human", "speak to a manager", "escalate", "a real person",
@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from turnfleet.workers.model_script import (
+from turnfleet.offline_script import (
     Call,
     Facts,
     FollowUp,

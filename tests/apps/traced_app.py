@@ -1,7 +1,7 @@
 """A team's workflow with its own trace processors (``Workflow(trace_processors=[...])``).
 
 Its tool is named like the Desk's ``lookup_order(order_id)`` only so that the offline model,
-which plays the Desk's script, calls it; its body makes a custom span whose data holds a
+playing the Desk's script (``offline_script``), calls it; its body makes a custom span whose data holds a
 secret, which must reach the processors redacted. ``collector`` keeps what it is handed;
 ``broken`` raises on every call (it must never fail a turn, nor keep ``collector`` from its
 spans).
@@ -14,6 +14,7 @@ from agents import Agent
 
 from tests.tracing import Collector
 from turnfleet import App, TurnContext, Workflow
+from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT
 
 SECRET = "sk-proj-Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh9Jk"
 
@@ -72,7 +73,9 @@ async def lookup_order(ctx: RunContextWrapper[TurnContext], order_id: str) -> st
 broken = Broken()
 collector = Collecting()
 orders = Agent(name="Orders", instructions="Answer questions about orders.", tools=[lookup_order])
-workflow = Workflow(name="traced-desk", agent=orders, trace_processors=[broken, collector])
+workflow = Workflow(name="traced-desk", agent=orders, trace_processors=[broken, collector],
+                    offline_script=SUPPORT_DESK_SCRIPT)
 # Another workflow of the same app, without processors: its turns reach neither of them.
-plain = Workflow(name="plain-desk", agent=Agent(name="Orders", instructions="Orders, plainly.", tools=[lookup_order]))
+plain = Workflow(name="plain-desk", agent=Agent(name="Orders", instructions="Orders, plainly.", tools=[lookup_order]),
+                 offline_script=SUPPORT_DESK_SCRIPT)
 app = App([workflow, plain])
