@@ -65,6 +65,9 @@ class Workflow:
     offline_script: Any = None
     # The model of the workflow's agents that name none: a model name or an SDK ``Model``.
     model: Any = None
+    # The team's own agents.RunHooks for this workflow's runs, called after turnfleet's own
+    # telemetry hooks for every callback (workers/hooks.py ChainedHooks); not fingerprinted.
+    hooks: Any = None
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -68,7 +68,7 @@ from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workflow import App, Workflow
 from turnfleet.context import TurnContext
-from turnfleet.workers.hooks import TelemetryHooks
+from turnfleet.workers.hooks import ChainedHooks, TelemetryHooks
 from turnfleet.workers.llm import WorkerModels
 from turnfleet.workers.memory import ConversationMemory, MemoryFenced
 from turnfleet.workers.trace_store import TraceStore
@@ -317,7 +317,7 @@ class Attempt:
                             metadata=dict(req.metadata),
                             workflow=self.workflow.name if self.workflow else req.agent,
                         ),
-                        hooks=self.hooks,
+                        hooks=ChainedHooks(self.hooks, self.workflow.hooks) if self.workflow.hooks else self.hooks,
                         session=session,
                         max_turns=rt.settings.max_agent_turns,
                         run_config=RunConfig(

@@ -286,3 +286,30 @@ class TelemetryHooks(RunHooks[Any]):
         self.handoffs.append(Handoff(from_agent=from_agent.name, to_agent=to_agent.name))
         self.emit(ev.HandoffDetail(from_agent=from_agent.name, to_agent=to_agent.name),
                   agent=from_agent.name)
+
+
+class ChainedHooks(RunHooks[Any]):
+    """turnfleet's hooks, then a workflow's own (``Workflow(hooks=...)``), for every callback.
+
+    The team's hooks keep their SDK meaning: called with the same arguments at the same points,
+    and an exception they raise fails the run as it would under ``Runner.run(hooks=...)``
+    (turnfleet's hooks have already recorded the event by then).
+    """
+
+    def __init__(self, ours: RunHooks[Any], theirs: Any) -> None:
+        self.ours = ours
+        self.theirs = theirs
+
+
+def _chain(name: str) -> Any:
+    async def call(self: ChainedHooks, *args: Any, **kwargs: Any) -> None:
+        await getattr(self.ours, name)(*args, **kwargs)
+        await getattr(self.theirs, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+for _name in ("on_llm_start", "on_llm_end", "on_agent_start", "on_agent_end", "on_handoff",
+              "on_tool_start", "on_tool_end"):
+    setattr(ChainedHooks, _name, _chain(_name))
