@@ -40,10 +40,11 @@ async def run_dev(redis_url: str, spec: str, app: App, workers: int) -> int:
     run_id = uuid.uuid4().hex[:6]
     log_dir = Path(CommonSettings().state_dir) / "logs" / f"dev-{run_id}"
     env = fleet_env(redis_url, {"TURNFLEET_APP": spec})
-    names = [f"dev-{run_id}-worker-{i}" for i in range(1, workers + 1)]
+    labels = [f"worker-{i}" for i in range(1, workers + 1)]
+    names = [f"dev-{run_id}-{label}" for label in labels]  # TURNFLEET_WORKER_NAME: on every result
     procs = [FleetProcess("telemetry", ["telemetry"], env, log_dir / "telemetry.log")]
-    procs += [FleetProcess(name.removeprefix(f"dev-{run_id}-"), ["worker"], {**env, "TURNFLEET_WORKER_NAME": name},
-                           log_dir / f"{name.removeprefix(f'dev-{run_id}-')}.log") for name in names]
+    procs += [FleetProcess(label, ["worker"], {**env, "TURNFLEET_WORKER_NAME": name}, log_dir / f"{label}.log")
+              for label, name in zip(labels, names)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,10 +80,10 @@ async def run_dev(redis_url: str, spec: str, app: App, workers: int) -> int:
             await _wait(stop, 0.5)
         _say("turnfleet dev: stopping (workers finish the turns they hold)")
         return 0
-    finally:
-        codes = [p.stop() for p in procs]
+    finally:  # SIGTERM to all at once: the workers drain side by side, then each exits
+        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
         await redis.aclose()
-        _say(f"turnfleet dev: stopped ({len([c for c in codes if c is not None])} processes)")
+        _say("turnfleet dev: stopped")
 
 
 def _embedded(redis_url: str) -> bool:
