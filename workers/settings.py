@@ -31,7 +31,7 @@ from turnfleet import heartbeat, registry
 from turnfleet.connection import connect
 from turnfleet.workflow import load_app
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
-from turnfleet.redaction import Redactor
+from turnfleet.logging import configure_logging
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
 from turnfleet.workers.llm import app_models, make_model
@@ -54,7 +54,17 @@ async def startup(ctx: dict[str, Any]) -> None:
     model = make_model(settings)
     app = load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name)
     models = app_models(app, settings, model)  # per workflow; refuses one offline without a script
-    redactor = Redactor.from_settings(settings)
+    worker_name = settings.worker_name or heartbeat.default_name()
+    # Workers say what they serve: the registry outlives them, and the edges refuse a
+    # workflow no worker ever served (turnfleet/registry.py). A workflow's redaction patterns
+    # ride along (refused here if one does not compile); this worker redacts with the fleet's
+    # (the registry's union, so theirs and its own) on top of TURNFLEET_REDACT_PATTERNS.
+    served = registry.registrations(app.workflows)
+    await registry.register(redis, served, worker_name)
+    redactor = await registry.redactor(redis, settings, [p for r in served for p in r.redaction_patterns])
+    # Log lines too: the CLI configured logging with the settings' redactor before the app loaded.
+    configure_logging(settings.log_level, settings.log_format,
+                      extra_processors=[redactor.structlog_processor()])
     # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
     # redacted, and written by the job (or sent to the configured OTLP endpoint).
     buffer = TraceBuffer(max_spans=settings.trace_buffer_spans)
@@ -79,7 +89,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         app=app,
         models=models,
         model_name=settings.model_name,
-        worker_name=settings.worker_name or heartbeat.default_name(),
+        worker_name=worker_name,
         redactor=redactor,
         traces=TraceStore(
             buffer,
@@ -94,10 +104,6 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
     )
     rt = ctx["runtime"]
-    # Workers say what they serve: the registry outlives them, and the edges refuse a
-    # workflow no worker ever served (turnfleet/registry.py).
-    await registry.register(redis, [registry.Registration(w.name, w.fingerprint(), w.version)
-                                    for w in rt.app.workflows], rt.worker_name)
     ctx["in_flight"] = InFlight()
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
         redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count,
