@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+import structlog
+
 from agents import set_trace_processors
 from arq.connections import RedisSettings
 from redis.exceptions import RedisError
@@ -31,7 +33,7 @@ from turnfleet import heartbeat, registry
 from turnfleet.connection import connect
 from turnfleet.workflow import load_app
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
-from turnfleet.logging import configure_logging
+from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
 from turnfleet.workers.llm import app_models, make_model
@@ -62,9 +64,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     served = registry.registrations(app.workflows)
     await registry.register(redis, served, worker_name)
     redactor = await registry.redactor(redis, settings, [p for r in served for p in r.redaction_patterns])
-    # Log lines too: the CLI configured logging with the settings' redactor before the app loaded.
-    configure_logging(settings.log_level, settings.log_format,
-                      extra_processors=[redactor.structlog_processor()])
+    _redact_logs(redactor)
     # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
     # redacted, and written by the job (or sent to the configured OTLP endpoint).
     buffer = TraceBuffer(max_spans=settings.trace_buffer_spans)
@@ -112,6 +112,21 @@ async def startup(ctx: dict[str, Any]) -> None:
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )
     freeze_startup_heap()  # the SDK, the agents and the runtime are never garbage
+
+
+_LOG_REDACTION = f"{Redactor.structlog_processor.__qualname__}.<locals>.redact_event"
+
+
+def _redact_logs(redactor: Redactor) -> None:
+    """Log lines too: swap the redaction processor the CLI installed before the app was loaded
+    (``turnfleet/logging.py``: the settings' patterns only) for ``redactor``'s, leaving level
+    and output as they are. Where none is installed (arq run directly) logging is left alone."""
+    processors = list(structlog.get_config()["processors"])
+    for i, processor in enumerate(processors):
+        if getattr(processor, "__qualname__", None) == _LOG_REDACTION:
+            processors[i] = redactor.structlog_processor()
+            structlog.configure(processors=processors)
+            return
 
 
 class InFlight:
