@@ -56,13 +56,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     model = make_model(settings)
     app = load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name)
     models = app_models(app, settings, model)  # per workflow; refuses one offline without a script
-    worker_name = settings.worker_name or heartbeat.default_name()
-    # Workers say what they serve: the registry outlives them, and the edges refuse a
-    # workflow no worker ever served (turnfleet/registry.py). A workflow's redaction patterns
-    # ride along (refused here if one does not compile); this worker redacts with the fleet's
-    # (the registry's union, so theirs and its own) on top of TURNFLEET_REDACT_PATTERNS.
+    # What it registers below, refused here if a workflow's redaction pattern does not compile.
     served = registry.registrations(app.workflows)
-    await registry.register(redis, served, worker_name)
+    # Its redactor: TURNFLEET_REDACT_PATTERNS, the fleet's workflows' patterns (the registry's
+    # union: fleet-wide, see turnfleet/registry.py) and its own app's; for logs too.
     redactor = await registry.redactor(redis, settings, [p for r in served for p in r.redaction_patterns])
     _redact_logs(redactor)
     # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
@@ -89,7 +86,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         app=app,
         models=models,
         model_name=settings.model_name,
-        worker_name=worker_name,
+        worker_name=settings.worker_name or heartbeat.default_name(),
         redactor=redactor,
         traces=TraceStore(
             buffer,
@@ -104,6 +101,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
     )
     rt = ctx["runtime"]
+    # Workers say what they serve: the registry outlives them, and the edges refuse a
+    # workflow no worker ever served (turnfleet/registry.py). Redaction patterns ride along.
+    await registry.register(redis, served, rt.worker_name)
     ctx["in_flight"] = InFlight()
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
         redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count,
