@@ -8,7 +8,8 @@ HTTP. The built-in workflow (``support-desk``) is always known.
 
 Keys (``turnfleet/keys.py``): ``tf:workflows`` (hash: name -> the latest registration, JSON)
 and ``tf:workflow:versions:<name>`` (hash: fingerprint -> that version's registration, JSON:
-``version``, ``fingerprint``, ``first_seen``, ``last_seen``, ``worker``, ``redaction_patterns``).
+``version``, ``fingerprint``, ``first_seen``, ``last_seen``, ``worker``, ``redaction_patterns``,
+``prices`` when the workflow declares its own).
 
 Redaction patterns (``Workflow.redaction_patterns``) apply fleet-wide: every process redacts
 with the union of the registered workflows' patterns on top of ``TURNFLEET_REDACT_PATTERNS``
@@ -41,6 +42,7 @@ class Registration:
     fingerprint: str
     version: str | None = None
     redaction_patterns: tuple[str, ...] = ()
+    prices: dict[str, dict[str, float]] | None = None  # model -> USD per 1M tokens (Price fields)
 
 
 def registrations(workflows: Iterable[Any]) -> list[Registration]:
@@ -65,7 +67,30 @@ def registrations(workflows: Iterable[Any]) -> list[Registration]:
                 re.compile(p)
             except re.error as exc:
                 raise WorkflowError(f"Workflow {w.name!r}: redaction pattern {p!r} does not compile: {exc}") from None
-        out.append(Registration(w.name, w.fingerprint(), w.version, tuple(patterns)))
+        out.append(Registration(w.name, w.fingerprint(), w.version, tuple(patterns), _prices(w)))
+    return out
+
+
+def _prices(workflow: Any) -> dict[str, dict[str, float]] | None:
+    """``Workflow.prices`` as plain JSON, each entry checked as a ``turnfleet.settings.Price``
+    (a ``Price`` or a mapping with ``input``, ``cached_input``, ``output``: USD per 1M tokens)."""
+    from pydantic import ValidationError
+
+    from turnfleet.settings import Price
+    from turnfleet.workflow import WorkflowError
+
+    if not workflow.prices:
+        return None
+    out = {}
+    for model, price in dict(workflow.prices).items():
+        try:
+            checked = price if isinstance(price, Price) else Price.model_validate(price)
+        except ValidationError as exc:
+            problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'price'}: {e['msg']}" for e in exc.errors())
+            raise WorkflowError(f"Workflow {workflow.name!r}: price of {model!r}: {problem}") from None
+        if min(checked.input, checked.cached_input, checked.output) < 0:
+            raise WorkflowError(f"Workflow {workflow.name!r}: price of {model!r}: prices cannot be negative")
+        out[str(model)] = checked.model_dump()
     return out
 
 
@@ -85,7 +110,8 @@ async def register(redis: Redis, served: Iterable[Registration], worker: str) ->
             first = _field(seen, "first_seen") or now
             record = json.dumps({"name": r.name, "version": r.version, "fingerprint": r.fingerprint,
                                  "first_seen": first, "last_seen": now, "worker": worker,
-                                 "redaction_patterns": list(r.redaction_patterns)},
+                                 "redaction_patterns": list(r.redaction_patterns),
+                                 **({"prices": r.prices} if r.prices else {})},
                                 separators=(",", ":"))
             pipe.hset(keys.workflow_versions(r.name), r.fingerprint, record)
             pipe.hset(keys.WORKFLOWS, r.name, record)
@@ -145,6 +171,18 @@ async def redactor(redis: Redis, settings: RedactionSettings, own: Sequence[str]
     workflows' patterns (:func:`redaction_patterns`) and ``own`` (a worker's app's). Cheap to
     call per request: the ``Redactor`` is rebuilt only when the set changes."""
     return redactor_for(settings, (*await redaction_patterns(redis), *own))
+
+
+async def workflow_prices(redis: Redis) -> dict[str, dict[str, dict[str, float]]]:
+    """Each registered workflow's own prices (``Workflow.prices``, latest registration), by
+    workflow name; workflows without any are left out. Read by the telemetry consumer, which
+    prices a call of that workflow's turns with them over ``TURNFLEET_PRICES``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, raw in (await redis.hgetall(keys.WORKFLOWS)).items():
+        prices = _field(raw, "prices")
+        if isinstance(prices, dict) and prices:
+            out[name.decode() if isinstance(name, bytes) else name] = prices
+    return out
 
 
 async def versions(redis: Redis, name: str) -> list[dict[str, Any]]:
