@@ -325,7 +325,10 @@ class Producer:
             for turn_id in turn_ids:
                 pipe.execute_command("HMGET", keys.turn(turn_id), "request", "status", "raw_expired_at", **RAW)
             rows = await pipe.execute(raise_on_error=False)
-        return [self._known_row(row) for row in rows]
+        known = [self._known_row(row) for row in rows]
+        if any(k.raw_expired for k in known):  # compared in redacted form: the fleet's patterns too
+            self._redactor = await registry.redactor(self.redis, self.settings)
+        return known
 
     @staticmethod
     def _known_row(row: Any) -> Known:

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from turnfleet.producer.api import EnqueueResult, Producer, TurnValidationError
-from turnfleet import audit
+from turnfleet import audit, registry
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus
 from turnfleet.models import ID_SCHEMA_PATTERN, TurnRequest, TurnResult, TurnStatus
@@ -438,7 +438,8 @@ async def read_turn(
         await audit.record(redis_of(request), caller.name, "GET /v1/turns/{id}", turn_id)
     elif caller.operator:
         # As JSON values: a redacted string need not satisfy the model's constraints any more.
-        return JSONResponse(audit.redacted(result.model_dump(mode="json", by_alias=True), settings_of(request)))
+        redactor = await registry.redactor(redis_of(request), settings_of(request))  # the fleet's patterns too
+        return JSONResponse(redactor.value(result.model_dump(mode="json", by_alias=True)))
     return result
 
 

@@ -92,13 +92,16 @@ def cmd_worker(args: argparse.Namespace, url: str) -> int:
         os.environ["TURNFLEET_APP"] = args.app  # the worker's settings (and its lanes) read it
     spec = os.environ.get("TURNFLEET_APP")
     if spec:
+        from turnfleet import registry
         from turnfleet.workflow import AppLoadError, WorkflowError, load_app
 
         from turnfleet.settings import WorkerProcessSettings
         from turnfleet.workers.llm import check_offline_scripts
 
         try:  # here, once, so a bad app is one line and exit 2, not a worker that fails to start
-            check_offline_scripts(load_app(spec), WorkerProcessSettings())
+            app = load_app(spec)
+            check_offline_scripts(app, WorkerProcessSettings())
+            registry.registrations(app.workflows)  # redaction patterns that compile
         except (AppLoadError, WorkflowError) as exc:
             raise CliError(str(exc)) from None
     return run(url, burst=args.burst)
@@ -232,10 +235,10 @@ async def _result(args: argparse.Namespace, url: str) -> int:
         cost = await _turn_cost(redis, args.turn_id)
         if args.unredacted:
             await _audit(redis, "result", args.turn_id)
+        else:
+            result = TurnResult.model_validate(await _redacted(redis, result.model_dump(mode="json")))
     finally:
         await redis.aclose()
-    if not args.unredacted:
-        result = TurnResult.model_validate(_redacted(result.model_dump(mode="json")))
     if args.json:
         _print_json({**result.model_dump(mode="json"), "cost_usd": cost})
     else:
@@ -249,11 +252,12 @@ async def _turn_cost(redis: Any, turn_id: str) -> float | None:
     return (await turn_stats(redis, turn_id)).get("cost_usd")
 
 
-def _redacted(data: Any) -> Any:
-    """What an operator reads by default: the same redaction as telemetry and the console."""
-    from turnfleet.audit import redacted
+async def _redacted(redis: Any, data: Any) -> Any:
+    """What an operator reads by default: the same redaction as telemetry and the console
+    (``TURNFLEET_REDACT_*`` and the fleet's workflows' patterns, from the registry)."""
+    from turnfleet import registry
 
-    return redacted(data, CommonSettings())
+    return (await registry.redactor(redis, CommonSettings())).value(data)
 
 
 async def _audit(redis: Any, verb: str, subject: str) -> None:
@@ -280,14 +284,14 @@ async def _conversation(args: argparse.Namespace, url: str) -> int:
         replay = await conversation_replay(redis, args.conversation_id, trace_redis)
         if replay is not None and args.unredacted:
             await _audit(redis, "conversation", args.conversation_id)
+        elif replay is not None:
+            replay = await _redacted(redis, replay)
     finally:
         await redis.aclose()
         if trace_redis is not None:
             await trace_redis.aclose()
     if replay is None:
         raise _not_found("conversation", args.conversation_id)
-    if not args.unredacted:
-        replay = _redacted(replay)
     if args.json:
         _print_json(replay)
     else:
@@ -305,14 +309,14 @@ async def _turn(args: argparse.Namespace, url: str) -> int:
         replay = await turn_replay(redis, args.turn_id, trace_redis)
         if replay is not None and args.unredacted:
             await _audit(redis, "turn", args.turn_id)
+        elif replay is not None:
+            replay = await _redacted(redis, replay)
     finally:
         await redis.aclose()
         if trace_redis is not None:
             await trace_redis.aclose()
     if replay is None:
         raise _not_found("turn", args.turn_id)
-    if not args.unredacted:
-        replay = _redacted(replay)
     if args.json:
         _print_json(replay)
     else:

@@ -58,9 +58,8 @@ from turnfleet.telemetry.find import FIND_PAGE_MAX
 from turnfleet.telemetry.live_figures import last_hour, spend_today
 from turnfleet.telemetry.replay import conversation_replay
 from turnfleet.telemetry.times import parse_time
-from turnfleet import keys
+from turnfleet import keys, registry
 from turnfleet.auth import Principal
-from turnfleet.redaction import Redactor
 from turnfleet.formatting import money, ms
 from turnfleet.http import redis_of, settings_of, trace_redis_of
 
@@ -422,7 +421,7 @@ async def conversation(request: Request, conversation_id: str) -> Response:
         return _not_found(request, who, "conversation", conversation_id)
     # The turn's text, answer and errors are business data, kept as written: redact them as
     # telemetry is before showing them (telemetry itself is redacted already; again is a no-op).
-    replay = Redactor.from_settings(settings_of(request)).value(replay)
+    replay = (await registry.redactor(redis, settings_of(request))).value(replay)
     for turn in replay["turns"]:
         turn["breakdown"] = breakdown(turn.get("telemetry") or {}, turn["turn"])
         for attempt in turn["attempts"]:

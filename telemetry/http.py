@@ -51,7 +51,7 @@ from turnfleet.telemetry.replay import conversation_replay, turn_replay
 from turnfleet.telemetry.scoped import stats_of_customers, totals_of_customers
 from turnfleet.telemetry.stats import stats, totals
 from turnfleet.telemetry.times import parse_time
-from turnfleet import audit, heartbeat, keys
+from turnfleet import audit, heartbeat, keys, registry
 from turnfleet.auth import Principal
 from turnfleet.models import Alert
 from turnfleet.queue import TurnQueue
@@ -101,7 +101,7 @@ async def _view(redis: Redis, settings: ProducerSettings, who: Principal, unreda
     if unredacted:
         await audit.record(redis, who.name, what, subject)
         return JSONResponse(replay)
-    return JSONResponse(audit.redacted(replay, settings))
+    return JSONResponse((await registry.redactor(redis, settings)).value(replay))
 
 
 @router.get("/v1/conversations/{conversation_id}")

@@ -48,7 +48,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
-from turnfleet import keys
+from turnfleet import keys, registry
 from turnfleet.connection import RAW, lenient_text
 from turnfleet.models import AttemptError, TurnRequest, TurnResult, utcnow
 from turnfleet.queue import session_meta
@@ -163,7 +163,8 @@ class RawExpiry:
     def __init__(self, redis: Redis, settings: TelemetrySettings) -> None:
         self.redis = redis
         self.raw_retention_s = settings.raw_retention_s
-        self.redactor = Redactor.from_settings(settings)
+        self.settings = settings
+        self.redactor = Redactor.from_settings(settings)  # plus the fleet's patterns, per batch
         self.backfill_scans = BACKFILL_SCANS
         self.backfill_count = BACKFILL_COUNT
         self._expire = EXPIRE.bind(redis)
@@ -214,6 +215,8 @@ class RawExpiry:
     async def expire_turns(self, turn_ids: list[str]) -> RawExpiryResult:
         """Redact these turns now, whatever their finish time (each only while it is in the
         index): :meth:`read`, then :meth:`write`."""
+        # The workflows' own patterns (Workflow.redaction_patterns) are in the registry.
+        self.redactor = await registry.redactor(self.redis, self.settings)
         plans, unreadable = await self.read(turn_ids)
         result = await self.write(plans)
         result.skipped += unreadable

@@ -125,15 +125,3 @@ async def test_the_local_server_serves_a_workflows_own_script_to_a_real_worker(
     figures = server.usage_served()
     assert (done.usage.requests, done.usage.input_tokens, done.usage.output_tokens) == (
         figures["requests"], figures["input_tokens"], figures["output_tokens"])
-
-
-def test_a_workflows_own_prices_are_said_to_be_unapplied_not_ignored_silently():
-    from structlog.testing import capture_logs
-
-    priced = Workflow(name="w-priced", agent=helpdesk, offline_script=HELPDESK_SCRIPT,
-                      prices={"tf-helpdesk": {"input": 1, "cached_input": 1, "output": 1}})
-    with capture_logs() as logs:
-        app_models(App([priced, workflow]), WorkerProcessSettings(), OfflineModel())
-    [warned] = [e for e in logs if e["event"] == "workflow.prices_not_applied"]
-    assert (warned["workflow"], warned["models"]) == ("w-priced", ["tf-helpdesk"])
-    assert "TURNFLEET_PRICES" in warned["hint"]

@@ -19,15 +19,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from turnfleet import keys
-from turnfleet.redaction import Redactor
-from turnfleet.settings import CommonSettings
 
 AUDIT_MAXLEN = 100_000  # entries kept (approximately: XADD MAXLEN ~); older ones are trimmed
-
-
-def redacted(obj: Any, settings: CommonSettings) -> Any:
-    """``obj`` (a replay or a result as JSON values) as an operator sees it by default."""
-    return Redactor.from_settings(settings).value(obj)
 
 
 def cli_who() -> str:

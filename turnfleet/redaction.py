@@ -56,10 +56,11 @@ secrets without a known prefix outside a ``key=value`` shape, and postal address
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "SENSITIVE_FIELDS",
     "Redactor",
     "detect",
+    "redactor_for",
     "load_detectors",
     "normalise_field",
     "outside_markers",
@@ -910,6 +912,24 @@ class Redactor:
         return redact_event
 
 
+
+
+def redactor_for(settings: RedactionSettings, extra: Iterable[str] = ()) -> Redactor:
+    """:meth:`Redactor.from_settings` plus ``extra`` patterns (the fleet's workflows' own,
+    ``Workflow.redaction_patterns``, from ``turnfleet.registry``), applied after the settings'.
+
+    Built once per distinct set of settings and patterns, so a reader may ask for it on every
+    request: only a changed set builds (and compiles) a new one.
+    """
+    return _built(tuple(settings.redact_patterns), tuple(sorted(set(extra))),
+                  tuple(settings.redact_fields), tuple(settings.redact_detectors))
+
+
+@functools.lru_cache(maxsize=32)
+def _built(patterns: tuple[str, ...], extra: tuple[str, ...], fields: tuple[str, ...],
+           detectors: tuple[str, ...]) -> Redactor:
+    return Redactor(patterns=(*patterns, *extra), fields=fields,
+                    detectors=(*DETECTORS, *load_detectors(detectors)))
 
 
 def outside_markers(scan: Callable[[str], str]) -> Callable[[str], str]:

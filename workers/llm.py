@@ -205,13 +205,6 @@ def app_models(app: App, settings: WorkerProcessSettings, model: Model) -> dict[
     """One ``WorkerModels`` per workflow of ``app``, by name: offline, each follows its own
     workflow's script; on an endpoint, they share the worker's ``model`` (one client)."""
     check_offline_scripts(app, settings)
-    for workflow in app.workflows:
-        if workflow.prices:
-            # Calls are priced by the telemetry consumer, which loads no app: say so rather
-            # than let a declared price be ignored silently.
-            log.warning("workflow.prices_not_applied", workflow=workflow.name,
-                        models=sorted(workflow.prices),
-                        hint="give these prices to the telemetry consumer in TURNFLEET_PRICES")
     offline = runs_offline(settings)
     return {w.name: WorkerModels(settings, None if offline else model, script=w.offline_script,
                                  workflow_model=w.model)

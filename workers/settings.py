@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+import structlog
+
 from agents import set_trace_processors
 from arq.connections import RedisSettings
 from redis.exceptions import RedisError
@@ -54,7 +56,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     model = make_model(settings)
     app = load_app(settings.app) if settings.app else builtin_app(model, settings.workflow_name)
     models = app_models(app, settings, model)  # per workflow; refuses one offline without a script
-    redactor = Redactor.from_settings(settings)
+    # What it registers below, refused here if a workflow's redaction pattern does not compile.
+    served = registry.registrations(app.workflows)
+    # Its redactor: TURNFLEET_REDACT_PATTERNS, the fleet's workflows' patterns (the registry's
+    # union: fleet-wide, see turnfleet/registry.py) and its own app's; for logs too.
+    redactor = await registry.redactor(redis, settings, [p for r in served for p in r.redaction_patterns])
+    _redact_logs(redactor)
     # Our buffer replaces the SDK's OpenAI exporter: nothing leaves the process unless kept,
     # redacted, and written by the job (or sent to the configured OTLP endpoint).
     buffer = TraceBuffer(max_spans=settings.trace_buffer_spans)
@@ -95,9 +102,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     rt = ctx["runtime"]
     # Workers say what they serve: the registry outlives them, and the edges refuse a
-    # workflow no worker ever served (turnfleet/registry.py).
-    await registry.register(redis, [registry.Registration(w.name, w.fingerprint(), w.version)
-                                    for w in rt.app.workflows], rt.worker_name)
+    # workflow no worker ever served (turnfleet/registry.py). Redaction patterns ride along.
+    await registry.register(redis, served, rt.worker_name)
     ctx["in_flight"] = InFlight()
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat_forever(
         redis, "worker", ctx["runtime"].worker_name, lambda: ctx["in_flight"].count,
@@ -106,6 +112,21 @@ async def startup(ctx: dict[str, Any]) -> None:
         reconcile_forever(redis, settings.reconcile_every_s, settings.turn_lease_s)
     )
     freeze_startup_heap()  # the SDK, the agents and the runtime are never garbage
+
+
+_LOG_REDACTION = f"{Redactor.structlog_processor.__qualname__}.<locals>.redact_event"
+
+
+def _redact_logs(redactor: Redactor) -> None:
+    """Log lines too: swap the redaction processor the CLI installed before the app was loaded
+    (``turnfleet/logging.py``: the settings' patterns only) for ``redactor``'s, leaving level
+    and output as they are. Where none is installed (arq run directly) logging is left alone."""
+    processors = list(structlog.get_config()["processors"])
+    for i, processor in enumerate(processors):
+        if getattr(processor, "__qualname__", None) == _LOG_REDACTION:
+            processors[i] = redactor.structlog_processor()
+            structlog.configure(processors=processors)
+            return
 
 
 class InFlight:
