@@ -33,6 +33,17 @@ the error-rate window hash of its end time and the fleet's minute hash (``keys.a
 ``turns_completed``, ``turns_failed`` and one latency bucket field, ``latency_bucket``), read
 by the console's last-hour charts.
 
+Per workflow and per version: an entry's own fields ``workflow`` and ``version`` (written once
+per entry by the worker, beside the format version ``v``; :class:`RanBy`) name what ran the
+attempt. Every counted event of the entry also updates ``keys.aggregate("workflow", name)`` and
+``keys.aggregate("version", keys.version_subject(name, label))`` (the same counter fields as
+every subject, under the same dedupe: counted once), and the entry indexes both
+(``keys.aggregate_index("workflow" | "version")``), sets ``workflow`` / ``version`` on the
+turn's hash and, when known, the ``workflow`` / ``version`` (label) facets of ``find``. The
+batch stays format version 1: an older consumer ignores entry fields it does not know and
+counts the batch exactly as before (only without the split), so nothing is left for a newer
+consumer. Entries without the fields count under ``unknown`` (see :class:`RanBy`).
+
 Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
 one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
 ``errors:MalformedModelResponse``), under the same dedupe: a failed turn of N attempts counts
@@ -103,7 +114,7 @@ from turnfleet.events import (
     TurnStartedDetail,
     parse_events,
 )
-from turnfleet.models import TokenUsage
+from turnfleet.models import ID_PATTERN, TokenUsage
 from turnfleet.scripts import load_script
 from turnfleet.settings import TelemetrySettings
 
@@ -185,6 +196,52 @@ AGGREGATE = load_script("aggregate", "turnfleet.telemetry")
 
 class MalformedEntry(ValueError):
     """A stream entry that cannot be read as a batch of telemetry events."""
+
+
+MAX_VERSION_CHARS = 200  # a longer version label on an entry is counted as unknown
+
+
+@dataclass(frozen=True)
+class RanBy:
+    """The workflow and version an entry's attempt ran, from the entry's own fields
+    (``workflow``, ``version``: once per entry, beside its format version ``v``).
+
+    An entry written before entries named them (or naming something that is no workflow
+    name / a label longer than ``MAX_VERSION_CHARS``) is counted under workflow and version
+    ``unknown`` (``keys.UNKNOWN_RUN``), never guessed: before issue 16 every worker ran the
+    Support Desk, but since ``--app`` an older worker may run any workflow. An entry with a
+    workflow and no version (an attempt ended before its workflow was found: not served,
+    exhausted, undecodable) is its workflow's version ``unknown``, so a workflow's versions
+    always add up to the workflow.
+    """
+
+    workflow: str
+    version: str
+
+    @classmethod
+    def of(cls, fields: Mapping[str, Any] | None) -> RanBy:
+        fields = fields or {}
+        workflow, version = _text_field(fields.get("workflow")), _text_field(fields.get("version"))
+        if not workflow or not ID_PATTERN.fullmatch(workflow):
+            return cls(keys.UNKNOWN_RUN, keys.UNKNOWN_RUN)
+        if not version or len(version) > MAX_VERSION_CHARS:
+            version = keys.UNKNOWN_RUN
+        return cls(workflow, version)
+
+    @property
+    def known(self) -> bool:
+        return self.workflow != keys.UNKNOWN_RUN
+
+    @property
+    def subject(self) -> str:
+        """The version's aggregate subject (``keys.version_subject``)."""
+        return keys.version_subject(self.workflow, self.version)
+
+
+def _text_field(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(frozen=True)
@@ -429,11 +486,13 @@ class Aggregator:
         events = parse_batch(fields)
         attempts = _attempts(events)
         plan, touched = _Plan(), Touched()
+        ran = RanBy.of(fields)
+        split = [keys.aggregate("workflow", ran.workflow), keys.aggregate("version", ran.subject)]
         for ev in events:
             spec = PLANNERS[ev.kind]
             if spec.count is not None:
-                self._plan_event(plan, ev, _Counting(attempts[(ev.turn_id, ev.attempt)], touched),
-                                 spec.count)
+                self._plan_event(plan, ev, _Counting(attempts[(ev.turn_id, ev.attempt)], touched,
+                                                     split=split), spec.count)
             if spec.facets is not None:
                 _plan_facets(plan, ev, spec.facets(ev))
         for (turn_id, number), a in attempts.items():
@@ -448,8 +507,16 @@ class Aggregator:
                         else a.first_ts_ms)
             plan.always("x", conv, "last_event_ms", a.last_ts_ms)
             for kind, subject in (("turn", turn_id), ("conversation", a.conversation_id),
-                                  ("customer", a.customer_id)):
+                                  ("customer", a.customer_id), ("workflow", ran.workflow),
+                                  ("version", ran.subject)):
                 plan.index(kind, subject, a.last_ts_ms)
+            plan.always("s", turn, "workflow", ran.workflow)
+            plan.always("s", turn, "version", ran.version)
+            if ran.known:
+                facets = [("workflow", ran.workflow)]
+                if ran.version != keys.UNKNOWN_RUN:
+                    facets.append(("version", ran.version))
+                _plan_facets_at(plan, a.conversation_id, a.last_ts_ms, facets)
             touched.conversations[a.conversation_id] = a.customer_id
         plan.erased_check(entry_id, {x for (t, _), a in attempts.items()
                                      for x in (t, a.conversation_id, a.customer_id)})
@@ -473,7 +540,7 @@ class Aggregator:
         conv = keys.aggregate("conversation", ev.conversation_id)
         cust = keys.aggregate("customer", ev.customer_id)
         cust_day = keys.aggregate_day("customer", ev.customer_id, at.day)
-        at.every = [turn, conv, cust, cust_day, GLOBAL_KEY]
+        at.every = [turn, conv, cust, cust_day, GLOBAL_KEY, *at.split]
         count(self, plan, ev, at)
         plan.end_event(keys.event_seen(ev.turn_id), ev.event_id)
         plan.expire(cust_day, DAY_TTL_S)
@@ -690,13 +757,15 @@ class Aggregator:
 @dataclass
 class _Counting:
     """What planning one counted event needs besides the event: its attempt, what the entry
-    touched, and (set by ``Aggregator._plan_event``) its UTC day and the hashes every counted
-    event updates (turn, conversation, customer, customer-day, fleet)."""
+    touched, the entry's workflow and version hashes, and (set by ``Aggregator._plan_event``)
+    its UTC day and the hashes every counted event updates (turn, conversation, customer,
+    customer-day, fleet, then the workflow and the version)."""
 
     attempt: _Attempt
     touched: Touched
     day: str = ""
     every: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)  # the entry's workflow and version hashes
 
 
 _Count = Callable[[Aggregator, _Plan, TelemetryEvent, _Counting], None]
@@ -746,10 +815,13 @@ def _plan_facets(plan: _Plan, ev: TelemetryEvent, facets: list[tuple[str, str]])
     """What ``turnfleet find`` searches by (tools called, agents run, error types, guardrails
     tripped), scored by the event's time, both ways (facet → conversations, conversation →
     facets)."""
-    ts_ms = _ms(ev.ts)
+    _plan_facets_at(plan, ev.conversation_id, _ms(ev.ts), facets)
+
+
+def _plan_facets_at(plan: _Plan, conversation_id: str, ts_ms: int, facets: list[tuple[str, str]]) -> None:
     for facet, value in facets:
-        plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)
-        plan.zmax(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ts_ms)
+        plan.zmax(keys.facet_conversations(facet, value), conversation_id, ts_ms)
+        plan.zmax(keys.conversation_facets(conversation_id), f"{facet}:{value}", ts_ms)
 
 
 _LLM_METRICS = ("turnfleet_tokens_total", "turnfleet_llm_calls_total", "turnfleet_cost_usd_total",

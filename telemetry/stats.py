@@ -46,6 +46,16 @@ model calls, in tool calls, and the rest of ``duration_ms``, at least 0), ``erro
 ``stats(by="model")`` rows also ``errors`` (int: failed attempts, terminal or not, of turns
 run on that model) and ``errors_by_type`` (dict error type -> count, e.g.
 ``{"RateLimitError": 2, "MalformedModelResponse": 1}``).
+
+By workflow and by version (``stats(by="workflow" | "version")``): every counter field above,
+for the attempts a workflow (``workflow`` = its name) or one version of it ran (``workflow``
+and ``version``, the label ``<declared>@<fingerprint>`` or the fingerprint alone; the
+subject is ``<workflow>/<label>``: the same label in two workflows is two versions). A
+workflow's versions add up to the workflow's row. Telemetry written before entries named
+what ran them counts under workflow ``unknown``, version ``unknown``; an attempt that ended
+before its workflow was found (not served, given up), under its workflow's version
+``unknown``. A turn's figures add ``workflow`` and ``version`` (of its latest counted
+attempt; ``None`` before they were recorded).
 """
 
 from __future__ import annotations
@@ -67,8 +77,10 @@ from turnfleet.telemetry.aggregate import (
 from turnfleet.telemetry.pricing import nusd_to_usd
 from turnfleet import keys
 
-StatsKind = Literal["conversation", "customer", "model"]
-_ID_FIELD = {"conversation": "conversation_id", "customer": "customer_id", "model": "model"}
+StatsKind = Literal["conversation", "customer", "model", "workflow", "version"]
+_ID_FIELD = {"conversation": "conversation_id", "customer": "customer_id", "model": "model",
+             "workflow": "workflow", "version": "version"}
+FLEET_WIDE = ("model", "workflow", "version")  # kinds whose rows mix every customer's figures
 
 
 def optional_float(value: str | None) -> float | None:
@@ -144,6 +156,8 @@ async def turn_stats(redis: Redis, turn_id: str) -> dict[str, Any]:
         "error_message": raw.get("error_message"),
         "guardrail": raw.get("guardrail"),
         "finished_at": raw.get("finished_at"),
+        "workflow": raw.get("workflow"),
+        "version": raw.get("version"),
         **counters(raw),
     }
 
@@ -194,6 +208,8 @@ async def stats_rows(redis: Redis, by: StatsKind,
         }
         if by == "conversation":
             row["customer_id"] = raw.get("customer_id")
+        elif by == "version":
+            row["workflow"], row["version"] = keys.split_version_subject(subject)
         row.update(counters(raw))
         if by == "model":
             row.update(model_errors(raw))
