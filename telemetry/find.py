@@ -1,4 +1,4 @@
-"""Find conversations by customer, tool, agent, error, guardrail, time and cost.
+"""Find conversations by customer, tool, agent, error, guardrail, workflow, version, time and cost.
 
 Reads only, with one exception: :func:`find_conversations` intersects index zsets into a
 scratch key that the same Lua script deletes before it returns (nothing is left behind).
@@ -41,6 +41,8 @@ async def find_conversations(
     agent: str | None = None,
     error: str | None = None,
     guardrail: str | None = None,
+    workflow: str | None = None,
+    version: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     min_cost_usd: float | None = None,
@@ -52,12 +54,14 @@ async def find_conversations(
       ``keys.customer_conversations``); ``tool`` / ``agent`` / ``error``: conversations that
       called that tool, ran that agent, or had that error type (a failed attempt's or
       turn's error type; ``ToolError`` for a tool call that errored); ``guardrail``: that had
-      that guardrail's tripwire fire (e.g. ``prompt_injection``);
+      that guardrail's tripwire fire (e.g. ``prompt_injection``); ``workflow`` / ``version``:
+      run by that workflow / that version label (``2.1@3f9a0c1d2e4b5a69``; with ``workflow``,
+      that workflow's version);
     - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
     - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
 
     Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors``,
-    ``guardrails`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    ``guardrails``, ``workflows``, ``versions`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
     ``None`` for conversations aggregated before it was recorded).
 
     How: Redis does the set algebra. The filter zsets and the conversation index (score: last
@@ -75,7 +79,8 @@ async def find_conversations(
     filters = [keys.customer_conversations(customer)] if customer else []
     filters += [keys.facet_conversations(facet, value)
                 for facet, value in (("tool", tool), ("agent", agent), ("error", error),
-                                     ("guardrail", guardrail))
+                                     ("guardrail", guardrail), ("workflow", workflow),
+                                     ("version", version))
                 if value]
     index = keys.aggregate_index("conversation")
     hi = str(ms_of(until)) if until else "+inf"
@@ -137,6 +142,8 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[
             "agents": sorted(by_facet["agent"]),
             "errors": sorted(by_facet["error"]),
             "guardrails": sorted(by_facet["guardrail"]),
+            "workflows": sorted(by_facet["workflow"]),
+            "versions": sorted(by_facet["version"]),
             "first_event_at": iso_of_ms(raw.get("first_event_ms")),
             "last_event_at": iso_of_ms(last_ms),
         })
