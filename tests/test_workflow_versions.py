@@ -25,6 +25,7 @@ from tests.apps import versioned
 from tests.batches import T0, TURN_TOKENS, AttemptBatch, support_turn
 from tests.consuming import drain
 from tests.processes import run_burst, tf
+from tests.test_http_read import C100, OPERATOR, as_json, auth, serve
 
 NEW_TRIAGE = ("You are the front desk. Send billing questions to Billing and order questions "
               "to Orders; answer anything else yourself, briefly.")
@@ -200,3 +201,21 @@ async def test_metrics_split_by_workflow_and_by_the_latest_versions(redis):
     assert got[("turnfleet_attempts_failed_by_version_total",
                 (("version", labels[-1]), ("workflow", "desk-v")))] == 1
     assert len(await stats(redis, "version")) == n  # stats has every one
+
+
+async def test_http_stats_by_workflow_and_version_are_for_operator_keys(redis, redis_url):
+    await send(redis, support_turn("t-1", "c-1"), workflow="desk-v", version="1.0@aaaa")
+    await drain(redis)
+    async with serve(redis_url) as http:
+        for by in ("workflow", "version"):
+            r = await http.get("/v1/stats", params={"by": by}, headers=auth(OPERATOR))
+            assert r.status_code == 200 and r.json()["rows"] == as_json(await stats(redis, by))
+            # Per-workflow figures mix every customer's: a customer key may not read them.
+            forbidden = await http.get("/v1/stats", params={"by": by}, headers=auth(C100))
+            assert forbidden.status_code == 403 and forbidden.json()["error"] == "forbidden"
+        r = await http.get("/v1/find", params={"workflow": "desk-v", "version": "1.0@aaaa"},
+                           headers=auth(OPERATOR))
+        assert [row["conversation_id"] for row in r.json()] == ["c-1"]
+        r = await http.get("/v1/find", params={"workflow": "desk-v", "version": "1.0@bbbb"},
+                           headers=auth(OPERATOR))
+        assert r.json() == []
