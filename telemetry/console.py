@@ -327,15 +327,16 @@ async def search(request: Request) -> Response:
     async with redis.pipeline(transaction=False) as pipe:
         for dimension in ("tool", "agent"):
             pipe.smembers(keys.latency_names(dimension))
-        pipe.zrange(keys.aggregate_index("workflow"), 0, -1)
-        tools, agents, workflows = (sorted(names) for names in await pipe.execute())
+        pipe.zrange(keys.aggregate_index("version"), 0, -1)
+        tools, agents, versions = (sorted(names) for names in await pipe.execute())
+    workflows = sorted({keys.split_version_subject(v)[0] for v in versions} - {keys.UNKNOWN_RUN})
     return _page(
         request, "search.html", status=400 if errors else 200, who=who, params=params,
         errors=errors, rows=rows, page=page, offset=offset,
         newer=f"?{urlencode({**kept, 'page': page - 1})}" if page > 1 else None,
         older=f"?{urlencode({**kept, 'page': page + 1})}" if more else None,
         filtered=any(params.values()), tools=tools, agents=agents, size=size,
-        workflows=[w for w in workflows if w != keys.UNKNOWN_RUN],
+        workflows=workflows,
         default_size=PAGE_SIZE,
         customers=sorted(who.customers) if not who.operator else [],
     )

@@ -97,7 +97,7 @@ from redis.asyncio import Redis
 from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
 from turnfleet.telemetry.alerts import RULES
 from turnfleet.telemetry.lag import telemetry_lag
-from turnfleet.telemetry.stats import counters
+from turnfleet.telemetry.stats import counters, workflow_rows
 from turnfleet import heartbeat, keys, registry, versions
 
 TOP_CUSTOMERS = 50  # customers exported in the by-customer families (highest known cost)
@@ -136,7 +136,8 @@ class FleetSnapshot:
 
 
 async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
-    """Read everything the exposition shows. O(models + customers + live workers) reads."""
+    """Read everything the exposition shows. O(models + customers + live workers + workflow
+    versions) reads."""
     now = int(time.time() * 1000)
     workflows = sorted(await registry.workflows(redis))
     async with redis.pipeline(transaction=False) as pipe:
@@ -148,13 +149,12 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         pipe.hgetall(keys.HIST_QUEUE_WAIT)
         pipe.hgetall(keys.ALERTS_COUNT)
         pipe.hgetall(keys.WORKER_INFLIGHT)
-        pipe.zrange(keys.aggregate_index("workflow"), 0, -1)
         pipe.zrevrange(keys.aggregate_index("version"), 0, -1)
         for workflow in workflows:  # each workflow's own queues (routing), summed
             pipe.zcount(keys.workflow_queue(workflow), "-inf", now)
             pipe.zcount(keys.workflow_queue(workflow), f"({now}", "+inf")
             pipe.zcard(keys.workflow_isolated_queue(workflow))  # suspects of a worker loss (workers/isolation.py)
-        (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, ran_workflows, ran_versions,
+        (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, ran_versions,
          *depths) = await pipe.execute()
     due, scheduled, isolated = (sum(int(n) for n in depths[i::3]) for i in range(3))
     live = await heartbeat.alive(redis, "worker", worker_max_age_s, now)
@@ -167,15 +167,14 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         for customer in customers:
             pipe.hget(keys.aggregate("customer", customer), "cost_nusd")
         latest = latest_versions(ran_versions)
-        for subject in [*ran_workflows, *latest]:
-            pipe.hgetall(keys.aggregate("version" if subject in latest else "workflow", subject))
+        for subject in latest:
+            pipe.hgetall(keys.aggregate("version", subject))
         replies = await pipe.execute()
     model_rows = {m: counters(raw) for m, raw in zip(models, replies) if raw}
     costs = replies[len(models):len(models) + len(customers)]
-    ran = replies[len(models) + len(customers):]
-    workflow_rows = {w: counters(raw) for w, raw in zip(ran_workflows, ran) if raw}
     version_rows = {keys.split_version_subject(v): counters(raw)
-                    for v, raw in zip(latest, ran[len(ran_workflows):]) if raw}
+                    for v, raw in zip(latest, replies[len(models) + len(customers):]) if raw}
+    ran_workflows = {row["workflow"]: row for row in await workflow_rows(redis)}
     top = sorted(zip(customers, costs), key=lambda c: (-int(c[1] or 0), c[0]))[:TOP_CUSTOMERS]
     async with redis.pipeline(transaction=False) as pipe:
         for customer, _ in top:
@@ -193,7 +192,7 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         models=model_rows,
         customers={c: counters(raw) for (c, _), raw in zip(top, customer_hashes) if raw},
         customers_total=len(customers),
-        workflows=workflow_rows,
+        workflows=ran_workflows,
         versions=version_rows,
         turn_latency=latency,
         queue_wait=wait,

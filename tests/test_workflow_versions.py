@@ -139,6 +139,17 @@ async def test_each_version_is_counted_once_and_adds_up_to_its_workflow(redis):
         assert workflows["desk-v"][figure] == (versions["desk-v/1.0@aaaa"][figure]
                                                + versions["desk-v/1.0@bbbb"][figure]), figure
     assert workflows["desk-v"]["workflow"] == "desk-v"
+    # Figures not split by version are no figure (None), not a misleading 0.
+    assert (versions["desk-v/1.0@aaaa"]["tool_calls"], workflows["desk-v"]["handoffs"]) == (None, None)
+
+    async def found(**filters: str) -> list[str]:
+        return sorted(r["conversation_id"] for r in await find_conversations(redis, **filters))
+
+    assert await found(workflow="desk-v") == ["c-1", "c-2", "c-3"]  # any of its versions
+    assert await found(version="1.0@bbbb") == ["c-2", "c-3", "c-4"]  # that label, any workflow
+    assert await found(workflow="desk-v", version="1.0@bbbb") == ["c-2", "c-3"]
+    assert await found(workflow="desk-v", version="1.0@bbbb", tool="lookup_order") == ["c-2", "c-3"]
+    assert await found(workflow="nope") == [] and await found(version="0@0") == []
 
 
 async def test_telemetry_without_the_fields_counts_under_unknown(redis):

@@ -229,12 +229,12 @@ def latency_names(dimension: str) -> str:
     return f"{PREFIX}:lat-names:{dimension}"
 
 
-FACETS = ("tool", "agent", "error", "guardrail", "workflow", "version")
+FACETS = ("tool", "agent", "error", "guardrail", "version")  # version: <workflow>/<label>
 
 
 def facet_conversations(facet: str, value: str) -> str:
     """Zset conversation_id -> latest event ms with that tool, agent, error type or guardrail
-    tripped, or run by that workflow or workflow version (its label)."""
+    tripped, or run by that workflow version (``version_subject``)."""
     return f"{PREFIX}:agg:{facet}-conversations:{value}"
 
 
