@@ -220,7 +220,8 @@ class RanBy:
     Support Desk, but since ``--app`` an older worker may run any workflow. An entry with a
     workflow and no version (an attempt ended before its workflow was found: not served,
     exhausted, undecodable) is its workflow's version ``unknown``, so a workflow's versions
-    always add up to the workflow.
+    always add up to the workflow. (A workflow named ``unknown`` would share its rows with
+    that old telemetry: don't name one so.)
     """
 
     workflow: str

@@ -140,7 +140,7 @@ def conversation_escalation(conversation_id: str) -> str:
 
 
 # Telemetry aggregates.
-AGG_KINDS = ("turn", "conversation", "customer", "model", "workflow", "version")
+AGG_KINDS = ("turn", "conversation", "customer", "model", "version")  # a workflow's: its versions'
 UNKNOWN_RUN = "unknown"  # the workflow / version of telemetry written before entries named them
 
 
