@@ -13,9 +13,7 @@
 --          (turnfleet/erasure.py); absent for an entry with no ids (malformed)
 -- An op is [kind, group, a, b]:
 --   i / f : HINCRBY / HINCRBYFLOAT field a by b (summed per key and field, applied at the end)
---   s     : HSET field a = b (collected per key, one HSET each at the very end, after 'post';
---           a field set by 's' is never one an 'x', 'mn' or 'st' op reads)
---   x / mn : HSET field a = b if b is greater / smaller
+--   s     : HSET field a = b             x / mn : HSET field a = b if b is greater / smaller
 --   st    : HSET status = b; if a == '0' only when status is not already terminal
 --   l     : LPUSH sample b (collected per key, one LPUSH each, then LTRIM to cap if longer)
 --   t     : ZADD score b member a, then (once per key) keep the top highest scores
@@ -40,7 +38,7 @@ if p.er then
     end
   end
 end
-local incr, incrf, lists, tops, sets = {}, {}, {}, {}, {}
+local incr, incrf, lists, tops = {}, {}, {}, {}
 local function add(acc, k, f, v)
   local h = acc[k]
   if not h then h = {}; acc[k] = h end
@@ -52,10 +50,7 @@ local function run(op)
     local key = touched[k]
     if kind == 'i' then add(incr, k, a, b)
     elseif kind == 'f' then add(incrf, k, a, b)
-    elseif kind == 's' then
-      local h = sets[k]
-      if not h then h = {}; sets[k] = h end
-      h[a] = b
+    elseif kind == 's' then redis.call('HSET', key, a, b)
     elseif kind == 'x' then
       local cur = redis.call('HGET', key, a)
       if (not cur) or tonumber(b) > tonumber(cur) then redis.call('HSET', key, a, b) end
@@ -100,12 +95,4 @@ for k, l in pairs(lists) do
 end
 for k in pairs(tops) do redis.call('ZREMRANGEBYRANK', touched[k], 0, -(p.top + 1)) end
 for _, op in ipairs(p.post) do run(op) end
-for k, h in pairs(sets) do
-  local args = {'HSET', touched[k]}
-  for f, v in pairs(h) do
-    args[#args + 1] = f
-    args[#args + 1] = v
-  end
-  redis.call(unpack(args))
-end
 return new
