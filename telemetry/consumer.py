@@ -34,6 +34,13 @@ version aggregates it (exactly once, as any entry). Each leave is counted on the
 1 that holds an event kind this consumer does not know is malformed, as before: a writer that
 adds a kind writes a newer batch version, so older consumers leave it instead.
 
+Fields of an entry besides ``v`` and ``batch`` are not part of its format version: a worker
+writes ``workflow`` and ``version`` (what ran the attempt, once per entry; see
+:class:`~turnfleet.telemetry.aggregate.RanBy`) and a consumer that does not know them ignores
+them and counts the batch correctly, only without the per-version split. That is why adding
+them kept batch version 1: leaving such entries for a newer consumer would stall telemetry
+during a rolling deploy for no gain.
+
 A malformed entry (not a batch of telemetry events) is logged, counted once in the fleet's
 ``telemetry_malformed`` and acknowledged on its first delivery, as before, and copied to the
 dead-letter stream in the same script as its acknowledgement, with reason ``malformed``.
