@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -104,7 +105,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from turnfleet.telemetry.pricing import PriceTable
-from turnfleet import keys
+from turnfleet import keys, registry
 from turnfleet import tool_errors
 from turnfleet.events import (
     EventKind,
@@ -118,7 +119,7 @@ from turnfleet.events import (
 )
 from turnfleet.models import ID_PATTERN, TokenUsage
 from turnfleet.scripts import load_script
-from turnfleet.settings import TelemetrySettings
+from turnfleet.settings import Price, TelemetrySettings
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +135,8 @@ STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; anothe
 
 SLOWEST_TURNS_KEPT = 1000  # members of keys.SLOWEST_TURNS
 TURN_METRICS = ("queue_wait", "model", "tool", "other", "total")  # per finished turn, ms
+PRICES_REFRESH_S = 10.0  # a workflow's changed prices apply to calls counted after this at most
+PRICES_RETRY_S = 1.0  # an entry of a workflow the last read did not know re-reads after this
 CALL_METRIC = "call"  # one model or tool call's ms (dimensions model, agent, tool)
 HISTOGRAM_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                        120000)  # upper bounds (ms) of the turn latency / queue wait buckets
@@ -493,6 +496,31 @@ class Aggregator:
         self.prices = prices or PriceTable.from_settings(settings)
         self.window_s = settings.alert_error_rate_window_s
         self._script = AGGREGATE.bind(redis)
+        # Workflows' own prices (``Workflow.prices``, from the registry) over ``self.prices``:
+        # a call in a turn of workflow W is priced by W's table when W declares one.
+        self.workflow_prices: dict[str, PriceTable] = {}
+        self._registered: set[str] = set()  # workflow names the last registry read saw
+        self._prices_read_at = float("-inf")
+
+    async def refresh_prices(self, workflows: Iterable[str] = ()) -> None:
+        """Re-read the workflows' own prices from the registry when the last read is
+        ``PRICES_REFRESH_S`` old, or sooner (at most every ``PRICES_RETRY_S``) when an entry
+        names a workflow that read did not see (its first worker registered it since)."""
+        age = time.monotonic() - self._prices_read_at
+        new = any(w not in self._registered for w in workflows if w != keys.UNKNOWN_RUN)
+        if age < PRICES_REFRESH_S and not (new and age >= PRICES_RETRY_S):
+            return
+        declared = await registry.workflow_prices(self.redis)
+        self._registered = set(await registry.workflows(self.redis))
+        tables = {}
+        for name, prices in declared.items():
+            try:
+                tables[name] = PriceTable({**self.prices.prices,
+                                           **{m: Price.model_validate(p) for m, p in prices.items()}})
+            except (ValidationError, AttributeError, TypeError) as exc:  # a registration edited by hand
+                log.warning("pricing.workflow_prices_unreadable", workflow=name, error=str(exc)[:200])
+        self.workflow_prices = tables
+        self._prices_read_at = time.monotonic()
 
     # -- planning (pure) -------------------------------------------------------------
 
@@ -502,6 +530,7 @@ class Aggregator:
         attempts = _attempts(events)
         plan, touched = _Plan(), Touched()
         ran = RanBy.of(fields)
+        prices = self.workflow_prices.get(ran.workflow, self.prices)
         split = [keys.aggregate("version", ran.subject)]
         countings: dict[tuple[str, int], _Counting] = {}  # one per attempt, shared by its events
         for ev in events:
@@ -510,7 +539,7 @@ class Aggregator:
                 at = countings.get((ev.turn_id, ev.attempt))
                 if at is None:
                     at = countings[(ev.turn_id, ev.attempt)] = _Counting(
-                        attempts[(ev.turn_id, ev.attempt)], touched, split=split)
+                        attempts[(ev.turn_id, ev.attempt)], touched, split=split, prices=prices)
                 self._plan_event(plan, ev, at, spec.count)
             if spec.facets is not None:
                 _plan_facets(plan, ev, spec.facets(ev))
@@ -579,7 +608,7 @@ class Aggregator:
                      "reasoning_tokens"):
             plan.op("i", split, name, getattr(usage, name))
         plan.op("i", split, "llm_calls", 1)
-        cost = self.prices.cost_nusd(ev.model, usage)
+        cost = at.prices.cost_nusd(ev.model, usage)
         if cost is None:
             plan.op("i", split, "cost_unknown_calls", 1)
         else:
@@ -788,6 +817,7 @@ class _Counting:
     day: str = ""
     every: list[str] = field(default_factory=list)
     split: list[str] = field(default_factory=list)  # the entry's version hash
+    prices: PriceTable | None = None  # the entry's workflow's prices (Aggregator.workflow_prices)
     # The plan's groups of ``every``, of ``every`` + ``split`` (the SPLIT_COUNTERS' targets)
     # and of the turn's hash alone, shared by the attempt's events' ops.
     g_every: int = 0

@@ -101,7 +101,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from turnfleet.telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
+from turnfleet.telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, RanBy, Touched
 from turnfleet.telemetry.alerts import AlertRules
 from turnfleet.telemetry.stream_group import Entry, StreamGroupMember, _text
 from turnfleet.telemetry.raw_expiry import RawExpiry
@@ -357,6 +357,7 @@ class TelemetryConsumer(StreamGroupMember):
         malformed: dict[str, str] = {}  # entry id -> what is wrong with it
         failed: dict[str, _Failure] = {}
         left = 0
+        await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in entries if f)
         for entry_id, fields in entries:
             if entry_id is None:
                 continue
