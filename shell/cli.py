@@ -442,7 +442,7 @@ async def _find(args: argparse.Namespace, url: str) -> int:
     try:
         rows = await find_conversations(
             redis, customer=args.customer, tool=args.tool, agent=args.agent, error=args.error,
-            guardrail=args.guardrail, since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
+            guardrail=args.guardrail, workflow=args.workflow, version=args.version, since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
         )
     finally:
         await redis.aclose()
@@ -699,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--json", action="store_true")
 
     s = sub.add_parser("stats", help="tokens, cost, latency and errors")
-    s.add_argument("--by", choices=["conversation", "customer", "model"], default="model")
+    s.add_argument("--by", choices=["conversation", "customer", "model", "workflow", "version"],
+                   default="model", help="version: one row per version of each workflow")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--slowest", type=int, default=10, metavar="N", help="slowest turns to list")
     s.add_argument("--json", action="store_true")
@@ -710,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--agent", metavar="NAME", help="e.g. Billing")
     f.add_argument("--error", metavar="TYPE", help="error type, e.g. MaxTurnsExceeded or ToolError")
     f.add_argument("--guardrail", metavar="NAME", help="a guardrail that tripped, e.g. prompt_injection")
+    f.add_argument("--workflow", metavar="NAME", help="run by this workflow, e.g. support-desk")
+    f.add_argument("--version", metavar="LABEL", help="run by this version label, e.g. 2.1@3f9a0c1d2e4b5a69")
     f.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
     f.add_argument("--until", metavar="TIME")
     f.add_argument("--min-cost", type=float, metavar="USD")

@@ -58,10 +58,19 @@ def turn_headline(
     return t
 
 
+def _add_ran_by(tree: Tree, result: TurnResult) -> None:
+    """The workflow and version that ran the turn (nothing for a result written before)."""
+    if result.workflow:
+        tree.add(Text.assemble(("workflow: ", "bold"), result.workflow,
+                               ("  version: ", "bold"), result.version or "–"))
+
+
 def render_turn(result: TurnResult, cost: float | None = None, label: str = "") -> Tree:
-    """A turn as a tree: user text, agents in order, handoffs, tool calls, answer, errors."""
+    """A turn as a tree: user text, workflow and version, agents in order, handoffs, tool
+    calls, answer, errors."""
     tree = Tree(turn_headline(result, cost, label))
     tree.add(Text.assemble(("user: ", "bold"), _short(result.text, 300)))
+    _add_ran_by(tree, result)
     if result.agents:
         tree.add(Text.assemble(("agents: ", "bold"), " → ".join(result.agents)))
     for h in result.handoffs:
@@ -140,6 +149,9 @@ MODEL_COLUMNS = [  # a model's aggregate counts its calls, not turns
 def render_stats(by: str, rows: list[dict[str, Any]], totals: dict[str, Any] | None = None) -> Table:
     columns = MODEL_COLUMNS if by == "model" else STATS_COLUMNS
     table = Table(title=f"stats by {by}", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    if by == "version":  # a version is of one workflow: two columns, workflow then label
+        _render_version_stats(table, rows, totals, columns)
+        return table
     longest = max([len(str(r.get("subject", ""))) for r in rows] + [len(by)])
     table.add_column(by, no_wrap=True, min_width=min(longest, 40))
     for _, header in columns:
@@ -158,6 +170,20 @@ def render_stats(by: str, rows: list[dict[str, Any]], totals: dict[str, Any] | N
         table.add_row("all", *[_cell(k, totals.get(k)) for k, _ in columns],
                       *([""] if errors else []), style="bold")
     return table
+
+
+def _render_version_stats(table: Table, rows: list[dict[str, Any]], totals: dict[str, Any] | None,
+                          columns: list[tuple[str, str]]) -> None:
+    table.add_column("workflow", no_wrap=True)
+    table.add_column("version", no_wrap=True)
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(str(row.get("workflow", "?")), str(row.get("version", "?")),
+                      *[_cell(k, row.get(k)) for k, _ in columns])
+    if totals:
+        table.add_section()
+        table.add_row("all", "", *[_cell(k, totals.get(k)) for k, _ in columns], style="bold")
 
 
 SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
@@ -257,6 +283,7 @@ def render_replay_turn(replay: dict[str, Any], label: str = "") -> Tree:
     cost = (replay.get("telemetry") or {}).get("cost_usd")
     tree = Tree(turn_headline(result, cost, label))
     tree.add(Text.assemble(("user: ", "bold"), _short(result.text, 300)))
+    _add_ran_by(tree, result)
     attempts = replay.get("attempts") or []
     for entry in attempts:
         parent = tree
@@ -338,15 +365,15 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
     if not rows:
         return Text("no conversation matches", style="dim")
     table = Table(title=f"{len(rows)} conversation(s), newest first", title_justify="left")
-    for col in ("conversation", "customer", "last event", "turns", "agents", "tools", "errors",
-                "guardrails", "cost"):
+    for col in ("conversation", "customer", "last event", "turns", "workflow", "agents", "tools",
+                "errors", "guardrails", "cost"):
         table.add_column(col, justify="right" if col in ("turns", "cost") else "left")
     for r in rows:
         turns = (r.get("turns_completed") or 0) + (r.get("turns_failed") or 0)
         last = str(r.get("last_event_at") or "")[:19].replace("T", " ")
         table.add_row(
             r.get("conversation_id", "?"), r.get("customer_id") or "–", last, str(turns),
-            ", ".join(r.get("agents") or []), ", ".join(r.get("tools") or []),
+            ", ".join(r.get("workflows") or []) or "–", ", ".join(r.get("agents") or []), ", ".join(r.get("tools") or []),
             ", ".join(r.get("errors") or []) or "–", ", ".join(r.get("guardrails") or []) or "–",
             money(r.get("cost_usd")),
         )

@@ -33,6 +33,19 @@ the error-rate window hash of its end time and the fleet's minute hash (``keys.a
 ``turns_completed``, ``turns_failed`` and one latency bucket field, ``latency_bucket``), read
 by the console's last-hour charts.
 
+Per version (of a workflow): an entry's own fields ``workflow`` and ``version`` (written once
+per entry by the worker, beside the format version ``v``; :class:`RanBy`) name what ran the
+attempt. Its counted events also add :data:`SPLIT_COUNTERS` (turns, tokens, cost, latency,
+failures) to ``keys.aggregate("version", keys.version_subject(name, label))``, under the same
+dedupe (counted once); the entry indexes the version (``keys.aggregate_index("version")``),
+sets ``workflow`` / ``version`` on the turn's hash and, when the workflow is known, the
+``version`` facet of ``find`` (its subject). A workflow's figures are the sum of its
+versions', added up when read (``stats``, ``/metrics``): one hash, one index and one facet
+per entry keep the consumer's cost per entry within a few percent of what it was. The batch
+stays format version 1: an older consumer ignores entry fields it does not know and counts
+the batch exactly as before (only without the split), so nothing has to wait for a newer
+consumer. Entries without the fields count under ``unknown`` (see :class:`RanBy`).
+
 Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
 one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
 ``errors:MalformedModelResponse``), under the same dedupe: a failed turn of N attempts counts
@@ -81,6 +94,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -91,7 +105,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from turnfleet.telemetry.pricing import PriceTable
-from turnfleet import keys
+from turnfleet import keys, registry
 from turnfleet import tool_errors
 from turnfleet.events import (
     EventKind,
@@ -103,9 +117,9 @@ from turnfleet.events import (
     TurnStartedDetail,
     parse_events,
 )
-from turnfleet.models import TokenUsage
+from turnfleet.models import ID_PATTERN, TokenUsage
 from turnfleet.scripts import load_script
-from turnfleet.settings import TelemetrySettings
+from turnfleet.settings import Price, TelemetrySettings
 
 log = structlog.get_logger(__name__)
 
@@ -121,6 +135,8 @@ STATUS_RETRYING = "retrying"  # the turn's latest counted attempt failed; anothe
 
 SLOWEST_TURNS_KEPT = 1000  # members of keys.SLOWEST_TURNS
 TURN_METRICS = ("queue_wait", "model", "tool", "other", "total")  # per finished turn, ms
+PRICES_REFRESH_S = 10.0  # a workflow's changed prices apply to calls counted after this at most
+PRICES_RETRY_S = 1.0  # an entry of a workflow the last read did not know re-reads after this
 CALL_METRIC = "call"  # one model or tool call's ms (dimensions model, agent, tool)
 HISTOGRAM_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                        120000)  # upper bounds (ms) of the turn latency / queue wait buckets
@@ -175,6 +191,12 @@ INT_COUNTERS = (
     "spans_dropped",
 )
 FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum")
+# What a version hash counts (turns, tokens, cost, latency, errors): the counters an operator
+# compares versions by. The rest (tool calls, handoffs, time in calls...) is not split, which
+# keeps the consumer's cost per entry within a few percent of what it was before versions.
+SPLIT_COUNTERS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",
+                  "llm_calls", "cost_nusd", "cost_unknown_calls", "turns_completed", "turns_failed",
+                  "attempts_failed", "latency_count", "latency_ms_sum")
 
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
@@ -185,6 +207,53 @@ AGGREGATE = load_script("aggregate", "turnfleet.telemetry")
 
 class MalformedEntry(ValueError):
     """A stream entry that cannot be read as a batch of telemetry events."""
+
+
+MAX_VERSION_CHARS = 200  # a longer version label on an entry is counted as unknown
+
+
+@dataclass(frozen=True)
+class RanBy:
+    """The workflow and version an entry's attempt ran, from the entry's own fields
+    (``workflow``, ``version``: once per entry, beside its format version ``v``).
+
+    An entry written before entries named them (or naming something that is no workflow
+    name / a label longer than ``MAX_VERSION_CHARS``) is counted under workflow and version
+    ``unknown`` (``keys.UNKNOWN_RUN``), never guessed: before issue 16 every worker ran the
+    Support Desk, but since ``--app`` an older worker may run any workflow. An entry with a
+    workflow and no version (an attempt ended before its workflow was found: not served,
+    exhausted, undecodable) is its workflow's version ``unknown``, so a workflow's versions
+    always add up to the workflow. (A workflow named ``unknown`` would share its rows with
+    that old telemetry: don't name one so.)
+    """
+
+    workflow: str
+    version: str
+
+    @classmethod
+    def of(cls, fields: Mapping[str, Any] | None) -> RanBy:
+        fields = fields or {}
+        workflow, version = _text_field(fields.get("workflow")), _text_field(fields.get("version"))
+        if not workflow or not ID_PATTERN.fullmatch(workflow):
+            return cls(keys.UNKNOWN_RUN, keys.UNKNOWN_RUN)
+        if not version or len(version) > MAX_VERSION_CHARS:
+            version = keys.UNKNOWN_RUN
+        return cls(workflow, version)
+
+    @property
+    def known(self) -> bool:
+        return self.workflow != keys.UNKNOWN_RUN
+
+    @property
+    def subject(self) -> str:
+        """The version's aggregate subject (``keys.version_subject``)."""
+        return keys.version_subject(self.workflow, self.version)
+
+
+def _text_field(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(frozen=True)
@@ -349,11 +418,17 @@ class _Plan:
             self._group_of_names[names] = ix
         return ix
 
-    def op(self, kind: str, targets: Sequence[str], a: str, b: str | int | float) -> None:
-        if (kind in ("i", "f") and not b) or not targets:
+    def op(self, kind: str, targets: Sequence[str] | int, a: str, b: str | int | float) -> None:
+        """One op on ``targets``: key names, or a group :meth:`group` already returned (what
+        the per-event counters pass: an event's ops share a few groups)."""
+        if kind in ("i", "f") and not b:
             return
+        if not isinstance(targets, int):
+            if not targets:
+                return
+            targets = self.group(targets)
         value = b if isinstance(b, str) else _num(b)
-        self._ops.append([kind, self.group(targets), a, value])
+        self._ops.append([kind, targets, a, value])
 
     def end_event(self, seen_key: str, event_id: str) -> None:
         """Close the ops written since the last call into one deduplicated event."""
@@ -421,6 +496,31 @@ class Aggregator:
         self.prices = prices or PriceTable.from_settings(settings)
         self.window_s = settings.alert_error_rate_window_s
         self._script = AGGREGATE.bind(redis)
+        # Workflows' own prices (``Workflow.prices``, from the registry) over ``self.prices``:
+        # a call in a turn of workflow W is priced by W's table when W declares one.
+        self.workflow_prices: dict[str, PriceTable] = {}
+        self._registered: set[str] = set()  # workflow names the last registry read saw
+        self._prices_read_at = float("-inf")
+
+    async def refresh_prices(self, workflows: Iterable[str] = ()) -> None:
+        """Re-read the workflows' own prices from the registry when the last read is
+        ``PRICES_REFRESH_S`` old, or sooner (at most every ``PRICES_RETRY_S``) when an entry
+        names a workflow that read did not see (its first worker registered it since)."""
+        age = time.monotonic() - self._prices_read_at
+        new = any(w not in self._registered for w in workflows if w != keys.UNKNOWN_RUN)
+        if age < PRICES_REFRESH_S and not (new and age >= PRICES_RETRY_S):
+            return
+        declared = await registry.workflow_prices(self.redis)
+        self._registered = set(await registry.workflows(self.redis))
+        tables = {}
+        for name, prices in declared.items():
+            try:
+                tables[name] = PriceTable({**self.prices.prices,
+                                           **{m: Price.model_validate(p) for m, p in prices.items()}})
+            except (ValidationError, AttributeError, TypeError) as exc:  # a registration edited by hand
+                log.warning("pricing.workflow_prices_unreadable", workflow=name, error=str(exc)[:200])
+        self.workflow_prices = tables
+        self._prices_read_at = time.monotonic()
 
     # -- planning (pure) -------------------------------------------------------------
 
@@ -429,11 +529,18 @@ class Aggregator:
         events = parse_batch(fields)
         attempts = _attempts(events)
         plan, touched = _Plan(), Touched()
+        ran = RanBy.of(fields)
+        prices = self.workflow_prices.get(ran.workflow, self.prices)
+        split = [keys.aggregate("version", ran.subject)]
+        countings: dict[tuple[str, int], _Counting] = {}  # one per attempt, shared by its events
         for ev in events:
             spec = PLANNERS[ev.kind]
             if spec.count is not None:
-                self._plan_event(plan, ev, _Counting(attempts[(ev.turn_id, ev.attempt)], touched),
-                                 spec.count)
+                at = countings.get((ev.turn_id, ev.attempt))
+                if at is None:
+                    at = countings[(ev.turn_id, ev.attempt)] = _Counting(
+                        attempts[(ev.turn_id, ev.attempt)], touched, split=split, prices=prices)
+                self._plan_event(plan, ev, at, spec.count)
             if spec.facets is not None:
                 _plan_facets(plan, ev, spec.facets(ev))
         for (turn_id, number), a in attempts.items():
@@ -448,8 +555,12 @@ class Aggregator:
                         else a.first_ts_ms)
             plan.always("x", conv, "last_event_ms", a.last_ts_ms)
             for kind, subject in (("turn", turn_id), ("conversation", a.conversation_id),
-                                  ("customer", a.customer_id)):
+                                  ("customer", a.customer_id), ("version", ran.subject)):
                 plan.index(kind, subject, a.last_ts_ms)
+            plan.always("s", turn, "workflow", ran.workflow)
+            plan.always("s", turn, "version", ran.version)
+            if ran.known:
+                _plan_facets_at(plan, a.conversation_id, a.last_ts_ms, [("version", ran.subject)])
             touched.conversations[a.conversation_id] = a.customer_id
         plan.erased_check(entry_id, {x for (t, _), a in attempts.items()
                                      for x in (t, a.conversation_id, a.customer_id)})
@@ -467,16 +578,21 @@ class Aggregator:
 
     def _plan_event(self, plan: _Plan, ev: TelemetryEvent, at: _Counting, count: _Count) -> None:
         """One counted event: its kind's increments, deduplicated on its id."""
-        ts = _utc(ev.ts)
-        at.day = ts.date().isoformat()
-        turn = keys.aggregate("turn", ev.turn_id)
-        conv = keys.aggregate("conversation", ev.conversation_id)
-        cust = keys.aggregate("customer", ev.customer_id)
-        cust_day = keys.aggregate_day("customer", ev.customer_id, at.day)
-        at.every = [turn, conv, cust, cust_day, GLOBAL_KEY]
+        day = _utc(ev.ts).date().isoformat()
+        if (day, ev.conversation_id, ev.customer_id) != at.of:  # the attempt's first, or a new day
+            at.of = (day, ev.conversation_id, ev.customer_id)
+            at.day = day
+            turn = keys.aggregate("turn", ev.turn_id)
+            cust_day = keys.aggregate_day("customer", ev.customer_id, day)
+            at.every = [turn, keys.aggregate("conversation", ev.conversation_id),
+                        keys.aggregate("customer", ev.customer_id), cust_day, GLOBAL_KEY]
+            at.g_every = plan.group(at.every)
+            at.g_split = plan.group([*at.every, *at.split])
+            at.g_turn = plan.group([turn])
+            at.seen = keys.event_seen(ev.turn_id)
+            plan.expire(cust_day, DAY_TTL_S)
         count(self, plan, ev, at)
-        plan.end_event(keys.event_seen(ev.turn_id), ev.event_id)
-        plan.expire(cust_day, DAY_TTL_S)
+        plan.end_event(at.seen, ev.event_id)
 
     def _count_llm_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         every, day = at.every, at.day
@@ -487,77 +603,78 @@ class Aggregator:
             model_day = keys.aggregate_day("model", ev.model, day)
             targets += [keys.aggregate("model", ev.model), model_day]
             plan.expire(model_day, DAY_TTL_S)
+        split = plan.group([*targets, *at.split])  # tokens and cost also per version
         for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
                      "reasoning_tokens"):
-            plan.op("i", targets, name, getattr(usage, name))
-        plan.op("i", targets, "llm_calls", 1)
-        cost = self.prices.cost_nusd(ev.model, usage)
+            plan.op("i", split, name, getattr(usage, name))
+        plan.op("i", split, "llm_calls", 1)
+        cost = at.prices.cost_nusd(ev.model, usage)
         if cost is None:
-            plan.op("i", targets, "cost_unknown_calls", 1)
+            plan.op("i", split, "cost_unknown_calls", 1)
         else:
-            plan.op("i", targets, "cost_nusd", cost)
+            plan.op("i", split, "cost_nusd", cost)
         if ev.model:
             plan.op("i", [cust_day], CUSTOMER_MODEL_CALLS + ev.model, 1)
             plan.op("i", [cust_day], CUSTOMER_MODEL_COST + ev.model, cost or 0)
+        g_targets = plan.group(targets)
         if at.attempt.failed:
-            plan.op("i", targets, "failed_attempt_tokens", usage.total_tokens)
-            plan.op("i", targets, "failed_attempt_cost_nusd", cost or 0)
+            plan.op("i", g_targets, "failed_attempt_tokens", usage.total_tokens)
+            plan.op("i", g_targets, "failed_attempt_cost_nusd", cost or 0)
         if ev.duration_ms is not None:
-            plan.op("f", targets, "llm_ms_sum", ev.duration_ms)
+            plan.op("f", g_targets, "llm_ms_sum", ev.duration_ms)
             self._plan_call_sample(plan, ev.duration_ms, model=ev.model, agent=ev.agent)
         if ev.model:
             plan.index("model", ev.model, _ms(ev.ts))
         at.touched.customer_days.add((ev.customer_id, day))
 
     def _count_tool_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
-        plan.op("i", at.every, "tool_calls", 1)
+        plan.op("i", at.g_every, "tool_calls", 1)
         if ev.error is not None:
-            plan.op("i", at.every, "tool_errors", 1)
+            plan.op("i", at.g_every, "tool_errors", 1)
         if ev.duration_ms is not None:
-            plan.op("f", at.every, "tool_ms_sum", ev.duration_ms)
+            plan.op("f", at.g_every, "tool_ms_sum", ev.duration_ms)
             self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
 
     def _count_handoff(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
-        plan.op("i", at.every, "handoffs", 1)
+        plan.op("i", at.g_every, "handoffs", 1)
 
     def _count_guardrail(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
-        plan.op("i", at.every, "guardrails_tripped", 1)
-        plan.op("s", [at.every[0]], "guardrail", _guardrail_name(ev))
+        plan.op("i", at.g_every, "guardrails_tripped", 1)
+        plan.op("s", at.g_turn, "guardrail", _guardrail_name(ev))
 
     def _count_spans_dropped(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         assert isinstance(ev.detail, SpansDroppedDetail)
-        plan.op("i", at.every, "spans_dropped", ev.detail.count)
+        plan.op("i", at.g_every, "spans_dropped", ev.detail.count)
 
     def _count_attempt_failed(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         turn = at.every[0]
-        plan.op("i", at.every, "attempts_failed", 1)
-        plan.op("st", [turn], "0", STATUS_RETRYING)
+        plan.op("i", at.g_split, "attempts_failed", 1)
+        plan.op("st", at.g_turn, "0", STATUS_RETRYING)
         self._plan_error(plan, turn, ev)
         self._plan_model_error(plan, ev)
 
     def _count_terminal(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
-        self._plan_terminal(plan, ev, at.attempt, at.every, at.touched)
+        self._plan_terminal(plan, ev, at)
 
-    def _plan_terminal(
-        self, plan: _Plan, ev: TelemetryEvent, attempt: _Attempt, every: list[str], touched: Touched
-    ) -> None:
-        turn = every[0]
+    def _plan_terminal(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        attempt, touched, g_turn = at.attempt, at.touched, at.g_turn
+        turn = at.every[0]
         failed = ev.kind == EventKind.turn_failed
         status = "failed" if failed else "completed"
-        plan.op("i", every, f"turns_{status}", 1)
+        plan.op("i", at.g_split, f"turns_{status}", 1)
         if ev.duration_ms is not None:
-            plan.op("i", every, "latency_count", 1)
-            plan.op("f", every, "latency_ms_sum", ev.duration_ms)
-            plan.op("x", every, "latency_ms_max", ev.duration_ms)
-            plan.op("s", [turn], "duration_ms", ev.duration_ms)
-        plan.op("st", [turn], "1", status)
-        plan.op("s", [turn], "finished_at", _utc(ev.ts).isoformat())
-        plan.op("s", [turn], "agents", json.dumps(attempt.agents))
-        plan.op("s", [turn], "models", json.dumps(attempt.models or ([ev.model] if ev.model else [])))
+            plan.op("i", at.g_split, "latency_count", 1)
+            plan.op("f", at.g_split, "latency_ms_sum", ev.duration_ms)
+            plan.op("x", at.g_every, "latency_ms_max", ev.duration_ms)
+            plan.op("s", g_turn, "duration_ms", ev.duration_ms)
+        plan.op("st", g_turn, "1", status)
+        plan.op("s", g_turn, "finished_at", _utc(ev.ts).isoformat())
+        plan.op("s", g_turn, "agents", json.dumps(attempt.agents))
+        plan.op("s", g_turn, "models", json.dumps(attempt.models or ([ev.model] if ev.model else [])))
         if ev.model:
-            plan.op("s", [turn], "model", ev.model)
+            plan.op("s", g_turn, "model", ev.model)
         if attempt.queue_wait_ms is not None:
-            plan.op("s", [turn], "queue_wait_ms", attempt.queue_wait_ms)
+            plan.op("s", g_turn, "queue_wait_ms", attempt.queue_wait_ms)
         self._plan_breakdown(plan, ev, attempt)
         self._plan_histogram(plan, keys.HIST_TURN_LATENCY, ev.duration_ms)
         self._plan_histogram(plan, keys.HIST_QUEUE_WAIT, attempt.queue_wait_ms)
@@ -689,14 +806,25 @@ class Aggregator:
 
 @dataclass
 class _Counting:
-    """What planning one counted event needs besides the event: its attempt, what the entry
-    touched, and (set by ``Aggregator._plan_event``) its UTC day and the hashes every counted
-    event updates (turn, conversation, customer, customer-day, fleet)."""
+    """What planning a counted event needs besides the event, one per attempt of the entry:
+    its attempt, what the entry touched, the entry's version hash, and (set by
+    ``Aggregator._plan_event`` for the attempt's first event, again when the day changes) the
+    event's UTC day, the hashes every counted event updates (turn, conversation, customer,
+    customer-day, fleet), their groups in the plan and the turn's seen-set."""
 
     attempt: _Attempt
     touched: Touched
     day: str = ""
     every: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)  # the entry's version hash
+    prices: PriceTable | None = None  # the entry's workflow's prices (Aggregator.workflow_prices)
+    # The plan's groups of ``every``, of ``every`` + ``split`` (the SPLIT_COUNTERS' targets)
+    # and of the turn's hash alone, shared by the attempt's events' ops.
+    g_every: int = 0
+    g_split: int = 0
+    g_turn: int = 0
+    seen: str = ""  # keys.event_seen of the turn
+    of: tuple[str, str, str] = ("", "", "")  # (day, conversation, customer) the above are for
 
 
 _Count = Callable[[Aggregator, _Plan, TelemetryEvent, _Counting], None]
@@ -746,10 +874,13 @@ def _plan_facets(plan: _Plan, ev: TelemetryEvent, facets: list[tuple[str, str]])
     """What ``turnfleet find`` searches by (tools called, agents run, error types, guardrails
     tripped), scored by the event's time, both ways (facet → conversations, conversation →
     facets)."""
-    ts_ms = _ms(ev.ts)
+    _plan_facets_at(plan, ev.conversation_id, _ms(ev.ts), facets)
+
+
+def _plan_facets_at(plan: _Plan, conversation_id: str, ts_ms: int, facets: list[tuple[str, str]]) -> None:
     for facet, value in facets:
-        plan.zmax(keys.facet_conversations(facet, value), ev.conversation_id, ts_ms)
-        plan.zmax(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ts_ms)
+        plan.zmax(keys.facet_conversations(facet, value), conversation_id, ts_ms)
+        plan.zmax(keys.conversation_facets(conversation_id), f"{facet}:{value}", ts_ms)
 
 
 _LLM_METRICS = ("turnfleet_tokens_total", "turnfleet_llm_calls_total", "turnfleet_cost_usd_total",

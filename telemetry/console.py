@@ -7,7 +7,7 @@ of ``telemetry/http.py``), so a page shows exactly what ``/v1/...`` answers for 
 
 Pages (each needs a key; without one the browser is sent to the login form):
 
-- ``/console/search``: conversations by customer, time range, agent, tool, error type and
+- ``/console/search``: conversations by customer, time range, agent, tool, error type, workflow, version and
   minimum cost, newest first, a page at a time (``find_visible``, as ``/v1/find``);
 - ``/console/conversations/{id}``: every turn with its attempts, each attempt's span tree
   (collapsible ``<details>``) and timeline (one bar per span on the attempt's time axis), the
@@ -277,7 +277,7 @@ async def static(name: str) -> Response:
 
 # -- search ----------------------------------------------------------------------------------
 
-FILTERS = ("customer", "tool", "agent", "error", "since", "until", "min_cost")
+FILTERS = ("customer", "tool", "agent", "error", "workflow", "version", "since", "until", "min_cost")
 
 
 @router.get("/search")
@@ -316,7 +316,8 @@ async def search(request: Request) -> Response:
         # Pages by offset: the first offset + size + 1 matches, newest first, then a slice.
         found = await find_visible(
             redis, who, customer=params["customer"] or None, tool=params["tool"] or None,
-            agent=params["agent"] or None, error=params["error"] or None, since=since,
+            agent=params["agent"] or None, error=params["error"] or None,
+            workflow=params["workflow"] or None, version=params["version"] or None, since=since,
             until=until, min_cost_usd=min_cost, limit=offset + size + 1)
         rows, more = found[offset:offset + size], len(found) > offset + size
     kept = {k: v for k, v in params.items() if v}
@@ -325,13 +326,16 @@ async def search(request: Request) -> Response:
     async with redis.pipeline(transaction=False) as pipe:
         for dimension in ("tool", "agent"):
             pipe.smembers(keys.latency_names(dimension))
-        tools, agents = (sorted(names) for names in await pipe.execute())
+        pipe.zrange(keys.aggregate_index("version"), 0, -1)
+        tools, agents, versions = (sorted(names) for names in await pipe.execute())
+    workflows = sorted({keys.split_version_subject(v)[0] for v in versions} - {keys.UNKNOWN_RUN})
     return _page(
         request, "search.html", status=400 if errors else 200, who=who, params=params,
         errors=errors, rows=rows, page=page, offset=offset,
         newer=f"?{urlencode({**kept, 'page': page - 1})}" if page > 1 else None,
         older=f"?{urlencode({**kept, 'page': page + 1})}" if more else None,
         filtered=any(params.values()), tools=tools, agents=agents, size=size,
+        workflows=workflows,
         default_size=PAGE_SIZE,
         customers=sorted(who.customers) if not who.operator else [],
     )

@@ -34,6 +34,13 @@ version aggregates it (exactly once, as any entry). Each leave is counted on the
 1 that holds an event kind this consumer does not know is malformed, as before: a writer that
 adds a kind writes a newer batch version, so older consumers leave it instead.
 
+Fields of an entry besides ``v`` and ``batch`` are not part of its format version: a worker
+writes ``workflow`` and ``version`` (what ran the attempt, once per entry; see
+:class:`~turnfleet.telemetry.aggregate.RanBy`) and a consumer that does not know them ignores
+them and counts the batch correctly, only without the per-version split. That is why adding
+them kept batch version 1: leaving such entries for a newer consumer would stall telemetry
+during a rolling deploy for no gain.
+
 A malformed entry (not a batch of telemetry events) is logged, counted once in the fleet's
 ``telemetry_malformed`` and acknowledged on its first delivery, as before, and copied to the
 dead-letter stream in the same script as its acknowledgement, with reason ``malformed``.
@@ -94,7 +101,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from turnfleet.telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, Touched
+from turnfleet.telemetry.aggregate import Aggregator, EntryPlan, MalformedEntry, RanBy, Touched
 from turnfleet.telemetry.alerts import AlertRules
 from turnfleet.telemetry.stream_group import Entry, StreamGroupMember, _text
 from turnfleet.telemetry.raw_expiry import RawExpiry
@@ -350,6 +357,7 @@ class TelemetryConsumer(StreamGroupMember):
         malformed: dict[str, str] = {}  # entry id -> what is wrong with it
         failed: dict[str, _Failure] = {}
         left = 0
+        await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in entries if f)
         for entry_id, fields in entries:
             if entry_id is None:
                 continue

@@ -1,4 +1,4 @@
-"""Find conversations by customer, tool, agent, error, guardrail, time and cost.
+"""Find conversations by customer, tool, agent, error, guardrail, workflow, version, time and cost.
 
 Reads only, with one exception: :func:`find_conversations` intersects index zsets into a
 scratch key that the same Lua script deletes before it returns (nothing is left behind).
@@ -7,6 +7,7 @@ scratch key that the same Lua script deletes before it returns (nothing is left 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,12 +25,15 @@ FIND_PAGE_MAX = 5000
 
 
 async def find_page(redis: Redis, filters: list[str], index: str, hi: str, lo: str, offset: int,
-                    count: int) -> list[tuple[str, float]]:
-    """One page of ``(member, score)`` of ``index`` also in every zset of ``filters`` (at least
-    one), score in [lo, hi], highest first: ``lua/find.lua``, its scratch key unique."""
-    scratch = keys.find_scratch(uuid.uuid4().hex)
-    flat = await FIND.bind(redis)(keys={"index": index, "scratch": scratch, "filters": filters},
-                                  args={"max_ms": hi, "min_ms": lo, "offset": offset, "count": count})
+                    count: int, any_of: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """One page of ``(member, score)`` of ``index`` also in every zset of ``filters`` and in at
+    least one of ``any_of`` (at least one filter in all), score in [lo, hi], highest first:
+    ``lua/find.lua``, its scratch keys unique."""
+    token = uuid.uuid4().hex
+    flat = await FIND.bind(redis)(
+        keys={"index": index, "scratch": keys.find_scratch(token), "union": keys.find_scratch(f"{token}:any"),
+              "filters": [*any_of, *filters]},
+        args={"max_ms": hi, "min_ms": lo, "offset": offset, "count": count, "any": len(any_of)})
     return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
@@ -41,6 +45,8 @@ async def find_conversations(
     agent: str | None = None,
     error: str | None = None,
     guardrail: str | None = None,
+    workflow: str | None = None,
+    version: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     min_cost_usd: float | None = None,
@@ -52,12 +58,16 @@ async def find_conversations(
       ``keys.customer_conversations``); ``tool`` / ``agent`` / ``error``: conversations that
       called that tool, ran that agent, or had that error type (a failed attempt's or
       turn's error type; ``ToolError`` for a tool call that errored); ``guardrail``: that had
-      that guardrail's tripwire fire (e.g. ``prompt_injection``);
+      that guardrail's tripwire fire (e.g. ``prompt_injection``); ``workflow`` / ``version``:
+      run by that workflow / that version label (``2.1@3f9a0c1d2e4b5a69``; with ``workflow``,
+      that workflow's version). One facet zset per version (``<workflow>/<label>``) is kept,
+      the cheapest for the consumer to write: a workflow, or a label alone, is the union of
+      its versions' zsets, taken in the same script as the intersection;
     - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
     - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
 
     Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors``,
-    ``guardrails`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    ``guardrails``, ``workflows``, ``versions`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
     ``None`` for conversations aggregated before it was recorded).
 
     How: Redis does the set algebra. The filter zsets and the conversation index (score: last
@@ -77,6 +87,11 @@ async def find_conversations(
                 for facet, value in (("tool", tool), ("agent", agent), ("error", error),
                                      ("guardrail", guardrail))
                 if value]
+    any_of: list[str] = []
+    if workflow or version:
+        any_of = [keys.facet_conversations("version", s) for s in await _versions(redis, workflow, version)]
+        if not any_of:
+            return []  # no such workflow or version has telemetry
     index = keys.aggregate_index("conversation")
     hi = str(ms_of(until)) if until else "+inf"
     lo = str(ms_of(since)) if since else "-inf"
@@ -86,8 +101,8 @@ async def find_conversations(
     seen: set[str] = set()  # pages are recomputed: a conversation that moved may come twice
     offset, page = 0, limit if min_nusd is None else max(4 * limit, 200)
     while len(rows) < limit:
-        if filters:
-            found = await find_page(redis, filters, index, hi, lo, offset, page)
+        if filters or any_of:
+            found = await find_page(redis, filters, index, hi, lo, offset, page, any_of)
         else:
             found = await redis.zrevrangebyscore(index, hi, lo, start=offset, num=page,
                                                  withscores=True)
@@ -111,6 +126,18 @@ async def find_conversations(
     return rows[:limit]
 
 
+async def _versions(redis: Redis, workflow: str | None, version: str | None) -> list[str]:
+    """The version subjects (``keys.version_subject``) a ``workflow`` / ``version`` filter
+    means: that workflow's versions, the versions of that label (in any workflow), or the one
+    version. Read from the version index (bounded by the versions deployed)."""
+    if workflow and version:
+        return [keys.version_subject(workflow, version)]
+    subjects = await redis.zrange(keys.aggregate_index("version"), 0, -1)
+    return [s for s in subjects
+            if (keys.split_version_subject(s)[0] == workflow if workflow
+                else keys.split_version_subject(s)[1] == version)]
+
+
 async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[str, Any]]:
     if not found:
         return []
@@ -129,6 +156,7 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[
             facet, _, value = member.partition(":")
             if facet in by_facet:
                 by_facet[facet].append(value)
+        ran = [keys.split_version_subject(v) for v in by_facet["version"]]
         rows.append({
             "conversation_id": cid,
             "customer_id": raw.get("customer_id"),
@@ -137,6 +165,8 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[
             "agents": sorted(by_facet["agent"]),
             "errors": sorted(by_facet["error"]),
             "guardrails": sorted(by_facet["guardrail"]),
+            "workflows": sorted({w for w, _ in ran}),
+            "versions": sorted({label for _, label in ran}),
             "first_event_at": iso_of_ms(raw.get("first_event_ms")),
             "last_event_at": iso_of_ms(last_ms),
         })

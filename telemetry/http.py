@@ -13,7 +13,8 @@ Scope of a customer key where figures are fleet-wide:
 - ``/v1/stats``: ``by=customer`` / ``by=conversation`` rows of the key's customers only;
   ``totals`` summed over the key's customers; ``slowest`` the slowest of their turns (among
   the 1000 slowest kept); ``latency`` is ``null`` (the percentile samples are fleet-wide);
-  ``by=model`` is 403 (per-model figures are not split by customer).
+  ``by=model``, ``by=workflow`` and ``by=version`` are 403 (those figures are not split by
+  customer).
 - ``/v1/alerts``: alerts whose ``customer_id`` is one of the key's; alerts without a customer
   (fleet-wide ``error_rate`` with no failing turn named) for operator keys only.
 - Replays (``/v1/conversations/{id}``, ``/v1/turns/{id}/replay``) are redacted for every key;
@@ -49,7 +50,7 @@ from turnfleet.telemetry.latency import latency_report, slowest_turns
 from turnfleet.telemetry.metrics import exposition
 from turnfleet.telemetry.replay import conversation_replay, turn_replay
 from turnfleet.telemetry.scoped import stats_of_customers, totals_of_customers
-from turnfleet.telemetry.stats import stats, totals
+from turnfleet.telemetry.stats import FLEET_WIDE, stats, totals
 from turnfleet.telemetry.times import parse_time
 from turnfleet import audit, heartbeat, keys, registry
 from turnfleet.auth import Principal
@@ -169,6 +170,8 @@ async def find(
     agent: str | None = None,
     error: str | None = None,
     guardrail: str | None = None,
+    workflow: str | None = None,
+    version: Annotated[str | None, Query(description="a version label, e.g. 2.1@3f9a0c1d2e4b5a69")] = None,
     since: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     until: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     min_cost: Annotated[float | None, Query(ge=0, le=1e9, allow_inf_nan=False)] = None,
@@ -178,7 +181,7 @@ async def find(
     --json``). A customer key searches its customers (all of them without ``customer``)."""
     return JSONResponse(await find_visible(
         redis, who, customer=customer, tool=tool, agent=agent, error=error, guardrail=guardrail,
-        since=_time_param("since", since), until=_time_param("until", until),
+        workflow=workflow, version=version, since=_time_param("since", since), until=_time_param("until", until),
         min_cost_usd=min_cost, limit=limit,
     ))
 
@@ -205,7 +208,7 @@ async def find_visible(redis: Redis, who: Principal, customer: str | None = None
 async def get_stats(
     who: Caller,
     redis: Store,
-    by: Literal["conversation", "customer", "model"] = "model",
+    by: Literal["conversation", "customer", "model", "workflow", "version"] = "model",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     slowest: Annotated[int, Query(ge=0, le=SLOWEST_TURNS_KEPT)] = 10,
 ) -> JSONResponse:
@@ -219,8 +222,8 @@ async def get_stats(
             "latency": await latency_report(redis),
             "slowest": await slowest_turns(redis, limit=slowest),
         })
-    if by == "model":
-        raise ApiError(403, "forbidden", "per-model figures are fleet-wide: they need an "
+    if by in FLEET_WIDE:
+        raise ApiError(403, "forbidden", f"per-{by} figures are fleet-wide: they need an "
                        "operator key (use by=customer or by=conversation)")
     mine = sorted(who.customers)
     kept = await slowest_turns(redis, limit=SLOWEST_TURNS_KEPT) if slowest else []

@@ -37,6 +37,17 @@ turnfleet_cost_usd_total                    model               known cost in US
 turnfleet_tokens_by_customer_total          customer, kind      tokens, top customers by cost
 turnfleet_cost_by_customer_usd_total        customer            known cost, top customers by cost
 turnfleet_turns_by_customer_total           customer, status    finished turns (completed / failed)
+turnfleet_turns_by_workflow_total           workflow, status    finished turns (completed / failed)
+turnfleet_attempts_failed_by_workflow_total workflow            attempts that failed and were retried
+turnfleet_tokens_by_workflow_total          workflow, kind      tokens by workflow
+turnfleet_cost_by_workflow_usd_total        workflow            known cost in USD by workflow
+turnfleet_turns_by_version_total            workflow, version,  finished turns, the latest
+                                            status              ``VERSIONS_PER_WORKFLOW`` versions of
+                                                                each workflow
+turnfleet_attempts_failed_by_version_total  workflow, version   attempts that failed and were retried
+turnfleet_tokens_by_version_total           workflow, version,  tokens by version
+                                            kind
+turnfleet_cost_by_version_usd_total         workflow, version   known cost in USD by version
 turnfleet_alerts_fired_total                rule                alerts written to the alert stream
 turnfleet_turn_latency_seconds              (histogram)         finished turns' duration
 turnfleet_turn_queue_wait_seconds           (histogram)         finished turns' wait before starting
@@ -54,7 +65,11 @@ Bounded scrapes: the per-customer families carry the ``TOP_CUSTOMERS`` customers
 known cost only (``turnfleet_customers`` says how many there are in all; ``turnfleet stats
 --by customer`` has every one). Models and alert rules are few by nature. A customer that
 leaves the top set stops being exported (its series goes stale); one that enters starts at
-its full total, as a new series does.
+its full total, as a new series does. Workflows are few (the apps deployed); versions are
+not (every changed prompt is one), so the by-version families carry the
+``VERSIONS_PER_WORKFLOW`` versions of each workflow with the latest telemetry only (``turnfleet
+stats --by version`` has every one); an older version leaves them as a customer leaves the top
+set. Telemetry written before entries named what ran it is workflow and version ``unknown``.
 
 "Live" means a heartbeat at most ``worker_max_age_s`` old (``ready_worker_max_age_s``).
 The queue depth counts arq jobs due now minus turns in flight (arq keeps a running job in its
@@ -82,10 +97,11 @@ from redis.asyncio import Redis
 from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
 from turnfleet.telemetry.alerts import RULES
 from turnfleet.telemetry.lag import telemetry_lag
-from turnfleet.telemetry.stats import counters
+from turnfleet.telemetry.stats import counters, workflow_rows
 from turnfleet import heartbeat, keys, registry, versions
 
 TOP_CUSTOMERS = 50  # customers exported in the by-customer families (highest known cost)
+VERSIONS_PER_WORKFLOW = 5  # versions exported per workflow in the by-version families (latest)
 LAG_CAP = 100_000  # the telemetry lag is counted up to this many entries
 TOKEN_KINDS = {"input": "input_tokens", "output": "output_tokens", "cached": "cached_tokens",
                "reasoning": "reasoning_tokens"}
@@ -105,6 +121,8 @@ class FleetSnapshot:
     models: dict[str, dict[str, Any]]  # model -> counters
     customers: dict[str, dict[str, Any]]  # the top customers by cost -> counters
     customers_total: int
+    workflows: dict[str, dict[str, Any]]  # workflow -> counters
+    versions: dict[tuple[str, str], dict[str, Any]]  # (workflow, label) -> counters, the latest
     turn_latency: dict[str, str]  # raw histogram hashes (aggregate.py)
     queue_wait: dict[str, str]
     alerts_fired: dict[str, int]  # rule -> count
@@ -118,7 +136,8 @@ class FleetSnapshot:
 
 
 async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
-    """Read everything the exposition shows. O(models + customers + live workers) reads."""
+    """Read everything the exposition shows. O(models + customers + live workers + workflow
+    versions) reads."""
     now = int(time.time() * 1000)
     workflows = sorted(await registry.workflows(redis))
     async with redis.pipeline(transaction=False) as pipe:
@@ -130,11 +149,13 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         pipe.hgetall(keys.HIST_QUEUE_WAIT)
         pipe.hgetall(keys.ALERTS_COUNT)
         pipe.hgetall(keys.WORKER_INFLIGHT)
+        pipe.zrevrange(keys.aggregate_index("version"), 0, -1)
         for workflow in workflows:  # each workflow's own queues (routing), summed
             pipe.zcount(keys.workflow_queue(workflow), "-inf", now)
             pipe.zcount(keys.workflow_queue(workflow), f"({now}", "+inf")
             pipe.zcard(keys.workflow_isolated_queue(workflow))  # suspects of a worker loss (workers/isolation.py)
-        (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, *depths) = await pipe.execute()
+        (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, ran_versions,
+         *depths) = await pipe.execute()
     due, scheduled, isolated = (sum(int(n) for n in depths[i::3]) for i in range(3))
     live = await heartbeat.alive(redis, "worker", worker_max_age_s, now)
     consumers = len(await heartbeat.alive(redis, "telemetry", worker_max_age_s, now))
@@ -145,9 +166,15 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
             pipe.hgetall(keys.aggregate("model", model))
         for customer in customers:
             pipe.hget(keys.aggregate("customer", customer), "cost_nusd")
+        latest = latest_versions(ran_versions)
+        for subject in latest:
+            pipe.hgetall(keys.aggregate("version", subject))
         replies = await pipe.execute()
     model_rows = {m: counters(raw) for m, raw in zip(models, replies) if raw}
-    costs = replies[len(models):]
+    costs = replies[len(models):len(models) + len(customers)]
+    version_rows = {keys.split_version_subject(v): counters(raw)
+                    for v, raw in zip(latest, replies[len(models) + len(customers):]) if raw}
+    ran_workflows = {row["workflow"]: row for row in await workflow_rows(redis)}
     top = sorted(zip(customers, costs), key=lambda c: (-int(c[1] or 0), c[0]))[:TOP_CUSTOMERS]
     async with redis.pipeline(transaction=False) as pipe:
         for customer, _ in top:
@@ -165,6 +192,8 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         models=model_rows,
         customers={c: counters(raw) for (c, _), raw in zip(top, customer_hashes) if raw},
         customers_total=len(customers),
+        workflows=ran_workflows,
+        versions=version_rows,
         turn_latency=latency,
         queue_wait=wait,
         alerts_fired={rule: int(n) for rule, n in alerts.items()},
@@ -176,6 +205,19 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         queue_isolated=int(isolated),
         consumers_alive=int(consumers),
     )
+
+
+def latest_versions(subjects_newest_first: list[str], per_workflow: int = VERSIONS_PER_WORKFLOW) -> list[str]:
+    """The version subjects (``keys.version_subject``) exported: the first ``per_workflow`` of
+    each workflow in the index read newest first."""
+    kept: list[str] = []
+    seen: dict[str, int] = {}
+    for subject in subjects_newest_first:
+        workflow, _ = keys.split_version_subject(subject)
+        if seen.get(workflow, 0) < per_workflow:
+            seen[workflow] = seen.get(workflow, 0) + 1
+            kept.append(subject)
+    return kept
 
 
 def histogram_buckets(raw: Mapping[str, str]) -> tuple[list[tuple[str, float]], float]:
@@ -269,6 +311,11 @@ class FleetCollector(Collector):
             c_turns.add_metric([customer, "failed"], row["turns_failed"])
         yield from (c_tokens, c_cost, c_turns)
 
+        yield from _ran_by_families("workflow", ["workflow"],
+                                    {(w,): row for w, row in s.workflows.items()})
+        yield from _ran_by_families("version", ["workflow", "version"], s.versions,
+                                    f" (the latest {VERSIONS_PER_WORKFLOW} versions of each workflow)")
+
         alerts = CounterMetricFamily("turnfleet_alerts_fired", "Alerts written to the alert "
                                      "stream, by rule.", labels=["rule"])
         for rule in sorted({*RULES, *s.alerts_fired}):
@@ -298,6 +345,28 @@ class FleetCollector(Collector):
             ("turnfleet_customers", s.customers_total, "Customers with telemetry."),
         ):
             yield GaugeMetricFamily(name, text, value=value)
+
+
+def _ran_by_families(by: str, labels: list[str], rows: Mapping[tuple[str, ...], dict[str, Any]],
+                     note: str = "") -> Iterator[Metric]:
+    """Turns, failed attempts, tokens and cost of each workflow (``by="workflow"``) or version."""
+    turns = CounterMetricFamily(f"turnfleet_turns_by_{by}", f"Finished turns by {by}{note}.",
+                                labels=[*labels, "status"])
+    failed = CounterMetricFamily(f"turnfleet_attempts_failed_by_{by}",
+                                 f"Attempts that failed and were retried, by {by}{note}.", labels=labels)
+    tokens = CounterMetricFamily(f"turnfleet_tokens_by_{by}", f"Tokens by {by}{note}.",
+                                 labels=[*labels, "kind"])
+    cost = CounterMetricFamily(f"turnfleet_cost_by_{by}_usd", f"Known cost in USD by {by}{note}.",
+                               labels=labels)
+    for names, row in sorted(rows.items()):
+        turns.add_metric([*names, "completed"], row["turns_completed"])
+        turns.add_metric([*names, "failed"], row["turns_failed"])
+        failed.add_metric(list(names), row["attempts_failed"])
+        for kind, f in TOKEN_KINDS.items():
+            tokens.add_metric([*names, kind], row[f])
+        if row["cost_usd"] is not None:
+            cost.add_metric(list(names), row["cost_usd"])
+    yield from (turns, failed, tokens, cost)
 
 
 def _counter(name: str, text: str, value: float) -> CounterMetricFamily:

@@ -10,8 +10,9 @@ trace, events, dedupe set, per-turn aggregate) and its own keys (escalation tick
 and takes it out of every index. Steady-state memory is then about turns/s × retention ×
 bytes/turn.
 
-What stays: fleet, customer, model and per-day aggregates (bounded by subjects, not by
-turns), and the financial ledger (``keys.LEDGER_PREFIX``): the refund ledger stream and the
+What stays: fleet, customer, model, workflow, version and per-day aggregates (bounded by
+subjects, not by turns; the workflow and version hashes hold figures only, no customer data,
+and their index sets grow by the versions deployed, not by turns), and the financial ledger (``keys.LEDGER_PREFIX``): the refund ledger stream and the
 per-order refund records (``keys.order_refund``). Those are never purged — ``purge_plan``
 refuses to name one — so an order refunded in a forgotten conversation stays refunded and
 can never be refunded again through forgetting. Once a conversation is purged, its turn ids are

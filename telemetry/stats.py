@@ -46,6 +46,20 @@ model calls, in tool calls, and the rest of ``duration_ms``, at least 0), ``erro
 ``stats(by="model")`` rows also ``errors`` (int: failed attempts, terminal or not, of turns
 run on that model) and ``errors_by_type`` (dict error type -> count, e.g.
 ``{"RateLimitError": 2, "MalformedModelResponse": 1}``).
+
+By workflow and by version (``stats(by="workflow" | "version")``): turns (completed,
+failed), failed attempts, tokens (requests, input, cached, output, reasoning, total), model
+calls, cost (and unpriced calls) and latency (count, sum, mean) of the attempts a workflow
+(``workflow`` = its name) or one version of it ran (``workflow`` and ``version``, the label
+``<declared>@<fingerprint>`` or the fingerprint alone; the subject is ``<workflow>/<label>``:
+the same label in two workflows is two versions). The other counter fields (tool calls,
+handoffs, time in model and tool calls, longest latency, failed attempts' tokens) are not
+split by version and are ``None`` in these rows. A workflow's row is the sum of its
+versions' rows (added when read). Telemetry written before entries named
+what ran them counts under workflow ``unknown``, version ``unknown``; an attempt that ended
+before its workflow was found (not served, given up), under its workflow's version
+``unknown``. A turn's figures add ``workflow`` and ``version`` (of its latest counted
+attempt; ``None`` before they were recorded).
 """
 
 from __future__ import annotations
@@ -63,12 +77,19 @@ from turnfleet.telemetry.aggregate import (
     INT_COUNTERS,
     MODEL_ERRORS,
     MODEL_ERRORS_BY_TYPE,
+    SPLIT_COUNTERS,
 )
 from turnfleet.telemetry.pricing import nusd_to_usd
 from turnfleet import keys
 
-StatsKind = Literal["conversation", "customer", "model"]
-_ID_FIELD = {"conversation": "conversation_id", "customer": "customer_id", "model": "model"}
+StatsKind = Literal["conversation", "customer", "model", "workflow", "version"]
+_ID_FIELD = {"conversation": "conversation_id", "customer": "customer_id", "model": "model",
+             "workflow": "workflow", "version": "version"}
+FLEET_WIDE = ("model", "workflow", "version")  # kinds whose rows mix every customer's figures
+# Row fields a version (or workflow) row has no figure for: None, not a misleading 0.
+NOT_SPLIT = ("tool_calls", "tool_errors", "handoffs", "guardrails_tripped", "spans_dropped",
+             "failed_attempt_tokens", "failed_attempt_cost_usd", "latency_ms_max", "llm_ms_sum",
+             "tool_ms_sum")
 
 
 def optional_float(value: str | None) -> float | None:
@@ -144,6 +165,8 @@ async def turn_stats(redis: Redis, turn_id: str) -> dict[str, Any]:
         "error_message": raw.get("error_message"),
         "guardrail": raw.get("guardrail"),
         "finished_at": raw.get("finished_at"),
+        "workflow": raw.get("workflow"),
+        "version": raw.get("version"),
         **counters(raw),
     }
 
@@ -169,8 +192,46 @@ async def stats(redis: Redis, by: StatsKind, limit: int = 100) -> list[dict[str,
     """Subjects of one kind, most recently active first, at most ``limit``."""
     if by not in _ID_FIELD:
         raise ValueError(f"by must be one of {', '.join(_ID_FIELD)}, not {by!r}")
+    if by == "workflow":
+        return (await workflow_rows(redis))[:max(limit, 1)]
     index = await redis.zrevrange(keys.aggregate_index(by), 0, max(limit, 1) - 1, withscores=True)
     return await stats_rows(redis, by, index)
+
+
+async def workflow_rows(redis: Redis) -> list[dict[str, Any]]:
+    """One row per workflow, most recently active first: the sum of its versions' hashes
+    (every version, read from the version index: bounded by the versions deployed)."""
+    index = await redis.zrevrange(keys.aggregate_index("version"), 0, -1, withscores=True)
+    if not index:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for subject, _ in index:
+            pipe.hgetall(keys.aggregate("version", subject))
+        hashes = await pipe.execute()
+    summed: dict[str, dict[str, float]] = {}
+    last: dict[str, float] = {}
+    for (subject, score), raw in zip(index, hashes):
+        workflow, _ = keys.split_version_subject(subject)
+        total = summed.setdefault(workflow, {})
+        for f in SPLIT_COUNTERS:
+            if raw.get(f):
+                total[f] = total.get(f, 0) + (float(raw[f]) if f in FLOAT_COUNTERS else int(raw[f]))
+        last[workflow] = max(score, last.get(workflow, score))
+    return [
+        {"subject": w, "workflow": w,
+         "last_event_at": datetime.fromtimestamp(last[w] / 1000, timezone.utc).isoformat(),
+         **split_counters({f: str(v) for f, v in summed[w].items()})}
+        for w in sorted(summed, key=lambda w: last[w], reverse=True)
+    ]
+
+
+def split_counters(raw: dict[str, str]) -> dict[str, Any]:
+    """:func:`counters` of a version (or workflow) hash: the counters not split by version
+    (``SPLIT_COUNTERS``: tool calls, handoffs, time in calls, longest latency...) are ``None``."""
+    out = counters(raw)
+    for f in NOT_SPLIT:
+        out[f] = None
+    return out
 
 
 async def stats_rows(redis: Redis, by: StatsKind,
@@ -194,7 +255,9 @@ async def stats_rows(redis: Redis, by: StatsKind,
         }
         if by == "conversation":
             row["customer_id"] = raw.get("customer_id")
-        row.update(counters(raw))
+        elif by == "version":
+            row["workflow"], row["version"] = keys.split_version_subject(subject)
+        row.update(split_counters(raw) if by == "version" else counters(raw))
         if by == "model":
             row.update(model_errors(raw))
         rows.append(row)

@@ -381,3 +381,18 @@ def test_search_pages_through_conversations_newest_first(http: httpx.Client, fle
         url = older.group(1).replace("&amp;", "&") if older else None
     assert pages == [everything[0:3], everything[3:6], everything[6:]]
     assert "Conversations 7–7, newest last event first" in r.text and 'rel="prev"' in r.text
+
+
+def test_a_turn_shows_its_workflow_and_version_and_search_filters_by_them(http: httpx.Client) -> None:
+    [first, *_] = replay(http, "console-aiko-long")["turns"]
+    workflow, version = first["turn"]["workflow"], first["turn"]["version"]
+    assert workflow == "support-desk" and version  # the built-in app, fingerprinted
+    page = http.get("/console/conversations/console-aiko-long", headers=bearer(OPERATOR)).text
+    assert f"<dt>Workflow</dt><dd>{workflow}</dd>" in page
+    assert f"<dt>Version</dt><dd><code>{version}</code></dd>" in page
+    found = http.get("/console/search", params={"workflow": workflow, "version": version},
+                     headers=bearer(OPERATOR)).text
+    assert "console-aiko-long" in found and f"<code>{version}</code>" in found
+    none = http.get("/console/search", params={"workflow": workflow, "version": "0@0000"},
+                    headers=bearer(OPERATOR)).text
+    assert "No conversation matches these filters" in none

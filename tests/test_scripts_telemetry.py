@@ -136,13 +136,17 @@ async def test_find_intersects_every_filter_with_the_index_and_keeps_the_index_s
     await redis.zadd("tf:test:tool", {"a": 1, "b": 1, "c": 1})
     await redis.zadd("tf:test:agent", {"b": 5, "c": 5, "d": 5})
     find = script("find", redis)
-    named = {"index": "tf:test:index", "scratch": "tf:test:scratch"}
-    page = {"max_ms": "+inf", "min_ms": "-inf", "offset": 0, "count": 10}
+    named = {"index": "tf:test:index", "scratch": "tf:test:scratch", "union": "tf:test:union"}
+    page = {"max_ms": "+inf", "min_ms": "-inf", "offset": 0, "count": 10, "any": 0}
     both = await find(keys={**named, "filters": ["tf:test:tool", "tf:test:agent"]}, args=page)
     assert both == ["c", "300", "b", "200"]
     assert await find(keys={**named, "filters": ["tf:test:agent"]},
                       args={**page, "max_ms": 350, "count": 1}) == ["c", "300"]
-    assert await redis.exists("tf:test:scratch") == 0
+    # The first ``any`` filters are alternatives: (tool or x) and agent.
+    await redis.zadd("tf:test:x", {"d": 1})
+    assert await find(keys={**named, "filters": ["tf:test:tool", "tf:test:x", "tf:test:agent"]},
+                      args={**page, "any": 2}) == ["d", "400", "c", "300", "b", "200"]
+    assert await redis.exists("tf:test:scratch", "tf:test:union") == 0
 
 
 # -- raw-text expiry ----------------------------------------------------------------------------

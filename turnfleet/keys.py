@@ -140,7 +140,21 @@ def conversation_escalation(conversation_id: str) -> str:
 
 
 # Telemetry aggregates.
-AGG_KINDS = ("turn", "conversation", "customer", "model")
+AGG_KINDS = ("turn", "conversation", "customer", "model", "version")  # a workflow's: its versions'
+UNKNOWN_RUN = "unknown"  # the workflow / version of telemetry written before entries named them
+
+
+def version_subject(workflow: str, label: str) -> str:
+    """A workflow version's aggregate subject, ``<workflow>/<label>``: the same label in two
+    workflows is two versions. Workflow names never hold ``/`` (the id grammar), so the
+    first ``/`` splits it back (:func:`split_version_subject`)."""
+    return f"{workflow}/{label}"
+
+
+def split_version_subject(subject: str) -> tuple[str, str]:
+    """``(workflow, label)`` of a :func:`version_subject`."""
+    workflow, _, label = subject.partition("/")
+    return workflow, label
 
 
 def aggregate(kind: str, subject: str) -> str:
@@ -215,12 +229,12 @@ def latency_names(dimension: str) -> str:
     return f"{PREFIX}:lat-names:{dimension}"
 
 
-FACETS = ("tool", "agent", "error", "guardrail")
+FACETS = ("tool", "agent", "error", "guardrail", "version")  # version: <workflow>/<label>
 
 
 def facet_conversations(facet: str, value: str) -> str:
     """Zset conversation_id -> latest event ms with that tool, agent, error type or guardrail
-    tripped."""
+    tripped, or run by that workflow version (``version_subject``)."""
     return f"{PREFIX}:agg:{facet}-conversations:{value}"
 
 

@@ -261,6 +261,11 @@ class TurnResult(BaseModel):
     queue_wait_ms: float | None = None
     worker: str | None = None
     warnings: list[str] = Field(default_factory=list)  # e.g. a corrupt memory item skipped
+    # The workflow that ran (or will run) the turn and its version (``Workflow.version_label()``:
+    # ``<declared>@<fingerprint>`` or the fingerprint alone). ``None`` in results written before
+    # they were recorded; a turn not yet started shows its request's workflow and no version.
+    workflow: str | None = None
+    version: str | None = None
 
     @property
     def done(self) -> bool:

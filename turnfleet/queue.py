@@ -358,18 +358,21 @@ class TurnQueue:
         telemetry_batch: str | None,
         events_ttl_s: int = EVENTS_TTL_S,
         fence: int | None = None,
+        ran_by: tuple[str | None, str | None] = (None, None),
     ) -> Outcome:
         """Keep a failed attempt's error (and its telemetry) before the turn is tried again.
 
         With ``fence`` (the attempt number ``start`` returned) nothing is written unless that
-        attempt is still the turn's running attempt.
+        attempt is still the turn's running attempt. ``ran_by``: the (workflow, version) that
+        ran the attempt, written on the telemetry entry beside its format version.
         """
         verdict = await self._fail_attempt(
             keys={"turn": keys.turn(turn_id), "turn_errors": keys.turn_errors(turn_id),
                   "telemetry": keys.TELEMETRY_STREAM, "turn_events": keys.turn_events(turn_id)},
             args={"fence": "" if fence is None else fence, "error_json": error.model_dump_json(),
                   "telemetry_batch": telemetry_batch or "", "attempt": error.attempt,
-                  "events_ttl_s": events_ttl_s, "turn_id": turn_id},
+                  "events_ttl_s": events_ttl_s, "turn_id": turn_id,
+                  "workflow": ran_by[0] or "", "version": ran_by[1] or ""},
         )
         return Outcome(verdict)
 
@@ -426,6 +429,8 @@ class TurnQueue:
                 "final_error_json": "" if final_error is None else final_error.model_dump_json(),
                 "default_workflow": DEFAULT_WORKFLOW,
                 "queue_prefix": keys.WORKFLOW_QUEUE_PREFIX,
+                "workflow": result.workflow or "",
+                "version": result.version or "",
             },
         )
         return Outcome(verdict)
@@ -491,7 +496,10 @@ class TurnQueue:
         }
         try:
             if record.get("result"):
-                return _decode(TurnResult, record["result"], "stored result")
+                result = _decode(TurnResult, record["result"], "stored result")
+                if result.workflow is None:  # written before results named their workflow
+                    result.workflow = _request_workflow(record.get("request"))
+                return result
             req = decode_request(record.get("request"))
         except CorruptRecord as exc:
             reason = str(exc)
@@ -510,6 +518,7 @@ class TurnQueue:
             errors=_decode_errors(errors),
             enqueued_at=req.enqueued_at,
             worker=record.get("worker"),
+            workflow=req.agent,
         )
 
     async def get_request(self, turn_id: str) -> TurnRequest | None:
@@ -675,6 +684,14 @@ def stand_in_request(turn_id: str, conversation_id: str, customer_id: str) -> Tu
         turn_id=turn_id, conversation_id=conversation_id, customer_id=customer_id, text="",
         metadata={}, agent=DEFAULT_WORKFLOW, trace=False, enqueued_at=None,
     )
+
+
+def _request_workflow(raw: Any) -> str | None:
+    """The workflow a stored request names (``None`` if it cannot be read: the result stands)."""
+    try:
+        return decode_request(raw).agent if raw else None
+    except CorruptRecord:
+        return None
 
 
 def corrupt_result(turn_id: str, record: dict[str, Any], reason: str,

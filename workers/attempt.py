@@ -110,6 +110,16 @@ class Runtime:
     # Per workflow name: models for agents that name one (or none) instead of holding a Model
     # object (workers/llm.py WorkerModels).
     models: Mapping[str, WorkerModels] | None = None
+    # Each served workflow's version_label(), computed once (hashing every agent's
+    # instructions and tool schemas is not work to repeat per turn).
+    version_labels: dict[str, str] = field(default_factory=dict)
+
+    def version_of(self, workflow: Workflow) -> str:
+        """The version label every turn this process runs of ``workflow`` records."""
+        label = self.version_labels.get(workflow.name)
+        if label is None:
+            label = self.version_labels[workflow.name] = workflow.version_label()
+        return label
 
 
 class Lease:
@@ -207,6 +217,7 @@ class Attempt:
         self.trace_id: str | None = None  # the run's trace, if traced
         self._t0 = 0.0  # perf_counter() when the run began
         self.workflow: Workflow | None = None  # the turn's workflow, found by run()
+        self.version: str | None = None  # its version_label(), once found
 
     # -- running ---------------------------------------------------------------------
 
@@ -254,6 +265,7 @@ class Attempt:
             served = ", ".join(w.name for w in rt.app.workflows)
             return await self.exhausted(UNKNOWN_WORKFLOW, (
                 f"workflow {self.req.agent!r} is not served by this worker (it serves {served})"))
+        self.version = rt.version_of(self.workflow)
         agent = self.workflow.starting_agent(decision.current_agent)
         if rt.models:  # an agent naming no model runs on (and is counted under) its workflow's
             self.hooks.model_name = rt.models[self.workflow.name].default_name
@@ -392,6 +404,7 @@ class Attempt:
         batch = hooks.batch_json()
         outcome = await durably(rt, "attempt failure", lambda: rt.queue.record_attempt_failure(
             self.req.turn_id, error, batch, events_ttl_s=rt.settings.trace_retention_s, fence=self.number,
+            ran_by=self.ran_by,
         ))
         if not outcome:
             return self._dropped(outcome, "attempt failure")
@@ -421,7 +434,7 @@ class Attempt:
         try:
             outcome = await rt.queue.record_attempt_failure(
                 self.req.turn_id, error, hooks.batch_json(), events_ttl_s=rt.settings.trace_retention_s,
-                fence=self.number,
+                fence=self.number, ran_by=self.ran_by,
             )
         except RedisError as exc:
             # Not recorded: the turn stays "running" until its lease lapses, then the next
@@ -519,15 +532,26 @@ class Attempt:
             agents=list(hooks.agents),
             tool_calls=hooks.tool_calls,
             handoffs=hooks.handoffs,
-            model=self.rt.model_name,
+            model=hooks.model_name,  # the workflow's default model (each call names its own in telemetry)
             usage=hooks.usage,
             enqueued_at=req.enqueued_at,
             started_at=self.started_at,
             finished_at=utcnow(),
             queue_wait_ms=self.queue_wait_ms,
             worker=self.rt.worker_name,
+            workflow=self.ran_by[0],
+            version=self.ran_by[1],
             **outcome,
         )
+
+    @property
+    def ran_by(self) -> tuple[str, str | None]:
+        """The (workflow, version) the attempt ran: what its result and telemetry entry say.
+        An attempt that never found its workflow (not served here, exhausted, undecodable)
+        names the request's and no version."""
+        if self.workflow is None:
+            return self.req.agent, None
+        return self.workflow.name, self.version
 
     async def _finish_failed(self, error_type: str, message: str, attempts: int) -> Outcome:
         """Write the turn's terminal failure (fenced). The finish script puts the final error

@@ -1,11 +1,12 @@
 -- Write a turn's terminal result and telemetry, then wake its conversation's next turn.
 --! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors
---! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix
---! include: arq_job, wake, route, fence_check
+--! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version
+--! include: arq_job, wake, route, fence_check, telemetry_entry
 -- result_json: without ``errors``. '' means none for telemetry_batch, fence and
 -- final_error_json, and "keep" for current_agent. The next turn's job goes to the queue of the
 -- conversation's own workflow (conv_state ``workflow``; absent: default_workflow, arq_queue),
 -- never to one the finishing worker names: an older worker cannot misroute it.
+-- workflow / version: what ran the turn, on its telemetry entry ('' = not known).
 -- Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
 -- attempt owns the turn); nothing is written unless 'written'. With the result, the turn
 -- enters the raw-text index (finish time) and its record keeps where its memory ends
@@ -65,9 +66,10 @@ redis.call('HSET', K.turn, 'status', A.status, 'result', result,
 redis.call('ZADD', K.raw_text, tonumber(A.now_ms), A.turn_id)
 if A.current_agent ~= '' then redis.call('HSET', K.conv_state, 'current_agent', A.current_agent) end
 redis.call('XADD', K.results, 'MAXLEN', '~', 100000, '*',
-  'turn_id', A.turn_id, 'status', A.status, 'conversation_id', A.conversation_id)
+  'turn_id', A.turn_id, 'status', A.status, 'conversation_id', A.conversation_id,
+  'workflow', A.workflow, 'version', A.version)
 if A.telemetry_batch ~= '' then
-  redis.call('XADD', K.telemetry, '*', 'turn_id', A.turn_id, 'v', '1', 'batch', A.telemetry_batch)
+  telemetry_entry(K.telemetry, A.turn_id, A.workflow, A.version, A.telemetry_batch)
   redis.call('HSET', K.turn_events, A.attempt, A.telemetry_batch)
   redis.call('EXPIRE', K.turn_events, tonumber(A.events_ttl_s))
 end
