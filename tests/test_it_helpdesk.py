@@ -114,6 +114,16 @@ async def test_a_helpdesk_conversation_runs_end_to_end_in_its_own_pool(
         "cached_tokens": served["cached_tokens"]}
     assert served["requests"] == 5  # handoff, reset, answer; lookup, answer
     assert totals["cost_usd"] > 0
+    # By workflow and by version: the turns are the helpdesk's, at the version its pool runs.
+    label = helpdesk.version_label()
+    assert {(r.workflow, r.version) for r in (first, second)} == {("it-helpdesk", label)}
+    tokens = served["input_tokens"] + served["output_tokens"]
+    for by, subject in (("workflow", ("it-helpdesk", None)), ("version", ("it-helpdesk", label))):
+        stats = tf("stats", "--by", by, "--json", env=fleet_env)
+        assert stats.returncode == 0, stats.stderr
+        [row] = [r for r in json.loads(stats.stdout)["rows"] if r["workflow"] == "it-helpdesk"]
+        assert (row["workflow"], row.get("version"), row["turns_completed"], row["total_tokens"]) == (
+            *subject, 2, tokens), by
 
     replayed = tf("conversation", "it-1", "--json", env=fleet_env)
     assert replayed.returncode == 0, replayed.stderr
