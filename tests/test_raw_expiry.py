@@ -27,7 +27,6 @@ from tests.test_http_read import C100, auth, serve
 from tests.worker_runtime import runtime
 from tests.redis_scan import dump_keys
 from turnfleet import keys
-from turnfleet.redaction import Redactor
 from turnfleet.models import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_MAX_METADATA_ITEMS,
