@@ -75,3 +75,19 @@ def test_trace_processors_are_not_part_of_the_fingerprint():
     from turnfleet import Workflow
 
     assert Workflow(name=workflow.name, agent=workflow.agent).fingerprint() == workflow.fingerprint()
+
+
+async def test_trace_include_sensitive_data_keeps_a_teams_tool_io_out_of_its_spans(redis, redis_url, monkeypatch):
+    """``trace_include_sensitive_data`` keeps its SDK meaning inside a team's tools: off, the
+    tool's function span carries no input or output — in the store and at the team's processor
+    — while a custom span's data (the team's own choice) is kept, redacted."""
+    monkeypatch.setenv("TURNFLEET_TRACE_INCLUDE_SENSITIVE_DATA", "false")
+    turn_id = await run_turn_of_traced_app(redis, redis_url, monkeypatch, "1")
+    (stored,) = [json.loads(r) for r in await redis.lrange(keys.trace(turn_id), 0, -1)]
+    functions = [s for s in collector.spans if s.span_data.type == "function"]
+    assert [s.span_data.name for s in functions] == ["lookup_order"]
+    assert all(s.export()["span_data"].get("input") is None and s.export()["span_data"].get("output") is None
+               for s in functions)
+    assert "1042" not in json.dumps([s for s in stored["spans"] if s["span_data"]["type"] == "function"])
+    (custom,) = [s for s in collector.spans if s.span_data.type == "custom" and s.span_data.name == "vendor.lookup"]
+    assert custom.span_data.data["api_key"].startswith("[REDACTED")
