@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from turnfleet.checks import as_checks
 from turnfleet.models import check_id
 
 FINGERPRINT_CHARS = 16  # hex digits kept: 64 bits, for telling versions apart, not security
@@ -68,6 +69,11 @@ class Workflow:
     # The team's own agents.RunHooks for this workflow's runs, called after turnfleet's own
     # telemetry hooks for every callback (workers/hooks.py ChainedHooks); not fingerprinted.
     hooks: Any = None
+    # The workflow's checks (``turnfleet.Check`` or plain functions over a ``FinishedTurn``,
+    # turnfleet/checks.py). Not fingerprinted: checks judge finished turns, they do not change
+    # what the agents do, so adding or fixing a check is no new version of the workflow (and a
+    # turn's checks can be re-judged against the same version).
+    checks: Sequence[Any] = ()
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,10 @@ class Workflow:
             raise WorkflowError(f"Workflow {self.name!r}: version must be a string, not {type(self.version).__name__}")
         if getattr(self.agent, "name", None) is None:
             raise WorkflowError(f"Workflow {self.name!r}: agent must be an Agents SDK Agent (it has no name)")
+        try:
+            object.__setattr__(self, "checks", as_checks(self.checks))
+        except ValueError as exc:
+            raise WorkflowError(f"Workflow {self.name!r}: {exc}") from None
         object.__setattr__(self, "_agents", _walk(self.name, [self.agent, *self.extra_agents]))
 
     @property
