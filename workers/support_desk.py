@@ -31,6 +31,7 @@ from agents.models.interface import Model
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.context import TurnContext
 from turnfleet.offline_script import Script
+from turnfleet.workers.support_desk_checks import SUPPORT_DESK_CHECKS
 from turnfleet.workers.support_desk_script import SUPPORT_DESK_SCRIPT
 from turnfleet.workflow import App, Workflow
 from turnfleet.workers.tools import check_refund_eligibility, escalate_to_human, lookup_order, process_refund
@@ -204,11 +205,11 @@ def build_support_desk(model: Model) -> SupportDesk:
 
 def support_desk_workflow(model: Model, trace_name: str = "Support Desk") -> Workflow:
     """The built-in workflow (``support-desk``): the Desk's agents as a ``turnfleet.Workflow``,
-    what a worker serves without ``--app``."""
+    what a worker serves without ``--app``, with its checks (``workers/support_desk_checks.py``)."""
     desk = build_support_desk(model)
     return Workflow(name=DEFAULT_WORKFLOW, agent=desk.triage, guardrail_replies=dict(GUARDRAIL_REPLIES),
                     default_guardrail_reply=DEFAULT_GUARDRAIL_REPLY, trace_name=trace_name,
-                    offline_script=desk.script)
+                    offline_script=desk.script, checks=SUPPORT_DESK_CHECKS)
 
 
 def builtin_app(model: Model, trace_name: str = "Support Desk") -> App:
