@@ -267,3 +267,21 @@ async def test_real_desk_turns_on_the_offline_model_pass_every_check(redis, prod
         ("lookup_order", "1042"), ("check_refund_eligibility", "1042"), ("process_refund", "1042"),
         ("check_refund_eligibility", "1043"), ("process_refund", "1043")]
     assert [c.result["amount"] for c in last.earlier_tool_calls if c.tool == "process_refund"] == ["89.00", "24.50"]
+
+
+def test_the_readme_check_example_runs_as_written():
+    from pathlib import Path
+
+    from agents import Agent
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("### Checks", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"helpdesk": Agent(name="Helpdesk", instructions="Help.")}
+    exec(compile(code, "README.md#checks", "exec"), namespace)
+    app = namespace["app"]
+    reset = lambda user: call("reset_password", {"user": user}, {"reset": True}, agent="Helpdesk")  # noqa: E731
+    assert [(o.passed, o.reason) for o in run_checks(app, turn("Reset the password of jdoe", reset("jdoe")))] == [
+        (True, "reset the named account")]
+    assert [(o.passed, o.reason) for o in run_checks(app, turn("Reset my password", reset("admin")))] == [
+        (False, "reset ['admin'] not named by the user")]
+    assert run_checks(app, turn("Hello"))[0].applicable is False
