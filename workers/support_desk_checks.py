@@ -9,7 +9,8 @@ shall I?" — "yes") counts.
 
 Only *successful* refunds are judged (``"refunded": true``, a replayed one included): a refused
 ``process_refund`` moved no money. Each check passes as not applicable when the turn made no
-refund (or, for the escalation check, the customer did not ask for a person).
+refund (or, for the escalation check, the customer did not ask for a person, the turn did not
+complete, or a guardrail answered it before any agent ran: the desk chose not to act on it).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def escalated_when_asked_for_a_person(turn: FinishedTurn) -> CheckResult:
         return not_applicable("the customer did not ask for a person")
     if turn.status != "completed":
         return not_applicable(f"the turn {turn.status}")
+    if not turn.agents:  # the prompt-injection guardrail answered before any agent ran
+        return not_applicable("no agent ran (a guardrail answered the turn)")
     tickets = [c.result_object.get("ticket_id") for c in turn.calls(ESCALATE)]
     if not tickets:
         return failed("the customer asked for a person and escalate_to_human was not called")
