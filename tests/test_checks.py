@@ -183,6 +183,9 @@ def test_a_raising_check_is_a_failed_check_and_the_others_still_run():
         ("says_yes", False, "returned str, not a CheckResult, a bool or (bool, reason)", None, False),
     ]
     assert says_hello.description == "The answer greets."
+    assert turnfleet.check(says_yes).name == "says_yes"  # bare @check: named by the function
+    with pytest.raises(ValueError, match="Check name: must not be empty"):
+        turnfleet.Check("", says_yes)
     assert all(o.duration_us > 0 for o in outcomes)  # each check is timed, in µs
 
 
