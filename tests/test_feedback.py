@@ -291,3 +291,22 @@ async def test_the_negative_feedback_rate_alert_fires_at_the_rate_with_its_minim
     await producer.feedback("t-4", score=-1)
     await drain(redis, **alerting)
     assert len([a for _, a in await read_alerts(redis) if a.rule == "feedback_negative_rate"]) == 1  # once a window
+
+
+async def test_the_console_turn_view_and_the_json_replay_show_the_feedback(
+        redis: Any, redis_url: str, producer: Producer, fleet_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.test_http import KEY_A, KEY_B, auth, make_settings, serving
+
+    for turn_id in ("t-1", "t-2"):
+        await enqueue(redis, turn_id, "c-a", "C-100")
+    run_burst("worker", fleet_env, tmp_path)
+    await producer.feedback("t-2", score=-1, comment="sent jane.doe@example.com the wrong amount")
+    await drain(redis)
+    async with serving(make_settings(), redis_url) as (_, api):
+        page = (await api.get("/console/conversations/c-a", headers=auth(KEY_A))).text
+        data = (await api.get("/v1/conversations/c-a", headers=auth(KEY_A))).json()
+        other = await api.get("/console/conversations/c-a", headers=auth(KEY_B))
+    assert page.count('class="feedback-item negative"') == 1 and "feedback from customer" in page
+    assert "the wrong amount" in page and "jane.doe@example.com" not in page
+    assert [[f["score"] for f in t["feedback"]] for t in data["turns"]] == [[], [-1]]
+    assert other.status_code == 404 and "the wrong amount" not in other.text
