@@ -46,6 +46,16 @@ stays format version 1: an older consumer ignores entry fields it does not know 
 the batch exactly as before (only without the split), so nothing has to wait for a newer
 consumer. Entries without the fields count under ``unknown`` (see :class:`RanBy`).
 
+Feedback (``feedback`` events, written by ``Producer.feedback`` in entries of batch version
+``versions.BATCH_FEEDBACK``, attempt 0, event id the feedback id): each adds one to
+``feedback_negative`` or ``feedback_positive`` on the turn, conversation, customer, customer-day
+(the day it was given), version and fleet hashes, and to the error-rate window hash of its time
+(the ``feedback_negative_rate`` alert rule reads it), under the same dedupe on the turn's
+seen-set, so a re-sent or redelivered feedback counts once. It sets the feedback's item in the
+turn's feedback list (``keys.turn_feedback``: what the replay shows) and the ``feedback`` facet
+of ``find`` (``negative`` / ``positive``). It is not the turn's activity: an entry holding only
+feedback leaves the turn's identity fields, attempts and the ``last_event`` indexes alone.
+
 Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
 one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
 ``errors:MalformedModelResponse``), under the same dedupe: a failed turn of N attempts counts
