@@ -13,7 +13,8 @@ from turnfleet.producer.api import (
     Producer,
     TurnIdReused,
     TurnValidationError,
+    UnknownTurn,
 )
 
 __all__ = ["Producer", "TurnValidationError", "TurnIdReused", "ConversationOwnershipError", "BudgetExceeded",
-           "EnqueueResult", "BulkEnqueueError", "ErasureBusy", "ErasureReport"]
+           "EnqueueResult", "BulkEnqueueError", "ErasureBusy", "ErasureReport", "UnknownTurn"]

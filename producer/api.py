@@ -27,11 +27,22 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from turnfleet import budget, keys, registry
+from turnfleet import budget, keys, registry, versions
+from turnfleet.events import FeedbackDetail, batch_json, event
 from turnfleet.budget import BudgetExceeded, BudgetStatus
 from turnfleet.connection import RAW, connect, lenient_text
 from turnfleet.erasure import ErasureBusy, ErasureReport, forget
-from turnfleet.models import TurnRequest, TurnResult, TurnStatus
+from turnfleet.models import (
+    FEEDBACK_COMMENT_KEPT_CHARS,
+    FeedbackRequest,
+    FeedbackResult,
+    TurnRequest,
+    TurnResult,
+    TurnStatus,
+    check_id,
+    feedback_id,
+    utcnow,
+)
 from turnfleet.queue import (
     WRONG_WORKFLOW,
     ConversationOwnershipError,
@@ -46,7 +57,7 @@ from turnfleet.settings import ProducerSettings
 
 __all__ = [
     "Producer", "TurnValidationError", "TurnIdReused", "ConversationOwnershipError", "BudgetExceeded",
-    "EnqueueResult", "BulkEnqueueError",
+    "EnqueueResult", "BulkEnqueueError", "UnknownTurn",
 ]
 
 
@@ -67,6 +78,14 @@ class TurnValidationError(ValueError):
             where = f"turn {e['index']}: " if "index" in e else ""
             parts.append(f"{where}{e['field']}: {e['message']}")
         super().__init__("; ".join(parts))
+
+
+class UnknownTurn(LookupError):
+    """No such turn (or, for a customer's call, none of that customer's): nothing written."""
+
+    def __init__(self, turn_id: str) -> None:
+        self.turn_id = turn_id
+        super().__init__(f"turn_id: no turn {turn_id!r}")
 
 
 class TurnIdReused(TurnValidationError):
@@ -170,6 +189,10 @@ FIELDS_COMPARED = ("conversation_id", "customer_id", "text", "metadata", "agent"
 def same_request(a: TurnRequest, b: TurnRequest) -> bool:
     """The same turn, for idempotency: everything the caller chose (not ``enqueued_at``)."""
     return all(getattr(a, f) == getattr(b, f) for f in FIELDS_COMPARED)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Known(NamedTuple):
@@ -477,6 +500,57 @@ class Producer:
         for (i, req), known in zip(repeats, await self.known([r.turn_id for _, r in repeats])):
             results[i] = self._repeat(i, req, known)
         return [results[i] for i, _ in reqs]
+
+    async def feedback(self, turn_id: str, *, score: int, comment: str | None = None,
+                       source: str = "customer", customer_id: str | None = None,
+                       idempotency_key: str | None = None) -> FeedbackResult:
+        """Link a score (-1 or 1) to a turn; returns the feedback with its id.
+
+        Feedback is telemetry: one entry on the telemetry stream (batch version
+        ``versions.BATCH_FEEDBACK``), counted once per feedback id by the consumer (per turn,
+        conversation, customer, customer-day, version, fleet) however often it is delivered.
+        ``idempotency_key``: the same key on the same turn is the same feedback (same id,
+        counted once); without one every call is a new feedback. The comment is redacted
+        (settings and the workflows' patterns) and clipped before it is written anywhere.
+        ``customer_id`` (a customer's call): only that customer's turns; another's is unknown.
+
+        Raises ``TurnValidationError`` naming the bad field, ``UnknownTurn``; nothing is
+        written then.
+        """
+        data = {"turn_id": turn_id, "score": score, "comment": comment, "source": source,
+                "idempotency_key": idempotency_key}
+        try:
+            req = FeedbackRequest.model_validate(
+                data, context={"max_feedback_comment_chars": self.settings.max_feedback_comment_chars})
+        except ValidationError as exc:
+            raise TurnValidationError(_field_errors(exc)) from None
+        if customer_id is not None:
+            try:
+                check_id(customer_id)
+            except ValueError as exc:
+                raise TurnValidationError([{"field": "customer_id", "message": str(exc)}]) from None
+        turn = await self.queue.get(req.turn_id)
+        if turn is None or (customer_id is not None and turn.customer_id != customer_id):
+            raise UnknownTurn(req.turn_id)
+        kept = None
+        if req.comment is not None:
+            redactor = await registry.redactor(self.redis, self.settings)
+            kept = _clip(redactor.text(req.comment), FEEDBACK_COMMENT_KEPT_CHARS)
+        fid = feedback_id(req.turn_id, req.idempotency_key)
+        at = utcnow()
+        ev = event(FeedbackDetail(feedback_id=fid, score=req.score, source=req.source, comment=kept),
+                   turn_id=req.turn_id, attempt=0, seq=0, conversation_id=turn.conversation_id,
+                   customer_id=turn.customer_id, event_id=fid, ts=at)
+        entry = {"turn_id": req.turn_id, versions.FIELD: str(versions.BATCH_FEEDBACK)}
+        if turn.workflow:
+            entry["workflow"] = turn.workflow
+        if turn.version:
+            entry["version"] = turn.version
+        entry["batch"] = batch_json([ev])
+        await self.redis.xadd(keys.TELEMETRY_STREAM, entry)
+        return FeedbackResult(feedback_id=fid, turn_id=req.turn_id, conversation_id=turn.conversation_id,
+                              customer_id=turn.customer_id, score=req.score, source=req.source,
+                              comment=kept, at=at)
 
     async def result(self, turn_id: str) -> TurnResult | None:
         return await self.queue.get(turn_id)

@@ -1,5 +1,6 @@
 """HTTP routes that hand turns to the fleet: ``POST /v1/turns``, ``POST /v1/turns:batch``,
-``GET /v1/turns/{turn_id}``; and erase them: ``DELETE /v1/customers/{id}``,
+``GET /v1/turns/{turn_id}``; score them: ``POST /v1/turns/{turn_id}/feedback``
+(``Producer.feedback``; a customer key only its own turns, another's is 404); and erase them: ``DELETE /v1/customers/{id}``,
 ``DELETE /v1/conversations/{id}`` (operator keys; ``turnfleet.erasure``).
 
 The rules are the Python API's: bodies are checked by ``Producer.validate`` (same limits, same
@@ -33,11 +34,11 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from turnfleet.producer.api import EnqueueResult, Producer, TurnValidationError
+from turnfleet.producer.api import EnqueueResult, Producer, TurnValidationError, UnknownTurn
 from turnfleet import audit, registry
 from turnfleet.auth import Principal
 from turnfleet.budget import BudgetStatus
-from turnfleet.models import ID_SCHEMA_PATTERN, TurnRequest, TurnResult, TurnStatus
+from turnfleet.models import ID_PATTERN, ID_SCHEMA_PATTERN, FeedbackResult, TurnRequest, TurnResult, TurnStatus
 from turnfleet.http import ApiError, error_body, principal, redis_of, settings_of
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["turns"])
 
 _ID = ID_SCHEMA_PATTERN
+_ID_RE = ID_PATTERN
 
 
 # -- shapes (OpenAPI) -----------------------------------------------------------------
@@ -73,6 +75,19 @@ class TurnIn(BaseModel):
     agent: str | None = Field(default=None, pattern=_ID, max_length=128,
                               description="Workflow name; default support-desk.")
     trace: bool | None = Field(default=None, description="false: run this turn without tracing.")
+
+
+class FeedbackIn(BaseModel):
+    """A score on a turn. The Idempotency-Key header (or ``idempotency_key``) makes retries
+    count once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: int = Field(description="-1 (negative) or 1 (positive).")
+    comment: str | None = Field(default=None, description="Redacted before it is stored; at most "
+                                                          "max_feedback_comment_chars (2000).")
+    source: str = Field(default="customer", description="customer, agent or operator.")
+    idempotency_key: str | None = Field(default=None, pattern=_ID, max_length=128)
 
 
 class TurnBatchIn(BaseModel):
@@ -391,6 +406,55 @@ async def create_turns(request: Request, caller: Caller, producer: Producing) ->
         enqueued += outcome.status == "enqueued"
     log.info("http.turns.batch", items=len(turns), enqueued=enqueued, key=caller.name)
     return BatchOut.model_validate({"results": results})
+
+
+@router.post(
+    "/turns/{turn_id}/feedback",
+    status_code=201,
+    response_model=FeedbackResult,
+    summary="Link feedback (a score, a comment) to a turn",
+    openapi_extra=_json_body(FeedbackIn),
+    responses={
+        **_BODY_ERRORS,
+        404: {"model": ErrorOut, "description": "No such turn, or not one of the key's customers'."},
+    },
+)
+async def create_feedback(
+    request: Request,
+    caller: Caller,
+    producer: Producing,
+    turn_id: Annotated[str, Path(description="The turn the feedback is about.")],
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="The same key again is the same feedback."),
+    ] = None,
+) -> JSONResponse:
+    """Feedback is telemetry: counted once per turn, conversation, customer, day, version and
+    fleet; the comment is redacted before it is written. A customer key scores only its own
+    customers' turns."""
+    body = await _read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "validation", "the body must be a JSON object",
+                       errors=[{"field": "body", "message": "must be a JSON object"}])
+    unknown = sorted(set(body) - set(FeedbackIn.model_fields))
+    if unknown:
+        raise ApiError(422, "validation", f"{_printable(unknown[0])}: is not a known field",
+                       errors=[{"field": _printable(k), "message": "is not a known field"} for k in unknown])
+    if "score" not in body:
+        raise ApiError(422, "validation", "score: is required", errors=[{"field": "score", "message": "is required"}])
+    turn = await producer.queue.get(turn_id) if _ID_RE.fullmatch(turn_id) else None
+    if turn is None or not caller.may(turn.customer_id):
+        raise ApiError(404, "not_found", f"no turn {turn_id!r}")
+    try:
+        result = await producer.feedback(
+            turn_id, score=body["score"], comment=body.get("comment"), source=body.get("source", "customer"),
+            idempotency_key=idempotency_key or body.get("idempotency_key"), customer_id=turn.customer_id)
+    except TurnValidationError as exc:
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+        raise ApiError(422, "validation", message, errors=exc.errors) from None
+    except UnknownTurn:
+        raise ApiError(404, "not_found", f"no turn {turn_id!r}") from None
+    log.info("http.feedback", turn_id=turn_id, feedback_id=result.feedback_id, key=caller.name)
+    return JSONResponse(result.model_dump(mode="json"), status_code=201)
 
 
 @router.get(

@@ -157,7 +157,7 @@ def _check_args(args: argparse.Namespace) -> None:
                 except ValueError as exc:
                     raise _invalid(name, str(exc)) from None
     for dest in ("turn_id", "conversation_id"):
-        if args.verb in ("result", "turn", "conversation") and getattr(args, dest, None) is not None:
+        if args.verb in ("result", "turn", "conversation", "feedback") and getattr(args, dest, None) is not None:
             try:
                 check_id(getattr(args, dest))
             except ValueError as exc:
@@ -214,6 +214,26 @@ async def _enqueue(args: argparse.Namespace, url: str) -> int:
         _print_json({"turn_id": turn_id})
     else:
         print(turn_id)
+    return 0
+
+
+async def _feedback(args: argparse.Namespace, url: str) -> int:
+    from turnfleet.producer import Producer, TurnValidationError, UnknownTurn
+
+    if args.score not in ("-1", "1", "+1"):
+        raise _invalid("score", f"must be -1 or 1; got {args.score!r}")
+    async with Producer(url) as producer:
+        try:
+            result = await producer.feedback(args.turn_id, score=int(args.score), comment=args.comment,
+                                             source=args.source, idempotency_key=args.idempotency_key)
+        except TurnValidationError as exc:
+            raise CliError(str(exc), error="validation", errors=exc.errors) from None
+        except UnknownTurn:
+            raise _not_found("turn", args.turn_id) from None
+    if args.json:
+        _print_json(result.model_dump(mode="json"))
+    else:
+        print(result.feedback_id)
     return 0
 
 
@@ -442,7 +462,8 @@ async def _find(args: argparse.Namespace, url: str) -> int:
     try:
         rows = await find_conversations(
             redis, customer=args.customer, tool=args.tool, agent=args.agent, error=args.error,
-            guardrail=args.guardrail, workflow=args.workflow, version=args.version, since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
+            guardrail=args.guardrail, workflow=args.workflow, version=args.version,
+            feedback=args.feedback, since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
         )
     finally:
         await redis.aclose()
@@ -665,6 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("text", metavar="TEXT")
 
+    fb = sub.add_parser("feedback", help="score a turn (-1 or 1); prints the feedback id")
+    fb.add_argument("turn_id", metavar="TURN_ID")
+    fb.add_argument("--score", required=True, metavar="-1|1")
+    fb.add_argument("--comment", metavar="TEXT", help="redacted before it is stored")
+    fb.add_argument("--source", default="customer", metavar="customer|agent|operator")
+    fb.add_argument("--idempotency-key", metavar="KEY",
+                    help="the same key on the same turn is the same feedback (counted once)")
+    fb.add_argument("--json", action="store_true")
+
     r = sub.add_parser("result", help="a turn's status and result")
     r.add_argument("turn_id", metavar="TURN_ID")
     r.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for it to end")
@@ -713,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--guardrail", metavar="NAME", help="a guardrail that tripped, e.g. prompt_injection")
     f.add_argument("--workflow", metavar="NAME", help="run by this workflow, e.g. support-desk")
     f.add_argument("--version", metavar="LABEL", help="run by this version label, e.g. 2.1@3f9a0c1d2e4b5a69")
+    f.add_argument("--feedback", choices=["negative", "positive"],
+                   help="a turn was given such feedback (rows name those turns)")
     f.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
     f.add_argument("--until", metavar="TIME")
     f.add_argument("--min-cost", type=float, metavar="USD")
@@ -763,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 ASYNC_VERBS = {
     "enqueue": _enqueue,
+    "feedback": _feedback,
     "result": _result,
     "conversation": _conversation,
     "turn": _turn,

@@ -304,7 +304,20 @@ def render_replay_turn(replay: dict[str, Any], label: str = "") -> Tree:
         tree.add(Text.assemble(("answer: ", "bold green"), _short(result.final_output, 400)))
     if result.status == "failed":
         tree.add(Text(f"failed: {result.error_type}: {_short(result.error_message)}", style="red"))
+    _add_feedback(tree, replay.get("feedback") or [])
     return tree
+
+
+def _add_feedback(tree: Tree, feedback: list[dict[str, Any]]) -> None:
+    """The feedback given on the turn, one line each: score, source, when, comment."""
+    for f in feedback:
+        negative = (f.get("score") or 0) < 0
+        line = Text(f"feedback {'-1' if negative else '+1'} from {f.get('source') or '?'}"
+                    f" at {str(f.get('at') or '')[:19].replace('T', ' ')}",
+                    style="bold red" if negative else "bold green")
+        if f.get("comment"):
+            line.append(f": {_short(f['comment'], 300)}", style="")
+        tree.add(line)
 
 
 def render_replay_conversation(replay: dict[str, Any]) -> Group:
@@ -366,7 +379,7 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
         return Text("no conversation matches", style="dim")
     table = Table(title=f"{len(rows)} conversation(s), newest first", title_justify="left")
     for col in ("conversation", "customer", "last event", "turns", "workflow", "agents", "tools",
-                "errors", "guardrails", "cost"):
+                "errors", "guardrails", "feedback", "cost"):
         table.add_column(col, justify="right" if col in ("turns", "cost") else "left")
     for r in rows:
         turns = (r.get("turns_completed") or 0) + (r.get("turns_failed") or 0)
@@ -375,6 +388,7 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
             r.get("conversation_id", "?"), r.get("customer_id") or "–", last, str(turns),
             ", ".join(r.get("workflows") or []) or "–", ", ".join(r.get("agents") or []), ", ".join(r.get("tools") or []),
             ", ".join(r.get("errors") or []) or "–", ", ".join(r.get("guardrails") or []) or "–",
+            ", ".join(r.get("feedback_turns") or r.get("feedback") or []) or "–",
             money(r.get("cost_usd")),
         )
     return table

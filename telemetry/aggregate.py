@@ -46,6 +46,16 @@ stays format version 1: an older consumer ignores entry fields it does not know 
 the batch exactly as before (only without the split), so nothing has to wait for a newer
 consumer. Entries without the fields count under ``unknown`` (see :class:`RanBy`).
 
+Feedback (``feedback`` events, written by ``Producer.feedback`` in entries of batch version
+``versions.BATCH_FEEDBACK``, attempt 0, event id the feedback id): each adds one to
+``feedback_negative`` or ``feedback_positive`` on the turn, conversation, customer, customer-day
+(the day it was given), version and fleet hashes, and to the error-rate window hash of its time
+(the ``feedback_negative_rate`` alert rule reads it), under the same dedupe on the turn's
+seen-set, so a re-sent or redelivered feedback counts once. It sets the feedback's item in the
+turn's feedback list (``keys.turn_feedback``: what the replay shows) and the ``feedback`` facet
+of ``find`` (``negative`` / ``positive``). It is not the turn's activity: an entry holding only
+feedback leaves the turn's identity fields, attempts and the ``last_event`` indexes alone.
+
 Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
 one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
 ``errors:MalformedModelResponse``), under the same dedupe: a failed turn of N attempts counts
@@ -109,6 +119,7 @@ from turnfleet import keys, registry
 from turnfleet import tool_errors
 from turnfleet.events import (
     EventKind,
+    FeedbackDetail,
     GuardrailDetail,
     SpansDroppedDetail,
     TelemetryEvent,
@@ -189,6 +200,8 @@ INT_COUNTERS = (
     "cost_unknown_calls",
     "latency_count",
     "spans_dropped",
+    "feedback_positive",
+    "feedback_negative",
 )
 FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum")
 # What a version hash counts (turns, tokens, cost, latency, errors): the counters an operator
@@ -196,7 +209,8 @@ FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum
 # keeps the consumer's cost per entry within a few percent of what it was before versions.
 SPLIT_COUNTERS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",
                   "llm_calls", "cost_nusd", "cost_unknown_calls", "turns_completed", "turns_failed",
-                  "attempts_failed", "latency_count", "latency_ms_sum")
+                  "attempts_failed", "latency_count", "latency_ms_sum", "feedback_positive",
+                  "feedback_negative")
 
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
@@ -349,6 +363,7 @@ class _Attempt:
     models: list[str] = field(default_factory=list)
     llm_usage: TokenUsage = field(default_factory=TokenUsage)
     queue_wait_ms: float | None = None
+    feedback_only: bool = True  # only feedback events: no attempt ran in this entry
 
 
 def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attempt]:
@@ -357,6 +372,9 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
         a = out.get((ev.turn_id, ev.attempt))
         if a is None:
             a = out[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id, ev.customer_id)
+        if ev.kind == EventKind.feedback:
+            continue  # given after the turn: not part of any attempt's figures
+        a.feedback_only = False
         ts_ms = _ms(ev.ts)
         a.last_ts_ms = max(a.last_ts_ms, ts_ms)
         a.first_ts_ms = ts_ms if a.first_ts_ms is None else min(a.first_ts_ms, ts_ms)
@@ -544,6 +562,8 @@ class Aggregator:
             if spec.facets is not None:
                 _plan_facets(plan, ev, spec.facets(ev))
         for (turn_id, number), a in attempts.items():
+            if a.feedback_only:
+                continue  # feedback is indexed by its own facet, not as the turn's activity
             # Identity and listing: the same values whatever is redelivered, so always applied.
             turn = keys.aggregate("turn", turn_id)
             plan.always("s", turn, "conversation_id", a.conversation_id)
@@ -645,6 +665,25 @@ class Aggregator:
     def _count_spans_dropped(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         assert isinstance(ev.detail, SpansDroppedDetail)
         plan.op("i", at.g_every, "spans_dropped", ev.detail.count)
+
+    def _count_feedback(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        """A score on a turn: counted per turn, conversation, customer, customer-day, fleet and
+        version; kept on the turn's feedback list (the replay); counted in its error-rate
+        window, which the negative-feedback alert rule reads."""
+        assert isinstance(ev.detail, FeedbackDetail)
+        d = ev.detail
+        polarity = feedback_polarity(d.score)
+        plan.op("i", at.g_split, f"feedback_{polarity}", 1)
+        kept = {"feedback_id": d.feedback_id or ev.event_id, "score": d.score, "source": d.source,
+                "comment": d.comment, "at": _utc(ev.ts).isoformat()}
+        plan.op("s", [keys.turn_feedback(ev.turn_id)], kept["feedback_id"],
+                json.dumps(kept, separators=(",", ":")))
+        start = window_start(ev.ts, self.window_s)
+        window = keys.aggregate_window(start)
+        plan.op("i", [window], f"feedback_{polarity}", 1)
+        plan.expire(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+        at.touched.windows.setdefault(start, None)
+        at.touched.customer_days.add((ev.customer_id, at.day))
 
     def _count_attempt_failed(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         turn = at.every[0]
@@ -866,6 +905,16 @@ def _error_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
     return [("error", ev.error.type)] if ev.error is not None else []
 
 
+def feedback_polarity(score: int) -> str:
+    """``negative`` for -1, ``positive`` for 1: the counter suffix and the ``find`` facet value."""
+    return "negative" if score < 0 else "positive"
+
+
+def _feedback_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    assert isinstance(ev.detail, FeedbackDetail)
+    return [("feedback", feedback_polarity(ev.detail.score))]
+
+
 def _guardrail_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
     return [("guardrail", _guardrail_name(ev))]
 
@@ -908,6 +957,7 @@ PLANNERS: dict[EventKind, KindPlan] = {
                                     ("turnfleet_turns_failed_total",)),
     EventKind.spans_dropped: KindPlan(Aggregator._count_spans_dropped,
                                       metrics=("turnfleet_spans_dropped_total",)),
+    EventKind.feedback: KindPlan(Aggregator._count_feedback, _feedback_facets),  # in stats
 }
 """The registry: aggregation's plan for each event kind (see the module docstring for what
 each counter means)."""

@@ -20,7 +20,11 @@ Rules (names are the ``Alert.rule`` values):
   subject the customer, window ``YYYY-MM-DD:80%`` / ``:100%``);
 - ``error_rate``: failed / finished turns in a fixed window of ``alert_error_rate_window_s``
   ≥ ``alert_error_rate``, with at least ``alert_error_rate_min_turns`` finished (subject
-  ``fleet``, window the window start as ISO 8601 UTC).
+  ``fleet``, window the window start as ISO 8601 UTC);
+- ``feedback_negative_rate``: negative feedback given in an error-rate window / turns finished
+  in it ≥ ``alert_feedback_negative_rate``, with at least ``alert_feedback_negative_min_count``
+  negative (subject ``fleet``, window as ``error_rate``'s). Feedback counted once
+  (``turnfleet.telemetry.aggregate``), so a re-sent one moves neither figure.
 
 Calls of unknown cost are not counted as zero: the cost rules compare the known part and
 say in the figures how many calls were unpriced.
@@ -56,8 +60,9 @@ RULE_CUSTOMER_DAILY_COST = "customer_daily_cost"
 RULE_TURN_FAILED = "turn_failed"
 RULE_ERROR_RATE = "error_rate"
 RULE_CUSTOMER_BUDGET = "customer_budget"
+RULE_FEEDBACK_NEGATIVE_RATE = "feedback_negative_rate"
 RULES = (RULE_CONVERSATION_COST, RULE_CUSTOMER_DAILY_COST, RULE_TURN_FAILED, RULE_ERROR_RATE,
-         RULE_CUSTOMER_BUDGET)
+         RULE_CUSTOMER_BUDGET, RULE_FEEDBACK_NEGATIVE_RATE)
 BUDGET_LEVELS = (0.8, 1.0)  # alert when a customer's day spend crosses these shares of its budget
 
 ALERTS_MAXLEN = 100_000  # approximate length the alert stream is trimmed to
@@ -170,6 +175,7 @@ class AlertRules:
         if s.alert_turn_failed:
             checks += [self._turn_failed(t) for t in touched.failed_turns.values()]
         checks += [self._error_rate(start, t) for start, t in sorted(touched.windows.items())]
+        checks += [self._feedback_negative_rate(start) for start in sorted(touched.windows)]
         return checks
 
     def _conversation_cost(self, cid: str, customer: str) -> _Check:
@@ -286,6 +292,34 @@ class AlertRules:
 
         return _Check(RULE_ERROR_RATE, GLOBAL_SUBJECT, label, keys.aggregate_window(start),
                       ("turns_completed", "turns_failed"),
+                      max(MIN_WINDOW_TTL_S, 2 * s.alert_error_rate_window_s), decide)
+
+    def _feedback_negative_rate(self, start: int) -> _Check:
+        s = self.settings
+        label = window_label(start)
+
+        def decide(v: dict[str, str | None]) -> Alert | None:
+            negative = _int(v["feedback_negative"])
+            finished = _int(v["turns_failed"]) + _int(v["turns_completed"])
+            if negative < s.alert_feedback_negative_min_count or negative == 0 or finished == 0:
+                return None
+            rate = negative / finished
+            if rate < s.alert_feedback_negative_rate:
+                return None
+            return self._alert(
+                RULE_FEEDBACK_NEGATIVE_RATE, "fleet", GLOBAL_SUBJECT, label,
+                f"Negative feedback rate {rate:.1%} ({negative} negative for {finished} turns) in the "
+                f"{s.alert_error_rate_window_s} s window from {label} ≥ "
+                f"{s.alert_feedback_negative_rate:.1%} threshold",
+                {"feedback_negative_rate": rate, "threshold": s.alert_feedback_negative_rate,
+                 "turns": finished, "feedback_negative": negative,
+                 "feedback_positive": _int(v["feedback_positive"]),
+                 "window_s": s.alert_error_rate_window_s,
+                 "min_count": s.alert_feedback_negative_min_count},
+            )
+
+        return _Check(RULE_FEEDBACK_NEGATIVE_RATE, GLOBAL_SUBJECT, label, keys.aggregate_window(start),
+                      ("turns_completed", "turns_failed", "feedback_negative", "feedback_positive"),
                       max(MIN_WINDOW_TTL_S, 2 * s.alert_error_rate_window_s), decide)
 
     @staticmethod

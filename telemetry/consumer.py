@@ -254,7 +254,7 @@ class TelemetryConsumer(StreamGroupMember):
     stream = STREAM
     group = GROUP
     event_prefix = "telemetry"
-    reads_batch_version = versions.BATCH  # newer entries are left pending for a newer consumer
+    reads_batch_version = versions.BATCH_READ  # newer entries are left pending for a newer consumer
 
     def __init__(self, redis: Redis, settings: TelemetrySettings, name: str | None = None,
                  faults: FaultInjection | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Find conversations by customer, tool, agent, error, guardrail, workflow, version, time and cost.
+"""Find conversations by customer, tool, agent, error, guardrail, workflow, version, feedback,
+time and cost.
 
 Reads only, with one exception: :func:`find_conversations` intersects index zsets into a
 scratch key that the same Lua script deletes before it returns (nothing is left behind).
@@ -22,6 +23,7 @@ from turnfleet.scripts import load_script
 FIND = load_script("find", "turnfleet.telemetry")
 
 FIND_PAGE_MAX = 5000
+FEEDBACK_VALUES = ("negative", "positive")  # the ``feedback`` facet's values
 
 
 async def find_page(redis: Redis, filters: list[str], index: str, hi: str, lo: str, offset: int,
@@ -47,6 +49,7 @@ async def find_conversations(
     guardrail: str | None = None,
     workflow: str | None = None,
     version: str | None = None,
+    feedback: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     min_cost_usd: float | None = None,
@@ -62,12 +65,14 @@ async def find_conversations(
       run by that workflow / that version label (``2.1@3f9a0c1d2e4b5a69``; with ``workflow``,
       that workflow's version). One facet zset per version (``<workflow>/<label>``) is kept,
       the cheapest for the consumer to write: a workflow, or a label alone, is the union of
-      its versions' zsets, taken in the same script as the intersection;
+      its versions' zsets, taken in the same script as the intersection; ``feedback``
+      (``negative`` / ``positive``): that had a turn given such feedback (each row then names
+      those turns in ``feedback_turns``, in conversation order);
     - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
     - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
 
     Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors``,
-    ``guardrails``, ``workflows``, ``versions`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    ``guardrails``, ``feedback`` (the polarities given), ``workflows``, ``versions`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
     ``None`` for conversations aggregated before it was recorded).
 
     How: Redis does the set algebra. The filter zsets and the conversation index (score: last
@@ -82,10 +87,12 @@ async def find_conversations(
     """
     if limit <= 0:
         return []
+    if feedback is not None and feedback not in FEEDBACK_VALUES:
+        raise ValueError(f"feedback must be one of {', '.join(FEEDBACK_VALUES)}, not {feedback!r}")
     filters = [keys.customer_conversations(customer)] if customer else []
     filters += [keys.facet_conversations(facet, value)
                 for facet, value in (("tool", tool), ("agent", agent), ("error", error),
-                                     ("guardrail", guardrail))
+                                     ("guardrail", guardrail), ("feedback", feedback))
                 if value]
     any_of: list[str] = []
     if workflow or version:
@@ -118,7 +125,7 @@ async def find_conversations(
             matching = [c for c, cost in zip(matching, costs) if int(cost or 0) >= min_nusd]
         while matching and len(rows) < limit:
             chunk, matching = matching[: limit - len(rows)], matching[limit - len(rows):]
-            rows += await _find_rows(redis, chunk)
+            rows += await _find_rows(redis, chunk, feedback)
         if len(found) < page:
             break
         offset += page
@@ -138,7 +145,20 @@ async def _versions(redis: Redis, workflow: str | None, version: str | None) -> 
                 else keys.split_version_subject(s)[1] == version)]
 
 
-async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[str, Any]]:
+async def _feedback_turns(redis: Redis, conversation_id: str, polarity: str) -> list[str]:
+    """The conversation's turns given ``polarity`` feedback (their aggregate counts it)."""
+    turn_ids = await redis.lrange(keys.conversation_turns(conversation_id), 0, -1)
+    if not turn_ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for t in turn_ids:
+            pipe.hget(keys.aggregate("turn", t), f"feedback_{polarity}")
+        counts = await pipe.execute()
+    return [t for t, n in zip(turn_ids, counts) if int(n or 0) > 0]
+
+
+async def _find_rows(redis: Redis, found: list[tuple[str, float]],
+                     feedback: str | None = None) -> list[dict[str, Any]]:
     if not found:
         return []
     async with redis.pipeline(transaction=False) as pipe:
@@ -165,9 +185,12 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]]) -> list[dict[
             "agents": sorted(by_facet["agent"]),
             "errors": sorted(by_facet["error"]),
             "guardrails": sorted(by_facet["guardrail"]),
+            "feedback": sorted(by_facet["feedback"]),
             "workflows": sorted({w for w, _ in ran}),
             "versions": sorted({label for _, label in ran}),
             "first_event_at": iso_of_ms(raw.get("first_event_ms")),
             "last_event_at": iso_of_ms(last_ms),
         })
+        if feedback:
+            rows[-1]["feedback_turns"] = await _feedback_turns(redis, cid, feedback)
     return rows

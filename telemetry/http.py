@@ -172,6 +172,7 @@ async def find(
     guardrail: str | None = None,
     workflow: str | None = None,
     version: Annotated[str | None, Query(description="a version label, e.g. 2.1@3f9a0c1d2e4b5a69")] = None,
+    feedback: Annotated[Literal["negative", "positive"] | None, Query(description="a turn given such feedback")] = None,
     since: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     until: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     min_cost: Annotated[float | None, Query(ge=0, le=1e9, allow_inf_nan=False)] = None,
@@ -181,7 +182,7 @@ async def find(
     --json``). A customer key searches its customers (all of them without ``customer``)."""
     return JSONResponse(await find_visible(
         redis, who, customer=customer, tool=tool, agent=agent, error=error, guardrail=guardrail,
-        workflow=workflow, version=version, since=_time_param("since", since), until=_time_param("until", until),
+        workflow=workflow, version=version, feedback=feedback, since=_time_param("since", since), until=_time_param("until", until),
         min_cost_usd=min_cost, limit=limit,
     ))
 

@@ -8,6 +8,9 @@ rebuilt from the hook-event timeline the worker stored for every attempt
 kind makes is its entry in :data:`NODES`) and marked ``source: "events"``. Both are redacted
 already: they are telemetry, written by the worker after redaction.
 
+Feedback given on the turn (``Producer.feedback``) is the replay's ``feedback`` list
+(:func:`turn_feedback`): score, source, comment (redacted), at.
+
 Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
 "custom"|"guardrail", "name", "started_at", "duration_ms", "detail": {...}, "error",
 "children": [...]}``. ``started_at`` (ISO 8601, ``None`` when unknown) is the span's start, or
@@ -246,6 +249,7 @@ NODES: dict[EventKind, EventNode | None] = {
     EventKind.attempt_failed: None,  # the attempt's status and error
     EventKind.turn_failed: None,  # the attempt's status and error
     EventKind.spans_dropped: None,  # counted in the turn's telemetry figures
+    EventKind.feedback: None,  # given after the turn: the replay's ``feedback`` list
 }
 """The registry: the node each kind of hook event makes in a tree rebuilt from events."""
 
@@ -402,10 +406,26 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
         "turn": result.model_dump(mode="json"),
         "telemetry": await turn_stats(redis, turn_id),
         "attempts": attempts,
+        "feedback": await turn_feedback(redis, turn_id),
     }
     if unreadable:
         replay["unreadable"] = unreadable
     return replay
+
+
+async def turn_feedback(redis: Redis, turn_id: str) -> list[dict[str, Any]]:
+    """The feedback given on a turn as telemetry counted it (``keys.turn_feedback``): dicts of
+    ``feedback_id``, ``score``, ``source``, ``comment`` (redacted, clipped) and ``at``, oldest
+    first. An unreadable item is left out."""
+    items = []
+    for raw in (await redis.hgetall(keys.turn_feedback(turn_id))).values():
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            items.append(item)
+    return sorted(items, key=lambda x: (str(x.get("at")), str(x.get("feedback_id"))))
 
 
 async def conversation_replay(

@@ -30,6 +30,9 @@ latency_ms_sum / _avg     float  sum / mean of their attempt durations (avg ``No
 latency_ms_max            float  longest (``None`` if none)
 llm_ms_sum / tool_ms_sum  float  time in model calls / tool calls
 spans_dropped             int    trace spans a worker could not keep (full buffer, Redis down)
+feedback_positive         int    feedback scored 1 on the subject's turns (``feedback``
+                                 events, each counted once; per customer-day: given that day)
+feedback_negative         int    feedback scored -1 (also per workflow and version)
 ========================  =====  ========================================================
 
 Per kind, identity fields come first: ``turn_id`` (and ``status`` — completed, failed or
@@ -49,7 +52,8 @@ run on that model) and ``errors_by_type`` (dict error type -> count, e.g.
 
 By workflow and by version (``stats(by="workflow" | "version")``): turns (completed,
 failed), failed attempts, tokens (requests, input, cached, output, reasoning, total), model
-calls, cost (and unpriced calls) and latency (count, sum, mean) of the attempts a workflow
+calls, cost (and unpriced calls), latency (count, sum, mean) and feedback (positive,
+negative) of the attempts a workflow
 (``workflow`` = its name) or one version of it ran (``workflow`` and ``version``, the label
 ``<declared>@<fingerprint>`` or the fingerprint alone; the subject is ``<workflow>/<label>``:
 the same label in two workflows is two versions). The other counter fields (tool calls,
@@ -124,6 +128,8 @@ def counters(raw: dict[str, str]) -> dict[str, Any]:
         "handoffs": n["handoffs"],
         "guardrails_tripped": n["guardrails_tripped"],
         "spans_dropped": n["spans_dropped"],
+        "feedback_positive": n["feedback_positive"],
+        "feedback_negative": n["feedback_negative"],
         "turns_completed": n["turns_completed"],
         "turns_failed": n["turns_failed"],
         "attempts_failed": n["attempts_failed"],

@@ -147,7 +147,8 @@ async def store_order(redis: Any, who: Customer) -> None:
 
 async def scenario(fleet: Fleet, who: Customer) -> None:
     """Completed turns with a tool call, a refund, an escalation, a guardrail trip and a
-    failed turn, in two conversations; an unredacted read in the audit log; a dead letter."""
+    failed turn, in two conversations; feedback on two turns (with a comment); an unredacted
+    read in the audit log; a dead letter."""
     await store_order(fleet.redis, who)
     await fleet.turn(who, who.conv(1), f"Where is order {who.order}? Quokka{who.tag} asks")
     await fleet.turn(who, who.conv(1), f"I want a refund for order {who.order}, says Quokka{who.tag}")
@@ -156,6 +157,10 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     await fleet.turn(who, who.conv(2), f"Hello from Quokka{who.tag}, anyone there?",
                      model=FlakyModel(fail_on=1), max_attempts=1, expect="failed")
     first = who.turns[who.conv(1)][0]
+    complaint = f"Quokka{who.tag} was told the wrong refund"
+    who.texts.append(complaint)
+    await fleet.producer.feedback(who.turns[who.conv(1)][1], score=-1, comment=complaint)
+    await fleet.producer.feedback(who.turns[who.conv(2)][0], score=1, source="operator")
     await audit.record(fleet.redis, "cli:ops@desk", "turn --unredacted", first)
     # A malformed telemetry entry naming the turn: the consumer dead-letters it.
     await fleet.redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": first, "batch": "not a batch"})

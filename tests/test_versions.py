@@ -210,15 +210,16 @@ async def test_a_newer_job_and_a_newer_turn_record_are_left_queued_never_failed_
 
 
 class NewerConsumer(TelemetryConsumer):
-    """What a consumer of the next version is, as far as this test needs: it reads batch v2
-    (whose events, here, are ones this code knows)."""
+    """What a consumer of the next version is, as far as this test needs: it reads the batch
+    version after this one's (whose events, here, are ones this code knows)."""
 
-    reads_batch_version = 2
+    reads_batch_version = versions.BATCH_READ + 1
 
 
 async def send_v2(redis: Any, batch: AttemptBatch | str) -> str:
     raw = batch if isinstance(batch, str) else batch.batch_json()
-    return await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-new", "v": "2", "batch": raw})
+    return await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-new", "v": str(versions.BATCH_READ + 1),
+                                                       "batch": raw})
 
 
 async def deliveries(redis: Any, entry_id: str) -> int:

@@ -52,6 +52,7 @@ class EventKind(str, Enum):
     attempt_failed = "attempt_failed"  # this attempt failed; the turn will be tried again
     turn_failed = "turn_failed"  # terminal
     spans_dropped = "spans_dropped"  # trace spans this attempt could not keep
+    feedback = "feedback"  # a score on a finished turn (batch version versions.BATCH_FEEDBACK)
 
 
 # -- payloads ------------------------------------------------------------------------------
@@ -175,12 +176,25 @@ class SpansDroppedDetail(EventDetail):
     count: int = Field(default=0, ge=0, le=MAX_COUNT)
 
 
+class FeedbackDetail(EventDetail):
+    """A score on a turn, given after it ran (``Producer.feedback``). Its event's id is the
+    feedback id (so the same feedback re-sent counts once) and its ``attempt`` is 0 (no
+    attempt wrote it); written alone in an entry of batch version ``versions.BATCH_FEEDBACK``,
+    which an older consumer leaves pending."""
+
+    event_kind = EventKind.feedback
+    feedback_id: str | None = None
+    score: int = Field(default=0, ge=-1, le=1)
+    source: str | None = None  # customer, agent or operator
+    comment: str | None = None  # redacted, then clipped
+
+
 PAYLOADS: dict[EventKind, type[EventDetail]] = {
     cls.event_kind: cls
     for cls in (
         TurnStartedDetail, AgentStartDetail, AgentEndDetail, LlmStartDetail, LlmEndDetail,
         ToolStartDetail, ToolEndDetail, HandoffDetail, GuardrailDetail, TurnCompletedDetail,
-        AttemptFailedDetail, TurnFailedDetail, SpansDroppedDetail,
+        AttemptFailedDetail, TurnFailedDetail, SpansDroppedDetail, FeedbackDetail,
     )
 }
 """The registry: each event kind's payload class."""
@@ -242,11 +256,12 @@ _BATCH: TypeAdapter[list[TelemetryEvent]] = TypeAdapter(list[AnyEvent])  # type:
 
 
 def event(detail: EventDetail, *, turn_id: str, attempt: int, seq: int, conversation_id: str,
-          customer_id: str, **fields: Any) -> TelemetryEvent:
-    """The event of ``detail``'s kind, with its deterministic id; ``fields`` are the envelope's
-    optional ones (``agent``, ``model``, ``tool``, ``ts``, ``usage``, ``duration_ms``, ``error``)."""
+          customer_id: str, event_id: str | None = None, **fields: Any) -> TelemetryEvent:
+    """The event of ``detail``'s kind, with its deterministic id (``event_id`` when given: a
+    feedback's is its feedback id); ``fields`` are the envelope's optional ones (``agent``,
+    ``model``, ``tool``, ``ts``, ``usage``, ``duration_ms``, ``error``)."""
     cls = EVENT_CLASSES[detail.event_kind]
-    return cls(event_id=TelemetryEvent.make_id(turn_id, attempt, seq), kind=detail.event_kind,
+    return cls(event_id=event_id or TelemetryEvent.make_id(turn_id, attempt, seq), kind=detail.event_kind,
                seq=seq, turn_id=turn_id, attempt=attempt, conversation_id=conversation_id,
                customer_id=customer_id, detail=detail, **fields)
 

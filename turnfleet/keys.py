@@ -192,6 +192,12 @@ def event_seen(turn_id: str) -> str:
     return f"{PREFIX}:seen:{turn_id}"
 
 
+def turn_feedback(turn_id: str) -> str:
+    """Hash feedback id -> the feedback as telemetry counted it (JSON: score, source, comment
+    redacted and clipped, at), written by the telemetry aggregate: the turn's feedback list."""
+    return f"{PREFIX}:feedback:{turn_id}"
+
+
 def alert_fired(rule: str, subject: str, window: str) -> str:
     """String set once when a rule fires for a subject and window."""
     return f"{PREFIX}:alert-fired:{rule}:{subject}:{window}"
@@ -229,7 +235,8 @@ def latency_names(dimension: str) -> str:
     return f"{PREFIX}:lat-names:{dimension}"
 
 
-FACETS = ("tool", "agent", "error", "guardrail", "version")  # version: <workflow>/<label>
+FACETS = ("tool", "agent", "error", "guardrail", "version", "feedback")  # version: <workflow>/<label>;
+# feedback: negative / positive
 
 
 def facet_conversations(facet: str, value: str) -> str:

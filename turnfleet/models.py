@@ -292,3 +292,77 @@ class Alert(BaseModel):
     customer_id: str | None = None
     turn_id: str | None = None
     fired_at: datetime = Field(default_factory=utcnow)
+
+
+# -- feedback (issue 17) ----------------------------------------------------------------------
+
+FEEDBACK_SOURCES = ("customer", "agent", "operator")
+DEFAULT_MAX_FEEDBACK_COMMENT_CHARS = 2000  # a longer comment is refused at the edge
+FEEDBACK_COMMENT_KEPT_CHARS = 500  # what telemetry keeps of a comment (redacted, then clipped)
+
+
+def feedback_id(turn_id: str, idempotency_key: str | None = None) -> str:
+    """A feedback's id: derived from the client's idempotency key (the same key on the same
+    turn is the same feedback, counted once), or new. It is the feedback event's id too."""
+    if idempotency_key is None:
+        return f"fb_{uuid.uuid4().hex}"
+    return f"fb_{uuid.uuid5(uuid.NAMESPACE_URL, f'turnfleet:{turn_id}:{idempotency_key}').hex}"
+
+
+class FeedbackRequest(BaseModel):
+    """A score on one turn (``Producer.feedback``, ``turnfleet feedback``,
+    ``POST /v1/turns/{id}/feedback``). ``idempotency_key``: the same key again on the same turn
+    is the same feedback (counted once)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    turn_id: str
+    score: Literal[-1, 1]
+    comment: str | None = None
+    source: Literal["customer", "agent", "operator"] = "customer"
+    idempotency_key: str | None = None
+
+    @field_validator("score", mode="before")
+    @classmethod
+    def _score(cls, value: Any) -> int:
+        if isinstance(value, bool) or value not in (-1, 1) or not isinstance(value, int):
+            raise ValueError("must be -1 or 1")
+        return value
+
+    @field_validator("turn_id", "idempotency_key", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> str | None:
+        return None if value is None else check_id(value)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> str:
+        if value not in FEEDBACK_SOURCES:
+            raise ValueError(f"must be one of {', '.join(FEEDBACK_SOURCES)}")
+        return value
+
+    @field_validator("comment", mode="before")
+    @classmethod
+    def _comment(cls, value: Any, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        check_unicode(value)
+        limit = (info.context or {}).get("max_feedback_comment_chars", DEFAULT_MAX_FEEDBACK_COMMENT_CHARS)
+        if len(value) > limit:
+            raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
+        return value or None
+
+
+class FeedbackResult(BaseModel):
+    """What a recorded feedback is: its id and the turn it is linked to."""
+
+    feedback_id: str
+    turn_id: str
+    conversation_id: str
+    customer_id: str
+    score: int
+    source: str
+    comment: str | None = None  # as telemetry keeps it: redacted, clipped
+    at: datetime

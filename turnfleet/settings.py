@@ -86,6 +86,7 @@ class ApiKey(BaseModel):
 
 class ProducerSettings(CommonSettings):
     max_text_chars: int = Field(default=8000, description="Longest user text accepted.")
+    max_feedback_comment_chars: int = Field(default=2000, description="Longest feedback comment accepted.")
     max_metadata_items: int = Field(default=32)
     max_metadata_bytes: int = Field(default=4096, description="Keys plus values, UTF-8.")
     max_bulk: int = Field(default=10_000, description="Most turns in one bulk enqueue.")
@@ -260,6 +261,10 @@ class TelemetrySettings(CommonSettings):
     alert_error_rate: float = Field(default=0.20, description="Failed/finished turns in a window.")
     alert_error_rate_window_s: int = Field(default=300)
     alert_error_rate_min_turns: int = Field(default=10)
+    alert_feedback_negative_rate: float = Field(
+        default=0.20, description="Negative feedback / finished turns in an error-rate window.")
+    alert_feedback_negative_min_count: int = Field(
+        default=5, description="Negative feedback in the window before that rate alerts.")
     alert_webhook_url: str | None = Field(
         default=None, description="POST every alert here (at least once); unset: no webhook."
     )
