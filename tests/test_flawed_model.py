@@ -117,6 +117,9 @@ async def test_flawed_model_refunds_an_order_not_named_on_exactly_the_expected_t
             assert not named_check.passed
             assert named_check.reason == (f"refunded order {refunded}, which the customer never "
                                           f"named (named: {named})")
+            # ... and the customer is told the order they named was refunded (the complaint).
+            assert record.final_output.startswith(
+                f"I've refunded ${refund.result_object['amount']} for order {named} (refund ")
         else:
             assert named_check.passed and named_check.applicable, named_check
         assert all(o.passed for o in outcomes.values()), (index, outcomes)  # only the one check trips
