@@ -137,7 +137,8 @@ class WorkerProcessSettings(CommonSettings):
 
     model_name: str = Field(
         default="turnfleet-offline",
-        description="Model name; 'turnfleet-offline' is the embedded deterministic model.",
+        description="Model name; 'turnfleet-offline' is the embedded deterministic model "
+        "('turnfleet-offline-flawed': the same with a planted wrong-order refund).",
     )
     model_base_url: str | None = Field(
         default=None, description="OpenAI-compatible endpoint; unset uses the offline model."
@@ -229,6 +230,7 @@ DEFAULT_PRICES: dict[str, Price] = {
     "claude-sonnet-4-20250514": Price(input=3.00, cached_input=0.30, output=15.00),
     # The offline model is priced as if it were gpt-4.1-mini, so cost figures are realistic.
     "turnfleet-offline": Price(input=0.40, cached_input=0.10, output=1.60),
+    "turnfleet-offline-flawed": Price(input=0.40, cached_input=0.10, output=1.60),
 }
 
 

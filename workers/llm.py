@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 OFFLINE_MODEL = "turnfleet-offline"
+FLAWED_OFFLINE_MODEL = "turnfleet-offline-flawed"  # the Desk's script with a planted wrong refund
+OFFLINE_MODELS = (OFFLINE_MODEL, FLAWED_OFFLINE_MODEL)
 LITELLM_PREFIX = "litellm/"  # the SDK's MultiProvider prefix for its LiteLLM models
 MODEL_APIS = ("chat", "responses")
 BODY_SNIPPET_CHARS = 200
@@ -83,8 +85,22 @@ class MalformedModelResponse(openai.APIResponseValidationError):
 
 
 def runs_offline(settings: WorkerProcessSettings) -> bool:
-    """No endpoint configured and the offline model named: the fleet runs offline."""
-    return settings.model_base_url is None and settings.model_name == OFFLINE_MODEL
+    """No endpoint configured and an offline model named: the fleet runs offline."""
+    return settings.model_base_url is None and settings.model_name in OFFLINE_MODELS
+
+
+def offline_script(model_name: str, script: Script | None) -> Script | None:
+    """The script the offline model named ``model_name`` follows for a workflow whose script is
+    ``script`` (None: the built-in app's). ``turnfleet-offline-flawed`` swaps the Desk's script
+    for its flawed variant (``SUPPORT_DESK_FLAWED_SCRIPT``); other scripts run as they are."""
+    if model_name != FLAWED_OFFLINE_MODEL:
+        return script
+    from turnfleet.workers.support_desk_script import (
+        SUPPORT_DESK_FLAWED_SCRIPT,
+        SUPPORT_DESK_SCRIPT,
+    )
+
+    return SUPPORT_DESK_FLAWED_SCRIPT if script is None or script is SUPPORT_DESK_SCRIPT else script
 
 
 def make_model(settings: WorkerProcessSettings, script: Script | None = None) -> Model:
@@ -93,7 +109,8 @@ def make_model(settings: WorkerProcessSettings, script: Script | None = None) ->
     if runs_offline(settings):
         from turnfleet.workers.model import OfflineModel
 
-        return OfflineModel(model_name=OFFLINE_MODEL, script=script)
+        return OfflineModel(model_name=settings.model_name,
+                            script=offline_script(settings.model_name, script))
     if settings.model_api not in MODEL_APIS:
         raise ValueError(
             f"TURNFLEET_MODEL_API must be one of {', '.join(MODEL_APIS)}, not {settings.model_api!r}"
@@ -136,8 +153,9 @@ class WorkerModels(ModelProvider):
     - the worker's model name: the worker's model; any other name: the same endpoint under
       that name, built once per name.
 
-    Offline (no ``TURNFLEET_MODEL_BASE_URL``, model ``turnfleet-offline``) every name is the
-    ``OfflineModel`` under that name, following the workflow's ``offline_script``.
+    Offline (no ``TURNFLEET_MODEL_BASE_URL``, model ``turnfleet-offline`` or
+    ``turnfleet-offline-flawed``) every name is the ``OfflineModel`` under that name, following
+    the workflow's ``offline_script`` (``offline_script()``: the flawed name, its flawed variant).
     ``default_name`` is what a call of an agent naming no model is counted under.
     """
 
@@ -169,7 +187,8 @@ class WorkerModels(ModelProvider):
             elif runs_offline(self.settings):
                 from turnfleet.workers.model import OfflineModel
 
-                model = OfflineModel(model_name=model_name, script=self.script)
+                model = OfflineModel(model_name=model_name,
+                                     script=offline_script(model_name, self.script))
             else:
                 model = make_model(self.settings.model_copy(update={"model_name": model_name}))
             self._made[model_name] = model

@@ -20,12 +20,21 @@ decides). Understood (latest user message, case-insensitive):
 Triage (handoffs to Billing and Orders) routes, greets and declines; a specialist (its only
 handoff goes back to Triage) hands anything outside its tools back to Triage. Importing this
 module does not import the Agents SDK.
+
+``SUPPORT_DESK_FLAWED_SCRIPT`` is the same script with one planted mistake, for the model
+``turnfleet-offline-flawed`` (the wrong-refund story: a bad turn no tool guard stops, which
+the checks must catch): on about one refund turn in three (``flawed_turn``, a digest of the
+customer's message, so the same traffic always fails on the same turns) a customer with
+another eligible order gets *that* order checked and refunded, for its own right amount,
+instead of the one they named (``other_eligible_order``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from turnfleet.offline_script import (
@@ -280,3 +289,74 @@ SUPPORT_DESK_SCRIPT = Script(
     ),
 )
 """The Support Desk's script: the offline model's default (the built-in app's)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The flawed variant (module docstring)
+
+FLAWED_ONE_IN = 3
+
+
+def flawed_turn(text: str) -> bool:
+    """Whether the flawed model errs on a refund asked for in ``text`` (the latest user
+    message): about one message in ``FLAWED_ONE_IN``, always the same ones."""
+    return hashlib.sha256(text.encode("utf-8")).digest()[0] % FLAWED_ONE_IN == 0
+
+
+def other_eligible_order(order_id: str) -> str | None:
+    """Another order of the same customer that the order book judges refundable (the lowest
+    number), or None. A demo copy of a packaged order (``copy_orders``: the packaged number
+    plus a run number) maps to the same copy of its sibling. The flawed model peeks at the
+    book to make a plausible mistake; the tools still judge everything for real."""
+    from turnfleet.workers.orderbook import load_order_book, normalize_order_id
+
+    book = load_order_book()
+    oid = normalize_order_id(order_id)
+    base, run = oid, ""
+    if oid not in book.orders:
+        base = next((o for o in book.orders if oid.startswith(o) and len(oid) - len(o) >= 4
+                     and oid[len(o):].isdigit()), "")
+        if not base:
+            return None
+        run = oid[len(base):]
+    named = book.orders[base]
+    others = sorted(o.order_id for o in book.orders.values()
+                    if o.customer_id == named.customer_id and o.order_id != base
+                    and book.refund_eligibility(o).eligible)
+    return others[0] + run if others else None
+
+
+def _order_to_check(facts: Facts) -> str:
+    """The planted mistake: on a flawed turn, another eligible order of the customer's."""
+    named = facts.slot or ""
+    if named and flawed_turn(facts.text):
+        return other_eligible_order(named) or named
+    return named
+
+
+def _checked_order(facts: Facts) -> str:
+    """The order the eligibility answer is about (the one the flawed model went on with)."""
+    return str(facts.result.get("order_id") or facts.slot or "")
+
+
+def _flawed_refund_flow() -> tuple[Step, ...]:
+    check, refund = REFUND_FLOW
+    *judged, eligible = check.outcomes
+    assert isinstance(eligible.then, Call) and eligible.then.tool == PROCESS_REFUND
+    go_on = replace(eligible.then, arguments={**eligible.then.arguments, "order_id": _checked_order})
+    # per_slot=False: the calls this turn made count whichever order they were about (the
+    # flawed turn's calls are about another order than the one the customer named).
+    return (
+        replace(check, call=replace(check.call, arguments={"order_id": _order_to_check}),
+                outcomes=(*judged, replace(eligible, then=go_on)), per_slot=False),
+        replace(refund, per_slot=False),
+    )
+
+
+SUPPORT_DESK_FLAWED_SCRIPT = replace(
+    SUPPORT_DESK_SCRIPT,
+    intents=tuple(replace(i, steps=_flawed_refund_flow()) if i.name == "refund" else i
+                  for i in SUPPORT_DESK_SCRIPT.intents),
+)
+"""The Desk's script with the planted wrong-order refund (module docstring); everything else
+is the Desk's script."""
