@@ -86,6 +86,11 @@ def _int(value: str | None) -> int:
     return int(value) if value else 0
 
 
+def _finished(v: dict[str, str | None]) -> int:
+    """Turns that ended in a window's figures (completed or failed)."""
+    return _int(v["turns_failed"]) + _int(v["turns_completed"])
+
+
 def _clip(text: str, limit: int = MESSAGE_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -270,8 +275,7 @@ class AlertRules:
         label = window_label(start)
 
         def decide(v: dict[str, str | None]) -> Alert | None:
-            failed = _int(v["turns_failed"])
-            finished = failed + _int(v["turns_completed"])
+            failed, finished = _int(v["turns_failed"]), _finished(v)
             if finished < s.alert_error_rate_min_turns or finished == 0:
                 return None
             rate = failed / finished
@@ -290,17 +294,14 @@ class AlertRules:
                 turn_id=failure.turn_id if failure else None,
             )
 
-        return _Check(RULE_ERROR_RATE, GLOBAL_SUBJECT, label, keys.aggregate_window(start),
-                      ("turns_completed", "turns_failed"),
-                      max(MIN_WINDOW_TTL_S, 2 * s.alert_error_rate_window_s), decide)
+        return self._window_check(RULE_ERROR_RATE, start, (), decide)
 
     def _feedback_negative_rate(self, start: int) -> _Check:
         s = self.settings
         label = window_label(start)
 
         def decide(v: dict[str, str | None]) -> Alert | None:
-            negative = _int(v["feedback_negative"])
-            finished = _int(v["turns_failed"]) + _int(v["turns_completed"])
+            negative, finished = _int(v["feedback_negative"]), _finished(v)
             if negative < s.alert_feedback_negative_min_count or negative == 0 or finished == 0:
                 return None
             rate = negative / finished
@@ -318,9 +319,16 @@ class AlertRules:
                  "min_count": s.alert_feedback_negative_min_count},
             )
 
-        return _Check(RULE_FEEDBACK_NEGATIVE_RATE, GLOBAL_SUBJECT, label, keys.aggregate_window(start),
-                      ("turns_completed", "turns_failed", "feedback_negative", "feedback_positive"),
-                      max(MIN_WINDOW_TTL_S, 2 * s.alert_error_rate_window_s), decide)
+        return self._window_check(RULE_FEEDBACK_NEGATIVE_RATE, start, ("feedback_negative", "feedback_positive"),
+                                  decide)
+
+    def _window_check(self, rule: str, start: int, fields: tuple[str, ...],
+                      decide: Callable[[dict[str, str | None]], Alert | None]) -> _Check:
+        """A fleet rule over the error-rate window from ``start``: it reads the window's finished
+        turns and ``fields``, once per window."""
+        return _Check(rule, GLOBAL_SUBJECT, window_label(start), keys.aggregate_window(start),
+                      ("turns_completed", "turns_failed", *fields),
+                      max(MIN_WINDOW_TTL_S, 2 * self.settings.alert_error_rate_window_s), decide)
 
     @staticmethod
     def _alert(rule: str, subject_kind: str, subject: str, window: str, message: str,
