@@ -250,6 +250,7 @@ NODES: dict[EventKind, EventNode | None] = {
     EventKind.turn_failed: None,  # the attempt's status and error
     EventKind.spans_dropped: None,  # counted in the turn's telemetry figures
     EventKind.feedback: None,  # given after the turn: the replay's ``feedback`` list
+    EventKind.check: None,  # judged after the turn: the replay's ``checks`` list
 }
 """The registry: the node each kind of hook event makes in a tree rebuilt from events."""
 

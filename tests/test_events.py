@@ -72,8 +72,9 @@ def test_every_event_kind_has_a_payload_a_plan_a_replay_node_and_a_readme_row() 
 
 async def test_a_batch_of_every_kind_moves_each_metric_its_kind_feeds(redis: Any) -> None:
     batches = every_kind_batches()
-    # Every kind a worker's hooks write (feedback is the producer's: tests/test_feedback.py).
-    assert {e.kind for b in batches for e in b.events} == set(EventKind) - {EventKind.feedback}
+    # Every kind a worker's hooks write (feedback is the producer's: tests/test_feedback.py;
+    # checks are the check job's).
+    assert {e.kind for b in batches for e in b.events} == set(EventKind) - {EventKind.feedback, EventKind.check}
     for batch in batches:
         await batch.send(redis)
     assert await drain(redis) == len(batches)
@@ -285,6 +286,8 @@ SAMPLES: dict[EventKind, ev.EventDetail] = {
     EventKind.spans_dropped: ev.SpansDroppedDetail(count=1),
     EventKind.feedback: ev.FeedbackDetail(feedback_id=f"f {CARD}", score=-1, source=f"s {CARD}",
                                           comment=f"card {CARD}"),
+    EventKind.check: ev.CheckDetail(check=f"c {CARD}", outcome="failed", money_path=True,
+                                    reason=f"card {CARD}", error=f"e {CARD}", duration_us=1.0),
 }
 
 

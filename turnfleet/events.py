@@ -53,6 +53,7 @@ class EventKind(str, Enum):
     turn_failed = "turn_failed"  # terminal
     spans_dropped = "spans_dropped"  # trace spans this attempt could not keep
     feedback = "feedback"  # a score on a finished turn (batch version versions.BATCH_FEEDBACK)
+    check = "check"  # one check's outcome on a finished turn (batch version versions.BATCH_CHECK)
 
 
 # -- payloads ------------------------------------------------------------------------------
@@ -189,12 +190,40 @@ class FeedbackDetail(EventDetail):
     comment: str | None = None  # redacted, then clipped
 
 
+CHECK_OUTCOMES = ("passed", "failed", "not_applicable", "inputs_expired")
+"""What a ``check`` event says of its check: ``passed``; ``failed``; ``not_applicable`` (the
+check had nothing to judge: a pass kept apart); ``inputs_expired`` (retention or the raw-text
+lifetime removed the record or memory the check needs: neither pass nor failure)."""
+
+
+class CheckDetail(EventDetail):
+    """One check of the turn's workflow, run once on the finished turn from its record and
+    memory (``turnfleet.checks.run_checks``, docs/ARCHITECTURE.md "Checks"). Its event's id is
+    :func:`check_event_id` (so the same check on the same turn counts once however often it
+    is written) and its ``attempt`` is 0; the checks of one turn are one entry of batch version
+    ``versions.BATCH_CHECK``. A check that calls a model (an LLM judge) sets the envelope's
+    ``model`` and ``usage``: counted apart from the turn's own tokens and cost."""
+
+    event_kind = EventKind.check
+    check: str = ""
+    outcome: Literal["passed", "failed", "not_applicable", "inputs_expired"] = "passed"
+    money_path: bool = False
+    reason: str | None = None  # redacted, then clipped
+    error: str | None = None  # the exception's type when the check raised
+    duration_us: float = Field(default=0.0, ge=0)
+
+
+def check_event_id(turn_id: str, check: str) -> str:
+    """A check event's id: one per turn and check, whichever run of the check job wrote it."""
+    return f"{turn_id}:check:{check}"
+
+
 PAYLOADS: dict[EventKind, type[EventDetail]] = {
     cls.event_kind: cls
     for cls in (
         TurnStartedDetail, AgentStartDetail, AgentEndDetail, LlmStartDetail, LlmEndDetail,
         ToolStartDetail, ToolEndDetail, HandoffDetail, GuardrailDetail, TurnCompletedDetail,
-        AttemptFailedDetail, TurnFailedDetail, SpansDroppedDetail, FeedbackDetail,
+        AttemptFailedDetail, TurnFailedDetail, SpansDroppedDetail, FeedbackDetail, CheckDetail,
     )
 }
 """The registry: each event kind's payload class."""

@@ -198,6 +198,14 @@ def turn_feedback(turn_id: str) -> str:
     return f"{PREFIX}:feedback:{turn_id}"
 
 
+def turn_checks(turn_id: str) -> str:
+    """String: the turn's check outcomes (JSON list of ``CheckOutcome.as_dict`` plus
+    ``outcome``), written once (``SET NX``) by the check job with the turn's ``check`` events,
+    no expiry, erased with the turn: what the replay and the console show, and what tells a
+    second run of the check job that the checks were written."""
+    return f"{PREFIX}:checks:{turn_id}"
+
+
 def alert_fired(rule: str, subject: str, window: str) -> str:
     """String set once when a rule fires for a subject and window."""
     return f"{PREFIX}:alert-fired:{rule}:{subject}:{window}"

@@ -52,6 +52,7 @@ JOB = 1  # the arq job's JSON
 TURN_RECORD = 1  # the turn record hash (``keys.turn``)
 BATCH = 1  # a telemetry stream entry of a turn attempt: a JSON array of events (``turnfleet.events``)
 BATCH_FEEDBACK = 2  # an entry holding ``feedback`` events (a kind version 1 readers do not know)
+BATCH_CHECK = 3  # an entry holding a turn's ``check`` events (a kind version 2 readers do not know)
 BATCH_READ = 2  # the newest batch version this process's consumer reads
 
 FIELD = "v"  # the version field's name in each of the three formats
