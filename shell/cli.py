@@ -463,8 +463,11 @@ async def _find(args: argparse.Namespace, url: str) -> int:
         rows = await find_conversations(
             redis, customer=args.customer, tool=args.tool, agent=args.agent, error=args.error,
             guardrail=args.guardrail, workflow=args.workflow, version=args.version,
-            feedback=args.feedback, since=since, until=until, min_cost_usd=args.min_cost, limit=args.limit,
+            feedback=args.feedback, check_failed=args.check_failed, since=since, until=until,
+            min_cost_usd=args.min_cost, limit=args.limit,
         )
+    except ValueError as exc:  # a --check-failed name that is no check
+        raise _invalid("check_failed", str(exc).removeprefix("check_failed: ")) from None
     finally:
         await redis.aclose()
     if args.json:
@@ -745,6 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--version", metavar="LABEL", help="run by this version label, e.g. 2.1@3f9a0c1d2e4b5a69")
     f.add_argument("--feedback", choices=["negative", "positive"],
                    help="a turn was given such feedback (rows name those turns)")
+    f.add_argument("--check-failed", metavar="NAME",
+                   help="a turn on which this check failed, e.g. refund_amount_matches (rows name those turns)")
     f.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
     f.add_argument("--until", metavar="TIME")
     f.add_argument("--min-cost", type=float, metavar="USD")

@@ -146,8 +146,16 @@ MODEL_COLUMNS = [  # a model's aggregate counts its calls, not turns
 ]
 
 
+CHECK_COLUMNS = [  # by workflow and version: what the workflow's checks said of its turns
+    ("checks_passed", "chk ok"),
+    ("checks_failed", "chk fail"),
+]
+
+
 def render_stats(by: str, rows: list[dict[str, Any]], totals: dict[str, Any] | None = None) -> Table:
     columns = MODEL_COLUMNS if by == "model" else STATS_COLUMNS
+    if by in ("workflow", "version"):  # figures not split by version make room for the checks'
+        columns = [c for c in columns if c[0] not in ("tool_calls", "latency_ms_max")] + CHECK_COLUMNS
     table = Table(title=f"stats by {by}", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     if by == "version":  # a version is of one workflow: two columns, workflow then label
         _render_version_stats(table, rows, totals, columns)
@@ -305,7 +313,23 @@ def render_replay_turn(replay: dict[str, Any], label: str = "") -> Tree:
     if result.status == "failed":
         tree.add(Text(f"failed: {result.error_type}: {_short(result.error_message)}", style="red"))
     _add_feedback(tree, replay.get("feedback") or [])
+    _add_checks(tree, replay.get("checks") or [])
     return tree
+
+
+CHECK_STYLES = {"passed": "green", "failed": "bold red", "not_applicable": "dim", "inputs_expired": "yellow"}
+
+
+def _add_checks(tree: Tree, checks: list[dict[str, Any]]) -> None:
+    """The turn's checks, one line each: outcome, name, money path, reason; a failure in red."""
+    for c in checks:
+        outcome = str(c.get("outcome") or "?")
+        line = Text(f"check {outcome.upper().replace('_', ' ')} {c.get('check')}"
+                    + (" (money path)" if c.get("money_path") else ""),
+                    style=CHECK_STYLES.get(outcome, ""))
+        if c.get("reason"):
+            line.append(f": {_short(c['reason'], 300)}", style="")
+        tree.add(line)
 
 
 def _add_feedback(tree: Tree, feedback: list[dict[str, Any]]) -> None:
@@ -378,8 +402,9 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
     if not rows:
         return Text("no conversation matches", style="dim")
     table = Table(title=f"{len(rows)} conversation(s), newest first", title_justify="left")
+    checked = any(r.get("check_failed_turns") or r.get("checks_failed_names") for r in rows)
     for col in ("conversation", "customer", "last event", "turns", "workflow", "agents", "tools",
-                "errors", "guardrails", "feedback", "cost"):
+                "errors", "guardrails", "feedback", *(("checks failed",) if checked else ()), "cost"):
         table.add_column(col, justify="right" if col in ("turns", "cost") else "left")
     for r in rows:
         turns = (r.get("turns_completed") or 0) + (r.get("turns_failed") or 0)
@@ -389,6 +414,8 @@ def render_found(rows: list[dict[str, Any]]) -> Any:
             ", ".join(r.get("workflows") or []) or "–", ", ".join(r.get("agents") or []), ", ".join(r.get("tools") or []),
             ", ".join(r.get("errors") or []) or "–", ", ".join(r.get("guardrails") or []) or "–",
             ", ".join(r.get("feedback_turns") or r.get("feedback") or []) or "–",
+            *((", ".join(r.get("check_failed_turns") or r.get("checks_failed_names") or []) or "–",)
+              if checked else ()),
             money(r.get("cost_usd")),
         )
     return table

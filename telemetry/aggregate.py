@@ -56,6 +56,21 @@ turn's feedback list (``keys.turn_feedback``: what the replay shows) and the ``f
 of ``find`` (``negative`` / ``positive``). It is not the turn's activity: an entry holding only
 feedback leaves the turn's identity fields, attempts and the ``last_event`` indexes alone.
 
+Checks (``check`` events, written by the worker's check job in one entry per turn of batch version
+``versions.BATCH_CHECK``, attempt 0, event id ``events.check_event_id``): each adds one to
+``checks_<outcome>`` (``passed``, ``failed``, ``not_applicable``, ``inputs_expired``) on the turn,
+conversation, customer, customer-day, version and fleet hashes and on the check's own hash,
+``keys.aggregate("check", "<workflow>/<check>")`` (indexed in ``keys.aggregate_index("check")``:
+what ``turnfleet_checks_total`` exports); a failure also ``check_failed:<check>`` on the turn's hash
+(what ``find --check-failed`` names the turns by and the ``check_failed`` alert reads) and the
+``check_failed`` facet (value the check's name; other outcomes index nothing). A judged check
+(passed or failed) adds to its error-rate window's ``check_runs:<workflow>/<check>`` and, failed,
+``check_fails:<workflow>/<check>`` (the ``check_failure_rate`` rule). A check that called a model
+(``usage``, ``model``: an LLM judge) adds ``check_tokens`` and ``check_cost_nusd`` (or
+``check_cost_unknown_calls``) to the version and fleet hashes only: never the turn's tokens or
+cost. Same dedupe (the turn's seen-set), so a second run of the check job or a redelivered entry
+counts once; like feedback, a check entry is not the turn's activity.
+
 Errors per model: every ``attempt_failed`` and ``turn_failed`` event that names a model adds
 one to that model's ``errors`` and to ``errors:<error type>`` (e.g. ``errors:RateLimitError``,
 ``errors:MalformedModelResponse``), under the same dedupe: a failed turn of N attempts counts
@@ -118,6 +133,8 @@ from turnfleet.telemetry.pricing import PriceTable
 from turnfleet import keys, registry
 from turnfleet import tool_errors
 from turnfleet.events import (
+    CHECK_OUTCOMES,
+    CheckDetail,
     EventKind,
     FeedbackDetail,
     GuardrailDetail,
@@ -202,6 +219,13 @@ INT_COUNTERS = (
     "spans_dropped",
     "feedback_positive",
     "feedback_negative",
+    "checks_passed",
+    "checks_failed",
+    "checks_not_applicable",
+    "checks_inputs_expired",
+    "check_tokens",
+    "check_cost_nusd",
+    "check_cost_unknown_calls",
 )
 FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum")
 # What a version hash counts (turns, tokens, cost, latency, errors): the counters an operator
@@ -210,7 +234,13 @@ FLOAT_COUNTERS = ("latency_ms_sum", "latency_ms_max", "llm_ms_sum", "tool_ms_sum
 SPLIT_COUNTERS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",
                   "llm_calls", "cost_nusd", "cost_unknown_calls", "turns_completed", "turns_failed",
                   "attempts_failed", "latency_count", "latency_ms_sum", "feedback_positive",
-                  "feedback_negative")
+                  "feedback_negative", "checks_passed", "checks_failed", "checks_not_applicable",
+                  "checks_inputs_expired", "check_tokens", "check_cost_nusd", "check_cost_unknown_calls")
+CHECK_OUTCOME_COUNTERS = tuple(f"checks_{o}" for o in CHECK_OUTCOMES)  # a check hash's fields
+CHECK_FAILED_FIELD = "check_failed:"  # turn hash field prefix: that check failed on the turn
+CHECK_RUNS = "check_runs:"  # window hash field prefix (+ <workflow>/<check>): checks judged
+CHECK_FAILS = "check_fails:"  # window hash field prefix: of those, failed
+_AFTER_TURN_KINDS = (EventKind.feedback, EventKind.check)  # written after the turn, attempt 0
 
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
@@ -277,6 +307,17 @@ class FailedTurn:
     customer_id: str
 
 
+@dataclass(frozen=True)
+class FailedCheck:
+    """A money-path check that failed on a turn (the ``check_failed`` rule alerts on it)."""
+
+    turn_id: str
+    conversation_id: str
+    customer_id: str
+    workflow: str
+    check: str
+
+
 @dataclass
 class Touched:
     """Subjects an entry may have changed: what the alert rules look at afterwards."""
@@ -285,11 +326,15 @@ class Touched:
     customer_days: set[tuple[str, str]] = field(default_factory=set)  # (customer, YYYY-MM-DD)
     failed_turns: dict[str, FailedTurn] = field(default_factory=dict)
     windows: dict[int, FailedTurn | None] = field(default_factory=dict)  # start s -> a failure
+    failed_checks: dict[tuple[str, str], FailedCheck] = field(default_factory=dict)  # money path
+    check_windows: set[tuple[int, str]] = field(default_factory=set)  # (start s, <workflow>/<check>)
 
     def merge(self, other: Touched) -> None:
         self.conversations.update(other.conversations)
         self.customer_days |= other.customer_days
         self.failed_turns.update(other.failed_turns)
+        self.failed_checks.update(other.failed_checks)
+        self.check_windows |= other.check_windows
         for start, failed in other.windows.items():
             self.windows[start] = failed or self.windows.get(start)
 
@@ -363,7 +408,7 @@ class _Attempt:
     models: list[str] = field(default_factory=list)
     llm_usage: TokenUsage = field(default_factory=TokenUsage)
     queue_wait_ms: float | None = None
-    feedback_only: bool = True  # only feedback events: no attempt ran in this entry
+    after_turn_only: bool = True  # only feedback / check events: no attempt ran in this entry
 
 
 def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attempt]:
@@ -372,9 +417,9 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
         a = out.get((ev.turn_id, ev.attempt))
         if a is None:
             a = out[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id, ev.customer_id)
-        if ev.kind == EventKind.feedback:
+        if ev.kind in _AFTER_TURN_KINDS:
             continue  # given after the turn: not part of any attempt's figures
-        a.feedback_only = False
+        a.after_turn_only = False
         ts_ms = _ms(ev.ts)
         a.last_ts_ms = max(a.last_ts_ms, ts_ms)
         a.first_ts_ms = ts_ms if a.first_ts_ms is None else min(a.first_ts_ms, ts_ms)
@@ -557,13 +602,14 @@ class Aggregator:
                 at = countings.get((ev.turn_id, ev.attempt))
                 if at is None:
                     at = countings[(ev.turn_id, ev.attempt)] = _Counting(
-                        attempts[(ev.turn_id, ev.attempt)], touched, split=split, prices=prices)
+                        attempts[(ev.turn_id, ev.attempt)], touched, split=split, prices=prices,
+                        ran=ran)
                 self._plan_event(plan, ev, at, spec.count)
             if spec.facets is not None:
                 _plan_facets(plan, ev, spec.facets(ev))
         for (turn_id, number), a in attempts.items():
-            if a.feedback_only:
-                continue  # feedback is indexed by its own facet, not as the turn's activity
+            if a.after_turn_only:
+                continue  # feedback and checks are indexed by their own facets, not as activity
             # Identity and listing: the same values whatever is redelivered, so always applied.
             turn = keys.aggregate("turn", turn_id)
             plan.always("s", turn, "conversation_id", a.conversation_id)
@@ -684,6 +730,41 @@ class Aggregator:
         plan.expire(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
         at.touched.windows.setdefault(start, None)
         at.touched.customer_days.add((ev.customer_id, at.day))
+
+    def _count_check(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
+        """One check's outcome on a finished turn: counted per turn, conversation, customer,
+        customer-day, fleet, version and check (of its workflow); a failure marked on the
+        turn (find, the ``check_failed`` alert) and, judged, in its error-rate window (the
+        failure-rate rule); an LLM judge's tokens and cost apart from the turn's."""
+        assert isinstance(ev.detail, CheckDetail)
+        d = ev.detail
+        ran = at.ran or RanBy(keys.UNKNOWN_RUN, keys.UNKNOWN_RUN)
+        subject = keys.version_subject(ran.workflow, d.check)
+        counter = f"checks_{d.outcome}"
+        plan.op("i", at.g_split, counter, 1)
+        plan.op("i", [keys.aggregate("check", subject)], counter, 1)
+        plan.index("check", subject, _ms(ev.ts))
+        if d.outcome == "failed":
+            plan.op("i", at.g_turn, CHECK_FAILED_FIELD + d.check, 1)
+            if d.money_path:
+                at.touched.failed_checks[(ev.turn_id, d.check)] = FailedCheck(
+                    ev.turn_id, ev.conversation_id, ev.customer_id, ran.workflow, d.check)
+        if d.outcome in ("passed", "failed"):
+            start = window_start(ev.ts, self.window_s)
+            window = keys.aggregate_window(start)
+            plan.op("i", [window], CHECK_RUNS + subject, 1)
+            if d.outcome == "failed":
+                plan.op("i", [window], CHECK_FAILS + subject, 1)
+            plan.expire(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+            at.touched.check_windows.add((start, subject))
+        if ev.usage is not None:  # an LLM judge: its own spend, never the turn's
+            judge = [*at.split, GLOBAL_KEY]
+            plan.op("i", judge, "check_tokens", ev.usage.total_tokens)
+            cost = at.prices.cost_nusd(ev.model, ev.usage) if at.prices else None
+            if cost is None:
+                plan.op("i", judge, "check_cost_unknown_calls", 1)
+            else:
+                plan.op("i", judge, "check_cost_nusd", cost)
 
     def _count_attempt_failed(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         turn = at.every[0]
@@ -857,6 +938,7 @@ class _Counting:
     every: list[str] = field(default_factory=list)
     split: list[str] = field(default_factory=list)  # the entry's version hash
     prices: PriceTable | None = None  # the entry's workflow's prices (Aggregator.workflow_prices)
+    ran: RanBy | None = None  # the entry's workflow and version
     # The plan's groups of ``every``, of ``every`` + ``split`` (the SPLIT_COUNTERS' targets)
     # and of the turn's hash alone, shared by the attempt's events' ops.
     g_every: int = 0
@@ -915,6 +997,12 @@ def _feedback_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
     return [("feedback", feedback_polarity(ev.detail.score))]
 
 
+def _check_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    """A failed check indexes its name (``find --check-failed``); other outcomes nothing."""
+    assert isinstance(ev.detail, CheckDetail)
+    return [("check_failed", ev.detail.check)] if ev.detail.outcome == "failed" else []
+
+
 def _guardrail_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
     return [("guardrail", _guardrail_name(ev))]
 
@@ -958,7 +1046,7 @@ PLANNERS: dict[EventKind, KindPlan] = {
     EventKind.spans_dropped: KindPlan(Aggregator._count_spans_dropped,
                                       metrics=("turnfleet_spans_dropped_total",)),
     EventKind.feedback: KindPlan(Aggregator._count_feedback, _feedback_facets),  # in stats
-    EventKind.check: KindPlan(),  # not counted yet (batch version 3 is not read yet)
+    EventKind.check: KindPlan(Aggregator._count_check, _check_facets, ("turnfleet_checks_total",)),
 }
 """The registry: aggregation's plan for each event kind (see the module docstring for what
 each counter means)."""

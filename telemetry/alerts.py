@@ -24,7 +24,15 @@ Rules (names are the ``Alert.rule`` values):
 - ``feedback_negative_rate``: negative feedback given in an error-rate window / turns finished
   in it ≥ ``alert_feedback_negative_rate``, with at least ``alert_feedback_negative_min_count``
   negative (subject ``fleet``, window as ``error_rate``'s). Feedback counted once
-  (``turnfleet.telemetry.aggregate``), so a re-sent one moves neither figure.
+  (``turnfleet.telemetry.aggregate``), so a re-sent one moves neither figure;
+- ``check_failed``: a money-path check failed on a turn: at once, one alert per turn and check
+  (subject the turn, window ``once:<check>``); the message names the check, the turn, its
+  conversation and workflow, never the check's reason (the replay shows it);
+- ``check_failure_rate``: one check of one workflow failed in an error-rate window / judged
+  in it (passed + failed; not applicable and expired inputs are neither) ≥
+  ``alert_check_failure_rate``, with at least ``alert_check_failure_min_count`` failures
+  (subject ``<workflow>/<check>``, window as ``error_rate``'s). Check results are counted once,
+  so a second run of the check job moves no figure.
 
 Calls of unknown cost are not counted as zero: the cost rules compare the known part and
 say in the figures how many calls were unpriced.
@@ -41,9 +49,13 @@ import structlog
 from redis.asyncio import Redis
 
 from turnfleet.telemetry.aggregate import (
+    CHECK_FAILED_FIELD,
+    CHECK_FAILS,
+    CHECK_RUNS,
     DAY_TTL_S,
     GLOBAL_SUBJECT,
     MIN_WINDOW_TTL_S,
+    FailedCheck,
     FailedTurn,
     Touched,
 )
@@ -61,8 +73,10 @@ RULE_TURN_FAILED = "turn_failed"
 RULE_ERROR_RATE = "error_rate"
 RULE_CUSTOMER_BUDGET = "customer_budget"
 RULE_FEEDBACK_NEGATIVE_RATE = "feedback_negative_rate"
+RULE_CHECK_FAILED = "check_failed"
+RULE_CHECK_FAILURE_RATE = "check_failure_rate"
 RULES = (RULE_CONVERSATION_COST, RULE_CUSTOMER_DAILY_COST, RULE_TURN_FAILED, RULE_ERROR_RATE,
-         RULE_CUSTOMER_BUDGET, RULE_FEEDBACK_NEGATIVE_RATE)
+         RULE_CUSTOMER_BUDGET, RULE_FEEDBACK_NEGATIVE_RATE, RULE_CHECK_FAILED, RULE_CHECK_FAILURE_RATE)
 BUDGET_LEVELS = (0.8, 1.0)  # alert when a customer's day spend crosses these shares of its budget
 
 ALERTS_MAXLEN = 100_000  # approximate length the alert stream is trimmed to
@@ -181,6 +195,8 @@ class AlertRules:
             checks += [self._turn_failed(t) for t in touched.failed_turns.values()]
         checks += [self._error_rate(start, t) for start, t in sorted(touched.windows.items())]
         checks += [self._feedback_negative_rate(start) for start in sorted(touched.windows)]
+        checks += [self._check_failed(f) for _, f in sorted(touched.failed_checks.items())]
+        checks += [self._check_failure_rate(start, subject) for start, subject in sorted(touched.check_windows)]
         return checks
 
     def _conversation_cost(self, cid: str, customer: str) -> _Check:
@@ -321,6 +337,53 @@ class AlertRules:
 
         return self._window_check(RULE_FEEDBACK_NEGATIVE_RATE, start, ("feedback_negative", "feedback_positive"),
                                   decide)
+
+    def _check_failed(self, failure: FailedCheck) -> _Check:
+        """A money-path check failed on a turn: alerted at once, once per turn and check."""
+        window, marked = f"once:{failure.check}", CHECK_FAILED_FIELD + failure.check
+
+        def decide(v: dict[str, str | None]) -> Alert | None:
+            if _int(v[marked]) <= 0:
+                return None
+            return self._alert(
+                RULE_CHECK_FAILED, "turn", failure.turn_id, window,
+                f"Money-path check {failure.check} failed on turn {failure.turn_id} of conversation "
+                f"{failure.conversation_id} (workflow {failure.workflow}); see turnfleet turn {failure.turn_id}",
+                {"check": failure.check, "workflow": failure.workflow},
+                severity="critical",
+                conversation_id=failure.conversation_id, customer_id=failure.customer_id,
+                turn_id=failure.turn_id,
+            )
+
+        return _Check(RULE_CHECK_FAILED, failure.turn_id, window, keys.aggregate("turn", failure.turn_id),
+                      (marked,), None, decide)
+
+    def _check_failure_rate(self, start: int, subject: str) -> _Check:
+        """One check of one workflow failing too often in an error-rate window."""
+        s = self.settings
+        label = window_label(start)
+        runs, fails = CHECK_RUNS + subject, CHECK_FAILS + subject
+        workflow, check = keys.split_version_subject(subject)
+
+        def decide(v: dict[str, str | None]) -> Alert | None:
+            failed, judged = _int(v[fails]), _int(v[runs])
+            if failed < s.alert_check_failure_min_count or failed == 0 or judged == 0:
+                return None
+            rate = failed / judged
+            if rate < s.alert_check_failure_rate:
+                return None
+            return self._alert(
+                RULE_CHECK_FAILURE_RATE, "fleet", subject, label,
+                f"Check {check} of workflow {workflow} failed {rate:.1%} ({failed} of {judged} judged) "
+                f"in the {s.alert_error_rate_window_s} s window from {label} ≥ "
+                f"{s.alert_check_failure_rate:.1%} threshold",
+                {"check": check, "workflow": workflow, "failure_rate": rate,
+                 "threshold": s.alert_check_failure_rate, "failed": failed, "judged": judged,
+                 "window_s": s.alert_error_rate_window_s, "min_count": s.alert_check_failure_min_count},
+            )
+
+        return _Check(RULE_CHECK_FAILURE_RATE, subject, label, keys.aggregate_window(start), (runs, fails),
+                      max(MIN_WINDOW_TTL_S, 2 * s.alert_error_rate_window_s), decide)
 
     def _window_check(self, rule: str, start: int, fields: tuple[str, ...],
                       decide: Callable[[dict[str, str | None]], Alert | None]) -> _Check:

@@ -1,5 +1,5 @@
 """Find conversations by customer, tool, agent, error, guardrail, workflow, version, feedback,
-time and cost.
+a failed check, time and cost.
 
 Reads only, with one exception: :func:`find_conversations` intersects index zsets into a
 scratch key that the same Lua script deletes before it returns (nothing is left behind).
@@ -14,9 +14,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from turnfleet.telemetry.aggregate import CHECK_FAILED_FIELD
 from turnfleet.telemetry.stats import counters
 from turnfleet.telemetry.times import iso_of_ms, ms_of
 from turnfleet import keys
+from turnfleet.models import check_id
 from turnfleet.scripts import load_script
 
 # Intersects the filters with the index server side; its scratch key lives only inside the call.
@@ -50,6 +52,7 @@ async def find_conversations(
     workflow: str | None = None,
     version: str | None = None,
     feedback: str | None = None,
+    check_failed: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     min_cost_usd: float | None = None,
@@ -67,12 +70,16 @@ async def find_conversations(
       the cheapest for the consumer to write: a workflow, or a label alone, is the union of
       its versions' zsets, taken in the same script as the intersection; ``feedback``
       (``negative`` / ``positive``): that had a turn given such feedback (each row then names
-      those turns in ``feedback_turns``, in conversation order);
+      those turns in ``feedback_turns``, in conversation order); ``check_failed`` (a check's
+      name): that had a turn on which that check failed (rows name those turns in
+      ``check_failed_turns``; a check that was not applicable is never listed). A name that is
+      not an id, or that no counted check result ever had, is a ``ValueError`` saying so;
     - ``since`` / ``until`` (inclusive; naive means UTC): on the conversation's last event;
     - ``min_cost_usd``: known cost at least this (calls of unknown price count as 0).
 
     Each row is :func:`conversation_stats` plus ``tools``, ``agents``, ``errors``,
-    ``guardrails``, ``feedback`` (the polarities given), ``workflows``, ``versions`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
+    ``guardrails``, ``feedback`` (the polarities given), ``checks_failed_names`` (the checks that
+    failed on its turns), ``workflows``, ``versions`` (sorted lists), ``first_event_at`` and ``last_event_at`` (ISO 8601 UTC; ``first_event_at`` is
     ``None`` for conversations aggregated before it was recorded).
 
     How: Redis does the set algebra. The filter zsets and the conversation index (score: last
@@ -89,10 +96,13 @@ async def find_conversations(
         return []
     if feedback is not None and feedback not in FEEDBACK_VALUES:
         raise ValueError(f"feedback must be one of {', '.join(FEEDBACK_VALUES)}, not {feedback!r}")
+    if check_failed is not None:
+        await known_check(redis, check_failed)
     filters = [keys.customer_conversations(customer)] if customer else []
     filters += [keys.facet_conversations(facet, value)
                 for facet, value in (("tool", tool), ("agent", agent), ("error", error),
-                                     ("guardrail", guardrail), ("feedback", feedback))
+                                     ("guardrail", guardrail), ("feedback", feedback),
+                                     ("check_failed", check_failed))
                 if value]
     any_of: list[str] = []
     if workflow or version:
@@ -125,7 +135,7 @@ async def find_conversations(
             matching = [c for c, cost in zip(matching, costs) if int(cost or 0) >= min_nusd]
         while matching and len(rows) < limit:
             chunk, matching = matching[: limit - len(rows)], matching[limit - len(rows):]
-            rows += await _find_rows(redis, chunk, feedback)
+            rows += await _find_rows(redis, chunk, feedback, check_failed)
         if len(found) < page:
             break
         offset += page
@@ -157,8 +167,35 @@ async def _feedback_turns(redis: Redis, conversation_id: str, polarity: str) -> 
     return [t for t, n in zip(turn_ids, counts) if int(n or 0) > 0]
 
 
+async def known_check(redis: Redis, name: str) -> str:
+    """``name`` if some workflow's check of that name has counted results; ``ValueError``
+    (saying which checks have) for a name that is no id or that no result ever had."""
+    try:
+        check_id(name)
+    except ValueError as exc:
+        raise ValueError(f"check_failed: {exc}") from None
+    names = sorted({keys.split_version_subject(s)[1]
+                    for s in await redis.zrange(keys.aggregate_index("check"), 0, -1)})
+    if name not in names:
+        raise ValueError(f"check_failed: no check named {name!r} has results"
+                         + (f" (checks with results: {', '.join(names)})" if names else " (no check has results yet)"))
+    return name
+
+
+async def _check_failed_turns(redis: Redis, conversation_id: str, check: str) -> list[str]:
+    """The conversation's turns on which ``check`` failed (their aggregate marks it)."""
+    turn_ids = await redis.lrange(keys.conversation_turns(conversation_id), 0, -1)
+    if not turn_ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for t in turn_ids:
+            pipe.hget(keys.aggregate("turn", t), CHECK_FAILED_FIELD + check)
+        counts = await pipe.execute()
+    return [t for t, n in zip(turn_ids, counts) if int(n or 0) > 0]
+
+
 async def _find_rows(redis: Redis, found: list[tuple[str, float]],
-                     feedback: str | None = None) -> list[dict[str, Any]]:
+                     feedback: str | None = None, check_failed: str | None = None) -> list[dict[str, Any]]:
     if not found:
         return []
     async with redis.pipeline(transaction=False) as pipe:
@@ -186,6 +223,7 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]],
             "errors": sorted(by_facet["error"]),
             "guardrails": sorted(by_facet["guardrail"]),
             "feedback": sorted(by_facet["feedback"]),
+            "checks_failed_names": sorted(by_facet["check_failed"]),
             "workflows": sorted({w for w, _ in ran}),
             "versions": sorted({label for _, label in ran}),
             "first_event_at": iso_of_ms(raw.get("first_event_ms")),
@@ -193,4 +231,6 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]],
         })
         if feedback:
             rows[-1]["feedback_turns"] = await _feedback_turns(redis, cid, feedback)
+        if check_failed:
+            rows[-1]["check_failed_turns"] = await _check_failed_turns(redis, cid, check_failed)
     return rows

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 
 from turnfleet.telemetry.aggregate import SLOWEST_TURNS_KEPT
 from turnfleet.telemetry.alert_reads import alert_entries, alert_entries_before
-from turnfleet.telemetry.find import FIND_PAGE_MAX, find_conversations
+from turnfleet.telemetry.find import FIND_PAGE_MAX, find_conversations, known_check
 from turnfleet.telemetry.lag import telemetry_lag
 from turnfleet.telemetry.latency import latency_report, slowest_turns
 from turnfleet.telemetry.metrics import exposition
@@ -173,6 +173,7 @@ async def find(
     workflow: str | None = None,
     version: Annotated[str | None, Query(description="a version label, e.g. 2.1@3f9a0c1d2e4b5a69")] = None,
     feedback: Annotated[Literal["negative", "positive"] | None, Query(description="a turn given such feedback")] = None,
+    check_failed: Annotated[str | None, Query(description="a check that failed on a turn, e.g. refund_amount_matches")] = None,
     since: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     until: Annotated[str | None, Query(description="ISO 8601, or 30m / 2h / 7d ago")] = None,
     min_cost: Annotated[float | None, Query(ge=0, le=1e9, allow_inf_nan=False)] = None,
@@ -180,9 +181,15 @@ async def find(
 ) -> JSONResponse:
     """Conversations matching every filter, most recent last event first (``turnfleet find
     --json``). A customer key searches its customers (all of them without ``customer``)."""
+    if check_failed is not None:
+        try:
+            await known_check(redis, check_failed)
+        except ValueError as exc:
+            raise _invalid("check_failed", str(exc).removeprefix("check_failed: ")) from None
     return JSONResponse(await find_visible(
         redis, who, customer=customer, tool=tool, agent=agent, error=error, guardrail=guardrail,
-        workflow=workflow, version=version, feedback=feedback, since=_time_param("since", since), until=_time_param("until", until),
+        workflow=workflow, version=version, feedback=feedback, check_failed=check_failed,
+        since=_time_param("since", since), until=_time_param("until", until),
         min_cost_usd=min_cost, limit=limit,
     ))
 

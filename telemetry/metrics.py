@@ -48,6 +48,9 @@ turnfleet_attempts_failed_by_version_total  workflow, version   attempts that fa
 turnfleet_tokens_by_version_total           workflow, version,  tokens by version
                                             kind
 turnfleet_cost_by_version_usd_total         workflow, version   known cost in USD by version
+turnfleet_checks_total                      workflow, check,    check results on finished turns;
+                                            outcome             outcome passed, failed,
+                                                                not_applicable, inputs_expired
 turnfleet_alerts_fired_total                rule                alerts written to the alert stream
 turnfleet_turn_latency_seconds              (histogram)         finished turns' duration
 turnfleet_turn_queue_wait_seconds           (histogram)         finished turns' wait before starting
@@ -94,7 +97,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, HISTOGRAM_BOUNDS_MS, HISTOGRAM_INF
+from turnfleet.telemetry.aggregate import (
+    CHECK_OUTCOME_COUNTERS,
+    ERASED_SKIPPED,
+    GLOBAL_KEY,
+    HISTOGRAM_BOUNDS_MS,
+    HISTOGRAM_INF,
+)
 from turnfleet.telemetry.alerts import RULES
 from turnfleet.telemetry.lag import telemetry_lag
 from turnfleet.telemetry.stats import counters, workflow_rows
@@ -123,6 +132,7 @@ class FleetSnapshot:
     customers_total: int
     workflows: dict[str, dict[str, Any]]  # workflow -> counters
     versions: dict[tuple[str, str], dict[str, Any]]  # (workflow, label) -> counters, the latest
+    checks: dict[tuple[str, str], dict[str, int]]  # (workflow, check) -> outcome -> results
     turn_latency: dict[str, str]  # raw histogram hashes (aggregate.py)
     queue_wait: dict[str, str]
     alerts_fired: dict[str, int]  # rule -> count
@@ -150,12 +160,13 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         pipe.hgetall(keys.ALERTS_COUNT)
         pipe.hgetall(keys.WORKER_INFLIGHT)
         pipe.zrevrange(keys.aggregate_index("version"), 0, -1)
+        pipe.zrange(keys.aggregate_index("check"), 0, -1)
         for workflow in workflows:  # each workflow's own queues (routing), summed
             pipe.zcount(keys.workflow_queue(workflow), "-inf", now)
             pipe.zcount(keys.workflow_queue(workflow), f"({now}", "+inf")
             pipe.zcard(keys.workflow_isolated_queue(workflow))  # suspects of a worker loss (workers/isolation.py)
         (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, ran_versions,
-         *depths) = await pipe.execute()
+         checked, *depths) = await pipe.execute()
     due, scheduled, isolated = (sum(int(n) for n in depths[i::3]) for i in range(3))
     live = await heartbeat.alive(redis, "worker", worker_max_age_s, now)
     consumers = len(await heartbeat.alive(redis, "telemetry", worker_max_age_s, now))
@@ -169,7 +180,13 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         latest = latest_versions(ran_versions)
         for subject in latest:
             pipe.hgetall(keys.aggregate("version", subject))
+        for subject in checked:
+            pipe.hmget(keys.aggregate("check", subject), list(CHECK_OUTCOME_COUNTERS))
         replies = await pipe.execute()
+    check_rows = {keys.split_version_subject(c): {f.removeprefix("checks_"): int(n or 0)
+                                                  for f, n in zip(CHECK_OUTCOME_COUNTERS, raw)}
+                  for c, raw in zip(checked, replies[len(replies) - len(checked):])}
+    replies = replies[:len(replies) - len(checked)]
     model_rows = {m: counters(raw) for m, raw in zip(models, replies) if raw}
     costs = replies[len(models):len(models) + len(customers)]
     version_rows = {keys.split_version_subject(v): counters(raw)
@@ -194,6 +211,7 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         customers_total=len(customers),
         workflows=ran_workflows,
         versions=version_rows,
+        checks=check_rows,
         turn_latency=latency,
         queue_wait=wait,
         alerts_fired={rule: int(n) for rule, n in alerts.items()},
@@ -315,6 +333,13 @@ class FleetCollector(Collector):
                                     {(w,): row for w, row in s.workflows.items()})
         yield from _ran_by_families("version", ["workflow", "version"], s.versions,
                                     f" (the latest {VERSIONS_PER_WORKFLOW} versions of each workflow)")
+
+        checks = CounterMetricFamily("turnfleet_checks", "Check results on finished turns, by "
+                                     "workflow, check and outcome.", labels=["workflow", "check", "outcome"])
+        for (workflow, check), outcomes in sorted(s.checks.items()):
+            for outcome, n in outcomes.items():
+                checks.add_metric([workflow, check, outcome], n)
+        yield checks
 
         alerts = CounterMetricFamily("turnfleet_alerts_fired", "Alerts written to the alert "
                                      "stream, by rule.", labels=["rule"])

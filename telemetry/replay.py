@@ -9,7 +9,9 @@ kind makes is its entry in :data:`NODES`) and marked ``source: "events"``. Both 
 already: they are telemetry, written by the worker after redaction.
 
 Feedback given on the turn (``Producer.feedback``) is the replay's ``feedback`` list
-(:func:`turn_feedback`): score, source, comment (redacted), at.
+(:func:`turn_feedback`): score, source, comment (redacted), at. The checks the turn's workflow
+ran on it (written once by the worker's check job) are its ``checks`` list (:func:`turn_checks`):
+check, outcome, passed, reason (redacted), money_path, applicable, error, duration_us.
 
 Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
 "custom"|"guardrail", "name", "started_at", "duration_ms", "detail": {...}, "error",
@@ -47,6 +49,7 @@ from turnfleet.telemetry.stats import conversation_stats, turn_stats
 from turnfleet import keys
 from turnfleet.connection import RAW
 from turnfleet.events import (
+    CHECK_OUTCOMES,
     EventKind,
     GuardrailDetail,
     HandoffDetail,
@@ -408,6 +411,7 @@ async def turn_replay(redis: Redis, turn_id: str, trace_redis: Redis | None = No
         "telemetry": await turn_stats(redis, turn_id),
         "attempts": attempts,
         "feedback": await turn_feedback(redis, turn_id),
+        "checks": await turn_checks(redis, turn_id),
     }
     if unreadable:
         replay["unreadable"] = unreadable
@@ -427,6 +431,32 @@ async def turn_feedback(redis: Redis, turn_id: str) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             items.append(item)
     return sorted(items, key=lambda x: (str(x.get("at")), str(x.get("feedback_id"))))
+
+
+CHECK_ITEM_FIELDS = ("check", "outcome", "passed", "reason", "money_path", "applicable", "error",
+                     "duration_us")
+
+
+async def turn_checks(redis: Redis, turn_id: str) -> list[dict[str, Any]]:
+    """The turn's check outcomes as the check job wrote them (``keys.turn_checks``: a JSON
+    list), in the workflow's order; ``[]`` before they were written (or for a workflow without
+    checks). An item without an ``outcome`` gets one from ``passed`` / ``applicable``; an
+    unreadable value or item is left out."""
+    raw = await redis.get(keys.turn_checks(turn_id))
+    try:
+        items = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("check"), str):
+            continue
+        kept = {f: item.get(f) for f in CHECK_ITEM_FIELDS}
+        if kept["outcome"] not in CHECK_OUTCOMES:
+            kept["outcome"] = ("not_applicable" if item.get("applicable") is False
+                               else "passed" if item.get("passed") else "failed")
+        out.append(kept)
+    return out
 
 
 async def conversation_replay(

@@ -33,6 +33,14 @@ spans_dropped             int    trace spans a worker could not keep (full buffe
 feedback_positive         int    feedback scored 1 on the subject's turns (``feedback``
                                  events, each counted once; per customer-day: given that day)
 feedback_negative         int    feedback scored -1 (also per workflow and version)
+checks_passed             int    checks judged on the subject's turns that passed (``check``
+                                 events, each counted once; also per workflow and version)
+checks_failed             int    checks that failed (a check that raised is a failure)
+checks_not_applicable     int    checks with nothing to judge (a pass kept apart)
+checks_inputs_expired     int    checks whose inputs retention removed (neither)
+check_tokens              int    tokens spent by checks that call a model (an LLM judge), never
+                                 in the token fields above (fleet, workflow and version only)
+check_cost_usd            float  their known cost, never in cost_usd
 ========================  =====  ========================================================
 
 Per kind, identity fields come first: ``turn_id`` (and ``status`` — completed, failed or
@@ -52,8 +60,8 @@ run on that model) and ``errors_by_type`` (dict error type -> count, e.g.
 
 By workflow and by version (``stats(by="workflow" | "version")``): turns (completed,
 failed), failed attempts, tokens (requests, input, cached, output, reasoning, total), model
-calls, cost (and unpriced calls), latency (count, sum, mean) and feedback (positive,
-negative) of the attempts a workflow
+calls, cost (and unpriced calls), latency (count, sum, mean), feedback (positive,
+negative) and checks (per outcome, and the LLM judges' tokens and cost) of the attempts a workflow
 (``workflow`` = its name) or one version of it ran (``workflow`` and ``version``, the label
 ``<declared>@<fingerprint>`` or the fingerprint alone; the subject is ``<workflow>/<label>``:
 the same label in two workflows is two versions). The other counter fields (tool calls,
@@ -130,6 +138,13 @@ def counters(raw: dict[str, str]) -> dict[str, Any]:
         "spans_dropped": n["spans_dropped"],
         "feedback_positive": n["feedback_positive"],
         "feedback_negative": n["feedback_negative"],
+        "checks_passed": n["checks_passed"],
+        "checks_failed": n["checks_failed"],
+        "checks_not_applicable": n["checks_not_applicable"],
+        "checks_inputs_expired": n["checks_inputs_expired"],
+        "check_tokens": n["check_tokens"],
+        "check_cost_usd": nusd_to_usd(n["check_cost_nusd"]),
+        "check_cost_unknown_calls": n["check_cost_unknown_calls"],
         "turns_completed": n["turns_completed"],
         "turns_failed": n["turns_failed"],
         "attempts_failed": n["attempts_failed"],

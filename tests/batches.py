@@ -14,6 +14,7 @@ the written batch is tested on its own (test_events, test_redaction_fleet).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Coroutine
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -24,8 +25,9 @@ from agents.tool_context import ToolContext
 from agents.usage import Usage
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
-from turnfleet import keys
-from turnfleet.events import TelemetryEvent
+from turnfleet import keys, versions
+from turnfleet.events import CheckDetail, TelemetryEvent, batch_json, check_event_id, event
+from turnfleet.models import TokenUsage
 from turnfleet.tool_errors import tool_error_output
 from turnfleet.workers.hooks import TelemetryHooks
 
@@ -196,3 +198,49 @@ def poison_turn(turn_id: str = "t-poison") -> AttemptBatch:
 TURN_TOKENS = {"requests": 3, "input_tokens": 820, "cached_tokens": 300, "output_tokens": 120,
                "reasoning_tokens": 10, "total_tokens": 940, "llm_calls": 3}
 TURN_COST_NUSD = 430_000
+
+
+# -- a turn's check results (issue 17), as the worker's check job writes them -------------------
+
+
+class CheckEntry:
+    """One turn's ``check`` events: the telemetry entry of batch version ``versions.BATCH_CHECK``
+    the check job writes (fields ``turn_id``, ``v``, ``workflow``, ``version``, ``batch``: the
+    ``telemetry_entry`` shape of finish.lua) and the turn's outcomes list (``keys.turn_checks``,
+    ``SET NX``), built from the event contract so these tests need not wait for the worker side.
+
+    ``check(name, outcome, ...)`` adds one check; ``judge`` usage makes it an LLM judge's."""
+
+    def __init__(self, turn_id: str, conversation_id: str = "c-1", customer_id: str = "cust-1",
+                 workflow: str = "support-desk", version: str = "1.0@f00d", at: datetime = T0) -> None:
+        self.turn_id, self.conversation_id, self.customer_id = turn_id, conversation_id, customer_id
+        self.workflow, self.version, self.at = workflow, version, at
+        self.events: list[TelemetryEvent] = []
+        self.outcomes: list[dict[str, Any]] = []
+
+    def check(self, name: str, outcome: str = "passed", money_path: bool = False, reason: str = "",
+              error: str | None = None, duration_us: float = 12.5, model: str | None = None,
+              input_tokens: int = 0, output_tokens: int = 0) -> CheckEntry:
+        seq = len(self.events)
+        fields: dict[str, Any] = {"ts": self.at + timedelta(milliseconds=seq)}
+        if model is not None:
+            fields["model"] = model
+            fields["usage"] = TokenUsage(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
+        self.events.append(event(
+            CheckDetail(check=name, outcome=outcome, money_path=money_path, reason=reason or None,
+                        error=error, duration_us=duration_us),  # type: ignore[arg-type]
+            turn_id=self.turn_id, attempt=0, seq=seq, conversation_id=self.conversation_id,
+            customer_id=self.customer_id, event_id=check_event_id(self.turn_id, name), **fields))
+        self.outcomes.append({"check": name, "money_path": money_path, "passed": outcome != "failed",
+                              "reason": reason, "applicable": outcome != "not_applicable",
+                              "duration_us": duration_us, "error": error, "outcome": outcome})
+        return self
+
+    def fields(self) -> dict[str, str]:
+        return {"turn_id": self.turn_id, versions.FIELD: str(versions.BATCH_CHECK),
+                "workflow": self.workflow, "version": self.version, "batch": batch_json(self.events)}
+
+    async def send(self, redis: Any) -> str:
+        """Write what the check job writes: the outcomes (once) and the entry."""
+        await redis.set(keys.turn_checks(self.turn_id), json.dumps(self.outcomes), nx=True)
+        return await redis.xadd(keys.TELEMETRY_STREAM, self.fields())

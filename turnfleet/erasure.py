@@ -116,8 +116,9 @@ ERASED_STREAMS = (keys.RESULTS_STREAM, keys.TELEMETRY_STREAM, keys.TELEMETRY_DEA
                   keys.ALERTS_STREAM, keys.AUDIT)
 ALERT_FIRED_PREFIX = keys.alert_fired("", "", "")[:-2]  # "tf:alert-fired:"
 # The windows of alerts whose subject is a customer, conversation or turn (telemetry/alerts.py):
-# a conversation's lifetime, a turn's once, a customer's day or day and budget share.
-_SUBJECT_WINDOW = re.compile(r"lifetime|once|\d{4}-\d\d-\d\d(:\d+%)?")
+# a conversation's lifetime, a turn's once (once:<check> for a check that failed on it), a
+# customer's day or day and budget share.
+_SUBJECT_WINDOW = re.compile(r"lifetime|once(:[A-Za-z0-9._:@-]+)?|\d{4}-\d\d-\d\d(:\d+%)?")
 # Runs of id characters (turnfleet.models.ID_PATTERN); ':' also separates ids in values.
 _TOKEN = re.compile(r"[A-Za-z0-9._:@-]+")
 

@@ -243,8 +243,8 @@ def latency_names(dimension: str) -> str:
     return f"{PREFIX}:lat-names:{dimension}"
 
 
-FACETS = ("tool", "agent", "error", "guardrail", "version", "feedback")  # version: <workflow>/<label>;
-# feedback: negative / positive
+FACETS = ("tool", "agent", "error", "guardrail", "version", "feedback", "check_failed")  # version:
+# <workflow>/<label>; feedback: negative / positive; check_failed: the check's name
 
 
 def facet_conversations(facet: str, value: str) -> str:

@@ -267,6 +267,10 @@ class TelemetrySettings(CommonSettings):
         default=0.20, description="Negative feedback / finished turns in an error-rate window.")
     alert_feedback_negative_min_count: int = Field(
         default=5, description="Negative feedback in the window before that rate alerts.")
+    alert_check_failure_rate: float = Field(
+        default=0.20, description="Failed / judged results of one check of one workflow in an error-rate window.")
+    alert_check_failure_min_count: int = Field(
+        default=5, description="Failures of that check in the window before that rate alerts.")
     alert_webhook_url: str | None = Field(
         default=None, description="POST every alert here (at least once); unset: no webhook."
     )

@@ -26,7 +26,8 @@ A missing version field is version 1: what processes wrote before versions exist
 version 1, unchanged. Batches come in two versions since feedback (issue 17): a turn
 attempt's batch is still version 1 (``BATCH``: nothing in it changed), an entry holding a
 ``feedback`` event is version 2 (``BATCH_FEEDBACK``: a kind older consumers do not know, so
-they leave it pending instead of dead-lettering it); the consumer reads up to ``BATCH_READ``.
+they leave it pending instead of dead-lettering it), an entry holding a turn's ``check`` events
+is version 3 (``BATCH_CHECK``); the consumer reads up to ``BATCH_READ``.
 Otherwise this process writes version 1 of each (the Lua scripts write the
 literal; ``tests/test_versions.py`` checks it equals the constants here) and reads every
 version up to the constants. A version check is one field compare, never a re-parse.
@@ -53,7 +54,7 @@ TURN_RECORD = 1  # the turn record hash (``keys.turn``)
 BATCH = 1  # a telemetry stream entry of a turn attempt: a JSON array of events (``turnfleet.events``)
 BATCH_FEEDBACK = 2  # an entry holding ``feedback`` events (a kind version 1 readers do not know)
 BATCH_CHECK = 3  # an entry holding a turn's ``check`` events (a kind version 2 readers do not know)
-BATCH_READ = 2  # the newest batch version this process's consumer reads
+BATCH_READ = 3  # the newest batch version this process's consumer reads
 
 FIELD = "v"  # the version field's name in each of the three formats
 WAITING_WINDOW_S = 300.0  # health says items wait while the last leave is at most this old
