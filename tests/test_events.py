@@ -22,7 +22,7 @@ from turnfleet.telemetry.consumer import read_dead_letters
 from turnfleet.telemetry.metrics import exposition
 from turnfleet.telemetry.stats import totals, turn_stats
 from turnfleet.telemetry.replay import NODES, tree_from_events
-from tests.batches import T0, AttemptBatch, support_turn
+from tests.batches import T0, AttemptBatch, CheckEntry, support_turn
 from tests.consuming import drain, pending
 from turnfleet import events as ev
 from turnfleet import keys
@@ -77,7 +77,8 @@ async def test_a_batch_of_every_kind_moves_each_metric_its_kind_feeds(redis: Any
     assert {e.kind for b in batches for e in b.events} == set(EventKind) - {EventKind.feedback, EventKind.check}
     for batch in batches:
         await batch.send(redis)
-    assert await drain(redis) == len(batches)
+    await CheckEntry("t-every").check("c", "failed").send(redis)  # the check job's entry
+    assert await drain(redis) == len(batches) + 1
     text = (await exposition(redis, worker_max_age_s=15)).decode()
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

@@ -101,6 +101,7 @@ async def test_a_row_is_the_conversation_stats_plus_what_it_did_and_when(
         "errors": [],
         "guardrails": [],
         "feedback": [],
+        "checks_failed_names": [],
         "workflows": [],  # these batches do not name what ran them (tests/test_workflow_versions.py)
         "versions": [],
         "first_event_at": iso(min(e.ts for e in events)),
