@@ -240,7 +240,9 @@ class CheckEntry:
         return {"turn_id": self.turn_id, versions.FIELD: str(versions.BATCH_CHECK),
                 "workflow": self.workflow, "version": self.version, "batch": batch_json(self.events)}
 
-    async def send(self, redis: Any) -> str:
-        """Write what the check job writes: the outcomes (once) and the entry."""
-        await redis.set(keys.turn_checks(self.turn_id), json.dumps(self.outcomes), nx=True)
+    async def send(self, redis: Any, outcomes: bool = True) -> str:
+        """Write what the check job writes: the outcomes (once; not with ``outcomes=False``)
+        and the entry."""
+        if outcomes:
+            await redis.set(keys.turn_checks(self.turn_id), json.dumps(self.outcomes), nx=True)
         return await redis.xadd(keys.TELEMETRY_STREAM, self.fields())

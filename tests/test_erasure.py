@@ -25,6 +25,7 @@ from turnfleet.telemetry.consumer import TelemetryConsumer
 from turnfleet.telemetry.alert_reads import read_alerts
 from turnfleet.telemetry.replay import conversation_replay
 from tests.llm_server import llm_server  # noqa: F401 - the fixture
+from tests.batches import CheckEntry
 from tests.redis_scan import find_mentions
 from tests.waiting import until
 from tests.tracing import traces_to
@@ -147,7 +148,8 @@ async def store_order(redis: Any, who: Customer) -> None:
 
 async def scenario(fleet: Fleet, who: Customer) -> None:
     """Completed turns with a tool call, a refund, an escalation, a guardrail trip and a
-    failed turn, in two conversations; feedback on two turns (with a comment); an unredacted
+    failed turn, in two conversations; feedback on two turns (with a comment); check results
+    (a money-path failure); an unredacted
     read in the audit log; a dead letter."""
     await store_order(fleet.redis, who)
     await fleet.turn(who, who.conv(1), f"Where is order {who.order}? Quokka{who.tag} asks")
@@ -161,6 +163,11 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     who.texts.append(complaint)
     await fleet.producer.feedback(who.turns[who.conv(1)][1], score=-1, comment=complaint)
     await fleet.producer.feedback(who.turns[who.conv(2)][0], score=1, source="operator")
+    # The refund turn's checks, one a money-path failure (counted, indexed, alerted). The
+    # outcomes key (keys.turn_checks) is the check job's to write and to erase: not here.
+    await (CheckEntry(who.turns[who.conv(1)][1], who.conv(1), who.customer_id)
+           .check("refund_amount_matches_eligibility", "failed", money_path=True)
+           .check("escalated_when_asked_for_a_person", "not_applicable").send(fleet.redis, outcomes=False))
     await audit.record(fleet.redis, "cli:ops@desk", "turn --unredacted", first)
     # A malformed telemetry entry naming the turn: the consumer dead-letters it.
     await fleet.redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": first, "batch": "not a batch"})
@@ -207,7 +214,8 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
 
     # Every kind of data is there, for both, before: the scan finds each customer everywhere.
     rules = {al.rule for _, al in await read_alerts(redis, count=1000) if al.customer_id == A}
-    assert rules >= {"turn_failed", "conversation_cost", "customer_daily_cost", "customer_budget"}
+    assert rules >= {"turn_failed", "conversation_cost", "customer_daily_cost", "customer_budget", "check_failed"}
+    assert await redis.zscore(keys.facet_conversations("check_failed", "refund_amount_matches_eligibility"), a.conv(1))
     assert await redis.exists(keys.conversation_escalation(a.conv(1)))
     assert await redis.xlen(keys.TELEMETRY_DEAD_LETTER) == 2 and await redis.xlen(keys.REFUND_LEDGER) == 2
     assert await redis.zscore(keys.facet_conversations("guardrail", PROMPT_INJECTION), a.conv(2))
