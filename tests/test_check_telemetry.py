@@ -127,6 +127,26 @@ async def test_check_results_are_counted_once_per_turn_conversation_version_work
     assert not await redis.exists(keys.facet_conversations("check_failed", "refunded_order_named"))
 
 
+class FeedbackEraConsumer(TelemetryConsumer):
+    """A consumer of the version before checks: it reads batch versions up to 2."""
+
+    reads_batch_version = versions.BATCH_FEEDBACK
+
+
+async def test_a_consumer_from_before_checks_leaves_their_entry_pending_and_a_current_one_counts_it(
+        redis: Any) -> None:
+    await t1_checks().send(redis)
+    old = FeedbackEraConsumer(redis, settings(dead_letter_after=2), name="old")
+    for _ in range(3):
+        old.hold_here()
+        await old.run(burst=True)
+    assert await pending(redis) == 1 and await redis.xlen(keys.TELEMETRY_DEAD_LETTER) == 0
+    assert await turn_stats(redis, "t-1") == {}
+    await drain(redis, name="current", claim_idle_ms=0)
+    assert await pending(redis) == 0
+    assert outcomes(await turn_stats(redis, "t-1")) == (2, 1, 1, 0)
+
+
 # -- 2. find --check-failed ---------------------------------------------------------------------
 
 
