@@ -29,6 +29,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from rich.padding import Padding
 from rich.rule import Rule
 from rich.text import Text
 
@@ -104,6 +105,7 @@ class StepReport:
     story: list[str]
     commands: list[str]
     figures: dict[str, Any] = field(default_factory=dict)
+    details: list[Text] = field(default_factory=list)  # printed under the story, above the commands
 
 
 @dataclass
@@ -209,16 +211,15 @@ async def morning_of_traffic(run: StoryRun) -> StepReport:
         raise StoryFailed(f"turns did not complete: {', '.join(failed)}")
     refunds = [t for t in run.turns if t.refunded]
     wrong = run.wrong
-    for t in refunds:
-        mark = Text("  ✗ refunded ", style="red") if t.wrong else Text("  ✓ refunded ", style="green")
-        run.say(Text.assemble(f"   {t.customer} ", (t.turn_id, "cyan"), f"  asked about {t.named},", mark,
-                              ", ".join(t.refunded)))
+    details = [Text.assemble(f"{t.customer} ", (t.turn_id, "cyan"), f"  named {t.named}  ",
+                             (f"✗ refunded {', '.join(t.refunded)}", "red") if t.wrong
+                             else (f"✓ refunded {', '.join(t.refunded)}", "green"))
+               for t in refunds]
     others = len(run.turns) - len(refunds)
     return StepReport(
         story=[
             f"{len(run.turns)} turns in {len(MORNING)} conversations ran on {FLAWED_MODEL}: "
-            f"{len(refunds)} refunds were issued (above), and {others} turns were greetings and "
-            "order questions.",
+            f"{len(refunds)} refunds were issued, and {others} turns were greetings and order questions.",
             f"In {len(wrong)} of the refunds the model refunded another of the customer's orders than "
             "the one they named — for that order's right amount, so no tool guard stopped it — "
             "and told the customer the order they named was refunded.",
@@ -227,6 +228,7 @@ async def morning_of_traffic(run: StoryRun) -> StepReport:
                   f"turnfleet conversation {wrong[0].conversation_id}" if wrong else ""],
         figures={"turns": len(run.turns), "conversations": len(MORNING), "refunds": len(refunds),
                  "wrong_refunds": [_turn_figures(t) for t in wrong]},
+        details=details,
     )
 
 
@@ -236,25 +238,29 @@ async def complaints_arrive(run: StoryRun) -> StepReport:
     from turnfleet.workers.orderbook import load_order_book
 
     book = load_order_book()
-    complaints = []
+    complaints, details = [], []
     async with Producer(redis=run.redis) as producer:
         for t in run.complained:
             [refunded] = t.refunded
             got, wanted = book.orders[refunded[:4]], book.orders[t.named[:4]]  # type: ignore[index]
             comment = (f"You said order {t.named} was refunded, but the ${got.amount} I got back is for "
-                       f"my {got.items[0].lower()} (order {refunded}). I wanted the {wanted.items[0].lower()} "
+                       f"order {refunded} ({got.items[0]}). I wanted order {t.named} ({wanted.items[0]}) "
                        "refunded.")
             fb = await producer.feedback(t.turn_id, score=-1, comment=comment, source="customer",
                                          idempotency_key=f"story-{run.run_id}")
             complaints.append({"turn_id": t.turn_id, "feedback_id": fb.feedback_id, "comment": comment})
-            run.say(Text.assemble("   ", (t.turn_id, "cyan"), f"  -1  “{comment}”"))
+            details.append(Text.assemble((t.turn_id, "cyan"), f"  -1  “{comment}”"))
     first = complaints[0]
+    silent = [t.turn_id for t in run.wrong if not t.complaint]
     return StepReport(
-        story=[f"{len(complaints)} of those customers wrote in. Each complaint is feedback linked to "
-               f"the turn it is about (score -1 and the customer's words); the other "
-               f"{len(run.wrong) - len(complaints)} wrong refund got no complaint."],
+        story=[f"{len(complaints)} of those customers wrote in. Each complaint became feedback linked to "
+               "the turn it is about: score -1, the source, and the customer's words (redacted like "
+               "everything else)."
+               + (f" Nobody complained about the other wrong refund{'s' if len(silent) > 1 else ''} "
+                  f"({', '.join(silent)}): it is still unnoticed." if silent else "")],
         commands=[f"turnfleet feedback {first['turn_id']} --score -1 --comment \"...\""],
-        figures={"complaints": complaints},
+        figures={"complaints": complaints, "wrong_without_complaint": silent},
+        details=details,
     )
 
 
@@ -270,15 +276,14 @@ async def find_lists_the_complaints(run: StoryRun) -> StepReport:
     expected = sorted(t.turn_id for t in run.complained)
     if listed != expected:
         raise StoryFailed(f"find --feedback negative listed {listed}, expected {expected}")
-    for row in rows:
-        run.say(Text.assemble("   ", (row["conversation_id"], "cyan"), "  turns with negative feedback: ",
-                              ", ".join(row.get("feedback_turns") or [])))
     return StepReport(
         story=[f"The telemetry consumer counted each complaint once; find --feedback negative lists "
                f"{len(rows)} conversations and names the {len(listed)} turns the customers complained "
                "about — nothing else."],
         commands=[f"turnfleet find --feedback negative --since {run.since}"],
         figures={"listed_turns": listed},
+        details=[Text.assemble((row["conversation_id"], "cyan"), "  negative feedback on: ",
+                               ", ".join(row.get("feedback_turns") or [])) for row in rows],
     )
 
 
@@ -299,15 +304,15 @@ async def replay_shows_the_decision(run: StoryRun) -> StepReport:
     if not wrong:
         raise StoryFailed(f"the replay of {t.turn_id} shows no generation choosing another order: {chosen}")
     model, order = wrong[0]
-    run.say(Text.assemble(("   user:       ", "dim"), t.text))
-    run.say(Text.assemble(("   generation: ", "dim"), f"{model} → call check_refund_eligibility(order_id={order})",
-                          (f"   ← not {t.named}, the order the customer named", "red")))
     return StepReport(
         story=[f"The replay of turn {t.turn_id} shows, step by step, the customer naming order {t.named} "
                f"and the model's generation deciding to check — and then refund — order {order}. The tools "
                "did exactly what they were asked: the mistake is the model's decision."],
         commands=[f"turnfleet turn {t.turn_id}"],
         figures={"turn_id": t.turn_id, "named": t.named, "chosen_by_generation": order, "model": model},
+        details=[Text.assemble(("user:       ", "dim"), t.text),
+                 Text.assemble(("generation: ", "dim"), f"{model} → call check_refund_eligibility(order_id={order})",
+                               (f"  ← not {t.named}, the order the customer named", "red"))],
     )
 
 
@@ -360,7 +365,9 @@ async def run_story(redis_url: str, name: str, workers: int = 2, as_json: bool =
             report = await step.run(run)
             run.steps.append(report)
             for line in report.story:
-                run.say(Text(f"   {line}"))
+                run.say(Padding(Text(line), (0, 0, 0, 3)))
+            for detail in report.details:
+                run.say(Padding(detail, (0, 0, 0, 5)))
             for command in filter(None, report.commands):
                 run.say(Text.assemble(("   $ ", "dim"), (command, "bold blue")))
     except StoryFailed as exc:
