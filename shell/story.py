@@ -44,6 +44,10 @@ FIXED_MODEL = "turnfleet-offline"
 MONEY_CHECK = "refund_order_named_by_customer"
 
 
+class StoryFailed(Exception):
+    """A step did not see what the story says happens: the story stops, exit 1."""
+
+
 @dataclass(frozen=True)
 class Refund:
     """A refund request for ``order`` (a packaged order number), phrased so the flawed model
@@ -95,7 +99,7 @@ def refund_text(order: str, wrong: bool) -> str:
     for text in phrasings(order):
         if flawed_turn(text) == wrong:
             return text
-    raise RuntimeError(f"no phrasing of a refund for order {order} that the flaw {'picks' if wrong else 'skips'}")
+    raise StoryFailed(f"no phrasing of a refund for order {order} that the flaw {'picks' if wrong else 'skips'}")
 
 
 @dataclass
@@ -114,7 +118,6 @@ class Turn:
 
     turn_id: str
     conversation_id: str
-    label: str
     customer: str
     text: str
     named: str | None = None  # the order asked about (a refund request), this run's copy
@@ -181,7 +184,7 @@ async def morning_of_traffic(run: StoryRun) -> StepReport:
         renamed = await copy_orders(run.redis, sorted(o.order_id for o in book.orders.values()
                                                       if o.customer_id == customer))
         for i, message in enumerate(messages, 1):
-            turn = Turn(f"{cid}-t{i}", cid, label, customer, "")
+            turn = Turn(f"{cid}-t{i}", cid, customer, "")
             if isinstance(message, Refund):
                 turn.named, turn.complaint = renamed[message.order], message.complaint
                 turn.text = refund_text(turn.named, message.wrong)
@@ -333,10 +336,6 @@ STORIES: dict[str, list[Step]] = {
 # -- running a story ------------------------------------------------------------------------
 
 
-class StoryFailed(Exception):
-    """A step did not see what the story says happens: the story stops, exit 1."""
-
-
 async def run_story(redis_url: str, name: str, workers: int = 2, as_json: bool = False) -> int:
     """Start the fleet on the flawed model, run the story's steps in order, print each."""
     from turnfleet.shell.render import console
@@ -348,6 +347,8 @@ async def run_story(redis_url: str, name: str, workers: int = 2, as_json: bool =
     redis = connect(redis_url)
     run = StoryRun(redis=redis, run_id=run_id, since=since, out=out)
     env = fleet_env(redis_url, {"TURNFLEET_LOG_FORMAT": "json", "TURNFLEET_MODEL_NAME": FLAWED_MODEL})
+    for setting in ("TURNFLEET_MODEL_BASE_URL", "TURNFLEET_APP"):
+        env.pop(setting, None)  # the story is the built-in Desk, offline
     procs = [FleetProcess("telemetry", ["telemetry"], env, log_dir / "telemetry.log")]
     procs += [FleetProcess(f"worker-{i}", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"story-worker-{i}"},
                            log_dir / f"worker-{i}.log") for i in range(1, workers + 1)]
