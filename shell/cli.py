@@ -173,6 +173,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise _invalid("--wait", f"must be a number of seconds, at least 0; got {args.wait}")
     if args.verb == "demo" and args.workers < 1:
         raise _invalid("--workers", f"must be at least 1; got {args.workers}")
+    if args.verb == "demo" and args.story is not None:
+        from turnfleet.shell.story import STORIES
+
+        if args.story not in STORIES:
+            raise _invalid("--story", f"no story {args.story!r}; the stories are: {', '.join(STORIES)}")
+    if args.verb == "demo" and args.json and args.story is None:
+        raise _invalid("--json", "only with --story (the demo itself prints for people)")
     if args.verb == "alerts":
         if not args.follow:
             given = [flag for flag, on in (("--new-only", args.new_only), ("--from-start", args.from_start),
@@ -529,6 +536,10 @@ async def _alerts(args: argparse.Namespace, url: str) -> int:
 def cmd_demo(args: argparse.Namespace, url: str) -> int:
     from turnfleet.shell.demo import run_demo
 
+    if args.story is not None:
+        from turnfleet.shell.story import run_story
+
+        return asyncio.run(run_story(url, args.story, workers=args.workers, as_json=args.json))
     return asyncio.run(run_demo(url, workers=args.workers))
 
 
@@ -666,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the Support Desk demo: Redis, telemetry, 2 workers, 5 conversations")
     d.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    d.add_argument("--story", metavar="NAME", help="tell a story instead, step by step: wrong-refund")
+    d.add_argument("--json", action="store_true", help="with --story: its steps and figures as JSON")
 
     dv = sub.add_parser("dev", help="your app on a local fleet (Redis, workers, telemetry) until Ctrl-C")
     dv.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the workflows to serve, e.g. my_agents:app")

@@ -222,6 +222,7 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
             f"{len(results)} turns in {time.monotonic() - started:.1f} s, total cost {money(total_cost)}."
             f" Replay one: turnfleet conversation {next(iter(conv_ids))}"
         )
+        out.print("Next, a customer's complaint traced to the decision that caused it: turnfleet demo --story wrong-refund")
         failed = [r for r in results.values() if r.status != "completed"]
         return 1 if failed else 0
     finally:

@@ -51,6 +51,7 @@ def test_the_demo_runs_twice_on_one_state_folder_with_a_real_refund_each_time(tm
             assert "already refunded" not in out
             assert "Alerts raised (1)" in out and "conversation_cost Conversation demo-" in out
             assert f"{len(expected)} turns in " in out
+            assert "turnfleet demo --story wrong-refund" in out  # the pointer to the story
             # The CLI stopped the embedded Redis it started.
             assert not (state / "redis.json").exists()
     finally:
