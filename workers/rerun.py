@@ -310,7 +310,7 @@ def _intercept(tool: FunctionTool, agent: str, side_effect: bool, recording: Rec
             source = NOT_MADE
             answer = json.dumps({
                 SIDE_EFFECT_NOT_MADE: True, "tool": tool.name,
-                "message": (f"not done: this is a re-run, and {tool.name} changes the world; the "
+                "reason": (f"not done: this is a re-run, and {tool.name} changes the world; the "
                             f"original turn did not call it with these arguments, so it was not run"),
             })
         else:
