@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from redis.asyncio import Redis
@@ -91,8 +91,6 @@ def _turn_matches(record: Any, given: dict[str, Any]) -> bool:
 
 
 def _aware(when: datetime) -> datetime:
-    from datetime import timezone
-
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 

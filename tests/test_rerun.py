@@ -7,7 +7,6 @@ calls, side effects never made, nothing written to production but the rerun's ow
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -218,4 +217,3 @@ def test_side_effect_tools_name_tools_of_the_workflow(desk):
         Workflow(name="w", agent=desk.triage, side_effect_tools="process_refund")
     assert Workflow(name="w", agent=desk.triage, side_effect_tools=["process_refund"]).fingerprint() == \
         Workflow(name="w", agent=desk.triage).fingerprint()
-    assert Decimal("1") == 1
