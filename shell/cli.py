@@ -769,6 +769,35 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int, default=50)
     f.add_argument("--json", action="store_true")
 
+    def candidate_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--app", metavar="MODULE:ATTR", help="the candidate's workflows (default: the built-in app)")
+        p.add_argument("--workflow", metavar="NAME", help="the candidate workflow (default: the turn's)")
+        p.add_argument("--model", metavar="NAME", help="the candidate model (default: the turn's), "
+                       "e.g. turnfleet-offline")
+        p.add_argument("--json", action="store_true")
+
+    rr = sub.add_parser("rerun", help="re-run a stored turn against a candidate; original and candidate side by side")
+    rr.add_argument("turn_id", metavar="TURN_ID")
+    candidate_options(rr)
+
+    rg = sub.add_parser("regress", help="re-run the turns find's filters match against a candidate; exit 1 "
+                        "if a check newly fails")
+    rg.add_argument("--customer", metavar="ID")
+    rg.add_argument("--tool", metavar="NAME", help="turns that called it, e.g. process_refund")
+    rg.add_argument("--agent", metavar="NAME")
+    rg.add_argument("--error", metavar="TYPE")
+    rg.add_argument("--guardrail", metavar="NAME")
+    rg.add_argument("--find-workflow", metavar="NAME", help="find's --workflow: turns run by this workflow")
+    rg.add_argument("--version", metavar="LABEL")
+    rg.add_argument("--feedback", choices=["negative", "positive"], help="turns given such feedback")
+    rg.add_argument("--check-failed", metavar="NAME", help="turns whose check NAME failed (where find supports it)")
+    rg.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
+    rg.add_argument("--until", metavar="TIME")
+    rg.add_argument("--min-cost", type=float, metavar="USD")
+    rg.add_argument("--limit", type=int, default=200, help="conversations at most (default 200)")
+    rg.add_argument("--concurrency", type=int, default=4, metavar="N", help="turns re-run at once (default 4)")
+    candidate_options(rg)
+
     a = sub.add_parser("alerts", help="alerts raised (newest last)")
     a.add_argument("--follow", action="store_true", help="keep printing new alerts")
     a.add_argument("--new-only", action="store_true", help="with --follow: skip the backlog")
@@ -810,6 +839,60 @@ def build_parser() -> argparse.ArgumentParser:
     akh.add_argument("key", metavar="KEY")
     return p
 
+def _candidate(args: argparse.Namespace) -> Any:
+    from turnfleet.workers.rerun import CandidateSpec
+
+    return CandidateSpec(app=args.app, workflow=args.workflow, model=args.model)
+
+
+async def _rerun(args: argparse.Namespace, url: str) -> int:
+    from turnfleet.connection import connect
+    from turnfleet.shell.regress import render_rerun, rerun_one
+    from turnfleet.shell.render import console
+    from turnfleet.workers.rerun import RerunError
+
+    redis = connect(url)
+    try:
+        report = await rerun_one(redis, args.turn_id, _candidate(args))
+    except RerunError as exc:
+        raise CliError(str(exc), error=exc.code) from None
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json({k: report[k] for k in ("turn_id", "rerun_id", "changed", "differences", "checks",
+                                            "original", "candidate", "usage")})
+    else:
+        console().print(render_rerun(report))
+    return 0
+
+
+async def _regress(args: argparse.Namespace, url: str) -> int:
+    from turnfleet.connection import connect
+    from turnfleet.shell.regress import matching_turns, progress_bar, regress, render_regress
+    from turnfleet.shell.render import console
+    from turnfleet.workers.rerun import RerunError
+
+    if args.concurrency < 1:
+        raise _invalid("--concurrency", f"must be at least 1, not {args.concurrency}")
+    filters = {"customer": args.customer, "tool": args.tool, "agent": args.agent, "error": args.error,
+               "guardrail": args.guardrail, "workflow": args.find_workflow, "version": args.version,
+               "feedback": args.feedback, "check_failed": args.check_failed,
+               "since": _when(args.since), "until": _when(args.until), "min_cost_usd": args.min_cost}
+    redis = connect(url)
+    try:
+        turns = await matching_turns(redis, filters, args.limit)
+        with progress_bar() as bar:
+            summary = await regress(redis, turns, _candidate(args), concurrency=args.concurrency, progress=bar)
+    except RerunError as exc:
+        raise CliError(str(exc), error=exc.code) from None
+    finally:
+        await redis.aclose()
+    if args.json:
+        _print_json(summary)
+    else:
+        console().print(render_regress(summary))
+    return 0 if summary["ok"] else EXIT_FAILED
+
 
 ASYNC_VERBS = {
     "enqueue": _enqueue,
@@ -822,6 +905,8 @@ ASYNC_VERBS = {
     "alerts": _alerts,
     "audit": _audit_log,
     "forget": _forget,
+    "rerun": _rerun,
+    "regress": _regress,
 }
 PROCESS_VERBS = {"worker": cmd_worker, "telemetry": cmd_telemetry, "demo": cmd_demo}
 PROCESS_VERBS["serve"] = cmd_serve

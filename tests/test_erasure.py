@@ -38,6 +38,7 @@ from turnfleet.settings import TelemetrySettings
 from turnfleet.workers.job import Runtime, run_turn
 from turnfleet.workers.settings import shutdown, startup
 from turnfleet.workers.model import OfflineModel
+from turnfleet.workers.rerun import Candidates, CandidateSpec, rerun_turn
 from turnfleet.workers.orderbook import _packaged_text
 from turnfleet.workers.support_desk import PROMPT_INJECTION, builtin_app
 
@@ -149,8 +150,8 @@ async def store_order(redis: Any, who: Customer) -> None:
 async def scenario(fleet: Fleet, who: Customer) -> None:
     """Completed turns with a tool call, a refund, an escalation, a guardrail trip and a
     failed turn, in two conversations; feedback on two turns (with a comment); check results
-    (a money-path failure); an unredacted
-    read in the audit log; a dead letter."""
+    (a money-path failure); an unredacted read in the audit log; a rerun of the refund turn; a
+    dead letter."""
     await store_order(fleet.redis, who)
     await fleet.turn(who, who.conv(1), f"Where is order {who.order}? Quokka{who.tag} asks")
     await fleet.turn(who, who.conv(1), f"I want a refund for order {who.order}, says Quokka{who.tag}")
@@ -169,6 +170,8 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
            .check("refund_amount_matches_eligibility", "failed", money_path=True)
            .check("escalated_when_asked_for_a_person", "not_applicable").send(fleet.redis, outcomes=False))
     await audit.record(fleet.redis, "cli:ops@desk", "turn --unredacted", first)
+    # A rerun of the refund turn: its record (keys.turn_reruns) names the turn and holds its text.
+    await rerun_turn(fleet.redis, who.turns[who.conv(1)][1], Candidates(CandidateSpec()), raw_retention_s=3600)
     # A malformed telemetry entry naming the turn: the consumer dead-letters it.
     await fleet.redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": first, "batch": "not a batch"})
 
@@ -217,6 +220,7 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
     assert rules >= {"turn_failed", "conversation_cost", "customer_daily_cost", "customer_budget", "check_failed"}
     assert await redis.zscore(keys.facet_conversations("check_failed", "refund_amount_matches_eligibility"), a.conv(1))
     assert await redis.exists(keys.conversation_escalation(a.conv(1)))
+    assert await redis.exists(keys.turn_reruns(a.turns[a.conv(1)][1]))
     assert await redis.xlen(keys.TELEMETRY_DEAD_LETTER) == 2 and await redis.xlen(keys.REFUND_LEDGER) == 2
     assert await redis.zscore(keys.facet_conversations("guardrail", PROMPT_INJECTION), a.conv(2))
     before_a = await find_mentions([redis_url, trace_server.url], a.needles, LEDGER)

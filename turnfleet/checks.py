@@ -34,6 +34,10 @@ from typing import Any
 from turnfleet.models import TurnResult, check_id
 
 NOT_APPLICABLE = "not applicable"
+# The result ``turnfleet rerun`` gives a candidate's call of a side-effecting tool the original
+# never made (workers/rerun.py): the tool did not run, but the call is the candidate's decision,
+# and checks judge decisions (``ToolCallView.not_made``).
+SIDE_EFFECT_NOT_MADE = "side_effect_not_made"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class ToolCallView:
     def result_object(self) -> Mapping[str, Any]:
         """The result when it is a JSON object, else an empty mapping (for ``.get``)."""
         return self.result if isinstance(self.result, Mapping) else MappingProxyType({})
+
+    @property
+    def not_made(self) -> bool:
+        """A side effect a rerun's candidate asked for and the rerun did not make: judge its
+        ``arguments`` as what the call would have done."""
+        return self.result_object.get(SIDE_EFFECT_NOT_MADE) is True
 
     @classmethod
     def parsed(cls, tool: str, arguments: str | None, result: str | None, **where: Any) -> ToolCallView:
@@ -284,5 +294,5 @@ def run_checks(checks: Any, turn: FinishedTurn) -> list[CheckOutcome]:
     return outcomes
 
 
-__all__ = ["Check", "CheckOutcome", "CheckResult", "FinishedTurn", "ToolCallView", "check",
+__all__ = ["SIDE_EFFECT_NOT_MADE", "Check", "CheckOutcome", "CheckResult", "FinishedTurn", "ToolCallView", "check",
            "failed", "not_applicable", "passed", "run_checks"]

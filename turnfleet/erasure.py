@@ -85,6 +85,7 @@ def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
     for t in turns:
         doomed += [keys.turn(t), keys.turn_quarantine(t), keys.turn_errors(t), keys.trace(t), keys.turn_events(t),
                    keys.event_seen(t), keys.aggregate("turn", t), keys.turn_once(t), keys.turn_feedback(t),
+                   keys.turn_reruns(t),
                    keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
         zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t, keys.RAW_TEXT, t]
     sid = keys.session_id(conversation_id)

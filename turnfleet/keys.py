@@ -206,6 +206,13 @@ def turn_checks(turn_id: str) -> str:
     return f"{PREFIX}:checks:{turn_id}"
 
 
+def turn_reruns(turn_id: str) -> str:
+    """Hash rerun id -> one ``turnfleet rerun`` of the turn (JSON: candidate, changed,
+    differences, check changes, usage; workers/rerun.py). It holds customer text: it expires
+    with the raw-text lifetime (``TURNFLEET_RAW_RETENTION_S``) and is erased with its turn."""
+    return f"{PREFIX}:reruns:{turn_id}"
+
+
 def alert_fired(rule: str, subject: str, window: str) -> str:
     """String set once when a rule fires for a subject and window."""
     return f"{PREFIX}:alert-fired:{rule}:{subject}:{window}"

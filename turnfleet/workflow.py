@@ -74,6 +74,11 @@ class Workflow:
     # what the agents do, so adding or fixing a check is no new version of the workflow (and a
     # turn's checks can be re-judged against the same version).
     checks: Sequence[Any] = ()
+    # The names of the workflow's tools that change the world (move money, open tickets, send
+    # mail): ``turnfleet rerun`` never runs them for real (workers/rerun.py), every other tool
+    # is taken as read-only. Validated against the workflow's tools; not fingerprinted (it
+    # changes nothing the agents do).
+    side_effect_tools: Sequence[str] = ()
     _agents: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +95,18 @@ class Workflow:
         except ValueError as exc:
             raise WorkflowError(f"Workflow {self.name!r}: {exc}") from None
         object.__setattr__(self, "_agents", _walk(self.name, [self.agent, *self.extra_agents]))
+        if isinstance(self.side_effect_tools, str):
+            raise WorkflowError(f"Workflow {self.name!r}: side_effect_tools must be a list of tool names, not a string")
+        object.__setattr__(self, "side_effect_tools", tuple(self.side_effect_tools))
+        unknown = sorted(set(self.side_effect_tools) - set(self.tool_names))
+        if unknown:
+            raise WorkflowError(f"Workflow {self.name!r}: side_effect_tools names no tool of its agents: "
+                                f"{', '.join(unknown)} (its tools: {', '.join(sorted(self.tool_names)) or 'none'})")
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        """The names of every tool of the workflow's agents."""
+        return frozenset(getattr(t, "name", "") for a in self._agents.values() for t in getattr(a, "tools", ()))
 
     @property
     def agents(self) -> Mapping[str, Any]:

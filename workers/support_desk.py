@@ -96,6 +96,9 @@ For refunds or anything else outside order status, hand off back to Triage.
 """.strip()
 
 
+SIDE_EFFECT_TOOLS = (process_refund.name, escalate_to_human.name)
+"""The Desk's tools that change the world (a refund, a ticket): a rerun never runs them."""
+
 PROMPT_INJECTION = "prompt_injection"
 
 _INJECTION = re.compile(
@@ -209,7 +212,8 @@ def support_desk_workflow(model: Model, trace_name: str = "Support Desk") -> Wor
     desk = build_support_desk(model)
     return Workflow(name=DEFAULT_WORKFLOW, agent=desk.triage, guardrail_replies=dict(GUARDRAIL_REPLIES),
                     default_guardrail_reply=DEFAULT_GUARDRAIL_REPLY, trace_name=trace_name,
-                    offline_script=desk.script, checks=SUPPORT_DESK_CHECKS)
+                    offline_script=desk.script, checks=SUPPORT_DESK_CHECKS,
+                    side_effect_tools=SIDE_EFFECT_TOOLS)
 
 
 def builtin_app(model: Model, trace_name: str = "Support Desk") -> App:

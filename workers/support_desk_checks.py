@@ -43,8 +43,14 @@ def _amount(value: Any) -> Decimal | None:
 
 
 def refunds(turn: FinishedTurn) -> list[ToolCallView]:
-    """This turn's successful ``process_refund`` calls, in order."""
-    return [c for c in turn.calls(PROCESS_REFUND) if c.result_object.get("refunded") is True]
+    """This turn's successful ``process_refund`` calls, in order (in a rerun, also the ones
+    the candidate asked for and the rerun did not make: ``ToolCallView.not_made``)."""
+    return [c for c in turn.calls(PROCESS_REFUND) if c.result_object.get("refunded") is True or c.not_made]
+
+
+def _refunded_amount(call: ToolCallView) -> Any:
+    """The amount a refund moved (its result), or would have (a rerun's call not made)."""
+    return call.arguments.get("amount") if call.not_made else call.result_object.get("amount")
 
 
 def _eligibility_before(turn: FinishedTurn, refund: ToolCallView) -> ToolCallView | None:
@@ -65,13 +71,13 @@ def refund_amount_matches_eligibility(turn: FinishedTurn) -> CheckResult:
         return not_applicable("no refund in this turn")
     judged = []
     for refund in made:
-        order, amount = _order(refund), _amount(refund.result_object.get("amount"))
+        order, amount = _order(refund), _amount(_refunded_amount(refund))
         eligibility = _eligibility_before(turn, refund)
         if eligibility is None:
             continue  # no_refund_without_eligibility_check says so
         eligible = _amount(eligibility.result_object.get("amount"))
         if amount is None or amount != eligible:
-            return failed(f"order {order}: refunded {refund.result_object.get('amount')}, "
+            return failed(f"order {order}: refunded {_refunded_amount(refund)}, "
                           f"eligibility said {eligibility.result_object.get('amount')}")
         judged.append(f"{order}: {amount}")
     if not judged:
