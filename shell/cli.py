@@ -469,7 +469,7 @@ async def _find(args: argparse.Namespace, url: str) -> int:
     try:
         rows = await find_conversations(
             redis, customer=args.customer, tool=args.tool, agent=args.agent, error=args.error,
-            guardrail=args.guardrail, workflow=args.workflow, version=args.version,
+            guardrail=args.guardrail, workflow=args.find_workflow, version=args.version,
             feedback=args.feedback, check_failed=args.check_failed, since=since, until=until,
             min_cost_usd=args.min_cost, limit=args.limit,
         )
@@ -668,6 +668,25 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------
 
 
+def find_filters(p: argparse.ArgumentParser, workflow_flag: str = "--workflow") -> None:
+    """``find``'s filters, shared by ``regress`` (whose ``--workflow`` is the candidate's, so
+    find's is ``--find-workflow`` there)."""
+    p.add_argument("--customer", metavar="ID")
+    p.add_argument("--tool", metavar="NAME", help="e.g. process_refund")
+    p.add_argument("--agent", metavar="NAME", help="e.g. Billing")
+    p.add_argument("--error", metavar="TYPE", help="error type, e.g. MaxTurnsExceeded or ToolError")
+    p.add_argument("--guardrail", metavar="NAME", help="a guardrail that tripped, e.g. prompt_injection")
+    p.add_argument(workflow_flag, metavar="NAME", dest="find_workflow", help="run by this workflow, e.g. support-desk")
+    p.add_argument("--version", metavar="LABEL", help="run by this version label, e.g. 2.1@3f9a0c1d2e4b5a69")
+    p.add_argument("--feedback", choices=["negative", "positive"],
+                   help="a turn was given such feedback (rows name those turns)")
+    p.add_argument("--check-failed", metavar="NAME",
+                   help="a turn on which this check failed, e.g. refund_amount_matches (rows name those turns)")
+    p.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
+    p.add_argument("--until", metavar="TIME")
+    p.add_argument("--min-cost", type=float, metavar="USD")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="turnfleet",
@@ -752,20 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     f = sub.add_parser("find", help="find conversations by customer, tool, agent, error, time, cost")
-    f.add_argument("--customer", metavar="ID")
-    f.add_argument("--tool", metavar="NAME", help="e.g. process_refund")
-    f.add_argument("--agent", metavar="NAME", help="e.g. Billing")
-    f.add_argument("--error", metavar="TYPE", help="error type, e.g. MaxTurnsExceeded or ToolError")
-    f.add_argument("--guardrail", metavar="NAME", help="a guardrail that tripped, e.g. prompt_injection")
-    f.add_argument("--workflow", metavar="NAME", help="run by this workflow, e.g. support-desk")
-    f.add_argument("--version", metavar="LABEL", help="run by this version label, e.g. 2.1@3f9a0c1d2e4b5a69")
-    f.add_argument("--feedback", choices=["negative", "positive"],
-                   help="a turn was given such feedback (rows name those turns)")
-    f.add_argument("--check-failed", metavar="NAME",
-                   help="a turn on which this check failed, e.g. refund_amount_matches (rows name those turns)")
-    f.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
-    f.add_argument("--until", metavar="TIME")
-    f.add_argument("--min-cost", type=float, metavar="USD")
+    find_filters(f)
     f.add_argument("--limit", type=int, default=50)
     f.add_argument("--json", action="store_true")
 
@@ -782,18 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rg = sub.add_parser("regress", help="re-run the turns find's filters match against a candidate; exit 1 "
                         "if a check newly fails")
-    rg.add_argument("--customer", metavar="ID")
-    rg.add_argument("--tool", metavar="NAME", help="turns that called it, e.g. process_refund")
-    rg.add_argument("--agent", metavar="NAME")
-    rg.add_argument("--error", metavar="TYPE")
-    rg.add_argument("--guardrail", metavar="NAME")
-    rg.add_argument("--find-workflow", metavar="NAME", help="find's --workflow: turns run by this workflow")
-    rg.add_argument("--version", metavar="LABEL")
-    rg.add_argument("--feedback", choices=["negative", "positive"], help="turns given such feedback")
-    rg.add_argument("--check-failed", metavar="NAME", help="turns whose check NAME failed (where find supports it)")
-    rg.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
-    rg.add_argument("--until", metavar="TIME")
-    rg.add_argument("--min-cost", type=float, metavar="USD")
+    find_filters(rg, workflow_flag="--find-workflow")
     rg.add_argument("--limit", type=int, default=200, help="conversations at most (default 200)")
     rg.add_argument("--concurrency", type=int, default=4, metavar="N", help="turns re-run at once (default 4)")
     candidate_options(rg)

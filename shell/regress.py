@@ -57,7 +57,7 @@ FIND_PARAMETERS = frozenset(inspect.signature(find_conversations).parameters) - 
 async def matching_turns(redis: Redis, filters: dict[str, Any], limit: int) -> list[str]:
     """The finished turns of the conversations ``find`` matches (``filters``: its keyword
     arguments), narrowed per turn where a filter names a turn's property: ``feedback`` (the
-    turns given it), ``tool`` (the turns that called it), ``since``/``until`` (when the turn
+    turns given it), ``check_failed`` (the turns on which the check failed), ``tool`` (the turns that called it), ``since``/``until`` (when the turn
     finished). Oldest conversation first, turns in conversation order."""
     unknown = sorted(k for k, v in filters.items() if v is not None and k not in FIND_PARAMETERS)
     if unknown:
@@ -67,7 +67,12 @@ async def matching_turns(redis: Redis, filters: dict[str, Any], limit: int) -> l
     queue = TurnQueue(redis)
     turns: list[str] = []
     for row in reversed(rows):
-        ids = row.get("feedback_turns") if given.get("feedback") else None
+        ids: list[str] | None = None
+        if given.get("feedback"):
+            ids = row.get("feedback_turns")
+        if given.get("check_failed"):  # both: the turns named by each
+            named = row.get("check_failed_turns") or []
+            ids = named if ids is None else [t for t in ids if t in named]
         if ids is None:
             ids = await redis.lrange(keys.conversation_turns(row["conversation_id"]), 0, -1)
         for turn_id in ids:
