@@ -34,6 +34,7 @@ from tests.test_llm_endpoint import endpoint_model
 from turnfleet import audit, keys
 from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
 from turnfleet.settings import TelemetrySettings
+from turnfleet.workers.check_job import run_turn_checks
 from turnfleet.workers.job import Runtime, run_turn
 from turnfleet.workers.settings import shutdown, startup
 from turnfleet.workers.model import OfflineModel
@@ -147,8 +148,9 @@ async def store_order(redis: Any, who: Customer) -> None:
 
 async def scenario(fleet: Fleet, who: Customer) -> None:
     """Completed turns with a tool call, a refund, an escalation, a guardrail trip and a
-    failed turn, in two conversations; feedback on two turns (with a comment); an unredacted
-    read in the audit log; a dead letter."""
+    failed turn, in two conversations; feedback on two turns (with a comment); check results
+    on the refund turn (the others' check jobs left queued); an unredacted read in the audit
+    log; a dead letter."""
     await store_order(fleet.redis, who)
     await fleet.turn(who, who.conv(1), f"Where is order {who.order}? Quokka{who.tag} asks")
     await fleet.turn(who, who.conv(1), f"I want a refund for order {who.order}, says Quokka{who.tag}")
@@ -157,6 +159,8 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     await fleet.turn(who, who.conv(2), f"Hello from Quokka{who.tag}, anyone there?",
                      model=FlakyModel(fail_on=1), max_attempts=1, expect="failed")
     first = who.turns[who.conv(1)][0]
+    refund = who.turns[who.conv(1)][1]
+    assert await run_turn_checks(fleet.ctx(OfflineModel()), refund, who.conv(1)) == "written"
     complaint = f"Quokka{who.tag} was told the wrong refund"
     who.texts.append(complaint)
     await fleet.producer.feedback(who.turns[who.conv(1)][1], score=-1, comment=complaint)
@@ -211,6 +215,8 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
     assert await redis.exists(keys.conversation_escalation(a.conv(1)))
     assert await redis.xlen(keys.TELEMETRY_DEAD_LETTER) == 2 and await redis.xlen(keys.REFUND_LEDGER) == 2
     assert await redis.zscore(keys.facet_conversations("guardrail", PROMPT_INJECTION), a.conv(2))
+    assert await redis.exists(keys.turn_checks(a.turns[a.conv(1)][1]))
+    assert await redis.zscore(keys.CHECKS_QUEUE, keys.checks_job_id(a.turns[a.conv(2)][0]))
     before_a = await find_mentions([redis_url, trace_server.url], a.needles, LEDGER)
     assert any(trace_server.url in hit and keys.trace(a.turn_ids[0]) in hit for hit in before_a)
     assert any(keys.TELEMETRY_DEAD_LETTER + ":" in hit for hit in before_a)  # tf:telemetry:dead
@@ -225,6 +231,7 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
     assert not report.nothing
     left = await find_mentions([redis_url, trace_server.url], a.needles, LEDGER)
     assert left == [], "\n".join(left)
+    assert not await redis.exists(keys.turn_checks(a.turns[a.conv(1)][1]))
     assert await snapshot_of(fleet, b) == b_before  # B untouched: results, replays, aggregates
     assert await anonymous_totals(redis) == anonymous  # fleet, model totals, ledger stay
     [entry] = [e for e in await audit.entries(redis) if e["what"] == "forget customer"]
