@@ -14,7 +14,7 @@ from turnfleet.producer import Producer
 from tests.drills.test_worker_drills import Fleet, drill_env, fleet, polling  # noqa: F401 - the fixture
 from tests.apps.held_checks import HOLD, STARTED
 from tests.processes import until_or_exit
-from tests.test_check_job import check_entries, stored_checks
+from tests.test_check_job import ENTRIES_PER_TURN, check_entries, stored_checks
 from turnfleet import keys
 from turnfleet.events import parse_events
 from turnfleet.workers.support_desk_checks import SUPPORT_DESK_CHECKS
@@ -50,7 +50,9 @@ async def test_a_worker_killed_holding_a_check_job_another_runs_the_checks_once(
         outcomes = await stored_checks(redis, turn_id)
         assert list(outcomes) == names
         assert outcomes["held"]["outcome"] == "passed" and outcomes["held"]["reason"] == "released"
-        # Exactly once: one entry, one event per check.
-        [entry] = await check_entries(redis, turn_id)
-        assert [e.detail.check for e in parse_events(entry["batch"])] == names
+        # Exactly once: one entry (once this release's consumer reads them), one event per check.
+        entries = await check_entries(redis, turn_id)
+        assert len(entries) == ENTRIES_PER_TURN
+        for entry in entries:
+            assert [e.detail.check for e in parse_events(entry["batch"])] == names
     assert b.stop() == 0, b.output()[-3000:]

@@ -6,7 +6,10 @@
 -- Returns 'written'; 'already' when the outcomes key exists (an earlier run of the check job
 -- wrote them: nothing written); 'gone' when the turn's record no longer exists (erased or
 -- purged: writing would bring back keys of a turn that is gone; nothing written).
+-- telemetry_batch '' (this release's consumer does not read check entries yet): the key only.
 if redis.call('EXISTS', K.turn) == 0 then return 'gone' end
 if not redis.call('SET', K.checks, A.outcomes_json, 'NX') then return 'already' end
-telemetry_entry(K.telemetry, A.turn_id, A.workflow, A.version, A.telemetry_batch, A.batch_version)
+if A.telemetry_batch ~= '' then
+  telemetry_entry(K.telemetry, A.turn_id, A.workflow, A.version, A.telemetry_batch, A.batch_version)
+end
 return 'written'
