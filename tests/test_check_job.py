@@ -25,8 +25,10 @@ from tests.processes import run_burst
 from tests.test_flawed_model import FLAWED, NAMED_CHECK, ORDERS_OF, REQUESTS, copy_of
 from tests.worker_runtime import runtime
 from turnfleet import keys, versions
+from turnfleet.checks import check, failed
 from turnfleet.events import EventKind, parse_events
 from turnfleet.queue import CHECKS_FUNCTION, FinishExtras, Outcome, TurnQueue
+from turnfleet.redaction import Redactor
 from turnfleet.workers import check_job
 from turnfleet.workers.check_job import CHECK_JOB_TRIES, run_turn_checks
 from turnfleet.workers.job import run_turn
@@ -199,3 +201,20 @@ async def test_a_check_job_failing_on_redis_is_retried_then_dead_lettered_the_tu
     assert "checks.dead_lettered" in capsys.readouterr().out
     assert await redis.hgetall(keys.turn(turn_id)) == before
     assert not await redis.exists(keys.turn_checks(turn_id))
+
+
+async def test_reasons_are_redacted_with_the_workflows_patterns_and_clipped(redis, producer):
+    @check("leaky")
+    def leaky(turn):
+        return failed(f"customer jane.doe@example.com said ACCT-778899 on {turn.turn_id} " + "x" * 600)
+
+    desk = runtime(redis, OfflineModel())["runtime"].app.workflows[0]
+    ctx, turn_id = await finished_turn(redis, producer, App([dataclasses.replace(desk, checks=(leaky,))]))
+    ctx["runtime"].redactor = Redactor(patterns=[r"ACCT-\d+"])  # a workflow's pattern, as startup unions them
+    assert await run_turn_checks(ctx, turn_id, "c-1") == "written"
+    reason = (await stored_checks(redis, turn_id))["leaky"]["reason"]
+    assert reason.startswith(f"customer [REDACTED:email] said [REDACTED:custom] on {turn_id} xxx")
+    assert len(reason) == 500
+    [entry] = await check_entries(redis, turn_id)
+    [event] = parse_events(entry["batch"])
+    assert (event.detail.outcome, event.detail.reason) == ("failed", reason)
