@@ -148,9 +148,8 @@ async def store_order(redis: Any, who: Customer) -> None:
 
 async def scenario(fleet: Fleet, who: Customer) -> None:
     """Completed turns with a tool call, a refund, an escalation, a guardrail trip and a
-    failed turn, in two conversations; feedback on two turns (with a comment); check results
-    on the refund turn (the others' check jobs left queued); an unredacted read in the audit
-    log; a dead letter."""
+    failed turn, in two conversations; feedback on two turns (with a comment); an unredacted
+    read in the audit log; a dead letter."""
     await store_order(fleet.redis, who)
     await fleet.turn(who, who.conv(1), f"Where is order {who.order}? Quokka{who.tag} asks")
     await fleet.turn(who, who.conv(1), f"I want a refund for order {who.order}, says Quokka{who.tag}")
@@ -159,6 +158,7 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     await fleet.turn(who, who.conv(2), f"Hello from Quokka{who.tag}, anyone there?",
                      model=FlakyModel(fail_on=1), max_attempts=1, expect="failed")
     first = who.turns[who.conv(1)][0]
+    # The refund turn's check job run (its outcomes key); the others' check jobs stay queued.
     refund = who.turns[who.conv(1)][1]
     assert await run_turn_checks(fleet.ctx(OfflineModel()), refund, who.conv(1)) == "written"
     complaint = f"Quokka{who.tag} was told the wrong refund"

@@ -85,11 +85,11 @@ def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
     for t in turns:
         doomed += [keys.turn(t), keys.turn_quarantine(t), keys.turn_errors(t), keys.trace(t), keys.turn_events(t),
                    keys.event_seen(t), keys.aggregate("turn", t), keys.turn_once(t), keys.turn_feedback(t),
-                   keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t,
-                   # its check outcomes and check job (issue 17; workers/check_job.py)
-                   keys.turn_checks(t), *(p + keys.checks_job_id(t) for p in (
-                       keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.ARQ_RETRY_PREFIX))]
+                   keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
         zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t, keys.RAW_TEXT, t]
+        # Its check outcomes and its check job's keys (issue 17, workers/check_job.py).
+        doomed += [keys.turn_checks(t), *(prefix + keys.checks_job_id(t) for prefix in (
+            keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.ARQ_RETRY_PREFIX))]
     sid = keys.session_id(conversation_id)
     doomed += [keys.conversation_active(conversation_id), keys.conversation_state(conversation_id),
                keys.conversation_turns(conversation_id), keys.conversation_facets(conversation_id),
