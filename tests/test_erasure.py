@@ -158,9 +158,6 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     await fleet.turn(who, who.conv(2), f"Hello from Quokka{who.tag}, anyone there?",
                      model=FlakyModel(fail_on=1), max_attempts=1, expect="failed")
     first = who.turns[who.conv(1)][0]
-    # The refund turn's check job run (its outcomes key); the others' check jobs stay queued.
-    refund = who.turns[who.conv(1)][1]
-    assert await run_turn_checks(fleet.ctx(OfflineModel()), refund, who.conv(1)) == "written"
     complaint = f"Quokka{who.tag} was told the wrong refund"
     who.texts.append(complaint)
     await fleet.producer.feedback(who.turns[who.conv(1)][1], score=-1, comment=complaint)
@@ -168,6 +165,9 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     await audit.record(fleet.redis, "cli:ops@desk", "turn --unredacted", first)
     # A malformed telemetry entry naming the turn: the consumer dead-letters it.
     await fleet.redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": first, "batch": "not a batch"})
+    # The refund turn's check job run (its outcomes key); the others' check jobs stay queued.
+    refund = who.turns[who.conv(1)][1]
+    assert await run_turn_checks(fleet.ctx(OfflineModel()), refund, who.conv(1)) == "written"
 
 
 async def snapshot_of(fleet: Fleet, who: Customer) -> dict[str, Any]:

@@ -3,7 +3,7 @@ check job (between the turn's outcome, written by finish.lua, and the check outc
 worker of the pool runs the checks, and each check's outcome is written exactly once.
 
 Real ``turnfleet worker`` subprocesses serving the Desk plus a check that holds while a file
-exists (``tests/apps/held_checks.py``); leases of 2 s as in the other worker drills.
+exists (``tests/apps/checked_desk.py``); leases of 2 s as in the other worker drills.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from turnfleet.producer import Producer
 from tests.drills.test_worker_drills import Fleet, drill_env, fleet, polling  # noqa: F401 - the fixture
-from tests.apps.held_checks import HOLD, STARTED
+from tests.apps.checked_desk import HOLD, STARTED
 from tests.processes import until_or_exit
 from tests.test_check_job import ENTRIES_PER_TURN, check_entries, stored_checks
 from turnfleet import keys
@@ -25,7 +25,7 @@ async def test_a_worker_killed_holding_a_check_job_another_runs_the_checks_once(
     hold, started = tmp_path / "hold", tmp_path / "started"
     hold.touch()
     started.mkdir()
-    env = drill_env(fleet_env, TURNFLEET_APP="tests.apps.held_checks:app", TURNFLEET_MAX_JOBS="1",
+    env = drill_env(fleet_env, TURNFLEET_APP="tests.apps.checked_desk:app", TURNFLEET_MAX_JOBS="1",
                     TURNFLEET_CHECK_JOBS="1", **{HOLD: str(hold), STARTED: str(started)})
     a = fleet.worker(env, "w-a")
     await polling(redis, "w-a")

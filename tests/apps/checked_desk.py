@@ -1,5 +1,6 @@
-"""The Support Desk with one more check that holds while a file exists (the check-job drill,
-tests/drills/test_check_drills.py): it writes ``<started dir>/<turn id>`` holding its process
+"""The Support Desk's checks as tests want them: ``unchecked``, the Desk without its checks (a
+drill that counts one telemetry entry per turn), and ``app``, the Desk with one more check that
+holds while a file exists (the check-job drill, tests/drills/test_check_drills.py): it writes ``<started dir>/<turn id>`` holding its process
 id when it begins, then waits until the hold file is removed. Paths from the environment
 (``TURNFLEET_TEST_CHECK_HOLD``, ``TURNFLEET_TEST_CHECK_STARTED``), read when the check runs."""
 
@@ -32,3 +33,4 @@ def held(turn: FinishedTurn):
 
 desk = support_desk_workflow(OfflineModel())
 app = App([dataclasses.replace(desk, checks=(*desk.checks, held))])
+unchecked = App([dataclasses.replace(desk, checks=())])
