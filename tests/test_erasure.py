@@ -35,6 +35,7 @@ from tests.test_llm_endpoint import endpoint_model
 from turnfleet import audit, keys
 from turnfleet.erasure import ErasureBusy, alert_marker_about, forget, names_any, rewrite_aof
 from turnfleet.settings import TelemetrySettings
+from turnfleet.workers.check_job import run_turn_checks
 from turnfleet.workers.job import Runtime, run_turn
 from turnfleet.workers.settings import shutdown, startup
 from turnfleet.workers.model import OfflineModel
@@ -174,6 +175,9 @@ async def scenario(fleet: Fleet, who: Customer) -> None:
     await rerun_turn(fleet.redis, who.turns[who.conv(1)][1], Candidates(CandidateSpec()), raw_retention_s=3600)
     # A malformed telemetry entry naming the turn: the consumer dead-letters it.
     await fleet.redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": first, "batch": "not a batch"})
+    # The refund turn's check job run (its outcomes key); the others' check jobs stay queued.
+    refund = who.turns[who.conv(1)][1]
+    assert await run_turn_checks(fleet.ctx(OfflineModel()), refund, who.conv(1)) == "written"
 
 
 async def snapshot_of(fleet: Fleet, who: Customer) -> dict[str, Any]:
@@ -223,6 +227,8 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
     assert await redis.exists(keys.turn_reruns(a.turns[a.conv(1)][1]))
     assert await redis.xlen(keys.TELEMETRY_DEAD_LETTER) == 2 and await redis.xlen(keys.REFUND_LEDGER) == 2
     assert await redis.zscore(keys.facet_conversations("guardrail", PROMPT_INJECTION), a.conv(2))
+    assert await redis.exists(keys.turn_checks(a.turns[a.conv(1)][1]))
+    assert await redis.zscore(keys.CHECKS_QUEUE, keys.checks_job_id(a.turns[a.conv(2)][0]))
     before_a = await find_mentions([redis_url, trace_server.url], a.needles, LEDGER)
     assert any(trace_server.url in hit and keys.trace(a.turn_ids[0]) in hit for hit in before_a)
     assert any(keys.TELEMETRY_DEAD_LETTER + ":" in hit for hit in before_a)  # tf:telemetry:dead
@@ -237,6 +243,7 @@ async def test_forgetting_a_customer_leaves_no_trace_of_it_anywhere(
     assert not report.nothing
     left = await find_mentions([redis_url, trace_server.url], a.needles, LEDGER)
     assert left == [], "\n".join(left)
+    assert not await redis.exists(keys.turn_checks(a.turns[a.conv(1)][1]))
     assert await snapshot_of(fleet, b) == b_before  # B untouched: results, replays, aggregates
     assert await anonymous_totals(redis) == anonymous  # fleet, model totals, ledger stay
     [entry] = [e for e in await audit.entries(redis) if e["what"] == "forget customer"]

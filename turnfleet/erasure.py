@@ -88,6 +88,9 @@ def purge_plan(conversation_id: str, turns: list[str], customer_id: str | None,
                    keys.turn_reruns(t),
                    keys.ARQ_JOB_PREFIX + t, keys.ARQ_IN_PROGRESS_PREFIX + t, keys.ARQ_RETRY_PREFIX + t]
         zrem += [keys.aggregate_index("turn"), t, keys.SLOWEST_TURNS, t, keys.RAW_TEXT, t]
+        # Its check outcomes and its check job's keys (issue 17, workers/check_job.py).
+        doomed += [keys.turn_checks(t), *(prefix + keys.checks_job_id(t) for prefix in (
+            keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.ARQ_RETRY_PREFIX))]
     sid = keys.session_id(conversation_id)
     doomed += [keys.conversation_active(conversation_id), keys.conversation_state(conversation_id),
                keys.conversation_turns(conversation_id), keys.conversation_facets(conversation_id),
@@ -318,7 +321,8 @@ async def _erase_plan(redis: Redis, subject: _Subject, tombstone_ttl_s: int) -> 
         pairs += [keys.aggregate_index("conversation"), c]
         workflow = _text(workflow) if workflow else DEFAULT_WORKFLOW
         for t in turns:  # finished turns arq did not clear from its queues (in-process runs)
-            pairs += [keys.workflow_queue(workflow), t, keys.workflow_isolated_queue(workflow), t]
+            pairs += [keys.workflow_queue(workflow), t, keys.workflow_isolated_queue(workflow), t,
+                      keys.workflow_checks_queue(workflow), keys.checks_job_id(t)]
         plan["zrem"] += [["ZREM", pairs[i], pairs[i + 1]] for i in range(0, len(pairs), 2)]
     if subject.customer_id is not None:
         cust = subject.customer_id

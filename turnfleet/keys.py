@@ -26,6 +26,13 @@ ISOLATED_QUEUE = "arq:queue:isolated"
 # given these prefixes as arguments.
 WORKFLOW_QUEUE_PREFIX = "arq:queue:wf:"
 WORKFLOW_ISOLATED_PREFIX = "arq:queue:isolated:wf:"
+# The checks lane's arq queues (issue 17): a finished turn's follow-up job ``checks:<turn id>``
+# (``run_turn_checks``), written by the finish script into its workflow's checks queue and
+# served by that workflow's workers in a lane of their own (workers/isolation.py). Same
+# routing rule: the built-in workflow gets ``CHECKS_QUEUE``, workflow W the prefix + W.
+CHECKS_QUEUE = "arq:queue:checks"
+WORKFLOW_CHECKS_PREFIX = "arq:queue:checks:wf:"
+CHECKS_JOB_PREFIX = "checks:"  # a check job's id: this + the turn id (never a turn id: ':')
 
 
 def workflow_queue(workflow: str) -> str:
@@ -36,6 +43,16 @@ def workflow_queue(workflow: str) -> str:
 def workflow_isolated_queue(workflow: str) -> str:
     """The isolated lane's arq queue of a workflow's turns (workers/isolation.py)."""
     return ISOLATED_QUEUE if workflow == DEFAULT_WORKFLOW else WORKFLOW_ISOLATED_PREFIX + workflow
+
+
+def workflow_checks_queue(workflow: str) -> str:
+    """The checks lane's arq queue of a workflow's finished turns (their check jobs)."""
+    return CHECKS_QUEUE if workflow == DEFAULT_WORKFLOW else WORKFLOW_CHECKS_PREFIX + workflow
+
+
+def checks_job_id(turn_id: str) -> str:
+    """The arq job id of a finished turn's check job: one per turn (``SET NX`` in FINISH)."""
+    return CHECKS_JOB_PREFIX + turn_id
 
 
 # Streams.

@@ -77,6 +77,7 @@ from turnfleet.scripts import load_script
 M = TypeVar("M", bound=BaseModel)
 
 JOB_FUNCTION = "run_turn"
+CHECKS_FUNCTION = "run_turn_checks"  # a finished turn's check job (workers/check_job.py)
 UNDECODABLE_FUNCTION = "record_undecodable"  # what an undecodable job payload runs instead
 NEWER_FUNCTION = "leave_newer_job"  # what a job of a newer format version runs instead
 JOB_TTL_MS = 86_400_000  # arq's expires_extra_ms: a job not started within a day expires
@@ -173,6 +174,7 @@ class FinishExtras:
     current_agent: str | None = None  # where the conversation's next turn starts (None: keep)
     events_ttl_s: int = EVENTS_TTL_S  # how long the batch is kept per attempt (keys.turn_events)
     final_error: AttemptError | None = None  # what a failed turn fails with (in the result only)
+    checks: bool = False  # the workflow declares checks: queue the turn's check job with the result
 
 
 NEWER = "newer"  # START's status for a record of a newer format version (nothing changed)
@@ -389,6 +391,9 @@ class TurnQueue:
         writes the attempt errors stored for the turn, then ``extras.final_error`` (what a
         failed turn fails with; kept in the result only), in the same atomic step as the result.
 
+        With ``extras.checks`` the turn's check job (``keys.checks_job_id``, ``CHECKS_FUNCTION``)
+        is queued in its workflow's checks queue in the same step, once.
+
         The telemetry batch is also kept per attempt (``keys.turn_events``) for
         ``extras.events_ttl_s``: the timeline replay shows for turns whose spans were not
         sampled. The turn enters ``keys.RAW_TEXT`` (its finish time) in the same step: what the
@@ -411,6 +416,7 @@ class TurnQueue:
                 "session_messages": keys.session_messages(cid),
                 "session_meta": session_meta(cid),
                 "turn_errors": keys.turn_errors(result.turn_id),
+                "checks_queue": keys.CHECKS_QUEUE,
             },
             args={
                 "turn_id": result.turn_id,
@@ -431,6 +437,10 @@ class TurnQueue:
                 "queue_prefix": keys.WORKFLOW_QUEUE_PREFIX,
                 "workflow": result.workflow or "",
                 "version": result.version or "",
+                "checks": "1" if extras.checks else "",
+                "checks_job": keys.checks_job_id(result.turn_id),
+                "checks_fname": CHECKS_FUNCTION,
+                "checks_prefix": keys.WORKFLOW_CHECKS_PREFIX,
             },
         )
         return Outcome(verdict)
@@ -622,10 +632,11 @@ MAX_JOB_TIME_MS = 2**53  # enqueue times are milliseconds; arq turns them into d
 
 
 def _job_problem(data: object) -> str | None:
-    """Why a decoded payload is not a turn job as the scripts write it (None: it is)."""
+    """Why a decoded payload is not a turn job (or a turn's check job) as the scripts write it
+    (None: it is)."""
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
-    if data.get("f") != JOB_FUNCTION:
+    if data.get("f") not in (JOB_FUNCTION, CHECKS_FUNCTION):
         f = data.get("f")
         return f"function {f[:80]!r} is not {JOB_FUNCTION!r}" if isinstance(f, str) else \
             f"function is a JSON {type(f).__name__}, not {JOB_FUNCTION!r}"

@@ -127,6 +127,11 @@ class WorkerProcessSettings(CommonSettings):
     # Real model calls are I/O-bound, hence room for 50 turns in flight.
     poll_delay_s: float = Field(default=0.01, description="arq queue poll interval.")
     max_jobs: int = Field(default=50, description="Turns in flight per worker process.")
+    check_jobs: int = Field(
+        default=2, ge=1,
+        description="Check jobs (a finished turn's checks) in flight per worker process, in a lane of "
+        "their own: they never take a turn's slot.",
+    )
     turn_timeout_s: float = Field(default=120.0, description="One attempt of a turn, at most.")
     max_attempts: int = Field(default=3, description="Attempts before a turn ends 'failed'.")
     retry_delay_s: float = Field(default=0.5, description="Delay before attempt n+1 (× n).")

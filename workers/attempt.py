@@ -374,7 +374,8 @@ class Attempt:
         batch = hooks.batch_json()
         outcome = await durably(rt, "result", lambda: rt.queue.finish(
             result, batch, fence=self.number,
-            extras=FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s),
+            extras=FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s,
+                                checks=self.has_checks),
         ))
         if not outcome:
             return self._dropped(outcome, "result")
@@ -545,6 +546,12 @@ class Attempt:
         )
 
     @property
+    def has_checks(self) -> bool:
+        """The turn ran on a workflow that declares checks: its finish queues the check job
+        (``workers/check_job.py``). A turn that never found its workflow gets none."""
+        return self.workflow is not None and bool(self.workflow.checks)
+
+    @property
     def ran_by(self) -> tuple[str, str | None]:
         """The (workflow, version) the attempt ran: what its result and telemetry entry say.
         An attempt that never found its workflow (not served here, exhausted, undecodable)
@@ -562,5 +569,6 @@ class Attempt:
         batch = self.hooks.batch_json()
         return await durably(rt, "result", lambda: rt.queue.finish(
             result, batch, fence=self.number,
-            extras=FinishExtras(events_ttl_s=rt.settings.trace_retention_s, final_error=final),
+            extras=FinishExtras(events_ttl_s=rt.settings.trace_retention_s, final_error=final,
+                                checks=self.has_checks),
         ))

@@ -40,6 +40,14 @@ isolated worker and is then failed ``WorkerLost`` by whichever worker claims it 
 hung processes' attempts are stale: when their loop runs again, their lease renewals and
 outcome writes are refused (fencing), and they write nothing.
 
+**The checks lane** (issue 17, ``workers/check_job.py``). Per served workflow that declares
+checks, a third arq ``Worker`` reads the workflow's checks queue (``keys.workflow_checks_queue``)
+with its own small ``max_jobs`` (``TURNFLEET_CHECK_JOBS``, shared by the checks lanes of the
+process), outside the switch: check jobs never take a turn's slot, never pause for the
+isolated lane and never make a turn wait. (A check job may run beside an isolated turn: it is
+no turn, and a check that kills its worker is the team's own check, run again elsewhere.) Its
+jobs are not counted as turns in flight.
+
 A worker run by arq directly (``arq workers.settings.WorkerSettings``) has one plain lane: a
 loss is an ordinary attempt there, as before.
 """
@@ -86,7 +94,8 @@ class Lanes:
     """
 
     def __init__(self, worker_cls: type[Worker], kwargs: dict[str, Any], *, burst: bool,
-                 workflows: tuple[str, ...] = (DEFAULT_WORKFLOW,)) -> None:
+                 workflows: tuple[str, ...] = (DEFAULT_WORKFLOW,), checked: tuple[str, ...] = (),
+                 check_jobs: int = 2) -> None:
         self.burst = burst
         self.workflows = tuple(dict.fromkeys(workflows)) or (DEFAULT_WORKFLOW,)
         self.ready = asyncio.Event()
@@ -111,6 +120,18 @@ class Lanes:
                 "on_startup": None, "on_shutdown": None,
                 "ctx": {"lane": Lane.ISOLATED.value, "queue": keys.workflow_isolated_queue(workflow)},
             }))
+        # The checks lanes: one per served workflow with checks, sharing ``check_jobs``.
+        self.checks_lanes: list[Worker] = [
+            worker_cls(**{
+                **kwargs, "burst": False, "queue_name": keys.workflow_checks_queue(workflow),
+                "max_jobs": check_jobs, "on_startup": None, "on_shutdown": None,
+                "on_job_start": None, "on_job_end": None,  # not turns: not in the in-flight count
+                "ctx": {"queue": keys.workflow_checks_queue(workflow)},
+            })
+            for workflow in dict.fromkeys(checked) if workflow in self.workflows
+        ]
+        for worker in self.checks_lanes:
+            worker.slots = self.checks_lanes  # type: ignore[attr-defined]  # check_jobs is shared
         for worker in self.shared_lanes:
             worker.slots = self.shared_lanes  # type: ignore[attr-defined]  # max_jobs is shared
         for worker in self.isolated_lanes:
@@ -126,7 +147,7 @@ class Lanes:
     def workers(self) -> list[Worker]:
         """Every lane, in closing order: the runtime's owner last (its ``on_shutdown`` closes
         what the others use)."""
-        return [*self.isolated_lanes, *self.shared_lanes[1:], self.shared]
+        return [*self.checks_lanes, *self.isolated_lanes, *self.shared_lanes[1:], self.shared]
 
     def stop_picking(self) -> None:
         """No lane takes a new turn from now on (the drain)."""
@@ -202,7 +223,8 @@ class Lanes:
                     log.info("worker.lane_shared")
                     serving = False
                 self._shared_picking(True)
-                if self.burst and not waiting and not self._shared_busy() and await self._queues_empty(queue):
+                if (self.burst and not waiting and not self._shared_busy()
+                        and not any(busy(w) for w in self.checks_lanes) and await self._queues_empty(queue)):
                     return
         finally:
             if serving:
@@ -214,5 +236,7 @@ class Lanes:
             for workflow in self.workflows:
                 pipe.zcard(keys.workflow_queue(workflow))
                 pipe.zcard(keys.workflow_isolated_queue(workflow))
+            for worker in self.checks_lanes:
+                pipe.zcard(worker.queue_name)
             counts = await pipe.execute()
         return not any(counts)

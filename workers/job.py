@@ -134,6 +134,10 @@ async def record_undecodable(ctx: dict[str, Any], reason: str) -> str:
     rt: Runtime = ctx["runtime"]
     turn_id = str(ctx.get("job_id", ""))
     log_ctx = log.bind(turn_id=turn_id)
+    if turn_id.startswith(keys.CHECKS_JOB_PREFIX):
+        # A turn's check job: its turn has ended already and stays as it is.
+        log_ctx.error("checks.dead_lettered", reason=f"undecodable check job: {reason}", turn_outcome="untouched")
+        return "dead-lettered"
     try:
         req = await rt.queue.get_request(turn_id)
         conversation_id = req.conversation_id if req is not None else None
@@ -173,9 +177,10 @@ async def _leave(rt: Runtime, turn_id: str, kind: versions.Kind, what: str) -> s
     clean-up is skipped (it would delete the job)."""
     due = int((time.time() + rt.settings.retry_delay_s) * 1000)
     async with rt.redis.pipeline(transaction=True) as pipe:
-        served = {keys.ARQ_QUEUE, keys.ISOLATED_QUEUE}  # whichever lane holds it
+        served = {keys.ARQ_QUEUE, keys.ISOLATED_QUEUE, keys.CHECKS_QUEUE}  # whichever lane holds it
         for workflow in rt.app.workflows:
-            served |= {keys.workflow_queue(workflow.name), keys.workflow_isolated_queue(workflow.name)}
+            served |= {keys.workflow_queue(workflow.name), keys.workflow_isolated_queue(workflow.name),
+                       keys.workflow_checks_queue(workflow.name)}
         for queue in sorted(served):
             pipe.zadd(queue, {turn_id: due}, xx=True)
         pipe.delete(keys.ARQ_IN_PROGRESS_PREFIX + turn_id)

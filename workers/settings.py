@@ -35,6 +35,7 @@ from turnfleet.workflow import load_app
 from turnfleet.queue import TurnQueue, deserialize_job, serialize_job
 from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
+from turnfleet.workers.check_job import run_turn_checks
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
 from turnfleet.workers.llm import app_models, make_model
 from turnfleet.startup_heap import freeze_startup_heap
@@ -179,7 +180,7 @@ def redis_settings(url: str | None) -> RedisSettings:
 
 
 class WorkerSettings:
-    functions = [run_turn, record_undecodable, leave_newer_job]
+    functions = [run_turn, record_undecodable, leave_newer_job, run_turn_checks]
     on_startup = startup
     on_shutdown = shutdown
     on_job_start = job_started

@@ -21,6 +21,8 @@
   ``max_jobs``) and the isolated one (``arq:queue:isolated`` for the built-in one; one turn in
   the process, only while no shared lane runs one), where turns lost with a worker run again
   alone; drained and closed together. A worker reads only the queues of what it serves.
+- **A checks lane per workflow with checks** (``workers/isolation.py``, ``workers/check_job.py``):
+  a finished turn's check job runs there, ``TURNFLEET_CHECK_JOBS`` at a time, never in a turn's slot.
 - **A reconciler** on every worker (``workers/reconcile.py``, every ``reconcile_every_s``).
 
 The arq settings, startup and shutdown it runs are ``workers/settings.py``'s.
@@ -132,7 +134,8 @@ async def supervise(redis_url: str | None, *, burst: bool = False, ctx: dict[str
     backoff = RECONNECT_FIRST_S
     try:
         while not stop.is_set():
-            lanes = Lanes(TurnWorker, kwargs, burst=burst, workflows=workflows)
+            lanes = Lanes(TurnWorker, kwargs, burst=burst, workflows=workflows,
+                          checked=checked_workflows(settings), check_jobs=settings.check_jobs)
             began = loop.time()
             main = asyncio.create_task(lanes.main(), name="arq-lanes")
             stopped = asyncio.create_task(stop.wait())
@@ -181,6 +184,15 @@ def served_workflows(settings: WorkerProcessSettings) -> tuple[str, ...]:
     if not settings.app:
         return (DEFAULT_WORKFLOW,)
     return tuple(w.name for w in load_app(settings.app).workflows)
+
+
+def checked_workflows(settings: WorkerProcessSettings) -> tuple[str, ...]:
+    """The served workflows that declare checks: each gets a checks lane (``workers/isolation.py``)."""
+    if not settings.app:
+        from turnfleet.workers.support_desk_checks import SUPPORT_DESK_CHECKS
+
+        return (DEFAULT_WORKFLOW,) if SUPPORT_DESK_CHECKS else ()
+    return tuple(w.name for w in load_app(settings.app).workflows if w.checks)
 
 
 async def _redis_within(redis_url: str | None, timeout_s: float) -> None:

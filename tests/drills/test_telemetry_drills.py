@@ -41,12 +41,14 @@ TURNS = [
 
 async def real_turns(redis: Any, env: dict[str, str], tmp_path: Path, tag: str,
                      turns: list[tuple[str, str, str]] = TURNS) -> list[str]:
-    """Enqueue ``turns`` and let a real burst worker run them: one telemetry entry each."""
+    """Enqueue ``turns`` and let a real burst worker run them: one telemetry entry each (the Desk
+    without its checks, whose entries these drills do not count)."""
     async with Producer(redis=redis) as producer:
         ids = await producer.enqueue_turns(
             [{"conversation_id": f"{c}-{tag}", "customer_id": cust, "text": text}
              for c, cust, text in turns])
-    worker = FleetProcess(f"worker-{tag}", ["worker", "--burst"], env,
+    worker = FleetProcess(f"worker-{tag}", ["worker", "--burst"],
+                          {**env, "TURNFLEET_APP": "tests.apps.checked_desk:unchecked"},
                           tmp_path / f"worker-{tag}.log").start()
     assert worker.wait(EXIT_TIMEOUT_S) == 0, worker.output()[-3000:]
     return ids

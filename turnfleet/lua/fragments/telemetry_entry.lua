@@ -2,8 +2,9 @@
 -- version 1: turnfleet/versions.py) and, when known, the workflow and version that ran it
 -- (``workflow``, ``version``: once per entry, not on every event; consumers that do not know
 -- these fields ignore them, so the batch stays version 1). '' = not known: left out.
-local function telemetry_entry(stream, turn_id, workflow, version, batch)
-  local fields = {'XADD', stream, '*', 'turn_id', turn_id, 'v', '1'}
+-- ``v``: the batch version when not 1 (a check entry's, versions.BATCH_CHECK).
+local function telemetry_entry(stream, turn_id, workflow, version, batch, v)
+  local fields = {'XADD', stream, '*', 'turn_id', turn_id, 'v', v or '1'}
   if workflow ~= '' then
     fields[#fields + 1] = 'workflow'
     fields[#fields + 1] = workflow
