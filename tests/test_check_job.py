@@ -122,13 +122,13 @@ async def test_the_check_job_is_written_with_the_result_and_a_duplicate_finish_w
     job_key = keys.ARQ_JOB_PREFIX + keys.checks_job_id(turn_id)
     job = json.loads(await redis.get(job_key))
     assert (job["f"], job["a"], job["k"], job["v"], job["t"]) == (CHECKS_FUNCTION, [turn_id, "c-1"], {}, 1, 1)
-    assert await checks_queued(redis) == [f"checks:{turn_id}"]
+    assert await checks_queued(redis) == [f"checks/{turn_id}"]
     # The same finish again (a retried write whose reply was lost): nothing new written.
     record = await producer.result(turn_id)
     again = await TurnQueue(redis).finish(record, None, extras=FinishExtras(checks=True))
     assert again is Outcome.DUPLICATE
     assert json.loads(await redis.get(job_key)) == job
-    assert await checks_queued(redis) == [f"checks:{turn_id}"]
+    assert await checks_queued(redis) == [f"checks/{turn_id}"]
 
 
 async def test_a_workflow_without_checks_gets_no_check_job(redis, producer):

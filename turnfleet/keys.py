@@ -26,13 +26,13 @@ ISOLATED_QUEUE = "arq:queue:isolated"
 # given these prefixes as arguments.
 WORKFLOW_QUEUE_PREFIX = "arq:queue:wf:"
 WORKFLOW_ISOLATED_PREFIX = "arq:queue:isolated:wf:"
-# The checks lane's arq queues (issue 17): a finished turn's follow-up job ``checks:<turn id>``
+# The checks lane's arq queues (issue 17): a finished turn's follow-up job ``checks/<turn id>``
 # (``run_turn_checks``), written by the finish script into its workflow's checks queue and
 # served by that workflow's workers in a lane of their own (workers/isolation.py). Same
 # routing rule: the built-in workflow gets ``CHECKS_QUEUE``, workflow W the prefix + W.
 CHECKS_QUEUE = "arq:queue:checks"
 WORKFLOW_CHECKS_PREFIX = "arq:queue:checks:wf:"
-CHECKS_JOB_PREFIX = "checks:"  # a check job's id: this + the turn id (never a turn id: ':')
+CHECKS_JOB_PREFIX = "checks/"  # a check job's id: this + the turn id ("/" is in no id, so never a turn's job id)
 
 
 def workflow_queue(workflow: str) -> str:

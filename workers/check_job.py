@@ -1,6 +1,6 @@
 """The check job: run a finished turn's checks once and write their outcomes once (issue 17).
 
-The finish script queues ``run_turn_checks`` (job id ``checks:<turn id>``) with the turn's
+The finish script queues ``run_turn_checks`` (job id ``checks/<turn id>``) with the turn's
 result, in one step, when the workflow declares checks; the workflow's own workers serve it in
 their checks lane (``workers/isolation.py``, ``TURNFLEET_CHECK_JOBS``), so a check never takes
 a turn's slot nor delays a turn. The job
