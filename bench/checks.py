@@ -6,8 +6,11 @@ order, a request for a person), so the refunds' checks read earlier messages and
 memory. Their records and their memory before each turn are then read once; what is timed is
 what the checks' follow-up job will do per turn on top of reading them: build the
 ``FinishedTurn`` (parse every tool call's JSON, freeze it, walk the memory items) and run the
-workflow's four checks. Reading the record and memory from Redis is not included (one HGETALL
-and one LRANGE; the next step measures it with the follow-up job).
+workflow's four checks; and, separately, the whole check job as a worker runs it
+(``workers/check_job.py`` ``run_turn_checks``, in-process on the private Redis: read the
+record and the memory, run the checks in a thread, redact the reasons, write the outcomes and
+the ``check`` entry with one script), its outcomes key deleted before each rep so every run
+writes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ async def capture(url: str, conversations: int) -> list[tuple[Any, list[dict[str
                               app=builtin_app(OfflineModel()), model_name="turnfleet-offline",
                               worker_name="bench-checks")}
     out = []
+    ids: list[tuple[str, str]] = []
     try:
         async with Producer(redis=redis) as producer:
             for c in range(conversations):
@@ -53,9 +57,30 @@ async def capture(url: str, conversations: int) -> list[tuple[Any, list[dict[str
                     base = int(await redis.hget(keys.turn(turn_id), "memory_base") or 0)
                     raw = await redis.lrange(keys.session_messages(conv), 0, base - 1) if base else []
                     out.append((await producer.result(turn_id), [json.loads(r) for r in raw]))
+                    ids.append((turn_id, conv))
+        job_runs = await time_check_jobs(ctx, ids, JOB_REPS)
     finally:
         await redis.aclose()
-    return out
+    return out, job_runs
+
+
+JOB_REPS = 5
+
+
+async def time_check_jobs(ctx: dict[str, Any], ids: list[tuple[str, str]], reps: int) -> list[float]:
+    """µs per turn of the whole check job (``run_turn_checks``), each rep over every turn."""
+    from turnfleet import keys
+    from turnfleet.workers.check_job import run_turn_checks
+
+    redis = ctx["runtime"].redis
+    runs = []
+    for _ in range(reps):
+        await redis.delete(*[keys.turn_checks(t) for t, _ in ids])
+        t0 = time.perf_counter()
+        for turn_id, conv in ids:
+            assert await run_turn_checks({**ctx, "job_id": keys.checks_job_id(turn_id)}, turn_id, conv) == "written"
+        runs.append((time.perf_counter() - t0) / len(ids) * 1e6)
+    return runs
 
 
 def per_turn_us(turns: list[tuple[Any, list[dict[str, Any]]]], workflow: Any) -> tuple[float, float, int]:
@@ -74,9 +99,9 @@ def bench_checks(conversations: int, reps: int, url: str) -> dict[str, list[floa
     from turnfleet.workers.model import OfflineModel
     from turnfleet.workers.support_desk import support_desk_workflow
 
-    turns = asyncio.run(capture(url, conversations))
+    turns, job_runs = asyncio.run(capture(url, conversations))
     workflow = support_desk_workflow(OfflineModel())
-    out: dict[str, list[float]] = {"turns": [len(turns)]}
+    out: dict[str, list[float]] = {"turns": [len(turns)], "job": job_runs}
     for _ in range(reps):
         total, checks, failed = per_turn_us(turns, workflow)
         out.setdefault("total", []).append(total)
@@ -95,13 +120,17 @@ def checks_lines(runs: dict[str, list[float]], reps: int, note: str = "") -> lis
         "for a person) are run once; their records and memory before each turn are read once. "
         "Timed per turn: building the `FinishedTurn` from the record and the memory items, and "
         "running the Desk's four checks (`run_checks`), "
-        f"{reps} reps over the same turns. Reading the record and memory from Redis is not "
-        f"included. Failed checks: {int(max(runs['failed']))} (every real Desk turn passes). " + note,
+        f"{reps} reps over the same turns; and the whole check job a worker runs per finished "
+        "turn (`run_turn_checks` in-process: read the record and memory, run the checks in a "
+        "thread, redact the reasons, write the outcomes and the `check` entry with one script), "
+        f"{len(runs['job'])} reps. "
+        f"Failed checks: {int(max(runs['failed']))} (every real Desk turn passes). " + note,
         "",
         "| per finished turn | µs: median (min–max) |",
         "|---|---|",
         f"| build the view + run the 4 checks | {stats(runs['total'])} |",
         f"| run the 4 checks alone | {stats(runs['checks'])} |",
+        f"| the whole check job (Redis reads, thread, write script) | {stats(runs['job'])} |",
         "",
     ]
 
