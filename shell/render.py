@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from turnfleet.checks import NOT_APPLICABLE
 from turnfleet.formatting import money, ms
 from turnfleet.models import Alert, TurnResult
 from turnfleet.tool_errors import tool_outcome
@@ -327,8 +328,9 @@ def _add_checks(tree: Tree, checks: list[dict[str, Any]]) -> None:
         line = Text(f"check {outcome.upper().replace('_', ' ')} {c.get('check')}"
                     + (" (money path)" if c.get("money_path") else ""),
                     style=CHECK_STYLES.get(outcome, ""))
-        if c.get("reason"):
-            line.append(f": {_short(c['reason'], 300)}", style="")
+        reason = str(c.get("reason") or "").removeprefix(f"{NOT_APPLICABLE}: ").removeprefix(NOT_APPLICABLE)
+        if reason:  # (a not-applicable reason without its prefix: the outcome says it)
+            line.append(f": {_short(reason, 300)}", style="")
         tree.add(line)
 
 
