@@ -57,6 +57,7 @@ turnfleet_turn_queue_wait_seconds           (histogram)         finished turns' 
 turnfleet_queue_depth                                           turns ready to run, not yet started
 turnfleet_queue_scheduled                                       turns deferred to a later time (retries)
 turnfleet_queue_isolated                                        suspects waiting for (or running in) the isolated lane
+turnfleet_checks_queued                                         finished turns whose check job is queued or running
 turnfleet_turns_in_flight                                       turns running on live workers
 turnfleet_workers_alive                                         workers with a recent heartbeat
 turnfleet_telemetry_consumers_alive                             telemetry consumers with a recent beat
@@ -142,6 +143,7 @@ class FleetSnapshot:
     queue_depth: int
     queue_scheduled: int
     queue_isolated: int
+    checks_queued: int
     consumers_alive: int
 
 
@@ -165,9 +167,10 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
             pipe.zcount(keys.workflow_queue(workflow), "-inf", now)
             pipe.zcount(keys.workflow_queue(workflow), f"({now}", "+inf")
             pipe.zcard(keys.workflow_isolated_queue(workflow))  # suspects of a worker loss (workers/isolation.py)
+            pipe.zcard(keys.workflow_checks_queue(workflow))  # finished turns' check jobs (workers/check_job.py)
         (enqueued, fleet, models, customers, latency, wait, alerts, in_flight, ran_versions,
          checked, *depths) = await pipe.execute()
-    due, scheduled, isolated = (sum(int(n) for n in depths[i::3]) for i in range(3))
+    due, scheduled, isolated, checks_queued = (sum(int(n) for n in depths[i::4]) for i in range(4))
     live = await heartbeat.alive(redis, "worker", worker_max_age_s, now)
     consumers = len(await heartbeat.alive(redis, "telemetry", worker_max_age_s, now))
     running = sum(int(n or 0) for name, n in in_flight.items() if name in live)
@@ -221,6 +224,7 @@ async def snapshot(redis: Redis, worker_max_age_s: float) -> FleetSnapshot:
         queue_depth=max(0, int(due) + int(isolated) - running),
         queue_scheduled=int(scheduled),
         queue_isolated=int(isolated),
+        checks_queued=int(checks_queued),
         consumers_alive=int(consumers),
     )
 
@@ -361,6 +365,8 @@ class FleetCollector(Collector):
              "Turns deferred to a later time (retry delay)."),
             ("turnfleet_queue_isolated", s.queue_isolated,
              "Turns lost with a worker, waiting for or running in the isolated lane."),
+            ("turnfleet_checks_queued", s.checks_queued,
+             "Finished turns whose check job is queued or running (the checks lane)."),
             ("turnfleet_turns_in_flight", s.turns_in_flight, "Turns running on live workers."),
             ("turnfleet_workers_alive", s.workers_alive, "Workers with a recent heartbeat."),
             ("turnfleet_telemetry_consumers_alive", s.consumers_alive,

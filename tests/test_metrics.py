@@ -22,7 +22,7 @@ from tests.processes import run_burst
 from tests.test_http_read import C100, OPERATOR, auth, eventually, serve
 from tests.batches import support_turn
 from tests.consuming import drain
-from turnfleet import keys
+from turnfleet import keys, registry
 from turnfleet.shell.fleet import FleetProcess
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -135,7 +135,7 @@ async def test_metrics_equal_the_telemetry_aggregates_after_a_real_scenario(
     # Burst processes have exited and taken their heartbeats with them; nothing is queued.
     for name in ("turnfleet_workers_alive", "turnfleet_turns_in_flight", "turnfleet_queue_depth",
                  "turnfleet_queue_scheduled", "turnfleet_queue_isolated", "turnfleet_telemetry_lag_entries",
-                 "turnfleet_telemetry_consumers_alive"):
+                 "turnfleet_telemetry_consumers_alive", "turnfleet_checks_queued"):
         assert value(m, name) == 0, name
 
 
@@ -200,3 +200,16 @@ async def test_suspects_in_the_isolated_lane_count_in_the_queue_metrics(redis, r
         m = await scrape(http)
     assert value(m, "turnfleet_queue_isolated") == 2
     assert value(m, "turnfleet_queue_depth") == 3
+
+
+async def test_queued_check_jobs_show_apart_from_the_turns(redis, redis_url):
+    """Finished turns' check jobs wait in the checks lane's queues: ``turnfleet_checks_queued``
+    counts them (the built-in workflow's and another's), ``turnfleet_queue_depth`` does not."""
+    now_ms = (await redis.time())[0] * 1000
+    await redis.zadd(keys.CHECKS_QUEUE, {keys.checks_job_id("t-1"): now_ms, keys.checks_job_id("t-2"): now_ms})
+    await registry.register(redis, [registry.Registration("it-helpdesk", "f" * 16)], "w-1")
+    await redis.zadd(keys.workflow_checks_queue("it-helpdesk"), {keys.checks_job_id("t-3"): now_ms})
+    async with serve(redis_url) as http:
+        m = await scrape(http)
+    assert value(m, "turnfleet_checks_queued") == 3
+    assert value(m, "turnfleet_queue_depth") == 0
