@@ -155,14 +155,15 @@ async def _versions(redis: Redis, workflow: str | None, version: str | None) -> 
                 else keys.split_version_subject(s)[1] == version)]
 
 
-async def _feedback_turns(redis: Redis, conversation_id: str, polarity: str) -> list[str]:
-    """The conversation's turns given ``polarity`` feedback (their aggregate counts it)."""
+async def _turns_counting(redis: Redis, conversation_id: str, field: str) -> list[str]:
+    """The conversation's turns whose aggregate counts ``field`` (``feedback_negative``, a
+    check's failure marker), in conversation order."""
     turn_ids = await redis.lrange(keys.conversation_turns(conversation_id), 0, -1)
     if not turn_ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for t in turn_ids:
-            pipe.hget(keys.aggregate("turn", t), f"feedback_{polarity}")
+            pipe.hget(keys.aggregate("turn", t), field)
         counts = await pipe.execute()
     return [t for t, n in zip(turn_ids, counts) if int(n or 0) > 0]
 
@@ -180,18 +181,6 @@ async def known_check(redis: Redis, name: str) -> str:
         raise ValueError(f"check_failed: no check named {name!r} has results"
                          + (f" (checks with results: {', '.join(names)})" if names else " (no check has results yet)"))
     return name
-
-
-async def _check_failed_turns(redis: Redis, conversation_id: str, check: str) -> list[str]:
-    """The conversation's turns on which ``check`` failed (their aggregate marks it)."""
-    turn_ids = await redis.lrange(keys.conversation_turns(conversation_id), 0, -1)
-    if not turn_ids:
-        return []
-    async with redis.pipeline(transaction=False) as pipe:
-        for t in turn_ids:
-            pipe.hget(keys.aggregate("turn", t), CHECK_FAILED_FIELD + check)
-        counts = await pipe.execute()
-    return [t for t, n in zip(turn_ids, counts) if int(n or 0) > 0]
 
 
 async def _find_rows(redis: Redis, found: list[tuple[str, float]],
@@ -230,7 +219,7 @@ async def _find_rows(redis: Redis, found: list[tuple[str, float]],
             "last_event_at": iso_of_ms(last_ms),
         })
         if feedback:
-            rows[-1]["feedback_turns"] = await _feedback_turns(redis, cid, feedback)
+            rows[-1]["feedback_turns"] = await _turns_counting(redis, cid, f"feedback_{feedback}")
         if check_failed:
-            rows[-1]["check_failed_turns"] = await _check_failed_turns(redis, cid, check_failed)
+            rows[-1]["check_failed_turns"] = await _turns_counting(redis, cid, CHECK_FAILED_FIELD + check_failed)
     return rows
