@@ -35,6 +35,7 @@ from rich.text import Text
 
 from turnfleet import heartbeat, keys
 from turnfleet.connection import connect
+from turnfleet.formatting import money
 from turnfleet.models import TurnResult
 from turnfleet.settings import CommonSettings
 from turnfleet.shell.fleet import FleetProcess, fleet_env
@@ -261,7 +262,7 @@ async def complaints_arrive(run: StoryRun) -> StepReport:
                "the turn it is about: score -1, the source, and the customer's words (redacted like "
                "everything else)."
                + (f" Nobody complained about the other wrong refund{'s' if len(silent) > 1 else ''} "
-                  f"({', '.join(silent)}): it is still unnoticed." if silent else "")],
+                  f"({', '.join(silent)}): only the check caught it." if silent else "")],
         commands=[f"turnfleet feedback {first['turn_id']} --score -1 --comment \"...\""],
         figures={"complaints": complaints, "wrong_without_complaint": silent},
         details=details,
@@ -308,15 +309,21 @@ async def replay_shows_the_decision(run: StoryRun) -> StepReport:
     if not wrong:
         raise StoryFailed(f"the replay of {t.turn_id} shows no generation choosing another order: {chosen}")
     model, order = wrong[0]
+    failed = [c for c in replay.get("checks") or [] if c.get("outcome") == "failed"]
+    if [c["check"] for c in failed] != [MONEY_CHECK]:
+        raise StoryFailed(f"the replay of {t.turn_id} shows the failed checks {failed}, expected {MONEY_CHECK}")
     return StepReport(
         story=[f"The replay of turn {t.turn_id} shows, step by step, the customer naming order {t.named} "
                f"and the model's generation deciding to check — and then refund — order {order}. The tools "
-               "did exactly what they were asked: the mistake is the model's decision."],
+               "did exactly what they were asked: the mistake is the model's decision, and the replay ends "
+               "with the check that caught it."],
         commands=[f"turnfleet turn {t.turn_id}"],
-        figures={"turn_id": t.turn_id, "named": t.named, "chosen_by_generation": order, "model": model},
+        figures={"turn_id": t.turn_id, "named": t.named, "chosen_by_generation": order, "model": model,
+                 "failed_checks": [c["check"] for c in failed]},
         details=[Text.assemble(("user:       ", "dim"), t.text),
                  Text.assemble(("generation: ", "dim"), f"{model} → call check_refund_eligibility(order_id={order})",
-                               (f"  ← not {t.named}, the order the customer named", "red"))],
+                               (f"  ← not {t.named}, the order the customer named", "red")),
+                 Text.assemble(("check:      ", "dim"), (f"FAIL {MONEY_CHECK}", "red"), f": {failed[0].get('reason')}")],
     )
 
 
@@ -392,8 +399,19 @@ async def _regress(run: StoryRun, filters: dict[str, Any]) -> tuple[list[str], d
     from turnfleet.workers.rerun import CandidateSpec
 
     turns = await matching_turns(run.redis, {**filters, "since": parse_time(run.since)}, 200)
+    before = await _production(run.redis)
     summary = await regress(run.redis, turns, CandidateSpec(model=FIXED_MODEL))
+    after = await _production(run.redis)
+    if after != before:
+        raise StoryFailed(f"regress wrote to production: {before} → {after}")
     return turns, summary, 0 if summary["ok"] else 1
+
+
+async def _production(redis: Any) -> dict[str, int]:
+    """What a rerun must never add to: the refund ledger, the results, telemetry and alert streams."""
+    streams = {"refund_ledger": keys.REFUND_LEDGER, "results": keys.RESULTS_STREAM,
+               "telemetry": keys.TELEMETRY_STREAM, "alerts": keys.ALERTS_STREAM}
+    return {name: await redis.xlen(key) for name, key in streams.items()}
 
 
 async def _refunded_by_rerun(run: StoryRun, turn_id: str) -> list[str]:
@@ -414,7 +432,8 @@ async def regress_fixes_the_complaints(run: StoryRun) -> StepReport:
         raise StoryFailed(f"regress --feedback negative: turns {turns}, fixed {summary['checks_fixed']}, "
                           f"broken {summary['checks_broken']}, exit {exit_code}; expected {complained} fixed")
     refunded = {t.turn_id: await _refunded_by_rerun(run, t.turn_id) for t in run.complained}
-    wrong = [t.turn_id for t in run.complained if refunded[t.turn_id] != [t.named]]
+    wrong = [t.turn_id for t in run.complained if refunded[t.turn_id] != [t.named]
+             or await run.redis.exists(keys.order_refund(t.named or ""))]  # asked for, never made
     if wrong:
         raise StoryFailed(f"on {FIXED_MODEL} these turns did not refund the order the customer named: {wrong}")
     return StepReport(
@@ -457,7 +476,7 @@ async def regress_changes_nothing_else(run: StoryRun) -> StepReport:
                  "checks_fixed": summary["checks_fixed"], "checks_broken": summary["checks_broken"],
                  "cost": summary["cost"], "exit_code": exit_code},
         details=[Text.assemble((f"{len(wrong)} changed and fixed", "green"), f", {len(unchanged)} unchanged, ",
-                               ("0 broken", "green"), f"; cost delta {summary['cost']['delta_usd']}")],
+                               ("0 broken", "green"), f"; cost delta {money(summary['cost']['delta_usd'])}")],
     )
 
 
