@@ -3,10 +3,15 @@
 ``wrong-refund`` (issue 17): a fleet on the flawed offline model (``turnfleet-offline-flawed``:
 on some refund requests of a customer with several eligible orders it refunds another of their
 orders, for that order's right amount — a mistake every tool guard lets through) serves a
-morning of traffic; some customers complain (feedback, score -1); ``find --feedback negative``
+morning of traffic; the money-path check ``refund_order_named_by_customer`` flags exactly the
+wrong refunds (the one nobody will complain about too) and a critical ``check_failed`` alert
+fires for each; some customers complain (feedback, score -1); ``find --feedback negative``
 lists exactly the complained-about turns; the replay of one shows the generation that chose
-the wrong order next to the order the customer named. Each step prints what happened and the
-command that reproduces it, with this run's real ids.
+the wrong order next to the order the customer named, and the failed check; ``regress`` on the
+fixed model (``turnfleet-offline``, in-process, as the CLI runs it) fixes the complained turns,
+then, over every refund turn of the run, fixes the wrong ones and leaves the others unchanged,
+exit 0, with nothing added to the ledger or the results, telemetry and alert streams. Each step
+prints what happened and the command that reproduces it, with this run's real ids.
 
 A story is a list of step functions (:data:`STORIES`) over one :class:`StoryRun`, so later
 steps slot in. Which turns go wrong is decided in advance: the flawed model picks its turns by
