@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import product
@@ -48,6 +50,7 @@ from turnfleet.shell.fleet import FleetProcess, fleet_env
 FLAWED_MODEL = "turnfleet-offline-flawed"  # turnfleet.workers.llm.FLAWED_OFFLINE_MODEL
 FIXED_MODEL = "turnfleet-offline"
 MONEY_CHECK = "refund_order_named_by_customer"
+OFFLINE_IGNORES = ("TURNFLEET_MODEL_BASE_URL", "TURNFLEET_APP")  # the story is the built-in Desk, offline
 
 
 class StoryFailed(Exception):
@@ -405,11 +408,23 @@ async def _regress(run: StoryRun, filters: dict[str, Any]) -> tuple[list[str], d
 
     turns = await matching_turns(run.redis, {**filters, "since": parse_time(run.since)}, 200)
     before = await _production(run.redis)
-    summary = await regress(run.redis, turns, CandidateSpec(model=FIXED_MODEL))
+    with _offline():
+        summary = await regress(run.redis, turns, CandidateSpec(model=FIXED_MODEL))
     after = await _production(run.redis)
     if after != before:
         raise StoryFailed(f"regress wrote to production: {before} → {after}")
     return turns, summary, 0 if summary["ok"] else 1
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """The candidate is the built-in Desk, offline, like the story's fleet: this process's
+    endpoint and app settings (which the rerun's candidates read) are set aside meanwhile."""
+    kept = {k: os.environ.pop(k) for k in OFFLINE_IGNORES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(kept)
 
 
 async def _production(redis: Any) -> dict[str, int]:
@@ -513,7 +528,7 @@ async def run_story(redis_url: str, name: str, workers: int = 2, as_json: bool =
     redis = connect(redis_url)
     run = StoryRun(redis=redis, run_id=run_id, since=since, out=out)
     env = fleet_env(redis_url, {"TURNFLEET_LOG_FORMAT": "json", "TURNFLEET_MODEL_NAME": FLAWED_MODEL})
-    for setting in ("TURNFLEET_MODEL_BASE_URL", "TURNFLEET_APP"):
+    for setting in OFFLINE_IGNORES:
         env.pop(setting, None)  # the story is the built-in Desk, offline
     procs = [FleetProcess("telemetry", ["telemetry"], env, log_dir / "telemetry.log")]
     procs += [FleetProcess(f"worker-{i}", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"story-worker-{i}"},
