@@ -3,10 +3,15 @@
 ``wrong-refund`` (issue 17): a fleet on the flawed offline model (``turnfleet-offline-flawed``:
 on some refund requests of a customer with several eligible orders it refunds another of their
 orders, for that order's right amount — a mistake every tool guard lets through) serves a
-morning of traffic; some customers complain (feedback, score -1); ``find --feedback negative``
+morning of traffic; the money-path check ``refund_order_named_by_customer`` flags exactly the
+wrong refunds (the one nobody will complain about too) and a critical ``check_failed`` alert
+fires for each; some customers complain (feedback, score -1); ``find --feedback negative``
 lists exactly the complained-about turns; the replay of one shows the generation that chose
-the wrong order next to the order the customer named. Each step prints what happened and the
-command that reproduces it, with this run's real ids.
+the wrong order next to the order the customer named, and the failed check; ``regress`` on the
+fixed model (``turnfleet-offline``, in-process, as the CLI runs it) fixes the complained turns,
+then, over every refund turn of the run, fixes the wrong ones and leaves the others unchanged,
+exit 0, with nothing added to the ledger or the results, telemetry and alert streams. Each step
+prints what happened and the command that reproduces it, with this run's real ids.
 
 A story is a list of step functions (:data:`STORIES`) over one :class:`StoryRun`, so later
 steps slot in. Which turns go wrong is decided in advance: the flawed model picks its turns by
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import product
@@ -35,6 +42,7 @@ from rich.text import Text
 
 from turnfleet import heartbeat, keys
 from turnfleet.connection import connect
+from turnfleet.formatting import money
 from turnfleet.models import TurnResult
 from turnfleet.settings import CommonSettings
 from turnfleet.shell.fleet import FleetProcess, fleet_env
@@ -42,6 +50,7 @@ from turnfleet.shell.fleet import FleetProcess, fleet_env
 FLAWED_MODEL = "turnfleet-offline-flawed"  # turnfleet.workers.llm.FLAWED_OFFLINE_MODEL
 FIXED_MODEL = "turnfleet-offline"
 MONEY_CHECK = "refund_order_named_by_customer"
+OFFLINE_IGNORES = ("TURNFLEET_MODEL_BASE_URL", "TURNFLEET_APP")  # the story is the built-in Desk, offline
 
 
 class StoryFailed(Exception):
@@ -143,6 +152,7 @@ class StoryRun:
     run_id: str
     since: str  # ISO 8601 UTC, whole seconds: this run's telemetry is at or after it
     out: Any  # a rich console, or None for --json
+    alerts_after: str = "0-0"  # the alert stream's last entry before this run: its alerts come after
     turns: list[Turn] = field(default_factory=list)
     steps: list[StepReport] = field(default_factory=list)
 
@@ -260,7 +270,7 @@ async def complaints_arrive(run: StoryRun) -> StepReport:
                "the turn it is about: score -1, the source, and the customer's words (redacted like "
                "everything else)."
                + (f" Nobody complained about the other wrong refund{'s' if len(silent) > 1 else ''} "
-                  f"({', '.join(silent)}): it is still unnoticed." if silent else "")],
+                  f"({', '.join(silent)}): only the check caught it." if silent else "")],
         commands=[f"turnfleet feedback {first['turn_id']} --score -1 --comment \"...\""],
         figures={"complaints": complaints, "wrong_without_complaint": silent},
         details=details,
@@ -307,28 +317,199 @@ async def replay_shows_the_decision(run: StoryRun) -> StepReport:
     if not wrong:
         raise StoryFailed(f"the replay of {t.turn_id} shows no generation choosing another order: {chosen}")
     model, order = wrong[0]
+    failed = [c for c in replay.get("checks") or [] if c.get("outcome") == "failed"]
+    if [c["check"] for c in failed] != [MONEY_CHECK]:
+        raise StoryFailed(f"the replay of {t.turn_id} shows the failed checks {failed}, expected {MONEY_CHECK}")
     return StepReport(
         story=[f"The replay of turn {t.turn_id} shows, step by step, the customer naming order {t.named} "
                f"and the model's generation deciding to check — and then refund — order {order}. The tools "
-               "did exactly what they were asked: the mistake is the model's decision."],
+               "did exactly what they were asked: the mistake is the model's decision, and the replay ends "
+               "with the check that caught it."],
         commands=[f"turnfleet turn {t.turn_id}"],
-        figures={"turn_id": t.turn_id, "named": t.named, "chosen_by_generation": order, "model": model},
+        figures={"turn_id": t.turn_id, "named": t.named, "chosen_by_generation": order, "model": model,
+                 "failed_checks": [c["check"] for c in failed]},
         details=[Text.assemble(("user:       ", "dim"), t.text),
                  Text.assemble(("generation: ", "dim"), f"{model} → call check_refund_eligibility(order_id={order})",
-                               (f"  ← not {t.named}, the order the customer named", "red"))],
+                               (f"  ← not {t.named}, the order the customer named", "red")),
+                 Text.assemble(("check:      ", "dim"), (f"FAIL {MONEY_CHECK}", "red"), f": {failed[0].get('reason')}")],
     )
 
 
-# after runchecks/countchecks/rerun merge: money_path_check_flagged (keys.turn_checks /
-# find --check-failed refund_order_named_by_customer: the wrong refunds, complained about or
-# not), alert_fired (rule check_failed on the alert stream) after morning_of_traffic, and
-# regress_shows_the_fix (regress --feedback negative --model turnfleet-offline) at the end.
+async def money_path_check_flagged(run: StoryRun) -> StepReport:
+    """Every turn's checks ran (the worker's check job, from the turn's record); the money-path
+    check ``refund_order_named_by_customer`` failed on exactly the wrong refunds — the one
+    nobody complained about too — and no check failed anywhere else."""
+    from turnfleet.telemetry.consumer import caught_up
+    from turnfleet.telemetry.find import find_conversations
+    from turnfleet.telemetry.replay import turn_checks
+    from turnfleet.telemetry.times import parse_time
+
+    async def all_judged() -> bool:  # the outcomes and their check events are written together
+        return await run.redis.exists(*(keys.turn_checks(t.turn_id) for t in run.turns)) == len(run.turns)
+
+    await _until(all_judged, "not every turn of the run got its checks")
+    await _until(lambda: caught_up(run.redis), "telemetry did not catch up")
+    failures = {t.turn_id: [c for c in await turn_checks(run.redis, t.turn_id) if c.get("outcome") == "failed"]
+                for t in run.turns}
+    failed = sorted((turn_id, c["check"]) for turn_id, cs in failures.items() for c in cs)
+    wrong = run.wrong
+    expected = sorted((t.turn_id, MONEY_CHECK) for t in wrong)
+    if failed != expected:
+        raise StoryFailed(f"the checks failed on {failed}, expected {MONEY_CHECK} on the wrong refunds {expected}")
+    rows = await find_conversations(run.redis, check_failed=MONEY_CHECK, since=parse_time(run.since))
+    listed = sorted(tid for row in rows for tid in row.get("check_failed_turns") or [])
+    if listed != sorted(t.turn_id for t in wrong):
+        raise StoryFailed(f"find --check-failed {MONEY_CHECK} listed {listed}, expected the wrong refunds")
+    silent = [t for t in wrong if not t.complaint]
+    details = [Text.assemble((t.turn_id, "cyan"), ("  ✗ ", "red"), failures[t.turn_id][0].get("reason") or "",
+                             ("  (nobody will complain about this one)", "yellow") if not t.complaint else "")
+               for t in wrong]
+    return StepReport(
+        story=[f"Every one of the {len(run.turns)} turns was judged by the Support Desk's checks as it finished. "
+               f"The money-path check {MONEY_CHECK} flagged {len(wrong)} turns — exactly the wrong refunds, "
+               "and no check failed on any other turn."
+               + (f" {len(silent)} of them ({', '.join(t.turn_id for t in silent)}) is one no customer will "
+                  "complain about: the check found it before any customer did." if silent else "")],
+        commands=[f"turnfleet find --check-failed {MONEY_CHECK} --since {run.since}"],
+        figures={"judged_turns": len(run.turns), "check": MONEY_CHECK, "flagged_turns": listed,
+                 "failed_checks": [list(f) for f in failed],
+                 "flagged_without_complaint": [t.turn_id for t in silent]},
+        details=details,
+    )
+
+
+async def alert_fired(run: StoryRun) -> StepReport:
+    """The ``check_failed`` rule (money path: at once) alerted, critical, on each flagged turn."""
+    from turnfleet.telemetry.alert_reads import read_alerts
+    from turnfleet.telemetry.alerts import RULE_CHECK_FAILED
+
+    alerts = [a for _i, a in await read_alerts(run.redis, after_id=run.alerts_after, count=1000)
+              if a.rule == RULE_CHECK_FAILED and a.turn_id in {t.turn_id for t in run.turns}]
+    got = sorted((a.turn_id or "", str(a.figures.get("check")), a.severity) for a in alerts)
+    expected = sorted((t.turn_id, MONEY_CHECK, "critical") for t in run.wrong)
+    if got != expected:
+        raise StoryFailed(f"the check_failed alerts were {got}, expected {expected}")
+    return StepReport(
+        story=[f"Because {MONEY_CHECK} guards money, each failure raised a critical check_failed alert at once "
+               f"— {len(alerts)} alerts, one per flagged turn — before any customer wrote in."],
+        commands=["turnfleet alerts"],
+        figures={"rule": RULE_CHECK_FAILED, "alerts": [{"turn_id": a.turn_id, "severity": a.severity,
+                                                        "check": a.figures.get("check")} for a in alerts]},
+        details=[Text.assemble(("critical ", "bold red"), a.message) for a in alerts],
+    )
+
+
+async def _regress(run: StoryRun, filters: dict[str, Any]) -> tuple[list[str], dict[str, Any], int]:
+    """``turnfleet regress`` with ``filters`` against the fixed model, in-process as the CLI
+    runs it: the turns it picked, its summary and its exit code."""
+    from turnfleet.shell.regress import matching_turns, regress
+    from turnfleet.telemetry.times import parse_time
+    from turnfleet.workers.rerun import CandidateSpec
+
+    turns = await matching_turns(run.redis, {**filters, "since": parse_time(run.since)}, 200)
+    before = await _production(run.redis)
+    with _offline():
+        summary = await regress(run.redis, turns, CandidateSpec(model=FIXED_MODEL))
+    after = await _production(run.redis)
+    if after != before:
+        raise StoryFailed(f"regress wrote to production: {before} → {after}")
+    return turns, summary, 0 if summary["ok"] else 1
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """The candidate is the built-in Desk, offline, like the story's fleet: this process's
+    endpoint and app settings (which the rerun's candidates read) are set aside meanwhile."""
+    kept = {k: os.environ.pop(k) for k in OFFLINE_IGNORES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(kept)
+
+
+async def _production(redis: Any) -> dict[str, int]:
+    """What a rerun must never add to: the refund ledger, the results, telemetry and alert streams."""
+    streams = {"refund_ledger": keys.REFUND_LEDGER, "results": keys.RESULTS_STREAM,
+               "telemetry": keys.TELEMETRY_STREAM, "alerts": keys.ALERTS_STREAM}
+    return {name: await redis.xlen(key) for name, key in streams.items()}
+
+
+async def _refunded_by_rerun(run: StoryRun, turn_id: str) -> list[str]:
+    """The orders the newest rerun of ``turn_id`` asked ``process_refund`` for (its record)."""
+    stored = [json.loads(v) for v in (await run.redis.hgetall(keys.turn_reruns(turn_id))).values()]
+    newest = max(stored, key=lambda r: r["at"]) if stored else {}
+    calls = next((d["candidate"] for d in newest.get("differences", []) if d["what"] == "tool_calls"), [])
+    return [str(_json(arguments).get("order_id")) for tool, arguments in calls if tool == "process_refund"]
+
+
+async def regress_fixes_the_complaints(run: StoryRun) -> StepReport:
+    """``regress --feedback negative`` on the fixed model: the complained turns fixed, none broken."""
+    turns, summary, exit_code = await _regress(run, {"feedback": "negative"})
+    complained = [t.turn_id for t in run.complained]
+    fixed = summary["checks_fixed"].get(MONEY_CHECK, [])
+    if sorted(turns) != sorted(complained) or sorted(fixed) != sorted(complained) or summary["checks_broken"] \
+            or exit_code != 0:
+        raise StoryFailed(f"regress --feedback negative: turns {turns}, fixed {summary['checks_fixed']}, "
+                          f"broken {summary['checks_broken']}, exit {exit_code}; expected {complained} fixed")
+    refunded = {t.turn_id: await _refunded_by_rerun(run, t.turn_id) for t in run.complained}
+    wrong = [t.turn_id for t in run.complained if refunded[t.turn_id] != [t.named]
+             or await run.redis.exists(keys.order_refund(t.named or ""))]  # asked for, never made
+    if wrong:
+        raise StoryFailed(f"on {FIXED_MODEL} these turns did not refund the order the customer named: {wrong}")
+    return StepReport(
+        story=[f"A candidate fix — the model without the flaw, {FIXED_MODEL} — is re-run on the "
+               f"{len(turns)} complained-about turns, from their stored records and memory: "
+               f"{MONEY_CHECK} goes from failed to passed on {len(fixed)} of {len(turns)}, process_refund "
+               f"asks for the order each customer named, no check breaks (exit {exit_code}). Nothing is "
+               "written to production: no refund, ledger entry, aggregate or alert."],
+        commands=[f"turnfleet regress --feedback negative --since {run.since} --model {FIXED_MODEL}"],
+        figures={"turns": turns, "checks_fixed": summary["checks_fixed"], "checks_broken": summary["checks_broken"],
+                 "changed": summary["changed"], "refunded_by_candidate": refunded, "exit_code": exit_code},
+        details=[Text.assemble((t.turn_id, "cyan"), f"  process_refund: {', '.join(t.refunded)} → ",
+                               (", ".join(refunded[t.turn_id]), "green"), f"  {MONEY_CHECK}: failed → passed")
+                 for t in run.complained],
+    )
+
+
+async def regress_changes_nothing_else(run: StoryRun) -> StepReport:
+    """``regress --tool process_refund``: every refund of the run; the wrong ones fixed, the
+    others ``changed: false``."""
+    turns, summary, exit_code = await _regress(run, {"tool": "process_refund"})
+    refunds = [t.turn_id for t in run.turns if t.refunded]
+    wrong = sorted(t.turn_id for t in run.wrong)
+    unchanged = sorted(r["turn_id"] for r in summary["results"] if not r["changed"])
+    right = sorted(set(refunds) - set(wrong))
+    if (sorted(turns) != sorted(refunds) or sorted(summary["changed"]) != wrong or unchanged != right
+            or sorted(summary["checks_fixed"].get(MONEY_CHECK, [])) != wrong or summary["checks_broken"]
+            or summary["skipped"] or exit_code != 0):
+        raise StoryFailed(f"regress --tool process_refund: turns {turns}, changed {summary['changed']}, fixed "
+                          f"{summary['checks_fixed']}, broken {summary['checks_broken']}, skipped "
+                          f"{summary['skipped']}, exit {exit_code}; expected the {len(wrong)} wrong ones fixed "
+                          "and the others unchanged")
+    return StepReport(
+        story=[f"Before it ships, the same candidate re-runs all {len(turns)} refund turns of the morning: the "
+               f"{len(wrong)} wrong refunds are fixed (the one nobody complained about too) and the other "
+               f"{len(unchanged)} are unchanged (changed: false) — nothing else changed; exit {exit_code}, "
+               "so a CI job would let it ship."],
+        commands=[f"turnfleet regress --tool process_refund --since {run.since} --model {FIXED_MODEL}"],
+        figures={"turns": len(turns), "changed": summary["changed"], "unchanged": unchanged,
+                 "checks_fixed": summary["checks_fixed"], "checks_broken": summary["checks_broken"],
+                 "cost": summary["cost"], "exit_code": exit_code},
+        details=[Text.assemble((f"{len(wrong)} changed and fixed", "green"), f", {len(unchanged)} unchanged, ",
+                               ("0 broken", "green"), f"; cost delta {money(summary['cost']['delta_usd'])}")],
+    )
+
+
 STORIES: dict[str, list[Step]] = {
     "wrong-refund": [
         Step("A morning of traffic on a flawed model", morning_of_traffic),
+        Step("The money-path check flagged the wrong refunds", money_path_check_flagged),
+        Step("An alert fired", alert_fired),
         Step("Customers complain", complaints_arrive),
         Step("find lists exactly the complained-about turns", find_lists_the_complaints),
         Step("The replay shows the decision that went wrong", replay_shows_the_decision),
+        Step("regress against the fixed model: the complained turns are fixed", regress_fixes_the_complaints),
+        Step("regress over every refund: nothing else changed", regress_changes_nothing_else),
     ],
 }
 
@@ -347,7 +528,7 @@ async def run_story(redis_url: str, name: str, workers: int = 2, as_json: bool =
     redis = connect(redis_url)
     run = StoryRun(redis=redis, run_id=run_id, since=since, out=out)
     env = fleet_env(redis_url, {"TURNFLEET_LOG_FORMAT": "json", "TURNFLEET_MODEL_NAME": FLAWED_MODEL})
-    for setting in ("TURNFLEET_MODEL_BASE_URL", "TURNFLEET_APP"):
+    for setting in OFFLINE_IGNORES:
         env.pop(setting, None)  # the story is the built-in Desk, offline
     procs = [FleetProcess("telemetry", ["telemetry"], env, log_dir / "telemetry.log")]
     procs += [FleetProcess(f"worker-{i}", ["worker"], {**env, "TURNFLEET_WORKER_NAME": f"story-worker-{i}"},
@@ -357,6 +538,8 @@ async def run_story(redis_url: str, name: str, workers: int = 2, as_json: bool =
     run.say(f"Redis: {redis_url} · telemetry + {workers} workers on {FLAWED_MODEL} (logs in {log_dir})")
     error = None
     try:
+        tail = await redis.xrevrange(keys.ALERTS_STREAM, count=1)
+        run.alerts_after = tail[0][0] if tail else "0-0"
         for p in procs:
             p.start()
         await _until(lambda: _workers_alive(redis, workers, procs), "the workers did not start")
