@@ -329,6 +329,10 @@ def _add_checks(tree: Tree, checks: list[dict[str, Any]]) -> None:
                     style=CHECK_STYLES.get(outcome, ""))
         if c.get("reason"):
             line.append(f": {_short(c['reason'], 300)}", style="")
+        if isinstance(c.get("usage"), dict):  # an LLM judge: its own tokens, not the turn's
+            u = c["usage"]
+            line.append(f" [judge {c.get('model')}: {u.get('input_tokens', 0)} in / "
+                        f"{u.get('output_tokens', 0)} out tokens]", style="dim")
         tree.add(line)
 
 
