@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.consuming import drain
+from tests.processes import run_burst
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
 from tests.test_check_job import check_entries, check_events, finished_turn, stored_checks  # noqa: F401
 from turnfleet import keys, llm_judge
@@ -204,3 +205,28 @@ def test_a_judge_outside_the_check_job_needs_its_own_base_url(llm_server):
 def test_bad_judge_arguments_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"llm_judge 'tone': {field} must be a number from 0 to 1"):
         llm_judge("tone", "Polite.", **{field: value})
+
+
+async def test_a_real_worker_judges_each_turn_once_its_tokens_apart(redis, producer, llm_server, fleet_env, tmp_path):
+    server = llm_server()
+    server.reply('{"score": 0.8, "reason": "polite, amounts as returned"}', match=ASKED)
+    turn_ids = [await producer.enqueue_turn(conversation_id=f"c-{i}", customer_id="C-100", text=text)
+                for i, text in enumerate(("Please refund order 1042", "Where is my order 1042?"))]
+    run_burst("worker", server.worker_env(fleet_env, TURNFLEET_APP="tests.apps.judged_desk:app",
+                                          TURNFLEET_MODEL_MAX_RETRIES="0"), tmp_path)
+    await drain(redis)
+
+    judged = judge_requests(server)
+    assert sorted(r.user_text.split("\n", 1)[0] for r in judged) == [f"{ASKED} (check polite_and_accurate):"] * 2
+    spent = [r.usage["input_tokens"] + r.usage["output_tokens"] for r in judged]
+    turns = 0
+    for turn_id in turn_ids:
+        stored = (await stored_checks(redis, turn_id))["polite_and_accurate"]
+        assert (stored["outcome"], stored["score"], stored["model"]) == ("passed", 0.8, JUDGE_MODEL)
+        assert stored["usage"]["input_tokens"] + stored["usage"]["output_tokens"] in spent
+        row = await turn_stats(redis, turn_id)
+        assert row["check_tokens"] == 0
+        turns += row["total_tokens"]
+    fleet = await totals(redis)
+    assert (fleet["check_tokens"], fleet["total_tokens"]) == (sum(spent), turns)
+    assert fleet["checks_passed"] >= 2
