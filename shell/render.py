@@ -331,6 +331,10 @@ def _add_checks(tree: Tree, checks: list[dict[str, Any]]) -> None:
         reason = str(c.get("reason") or "").removeprefix(f"{NOT_APPLICABLE}: ").removeprefix(NOT_APPLICABLE)
         if reason:  # (a not-applicable reason without its prefix: the outcome says it)
             line.append(f": {_short(reason, 300)}", style="")
+        if isinstance(c.get("usage"), dict):  # an LLM judge: its own tokens, not the turn's
+            u = c["usage"]
+            line.append(f" [judge {c.get('model')}: {u.get('input_tokens', 0)} in / "
+                        f"{u.get('output_tokens', 0)} out tokens]", style="dim")
         tree.add(line)
 
 

@@ -11,7 +11,8 @@ already: they are telemetry, written by the worker after redaction.
 Feedback given on the turn (``Producer.feedback``) is the replay's ``feedback`` list
 (:func:`turn_feedback`): score, source, comment (redacted), at. The checks the turn's workflow
 ran on it (written once by the worker's check job) are its ``checks`` list (:func:`turn_checks`):
-check, outcome, passed, reason (redacted), money_path, applicable, error, duration_us.
+check, outcome, passed, reason (redacted), money_path, applicable, error, duration_us; an LLM
+judge's score, model and usage (its own tokens, counted apart from the turn's).
 
 Node shape (also the ``--json`` output): ``{"kind": "agent"|"generation"|"tool"|"handoff"|
 "custom"|"guardrail", "name", "started_at", "duration_ms", "detail": {...}, "error",
@@ -434,7 +435,7 @@ async def turn_feedback(redis: Redis, turn_id: str) -> list[dict[str, Any]]:
 
 
 CHECK_ITEM_FIELDS = ("check", "outcome", "passed", "reason", "money_path", "applicable", "error",
-                     "duration_us")
+                     "duration_us", "score", "model", "usage")  # the last three: an LLM judge's
 
 
 async def turn_checks(redis: Redis, turn_id: str) -> list[dict[str, Any]]:

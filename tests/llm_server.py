@@ -21,6 +21,9 @@ equal the offline model's). It can be slow, fail, or hold requests, as a test sa
     server.inject("400", echo=True)                # the error message quotes the user's message,
                                                    # as providers' content errors do
     server.error_rate = 0.1                        # and 10% of the others (seeded RNG) fail
+    server.reply('{"score": 0.9}', match="grade")  # requests whose latest user message contains
+                                                   # "grade" get this text as the answer (an LLM
+                                                   # judge's JSON), usage by the same formula
     server.hold(match="refund")                    # matching requests wait at a gate...
     server.hold(after_tool="process_refund")       # (or: only those that follow that tool's
                                                    # result in this turn, i.e. after it ran)
@@ -146,6 +149,7 @@ class LLMServer:
         self.stall_s = stall_s
         self._rng = random.Random(seed)
         self._faults: list[Fault] = []
+        self._replies: list[tuple[str | None, str]] = []  # (match, text): scripted answers
         self._changed = threading.Condition()
         self.log: list[Served] = []
         self.counts: Counter[str] = Counter()
@@ -250,6 +254,13 @@ class LLMServer:
         with self._changed:
             self._faults.append(fault)
         return fault
+
+    def reply(self, text: str, *, match: str | None = None) -> None:
+        """From now on, answer requests whose latest user message contains ``match`` (all, if
+        None) with the message ``text`` instead of the offline model's decision (the first
+        matching reply given wins; a later call for the same ``match`` replaces it)."""
+        with self._changed:
+            self._replies = [(m, t) for m, t in self._replies if m != match] + [(match, text)]
 
     def clear_faults(self) -> None:
         with self._changed:
@@ -374,7 +385,9 @@ class LLMServer:
             record.outcome = kind
             self._record(record)
             return _fault_response(kind, retry_after, user_text if echo else None)
-        answer, usage, decision = _answer(shape, body, system, items, tools, self.script)
+        with self._changed:
+            scripted = next((t for m, t in self._replies if m is None or m in user_text), None)
+        answer, usage, decision = _answer(shape, body, system, items, tools, self.script, scripted)
         record.outcome, record.usage, record.decision = "ok", usage, decision
         self._record(record)
         return JSONResponse(answer, headers={"x-request-id": f"req_{record.number}"})
@@ -475,12 +488,14 @@ def handoff_option(tool: dict[str, Any]) -> HandoffOption:
 
 
 def _answer(shape: str, body: dict[str, Any], system: str | None, items: list[dict[str, Any]],
-            tools: list[dict[str, Any]], script: Script | None = None,
+            tools: list[dict[str, Any]], script: Script | None = None, scripted: str | None = None,
             ) -> tuple[dict[str, Any], dict[str, int], str]:
-    """The answer body, the usage reported in it, and the decision in short."""
+    """The answer body, the usage reported in it, and the decision in short (``scripted``: a
+    message with that text, not the offline model's decision)."""
     names = [str(t["name"]) for t in tools]
     handoffs = [handoff_option(t) for t in tools if str(t["name"]).startswith(HANDOFF_PREFIX)]
-    decision = decide(items, [n for n in names if not n.startswith(HANDOFF_PREFIX)], handoffs, script)
+    decision = (Decision("message", "scripted", text=scripted) if scripted is not None else
+                decide(items, [n for n in names if not n.startswith(HANDOFF_PREFIX)], handoffs, script))
     digest = hashlib.sha256(canonical_json(
         [system, [item_text(i) for i in items], decision.kind, decision.name, decision.arguments,
          decision.text]).encode()).hexdigest()[:24]

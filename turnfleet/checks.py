@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from turnfleet.models import TurnResult, check_id
+from turnfleet.models import TokenUsage, TurnResult, check_id
 
 NOT_APPLICABLE = "not applicable"
 # The result ``turnfleet rerun`` gives a candidate's call of a side-effecting tool the original
@@ -43,11 +43,19 @@ SIDE_EFFECT_NOT_MADE = "side_effect_not_made"
 @dataclass(frozen=True)
 class CheckResult:
     """What a check decided: ``passed`` and why. ``applicable=False``: the check had nothing
-    to judge in this turn (it passes, and says so)."""
+    to judge in this turn (it passes, and says so).
+
+    A check that calls a model (an LLM judge, ``turnfleet/judge.py``) also says which
+    (``model``), what it spent (``usage``: counted apart from the turn's own tokens and cost)
+    and, graded, its ``score``; ``error`` names what kept it from judging (its reason says more)."""
 
     passed: bool
     reason: str = ""
     applicable: bool = True
+    model: str | None = None
+    usage: TokenUsage | None = None
+    score: float | None = None
+    error: str | None = None
 
 
 def passed(reason: str = "") -> CheckResult:
@@ -257,7 +265,9 @@ def _normalise(value: Any) -> CheckResult:
 @dataclass(frozen=True)
 class CheckOutcome:
     """One check run on one turn: its result, how long it took (µs) and, when it raised, the
-    exception's type (``error``; the reason is ``Type: message``)."""
+    exception's type (``error``; the reason is ``Type: message``). ``model``, ``usage`` and
+    ``score`` are a model-calling check's (:class:`CheckResult`); ``as_dict`` has them only
+    when set, so other checks' stored outcomes keep their shape."""
 
     check: str
     money_path: bool
@@ -266,11 +276,21 @@ class CheckOutcome:
     applicable: bool
     duration_us: float
     error: str | None = None
+    model: str | None = None
+    usage: TokenUsage | None = None
+    score: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "money_path": self.money_path, "passed": self.passed,
-                "reason": self.reason, "applicable": self.applicable,
-                "duration_us": round(self.duration_us, 1), "error": self.error}
+        out: dict[str, Any] = {"check": self.check, "money_path": self.money_path, "passed": self.passed,
+                               "reason": self.reason, "applicable": self.applicable,
+                               "duration_us": round(self.duration_us, 1), "error": self.error}
+        if self.model is not None:
+            out["model"] = self.model
+        if self.usage is not None:
+            out["usage"] = self.usage.model_dump(mode="json")
+        if self.score is not None:
+            out["score"] = self.score
+        return out
 
 
 def run_checks(checks: Any, turn: FinishedTurn) -> list[CheckOutcome]:
@@ -289,7 +309,7 @@ def run_checks(checks: Any, turn: FinishedTurn) -> list[CheckOutcome]:
         outcomes.append(CheckOutcome(
             check=one.name, money_path=one.money_path, passed=result.passed, reason=result.reason,
             applicable=result.applicable, duration_us=(time.perf_counter_ns() - began) / 1000,
-            error=error,
+            error=error or result.error, model=result.model, usage=result.usage, score=result.score,
         ))
     return outcomes
 

@@ -10,14 +10,16 @@ a turn's slot nor delays a turn. The job
    redacted the record, the memory expired or was re-created) every check's outcome is
    ``inputs_expired``: neither a pass nor a spurious failure;
 2. runs ``run_checks`` in a thread (checks are the team's sync code: a slow one never blocks
-   the worker's loop), redacts each reason (the fleet's redactor, workflow patterns included)
-   and clips it to 500 characters;
+   the worker's loop), with the worker's model endpoint as the judges' (``turnfleet/judge.py``:
+   an LLM judge's HTTP call is sync and bounded by ``model_timeout_s``), redacts each reason (the
+   fleet's redactor, workflow patterns included) and clips it to 500 characters;
 3. writes, with one script (``turnfleet/lua/write_checks.lua``), ``keys.turn_checks`` (SET NX)
    and one telemetry entry of batch version ``versions.BATCH_CHECK`` holding a ``check`` event
    per check: both or neither. A second run (its worker died after the write, or before it:
    the checks are pure, so it computes the same outcomes) finds the key and writes nothing.
    A turn whose record is gone (erased, purged) gets nothing written: that would bring back
-   keys of a turn that no longer exists.
+   keys of a turn that no longer exists. A judge's ``model`` and ``usage`` go on its event's
+   envelope, so telemetry counts them as ``check_tokens`` / ``check_cost_usd``, not the turn's.
 
 **Check events wait for a consumer that counts them.** The ``check`` entry is batch version
 ``BATCH_CHECK``; a consumer of a release that reads less (``versions.BATCH_READ``) leaves such
@@ -47,7 +49,8 @@ from redis.exceptions import RedisError
 from turnfleet import events, keys, versions
 from turnfleet.checks import CheckOutcome, FinishedTurn, as_checks, run_checks
 from turnfleet.connection import RAW, lenient_text
-from turnfleet.models import TurnResult
+from turnfleet.judge import JudgeEndpoint, run_with_endpoint
+from turnfleet.models import TokenUsage, TurnResult
 from turnfleet.queue import CORRUPT_TURN_RECORD, session_meta
 from turnfleet.scripts import load_script
 from turnfleet.workers.attempt import Runtime
@@ -127,7 +130,9 @@ async def _run(rt: Runtime, turn_id: str, conversation_id: str) -> str:
         outcomes = [_expired(c.name, c.money_path, str(gone)) for c in checks]
     else:
         finished = FinishedTurn.from_result(record, earlier)
-        outcomes = [_written(rt, o) for o in await asyncio.to_thread(run_checks, checks, finished)]
+        endpoint = JudgeEndpoint.from_settings(rt.settings, rt.redactor)
+        ran = await asyncio.to_thread(run_with_endpoint, endpoint, run_checks, checks, finished)
+        outcomes = [_written(rt, o) for o in ran]
     return await _write(rt, record, conversation_id, outcomes)
 
 
@@ -183,6 +188,7 @@ async def _write(rt: Runtime, record: TurnResult, conversation_id: str, outcomes
                                reason=o["reason"] or None, error=o["error"], duration_us=o["duration_us"]),
             turn_id=turn_id, attempt=0, seq=seq, conversation_id=record.conversation_id or conversation_id,
             customer_id=record.customer_id, event_id=events.check_event_id(turn_id, o["check"]),
+            model=o.get("model"), usage=TokenUsage(**o["usage"]) if o.get("usage") else None,
         )
         for seq, o in enumerate(outcomes)
     ])
