@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from tests.test_flawed_model import ORDERS_OF, REQUESTS, expected_calls
+from tests.llm_server import llm_server  # noqa: F401 - a fixture
 from tests.worker_runtime import runtime
 from turnfleet import keys
 from turnfleet.erasure import forget
+from turnfleet.queue import TurnQueue
 from turnfleet.settings import TelemetrySettings, WorkerProcessSettings
 from turnfleet.telemetry.pricing import PriceTable
 from turnfleet.workers.job import run_turn
@@ -28,7 +30,10 @@ from turnfleet.workers.rerun import (
     Candidates,
     CandidateSpec,
     RerunError,
+    check_changes,
+    judged,
     rerun_turn,
+    side,
 )
 from turnfleet.workflow import Workflow, WorkflowError
 
@@ -217,3 +222,43 @@ def test_side_effect_tools_name_tools_of_the_workflow(desk):
         Workflow(name="w", agent=desk.triage, side_effect_tools="process_refund")
     assert Workflow(name="w", agent=desk.triage, side_effect_tools=["process_refund"]).fingerprint() == \
         Workflow(name="w", agent=desk.triage).fingerprint()
+
+
+def test_a_judge_that_gave_no_verdict_neither_fixes_nor_breaks():
+    """An LLM judge unavailable on one side (not applicable, with an error) is no verdict: a
+    failure on the original is not "fixed" by it, a pass is not "broken" by it; a check that
+    raised (failed, with an error) still is a failure."""
+    def one(name: str, passed: bool, applicable: bool = True, error: str | None = None) -> dict[str, Any]:
+        return {"check": name, "passed": passed, "applicable": applicable, "error": error}
+
+    unavailable = {"passed": True, "applicable": False, "error": "InternalServerError"}
+    original = {"checks": [one("judge_a", False), one("judge_b", True), one("raises", True), one("named", False)]}
+    candidate = {"checks": [{"check": "judge_a", **unavailable}, {"check": "judge_b", **unavailable},
+                            one("raises", False, error="KeyError"), one("named", True, applicable=False)]}
+    assert check_changes(original, candidate) == {"fixed": ["named"], "broken": ["raises"]}
+
+
+async def test_rerun_judges_both_sides_through_the_fleets_endpoint_its_tokens_reported(redis, producer, llm_server):
+    """A workflow's LLM judge re-judges both sides on the fleet's endpoint (in a thread, as the
+    check job does); the judge's tokens are the rerun's own, reported per side."""
+    import dataclasses
+
+    from turnfleet import llm_judge
+    from turnfleet.judge import JudgeEndpoint
+
+    server = llm_server()
+    server.reply('{"score": 0.9, "reason": "fine"}', match="Turn to grade")
+    turn_id, _ = await refund_turn(redis, producer, OFFLINE_MODEL)
+    record = await TurnQueue(redis).get(turn_id)
+    judge = llm_judge("polite", "Polite and accurate.", sample_rate=1.0, pass_score=0.7)
+    desk = Candidates(CandidateSpec()).for_turn(record).workflow
+    workflow = dataclasses.replace(desk, checks=(judge,))
+    endpoint = JudgeEndpoint(base_url=server.url, model="gpt-4o-mini", api_key="sk-test", max_retries=0)
+    outcomes = await judged(record, workflow, [], endpoint)
+    [o] = outcomes
+    served = server.usage_served()
+    assert (o.check, o.passed, o.score) == ("polite", True, 0.9)
+    shown = side(record, outcomes, decisions=[], decisions_source="tool_calls", sources=None, pricing=None,
+                 usage_by_model={})
+    assert shown["judge_usage"] == {"input_tokens": served["input_tokens"], "output_tokens": served["output_tokens"]}
+    assert served["input_tokens"] > 0

@@ -25,6 +25,7 @@ the raw-text lifetime as TTL (it holds customer text) and erased with its turn.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import json
@@ -43,10 +44,11 @@ from agents.tool import FunctionTool
 from redis.asyncio import Redis
 
 from turnfleet import keys
-from turnfleet.checks import SIDE_EFFECT_NOT_MADE, FinishedTurn, run_checks
+from turnfleet.checks import SIDE_EFFECT_NOT_MADE, CheckOutcome, FinishedTurn, run_checks
 from turnfleet.connection import RAW, lenient_text
 from turnfleet.context import TurnContext
 from turnfleet.events import LlmEndDetail, parse_events
+from turnfleet.judge import JudgeEndpoint, run_with_endpoint
 from turnfleet.models import Handoff, TokenUsage, ToolCall, TurnResult, utcnow
 from turnfleet.queue import TurnQueue
 from turnfleet.settings import WorkerProcessSettings
@@ -418,11 +420,18 @@ def _decisions_of_record(record: TurnResult) -> list[dict[str, Any]]:
     return out
 
 
-def side(result: TurnResult, workflow: Workflow, earlier: list[dict[str, Any]], *, decisions: list[dict[str, Any]],
+async def judged(result: TurnResult, workflow: Workflow, earlier: list[dict[str, Any]],
+                 endpoint: JudgeEndpoint | None) -> list[CheckOutcome]:
+    """The workflow's checks on one side, in a thread (an LLM judge's call is sync) with the
+    fleet's judge endpoint, as the check job runs them."""
+    return await asyncio.to_thread(run_with_endpoint, endpoint, run_checks, workflow,
+                                   FinishedTurn.from_result(result, earlier))
+
+
+def side(result: TurnResult, checks: list[CheckOutcome], *, decisions: list[dict[str, Any]],
          decisions_source: str, sources: list[str] | None, pricing: Pricing | None,
          usage_by_model: Mapping[str, TokenUsage]) -> dict[str, Any]:
     """One side of the comparison as plain JSON."""
-    checks = run_checks(workflow, FinishedTurn.from_result(result, earlier))
     costs = [pricing(m, u) if pricing else None for m, u in usage_by_model.items()]
     return {
         "workflow": result.workflow, "version": result.version, "model": result.model,
@@ -434,9 +443,28 @@ def side(result: TurnResult, workflow: Workflow, earlier: list[dict[str, Any]], 
         "handoffs": [[h.from_agent, h.to_agent] for h in result.handoffs],
         "final_output": result.final_output,
         "checks": [o.as_dict() for o in checks],
+        "judge_usage": _judge_usage(checks),
         "usage": result.usage.model_dump(),
         "cost_usd": None if not costs or any(c is None for c in costs) else round(sum(costs), 9),  # type: ignore[arg-type]
     }
+
+
+def _judge_usage(checks: list[CheckOutcome]) -> dict[str, int]:
+    """Tokens the side's LLM-judge checks spent (the rerun's own cost, apart from the turn's)."""
+    out = {"input_tokens": 0, "output_tokens": 0}
+    for o in checks:
+        for k in out:
+            out[k] += int(getattr(o.usage, k, 0) or 0)
+    return out
+
+
+def _judgement(check: dict[str, Any]) -> bool | None:
+    """A check's verdict for fixed/broken: passed (a not-applicable pass included), failed, or
+    None when no verdict was given (an LLM judge that was unavailable: not applicable with an
+    error), which neither fixes nor breaks anything."""
+    if not check.get("applicable", True) and check.get("error"):
+        return None
+    return bool(check["passed"])
 
 
 def differences(original: dict[str, Any], candidate: dict[str, Any]) -> list[dict[str, Any]]:
@@ -457,10 +485,10 @@ def differences(original: dict[str, Any], candidate: dict[str, Any]) -> list[dic
 def check_changes(original: dict[str, Any], candidate: dict[str, Any]) -> dict[str, list[str]]:
     """Checks that failed on the original and pass on the candidate (``fixed``), and the reverse
     (``broken``), by name."""
-    before = {c["check"]: c["passed"] for c in original["checks"]}
-    after = {c["check"]: c["passed"] for c in candidate["checks"]}
-    return {"fixed": sorted(n for n, ok in after.items() if ok and before.get(n) is False),
-            "broken": sorted(n for n, ok in after.items() if not ok and before.get(n, True))}
+    before = {c["check"]: _judgement(c) for c in original["checks"]}
+    after = {c["check"]: _judgement(c) for c in candidate["checks"]}
+    return {"fixed": sorted(n for n, ok in after.items() if ok is True and before.get(n) is False),
+            "broken": sorted(n for n, ok in after.items() if ok is False and before.get(n, True) is not False)}
 
 
 async def rerun_turn(redis: Redis, turn_id: str, candidates: Candidates, *, raw_retention_s: int,
@@ -476,20 +504,23 @@ async def rerun_turn(redis: Redis, turn_id: str, candidates: Candidates, *, raw_
     ran = await run_candidate(redis, stored, candidate, candidates.settings.max_agent_turns)
     seconds = time.perf_counter() - began
     from_events = _decisions_of_events(stored.events)
-    original = side(record, original_workflow, stored.earlier,
+    endpoint = JudgeEndpoint.from_settings(candidates.settings)  # redacts with the built-in detectors
+    original = side(record, await judged(record, original_workflow, stored.earlier, endpoint),
                     decisions=from_events or _decisions_of_record(record),
                     decisions_source="events" if from_events else "tool_calls",
                     sources=None, pricing=pricing, usage_by_model={record.model: record.usage})
     if stored.stored_checks is not None:
         original["stored_checks"] = stored.stored_checks
-    mine = side(ran.result, candidate.workflow, stored.earlier, decisions=ran.decisions,
+    mine = side(ran.result, await judged(ran.result, candidate.workflow, stored.earlier, endpoint),
+                decisions=ran.decisions,
                 decisions_source="run", sources=ran.tool_sources, pricing=pricing, usage_by_model=ran.usage)
     diff = differences(original, mine)
     delta = (None if original["cost_usd"] is None or mine["cost_usd"] is None
              else round(mine["cost_usd"] - original["cost_usd"], 9))
     usage = {"original": {**original["usage"], "cost_usd": original["cost_usd"]},
              "candidate": {**mine["usage"], "cost_usd": mine["cost_usd"]},
-             "cost_delta_usd": delta, "rerun_seconds": round(seconds, 4)}
+             "cost_delta_usd": delta, "rerun_seconds": round(seconds, 4),
+             "judge_tokens": {"original": original["judge_usage"], "candidate": mine["judge_usage"]}}
     report = {"turn_id": turn_id, "rerun_id": f"r_{uuid.uuid4().hex}", "at": utcnow().isoformat(),
               "candidate_spec": candidates.spec.describe(), "changed": bool(diff), "differences": diff,
               "checks": check_changes(original, mine), "usage": usage,
