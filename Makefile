@@ -21,7 +21,7 @@ demo: $(STAMP)
 QUICK_TESTS := tests/test_layering.py tests/test_events.py tests/test_job.py tests/test_producer.py \
 	tests/test_support_desk.py tests/test_cli.py
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 	QUICK_TESTS="$(QUICK_TESTS)" tools/other-pythons
 
 # Only the other Pythons' quick subset.
