@@ -5,10 +5,6 @@ turn's stored outcomes and its one ``check`` entry on the telemetry stream, with
 turns the money-path check fails; the follow-up job written with the result (and only for a
 workflow with checks, and once); a second run of the job writing nothing; inputs gone giving
 ``inputs_expired``; a job failing on Redis retried, then dead-lettered.
-
-The check entry is written once this release's consumer reads it (``CHECK_EVENTS``,
-workers/check_job.py): jobs run in this process here write it whatever the release (the
-``check_events`` fixture), and worker subprocesses write it when ``CHECK_EVENTS`` says so.
 """
 
 from __future__ import annotations
@@ -29,7 +25,6 @@ from turnfleet.checks import check, failed
 from turnfleet.events import EventKind, parse_events
 from turnfleet.queue import CHECKS_FUNCTION, FinishExtras, Outcome, TurnQueue
 from turnfleet.redaction import Redactor
-from turnfleet.workers import check_job
 from turnfleet.workers.check_job import CHECK_JOB_TRIES, run_turn_checks
 from turnfleet.workers.job import run_turn
 from turnfleet.workers.llm import FLAWED_OFFLINE_MODEL
@@ -39,14 +34,7 @@ from turnfleet.workers.support_desk_checks import SUPPORT_DESK_CHECKS
 from turnfleet.workflow import App
 
 DESK_CHECKS = [c.name for c in SUPPORT_DESK_CHECKS]
-# Check entries a worker subprocess writes per turn: 1 once this release's consumer reads them.
-ENTRIES_PER_TURN = 1 if check_job.CHECK_EVENTS else 0
-
-
-@pytest.fixture(autouse=True)
-def check_events(monkeypatch):
-    """Check jobs run in this process write their telemetry entry (see the module doc)."""
-    monkeypatch.setattr(check_job, "CHECK_EVENTS", True)
+ENTRIES_PER_TURN = 1  # a turn's check entries on the telemetry stream: all its checks in one
 
 
 async def check_entries(redis: Redis, turn_id: str | None = None) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import pytest
 from tests.consuming import drain
 from tests.processes import run_burst
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
-from tests.test_check_job import check_entries, check_events, finished_turn, stored_checks  # noqa: F401
+from tests.test_check_job import check_entries, finished_turn, stored_checks
 from turnfleet import keys, llm_judge
 from turnfleet.checks import FinishedTurn, run_checks
 from turnfleet.events import parse_events

@@ -21,13 +21,6 @@ a turn's slot nor delays a turn. The job
    keys of a turn that no longer exists. A judge's ``model`` and ``usage`` go on its event's
    envelope, so telemetry counts them as ``check_tokens`` / ``check_cost_usd``, not the turn's.
 
-**Check events wait for a consumer that counts them.** The ``check`` entry is batch version
-``BATCH_CHECK``; a consumer of a release that reads less (``versions.BATCH_READ``) leaves such
-entries pending for ever (a rolling deploy's rule), which would hold its lag above zero and
-``/readyz``, ``turnfleet demo`` and every "telemetry caught up" wait with it. So the job writes
-the entry only when this release's consumer reads it (``CHECK_EVENTS``); until then the
-outcomes key alone is written (the same script, the same once-only rule).
-
 **Crash recovery.** The job keeps arq's in-progress key to one ``turn_lease_s`` and renews it
 while it runs, as a turn's attempt does: a SIGKILLed worker's check job is taken by another
 worker of the pool within a lease. A job that fails on Redis errors is retried by arq
@@ -63,7 +56,6 @@ log = structlog.get_logger(__name__)
 WRITE_CHECKS = load_script("write_checks")
 REASON_CHARS = 500  # a reason is clipped to this many characters (after redaction)
 CHECK_JOB_TRIES = 3  # runs of a check job that fail on Redis errors before it is dead-lettered
-CHECK_EVENTS = versions.BATCH_READ >= versions.BATCH_CHECK  # see "Check events wait" above
 
 
 class _InputsGone(Exception):
@@ -195,7 +187,7 @@ async def _write(rt: Runtime, record: TurnResult, conversation_id: str, outcomes
     verdict = await WRITE_CHECKS.bind(rt.redis)(
         keys={"turn": keys.turn(turn_id), "checks": keys.turn_checks(turn_id), "telemetry": keys.TELEMETRY_STREAM},
         args={"turn_id": turn_id, "outcomes_json": json.dumps(outcomes, separators=(",", ":")),
-              "telemetry_batch": batch if CHECK_EVENTS else "",
+              "telemetry_batch": batch,
               "workflow": record.workflow or "", "version": record.version or "",
               "batch_version": versions.BATCH_CHECK},
     )
