@@ -94,6 +94,11 @@ class Receiver:
                             "status": span.status.code,
                             "status_message": span.status.message,
                             "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
+                            "events": [
+                                {"name": e.name,
+                                 "attributes": {kv.key: _value(kv.value) for kv in e.attributes}}
+                                for e in span.events
+                            ],
                             "resource": resource,
                             "scope": scope_spans.scope.name,
                         }

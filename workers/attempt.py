@@ -366,7 +366,7 @@ class Attempt:
             final, last_agent = self._guardrail(ran, starting_agent)
         else:
             final, last_agent = str(ran.final_output), ran.last_agent.name
-        await self._keep_trace("completed", duration_ms)
+        await self._keep_trace(duration_ms, answer=final)
         hooks.turn_completed(duration_ms, self.queue_wait_ms, final)
         result = self._result("completed", attempts=self.number, final_output=final,
                               duration_ms=duration_ms, warnings=session.warnings)
@@ -392,7 +392,7 @@ class Attempt:
         message = str(exc) or error_type
         terminal = (isinstance(exc, DETERMINISTIC_ERRORS)
                     or self.number - self.decision.spared >= rt.settings.max_attempts)
-        await self._keep_trace("failed", duration_ms)
+        await self._keep_trace(duration_ms, error=(error_type, message), final=terminal)
         hooks.turn_errored(terminal=terminal, duration_ms=duration_ms, error_type=error_type, message=message)
         await self._stop_lease()
         if terminal:
@@ -427,7 +427,7 @@ class Attempt:
         )
         await self._stop_lease()
         try:
-            await self._keep_trace("failed", duration_ms)
+            await self._keep_trace(duration_ms, error=(error_type, message), final=False)
         except RedisError as exc:
             self.log.warning("turn.trace_not_kept", error=str(exc))
         hooks.turn_errored(terminal=False, duration_ms=duration_ms, error_type=error_type, message=message)
@@ -500,23 +500,34 @@ class Attempt:
         assert self.workflow is not None  # a guardrail tripped in a run of it
         return self.workflow.guardrail_reply(name), agent_name
 
-    async def _keep_trace(self, status: str, duration_ms: float) -> None:
-        """Hand the attempt's trace to the store (sampling, redaction, one write)."""
+    async def _keep_trace(self, duration_ms: float, *, answer: str | None = None,
+                          error: tuple[str, str] | None = None, final: bool = True) -> None:
+        """Hand the attempt's trace to the store (sampling, redaction, one write): failed when
+        it has an ``error`` (type, message: the cause), with the turn's text and ``answer``
+        when traces include sensitive data, and whether it was the turn's last (``final``)."""
         if self.rt.traces is None:
             return
         req = self.req
+        turn: dict[str, Any] = {
+            "turn_id": req.turn_id,
+            "attempt": self.number,
+            "final": final,
+            "conversation_id": req.conversation_id,
+            "customer_id": req.customer_id,
+            "status": "failed" if error is not None else "completed",
+            "started_at": self.started_at.isoformat(),
+            "ended_at": utcnow().isoformat(),
+        }
+        if self.rt.settings.trace_include_sensitive_data:
+            turn["input"] = req.text
+            if answer is not None:
+                turn["output"] = answer
+        if error is not None:
+            turn["error"] = {"type": error[0], "message": error[1]}
         _kept, dropped = await self.rt.traces.finish_attempt(
             self.trace_id,
-            {
-                "turn_id": req.turn_id,
-                "attempt": self.number,
-                "conversation_id": req.conversation_id,
-                "customer_id": req.customer_id,
-                "status": status,
-                "started_at": self.started_at.isoformat(),
-                "ended_at": utcnow().isoformat(),
-            },
-            failed=status == "failed",
+            turn,
+            failed=error is not None,
             duration_ms=duration_ms,
             workflow=self.workflow.name if self.workflow else None,
         )

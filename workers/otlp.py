@@ -1,4 +1,4 @@
-"""OtlpSink: a kept turn's trace record, sent to any OpenTelemetry backend over OTLP/HTTP.
+"""OtlpSink: a kept turn attempt's trace record, sent to any OpenTelemetry backend over OTLP/HTTP.
 
 The trace store decides per turn attempt whether its spans are kept (sampled, failed or slow)
 and redacts them; only then does a record reach ``OtlpSink.export``. Building OpenTelemetry
@@ -8,24 +8,36 @@ makes the sampling decision at trace end possible and keeps unredacted data insi
 What a caller may rely on:
 
 * ``export(record)`` does not block on the network and does not raise for a bad collector: it
-  converts the record (a few microseconds a span) and queues the spans on an OpenTelemetry
+  converts the record (tens of microseconds a span) and queues the spans on an OpenTelemetry
   ``BatchSpanProcessor``, whose own thread sends them with ``OTLPSpanExporter`` (retries with
   backoff up to ``timeout_s`` a batch). A full queue drops spans (the processor logs it).
-* One OTel trace per record. Its trace id is the SDK trace id's 32 hex digits
-  (``trace_<hex>`` → ``<hex>``), so a trace found in a backend is found in the trace store
-  by the same id. Each SDK span keeps its parent; a ROOT span named ``"<workflow> turn"``
-  spans the attempt and adopts the spans that had no parent (or whose parent was not kept).
-  Span ids are stable 64-bit hashes of the SDK span ids (``turnfleet.sdk_span_id`` keeps the
-  original); the root's id hashes trace id + attempt.
-* Attributes follow the OpenTelemetry GenAI semantic conventions (``gen_ai.*``), plus
-  ``session.id``/``user.id`` (read by Langfuse, Phoenix/OpenInference) and ``turnfleet.*``;
-  token usage is only on model-call spans, so a backend that sums it counts each call once.
-  Inputs, outputs, tool arguments and results appear only when the record has them (the
-  run had ``trace_include_sensitive_data``). See ``span_attributes`` for the full mapping.
+* One OTel trace per turn *attempt* (each attempt runs under its own SDK trace). Its trace id
+  is the SDK trace id's 32 hex digits (``trace_<hex>`` → ``<hex>``), so a trace found in a
+  backend is found in the trace store by the same id. Each SDK span keeps its parent; a ROOT
+  span named ``"<workflow> turn"`` spans the attempt and adopts the spans that had no parent
+  (or whose parent was not kept). Span ids are stable 64-bit hashes of the SDK span ids
+  (``turnfleet.sdk_span_id`` keeps the original); the root's id hashes trace id + attempt.
+  Every span carries ``turnfleet.attempt`` and ``turnfleet.attempt.final`` (false: the turn
+  was retried after it), and the root the tags ``attempt <n>`` / ``retried`` / ``failed``, so
+  a receiver's session view can tell a retried attempt from a turn.
+* Attribute names come from the maintained conventions packages: OpenInference
+  (``openinference.semconv.trace``, what Arize Phoenix reads) and the OpenTelemetry GenAI
+  conventions (``opentelemetry.semconv._incubating.attributes.gen_ai_attributes``), plus
+  Langfuse's own few names (constants below, with the link) and ``turnfleet.*``. Sessions:
+  ``gen_ai.conversation.id`` / ``session.id`` / ``langfuse.session.id`` = the conversation;
+  ``user.id`` / ``langfuse.user.id`` = the customer. Token usage and cost (turnfleet's price
+  table) are only on model-call spans, so a backend that sums them counts each call once.
+* Text follows ``trace_include_sensitive_data`` and the store's redaction: the root carries
+  the turn's text and answer (``input.value`` / ``output.value``), model calls their messages
+  (capped: ``capped_history``), tools their arguments and results — only when the record has
+  them. See ``span_attributes`` and ``root_attributes`` for the full mapping.
+* A failed attempt's root and the span that failed have status ERROR with the real cause
+  (``InternalServerError: Error code: 500``) and an OTel ``exception`` event.
 * ``force_flush`` returns True only when everything queued so far reached the collector;
   call it (or ``shutdown``) when the worker stops, or the last batch is lost.
 
-OpenTelemetry is an optional extra (``turnfleet[otlp]``) imported only when a sink is made.
+OpenTelemetry and the conventions packages are the optional extra (``turnfleet[otlp]``); this
+module is imported only when an OTLP endpoint is set.
 """
 
 from __future__ import annotations
@@ -34,13 +46,18 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
+
+from turnfleet.models import TokenUsage
+from turnfleet.pricing import PriceTable
+from turnfleet.settings import DEFAULT_PRICES, TelemetrySettings
 
 if TYPE_CHECKING:
     from turnfleet.settings import WorkerProcessSettings
@@ -48,22 +65,59 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 OTLP_EXTRA_MISSING = "OTLP export needs the otlp extra: pip install 'turnfleet[otlp]'"
+
+# --------------------------------------------------------------------------------------------
+# The conventions: every attribute name a receiver reads comes from here.
+
+try:
+    from openinference.semconv.trace import (
+        MessageAttributes as MA,
+        OpenInferenceMimeTypeValues as Mime,
+        OpenInferenceSpanKindValues as Kind,
+        SpanAttributes as OI,
+        ToolCallAttributes as TC,
+    )
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GA
+    from opentelemetry.semconv.attributes import error_attributes as ERR
+    from opentelemetry.semconv.attributes import exception_attributes as EXC
+except ImportError as exc:  # the module is imported only when an OTLP endpoint is set
+    raise ImportError(OTLP_EXTRA_MISSING) from exc
+
+# Langfuse's own names, which no maintained package publishes; see "property mapping" at
+# https://langfuse.com/integrations/native/opentelemetry (it also reads session.id, user.id,
+# gen_ai.conversation.id, gen_ai.usage.* and input.value / output.value).
+LANGFUSE_SESSION_ID = "langfuse.session.id"
+LANGFUSE_USER_ID = "langfuse.user.id"
+LANGFUSE_TRACE_TAGS = "langfuse.trace.tags"
+LANGFUSE_COST_DETAILS = "langfuse.observation.cost_details"  # JSON {"total": usd}
+GEN_AI_USAGE_COST = "gen_ai.usage.cost"  # USD; read by Langfuse, not (yet) an OTel name
+EXCEPTION_EVENT = "exception"  # the OTel exception event's name (OTel trace API spec)
+
 INSTRUMENTATION_SCOPE = "turnfleet.workers.otlp"
-GEN_AI_SYSTEM = "openai"
+GEN_AI_PROVIDER = GA.GenAiProviderNameValues.OPENAI.value
+HANDOFF, GUARDRAIL = "handoff", "guardrail"  # gen_ai.operation.name of spans GenAI has no value for
+
+# Size caps (characters), so an attribute never carries a whole conversation: a turn's text
+# and answer on the root, each message's text, and at most MAX_HISTORY messages of a model
+# call's input (the system message plus the latest ones; the history repeats in every call).
+MAX_VALUE_CHARS = 4_000
+MAX_MESSAGE_CHARS = 2_000
+MAX_HISTORY = 12
 
 # OpenInference span kinds (Arize Phoenix shows spans by these).
 _OPENINFERENCE_KIND = {
-    "turn": "CHAIN",
-    "agent": "AGENT",
-    "generation": "LLM",
-    "response": "LLM",
-    "function": "TOOL",
-    "handoff": "TOOL",
-    "guardrail": "GUARDRAIL",
+    "turn": Kind.CHAIN.value,
+    "agent": Kind.AGENT.value,
+    "generation": Kind.LLM.value,
+    "response": Kind.LLM.value,
+    "function": Kind.TOOL.value,
+    "handoff": Kind.TOOL.value,
+    "guardrail": Kind.GUARDRAIL.value,
 }
 _MODEL_CALLS = ("generation", "response")
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+Pricing = Callable[[str | None, TokenUsage], float | None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,11 +155,16 @@ def iso_to_ns(value: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Attributes (pure: no OpenTelemetry import needed)
+# Attributes (pure: no OpenTelemetry SDK needed)
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def attribute_value(value: Any) -> Any:
@@ -136,24 +195,170 @@ def _put_data(attrs: dict[str, Any], prefix: str, data: Mapping[str, Any] | None
             _put(attrs, f"{prefix}.{key}", value)
 
 
-def _put_usage(attrs: dict[str, Any], usage: Mapping[str, Any] | None) -> None:
+def _put_text(attrs: dict[str, Any], key: str, mime_key: str, value: Any, limit: int) -> None:
+    """An OpenInference input/output value: text as text, anything else as JSON; capped."""
+    if value is None:
+        return
+    text, mime = (value, Mime.TEXT) if isinstance(value, str) else (_json(value), Mime.JSON)
+    attrs[key] = clip(text, limit)
+    attrs[mime_key] = mime.value
+
+
+def token_usage(usage: Mapping[str, Any]) -> TokenUsage:
+    """A span's usage (the SDK's ``model_usage_to_span_usage``) as turnfleet's ``TokenUsage``."""
+    details_in = usage.get("input_tokens_details") or {}
+    details_out = usage.get("output_tokens_details") or {}
+    return TokenUsage(
+        requests=int(usage.get("requests") or 1),
+        input_tokens=int(usage.get("input_tokens") or 0),
+        output_tokens=int(usage.get("output_tokens") or 0),
+        cached_tokens=int(details_in.get("cached_tokens") or 0),
+        reasoning_tokens=int(details_out.get("reasoning_tokens") or 0),
+    )
+
+
+def _put_usage(attrs: dict[str, Any], usage: Mapping[str, Any] | None, model: str | None,
+               pricing: Pricing | None) -> None:
     if not usage:
         return
     input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
-    _put(attrs, "gen_ai.usage.input_tokens", input_tokens)
-    _put(attrs, "gen_ai.usage.output_tokens", output_tokens)
     details_in = usage.get("input_tokens_details") or {}
     details_out = usage.get("output_tokens_details") or {}
-    _put(attrs, "gen_ai.usage.cache_read.input_tokens", details_in.get("cached_tokens"))
-    _put(attrs, "gen_ai.usage.cache_creation.input_tokens", details_in.get("cache_write_tokens"))
-    _put(attrs, "gen_ai.usage.reasoning.output_tokens", details_out.get("reasoning_tokens"))
-    # OpenInference's names, for Phoenix.
-    _put(attrs, "llm.token_count.prompt", input_tokens)
-    _put(attrs, "llm.token_count.completion", output_tokens)
+    cached, written = details_in.get("cached_tokens"), details_in.get("cache_write_tokens")
+    reasoning = details_out.get("reasoning_tokens")
+    _put(attrs, GA.GEN_AI_USAGE_INPUT_TOKENS, input_tokens)
+    _put(attrs, GA.GEN_AI_USAGE_OUTPUT_TOKENS, output_tokens)
+    _put(attrs, GA.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, cached)
+    _put(attrs, GA.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, written)
+    _put(attrs, GA.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, reasoning)
+    _put(attrs, OI.LLM_TOKEN_COUNT_PROMPT, input_tokens)
+    _put(attrs, OI.LLM_TOKEN_COUNT_COMPLETION, output_tokens)
+    _put(attrs, OI.LLM_TOKEN_COUNT_PROMPT_DETAILS_CACHE_READ, cached)
+    _put(attrs, OI.LLM_TOKEN_COUNT_PROMPT_DETAILS_CACHE_WRITE, written)
+    _put(attrs, OI.LLM_TOKEN_COUNT_COMPLETION_DETAILS_REASONING, reasoning)
     total = usage.get("total_tokens")
     if total is None and isinstance(input_tokens, int) and isinstance(output_tokens, int):
         total = input_tokens + output_tokens
-    _put(attrs, "llm.token_count.total", total)
+    _put(attrs, OI.LLM_TOKEN_COUNT_TOTAL, total)
+    cost = pricing(model, token_usage(usage)) if pricing is not None else None
+    if cost is not None:  # turnfleet's price table: a model the receiver cannot price is not $0
+        attrs[OI.LLM_COST_TOTAL] = cost
+        attrs[GEN_AI_USAGE_COST] = cost
+        attrs[LANGFUSE_COST_DETAILS] = _json({"total": cost})
+
+
+# -- model-call messages ---------------------------------------------------------------------
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string, or the text parts of a Responses / chat content list."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, Mapping) else str(p) for p in content]
+        return "\n".join(p for p in parts if p) or None
+    return _json(content)
+
+
+def messages(items: Any) -> list[dict[str, Any]]:
+    """A generation span's input or output (Responses items or chat messages) as plain
+    messages: ``role``, ``content``, ``tool_calls`` [{id, name, arguments}], ``tool_call_id``.
+    Consecutive function calls form one assistant message; reasoning items are left out."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out: list[dict[str, Any]] = []
+    for item in items or []:
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type")
+        if kind == "function_call":
+            call = {"id": item.get("call_id") or item.get("id"), "name": item.get("name"),
+                    "arguments": item.get("arguments")}
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": output if isinstance(output, str) else _json(output)})
+        elif "role" in item:
+            message: dict[str, Any] = {"role": item["role"], "content": _content_text(item.get("content"))}
+            calls = [
+                {"id": c.get("id"), "name": (c.get("function") or {}).get("name"),
+                 "arguments": (c.get("function") or {}).get("arguments")}
+                for c in item.get("tool_calls") or [] if isinstance(c, Mapping)
+            ]
+            if calls:
+                message["tool_calls"] = calls
+            if item.get("tool_call_id"):
+                message["tool_call_id"] = item["tool_call_id"]
+            out.append(message)
+    return out
+
+
+def capped_history(history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The system message (if first) and the latest messages, MAX_HISTORY in all; each text
+    clipped to MAX_MESSAGE_CHARS. Returns (messages, how many were left out)."""
+    head = history[:1] if history and history[0].get("role") == "system" else []
+    tail = history[len(head):][-(MAX_HISTORY - len(head)):]
+    kept = [
+        {**m, "content": clip(m["content"], MAX_MESSAGE_CHARS)} if isinstance(m.get("content"), str) else m
+        for m in head + tail
+    ]
+    return kept, len(history) - len(kept)
+
+
+def _put_messages(attrs: dict[str, Any], oi_key: str, genai_key: str, history: list[dict[str, Any]]) -> None:
+    """OpenInference's flattened ``llm.*_messages.<i>.message.*`` and GenAI's JSON parts."""
+    parts_of: list[dict[str, Any]] = []
+    for i, message in enumerate(history):
+        prefix = f"{oi_key}.{i}."
+        attrs[prefix + MA.MESSAGE_ROLE] = message["role"]
+        _put(attrs, prefix + MA.MESSAGE_CONTENT, message.get("content"))
+        _put(attrs, prefix + MA.MESSAGE_TOOL_CALL_ID, message.get("tool_call_id"))
+        parts: list[dict[str, Any]] = []
+        if message.get("tool_call_id"):
+            parts.append({"type": "tool_call_response", "id": message["tool_call_id"],
+                          "response": message.get("content")})
+        elif message.get("content") is not None:
+            parts.append({"type": "text", "content": message["content"]})
+        for j, call in enumerate(message.get("tool_calls") or []):
+            call_prefix = f"{prefix}{MA.MESSAGE_TOOL_CALLS}.{j}."
+            _put(attrs, call_prefix + TC.TOOL_CALL_ID, call.get("id"))
+            _put(attrs, call_prefix + TC.TOOL_CALL_FUNCTION_NAME, call.get("name"))
+            _put(attrs, call_prefix + TC.TOOL_CALL_FUNCTION_ARGUMENTS_JSON, call.get("arguments"))
+            parts.append({"type": "tool_call", **call})
+        parts_of.append({"role": message["role"], "parts": parts})
+    if parts_of:
+        attrs[genai_key] = _json(parts_of)
+
+
+def decision_text(output: list[dict[str, Any]]) -> str | None:
+    """What a model call decided, readably: its answer, else the calls it made."""
+    texts = [m["content"] for m in output if m.get("content")]
+    if texts:
+        return "\n".join(texts)
+    calls = [c for m in output for c in m.get("tool_calls") or []]
+    return "; ".join(f"{c.get('name')}({c.get('arguments') or ''})" for c in calls) or None
+
+
+def _put_generation_io(attrs: dict[str, Any], span_data: Mapping[str, Any]) -> None:
+    if span_data.get("input") is not None:
+        history, left_out = capped_history(messages(span_data["input"]))
+        _put_messages(attrs, OI.LLM_INPUT_MESSAGES, GA.GEN_AI_INPUT_MESSAGES, history)
+        if left_out:
+            attrs["turnfleet.input_messages.left_out"] = left_out
+        if history:
+            _put_text(attrs, OI.INPUT_VALUE, OI.INPUT_MIME_TYPE, history[-1].get("content"),
+                      MAX_MESSAGE_CHARS)
+    if span_data.get("output") is not None:
+        output, _ = capped_history(messages(span_data["output"]))
+        _put_messages(attrs, OI.LLM_OUTPUT_MESSAGES, GA.GEN_AI_OUTPUT_MESSAGES, output)
+        _put_text(attrs, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE, decision_text(output), MAX_VALUE_CHARS)
+
+
+# -- per span --------------------------------------------------------------------------------
 
 
 def turn_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,89 +366,113 @@ def turn_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
     metadata = trace.get("metadata") or {}
     attrs: dict[str, Any] = {}
     group_id = trace.get("group_id") or trace.get("conversation_id")
-    _put(attrs, "gen_ai.conversation.id", group_id)
-    _put(attrs, "session.id", group_id)
-    _put(attrs, "user.id", trace.get("customer_id") or metadata.get("customer_id"))
+    for key in (GA.GEN_AI_CONVERSATION_ID, OI.SESSION_ID, LANGFUSE_SESSION_ID):
+        _put(attrs, key, group_id)
+    customer = trace.get("customer_id") or metadata.get("customer_id")
+    for key in (OI.USER_ID, LANGFUSE_USER_ID):
+        _put(attrs, key, customer)
     _put(attrs, "turnfleet.turn_id", trace.get("turn_id") or metadata.get("turn_id"))
     attempt = trace.get("attempt", metadata.get("attempt"))
     _put(attrs, "turnfleet.attempt", int(attempt) if attempt is not None else None)
+    _put(attrs, "turnfleet.attempt.final", trace.get("final"))
     _put(attrs, "turnfleet.kept_because", trace.get("kept_because"))
     return attrs
 
 
-def span_attributes(span_data: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """``(span name, operation, attributes)`` for one exported SDK ``span_data``.
+def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None,
+                    tool_call_id: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """``(span name, SDK span type, attributes)`` for one exported SDK ``span_data``.
 
-    ========== ================================ ==========================================
-    SDK type   name                             attributes
-    ========== ================================ ==========================================
-    agent      ``invoke_agent <agent>``         gen_ai.agent.name, turnfleet.agent.tools /
-                                                .handoffs / .output_type
-    generation ``chat <model>``                 gen_ai.request.model, gen_ai.response.model,
-                                                gen_ai.request.temperature/top_p/max_tokens,
-                                                gen_ai.usage.*, gen_ai.input.messages /
-                                                gen_ai.output.messages (if recorded),
-                                                turnfleet.model_config
-    response   ``chat``                         gen_ai.response.id, gen_ai.usage.*
-    function   ``execute_tool <tool>``          gen_ai.tool.name, gen_ai.tool.type,
-                                                gen_ai.tool.call.arguments / .result
-                                                (if recorded), turnfleet.tool.mcp_data
-    handoff    ``handoff <from> → <to>``        turnfleet.handoff.from_agent / .to_agent
-    guardrail  ``guardrail <name>``             turnfleet.guardrail.name / .triggered
-    custom     ``<name>`` (SDK task: ``task     turnfleet.custom.<key>`` per data key
-               <workflow>``, turn: ``turn <n>   (dicts as JSON); turn: gen_ai.agent.name
+    ========== ======================== =================================================
+    SDK type   name                     attributes (GenAI ``GA``, OpenInference ``OI``)
+    ========== ======================== =================================================
+    agent      ``invoke_agent <agent>`` GA/OI agent name, turnfleet.agent.tools /
+                                        .handoffs / .output_type
+    generation ``chat <model>``         GA request/response model, temperature, top_p,
+                                        max_tokens; OI llm.model_name / .provider; usage
+                                        (GA gen_ai.usage.* incl. cache read/creation and
+                                        reasoning, OI llm.token_count.*); cost from the
+                                        price table (OI llm.cost.total, gen_ai.usage.cost,
+                                        Langfuse cost details); if recorded: messages
+                                        (OI llm.input_messages / llm.output_messages, GA
+                                        gen_ai.input.messages / .output.messages, capped:
+                                        ``capped_history``), OI input.value (the last input
+                                        message), output.value (the answer, else the calls)
+    response   ``chat``                 GA response id, usage
+    function   ``execute_tool <tool>``  GA tool name / type / call id (matched from the
+                                        model's calls) / call arguments / result, OI
+                                        tool.name, input.value / output.value (if recorded)
+    handoff    ``handoff <from> → <to>``turnfleet.handoff.from_agent / .to_agent, GA/OI
+                                        tool name ``transfer_to_<to>``
+    guardrail  ``guardrail <name>``     turnfleet.guardrail.name / .triggered, OI
+                                        output.value
+    custom     ``<name>`` (SDK task:    turnfleet.custom.<key> per data key (dicts as
+               ``task <workflow>``,     JSON); turn: GA agent name
+               turn: ``turn <n>
                <agent>``)
-    other      ``<type>``                       turnfleet.<type>.<key>
-    ========== ================================ ==========================================
+    other      ``<type>``               turnfleet.<type>.<key>
+    ========== ======================== =================================================
 
-    ``gen_ai.operation.name`` is invoke_agent / chat / execute_tool / handoff / guardrail, the
-    custom span's name, or the type; every span also gets ``gen_ai.system`` and
-    ``gen_ai.provider.name`` ("openai") and ``openinference.span.kind``.
+    GA ``gen_ai.operation.name`` is invoke_agent / chat / execute_tool, or handoff /
+    guardrail / the custom span's name / the type; every span also gets
+    ``gen_ai.provider.name`` (and the deprecated ``gen_ai.system``) and OI's span kind.
     """
     kind = str(span_data.get("type") or "custom")
     attrs: dict[str, Any] = {}
+    Op = GA.GenAiOperationNameValues
     if kind == "agent":
         agent = span_data.get("name") or "agent"
-        name, operation = f"invoke_agent {agent}", "invoke_agent"
-        _put(attrs, "gen_ai.agent.name", agent)
+        name, operation = f"invoke_agent {agent}", Op.INVOKE_AGENT.value
+        _put(attrs, GA.GEN_AI_AGENT_NAME, agent)
+        _put(attrs, OI.AGENT_NAME, agent)
         _put(attrs, "turnfleet.agent.tools", span_data.get("tools"))
         _put(attrs, "turnfleet.agent.handoffs", span_data.get("handoffs"))
         _put(attrs, "turnfleet.agent.output_type", span_data.get("output_type"))
     elif kind == "generation":
         model = span_data.get("model")
-        name, operation = (f"chat {model}" if model else "chat"), "chat"
-        _put(attrs, "gen_ai.request.model", model)
-        _put(attrs, "gen_ai.response.model", model)
-        _put(attrs, "llm.model_name", model)
+        name, operation = (f"chat {model}" if model else "chat"), Op.CHAT.value
+        _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
+        _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
+        _put(attrs, OI.LLM_MODEL_NAME, model)
+        _put(attrs, OI.LLM_PROVIDER, GEN_AI_PROVIDER)
         config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}
-        for key in ("temperature", "top_p", "max_tokens"):
-            _put(attrs, f"gen_ai.request.{key}", config.get(key))
-        _put(attrs, "turnfleet.model_config", config or None)
-        _put_usage(attrs, span_data.get("usage"))
-        _put(attrs, "gen_ai.input.messages", span_data.get("input"))
-        _put(attrs, "gen_ai.output.messages", span_data.get("output"))
+        _put(attrs, GA.GEN_AI_REQUEST_TEMPERATURE, config.get("temperature"))
+        _put(attrs, GA.GEN_AI_REQUEST_TOP_P, config.get("top_p"))
+        _put(attrs, GA.GEN_AI_REQUEST_MAX_TOKENS, config.get("max_tokens"))
+        _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
+        _put_usage(attrs, span_data.get("usage"), model, pricing)
+        _put_generation_io(attrs, span_data)
     elif kind == "response":
-        name, operation = "chat", "chat"
-        _put(attrs, "gen_ai.response.id", span_data.get("response_id"))
-        _put_usage(attrs, span_data.get("usage"))
+        name, operation = "chat", Op.CHAT.value
+        _put(attrs, GA.GEN_AI_RESPONSE_ID, span_data.get("response_id"))
+        _put_usage(attrs, span_data.get("usage"), span_data.get("model"), pricing)
     elif kind == "function":
         tool = span_data.get("name") or "tool"
-        name, operation = f"execute_tool {tool}", "execute_tool"
-        _put(attrs, "gen_ai.tool.name", tool)
-        _put(attrs, "gen_ai.tool.type", "function")
-        _put(attrs, "gen_ai.tool.call.arguments", span_data.get("input"))
-        _put(attrs, "gen_ai.tool.call.result", span_data.get("output"))
+        name, operation = f"execute_tool {tool}", Op.EXECUTE_TOOL.value
+        _put(attrs, GA.GEN_AI_TOOL_NAME, tool)
+        _put(attrs, OI.TOOL_NAME, tool)
+        _put(attrs, GA.GEN_AI_TOOL_TYPE, "function")
+        _put(attrs, GA.GEN_AI_TOOL_CALL_ID, tool_call_id)
+        _put(attrs, GA.GEN_AI_TOOL_CALL_ARGUMENTS, span_data.get("input"))
+        _put(attrs, GA.GEN_AI_TOOL_CALL_RESULT, span_data.get("output"))
+        _put_text(attrs, OI.INPUT_VALUE, OI.INPUT_MIME_TYPE, span_data.get("input"), MAX_VALUE_CHARS)
+        _put_text(attrs, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE, span_data.get("output"), MAX_VALUE_CHARS)
         _put(attrs, "turnfleet.tool.mcp_data", span_data.get("mcp_data"))
     elif kind == "handoff":
         source, target = span_data.get("from_agent"), span_data.get("to_agent")
-        name, operation = f"handoff {source or '?'} → {target or '?'}", "handoff"
+        name, operation = f"handoff {source or '?'} → {target or '?'}", HANDOFF
         _put(attrs, "turnfleet.handoff.from_agent", source)
         _put(attrs, "turnfleet.handoff.to_agent", target)
+        if target:
+            _put(attrs, GA.GEN_AI_TOOL_NAME, f"transfer_to_{target}")
+            _put(attrs, OI.TOOL_NAME, f"transfer_to_{target}")
     elif kind == "guardrail":
         guardrail = span_data.get("name") or "guardrail"
-        name, operation = f"guardrail {guardrail}", "guardrail"
+        name, operation = f"guardrail {guardrail}", GUARDRAIL
         _put(attrs, "turnfleet.guardrail.name", guardrail)
         _put(attrs, "turnfleet.guardrail.triggered", span_data.get("triggered"))
+        _put_text(attrs, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE,
+                  {"triggered": bool(span_data.get("triggered"))}, MAX_VALUE_CHARS)
     elif kind == "custom":
         operation = str(span_data.get("name") or "custom")
         data = span_data.get("data") or {}
@@ -252,7 +481,7 @@ def span_attributes(span_data: Mapping[str, Any]) -> tuple[str, str, dict[str, A
             name = f"task {data['name']}"
         elif sdk_kind == "turn":
             name = f"turn {data.get('turn', '?')} {data.get('agent_name', '')}".rstrip()
-            _put(attrs, "gen_ai.agent.name", data.get("agent_name"))
+            _put(attrs, GA.GEN_AI_AGENT_NAME, data.get("agent_name"))
         else:
             name = operation
         _put_data(attrs, "turnfleet.custom", data)
@@ -260,18 +489,82 @@ def span_attributes(span_data: Mapping[str, Any]) -> tuple[str, str, dict[str, A
         label = span_data.get("name") or span_data.get("model")
         name, operation = (f"{kind} {label}" if label else kind), kind
         _put_data(attrs, f"turnfleet.{kind}", span_data)
-    attrs["gen_ai.operation.name"] = operation
-    attrs["gen_ai.system"] = GEN_AI_SYSTEM
-    attrs["gen_ai.provider.name"] = GEN_AI_SYSTEM
-    attrs["openinference.span.kind"] = _OPENINFERENCE_KIND.get(kind, "CHAIN")
+    attrs[GA.GEN_AI_OPERATION_NAME] = operation
+    attrs[GA.GEN_AI_PROVIDER_NAME] = GEN_AI_PROVIDER
+    attrs[GA.GEN_AI_SYSTEM] = GEN_AI_PROVIDER  # deprecated name, still read by older receivers
+    attrs[OI.OPENINFERENCE_SPAN_KIND] = _OPENINFERENCE_KIND.get(kind, Kind.CHAIN.value)
     return name, kind, attrs
 
 
-def _error_description(error: Any) -> str:
+def root_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
+    """The attempt's root span: the workflow, the turn's text and answer (when recorded:
+    ``trace_include_sensitive_data``; redacted by the store; capped at MAX_VALUE_CHARS), the
+    attempt's marks (``turnfleet.attempt``, ``turnfleet.attempt.final``, a ``retried`` tag on
+    an attempt that was not the turn's last)."""
+    attrs = turn_attributes(trace)
+    workflow = str(trace.get("workflow_name") or "Agent workflow")
+    attrs[GA.GEN_AI_OPERATION_NAME] = GA.GenAiOperationNameValues.INVOKE_WORKFLOW.value
+    attrs[GA.GEN_AI_WORKFLOW_NAME] = workflow
+    attrs[GA.GEN_AI_PROVIDER_NAME] = GEN_AI_PROVIDER
+    attrs[OI.OPENINFERENCE_SPAN_KIND] = Kind.CHAIN.value
+    _put_text(attrs, OI.INPUT_VALUE, OI.INPUT_MIME_TYPE, trace.get("input"), MAX_VALUE_CHARS)
+    _put_text(attrs, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE, trace.get("output"), MAX_VALUE_CHARS)
+    attempt = trace.get("attempt") or (trace.get("metadata") or {}).get("attempt")
+    tags = [f"attempt {attempt}"] if attempt is not None else []
+    if trace.get("final") is False:
+        tags.append("retried")
+    if trace.get("status") == "failed":
+        tags.append("failed")
+    if tags:
+        attrs[OI.TAG_TAGS] = tags
+        attrs[LANGFUSE_TRACE_TAGS] = tags
+    _put(attrs, "turnfleet.sdk_trace_id", trace.get("id"))
+    _put(attrs, "turnfleet.status", trace.get("status"))
+    _put_data(attrs, "turnfleet.metadata", trace.get("metadata"))
+    return attrs
+
+
+def error_description(error: Any) -> str:
+    """``"<type>: <message>"`` (the failure's real cause) for a record's or a span's error."""
     if isinstance(error, Mapping):
         kind, message = error.get("type") or error.get("error_type"), error.get("message")
+        data = error.get("data")
+        # The SDK's span errors say "Error running tool"; the cause is in data["error"].
+        if isinstance(data, Mapping) and isinstance(data.get("error"), str) and data["error"] != message:
+            message = f"{message}: {data['error']}" if message else data["error"]
         return ": ".join(str(part) for part in (kind, message) if part) or "error"
     return str(error)
+
+
+def exception_event(error: Any) -> dict[str, Any]:
+    """The OTel exception event's attributes for an error (type, message)."""
+    if isinstance(error, Mapping):
+        kind = error.get("type") or error.get("error_type") or "Error"
+        message = error_description({**error, "type": None})
+    else:
+        kind, message = "Error", str(error)
+    return {EXC.EXCEPTION_TYPE: str(kind), EXC.EXCEPTION_MESSAGE: message}
+
+
+def tool_call_ids(sdk_spans: list[Mapping[str, Any]]) -> dict[str, str]:
+    """SDK function span id -> the model's call id, matched by tool name and arguments in
+    the order the calls were made (only when model outputs were recorded)."""
+    pending: dict[tuple[Any, Any], list[str]] = {}
+    for sdk in sdk_spans:
+        data = sdk.get("span_data") or {}
+        if data.get("type") == "generation":
+            for message in messages(data.get("output")):
+                for call in message.get("tool_calls") or []:
+                    if call.get("id"):
+                        pending.setdefault((call.get("name"), call.get("arguments")), []).append(call["id"])
+    out: dict[str, str] = {}
+    for sdk in sorted(sdk_spans, key=lambda s: s.get("started_at") or ""):
+        data = sdk.get("span_data") or {}
+        if data.get("type") == "function":
+            ids = pending.get((data.get("name"), data.get("input")))
+            if ids:
+                out[str(sdk["id"])] = ids.pop(0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +580,7 @@ def _load_otel() -> SimpleNamespace:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import ReadableSpan
+            from opentelemetry.sdk.trace import Event, ReadableSpan
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
             from opentelemetry.sdk.util.instrumentation import InstrumentationScope
             from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -297,6 +590,7 @@ def _load_otel() -> SimpleNamespace:
             OTLPSpanExporter=OTLPSpanExporter,
             Resource=Resource,
             ReadableSpan=ReadableSpan,
+            Event=Event,
             BatchSpanProcessor=BatchSpanProcessor,
             SpanExportResult=SpanExportResult,
             InstrumentationScope=InstrumentationScope,
@@ -362,7 +656,8 @@ class OtlpSink:
     with every request (auth for Langfuse, Honeycomb, ...). ``exporter`` replaces the OTLP
     exporter with any OpenTelemetry ``SpanExporter`` (``endpoint`` is then only a label).
     ``timeout_s`` bounds one batch's export, retries included. ``max_queue_size`` spans wait
-    for the exporter at most; more are dropped.
+    for the exporter at most; more are dropped. ``pricing(model, usage)`` is a model call's
+    cost in USD (None: unknown), sent as the call's cost attributes.
     """
 
     def __init__(
@@ -376,9 +671,11 @@ class OtlpSink:
         resource_attributes: Mapping[str, Any] | None = None,
         max_queue_size: int | None = None,
         schedule_delay_ms: float | None = None,
+        pricing: Pricing | None = None,
     ) -> None:
         otel = _load_otel()
         self._otel = otel
+        self._pricing = pricing
         self.endpoint = endpoint
         if exporter is None:
             exporter = otel.OTLPSpanExporter(
@@ -405,7 +702,15 @@ class OtlpSink:
         if not settings.otlp_endpoint:
             return None
         extra = {"service.instance.id": settings.worker_name} if settings.worker_name else None
-        return cls(settings.otlp_endpoint, settings.otlp_headers, resource_attributes=extra)
+        # The fleet's price table (TURNFLEET_PRICES over the defaults), as telemetry prices calls.
+        try:
+            custom = TelemetrySettings().prices
+        except ValidationError as exc:  # telemetry's settings are refused by telemetry itself
+            log.warning("otlp.prices_unreadable", error=str(exc)[:200])
+            custom = {}
+        prices = PriceTable({**DEFAULT_PRICES, **custom})
+        return cls(settings.otlp_endpoint, settings.otlp_headers, resource_attributes=extra,
+                   pricing=prices.cost_usd)
 
     # ----------------------------------------------------------------------------------------
 
@@ -445,6 +750,11 @@ class OtlpSink:
         def context(span_id: int) -> Any:
             return otel.SpanContext(trace_id, span_id, is_remote=False, trace_flags=sampled)
 
+        def failure(error: Any, at: int) -> tuple[Any, list[Any]]:
+            """ERROR status with the real cause, and the OTel exception event."""
+            status = otel.Status(otel.StatusCode.ERROR, error_description(error))
+            return status, [otel.Event(EXCEPTION_EVENT, exception_event(error), timestamp=at)]
+
         common = turn_attributes(trace)
         starts = [iso_to_ns(s["started_at"]) for s in sdk_spans if s.get("started_at")]
         ends = [iso_to_ns(s["ended_at"]) for s in sdk_spans if s.get("ended_at")]
@@ -459,23 +769,20 @@ class OtlpSink:
 
         root_id = turn_span_id(sdk_trace_id, attempt)
         workflow = str(trace.get("workflow_name") or "Agent workflow")
-        root_attrs = dict(common)
-        root_attrs["gen_ai.operation.name"] = "invoke_workflow"
-        root_attrs["gen_ai.workflow.name"] = workflow
-        root_attrs["openinference.span.kind"] = "CHAIN"
-        _put(root_attrs, "turnfleet.sdk_trace_id", sdk_trace_id)
-        _put(root_attrs, "turnfleet.status", trace.get("status"))
-        _put_data(root_attrs, "turnfleet.metadata", trace.get("metadata"))
-        root_status = otel.Status(otel.StatusCode.UNSET)
+        root_attrs = root_attributes(trace)
+        root_status, root_events = otel.Status(otel.StatusCode.UNSET), []
         if trace.get("status") == "failed":
-            description = _error_description(trace.get("error") or "turn failed")
-            root_status = otel.Status(otel.StatusCode.ERROR, description)
+            error = trace.get("error") or "turn failed"
+            root_status, root_events = failure(error, root_end)
+            if isinstance(error, Mapping) and error.get("type"):
+                root_attrs[ERR.ERROR_TYPE] = str(error["type"])
         root = otel.ReadableSpan(
             name=f"{workflow} turn",
             context=context(root_id),
             parent=None,
             resource=self._resource,
             attributes=root_attrs,
+            events=root_events,
             kind=otel.SpanKind.INTERNAL,
             status=root_status,
             start_time=root_start,
@@ -484,24 +791,24 @@ class OtlpSink:
         )
 
         kept = {str(s["id"]) for s in sdk_spans}
+        call_ids = tool_call_ids(sdk_spans)
         out = [root]
         for sdk in sdk_spans:
-            name, kind, attrs = span_attributes(sdk.get("span_data") or {})
-            attrs.update(common)
             sdk_id, sdk_parent = str(sdk["id"]), sdk.get("parent_id")
+            name, kind, attrs = span_attributes(sdk.get("span_data") or {}, self._pricing, call_ids.get(sdk_id))
+            attrs.update(common)
             attrs["turnfleet.sdk_span_id"] = sdk_id
             _put(attrs, "turnfleet.sdk_parent_id", sdk_parent)
             _put(attrs, "turnfleet.span_metadata", sdk.get("metadata"))
             parent_id = otel_span_id(str(sdk_parent)) if sdk_parent in kept else root_id
             start = iso_to_ns(sdk["started_at"]) if sdk.get("started_at") else root_start
-            end = iso_to_ns(sdk["ended_at"]) if sdk.get("ended_at") else start
+            end = max(start, iso_to_ns(sdk["ended_at"]) if sdk.get("ended_at") else start)
             error = sdk.get("error")
+            status, events = otel.Status(otel.StatusCode.UNSET), []
             if error:
-                status = otel.Status(otel.StatusCode.ERROR, _error_description(error))
+                status, events = failure(error, end)
                 if isinstance(error, Mapping):
                     _put(attrs, "turnfleet.error.data", error.get("data"))
-            else:
-                status = otel.Status(otel.StatusCode.UNSET)
             out.append(
                 otel.ReadableSpan(
                     name=name,
@@ -509,10 +816,11 @@ class OtlpSink:
                     parent=context(parent_id),
                     resource=self._resource,
                     attributes=attrs,
+                    events=events,
                     kind=otel.SpanKind.CLIENT if kind in _MODEL_CALLS else otel.SpanKind.INTERNAL,
                     status=status,
                     start_time=start,
-                    end_time=max(start, end),
+                    end_time=end,
                     instrumentation_scope=self._scope,
                 )
             )
