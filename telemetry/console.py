@@ -310,24 +310,32 @@ async def search(request: Request) -> Response:
     size = _int_param(request, "size", PAGE_SIZE, 1, 100)
     page = _int_param(request, "page", 1, 1, FIND_PAGE_MAX // size)
     offset = (page - 1) * size
-    rows: list[dict[str, Any]] = []
-    more = False
-    if not errors:
-        # Pages by offset: the first offset + size + 1 matches, newest first, then a slice.
-        found = await find_visible(
-            redis, who, customer=params["customer"] or None, tool=params["tool"] or None,
-            agent=params["agent"] or None, error=params["error"] or None,
-            workflow=params["workflow"] or None, version=params["version"] or None, since=since,
-            until=until, min_cost_usd=min_cost, limit=offset + size + 1)
-        rows, more = found[offset:offset + size], len(found) > offset + size
-    kept = {k: v for k, v in params.items() if v}
-    if size != PAGE_SIZE:
-        kept["size"] = str(size)
     async with redis.pipeline(transaction=False) as pipe:
         for dimension in ("tool", "agent"):
             pipe.smembers(keys.latency_names(dimension))
         pipe.zrange(keys.aggregate_index("version"), 0, -1)
         tools, agents, versions = (sorted(names) for names in await pipe.execute())
+    matched_tools = tool_matches(params["tool"], tools) if params["tool"] else [None]
+    rows: list[dict[str, Any]] = []
+    more = False
+    if not errors:
+        # Pages by offset: the first offset + size + 1 matches, newest first, then a slice.
+        # A tool prefix naming several tools is the union of one search per tool (each its
+        # newest offset + size + 1, so the union's newest are among them).
+        found: dict[str, dict[str, Any]] = {}
+        for tool in matched_tools:
+            for row in await find_visible(
+                    redis, who, customer=params["customer"] or None, tool=tool,
+                    agent=params["agent"] or None, error=params["error"] or None,
+                    workflow=params["workflow"] or None, version=params["version"] or None,
+                    since=since, until=until, min_cost_usd=min_cost, limit=offset + size + 1):
+                found.setdefault(row["conversation_id"], row)
+        ordered = sorted(found.values(), key=lambda r: r["last_event_at"] or "", reverse=True)
+        rows, more = ordered[offset:offset + size], len(ordered) > offset + size
+        await _mark_errors(redis, rows)
+    kept = {k: v for k, v in params.items() if v}
+    if size != PAGE_SIZE:
+        kept["size"] = str(size)
     workflows = sorted({keys.split_version_subject(v)[0] for v in versions} - {keys.UNKNOWN_RUN})
     return _page(
         request, "search.html", status=400 if errors else 200, who=who, params=params,
@@ -335,10 +343,42 @@ async def search(request: Request) -> Response:
         newer=f"?{urlencode({**kept, 'page': page - 1})}" if page > 1 else None,
         older=f"?{urlencode({**kept, 'page': page + 1})}" if more else None,
         filtered=any(params.values()), tools=tools, agents=agents, size=size,
-        workflows=workflows,
+        workflows=workflows, matched_tools=[t for t in matched_tools if t],
         default_size=PAGE_SIZE,
         customers=sorted(who.customers) if not who.operator else [],
     )
+
+
+MAX_TOOL_MATCHES = 20
+
+
+def tool_matches(text: str, known: list[str]) -> list[str]:
+    """The known tool names (``keys.latency_names("tool")``: every tool telemetry has timed)
+    that start with ``text``: the "Tool called" filter matches a prefix of a known name
+    (``process_`` finds ``process_refund``; ``refund`` finds nothing, as no name starts with
+    it). At most ``MAX_TOOL_MATCHES``, in name order."""
+    return [name for name in known if name.startswith(text)][:MAX_TOOL_MATCHES]
+
+
+async def _mark_errors(redis: Redis, rows: list[dict[str, Any]]) -> None:
+    """Give each row ``error_marks``: its error types as ``(kind, type)``, kind ``failed`` (a
+    turn ended failed with it), ``recovered`` (an attempt failed with it, the turn completed
+    later) or ``""`` (neither: a tool error the agent handled). A row without failed attempts
+    or turns reads nothing more; one with them reads its turns' ``status`` / ``error_type``
+    (one pipeline per row: at most a page of rows)."""
+    for row in rows:
+        failed: set[str] = set()
+        recovered: set[str] = set()
+        if row["errors"] and (row.get("attempts_failed") or row.get("turns_failed")):
+            turn_ids = await redis.lrange(keys.conversation_turns(row["conversation_id"]), 0, -1)
+            async with redis.pipeline(transaction=False) as pipe:
+                for t in turn_ids:
+                    pipe.hmget(keys.aggregate("turn", t), "status", "error_type")
+                for status, error_type in await pipe.execute():
+                    if error_type:
+                        (failed if status == "failed" else recovered).add(error_type)
+        row["error_marks"] = [("failed" if e in failed else "recovered" if e in recovered else "", e)
+                              for e in row["errors"]]
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

@@ -30,6 +30,8 @@ import redis as redis_sync
 from tests.console_scenario import (
     C100,
     CHROMIUM,
+    FAILED,
+    FAILED_ATTEMPTS,
     MARKUP,
     OPERATOR,
     RETRIED,
@@ -136,6 +138,27 @@ def test_search_finds_the_refund_conversation_by_tool_name(page: Any) -> None:
 
 
 @browser_test
+def test_tool_called_offers_the_known_names_and_matches_a_prefix(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR)
+    offered = page.locator("datalist#tools option")
+    expect(offered.filter(has=page.locator("[value=process_refund]"))).to_have_count(0)
+    assert "process_refund" in offered.evaluate_all("options => options.map(o => o.value)")
+    expect(page.get_by_label("Tool called")).to_have_attribute("list", "tools")
+    page.get_by_label("Tool called").fill("process_")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("p.tool-match")).to_contain_text("Tool called: process_refund")
+    expect(page.locator("table.results tbody th a")).to_have_text([RETRIED, PRIYA])
+    # No name starts with "refund": nothing, and the page says so, naming the known tools.
+    page.get_by_label("Tool called").fill("refund")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("p.tool-match")).to_contain_text("No known tool name starts with refund")
+    expect(page.locator("p.tool-match")).to_contain_text("process_refund")
+    expect(page.locator("table.results tbody tr")).to_have_count(0)
+
+
+@browser_test
 def test_conversation_shows_the_refund_amount_in_the_process_refund_result(page: Any) -> None:
     from playwright.sync_api import expect
 
@@ -176,6 +199,35 @@ def test_the_timeline_has_one_bar_per_span(page: Any, http: httpx.Client) -> Non
     for part in ("queue wait", "model", "tools", "other"):
         expect(legend).to_contain_text(part)
     expect(page.locator("figure.breakdown rect.seg-model")).to_have_count(1)
+
+
+@browser_test
+def test_errors_column_says_recovered_for_a_retried_turn_and_failed_for_a_failed_one(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR)
+    rows = page.locator("table.results tbody tr")
+    retried = rows.filter(has=page.get_by_role("link", name=RETRIED, exact=True))
+    failed = rows.filter(has=page.get_by_role("link", name=FAILED, exact=True))
+    expect(retried.locator("td.errors")).to_have_text("recovered (InternalServerError)")
+    expect(failed.locator("td.errors")).to_have_text("failed (InternalServerError)")
+    expect(rows.filter(has=page.get_by_role("link", name=PRIYA, exact=True)).locator("td.errors")).to_have_text("–")
+
+
+@browser_test
+def test_a_failed_turn_shows_the_time_its_attempts_spent(page: Any, http: httpx.Client) -> None:
+    from playwright.sync_api import expect
+
+    [turn] = replay(http, FAILED)["turns"]
+    assert turn["turn"]["status"] == "failed"
+    assert [a["status"] for a in turn["attempts"]] == ["failed"] * FAILED_ATTEMPTS
+    sign_in(page, OPERATOR, f"/console/conversations/{FAILED}")
+    figures = page.locator("section.turn dl.figures")
+    duration = figures.locator("div").filter(has=page.locator("dt", has_text="Duration")).locator("dd")
+    expect(duration).to_have_text(re.compile(r"^[\d,.]+ (ms|s)$"))
+    model = page.locator("figure.breakdown .legend li").filter(has_text="model").locator("strong")
+    expect(model).not_to_have_text(re.compile(r"^(0 ms|–)$"))
+    expect(model).to_have_text(re.compile(r"^[\d,.]+ (ms|s)$"))
 
 
 @browser_test
@@ -365,7 +417,7 @@ def test_search_says_which_filter_is_wrong_and_pages_stay_inside_the_console(htt
 
 def test_search_pages_through_conversations_newest_first(http: httpx.Client, fleet: ConsoleFleet) -> None:
     everything = [row["conversation_id"] for row in http.get("/v1/find", headers=bearer(OPERATOR)).json()]
-    assert len(everything) == len(fleet.scenario.conversations) == 7
+    assert len(everything) == len(fleet.scenario.conversations) == 8
 
     def shown(page: str) -> list[str]:
         return re.findall(r'<th scope="row"><a href="/console/conversations/([^"]+)">', page)
@@ -380,7 +432,7 @@ def test_search_pages_through_conversations_newest_first(http: httpx.Client, fle
         older = re.search(r'<a href="([^"]+)" rel="next">', r.text)
         url = older.group(1).replace("&amp;", "&") if older else None
     assert pages == [everything[0:3], everything[3:6], everything[6:]]
-    assert "Conversations 7–7, newest last event first" in r.text and 'rel="prev"' in r.text
+    assert "Conversations 7–8, newest last event first" in r.text and 'rel="prev"' in r.text
 
 
 def test_a_turn_shows_its_workflow_and_version_and_search_filters_by_them(http: httpx.Client) -> None:
