@@ -451,6 +451,33 @@ def breakdown(telemetry: dict[str, Any], turn: dict[str, Any]) -> list[dict[str,
     return out
 
 
+def _spent(nodes: list[dict[str, Any]], kind: str) -> float:
+    """Milliseconds in the outermost spans of ``kind`` under ``nodes``."""
+    return sum((n.get("duration_ms") or 0) if n.get("kind") == kind else _spent(n.get("children") or [], kind)
+               for n in nodes)
+
+
+def failed_turn_times(attempts: list[dict[str, Any]]) -> dict[str, float] | None:
+    """A failed turn's time as its attempts spent it: ``duration_ms`` (each attempt's start to
+    end, summed), ``model_ms`` and ``tool_ms`` (its generation and tool spans, summed) and
+    ``other_ms`` (the rest). A failed model call has no ``llm_end``, so telemetry counts no
+    model time for it and the turn record no duration: the spans are what is known. ``None``
+    without any attempt's start and end."""
+    duration = model = tool = 0.0
+    timed = False
+    for attempt in attempts:
+        start, end = _ts(attempt.get("started_at")), _ts(attempt.get("ended_at"))
+        if start and end:
+            timed = True
+            duration += max((end - start).total_seconds() * 1000, 0.0)
+        model += _spent(attempt.get("tree") or [], "generation")
+        tool += _spent(attempt.get("tree") or [], "tool")
+    if not timed:
+        return None
+    return {"duration_ms": duration, "model_ms": model, "tool_ms": tool,
+            "other_ms": max(duration - model - tool, 0.0)}
+
+
 @router.get("/conversations/{conversation_id}")
 async def conversation(request: Request, conversation_id: str) -> Response:
     who = _who(request)
@@ -467,7 +494,13 @@ async def conversation(request: Request, conversation_id: str) -> Response:
     # telemetry is before showing them (telemetry itself is redacted already; again is a no-op).
     replay = (await registry.redactor(redis, settings_of(request))).value(replay)
     for turn in replay["turns"]:
-        turn["breakdown"] = breakdown(turn.get("telemetry") or {}, turn["turn"])
+        figures = turn.get("telemetry") or {}
+        turn["attempt_times"] = None
+        if turn["turn"].get("status") == "failed":
+            turn["attempt_times"] = failed_turn_times(turn["attempts"])
+            if turn["attempt_times"]:
+                figures = {**figures, **{k: v for k, v in turn["attempt_times"].items() if k != "duration_ms"}}
+        turn["breakdown"] = breakdown(figures, turn["turn"])
         for attempt in turn["attempts"]:
             attempt["timeline"] = timeline(attempt)
     return _page(request, "conversation.html", who=who, replay=replay, owner=owner,
