@@ -13,6 +13,10 @@ Pages (each needs a key; without one the browser is sent to the login form):
   (collapsible ``<details>``) and timeline (one bar per span on the attempt's time axis), the
   turn's split into queue wait, model, tool and other time, tokens and cost per turn and in
   total, failed attempts with their errors;
+- ``/console/money``: every refund (``process_refund`` call) with its order, amount, the
+  eligibility amount, turn, conversation, customer and time, filterable (customer, order,
+  anomalies only) and sortable, a refund whose turn failed a money-path check marked with the
+  check and its reason (``telemetry/refunds.py``); ``/console/money.json``: the same rows;
 - ``/console/live``: alerts as they arrive (Server-Sent Events from the same generator as
   ``/v1/alerts?follow=true``), spend per customer and model today, and turns/s, error rate
   and p95 latency per minute over the last hour as small inline-SVG charts (refreshed from
@@ -56,6 +60,7 @@ from turnfleet.telemetry.http import (
 )
 from turnfleet.telemetry.find import FIND_PAGE_MAX
 from turnfleet.telemetry.live_figures import last_hour, spend_today
+from turnfleet.telemetry.refunds import SORTS, refunds
 from turnfleet.telemetry.replay import conversation_replay
 from turnfleet.telemetry.times import parse_time
 from turnfleet import keys, registry
@@ -505,6 +510,70 @@ async def conversation(request: Request, conversation_id: str) -> Response:
             attempt["timeline"] = timeline(attempt)
     return _page(request, "conversation.html", who=who, replay=replay, owner=owner,
                  kinds=KINDS)
+
+
+# -- money -----------------------------------------------------------------------------------
+
+
+async def _money_rows(request: Request, who: Principal) -> tuple[dict[str, str], dict[str, str], list[dict[str, Any]]]:
+    """The money view's filters as given, what is wrong with them, and its rows (redacted as
+    every page is): shared by the page and its JSON."""
+    params = {name: (request.query_params.get(name) or "").strip()
+              for name in ("customer", "order", "anomalies", "sort", "dir")}
+    errors = {n: f"at most {MAX_FILTER_CHARS} characters" for n, v in params.items()
+              if len(v) > MAX_FILTER_CHARS}
+    params["sort"] = params["sort"] or "when"
+    params["dir"] = params["dir"] or ("desc" if params["sort"] == "when" else "asc")
+    if params["sort"] not in SORTS:
+        errors["sort"] = f"one of {', '.join(SORTS)}"
+    if params["dir"] not in ("asc", "desc"):
+        errors["dir"] = "asc or desc"
+    if errors:
+        return params, errors, []
+    redis: Redis = redis_of(request)
+    rows = await refunds(redis, who, customer=params["customer"] or None,
+                         order=params["order"] or None, anomalies_only=bool(params["anomalies"]),
+                         sort=params["sort"], descending=params["dir"] == "desc")
+    return params, errors, (await registry.redactor(redis, settings_of(request))).value(rows)
+
+
+@router.get("/money")
+async def money_view(request: Request) -> Response:
+    """Every refund the key may see (``telemetry/refunds.py``), filterable and sortable, with
+    the money-path checks that failed on its turn marked."""
+    who = _who(request)
+    if who is None:
+        return _to_login(request)
+    params, errors, rows = await _money_rows(request, who)
+    kept = {k: v for k, v in params.items() if v and k not in ("sort", "dir")}
+
+    def sort_link(column: str) -> str:
+        same = params["sort"] == column
+        direction = ("asc" if params["dir"] == "desc" else "desc") if same else \
+            ("desc" if column == "when" else "asc")
+        return "?" + urlencode({**kept, "sort": column, "dir": direction})
+
+    return _page(request, "money.html", status=400 if errors else 200, who=who, params=params,
+                 errors=errors, rows=rows, sort_link=sort_link,
+                 anomalies=sum(1 for r in rows if r["anomalies"]),
+                 customers=sorted(who.customers) if not who.operator else [])
+
+
+@router.get("/money.json")
+async def money_json(request: Request) -> Response:
+    """The money view's rows as JSON (``{"refunds": [...]}``; 400 ``{"error", "field"}`` for a
+    bad filter), scoped like every page: a customer key sees its customers' refunds only."""
+    who = _who(request)
+    if who is None:
+        return Response(json.dumps({"error": "an API key is required", "field": "api_key"}),
+                        status_code=401, media_type="application/json", headers=SECURITY_HEADERS)
+    params, errors, rows = await _money_rows(request, who)
+    if errors:
+        field, message = next(iter(errors.items()))
+        return Response(json.dumps({"error": f"{field}: {message}", "field": field}),
+                        status_code=400, media_type="application/json", headers=SECURITY_HEADERS)
+    return Response(json.dumps({"refunds": rows}), media_type="application/json",
+                    headers=SECURITY_HEADERS)
 
 
 # -- live ------------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ Used by ``tests/test_console.py`` (browser and HTTP tests) and ``tests/console_s
    request 500, with client retries off, so attempt 1 fails and attempt 2 completes; and one
    for C-101 (``FAILED``) whose every request gets a 500, so both its attempts fail and the
    turn ends failed;
-3. with ``markup=True``, a conversation whose text is HTML (``MARKUP_TEXT``), for the tests
+3. one refund on the flawed offline model (``turnfleet-offline-flawed``) for C-103
+   (``WRONG_REFUND``): asked for order 1050, it refunds 1049, and the check
+   ``refund_order_named_by_customer`` fails on that turn (the money view's anomaly);
+4. with ``markup=True``, a conversation whose text is HTML (``MARKUP_TEXT``), for the tests
    that check every page escapes what it shows;
-4. one ``turnfleet telemetry --burst`` over all of it (the demo's low conversation-cost
+5. one ``turnfleet telemetry --burst`` over all of it (the demo's low conversation-cost
    threshold, so the long conversation raises a real ``conversation_cost`` alert).
 
 Conversation ids are fixed (``console-<label>``), turn ids ``<conversation>-t<n>``.
@@ -43,6 +46,7 @@ from turnfleet.auth import hash_key
 from turnfleet.shell.demo import DEMO_CONVERSATION_COST_ALERT_USD, SCENARIO
 from turnfleet.shell.embedded import RedisServer
 from turnfleet.shell.fleet import FleetProcess, listening_socket
+from turnfleet.shell.story import refund_text
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -67,6 +71,9 @@ FAILED = f"{PREFIX}erin-failed"  # every attempt of its one turn gets a 500: the
 FAILED_CUSTOMER = "C-101"
 FAILED_TEXT = "Is my order 1044 on its way?"
 FAILED_ATTEMPTS = 2
+WRONG_REFUND = f"{PREFIX}tomas-wrong-refund"  # on the flawed model: asks for 1050, gets 1049 refunded
+WRONG_REFUND_CUSTOMER = "C-103"
+WRONG_REFUND_ASKED, WRONG_REFUND_ORDER = "1050", "1049"
 MARKUP = f"{PREFIX}markup"
 MARKUP_TEXT = '<img src=x onerror="alert(1)"> <b>Where</b> is order 1043?'
 
@@ -119,6 +126,11 @@ def run_console_scenario(redis_url: str, env: Mapping[str, str], log_dir: Path,
     extra = [(MARKUP.removeprefix(PREFIX), "C-103", [MARKUP_TEXT])] if markup else []
     asyncio.run(_enqueue(redis_url, _batch(SCENARIO + extra, scenario)))
     _burst("worker", env, log_dir, "worker-offline")
+    asyncio.run(_enqueue(redis_url, _batch(
+        [(WRONG_REFUND.removeprefix(PREFIX), WRONG_REFUND_CUSTOMER,
+          [refund_text(WRONG_REFUND_ASKED, wrong=True)])], scenario)))
+    _burst("worker", {**env, "TURNFLEET_MODEL_NAME": "turnfleet-offline-flawed"}, log_dir,
+           "worker-flawed")
 
     llm = LLMServer().start()
     try:
