@@ -579,12 +579,17 @@ async def money_json(request: Request) -> Response:
 # -- live ------------------------------------------------------------------------------------
 
 
-def sparkline(values: list[float | None], width: int = 300, height: int = 64) -> dict[str, Any]:
+def sparkline(values: list[float | None], width: int = 300, height: int = 64,
+              pad: int = 6) -> dict[str, Any]:
     """Polyline segments (gaps where a value is ``None``) of values scaled to the box, and the
-    scale's top. Points are ``x,y`` strings in SVG user units (y grows downwards)."""
+    scale's top. Points are ``x,y`` strings in SVG user units (y grows downwards), inset by
+    ``pad`` on every side so a point on an edge (the latest minute, the highest value) is
+    drawn whole; ``base`` is the zero line's y. ``dots``: the points drawn as dots, each one
+    alone between gaps and the latest, so a chart with one data point shows it."""
     top = max([v for v in values if v is not None] + [0.0])
     scale = top if top > 0 else 1.0
-    step = width / max(len(values) - 1, 1)
+    step = (width - 2 * pad) / max(len(values) - 1, 1)
+    base = height - pad
     segments: list[list[str]] = []
     current: list[str] = []
     for i, v in enumerate(values):
@@ -593,11 +598,14 @@ def sparkline(values: list[float | None], width: int = 300, height: int = 64) ->
                 segments.append(current)
                 current = []
             continue
-        current.append(f"{i * step:.1f},{height - 2 - (height - 4) * v / scale:.1f}")
+        current.append(f"{pad + i * step:.1f},{base - (height - 2 * pad) * v / scale:.1f}")
     if current:
         segments.append(current)
+    dots = [s[0] for s in segments if len(s) == 1]
+    if segments and segments[-1][-1] not in dots:
+        dots.append(segments[-1][-1])
     return {"segments": [" ".join(s) for s in segments], "top": top, "width": width,
-            "height": height, "dots": [s[0] for s in segments if len(s) == 1]}
+            "height": height, "base": base, "dots": dots}
 
 
 async def _panels(redis: Redis, who: Principal) -> dict[str, Any]:

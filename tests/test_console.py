@@ -337,6 +337,25 @@ def test_live_page_shows_spend_today_and_the_last_hour(page: Any) -> None:
 
 
 @browser_test
+def test_live_charts_draw_their_latest_point_whole_and_round(page: Any) -> None:
+    """The scenario's turns all finished in the last minute or two: one data point per chart."""
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR, "/console/live")
+    for chart in ("turns", "errors", "p95"):
+        svg = page.locator(f"#chart-{chart} svg")
+        dots = svg.locator(".dot")
+        expect(dots).not_to_have_count(0)
+        box, dot = svg.bounding_box(), dots.last.bounding_box()
+        assert box and dot, chart
+        # A visible round dot (not an ellipse squeezed by the stretched box), wholly inside.
+        assert dot["width"] >= 5 and dot["height"] >= 5 and abs(dot["width"] - dot["height"]) < 1, (chart, dot)
+        assert box["x"] <= dot["x"] and dot["x"] + dot["width"] <= box["x"] + box["width"], (chart, dot, box)
+        assert box["y"] <= dot["y"] and dot["y"] + dot["height"] <= box["y"] + box["height"], (chart, dot, box)
+        expect(page.locator(f"#chart-{chart} .axis")).to_contain_text("0 – ")
+
+
+@browser_test
 def test_a_customer_key_gets_the_not_found_page_for_another_customers_conversation(
     page: Any,
 ) -> None:
