@@ -13,6 +13,10 @@ Pages (each needs a key; without one the browser is sent to the login form):
   (collapsible ``<details>``) and timeline (one bar per span on the attempt's time axis), the
   turn's split into queue wait, model, tool and other time, tokens and cost per turn and in
   total, failed attempts with their errors;
+- ``/console/money``: every refund (``process_refund`` call) with its order, amount, the
+  eligibility amount, turn, conversation, customer and time, filterable (customer, order,
+  anomalies only) and sortable, a refund whose turn failed a money-path check marked with the
+  check and its reason (``telemetry/refunds.py``); ``/console/money.json``: the same rows;
 - ``/console/live``: alerts as they arrive (Server-Sent Events from the same generator as
   ``/v1/alerts?follow=true``), spend per customer and model today, and turns/s, error rate
   and p95 latency per minute over the last hour as small inline-SVG charts (refreshed from
@@ -56,6 +60,7 @@ from turnfleet.telemetry.http import (
 )
 from turnfleet.telemetry.find import FIND_PAGE_MAX
 from turnfleet.telemetry.live_figures import last_hour, spend_today
+from turnfleet.telemetry.refunds import SORTS, refunds
 from turnfleet.telemetry.replay import conversation_replay
 from turnfleet.telemetry.times import parse_time
 from turnfleet import keys, registry
@@ -310,24 +315,32 @@ async def search(request: Request) -> Response:
     size = _int_param(request, "size", PAGE_SIZE, 1, 100)
     page = _int_param(request, "page", 1, 1, FIND_PAGE_MAX // size)
     offset = (page - 1) * size
-    rows: list[dict[str, Any]] = []
-    more = False
-    if not errors:
-        # Pages by offset: the first offset + size + 1 matches, newest first, then a slice.
-        found = await find_visible(
-            redis, who, customer=params["customer"] or None, tool=params["tool"] or None,
-            agent=params["agent"] or None, error=params["error"] or None,
-            workflow=params["workflow"] or None, version=params["version"] or None, since=since,
-            until=until, min_cost_usd=min_cost, limit=offset + size + 1)
-        rows, more = found[offset:offset + size], len(found) > offset + size
-    kept = {k: v for k, v in params.items() if v}
-    if size != PAGE_SIZE:
-        kept["size"] = str(size)
     async with redis.pipeline(transaction=False) as pipe:
         for dimension in ("tool", "agent"):
             pipe.smembers(keys.latency_names(dimension))
         pipe.zrange(keys.aggregate_index("version"), 0, -1)
         tools, agents, versions = (sorted(names) for names in await pipe.execute())
+    matched_tools = tool_matches(params["tool"], tools) if params["tool"] else [None]
+    rows: list[dict[str, Any]] = []
+    more = False
+    if not errors:
+        # Pages by offset: the first offset + size + 1 matches, newest first, then a slice.
+        # A tool prefix naming several tools is the union of one search per tool (each its
+        # newest offset + size + 1, so the union's newest are among them).
+        found: dict[str, dict[str, Any]] = {}
+        for tool in matched_tools:
+            for row in await find_visible(
+                    redis, who, customer=params["customer"] or None, tool=tool,
+                    agent=params["agent"] or None, error=params["error"] or None,
+                    workflow=params["workflow"] or None, version=params["version"] or None,
+                    since=since, until=until, min_cost_usd=min_cost, limit=offset + size + 1):
+                found.setdefault(row["conversation_id"], row)
+        ordered = sorted(found.values(), key=lambda r: r["last_event_at"] or "", reverse=True)
+        rows, more = ordered[offset:offset + size], len(ordered) > offset + size
+        await _mark_errors(redis, rows)
+    kept = {k: v for k, v in params.items() if v}
+    if size != PAGE_SIZE:
+        kept["size"] = str(size)
     workflows = sorted({keys.split_version_subject(v)[0] for v in versions} - {keys.UNKNOWN_RUN})
     return _page(
         request, "search.html", status=400 if errors else 200, who=who, params=params,
@@ -335,10 +348,42 @@ async def search(request: Request) -> Response:
         newer=f"?{urlencode({**kept, 'page': page - 1})}" if page > 1 else None,
         older=f"?{urlencode({**kept, 'page': page + 1})}" if more else None,
         filtered=any(params.values()), tools=tools, agents=agents, size=size,
-        workflows=workflows,
+        workflows=workflows, matched_tools=[t for t in matched_tools if t],
         default_size=PAGE_SIZE,
         customers=sorted(who.customers) if not who.operator else [],
     )
+
+
+MAX_TOOL_MATCHES = 20
+
+
+def tool_matches(text: str, known: list[str]) -> list[str]:
+    """The known tool names (``keys.latency_names("tool")``: every tool telemetry has timed)
+    that start with ``text``: the "Tool called" filter matches a prefix of a known name
+    (``process_`` finds ``process_refund``; ``refund`` finds nothing, as no name starts with
+    it). At most ``MAX_TOOL_MATCHES``, in name order."""
+    return [name for name in known if name.startswith(text)][:MAX_TOOL_MATCHES]
+
+
+async def _mark_errors(redis: Redis, rows: list[dict[str, Any]]) -> None:
+    """Give each row ``error_marks``: its error types as ``(kind, type)``, kind ``failed`` (a
+    turn ended failed with it), ``recovered`` (an attempt failed with it, the turn completed
+    later) or ``""`` (neither: a tool error the agent handled). A row without failed attempts
+    or turns reads nothing more; one with them reads its turns' ``status`` / ``error_type``
+    (one pipeline per row: at most a page of rows)."""
+    for row in rows:
+        failed: set[str] = set()
+        recovered: set[str] = set()
+        if row["errors"] and (row.get("attempts_failed") or row.get("turns_failed")):
+            turn_ids = await redis.lrange(keys.conversation_turns(row["conversation_id"]), 0, -1)
+            async with redis.pipeline(transaction=False) as pipe:
+                for t in turn_ids:
+                    pipe.hmget(keys.aggregate("turn", t), "status", "error_type")
+                for status, error_type in await pipe.execute():
+                    if error_type:
+                        (failed if status == "failed" else recovered).add(error_type)
+        row["error_marks"] = [("failed" if e in failed else "recovered" if e in recovered else "", e)
+                              for e in row["errors"]]
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -411,6 +456,33 @@ def breakdown(telemetry: dict[str, Any], turn: dict[str, Any]) -> list[dict[str,
     return out
 
 
+def _spent(nodes: list[dict[str, Any]], kind: str) -> float:
+    """Milliseconds in the outermost spans of ``kind`` under ``nodes``."""
+    return sum((n.get("duration_ms") or 0) if n.get("kind") == kind else _spent(n.get("children") or [], kind)
+               for n in nodes)
+
+
+def failed_turn_times(attempts: list[dict[str, Any]]) -> dict[str, float] | None:
+    """A failed turn's time as its attempts spent it: ``duration_ms`` (each attempt's start to
+    end, summed), ``model_ms`` and ``tool_ms`` (its generation and tool spans, summed) and
+    ``other_ms`` (the rest). A failed model call has no ``llm_end``, so telemetry counts no
+    model time for it and the turn record no duration: the spans are what is known. ``None``
+    without any attempt's start and end."""
+    duration = model = tool = 0.0
+    timed = False
+    for attempt in attempts:
+        start, end = _ts(attempt.get("started_at")), _ts(attempt.get("ended_at"))
+        if start and end:
+            timed = True
+            duration += max((end - start).total_seconds() * 1000, 0.0)
+        model += _spent(attempt.get("tree") or [], "generation")
+        tool += _spent(attempt.get("tree") or [], "tool")
+    if not timed:
+        return None
+    return {"duration_ms": duration, "model_ms": model, "tool_ms": tool,
+            "other_ms": max(duration - model - tool, 0.0)}
+
+
 @router.get("/conversations/{conversation_id}")
 async def conversation(request: Request, conversation_id: str) -> Response:
     who = _who(request)
@@ -427,22 +499,97 @@ async def conversation(request: Request, conversation_id: str) -> Response:
     # telemetry is before showing them (telemetry itself is redacted already; again is a no-op).
     replay = (await registry.redactor(redis, settings_of(request))).value(replay)
     for turn in replay["turns"]:
-        turn["breakdown"] = breakdown(turn.get("telemetry") or {}, turn["turn"])
+        figures = turn.get("telemetry") or {}
+        turn["attempt_times"] = None
+        if turn["turn"].get("status") == "failed":
+            turn["attempt_times"] = failed_turn_times(turn["attempts"])
+            if turn["attempt_times"]:
+                figures = {**figures, **{k: v for k, v in turn["attempt_times"].items() if k != "duration_ms"}}
+        turn["breakdown"] = breakdown(figures, turn["turn"])
         for attempt in turn["attempts"]:
             attempt["timeline"] = timeline(attempt)
     return _page(request, "conversation.html", who=who, replay=replay, owner=owner,
                  kinds=KINDS)
 
 
+# -- money -----------------------------------------------------------------------------------
+
+
+async def _money_rows(request: Request, who: Principal) -> tuple[dict[str, str], dict[str, str], list[dict[str, Any]]]:
+    """The money view's filters as given, what is wrong with them, and its rows (redacted as
+    every page is): shared by the page and its JSON."""
+    params = {name: (request.query_params.get(name) or "").strip()
+              for name in ("customer", "order", "anomalies", "sort", "dir")}
+    errors = {n: f"at most {MAX_FILTER_CHARS} characters" for n, v in params.items()
+              if len(v) > MAX_FILTER_CHARS}
+    params["sort"] = params["sort"] or "when"
+    params["dir"] = params["dir"] or ("desc" if params["sort"] == "when" else "asc")
+    if params["sort"] not in SORTS:
+        errors["sort"] = f"one of {', '.join(SORTS)}"
+    if params["dir"] not in ("asc", "desc"):
+        errors["dir"] = "asc or desc"
+    if errors:
+        return params, errors, []
+    redis: Redis = redis_of(request)
+    rows = await refunds(redis, who, customer=params["customer"] or None,
+                         order=params["order"] or None, anomalies_only=bool(params["anomalies"]),
+                         sort=params["sort"], descending=params["dir"] == "desc")
+    return params, errors, (await registry.redactor(redis, settings_of(request))).value(rows)
+
+
+@router.get("/money")
+async def money_view(request: Request) -> Response:
+    """Every refund the key may see (``telemetry/refunds.py``), filterable and sortable, with
+    the money-path checks that failed on its turn marked."""
+    who = _who(request)
+    if who is None:
+        return _to_login(request)
+    params, errors, rows = await _money_rows(request, who)
+    kept = {k: v for k, v in params.items() if v and k not in ("sort", "dir")}
+
+    def sort_link(column: str) -> str:
+        same = params["sort"] == column
+        direction = ("asc" if params["dir"] == "desc" else "desc") if same else \
+            ("desc" if column == "when" else "asc")
+        return "?" + urlencode({**kept, "sort": column, "dir": direction})
+
+    return _page(request, "money.html", status=400 if errors else 200, who=who, params=params,
+                 errors=errors, rows=rows, sort_link=sort_link,
+                 anomalies=sum(1 for r in rows if r["anomalies"]),
+                 customers=sorted(who.customers) if not who.operator else [])
+
+
+@router.get("/money.json")
+async def money_json(request: Request) -> Response:
+    """The money view's rows as JSON (``{"refunds": [...]}``; 400 ``{"error", "field"}`` for a
+    bad filter), scoped like every page: a customer key sees its customers' refunds only."""
+    who = _who(request)
+    if who is None:
+        return Response(json.dumps({"error": "an API key is required", "field": "api_key"}),
+                        status_code=401, media_type="application/json", headers=SECURITY_HEADERS)
+    params, errors, rows = await _money_rows(request, who)
+    if errors:
+        field, message = next(iter(errors.items()))
+        return Response(json.dumps({"error": f"{field}: {message}", "field": field}),
+                        status_code=400, media_type="application/json", headers=SECURITY_HEADERS)
+    return Response(json.dumps({"refunds": rows}), media_type="application/json",
+                    headers=SECURITY_HEADERS)
+
+
 # -- live ------------------------------------------------------------------------------------
 
 
-def sparkline(values: list[float | None], width: int = 300, height: int = 64) -> dict[str, Any]:
+def sparkline(values: list[float | None], width: int = 300, height: int = 64,
+              pad: int = 6) -> dict[str, Any]:
     """Polyline segments (gaps where a value is ``None``) of values scaled to the box, and the
-    scale's top. Points are ``x,y`` strings in SVG user units (y grows downwards)."""
+    scale's top. Points are ``x,y`` strings in SVG user units (y grows downwards), inset by
+    ``pad`` on every side so a point on an edge (the latest minute, the highest value) is
+    drawn whole; ``base`` is the zero line's y. ``dots``: the points drawn as dots, each one
+    alone between gaps and the latest, so a chart with one data point shows it."""
     top = max([v for v in values if v is not None] + [0.0])
     scale = top if top > 0 else 1.0
-    step = width / max(len(values) - 1, 1)
+    step = (width - 2 * pad) / max(len(values) - 1, 1)
+    base = height - pad
     segments: list[list[str]] = []
     current: list[str] = []
     for i, v in enumerate(values):
@@ -451,11 +598,14 @@ def sparkline(values: list[float | None], width: int = 300, height: int = 64) ->
                 segments.append(current)
                 current = []
             continue
-        current.append(f"{i * step:.1f},{height - 2 - (height - 4) * v / scale:.1f}")
+        current.append(f"{pad + i * step:.1f},{base - (height - 2 * pad) * v / scale:.1f}")
     if current:
         segments.append(current)
+    dots = [s[0] for s in segments if len(s) == 1]
+    if segments and segments[-1][-1] not in dots:
+        dots.append(segments[-1][-1])
     return {"segments": [" ".join(s) for s in segments], "top": top, "width": width,
-            "height": height, "dots": [s[0] for s in segments if len(s) == 1]}
+            "height": height, "base": base, "dots": dots}
 
 
 async def _panels(redis: Redis, who: Principal) -> dict[str, Any]:

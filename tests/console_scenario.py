@@ -7,11 +7,16 @@ Used by ``tests/test_console.py`` (browser and HTTP tests) and ``tests/console_s
    model, through a real ``turnfleet worker --burst``;
 2. one more conversation for customer C-100 whose text carries a card number and an email
    address (redacted in telemetry) and whose first attempt fails: its worker talks to the
-   local OpenAI-compatible endpoint of ``tests/llm_server.py``, told to answer the first
-   request 500, with client retries off, so attempt 1 fails and attempt 2 completes;
-3. with ``markup=True``, a conversation whose text is HTML (``MARKUP_TEXT``), for the tests
+   local OpenAI-compatible endpoint of ``tests/llm_server.py``, told to answer its first
+   request 500, with client retries off, so attempt 1 fails and attempt 2 completes; and one
+   for C-101 (``FAILED``) whose every request gets a 500, so both its attempts fail and the
+   turn ends failed;
+3. one refund on the flawed offline model (``turnfleet-offline-flawed``) for C-103
+   (``WRONG_REFUND``): asked for order 1050, it refunds 1049, and the check
+   ``refund_order_named_by_customer`` fails on that turn (the money view's anomaly);
+4. with ``markup=True``, a conversation whose text is HTML (``MARKUP_TEXT``), for the tests
    that check every page escapes what it shows;
-4. one ``turnfleet telemetry --burst`` over all of it (the demo's low conversation-cost
+5. one ``turnfleet telemetry --burst`` over all of it (the demo's low conversation-cost
    threshold, so the long conversation raises a real ``conversation_cost`` alert).
 
 Conversation ids are fixed (``console-<label>``), turn ids ``<conversation>-t<n>``.
@@ -41,6 +46,7 @@ from turnfleet.auth import hash_key
 from turnfleet.shell.demo import DEMO_CONVERSATION_COST_ALERT_USD, SCENARIO
 from turnfleet.shell.embedded import RedisServer
 from turnfleet.shell.fleet import FleetProcess, listening_socket
+from turnfleet.shell.story import refund_text
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,6 +67,13 @@ RETRIED_CUSTOMER = "C-100"
 RETRIED_TEXT = ("Please refund order 1042, it was charged twice to my card 4242 4242 4242 4242. "
                 "Send the receipt to dana.whitfield@example.com")
 RETRIED_MODEL = "gpt-4o-mini"  # priced, so the spend table shows a second model
+FAILED = f"{PREFIX}erin-failed"  # every attempt of its one turn gets a 500: the turn fails
+FAILED_CUSTOMER = "C-101"
+FAILED_TEXT = "Is my order 1044 on its way?"
+FAILED_ATTEMPTS = 2
+WRONG_REFUND = f"{PREFIX}tomas-wrong-refund"  # on the flawed model: asks for 1050, gets 1049 refunded
+WRONG_REFUND_CUSTOMER = "C-103"
+WRONG_REFUND_ASKED, WRONG_REFUND_ORDER = "1050", "1049"
 MARKUP = f"{PREFIX}markup"
 MARKUP_TEXT = '<img src=x onerror="alert(1)"> <b>Where</b> is order 1043?'
 
@@ -113,14 +126,22 @@ def run_console_scenario(redis_url: str, env: Mapping[str, str], log_dir: Path,
     extra = [(MARKUP.removeprefix(PREFIX), "C-103", [MARKUP_TEXT])] if markup else []
     asyncio.run(_enqueue(redis_url, _batch(SCENARIO + extra, scenario)))
     _burst("worker", env, log_dir, "worker-offline")
+    asyncio.run(_enqueue(redis_url, _batch(
+        [(WRONG_REFUND.removeprefix(PREFIX), WRONG_REFUND_CUSTOMER,
+          [refund_text(WRONG_REFUND_ASKED, wrong=True)])], scenario)))
+    _burst("worker", {**env, "TURNFLEET_MODEL_NAME": "turnfleet-offline-flawed"}, log_dir,
+           "worker-flawed")
 
     llm = LLMServer().start()
     try:
-        llm.inject("500", times=1)  # attempt 1 of the retried turn fails; attempt 2 completes
+        llm.inject("500", times=1, match=RETRIED_TEXT[:40])  # attempt 1 fails, attempt 2 completes
+        llm.inject("500", times=None, match=FAILED_TEXT)  # every attempt fails
         asyncio.run(_enqueue(redis_url, _batch(
-            [(RETRIED.removeprefix(PREFIX), RETRIED_CUSTOMER, [RETRIED_TEXT])], scenario)))
+            [(RETRIED.removeprefix(PREFIX), RETRIED_CUSTOMER, [RETRIED_TEXT]),
+             (FAILED.removeprefix(PREFIX), FAILED_CUSTOMER, [FAILED_TEXT])], scenario)))
         _burst("worker", llm.worker_env(env, model=RETRIED_MODEL, TURNFLEET_MODEL_MAX_RETRIES="0",
-                                        TURNFLEET_RETRY_DELAY_S="0.05"),
+                                        TURNFLEET_RETRY_DELAY_S="0.05",
+                                        TURNFLEET_MAX_ATTEMPTS=str(FAILED_ATTEMPTS)),
                log_dir, "worker-endpoint")
     finally:
         llm.stop()

@@ -1,9 +1,9 @@
 """``make screenshots``: the README's pictures of the web console, from a real run.
 
 Runs what the console's browser tests run (``tests/console_scenario.py``: its own
-``redis-server``, the demo scenario and a retried, redacted turn through burst workers and
-telemetry, then ``turnfleet serve``), signs in with an operator key in Debian's Chromium and
-writes 1280×800 PNGs of the three pages to ``docs/``::
+``redis-server``, the demo scenario, a retried and redacted turn, a failed one and a wrong
+refund through burst workers and telemetry, then ``turnfleet serve``), signs in with an operator key in Debian's Chromium and
+writes 1280×800 PNGs of its four pages to ``docs/``::
 
     .venv/bin/python -m tests.console_screenshots [--out docs]
 """
@@ -46,12 +46,16 @@ def main() -> int:
         page.evaluate("window.scrollTo(0, document.querySelector('section.turn').offsetTop - 12)")
         page.screenshot(path=args.out / "console-conversation.png")
 
+        page.goto("/console/money")
+        expect(page.locator("table.money tr.anomaly")).to_have_count(1)
+        page.screenshot(path=args.out / "console-money.png")
+
         page.goto("/console/live")
         expect(page.locator("#alert-status")).to_contain_text("live")
         expect(page.locator("#alerts li")).not_to_have_count(0)
         page.screenshot(path=args.out / "console-live.png")
         browser.close()
-    for name in ("console-search.png", "console-conversation.png", "console-live.png"):
+    for name in ("console-search.png", "console-conversation.png", "console-money.png", "console-live.png"):
         print(args.out / name)
     return 0
 

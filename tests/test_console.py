@@ -29,10 +29,15 @@ import redis as redis_sync
 
 from tests.console_scenario import (
     C100,
+    C102,
     CHROMIUM,
+    FAILED,
+    FAILED_ATTEMPTS,
     MARKUP,
     OPERATOR,
     RETRIED,
+    WRONG_REFUND,
+    WRONG_REFUND_ORDER,
     ConsoleFleet,
     console_fleet,
     launch_chromium,
@@ -129,10 +134,31 @@ def test_search_finds_the_refund_conversation_by_tool_name(page: Any) -> None:
     page.get_by_role("button", name="Search").click()
     expect(page).to_have_url(re.compile(r"tool=process_refund"))
     links = page.locator("table.results tbody th a")
-    # Exactly the two conversations that refunded; the late refund was only checked.
-    expect(links).to_have_text([RETRIED, PRIYA])
+    # Exactly the conversations that refunded; the late refund was only checked.
+    expect(links).to_have_text([RETRIED, WRONG_REFUND, PRIYA])
     links.filter(has_text=PRIYA).click()
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Conversation {PRIYA}")
+
+
+@browser_test
+def test_tool_called_offers_the_known_names_and_matches_a_prefix(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR)
+    offered = page.locator("datalist#tools option")
+    expect(offered.filter(has=page.locator("[value=process_refund]"))).to_have_count(0)
+    assert "process_refund" in offered.evaluate_all("options => options.map(o => o.value)")
+    expect(page.get_by_label("Tool called")).to_have_attribute("list", "tools")
+    page.get_by_label("Tool called").fill("process_")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("p.tool-match")).to_contain_text("Tool called: process_refund")
+    expect(page.locator("table.results tbody th a")).to_have_text([RETRIED, WRONG_REFUND, PRIYA])
+    # No name starts with "refund": nothing, and the page says so, naming the known tools.
+    page.get_by_label("Tool called").fill("refund")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("p.tool-match")).to_contain_text("No known tool name starts with refund")
+    expect(page.locator("p.tool-match")).to_contain_text("process_refund")
+    expect(page.locator("table.results tbody tr")).to_have_count(0)
 
 
 @browser_test
@@ -179,6 +205,97 @@ def test_the_timeline_has_one_bar_per_span(page: Any, http: httpx.Client) -> Non
 
 
 @browser_test
+def test_errors_column_says_recovered_for_a_retried_turn_and_failed_for_a_failed_one(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR)
+    rows = page.locator("table.results tbody tr")
+    retried = rows.filter(has=page.get_by_role("link", name=RETRIED, exact=True))
+    failed = rows.filter(has=page.get_by_role("link", name=FAILED, exact=True))
+    expect(retried.locator("td.errors")).to_have_text("recovered (InternalServerError)")
+    expect(failed.locator("td.errors")).to_have_text("failed (InternalServerError)")
+    expect(rows.filter(has=page.get_by_role("link", name=PRIYA, exact=True)).locator("td.errors")).to_have_text("–")
+
+
+@browser_test
+def test_a_failed_turn_shows_the_time_its_attempts_spent(page: Any, http: httpx.Client) -> None:
+    from playwright.sync_api import expect
+
+    [turn] = replay(http, FAILED)["turns"]
+    assert turn["turn"]["status"] == "failed"
+    assert [a["status"] for a in turn["attempts"]] == ["failed"] * FAILED_ATTEMPTS
+    sign_in(page, OPERATOR, f"/console/conversations/{FAILED}")
+    figures = page.locator("section.turn dl.figures")
+    duration = figures.locator("div").filter(has=page.locator("dt", has_text="Duration")).locator("dd")
+    expect(duration).to_have_text(re.compile(r"^[\d,.]+ (ms|s)$"))
+    model = page.locator("figure.breakdown .legend li").filter(has_text="model").locator("strong")
+    expect(model).not_to_have_text(re.compile(r"^(0 ms|–)$"))
+    expect(model).to_have_text(re.compile(r"^[\d,.]+ (ms|s)$"))
+
+
+@browser_test
+def test_money_view_lists_every_refund_and_marks_the_one_a_money_path_check_failed_on(
+    page: Any, http: httpx.Client,
+) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR, "/console/money")
+    rows = page.locator("table.money tbody tr")
+    # Newest first: the retried refund (1042, $89), the flawed model's (1049), Priya's (1047).
+    expect(rows.locator("th.order")).to_have_text(["1042", WRONG_REFUND_ORDER, "1047"])
+    expect(rows.locator("td.amount")).to_have_text(["89.00", re.compile(r"^\d+\.\d\d$"), "229.00"])
+    priya = rows.filter(has=page.get_by_role("link", name=PRIYA, exact=True))
+    expect(priya.locator("td.eligibility")).to_have_text("229.00")
+    expect(priya.locator("td.checks")).to_have_text("passed")
+    wrong = rows.filter(has=page.get_by_role("link", name=WRONG_REFUND, exact=True))
+    expect(wrong).to_have_class(re.compile(r"\banomaly\b"))
+    expect(wrong.locator("td.checks")).to_contain_text("anomaly: refund_order_named_by_customer")
+    expect(page.locator("table.money tr.anomaly")).to_have_count(1)
+    # The amount the flawed model refunded is the eligible one: only the check catches it.
+    [refund] = [r for r in http.get("/console/money.json", headers=bearer(OPERATOR)).json()["refunds"]
+                if r["conversation_id"] == WRONG_REFUND]
+    assert refund["amount_matches"] is True and refund["eligible"] is True
+    assert [a["check"] for a in refund["anomalies"]] == ["refund_order_named_by_customer"]
+    # Anomalies only.
+    page.get_by_label("Anomalies only").check()
+    page.get_by_role("button", name="Filter").click()
+    expect(rows.locator("th.order")).to_have_text([WRONG_REFUND_ORDER])
+    # Sorted by amount, both ways; filtered by order.
+    page.goto("/console/money")
+    page.get_by_role("link", name="Amount").click()
+    amounts = [float(a) for a in rows.locator("td.amount").all_inner_texts()]
+    assert amounts == sorted(amounts) and len(amounts) == 3
+    page.get_by_role("link", name="Amount ↑").click()
+    expect(page).to_have_url(re.compile(r"sort=amount&dir=desc"))
+    assert [float(a) for a in rows.locator("td.amount").all_inner_texts()] == sorted(amounts, reverse=True)
+    page.get_by_label("Order").fill("1047")
+    page.get_by_role("button", name="Filter").click()
+    expect(rows.locator("th.order")).to_have_text(["1047"])
+
+
+def test_money_json_is_scoped_to_the_key_and_names_a_bad_filter(http: httpx.Client) -> None:
+    def conversations(key: str, **params: str) -> list[str]:
+        r = http.get("/console/money.json", params=params, headers=bearer(key))
+        assert r.status_code == 200, r.text
+        return [row["conversation_id"] for row in r.json()["refunds"]]
+
+    assert conversations(OPERATOR) == [RETRIED, WRONG_REFUND, PRIYA]
+    assert conversations(C100) == [RETRIED]
+    assert conversations(C102) == [PRIYA]
+    assert conversations(C100, customer="C-102") == []  # another customer's: as if none
+    assert conversations(OPERATOR, customer="C-102") == [PRIYA]
+    assert conversations(OPERATOR, anomalies="1") == [WRONG_REFUND]
+    [row] = http.get("/console/money.json", params={"order": "1047"}, headers=bearer(OPERATOR)).json()["refunds"]
+    assert (row["amount"], row["eligibility_amount"], row["refunded"], row["customer_id"]) == \
+        ("229.00", "229.00", True, "C-102")
+    assert row["turn_id"] == f"{PRIYA}-t1" and row["anomalies"] == [] and row["checks"] is True
+    r = http.get("/console/money.json", params={"sort": "price"}, headers=bearer(OPERATOR))
+    assert r.status_code == 400 and r.json()["field"] == "sort"
+    assert http.get("/console/money.json").status_code == 401
+    assert http.get("/console/money").status_code == 303
+
+
+@browser_test
 def test_an_alert_appears_on_the_live_page_without_reload(page: Any, fleet: ConsoleFleet) -> None:
     from playwright.sync_api import expect
 
@@ -211,12 +328,31 @@ def test_live_page_shows_spend_today_and_the_last_hour(page: Any) -> None:
     sign_in(page, OPERATOR, "/console/live")
     spend = page.locator("section.spend")
     expect(spend.locator("table").first.locator("tbody th")).to_contain_text(
-        ["C-104", "C-100", "C-102", "C-101", "C-103"])
+        ["C-104", "C-103", "C-100", "C-102", "C-101"])  # by cost today
     expect(spend).to_contain_text("turnfleet-offline")
     expect(spend).to_contain_text("gpt-4o-mini")
     for chart in ("turns", "errors", "p95"):
         expect(page.locator(f"#chart-{chart} svg")).to_be_visible()
     expect(page.locator("#chart-turns polyline")).not_to_have_count(0)
+
+
+@browser_test
+def test_live_charts_draw_their_latest_point_whole_and_round(page: Any) -> None:
+    """The scenario's turns all finished in the last minute or two: one data point per chart."""
+    from playwright.sync_api import expect
+
+    sign_in(page, OPERATOR, "/console/live")
+    for chart in ("turns", "errors", "p95"):
+        svg = page.locator(f"#chart-{chart} svg")
+        dots = svg.locator(".dot")
+        expect(dots).not_to_have_count(0)
+        box, dot = svg.bounding_box(), dots.last.bounding_box()
+        assert box and dot, chart
+        # A visible round dot (not an ellipse squeezed by the stretched box), wholly inside.
+        assert dot["width"] >= 5 and dot["height"] >= 5 and abs(dot["width"] - dot["height"]) < 1, (chart, dot)
+        assert box["x"] <= dot["x"] and dot["x"] + dot["width"] <= box["x"] + box["width"], (chart, dot, box)
+        assert box["y"] <= dot["y"] and dot["y"] + dot["height"] <= box["y"] + box["height"], (chart, dot, box)
+        expect(page.locator(f"#chart-{chart} .axis")).to_contain_text("0 – ")
 
 
 @browser_test
@@ -365,7 +501,7 @@ def test_search_says_which_filter_is_wrong_and_pages_stay_inside_the_console(htt
 
 def test_search_pages_through_conversations_newest_first(http: httpx.Client, fleet: ConsoleFleet) -> None:
     everything = [row["conversation_id"] for row in http.get("/v1/find", headers=bearer(OPERATOR)).json()]
-    assert len(everything) == len(fleet.scenario.conversations) == 7
+    assert len(everything) == len(fleet.scenario.conversations) == 9
 
     def shown(page: str) -> list[str]:
         return re.findall(r'<th scope="row"><a href="/console/conversations/([^"]+)">', page)
@@ -380,7 +516,7 @@ def test_search_pages_through_conversations_newest_first(http: httpx.Client, fle
         older = re.search(r'<a href="([^"]+)" rel="next">', r.text)
         url = older.group(1).replace("&amp;", "&") if older else None
     assert pages == [everything[0:3], everything[3:6], everything[6:]]
-    assert "Conversations 7–7, newest last event first" in r.text and 'rel="prev"' in r.text
+    assert "Conversations 7–9, newest last event first" in r.text and 'rel="prev"' in r.text
 
 
 def test_a_turn_shows_its_workflow_and_version_and_search_filters_by_them(http: httpx.Client) -> None:

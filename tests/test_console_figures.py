@@ -157,6 +157,9 @@ def test_breakdown_and_sparkline_scale_to_their_box() -> None:
         ("queue", 0.0, 50.0), ("model", 50.0, 30.0), ("tool", 80.0, 15.0), ("other", 95.0, 5.0)]
     line = sparkline([None, 1.0, 2.0, None, 4.0], width=40, height=24)
     assert line["top"] == 4.0
-    assert line["segments"] == ["10.0,17.0 20.0,12.0"] + ["40.0,2.0"]
-    assert line["dots"] == ["40.0,2.0"]
+    # Inset by 6 on every side: x from 6 to 34, y from 18 (zero) up to 6 (the top).
+    assert line["segments"] == ["13.0,15.0 20.0,12.0"] + ["34.0,6.0"]
+    assert line["dots"] == ["34.0,6.0"] and line["base"] == 18
+    # The latest point is a dot even inside a run, so one data point is never only a line end.
+    assert sparkline([0.0, 0.0, 3.0], width=40, height=24)["dots"] == ["34.0,6.0"]
     assert not math.isnan(sparkline([None, None])["top"])
