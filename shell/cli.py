@@ -178,8 +178,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
         if args.story not in STORIES:
             raise _invalid("--story", f"no story {args.story!r}; the stories are: {', '.join(STORIES)}")
-    if args.verb == "demo" and args.json and args.story is None:
-        raise _invalid("--json", "only with --story (the demo itself prints for people)")
     if args.verb == "alerts":
         if not args.follow:
             given = [flag for flag, on in (("--new-only", args.new_only), ("--from-start", args.from_start),
@@ -540,7 +538,7 @@ def cmd_demo(args: argparse.Namespace, url: str) -> int:
         from turnfleet.shell.story import run_story
 
         return asyncio.run(run_story(url, args.story, workers=args.workers, as_json=args.json))
-    return asyncio.run(run_demo(url, workers=args.workers))
+    return asyncio.run(run_demo(url, workers=args.workers, as_json=args.json))
 
 
 def cmd_dev(args: argparse.Namespace, url: str) -> int:
@@ -566,6 +564,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     from turnfleet.shell.health import check
 
     health = check(args.role, url=args.url, max_age_s=args.max_age, timeout_s=args.timeout)
+    if args.json and not health.ok:
+        print(json.dumps({"error": "unhealthy", "message": health.reason, "notes": list(health.notes)}),
+              file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json({"ok": True, "role": args.role, "reason": health.reason, "notes": list(health.notes)})
+        return 0
     if not health.ok:
         print(f"turnfleet health: {health.reason}", file=sys.stderr)
         for note in health.notes:
@@ -712,11 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", help="what to do (turnfleet VERB --help)")
 
     d = _verb(sub, "demo", "the Support Desk demo: Redis, telemetry, 2 workers, 5 conversations",
-              "turnfleet demo", "turnfleet demo --workers 4", "turnfleet demo --story wrong-refund --json")
+              "turnfleet demo", "turnfleet demo --workers 4 --json", "turnfleet demo --story wrong-refund --json")
     d.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     d.add_argument("--story", metavar="NAME", help="tell a story instead, step by step: wrong-refund")
     d.add_argument("--json", action="store_true",
-                   help="with --story: its steps and figures as JSON")
+                   help="only the summary (with --story: its steps and figures), as one JSON document")
 
     dv = _verb(sub, "dev", "your app on a local fleet (Redis, workers, telemetry) until Ctrl-C",
                "turnfleet dev --app my_agents:app", "turnfleet dev --app my_agents:app --workers 3")
@@ -840,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     from turnfleet.shell.health import DEFAULT_MAX_AGE_S, DEFAULT_TIMEOUT_S, ROLES
 
     hc = _verb(sub, "health", "exit 0 if this host's worker, telemetry or producer is healthy (healthchecks)",
-               "turnfleet health --role worker", "turnfleet health --role producer --url http://127.0.0.1:8080")
+               "turnfleet health --role worker", "turnfleet health --role producer --url http://127.0.0.1:8080 --json")
     hc.add_argument("--role", required=True, choices=ROLES, help="the process to probe")
     hc.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_S, metavar="SECONDS",
                     help=f"worker/telemetry: oldest heartbeat that counts (default {DEFAULT_MAX_AGE_S:g})")
@@ -848,6 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="producer: base URL to GET /healthz from (default http://127.0.0.1:$TURNFLEET_HTTP_PORT)")
     hc.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                     help=f"give up on Redis or HTTP after this long (default {DEFAULT_TIMEOUT_S:g})")
+    hc.add_argument("--json", action="store_true",
+                    help="the verdict as one JSON document (unhealthy: a JSON error on stderr)")
 
     sv = _verb(sub, "serve", "run the HTTP API (uvicorn)",
                "turnfleet serve", "turnfleet serve --host 0.0.0.0 --port 8080", "turnfleet serve --fd 3")

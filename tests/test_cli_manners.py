@@ -1,5 +1,5 @@
-"""The CLI's manners (issue 18): ``--version``, help and examples everywhere. Real
-subprocesses, as a user runs them."""
+"""The CLI's manners (issue 18): ``--version``, help and examples everywhere, ``--json`` errors,
+``enqueue --file`` with progress. Real subprocesses on a real Redis, as a user runs them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import argparse
 import json
 from importlib.metadata import version
 
+import pytest
+
 from tests.processes import tf
+from turnfleet import keys
 from turnfleet.shell.cli import build_parser
 
 
@@ -68,3 +71,67 @@ def test_help_keeps_the_examples_laid_out(fleet_env):
     assert proc.returncode == 0
     examples = proc.stdout.split("Examples:\n", 1)[1].splitlines()
     assert len(examples) >= 2 and all(line.startswith("  turnfleet enqueue") for line in examples if line.strip())
+
+
+# -- item 3: --json on demo, health and every read verb, errors included ------------------------
+
+
+def _json_error(proc) -> dict:
+    assert proc.stdout == "", proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    return json.loads(proc.stderr)
+
+
+@pytest.mark.parametrize("args", [
+    ["result", "bad id!", "--json"],
+    ["turn", "bad id!", "--json"],
+    ["conversation", "bad id!", "--json"],
+    ["stats", "--by", "nothing", "--json"],
+    ["find", "--since", "yesterday-ish", "--json"],
+    ["alerts", "--limit", "0", "--json"],
+    ["audit", "--limit", "x", "--json"],
+    ["rerun", "--json"],
+    ["regress", "--concurrency", "0", "--json"],
+    ["feedback", "t-1", "--score", "5", "--json"],
+    ["health", "--role", "nobody", "--json"],
+    ["demo", "--workers", "0", "--json"],
+    ["enqueue", "--conversation", "c 1", "--customer", "C-100", "--json", "hi"],
+])
+def test_bad_input_is_exit_2_and_one_json_error_on_stderr(fleet_env, args):
+    proc = tf(*args, env=fleet_env)
+    assert proc.returncode == 2, proc.stderr
+    body = _json_error(proc)
+    assert body["error"] in ("usage", "validation") and body["message"]
+
+
+@pytest.mark.parametrize("args,exit,error", [
+    (["result", "no-such-turn", "--json"], 1, "not_found"),
+    (["turn", "no-such-turn", "--json"], 1, "not_found"),
+    (["conversation", "no-such-conversation", "--json"], 1, "not_found"),
+    (["feedback", "no-such-turn", "--score", "1", "--json"], 1, "not_found"),
+])
+def test_not_found_is_its_exit_and_one_json_error_on_stderr(fleet_env, args, exit, error):
+    proc = tf(*args, env=fleet_env)
+    assert proc.returncode == exit, proc.stderr
+    assert _json_error(proc)["error"] == error
+
+
+def test_health_json_says_the_verdict_and_an_unhealthy_one_is_a_json_error(fleet_env):
+    proc = tf("health", "--role", "worker", "--json", env=fleet_env)
+    assert proc.returncode == 1
+    body = _json_error(proc)
+    assert body["error"] == "unhealthy" and "no worker heartbeat" in body["message"]
+    assert isinstance(body["notes"], list)
+
+
+def test_demo_json_is_the_summary_alone_on_stdout(fleet_env):
+    from turnfleet.shell.demo import SCENARIO
+
+    proc = tf("demo", "--json", env=fleet_env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    summary = json.loads(proc.stdout)
+    assert summary["ok"] is True and summary["turns"] == sum(len(texts) for _l, _c, texts in SCENARIO)
+    assert [c["customer_id"] for c in summary["conversations"]] == [c for _l, c, _t in SCENARIO]
+    assert all(c["failed"] == 0 and c["cost_usd"] > 0 for c in summary["conversations"])
+    assert [a["rule"] for a in summary["alerts"]] == ["conversation_cost"]
