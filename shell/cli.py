@@ -33,6 +33,7 @@ from turnfleet.settings import CommonSettings
 EXIT_FAILED = 1  # the operation failed: not found, refused, Redis unreachable
 EXIT_USAGE = 2  # usage and bad input: nothing was written
 EXIT_NOT_FINISHED = 3  # ``result``: the turn has not ended yet; ``forget``: a turn of it has not
+DEFAULT_BACKFILL_RATE = 20.0  # ``enqueue --file``: turns a second (see ``shell/backfill.py``)
 
 
 class CliError(Exception):
@@ -120,6 +121,20 @@ def cmd_telemetry(args: argparse.Namespace, url: str) -> int:
 def _check_enqueue(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
+    if args.file is None:
+        missing = [flag for flag, value in (("--conversation", args.conversation), ("--customer", args.customer),
+                                            ("TEXT", args.text)) if value is None]
+        if missing:
+            raise CliError(f"the following arguments are required: {', '.join(missing)} (or --file PATH)"
+                           " (see turnfleet enqueue --help)")
+        given = [flag for flag, on in (("--skip-bad", args.skip_bad), ("--rate", args.rate != DEFAULT_BACKFILL_RATE))
+                 if on]
+        if given:
+            raise CliError(f"{', '.join(given)}: only with --file")
+    else:
+        _check_backfill(args)
+        return
+
     from turnfleet.producer.api import TurnValidationError, _field_errors
     from turnfleet.models import TurnRequest
     from turnfleet.settings import ProducerSettings
@@ -139,6 +154,43 @@ def _check_enqueue(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         error = TurnValidationError(_field_errors(exc))
         raise CliError(str(error), error="validation", errors=error.errors) from None
+
+
+def _check_backfill(args: argparse.Namespace) -> None:
+    """``enqueue --file``: read and check every line before Redis is touched (``args.lines``)."""
+    from turnfleet.settings import ProducerSettings
+    from turnfleet.shell.backfill import read_lines
+
+    single = [flag for flag, on in (("--conversation", args.conversation), ("--customer", args.customer),
+                                    ("--turn-id", args.turn_id), ("--meta", args.meta), ("--agent", args.agent),
+                                    ("--no-trace", args.no_trace), ("TEXT", args.text)) if on]
+    if single:
+        raise CliError(f"{', '.join(single)}: not with --file (each line of the file says its own)")
+    if not (0 < args.rate < float("inf")):
+        raise _invalid("--rate", f"must be a number of turns a second, more than 0; got {args.rate}")
+    try:
+        if args.file == "-":
+            raw = sys.stdin.read().splitlines()
+        else:
+            with open(args.file, encoding="utf-8") as stream:
+                raw = stream.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _invalid("--file", f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+    args.lines = read_lines(raw, ProducerSettings().limits())
+    if not args.lines:
+        raise _invalid("--file", f"{args.file} has no turns (one JSON object a line)")
+    _refuse_bad_lines(args)
+
+
+def _refuse_bad_lines(args: argparse.Namespace) -> None:
+    """Unless ``--skip-bad``, any bad line refuses the whole file: exit 2, every bad line named."""
+    bad = [line for line in args.lines if not line.ok]
+    if not bad or args.skip_bad:
+        return
+    errors = [{"line": line.number, **e} for line in bad for e in line.errors]
+    details = "".join(f"\n  line {e['line']}: {e['field']}: {e['message']}" for e in errors)
+    raise CliError(f"{len(bad)} of {len(args.lines)} lines of {args.file} are bad; nothing was enqueued "
+                   f"(--skip-bad enqueues the others):{details}", error="validation", errors=errors)
 
 
 _POSITIONALS = {"text", "turn_id", "conversation_id", "key"}
@@ -196,6 +248,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 async def _enqueue(args: argparse.Namespace, url: str) -> int:
+    if args.file is not None:
+        return await _enqueue_file(args, url)
     from turnfleet.producer import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
 
     async with Producer(url) as producer:
@@ -220,6 +274,80 @@ async def _enqueue(args: argparse.Namespace, url: str) -> int:
     else:
         print(turn_id)
     return 0
+
+
+async def _enqueue_file(args: argparse.Namespace, url: str) -> int:
+    """``enqueue --file``: the checked lines at ``--rate``; a result per line (plain lines, JSON
+    lines, or a progress bar when stdout is a terminal), a summary on stderr; exit 1 if any line
+    was not enqueued (skipped or refused), else 0."""
+    from contextlib import nullcontext
+
+    from turnfleet.producer import Producer
+    from turnfleet.models import utcnow
+    from turnfleet.shell.backfill import paced
+    from turnfleet.shell.regress import progress_bar
+
+    counts = {"enqueued": 0, "existing": 0, "rejected": 0, "skipped": 0}
+    bar_shown = sys.stdout.isatty() and not args.json
+    problems: list[str] = []
+
+    def report(body: dict[str, Any]) -> None:
+        counts[body["status"]] += 1
+        text = _line_text(body)
+        if body["status"] in ("rejected", "skipped"):
+            problems.append(text)
+        if args.json:
+            print(json.dumps(body), flush=True)
+        elif not bar_shown:
+            print(text, flush=True)
+
+    async with Producer(url) as producer:
+        refused = await producer.unknown_workflows([(line.number, line.request) for line in args.lines if line.ok])
+        for line in args.lines:
+            if line.number in refused:
+                line.errors.extend(refused[line.number])
+        _refuse_bad_lines(args)  # an unknown workflow is a bad line too: still nothing written
+        good = [line for line in args.lines if line.ok]
+        for line in args.lines:
+            if not line.ok:
+                report({"line": line.number, "status": "skipped", "error": "validation", "errors": line.errors})
+        with progress_bar() if bar_shown else nullcontext() as bar:
+            task = bar.add_task(f"enqueue {args.file}", total=len(good)) if bar is not None else None
+
+            async def each(line: Any) -> None:
+                # enqueued now, not when the file was checked: queue-wait figures start here
+                req = line.request.model_copy(update={"enqueued_at": utcnow()})
+                outcome = await producer.enqueue_request(req, index=line.number)
+                body: dict[str, Any] = {"line": line.number, "status": outcome.status, "turn_id": outcome.turn_id,
+                                        "conversation_id": outcome.conversation_id}
+                if outcome.ok:
+                    body["turn_status"] = outcome.turn_status
+                else:
+                    body.update(error=outcome.error, message=outcome.message)
+                    if outcome.errors:
+                        body["errors"] = outcome.errors
+                report(body)
+                if bar is not None:
+                    bar.advance(task)
+
+            await paced(good, args.rate, each)
+    for text in problems if bar_shown else []:
+        print(text)
+    print(f"turnfleet enqueue: {len(args.lines)} lines: " + ", ".join(f"{n} {k}" for k, n in counts.items()),
+          file=sys.stderr)
+    return 0 if counts["rejected"] == counts["skipped"] == 0 else EXIT_FAILED
+
+
+def _line_text(body: dict[str, Any]) -> str:
+    """One line of ``enqueue --file``'s plain output."""
+    where = f"line {body['line']}: {body['status']}"
+    if body["status"] == "skipped":
+        return f"{where}: " + "; ".join(f"{e['field']}: {e['message']}" for e in body["errors"])
+    if body["status"] == "rejected":
+        return f"{where} {body['turn_id']} ({body['error']}): {body['message']}"
+    if body["status"] == "existing":
+        return f"{where} {body['turn_id']} ({body['turn_status']})"
+    return f"{where} {body['turn_id']}"
 
 
 async def _feedback(args: argparse.Namespace, url: str) -> int:
@@ -737,18 +865,29 @@ def build_parser() -> argparse.ArgumentParser:
     t = _verb(sub, "telemetry", "run a telemetry consumer", "turnfleet telemetry", "turnfleet telemetry --burst")
     t.add_argument("--burst", action="store_true", help="aggregate what is there, then exit")
 
-    e = _verb(sub, "enqueue", "hand one turn to the fleet; prints its turn id",
+    e = _verb(sub, "enqueue", "hand turns to the fleet: one (prints its turn id) or a file of them (--file)",
               'turnfleet enqueue --conversation c-1 --customer C-100 "Where is order 1047?"',
-              "turnfleet enqueue --conversation c-1 --customer C-100 --turn-id t-1 --meta channel=chat \"hi\"")
-    e.add_argument("--conversation", required=True, metavar="ID", help="the conversation the turn belongs to")
-    e.add_argument("--customer", required=True, metavar="ID", help="the customer, a pseudonymous id")
+              "turnfleet enqueue --conversation c-1 --customer C-100 --turn-id t-1 --meta channel=chat \"hi\"",
+              "turnfleet enqueue --file turns.jsonl",
+              "turnfleet enqueue --file turns.jsonl --rate 50 --skip-bad --json")
+    e.add_argument("--conversation", metavar="ID", help="the conversation the turn belongs to (not with --file)")
+    e.add_argument("--customer", metavar="ID", help="the customer, a pseudonymous id (not with --file)")
     e.add_argument("--turn-id", metavar="ID", help="idempotency key (default: generated)")
     e.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata kept with the turn (repeat for more)")
     e.add_argument("--agent", metavar="NAME", help="workflow (default support-desk)")
     e.add_argument("--no-trace", action="store_true", help="run this turn without tracing")
-    e.add_argument("--json", action="store_true", help='print {"turn_id"}')
-    e.add_argument("text", metavar="TEXT", help="what the customer wrote")
+    e.add_argument("--file", metavar="PATH",
+                   help="a backfill: one JSON turn per line ('-': stdin); every line is checked before any is "
+                        "enqueued")
+    e.add_argument("--skip-bad", action="store_true",
+                   help="with --file: enqueue the good lines even if some are bad (default: none if any is bad)")
+    e.add_argument("--rate", type=float, default=DEFAULT_BACKFILL_RATE, metavar="N",
+                   help=f"with --file: at most N turns a second, so live turns are not queued behind a "
+                        f"backfill (default {DEFAULT_BACKFILL_RATE:g})")
+    e.add_argument("--json", action="store_true",
+                   help="print {\"turn_id\"} (with --file: one JSON line per line of the file)")
+    e.add_argument("text", metavar="TEXT", nargs="?", help="what the customer wrote (not with --file)")
 
     fb = _verb(sub, "feedback", "score a turn (-1 or 1); prints the feedback id",
                "turnfleet feedback t-1 --score -1 --comment \"wrong amount\"",
@@ -964,7 +1103,7 @@ def _fail(exc: CliError, where: str, as_json: bool) -> int:
     if as_json:
         body: dict[str, Any] = {"error": exc.error, "message": str(exc)}
         if exc.errors:
-            body["errors"] = [{"field": e["field"], "message": e["message"]} for e in exc.errors]
+            body["errors"] = [{k: e[k] for k in ("line", "field", "message") if k in e} for e in exc.errors]
         print(json.dumps(body), file=sys.stderr)  # ASCII: safe whatever the input was
     else:
         print(f"{where}: {exc}", file=sys.stderr)

@@ -135,3 +135,135 @@ def test_demo_json_is_the_summary_alone_on_stdout(fleet_env):
     assert [c["customer_id"] for c in summary["conversations"]] == [c for _l, c, _t in SCENARIO]
     assert all(c["failed"] == 0 and c["cost_usd"] > 0 for c in summary["conversations"])
     assert [a["rule"] for a in summary["alerts"]] == ["conversation_cost"]
+
+
+# -- item 4: enqueue --file -----------------------------------------------------------------------
+
+
+def _turns_file(tmp_path, *lines: object):
+    path = tmp_path / "turns.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+GOOD = [
+    {"conversation_id": "bf-c1", "customer_id": "C-100", "text": "Where is order 1047?", "turn_id": "bf-t1"},
+    {"conversation_id": "bf-c1", "customer_id": "C-100", "text": "Thanks", "meta": {"channel": "email"}},
+    {"conversation_id": "bf-c2", "customer_id": "C-101", "text": "Thanks"},
+]
+
+
+async def test_enqueue_file_prints_a_plain_line_per_turn_and_a_rerun_enqueues_nothing_twice(fleet_env, redis,
+                                                                                              tmp_path):
+    path = _turns_file(tmp_path, GOOD[0], "", *GOOD[1:])  # a blank line is no turn
+    first = tf("enqueue", "--file", str(path), env=fleet_env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["line 1", "line 3", "line 4"]
+    assert lines[0] == "line 1: enqueued bf-t1" and all(": enqueued " in line for line in lines)
+    assert "3 enqueued, 0 existing, 0 rejected, 0 skipped" in first.stderr
+    assert await redis.llen(keys.conversation_turns("bf-c1")) == 2
+    assert await redis.llen(keys.conversation_turns("bf-c2")) == 1
+
+    again = tf("enqueue", "--file", str(path), env=fleet_env)
+    assert again.returncode == 0, again.stderr
+    assert [line.split(" ")[2] for line in again.stdout.splitlines()] == ["existing"] * 3
+    assert [line.split(" ")[3] for line in again.stdout.splitlines()] == [line.split(" ")[3] for line in lines]
+    assert await redis.llen(keys.conversation_turns("bf-c1")) == 2  # nothing enqueued twice
+    assert await redis.llen(keys.conversation_turns("bf-c2")) == 1
+
+
+async def test_enqueue_file_with_a_bad_line_enqueues_nothing_and_names_every_bad_line(fleet_env, redis, tmp_path):
+    path = _turns_file(tmp_path, GOOD[0], "{not json", GOOD[1],
+                       {"conversation_id": "bf-c3", "customer_id": "C-100", "text": "  "},
+                       {"conversation_id": "bf-c3", "customer_id": "C-100", "text": "hi", "colour": "red"},
+                       {**GOOD[2], "turn_id": "bf-t1"})
+    plain = tf("enqueue", "--file", str(path), env=fleet_env)
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert "4 of 6 lines" in plain.stderr and "nothing was enqueued" in plain.stderr
+    for expected in ("line 2: line: not JSON", "line 4: text: must not be empty", "line 5: colour: is not a known",
+                     "line 6: turn_id: also on line 1"):
+        assert expected in plain.stderr
+    as_json = tf("enqueue", "--file", str(path), "--json", env=fleet_env)
+    assert as_json.returncode == 2 and as_json.stdout == ""
+    body = json.loads(as_json.stderr)
+    assert body["error"] == "validation" and [e["line"] for e in body["errors"]] == [2, 4, 5, 6]
+    assert await redis.dbsize() == 0
+
+
+async def test_enqueue_file_skip_bad_enqueues_the_good_lines_as_json_lines(fleet_env, redis, tmp_path):
+    path = _turns_file(tmp_path, GOOD[0], {"conversation_id": "bf-c3", "customer_id": "C-100"}, GOOD[2])
+    proc = tf("enqueue", "--file", str(path), "--skip-bad", "--json", env=fleet_env)
+    assert proc.returncode == 1, proc.stderr  # a line was not enqueued: the run did not do it all
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["line"], r["status"]) for r in rows] == [(2, "skipped"), (1, "enqueued"), (3, "enqueued")]
+    assert rows[0]["errors"] == [{"field": "text", "message": "is required"}]
+    assert rows[1]["turn_id"] == "bf-t1" and rows[1]["turn_status"] == "queued"
+    assert await redis.llen(keys.conversation_turns("bf-c1")) == 1
+    assert await redis.exists(keys.conversation_turns("bf-c3")) == 0
+
+
+async def test_enqueue_file_goes_in_at_the_bounded_rate(fleet_env, redis, tmp_path):
+    from turnfleet.queue import TurnQueue
+
+    turns = [{"conversation_id": f"bf-r{i}", "customer_id": "C-100", "text": "hi", "turn_id": f"bf-r{i}"}
+             for i in range(4)]
+    proc = tf("enqueue", "--file", str(_turns_file(tmp_path, *turns)), "--rate", "10", env=fleet_env)
+    assert proc.returncode == 0, proc.stderr
+    queue = TurnQueue(redis)
+    times = [(await queue.get(f"bf-r{i}")).enqueued_at for i in range(4)]
+    # paced: the i-th turn not before i / rate seconds after the first (a lower bound, never flaky)
+    assert all((times[i] - times[0]).total_seconds() >= i / 10 - 0.01 for i in range(4))
+
+
+def test_enqueue_file_refuses_single_turn_flags_and_a_bad_rate(fleet_env, tmp_path):
+    path = str(_turns_file(tmp_path, GOOD[0]))
+    for args, message in ((["--file", path, "--customer", "C-1"], "--customer: not with --file"),
+                          (["--file", path, "--rate", "0"], "--rate: must be"),
+                          (["--file", str(tmp_path / "nope.jsonl")], "--file: cannot read"),
+                          (["--conversation", "c", "--customer", "C-1", "--rate", "5", "hi"], "--rate: only with --file")):
+        proc = tf("enqueue", *args, env=fleet_env)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_enqueue_file_on_a_terminal_shows_a_progress_bar_not_a_line_per_turn(fleet_env, tmp_path):
+    import os
+    import pty
+    import subprocess
+
+    from tests.processes import CLI
+
+    main, child = pty.openpty()
+    env = {**fleet_env, "TERM": "xterm-256color", "COLUMNS": "100"}
+    proc = subprocess.Popen([*CLI, "enqueue", "--file", str(_turns_file(tmp_path, *GOOD))],
+                            stdin=child, stdout=child, stderr=child, env=env)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=60) == 0
+    os.close(main)
+    text = out.decode(errors="replace")
+    assert "3/3" in text and "━" in text  # the bar, complete
+    assert "line 1:" not in text  # no per-line results on a terminal: only problems would be listed
+    assert "3 enqueued" in text
+
+
+async def test_enqueue_file_goes_on_past_a_refused_turn_and_exits_1(fleet_env, redis, tmp_path):
+    mine = tf("enqueue", "--conversation", "bf-owned", "--customer", "C-100", "hi", env=fleet_env)
+    assert mine.returncode == 0, mine.stderr
+    path = _turns_file(tmp_path, {"conversation_id": "bf-owned", "customer_id": "C-101", "text": "hi",
+                                  "turn_id": "bf-theirs"}, GOOD[0])
+    proc = tf("enqueue", "--file", str(path), env=fleet_env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "line 1: rejected bf-theirs (conflict): conversation_id 'bf-owned' belongs to another customer",
+        "line 2: enqueued bf-t1"]
+    assert "1 enqueued, 0 existing, 1 rejected, 0 skipped" in proc.stderr
+    assert await redis.llen(keys.conversation_turns("bf-owned")) == 1
