@@ -96,12 +96,16 @@ def _same(a: TurnRequest, b: TurnRequest) -> bool:
     return same_request(a, b)
 
 
-async def paced(items: list[Any], rate: float, each: Callable[[Any], Awaitable[None]]) -> None:
-    """``each(item)`` in order, the i-th not before ``i / rate`` seconds from the start."""
+async def paced(items: list[Any], rate: float, each: Callable[[Any], Awaitable[bool]]) -> None:
+    """``each(item)`` in order; ``each`` says whether it enqueued something new, and the n-th
+    new turn goes in not before ``n / rate`` seconds from the start (a re-run that finds every
+    turn known is not slowed down)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    for i, item in enumerate(items):
-        delay = start + i / rate - loop.time()
+    taken = 0
+    for item in items:
+        delay = start + taken / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)  # pacing, not synchronisation: the rate is the point
-        await each(item)
+        if await each(item):
+            taken += 1

@@ -314,7 +314,7 @@ async def _enqueue_file(args: argparse.Namespace, url: str) -> int:
         with progress_bar() if bar_shown else nullcontext() as bar:
             task = bar.add_task(f"enqueue {args.file}", total=len(good)) if bar is not None else None
 
-            async def each(line: Any) -> None:
+            async def each(line: Any) -> bool:
                 # enqueued now, not when the file was checked: queue-wait figures start here
                 req = line.request.model_copy(update={"enqueued_at": utcnow()})
                 outcome = await producer.enqueue_request(req, index=line.number)
@@ -329,6 +329,7 @@ async def _enqueue_file(args: argparse.Namespace, url: str) -> int:
                 report(body)
                 if bar is not None:
                     bar.advance(task)
+                return outcome.status == "enqueued"  # only new turns take a slot of --rate
 
             await paced(good, args.rate, each)
     for text in problems if bar_shown else []:
