@@ -33,6 +33,7 @@ from turnfleet.settings import CommonSettings
 EXIT_FAILED = 1  # the operation failed: not found, refused, Redis unreachable
 EXIT_USAGE = 2  # usage and bad input: nothing was written
 EXIT_NOT_FINISHED = 3  # ``result``: the turn has not ended yet; ``forget``: a turn of it has not
+DEFAULT_BACKFILL_RATE = 20.0  # ``enqueue --file``: turns a second (see ``shell/backfill.py``)
 
 
 class CliError(Exception):
@@ -120,6 +121,20 @@ def cmd_telemetry(args: argparse.Namespace, url: str) -> int:
 def _check_enqueue(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
+    if args.file is None:
+        missing = [flag for flag, value in (("--conversation", args.conversation), ("--customer", args.customer),
+                                            ("TEXT", args.text)) if value is None]
+        if missing:
+            raise CliError(f"the following arguments are required: {', '.join(missing)} (or --file PATH)"
+                           " (see turnfleet enqueue --help)")
+        given = [flag for flag, on in (("--skip-bad", args.skip_bad), ("--rate", args.rate != DEFAULT_BACKFILL_RATE))
+                 if on]
+        if given:
+            raise CliError(f"{', '.join(given)}: only with --file")
+    else:
+        _check_backfill(args)
+        return
+
     from turnfleet.producer.api import TurnValidationError, _field_errors
     from turnfleet.models import TurnRequest
     from turnfleet.settings import ProducerSettings
@@ -139,6 +154,43 @@ def _check_enqueue(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         error = TurnValidationError(_field_errors(exc))
         raise CliError(str(error), error="validation", errors=error.errors) from None
+
+
+def _check_backfill(args: argparse.Namespace) -> None:
+    """``enqueue --file``: read and check every line before Redis is touched (``args.lines``)."""
+    from turnfleet.settings import ProducerSettings
+    from turnfleet.shell.backfill import read_lines
+
+    single = [flag for flag, on in (("--conversation", args.conversation), ("--customer", args.customer),
+                                    ("--turn-id", args.turn_id), ("--meta", args.meta), ("--agent", args.agent),
+                                    ("--no-trace", args.no_trace), ("TEXT", args.text)) if on]
+    if single:
+        raise CliError(f"{', '.join(single)}: not with --file (each line of the file says its own)")
+    if not (0 < args.rate < float("inf")):
+        raise _invalid("--rate", f"must be a number of turns a second, more than 0; got {args.rate}")
+    try:
+        if args.file == "-":
+            raw = sys.stdin.read().splitlines()
+        else:
+            with open(args.file, encoding="utf-8") as stream:
+                raw = stream.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _invalid("--file", f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+    args.lines = read_lines(raw, ProducerSettings().limits())
+    if not args.lines:
+        raise _invalid("--file", f"{args.file} has no turns (one JSON object a line)")
+    _refuse_bad_lines(args)
+
+
+def _refuse_bad_lines(args: argparse.Namespace) -> None:
+    """Unless ``--skip-bad``, any bad line refuses the whole file: exit 2, every bad line named."""
+    bad = [line for line in args.lines if not line.ok]
+    if not bad or args.skip_bad:
+        return
+    errors = [{"line": line.number, **e} for line in bad for e in line.errors]
+    details = "".join(f"\n  line {e['line']}: {e['field']}: {e['message']}" for e in errors)
+    raise CliError(f"{len(bad)} of {len(args.lines)} lines of {args.file} are bad; nothing was enqueued "
+                   f"(--skip-bad enqueues the others):{details}", error="validation", errors=errors)
 
 
 _POSITIONALS = {"text", "turn_id", "conversation_id", "key"}
@@ -178,8 +230,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
         if args.story not in STORIES:
             raise _invalid("--story", f"no story {args.story!r}; the stories are: {', '.join(STORIES)}")
-    if args.verb == "demo" and args.json and args.story is None:
-        raise _invalid("--json", "only with --story (the demo itself prints for people)")
     if args.verb == "alerts":
         if not args.follow:
             given = [flag for flag, on in (("--new-only", args.new_only), ("--from-start", args.from_start),
@@ -198,6 +248,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 async def _enqueue(args: argparse.Namespace, url: str) -> int:
+    if args.file is not None:
+        return await _enqueue_file(args, url)
     from turnfleet.producer import BudgetExceeded, ConversationOwnershipError, Producer, TurnValidationError
 
     async with Producer(url) as producer:
@@ -222,6 +274,81 @@ async def _enqueue(args: argparse.Namespace, url: str) -> int:
     else:
         print(turn_id)
     return 0
+
+
+async def _enqueue_file(args: argparse.Namespace, url: str) -> int:
+    """``enqueue --file``: the checked lines at ``--rate``; a result per line (plain lines, JSON
+    lines, or a progress bar when stdout is a terminal), a summary on stderr; exit 1 if any line
+    was not enqueued (skipped or refused), else 0."""
+    from contextlib import nullcontext
+
+    from turnfleet.producer import Producer
+    from turnfleet.models import utcnow
+    from turnfleet.shell.backfill import paced
+    from turnfleet.shell.regress import progress_bar
+
+    counts = {"enqueued": 0, "existing": 0, "rejected": 0, "skipped": 0}
+    bar_shown = sys.stdout.isatty() and not args.json
+    problems: list[str] = []
+
+    def report(body: dict[str, Any]) -> None:
+        counts[body["status"]] += 1
+        text = _line_text(body)
+        if body["status"] in ("rejected", "skipped"):
+            problems.append(text)
+        if args.json:
+            print(json.dumps(body), flush=True)
+        elif not bar_shown:
+            print(text, flush=True)
+
+    async with Producer(url) as producer:
+        refused = await producer.unknown_workflows([(line.number, line.request) for line in args.lines if line.ok])
+        for line in args.lines:
+            if line.number in refused:
+                line.errors.extend(refused[line.number])
+        _refuse_bad_lines(args)  # an unknown workflow is a bad line too: still nothing written
+        good = [line for line in args.lines if line.ok]
+        for line in args.lines:
+            if not line.ok:
+                report({"line": line.number, "status": "skipped", "error": "validation", "errors": line.errors})
+        with progress_bar() if bar_shown else nullcontext() as bar:
+            task = bar.add_task(f"enqueue {args.file}", total=len(good)) if bar is not None else None
+
+            async def each(line: Any) -> bool:
+                # enqueued now, not when the file was checked: queue-wait figures start here
+                req = line.request.model_copy(update={"enqueued_at": utcnow()})
+                outcome = await producer.enqueue_request(req, index=line.number)
+                body: dict[str, Any] = {"line": line.number, "status": outcome.status, "turn_id": outcome.turn_id,
+                                        "conversation_id": outcome.conversation_id}
+                if outcome.ok:
+                    body["turn_status"] = outcome.turn_status
+                else:
+                    body.update(error=outcome.error, message=outcome.message)
+                    if outcome.errors:
+                        body["errors"] = outcome.errors
+                report(body)
+                if bar is not None:
+                    bar.advance(task)
+                return outcome.status == "enqueued"  # only new turns take a slot of --rate
+
+            await paced(good, args.rate, each)
+    for text in problems if bar_shown else []:
+        print(text)
+    print(f"turnfleet enqueue: {len(args.lines)} lines: " + ", ".join(f"{n} {k}" for k, n in counts.items()),
+          file=sys.stderr)
+    return 0 if counts["rejected"] == counts["skipped"] == 0 else EXIT_FAILED
+
+
+def _line_text(body: dict[str, Any]) -> str:
+    """One line of ``enqueue --file``'s plain output."""
+    where = f"line {body['line']}: {body['status']}"
+    if body["status"] == "skipped":
+        return f"{where}: " + "; ".join(f"{e['field']}: {e['message']}" for e in body["errors"])
+    if body["status"] == "rejected":
+        return f"{where} {body['turn_id']} ({body['error']}): {body['message']}"
+    if body["status"] == "existing":
+        return f"{where} {body['turn_id']} ({body['turn_status']})"
+    return f"{where} {body['turn_id']}"
 
 
 async def _feedback(args: argparse.Namespace, url: str) -> int:
@@ -540,7 +667,7 @@ def cmd_demo(args: argparse.Namespace, url: str) -> int:
         from turnfleet.shell.story import run_story
 
         return asyncio.run(run_story(url, args.story, workers=args.workers, as_json=args.json))
-    return asyncio.run(run_demo(url, workers=args.workers))
+    return asyncio.run(run_demo(url, workers=args.workers, as_json=args.json))
 
 
 def cmd_dev(args: argparse.Namespace, url: str) -> int:
@@ -566,6 +693,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     from turnfleet.shell.health import check
 
     health = check(args.role, url=args.url, max_age_s=args.max_age, timeout_s=args.timeout)
+    if args.json and not health.ok:
+        print(json.dumps({"error": "unhealthy", "message": health.reason, "notes": list(health.notes)}),
+              file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json({"ok": True, "role": args.role, "reason": health.reason, "notes": list(health.notes)})
+        return 0
     if not health.ok:
         print(f"turnfleet health: {health.reason}", file=sys.stderr)
         for note in health.notes:
@@ -668,12 +802,25 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------
 
 
+JSON_HELP = "print one JSON document on stdout; errors as one JSON document on stderr"
+UNREDACTED_HELP = "text as written (cards, e-mails, keys); the read is audited"
+
+
+def _verb(sub: Any, name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+    """A verb's parser: its help, and an "Examples:" epilog laid out as written."""
+    return sub.add_parser(
+        name, help=help, description=help[:1].upper() + help[1:] + ".",
+        epilog="Examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def find_filters(p: argparse.ArgumentParser, workflow_flag: str = "--workflow") -> None:
     """``find``'s filters, shared by ``regress`` (whose ``--workflow`` is the candidate's, so
     find's is ``--find-workflow`` there)."""
-    p.add_argument("--customer", metavar="ID")
-    p.add_argument("--tool", metavar="NAME", help="e.g. process_refund")
-    p.add_argument("--agent", metavar="NAME", help="e.g. Billing")
+    p.add_argument("--customer", metavar="ID", help="conversations of this customer")
+    p.add_argument("--tool", metavar="NAME", help="a tool was called, e.g. process_refund")
+    p.add_argument("--agent", metavar="NAME", help="an agent took part, e.g. Billing")
     p.add_argument("--error", metavar="TYPE", help="error type, e.g. MaxTurnsExceeded or ToolError")
     p.add_argument("--guardrail", metavar="NAME", help="a guardrail that tripped, e.g. prompt_injection")
     p.add_argument(workflow_flag, metavar="NAME", dest="find_workflow", help="run by this workflow, e.g. support-desk")
@@ -682,78 +829,104 @@ def find_filters(p: argparse.ArgumentParser, workflow_flag: str = "--workflow") 
                    help="a turn was given such feedback (rows name those turns)")
     p.add_argument("--check-failed", metavar="NAME",
                    help="a turn on which this check failed, e.g. refund_amount_matches (rows name those turns)")
-    p.add_argument("--since", metavar="TIME", help="ISO 8601, or 30m / 2h / 7d ago")
-    p.add_argument("--until", metavar="TIME")
-    p.add_argument("--min-cost", type=float, metavar="USD")
+    p.add_argument("--since", metavar="TIME", help="not before: ISO 8601, or 30m / 2h / 7d ago")
+    p.add_argument("--until", metavar="TIME", help="not after: ISO 8601, or 30m / 2h / 7d ago")
+    p.add_argument("--min-cost", type=float, metavar="USD", help="conversations that cost at least this")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="turnfleet",
         description="Run OpenAI Agents SDK support agents as a fleet on Redis, and see what they did.",
+        epilog="Examples:\n  turnfleet demo\n  turnfleet enqueue --help\n  turnfleet --version",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p.add_argument("--version", action="store_true",
+                   help="print the version and exit (with --json: also the Agents SDK's and Python's)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", help="what to do (turnfleet VERB --help)")
 
-    d = sub.add_parser("demo", help="the Support Desk demo: Redis, telemetry, 2 workers, 5 conversations")
+    d = _verb(sub, "demo", "the Support Desk demo: Redis, telemetry, 2 workers, 5 conversations",
+              "turnfleet demo", "turnfleet demo --workers 4 --json", "turnfleet demo --story wrong-refund --json")
     d.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     d.add_argument("--story", metavar="NAME", help="tell a story instead, step by step: wrong-refund")
-    d.add_argument("--json", action="store_true", help="with --story: its steps and figures as JSON")
+    d.add_argument("--json", action="store_true",
+                   help="only the summary (with --story: its steps and figures), as one JSON document")
 
-    dv = sub.add_parser("dev", help="your app on a local fleet (Redis, workers, telemetry) until Ctrl-C")
+    dv = _verb(sub, "dev", "your app on a local fleet (Redis, workers, telemetry) until Ctrl-C",
+               "turnfleet dev --app my_agents:app", "turnfleet dev --app my_agents:app --workers 3")
     dv.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the workflows to serve, e.g. my_agents:app")
     dv.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
 
-    w = sub.add_parser("worker", help="run an arq worker process")
+    w = _verb(sub, "worker", "run an arq worker process",
+              "turnfleet worker", "turnfleet worker --burst", "turnfleet worker --app my_agents:app")
     w.add_argument("--burst", action="store_true", help="drain the queue, then exit")
     w.add_argument("--app", metavar="MODULE:ATTR",
                    help="the workflows to serve (TURNFLEET_APP); default: the built-in Support Desk")
 
-    t = sub.add_parser("telemetry", help="run a telemetry consumer")
+    t = _verb(sub, "telemetry", "run a telemetry consumer", "turnfleet telemetry", "turnfleet telemetry --burst")
     t.add_argument("--burst", action="store_true", help="aggregate what is there, then exit")
 
-    e = sub.add_parser("enqueue", help="hand one turn to the fleet; prints its turn id")
-    e.add_argument("--conversation", required=True, metavar="ID")
-    e.add_argument("--customer", required=True, metavar="ID")
+    e = _verb(sub, "enqueue", "hand turns to the fleet: one (prints its turn id) or a file of them (--file)",
+              'turnfleet enqueue --conversation c-1 --customer C-100 "Where is order 1047?"',
+              "turnfleet enqueue --conversation c-1 --customer C-100 --turn-id t-1 --meta channel=chat \"hi\"",
+              "turnfleet enqueue --file turns.jsonl",
+              "turnfleet enqueue --file turns.jsonl --rate 50 --skip-bad --json")
+    e.add_argument("--conversation", metavar="ID", help="the conversation the turn belongs to (not with --file)")
+    e.add_argument("--customer", metavar="ID", help="the customer, a pseudonymous id (not with --file)")
     e.add_argument("--turn-id", metavar="ID", help="idempotency key (default: generated)")
-    e.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata kept with the turn (repeat for more)")
     e.add_argument("--agent", metavar="NAME", help="workflow (default support-desk)")
     e.add_argument("--no-trace", action="store_true", help="run this turn without tracing")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("text", metavar="TEXT")
+    e.add_argument("--file", metavar="PATH",
+                   help="a backfill: one JSON turn per line ('-': stdin); every line is checked before any is "
+                        "enqueued")
+    e.add_argument("--skip-bad", action="store_true",
+                   help="with --file: enqueue the good lines even if some are bad (default: none if any is bad)")
+    e.add_argument("--rate", type=float, default=DEFAULT_BACKFILL_RATE, metavar="N",
+                   help=f"with --file: at most N turns a second, so live turns are not queued behind a "
+                        f"backfill (default {DEFAULT_BACKFILL_RATE:g})")
+    e.add_argument("--json", action="store_true",
+                   help="print {\"turn_id\"} (with --file: one JSON line per line of the file)")
+    e.add_argument("text", metavar="TEXT", nargs="?", help="what the customer wrote (not with --file)")
 
-    fb = sub.add_parser("feedback", help="score a turn (-1 or 1); prints the feedback id")
-    fb.add_argument("turn_id", metavar="TURN_ID")
-    fb.add_argument("--score", required=True, metavar="-1|1")
+    fb = _verb(sub, "feedback", "score a turn (-1 or 1); prints the feedback id",
+               "turnfleet feedback t-1 --score -1 --comment \"wrong amount\"",
+               "turnfleet feedback t-1 --score 1 --source operator --idempotency-key review-7 --json")
+    fb.add_argument("turn_id", metavar="TURN_ID", help="the turn scored")
+    fb.add_argument("--score", required=True, metavar="-1|1", help="-1 (bad) or 1 (good)")
     fb.add_argument("--comment", metavar="TEXT", help="redacted before it is stored")
-    fb.add_argument("--source", default="customer", metavar="customer|agent|operator")
+    fb.add_argument("--source", default="customer", metavar="customer|agent|operator",
+                    help="who gave it (default customer)")
     fb.add_argument("--idempotency-key", metavar="KEY",
                     help="the same key on the same turn is the same feedback (counted once)")
-    fb.add_argument("--json", action="store_true")
+    fb.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    r = sub.add_parser("result", help="a turn's status and result")
-    r.add_argument("turn_id", metavar="TURN_ID")
+    r = _verb(sub, "result", "a turn's status and result",
+              "turnfleet result t-1", "turnfleet result t-1 --wait 30 --json")
+    r.add_argument("turn_id", metavar="TURN_ID", help="the turn id enqueue printed")
     r.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for it to end")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--unredacted", action="store_true",
-                   help="text as written (cards, e-mails, keys); the read is audited")
+    r.add_argument("--json", action="store_true", help=JSON_HELP)
+    r.add_argument("--unredacted", action="store_true", help=UNREDACTED_HELP)
 
-    c = sub.add_parser("conversation", help="replay a conversation: every turn as a tree, in order")
-    c.add_argument("conversation_id", metavar="ID")
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--unredacted", action="store_true",
-                   help="text as written (cards, e-mails, keys); the read is audited")
+    c = _verb(sub, "conversation", "replay a conversation: every turn as a tree, in order",
+              "turnfleet conversation c-1", "turnfleet conversation c-1 --json")
+    c.add_argument("conversation_id", metavar="ID", help="the conversation id")
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
+    c.add_argument("--unredacted", action="store_true", help=UNREDACTED_HELP)
 
-    tr = sub.add_parser("turn", help="replay one turn as a tree")
-    tr.add_argument("turn_id", metavar="TURN_ID")
-    tr.add_argument("--json", action="store_true")
-    tr.add_argument("--unredacted", action="store_true",
-                   help="text as written (cards, e-mails, keys); the read is audited")
+    tr = _verb(sub, "turn", "replay one turn as a tree", "turnfleet turn t-1", "turnfleet turn t-1 --json")
+    tr.add_argument("turn_id", metavar="TURN_ID", help="the turn id")
+    tr.add_argument("--json", action="store_true", help=JSON_HELP)
+    tr.add_argument("--unredacted", action="store_true", help=UNREDACTED_HELP)
 
-    au = sub.add_parser("audit", help="unredacted reads and erasures (who, what, which id, when), newest last")
-    au.add_argument("--limit", type=int, default=100)
-    au.add_argument("--json", action="store_true")
+    au = _verb(sub, "audit", "unredacted reads and erasures (who, what, which id, when), newest last",
+               "turnfleet audit", "turnfleet audit --limit 20 --json")
+    au.add_argument("--limit", type=int, default=100, help="entries at most (default 100)")
+    au.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    fg = sub.add_parser("forget", help="erase one customer or one conversation (all but the refund ledger)")
+    fg = _verb(sub, "forget", "erase one customer or one conversation (all but the refund ledger)",
+               "turnfleet forget --customer C-100", "turnfleet forget --conversation c-1 --wait 60 --rewrite-aof")
     subject = fg.add_mutually_exclusive_group(required=True)
     subject.add_argument("--customer", metavar="ID", help="the customer: every conversation, turn and figure of it")
     subject.add_argument("--conversation", metavar="ID", help="one conversation and its turns")
@@ -761,68 +934,82 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait this long for its queued or running turns to end (default: refuse at once)")
     fg.add_argument("--rewrite-aof", action="store_true",
                     help="then rewrite Redis's append-only file, so older copies leave the disk")
-    fg.add_argument("--json", action="store_true")
+    fg.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    s = sub.add_parser("stats", help="tokens, cost, latency and errors")
+    s = _verb(sub, "stats", "tokens, cost, latency and errors",
+              "turnfleet stats", "turnfleet stats --by customer --limit 10", "turnfleet stats --by version --json")
     s.add_argument("--by", choices=["conversation", "customer", "model", "workflow", "version"],
-                   default="model", help="version: one row per version of each workflow")
-    s.add_argument("--limit", type=int, default=50)
+                   default="model", help="one row per this (default model); version: per version of each workflow")
+    s.add_argument("--limit", type=int, default=50, help="rows at most (default 50)")
     s.add_argument("--slowest", type=int, default=10, metavar="N", help="slowest turns to list")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    f = sub.add_parser("find", help="find conversations by customer, tool, agent, error, time, cost")
+    f = _verb(sub, "find", "find conversations by customer, tool, agent, error, time, cost",
+              "turnfleet find --tool process_refund --since 2h",
+              "turnfleet find --feedback negative --check-failed refund_amount_matches --json")
     find_filters(f)
-    f.add_argument("--limit", type=int, default=50)
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--limit", type=int, default=50, help="conversations at most (default 50)")
+    f.add_argument("--json", action="store_true", help=JSON_HELP)
 
     def candidate_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--app", metavar="MODULE:ATTR", help="the candidate's workflows (default: the built-in app)")
         p.add_argument("--workflow", metavar="NAME", help="the candidate workflow (default: the turn's)")
         p.add_argument("--model", metavar="NAME", help="the candidate model (default: the turn's), "
                        "e.g. turnfleet-offline")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    rr = sub.add_parser("rerun", help="re-run a stored turn against a candidate; original and candidate side by side")
-    rr.add_argument("turn_id", metavar="TURN_ID")
+    rr = _verb(sub, "rerun", "re-run a stored turn against a candidate; original and candidate side by side",
+               "turnfleet rerun t-1", "turnfleet rerun t-1 --model turnfleet-offline --json")
+    rr.add_argument("turn_id", metavar="TURN_ID", help="a finished turn")
     candidate_options(rr)
 
-    rg = sub.add_parser("regress", help="re-run the turns find's filters match against a candidate; exit 1 "
-                        "if a check newly fails")
+    rg = _verb(sub, "regress", "re-run the turns find's filters match against a candidate; exit 1 "
+               "if a check newly fails",
+               "turnfleet regress --check-failed refund_amount_matches --model turnfleet-offline",
+               "turnfleet regress --since 1d --app my_agents:app --concurrency 8 --json")
     find_filters(rg, workflow_flag="--find-workflow")
     rg.add_argument("--limit", type=int, default=200, help="conversations at most (default 200)")
     rg.add_argument("--concurrency", type=int, default=4, metavar="N", help="turns re-run at once (default 4)")
     candidate_options(rg)
 
-    a = sub.add_parser("alerts", help="alerts raised (newest last)")
+    a = _verb(sub, "alerts", "alerts raised (newest last)",
+              "turnfleet alerts", "turnfleet alerts --follow --cursor pager --json")
     a.add_argument("--follow", action="store_true", help="keep printing new alerts")
     a.add_argument("--new-only", action="store_true", help="with --follow: skip the backlog")
     a.add_argument("--from-start", action="store_true", help="with --follow: ignore the saved cursor")
     a.add_argument("--cursor", metavar="NAME",
                    help="with --follow: resume where the follower of this name left off (default 'default')")
-    a.add_argument("--limit", type=int, default=100)
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--limit", type=int, default=100, help="alerts at most, without --follow (default 100)")
+    a.add_argument("--json", action="store_true", help=JSON_HELP + " (JSON lines with --follow)")
 
     from turnfleet.shell.health import DEFAULT_MAX_AGE_S, DEFAULT_TIMEOUT_S, ROLES
 
-    hc = sub.add_parser("health", help="exit 0 if this host's worker, telemetry or producer is healthy (healthchecks)")
-    hc.add_argument("--role", required=True, choices=ROLES)
+    hc = _verb(sub, "health", "exit 0 if this host's worker, telemetry or producer is healthy (healthchecks)",
+               "turnfleet health --role worker", "turnfleet health --role producer --url http://127.0.0.1:8080 --json")
+    hc.add_argument("--role", required=True, choices=ROLES, help="the process to probe")
     hc.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_S, metavar="SECONDS",
                     help=f"worker/telemetry: oldest heartbeat that counts (default {DEFAULT_MAX_AGE_S:g})")
     hc.add_argument("--url", metavar="URL",
                     help="producer: base URL to GET /healthz from (default http://127.0.0.1:$TURNFLEET_HTTP_PORT)")
     hc.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                     help=f"give up on Redis or HTTP after this long (default {DEFAULT_TIMEOUT_S:g})")
+    hc.add_argument("--json", action="store_true",
+                    help="the verdict as one JSON document (unhealthy: a JSON error on stderr)")
 
-    sv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    sv = _verb(sub, "serve", "run the HTTP API (uvicorn)",
+               "turnfleet serve", "turnfleet serve --host 0.0.0.0 --port 8080", "turnfleet serve --fd 3")
     sv.add_argument("--host", metavar="HOST", help="listen address (default $TURNFLEET_HTTP_HOST, 127.0.0.1)")
     sv.add_argument("--port", type=int, metavar="PORT", help="listen port (default $TURNFLEET_HTTP_PORT, 8080)")
     sv.add_argument("--fd", type=int, metavar="FD",
                     help="serve on this inherited, already listening socket instead of --host/--port "
                          "(socket activation; connections queue on it before the app is ready)")
 
-    ak = sub.add_parser("apikey", help="make an API key for the HTTP API, or hash one")
-    ak_sub = ak.add_subparsers(dest="apikey_verb", required=True, metavar="ACTION")
-    akn = ak_sub.add_parser("new", help="a new key (printed once) and the entry to configure")
+    ak = _verb(sub, "apikey", "make an API key for the HTTP API, or hash one",
+               "turnfleet apikey new --name billing-svc --customer C-100", "turnfleet apikey hash -")
+    ak_sub = ak.add_subparsers(dest="apikey_verb", required=True, metavar="ACTION", help="new or hash")
+    akn = _verb(ak_sub, "new", "a new key (printed once) and the entry to configure",
+                "turnfleet apikey new --name billing-svc --customer C-100 --customer C-101",
+                "turnfleet apikey new --name ops-console --operator --unredacted --json")
     akn.add_argument("--name", required=True, help="who holds the key, e.g. the calling service")
     who = akn.add_mutually_exclusive_group(required=True)
     who.add_argument("--customer", action="append", metavar="ID", help="a customer it may act for (repeat)")
@@ -830,9 +1017,11 @@ def build_parser() -> argparse.ArgumentParser:
     akn.add_argument("--unredacted", action="store_true",
                      help="may read text as written (?unredacted=true); each such read is audited")
     akn.add_argument("--json", action="store_true", help='print {"key", "entry"}')
-    akh = ak_sub.add_parser("hash", help="the SHA-256 digest of a key ('-' reads it from stdin)")
-    akh.add_argument("key", metavar="KEY")
+    akh = _verb(ak_sub, "hash", "the SHA-256 digest of a key ('-' reads it from stdin)",
+                "turnfleet apikey hash tfk_…", "echo \"$KEY\" | turnfleet apikey hash -")
+    akh.add_argument("key", metavar="KEY", help="the key, or '-' to read it from stdin")
     return p
+
 
 def _candidate(args: argparse.Namespace) -> Any:
     from turnfleet.workers.rerun import CandidateSpec
@@ -915,7 +1104,7 @@ def _fail(exc: CliError, where: str, as_json: bool) -> int:
     if as_json:
         body: dict[str, Any] = {"error": exc.error, "message": str(exc)}
         if exc.errors:
-            body["errors"] = [{"field": e["field"], "message": e["message"]} for e in exc.errors]
+            body["errors"] = [{k: e[k] for k in ("line", "field", "message") if k in e} for e in exc.errors]
         print(json.dumps(body), file=sys.stderr)  # ASCII: safe whatever the input was
     else:
         print(f"{where}: {exc}", file=sys.stderr)
@@ -927,8 +1116,30 @@ def _stop_while_starting(signum: int, frame: Any) -> NoReturn:
     raise SystemExit(0)
 
 
+def versions() -> dict[str, str]:
+    """This package's version, the Agents SDK's and Python's (``--version --json``)."""
+    from importlib.metadata import version
+    import platform
+
+    return {"turnfleet": version("turnfleet"), "openai-agents": version("openai-agents"),
+            "python": platform.python_version()}
+
+
+def _version(argv: list[str]) -> int:
+    """``turnfleet --version``: one line, as gh and kubectl print it; ``--json`` adds the SDK's."""
+    if set(argv[1:]) - {"--json"}:
+        return _fail(CliError("--version takes no verb or option but --json"), "turnfleet", "--json" in argv)
+    if "--json" in argv:
+        _print_json(versions())
+    else:
+        print(f"turnfleet {versions()['turnfleet']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        return _version(argv)
     try:
         args = build_parser().parse_args(argv)
     except CliError as exc:

@@ -16,14 +16,17 @@ those, so every run shows a real refund. The packaged order book is left as it i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from rich import box
+from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -85,14 +88,16 @@ def _summary_table(rows: list[list[str]]) -> Table:
     return table
 
 
-async def run_demo(redis_url: str, workers: int = 2) -> int:
+async def run_demo(redis_url: str, workers: int = 2, as_json: bool = False) -> int:
+    """The scenario, printed for people; ``as_json``: only the summary, on stdout as one JSON
+    document (a failure: one JSON error document on stderr, exit 1)."""
     from turnfleet.producer import Producer
     from turnfleet.telemetry.alert_reads import read_alerts
     from turnfleet.telemetry.consumer import caught_up
     from turnfleet.telemetry.stats import conversation_stats, turn_stats
     from turnfleet.workers.orderbook import copy_orders
 
-    out = console()
+    out = Console(file=sys.stderr, highlight=False, quiet=True) if as_json else console()
     state_dir = Path(CommonSettings().state_dir)
     run_id = uuid.uuid4().hex[:6]
     log_dir = state_dir / "logs" / f"demo-{run_id}"
@@ -123,8 +128,7 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
         while len(await heartbeat.alive(redis, "worker", 10)) < workers:
             dead = [p.name for p in procs if not p.running()]
             if dead or time.monotonic() - started > 60:
-                out.print(f"[red]Workers did not start ({', '.join(dead) or 'timeout'}); see {log_dir}[/red]")
-                return 1
+                return _failed(out, as_json, f"Workers did not start ({', '.join(dead) or 'timeout'}); see {log_dir}")
             await asyncio.sleep(0.05)
         tail = await redis.xrevrange(keys.RESULTS_STREAM, count=1)
         results_from = tail[0][0] if tail else "0-0"
@@ -156,12 +160,10 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
         last = results_from
         while pending:
             if time.monotonic() > deadline:
-                out.print(f"[red]Timed out waiting for {len(pending)} turns.[/red]")
-                return 1
+                return _failed(out, as_json, f"Timed out waiting for {len(pending)} turns.")
             dead = [p.name for p in procs if not p.running()]
             if dead:
-                out.print(f"[red]Process(es) exited early: {', '.join(dead)}; see {log_dir}[/red]")
-                return 1
+                return _failed(out, as_json, f"Process(es) exited early: {', '.join(dead)}; see {log_dir}")
             entries = await redis.xread({keys.RESULTS_STREAM: last}, block=1000, count=100)
             for _s, items in entries or []:
                 for entry_id, fields in items:
@@ -178,11 +180,11 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
         # Wait until telemetry has aggregated every event, so the figures are complete.
         while not await caught_up(redis):
             if time.monotonic() > deadline:
-                out.print("[red]Telemetry did not catch up in time.[/red]")
-                return 1
+                return _failed(out, as_json, "Telemetry did not catch up in time.")
             await asyncio.sleep(0.05)
 
         rows: list[list[str]] = []
+        summary: list[dict[str, Any]] = []
         for cid, customer in conv_ids.items():
             turns = [r for tid, r in results.items() if r.conversation_id == cid]
             agg = await conversation_stats(redis, cid)
@@ -194,6 +196,10 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
             tools = sorted({c.tool for r in turns for c in r.tool_calls})
             latencies = [r.duration_ms or 0 for r in turns]
             failed = sum(r.status == "failed" for r in turns)
+            summary.append({"conversation_id": cid, "customer_id": customer, "turns": len(turns), "agents": agents,
+                            "tools": tools, "input_tokens": agg.get("input_tokens", 0),
+                            "output_tokens": agg.get("output_tokens", 0), "cost_usd": agg.get("cost_usd"),
+                            "mean_latency_ms": sum(latencies) / max(1, len(latencies)), "failed": failed})
             rows.append([
                 f"{cid.removeprefix(f'demo-{run_id}-')}\n[dim]{customer}[/dim]", str(len(turns)),
                 "\n".join(agents),
@@ -224,11 +230,25 @@ async def run_demo(redis_url: str, workers: int = 2) -> int:
         )
         out.print("Next, a customer's complaint traced to the decision that caused it: turnfleet demo --story wrong-refund")
         failed = [r for r in results.values() if r.status != "completed"]
+        if as_json:
+            print(json.dumps({"run_id": run_id, "ok": not failed, "turns": len(results),
+                              "seconds": round(time.monotonic() - started, 1), "cost_usd": total_cost,
+                              "conversations": summary,
+                              "alerts": [{"id": i, **a.model_dump(mode="json")} for i, a in alerts]}, indent=2))
         return 1 if failed else 0
     finally:
         for p in procs:
             p.stop()
         await redis.aclose()
+
+
+def _failed(out: Any, as_json: bool, message: str) -> int:
+    """The demo could not finish: one red line, or one JSON error document on stderr; exit 1."""
+    if as_json:
+        print(json.dumps({"error": "demo_failed", "message": message}), file=sys.stderr)
+    else:
+        out.print(f"[red]{message}[/red]")
+    return 1
 
 
 def _print_turn(out: Any, label: str, result: TurnResult) -> None:

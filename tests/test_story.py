@@ -158,12 +158,3 @@ def test_an_unknown_story_is_refused_naming_the_known_ones_before_anything_start
     assert as_json.returncode == 2
     assert json.loads(as_json.stderr)["errors"] == [
         {"field": "--story", "message": "no story 'right-refund'; the stories are: wrong-refund"}]
-
-
-def test_json_without_a_story_is_refused_before_anything_starts(tmp_path):
-    state = tmp_path / "state"
-    proc = turnfleet(state, "demo", "--json")
-    assert proc.returncode == 2
-    assert json.loads(proc.stderr)["errors"] == [
-        {"field": "--json", "message": "only with --story (the demo itself prints for people)"}]
-    assert not state.exists()
