@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -312,7 +313,7 @@ async def _enqueue_file(args: argparse.Namespace, url: str) -> int:
             if not line.ok:
                 report({"line": line.number, "status": "skipped", "error": "validation", "errors": line.errors})
         with progress_bar() if bar_shown else nullcontext() as bar:
-            task = bar.add_task(f"enqueue {args.file}", total=len(good)) if bar is not None else None
+            task = bar.add_task(f"enqueue {Path(args.file).name}", total=len(good)) if bar is not None else None
 
             async def each(line: Any) -> bool:
                 # enqueued now, not when the file was checked: queue-wait figures start here
