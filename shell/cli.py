@@ -829,7 +829,7 @@ def find_filters(p: argparse.ArgumentParser, workflow_flag: str = "--workflow") 
     p.add_argument("--feedback", choices=["negative", "positive"],
                    help="a turn was given such feedback (rows name those turns)")
     p.add_argument("--check-failed", metavar="NAME",
-                   help="a turn on which this check failed, e.g. refund_amount_matches (rows name those turns)")
+                   help="a turn on which this check failed, e.g. refund_order_named_by_customer (rows name those turns)")
     p.add_argument("--since", metavar="TIME", help="not before: ISO 8601, or 30m / 2h / 7d ago")
     p.add_argument("--until", metavar="TIME", help="not after: ISO 8601, or 30m / 2h / 7d ago")
     p.add_argument("--min-cost", type=float, metavar="USD", help="conversations that cost at least this")
@@ -947,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = _verb(sub, "find", "find conversations by customer, tool, agent, error, time, cost",
               "turnfleet find --tool process_refund --since 2h",
-              "turnfleet find --feedback negative --check-failed refund_amount_matches --json")
+              "turnfleet find --feedback negative --check-failed refund_order_named_by_customer --json")
     find_filters(f)
     f.add_argument("--limit", type=int, default=50, help="conversations at most (default 50)")
     f.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -966,7 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rg = _verb(sub, "regress", "re-run the turns find's filters match against a candidate; exit 1 "
                "if a check newly fails",
-               "turnfleet regress --check-failed refund_amount_matches --model turnfleet-offline",
+               "turnfleet regress --check-failed refund_order_named_by_customer --model turnfleet-offline",
                "turnfleet regress --since 1d --app my_agents:app --concurrency 8 --json")
     find_filters(rg, workflow_flag="--find-workflow")
     rg.add_argument("--limit", type=int, default=200, help="conversations at most (default 200)")
