@@ -103,7 +103,8 @@ async def test_every_span_kind_carries_the_conventions_names_and_values(
         attrs = span["attributes"]
         assert attrs[GA.GEN_AI_CONVERSATION_ID] == attrs[OI.SESSION_ID] == attrs[LANGFUSE_SESSION] == "conv-1"
         assert attrs[OI.USER_ID] == attrs[LANGFUSE_USER] == "C-100"
-        assert attrs[GA.GEN_AI_PROVIDER_NAME] == GA.GenAiProviderNameValues.OPENAI.value
+        model = attrs.get(GA.GEN_AI_REQUEST_MODEL)  # a model call: its model's provider (offline: turnfleet)
+        assert attrs[GA.GEN_AI_PROVIDER_NAME] == (otlp.provider_of(model) if model else GA.GenAiProviderNameValues.OPENAI.value)
 
     for sdk in record["spans"]:
         data, attrs = sdk["span_data"], received[sdk["id"]]["attributes"]
@@ -222,6 +223,14 @@ def test_the_responses_api_span_and_chat_completions_messages_map_too() -> None:
     assert attrs[f"{OI.LLM_INPUT_MESSAGES}.2.{MA.MESSAGE_TOOL_CALL_ID}"] == "c1"
     assert attrs[f"{OI.LLM_OUTPUT_MESSAGES}.0.{MA.MESSAGE_CONTENT}"] == "It shipped."
     assert OI.LLM_COST_TOTAL not in attrs and GEN_AI_COST not in attrs  # unknown, not $0
+
+
+@pytest.mark.parametrize(("model", "provider"), [
+    ("gpt-4o-mini", "openai"), ("litellm/anthropic/claude-sonnet", "anthropic"),
+    ("turnfleet-offline", "turnfleet"), ("turnfleet-offline-flawed", "turnfleet")])
+def test_a_model_calls_provider_is_the_one_its_name_routes_to(model: str, provider: str) -> None:
+    _, _, attrs = otlp.span_attributes({"type": "generation", "model": model, "input": [], "output": []})
+    assert attrs[GA.GEN_AI_PROVIDER_NAME] == attrs[GA.GEN_AI_SYSTEM] == attrs[OI.LLM_PROVIDER] == provider
 
 
 def test_a_long_history_and_long_texts_are_capped() -> None:

@@ -94,7 +94,20 @@ GEN_AI_USAGE_COST = "gen_ai.usage.cost"  # USD; read by Langfuse, not (yet) an O
 EXCEPTION_EVENT = "exception"  # the OTel exception event's name (OTel trace API spec)
 
 INSTRUMENTATION_SCOPE = "turnfleet.workers.otlp"
-GEN_AI_PROVIDER = GA.GenAiProviderNameValues.OPENAI.value
+GEN_AI_PROVIDER = GA.GenAiProviderNameValues.OPENAI.value  # the API the fleet speaks (OpenAI-compatible)
+OFFLINE_PROVIDER = "turnfleet"  # the embedded offline models (turnfleet-offline[-flawed]): no vendor
+
+
+def provider_of(model: Any) -> str:
+    """``gen_ai.provider.name`` of a model call: the provider a LiteLLM name routes to
+    (``litellm/anthropic/…`` → ``anthropic``), ``turnfleet`` for the embedded offline models,
+    else ``openai`` (the OpenAI-compatible endpoint the fleet calls)."""
+    name = str(model or "")
+    if name.startswith("litellm/") and name.count("/") >= 2:
+        return name.split("/", 2)[1] or GEN_AI_PROVIDER
+    if name.startswith("turnfleet-offline"):
+        return OFFLINE_PROVIDER
+    return GEN_AI_PROVIDER
 HANDOFF, GUARDRAIL = "handoff", "guardrail"  # gen_ai.operation.name of spans GenAI has no value for
 
 # Size caps (characters), so an attribute never carries a whole conversation: a turn's text
@@ -434,7 +447,7 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
         _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
         _put(attrs, OI.LLM_MODEL_NAME, model)
-        _put(attrs, OI.LLM_PROVIDER, GEN_AI_PROVIDER)
+        _put(attrs, OI.LLM_PROVIDER, provider_of(model))
         config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}
         _put(attrs, GA.GEN_AI_REQUEST_TEMPERATURE, config.get("temperature"))
         _put(attrs, GA.GEN_AI_REQUEST_TOP_P, config.get("top_p"))
@@ -490,8 +503,9 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         name, operation = (f"{kind} {label}" if label else kind), kind
         _put_data(attrs, f"turnfleet.{kind}", span_data)
     attrs[GA.GEN_AI_OPERATION_NAME] = operation
-    attrs[GA.GEN_AI_PROVIDER_NAME] = GEN_AI_PROVIDER
-    attrs[GA.GEN_AI_SYSTEM] = GEN_AI_PROVIDER  # deprecated name, still read by older receivers
+    provider = provider_of(span_data.get("model")) if kind in ("generation", "response") else GEN_AI_PROVIDER
+    attrs[GA.GEN_AI_PROVIDER_NAME] = provider
+    attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers
     attrs[OI.OPENINFERENCE_SPAN_KIND] = _OPENINFERENCE_KIND.get(kind, Kind.CHAIN.value)
     return name, kind, attrs
 
