@@ -2,12 +2,13 @@
 check job (between the turn's outcome, written by finish.lua, and the check outcomes); another
 worker of the pool runs the checks, and each check's outcome is written exactly once.
 
-Real ``turnfleet worker`` subprocesses serving the Desk plus a check that holds while a file
-exists (``tests/apps/checked_desk.py``); leases of 2 s as in the other worker drills.
+Real ``turnfleet worker`` subprocesses serving the Desk plus a check that holds on a named
+pipe (``tests/apps/checked_desk.py``); leases of 2 s as in the other worker drills.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from turnfleet.producer import Producer
@@ -23,7 +24,7 @@ from turnfleet.workers.support_desk_checks import SUPPORT_DESK_CHECKS
 async def test_a_worker_killed_holding_a_check_job_another_runs_the_checks_once(
         redis, fleet_env, tmp_path: Path, fleet: Fleet):  # noqa: F811
     hold, started = tmp_path / "hold", tmp_path / "started"
-    hold.touch()
+    os.mkfifo(hold)  # the held check blocks opening it: no poll
     started.mkdir()
     env = drill_env(fleet_env, TURNFLEET_APP="tests.apps.checked_desk:app", TURNFLEET_MAX_JOBS="1",
                     TURNFLEET_CHECK_JOBS="1", **{HOLD: str(hold), STARTED: str(started)})
@@ -40,7 +41,7 @@ async def test_a_worker_killed_holding_a_check_job_another_runs_the_checks_once(
         assert (await producer.wait(second, timeout_s=30)).status == "completed"
         assert not await redis.exists(keys.turn_checks(first))
         a.kill()  # SIGKILL while it holds the check job
-        hold.unlink()
+        hold.unlink()  # w-b's check finds no pipe and goes on
         b = fleet.worker(env, "w-b")
         for turn_id in (first, second):
             await until_or_exit(lambda t=turn_id: redis.exists(keys.turn_checks(t)), f"{turn_id}'s checks", proc=b)
