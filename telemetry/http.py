@@ -208,7 +208,8 @@ async def find_visible(redis: Redis, who: Principal, customer: str | None = None
     rows: list[dict[str, Any]] = []
     for mine in sorted(who.customers):
         rows += await find_conversations(redis, customer=mine, limit=limit, **filters)
-    rows.sort(key=lambda r: datetime.fromisoformat(r["last_event_at"]), reverse=True)
+    # Ties (the same last-event millisecond) as Redis breaks them in the fleet-wide search.
+    rows.sort(key=lambda r: (datetime.fromisoformat(r["last_event_at"]), r["conversation_id"]), reverse=True)
     return rows[:limit]
 
 

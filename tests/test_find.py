@@ -204,3 +204,22 @@ async def test_cost_filter_reads_past_the_first_page(redis: Any) -> None:
     assert await ids(redis, min_cost_usd=0.004, limit=5) == ["c-big-1", "c-big-0"]
     assert await ids(redis, tool="process_refund", min_cost_usd=0.004, limit=1) == ["c-big-1"]
     assert len(await ids(redis, tool="process_refund", limit=300)) == 252
+
+
+async def test_a_customer_keys_union_orders_ties_as_the_fleet_wide_search(redis: Any) -> None:
+    """Conversations of two customers whose last events share a millisecond: a key bound to
+    both lists them in the order the operator's search does (Redis breaks a score tie by the
+    member, highest first), not in the order the customers were read."""
+    from turnfleet.auth import Principal
+    from turnfleet.telemetry.http import find_visible
+
+    batches = [AttemptBatch(f"t-{c}", c, cust, at=at(1)).started().agent("Triage").completed()
+               for c, cust in (("c-a", "cust-b"), ("c-b", "cust-a"), ("c-c", "cust-b"))]
+    await enqueue(redis, batches)
+    for batch in batches:
+        await batch.send(redis)
+    await drain(redis)
+    fleet_wide = await find_conversations(redis)
+    assert [r["conversation_id"] for r in fleet_wide] == ["c-c", "c-b", "c-a"]
+    both = Principal("pair", frozenset({"cust-a", "cust-b"}))
+    assert await find_visible(redis, both) == fleet_wide
