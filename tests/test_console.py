@@ -294,7 +294,7 @@ def test_conversation_page_marks_the_wrong_refund_inline_and_the_money_view_link
     expect(turn.locator("h2")).to_contain_text("wrong refund")
     call = turn.locator("li.node-tool").filter(has=page.locator("summary", has_text="process_refund"))
     expect(call).to_have_count(1)
-    expect(call.locator("summary")).to_contain_text("wrong refund")
+    expect(call.locator(":scope > details > summary")).to_contain_text("wrong refund")
     mark = call.locator(".refund-mark")
     expect(mark).to_be_visible()
     expect(mark).to_have_class(re.compile(r"\banomaly\b"))
