@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,27 @@ def test_the_zsh_script_is_a_compdef_naming_every_verb(env: dict[str, str]) -> N
     assert proc.stdout.startswith("#compdef turnfleet\n")
     for verb in verbs():
         assert f"\n    {verb}:'" in proc.stdout, verb
+
+
+def test_every_zsh_argument_spec_has_a_message_and_an_action_zsh_can_take(env: dict[str, str]) -> None:
+    """An option's ``"--opt[help]:MESSAGE:ACTION"`` (a positional's ``":MESSAGE:ACTION"``): an
+    unescaped colon in the message (a metavar such as ``MODULE:ATTR``) would make the rest the
+    action, a command zsh runs on Tab ("command not found: ATTR")."""
+    script = tf("completion", "zsh", env=env).stdout
+    specs = []
+    for line in script.splitlines():
+        quoted = re.fullmatch(r'\s*"(.*)"', line)
+        if not quoted or line.strip().startswith('"(- : *)"'):  # -h/--help: no argument
+            continue
+        body = quoted.group(1)
+        help_end = re.search(r"(?<!\\)\]", body)
+        specs.append(body if body.startswith(":") else body[help_end.end():] if help_end else None)
+    assert len(specs) > 100 and None not in specs
+    for spec in specs:
+        parts = re.split(r"(?<!\\):", spec)
+        assert parts == [""] or (len(parts) == 3 and parts[0] == ""), spec
+        assert re.fullmatch(r"|_\w+|\(.*\)", parts[-1]), spec
+    assert ":MODULE\\:ATTR:" in script  # --app's metavar, kept whole
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (apt-get install zsh)")
