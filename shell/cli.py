@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -809,13 +809,22 @@ def cmd_completion(args: argparse.Namespace) -> int:
     this very parser, so every verb, option and choice is there and none goes stale."""
     import shtab
 
+    def options(parser: argparse.ArgumentParser, verb: str = "") -> Iterator[tuple[str, argparse.Action]]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from options(sub, name)
+            else:
+                yield verb, action
+
     parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for verb, sub in action.choices.items():
-                for option in sub._actions:
-                    if any((verb, o) in PATH_OPTIONS for o in option.option_strings):
-                        option.complete = shtab.FILE  # type: ignore[attr-defined]
+    for verb, option in options(parser):
+        if any((verb, o) in PATH_OPTIONS for o in option.option_strings):
+            option.complete = shtab.FILE  # type: ignore[attr-defined]
+        if args.shell == "zsh" and isinstance(option.metavar, str):
+            # shtab writes a metavar into zsh's "--opt[help]:MESSAGE:ACTION" as it is: a colon
+            # in it (MODULE:ATTR) would end the message and make "ATTR" a command zsh runs.
+            option.metavar = option.metavar.replace(":", "\\:")
     sys.stdout.write(shtab.complete(parser, shell=args.shell))
     return 0
 
