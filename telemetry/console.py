@@ -12,11 +12,15 @@ Pages (each needs a key; without one the browser is sent to the login form):
 - ``/console/conversations/{id}``: every turn with its attempts, each attempt's span tree
   (collapsible ``<details>``) and timeline (one bar per span on the attempt's time axis), the
   turn's split into queue wait, model, tool and other time, tokens and cost per turn and in
-  total, failed attempts with their errors;
+  total, failed attempts with their errors; each ``process_refund`` call with its refund's
+  order, amount and eligibility amount, marked when a money-path check failed on its turn
+  (the money view's anomaly, with the check's name and reason: ``place_refunds``), each turn
+  an anchor (``#turn:<turn id>``) the money view links to;
 - ``/console/money``: every refund (``process_refund`` call) with its order, amount, the
   eligibility amount, turn, conversation, customer and time, filterable (customer, order,
   anomalies only) and sortable, a refund whose turn failed a money-path check marked with the
-  check and its reason (``telemetry/refunds.py``); ``/console/money.json``: the same rows;
+  check and its reason (``telemetry/refunds.py``), each row linking to its turn on the
+  conversation page; ``/console/money.json``: the same rows;
 - ``/console/live``: alerts as they arrive (Server-Sent Events from the same generator as
   ``/v1/alerts?follow=true``), spend per customer and model today, and turns/s, error rate
   and p95 latency per minute over the last hour as small inline-SVG charts (refreshed from
@@ -60,7 +64,7 @@ from turnfleet.telemetry.http import (
 )
 from turnfleet.telemetry.find import FIND_PAGE_MAX
 from turnfleet.telemetry.live_figures import last_hour, spend_today
-from turnfleet.telemetry.refunds import SORTS, refunds
+from turnfleet.telemetry.refunds import PROCESS_REFUND, SORTS, conversation_refunds, refunds
 from turnfleet.telemetry.replay import conversation_replay
 from turnfleet.telemetry.times import parse_time
 from turnfleet import keys, registry
@@ -176,6 +180,7 @@ _templates = jinja2.Environment(
 _templates.filters.update(
     redacted=_redacted, pretty=_pretty, call=_call, decision=_decision, when=_when, money=_money,
     ms=ms, num=_num, pct=_pct, path=lambda v: quote(str(v), safe=""),
+    turn_anchor=lambda v: "turn:" + quote(str(v), safe=":@"),
 )
 
 
@@ -483,6 +488,46 @@ def failed_turn_times(attempts: list[dict[str, Any]]) -> dict[str, float] | None
             "other_ms": max(duration - model - tool, 0.0)}
 
 
+def _order_of(arguments: Any) -> str | None:
+    try:
+        data = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return None
+    order = data.get("order_id") if isinstance(data, dict) else None
+    return None if order is None else str(order)
+
+
+def place_refunds(attempts: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Put each of a turn's refunds (``telemetry/refunds.py`` rows, in call order) on the
+    ``process_refund`` tool node that made it, as ``node["refund"]``, in every attempt: the
+    node's ``order_id`` argument names its row, else (arguments kept out of telemetry) the
+    k-th such node of an attempt is the k-th refund. Returns the rows no node shows, so the
+    page can still mark them on their turn."""
+    placed: set[int] = set()
+    for attempt in attempts:
+        nodes: list[dict[str, Any]] = []
+
+        def walk(tree: list[dict[str, Any]]) -> None:
+            for node in tree:
+                if node.get("kind") == "tool" and node.get("name") == PROCESS_REFUND:
+                    nodes.append(node)
+                walk(node.get("children") or [])
+
+        walk(attempt.get("tree") or [])
+        used: set[int] = set()
+        for k, node in enumerate(nodes):
+            order = _order_of((node.get("detail") or {}).get("arguments"))
+            match = next((i for i, r in enumerate(rows) if i not in used and order is not None
+                          and r["order_id"] == order), None)
+            if match is None and order is None and k < len(rows) and k not in used:
+                match = k
+            if match is not None:
+                used.add(match)
+                node["refund"] = rows[match]
+        placed |= used
+    return [r for i, r in enumerate(rows) if i not in placed]
+
+
 @router.get("/conversations/{conversation_id}")
 async def conversation(request: Request, conversation_id: str) -> Response:
     who = _who(request)
@@ -497,8 +542,14 @@ async def conversation(request: Request, conversation_id: str) -> Response:
         return _not_found(request, who, "conversation", conversation_id)
     # The turn's text, answer and errors are business data, kept as written: redact them as
     # telemetry is before showing them (telemetry itself is redacted already; again is a no-op).
-    replay = (await registry.redactor(redis, settings_of(request))).value(replay)
+    redactor = await registry.redactor(redis, settings_of(request))
+    replay = redactor.value(replay)
+    by_turn: dict[str, list[dict[str, Any]]] = {}
+    for row in redactor.value(await conversation_refunds(redis, conversation_id)):
+        by_turn.setdefault(row["turn_id"], []).append(row)
     for turn in replay["turns"]:
+        turn["refunds"] = by_turn.get(turn["turn"]["turn_id"], [])
+        turn["unplaced_refunds"] = place_refunds(turn["attempts"], turn["refunds"])
         figures = turn.get("telemetry") or {}
         turn["attempt_times"] = None
         if turn["turn"].get("status") == "failed":

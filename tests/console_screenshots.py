@@ -11,10 +11,11 @@ writes 1280×800 PNGs of its four pages to ``docs/``::
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
-from tests.console_scenario import OPERATOR, RETRIED, console_fleet, launch_chromium
+from tests.console_scenario import OPERATOR, WRONG_REFUND, console_fleet, launch_chromium
 
 SIZE = {"width": 1280, "height": 800}
 
@@ -37,25 +38,27 @@ def main() -> int:
         expect(page.locator("table.results tbody tr")).to_have_count(len(fleet.scenario.conversations))
         page.screenshot(path=args.out / "console-search.png")
 
-        page.goto(f"/console/conversations/{RETRIED}")
-        expect(page.locator("section.attempt")).to_have_count(2)
-        # Fold the failed attempt's tree and the eligibility check so that the refund's own
-        # tool call, with its result, is in the picture.
-        page.locator("section.attempt").nth(0).locator("details").first.evaluate("d => d.open = false")
-        page.locator("li.node-tool details").first.evaluate("d => d.open = false")
-        page.evaluate("window.scrollTo(0, document.querySelector('section.turn').offsetTop - 12)")
-        page.screenshot(path=args.out / "console-conversation.png")
-
         page.goto("/console/money")
         expect(page.locator("table.money tr.anomaly")).to_have_count(1)
         page.screenshot(path=args.out / "console-money.png")
+
+        # The wrong refund, as an operator reaches it: its turn link in the money view. Fold
+        # Triage and the eligibility check so that the refund's call, marked, is in the picture.
+        page.locator("table.money tr.anomaly td.turn a").click()
+        expect(page).to_have_url(re.compile(re.escape(f"/console/conversations/{WRONG_REFUND}#turn:")))
+        page.locator("li.node-agent > details").first.evaluate("d => d.open = false")
+        page.locator("li.node-tool > details").first.evaluate("d => d.open = false")
+        mark = page.locator(".refund-mark.anomaly")
+        expect(mark).to_be_visible()
+        page.evaluate("window.scrollTo(0, document.querySelector('section.turn').offsetTop - 12)")
+        page.screenshot(path=args.out / "console-conversation.png")
 
         page.goto("/console/live")
         expect(page.locator("#alert-status")).to_contain_text("live")
         expect(page.locator("#alerts li")).not_to_have_count(0)
         page.screenshot(path=args.out / "console-live.png")
         browser.close()
-    for name in ("console-search.png", "console-conversation.png", "console-money.png", "console-live.png"):
+    for name in ("console-search.png", "console-money.png", "console-conversation.png", "console-live.png"):
         print(args.out / name)
     return 0
 

@@ -37,6 +37,7 @@ from tests.console_scenario import (
     OPERATOR,
     RETRIED,
     WRONG_REFUND,
+    WRONG_REFUND_ASKED,
     WRONG_REFUND_ORDER,
     ConsoleFleet,
     console_fleet,
@@ -271,6 +272,45 @@ def test_money_view_lists_every_refund_and_marks_the_one_a_money_path_check_fail
     page.get_by_label("Order").fill("1047")
     page.get_by_role("button", name="Filter").click()
     expect(rows.locator("th.order")).to_have_text(["1047"])
+
+
+@browser_test
+def test_conversation_page_marks_the_wrong_refund_inline_and_the_money_view_links_to_its_turn(
+    page: Any, http: httpx.Client,
+) -> None:
+    from playwright.sync_api import expect
+
+    [refund] = [r for r in http.get("/console/money.json", headers=bearer(OPERATOR)).json()["refunds"]
+                if r["conversation_id"] == WRONG_REFUND]
+    [anomaly] = refund["anomalies"]
+    assert anomaly["check"] == "refund_order_named_by_customer" and anomaly["reason"]
+    sign_in(page, OPERATOR, "/console/money")
+    row = page.locator("table.money tbody tr").filter(has=page.get_by_role("link", name=WRONG_REFUND, exact=True))
+    row.locator("td.turn a").click()
+    expect(page).to_have_url(re.compile(
+        rf"/console/conversations/{re.escape(WRONG_REFUND)}#turn:{re.escape(refund['turn_id'])}$"))
+    turn = page.locator("section.turn:target")  # the anchor is the refund's turn
+    expect(turn.locator("h2")).to_contain_text(refund["turn_id"])
+    expect(turn.locator("h2")).to_contain_text("wrong refund")
+    call = turn.locator("li.node-tool").filter(has=page.locator("summary", has_text="process_refund"))
+    expect(call).to_have_count(1)
+    expect(call.locator(":scope > details > summary")).to_contain_text("wrong refund")
+    mark = call.locator(".refund-mark")
+    expect(mark).to_be_visible()
+    expect(mark).to_have_class(re.compile(r"\banomaly\b"))
+    expect(mark.locator(".order")).to_have_text(WRONG_REFUND_ORDER)
+    expect(mark.locator(".amount")).to_have_text(refund["amount"])
+    expect(mark.locator(".eligibility")).to_have_text(refund["eligibility_amount"])
+    expect(mark.locator(".check")).to_have_text("refund_order_named_by_customer")
+    expect(mark.locator(".reason")).to_have_text(anomaly["reason"])
+    expect(mark.locator(".reason")).to_contain_text(WRONG_REFUND_ASKED)  # the order the customer named
+    # A right refund shows what it paid, unmarked.
+    page.goto(f"/console/conversations/{PRIYA}")
+    right = page.locator("li.node-tool").filter(has=page.locator("summary", has_text="process_refund"))
+    expect(right.locator(".refund-mark .amount")).to_have_text("229.00")
+    expect(right.locator(".refund-mark .eligibility")).to_have_text("229.00")
+    expect(page.locator(".refund-mark.anomaly")).to_have_count(0)
+    expect(page.get_by_text("wrong refund")).to_have_count(0)
 
 
 def test_money_json_is_scoped_to_the_key_and_names_a_bad_filter(http: httpx.Client) -> None:

@@ -1,5 +1,6 @@
 """The figures behind the web console: the last hour per minute, spend today per customer and
-model, the newest alerts, and how a turn's spans become timeline bars.
+model, the newest alerts, how a turn's spans become timeline bars, and which tool call a
+refund row is marked on.
 
 Batches are written as workers write them and aggregated by a real consumer (the helpers of
 ``tests/test_telemetry.py``); each figure is exact, and a batch sent twice counts once.
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from turnfleet.telemetry.aggregate import latency_bucket, latency_bucket_bound
-from turnfleet.telemetry.console import breakdown, sparkline, timeline
+from turnfleet.telemetry.console import breakdown, place_refunds, sparkline, timeline
 from turnfleet.telemetry.alert_reads import alert_entries_before
 from turnfleet.telemetry.live_figures import histogram_percentile, last_hour, spend_today
 from turnfleet.telemetry.stats import customer_day_stats
@@ -163,3 +164,31 @@ def test_breakdown_and_sparkline_scale_to_their_box() -> None:
     # The latest point is a dot even inside a run, so one data point is never only a line end.
     assert sparkline([0.0, 0.0, 3.0], width=40, height=24)["dots"] == ["34.0,6.0"]
     assert not math.isnan(sparkline([None, None])["top"])
+
+
+def _tool(name: str, arguments: str | None = None, children: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    detail = {} if arguments is None else {"arguments": arguments}
+    return {"kind": "tool", "name": name, "detail": detail, "children": children or []}
+
+
+def test_each_refund_is_marked_on_the_process_refund_call_that_made_it() -> None:
+    rows = [{"order_id": "1042", "anomalies": []}, {"order_id": "1049", "anomalies": [{"check": "x"}]},
+            {"order_id": "1050", "anomalies": []}]
+    # Named by its order_id argument, wherever the call sits in the tree, in each attempt.
+    first = [_tool("process_refund", '{"order_id": "1049", "amount": "10.00"}')]
+    agent = {"kind": "agent", "name": "Billing", "detail": {}, "children": [
+        _tool("check_refund_eligibility", '{"order_id": "1042"}'),
+        _tool("process_refund", '{"order_id": "1042", "amount": "89.00"}'),
+        _tool("process_refund", '{"order_id": "1049", "amount": "10.00"}')]}
+    attempts = [{"tree": first}, {"tree": [agent]}]
+    unplaced = place_refunds(attempts, rows)
+    assert first[0]["refund"] is rows[1]
+    assert [c.get("refund") for c in agent["children"]] == [None, rows[0], rows[1]]
+    assert unplaced == [rows[2]]  # no call shows it: the page marks it on the turn
+    # Arguments kept out of telemetry: the k-th call is the k-th refund.
+    blind = [_tool("process_refund"), _tool("process_refund")]
+    assert place_refunds([{"tree": blind}], rows) == [rows[2]]
+    assert [n["refund"] for n in blind] == rows[:2]
+    # A call for an order no row has is left unmarked.
+    stray = [_tool("process_refund", '{"order_id": "9999"}')]
+    assert place_refunds([{"tree": stray}], rows[:1]) == rows[:1] and "refund" not in stray[0]
