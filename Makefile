@@ -30,20 +30,23 @@ test-pythons: $(STAMP)
 	QUICK_TESTS="$(QUICK_TESTS)" tools/other-pythons
 
 # The console's browser tests drive Debian's Chromium through Playwright (never a downloaded
-# browser). Installed with apt when missing; TURNFLEET_SKIP_BROWSER=1 skips the install and
-# those tests. Without apt the tests run and fail, saying what is missing.
+# browser); the completion tests load the generated script into real bash and zsh. Chromium
+# and zsh are installed with apt when missing; TURNFLEET_SKIP_BROWSER=1 skips the install and
+# the browser tests. Without apt the tests run and fail, saying what is missing.
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: browser
 browser:
-	@if [ "$$TURNFLEET_SKIP_BROWSER" = 1 ] || [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	@missing=""; [ -x $(CHROMIUM) ] || [ "$$TURNFLEET_SKIP_BROWSER" = 1 ] || missing="chromium"; \
+	command -v zsh >/dev/null 2>&1 || missing="$$missing zsh"; \
+	[ -z "$$missing" ] && exit 0; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "make: $(CHROMIUM) is missing and there is no apt-get: install Chromium there, or set TURNFLEET_SKIP_BROWSER=1" >&2; \
+	  echo "make: missing$$missing and there is no apt-get: install it there (or TURNFLEET_SKIP_BROWSER=1 for Chromium)" >&2; \
 	  exit 0; \
 	fi; \
-	echo "make: installing Debian's chromium for the console's browser tests"; \
+	echo "make: installing Debian's$$missing for the console's browser tests and the completion tests"; \
 	$(SUDO) apt-get update -qq && \
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
 
 # Regenerate the pinned constraints from the current venv (after changing pyproject.toml).
 lock: $(STAMP)

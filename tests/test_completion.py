@@ -112,8 +112,8 @@ def test_every_zsh_argument_spec_has_a_message_and_an_action_zsh_can_take(env: d
     assert ":MODULE\\:ATTR:" in script  # --app's metavar, kept whole
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (apt-get install zsh)")
 def test_zsh_loads_the_script_from_fpath_and_from_eval(env: dict[str, str], tmp_path: Path) -> None:
+    assert shutil.which("zsh"), "zsh is missing: `make test` installs it with apt (see the Makefile's browser target)"
     functions = tmp_path / "zfunc"
     functions.mkdir()
     (functions / "_turnfleet").write_text(tf("completion", "zsh", env=env).stdout)
