@@ -340,7 +340,8 @@ async def search(request: Request) -> Response:
                     workflow=params["workflow"] or None, version=params["version"] or None,
                     since=since, until=until, min_cost_usd=min_cost, limit=offset + size + 1):
                 found.setdefault(row["conversation_id"], row)
-        ordered = sorted(found.values(), key=lambda r: r["last_event_at"] or "", reverse=True)
+        ordered = sorted(found.values(), key=lambda r: (r["last_event_at"] or "", r["conversation_id"]),
+                         reverse=True)  # ties as the search breaks them: pages stay stable
         rows, more = ordered[offset:offset + size], len(ordered) > offset + size
         await _mark_errors(redis, rows)
     kept = {k: v for k, v in params.items() if v}
