@@ -53,7 +53,7 @@ lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(VENV)-3.* .turnfleet .pytest_cache
+	rm -rf $(VENV) $(VENV)-3.* $(PHOENIX_VENV) .turnfleet .pytest_cache
 
 # The README's pictures of the web console, from a real run (see tests/console_screenshots.py).
 .PHONY: screenshots
@@ -84,3 +84,19 @@ bench-compare: $(STAMP)
 	test -d $(AGAINST_DIR) || git worktree add --detach $(AGAINST_DIR) $(AGAINST)
 	$(MAKE) -C $(AGAINST_DIR) install
 	$(BIN)/python -m bench.before_after --against $(AGAINST_DIR) --reps $(REPS)
+
+# The OTLP export read back by a real Arize Phoenix (not part of `make test`): Phoenix in its
+# own venv (pinned whole by e2e/phoenix-constraints.txt; the stamp makes a second run install
+# nothing), a Phoenix server, the fleet on an embedded Redis running conversations with a
+# retried and a failed turn, then checks of what Phoenix shows (e2e/e2e_phoenix.py says which).
+PHOENIX_VENV := .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
+$(PHOENIX_STAMP): e2e/phoenix-constraints.txt
+	test -x $(PHOENIX_VENV)/bin/python || $(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install -qq --disable-pip-version-check \
+	  -c e2e/phoenix-constraints.txt arize-phoenix arize-phoenix-client
+	touch $(PHOENIX_STAMP)
+
+.PHONY: e2e-phoenix
+e2e-phoenix: $(STAMP) $(PHOENIX_STAMP)
+	$(BIN)/python -m e2e.e2e_phoenix --phoenix-venv $(PHOENIX_VENV)

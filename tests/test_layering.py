@@ -180,7 +180,7 @@ def test_no_module_is_imported_by_its_folder_name(folder):
         return
     offenders = [
         f"{path.relative_to(ROOT)}:{n}"
-        for path in sorted(ROOT.rglob("*.py")) if ".venv" not in path.parts
+        for path in sorted(ROOT.rglob("*.py")) if not any(part.startswith(".venv") for part in path.parts)
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if line.lstrip().startswith((f"from {folder}.", f"from {folder} ", f"import {folder}"))
     ]

@@ -233,6 +233,23 @@ def test_a_model_calls_provider_is_the_one_its_name_routes_to(model: str, provid
     assert attrs[GA.GEN_AI_PROVIDER_NAME] == attrs[GA.GEN_AI_SYSTEM] == attrs[OI.LLM_PROVIDER] == provider
 
 
+def test_a_model_call_that_got_no_response_names_no_response_model() -> None:
+    """A call that failed (no usage, no output) has a request model and no response model:
+    Phoenix fills a span's missing output.value from gen_ai.response.*, so a response model
+    there showed a failed call's output as {"model": "gpt-4o-mini"} (seen in make e2e-phoenix)."""
+    failed = {"type": "generation", "model": "gpt-4o-mini", "output": None, "usage": None,
+              "input": [{"role": "user", "content": "hi"}]}
+    _, _, attrs = otlp.span_attributes(failed, PRICES.cost_usd)
+    assert attrs[GA.GEN_AI_REQUEST_MODEL] == attrs[OI.LLM_MODEL_NAME] == "gpt-4o-mini"
+    assert attrs[f"{OI.LLM_INPUT_MESSAGES}.0.{MA.MESSAGE_CONTENT}"] == "hi"
+    assert not {GA.GEN_AI_RESPONSE_MODEL, GA.GEN_AI_RESPONSE_ID, OI.OUTPUT_VALUE} & set(attrs)
+    # A call that got its answer names the model that answered, recorded text or not.
+    answered = {**failed, "usage": {"input_tokens": 10, "output_tokens": 3}}
+    assert otlp.span_attributes(answered)[2][GA.GEN_AI_RESPONSE_MODEL] == "gpt-4o-mini"
+    assert otlp.span_attributes({**failed, "output": [{"role": "assistant", "content": "ok"}]})[2][
+        GA.GEN_AI_RESPONSE_MODEL] == "gpt-4o-mini"
+
+
 def test_a_long_history_and_long_texts_are_capped() -> None:
     history = [{"role": "system", "content": "rules"}] + [
         {"role": "user" if i % 2 else "assistant", "content": f"message {i} " + "x" * 5000} for i in range(40)]

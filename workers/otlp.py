@@ -401,8 +401,9 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
     ========== ======================== =================================================
     agent      ``invoke_agent <agent>`` GA/OI agent name, turnfleet.agent.tools /
                                         .handoffs / .output_type
-    generation ``chat <model>``         GA request/response model, temperature, top_p,
-                                        max_tokens; OI llm.model_name / .provider; usage
+    generation ``chat <model>``         GA request model, response model (only once a
+                                        response came), temperature, top_p, max_tokens;
+                                        OI llm.model_name / .provider; usage
                                         (GA gen_ai.usage.* incl. cache read/creation and
                                         reasoning, OI llm.token_count.*); cost from the
                                         price table (OI llm.cost.total, gen_ai.usage.cost,
@@ -445,7 +446,10 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         model = span_data.get("model")
         name, operation = (f"chat {model}" if model else "chat"), Op.CHAT.value
         _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
-        _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
+        # The model that answered, only once an answer came (the SDK records usage for every
+        # answer): Phoenix shows gen_ai.response.* as the output of a span that has none.
+        if span_data.get("usage") or span_data.get("output"):
+            _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
         _put(attrs, OI.LLM_MODEL_NAME, model)
         _put(attrs, OI.LLM_PROVIDER, provider_of(model))
         config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}

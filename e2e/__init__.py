@@ -1,0 +1,1 @@
+"""End-to-end runs against real third-party receivers (``make e2e-phoenix``); not part of ``make test``."""
