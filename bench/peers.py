@@ -8,7 +8,8 @@ warm-up, flushes its exporter, then reads its own CPU time (``resource.getrusage
 sys, every thread, so the exporters' background threads count), runs the measured turns,
 flushes again (the export of those turns is inside the window) and reads it again.
 
-Variants (``VARIANTS``): (a) tracing off; (b) the SDK's tracing with its own exporter
+Variants (``VARIANTS``): (a) tracing off (and, for reference, the SDK's spans built with no
+processor); (b) the SDK's tracing with its own exporter
 (``BackendSpanExporter`` in its ``BatchTraceProcessor``) posting to the local receiver; (c)
 OpenInference's instrumentation → OpenTelemetry ``BatchSpanProcessor`` → OTLP/HTTP; (d)
 Logfire's ``instrument_openai_agents`` → OTLP/HTTP (``send_to_logfire=False``); (e) what a
@@ -45,6 +46,7 @@ from bench.common import CUSTOMER, ROOT, TEXT, PrivateRedis, col, interleave, st
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 VARIANTS = {
     "a": "(a) tracing off",
+    "s": "for reference: SDK tracing on, spans built, no processor",
     "b": "(b) SDK tracing, its own exporter (`BackendSpanExporter`)",
     "c": "(c) OpenInference → OTel `BatchSpanProcessor` → OTLP/HTTP",
     "d": "(d) Logfire `instrument_openai_agents` → OTLP/HTTP",
@@ -141,7 +143,7 @@ class Variant:
         self.flushes: list[Any] = []
         self.store: Any = None
         self.redactor: Any = None
-        if name == "a":
+        if name in ("a", "s"):
             set_trace_processors([])
         elif name == "b":
             from agents.tracing.processors import default_exporter, default_processor
@@ -324,7 +326,8 @@ def available() -> dict[str, str | None]:
     found = json.loads(subprocess.run([str(PEERS_PYTHON), "-c", probe, *NEEDS.values()], capture_output=True,
                                       text=True, check=True, cwd=ROOT).stdout)
     return {v: None if found.get(NEEDS.get(v, ""), True) else
-            f"not run: `{NEEDS[v]}` not installable beside our pins" for v in VARIANTS}
+            f"not run: `{NEEDS[v]}` is not in .venv-peers (`make bench-tools` says whether it installs "
+            "beside our pins)" for v in VARIANTS}
 
 
 def peer_versions() -> dict[str, str]:
@@ -338,35 +341,100 @@ def peer_versions() -> dict[str, str]:
     return json.loads(done.stdout) if done.returncode == 0 else {}
 
 
-def run_variant(variant: str, turns: int, redis_url: str, receiver: str, log: Path) -> dict[str, float]:
+def run_variant(variant: str, turns: int, redis_url: str, receiver: str, log: Path,
+                profile: Path | None = None) -> dict[str, float]:
+    """One variant's process; under ``py-spy record`` into ``profile`` when given."""
+    from bench.profile import RATE, py_spy
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": "sk-bench-dummy"}
     for name in list(env):  # nothing of the parent's telemetry settings leaks into a variant
         if name.startswith(("OTEL_", "LOGFIRE_", "TURNFLEET_")):
             del env[name]
     cmd = [str(PEERS_PYTHON), "-m", "bench.peers", "child", "--variant", variant, "--turns", str(turns),
            "--redis", redis_url, "--receiver", receiver]
+    if profile is not None:
+        cmd = [py_spy() or "py-spy", "record", "-r", str(RATE), "-f", "raw", "-o", str(profile), "--", *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"peers ({variant}): exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def bench_peers(base: Path, turns: int, reps: int) -> tuple[dict[str, list[dict[str, float]]], dict[str, str]]:
+# Where (e)'s and (f)'s CPU goes: each on-CPU sample goes to the first part its stack belongs to
+# (most specific first); the rest is the agent run itself, the event loop and redis-py.
+
+
+def _calls(*names: str) -> Any:
+    return lambda frames: any(f.startswith(names) for f in frames)
+
+
+def _in(*paths: str) -> Any:
+    return lambda frames: any(p in f for f in frames for p in paths)
+
+
+PROFILE_PARTS: list[tuple[str, Any]] = [
+    ("OTLP: the exporter's thread (batching, protobuf encoding, the POST)",
+     _calls("BatchProcessor.worker ")),  # OpenTelemetry's BatchSpanProcessor thread
+    ("OTLP: record → OpenTelemetry spans (`OtlpSink.export`)", _calls("OtlpSink.export ")),
+    ("trace store: redacting the record (`redact_record`)", _calls("redact_record ")),
+    ("trace store: the Redis write, JSON included (`TraceStore._write`)", _calls("TraceStore._write ")),
+    ("telemetry batch (`batch_json`: event export, redaction, JSON)", _calls("TelemetryHooks.batch_json ")),
+    ("hooks: events built during the run", _in("workers/hooks.py", "turnfleet/events.py")),
+    ("trace store: buffer callbacks, sampling", _in("workers/trace_store.py")),
+    ("the SDK's spans (agents/tracing/)", _in("agents/tracing/")),
+]
+REST = "the rest: the agent run, the event loop, redis-py"
+IDLE = ("select (", "_PollLikeSelector.select ", "EpollSelector.select ", "Condition.wait ", "Event.wait ")
+STARTUP = ("_find_and_load", "_call_with_frames_removed")
+
+
+def profile_split(raw: str, turns: int) -> dict[str, float]:
+    """CPU µs per turn by part, from py-spy's raw output (samples while not idle / rate)."""
+    from bench.profile import RATE
+
+    out: dict[str, float] = {}
+    for line in raw.splitlines():
+        stack, _, n = line.rstrip().rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith(IDLE) or any(f.startswith(STARTUP) for f in frames):
+            continue
+        part = next((label for label, belongs in PROFILE_PARTS if belongs(frames)), REST)
+        out[part] = out.get(part, 0.0) + int(n)
+    return {k: v / RATE / turns * 1e6 for k, v in out.items()}
+
+
+Profiles = dict[str, dict[str, float]]  # variant -> part -> CPU µs per turn
+
+
+def bench_peers(base: Path, turns: int, reps: int, profile_turns: int) -> tuple[
+        dict[str, list[dict[str, float]]], dict[str, str], Profiles]:
+    """The interleaved reps, what could not run and why, and (with py-spy) one profiled process
+    of (e) and of (f) after them."""
+    from bench.profile import py_spy
+
     why_not = available()
     runnable = [v for v in VARIANTS if why_not[v] is None]
     skipped = {v: why for v, why in why_not.items() if why is not None}
+    profiles: Profiles = {}
     with PrivateRedis(base) as server, Receiver() as receiver:
         runs = interleave(reps, {
             v: (lambda v: lambda r: run_variant(v, turns, server.url, receiver.url,
                                                base / "logs" / f"peers-{v}-{r}.log"))(v)
             for v in runnable}, "peers")
-    return runs, skipped
+        if py_spy() is not None:
+            for v in ("e", "f"):
+                raw = base / f"peers-{v}.raw"
+                run_variant(v, profile_turns, server.url, receiver.url, base / "logs" / f"peers-{v}-spy.log", raw)
+                profiles[v] = profile_split(raw.read_text(), profile_turns + WARMUP)
+    return runs, skipped, profiles
 
 
 def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str], turns: int, reps: int,
-                versions: dict[str, str], note: str = "") -> list[str]:
+                versions: dict[str, str], profiles: Profiles, profile_turns: int, note: str = "") -> list[str]:
     off = col(runs["a"], "cpu_ms_turn") if "a" in runs else []
 
     def extra(v: str) -> list[float]:
@@ -389,32 +457,39 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         rows.append(f"| {label} | {stats(col(r, 'cpu_ms_turn'))} | {'0' if v == 'a' else signed(extra(v))} | "
                     f"{bytes_cell} | {stats(col(r, 'redis_cpu_us_turn'))} |")
     goals: list[str] = []
+    missed: set[str] = set()
     if all(v in runs for v in ("a", "b", "e")):
         e, b = statistics.median(extra("e")), statistics.median(extra("b"))
+        if e > b:
+            missed.add("e")
         goals.append(f"(e) adds no more CPU than the SDK's own exporter (b): {e:+.2f} vs {b:+.2f} ms a turn, "
                      f"{'met' if e <= b else '**missed**'}")
     if all(v in runs for v in ("a", "c", "f")):
         f, c = statistics.median(extra("f")), statistics.median(extra("c"))
+        if f >= c / 2:
+            missed.add("f")
         goals.append(f"(f) adds less than half of OpenInference's (c): {f:+.2f} vs {c / 2:+.2f} "
                      f"(half of {c:+.2f}) ms a turn, {'met' if f < c / 2 else '**missed**'}")
     pins = ", ".join(f"{d} {v}" for d, v in versions.items()) or "versions unknown"
-    return [
+    lines = [
         "## 14. Observability's CPU per turn, side by side with the peers (issues 19 and 18)",
         "",
         f"The same Support Desk turn in every variant: the offline model, `{TEXT}` from {CUSTOMER} "
         "(Triage → handoff to Orders → `lookup_order` → answer: 2 model calls, 1 tool call), one turn "
-        f"at a time. Each variant runs in a **fresh process** (the instrumentations patch globals "
-        f"that cannot be undone in-process), {reps} reps, the variants interleaved (rep 1 of each, "
-        f"then rep 2, ...); a process runs {WARMUP} warm-up turns and flushes its exporter, then "
-        f"{turns} measured turns and a final flush (their export is inside the window). CPU per "
-        "turn is the process's CPU time over that window (`resource.getrusage`, user + sys, all "
-        "threads: the exporters' background threads count) ÷ turns; 'over (a)' subtracts the same "
-        "rep's (a). Bytes per turn are the request bodies a local HTTP receiver (in the bench's "
-        "process, answering 200; its own CPU is not counted) got during the window ÷ turns. "
-        "redis-server CPU per turn (INFO cpu over the window) is where (e)'s trace write lands "
-        "(the tool reads Redis in every variant).",
+        f"at a time (`bench/peers.py`). Each variant runs in a **fresh process** (the "
+        f"instrumentations patch globals that cannot be undone in-process), {reps} reps, the variants "
+        f"interleaved (rep 1 of each, then rep 2, ...); a process runs {WARMUP} warm-up turns and "
+        f"flushes its exporter, then {turns} measured turns and a final flush (their export is inside "
+        "the window). CPU per turn is the process's CPU time over that window "
+        "(`resource.getrusage`, user + sys, all threads: the exporters' background threads count) ÷ "
+        "turns; 'over (a)' subtracts the same rep's (a). Bytes per turn are the request bodies a "
+        "local HTTP receiver (in the bench's process, answering 200; its own CPU is not counted) got "
+        "during the window ÷ turns: this replaces the one-off export measurement of issue 18. "
+        "redis-server CPU per turn (INFO cpu over the window) shows what (e)'s trace write costs "
+        "Redis (the tool reads Redis in every variant).",
         "",
-        "- (a) `RunConfig(tracing_disabled=True)`, no processor.",
+        "- (a) `RunConfig(tracing_disabled=True)`, no processor. The reference row below it: "
+        "tracing on, `set_trace_processors([])` (the SDK's spans built, nothing exports them).",
         "- (b) the SDK's default `BatchTraceProcessor` + `BackendSpanExporter` (as a user gets it "
         "with `OPENAI_API_KEY` set), its endpoint pointed at the receiver, sanitizing its items as "
         "it does for api.openai.com (it skips that for other endpoints).",
@@ -437,8 +512,8 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         "kept record converted (OpenInference + GenAI attributes, messages, cost) and sent by an "
         "OTel `BatchSpanProcessor` + OTLP/HTTP exporter.",
         "",
-        f"Processes run from `.venv-peers` (the project with `-c constraints.txt` plus the peers, "
-        f"bench-only, never runtime dependencies): {pins}. " + note,
+        f"Processes run from `.venv-peers` (`make bench-tools`: the project with `-c constraints.txt` "
+        f"plus the peers, bench-only, never runtime dependencies): {pins}. " + note,
         "",
         "| variant | CPU ms per turn | over (a), ms per turn | OTLP/export bytes per turn (posts in the window) | "
         "redis-server CPU µs per turn |",
@@ -447,18 +522,62 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         "",
         *(f"- Goal: {g}." for g in goals),
         "",
+        "Measured the same way once before issue 19 (200 turns × 5 reps, over tracing off at 3.16 ms): "
+        "SDK spans with no processor +0.18 ms, the SDK's exporter +0.60, OpenInference → OTLP "
+        "+2.58, Logfire → OTLP +5.32, turnfleet's path (e) +1.30.",
+        "",
     ]
+    if profiles:
+        parts = [label for label, _ in PROFILE_PARTS] + [REST]
+        have = [v for v in ("e", "f") if v in profiles]
+        lines += [
+            "### 14b. Where (e)'s and (f)'s CPU goes",
+            "",
+            f"One more process of each, {profile_turns} turns (+ {WARMUP} warm-up), under `py-spy record` "
+            "(bench/profile.py's rate): samples taken while a thread is on the CPU (idle waits in "
+            "`select` and `Condition.wait` left out, imports too) ÷ rate ÷ turns. Each sample goes "
+            "to the first part its stack belongs to, in the order below. py-spy slows the process, "
+            "so the sums run above the table's figures; read the parts against each other.",
+            "",
+            "| part | " + " | ".join(f"({v}) µs per turn" for v in have) + " |",
+            "|---|" + "---|" * len(have),
+            *[f"| {p} | " + " | ".join(f"{profiles[v].get(p, 0):,.0f}" for v in have) + " |" for p in parts],
+            "| **all** | " + " | ".join(f"{sum(profiles[v].values()):,.0f}" for v in have) + " |",
+            "",
+        ]
+    if "e" in missed:
+        lines += [
+            "(e) over the SDK's exporter: the parts above are what turnfleet adds to the SDK's spans "
+            "(which (b) pays too). The trace store writes each kept attempt's record (~13 kB of JSON, "
+            "uncompressed) in a MULTI/EXEC pipeline (RPUSH + EXPIRE): its CPU is mostly the socket "
+            "write of those bytes, and redis-server pays the RPUSH and its AOF write (the last "
+            "column). `redact_record` walks every string of every span through the detectors; the "
+            "hooks build a pydantic event per hook call and `batch_json` dumps and redacts them again.",
+            "",
+        ]
+    if "f" in missed:
+        ratio = statistics.median(col(runs["f"], "bytes_turn")) / statistics.median(col(runs["c"], "bytes_turn"))
+        lines += [
+            f"(f) against OpenInference: `OtlpSink` sends {ratio:.1f}× OpenInference's bytes for the same "
+            "turn, and the OpenTelemetry exporter's Python protobuf encoding grows with the number of "
+            "attributes: every span repeats the turn's attributes (turn, conversation and user ids "
+            "under several receivers' names, attempt, kept_because), and each model call carries its "
+            "history twice (OpenInference's flattened `llm.input_messages.*` and GenAI's "
+            "`gen_ai.input.messages`).",
+            "",
+        ]
+    return lines
 
 
 def section(base: Path, quick: bool, note: str = "") -> list[str]:
-    turns, reps = (60, 3) if quick else (200, 5)
-    runs, skipped = bench_peers(base, turns, reps)
+    turns, reps, profile_turns = (60, 3, 200) if quick else (200, 5, 600)
+    runs, skipped, profiles = bench_peers(base, turns, reps, profile_turns)
     versions = peer_versions() if PEERS_PYTHON.exists() else {}
-    return peers_lines(runs, skipped, turns, reps, versions, note)
+    return peers_lines(runs, skipped, turns, reps, versions, profiles, profile_turns, note)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["child"]:
-        sys.exit("usage: python -m bench.peers child --variant a|b|c|d|e|f [--turns N] (the section: "
+        sys.exit("usage: python -m bench.peers child --variant a|s|b|c|d|e|f [--turns N] (the section: "
                  "python -m bench.run --only peers)")
     sys.exit(child_main(sys.argv[2:]))
