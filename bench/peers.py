@@ -319,7 +319,7 @@ def child_main(argv: list[str]) -> int:
 def available() -> dict[str, str | None]:
     """Per variant: None when it can run, else why not (the peers' venv or package missing)."""
     if not PEERS_PYTHON.exists():
-        return {v: f"not run: {PEERS_PYTHON.relative_to(ROOT)} missing (`make bench-tools` builds it)"
+        return {v: "not run: .venv-peers is missing (`make bench-tools` builds it)"
                 for v in VARIANTS}
     probe = "import importlib.util, json, sys; print(json.dumps({m: importlib.util.find_spec(m) is not None " \
             "for m in sys.argv[1:]}))"
@@ -426,7 +426,7 @@ def bench_peers(base: Path, turns: int, reps: int, profile_turns: int) -> tuple[
                                                base / "logs" / f"peers-{v}-{r}.log"))(v)
             for v in runnable}, "peers")
         if py_spy() is not None:
-            for v in ("e", "f"):
+            for v in (v for v in ("e", "f") if v in runnable):
                 raw = base / f"peers-{v}.raw"
                 run_variant(v, profile_turns, server.url, receiver.url, base / "logs" / f"peers-{v}-spy.log", raw)
                 profiles[v] = profile_split(raw.read_text(), profile_turns + WARMUP)
