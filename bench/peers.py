@@ -321,8 +321,11 @@ def available() -> dict[str, str | None]:
     if not PEERS_PYTHON.exists():
         return {v: "not run: .venv-peers is missing (`make bench-tools` builds it)"
                 for v in VARIANTS}
-    probe = "import importlib.util, json, sys; print(json.dumps({m: importlib.util.find_spec(m) is not None " \
-            "for m in sys.argv[1:]}))"
+    probe = ("import importlib.util, json, sys\n"
+             "def found(m):\n"
+             "    try: return importlib.util.find_spec(m) is not None\n"
+             "    except ImportError: return False\n"  # a parent package missing
+             "print(json.dumps({m: found(m) for m in sys.argv[1:]}))")
     found = json.loads(subprocess.run([str(PEERS_PYTHON), "-c", probe, *NEEDS.values()], capture_output=True,
                                       text=True, check=True, cwd=ROOT).stdout)
     return {v: None if found.get(NEEDS.get(v, ""), True) else
