@@ -53,7 +53,7 @@ lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(VENV)-3.* $(PHOENIX_VENV) .turnfleet .pytest_cache
+	rm -rf $(VENV) $(VENV)-3.* $(PHOENIX_VENV) $(PEERS_VENV) .turnfleet .pytest_cache
 
 # The README's pictures of the web console, from a real run (see tests/console_screenshots.py).
 .PHONY: screenshots
@@ -62,8 +62,25 @@ screenshots: $(STAMP) browser
 
 # Benchmarks (not tests: speed is never asserted). Write BENCHMARKS.md; see bench/run.py.
 # They need py-spy (CPU split, from PyPI) and wrk (HTTP load, Debian's package).
+# Section 14 runs the peers' instrumentations (OpenInference, Logfire) beside ours, from a venv of
+# their own: bench-only, never runtime dependencies. The project with our pins, then each peer
+# with its own dependencies pinned, under the same constraints (so none moves a pin of ours). A
+# peer that will not install beside our pins is reported here and "not run" in the section's table.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_OPENINFERENCE := openinference-instrumentation-openai-agents==2.6.0 openinference-instrumentation==0.1.72 \
+	opentelemetry-instrumentation==0.66b2 wrapt==2.5.2
+PEERS_LOGFIRE := logfire==5.4.0 logfire-sdk==5.4.0 executing==2.3.0 opentelemetry-instrumentation==0.66b2 wrapt==2.5.2
+PEERS_PIP := $(PEERS_VENV)/bin/python -m pip install -qq --disable-pip-version-check -c constraints.txt
+$(PEERS_STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PIP) -e '.[otlp]'
+	$(PEERS_PIP) $(PEERS_OPENINFERENCE) || echo "make: OpenInference's instrumentation does not install beside our pins" >&2
+	$(PEERS_PIP) $(PEERS_LOGFIRE) || echo "make: Logfire does not install beside our pins" >&2
+	touch $(PEERS_STAMP)
+
 .PHONY: bench bench-quick bench-tools
-bench-tools: $(STAMP)
+bench-tools: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python -m pip install -qq --disable-pip-version-check py-spy==0.4.3
 	command -v wrk >/dev/null || { $(SUDO) apt-get install -y -qq --no-install-recommends wrk || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }; }

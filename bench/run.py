@@ -8,7 +8,7 @@ How it is put together: :class:`Plan` is the run's size (quick or full); :func:`
 every table's variants (``bench_*`` below) and returns :class:`Runs`; each ``*_lines``
 function writes one part of the report from them, and :func:`main` assembles the parts in
 :data:`REPORT` order. Sections with a module of their own (``bench/sigkill.py``,
-``bench/redaction.py``, ``bench/privacy.py``, ``bench/checks.py``, ``bench/rerun.py``) measure and write their table in one
+``bench/redaction.py``, ``bench/privacy.py``, ``bench/checks.py``, ``bench/rerun.py``, ``bench/peers.py``) measure and write their table in one
 ``section(base, quick, note)`` call, and can run alone with ``--only``. What the sections share
 (the workload, private Redis servers, ``interleave``, cell formatting) is ``bench/common.py``.
 """
@@ -686,7 +686,7 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
 
 GROWTH_ENV = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
               "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
-SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun")  # sections that run alone: ``--only``
+SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers")  # sections that run alone: ``--only``
 
 Reps = dict[str, list[dict[str, float]]]  # variant -> one dict of figures a rep
 
@@ -781,7 +781,7 @@ class Runs:
 
 def measure(plan: Plan, base: Path) -> Runs:
     """Run every table's variants, each on its own private Redis under ``base``."""
-    from bench import checks, http_load, privacy, redaction, rerun, sigkill
+    from bench import checks, http_load, peers, privacy, redaction, rerun, sigkill
 
     reps, n_tp, n_w = plan.reps, plan.n_tp, plan.n_w
     tp = interleave(reps, {
@@ -827,6 +827,7 @@ def measure(plan: Plan, base: Path) -> Runs:
                 for line in module.section(base, plan.quick)]
     sections += checks.section(base, plan.quick)
     sections += rerun.section(base, plan.quick)
+    sections += peers.section(base, plan.quick)  # its processes run from .venv-peers
     return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections)
 
 
