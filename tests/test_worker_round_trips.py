@@ -35,3 +35,40 @@ async def test_a_job_is_claimed_in_one_script_call_not_arqs_watch_transaction(pr
     # (commandstats counts the commands a script runs too: no WATCH is the mark of arq's claim)
     assert sent.get("watch", 0) == 0
     assert sent.get("unwatch", 0) == 0
+
+
+async def test_a_job_this_lane_runs_is_not_claimed_again_at_every_poll(redis_url, redis):
+    """The job of a running turn stays in arq's queue until it ends, so every poll meanwhile
+    reads it again; arq asks Redis whether it may start it (and is told no). The worker knows
+    it runs it: it asks nothing, and claims nothing."""
+    import asyncio
+
+    from arq import func
+    from arq.connections import ArqRedis
+    from turnfleet.workers.supervisor import TurnWorker
+
+    async def job(ctx: dict) -> None:
+        await asyncio.Event().wait()  # started, then cancelled at the end
+
+    pool = ArqRedis.from_url(redis_url)
+    worker = TurnWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name="arq:queue:rt-test", burst=True,
+                        handle_signals=False, max_jobs=5)
+    running = asyncio.get_running_loop().create_future()  # a job of this lane, still running
+    worker.tasks["t-running"] = running  # type: ignore[assignment]
+    await redis.zadd("arq:queue:rt-test", {"t-running": 1, "t-other": 2})
+    before = await _commandstats(redis)
+    try:
+        await worker.start_jobs([b"t-running"])
+        asked = (await _commandstats(redis)).get("evalsha", 0) - before.get("evalsha", 0)
+        assert asked == 0
+        assert not await redis.exists("arq:in-progress:t-running")
+        assert worker.job_counter == 0
+        # Another job of the queue is claimed as before (its in-progress key set).
+        await worker.start_jobs([b"t-other"])
+        assert await redis.exists("arq:in-progress:t-other")
+    finally:
+        running.cancel()
+        for task in worker.tasks.values():
+            task.cancel()
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        await pool.aclose()

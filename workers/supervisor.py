@@ -88,6 +88,13 @@ class TurnWorker(Worker):
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
+            running = self.tasks.get(job_id)
+            if running is not None and not running.done():
+                # This lane runs it now (its in-progress key is ours): arq asks Redis again at
+                # every poll while it runs, and is told no; no round trip is needed for that.
+                self.job_counter -= 1
+                self.sem.release()
+                continue
             try:
                 score = await claim(keys={"in_progress": keys.ARQ_IN_PROGRESS_PREFIX + job_id, "queue": self.queue_name},
                                     args={"job_id": job_id, "now_ms": timestamp_ms(),
