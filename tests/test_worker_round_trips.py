@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.processes import run_burst
+from turnfleet import keys
 
 
 async def _commandstats(redis: Any) -> dict[str, int]:
@@ -72,3 +73,34 @@ async def test_a_job_this_lane_runs_is_not_claimed_again_at_every_poll(redis_url
             task.cancel()
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         await pool.aclose()
+
+
+async def test_a_completed_turns_trace_is_written_by_the_finish_script(producer, redis, fleet_env, tmp_path):
+    """The kept trace record goes to Redis inside the finish script, with the result: no
+    MULTI/RPUSH/EXPIRE/EXEC of its own (MONITOR shows each command and who sent it: a
+    script's commands come from ``lua``)."""
+    import asyncio
+
+    turn_id = await producer.enqueue_turn(conversation_id="conv-rt-trace", customer_id="C-100",
+                                          text="Where is order 1043?")
+    seen: list[tuple[str, str]] = []
+    ready = asyncio.Event()
+
+    async def watch() -> None:
+        async with redis.monitor() as m:
+            ready.set()
+            async for cmd in m.listen():
+                if keys.trace("") in cmd["command"]:
+                    seen.append((cmd.get("client_type") or cmd.get("client_address"), cmd["command"].split()[0]))
+
+    monitor = asyncio.create_task(watch())
+    await ready.wait()
+    try:
+        await asyncio.to_thread(run_burst, "worker", {**fleet_env, "TURNFLEET_TRACE_SAMPLE_RATE": "1.0"}, tmp_path)
+        assert (await producer.result(turn_id)).status == "completed"
+        assert len(await redis.lrange(keys.trace(turn_id), 0, -1)) == 1
+    finally:
+        monitor.cancel()
+        await asyncio.gather(monitor, return_exceptions=True)
+    writes = [s for s in seen if s[1].upper() in ("RPUSH", "EXPIRE")]
+    assert writes and all(who == "lua" for who, _ in writes), writes

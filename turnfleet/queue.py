@@ -175,6 +175,8 @@ class FinishExtras:
     events_ttl_s: int = EVENTS_TTL_S  # how long the batch is kept per attempt (keys.turn_events)
     final_error: AttemptError | None = None  # what a failed turn fails with (in the result only)
     checks: bool = False  # the workflow declares checks: queue the turn's check job with the result
+    trace_json: str | None = None  # the attempt's kept trace record (keys.trace), written with the result
+    trace_ttl_s: int = 0  # ... kept this long
 
 
 NEWER = "newer"  # START's status for a record of a newer format version (nothing changed)
@@ -391,6 +393,9 @@ class TurnQueue:
         writes the attempt errors stored for the turn, then ``extras.final_error`` (what a
         failed turn fails with; kept in the result only), in the same atomic step as the result.
 
+        With ``extras.trace_json`` the attempt's kept trace record is appended to
+        ``keys.trace`` (for ``extras.trace_ttl_s``) in the same step: one round trip fewer.
+
         With ``extras.checks`` the turn's check job (``keys.checks_job_id``, ``CHECKS_FUNCTION``)
         is queued in its workflow's checks queue in the same step, once.
 
@@ -417,6 +422,7 @@ class TurnQueue:
                 "session_meta": session_meta(cid),
                 "turn_errors": keys.turn_errors(result.turn_id),
                 "checks_queue": keys.CHECKS_QUEUE,
+                "trace": keys.trace(result.turn_id),
             },
             args={
                 "turn_id": result.turn_id,
@@ -441,6 +447,8 @@ class TurnQueue:
                 "checks_job": keys.checks_job_id(result.turn_id),
                 "checks_fname": CHECKS_FUNCTION,
                 "checks_prefix": keys.WORKFLOW_CHECKS_PREFIX,
+                "trace_json": extras.trace_json or "",
+                "trace_ttl_s": extras.trace_ttl_s,
             },
         )
         return Outcome(verdict)

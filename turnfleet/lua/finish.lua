@@ -1,6 +1,6 @@
 -- Write a turn's terminal result and telemetry, then wake its conversation's next turn.
---! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors, checks_queue
---! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version, checks, checks_job, checks_fname, checks_prefix
+--! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors, checks_queue, trace
+--! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version, checks, checks_job, checks_fname, checks_prefix, trace_json, trace_ttl_s
 --! include: arq_job, wake, route, fence_check, telemetry_entry
 -- result_json: without ``errors``. '' means none for telemetry_batch, fence and
 -- final_error_json, and "keep" for current_agent. The next turn's job goes to the queue of the
@@ -12,6 +12,8 @@
 -- the conversation's workflow (routed as the next turn's job: ``checks_queue`` for the
 -- built-in one, else ``checks_prefix`` .. name), once (SET NX on the job id): outcome and
 -- follow-up exist together or not at all (docs/ARCHITECTURE.md, "Checks").
+-- trace_json: the attempt's kept trace record ('' = none kept), appended to ``trace`` (kept
+-- ``trace_ttl_s``) with the result: the trace store's write without a round trip of its own.
 -- Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
 -- attempt owns the turn); nothing is written unless 'written'. With the result, the turn
 -- enters the raw-text index (finish time) and its record keeps where its memory ends
@@ -77,6 +79,10 @@ if A.telemetry_batch ~= '' then
   telemetry_entry(K.telemetry, A.turn_id, A.workflow, A.version, A.telemetry_batch)
   redis.call('HSET', K.turn_events, A.attempt, A.telemetry_batch)
   redis.call('EXPIRE', K.turn_events, tonumber(A.events_ttl_s))
+end
+if A.trace_json ~= '' then
+  redis.call('RPUSH', K.trace, A.trace_json)
+  redis.call('EXPIRE', K.trace, tonumber(A.trace_ttl_s))
 end
 if A.checks == '1' then
   arq_job_once(A.job_prefix, tonumber(A.job_ttl), A.checks_job, A.checks_fname, A.turn_id, A.conversation_id,
