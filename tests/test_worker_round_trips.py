@@ -104,3 +104,44 @@ async def test_a_completed_turns_trace_is_written_by_the_finish_script(producer,
         await asyncio.gather(monitor, return_exceptions=True)
     writes = [s for s in seen if s[1].upper() in ("RPUSH", "EXPIRE")]
     assert writes and all(who == "lua" for who, _ in writes), writes
+
+
+async def test_a_check_job_is_claimed_with_its_lease_not_cut_to_it_afterwards(redis_url, redis):
+    """A checks lane's claim sets arq's in-progress key to one lease (``turn_lease_s``) itself:
+    the check job does not cut arq's job timeout down to a lease in a round trip of its own
+    first (and a worker killed right after the claim holds the job one lease, not
+    ``job_timeout`` + 10 s). A turn lane's claim keeps arq's timeout (``START`` sets its lease)."""
+    import asyncio
+
+    from arq import func
+    from arq.connections import ArqRedis
+
+    from tests.worker_runtime import runtime
+    from turnfleet.workers.isolation import CLAIM_LEASES
+    from turnfleet.workers.model import OfflineModel
+    from turnfleet.workers.supervisor import TurnWorker
+
+    async def job(ctx: dict) -> None:
+        await asyncio.Event().wait()
+
+    pool = ArqRedis.from_url(redis_url)
+    ctx = runtime(redis, OfflineModel(), turn_lease_s=7.0)
+    lanes = {
+        "checks": TurnWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name="arq:queue:c-test",
+                             handle_signals=False, max_jobs=2, job_timeout=300, ctx={**ctx, CLAIM_LEASES: True}),
+        "turns": TurnWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name="arq:queue:t-test",
+                            handle_signals=False, max_jobs=2, job_timeout=300, ctx=dict(ctx)),
+    }
+    await redis.zadd("arq:queue:c-test", {"checks/t-1": 1})
+    await redis.zadd("arq:queue:t-test", {"t-1": 1})
+    try:
+        await lanes["checks"].start_jobs([b"checks/t-1"])
+        await lanes["turns"].start_jobs([b"t-1"])
+        assert 0 < await redis.pttl("arq:in-progress:checks/t-1") <= 7000
+        assert await redis.pttl("arq:in-progress:t-1") > 300_000
+    finally:
+        for worker in lanes.values():
+            for task in worker.tasks.values():
+                task.cancel()
+            await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        await pool.aclose()

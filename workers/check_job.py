@@ -47,6 +47,7 @@ from turnfleet.models import TokenUsage, TurnResult
 from turnfleet.queue import CORRUPT_TURN_RECORD, session_meta
 from turnfleet.scripts import load_script
 from turnfleet.workers.attempt import Runtime
+from turnfleet.workers.isolation import CLAIM_LEASES
 from turnfleet.workers.memory import decode_item, is_marker
 
 __all__ = ["CHECK_JOB_TRIES", "REASON_CHARS", "run_turn_checks"]
@@ -72,7 +73,8 @@ async def run_turn_checks(ctx: dict[str, Any], turn_id: str, conversation_id: st
         log.error("checks.dead_lettered", turn_id=turn_id, job_id=job_id,
                   reason="its arguments name another turn than its job id")
         return "dead-lettered"
-    lease = asyncio.create_task(_keep_lease(rt, keys.checks_job_id(turn_id)), name=f"checks-lease:{turn_id}")
+    lease = asyncio.create_task(_keep_lease(rt, keys.checks_job_id(turn_id), claimed=bool(ctx.get(CLAIM_LEASES))),
+                                name=f"checks-lease:{turn_id}")
     try:
         return await _run(rt, turn_id, conversation_id)
     except RedisError as exc:
@@ -90,12 +92,16 @@ async def run_turn_checks(ctx: dict[str, Any], turn_id: str, conversation_id: st
             await lease
 
 
-async def _keep_lease(rt: Runtime, job_id: str) -> None:
+async def _keep_lease(rt: Runtime, job_id: str, claimed: bool = False) -> None:
     """arq's in-progress key of the job cut to one lease and renewed every third of it, so a
-    killed worker's check job runs again elsewhere within a lease (not arq's job timeout)."""
+    killed worker's check job runs again elsewhere within a lease (not arq's job timeout).
+    ``claimed``: the lane's claim set it to one lease already (``CLAIM_LEASES``): the first
+    renewal is a third of a lease later, not a round trip at once."""
     lease_s = rt.settings.turn_lease_s
     if lease_s <= 0:
         return
+    if claimed:
+        await asyncio.sleep(lease_s / 3)
     while True:
         try:
             await rt.redis.pexpire(keys.ARQ_IN_PROGRESS_PREFIX + job_id, int(lease_s * 1000))

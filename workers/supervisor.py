@@ -47,7 +47,7 @@ from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.scripts import BoundScript, load_script
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workflow import load_app
-from turnfleet.workers.isolation import Lanes
+from turnfleet.workers.isolation import CLAIM_LEASES, Lanes
 from turnfleet.workers.settings import WorkerSettings, redis_settings
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ class TurnWorker(Worker):
             try:
                 score = await claim(keys={"in_progress": keys.ARQ_IN_PROGRESS_PREFIX + job_id, "queue": self.queue_name},
                                     args={"job_id": job_id, "now_ms": timestamp_ms(),
-                                          "timeout_ms": int(self.in_progress_timeout_s * 1000)})
+                                          "timeout_ms": self._claim_timeout_ms()})
             except ResponseError:
                 score = None  # as arq: the job is left to whoever holds it
             except BaseException:
@@ -113,6 +113,14 @@ class TurnWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    def _claim_timeout_ms(self) -> int:
+        """How long the claim holds the job: one lease on a lane whose jobs renew it
+        (``CLAIM_LEASES``: the checks lanes), else arq's job timeout + 10 s, as arq."""
+        rt = self.ctx.get("runtime")
+        if self.ctx.get(CLAIM_LEASES) and rt is not None and rt.settings.turn_lease_s > 0:
+            return int(rt.settings.turn_lease_s * 1000)
+        return int(self.in_progress_timeout_s * 1000)
 
     def _claim_script(self) -> BoundScript:
         bound = getattr(self, "_claim", None)
