@@ -75,13 +75,14 @@ async def test_a_job_this_lane_runs_is_not_claimed_again_at_every_poll(redis_url
         await pool.aclose()
 
 
-async def test_a_completed_turns_trace_is_written_by_the_finish_script(producer, redis, fleet_env, tmp_path):
-    """The kept trace record goes to Redis inside the finish script, with the result: no
-    MULTI/RPUSH/EXPIRE/EXEC of its own (MONITOR shows each command and who sent it: a
-    script's commands come from ``lua``)."""
+async def _monitored(redis: Any, producer: Any, fleet_env: dict[str, str], tmp_path: Any, conversation_id: str,
+                     key_part: str) -> tuple[str, list[tuple[str, str]]]:
+    """One turn run by a burst worker under MONITOR: (turn id, [(who, command)] of the commands
+    naming ``key_part``); who is ``lua`` for a command a script ran, else how the client
+    is connected."""
     import asyncio
 
-    turn_id = await producer.enqueue_turn(conversation_id="conv-rt-trace", customer_id="C-100",
+    turn_id = await producer.enqueue_turn(conversation_id=conversation_id, customer_id="C-100",
                                           text="Where is order 1043?")
     seen: list[tuple[str, str]] = []
     ready = asyncio.Event()
@@ -90,20 +91,39 @@ async def test_a_completed_turns_trace_is_written_by_the_finish_script(producer,
         async with redis.monitor() as m:
             ready.set()
             async for cmd in m.listen():
-                if keys.trace("") in cmd["command"]:
-                    seen.append((cmd.get("client_type") or cmd.get("client_address"), cmd["command"].split()[0]))
+                if key_part in cmd["command"]:
+                    seen.append((cmd.get("client_type") or "", cmd["command"].split()[0].upper()))
 
     monitor = asyncio.create_task(watch())
     await ready.wait()
     try:
         await asyncio.to_thread(run_burst, "worker", {**fleet_env, "TURNFLEET_TRACE_SAMPLE_RATE": "1.0"}, tmp_path)
         assert (await producer.result(turn_id)).status == "completed"
-        assert len(await redis.lrange(keys.trace(turn_id), 0, -1)) == 1
     finally:
         monitor.cancel()
         await asyncio.gather(monitor, return_exceptions=True)
-    writes = [s for s in seen if s[1].upper() in ("RPUSH", "EXPIRE")]
+    return turn_id, seen
+
+
+async def test_a_completed_turns_trace_is_written_by_the_finish_script(producer, redis, fleet_env, tmp_path):
+    """The kept trace record goes to Redis inside the finish script, with the result: no
+    MULTI/RPUSH/EXPIRE/EXEC of its own (MONITOR shows each command and who sent it: a
+    script's commands come from ``lua``)."""
+    turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, "conv-rt-trace", keys.trace(""))
+    assert len(await redis.lrange(keys.trace(turn_id), 0, -1)) == 1
+    writes = [s for s in seen if s[1] in ("RPUSH", "EXPIRE")]
     assert writes and all(who == "lua" for who, _ in writes), writes
+
+
+async def test_a_turn_reads_its_memory_in_start_not_in_a_read_of_its_own(producer, redis, fleet_env, tmp_path):
+    """``START`` returns the conversation memory's items with the request; the run's session
+    reads them from there. The one read of the memory from outside a script left is the
+    check job's (its own pipeline, after the turn)."""
+    cid = "conv-rt-memory"
+    _turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, cid, keys.session_messages(cid))
+    reads = [who for who, cmd in seen if cmd == "LRANGE"]
+    assert reads.count("lua") >= 1  # START's
+    assert len([who for who in reads if who != "lua"]) == 1, seen  # the check job's
 
 
 async def test_a_check_job_is_claimed_with_its_lease_not_cut_to_it_afterwards(redis_url, redis):

@@ -165,6 +165,9 @@ class StartDecision:
     corrupt: str | None = None
     # Attempts lost with a worker and not charged to the turn's ordinary attempts.
     spared: int = 0
+    # The conversation memory's items as stored when START ran (raw): the run's first read of
+    # its session, without a round trip of its own (``ConversationMemory(preloaded=...)``).
+    memory: list[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,7 @@ class TurnQueue:
             attempt, status, request=request,
             current_agent=lenient_text(out["current_agent"]) or None, memory_length=int(out["memory_length"]),
             memory_base=int(out["memory_base"]), corrupt=corrupt, spared=int(out["spared"]),
+            memory=list(out["memory"]),
         )
 
     async def isolated_turn(self, worker: str, serving: bool, stale_ms: int = 2000) -> tuple[int, bool]:

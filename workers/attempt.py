@@ -273,7 +273,7 @@ class Attempt:
         self.hooks.turn_started(self.queue_wait_ms, agent.name, model=self.hooks.model_of(agent))
         session = ConversationMemory(
             rt.redis, self.req.conversation_id, turn_id=self.req.turn_id, attempt=self.number,
-            ttl_s=rt.settings.session_ttl_s, buffered=True,
+            ttl_s=rt.settings.session_ttl_s, buffered=True, preloaded=decision.memory,
         )
         self._t0 = time.perf_counter()
         try:
