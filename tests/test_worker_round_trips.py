@@ -126,6 +126,30 @@ async def test_a_turn_reads_its_memory_in_start_not_in_a_read_of_its_own(produce
     assert len([who for who in reads if who != "lua"]) == 1, seen  # the check job's
 
 
+async def test_a_finished_turns_arq_job_is_cleaned_up_by_the_finish_script(producer, redis, fleet_env, tmp_path):
+    """arq's clean-up of a job that returned (its job, retry and in-progress keys deleted, out
+    of its queue) is done by the finish script with the result: not in a transaction of its
+    own after the job returns."""
+    turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, "conv-rt-arq", keys.ARQ_JOB_PREFIX + "t_")
+    deletes = [who for who, cmd in seen if cmd == "DEL"]
+    assert deletes == ["lua"], seen
+    assert not await redis.exists(keys.ARQ_JOB_PREFIX + turn_id, keys.ARQ_RETRY_PREFIX + turn_id,
+                                  keys.ARQ_IN_PROGRESS_PREFIX + turn_id)
+    assert await redis.zscore(keys.ARQ_QUEUE, turn_id) is None
+
+
+async def test_a_check_jobs_arq_clean_up_is_done_by_its_write(producer, redis, fleet_env, tmp_path):
+    """The same for the turn's check job: its write (``write_checks.lua``) cleans it up."""
+    turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, "conv-rt-checks",
+                                     keys.ARQ_JOB_PREFIX + keys.checks_job_id(""))
+    assert await redis.exists(keys.turn_checks(turn_id))
+    deletes = [who for who, cmd in seen if cmd == "DEL"]
+    assert deletes == ["lua"], seen
+    job_id = keys.checks_job_id(turn_id)
+    assert not await redis.exists(keys.ARQ_JOB_PREFIX + job_id, keys.ARQ_IN_PROGRESS_PREFIX + job_id)
+    assert await redis.zscore(keys.CHECKS_QUEUE, job_id) is None
+
+
 async def test_a_check_job_is_claimed_with_its_lease_not_cut_to_it_afterwards(redis_url, redis):
     """A checks lane's claim sets arq's in-progress key to one lease (``turn_lease_s``) itself:
     the check job does not cut arq's job timeout down to a lease in a round trip of its own

@@ -180,7 +180,12 @@ class FinishExtras:
     checks: bool = False  # the workflow declares checks: queue the turn's check job with the result
     trace_json: str | None = None  # the attempt's kept trace record (keys.trace), written with the result
     trace_ttl_s: int = 0  # ... kept this long
+    # The arq queue the turn's job was taken from: the script does arq's clean-up of the job
+    # (the caller then skips arq's own). None: arq does it.
+    job_queue: str | None = None
 
+
+ARQ_ABORT_JOBS = "arq:abort"  # arq.constants.abort_jobs_ss: job ids asked to abort
 
 NEWER = "newer"  # START's status for a record of a newer format version (nothing changed)
 
@@ -400,6 +405,9 @@ class TurnQueue:
         With ``extras.trace_json`` the attempt's kept trace record is appended to
         ``keys.trace`` (for ``extras.trace_ttl_s``) in the same step: one round trip fewer.
 
+        With ``extras.job_queue`` the turn's arq job (taken from that queue) is cleaned up as
+        arq would once the job returns (``keep_result`` 0), in the same step.
+
         With ``extras.checks`` the turn's check job (``keys.checks_job_id``, ``CHECKS_FUNCTION``)
         is queued in its workflow's checks queue in the same step, once.
 
@@ -427,6 +435,11 @@ class TurnQueue:
                 "turn_errors": keys.turn_errors(result.turn_id),
                 "checks_queue": keys.CHECKS_QUEUE,
                 "trace": keys.trace(result.turn_id),
+                "job_queue": extras.job_queue or keys.ARQ_QUEUE,
+                "arq_job": keys.ARQ_JOB_PREFIX + result.turn_id,
+                "arq_in_progress": keys.ARQ_IN_PROGRESS_PREFIX + result.turn_id,
+                "arq_retry": keys.ARQ_RETRY_PREFIX + result.turn_id,
+                "arq_abort": ARQ_ABORT_JOBS,
             },
             args={
                 "turn_id": result.turn_id,
@@ -453,6 +466,7 @@ class TurnQueue:
                 "checks_prefix": keys.WORKFLOW_CHECKS_PREFIX,
                 "trace_json": extras.trace_json or "",
                 "trace_ttl_s": extras.trace_ttl_s,
+                "arq_cleanup": "1" if extras.job_queue else "",
             },
         )
         return Outcome(verdict)

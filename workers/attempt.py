@@ -107,6 +107,8 @@ class Runtime:
     # Job ids whose attempt was fenced out: arq must not delete the job or in-progress key
     # they share with the attempt that now owns the turn.
     fenced: set[str] = field(default_factory=set)
+    # Job ids whose finish script did arq's clean-up of the job: arq's own is skipped.
+    cleaned: set[str] = field(default_factory=set)
     stopping: bool = False  # the worker is draining: a cancelled attempt is "WorkerStopped"
     # Per workflow name: models for agents that name one (or none) instead of holding a Model
     # object (workers/llm.py WorkerModels).
@@ -193,7 +195,10 @@ class Attempt:
     once a newer attempt owns the turn.
     """
 
-    def __init__(self, rt: Runtime, decision: StartDecision, started_at: datetime) -> None:
+    def __init__(self, rt: Runtime, decision: StartDecision, started_at: datetime,
+                 source_queue: str | None = None) -> None:
+        """``source_queue``: the arq queue the turn's job was taken from, when the worker lets
+        the finish script clean the job up as arq would (``Runtime.cleaned``)."""
         req = decision.request
         assert req is not None  # start() checked the record exists and read it (or stood in)
         self.rt = rt
@@ -201,6 +206,7 @@ class Attempt:
         self.req = req
         self.number = decision.attempt
         self.started_at = started_at
+        self.source_queue = source_queue
         # None for a stand-in request (its record was unreadable: no enqueue time known).
         self.queue_wait_ms = (None if req.enqueued_at is None
                               else max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000))
@@ -380,13 +386,15 @@ class Attempt:
         await self._stop_lease()
         batch = hooks.batch_json()
         extras = FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s,
-                              checks=self.has_checks)
+                              checks=self.has_checks, job_queue=self.source_queue)
         if kept is not None and traces is not None:
             extras = dataclasses.replace(extras, trace_json=kept.json, trace_ttl_s=traces.retention_s)
         outcome = await durably(rt, "result", lambda: rt.queue.finish(result, batch, fence=self.number,
                                                                        extras=extras))
         if outcome and kept is not None and traces is not None:
             traces.written(kept)  # stored: to the OTLP sink and the team's processors
+        if outcome:
+            self._cleaned()
         if not outcome:
             return self._dropped(outcome, "result")
         self.log.info("turn.completed", duration_ms=round(duration_ms, 1), agent=last_agent,
@@ -605,8 +613,16 @@ class Attempt:
         final = AttemptError(attempt=attempts, error_type=error_type, message=message)
         result = self._result("failed", attempts=attempts, error_type=error_type, error_message=message)
         batch = self.hooks.batch_json()
-        return await durably(rt, "result", lambda: rt.queue.finish(
+        outcome = await durably(rt, "result", lambda: rt.queue.finish(
             result, batch, fence=self.number,
             extras=FinishExtras(events_ttl_s=rt.settings.trace_retention_s, final_error=final,
-                                checks=self.has_checks),
+                                checks=self.has_checks, job_queue=self.source_queue),
         ))
+        if outcome:
+            self._cleaned()
+        return outcome
+
+    def _cleaned(self) -> None:
+        """The finish script did arq's clean-up of the turn's job: arq's own is skipped."""
+        if self.source_queue is not None:
+            self.rt.cleaned.add(self.req.turn_id)

@@ -56,11 +56,13 @@ CLAIM_JOB = load_script("claim_job", "turnfleet.workers")
 
 
 class TurnWorker(Worker):
-    """arq's ``Worker`` with two changes: after an attempt that was fenced out (a newer attempt
+    """arq's ``Worker`` with these changes: after an attempt that was fenced out (a newer attempt
     of the turn, on another worker, owns it now) or a job handed to the isolated lane, arq's
     clean-up is skipped — it would delete the in-progress key (the newer attempt's lease) and,
-    for a returned job, the job itself; and ``picking`` says when a poll may be taking jobs
-    (the lane switch, ``workers/isolation.py``, waits for it to end)."""
+    for a returned job, the job itself — and after a finish script did it already
+    (``Runtime.cleaned``); a job is claimed in one script call (``start_jobs``); and
+    ``picking`` says when a poll may be taking jobs (the lane switch,
+    ``workers/isolation.py``, waits for it to end)."""
 
     picking = False
 
@@ -130,6 +132,9 @@ class TurnWorker(Worker):
 
     async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
         rt = self.ctx.get("runtime")
+        if rt is not None and job_id in rt.cleaned:
+            rt.cleaned.discard(job_id)  # the finish script did arq's clean-up already
+            return
         if rt is not None and job_id in rt.fenced:
             rt.fenced.discard(job_id)
             log.info("turn.arq_cleanup_skipped", turn_id=job_id, reason="a newer attempt owns the job")
