@@ -29,6 +29,7 @@ from turnfleet import keys
 from turnfleet.events import PAYLOADS, EventKind, batch_json, parse_events
 from turnfleet.models import ErrorInfo
 from turnfleet.redaction import Redactor
+from turnfleet.tool_errors import MARKER
 from turnfleet.workers.hooks import TelemetryHooks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,3 +314,44 @@ def test_events_are_stamped_in_order_with_deterministic_ids() -> None:
     assert [(e.event_id, e.seq, type(e).__name__) for e in batch.events] == [
         ("t-1:2:1", 1, "TurnStartedEvent"), ("t-1:2:2", 2, "AgentStartEvent")]
     assert batch.events[0].ts > T0
+
+
+async def _drive_with_once_and_tool_error(h: TelemetryHooks) -> None:
+    """drive_hooks, then a tool call whose ``once`` found a stored value and whose result is
+    a tool error: the payload fields the plain run leaves unset."""
+    from turnfleet.context import OnceNote, TurnContext
+
+    await drive_hooks(h)
+    turn = TurnContext(turn_id="t-1", conversation_id="c-1", customer_id="C-1", attempt=1, redis=None)
+    turn.once_notes["call-2"] = OnceNote(replayed=True)
+    tool_ctx = ToolContext(context=turn, tool_name="lookup_order", tool_call_id="call-2",
+                           tool_arguments='{"order_id":"1043"}')
+    billing = Agent(name="Billing")
+    await h.on_tool_start(tool_ctx, billing, lookup_order)
+    await h.on_tool_end(tool_ctx, billing, lookup_order,
+                        json.dumps({MARKER: True, "tool": "lookup_order", "error_type": "ConnectionError"}))
+
+
+def test_hooks_write_each_event_in_its_wire_form_without_building_models(monkeypatch) -> None:
+    """The hooks write the wire form straight (issue 19: a model built and dumped per event
+    was ~0.5 ms a turn); it is the contract's: every event reads back as its kind's model and
+    is written again byte for byte, with and without data, redacted or not."""
+
+    def no_models(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a pydantic event was built on the hooks' path")
+
+    for include_data in (True, False):
+        for redactor in (None, Redactor()):
+            h = hooks(include_data, redactor)
+            with monkeypatch.context() as m:
+                m.setattr(ev, "event", no_models)
+                asyncio.run(_drive_with_once_and_tool_error(h))
+                written = h.batch_json()
+            parsed = parse_events(written)
+            assert batch_json(parsed) == written
+            assert [e.kind for e in parsed].count(EventKind.tool_end) == 2
+            last = parsed[-1]
+            assert last.kind == EventKind.tool_end and last.detail.once == ev.OnceOutcome(replayed=True)
+            assert last.error == ErrorInfo(type="ToolError", message="lookup_order raised ConnectionError")
+            if redactor is None:  # the models ``events`` gives are the same events
+                assert batch_json(h.events) == written

@@ -99,7 +99,7 @@ async def test_start_answers_by_name_whether_it_runs_or_not(redis):
     ran = await start.raw(redis, keys=start_keys("t-1", "c-1"), args=start_args("t-1"))
     assert ran == {"attempt": 1, "status": b"running", "request": req.model_dump_json().encode(),
                    "current_agent": b"", "memory_length": 2, "memory_base": 2, "customer_id": b"C-100",
-                   "corrupt": b"", "spared": 0}
+                   "corrupt": b"", "spared": 0, "memory": [b"{}", b"{}"]}
     waiting = await start.raw(redis, keys=start_keys("t-2", "c-1"), args=start_args("t-2"))
     assert (waiting["attempt"], waiting["status"]) == (0, b"not-head")
     assert waiting.keys() == ran.keys()

@@ -165,6 +165,9 @@ class StartDecision:
     corrupt: str | None = None
     # Attempts lost with a worker and not charged to the turn's ordinary attempts.
     spared: int = 0
+    # The conversation memory's items as stored when START ran (raw): the run's first read of
+    # its session, without a round trip of its own (``ConversationMemory(preloaded=...)``).
+    memory: list[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,14 @@ class FinishExtras:
     events_ttl_s: int = EVENTS_TTL_S  # how long the batch is kept per attempt (keys.turn_events)
     final_error: AttemptError | None = None  # what a failed turn fails with (in the result only)
     checks: bool = False  # the workflow declares checks: queue the turn's check job with the result
+    trace_json: str | None = None  # the attempt's kept trace record (keys.trace), written with the result
+    trace_ttl_s: int = 0  # ... kept this long
+    # The arq queue the turn's job was taken from: the script does arq's clean-up of the job
+    # (the caller then skips arq's own). None: arq does it.
+    job_queue: str | None = None
 
+
+ARQ_ABORT_JOBS = "arq:abort"  # arq.constants.abort_jobs_ss: job ids asked to abort
 
 NEWER = "newer"  # START's status for a record of a newer format version (nothing changed)
 
@@ -321,6 +331,7 @@ class TurnQueue:
             attempt, status, request=request,
             current_agent=lenient_text(out["current_agent"]) or None, memory_length=int(out["memory_length"]),
             memory_base=int(out["memory_base"]), corrupt=corrupt, spared=int(out["spared"]),
+            memory=list(out["memory"]),
         )
 
     async def isolated_turn(self, worker: str, serving: bool, stale_ms: int = 2000) -> tuple[int, bool]:
@@ -391,6 +402,12 @@ class TurnQueue:
         writes the attempt errors stored for the turn, then ``extras.final_error`` (what a
         failed turn fails with; kept in the result only), in the same atomic step as the result.
 
+        With ``extras.trace_json`` the attempt's kept trace record is appended to
+        ``keys.trace`` (for ``extras.trace_ttl_s``) in the same step: one round trip fewer.
+
+        With ``extras.job_queue`` the turn's arq job (taken from that queue) is cleaned up as
+        arq would once the job returns (``keep_result`` 0), in the same step.
+
         With ``extras.checks`` the turn's check job (``keys.checks_job_id``, ``CHECKS_FUNCTION``)
         is queued in its workflow's checks queue in the same step, once.
 
@@ -417,6 +434,12 @@ class TurnQueue:
                 "session_meta": session_meta(cid),
                 "turn_errors": keys.turn_errors(result.turn_id),
                 "checks_queue": keys.CHECKS_QUEUE,
+                "trace": keys.trace(result.turn_id),
+                "job_queue": extras.job_queue or keys.ARQ_QUEUE,
+                "arq_job": keys.ARQ_JOB_PREFIX + result.turn_id,
+                "arq_in_progress": keys.ARQ_IN_PROGRESS_PREFIX + result.turn_id,
+                "arq_retry": keys.ARQ_RETRY_PREFIX + result.turn_id,
+                "arq_abort": ARQ_ABORT_JOBS,
             },
             args={
                 "turn_id": result.turn_id,
@@ -441,6 +464,9 @@ class TurnQueue:
                 "checks_job": keys.checks_job_id(result.turn_id),
                 "checks_fname": CHECKS_FUNCTION,
                 "checks_prefix": keys.WORKFLOW_CHECKS_PREFIX,
+                "trace_json": extras.trace_json or "",
+                "trace_ttl_s": extras.trace_ttl_s,
+                "arq_cleanup": "1" if extras.job_queue else "",
             },
         )
         return Outcome(verdict)

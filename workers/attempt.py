@@ -41,6 +41,7 @@ turns). It feeds no error rate and raises no alert.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ from turnfleet.context import TurnContext
 from turnfleet.workers.hooks import ChainedHooks, TelemetryHooks
 from turnfleet.workers.llm import WorkerModels
 from turnfleet.workers.memory import ConversationMemory, MemoryFenced
-from turnfleet.workers.trace_store import TraceStore
+from turnfleet.workers.trace_store import Kept, TraceStore
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +107,8 @@ class Runtime:
     # Job ids whose attempt was fenced out: arq must not delete the job or in-progress key
     # they share with the attempt that now owns the turn.
     fenced: set[str] = field(default_factory=set)
+    # Job ids whose finish script did arq's clean-up of the job: arq's own is skipped.
+    cleaned: set[str] = field(default_factory=set)
     stopping: bool = False  # the worker is draining: a cancelled attempt is "WorkerStopped"
     # Per workflow name: models for agents that name one (or none) instead of holding a Model
     # object (workers/llm.py WorkerModels).
@@ -192,7 +195,10 @@ class Attempt:
     once a newer attempt owns the turn.
     """
 
-    def __init__(self, rt: Runtime, decision: StartDecision, started_at: datetime) -> None:
+    def __init__(self, rt: Runtime, decision: StartDecision, started_at: datetime,
+                 source_queue: str | None = None) -> None:
+        """``source_queue``: the arq queue the turn's job was taken from, when the worker lets
+        the finish script clean the job up as arq would (``Runtime.cleaned``)."""
         req = decision.request
         assert req is not None  # start() checked the record exists and read it (or stood in)
         self.rt = rt
@@ -200,6 +206,7 @@ class Attempt:
         self.req = req
         self.number = decision.attempt
         self.started_at = started_at
+        self.source_queue = source_queue
         # None for a stand-in request (its record was unreadable: no enqueue time known).
         self.queue_wait_ms = (None if req.enqueued_at is None
                               else max(0.0, (started_at - req.enqueued_at).total_seconds() * 1000))
@@ -272,7 +279,7 @@ class Attempt:
         self.hooks.turn_started(self.queue_wait_ms, agent.name, model=self.hooks.model_of(agent))
         session = ConversationMemory(
             rt.redis, self.req.conversation_id, turn_id=self.req.turn_id, attempt=self.number,
-            ttl_s=rt.settings.session_ttl_s, buffered=True,
+            ttl_s=rt.settings.session_ttl_s, buffered=True, preloaded=decision.memory,
         )
         self._t0 = time.perf_counter()
         try:
@@ -366,17 +373,28 @@ class Attempt:
             final, last_agent = self._guardrail(ran, starting_agent)
         else:
             final, last_agent = str(ran.final_output), ran.last_agent.name
-        await self._keep_trace(duration_ms, answer=final)
+        # The kept trace is written by the finish script with the result (no write of its
+        # own) when traces are kept in the queue's Redis; else by the store, as before.
+        traces, kept = rt.traces, None
+        if traces is not None and traces.redis is rt.redis:
+            kept = self._prepare_trace(traces, duration_ms, answer=final)
+        else:
+            await self._keep_trace(duration_ms, answer=final)
         hooks.turn_completed(duration_ms, self.queue_wait_ms, final)
         result = self._result("completed", attempts=self.number, final_output=final,
                               duration_ms=duration_ms, warnings=session.warnings)
         await self._stop_lease()
         batch = hooks.batch_json()
-        outcome = await durably(rt, "result", lambda: rt.queue.finish(
-            result, batch, fence=self.number,
-            extras=FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s,
-                                checks=self.has_checks),
-        ))
+        extras = FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s,
+                              checks=self.has_checks, job_queue=self.source_queue)
+        if kept is not None and traces is not None:
+            extras = dataclasses.replace(extras, trace_json=kept.json, trace_ttl_s=traces.retention_s)
+        outcome = await durably(rt, "result", lambda: rt.queue.finish(result, batch, fence=self.number,
+                                                                       extras=extras))
+        if outcome and kept is not None and traces is not None:
+            traces.written(kept)  # stored: to the OTLP sink and the team's processors
+        if outcome:
+            self._cleaned()
         if not outcome:
             return self._dropped(outcome, "result")
         self.log.info("turn.completed", duration_ms=round(duration_ms, 1), agent=last_agent,
@@ -507,6 +525,30 @@ class Attempt:
         when traces include sensitive data, and whether it was the turn's last (``final``)."""
         if self.rt.traces is None:
             return
+        _kept, dropped = await self.rt.traces.finish_attempt(
+            self.trace_id,
+            self._trace_turn(answer=answer, error=error, final=final),
+            failed=error is not None,
+            duration_ms=duration_ms,
+            workflow=self.workflow.name if self.workflow else None,
+        )
+        self.hooks.spans_dropped(dropped)
+
+    def _prepare_trace(self, traces: TraceStore, duration_ms: float, *, answer: str) -> Kept | None:
+        """A completed attempt's trace as the store keeps it (sampled, redacted, serialised),
+        for the finish script to write with the result; None when not kept."""
+        kept, dropped = traces.prepare(
+            self.trace_id,
+            self._trace_turn(answer=answer, error=None, final=True),
+            failed=False,
+            duration_ms=duration_ms,
+            workflow=self.workflow.name if self.workflow else None,
+        )
+        self.hooks.spans_dropped(dropped)
+        return kept
+
+    def _trace_turn(self, *, answer: str | None, error: tuple[str, str] | None, final: bool) -> dict[str, Any]:
+        """The turnfleet fields of the attempt's trace record."""
         req = self.req
         turn: dict[str, Any] = {
             "turn_id": req.turn_id,
@@ -524,14 +566,7 @@ class Attempt:
                 turn["output"] = answer
         if error is not None:
             turn["error"] = {"type": error[0], "message": error[1]}
-        _kept, dropped = await self.rt.traces.finish_attempt(
-            self.trace_id,
-            turn,
-            failed=error is not None,
-            duration_ms=duration_ms,
-            workflow=self.workflow.name if self.workflow else None,
-        )
-        self.hooks.spans_dropped(dropped)
+        return turn
 
     def _result(self, status: str, **outcome: Any) -> TurnResult:
         req, hooks = self.req, self.hooks
@@ -578,8 +613,16 @@ class Attempt:
         final = AttemptError(attempt=attempts, error_type=error_type, message=message)
         result = self._result("failed", attempts=attempts, error_type=error_type, error_message=message)
         batch = self.hooks.batch_json()
-        return await durably(rt, "result", lambda: rt.queue.finish(
+        outcome = await durably(rt, "result", lambda: rt.queue.finish(
             result, batch, fence=self.number,
             extras=FinishExtras(events_ttl_s=rt.settings.trace_retention_s, final_error=final,
-                                checks=self.has_checks),
+                                checks=self.has_checks, job_queue=self.source_queue),
         ))
+        if outcome:
+            self._cleaned()
+        return outcome
+
+    def _cleaned(self) -> None:
+        """The finish script did arq's clean-up of the turn's job: arq's own is skipped."""
+        if self.source_queue is not None:
+            self.rt.cleaned.add(self.req.turn_id)

@@ -44,9 +44,10 @@ from turnfleet.checks import CheckOutcome, FinishedTurn, as_checks, run_checks
 from turnfleet.connection import RAW, lenient_text
 from turnfleet.judge import JudgeEndpoint, run_with_endpoint
 from turnfleet.models import TokenUsage, TurnResult
-from turnfleet.queue import CORRUPT_TURN_RECORD, session_meta
+from turnfleet.queue import ARQ_ABORT_JOBS, CORRUPT_TURN_RECORD, session_meta
 from turnfleet.scripts import load_script
 from turnfleet.workers.attempt import Runtime
+from turnfleet.workers.isolation import CLAIM_LEASES
 from turnfleet.workers.memory import decode_item, is_marker
 
 __all__ = ["CHECK_JOB_TRIES", "REASON_CHARS", "run_turn_checks"]
@@ -72,9 +73,10 @@ async def run_turn_checks(ctx: dict[str, Any], turn_id: str, conversation_id: st
         log.error("checks.dead_lettered", turn_id=turn_id, job_id=job_id,
                   reason="its arguments name another turn than its job id")
         return "dead-lettered"
-    lease = asyncio.create_task(_keep_lease(rt, keys.checks_job_id(turn_id)), name=f"checks-lease:{turn_id}")
+    lease = asyncio.create_task(_keep_lease(rt, keys.checks_job_id(turn_id), claimed=bool(ctx.get(CLAIM_LEASES))),
+                                name=f"checks-lease:{turn_id}")
     try:
-        return await _run(rt, turn_id, conversation_id)
+        return await _run(rt, turn_id, conversation_id, ctx.get("queue"))
     except RedisError as exc:
         tries = int(ctx.get("job_try") or 1)
         if tries >= CHECK_JOB_TRIES:
@@ -90,12 +92,16 @@ async def run_turn_checks(ctx: dict[str, Any], turn_id: str, conversation_id: st
             await lease
 
 
-async def _keep_lease(rt: Runtime, job_id: str) -> None:
+async def _keep_lease(rt: Runtime, job_id: str, claimed: bool = False) -> None:
     """arq's in-progress key of the job cut to one lease and renewed every third of it, so a
-    killed worker's check job runs again elsewhere within a lease (not arq's job timeout)."""
+    killed worker's check job runs again elsewhere within a lease (not arq's job timeout).
+    ``claimed``: the lane's claim set it to one lease already (``CLAIM_LEASES``): the first
+    renewal is a third of a lease later, not a round trip at once."""
     lease_s = rt.settings.turn_lease_s
     if lease_s <= 0:
         return
+    if claimed:
+        await asyncio.sleep(lease_s / 3)
     while True:
         try:
             await rt.redis.pexpire(keys.ARQ_IN_PROGRESS_PREFIX + job_id, int(lease_s * 1000))
@@ -104,7 +110,9 @@ async def _keep_lease(rt: Runtime, job_id: str) -> None:
         await asyncio.sleep(lease_s / 3)
 
 
-async def _run(rt: Runtime, turn_id: str, conversation_id: str) -> str:
+async def _run(rt: Runtime, turn_id: str, conversation_id: str, job_queue: str | None = None) -> str:
+    """``job_queue``: the lane's queue the job was taken from; the write then does arq's
+    clean-up of the job too (``Runtime.cleaned``: arq's own is skipped)."""
     record = await rt.queue.get(turn_id)
     if record is None:
         log.info("checks.skipped", turn_id=turn_id, reason="the turn's record is gone (erased or purged)")
@@ -125,7 +133,7 @@ async def _run(rt: Runtime, turn_id: str, conversation_id: str) -> str:
         endpoint = JudgeEndpoint.from_settings(rt.settings, rt.redactor)
         ran = await asyncio.to_thread(run_with_endpoint, endpoint, run_checks, checks, finished)
         outcomes = [_written(rt, o) for o in ran]
-    return await _write(rt, record, conversation_id, outcomes)
+    return await _write(rt, record, conversation_id, outcomes, job_queue)
 
 
 async def _earlier_memory(rt: Runtime, record: TurnResult) -> list[dict[str, Any]]:
@@ -172,8 +180,10 @@ def _expired(name: str, money_path: bool, why: str) -> dict[str, Any]:
             "applicable": False, "duration_us": 0.0, "error": None, "outcome": "inputs_expired"}
 
 
-async def _write(rt: Runtime, record: TurnResult, conversation_id: str, outcomes: list[dict[str, Any]]) -> str:
+async def _write(rt: Runtime, record: TurnResult, conversation_id: str, outcomes: list[dict[str, Any]],
+                 job_queue: str | None = None) -> str:
     turn_id = record.turn_id
+    job_id = keys.checks_job_id(turn_id)
     batch = events.batch_json([
         events.event(
             events.CheckDetail(check=o["check"], outcome=o["outcome"], money_path=o["money_path"],
@@ -185,12 +195,17 @@ async def _write(rt: Runtime, record: TurnResult, conversation_id: str, outcomes
         for seq, o in enumerate(outcomes)
     ])
     verdict = await WRITE_CHECKS.bind(rt.redis)(
-        keys={"turn": keys.turn(turn_id), "checks": keys.turn_checks(turn_id), "telemetry": keys.TELEMETRY_STREAM},
+        keys={"turn": keys.turn(turn_id), "checks": keys.turn_checks(turn_id), "telemetry": keys.TELEMETRY_STREAM,
+              "job_queue": job_queue or keys.CHECKS_QUEUE, "arq_job": keys.ARQ_JOB_PREFIX + job_id,
+              "arq_in_progress": keys.ARQ_IN_PROGRESS_PREFIX + job_id, "arq_retry": keys.ARQ_RETRY_PREFIX + job_id,
+              "arq_abort": ARQ_ABORT_JOBS},
         args={"turn_id": turn_id, "outcomes_json": json.dumps(outcomes, separators=(",", ":")),
               "telemetry_batch": batch,
               "workflow": record.workflow or "", "version": record.version or "",
-              "batch_version": versions.BATCH_CHECK},
+              "batch_version": versions.BATCH_CHECK, "job_id": job_id, "arq_cleanup": "1" if job_queue else ""},
     )
+    if job_queue:
+        rt.cleaned.add(job_id)  # the job returns next: arq's clean-up is done
     verdict = lenient_text(verdict) if isinstance(verdict, bytes) else str(verdict)
     failed = [o["check"] for o in outcomes if o["outcome"] == "failed"]
     log.info("checks.done", turn_id=turn_id, written=verdict, checks=len(outcomes), failed=failed)

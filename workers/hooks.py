@@ -3,8 +3,11 @@
 Events are collected in memory and written in one batch when the attempt ends (one Redis
 round trip per turn, not per hook: measured +0.6 ms a turn against +1.3–2 ms). Parameter
 names match ``agents/lifecycle.py`` because the SDK calls hooks with keyword arguments.
-Each event is built from its kind's payload class (``turnfleet.events``), the contract the
-consumer and the replay read it with. The batch is format version ``turnfleet.versions.BATCH``
+Each event follows its kind's payload class (``turnfleet.events``), the contract the consumer
+and the replay read it with. The hooks write it straight in its wire form (a dict, as
+``TelemetryEvent.export`` would give it): building a pydantic model per event and dumping it
+again cost ~35 µs an event, ~0.5 ms a turn (issue 19). ``events`` gives them as the contract's
+models, built on demand (tests), and the tests check the two forms are the same JSON. The batch is format version ``turnfleet.versions.BATCH``
 (the finish script writes it in the stream entry's ``v``): a change to it that older consumers
 would misread is a new batch version (see ``turnfleet.events``).
 
@@ -28,7 +31,7 @@ from agents.items import ModelResponse
 
 from turnfleet import events as ev
 from turnfleet.events import EventDetail, TelemetryEvent
-from turnfleet.models import ErrorInfo, Handoff, TokenUsage, ToolCall
+from turnfleet.models import ErrorInfo, Handoff, TokenUsage, ToolCall, utcnow
 from turnfleet.redaction import Redactor
 from turnfleet.tool_errors import tool_error_of
 
@@ -73,31 +76,49 @@ def model_name_of(model: Any, default: str) -> str:
     return type(model).__name__
 
 
-def decision_of(response: ModelResponse, with_content: bool = True) -> ev.Decision:
-    """What the model decided in one call: the tools/handoffs it called, or its message.
-
-    Without content, only the names of what it called (and that it answered) are kept.
-    """
-    calls = []
+def decision_of(response: ModelResponse, with_content: bool = True) -> dict[str, Any]:
+    """What the model decided in one call (``events.Decision``'s wire form): the tools/handoffs
+    it called, or its message. Without content, only the names of what it called (and that it
+    answered) are kept."""
+    calls: list[dict[str, Any]] = []
     message = []
     for item in response.output:
         kind = getattr(item, "type", None)
         if kind == "function_call":
-            call = ev.DecisionCall(name=item.name)
-            if with_content:
-                call.arguments = _clip(item.arguments, 500)
-            calls.append(call)
+            calls.append({"name": item.name, "arguments": _clip(item.arguments, 500)} if with_content
+                         else {"name": item.name})
         elif kind == "message":
             for part in getattr(item, "content", []) or []:
                 text = getattr(part, "text", None)
                 if text:
                     message.append(text)
-    out = ev.Decision()
+    out: dict[str, Any] = {}
     if calls:
-        out.calls = calls
+        out["calls"] = calls
     if message:
-        out.message = _clip("\n".join(message), 500) if with_content else True
+        out["message"] = _clip("\n".join(message), 500) if with_content else True
     return out
+
+
+def _usage(usage: TokenUsage | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {"requests": usage.requests, "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens, "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens}
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _now() -> str:
+    """``utcnow()`` as pydantic writes it (``...+00:00`` as ``Z``)."""
+    return utcnow().isoformat().replace("+00:00", "Z")
+
+
+JSON_FIELDS: dict[str, tuple[str, ...]] = {k.value: cls.json_fields for k, cls in ev.PAYLOADS.items()}
+"""Per kind: the detail fields holding JSON text (redacted as JSON)."""
 
 
 class TelemetryHooks(RunHooks[Any]):
@@ -124,7 +145,8 @@ class TelemetryHooks(RunHooks[Any]):
         self.customer_id = customer_id
         self.model_name = model_name  # the run's default model, for agents without their own
         self.current_model = model_name  # the turn's model so far (see the module doc)
-        self.events: list[TelemetryEvent] = []
+        # Each event in its wire form (a dict), or as its model once ``events`` was read.
+        self._events: list[Any] = []
         self.agents: list[str] = []
         self.tool_calls: list[ToolCall] = []
         self.handoffs: list[Handoff] = []
@@ -135,35 +157,62 @@ class TelemetryHooks(RunHooks[Any]):
 
     # -- emitting --------------------------------------------------------------------
 
-    def emit(self, detail: EventDetail, **fields: Any) -> TelemetryEvent:
+    @property
+    def events(self) -> list[TelemetryEvent]:
+        """The attempt's events as the contract's models (built here, on demand: the hooks
+        keep the wire form). The list is the hooks' own: a change to it or to its events is
+        what ``batch_json`` writes."""
+        for i, e in enumerate(self._events):
+            if isinstance(e, dict):
+                self._events[i] = ev.validate_events([e])[0]
+        return self._events
+
+    @events.setter
+    def events(self, value: list[TelemetryEvent]) -> None:
+        self._events = value
+
+    def emit(self, detail: EventDetail, **fields: Any) -> None:
         """Record the event of ``detail``'s kind; ``fields`` are the envelope's optional ones."""
         self._seq += 1
-        event = ev.event(detail, turn_id=self.turn_id, attempt=self.attempt, seq=self._seq,
-                         conversation_id=self.conversation_id, customer_id=self.customer_id,
-                         **fields)
-        self.events.append(event)
-        return event
+        self._events.append(ev.event(detail, turn_id=self.turn_id, attempt=self.attempt, seq=self._seq,
+                                     conversation_id=self.conversation_id, customer_id=self.customer_id,
+                                     **fields))
+
+    def _record(self, kind: str, detail: dict[str, Any], *, agent: str | None = None, model: str | None = None,
+                tool: str | None = None, usage: TokenUsage | None = None, duration_ms: float | None = None,
+                error: ErrorInfo | None = None) -> None:
+        """Record an event in its wire form: what ``emit`` of the kind's payload with these
+        fields writes (the same keys, in the same order), without building the models."""
+        self._seq += 1
+        self._events.append({
+            "event_id": f"{self.turn_id}:{self.attempt}:{self._seq}", "kind": kind, "seq": self._seq,
+            "turn_id": self.turn_id, "attempt": self.attempt, "conversation_id": self.conversation_id,
+            "customer_id": self.customer_id, "agent": agent, "model": model, "tool": tool, "ts": _now(),
+            "usage": _usage(usage), "duration_ms": _float(duration_ms),
+            "error": None if error is None else {"type": error.type, "message": error.message},
+            "detail": detail,
+        })
 
     def batch_json(self) -> str:
         """The attempt's events as one JSON array, redacted: this is what leaves the process."""
-        return json.dumps([self._export(e) for e in self.events], separators=(",", ":"))
+        return json.dumps([self._export(e if isinstance(e, dict) else e.export()) for e in self._events],
+                          separators=(",", ":"))
 
-    def _export(self, event: TelemetryEvent) -> dict[str, Any]:
-        data = event.export()
+    def _export(self, data: dict[str, Any]) -> dict[str, Any]:
         r = self.redactor
         if r is None:
             return data
-        json_fields = event.detail.json_fields
+        json_fields = JSON_FIELDS.get(data["kind"], ())
         detail = {}
         for key, value in data["detail"].items():
             if key in json_fields and isinstance(value, str):
                 detail[key] = r.json_text(value)
             else:
                 detail[key] = r.value(value)
-        data["detail"] = detail
+        out = {**data, "detail": detail}
         if data.get("error"):
-            data["error"]["message"] = r.text(data["error"]["message"])
-        return data
+            out["error"] = {**data["error"], "message": r.text(data["error"]["message"])}
+        return out
 
     def _data(self, **fields: Any) -> dict[str, Any]:
         """Detail fields that carry conversation content: only when data may be included."""
@@ -176,13 +225,14 @@ class TelemetryHooks(RunHooks[Any]):
     def turn_started(self, queue_wait_ms: float | None, agent: str, model: str | None = None) -> None:
         """The attempt began at ``agent``, on ``model`` (default: the run's default model)."""
         self.current_model = model or self.model_name
-        self.emit(ev.TurnStartedDetail(queue_wait_ms=queue_wait_ms), agent=agent,
-                  model=self.current_model)
+        self._record("turn_started", {"queue_wait_ms": _float(queue_wait_ms)}, agent=agent,
+                     model=self.current_model)
 
     def turn_completed(self, duration_ms: float, queue_wait_ms: float | None, final: str) -> None:
-        self.emit(
-            ev.TurnCompletedDetail(queue_wait_ms=queue_wait_ms, agents=list(self.agents),
-                                   **self._data(final_output=_clip(final, 500))),
+        self._record(
+            "turn_completed",
+            {"queue_wait_ms": _float(queue_wait_ms), "agents": list(self.agents),
+             **self._data(final_output=_clip(final, 500))},
             agent=self.agents[-1] if self.agents else None,
             model=self.current_model,
             usage=self.usage,
@@ -191,16 +241,16 @@ class TelemetryHooks(RunHooks[Any]):
 
     def guardrail_tripped(self, guardrail: str, agent: str | None, kind: str = "input") -> None:
         """A guardrail's tripwire fired: an outcome of the turn, not an error."""
-        self.emit(ev.GuardrailDetail(guardrail=guardrail, kind=kind, triggered=True), agent=agent)
+        self._record("guardrail", {"guardrail": guardrail, "kind": kind, "triggered": True}, agent=agent)
 
     def spans_dropped(self, count: int) -> None:
         if count:
-            self.emit(ev.SpansDroppedDetail(count=count))
+            self._record("spans_dropped", {"count": int(count)})
 
     def turn_errored(self, *, terminal: bool, duration_ms: float, error_type: str, message: str) -> None:
-        failed = ev.TurnFailedDetail if terminal else ev.AttemptFailedDetail
-        self.emit(
-            failed(agents=list(self.agents)),
+        self._record(
+            "turn_failed" if terminal else "attempt_failed",
+            {"agents": list(self.agents)},
             agent=self.agents[-1] if self.agents else None,
             model=self.current_model,
             usage=self.usage,
@@ -212,10 +262,10 @@ class TelemetryHooks(RunHooks[Any]):
 
     async def on_agent_start(self, context: RunContextWrapper[Any], agent: Agent[Any]) -> None:
         self.agents.append(agent.name)
-        self.emit(ev.AgentStartDetail(), agent=agent.name)
+        self._record("agent_start", {}, agent=agent.name)
 
     async def on_agent_end(self, context: RunContextWrapper[Any], agent: Agent[Any], output: Any) -> None:
-        self.emit(ev.AgentEndDetail(**self._data(output=_clip(str(output), 500))), agent=agent.name)
+        self._record("agent_end", self._data(output=_clip(str(output), 500)), agent=agent.name)
 
     async def on_llm_start(
         self,
@@ -226,7 +276,7 @@ class TelemetryHooks(RunHooks[Any]):
     ) -> None:
         model = self.current_model = model_name_of(agent.model, self.model_name)
         self._llm_started[agent.name] = (time.perf_counter(), model)
-        self.emit(ev.LlmStartDetail(input_items=len(input_items)), agent=agent.name, model=model)
+        self._record("llm_start", {"input_items": len(input_items)}, agent=agent.name, model=model)
 
     async def on_llm_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
@@ -238,9 +288,10 @@ class TelemetryHooks(RunHooks[Any]):
             began, model = started
         usage = usage_of(response.usage)
         self.usage = self.usage + usage
-        self.emit(
-            ev.LlmEndDetail(decision=decision_of(response, with_content=self.include_data),
-                            response_id=response.response_id),
+        self._record(
+            "llm_end",
+            {"decision": decision_of(response, with_content=self.include_data),
+             "response_id": response.response_id},
             agent=agent.name,
             model=model,
             usage=usage,
@@ -251,8 +302,8 @@ class TelemetryHooks(RunHooks[Any]):
         call_id = getattr(context, "tool_call_id", None) or tool.name
         self._tool_started[call_id] = time.perf_counter()
         arguments = _clip(str(getattr(context, "tool_arguments", "") or ""))
-        self.emit(ev.ToolStartDetail(call_id=call_id, **self._data(arguments=arguments)),
-                  agent=agent.name, tool=tool.name)
+        self._record("tool_start", {"call_id": call_id, **self._data(arguments=arguments)},
+                     agent=agent.name, tool=tool.name)
 
     async def on_tool_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: object
@@ -273,10 +324,12 @@ class TelemetryHooks(RunHooks[Any]):
             error.message = _clip(error.message, 500)
         note = getattr(context.context, "take_once_note", None)
         once = note(call_id) if note is not None else None  # what its turnfleet.once calls found
-        self.emit(
-            ev.ToolEndDetail(call_id=call_id,
-                             **({"once": ev.OnceOutcome(**vars(once))} if once is not None else {}),
-                             **self._data(arguments=_clip(arguments), result=_clip(output))),
+        detail: dict[str, Any] = {"call_id": call_id,
+                                  **self._data(arguments=_clip(arguments), result=_clip(output))}
+        if once is not None:  # last: the payload's field order
+            detail["once"] = ev.OnceOutcome(**vars(once)).model_dump(mode="json", exclude_unset=True)
+        self._record(
+            "tool_end", detail,
             agent=agent.name, tool=tool.name, duration_ms=duration, error=error,
         )
 
@@ -284,8 +337,8 @@ class TelemetryHooks(RunHooks[Any]):
         self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]
     ) -> None:
         self.handoffs.append(Handoff(from_agent=from_agent.name, to_agent=to_agent.name))
-        self.emit(ev.HandoffDetail(from_agent=from_agent.name, to_agent=to_agent.name),
-                  agent=from_agent.name)
+        self._record("handoff", {"from_agent": from_agent.name, "to_agent": to_agent.name},
+                     agent=from_agent.name)
 
 
 class ChainedHooks(RunHooks[Any]):

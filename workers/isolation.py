@@ -68,6 +68,10 @@ from turnfleet.queue import Lane, TurnQueue
 
 log = structlog.get_logger(__name__)
 
+CLAIM_LEASES = "claim_leases"
+"""ctx flag of a lane whose claim sets the job's lease (``turn_lease_s``) on arq's in-progress
+key instead of arq's job timeout (``TurnWorker.start_jobs``): the checks lanes, whose jobs
+would otherwise cut it to one lease in a round trip of their own first."""
 SWITCH_EVERY_S = 0.05  # how often a process looks for suspects waiting for the isolated lane
 
 
@@ -126,7 +130,8 @@ class Lanes:
                 **kwargs, "burst": False, "queue_name": keys.workflow_checks_queue(workflow),
                 "max_jobs": check_jobs, "on_startup": None, "on_shutdown": None,
                 "on_job_start": None, "on_job_end": None,  # not turns: not in the in-flight count
-                "ctx": {"queue": keys.workflow_checks_queue(workflow)},
+                # The claim sets the check job's lease (``TurnWorker.start_jobs``): no first renewal.
+                "ctx": {"queue": keys.workflow_checks_queue(workflow), CLAIM_LEASES: True},
             })
             for workflow in dict.fromkeys(checked) if workflow in self.workflows
         ]

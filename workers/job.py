@@ -116,7 +116,8 @@ async def _run_turn(rt: Runtime, turn_id: str, conversation_id: str, lane: Lane,
     if decision.attempt == 0:
         log.info("turn.skipped", turn_id=turn_id, reason=decision.status)
         return decision.status
-    attempt = Attempt(rt, decision, started_at)
+    # The finish script cleans the job up as arq would (one round trip fewer; arq's is skipped).
+    attempt = Attempt(rt, decision, started_at, source_queue=source_queue)
     if decision.corrupt:
         return await attempt.unrunnable(
             CORRUPT_TURN_RECORD, f"the turn's record in Redis is corrupt: {decision.corrupt}")

@@ -94,6 +94,10 @@ class ConversationMemory(SessionABC):
     object and written by ``flush()`` in one fenced call when the run has succeeded: one
     Redis round trip a turn instead of one per step, and a failed attempt writes nothing
     (the worker's roll-back stays for an attempt that died between flush and result).
+
+    ``preloaded``: the stored items (raw, ``LRANGE 0 -1``) as the caller just read them (the
+    worker: ``START`` returns them): the first ``get_items`` reads them instead of Redis. Any
+    change this object makes to the stored list first (``truncate``...) drops them.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class ConversationMemory(SessionABC):
         ttl_s: int | None = None,
         session_settings: SessionSettings | None = None,
         buffered: bool = False,
+        preloaded: list[bytes] | None = None,
     ) -> None:
         self.session_id = keys.session_id(conversation_id)
         self.session_settings = session_settings or SessionSettings()
@@ -117,6 +122,7 @@ class ConversationMemory(SessionABC):
         self._ttl = "" if ttl_s is None else str(int(ttl_s))
         self._buffered = buffered
         self._pending: list[str] = []
+        self._preloaded = preloaded
         self._append, self._trim, self._mark = _scripts(redis)
         self._turn_id = turn_id
         self._conversation_id = conversation_id
@@ -132,8 +138,12 @@ class ConversationMemory(SessionABC):
             return []
         if limit is not None and limit <= len(self._pending):
             return [json.loads(r) for r in self._pending[-limit:]]
-        stored = await self._redis.execute_command(  # raw: an item may not even be UTF-8
-            "LRANGE", self._messages, 0 if limit is None else -(limit - len(self._pending)), -1, **RAW)
+        stored, self._preloaded = self._preloaded, None
+        if stored is None:
+            stored = await self._redis.execute_command(  # raw: an item may not even be UTF-8
+                "LRANGE", self._messages, 0 if limit is None else -(limit - len(self._pending)), -1, **RAW)
+        elif limit is not None:
+            stored = stored[-(limit - len(self._pending)):]  # as the LRANGE above
         items = []
         for i, raw in enumerate(stored):
             item, problem = decode_item(raw)
@@ -177,6 +187,7 @@ class ConversationMemory(SessionABC):
         return len(pending)
 
     async def _write(self, encoded: list[str]) -> None:
+        self._preloaded = None
         n = await self._append(keys={"messages": self._messages, "meta": self._meta, "turn": self._turn},
                                args={"attempt": self._fence, "ttl_s": self._ttl, "now": int(time.time()),
                                      "session_id": self.session_id, "items": encoded})
@@ -184,6 +195,7 @@ class ConversationMemory(SessionABC):
             raise MemoryFenced(f"{self._turn}: attempt {self._fence} no longer owns the turn")
 
     async def pop_item(self) -> Any | None:
+        self._preloaded = None
         if self._pending:
             return json.loads(self._pending.pop())
         # Unfenced, like the SDK's: the fleet rolls memory back with ``truncate`` instead.
@@ -191,6 +203,7 @@ class ConversationMemory(SessionABC):
         return None if raw is None else decode_item(raw)[0]
 
     async def clear_session(self) -> None:
+        self._preloaded = None
         self._pending = []
         await self._redis.delete(self._messages, self._meta)
 
@@ -199,6 +212,7 @@ class ConversationMemory(SessionABC):
 
     async def truncate(self, keep: int) -> int:
         """Drop items past the first ``keep`` (a failed attempt's partial writes), fenced."""
+        self._preloaded = None
         n = await self._trim(keys={"messages": self._messages, "turn": self._turn},
                              args={"attempt": self._fence, "keep": keep})
         if int(n) < 0:

@@ -298,7 +298,7 @@ class _Watch(RunHooks[Any]):
         usage = usage_of(response.usage)
         self.run.usage[model] = self.run.usage.get(model, TokenUsage()) + usage
         self.run.decisions.append({"agent": agent.name, "model": model,
-                                   **decision_of(response).model_dump(exclude_none=True)})
+                                   **decision_of(response)})
 
 
 def _intercept(tool: FunctionTool, agent: str, side_effect: bool, recording: Recording, run: _Run) -> FunctionTool:

@@ -37,25 +37,32 @@ import signal
 from typing import Any
 
 import structlog
+from arq.utils import timestamp_ms
 from arq.worker import Worker, get_kwargs
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from turnfleet import keys
 from turnfleet.connection import connect, wait_for_redis
 from turnfleet.models import DEFAULT_WORKFLOW
+from turnfleet.scripts import BoundScript, load_script
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workflow import load_app
-from turnfleet.workers.isolation import Lanes
+from turnfleet.workers.isolation import CLAIM_LEASES, Lanes
 from turnfleet.workers.settings import WorkerSettings, redis_settings
 
 log = structlog.get_logger(__name__)
 
+CLAIM_JOB = load_script("claim_job", "turnfleet.workers")
+
 
 class TurnWorker(Worker):
-    """arq's ``Worker`` with two changes: after an attempt that was fenced out (a newer attempt
+    """arq's ``Worker`` with these changes: after an attempt that was fenced out (a newer attempt
     of the turn, on another worker, owns it now) or a job handed to the isolated lane, arq's
     clean-up is skipped — it would delete the in-progress key (the newer attempt's lease) and,
-    for a returned job, the job itself; and ``picking`` says when a poll may be taking jobs
-    (the lane switch, ``workers/isolation.py``, waits for it to end)."""
+    for a returned job, the job itself — and after a finish script did it already
+    (``Runtime.cleaned``); a job is claimed in one script call (``start_jobs``); and
+    ``picking`` says when a poll may be taking jobs (the lane switch,
+    ``workers/isolation.py``, waits for it to end)."""
 
     picking = False
 
@@ -67,17 +74,67 @@ class TurnWorker(Worker):
             self.picking = False
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's, one job at a time, stopping once the lanes that share ``max_jobs``
-        (``slots``: the shared lanes of every workflow served, ``workers/isolation.py``) run
-        that many turns (arq alone counts this lane's only)."""
+        """arq's, stopping once the lanes that share ``max_jobs`` (``slots``: the shared lanes
+        of every workflow served, ``workers/isolation.py``) run that many turns (arq alone
+        counts this lane's only), and claiming each job in one script call
+        (``workers/lua/claim_job.lua``: arq's WATCH/EXISTS/ZSCORE/MULTI/PSETEX/EXEC, the same
+        check-and-set in one round trip instead of four)."""
         slots: list[Worker] = getattr(self, "slots", None) or [self]
-        for job_id in job_ids:
+        claim = self._claim_script()
+        for job_id_b in job_ids:
             if sum(w.job_counter for w in slots) >= self.max_jobs:
                 return
-            await super().start_jobs([job_id])
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            running = self.tasks.get(job_id)
+            if running is not None and not running.done():
+                # This lane runs it now (its in-progress key is ours): arq asks Redis again at
+                # every poll while it runs, and is told no; no round trip is needed for that.
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            try:
+                score = await claim(keys={"in_progress": keys.ARQ_IN_PROGRESS_PREFIX + job_id, "queue": self.queue_name},
+                                    args={"job_id": job_id, "now_ms": timestamp_ms(),
+                                          "timeout_ms": self._claim_timeout_ms()})
+            except ResponseError:
+                score = None  # as arq: the job is left to whoever holds it
+            except BaseException:
+                self.job_counter -= 1
+                self.sem.release()
+                raise
+            if score is None:
+                # Running elsewhere, finished, or due later (re-queued with a delay).
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    def _claim_timeout_ms(self) -> int:
+        """How long the claim holds the job: one lease on a lane whose jobs renew it
+        (``CLAIM_LEASES``: the checks lanes), else arq's job timeout + 10 s, as arq."""
+        rt = self.ctx.get("runtime")
+        if self.ctx.get(CLAIM_LEASES) and rt is not None and rt.settings.turn_lease_s > 0:
+            return int(rt.settings.turn_lease_s * 1000)
+        return int(self.in_progress_timeout_s * 1000)
+
+    def _claim_script(self) -> BoundScript:
+        bound = getattr(self, "_claim", None)
+        if bound is None or bound.registered.registered_client is not self.pool:
+            bound = self._claim = CLAIM_JOB.bind(self.pool)
+        return bound
 
     async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
         rt = self.ctx.get("runtime")
+        if rt is not None and job_id in rt.cleaned:
+            rt.cleaned.discard(job_id)  # the finish script did arq's clean-up already
+            return
         if rt is not None and job_id in rt.fenced:
             rt.fenced.discard(job_id)
             log.info("turn.arq_cleanup_skipped", turn_id=job_id, reason="a newer attempt owns the job")

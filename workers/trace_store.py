@@ -2,8 +2,9 @@
 
 The processor only buffers: span callbacks run inside the agent run and must not wait on
 Redis. When a turn attempt ends, the job takes the attempt's trace from the buffer, decides
-whether to keep it (``TraceSampler``), redacts it, and writes it in one command to
-``keys.trace(turn_id)`` with the retention setting; the same record goes to the OTLP sink if
+whether to keep it (``TraceSampler``), redacts it, and writes it to ``keys.trace(turn_id)``
+with the retention setting (a completed attempt's in the finish script, with its result; a
+failed one's in one command of its own); the same record goes to the OTLP sink if
 one is configured. Spans that cannot be kept — the buffer was full, or the write failed
 because Redis was unreachable — are counted and reported in the turn's telemetry
 (``spans_dropped``), never silently lost.
@@ -14,6 +15,8 @@ that is unsampled or unredacted: when the store keeps an attempt's trace, it han
 workflow's processors the kept, redacted record as SDK objects (:class:`StoredTrace`,
 :class:`StoredSpan`): ``on_trace_start``, ``on_span_start`` / ``on_span_end`` per span,
 ``on_trace_end``, in the job, after the write (also when the write failed: the trace was kept).
+A completed attempt's trace is written by the finish script with its result (no command of
+its own): a stale attempt, whose result is refused, writes and hands on no trace either.
 A processor that raises is logged (``trace.processor_failed``) and never fails the turn;
 ``force_flush`` and ``shutdown`` run when the worker stops.
 
@@ -267,6 +270,19 @@ def deliver(processors: Iterable[Any], record: dict[str, Any]) -> None:
         _call(processor, "on_trace_end", trace, turn_id=turn_id)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """An attempt's trace the store keeps: the redacted ``record``, its ``json`` as stored
+    (one list item of ``keys.trace``), and why it is kept."""
+
+    record: dict[str, Any]
+    json: str
+    turn_id: str
+    reason: str
+    dropped: int  # spans the buffer could not hold
+    workflow: str | None = None
+
+
 def redact_record(record: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
     """Redact span data; tool inputs/outputs are JSON in strings, redacted as JSON."""
     spans = []
@@ -302,12 +318,14 @@ class TraceStore:
         self.retention_s = retention_s
         self.sink = sink
 
-    async def finish_attempt(
+    def prepare(
         self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float,
         workflow: str | None = None,
-    ) -> tuple[str | None, int]:
-        """Keep or discard one attempt's trace (of ``workflow``: its processors get it when
-        kept). Returns (why kept or None, spans dropped)."""
+    ) -> tuple[Kept | None, int]:
+        """Take one attempt's trace from the buffer and decide: (the kept, redacted record ready
+        to write, or None; spans dropped so far). Nothing is written: the caller writes
+        ``Kept.json`` (with the turn's result, in the finish script: no round trip of its own)
+        and then calls :meth:`written`, or calls :meth:`write`."""
         if not trace_id:
             return None, 0
         trace, spans, dropped = self.buffer.take(trace_id)
@@ -319,30 +337,47 @@ class TraceStore:
         record = redact_record(
             {"trace": {**trace, **turn, "kept_because": reason}, "spans": spans}, self.redactor
         )
-        kept = await self._write(record, turn["turn_id"], reason, dropped)
-        team = self.processors.get(workflow or "")
-        if team:
-            deliver(team, record)
-        return kept
+        return Kept(record, json.dumps(record, default=str), turn["turn_id"], reason, dropped, workflow), dropped
 
-    async def _write(self, record: dict[str, Any], turn_id: str, reason: str,
-                     dropped: int) -> tuple[str | None, int]:
-        """One command to the trace store, then the OTLP sink."""
-        spans = record["spans"]
+    async def finish_attempt(
+        self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float,
+        workflow: str | None = None,
+    ) -> tuple[str | None, int]:
+        """Keep or discard one attempt's trace (of ``workflow``: its processors get it when
+        kept), written in a command of its own. Returns (why kept or None, spans dropped)."""
+        kept, dropped = self.prepare(trace_id, turn, failed=failed, duration_ms=duration_ms, workflow=workflow)
+        if kept is None:
+            return None, dropped
+        return await self.write(kept)
+
+    async def write(self, kept: Kept) -> tuple[str | None, int]:
+        """One command to the trace store, then the OTLP sink and the team's processors."""
+        spans = kept.record["spans"]
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(keys.trace(turn_id), json.dumps(record, default=str))
-                pipe.expire(keys.trace(turn_id), self.retention_s)
+                pipe.rpush(keys.trace(kept.turn_id), kept.json)
+                pipe.expire(keys.trace(kept.turn_id), self.retention_s)
                 await pipe.execute()
         except Exception as exc:  # noqa: BLE001 - the turn goes on; the loss is counted
-            log.warning("trace.dropped", turn_id=turn_id, spans=len(spans), error=str(exc))
-            return None, dropped + len(spans)
+            log.warning("trace.dropped", turn_id=kept.turn_id, spans=len(spans), error=str(exc))
+            self._deliver(kept)  # kept, though not stored: the team's processors still get it
+            return None, kept.dropped + len(spans)
+        self.written(kept)
+        return kept.reason, kept.dropped
+
+    def written(self, kept: Kept) -> None:
+        """``kept`` is stored: hand it to the OTLP sink and the workflow's own processors."""
         if self.sink is not None:
             try:
-                self.sink.export(record)
+                self.sink.export(kept.record)
             except Exception as exc:  # noqa: BLE001 - an exporter must not fail a turn
-                log.warning("trace.otlp_export_failed", turn_id=turn_id, error=str(exc))
-        return reason, dropped
+                log.warning("trace.otlp_export_failed", turn_id=kept.turn_id, error=str(exc))
+        self._deliver(kept)
+
+    def _deliver(self, kept: Kept) -> None:
+        team = self.processors.get(kept.workflow or "")
+        if team:
+            deliver(team, kept.record)
 
     def shutdown_processors(self) -> None:
         """The worker stops: each team processor flushes what it holds, then shuts down."""

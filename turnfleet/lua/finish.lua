@@ -1,6 +1,6 @@
 -- Write a turn's terminal result and telemetry, then wake its conversation's next turn.
---! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors, checks_queue
---! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version, checks, checks_job, checks_fname, checks_prefix
+--! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors, checks_queue, trace, job_queue, arq_job, arq_in_progress, arq_retry, arq_abort
+--! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version, checks, checks_job, checks_fname, checks_prefix, trace_json, trace_ttl_s, arq_cleanup
 --! include: arq_job, wake, route, fence_check, telemetry_entry
 -- result_json: without ``errors``. '' means none for telemetry_batch, fence and
 -- final_error_json, and "keep" for current_agent. The next turn's job goes to the queue of the
@@ -12,6 +12,12 @@
 -- the conversation's workflow (routed as the next turn's job: ``checks_queue`` for the
 -- built-in one, else ``checks_prefix`` .. name), once (SET NX on the job id): outcome and
 -- follow-up exist together or not at all (docs/ARCHITECTURE.md, "Checks").
+-- arq_cleanup: '1' = the turn's arq job (id turn_id, taken from job_queue) returns once this
+-- is written: arq's clean-up of it (Worker.finish_job with keep_result 0: its in-progress,
+-- retry and job keys deleted, out of its queue and arq's abort set) is done here, and the
+-- worker skips arq's own (one round trip fewer).
+-- trace_json: the attempt's kept trace record ('' = none kept), appended to ``trace`` (kept
+-- ``trace_ttl_s``) with the result: the trace store's write without a round trip of its own.
 -- Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
 -- attempt owns the turn); nothing is written unless 'written'. With the result, the turn
 -- enters the raw-text index (finish time) and its record keeps where its memory ends
@@ -78,11 +84,20 @@ if A.telemetry_batch ~= '' then
   redis.call('HSET', K.turn_events, A.attempt, A.telemetry_batch)
   redis.call('EXPIRE', K.turn_events, tonumber(A.events_ttl_s))
 end
+if A.trace_json ~= '' then
+  redis.call('RPUSH', K.trace, A.trace_json)
+  redis.call('EXPIRE', K.trace, tonumber(A.trace_ttl_s))
+end
 if A.checks == '1' then
   arq_job_once(A.job_prefix, tonumber(A.job_ttl), A.checks_job, A.checks_fname, A.turn_id, A.conversation_id,
                tonumber(A.now_ms),
                route(redis.call('HGET', K.conv_state, 'workflow'), A.default_workflow, K.checks_queue,
                      A.checks_prefix))
+end
+if A.arq_cleanup == '1' then
+  redis.call('ZREM', K.arq_abort, A.turn_id)
+  redis.call('ZREM', K.job_queue, A.turn_id)
+  redis.call('DEL', K.arq_in_progress, K.arq_retry, K.arq_job)
 end
 if redis.call('LINDEX', K.conv_queue, 0) == A.turn_id then
   redis.call('LPOP', K.conv_queue)

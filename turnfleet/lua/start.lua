@@ -2,7 +2,7 @@
 -- not ended). The attempt number is the fencing token of every later write of the attempt.
 --! keys: turn, conv_queue, turn_errors, in_progress, conv_state, session_messages, quarantine, arq_queue, isolated_queue, source_queue, arq_retry
 --! args: turn_id, worker, started_at, lease_ms, now_iso, lane, isolated_losses, now_ms, record_version, default_workflow, queue_prefix, isolated_prefix, served
---! returns: attempt, status, request, current_agent, memory_length, memory_base, customer_id, corrupt, spared
+--! returns: attempt, status, request, current_agent, memory_length, memory_base, customer_id, corrupt, spared, memory
 --! include: route
 -- lease_ms: 0 = no lease. isolated_losses: after this many losses while running isolated the
 -- turn is poison. attempt 0 means "do not run" (status says why: 'isolate' = handed to the
@@ -16,7 +16,7 @@
 -- took it from (an older process queued it in arq:queue): the job moves to its workflow's
 -- queue of the same lane with its due time, arq's claim is undone (in-progress key deleted,
 -- try count decremented), no attempt is counted.
-local function skip(why) return {0, why, '', '', 0, 0, '', '', 0} end
+local function skip(why) return {0, why, '', '', 0, 0, '', '', 0, {}} end
 local kind = redis.call('TYPE', K.turn).ok
 if kind ~= 'hash' and kind ~= 'none' then
   -- Not a record at all (a string, a list... written by hand): keep it aside for whoever
@@ -98,8 +98,8 @@ if lease > 0 then
   redis.call('SET', K.in_progress, A.worker .. '#' .. attempt, 'PX', lease)
 end
 -- What the attempt needs to begin, read here rather than in more round trips: the request,
--- where the conversation stands, and the memory length now and before the turn's first
--- attempt (kept on the turn record).
+-- where the conversation stands, the memory length now and before the turn's first attempt
+-- (kept on the turn record), and the memory's items (the run's first read of its session).
 local mem_len = redis.call('LLEN', K.session_messages)
 local base = redis.call('HGET', K.turn, 'memory_base')
 if not base then
@@ -110,4 +110,5 @@ return {attempt, status, redis.call('HGET', K.turn, 'request') or '',
         redis.call('HGET', K.conv_state, 'current_agent') or '', mem_len, tonumber(base),
         redis.call('HGET', K.conv_state, 'customer_id') or '',
         redis.call('HGET', K.turn, 'corrupt') or '',
-        tonumber(redis.call('HGET', K.turn, 'spared') or '0')}
+        tonumber(redis.call('HGET', K.turn, 'spared') or '0'),
+        redis.call('LRANGE', K.session_messages, 0, -1)}
