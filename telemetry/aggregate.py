@@ -407,12 +407,30 @@ def window_start(ts: datetime, window_s: int) -> int:
     return epoch - epoch % window_s
 
 
+# An event's time is read several times while it is planned (ms, day, window, ISO text):
+# converted once. Keyed by the object's id; the value holds the object, so the id stays its.
+_UTC: dict[int, tuple[datetime, datetime, int]] = {}
+_UTC_KEPT = 4096
+
+
+def _utc_ms(ts: datetime) -> tuple[datetime, int]:
+    hit = _UTC.get(id(ts))
+    if hit is not None and hit[0] is ts:
+        return hit[1], hit[2]
+    utc = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    ms = int(utc.timestamp() * 1000)
+    if len(_UTC) >= _UTC_KEPT:
+        _UTC.clear()
+    _UTC[id(ts)] = (ts, utc, ms)
+    return utc, ms
+
+
 def _utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    return _utc_ms(ts)[0]
 
 
 def _ms(ts: datetime) -> int:
-    return int(_utc(ts).timestamp() * 1000)
+    return _utc_ms(ts)[1]
 
 
 def histogram_bucket(value_ms: float) -> str:
@@ -671,7 +689,9 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
     ids: dict[int, list[str]] = {}
     seen_ids: set[tuple[str, str]] = set()
     incr: dict[int, dict[str, Any]] = {}
-    incrf: dict[int, dict[str, float]] = {}
+    incrf: dict[int, dict[str, Any]] = {}
+    shared_sums: dict[tuple[tuple[int, ...], str], Any] = {}
+    shared_fsums: dict[tuple[tuple[int, ...], str], Any] = {}
     sets: dict[int, dict[str, str]] = {}
     extreme: dict[str, dict[int, dict[str, str]]] = {"x": {}, "mn": {}}
     status: list[list[Any]] = []
@@ -681,21 +701,35 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
     members: dict[int, set[str]] = {}
     expire: dict[int, int] = {}
     erased: list[list[str]] = []
+    group_cache: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     for plan in plans:
         for pair in plan.ids:
             if pair in seen_ids:
                 return None
             seen_ids.add(pair)
             ids.setdefault(key(pair[0]), []).append(pair[1])
-        groups = [()] + [tuple(dict.fromkeys(key(n) for n in g)) for g in plan.groups]
-        for (g, field_), v in plan.sums.items():
-            for k in groups[g]:
-                h = incr.setdefault(k, {})
-                h[field_] = h.get(field_, 0) + v
-        for (g, field_), v in plan.fsums.items():
-            for k in groups[g]:
-                hf = incrf.setdefault(k, {})
-                hf[field_] = hf.get(field_, 0.0) + v
+        # A counter group's turn and conversation hashes are the entry's own; the rest (fleet,
+        # customer, day, version, model) are shared by the batch: summed per group first.
+        groups: list[tuple[int, ...]] = [()]
+        split: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
+        for g in plan.groups:
+            known = group_cache.get(g)
+            if known is None:
+                ix_ = tuple(dict.fromkeys(key(n) for n in g))
+                known = group_cache[g] = (ix_, _split_group(g, ix_))
+            groups.append(known[0])
+            split.append(known[1])
+        for sums, acc, shared in ((plan.sums, incr, shared_sums), (plan.fsums, incrf, shared_fsums)):
+            for (g, field_), v in sums.items():
+                own, rest = split[g]
+                for k in own:
+                    h = acc.get(k)
+                    if h is None:
+                        h = acc[k] = {}
+                    h[field_] = h.get(field_, 0) + v
+                if rest:
+                    sk = (rest, field_)
+                    shared[sk] = shared.get(sk, 0) + v
         for (g, field_), value in plan.sets.items():
             for k in groups[g]:
                 sets.setdefault(k, {})[field_] = value
@@ -732,14 +766,21 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
             expire[k] = max(ttl, expire.get(k, 0))
         if plan.erased is not None:
             erased.append([plan.erased[0], *plan.erased[1]])
+    for shared, acc in ((shared_sums, incr), (shared_fsums, incrf)):
+        for (rest, field_), v in shared.items():
+            for k in rest:
+                h = acc.get(k)
+                if h is None:
+                    h = acc[k] = {}
+                h[field_] = h.get(field_, 0) + v
     body: dict[str, Any] = {
         "ids": [[k, *v] for k, v in ids.items()],
-        "s": [[k, *(x for fv in h.items() for x in fv)] for k, h in sets.items()],
-        "x": [[k, *(x for fv in h.items() for x in fv)] for k, h in extreme["x"].items()],
-        "mn": [[k, *(x for fv in h.items() for x in fv)] for k, h in extreme["mn"].items()],
+        "s": [[k, h] for k, h in sets.items()],
+        "x": [[k, h] for k, h in extreme["x"].items()],
+        "mn": [[k, h] for k, h in extreme["mn"].items()],
         "st": status,
-        "i": [[k, *(x for f, v in h.items() for x in (f, _int(v)))] for k, h in incr.items()],
-        "f": [[k, *(x for f, v in h.items() for x in (f, repr(v)))] for k, h in incrf.items()],
+        "i": [[k, h] for k, h in incr.items()],
+        "f": [[k, {f: repr(v) for f, v in h.items()}] for k, h in incrf.items()],
         "l": [[k, *v] for k, v in samples.items()],
         "t": [[k, *v] for k, v in tops.items()],
         "z": [[k, *(x for m, ts in z.items() for x in (str(ts), m))] for k, z in zmax.items()],
@@ -752,9 +793,13 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
     return names, json.dumps(body, separators=(",", ":"))
 
 
-def _int(v: int | float) -> str:
-    """A summed HINCRBY value as Redis takes it (a float sum rounded, as lua/aggregate.lua does)."""
-    return str(v) if isinstance(v, int) else "%.0f" % v
+_OWN_PREFIXES = (keys.aggregate("turn", ""), keys.aggregate("conversation", ""))
+
+
+def _split_group(names: tuple[str, ...], ix: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A group's keys (indexes ``ix``) split: the turn's and conversation's, the others."""
+    own = tuple(k for n, k in zip(dict.fromkeys(names), ix) if n.startswith(_OWN_PREFIXES))
+    return (own, tuple(k for k in ix if k not in own)) if own else ((), ix)
 
 
 class Aggregator:
@@ -806,9 +851,9 @@ class Aggregator:
         touched, attempts = self._build(ops, entry_id, events, ran, prices)
         self._check_usage(events, attempts)
 
-        def legacy() -> tuple[list[str], str]:
+        def legacy() -> tuple[list[str], str]:  # read again: the events are not kept meanwhile
             plan = _Plan()
-            self._build(plan, entry_id, events, ran, prices)
+            self._build(plan, entry_id, parse_batch(fields), ran, prices)
             return plan.keys, plan.payload(self.settings.seen_ttl_s, self.settings.latency_samples)
 
         return EntryPlan(entry_id, touched, ops, legacy)

@@ -6,10 +6,11 @@
 -- A.plan, JSON (values travel as strings: Lua would print numbers with 14 significant digits):
 --   ids : [[seen-set key, event id, ...], ...]: every counted event of the batch
 --   er  : [tombstones, salt, [[entry ms, id, ...], ...]]: erasure (turnfleet/erasure.py)
---   s   : [[key, field, value, ...], ...]   HSET (the last value the batch sets)
---   x/mn: [[key, field, value, ...], ...]   HSET each field if value is greater / smaller
+--   s   : [[key, {field: value}], ...]      HSET (the last value the batch sets)
+--   x/mn: [[key, {field: value}], ...]      HSET each field if value is greater / smaller
 --   st  : [[key, a, status], ...] in order   HSET status; if a == '0' only when not terminal
---   i/f : [[key, field, n, ...], ...]        HINCRBY / HINCRBYFLOAT (summed over the batch)
+--   i/f : [[key, {field: n}], ...]           HINCRBY / HINCRBYFLOAT (summed over the batch;
+--                                             i's n a JSON number, rounded as lua/aggregate.lua)
 --   l   : [[key, sample, ...], ...]          LPUSH in order, then LTRIM to cap if longer
 --   t   : [[key, score, member, ...], ...]   ZADD, then keep the top highest scores
 --   z   : [[key, score, member, ...], ...]   ZADD GT
@@ -65,7 +66,8 @@ end
 local function numbers(list, pattern)
   for _, h in ipairs(list) do
     local fields = {}
-    for i = 2, #h, 2 do fields[#fields + 1] = h[i] end
+    for f in pairs(h[2]) do fields[#fields + 1] = f end
+    if #fields == 0 then fields[1] = '-' end
     for _, v in ipairs(redis.call('HMGET', T[h[1]], unpack(fields))) do
       if v and not (pattern and string.match(v, pattern) or (not pattern and tonumber(v))) then
         return false
@@ -88,19 +90,23 @@ for _, s in ipairs(p.ids) do
   chunked('SADD', T[s[1]], s, 2)
   new = new + #s - 1
 end
-for _, h in ipairs(p.s) do chunked('HSET', T[h[1]], h, 2) end
+for _, h in ipairs(p.s) do
+  local flat = {}
+  for f, v in pairs(h[2]) do flat[#flat + 1] = f; flat[#flat + 1] = v end
+  if #flat > 0 then chunked('HSET', T[h[1]], flat, 1) end
+end
 for _, h in ipairs(p.x) do
   local key = T[h[1]]
-  for i = 2, #h, 2 do
-    local cur = redis.call('HGET', key, h[i])
-    if (not cur) or tonumber(h[i + 1]) > tonumber(cur) then redis.call('HSET', key, h[i], h[i + 1]) end
+  for f, v in pairs(h[2]) do
+    local cur = redis.call('HGET', key, f)
+    if (not cur) or tonumber(v) > tonumber(cur) then redis.call('HSET', key, f, v) end
   end
 end
 for _, h in ipairs(p.mn) do
   local key = T[h[1]]
-  for i = 2, #h, 2 do
-    local cur = redis.call('HGET', key, h[i])
-    if (not cur) or tonumber(h[i + 1]) < tonumber(cur) then redis.call('HSET', key, h[i], h[i + 1]) end
+  for f, v in pairs(h[2]) do
+    local cur = redis.call('HGET', key, f)
+    if (not cur) or tonumber(v) < tonumber(cur) then redis.call('HSET', key, f, v) end
   end
 end
 for _, o in ipairs(p.st) do
@@ -112,11 +118,11 @@ for _, o in ipairs(p.st) do
 end
 for _, h in ipairs(p.i) do
   local key = T[h[1]]
-  for i = 2, #h, 2 do redis.call('HINCRBY', key, h[i], h[i + 1]) end
+  for f, n in pairs(h[2]) do redis.call('HINCRBY', key, f, string.format('%.0f', n)) end
 end
 for _, h in ipairs(p.f) do
   local key = T[h[1]]
-  for i = 2, #h, 2 do redis.call('HINCRBYFLOAT', key, h[i], h[i + 1]) end
+  for f, n in pairs(h[2]) do redis.call('HINCRBYFLOAT', key, f, n) end
 end
 for _, l in ipairs(p.l) do
   local len = chunked('LPUSH', T[l[1]], l, 2)
