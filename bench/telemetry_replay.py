@@ -82,6 +82,9 @@ async def _one(file: Path, base: Path) -> dict[str, float]:
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         prof = None
+        if os.environ.get("TF_TELEMETRY_GC_THRESHOLD"):  # what the collector costs the consumer
+            import gc
+            gc.set_threshold(int(os.environ["TF_TELEMETRY_GC_THRESHOLD"]), 10, 10)
         if os.environ.get("TF_TELEMETRY_PROFILE"):  # a cProfile of the run, to that file
             import cProfile
             prof = cProfile.Profile()

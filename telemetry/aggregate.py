@@ -619,6 +619,9 @@ class _FastPlan(_Plan):
         self.ids: list[tuple[str, str]] = []  # (seen-set, event id) of each counted event
         self._any = False  # the event being planned has an op
         self.erased: tuple[str, list[str]] | None = None
+        # A NaN or infinite figure: Redis refuses it half-way through a script (HINCRBYFLOAT,
+        # ZADD), so such an entry is never merged with others (its batch goes one by one).
+        self.unmergeable = False
 
     def group(self, names: Sequence[str]) -> int:
         names = tuple(names)
@@ -636,6 +639,8 @@ class _FastPlan(_Plan):
                 return
             targets = self.group(targets)
         self._any = True
+        if isinstance(b, float) and not math.isfinite(b):
+            self.unmergeable = True
         if kind == "i":
             k = (targets, a)
             self.sums[k] = self.sums.get(k, 0) + b  # type: ignore[operator]
@@ -675,7 +680,8 @@ class _FastPlan(_Plan):
 def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) -> tuple[list[str], str] | None:
     """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' ops merged
     per key and field, as if each entry's script ran in turn with every event new; ``None``
-    when an event id is in the batch twice (a re-sent entry: the entries go one by one)."""
+    when an event id is in the batch twice (a re-sent entry) or an entry holds a NaN or
+    infinite figure: the entries then go one by one."""
     names: list[str] = []
     ix: dict[str, int] = {}
 
@@ -703,6 +709,8 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
     erased: list[list[str]] = []
     group_cache: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     for plan in plans:
+        if plan.unmergeable:
+            return None
         for pair in plan.ids:
             if pair in seen_ids:
                 return None

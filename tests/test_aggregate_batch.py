@@ -189,3 +189,17 @@ async def test_a_counter_that_is_no_number_fails_only_its_entry_and_the_rest_of_
         assert pick(await turn_stats(redis, good), TURN_TOKENS) == TURN_TOKENS
     # (The bad entry itself fails in the per-entry script after its dedupe marks, as before
     # batches: its retry counts nothing more.)
+
+
+async def test_an_entry_with_a_figure_redis_refuses_is_not_merged_and_the_rest_counts(redis):
+    # A model call's duration NaN: HINCRBYFLOAT refuses it, after the dedupe marks and counters
+    # of a merged batch; the entries go one by one instead.
+    await support_turn("t-1", "c-1").send(redis)
+    await AttemptBatch("t-nan", "c-nan").started().agent("Triage") \
+        .llm("Triage", 10, 1, duration_ms=float("nan")).send(redis)
+    await support_turn("t-2", "c-2").send(redis)
+    assert await drain(redis, dead_letter_after=1) == 3
+    for good in ("t-1", "t-2"):
+        assert pick(await turn_stats(redis, good), TURN_TOKENS) == TURN_TOKENS
+        assert await redis.zscore(keys.SLOWEST_TURNS, good) == 1000.0
+    assert await redis.llen(keys.latency_samples("turn", keys.GLOBAL_SUBJECT, "total")) == 2
