@@ -1,11 +1,22 @@
 """Turning one telemetry stream entry into counters, exactly once.
 
 Python reads the entry (one turn attempt's batch of events), prices each model call and
-works out every increment; one Lua script then, for each event, ``SADD``s its id to the
+works out every increment; a Lua script then, for each event, ``SADD``s its id to the
 turn's seen-set and applies that event's increments only if the id was new. Dedupe and
 increments share one atomic script, so whatever dies when (consumer, Redis connection), an
 event is counted at most once, and since the stream entry is acknowledged only after the
 script ran, at least once: a redelivered or re-sent entry changes nothing.
+
+A batch of entries is applied by one script call (``Aggregator.apply``,
+``lua/aggregate_batch.lua``): the ops of all its entries merged per key and field (the
+increments of a hundred turns to the fleet, customer and version hashes summed into one
+``HINCRBY`` each, the sets last-wins, max/min merged), written only if *none* of the batch's
+events is in its seen-set yet and no entry's subject is erased. The script checks that
+(``SMISMEMBER``) before it writes anything, and Python refuses to merge a batch holding the
+same event twice (a re-sent entry). Otherwise, which is a redelivery, a claim or a re-send,
+each entry goes through the per-entry script (``lua/aggregate.lua``, planned again then: per
+event ops behind the dedupe), so counting stays exactly once; merging only makes the common
+case (every event new) cheaper, for the consumer and for ``redis-server``.
 
 The entry is read through the event contract (``turnfleet.events``): an event whose kind or
 payload does not fit is a ``MalformedEntry``. What each kind adds is its entry in
@@ -247,6 +258,8 @@ _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
 
 # The script (telemetry/lua/aggregate.lua says what a plan holds): dedupe and increments in one.
 AGGREGATE = load_script("aggregate", "turnfleet.telemetry")
+# A whole batch at once when none of its events was counted before (lua/aggregate_batch.lua).
+AGGREGATE_BATCH = load_script("aggregate_batch", "turnfleet.telemetry")
 
 
 class MalformedEntry(ValueError):
@@ -341,13 +354,34 @@ class Touched:
 
 @dataclass
 class EntryPlan:
-    """One entry's script call: its keys and JSON argument, and what it touches."""
+    """One entry's ops (merged with the rest of its batch by ``Aggregator.apply``) and what it
+    touches. ``keys`` / ``payload``: its own call of the per-entry script (lua/aggregate.lua),
+    planned only when needed (a batch holding an event counted before, or an erased entry)."""
 
     entry_id: str
-    keys: list[str]
-    payload: str
     touched: Touched
+    ops: _FastPlan
+    legacy: Callable[[], tuple[list[str], str]]
     skipped: bool = False  # set by ``apply``: its subject was erased (no alerts for it)
+    _call: tuple[list[str], str] | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return self._legacy_call()[0]
+
+    @property
+    def payload(self) -> str:
+        return self._legacy_call()[1]
+
+    @property
+    def counted(self) -> int:
+        """Events of the entry the aggregate counts on their own (and deduplicates)."""
+        return len(self.ops.ids)
+
+    def _legacy_call(self) -> tuple[list[str], str]:
+        if self._call is None:
+            self._call = self.legacy()
+        return self._call
 
 
 def parse_batch(fields: Mapping[str, Any] | None) -> list[TelemetryEvent]:
@@ -373,12 +407,30 @@ def window_start(ts: datetime, window_s: int) -> int:
     return epoch - epoch % window_s
 
 
+# An event's time is read several times while it is planned (ms, day, window, ISO text):
+# converted once. Keyed by the object's id; the value holds the object, so the id stays its.
+_UTC: dict[int, tuple[datetime, datetime, int]] = {}
+_UTC_KEPT = 4096
+
+
+def _utc_ms(ts: datetime) -> tuple[datetime, int]:
+    hit = _UTC.get(id(ts))
+    if hit is not None and hit[0] is ts:
+        return hit[1], hit[2]
+    utc = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    ms = int(utc.timestamp() * 1000)
+    if len(_UTC) >= _UTC_KEPT:
+        _UTC.clear()
+    _UTC[id(ts)] = (ts, utc, ms)
+    return utc, ms
+
+
 def _utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    return _utc_ms(ts)[0]
 
 
 def _ms(ts: datetime) -> int:
-    return int(_utc(ts).timestamp() * 1000)
+    return _utc_ms(ts)[1]
 
 
 def histogram_bucket(value_ms: float) -> str:
@@ -548,6 +600,216 @@ class _Plan:
                         ms if ms.isdigit() else "0", sorted(ids)]
 
 
+class _FastPlan(_Plan):
+    """One entry's ops for :func:`_merge_batch`: what :class:`_Plan` records, but increments
+    summed per group and field, HSETs kept last-wins, max/min merged, and the counted events
+    as a list of ids (no per-event op lists). Only valid when every event is new, which the
+    batch script checks before it writes anything; otherwise the entry is planned again with
+    :class:`_Plan` (``EntryPlan.legacy``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[tuple[int, str], int | float] = {}  # (group, field) -> HINCRBY
+        self.fsums: dict[tuple[int, str], float] = {}  # (group, field) -> HINCRBYFLOAT
+        self.sets: dict[tuple[int, str], str] = {}  # 's': last value wins
+        self.maxes: dict[tuple[str, int, str], str] = {}  # ('x' or 'mn', group, field) -> value
+        self.status: list[tuple[int, str, str]] = []  # 'st', in order
+        self.samples: list[tuple[int, str]] = []  # 'l', in order
+        self.tops: list[tuple[int, str, str]] = []  # 't': (group, member, score)
+        self.ids: list[tuple[str, str]] = []  # (seen-set, event id) of each counted event
+        self._any = False  # the event being planned has an op
+        self.erased: tuple[str, list[str]] | None = None
+        # A NaN or infinite figure: Redis refuses it half-way through a script (HINCRBYFLOAT,
+        # ZADD), so such an entry is never merged with others (its batch goes one by one).
+        self.unmergeable = False
+
+    def group(self, names: Sequence[str]) -> int:
+        names = tuple(names)
+        ix = self._group_of_names.get(names)
+        if ix is None:
+            self.groups.append(names)  # type: ignore[arg-type]  # names, merged into keys later
+            ix = self._group_of_names[names] = len(self.groups)
+        return ix
+
+    def op(self, kind: str, targets: Sequence[str] | int, a: str, b: str | int | float) -> None:
+        if kind in ("i", "f") and not b:
+            return
+        if not isinstance(targets, int):
+            if not targets:
+                return
+            targets = self.group(targets)
+        self._any = True
+        if isinstance(b, float) and not math.isfinite(b):
+            self.unmergeable = True
+        if kind == "i":
+            k = (targets, a)
+            self.sums[k] = self.sums.get(k, 0) + b  # type: ignore[operator]
+        elif kind == "f":
+            k = (targets, a)
+            self.fsums[k] = self.fsums.get(k, 0.0) + float(b)
+        elif kind == "s":
+            self.sets[(targets, a)] = b if isinstance(b, str) else _num(b)
+        elif kind in ("x", "mn"):
+            self._extreme(kind, targets, a, b if isinstance(b, str) else _num(b))
+        elif kind == "st":
+            self.status.append((targets, a, str(b)))
+        elif kind == "l":
+            self.samples.append((targets, b if isinstance(b, str) else _num(b)))
+        elif kind == "t":
+            self.tops.append((targets, a, b if isinstance(b, str) else _num(b)))
+        else:
+            raise ValueError(f"unknown op {kind!r}")
+
+    def _extreme(self, kind: str, g: int, a: str, value: str) -> None:
+        k = (kind, g, a)
+        old = self.maxes.get(k)
+        if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
+            self.maxes[k] = value
+
+    def end_event(self, seen_key: str, event_id: str) -> None:
+        if self._any:
+            self.ids.append((seen_key, event_id))
+            self._seen.add(seen_key)
+        self._any = False
+
+    def erased_check(self, entry_id: str, ids: Iterable[str]) -> None:
+        ms = entry_id.partition("-")[0]
+        self.erased = (ms if ms.isdigit() else "0", sorted(ids))
+
+
+def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) -> tuple[list[str], str] | None:
+    """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' ops merged
+    per key and field, as if each entry's script ran in turn with every event new; ``None``
+    when an event id is in the batch twice (a re-sent entry) or an entry holds a NaN or
+    infinite figure: the entries then go one by one."""
+    names: list[str] = []
+    ix: dict[str, int] = {}
+
+    def key(name: str) -> int:
+        i = ix.get(name)
+        if i is None:
+            names.append(name)
+            i = ix[name] = len(names)
+        return i
+
+    ids: dict[int, list[str]] = {}
+    seen_ids: set[tuple[str, str]] = set()
+    incr: dict[int, dict[str, Any]] = {}
+    incrf: dict[int, dict[str, Any]] = {}
+    shared_sums: dict[tuple[tuple[int, ...], str], Any] = {}
+    shared_fsums: dict[tuple[tuple[int, ...], str], Any] = {}
+    sets: dict[int, dict[str, str]] = {}
+    extreme: dict[str, dict[int, dict[str, str]]] = {"x": {}, "mn": {}}
+    status: list[list[Any]] = []
+    samples: dict[int, list[str]] = {}
+    tops: dict[int, list[str]] = {}
+    zmax: dict[int, dict[str, int]] = {}
+    members: dict[int, set[str]] = {}
+    expire: dict[int, int] = {}
+    erased: list[list[str]] = []
+    group_cache: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for plan in plans:
+        if plan.unmergeable:
+            return None
+        for pair in plan.ids:
+            if pair in seen_ids:
+                return None
+            seen_ids.add(pair)
+            ids.setdefault(key(pair[0]), []).append(pair[1])
+        # A counter group's turn and conversation hashes are the entry's own; the rest (fleet,
+        # customer, day, version, model) are shared by the batch: summed per group first.
+        groups: list[tuple[int, ...]] = [()]
+        split: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
+        for g in plan.groups:
+            known = group_cache.get(g)
+            if known is None:
+                ix_ = tuple(dict.fromkeys(key(n) for n in g))
+                known = group_cache[g] = (ix_, _split_group(g, ix_))
+            groups.append(known[0])
+            split.append(known[1])
+        for sums, acc, shared in ((plan.sums, incr, shared_sums), (plan.fsums, incrf, shared_fsums)):
+            for (g, field_), v in sums.items():
+                own, rest = split[g]
+                for k in own:
+                    h = acc.get(k)
+                    if h is None:
+                        h = acc[k] = {}
+                    h[field_] = h.get(field_, 0) + v
+                if rest:
+                    sk = (rest, field_)
+                    shared[sk] = shared.get(sk, 0) + v
+        for (g, field_), value in plan.sets.items():
+            for k in groups[g]:
+                sets.setdefault(k, {})[field_] = value
+        for (kind, g, field_), value in (*plan.maxes.items(),
+                                         *((k, v) for k, v in plan._always.items() if k[0] != "s")):
+            for k in groups[g]:
+                h2 = extreme[kind].setdefault(k, {})
+                old = h2.get(field_)
+                if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
+                    h2[field_] = value
+        for (kind, g, field_), value in plan._always.items():
+            if kind == "s":
+                for k in groups[g]:
+                    sets.setdefault(k, {})[field_] = value
+        for g, a, value in plan.status:
+            status += [[k, a, value] for k in groups[g]]
+        for g, value in plan.samples:
+            for k in groups[g]:
+                samples.setdefault(k, []).append(value)
+        for g, member, score in plan.tops:
+            for k in groups[g]:
+                tops.setdefault(k, []).extend((score, member))
+        for name, ms_of in plan._zmax.items():
+            z = zmax.setdefault(key(name), {})
+            for member, ts_ms in ms_of.items():
+                if ts_ms > z.get(member, -1):
+                    z[member] = ts_ms
+        for name, new in plan._members.items():
+            members.setdefault(key(name), set()).update(new)
+        for name in plan._seen:
+            plan.expire(name, seen_ttl_s)
+        for name, ttl in plan._expire.items():
+            k = key(name)
+            expire[k] = max(ttl, expire.get(k, 0))
+        if plan.erased is not None:
+            erased.append([plan.erased[0], *plan.erased[1]])
+    for shared, acc in ((shared_sums, incr), (shared_fsums, incrf)):
+        for (rest, field_), v in shared.items():
+            for k in rest:
+                h = acc.get(k)
+                if h is None:
+                    h = acc[k] = {}
+                h[field_] = h.get(field_, 0) + v
+    body: dict[str, Any] = {
+        "ids": [[k, *v] for k, v in ids.items()],
+        "s": [[k, h] for k, h in sets.items()],
+        "x": [[k, h] for k, h in extreme["x"].items()],
+        "mn": [[k, h] for k, h in extreme["mn"].items()],
+        "st": status,
+        "i": [[k, h] for k, h in incr.items()],
+        "f": [[k, {f: repr(v) for f, v in h.items()}] for k, h in incrf.items()],
+        "l": [[k, *v] for k, v in samples.items()],
+        "t": [[k, *v] for k, v in tops.items()],
+        "z": [[k, *(x for m, ts in z.items() for x in (str(ts), m))] for k, z in zmax.items()],
+        "sa": [[k, *sorted(m)] for k, m in members.items()],
+        "e": [[k, str(ttl)] for k, ttl in expire.items()],
+        "cap": max(samples_cap, 1), "top": SLOWEST_TURNS_KEPT,
+    }
+    if erased:
+        body["er"] = [key(keys.ERASED), key(keys.ERASED_SALT), erased]
+    return names, json.dumps(body, separators=(",", ":"))
+
+
+_OWN_PREFIXES = (keys.aggregate("turn", ""), keys.aggregate("conversation", ""))
+
+
+def _split_group(names: tuple[str, ...], ix: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A group's keys (indexes ``ix``) split: the turn's and conversation's, the others."""
+    own = tuple(k for n, k in zip(dict.fromkeys(names), ix) if n.startswith(_OWN_PREFIXES))
+    return (own, tuple(k for k in ix if k not in own)) if own else ((), ix)
+
+
 class Aggregator:
     """Plans and applies the aggregate script for stream entries."""
 
@@ -559,6 +821,7 @@ class Aggregator:
         self.prices = prices or PriceTable.from_settings(settings)
         self.window_s = settings.alert_error_rate_window_s
         self._script = AGGREGATE.bind(redis)
+        self._batch = AGGREGATE_BATCH.bind(redis)
         # Workflows' own prices (``Workflow.prices``, from the registry) over ``self.prices``:
         # a call in a turn of workflow W is priced by W's table when W declares one.
         self.workflow_prices: dict[str, PriceTable] = {}
@@ -588,12 +851,26 @@ class Aggregator:
     # -- planning (pure) -------------------------------------------------------------
 
     def plan(self, entry_id: str, fields: Mapping[str, Any] | None) -> EntryPlan:
-        """The script call for one entry. Raises ``MalformedEntry``."""
+        """The ops of one entry. Raises ``MalformedEntry``."""
         events = parse_batch(fields)
-        attempts = _attempts(events)
-        plan, touched = _Plan(), Touched()
         ran = RanBy.of(fields)
         prices = self.workflow_prices.get(ran.workflow, self.prices)
+        ops = _FastPlan()
+        touched, attempts = self._build(ops, entry_id, events, ran, prices)
+        self._check_usage(events, attempts)
+
+        def legacy() -> tuple[list[str], str]:  # read again: the events are not kept meanwhile
+            plan = _Plan()
+            self._build(plan, entry_id, parse_batch(fields), ran, prices)
+            return plan.keys, plan.payload(self.settings.seen_ttl_s, self.settings.latency_samples)
+
+        return EntryPlan(entry_id, touched, ops, legacy)
+
+    def _build(self, plan: _Plan, entry_id: str, events: list[TelemetryEvent], ran: RanBy,
+               prices: PriceTable) -> tuple[Touched, dict[tuple[str, int], _Attempt]]:
+        """Plan one entry's events into ``plan``; what it touches, and its attempts."""
+        attempts = _attempts(events)
+        touched = Touched()
         split = [keys.aggregate("version", ran.subject)]
         countings: dict[tuple[str, int], _Counting] = {}  # one per attempt, shared by its events
         for ev in events:
@@ -630,17 +907,23 @@ class Aggregator:
             touched.conversations[a.conversation_id] = a.customer_id
         plan.erased_check(entry_id, {x for (t, _), a in attempts.items()
                                      for x in (t, a.conversation_id, a.customer_id)})
-        self._check_usage(events, attempts)
-        return EntryPlan(entry_id, plan.keys,
-                         plan.payload(self.settings.seen_ttl_s, self.settings.latency_samples),
-                         touched)
+        return touched, attempts
 
     def plan_malformed(self, entry_id: str) -> EntryPlan:
         """Count a malformed entry in ``telemetry_malformed``, once per stream entry id."""
-        plan = _Plan()
-        plan.op("i", [GLOBAL_KEY], "telemetry_malformed", 1)
-        plan.end_event(MALFORMED_SEEN, entry_id)
-        return EntryPlan(entry_id, plan.keys, plan.payload(self.settings.seen_ttl_s), Touched())
+
+        def build(plan: _Plan) -> _Plan:
+            plan.op("i", [GLOBAL_KEY], "telemetry_malformed", 1)
+            plan.end_event(MALFORMED_SEEN, entry_id)
+            return plan
+
+        def legacy() -> tuple[list[str], str]:
+            plan = build(_Plan())
+            return plan.keys, plan.payload(self.settings.seen_ttl_s)
+
+        ops = build(_FastPlan())
+        assert isinstance(ops, _FastPlan)
+        return EntryPlan(entry_id, Touched(), ops, legacy)
 
     def _plan_event(self, plan: _Plan, ev: TelemetryEvent, at: _Counting, count: _Count) -> None:
         """One counted event: its kind's increments, deduplicated on its id."""
@@ -896,13 +1179,28 @@ class Aggregator:
     # -- applying ----------------------------------------------------------------------
 
     async def apply(self, plans: Sequence[EntryPlan]) -> list[int]:
-        """Run the script for each plan, in one pipelined round trip; new events per plan.
+        """Apply the plans; new events per plan (-1: skipped, its subject erased).
+
+        One batch script call for all of them (lua/aggregate_batch.lua: their ops merged per
+        key and field) when none of their events was counted before and none is erased; else
+        (a redelivered or re-sent entry, an erased subject) the per-entry script for each, in
+        one pipelined round trip, which counts each event at most once.
 
         Raises the first Redis error (nothing may be acknowledged then; the entries stay
         pending and are handled again, which the dedupe makes harmless).
         """
         if not plans:
             return []
+        merged = _merge_batch([p.ops for p in plans], self.settings.seen_ttl_s,
+                              self.settings.latency_samples)
+        if merged is not None:
+            names, payload = merged
+            if int(await self._batch(keys={"touched": names}, args={"plan": payload})) >= 0:
+                for p in plans:
+                    p.skipped = False
+                return [p.counted for p in plans]
+        log.debug("telemetry.batch_one_by_one", entries=len(plans),
+                  reason="an event of the batch was counted before, is in it twice, or erased")
         async with self.redis.pipeline(transaction=False) as pipe:
             for p in plans:
                 await self._script(keys={"touched": p.keys},

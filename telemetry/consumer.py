@@ -1,7 +1,8 @@
 """The telemetry consumer: one member of the ``telemetry`` consumer group on the stream.
 
 Delivery is at-least-once and counting exactly-once. Each batch of stream entries is
-aggregated (one idempotent script per entry, pipelined), then the alert rules run for the
+aggregated (one idempotent script for the batch, or one per entry, pipelined, when the batch
+holds an event counted before: :meth:`Aggregator.apply`), then the alert rules run for the
 subjects it touched, then the entries are acknowledged. A consumer that dies anywhere in
 between leaves its entries pending; it reads them again when it restarts under the same name
 (own pending list, id ``0``), or another consumer takes them with ``XAUTOCLAIM`` once they

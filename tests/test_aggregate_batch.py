@@ -1,0 +1,205 @@
+"""A batch of telemetry entries applied at once (``Aggregator.apply``: their ops merged per key
+and field, lua/aggregate_batch.lua) writes exactly what the per-entry script (lua/aggregate.lua)
+writes entry by entry, and keeps counting every event once when the batch holds an entry
+counted before, the same event twice, or an erased subject (it then goes entry by entry)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from typing import Any
+
+from redis.asyncio import Redis
+
+from turnfleet import keys
+from turnfleet.events import FeedbackDetail, batch_json, event
+from turnfleet.settings import TelemetrySettings
+from turnfleet.telemetry.aggregate import AGGREGATE, ERASED_SKIPPED, GLOBAL_KEY, Aggregator, EntryPlan
+from turnfleet.telemetry.stats import turn_stats
+from tests.batches import T0, TURN_TOKENS, AttemptBatch, CheckEntry, failed_turn, support_turn
+from tests.consuming import drain, pick
+from tests.redis_scan import dump_keys
+
+
+def entries() -> list[tuple[str, dict[str, str]]]:
+    """Entries whose ops overlap on every kind of key: two customers' turns (shared customer,
+    day, fleet, model, version hashes), a turn failing once then completing in the same batch
+    (its status, attempts), a turn failing twice (its error fields), a tool error, a guardrail, checks (one failed, an LLM
+    judge's), a feedback, and a turn on another day."""
+    version = {"workflow": "support-desk", "version": "1.0@f00d"}
+    retry = AttemptBatch("t-2", "c-2", "cust-1", attempt=1).started().agent("Triage") \
+        .llm("Triage", 50, 5).failed(error_type="RateLimitError", terminal=False)
+    retried = AttemptBatch("t-2", "c-2", "cust-1", attempt=2, at=T0 + timedelta(seconds=3)) \
+        .started().agent("Triage").llm("Triage", 70, 7, duration_ms=33.3) \
+        .tool("Triage", "lookup_order", error="no such order").guardrail("pii", "Triage") \
+        .completed(duration_ms=2500.25)
+    feedback = event(FeedbackDetail(feedback_id="f-1", score=-1, source="customer", comment="no"),
+                     turn_id="t-1", attempt=0, seq=0, conversation_id="c-1", customer_id="cust-1",
+                     event_id="f-1", ts=T0 + timedelta(seconds=9))
+    batches: list[dict[str, str]] = [
+        {**version, "batch": support_turn("t-1").batch_json()},
+        {**version, "batch": retry.batch_json()},
+        {**version, "batch": retried.batch_json()},
+        {**version, "batch": support_turn("t-3", "c-3", "cust-2", duration_ms=12.5).batch_json()},
+        {"batch": failed_turn("t-4", at_s=86400).batch_json()},  # another day, version unknown
+        # Two failures of one turn: its error fields are the last one's.
+        {**version, "batch": failed_turn("t-5").batch_json().replace("ModelError", "RateLimitError")
+         .replace("turn_failed", "attempt_failed")},
+        {**version, "batch": failed_turn("t-5", at_s=5, attempt=2).batch_json()},
+        CheckEntry("t-1").check("refund_ok", "failed", money_path=True, reason="over limit")
+        .check("tone", "passed", model="turnfleet-offline", input_tokens=30, output_tokens=3)
+        .check("na", "not_applicable").fields(),
+        {"v": "2", **version, "batch": batch_json([feedback])},
+    ]
+    return [(f"{1000 + i}-0", fields) for i, fields in enumerate(batches)]
+
+
+def aggregator(redis: Redis) -> Aggregator:
+    return Aggregator(redis, TelemetrySettings())
+
+
+async def one_by_one(redis: Redis, plans: list[EntryPlan]) -> list[int]:
+    """Each plan through the per-entry script, as before batches were merged."""
+    script = AGGREGATE.bind(redis)
+    return [int(await script(keys={"touched": p.keys},
+                             args={"plan": p.payload, "erased_skipped": ERASED_SKIPPED}))
+            for p in plans]
+
+
+def _value(text: str) -> Any:
+    try:
+        return round(float(text), 6)  # float sums may differ in the last bits by order
+    except ValueError:
+        return text
+
+
+async def state(redis: Redis) -> dict[str, Any]:
+    """Every key, its value (hash fields as a dict, numbers rounded) and whether it expires."""
+    out = {}
+    for key, text in (await dump_keys(redis)).items():
+        value = json.loads(text)
+        if isinstance(value, dict):
+            value = {f: _value(v) for f, v in value.items()}
+        out[key] = (value, await redis.ttl(key) > 0)
+    return out
+
+
+async def test_a_batch_applied_at_once_writes_what_its_entries_write_one_by_one(redis):
+    agg = aggregator(redis)
+    plans = [agg.plan(entry_id, fields) for entry_id, fields in entries()]
+    assert await one_by_one(redis, plans) == [p.counted for p in plans]
+    expected = await state(redis)
+    await redis.flushdb()
+
+    assert await agg.apply(plans) == [p.counted for p in plans]
+    assert await state(redis) == expected
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["turns_failed"], fleet["attempts_failed"]) == ("3", "2", "2")
+    assert (await redis.hgetall(keys.aggregate("turn", "t-2")))["status"] == "completed"
+    assert (await redis.hgetall(keys.aggregate("turn", "t-5")))["error_type"] == "ModelError"
+
+
+async def test_a_batch_applied_twice_counts_once(redis):
+    agg = aggregator(redis)
+    plans = [agg.plan(entry_id, fields) for entry_id, fields in entries()]
+    await agg.apply(plans)
+    once = await state(redis)
+    again = [agg.plan(entry_id, fields) for entry_id, fields in entries()]  # redelivered
+    assert await agg.apply(again) == [0] * len(again)
+    assert await state(redis) == once
+
+
+async def test_an_entry_counted_before_in_a_batch_counts_once_and_the_others_count(redis):
+    # Both entries add to the same customer, fleet, model and version fields: merged blindly,
+    # the first (already counted: a redelivery) would count twice.
+    agg = aggregator(redis)
+    first, second = (agg.plan(f"{1000 + i}-0", {"batch": support_turn(t, c).batch_json()})
+                     for i, (t, c) in enumerate((("t-1", "c-1"), ("t-2", "c-2"))))
+    await agg.apply([first])
+    assert await agg.apply([first, second]) == [0, second.counted]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    customer = await redis.hgetall(keys.aggregate("customer", "cust-1"))
+    assert fleet["turns_completed"] == customer["turns_completed"] == "2"
+    assert fleet["input_tokens"] == customer["input_tokens"] == "1640"  # 2 × 820
+    assert fleet["cost_nusd"] == "860000"  # 2 × 430 000 n$
+
+
+async def test_the_same_events_twice_in_one_batch_count_once(redis):
+    # A re-sent entry (same events, another stream id) in the batch of the first.
+    agg = aggregator(redis)
+    fields = {"batch": support_turn("t-1").batch_json()}
+    first, resent = agg.plan("1000-0", fields), agg.plan("1001-0", fields)
+    assert await agg.apply([first, resent]) == [first.counted, 0]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["input_tokens"], fleet["llm_calls"]) == ("1", "820", "3")
+    assert await redis.llen(keys.latency_samples("turn", keys.GLOBAL_SUBJECT, "total")) == 1
+
+
+async def test_a_resent_entry_with_more_events_counts_only_the_new_ones(redis):
+    agg = aggregator(redis)
+    partial = AttemptBatch("t-1").started().agent("Triage").llm("Triage", 100, 10)
+    await agg.apply([agg.plan("1000-0", {"batch": partial.batch_json()})])
+    whole = partial.tool("Triage", "lookup_order").completed()  # the same events and two more
+    other = agg.plan("1002-0", {"batch": support_turn("t-2", "c-2").batch_json()})
+    assert await agg.apply([agg.plan("1001-0", {"batch": whole.batch_json()}), other]) == [2, other.counted]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["llm_calls"], fleet["tool_calls"], fleet["turns_completed"]) == ("4", "2", "2")
+    assert fleet["input_tokens"] == str(100 + 820)
+
+
+async def test_an_erased_entry_in_a_batch_is_skipped_and_the_others_count(redis):
+    await redis.set(keys.ERASED_SALT, "salt")
+    await redis.zadd(keys.ERASED, {hashlib.sha1(b"saltcust-gone").hexdigest(): 1000})
+    agg = aggregator(redis)
+    gone = agg.plan("1000-0", {"batch": support_turn("t-1", "c-1", "cust-gone").batch_json()})
+    kept = agg.plan("1000-1", {"batch": support_turn("t-2", "c-2", "cust-2").batch_json()})
+    assert await agg.apply([gone, kept]) == [-1, kept.counted]
+    assert (gone.skipped, kept.skipped) == (True, False)
+    assert await redis.exists(keys.aggregate("turn", "t-1"), keys.event_seen("t-1")) == 0
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet[ERASED_SKIPPED]) == ("1", "1")
+
+
+async def test_a_key_of_another_type_fails_only_its_entry_and_the_rest_of_the_batch_counts(redis):
+    # The batch would push onto the clobbered list after the dedupe marks and counters of
+    # every entry: had it started, its failure would leave the other entries marked counted
+    # without their samples and their places among the slowest turns.
+    bad_tool = keys.latency_samples("tool", "bad_tool", "call")
+    await redis.set(bad_tool, "not a list")
+    await AttemptBatch("t-bad", "c-bad").started().agent("Triage").tool("Triage", "bad_tool") \
+        .completed().send(redis)
+    for turn, conversation in (("t-1", "c-1"), ("t-2", "c-2")):
+        await support_turn(turn, conversation).send(redis)
+    assert await drain(redis, dead_letter_after=1) == 3
+    for good in ("t-1", "t-2"):
+        assert pick(await turn_stats(redis, good), TURN_TOKENS) == TURN_TOKENS
+        assert await redis.zscore(keys.SLOWEST_TURNS, good) == 1000.0
+    samples = keys.latency_samples("model", "turnfleet-offline", "call")
+    assert await redis.llen(samples) == 6  # 3 calls a turn
+    assert await redis.get(bad_tool) == "not a list"
+
+
+async def test_a_counter_that_is_no_number_fails_only_its_entry_and_the_rest_of_the_batch_counts(redis):
+    await redis.hset(keys.aggregate("conversation", "c-bad"), "input_tokens", "lots")
+    for turn, conversation in (("t-1", "c-1"), ("t-bad", "c-bad"), ("t-2", "c-2")):
+        await support_turn(turn, conversation).send(redis)
+    assert await drain(redis, dead_letter_after=1) == 3
+    for good in ("t-1", "t-2"):
+        assert pick(await turn_stats(redis, good), TURN_TOKENS) == TURN_TOKENS
+    # (The bad entry itself fails in the per-entry script after its dedupe marks, as before
+    # batches: its retry counts nothing more.)
+
+
+async def test_an_entry_with_a_figure_redis_refuses_is_not_merged_and_the_rest_counts(redis):
+    # A model call's duration NaN: HINCRBYFLOAT refuses it, after the dedupe marks and counters
+    # of a merged batch; the entries go one by one instead.
+    await support_turn("t-1", "c-1").send(redis)
+    await AttemptBatch("t-nan", "c-nan").started().agent("Triage") \
+        .llm("Triage", 10, 1, duration_ms=float("nan")).send(redis)
+    await support_turn("t-2", "c-2").send(redis)
+    assert await drain(redis, dead_letter_after=1) == 3
+    for good in ("t-1", "t-2"):
+        assert pick(await turn_stats(redis, good), TURN_TOKENS) == TURN_TOKENS
+        assert await redis.zscore(keys.SLOWEST_TURNS, good) == 1000.0
+    assert await redis.llen(keys.latency_samples("turn", keys.GLOBAL_SUBJECT, "total")) == 2
