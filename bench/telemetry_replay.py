@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
-import pickle
 import resource
 import statistics
 import subprocess
@@ -49,7 +49,8 @@ def record(n: int, out: Path) -> None:
         asyncio.run(enqueue_all(server.url, conv_turns(n, "telrec")))
         _run_burst_worker(server.url, Path(tmp), "telrec", 1200)
         keys = asyncio.run(_dump_all(server.url))
-    out.write_bytes(pickle.dumps(keys))
+    # JSON, never pickle: a recording is data, and loading it must not run code.
+    out.write_text(json.dumps([[k, ttl, base64.b64encode(blob).decode()] for k, ttl, blob in keys]))
     print(f"{len(keys)} keys saved to {out}", file=sys.stderr)
 
 
@@ -66,7 +67,7 @@ async def _one(file: Path, base: Path) -> dict[str, float]:
     from turnfleet.shell.embedded import RedisServer
     from turnfleet.telemetry.consumer import caught_up, run_consumer
 
-    saved = pickle.loads(file.read_bytes())
+    saved = [(k, ttl, base64.b64decode(blob)) for k, ttl, blob in json.loads(file.read_text())]
     server = RedisServer(base / "redis")
     server.start()
     try:
@@ -76,7 +77,7 @@ async def _one(file: Path, base: Path) -> dict[str, float]:
                 pipe.restore(key, ttl, blob, replace=True)
             await pipe.execute()
         entries = await r.xrange(tkeys.TELEMETRY_STREAM)
-        events = sum(len(json.loads(f["batch"])) for _, f in entries) 
+        events = sum(len(json.loads(f["batch"])) for _, f in entries)
         n_entries = len(entries)
         redis0 = await _redis_cpu(r)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
