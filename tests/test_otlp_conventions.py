@@ -478,3 +478,20 @@ async def test_a_failed_model_call_on_either_api_shows_error_and_cause(
     assert call["status_message"].startswith("Error getting response: Error code: 500")
     assert call["events"][0]["name"] == "exception"
     assert not {GA.GEN_AI_RESPONSE_MODEL, OI.OUTPUT_VALUE, OI.LLM_COST_TOTAL} & set(call["attributes"])
+
+
+async def test_without_sensitive_data_a_responses_call_carries_tokens_and_no_text(
+    redis, receiver: Receiver, sink: OtlpSink, llm_server  # noqa: F811
+) -> None:
+    server = llm_server()
+    result, spans = await endpoint_turn(redis, receiver, sink, server, "responses",
+                                        "I'd like a refund of $89.00 for order 1042",
+                                        trace_include_sensitive_data=False)
+    assert result.status == "completed"
+    calls = model_calls(spans)
+    assert len(calls) == 4
+    for call, answered in zip(calls, sorted(server.log, key=lambda s: s.number), strict=True):
+        attrs = call["attributes"]
+        assert attrs[GA.GEN_AI_USAGE_INPUT_TOKENS] == answered.usage["input_tokens"]
+        assert not {OI.INPUT_VALUE, OI.OUTPUT_VALUE, GA.GEN_AI_INPUT_MESSAGES, GA.GEN_AI_OUTPUT_MESSAGES} & set(attrs)
+        assert not messages_keys(OI.LLM_INPUT_MESSAGES, attrs) | messages_keys(OI.LLM_OUTPUT_MESSAGES, attrs)
