@@ -8,8 +8,10 @@
    retried, and every request of another, so it ends failed) with
    ``TURNFLEET_OTLP_ENDPOINT=<phoenix>/v1/traces`` and
    ``OTEL_RESOURCE_ATTRIBUTES=openinference.project.name=<project>``: once on gpt-4o-mini,
-   once on a self-hosted model only turnfleet's price table knows; then
-   ``turnfleet telemetry --burst`` for turnfleet's own figures;
+   once on a self-hosted model only turnfleet's price table knows, once on gpt-4o-mini over
+   the Responses API (``TURNFLEET_MODEL_API=responses``: the SDK's ``response`` spans, not
+   ``generation`` spans; one of its turns fails too); then ``turnfleet telemetry --burst``
+   for turnfleet's own figures;
 3. waits for the export to land: the burst worker flushes its OTLP queue when it exits, and
    Phoenix inserts what it received in the background, so the driver polls Phoenix's span
    count until it reaches what the worker exported (every kept record in the trace store:
@@ -85,6 +87,16 @@ SELF_HOSTED_CONVERSATIONS: list[tuple[str, str, list[str]]] = [
     ("e2e-sam", "C-102", [
         "Hi, this is Sam.",
         "I'd like a refund for order 1047, the headphones stopped working.",
+    ]),
+]
+# Run by a third worker on the Responses API (TURNFLEET_MODEL_API=responses), gpt-4o-mini: its
+# model calls must read as the chat ones do; its second turn fails on every attempt.
+RESPONSES_FAILED_TEXT = "Has order 1046 shipped yet?"
+RESPONSES_CONVERSATIONS: list[tuple[str, str, list[str]]] = [
+    ("e2e-rui", "C-103", [
+        "Hi, I'm Rui.",
+        RESPONSES_FAILED_TEXT,
+        "I want a refund for order 1049, it arrived broken.",
     ]),
 ]
 STARTUP_S = 240.0  # Phoenix's first start migrates its database: slow on a busy machine
@@ -183,6 +195,8 @@ class Ran:
     exported_spans: int = 0  # every kept attempt record's spans + its root
     retried: str = ""
     failed: str = ""
+    failed_responses: str = ""
+    responses: set[str] = field(default_factory=set)  # conversations run on the Responses API
 
     def attempts(self, conversation_id: str) -> int:
         return sum(self.results[t].attempts for t in self.turns[conversation_id])
@@ -237,6 +251,7 @@ def _batch(ran: Ran, conversations: list[tuple[str, str, list[str]]]) -> list[di
             ran.turns[cid].append(tid)
             ran.retried = tid if text == RETRIED_TEXT else ran.retried
             ran.failed = tid if text == FAILED_TEXT else ran.failed
+            ran.failed_responses = tid if text == RESPONSES_FAILED_TEXT else ran.failed_responses
             batch.append({"conversation_id": cid, "customer_id": customer, "text": text, "turn_id": tid})
     return batch
 
@@ -249,14 +264,20 @@ def run_fleet(redis_url: str, otlp_endpoint: str, workdir: Path) -> Ran:
     try:
         llm.inject("500", times=1, match=RETRIED_TEXT[:40])  # attempt 1 fails, attempt 2 answers
         llm.inject("500", times=None, match=FAILED_TEXT)  # every attempt fails: the turn fails
-        for model, conversations in ((MODEL, CONVERSATIONS), (SELF_HOSTED, SELF_HOSTED_CONVERSATIONS)):
+        llm.inject("500", times=None, match=RESPONSES_FAILED_TEXT)
+        for model, api, conversations in ((MODEL, "chat", CONVERSATIONS),
+                                          (SELF_HOSTED, "chat", SELF_HOSTED_CONVERSATIONS),
+                                          (MODEL, "responses", RESPONSES_CONVERSATIONS)):
             asyncio.run(_enqueue(redis_url, _batch(ran, conversations)))
+            if api == "responses":
+                ran.responses |= {cid for cid, _, _ in conversations}
             burst("worker", llm.worker_env(
-                env, model=model, TURNFLEET_MODEL_MAX_RETRIES="0", TURNFLEET_RETRY_DELAY_S="0.05",
+                env, model=model, TURNFLEET_MODEL_API=api, TURNFLEET_MODEL_MAX_RETRIES="0",
+                TURNFLEET_RETRY_DELAY_S="0.05",
                 TURNFLEET_MAX_ATTEMPTS=str(MAX_ATTEMPTS), TURNFLEET_TRACE_SAMPLE_RATE="1",
                 TURNFLEET_OTLP_ENDPOINT=otlp_endpoint,
                 OTEL_RESOURCE_ATTRIBUTES=f"openinference.project.name={PROJECT}",
-            ), workdir / f"worker-{model}.log")
+            ), workdir / f"worker-{model}-{api}.log")
     finally:
         llm.stop()
     burst("telemetry", env, workdir / "telemetry.log")
@@ -346,6 +367,9 @@ class Seen:
     def turn(self, span: dict[str, Any]) -> str | None:
         return self.turn_of_trace.get(span["context"]["trace_id"])
 
+    def conversation(self, span: dict[str, Any]) -> str | None:
+        return self.attr(span, "session.id")
+
     def final(self, span: dict[str, Any]) -> bool:
         """Whether the span belongs to its turn's last attempt."""
         roots = self.by_trace[span["context"]["trace_id"]]
@@ -399,13 +423,17 @@ def check_model_calls(seen: Seen, ran: Ran, checks: Checks) -> None:
     answered = [s for s in llm if s["status_code"] != "ERROR"]
     failed = [s for s in llm if s["status_code"] == "ERROR"]
     with_messages = [s for s in answered if seen.has(s, "llm.input_messages.") and seen.has(s, "llm.output_messages.")]
-    failed_shown = [s for s in failed if seen.has(s, "llm.input_messages.") and seen.attr(s, "output.value") is None]
+    # A failed call shows what it was sent and no output; on the Responses API the SDK records
+    # no input for a call that got no Response, so there the call shows its cause only.
+    failed_shown = [s for s in failed if seen.attr(s, "output.value") is None
+                    and (seen.has(s, "llm.input_messages.") or seen.conversation(s) in ran.responses)
+                    and "500" in (s.get("status_message") or "")]
     models = Counter(seen.attr(s, "llm.model_name") for s in llm)
     checks("model calls: llm.input_messages / llm.output_messages, model name",
            bool(answered) and len(with_messages) == len(answered) and len(failed_shown) == len(failed)
-           and set(models) == {MODEL, SELF_HOSTED},
+           and {MODEL, SELF_HOSTED} <= set(models) <= {MODEL, SELF_HOSTED, None},
            f"{len(with_messages)}/{len(answered)} answered calls carry both; {len(failed_shown)}/{len(failed)} "
-           f"failed calls their input and no output; models {dict(models)}")
+           f"failed calls no output and their cause (chat: and their input); models {dict(models)}")
 
     tokens_ok = cost_ok = 0
     rows = []
@@ -432,6 +460,36 @@ def check_model_calls(seen: Seen, ran: Ran, checks: Checks) -> None:
            f"{tokens_ok}/{len(turns)} turns equal ({total_in} in / {total_out} out in all){detail}")
     checks("model calls: cost (llm.cost.total) on every answered call, equal to turnfleet's, per turn",
            cost_ok == len(turns), f"{cost_ok}/{len(turns)} turns equal (${total_cost:.6f} in all){detail}")
+
+
+def check_responses_api(seen: Seen, ran: Ran, checks: Checks) -> None:
+    """The Responses API worker's model calls read as the chat ones: model, provider, response
+    id, messages (the agent's instructions first), turnfleet's cost; its failed turn's calls
+    and roots show the cause."""
+    calls = [s for s in seen.spans if s["span_kind"] == "LLM" and seen.conversation(s) in ran.responses]
+    answered = [s for s in calls if s["status_code"] != "ERROR"]
+    full = [s for s in answered
+            if seen.attr(s, "llm.model_name") == seen.attr(s, "gen_ai.request.model")
+            == seen.attr(s, "gen_ai.response.model") == MODEL
+            and seen.attr(s, "llm.provider") == "openai" and seen.attr(s, "gen_ai.response.id")
+            and seen.attr(s, "llm.input_messages.0.message.role") == "system"
+            and seen.has(s, "llm.output_messages.") and seen.attr(s, "output.value")
+            and "llm.cost.total" in seen.flat[s["context"]["span_id"]]
+            and seen.attr(s, "llm.token_count.prompt") is not None]
+    failed = [s for s in calls if s["status_code"] == "ERROR"]
+    causes = [s.get("status_message") or "" for s in failed]
+    roots = [(r["status_code"], r.get("status_message", ""), [e["name"] for e in r.get("events") or []])
+             for r in seen.roots_of_turn.get(ran.failed_responses, [])]
+    ok_failed = (ran.results[ran.failed_responses].status == "failed" and len(failed) == MAX_ATTEMPTS
+                 and all("Error code: 500" in c for c in causes) and len(roots) == MAX_ATTEMPTS
+                 and all(code == "ERROR" and "InternalServerError" in m and "exception" in e for code, m, e in roots))
+    checks("Responses API (TURNFLEET_MODEL_API=responses): model calls carry model, provider, response id, "
+           "messages, tokens and cost like chat ones; the failed call shows its cause",
+           bool(answered) and len(full) == len(answered) and ok_failed,
+           f"{len(full)}/{len(answered)} answered calls complete (e.g. {answered[0]['name'] if answered else '-'!r}, "
+           f"output {str(seen.attr(answered[0], 'output.value') if answered else None)[:48]!r}); "
+           f"{ran.failed_responses}: {len(failed)} failed calls {causes[:1]!r}, roots "
+           + "; ".join(f"{c} {m!r} events {e}" for c, m, e in roots[:1]))
 
 
 def check_sessions_list(seen: Seen, ran: Ran, checks: Checks) -> None:
@@ -523,8 +581,8 @@ def check_redaction(seen: Seen, ran: Ran, checks: Checks) -> None:
            not leaked and marked > 0, f"{len(leaked)} spans leak; {marked} spans carry a [REDACTED:…] mark")
 
 
-CHECKS = (check_sessions, check_turn_io, check_model_calls, check_sessions_list, check_tools_and_agents,
-          check_structure, check_failure, check_redaction)
+CHECKS = (check_sessions, check_turn_io, check_model_calls, check_responses_api, check_sessions_list,
+          check_tools_and_agents, check_structure, check_failure, check_redaction)
 
 
 # --------------------------------------------------------------------------------------------

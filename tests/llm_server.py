@@ -512,7 +512,7 @@ def _answer(shape: str, body: dict[str, Any], system: str | None, items: list[di
     if shape == "responses":
         return {
             "id": f"resp_{digest}", "object": "response", "created_at": int(time.time()),
-            "model": model, "status": "completed",
+            "model": model, "status": "completed", "instructions": system,  # echoed, as OpenAI does
             "output": [item.model_dump(exclude_none=True) for item in output],
             "tool_choice": "auto", "tools": [], "parallel_tool_calls": True,
             "usage": {"input_tokens": usage.input_tokens,

@@ -35,6 +35,7 @@ from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.otlp import OtlpSink
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
 from tests.tracing import traces_to
+from tests.llm_server import llm_server  # noqa: F401 - the fixture
 
 PRICES = PriceTable(DEFAULT_PRICES)
 ANSWER = "I've refunded $89.00 for order 1042"
@@ -379,3 +380,118 @@ def test_a_worker_prices_model_calls_with_the_fleets_price_table(receiver: Recei
         spans = send(made, receiver, record)
     (call,) = [s for s in spans if s["parent_span_id"]]
     assert call["attributes"][OI.LLM_COST_TOTAL] == call["attributes"][GEN_AI_COST] == 0.0025  # 1000 cached + 1000 out
+
+
+# -- a model call on the Responses API carries what a chat one does ---------------------------
+
+ENDPOINT_MODEL = "gpt-4o-mini"  # priced: cost is known
+
+
+async def endpoint_turn(redis, receiver: Receiver, sink: OtlpSink, server, api: str, text: str,
+                        **settings: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """One real turn job of the Support Desk on the local endpoint (``api``: chat or
+    responses), its kept record exported; returns (the turn's result, the spans received)."""
+    from turnfleet.settings import WorkerProcessSettings
+    from turnfleet.workers.llm import make_model
+
+    model = make_model(WorkerProcessSettings(
+        model_base_url=server.url, model_name=ENDPOINT_MODEL, model_api_key="sk-test-dummy",
+        model_api=api, model_max_retries=0))
+    producer = Producer(redis=redis)
+    turn_id = await producer.enqueue_turn(conversation_id=f"conv-{api}", customer_id="C-100", text=text)
+    buffer = TraceBuffer()
+    ctx = runtime(redis, model, model_name=ENDPOINT_MODEL, max_attempts=1, **settings)
+    ctx["runtime"].traces = TraceStore(buffer, redis, TraceSampler(1.0), Redactor(), 60, sink=sink)
+    with traces_to(buffer):
+        await run_turn(ctx, turn_id, f"conv-{api}")
+    assert sink.force_flush(5) is True
+    result = await producer.result(turn_id)
+    return result, receiver.wait_for_spans(2)
+
+
+def model_calls(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    calls = [s for s in spans if s["attributes"][OI.OPENINFERENCE_SPAN_KIND] == Kind.LLM.value]
+    return sorted(calls, key=lambda s: s["start"])
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_a_model_call_on_either_api_carries_model_messages_tokens_and_cost(
+    redis, receiver: Receiver, sink: OtlpSink, llm_server, api: str  # noqa: F811
+) -> None:
+    """The same refund through the real SDK on Chat Completions and on the Responses API: each
+    model call names its model and provider, carries its messages (redacted: the card number
+    never), its tokens as the server reported them and turnfleet's cost of them."""
+    server = llm_server()
+    text = "I'd like a refund of $89.00 for order 1042, card 4242 4242 4242 4242"
+    result, spans = await endpoint_turn(redis, receiver, sink, server, api, text)
+    assert result.status == "completed"
+    calls = model_calls(spans)
+    served = sorted((s for s in server.log if s.outcome == "ok"), key=lambda s: s.number)
+    assert len(calls) == len(served) == 4
+    for call, answered in zip(calls, served, strict=True):
+        attrs = call["attributes"]
+        assert call["name"] == f"chat {ENDPOINT_MODEL}"
+        assert attrs[GA.GEN_AI_OPERATION_NAME] == Op.CHAT.value
+        assert attrs[GA.GEN_AI_REQUEST_MODEL] == attrs[GA.GEN_AI_RESPONSE_MODEL] == ENDPOINT_MODEL
+        assert attrs[OI.LLM_MODEL_NAME] == ENDPOINT_MODEL
+        assert attrs[GA.GEN_AI_PROVIDER_NAME] == attrs[OI.LLM_PROVIDER] == "openai"
+        usage = answered.usage
+        assert attrs[GA.GEN_AI_USAGE_INPUT_TOKENS] == attrs[OI.LLM_TOKEN_COUNT_PROMPT] == usage["input_tokens"]
+        assert attrs[GA.GEN_AI_USAGE_OUTPUT_TOKENS] == attrs[OI.LLM_TOKEN_COUNT_COMPLETION] == usage["output_tokens"]
+        assert attrs[GA.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == usage["cached_tokens"]
+        assert attrs[GA.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] == 0
+        cost = PRICES.cost_usd(ENDPOINT_MODEL, TokenUsage(
+            input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"],
+            cached_tokens=usage["cached_tokens"]))
+        assert cost and attrs[OI.LLM_COST_TOTAL] == attrs[GEN_AI_COST] == cost
+        # The messages: the agent's instructions first, the customer's (redacted) text, the decision.
+        assert attrs[f"{OI.LLM_INPUT_MESSAGES}.0.{MA.MESSAGE_ROLE}"] == "system"
+        assert attrs[f"{OI.LLM_INPUT_MESSAGES}.0.{MA.MESSAGE_CONTENT}"]
+        assert attrs[f"{OI.LLM_INPUT_MESSAGES}.1.{MA.MESSAGE_ROLE}"] == "user"
+        assert attrs[f"{OI.LLM_INPUT_MESSAGES}.1.{MA.MESSAGE_CONTENT}"].startswith("I'd like a refund")
+        assert json.loads(attrs[GA.GEN_AI_INPUT_MESSAGES])[0]["role"] == "system"
+        assert attrs[f"{OI.LLM_OUTPUT_MESSAGES}.0.{MA.MESSAGE_ROLE}"] == "assistant"
+        assert json.loads(attrs[GA.GEN_AI_OUTPUT_MESSAGES])[0]["role"] == "assistant"
+        if answered.decision == "message":
+            assert attrs[OI.OUTPUT_VALUE] == result.final_output
+        else:
+            name = f"{OI.LLM_OUTPUT_MESSAGES}.0.{MA.MESSAGE_TOOL_CALLS}.0.{TC.TOOL_CALL_FUNCTION_NAME}"
+            assert attrs[name] == answered.decision
+            assert attrs[OI.OUTPUT_VALUE].startswith(f"{answered.decision}(")
+    # The tool spans name the call id the model made (matched from the model's output).
+    tools = [s for s in spans if s["attributes"][OI.OPENINFERENCE_SPAN_KIND] == Kind.TOOL.value
+             and GA.GEN_AI_TOOL_TYPE in s["attributes"]]
+    assert tools and all(s["attributes"].get(GA.GEN_AI_TOOL_CALL_ID) for s in tools)
+    assert "4242 4242" not in json.dumps(spans)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_a_failed_model_call_on_either_api_shows_error_and_cause(
+    redis, receiver: Receiver, sink: OtlpSink, llm_server, api: str  # noqa: F811
+) -> None:
+    server = llm_server()
+    server.inject("500", times=None)
+    result, spans = await endpoint_turn(redis, receiver, sink, server, api, "Where is order 1042?")
+    assert result.status == "failed"
+    (call,) = model_calls(spans)
+    assert call["status"] == STATUS_ERROR
+    assert call["status_message"].startswith("Error getting response: Error code: 500")
+    assert call["events"][0]["name"] == "exception"
+    assert not {GA.GEN_AI_RESPONSE_MODEL, OI.OUTPUT_VALUE, OI.LLM_COST_TOTAL} & set(call["attributes"])
+
+
+async def test_without_sensitive_data_a_responses_call_carries_tokens_and_no_text(
+    redis, receiver: Receiver, sink: OtlpSink, llm_server  # noqa: F811
+) -> None:
+    server = llm_server()
+    result, spans = await endpoint_turn(redis, receiver, sink, server, "responses",
+                                        "I'd like a refund of $89.00 for order 1042",
+                                        trace_include_sensitive_data=False)
+    assert result.status == "completed"
+    calls = model_calls(spans)
+    assert len(calls) == 4
+    for call, answered in zip(calls, sorted(server.log, key=lambda s: s.number), strict=True):
+        attrs = call["attributes"]
+        assert attrs[GA.GEN_AI_USAGE_INPUT_TOKENS] == answered.usage["input_tokens"]
+        assert not {OI.INPUT_VALUE, OI.OUTPUT_VALUE, GA.GEN_AI_INPUT_MESSAGES, GA.GEN_AI_OUTPUT_MESSAGES} & set(attrs)
+        assert not messages_keys(OI.LLM_INPUT_MESSAGES, attrs) | messages_keys(OI.LLM_OUTPUT_MESSAGES, attrs)

@@ -412,7 +412,11 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
                                         gen_ai.input.messages / .output.messages, capped:
                                         ``capped_history``), OI input.value (the last input
                                         message), output.value (the answer, else the calls)
-    response   ``chat``                 GA response id, usage
+    response   ``chat <model>``         the same as generation, plus GA response id (the
+                                        trace buffer keeps the Response's model, config,
+                                        instructions + input, output: ``response_span``;
+                                        without sensitive data the SDK keeps no Response:
+                                        then only the id and usage, no model, no cost)
     function   ``execute_tool <tool>``  GA tool name / type / call id (matched from the
                                         model's calls) / call arguments / result, OI
                                         tool.name, input.value / output.value (if recorded)
@@ -442,9 +446,10 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         _put(attrs, "turnfleet.agent.tools", span_data.get("tools"))
         _put(attrs, "turnfleet.agent.handoffs", span_data.get("handoffs"))
         _put(attrs, "turnfleet.agent.output_type", span_data.get("output_type"))
-    elif kind == "generation":
+    elif kind in _MODEL_CALLS:  # a Responses call's span as the trace buffer keeps it (response_span)
         model = span_data.get("model")
         name, operation = (f"chat {model}" if model else "chat"), Op.CHAT.value
+        _put(attrs, GA.GEN_AI_RESPONSE_ID, span_data.get("response_id"))
         _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
         # The model that answered, only once an answer came (the SDK records usage for every
         # answer): Phoenix shows gen_ai.response.* as the output of a span that has none.
@@ -459,10 +464,6 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
         _put_usage(attrs, span_data.get("usage"), model, pricing)
         _put_generation_io(attrs, span_data)
-    elif kind == "response":
-        name, operation = "chat", Op.CHAT.value
-        _put(attrs, GA.GEN_AI_RESPONSE_ID, span_data.get("response_id"))
-        _put_usage(attrs, span_data.get("usage"), span_data.get("model"), pricing)
     elif kind == "function":
         tool = span_data.get("name") or "tool"
         name, operation = f"execute_tool {tool}", Op.EXECUTE_TOOL.value
@@ -570,7 +571,7 @@ def tool_call_ids(sdk_spans: list[Mapping[str, Any]]) -> dict[str, str]:
     pending: dict[tuple[Any, Any], list[str]] = {}
     for sdk in sdk_spans:
         data = sdk.get("span_data") or {}
-        if data.get("type") == "generation":
+        if data.get("type") in _MODEL_CALLS:
             for message in messages(data.get("output")):
                 for call in message.get("tool_calls") or []:
                     if call.get("id"):

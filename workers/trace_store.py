@@ -37,11 +37,12 @@ from typing import Any
 
 import structlog
 from agents.tracing import Span, Trace, TracingProcessor
-from agents.tracing.span_data import SpanData
+from agents.tracing.span_data import ResponseSpanData, SpanData
 from redis.asyncio import Redis
 
 from turnfleet import keys
 from turnfleet.redaction import Redactor
+from turnfleet.workers.response_span import response_span_export
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,8 @@ class TraceBuffer(TracingProcessor):
         exported = span.export()
         if exported is None:
             return
+        if isinstance(span.span_data, ResponseSpanData):  # its export drops model and messages
+            exported["span_data"] = response_span_export(span.span_data)
         with self._lock:
             buffered = self._traces.setdefault(span.trace_id, _Buffered())
             if self._held >= self.max_spans:
