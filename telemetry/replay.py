@@ -130,7 +130,7 @@ def tree_from_spans(spans: list[dict[str, Any]], decisions: list[dict[str, Any]]
         error = (span.get("error") or {}).get("message") if span.get("error") else None
         if kind == "agent":
             node = _node("agent", data.get("name", "?"), duration, error)
-        elif kind == "generation":
+        elif kind in ("generation", "response"):  # a Responses-API call is stored in a generation's shape
             usage = data.get("usage") or {}
             decision = _decision_from_output(data.get("output"))
             if decision is None and generation_index < len(decisions):
