@@ -127,7 +127,7 @@ async def test_every_span_kind_carries_the_conventions_names_and_values(
         kind = data["type"]
         seen_kinds.add(kind)
         if kind == "agent":
-            assert conventions(attrs) == EVERY_SPAN | {GA.GEN_AI_SYSTEM, GA.GEN_AI_AGENT_NAME, OI.AGENT_NAME}
+            assert conventions(attrs) == EVERY_SPAN | {GA.GEN_AI_AGENT_NAME, OI.AGENT_NAME}
             assert attrs[GA.GEN_AI_AGENT_NAME] == attrs[OI.AGENT_NAME] == data["name"]
             assert attrs[GA.GEN_AI_OPERATION_NAME] == Op.INVOKE_AGENT.value
             assert attrs[OI.OPENINFERENCE_SPAN_KIND] == Kind.AGENT.value
@@ -181,7 +181,7 @@ async def test_every_span_kind_carries_the_conventions_names_and_values(
             assert "model" not in attrs[OI.OUTPUT_VALUE]  # not the old {"model": ...} panel
         elif kind == "function":
             assert conventions(attrs) == EVERY_SPAN | {
-                GA.GEN_AI_SYSTEM, GA.GEN_AI_TOOL_NAME, OI.TOOL_NAME, GA.GEN_AI_TOOL_TYPE, GA.GEN_AI_TOOL_CALL_ID,
+                GA.GEN_AI_TOOL_NAME, OI.TOOL_NAME, GA.GEN_AI_TOOL_TYPE, GA.GEN_AI_TOOL_CALL_ID,
                 GA.GEN_AI_TOOL_CALL_ARGUMENTS, GA.GEN_AI_TOOL_CALL_RESULT,
                 OI.INPUT_VALUE, OI.INPUT_MIME_TYPE, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE}
             assert attrs[GA.GEN_AI_TOOL_NAME] == attrs[OI.TOOL_NAME] == data["name"]
@@ -194,20 +194,20 @@ async def test_every_span_kind_carries_the_conventions_names_and_values(
                        for o in s["span_data"]["output"] if o.get("name") == data["name"]]
             assert attrs[GA.GEN_AI_TOOL_CALL_ID] == made["call_id"]
         elif kind == "handoff":
-            assert conventions(attrs) == EVERY_SPAN | {GA.GEN_AI_SYSTEM, GA.GEN_AI_TOOL_NAME, OI.TOOL_NAME}
+            assert conventions(attrs) == EVERY_SPAN | {GA.GEN_AI_TOOL_NAME, OI.TOOL_NAME}
             assert attrs[GA.GEN_AI_TOOL_NAME] == attrs[OI.TOOL_NAME] == "transfer_to_Billing"
             assert attrs[GA.GEN_AI_OPERATION_NAME] == otlp.HANDOFF
             assert attrs[OI.OPENINFERENCE_SPAN_KIND] == Kind.TOOL.value
             assert attrs["turnfleet.handoff.to_agent"] == "Billing"
         elif kind == "guardrail":
-            assert conventions(attrs) == EVERY_SPAN | {GA.GEN_AI_SYSTEM, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE}
+            assert conventions(attrs) == EVERY_SPAN | {OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE}
             assert attrs[OI.OPENINFERENCE_SPAN_KIND] == Kind.GUARDRAIL.value
             assert attrs[GA.GEN_AI_OPERATION_NAME] == otlp.GUARDRAIL
             assert json.loads(attrs[OI.OUTPUT_VALUE]) == {"triggered": False}
             assert attrs[OI.OUTPUT_MIME_TYPE] == Mime.JSON.value
         elif kind == "custom":
             turn_span = data["data"].get("sdk_span_type") == "turn"
-            assert conventions(attrs) == EVERY_SPAN | {GA.GEN_AI_SYSTEM} | ({GA.GEN_AI_AGENT_NAME} if turn_span else set())
+            assert conventions(attrs) == EVERY_SPAN | ({GA.GEN_AI_AGENT_NAME} if turn_span else set())
             assert attrs[OI.OPENINFERENCE_SPAN_KIND] == Kind.CHAIN.value
             assert attrs[GA.GEN_AI_OPERATION_NAME] == data["name"]
         else:

@@ -467,7 +467,7 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
 
     GA ``gen_ai.operation.name`` is invoke_agent / chat / execute_tool, or handoff /
     guardrail / the custom span's name / the type; every span also gets
-    ``gen_ai.provider.name`` (and the deprecated ``gen_ai.system``) and OI's span kind.
+    ``gen_ai.provider.name`` and OI's span kind, a model call the deprecated ``gen_ai.system`` too.
     """
     kind = str(span_data.get("type") or "custom")
     attrs: dict[str, Any] = {}
@@ -542,9 +542,12 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         name, operation = (f"{kind} {label}" if label else kind), kind
         _put_data(attrs, f"turnfleet.{kind}", span_data)
     attrs[GA.GEN_AI_OPERATION_NAME] = operation
-    provider = provider_of(span_data.get("model")) if kind in ("generation", "response") else GEN_AI_PROVIDER
+    if kind in _MODEL_CALLS:
+        provider = provider_of(span_data.get("model"))
+        attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers for model calls
+    else:
+        provider = GEN_AI_PROVIDER
     attrs[GA.GEN_AI_PROVIDER_NAME] = provider
-    attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers
     attrs[OI.OPENINFERENCE_SPAN_KIND] = _OPENINFERENCE_KIND.get(kind, Kind.CHAIN.value)
     return name, kind, attrs
 
