@@ -368,7 +368,9 @@ class Seen:
         return self.turn_of_trace.get(span["context"]["trace_id"])
 
     def conversation(self, span: dict[str, Any]) -> str | None:
-        return self.attr(span, "session.id")
+        """The span's conversation: its trace root's ``session.id`` (the root alone carries it)."""
+        roots = [r for r in self.by_trace[span["context"]["trace_id"]] if not r.get("parent_id")]
+        return self.attr(roots[0], "session.id") if roots else None
 
     def final(self, span: dict[str, Any]) -> bool:
         """Whether the span belongs to its turn's last attempt."""

@@ -264,15 +264,16 @@ async def test_a_turn_arrives_as_one_otel_trace_with_its_tree_intact(
     assert refund["attributes"]["gen_ai.tool.call.arguments"] == '{"order_id":"1042","amount":"89.00"}'
     assert '"refunded":true' in refund["attributes"]["gen_ai.tool.call.result"]
 
-    # The conversation, customer and turn are on every span; the resource names the service.
-    for span in spans:
-        attrs = span["attributes"]
-        assert attrs["session.id"] == attrs["gen_ai.conversation.id"] == "conv-1"
-        assert attrs["user.id"] == "C-100"
-        assert attrs["turnfleet.turn_id"] == "t-1" and attrs["turnfleet.attempt"] == 1
-        assert attrs["turnfleet.kept_because"] == "sampled"
-        assert span["resource"]["service.name"] == "tf-test"
-        assert span["status"] != STATUS_ERROR
+    # The conversation, customer and turn are on the attempt's root (receivers read them per
+    # trace, from its root: otlp.turn_attributes); the resource names the service.
+    (root,) = [s for s in spans if not s["parent_span_id"]]
+    attrs = root["attributes"]
+    assert attrs["session.id"] == attrs["gen_ai.conversation.id"] == "conv-1"
+    assert attrs["user.id"] == "C-100"
+    assert attrs["turnfleet.turn_id"] == "t-1" and attrs["turnfleet.attempt"] == 1
+    assert attrs["turnfleet.kept_because"] == "sampled"
+    assert all(span["resource"]["service.name"] == "tf-test" for span in spans)
+    assert all(span["status"] != STATUS_ERROR for span in spans)
     assert receiver.requests[0]["authorization"] == "Bearer test-key"
     assert receiver.requests[0]["content-type"] == "application/x-protobuf"
     stats = sink.stats()
@@ -296,7 +297,7 @@ async def test_failed_spans_and_turns_arrive_with_error_status(
     assert root["status"] == STATUS_ERROR and root["attributes"]["turnfleet.status"] == "failed"
     others = [s for s in spans if s is not failed and s is not root]
     assert all(s["status"] != STATUS_ERROR for s in others)
-    assert all(s["attributes"]["turnfleet.kept_because"] == "failed" for s in spans)
+    assert root["attributes"]["turnfleet.kept_because"] == "failed"
 
 
 async def test_without_sensitive_data_no_arguments_or_messages_are_exported(

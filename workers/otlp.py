@@ -17,19 +17,20 @@ What a caller may rely on:
   span named ``"<workflow> turn"`` spans the attempt and adopts the spans that had no parent
   (or whose parent was not kept). Span ids are stable 64-bit hashes of the SDK span ids
   (``turnfleet.sdk_span_id`` keeps the original); the root's id hashes trace id + attempt.
-  Every span carries ``turnfleet.attempt`` and ``turnfleet.attempt.final`` (false: the turn
-  was retried after it), and the root the tags ``attempt <n>`` / ``retried`` / ``failed``, so
-  a receiver's session view can tell a retried attempt from a turn.
+  The root carries ``turnfleet.attempt`` and ``turnfleet.attempt.final`` (false: the turn
+  was retried after it) and the tags ``attempt <n>`` / ``retried`` / ``failed``, so a
+  receiver's session view can tell a retried attempt from a turn.
 * Attribute names come from the maintained conventions packages: OpenInference
   (``openinference.semconv.trace``, what Arize Phoenix reads) and the OpenTelemetry GenAI
   conventions (``opentelemetry.semconv._incubating.attributes.gen_ai_attributes``), plus
-  Langfuse's own few names (constants below, with the link) and ``turnfleet.*``. Sessions:
-  ``gen_ai.conversation.id`` / ``session.id`` / ``langfuse.session.id`` = the conversation;
-  ``user.id`` / ``langfuse.user.id`` = the customer. Token usage and cost (turnfleet's price
+  Langfuse's own few names (constants below, with the link) and ``turnfleet.*``. Sessions,
+  on the root span only (``turn_attributes`` says why): ``gen_ai.conversation.id`` /
+  ``session.id`` / ``langfuse.session.id`` = the conversation; ``user.id`` /
+  ``langfuse.user.id`` = the customer. Token usage and cost (turnfleet's price
   table) are only on model-call spans, so a backend that sums them counts each call once.
 * Text follows ``trace_include_sensitive_data`` and the store's redaction: the root carries
   the turn's text and answer (``input.value`` / ``output.value``), model calls their messages
-  (capped: ``capped_history``), tools their arguments and results — only when the record has
+  once, in GenAI's form (capped: ``capped_history``; ``_put_messages`` says why), tools their arguments and results — only when the record has
   them. See ``span_attributes`` and ``root_attributes`` for the full mapping.
 * A failed attempt's root and the span that failed have status ERROR with the real cause
   (``InternalServerError: Error code: 500``) and an OTel ``exception`` event.
@@ -322,29 +323,49 @@ def capped_history(history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     return kept, len(history) - len(kept)
 
 
-def _put_messages(attrs: dict[str, Any], oi_key: str, genai_key: str, history: list[dict[str, Any]]) -> None:
-    """OpenInference's flattened ``llm.*_messages.<i>.message.*`` and GenAI's JSON parts."""
+def _put_messages(attrs: dict[str, Any], genai_key: str, history: list[dict[str, Any]],
+                  output: bool = False) -> None:
+    """GenAI's JSON parts (``gen_ai.input.messages`` / ``.output.messages``): one attribute.
+
+    The messages go in one form only: the OTel GenAI one, which GenAI-aware receivers
+    (Langfuse, Logfire, Datadog, ...) read and Arize Phoenix turns into its own
+    ``llm.*_messages`` on ingestion (``phoenix.trace.gen_ai.conversion``). OpenInference's
+    flattened copy is ``openinference_messages`` (``_put_openinference_messages``), off by
+    default: the history is most of a turn's bytes, and it was sent twice. An output message
+    has the ``finish_reason`` GenAI requires (``tool_call`` when it calls tools, else ``stop``;
+    the record keeps no other): without it Phoenix's conversion refuses the whole list.
+    """
     parts_of: list[dict[str, Any]] = []
-    for i, message in enumerate(history):
-        prefix = f"{oi_key}.{i}."
-        attrs[prefix + MA.MESSAGE_ROLE] = message["role"]
-        _put(attrs, prefix + MA.MESSAGE_CONTENT, message.get("content"))
-        _put(attrs, prefix + MA.MESSAGE_TOOL_CALL_ID, message.get("tool_call_id"))
+    for message in history:
         parts: list[dict[str, Any]] = []
         if message.get("tool_call_id"):
             parts.append({"type": "tool_call_response", "id": message["tool_call_id"],
                           "response": message.get("content")})
         elif message.get("content") is not None:
             parts.append({"type": "text", "content": message["content"]})
+        for call in message.get("tool_calls") or []:
+            parts.append({"type": "tool_call", **call})
+        part = {"role": message["role"], "parts": parts}
+        if output:
+            part["finish_reason"] = "tool_call" if message.get("tool_calls") else "stop"
+        parts_of.append(part)
+    if parts_of:
+        attrs[genai_key] = _json(parts_of)
+
+
+def _put_openinference_messages(attrs: dict[str, Any], oi_key: str, history: list[dict[str, Any]]) -> None:
+    """OpenInference's flattened ``llm.*_messages.<i>.message.*`` (for a receiver that reads
+    only those and does not convert GenAI's: ``OtlpSink(openinference_messages=True)``)."""
+    for i, message in enumerate(history):
+        prefix = f"{oi_key}.{i}."
+        attrs[prefix + MA.MESSAGE_ROLE] = message["role"]
+        _put(attrs, prefix + MA.MESSAGE_CONTENT, message.get("content"))
+        _put(attrs, prefix + MA.MESSAGE_TOOL_CALL_ID, message.get("tool_call_id"))
         for j, call in enumerate(message.get("tool_calls") or []):
             call_prefix = f"{prefix}{MA.MESSAGE_TOOL_CALLS}.{j}."
             _put(attrs, call_prefix + TC.TOOL_CALL_ID, call.get("id"))
             _put(attrs, call_prefix + TC.TOOL_CALL_FUNCTION_NAME, call.get("name"))
             _put(attrs, call_prefix + TC.TOOL_CALL_FUNCTION_ARGUMENTS_JSON, call.get("arguments"))
-            parts.append({"type": "tool_call", **call})
-        parts_of.append({"role": message["role"], "parts": parts})
-    if parts_of:
-        attrs[genai_key] = _json(parts_of)
 
 
 def decision_text(output: list[dict[str, Any]]) -> str | None:
@@ -356,10 +377,13 @@ def decision_text(output: list[dict[str, Any]]) -> str | None:
     return "; ".join(f"{c.get('name')}({c.get('arguments') or ''})" for c in calls) or None
 
 
-def _put_generation_io(attrs: dict[str, Any], span_data: Mapping[str, Any]) -> None:
+def _put_generation_io(attrs: dict[str, Any], span_data: Mapping[str, Any],
+                       openinference_messages: bool = False) -> None:
     if span_data.get("input") is not None:
         history, left_out = capped_history(messages(span_data["input"]))
-        _put_messages(attrs, OI.LLM_INPUT_MESSAGES, GA.GEN_AI_INPUT_MESSAGES, history)
+        _put_messages(attrs, GA.GEN_AI_INPUT_MESSAGES, history)
+        if openinference_messages:
+            _put_openinference_messages(attrs, OI.LLM_INPUT_MESSAGES, history)
         if left_out:
             attrs["turnfleet.input_messages.left_out"] = left_out
         if history:
@@ -367,7 +391,9 @@ def _put_generation_io(attrs: dict[str, Any], span_data: Mapping[str, Any]) -> N
                       MAX_MESSAGE_CHARS)
     if span_data.get("output") is not None:
         output, _ = capped_history(messages(span_data["output"]))
-        _put_messages(attrs, OI.LLM_OUTPUT_MESSAGES, GA.GEN_AI_OUTPUT_MESSAGES, output)
+        _put_messages(attrs, GA.GEN_AI_OUTPUT_MESSAGES, output, output=True)
+        if openinference_messages:
+            _put_openinference_messages(attrs, OI.LLM_OUTPUT_MESSAGES, output)
         _put_text(attrs, OI.OUTPUT_VALUE, OI.OUTPUT_MIME_TYPE, decision_text(output), MAX_VALUE_CHARS)
 
 
@@ -375,7 +401,13 @@ def _put_generation_io(attrs: dict[str, Any], span_data: Mapping[str, Any]) -> N
 
 
 def turn_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
-    """What every span of a record carries: the conversation, the customer, the turn attempt."""
+    """The turn-wide attributes: the conversation, the customer, the turn attempt. On the
+    attempt's root span only (``root_attributes``): the receivers read them per trace, from
+    its root — Phoenix attaches a trace to a session from any one span's ``session.id`` and
+    takes a session's user from its earliest span with ``user.id`` (the root starts first);
+    Langfuse sets a trace's session, user and tags from its root span (``isRootSpan`` in its
+    ``OtelIngestionProcessor``; other spans only send redundant trace updates). Copied onto
+    every span they were ~170 of a turn's ~370 attributes."""
     metadata = trace.get("metadata") or {}
     attrs: dict[str, Any] = {}
     group_id = trace.get("group_id") or trace.get("conversation_id")
@@ -393,7 +425,8 @@ def turn_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None,
-                    tool_call_id: str | None = None) -> tuple[str, str, dict[str, Any]]:
+                    tool_call_id: str | None = None,
+                    openinference_messages: bool = False) -> tuple[str, str, dict[str, Any]]:
     """``(span name, SDK span type, attributes)`` for one exported SDK ``span_data``.
 
     ========== ======================== =================================================
@@ -408,9 +441,10 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
                                         reasoning, OI llm.token_count.*); cost from the
                                         price table (OI llm.cost.total, gen_ai.usage.cost,
                                         Langfuse cost details); if recorded: messages
-                                        (OI llm.input_messages / llm.output_messages, GA
-                                        gen_ai.input.messages / .output.messages, capped:
-                                        ``capped_history``), OI input.value (the last input
+                                        (GA gen_ai.input.messages / .output.messages,
+                                        capped: ``capped_history``; OI llm.input_messages
+                                        / llm.output_messages only when asked:
+                                        ``_put_messages``), OI input.value (the last input
                                         message), output.value (the answer, else the calls)
     response   ``chat <model>``         the same as generation, plus GA response id (the
                                         trace buffer keeps the Response's model, config,
@@ -433,7 +467,7 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
 
     GA ``gen_ai.operation.name`` is invoke_agent / chat / execute_tool, or handoff /
     guardrail / the custom span's name / the type; every span also gets
-    ``gen_ai.provider.name`` (and the deprecated ``gen_ai.system``) and OI's span kind.
+    ``gen_ai.provider.name`` and OI's span kind, a model call the deprecated ``gen_ai.system`` too.
     """
     kind = str(span_data.get("type") or "custom")
     attrs: dict[str, Any] = {}
@@ -463,7 +497,7 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         _put(attrs, GA.GEN_AI_REQUEST_MAX_TOKENS, config.get("max_tokens"))
         _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
         _put_usage(attrs, span_data.get("usage"), model, pricing)
-        _put_generation_io(attrs, span_data)
+        _put_generation_io(attrs, span_data, openinference_messages)
     elif kind == "function":
         tool = span_data.get("name") or "tool"
         name, operation = f"execute_tool {tool}", Op.EXECUTE_TOOL.value
@@ -508,9 +542,12 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         name, operation = (f"{kind} {label}" if label else kind), kind
         _put_data(attrs, f"turnfleet.{kind}", span_data)
     attrs[GA.GEN_AI_OPERATION_NAME] = operation
-    provider = provider_of(span_data.get("model")) if kind in ("generation", "response") else GEN_AI_PROVIDER
+    if kind in _MODEL_CALLS:
+        provider = provider_of(span_data.get("model"))
+        attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers for model calls
+    else:
+        provider = GEN_AI_PROVIDER
     attrs[GA.GEN_AI_PROVIDER_NAME] = provider
-    attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers
     attrs[OI.OPENINFERENCE_SPAN_KIND] = _OPENINFERENCE_KIND.get(kind, Kind.CHAIN.value)
     return name, kind, attrs
 
@@ -677,6 +714,8 @@ class OtlpSink:
     ``timeout_s`` bounds one batch's export, retries included. ``max_queue_size`` spans wait
     for the exporter at most; more are dropped. ``pricing(model, usage)`` is a model call's
     cost in USD (None: unknown), sent as the call's cost attributes.
+    ``openinference_messages`` adds OpenInference's flattened copy of each model call's
+    messages (``llm.input_messages.*``) beside GenAI's, for a receiver that reads only those.
     """
 
     def __init__(
@@ -691,10 +730,12 @@ class OtlpSink:
         max_queue_size: int | None = None,
         schedule_delay_ms: float | None = None,
         pricing: Pricing | None = None,
+        openinference_messages: bool = False,
     ) -> None:
         otel = _load_otel()
         self._otel = otel
         self._pricing = pricing
+        self._openinference_messages = openinference_messages
         self.endpoint = endpoint
         if exporter is None:
             exporter = otel.OTLPSpanExporter(
@@ -774,7 +815,6 @@ class OtlpSink:
             status = otel.Status(otel.StatusCode.ERROR, error_description(error))
             return status, [otel.Event(EXCEPTION_EVENT, exception_event(error), timestamp=at)]
 
-        common = turn_attributes(trace)
         starts = [iso_to_ns(s["started_at"]) for s in sdk_spans if s.get("started_at")]
         ends = [iso_to_ns(s["ended_at"]) for s in sdk_spans if s.get("ended_at")]
         if trace.get("started_at"):
@@ -814,12 +854,15 @@ class OtlpSink:
         out = [root]
         for sdk in sdk_spans:
             sdk_id, sdk_parent = str(sdk["id"]), sdk.get("parent_id")
-            name, kind, attrs = span_attributes(sdk.get("span_data") or {}, self._pricing, call_ids.get(sdk_id))
-            attrs.update(common)
+            name, kind, attrs = span_attributes(sdk.get("span_data") or {}, self._pricing,
+                                                call_ids.get(sdk_id), self._openinference_messages)
             attrs["turnfleet.sdk_span_id"] = sdk_id
-            _put(attrs, "turnfleet.sdk_parent_id", sdk_parent)
             _put(attrs, "turnfleet.span_metadata", sdk.get("metadata"))
-            parent_id = otel_span_id(str(sdk_parent)) if sdk_parent in kept else root_id
+            if sdk_parent in kept:
+                parent_id = otel_span_id(str(sdk_parent))
+            else:  # adopted by the root: the SDK parent it had (not kept) is said here only
+                parent_id = root_id
+                _put(attrs, "turnfleet.sdk_parent_id", sdk_parent)
             start = iso_to_ns(sdk["started_at"]) if sdk.get("started_at") else root_start
             end = max(start, iso_to_ns(sdk["ended_at"]) if sdk.get("ended_at") else start)
             error = sdk.get("error")
