@@ -552,21 +552,21 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         lines += [
             "(e) over the SDK's exporter: the parts above are what turnfleet adds to the SDK's spans "
             "(which (b) pays too). The trace store writes each kept attempt's record (~13 kB of JSON, "
-            "uncompressed) in a MULTI/EXEC pipeline (RPUSH + EXPIRE): its CPU is mostly the socket "
-            "write of those bytes, and redis-server pays the RPUSH and its AOF write (the last "
-            "column). `redact_record` walks every string of every span through the detectors; the "
-            "hooks build a pydantic event per hook call and `batch_json` dumps and redacts them again.",
+            "uncompressed; a worker's finish script writes it with the turn's result, this bench "
+            "writes it on its own): its CPU is mostly the socket write of those bytes, and "
+            "redis-server pays the RPUSH and its AOF write (the last column). `redact_record` walks "
+            "every string of every span through the detectors; the hooks' events are redacted and "
+            "encoded once a turn, as one batch.",
             "",
         ]
     if "f" in missed:
         ratio = statistics.median(col(runs["f"], "bytes_turn")) / statistics.median(col(runs["c"], "bytes_turn"))
         lines += [
             f"(f) against OpenInference: `OtlpSink` sends {ratio:.1f}× OpenInference's bytes for the same "
-            "turn, and the OpenTelemetry exporter's Python protobuf encoding grows with the number of "
-            "attributes: every span repeats the turn's attributes (turn, conversation and user ids "
-            "under several receivers' names, attempt, kept_because), and each model call carries its "
-            "history twice (OpenInference's flattened `llm.input_messages.*` and GenAI's "
-            "`gen_ai.input.messages`).",
+            "turn (the turn-wide attributes are on the root only and each model call's messages "
+            "go once, in the GenAI form). What is left is the conversion in the turn "
+            "(`OtlpSink.export`) and the OpenTelemetry exporter's Python protobuf encoding on its "
+            "thread, which grows with the number of attributes (14b).",
             "",
         ]
     return lines
