@@ -76,10 +76,10 @@ async def test_a_job_this_lane_runs_is_not_claimed_again_at_every_poll(redis_url
 
 
 async def _monitored(redis: Any, producer: Any, fleet_env: dict[str, str], tmp_path: Any, conversation_id: str,
-                     key_part: str) -> tuple[str, list[tuple[str, str]]]:
+                     key_part: str, unless: str = "\0") -> tuple[str, list[tuple[str, str]]]:
     """One turn run by a burst worker under MONITOR: (turn id, [(who, command)] of the commands
-    naming ``key_part``); who is ``lua`` for a command a script ran, else how the client
-    is connected."""
+    naming ``key_part`` (and not ``unless``); who is ``lua`` for a command a script ran, else
+    how the client is connected."""
     import asyncio
 
     turn_id = await producer.enqueue_turn(conversation_id=conversation_id, customer_id="C-100",
@@ -91,7 +91,7 @@ async def _monitored(redis: Any, producer: Any, fleet_env: dict[str, str], tmp_p
         async with redis.monitor() as m:
             ready.set()
             async for cmd in m.listen():
-                if key_part in cmd["command"]:
+                if key_part in cmd["command"] and unless not in cmd["command"]:
                     seen.append((cmd.get("client_type") or "", cmd["command"].split()[0].upper()))
 
     monitor = asyncio.create_task(watch())
@@ -176,8 +176,9 @@ async def test_a_check_job_is_claimed_with_its_lease_not_cut_to_it_afterwards(re
         "turns": TurnWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name="arq:queue:t-test",
                             handle_signals=False, max_jobs=2, job_timeout=300, ctx=dict(ctx)),
     }
-    await redis.zadd("arq:queue:c-test", {"checks/t-1": 1})
-    await redis.zadd("arq:queue:t-test", {"t-1": 1})
+    # Real jobs (payload and all): they run, and wait, holding their claim.
+    assert await pool.enqueue_job("job", _job_id="checks/t-1", _queue_name="arq:queue:c-test") is not None
+    assert await pool.enqueue_job("job", _job_id="t-1", _queue_name="arq:queue:t-test") is not None
     try:
         await lanes["checks"].start_jobs([b"checks/t-1"])
         await lanes["turns"].start_jobs([b"t-1"])
@@ -188,4 +189,57 @@ async def test_a_check_job_is_claimed_with_its_lease_not_cut_to_it_afterwards(re
             for task in worker.tasks.values():
                 task.cancel()
             await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        await pool.aclose()
+
+
+async def test_a_poll_reads_claims_and_starts_its_jobs_in_one_script_call(producer, redis, fleet_env, tmp_path):
+    """arq reads its queue (ZRANGEBYSCORE), claims each job (EXISTS, ZSCORE, PSETEX) and starts
+    it in a transaction of its own (GET job, INCR try, EXPIRE try): the worker does all of it
+    in one script call a poll (``workers/lua/claim_jobs.lua``), for turns and check jobs alike."""
+    _turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, "conv-rt-claim", "arq:",
+                                      unless=":health-check")  # arq's own health key: not the claim's
+    claim = ("ZRANGEBYSCORE", "EXISTS", "ZSCORE", "PSETEX", "GET", "INCRBY", "INCR", "EXPIRE")
+    assert ("lua", "INCRBY") in seen or ("lua", "INCR") in seen, seen  # the claim ran, in a script
+    assert ("lua", "ZRANGEBYSCORE") in seen, seen
+    assert [(who, cmd) for who, cmd in seen if who != "lua" and cmd in claim] == []
+
+
+async def test_a_claimed_job_keeps_arqs_tries_abort_and_expiry(redis_url, redis):
+    """What arq's ``run_job`` decides from its first transaction, the claim script's answers
+    decide the same way: a job retried counts its tries up to ``max_tries`` (then fails
+    without running), a job asked to abort before it started does not run, and a queued job
+    whose key expired is dropped without running."""
+    import json
+
+    from arq import Retry, func
+    from arq.connections import ArqRedis
+    from turnfleet.workers.supervisor import TurnWorker
+
+    runs: list[tuple[str, int]] = []
+
+    async def flaky(ctx: dict) -> None:
+        runs.append(("flaky", ctx["job_try"]))
+        raise Retry(defer=0)
+
+    async def plain(ctx: dict) -> None:
+        runs.append(("plain", ctx["job_try"]))
+
+    codec = {"job_serializer": lambda d: json.dumps(d).encode(), "job_deserializer": json.loads}
+    pool = ArqRedis.from_url(redis_url)
+    pool.job_serializer, pool.job_deserializer = codec["job_serializer"], codec["job_deserializer"]
+    queue = "arq:queue:semantics"
+    try:
+        for job_id, fn in (("j-flaky", "flaky"), ("j-plain", "plain"), ("j-aborted", "plain")):
+            assert await pool.enqueue_job(fn, _job_id=job_id, _queue_name=queue) is not None
+        await redis.zadd("arq:abort", {"j-aborted": 1})
+        await redis.zadd(queue, {"j-expired": 1})  # in the queue, its job key gone
+        worker = TurnWorker(functions=[func(flaky, name="flaky"), func(plain, name="plain")], redis_pool=pool,
+                            queue_name=queue, burst=True, handle_signals=False, max_jobs=5, max_tries=3,
+                            poll_delay=0.01, allow_abort_jobs=True, keep_result=0, **codec)
+        await worker.main()
+        assert sorted(runs) == [("flaky", 1), ("flaky", 2), ("flaky", 3), ("plain", 1)]
+        assert await redis.zcard(queue) == 0
+        assert worker.jobs_failed == 3  # tries exceeded, aborted, expired
+        assert not await redis.exists("arq:in-progress:j-flaky", "arq:retry:j-flaky", "arq:job:j-flaky")
+    finally:
         await pool.aclose()

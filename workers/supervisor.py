@@ -33,12 +33,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import signal
 from typing import Any
 
 import structlog
-from arq.utils import timestamp_ms
-from arq.worker import Worker, get_kwargs
+from arq import Retry
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, keep_cronjob_progress, retry_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
+from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
+from arq.worker import JobExecutionFailed, RetryJob, Worker, get_kwargs, no_result
 from redis.exceptions import RedisError, ResponseError
 
 from turnfleet import keys
@@ -52,7 +56,19 @@ from turnfleet.workers.settings import WorkerSettings, redis_settings
 
 log = structlog.get_logger(__name__)
 
-CLAIM_JOB = load_script("claim_job", "turnfleet.workers")
+CLAIM_JOBS = load_script("claim_jobs", "turnfleet.workers")
+RETRY_TTL_S = 88400  # how long arq keeps a job's try counter (arq.worker.run_job's EXPIRE)
+arq_log = logging.getLogger("arq.worker")  # what arq's run_job logs to: the same lines from ours
+
+
+@dataclasses.dataclass(frozen=True)
+class Claimed:
+    """What the claim script read for a job it claimed: what arq's ``run_job`` reads first."""
+
+    payload: bytes | None  # the job as stored (None: its key expired)
+    job_try: int  # arq's try counter after this claim
+    aborted: bool  # it was in arq's abort set (asked to abort before it started)
+
 
 
 class TurnWorker(Worker):
@@ -60,59 +76,81 @@ class TurnWorker(Worker):
     of the turn, on another worker, owns it now) or a job handed to the isolated lane, arq's
     clean-up is skipped — it would delete the in-progress key (the newer attempt's lease) and,
     for a returned job, the job itself — and after a finish script did it already
-    (``Runtime.cleaned``); a job is claimed in one script call (``start_jobs``); and
-    ``picking`` says when a poll may be taking jobs (the lane switch,
-    ``workers/isolation.py``, waits for it to end)."""
+    (``Runtime.cleaned``); a poll reads, claims and starts its jobs in one script call
+    (``_poll_iteration``, ``start_jobs``); and ``picking`` says when a poll may be taking jobs
+    (the lane switch, ``workers/isolation.py``, waits for it to end)."""
 
     picking = False
 
     async def _poll_iteration(self) -> None:
+        """arq's, with its queue read (ZRANGEBYSCORE) and its per-job claim and start folded
+        into one script call (``workers/lua/claim_jobs.lua``): one round trip a poll, whatever
+        it takes, instead of one plus two a job."""
         self.picking = self.allow_pick_jobs
         try:
-            await super()._poll_iteration()
+            count = self.queue_read_limit
+            if self.burst and self.max_burst_jobs >= 0:
+                burst_jobs_remaining = self.max_burst_jobs - self._jobs_started()
+                if burst_jobs_remaining < 1:
+                    return
+                count = min(burst_jobs_remaining, count)
+            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+                await self._claim_and_start([], count)
+            if self.allow_abort_jobs:
+                await self._cancel_aborted_jobs()
+            for job_id, t in list(self.tasks.items()):
+                if t.done():
+                    del self.tasks[job_id]
+                    t.result()  # as arq: errors in run_job propagate
+            await self.heart_beat()
         finally:
             self.picking = False
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's, stopping once the lanes that share ``max_jobs`` (``slots``: the shared lanes
-        of every workflow served, ``workers/isolation.py``) run that many turns (arq alone
-        counts this lane's only), and claiming each job in one script call
-        (``workers/lua/claim_job.lua``: arq's WATCH/EXISTS/ZSCORE/MULTI/PSETEX/EXEC, the same
-        check-and-set in one round trip instead of four)."""
-        slots: list[Worker] = getattr(self, "slots", None) or [self]
-        claim = self._claim_script()
+        """arq's for these job ids (read from the queue by the caller): each claimed and
+        started as ``_poll_iteration`` does its own, in one script call for all of them."""
+        ids = []
         for job_id_b in job_ids:
-            if sum(w.job_counter for w in slots) >= self.max_jobs:
-                return
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
-            self.job_counter += 1
             job_id = job_id_b.decode()
             running = self.tasks.get(job_id)
             if running is not None and not running.done():
                 # This lane runs it now (its in-progress key is ours): arq asks Redis again at
                 # every poll while it runs, and is told no; no round trip is needed for that.
-                self.job_counter -= 1
-                self.sem.release()
                 continue
-            try:
-                score = await claim(keys={"in_progress": keys.ARQ_IN_PROGRESS_PREFIX + job_id, "queue": self.queue_name},
-                                    args={"job_id": job_id, "now_ms": timestamp_ms(),
-                                          "timeout_ms": self._claim_timeout_ms()})
-            except ResponseError:
-                score = None  # as arq: the job is left to whoever holds it
-            except BaseException:
-                self.job_counter -= 1
-                self.sem.release()
-                raise
-            if score is None:
-                # Running elsewhere, finished, or due later (re-queued with a delay).
-                self.job_counter -= 1
-                self.sem.release()
-                continue
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            ids.append(job_id)
+        if ids:
+            await self._claim_and_start(ids, len(ids))
+
+    def _free_slots(self) -> int:
+        """How many more jobs this lane may start now: the lanes that share ``max_jobs``
+        (``slots``: the shared lanes of every workflow served, ``workers/isolation.py``) run
+        at most that many (arq alone counts this lane's only)."""
+        slots: list[Worker] = getattr(self, "slots", None) or [self]
+        return max(0, min(self.max_jobs - sum(w.job_counter for w in slots), self.max_jobs - self.job_counter))
+
+    async def _claim_and_start(self, job_ids: list[str], read_limit: int) -> None:
+        """Claim up to the free slots' worth of ``job_ids`` (none: the due jobs of the queue)
+        in one script call, and run each claimed job in a task, as arq's ``start_jobs`` and
+        ``run_job`` would (the try count and the payload come with the claim)."""
+        free = self._free_slots()
+        if free <= 0:
+            return
+        try:
+            claimed = await self._claim_script()(
+                keys={"queue": self.queue_name, "abort": abort_jobs_ss},
+                args={"now_ms": timestamp_ms(), "offset": self._queue_read_offset, "read_limit": read_limit,
+                      "free": free, "timeout_ms": self._claim_timeout_ms(),
+                      "in_progress_prefix": in_progress_key_prefix, "job_prefix": job_key_prefix,
+                      "retry_prefix": retry_key_prefix, "retry_ttl_s": RETRY_TTL_S,
+                      "check_abort": "1" if self.allow_abort_jobs else "", "job_ids": job_ids})
+        except ResponseError:
+            return  # as arq: the jobs are left to whoever holds them
+        for job_id_b, score, payload, job_try, aborted in claimed:
+            await self.sem.acquire()  # free now (``_free_slots``): never waits
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            claim = Claimed(payload, int(job_try), bool(aborted))
+            task = self.loop.create_task(self.run_job(job_id, int(float(score)), claim))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
@@ -127,8 +165,146 @@ class TurnWorker(Worker):
     def _claim_script(self) -> BoundScript:
         bound = getattr(self, "_claim", None)
         if bound is None or bound.registered.registered_client is not self.pool:
-            bound = self._claim = CLAIM_JOB.bind(self.pool)
+            bound = self._claim = CLAIM_JOBS.bind(self.pool)
         return bound
+
+    async def run_job(self, job_id: str, score: int, claim: Claimed | None = None) -> None:  # noqa: C901
+        """arq 0.28's ``run_job`` from after its first transaction (GET job, INCR try, EXPIRE
+        try, ZREM abort), whose answers come with the claim (``claim``; without one, arq's own
+        runs): the same try counting, ``max_tries``, abort, timeout, retry and clean-up."""
+        if claim is None:
+            return await super().run_job(job_id, score)
+        start_ms = timestamp_ms()
+        v, job_try, abort_job = claim.payload, claim.job_try, claim.aborted
+        function_name, enqueue_time_ms = "<unknown>", 0
+        args: tuple[Any, ...] = ()
+        kwargs: dict[Any, Any] = {}
+
+        async def job_failed(exc: BaseException) -> None:
+            self.jobs_failed += 1
+            result_data_ = serialize_result(
+                function=function_name, args=args, kwargs=kwargs, job_try=job_try,
+                enqueue_time_ms=enqueue_time_ms, success=False, result=exc, start_ms=start_ms,
+                finished_ms=timestamp_ms(), ref=f"{job_id}:{function_name}", serializer=self.job_serializer,
+                queue_name=self.queue_name, job_id=job_id,
+            )
+            await asyncio.shield(self.finish_failed_job(job_id, result_data_))
+
+        if not v:
+            arq_log.warning("job %s expired", job_id)
+            return await job_failed(JobExecutionFailed("job expired"))
+        try:
+            function_name, args, kwargs, enqueue_job_try, enqueue_time_ms = deserialize_job_raw(
+                v, deserializer=self.job_deserializer)
+        except SerializationError as e:
+            arq_log.exception("deserializing job %s failed", job_id)
+            return await job_failed(e)
+        if abort_job:
+            t = (timestamp_ms() - enqueue_time_ms) / 1000
+            arq_log.info("%6.2fs ⊘ %s:%s aborted before start", t, job_id, function_name)
+            return await job_failed(asyncio.CancelledError())
+        try:
+            function = self.functions[function_name]
+        except KeyError:
+            arq_log.warning("job %s, function %r not found", job_id, function_name)
+            return await job_failed(JobExecutionFailed(f"function {function_name!r} not found"))
+        if hasattr(function, "next_run"):  # a cron job
+            ref: str = function_name
+            keep_in_progress: float | None = keep_cronjob_progress
+        else:
+            ref = f"{job_id}:{function_name}"
+            keep_in_progress = None
+        if enqueue_job_try and enqueue_job_try > job_try:
+            job_try = enqueue_job_try
+            await self.pool.setex(retry_key_prefix + job_id, RETRY_TTL_S, str(job_try))
+        max_tries = self.max_tries if function.max_tries is None else function.max_tries
+        if job_try > max_tries:
+            t = (timestamp_ms() - enqueue_time_ms) / 1000
+            arq_log.warning("%6.2fs ! %s max retries %d exceeded", t, ref, max_tries)
+            self.jobs_failed += 1
+            result_data = serialize_result(
+                function_name, args, kwargs, job_try, enqueue_time_ms, False,
+                JobExecutionFailed(f"max {max_tries} retries exceeded"), start_ms, timestamp_ms(), ref,
+                self.queue_name, job_id=job_id, serializer=self.job_serializer,
+            )
+            return await asyncio.shield(self.finish_failed_job(job_id, result_data))
+
+        result: Any = no_result
+        exc_extra = None
+        finish = False
+        timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        incr_score: int | None = None
+        job_ctx = {"job_id": job_id, "job_try": job_try, "enqueue_time": ms_to_datetime(enqueue_time_ms),
+                   "score": score}
+        ctx = {**self.ctx, **job_ctx}
+        if self.on_job_start:
+            await self.on_job_start(ctx)
+        start_ms = timestamp_ms()
+        success = False
+        try:
+            s = args_to_string(args, kwargs)
+            extra = f" try={job_try}" if job_try > 1 else ""
+            if (start_ms - score) > 1200:
+                extra += f" delayed={(start_ms - score) / 1000:0.2f}s"
+            arq_log.info("%6.2fs → %s(%s)%s", (start_ms - enqueue_time_ms) / 1000, ref, s, extra)
+            self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
+            try:
+                result = await asyncio.wait_for(task, timeout_s)
+            except (Exception, asyncio.CancelledError) as e:
+                exc_extra = getattr(e, "extra", None)
+                if callable(exc_extra):
+                    exc_extra = exc_extra()
+                raise
+            else:
+                result_str = "" if result is None or not self.log_results else truncate(repr(result))
+            finally:
+                del self.job_tasks[job_id]
+        except (Exception, asyncio.CancelledError) as e:
+            finished_ms = timestamp_ms()
+            t = (finished_ms - start_ms) / 1000
+            if self.retry_jobs and isinstance(e, Retry):
+                incr_score = e.defer_score
+                arq_log.info("%6.2fs ↻ %s retrying job in %0.2fs", t, ref, (e.defer_score or 0) / 1000)
+                if e.defer_score:
+                    incr_score = e.defer_score + (timestamp_ms() - score)
+                self.jobs_retried += 1
+            elif job_id in self.aborting_tasks and isinstance(e, asyncio.CancelledError):
+                arq_log.info("%6.2fs ⊘ %s aborted", t, ref)
+                result = e
+                finish = True
+                self.aborting_tasks.remove(job_id)
+                self.jobs_failed += 1
+            elif self.retry_jobs and isinstance(e, (asyncio.CancelledError, RetryJob)):
+                arq_log.info("%6.2fs ↻ %s cancelled, will be run again", t, ref)
+                self.jobs_retried += 1
+            else:
+                arq_log.exception("%6.2fs ! %s failed, %s: %s", t, ref, e.__class__.__name__, e,
+                                  extra={"extra": exc_extra})
+                result = e
+                finish = True
+                self.jobs_failed += 1
+        else:
+            success = True
+            finished_ms = timestamp_ms()
+            arq_log.info("%6.2fs ← %s ● %s", (finished_ms - start_ms) / 1000, ref, result_str)
+            finish = True
+            self.jobs_complete += 1
+
+        keep_result_forever = (
+            self.keep_result_forever if function.keep_result_forever is None else function.keep_result_forever)
+        result_timeout_s = self.keep_result_s if function.keep_result_s is None else function.keep_result_s
+        result_data = None
+        if result is not no_result and (keep_result_forever or result_timeout_s > 0):
+            result_data = serialize_result(
+                function_name, args, kwargs, job_try, enqueue_time_ms, success, result, start_ms, finished_ms,
+                ref, self.queue_name, job_id=job_id, serializer=self.job_serializer,
+            )
+        if self.on_job_end:
+            await self.on_job_end(ctx)
+        await asyncio.shield(self.finish_job(job_id, finish, result_data, result_timeout_s, keep_result_forever,
+                                             incr_score, keep_in_progress))
+        if self.after_job_end:
+            await self.after_job_end(ctx)
 
     async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
         rt = self.ctx.get("runtime")
