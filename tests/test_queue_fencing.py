@@ -271,3 +271,29 @@ async def test_the_reconciler_leaves_a_job_in_the_isolated_lane_where_it_is(redi
     found = await queue.reconcile_conversation("c-1", lease_s=2)
     assert (found.action, found.turn_id) == ("ok", first)
     assert await redis.zscore(keys.ARQ_QUEUE, first) is None  # not queued twice
+
+
+async def test_the_runs_memory_is_written_with_the_result_or_not_at_all(redis):
+    """``FinishExtras.memory_items`` are appended to the conversation memory in the finish
+    script, in the SDK's layout, fenced with the result: a stale attempt's finish writes
+    neither, the current one writes both, and the record's ``memory_end`` counts them."""
+    queue, first, _second = await two_turns(redis)
+    stale = await queue.start(first, "c-1", "w1", "2025-01-01T00:00:00+00:00", lease_s=2)
+    current = await queue.start(first, "c-1", "w2", "2025-01-01T00:00:05+00:00", lease_s=2)
+    items = ['{"role":"user","content":"hi"}', '{"role":"assistant","content":"hello"}']
+    extras = FinishExtras(memory_items=items, memory_ttl_s=600)
+    messages, meta = keys.session_messages("c-1"), f"{keys.SESSION_PREFIX}:{keys.session_id('c-1')}"
+
+    assert await queue.finish(result(first), None, fence=stale.attempt, extras=extras) is Outcome.FENCED
+    assert await redis.llen(messages) == 0 and not await redis.exists(meta)
+
+    assert await queue.finish(result(first, attempts=2), None, fence=current.attempt, extras=extras) is Outcome.WRITTEN
+    assert await redis.lrange(messages, 0, -1) == items
+    stored_meta = await redis.hgetall(meta)
+    assert stored_meta["session_id"] == keys.session_id("c-1") and stored_meta["created_at"] == stored_meta["updated_at"]
+    assert 0 < await redis.ttl(messages) <= 600 and 0 < await redis.ttl(meta) <= 600
+    record = await redis.hgetall(keys.turn(first))
+    assert record["memory_end"] == "2" and record["memory_session"] == stored_meta["created_at"]
+
+    assert await queue.finish(result(first, attempts=2), None, fence=current.attempt, extras=extras) is Outcome.DUPLICATE
+    assert await redis.llen(messages) == 2

@@ -243,3 +243,18 @@ async def test_a_claimed_job_keeps_arqs_tries_abort_and_expiry(redis_url, redis)
         assert not await redis.exists("arq:in-progress:j-flaky", "arq:retry:j-flaky", "arq:job:j-flaky")
     finally:
         await pool.aclose()
+
+
+async def test_a_turns_memory_is_written_by_the_finish_script_not_a_call_of_its_own(producer, redis, fleet_env,
+                                                                                     tmp_path):
+    """The items a run adds to the conversation memory are appended by the finish script,
+    with the result (fenced alike): the worker's scripts naming the memory are ``START``
+    (its read) and ``FINISH`` (its write), not a memory script of their own between them."""
+    cid = "conv-rt-memory-write"
+    turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, cid, keys.session_messages(cid))
+    assert ("lua", "RPUSH") in seen, seen
+    # The script calls that ran (a call refused with NOSCRIPT, sent again, runs no command).
+    ran = [cmd for i, (who, cmd) in enumerate(seen) if who != "lua" and cmd in ("EVALSHA", "EVAL")
+           and seen[i + 1:i + 2] and seen[i + 1][0] == "lua"]
+    assert len(ran) == 2, seen  # START, FINISH
+    assert int(await redis.hget(keys.turn(turn_id), "memory_end")) == await redis.llen(keys.session_messages(cid)) > 0

@@ -183,6 +183,10 @@ class FinishExtras:
     # The arq queue the turn's job was taken from: the script does arq's clean-up of the job
     # (the caller then skips arq's own). None: arq does it.
     job_queue: str | None = None
+    # Conversation memory items the run added (JSON), appended with the result (fenced alike),
+    # kept ``memory_ttl_s`` (None: no expiry), as ``workers/memory.py`` writes them.
+    memory_items: Sequence[str] = ()
+    memory_ttl_s: int | None = None
 
 
 ARQ_ABORT_JOBS = "arq:abort"  # arq.constants.abort_jobs_ss: job ids asked to abort
@@ -405,6 +409,10 @@ class TurnQueue:
         With ``extras.trace_json`` the attempt's kept trace record is appended to
         ``keys.trace`` (for ``extras.trace_ttl_s``) in the same step: one round trip fewer.
 
+        With ``extras.memory_items`` the run's conversation memory items are appended first,
+        in the same step (the worker's memory write without a round trip of its own): the
+        memory and the result are written together, or (fenced, duplicate) neither.
+
         With ``extras.job_queue`` the turn's arq job (taken from that queue) is cleaned up as
         arq would once the job returns (``keep_result`` 0), in the same step.
 
@@ -467,6 +475,9 @@ class TurnQueue:
                 "trace_json": extras.trace_json or "",
                 "trace_ttl_s": extras.trace_ttl_s,
                 "arq_cleanup": "1" if extras.job_queue else "",
+                "memory_session_id": keys.session_id(cid),
+                "memory_ttl_s": "" if extras.memory_ttl_s is None else int(extras.memory_ttl_s),
+                "memory_items": list(extras.memory_items),
             },
         )
         return Outcome(verdict)

@@ -302,8 +302,8 @@ class Attempt:
         return await self.complete(ran, agent.name, session)
 
     async def _run_agent(self, agent: Agent[Any], session: ConversationMemory) -> RunResult | Tripwire:
-        """The agent run under the turn timeout and a trace; its memory flushed in one fenced
-        write unless a guardrail tripped (then the tripwire is returned, not raised)."""
+        """The agent run under the turn timeout and a trace (a tripped guardrail's tripwire is
+        returned, not raised); the memory items it added stay buffered in ``session``."""
         rt, req = self.rt, self.req
         if self.decision.memory_length > self.decision.memory_base:
             # An earlier attempt wrote memory and then died before its result: undo that.
@@ -349,10 +349,8 @@ class Attempt:
                     )
                 except (InputGuardrailTripwireTriggered, OutputGuardrailTripwireTriggered) as exc:
                     ran = exc
-        if not isinstance(ran, Tripwire):
-            # The run's memory items, in one fenced write (refused if a newer attempt took over).
-            await session.flush()
-        # A tripped guardrail's message is not kept in memory: it must not steer later turns.
+        # The run's memory items stay buffered in ``session``: ``complete`` writes them with
+        # the result, in the finish script (fenced alike), unless a guardrail tripped.
         return ran
 
     def _trace_name(self) -> str:
@@ -385,8 +383,13 @@ class Attempt:
                               duration_ms=duration_ms, warnings=session.warnings)
         await self._stop_lease()
         batch = hooks.batch_json()
+        # The run's memory items go with the result (one fenced write, refused as a whole if a
+        # newer attempt took over). A tripped guardrail's message is not kept in memory: it
+        # must not steer later turns.
+        memory = () if isinstance(ran, Tripwire) else session.take_pending()
         extras = FinishExtras(current_agent=last_agent, events_ttl_s=rt.settings.trace_retention_s,
-                              checks=self.has_checks, job_queue=self.source_queue)
+                              checks=self.has_checks, job_queue=self.source_queue, memory_items=memory,
+                              memory_ttl_s=rt.settings.session_ttl_s)
         if kept is not None and traces is not None:
             extras = dataclasses.replace(extras, trace_json=kept.json, trace_ttl_s=traces.retention_s)
         outcome = await durably(rt, "result", lambda: rt.queue.finish(result, batch, fence=self.number,

@@ -91,9 +91,9 @@ class ConversationMemory(SessionABC):
     (tests and tools that read or seed history).
 
     With ``buffered=True`` (what the worker uses) the items a run adds are kept in this
-    object and written by ``flush()`` in one fenced call when the run has succeeded: one
-    Redis round trip a turn instead of one per step, and a failed attempt writes nothing
-    (the worker's roll-back stays for an attempt that died between flush and result).
+    object and written by ``flush()`` in one fenced call when the run has succeeded (or
+    handed over by ``take_pending()``: the worker writes them with the turn's result, in the
+    finish script): never one round trip per step, and a failed attempt writes nothing.
 
     ``preloaded``: the stored items (raw, ``LRANGE 0 -1``) as the caller just read them (the
     worker: ``START`` returns them): the first ``get_items`` reads them instead of Redis. Any
@@ -178,6 +178,13 @@ class ConversationMemory(SessionABC):
             self._pending += encoded
         else:
             await self._write(encoded)
+
+    def take_pending(self) -> list[str]:
+        """What a buffered run added (JSON, in order), handed to the caller to write, and
+        forgotten here: the worker appends them with the turn's result in the finish script
+        (``FinishExtras.memory_items``, fenced alike), one round trip fewer than ``flush``."""
+        pending, self._pending = self._pending, []
+        return pending
 
     async def flush(self) -> int:
         """Write what a buffered run added (one fenced call); how many items were written."""

@@ -1,6 +1,6 @@
 -- Write a turn's terminal result and telemetry, then wake its conversation's next turn.
 --! keys: turn, conv_queue, conv_active, conv_state, arq_queue, results, telemetry, turn_events, raw_text, session_messages, session_meta, turn_errors, checks_queue, trace, job_queue, arq_job, arq_in_progress, arq_retry, arq_abort
---! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version, checks, checks_job, checks_fname, checks_prefix, trace_json, trace_ttl_s, arq_cleanup
+--! args: turn_id, conversation_id, status, result_json, telemetry_batch, now_ms, job_prefix, job_ttl, fname, current_agent, attempt, events_ttl_s, fence, final_error_json, default_workflow, queue_prefix, workflow, version, checks, checks_job, checks_fname, checks_prefix, trace_json, trace_ttl_s, arq_cleanup, memory_session_id, memory_ttl_s, *memory_items
 --! include: arq_job, wake, route, fence_check, telemetry_entry
 -- result_json: without ``errors``. '' means none for telemetry_batch, fence and
 -- final_error_json, and "keep" for current_agent. The next turn's job goes to the queue of the
@@ -16,6 +16,11 @@
 -- is written: arq's clean-up of it (Worker.finish_job with keep_result 0: its in-progress,
 -- retry and job keys deleted, out of its queue and arq's abort set) is done here, and the
 -- worker skips arq's own (one round trip fewer).
+-- memory_items: the conversation memory items the run added (JSON, none: nothing to add),
+-- appended to ``session_messages`` first, as workers/lua/memory_append.lua does (the SDK's
+-- layout: ``session_meta`` gets session_id ``memory_session_id``, updated_at, created_at once;
+-- both kept ``memory_ttl_s``, '' = no expiry): the run's memory and its result are written
+-- together or not at all, in one round trip.
 -- trace_json: the attempt's kept trace record ('' = none kept), appended to ``trace`` (kept
 -- ``trace_ttl_s``) with the result: the trace store's write without a round trip of its own.
 -- Returns 'written' (finished now), 'duplicate' (already finished) or 'fenced' (another
@@ -70,6 +75,18 @@ local stored = redis.pcall('LRANGE', K.turn_errors, 0, -1)
 if stored.err then stored = {'unreadable'} end  -- WRONGTYPE: one unreadable error, not a stuck turn
 for i, item in ipairs(stored) do errors[i] = attempt_error(item, i) end
 if A.final_error_json ~= '' then errors[#errors + 1] = A.final_error_json end
+if #A.memory_items > 0 then
+  local now_s = math.floor(tonumber(A.now_ms) / 1000)
+  for i = 1, #A.memory_items, 1000 do  -- unpack takes a few thousand values at most
+    redis.call('RPUSH', K.session_messages, unpack(A.memory_items, i, math.min(i + 999, #A.memory_items)))
+  end
+  redis.call('HSET', K.session_meta, 'session_id', A.memory_session_id, 'updated_at', now_s)
+  redis.call('HSETNX', K.session_meta, 'created_at', now_s)
+  if A.memory_ttl_s ~= '' then
+    redis.call('EXPIRE', K.session_messages, A.memory_ttl_s)
+    redis.call('EXPIRE', K.session_meta, A.memory_ttl_s)
+  end
+end
 local result = string.sub(A.result_json, 1, -2) .. ',"errors":[' .. table.concat(errors, ',') .. ']}'
 redis.call('HSET', K.turn, 'status', A.status, 'result', result,
            'memory_end', redis.call('LLEN', K.session_messages),
