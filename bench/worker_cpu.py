@@ -8,7 +8,9 @@ Two figures from the same run, each in a fresh process, interleaved:
   ÷ ``n``. Read from ``RUSAGE_CHILDREN`` around the child's run, so nothing samples it.
 - **bare**: the CPU time of a process running ``Runner.run`` on the same turns at the
   worker's concurrency (``max_jobs``, 50) with the SDK's tracing on (spans built, no
-  processor), ÷ ``n``: the SDK run alone, what any fleet running this agent pays.
+  processor), ÷ ``n``: the SDK run alone, what any fleet running this agent pays. It runs on
+  the worker's event loop (uvloop, ``workers/supervisor.py``), so the loop's gain is not
+  counted as turnfleet's.
 
 **outside the SDK run** = worker − bare: queue bookkeeping, telemetry and tracing, redaction,
 memory, checks and the event loop's share of them. redis-server's CPU per turn (INFO cpu over
@@ -167,7 +169,12 @@ def section(base: Path, quick: bool, note: str) -> list[str]:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--bare":
-        print(json.dumps(asyncio.run(_bare_run(int(sys.argv[2]), sys.argv[3]))))
+        from turnfleet.workers.supervisor import event_loop_factory
+
+        # On the worker's own event loop (uvloop where installed): the difference is then
+        # turnfleet's work, not the loops'.
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            print(json.dumps(runner.run(_bare_run(int(sys.argv[2]), sys.argv[3]))))
     else:
         import tempfile
 
