@@ -29,7 +29,7 @@ async def _burst_commands(producer: Any, redis: Any, fleet_env: dict[str, str], 
 
 async def test_a_job_is_claimed_in_one_script_call_not_arqs_watch_transaction(producer, redis, fleet_env, tmp_path):
     """arq claims a job with WATCH, EXISTS, ZSCORE, MULTI, PSETEX, EXEC (four round trips);
-    the worker claims it with one script call (``workers/lua/claim_job.lua``), for the turn's
+    the worker claims it with one script call (``workers/lua/claim_jobs.lua``), for the turn's
     job and its check job alike."""
     sent, results = await _burst_commands(producer, redis, fleet_env, tmp_path)
     assert [r.status for r in results] == ["completed"] * 3
