@@ -65,6 +65,7 @@ from redis.exceptions import RedisError
 from turnfleet import keys
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.queue import Lane, TurnQueue
+from turnfleet.workers.checks_lane import checks_lane_class
 
 log = structlog.get_logger(__name__)
 
@@ -125,12 +126,13 @@ class Lanes:
                 "ctx": {"lane": Lane.ISOLATED.value, "queue": keys.workflow_isolated_queue(workflow)},
             }))
         # The checks lanes: one per served workflow with checks, sharing ``check_jobs``.
+        checks_cls = checks_lane_class(worker_cls)  # many check jobs per poll, one batch
         self.checks_lanes: list[Worker] = [
-            worker_cls(**{
+            checks_cls(**{
                 **kwargs, "burst": False, "queue_name": keys.workflow_checks_queue(workflow),
                 "max_jobs": check_jobs, "on_startup": None, "on_shutdown": None,
                 "on_job_start": None, "on_job_end": None,  # not turns: not in the in-flight count
-                # The claim sets the check job's lease (``TurnWorker.start_jobs``): no first renewal.
+                # The claim sets the check jobs' lease (``claim_checks.lua``): no first renewal.
                 "ctx": {"queue": keys.workflow_checks_queue(workflow), CLAIM_LEASES: True},
             })
             for workflow in dict.fromkeys(checked) if workflow in self.workflows
