@@ -100,7 +100,7 @@ class Lanes:
 
     def __init__(self, worker_cls: type[Worker], kwargs: dict[str, Any], *, burst: bool,
                  workflows: tuple[str, ...] = (DEFAULT_WORKFLOW,), checked: tuple[str, ...] = (),
-                 check_jobs: int = 2) -> None:
+                 check_jobs: int = 100) -> None:
         self.burst = burst
         self.workflows = tuple(dict.fromkeys(workflows)) or (DEFAULT_WORKFLOW,)
         self.ready = asyncio.Event()
