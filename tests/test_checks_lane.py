@@ -216,3 +216,34 @@ async def test_a_job_of_a_newer_format_is_left_for_a_newer_worker_its_try_undone
     assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + job_id)
     assert int(await redis.get(keys.ARQ_RETRY_PREFIX + job_id)) == 0
     assert await redis.zscore(keys.CHECKS_QUEUE, job_id) > 1
+
+
+async def test_a_batchs_check_events_are_what_the_event_models_write(redis, producer):
+    """The batch builds its ``check`` events as plain JSON (cheaper than the models): field for
+    field what ``events.batch_json`` of ``events.event`` writes, so the consumer reads the same
+    entry (a judge's model and usage on the envelope included)."""
+    from turnfleet import events
+    from turnfleet.models import TokenUsage
+    from turnfleet.workers.check_job import CheckJob, _telemetry_batch, _Turn
+
+    ctx, turn_id = await finished_turn(redis, producer)
+    record = await producer.result(turn_id)
+    usage = TokenUsage(requests=1, input_tokens=120, output_tokens=9)
+    outcomes = [
+        {"check": "a", "money_path": True, "passed": True, "reason": "", "applicable": True, "duration_us": 12.5,
+         "error": None, "outcome": "passed"},
+        {"check": "judge", "money_path": False, "passed": False, "reason": "score 0.2", "applicable": True,
+         "duration_us": 0.0, "error": "APIError", "outcome": "failed", "model": "m-1",
+         "usage": usage.model_dump(mode="json"), "score": 0.2},
+    ]
+    turn = _Turn(CheckJob(turn_id, "c-1"), record=record, outcomes=outcomes)
+    ts = "2026-11-30T12:00:00.123456Z"
+    expected = events.batch_json([
+        events.event(events.CheckDetail(check=o["check"], outcome=o["outcome"], money_path=o["money_path"],
+                                        reason=o["reason"] or None, error=o["error"], duration_us=o["duration_us"]),
+                     turn_id=turn_id, attempt=0, seq=seq, conversation_id="c-1", customer_id="C-100",
+                     event_id=events.check_event_id(turn_id, o["check"]), model=o.get("model"),
+                     usage=usage if o.get("usage") else None, ts=ts)
+        for seq, o in enumerate(outcomes)])
+    assert _telemetry_batch(turn, ts) == expected
+    assert [e.usage for e in events.parse_events(_telemetry_batch(turn, ts))] == [None, usage]

@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -57,7 +58,7 @@ from turnfleet import events, keys, versions
 from turnfleet.checks import Check, CheckOutcome, FinishedTurn, as_checks, run_checks
 from turnfleet.connection import RAW, lenient_text
 from turnfleet.judge import JudgeEndpoint, run_with_endpoint
-from turnfleet.models import TokenUsage, TurnResult
+from turnfleet.models import TurnResult
 from turnfleet.queue import ARQ_ABORT_JOBS, CORRUPT_TURN_RECORD, session_meta
 from turnfleet.scripts import load_script
 from turnfleet.workers.attempt import Runtime
@@ -332,19 +333,28 @@ def _expired(name: str, money_path: bool, why: str) -> dict[str, Any]:
             "applicable": False, "duration_us": 0.0, "error": None, "outcome": "inputs_expired"}
 
 
-def _telemetry_batch(turn: _Turn) -> str:
+def _telemetry_batch(turn: _Turn, ts: str) -> str:
+    """The turn's ``check`` events as the JSON array ``events.batch_json`` writes for them
+    (``TelemetryEvent.export``: the same fields, order and values), built as plain dicts: the
+    pydantic models cost more than the checks themselves (issue 19). ``ts``: the batch's
+    time, one for all its events. ``tests/test_checks_lane.py`` holds it to the models' output."""
     record, turn_id = turn.record, turn.job.turn_id
     assert record is not None
-    return events.batch_json([
-        events.event(
-            events.CheckDetail(check=o["check"], outcome=o["outcome"], money_path=o["money_path"],
-                               reason=o["reason"] or None, error=o["error"], duration_us=o["duration_us"]),
-            turn_id=turn_id, attempt=0, seq=seq, conversation_id=record.conversation_id or turn.job.conversation_id,
-            customer_id=record.customer_id, event_id=events.check_event_id(turn_id, o["check"]),
-            model=o.get("model"), usage=TokenUsage(**o["usage"]) if o.get("usage") else None,
-        )
+    conversation_id, customer_id = record.conversation_id or turn.job.conversation_id, record.customer_id
+    return json.dumps([
+        {"event_id": events.check_event_id(turn_id, o["check"]), "kind": "check", "seq": seq, "turn_id": turn_id,
+         "attempt": 0, "conversation_id": conversation_id, "customer_id": customer_id, "agent": None,
+         "model": o.get("model"), "tool": None, "ts": ts, "usage": o.get("usage"), "duration_ms": None,
+         "error": None,
+         "detail": {"check": o["check"], "outcome": o["outcome"], "money_path": o["money_path"],
+                    "reason": o["reason"] or None, "error": o["error"], "duration_us": float(o["duration_us"])}}
         for seq, o in enumerate(turn.outcomes)
-    ])
+    ], separators=(",", ":"))
+
+
+def event_time() -> str:
+    """Now as a ``TelemetryEvent.ts`` is written (UTC, ISO 8601, ``Z``)."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 async def _write(rt: Runtime, turns: list[_Turn], job_queue: str | None) -> list[str]:
@@ -353,6 +363,7 @@ async def _write(rt: Runtime, turns: list[_Turn], job_queue: str | None) -> list
     script_keys: list[str] = []
     script_args: list[Any] = []
     sent: list[_Turn] = []
+    ts = event_time()
     for turn in turns:
         write = turn.verdict is None and bool(turn.outcomes)
         if not write and not job_queue:
@@ -361,7 +372,7 @@ async def _write(rt: Runtime, turns: list[_Turn], job_queue: str | None) -> list
         script_keys += [keys.turn(turn_id), keys.turn_checks(turn_id), keys.ARQ_JOB_PREFIX + job_id,
                         keys.ARQ_IN_PROGRESS_PREFIX + job_id, keys.ARQ_RETRY_PREFIX + job_id]
         script_args += [turn_id, job_id, json.dumps(turn.outcomes, separators=(",", ":")) if write else "",
-                        _telemetry_batch(turn) if write else "",
+                        _telemetry_batch(turn, ts) if write else "",
                         (record.workflow or "") if record else "", (record.version or "") if record else ""]
         sent.append(turn)
     if sent:
@@ -371,10 +382,13 @@ async def _write(rt: Runtime, turns: list[_Turn], job_queue: str | None) -> list
             args={"batch_version": versions.BATCH_CHECK, "arq_cleanup": "1" if job_queue else "", "jobs": script_args},
         )
         for turn, reply in zip(sent, replies, strict=True):
-            verdict = lenient_text(reply) if isinstance(reply, bytes) else str(reply)
             if turn.verdict is None:
-                turn.verdict = verdict
-                failed = [o["check"] for o in turn.outcomes if o["outcome"] == "failed"]
-                log.info("checks.done", turn_id=turn.job.turn_id, written=verdict, checks=len(turn.outcomes),
-                         failed=failed)
-    return [t.verdict or "none" for t in turns]
+                turn.verdict = lenient_text(reply) if isinstance(reply, bytes) else str(reply)
+    verdicts = [t.verdict or "none" for t in turns]
+    # One line per batch (a line per turn cost as much as its checks): what was written, and
+    # each turn with a failed check, by name.
+    failed = {t.job.turn_id: [o["check"] for o in t.outcomes if o["outcome"] == "failed"]
+              for t in turns if t.verdict == "written" and any(o["outcome"] == "failed" for o in t.outcomes)}
+    log.info("checks.done", jobs=len(turns), **{v: verdicts.count(v) for v in sorted(set(verdicts))},
+             turn_id=turns[0].job.turn_id if len(turns) == 1 else None, failed=failed)
+    return verdicts

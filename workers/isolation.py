@@ -59,12 +59,14 @@ import contextlib
 from typing import Any
 
 import structlog
+from arq.utils import to_seconds
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from turnfleet import keys
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.queue import Lane, TurnQueue
+from turnfleet.workers.checks_lane import POLL_DELAY_S as CHECKS_POLL_DELAY_S
 from turnfleet.workers.checks_lane import checks_lane_class
 
 log = structlog.get_logger(__name__)
@@ -131,6 +133,7 @@ class Lanes:
             checks_cls(**{
                 **kwargs, "burst": False, "queue_name": keys.workflow_checks_queue(workflow),
                 "max_jobs": check_jobs, "on_startup": None, "on_shutdown": None,
+                "poll_delay": max(to_seconds(kwargs.get("poll_delay")) or 0.0, CHECKS_POLL_DELAY_S),
                 "on_job_start": None, "on_job_end": None,  # not turns: not in the in-flight count
                 # The claim sets the check jobs' lease (``claim_checks.lua``): no first renewal.
                 "ctx": {"queue": keys.workflow_checks_queue(workflow), CLAIM_LEASES: True},
