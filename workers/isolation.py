@@ -46,7 +46,8 @@ with its own small ``max_jobs`` (``TURNFLEET_CHECK_JOBS``, shared by the checks 
 process), outside the switch: check jobs never take a turn's slot, never pause for the
 isolated lane and never make a turn wait. (A check job may run beside an isolated turn: it is
 no turn, and a check that kills its worker is the team's own check, run again elsewhere.) Its
-jobs are not counted as turns in flight.
+jobs are not counted as turns in flight. Its poll (``workers/checks_lane.py``, every 50 ms)
+takes the due jobs as one batch (issue 19).
 
 A worker run by arq directly (``arq workers.settings.WorkerSettings``) has one plain lane: a
 loss is an ordinary attempt there, as before.
