@@ -389,6 +389,7 @@ async def _write(rt: Runtime, turns: list[_Turn], job_queue: str | None) -> list
     # each turn with a failed check, by name.
     failed = {t.job.turn_id: [o["check"] for o in t.outcomes if o["outcome"] == "failed"]
               for t in turns if t.verdict == "written" and any(o["outcome"] == "failed" for o in t.outcomes)}
-    log.info("checks.done", jobs=len(turns), **{v: verdicts.count(v) for v in sorted(set(verdicts))},
-             turn_id=turns[0].job.turn_id if len(turns) == 1 else None, failed=failed)
+    one = {"turn_id": turns[0].job.turn_id} if len(turns) == 1 else {}
+    log.info("checks.done", jobs=len(turns), **{v: verdicts.count(v) for v in sorted(set(verdicts))}, **one,
+             failed=failed)
     return verdicts
