@@ -247,3 +247,27 @@ async def test_a_batchs_check_events_are_what_the_event_models_write(redis, prod
         for seq, o in enumerate(outcomes)])
     assert _telemetry_batch(turn, ts) == expected
     assert [e.usage for e in events.parse_events(_telemetry_batch(turn, ts))] == [None, usage]
+
+
+class _BrokenRedactor:
+    """A redactor with a bug: the batch raises what no check job expects."""
+
+    def text(self, value: str) -> str:
+        raise ValueError("redactor bug")
+
+
+async def test_a_batch_that_raises_puts_its_jobs_back_and_the_lane_goes_on(redis, producer, pool, capsys):
+    ctx, [turn_id] = await desk_turns(redis, producer, 1)
+    ctx["runtime"].redactor = _BrokenRedactor()
+    lane = checks_lane(pool, ctx)
+    job_id = keys.checks_job_id(turn_id)
+    await one_poll(lane)  # the batch's error is not the poll loop's
+    assert "checks.batch_failed" in capsys.readouterr().out
+    assert not await redis.exists(keys.turn_checks(turn_id))
+    assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + job_id)
+    assert await redis.zscore(keys.CHECKS_QUEUE, job_id) > 0  # back, due a retry delay later
+    assert lane.jobs_failed == 1
+    ctx["runtime"].redactor = None
+    await redis.zadd(keys.CHECKS_QUEUE, {job_id: 1})  # due now: the next poll writes it
+    await one_poll(lane)
+    assert list(await stored_checks(redis, turn_id)) == DESK_CHECKS

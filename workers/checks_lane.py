@@ -23,7 +23,9 @@ another turn is dead-lettered (logged, cleaned up, no outcome); a job of a newer
 back for a newer worker (its try undone); a job taken more than arq's ``max_tries`` times (its
 workers were lost while it ran) is dead-lettered; a batch that fails on Redis puts each job
 back ``retry_delay_s`` × tries later, and dead-letters it after ``CHECK_JOB_TRIES`` tries; a
-drained (cancelled) batch releases its claims at once, the jobs staying queued for any worker.
+drained (cancelled) batch releases its claims at once, the jobs staying queued for any worker;
+a batch that raises anything else (a bug) is logged ``checks.batch_failed`` and its jobs are
+retried as after a Redis error: the lane's poll loop goes on.
 A check job never takes a turn's slot: the lane's slots are its own.
 """
 
@@ -129,6 +131,10 @@ class ChecksLane:
             self.jobs_complete += len(verdicts)
         except RedisError as exc:
             await self._retry(rt, jobs, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in one batch must not end the lane's poll loop
+            log.exception("checks.batch_failed", jobs=len(jobs), error=f"{type(exc).__name__}: {exc}")
+            self.jobs_failed += len(jobs)  # as arq counts a job that raised (a burst worker exits 1)
+            await self._retry(rt, jobs, exc)
         except asyncio.CancelledError:
             # Drained: the jobs stay queued; their claims end now, for any worker (arq's retry_jobs).
             with contextlib.suppress(RedisError, OSError):
@@ -139,9 +145,9 @@ class ChecksLane:
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
 
-    async def _retry(self: Any, rt: Any, jobs: list[CheckJob], exc: RedisError) -> None:
-        """After a Redis error: each job back in the queue ``retry_delay_s`` × tries later, or
-        dead-lettered after ``CHECK_JOB_TRIES`` tries (cleaned up: the turn is untouched)."""
+    async def _retry(self: Any, rt: Any, jobs: list[CheckJob], exc: Exception) -> None:
+        """After a Redis error (or a bug): each job back in the queue ``retry_delay_s`` × tries
+        later, or dead-lettered after ``CHECK_JOB_TRIES`` tries (cleaned up: the turn is untouched)."""
         delay_s = rt.settings.retry_delay_s
         dead = [j for j in jobs if j.tries >= CHECK_JOB_TRIES]
         back = [j for j in jobs if j.tries < CHECK_JOB_TRIES]
