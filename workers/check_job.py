@@ -236,7 +236,15 @@ def _inputs(turn: _Turn, reply: list[Any]) -> tuple[TurnResult | None, list[dict
         return None, []
     turn.record = record
     expired, base, session, created = reply[2], reply[3], reply[4], reply[5]
-    return record, _earlier(expired, int(base or 0), session, created, reply[6:])
+    return record, _earlier(expired, _memory_base(base), session, created, reply[6:])
+
+
+def _memory_base(value: Any) -> int:
+    """The record's ``memory_base`` (absent: 0); -1 when it is no count (a corrupt record)."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        return -1
 
 
 def _earlier(expired: Any, memory_base: int, session: Any, created: Any, stored: list[bytes]) -> list[dict[str, Any]]:
@@ -244,6 +252,8 @@ def _earlier(expired: Any, memory_base: int, session: Any, created: Any, stored:
     when the record or that memory is no longer what the turn saw."""
     if expired:
         raise _InputsGone("the turn's raw text expired (TURNFLEET_RAW_RETENTION_S)")
+    if memory_base < 0:
+        raise _InputsGone("the turn's record cannot be read (memory_base)")
     if memory_base == 0:
         return []
     if len(stored) < memory_base or (session and lenient_text(created) != lenient_text(session)):
@@ -273,7 +283,7 @@ async def _inputs_slowly(rt: Runtime, turn_id: str) -> tuple[TurnResult | None, 
         pipe.execute_command("LRANGE", keys.session_messages(cid), 0, -1, **RAW)
         (expired, base, session), created, stored = await pipe.execute()
     try:
-        return record, _earlier(expired, int(base or 0), session, created, stored)
+        return record, _earlier(expired, _memory_base(base), session, created, stored)
     except _InputsGone as gone:
         raise _InputsGone(str(gone), record) from None
 
