@@ -18,6 +18,7 @@ from arq.worker import Worker, get_kwargs
 from redis.asyncio import Redis
 
 from tests.test_check_job import DESK_CHECKS, check_entries, finished_turn, stored_checks
+from tests.test_worker_round_trips import _commandstats
 from tests.worker_runtime import runtime
 from turnfleet import keys
 from turnfleet.checks import check, failed, passed
@@ -53,11 +54,6 @@ async def one_poll(lane: Worker) -> None:
     """One poll of the lane, and whatever it started run to its end."""
     await lane._poll_iteration()
     await asyncio.gather(*lane.tasks.values())
-
-
-async def _commandstats(redis: Redis) -> dict[str, int]:
-    stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 async def desk_turns(redis: Redis, producer: Any, n: int, app: App | None = None) -> tuple[dict[str, Any], list[str]]:
