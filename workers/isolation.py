@@ -42,7 +42,7 @@ outcome writes are refused (fencing), and they write nothing.
 
 **The checks lane** (issue 17, ``workers/check_job.py``). Per served workflow that declares
 checks, a third arq ``Worker`` reads the workflow's checks queue (``keys.workflow_checks_queue``)
-with its own small ``max_jobs`` (``TURNFLEET_CHECK_JOBS``, shared by the checks lanes of the
+with its own ``max_jobs`` (``TURNFLEET_CHECK_JOBS``, shared by the checks lanes of the
 process), outside the switch: check jobs never take a turn's slot, never pause for the
 isolated lane and never make a turn wait. (A check job may run beside an isolated turn: it is
 no turn, and a check that kills its worker is the team's own check, run again elsewhere.) Its
