@@ -119,13 +119,13 @@ async def test_a_completed_turns_trace_is_written_by_the_finish_script(producer,
 
 async def test_a_turn_reads_its_memory_in_start_not_in_a_read_of_its_own(producer, redis, fleet_env, tmp_path):
     """``START`` returns the conversation memory's items with the request; the run's session
-    reads them from there. The one read of the memory from outside a script left is the
-    check job's (its own pipeline, after the turn)."""
+    reads them from there. The check job reads the memory before the turn in its batch's
+    read script (``read_checks.lua``): no read of the memory from outside a script is left."""
     cid = "conv-rt-memory"
     _turn_id, seen = await _monitored(redis, producer, fleet_env, tmp_path, cid, keys.session_messages(cid))
     reads = [who for who, cmd in seen if cmd == "LRANGE"]
     assert reads.count("lua") >= 1  # START's
-    assert len([who for who in reads if who != "lua"]) == 1, seen  # the check job's
+    assert [who for who in reads if who != "lua"] == [], seen
 
 
 async def test_a_finished_turns_arq_job_is_cleaned_up_by_the_finish_script(producer, redis, fleet_env, tmp_path):

@@ -197,12 +197,20 @@ CheckFunction = Callable[[FinishedTurn], Any]
 
 @dataclass(frozen=True)
 class Check:
-    """A named check. ``money_path``: it guards money (alerted at once on failure)."""
+    """A named check. ``money_path``: it guards money (alerted at once on failure).
+
+    ``blocking`` (default True) says the check may wait (I/O, a model call, a lock, a sleep) or
+    run long: the check job runs such a turn's checks in a thread, so the worker's event loop
+    never waits for them. ``blocking=False`` promises cheap pure Python over the
+    :class:`FinishedTurn` (the Support Desk's checks: tens of µs): a turn whose checks all
+    promise it runs them on the loop, without a thread hop (``workers/check_job.py``). A check
+    that breaks the promise delays the worker's turns while it runs: leave it True when unsure."""
 
     name: str
     function: CheckFunction
     money_path: bool = False
     description: str = ""
+    blocking: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -221,14 +229,15 @@ class Check:
 
 
 def check(name: str | CheckFunction | None = None, *, money_path: bool = False,
-          description: str = "") -> Any:
+          description: str = "", blocking: bool = True) -> Any:
     """``@check("refund_matches", money_path=True)`` (or bare ``@check``): the function as a
-    :class:`Check` named ``name`` (default: the function's name)."""
+    :class:`Check` named ``name`` (default: the function's name); ``blocking`` as
+    :class:`Check`'s."""
     if callable(name):
-        return Check(name.__name__, name, money_path, description)
+        return Check(name.__name__, name, money_path, description, blocking)
 
     def wrap(function: CheckFunction) -> Check:
-        return Check(name or function.__name__, function, money_path, description)
+        return Check(name or function.__name__, function, money_path, description, blocking)
 
     return wrap
 

@@ -128,9 +128,10 @@ class WorkerProcessSettings(CommonSettings):
     poll_delay_s: float = Field(default=0.01, description="arq queue poll interval.")
     max_jobs: int = Field(default=50, description="Turns in flight per worker process.")
     check_jobs: int = Field(
-        default=2, ge=1,
+        default=100, ge=1,
         description="Check jobs (a finished turn's checks) in flight per worker process, in a lane of "
-        "their own: they never take a turn's slot.",
+        "their own: they never take a turn's slot. One poll of the lane takes up to this many as one "
+        "batch (workers/checks_lane.py).",
     )
     turn_timeout_s: float = Field(default=120.0, description="One attempt of a turn, at most.")
     max_attempts: int = Field(default=3, description="Attempts before a turn ends 'failed'.")

@@ -42,11 +42,12 @@ outcome writes are refused (fencing), and they write nothing.
 
 **The checks lane** (issue 17, ``workers/check_job.py``). Per served workflow that declares
 checks, a third arq ``Worker`` reads the workflow's checks queue (``keys.workflow_checks_queue``)
-with its own small ``max_jobs`` (``TURNFLEET_CHECK_JOBS``, shared by the checks lanes of the
+with its own ``max_jobs`` (``TURNFLEET_CHECK_JOBS``, shared by the checks lanes of the
 process), outside the switch: check jobs never take a turn's slot, never pause for the
 isolated lane and never make a turn wait. (A check job may run beside an isolated turn: it is
 no turn, and a check that kills its worker is the team's own check, run again elsewhere.) Its
-jobs are not counted as turns in flight.
+jobs are not counted as turns in flight. Its poll (``workers/checks_lane.py``, every 50 ms)
+takes the due jobs as one batch (issue 19).
 
 A worker run by arq directly (``arq workers.settings.WorkerSettings``) has one plain lane: a
 loss is an ordinary attempt there, as before.
@@ -59,12 +60,15 @@ import contextlib
 from typing import Any
 
 import structlog
+from arq.utils import to_seconds
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from turnfleet import keys
 from turnfleet.models import DEFAULT_WORKFLOW
 from turnfleet.queue import Lane, TurnQueue
+from turnfleet.workers.checks_lane import POLL_DELAY_S as CHECKS_POLL_DELAY_S
+from turnfleet.workers.checks_lane import checks_lane_class
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +103,7 @@ class Lanes:
 
     def __init__(self, worker_cls: type[Worker], kwargs: dict[str, Any], *, burst: bool,
                  workflows: tuple[str, ...] = (DEFAULT_WORKFLOW,), checked: tuple[str, ...] = (),
-                 check_jobs: int = 2) -> None:
+                 check_jobs: int = 100) -> None:
         self.burst = burst
         self.workflows = tuple(dict.fromkeys(workflows)) or (DEFAULT_WORKFLOW,)
         self.ready = asyncio.Event()
@@ -125,12 +129,14 @@ class Lanes:
                 "ctx": {"lane": Lane.ISOLATED.value, "queue": keys.workflow_isolated_queue(workflow)},
             }))
         # The checks lanes: one per served workflow with checks, sharing ``check_jobs``.
+        checks_cls = checks_lane_class(worker_cls)  # many check jobs per poll, one batch
         self.checks_lanes: list[Worker] = [
-            worker_cls(**{
+            checks_cls(**{
                 **kwargs, "burst": False, "queue_name": keys.workflow_checks_queue(workflow),
                 "max_jobs": check_jobs, "on_startup": None, "on_shutdown": None,
+                "poll_delay": max(to_seconds(kwargs.get("poll_delay")) or 0.0, CHECKS_POLL_DELAY_S),
                 "on_job_start": None, "on_job_end": None,  # not turns: not in the in-flight count
-                # The claim sets the check job's lease (``TurnWorker.start_jobs``): no first renewal.
+                # The claim sets the check jobs' lease (``claim_checks.lua``): no first renewal.
                 "ctx": {"queue": keys.workflow_checks_queue(workflow), CLAIM_LEASES: True},
             })
             for workflow in dict.fromkeys(checked) if workflow in self.workflows

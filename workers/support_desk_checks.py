@@ -140,9 +140,11 @@ def escalated_when_asked_for_a_person(turn: FinishedTurn) -> CheckResult:
 
 
 SUPPORT_DESK_CHECKS = (
-    Check("refund_amount_matches_eligibility", refund_amount_matches_eligibility, money_path=True),
-    Check("refund_order_named_by_customer", refund_order_named_by_customer, money_path=True),
-    Check("no_refund_without_eligibility_check", no_refund_without_eligibility_check, money_path=True),
-    Check("escalated_when_asked_for_a_person", escalated_when_asked_for_a_person),
+    Check("refund_amount_matches_eligibility", refund_amount_matches_eligibility, money_path=True, blocking=False),
+    Check("refund_order_named_by_customer", refund_order_named_by_customer, money_path=True, blocking=False),
+    Check("no_refund_without_eligibility_check", no_refund_without_eligibility_check, money_path=True,
+          blocking=False),
+    Check("escalated_when_asked_for_a_person", escalated_when_asked_for_a_person, blocking=False),
 )
-"""The Desk workflow's checks (``support_desk_workflow``), money-path ones first."""
+"""The Desk workflow's checks (``support_desk_workflow``), money-path ones first. Each is pure
+Python over the finished turn (tens of µs, no I/O): ``blocking=False``, run on the loop."""
