@@ -500,34 +500,76 @@ async def _count_turns(url: str) -> int:
 # -- 6b. memory growth over sizes -----------------------------------------------------------------
 
 
+def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -> dict[str, float]:
+    """``workers`` ``turnfleet worker --burst`` started together until all exit: their CPU
+    seconds (``RUSAGE_CHILDREN`` delta: the bench reaps nothing else meanwhile), the wall
+    seconds, and redis-server's CPU seconds over the same window."""
+    import resource
+
+    def children() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    redis0, cpu0, t0 = asyncio.run(_redis_cpu(url)), children(), time.perf_counter()
+    procs = [FleetProcess(f"{name}-{w}", ["worker", "--burst"], env,
+                          base / "logs" / f"{name}-{w}.log").start() for w in range(workers)]
+    try:
+        for p in procs:
+            if p.wait(1200) != 0:
+                raise RuntimeError(f"{name}: worker failed:\n{p.output()[-2000:]}")
+    finally:
+        for p in procs:
+            p.kill()
+    return {"worker_cpu_s": children() - cpu0, "wall_s": time.perf_counter() - t0,
+            "redis_cpu_s": asyncio.run(_redis_cpu(url)) - redis0}
+
+
 def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> list[dict[str, float]]:
     """One Redis; turns added in chunks up to each size (2 burst workers, then the telemetry
-    consumer), memory by key family measured at each size."""
+    consumer), memory by key family measured at each size, and what each chunk cost: the
+    workers' CPU per turn (less what two burst workers cost on an empty queue), turns/s from
+    the TurnResults, redis-server's CPU per turn during the drain and during the consumer's
+    run (aggregation and the retention purge), and the consumer's own CPU per turn."""
     out = []
     with PrivateRedis(base) as server:
         url = server.url
         done = 0
+        env = {**worker_env(url, base / "state"), **extra_env}
+        idle = _drain(url, base, "grow-empty", env, 2)  # startup + exit, nothing queued
         before = asyncio.run(_memory(url))["used_memory"]
         t0 = time.perf_counter()
         for size in sizes:
+            ids: list[str] = []
             for i in range(done, size, 10_000):
                 chunk = min(10_000, size - i)
-                asyncio.run(enqueue_all(url, conv_turns(chunk, f"g{i}")))
-            env = {**worker_env(url, base / "state"), **extra_env}
-            procs = [FleetProcess(f"grow-{size}-{w}", ["worker", "--burst"], env,
-                                  base / "logs" / f"grow-{size}-{w}.log").start() for w in range(2)]
-            for p in procs:
-                if p.wait(1200) != 0:
-                    raise RuntimeError(f"growth: worker failed:\n{p.output()[-2000:]}")
+                ids += asyncio.run(enqueue_all(url, conv_turns(chunk, f"g{i}")))
+            n = size - done
+            drain = _drain(url, base, f"grow-{size}", env, 2)
+            results = asyncio.run(_results(url, ids))
+            ok = [r for r in results if r is not None and r.status == "completed"]
+            if len(ok) != n:
+                raise RuntimeError(f"growth: {len(ok)}/{n} turns completed at {size}")
+            span = (max(r.finished_at for r in ok) - min(r.started_at for r in ok)).total_seconds()
+            redis0, own0 = asyncio.run(_redis_cpu(url)), time.process_time()
             asyncio.run(consume(url, extra_env))
+            consumer_cpu, consumer_redis = time.process_time() - own0, asyncio.run(_redis_cpu(url)) - redis0
             done = size
             mem = asyncio.run(_memory(url))
-            mem["size"] = size
+            mem.update({
+                "size": size, "chunk": n, "turns_s": n / span,
+                "worker_cpu_us_turn": (drain["worker_cpu_s"] - idle["worker_cpu_s"]) / n * 1e6,
+                "redis_cpu_us_turn": drain["redis_cpu_s"] / n * 1e6,
+                "consumer_cpu_us_turn": consumer_cpu / n * 1e6,
+                "consumer_redis_us_turn": consumer_redis / n * 1e6,
+                "idle_worker_cpu_s": idle["worker_cpu_s"],
+            })
             mem["turn_records"] = float(asyncio.run(_count_turns(url)))
             mem["used_memory_delta"] = mem["used_memory"] - before
             mem["elapsed_s"] = time.perf_counter() - t0
-            print(f"[growth] {size} turns: used_memory +{mem['used_memory_delta'] / 1e6:.1f} MB "
-                  f"({mem['elapsed_s']:.0f}s)", file=sys.stderr, flush=True)
+            print(f"[growth] {size} turns: used_memory +{mem['used_memory_delta'] / 1e6:.1f} MB, "
+                  f"{mem['turns_s']:.0f} turns/s, worker {mem['worker_cpu_us_turn']:.0f} µs/turn, "
+                  f"redis {mem['redis_cpu_us_turn']:.0f} µs/turn ({mem['elapsed_s']:.0f}s)",
+                  file=sys.stderr, flush=True)
             out.append(mem)
     return out
 
@@ -617,6 +659,51 @@ def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list
         "aggregates, latency samples capped at `TURNFLEET_LATENCY_SAMPLES`, the streams "
         "trimmed to their limits) plus the refund ledger and per-turn refund keys.",
         "",
+        *growth_cost_lines(growth),
+    ]
+
+
+def growth_cost_lines(growth: list[dict[str, float]]) -> list[str]:
+    """Table 7c: what a turn costs at each size of table 7b, and whether that grows."""
+    sizes = [int(g["size"]) for g in growth]
+
+    def row(label: str, key: str, unit: str = "") -> str:
+        return f"| {label} | " + " | ".join(f"{fmt(g[key])}{unit}" for g in growth) + " |"
+
+    first, last = growth[0], growth[-1]
+    keys = ("worker_cpu_us_turn", "redis_cpu_us_turn", "consumer_cpu_us_turn", "consumer_redis_us_turn")
+    ratio = {k: last[k] / first[k] if first[k] > 0 else float("nan") for k in keys}
+    grows = [k for k in keys if ratio[k] > GROWS]
+    names = {"worker_cpu_us_turn": "the workers' CPU", "redis_cpu_us_turn": "redis-server's CPU in the drain",
+             "consumer_cpu_us_turn": "the consumer's CPU", "consumer_redis_us_turn": "redis-server's CPU in the consumer's run"}
+    verdict_text = (
+        "Per turn, " + ", ".join(f"{names[k]} is {ratio[k]:.2f}×" for k in keys)
+        + f" at {sizes[-1]:,} what it was at {sizes[0]:,}: "
+        + ("no part grows by more than " f"{(GROWS - 1) * 100:.0f}% with the number of turns behind it."
+           if not grows else "grows: " + ", ".join(names[k] for k in grows) + "."))
+    return [
+        "### 7c. Time and CPU per turn over the same sizes",
+        "",
+        f"The same run as 7b, per chunk (the turns that brought Redis to each size: "
+        + ", ".join(f"{int(g['chunk']):,}" for g in growth) + "). **Workers' CPU**: user + sys of the two "
+        "burst workers (`getrusage(RUSAGE_CHILDREN)` around them; they run the turns and their "
+        "check jobs) less two burst workers on the empty queue "
+        f"({first['idle_worker_cpu_s']:.2f} s in all, startup and exit), ÷ turns. **turns/s**: from "
+        "the TurnResults as in table 1 (two workers). **redis-server CPU** (INFO cpu) over the "
+        "drain, then over the burst consumer's run (aggregation and the retention purge). "
+        "**Consumer CPU**: this process's CPU time over that run (`time.process_time`: the "
+        "consumer runs in-process).",
+        "",
+        "| per turn | " + " | ".join(f"at {n:,}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+        row("workers' CPU, µs", "worker_cpu_us_turn"),
+        row("turns/s (2 workers)", "turns_s"),
+        row("redis-server CPU in the drain, µs", "redis_cpu_us_turn"),
+        row("consumer CPU (aggregation + retention purge), µs", "consumer_cpu_us_turn"),
+        row("redis-server CPU in the consumer's run, µs", "consumer_redis_us_turn"),
+        "",
+        verdict_text,
+        "",
     ]
 
 
@@ -684,6 +771,7 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
 
 # -- the run: what to measure, then the report section by section -----------------------------
 
+GROWS = 1.15  # table 7c calls a per-turn cost growing when the largest size costs this much more
 GROWTH_ENV = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
               "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
 SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers")  # sections that run alone: ``--only``

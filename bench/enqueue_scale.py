@@ -1,0 +1,197 @@
+"""Bulk enqueue as the queue grows (issue 19: the last 1,000 with 500k turns queued vs the first).
+
+One `Producer` writes ``n`` turns (distinct conversations) in ``enqueue_turns`` calls of 1,000
+to a fresh Redis with no workers, so every turn stays queued. Each call is timed three ways:
+wall time, the producer's CPU (``time.process_time``: this process is the producer) and
+redis-server's CPU (``INFO cpu`` before and after; with the AOF rewrite child's CPU apart).
+Wall time on a shared machine is noisy; the two CPU figures say where a slower call went.
+Two variants, interleaved: the embedded server as it runs (AOF, ``appendfsync everysec``,
+automatic rewrites) and the same with ``CONFIG SET appendonly no``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import CUSTOMER, TEXT, PrivateRedis, col, conv_turns, interleave, stats
+
+HOW = (
+    "One `Producer` writes the turns (distinct conversations) in `enqueue_turns` calls of 1,000 to "
+    "a fresh Redis with no workers, so every turn stays queued. Each call is timed three ways: wall "
+    "time, the producer's CPU (`time.process_time`: the bench's process is the producer) and "
+    "redis-server's CPU (`INFO cpu` before and after; the AOF rewrite child's apart). Wall time on "
+    "this shared machine is noisy; the two CPU figures say where a slower call went. Two variants, "
+    "interleaved: the embedded server as it runs (AOF, `appendfsync everysec`, automatic rewrites) "
+    "and the same with `CONFIG SET appendonly no`.")
+GOAL = 0.9
+BATCH = 1000
+AROUND = 10  # calls whose median stands for a point of the curve (one call is one sample)
+VARIANTS = {"aof": "AOF on, `appendfsync everysec` (as the embedded server runs)",
+            "noaof": "AOF off (`CONFIG SET appendonly no`)"}
+
+
+async def _info(redis) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
+    """redis-server's CPU seconds (its threads), its children's (the AOF rewrite) and whether
+    a rewrite is running."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.info("cpu")
+    pipe.info("persistence")
+    cpu, pers = await pipe.execute()
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+            float(cpu["used_cpu_user_children"]) + float(cpu["used_cpu_sys_children"]),
+            int(pers["aof_rewrite_in_progress"]))
+
+
+async def _run(url: str, n: int, aof: bool, tag: str) -> list[tuple[float, float, float, int]]:
+    """Per call of ``BATCH``: (wall s, producer CPU s, redis-server CPU s, rewrite running)."""
+    from redis.asyncio import Redis
+
+    from turnfleet.producer.api import Producer
+
+    redis = Redis.from_url(url)
+    if not aof:
+        await redis.config_set("appendonly", "no")
+    turns = conv_turns(n, f"scale-{tag}")
+    calls = []
+    async with Producer(url) as p:
+        await p.enqueue_turn(conversation_id=f"warm-{tag}", customer_id=CUSTOMER, text=TEXT)
+        for i in range(0, n, BATCH):
+            r0, _, _ = await _info(redis)
+            c0, t0 = time.process_time(), time.perf_counter()
+            await p.enqueue_turns(turns[i:i + BATCH])
+            wall, own = time.perf_counter() - t0, time.process_time() - c0
+            r1, _, rewriting = await _info(redis)
+            calls.append((wall, own, r1 - r0, rewriting))
+    _, children, _ = await _info(redis)
+    keys = await redis.dbsize()
+    await redis.aclose()
+    calls.append((0.0, 0.0, children, keys))  # the last row: the rewrite children's CPU, the keys
+    return calls
+
+
+def bench(n: int, base: Path, aof: bool, rep: int) -> dict[str, float]:
+    with PrivateRedis(base) as server:
+        calls = asyncio.run(_run(server.url, n, aof, f"{'aof' if aof else 'no'}{rep}"))
+    shutil.rmtree(server.data_dir, ignore_errors=True)  # 500k turns: ~1 GB of AOF
+    *calls, (_, _, children, keys) = calls
+    out: dict[str, float] = {"first_1000": BATCH / calls[0][0], "last_1000": BATCH / calls[-1][0],
+                             "rewrite_child_us_turn": children / n * 1e6,
+                             "rewrite_calls": float(sum(c[3] for c in calls)),
+                             "turns_s": n * 1.0 / sum(c[0] for c in calls), "keys_turn": keys / n}
+    for at in points(n):
+        i = at // BATCH
+        seg = calls[:AROUND] if at == 0 else calls[-AROUND:] if at >= n - BATCH else \
+            calls[max(0, i - AROUND // 2):i + AROUND // 2]
+        out[f"turns_s@{at}"] = BATCH / statistics.median(c[0] for c in seg)
+        out[f"own_us@{at}"] = statistics.median(c[1] for c in seg) / BATCH * 1e6
+        out[f"redis_us@{at}"] = statistics.median(c[2] for c in seg) / BATCH * 1e6
+    return out
+
+
+def points(n: int) -> list[int]:
+    """Turns already queued at the points the table shows: the start, 10%, 50%, the end."""
+    return [0, n // 10, n // 2, n - BATCH]
+
+
+def measure(base: Path, n: int, reps: int) -> dict[str, list[dict[str, float]]]:
+    return interleave(reps, {v: (lambda aof: lambda r: bench(n, base, aof, r))(v == "aof")
+                             for v in VARIANTS}, "enqueue at scale")
+
+
+def ratio(runs: dict[str, list[dict[str, float]]], variant: str = "aof") -> list[float]:
+    """The goal's figure: the last call of 1,000 against the first (wall), per rep."""
+    return [r["last_1000"] / r["first_1000"] for r in runs[variant]]
+
+
+def ratio_around(runs: dict[str, list[dict[str, float]]], n: int, key: str, variant: str = "aof") -> list[float]:
+    """The same from the median of the ``AROUND`` first and last calls, for wall (``turns_s``:
+    last ÷ first) or a CPU figure (``own_us`` / ``redis_us``: first ÷ last, so > 1 is cheaper)."""
+    first, last = points(n)[0], points(n)[-1]
+    if key == "turns_s":
+        return [r[f"turns_s@{last}"] / r[f"turns_s@{first}"] for r in runs[variant]]
+    return [r[f"{key}@{first}"] / r[f"{key}@{last}"] for r in runs[variant]]
+
+
+def lines(runs: dict[str, list[dict[str, float]]], n: int, reps: int) -> list[str]:
+    pts = points(n)
+    head = "| | " + " | ".join("first call" if p == 0 else f"{p:,} queued" for p in pts) + " |"
+    rows = []
+    for v, label in VARIANTS.items():
+        rs = runs[v]
+        rows += [
+            f"| {label}: turns/s (wall) | " + " | ".join(stats(col(rs, f"turns_s@{p}")) for p in pts) + " |",
+            "| — producer CPU µs per turn | " + " | ".join(stats(col(rs, f"own_us@{p}")) for p in pts) + " |",
+            "| — redis-server CPU µs per turn | " + " | ".join(stats(col(rs, f"redis_us@{p}")) for p in pts) + " |",
+        ]
+    aof, noaof = runs["aof"], runs["noaof"]
+    wall = statistics.median(ratio_around(runs, n, "turns_s"))
+    redis_aof = statistics.median(ratio_around(runs, n, "redis_us"))
+    redis_no = statistics.median(ratio_around(runs, n, "redis_us", "noaof"))
+    own = statistics.median(ratio_around(runs, n, "own_us"))
+    return [
+        f"### 3c. Bulk enqueue as the queue grows to {n:,} turns",
+        "",
+        f"{HOW} {n:,} turns a rep, {reps} reps (`bench/enqueue_scale.py`). A cell is the "
+        f"median of {AROUND} calls of {BATCH:,} around that point (the first {AROUND}, the last "
+        f"{AROUND}), then median (min–max) over the reps.",
+        "",
+        head,
+        "|---|" + "---|" * len(pts),
+        *rows,
+        "",
+        f"- The goal's figure, the last call of 1,000 ÷ the first (wall, AOF on): "
+        f"{stats(ratio(runs))}×; from the {AROUND} first and last calls: "
+        f"{stats(ratio_around(runs, n, 'turns_s'))}× (AOF off: {stats(ratio_around(runs, n, 'turns_s', 'noaof'))}×).",
+        f"- CPU per turn, first calls ÷ last calls (above 1: the last are cheaper): producer "
+        f"{stats(ratio_around(runs, n, 'own_us'))}×; redis-server "
+        f"{stats(ratio_around(runs, n, 'redis_us'))}× with AOF, {stats(ratio_around(runs, n, 'redis_us', 'noaof'))}× without.",
+        f"- AOF rewrites: the rewrite child used {stats(col(aof, 'rewrite_child_us_turn'))} µs of CPU per "
+        f"turn on top of the table, and one was running after {stats(col(aof, 'rewrite_calls'))} of the "
+        f"{n // BATCH:,} calls. Whole run: {stats(col(aof, 'turns_s'))} turns/s with AOF, "
+        f"{stats(col(noaof, 'turns_s'))} without.",
+        "",
+        " ".join(explain(wall, redis_aof, redis_no, own, statistics.median(col(aof, "keys_turn")))),
+        "",
+    ]
+
+
+def explain(wall: float, redis_aof: float, redis_no: float, own: float, keys_turn: float) -> list[str]:
+    """What the figures say, from the figures: each sentence holds only if its test does."""
+    met = wall >= GOAL
+    out = [f"Goal ≥ {GOAL}× (read from the {AROUND} first and last calls: one call is one noisy "
+           f"sample): {'met' if met else '**missed**'} ({wall:.2f}×)."]
+    if redis_no >= 0.85 and own >= 0.85:
+        out.append(
+            "Neither the producer nor the enqueue script gets dearer per turn as the queue grows when "
+            "the AOF is off (CPU per turn within 15% of the first calls): the script's commands are "
+            "O(1) or O(log n) (`ZADD` into `arq:queue`, `tf:conversations` and the customer's "
+            "index), so the queue's size does not show. Bumps in between, if any, come from the "
+            f"keyspace's hash table doubling ({keys_turn:.0f} keys a queued turn: at every power of two keys "
+            "Redis rehashes incrementally, a step in each command for a while).")
+    else:
+        out.append("CPU per turn does grow with the queue even with the AOF off: not explained here; "
+                   "profile redis-server (`perf top -p`) over the last calls.")
+    if redis_aof < 0.85:
+        out.append(
+            "With the AOF on, redis-server's CPU per turn at the end is higher than at the start: "
+            "with Redis's defaults (`auto-aof-rewrite-percentage 100`, `auto-aof-rewrite-min-size "
+            "64mb`; the embedded server keeps them) every doubling of the AOF file triggers a rewrite (a forked child rewriting the whole "
+            "dataset: its CPU above, competing for the same cores; while it runs the server also "
+            "copies every write into the rewrite buffer, and pages it touches are copied on "
+            "write). Whether the last 1,000 land in a rewrite is timing; the fix is Redis's "
+            "configuration, not the producer's script: `auto-aof-rewrite-min-size` / "
+            "`-percentage` sized to the data (or rewrites scheduled off-peak), and a core "
+            "for the rewrite child.")
+    if not met:
+        out.append("Wall time also carries this machine's load (two cores shared with the other "
+                   "engineers' runs): read the CPU rows for the trend.")
+    return out
+
+
+def section(base: Path, quick: bool, note: str = "") -> list[str]:
+    n, reps = (50_000, 2) if quick else (500_000, 2)
+    return lines(measure(base, n, reps), n, reps) + ([note, ""] if note else [])
