@@ -133,7 +133,7 @@ def lines(runs: dict[str, list[dict[str, float]]], n: int, reps: int) -> list[st
     redis_no = statistics.median(ratio_around(runs, n, "redis_us", "noaof"))
     own = statistics.median(ratio_around(runs, n, "own_us"))
     return [
-        f"### 3c. Bulk enqueue as the queue grows to {n:,} turns",
+        f"## 3c. Bulk enqueue as the queue grows to {n:,} turns",
         "",
         f"{HOW} {n:,} turns a rep, {reps} reps (`bench/enqueue_scale.py`). A cell is the "
         f"median of {AROUND} calls of {BATCH:,} around that point (the first {AROUND}, the last "

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -771,10 +773,13 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
 
 # -- the run: what to measure, then the report section by section -----------------------------
 
+SCALE_REPS = 2  # 3c: each rep of 500k turns is a minute or two (AOF on and off)
 GROWS = 1.15  # table 7c calls a per-turn cost growing when the largest size costs this much more
 GROWTH_ENV = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
               "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
-SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers")  # sections that run alone: ``--only``
+SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers", "workercpu",
+            "enqueue_scale")  # sections that run alone: ``--only``
+MODULES = {"workercpu": "worker_cpu"}  # an ``--only`` name whose module is named otherwise
 
 Reps = dict[str, list[dict[str, float]]]  # variant -> one dict of figures a rep
 
@@ -797,6 +802,8 @@ class Plan:
     mj_latency: float
     http_s: int
     sizes: list[int]
+    n_scale: int  # 3c: turns queued by the bulk enqueue (the issue's goal is at 500k)
+    n_wcpu: int  # 1d: turns a rep of bench/worker_cpu.py
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
@@ -807,6 +814,7 @@ class Plan:
             n_bulk=20000 if quick else 50000, n_w=120 if quick else 500,
             mj_list=[10] if quick else [10, 50, 200], mj_waves=2 if quick else 3, mj_latency=1.0,
             http_s=2 if quick else 6, sizes=[300, 600] if quick else [1000, 10_000, 50_000],
+            n_scale=50_000 if quick else 500_000, n_wcpu=300 if quick else 1000,
         )
 
 
@@ -825,6 +833,9 @@ class Runs:
     wk: Reps  # 5, 6, 7
     growth: list[dict[str, float]]  # 7b
     sections: list[str]  # 8 on: the sections of their own modules, their lines
+    wcpu: Reps  # 1d (bench/worker_cpu.py)
+    scale: Reps  # 3c (bench/enqueue_scale.py)
+    peers: Reps  # 14's runs (bench/peers.py), for the goals
 
     @property
     def bare(self) -> list[float]:
@@ -855,7 +866,7 @@ class Runs:
         return statistics.median(col(self.tp["fleet"], "tel_events_s"))
 
     @property
-    def scale(self) -> list[float]:
+    def two_workers(self) -> list[float]:
         return [b / a for a, b in zip(col(self.wk["1w-sampled"], "turns_s"),
                                       col(self.wk["2w-sampled"], "turns_s"))]
 
@@ -869,7 +880,7 @@ class Runs:
 
 def measure(plan: Plan, base: Path) -> Runs:
     """Run every table's variants, each on its own private Redis under ``base``."""
-    from bench import checks, http_load, peers, privacy, redaction, rerun, sigkill
+    from bench import checks, enqueue_scale, http_load, peers, privacy, redaction, rerun, sigkill, worker_cpu
 
     reps, n_tp, n_w = plan.reps, plan.n_tp, plan.n_w
     tp = interleave(reps, {
@@ -888,6 +899,7 @@ def measure(plan: Plan, base: Path) -> Runs:
     }, "sdk features")
     cpu = bench_cpu_split(n_tp, base)
     print(f"[cpu] {cpu}", file=sys.stderr, flush=True)
+    wcpu = worker_cpu.measure(plan.n_wcpu, reps, base)
     pk = interleave(reps, {"pickup": lambda r: bench_pickup(plan.n_pick, base, r)}, "pickup")
     mj = interleave(2, {
         f"mj{m}": (lambda m: lambda r: bench_max_jobs(m, plan.mj_latency, plan.mj_waves, base, r))(m)
@@ -898,6 +910,7 @@ def measure(plan: Plan, base: Path) -> Runs:
         "gather": lambda r: bench_enqueue("gather", plan.n_gather, base, r),
         "bulk": lambda r: bench_enqueue("bulk", plan.n_bulk, base, r),
     }, "enqueue")
+    scale = enqueue_scale.measure(base, plan.n_scale, SCALE_REPS)
     http = interleave(reps, {
         "single": lambda r: bench_http(0, plan.http_s, base, r),
         "batch100": lambda r: bench_http(100, plan.http_s, base, r),
@@ -915,8 +928,30 @@ def measure(plan: Plan, base: Path) -> Runs:
                 for line in module.section(base, plan.quick)]
     sections += checks.section(base, plan.quick)
     sections += rerun.section(base, plan.quick)
-    sections += peers.section(base, plan.quick)  # its processes run from .venv-peers
-    return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections)
+    with keep_peer_runs() as peer_runs:
+        sections += peers.section(base, plan.quick)  # its processes run from .venv-peers
+    return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections, wcpu, scale, peer_runs)
+
+
+@contextmanager
+def keep_peer_runs() -> Iterator[Reps]:
+    """The figures of section 14 for the goals table: ``peers.section`` returns only its lines
+    (and its sizes are its owner's), so its ``bench_peers`` is wrapped while it runs."""
+    from bench import peers
+
+    kept: Reps = {}
+    measure_peers = peers.bench_peers
+
+    def keeping(*args: Any, **kwargs: Any) -> Any:
+        runs, skipped, profiles = measure_peers(*args, **kwargs)
+        kept.update(runs)
+        return runs, skipped, profiles
+
+    peers.bench_peers = keeping
+    try:
+        yield kept
+    finally:
+        peers.bench_peers = measure_peers
 
 
 def verdict(ok: bool) -> str:
@@ -952,14 +987,83 @@ def header_lines(plan: Plan, date: str, total: float) -> list[str]:
     ]
 
 
+def issue19_lines(plan: Plan, r: Runs) -> list[str]:
+    """The issue-19 goals, each row computed from this run ("before" is the issue's "now")."""
+    from bench import enqueue_scale, worker_cpu
+
+    traced = col(r.feat["traced"], "turns_s")
+    ratio = statistics.median(r.fleet) / statistics.median(traced)
+    outside = statistics.median(worker_cpu.outside(r.wcpu)) / 1000
+    redis_us = statistics.median(col(r.wk["1w-sampled"], "redis_cpu_us_turn"))
+    b1 = statistics.median(memory_sum(r.wk["1w-sampled"], plan.n_w))
+    b01 = statistics.median(memory_sum(r.wk["1w-rate0.1"], plan.n_w))
+    enq = statistics.median(enqueue_scale.ratio_around(r.scale, plan.n_scale, "turns_s"))
+    rows = [
+        ("one worker vs `Runner.run` at the worker's concurrency with SDK tracing on (tables 1 and 1b)",
+         "0.55× (101 / 185)", "≥ 0.80×",
+         f"{ratio:.2f}× ({fmt(statistics.median(r.fleet))} / {fmt(statistics.median(traced))})", ratio >= 0.80),
+        ("worker CPU per turn outside the SDK run (table 1d)", "~3.9 ms", "≤ 1.8 ms",
+         f"{outside:.2f} ms", outside <= 1.8),
+        ("one telemetry consumer (table 4)", "15.8k events/s", "≥ 50k events/s, exactly-once kept",
+         f"{fmt(r.tel_med)} events/s", r.tel_med >= 50_000),
+        ("redis-server CPU per turn, 1 worker (table 5)", "525 µs", "≤ 300 µs", f"{fmt(redis_us)} µs",
+         redis_us <= 300),
+        ("Redis bytes per turn, sample rate 1.0 / 0.1 (table 7, sum of MEMORY USAGE)", "27 kB / 16 kB",
+         "≤ 12 kB / ≤ 6 kB", f"{b1 / 1000:.1f} kB / {b01 / 1000:.1f} kB", b1 <= 12_000 and b01 <= 6_000),
+    ]
+    if 200 in plan.mj_list:
+        mj = statistics.median(r.mj_ratio(200))
+        rows.append(("max_jobs 200 against a 1 s model: turns/s ÷ ideal (table 2b)", "0.59×", "≥ 0.85×",
+                     f"{mj:.2f}×", mj >= 0.85))
+    else:
+        rows.append(("max_jobs 200 against a 1 s model: turns/s ÷ ideal (table 2b)", "0.59×", "≥ 0.85×",
+                     "not run (quick)", None))
+    rows.append((f"bulk enqueue, last 1,000 with {plan.n_scale:,} turns queued vs the first 1,000 (table 3c: "
+                 f"{enqueue_scale.AROUND} calls each, AOF on)", "0.67× at 50k", "≥ 0.9× at 500k",
+                 f"{enq:.2f}× at {plan.n_scale // 1000}k", enq >= enqueue_scale.GOAL))
+    peer = r.peers
+    if all(v in peer for v in ("a", "b", "e")):
+        off = col(peer["a"], "cpu_ms_turn")
+        e = statistics.median([x - o for x, o in zip(col(peer["e"], "cpu_ms_turn"), off)])
+        b = statistics.median([x - o for x, o in zip(col(peer["b"], "cpu_ms_turn"), off)])
+        rows.append(("observability CPU per turn over tracing off, (e) vs the SDK's own exporter (b) (table 14)",
+                     "+1.30 ms (b: +0.60)", "≤ (b)", f"{e:+.2f} ms (b: {b:+.2f})", e <= b))
+    else:
+        rows.append(("observability CPU per turn over tracing off, (e) vs the SDK's own exporter (b) (table 14)",
+                     "+1.30 ms (b: +0.60)", "≤ (b)", "not run (see table 14)", None))
+    if all(v in peer for v in ("a", "c", "f")):
+        off = col(peer["a"], "cpu_ms_turn")
+        f = statistics.median([x - o for x, o in zip(col(peer["f"], "cpu_ms_turn"), off)])
+        c = statistics.median([x - o for x, o in zip(col(peer["c"], "cpu_ms_turn"), off)])
+        rows.append(("(f) turnfleet's OTLP export over tracing off vs OpenInference's (c) (table 14)",
+                     "not measured", "< half of (c)", f"{f:+.2f} ms (half of (c): {c / 2:+.2f})", f < c / 2))
+    return [
+        "## Issue 19's goals, this run",
+        "",
+        "Every row is computed from this run's tables (named in each row); 'before' is the issue's "
+        "figure when it was filed. Medians over the reps.",
+        "",
+        "| what | before issue 19 | goal | this run | |",
+        "|---|---|---|---|---|",
+        *[f"| {what} | {before} | {goal} | {now} | {'' if ok is None else verdict(ok)} |"
+          for what, before, goal, now, ok in rows],
+        "",
+    ]
+
+
+def memory_sum(runs: list[dict[str, float]], n: int) -> list[float]:
+    """Table 7's sum of MEMORY USAGE over every key family, bytes per turn, per rep."""
+    return [sum(v for k, v in r.items() if k.startswith("mem:")) / n for r in runs]
+
+
 def goal_lines(plan: Plan, r: Runs) -> list[str]:
     ratio_med, p50_med, p99_med, bulk_med = r.ratio_med, r.p50_med, r.p99_med, r.bulk_med
-    tel_med, scale_med, http_med, http = r.tel_med, statistics.median(r.scale), r.http_med, r.http
+    tel_med, scale_med, http_med, http = r.tel_med, statistics.median(r.two_workers), r.http_med, r.http
     fleet, plain = r.fleet, col(r.tp["plain-arq"], "turns_s")
     mj_latency, mj_list = plan.mj_latency, plan.mj_list
     mj_ratio = {m: r.mj_ratio(m) for m in mj_list}
     return [
-        "## Goals (from the issue) at a glance",
+        "## Earlier issues' goals at a glance",
         "",
         "| goal | result (median) | |",
         "|---|---|---|",
@@ -1029,6 +1133,7 @@ def throughput_lines(plan: Plan, r: Runs) -> list[str]:
     ]
     lines += feature_lines(r.feat, fleet, n_tp // 2)
     lines += cpu_lines(r.cpu, n_tp, bare, fleet)
+    lines += worker_cpu_lines(plan, r)
     if ratio_med < 0.80:
         lines += [
             "Goal ≥ 0.80× missed. Where the time goes: table 1b shows the ceiling is not the "
@@ -1060,6 +1165,33 @@ def throughput_lines(plan: Plan, r: Runs) -> list[str]:
             "",
         ]
     return lines
+
+
+def worker_cpu_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 1d (bench/worker_cpu.py): the worker's CPU per turn outside the SDK run."""
+    from bench import worker_cpu
+
+    return [
+        "### 1d. Worker CPU per turn outside the SDK run",
+        "",
+        f"bench/worker_cpu.py, {plan.n_wcpu} turns a rep, {plan.reps} reps, the two interleaved, each "
+        "in a fresh process: the CPU time (user + sys, `getrusage(RUSAGE_CHILDREN)` around the "
+        "child) of one `turnfleet worker --burst` draining the turns (checks lane included), less "
+        "the same worker on an empty queue, ÷ turns; and the CPU time of a process running "
+        f"`Runner.run` on the same turns at concurrency {worker_cpu.CONCURRENCY} with the SDK's "
+        "tracing on (spans built, no processor), ÷ turns. The difference is what turnfleet adds "
+        "around the SDK run: queue bookkeeping, telemetry and tracing, redaction, memory, checks "
+        "and the event loop's share of them. No profiler runs, unlike 1c.",
+        "",
+        *worker_cpu.lines(plan.n_wcpu, r.wcpu),
+    ]
+
+
+def scale_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 3c (bench/enqueue_scale.py)."""
+    from bench import enqueue_scale
+
+    return enqueue_scale.lines(r.scale, plan.n_scale, SCALE_REPS)
 
 
 def pickup_lines(plan: Plan, r: Runs) -> list[str]:
@@ -1255,7 +1387,7 @@ def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
 
 def scaling_lines(plan: Plan, r: Runs) -> list[str]:
     """Table 5."""
-    n_w, wk, scale = plan.n_w, r.wk, r.scale
+    n_w, wk, scale = plan.n_w, r.wk, r.two_workers
     one_w, two_w = col(wk["1w-sampled"], "turns_s"), col(wk["2w-sampled"], "turns_s")
     scale_med = statistics.median(scale)
     lines: list[str] = []
@@ -1377,15 +1509,31 @@ def memory_lines(plan: Plan, r: Runs) -> list[str]:
     return lines
 
 
-REPORT = (goal_lines, throughput_lines, pickup_lines, max_jobs_and_enqueue_lines, http_lines,
-          telemetry_lines, scaling_lines, tracing_lines, memory_lines)
+def capacity_lines(plan: Plan, r: Runs) -> list[str]:
+    """Section 15 (bench/capacity.py), from the figures of tables 1d, 3c, 5, 7 and 7c."""
+    from bench import capacity
+
+    def used(runs: list[dict[str, float]]) -> float:
+        return statistics.median((x["used_memory"] - x["used_memory_before"]) / plan.n_w for x in runs)
+
+    return capacity.lines(capacity.Measured(
+        redis_enqueue_us=statistics.median(col(r.scale["aof"], "redis_us@0")),
+        redis_worker_us=statistics.median(col(r.wk["1w-sampled"], "redis_cpu_us_turn")),
+        redis_consumer_us=r.growth[-1]["consumer_redis_us_turn"],
+        worker_cpu_us=statistics.median(col(r.wcpu["worker"], "cpu_us")),
+        bytes_rate1=used(r.wk["1w-sampled"]), bytes_rate01=used(r.wk["1w-rate0.1"]),
+    ))
+
+
+REPORT = (issue19_lines, goal_lines, throughput_lines, pickup_lines, max_jobs_and_enqueue_lines, http_lines,
+          scale_lines, telemetry_lines, scaling_lines, tracing_lines, memory_lines, capacity_lines)
 
 
 def run_section(name: str, quick: bool) -> int:
     """``--only NAME``: one section of its own module, its table printed (nothing written)."""
     import importlib
 
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"bench.{MODULES.get(name, name)}")
     started = time.perf_counter()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
