@@ -145,6 +145,14 @@ async def _results(url: str, ids: list[str]) -> list[Any]:
         return [await p.result(t) for t in ids]
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + sys) of the children this process has reaped."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _run_burst_worker(url: str, base: Path, name: str, timeout_s: float) -> float:
     proc = FleetProcess(name, ["worker", "--burst"], worker_env(url, base / "state"),
                         base / "logs" / f"{name}.log")
@@ -283,6 +291,7 @@ def bench_enqueue(mode: str, n: int, base: Path, rep: int) -> dict[str, float]:
 
 # -- 5-7. scaling, tracing overhead, Redis memory per turn --------------------------------------
 
+NO_TTL = ("tf:turn:*", "tf:conv:*", "tf:session:*", "tf:agg:*")  # kept until retention purges them
 FAMILIES = ("tf:turn:", "tf:trace:", "tf:events:", "tf:agg:", "tf:session:", "tf:conv:",
             "tf:telemetry", "tf:results", "arq:")
 TRACING = {
@@ -404,12 +413,14 @@ def bench_max_jobs(max_jobs: int, latency_s: float, waves: int, base: Path, rep:
         ids = asyncio.run(enqueue_all(server.url, conv_turns(n, f"mj{max_jobs}-{rep}")))
         env = llm.worker_env({**worker_env(server.url, base / "state"),
                               "TURNFLEET_MAX_JOBS": str(max_jobs)})
+        cpu0 = _children_cpu()
         proc = FleetProcess(f"mj-{max_jobs}-{rep}", ["worker", "--burst"], env,
                             base / "logs" / f"mj-{max_jobs}-{rep}.log").start()
         try:
             rc = proc.wait(600)
         finally:
             proc.kill()
+        cpu = _children_cpu() - cpu0
         if rc != 0:
             raise RuntimeError(f"max_jobs {max_jobs}: worker exited {rc}:\n{proc.output()[-2000:]}")
         results = asyncio.run(_results(server.url, ids))
@@ -420,7 +431,8 @@ def bench_max_jobs(max_jobs: int, latency_s: float, waves: int, base: Path, rep:
         span = (max(r.finished_at for r in done) - min(r.started_at for r in done)).total_seconds()
         turn_latency = calls * latency_s
         return {"turns_s": n / span, "ideal": max_jobs / turn_latency, "calls": calls,
-                "p50_turn_s": statistics.median(r.duration_ms for r in done) / 1000}
+                "p50_turn_s": statistics.median(r.duration_ms for r in done) / 1000,
+                "cpu_s": cpu, "n": n}  # startup included: mj_text subtracts table 1d's
 
 
 # -- 4b. HTTP enqueue -------------------------------------------------------------------------
@@ -506,13 +518,7 @@ def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -
     """``workers`` ``turnfleet worker --burst`` started together until all exit: their CPU
     seconds (``RUSAGE_CHILDREN`` delta: the bench reaps nothing else meanwhile), the wall
     seconds, and redis-server's CPU seconds over the same window."""
-    import resource
-
-    def children() -> float:
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return ru.ru_utime + ru.ru_stime
-
-    redis0, cpu0, t0 = asyncio.run(_redis_cpu(url)), children(), time.perf_counter()
+    redis0, cpu0, t0 = asyncio.run(_redis_cpu(url)), _children_cpu(), time.perf_counter()
     procs = [FleetProcess(f"{name}-{w}", ["worker", "--burst"], env,
                           base / "logs" / f"{name}-{w}.log").start() for w in range(workers)]
     try:
@@ -522,7 +528,7 @@ def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -
     finally:
         for p in procs:
             p.kill()
-    return {"worker_cpu_s": children() - cpu0, "wall_s": time.perf_counter() - t0,
+    return {"worker_cpu_s": _children_cpu() - cpu0, "wall_s": time.perf_counter() - t0,
             "redis_cpu_s": asyncio.run(_redis_cpu(url)) - redis0}
 
 
@@ -617,7 +623,8 @@ def machine() -> list[str]:
     ]
 
 
-def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list[str]) -> list[str]:
+def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list[str],
+                 kept: float) -> list[str]:
     """Table 7b: Redis memory by key family at each size, and what retention holds flat."""
     sizes = [int(g["size"]) for g in growth]
     head = "| key family | " + " | ".join(f"bytes/turn at {n:,}" for n in sizes) + " | keys with TTL at the end |"
@@ -654,7 +661,8 @@ def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list
         "consumer purges conversations idle that long, whole: turn records, conversation "
         "records, per-turn and per-conversation aggregates, index entries, memory, traces) "
         "with `TURNFLEET_TRACE_RETENTION_S` and `TURNFLEET_SESSION_TTL_S` no longer than it. "
-        "Without it (table 7), every turn keeps its ~6 kB of records and aggregates forever "
+        f"Without it (table 7), every turn keeps its {kept / 1000:.1f} kB of records, memory and "
+        "aggregates (`tf:turn:*`, `tf:conv:*`, `tf:session:*`, `tf:agg:*`) forever "
         "plus traces and timelines until `TURNFLEET_TRACE_RETENTION_S` (7 days by default). "
         "Steady state ≈ turns/s × retention × bytes/turn of table 7; what stays whatever the "
         "retention is bounded by subjects, not turns (fleet, customer, model and per-day "
@@ -756,8 +764,10 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
         "is on the CPU, so samples / rate is CPU time. Each sample goes to the innermost frame "
         "that belongs to a part (a Redis call made by a tool is the SDK run's; a span the "
         "model opens is tracing's). Startup imports are left out "
-        f"({cpu.get('startup (imports)', 0) * n / 1e6:.1f} s in all). py-spy slows the worker "
-        "a little, so the total is a bit above 1/throughput.",
+        f"({cpu.get('startup (imports)', 0) * n / 1e6:.1f} s in all). py-spy slows the worker: "
+        f"the total is {total / (1e6 / statistics.median(fleet)):.2f}× 1/throughput of table 1 "
+        "(which, with turns waiting on Redis, is not the CPU per turn either; table 1d measures "
+        "that without a profiler).",
         "",
         "| part | CPU µs per turn | share |",
         "|---|---|---|",
@@ -786,7 +796,7 @@ Reps = dict[str, list[dict[str, float]]]  # variant -> one dict of figures a rep
 
 @dataclass(frozen=True)
 class Plan:
-    """How big a run is: ``--quick`` (a minute or two) or full (~15 minutes)."""
+    """How big a run is: ``--quick`` (a few minutes) or full (about half an hour)."""
 
     quick: bool
     reps: int
@@ -1089,7 +1099,9 @@ def goal_lines(plan: Plan, r: Runs) -> list[str]:
 
 
 def throughput_lines(plan: Plan, r: Runs) -> list[str]:
-    """Tables 1, 1b and 1c (and where the time goes if the goal is missed)."""
+    """Tables 1, 1b, 1c and 1d (and where the time goes if the goal is missed)."""
+    from bench import worker_cpu
+
     n_tp, n_plain, tp, ratio_med = plan.n_tp, plan.n_plain, r.tp, r.ratio_med
     bare, fleet = r.bare, r.fleet
     bare_traced = col(tp["bare-traced"], "turns_s")
@@ -1131,19 +1143,21 @@ def throughput_lines(plan: Plan, r: Runs) -> list[str]:
         f"{stats(col(tp['fleet'], 'startup_s'))} s.",
         "",
     ]
+    hooks_ratio = statistics.median([h / b for h, b in zip(col(r.feat["hooks"], "turns_s"),
+                                                             col(r.feat["c10"], "turns_s"))])
+    outside_ms = statistics.median(worker_cpu.outside(r.wcpu)) / 1000
     lines += feature_lines(r.feat, fleet, n_tp // 2)
     lines += cpu_lines(r.cpu, n_tp, bare, fleet)
     lines += worker_cpu_lines(plan, r)
     if ratio_med < 0.80:
         lines += [
-            "Goal ≥ 0.80× missed. Where the time goes: table 1b shows the ceiling is not the "
-            "queue. The bare limit runs 10 turns at a time with no tracing, memory or hooks; "
-            "the same SDK run at the worker's concurrency (50) with tracing, memory and hooks "
-            "on — what any fleet that keeps memory and telemetry must run — is already well "
-            "below 0.80× of it, before any queue. Table 1c splits the worker's CPU: the SDK run "
-            "(model, tools, its session and tracing bookkeeping) is most of it; turnfleet's own "
-            "parts (queue bookkeeping, trace store, telemetry batch, memory write) are the rest, "
-            "each a few Redis round trips at ~100–300 µs of redis-py asyncio CPU apiece.",
+            "Goal ≥ 0.80× missed. Where the time goes: table 1b. The bare limit runs 10 turns at "
+            "a time with no tracing, memory or hooks; the same SDK run at the worker's concurrency "
+            "(50) with tracing, memory and hooks on — what any fleet that keeps memory and "
+            f"telemetry must run — is {hooks_ratio:.2f}× of it before any queue. Table 1c splits "
+            "the worker's CPU by part and table 1d gives what turnfleet adds around the SDK run "
+            f"({fmt(outside_ms)} ms a turn): queue bookkeeping, trace store, telemetry batch, "
+            "memory write and checks, each a few Redis round trips through redis-py and asyncio.",
             "",
             "What was tried, each measured with this bench (one worker, 600 turns, turns/s): "
             "(1) the SDK's `RedisSession` opened a **new TCP connection for every write** on "
@@ -1222,6 +1236,33 @@ def pickup_lines(plan: Plan, r: Runs) -> list[str]:
     return lines
 
 
+def mj_text(plan: Plan, r: Runs) -> list[str]:
+    """What table 2b shows, from its figures and table 1d's (the worker's CPU a turn with the
+    in-process model)."""
+    mj, mj_list, latency = r.mj, plan.mj_list, plan.mj_latency
+    top = mj_list[-1]
+    calls = statistics.median(x["calls"] for x in mj[f"mj{top}"])
+    startup = statistics.median(col(r.wcpu["worker"], "startup_cpu_s"))
+    http_cpu = statistics.median((x["cpu_s"] - startup) / x["n"] * 1e6 for x in mj[f"mj{top}"])
+    offline_cpu = statistics.median(col(r.wcpu["worker"], "cpu_us"))
+    per_call = (http_cpu - offline_cpu) / calls
+    ceiling = 1e6 / http_cpu
+    out = [
+        f"{plan.mj_waves} waves only, so the ramp-up and the last wave's tail count fully. "
+        f"Turn duration against model time: at max_jobs {top} the median turn takes "
+        f"{statistics.median(col(mj[f'mj{top}'], 'p50_turn_s')):.2f} s against {calls * latency:.1f} s "
+        "of model calls. The worker's CPU over the drain (`getrusage(RUSAGE_CHILDREN)`, less "
+        f"table 1d's empty-queue worker, {startup:.1f} s) is {fmt(http_cpu / 1000)} ms a turn at max_jobs {top}, against "
+        f"{fmt(offline_cpu / 1000)} ms with the in-process model (table 1d): ≈ {fmt(per_call / 1000)} ms "
+        f"more for each of the {calls:.0f} model calls through the openai client (py-spy before: "
+        "its request transform, httpx/anyio connection handling, response parsing). One process "
+        f"on one core therefore tops out near {fmt(ceiling)} turns/s with this model whatever "
+        "max_jobs; beyond that, add worker processes (table 5), not max_jobs. (2 repetitions "
+        "here, not 3: each is seconds of model latency.)",
+    ]
+    return out
+
+
 def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
     """Tables 2b and 3 (and where the time goes if the bulk goal is missed)."""
     mj, mj_list, mj_waves, mj_latency = r.mj, plan.mj_list, plan.mj_waves, plan.mj_latency
@@ -1245,15 +1286,7 @@ def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
         *[f"| {m} | {stats(col(mj[f'mj{m}'], 'turns_s'))} | {mj[f'mj{m}'][0]['ideal']:.1f} | "
           f"{stats(mj_ratio[m])}× | {stats(col(mj[f'mj{m}'], 'p50_turn_s'))} |" for m in mj_list],
         "",
-        f"{mj_waves} waves only, so the ramp-up and the last wave's tail count fully: at 50 "
-        "the turns themselves take ~3.1 s against 3.0 s of model time, and the rest of the "
-        "gap is the ramp. At 200 the worker is CPU-bound (`top`: 100% of a core): a model call "
-        "through the openai client costs the worker ~4 ms of CPU (py-spy: the client's "
-        "request transform, httpx/anyio connection handling, response parsing), about 24 ms "
-        "a turn here against ~10 ms with the in-process model (table 1c), so one process "
-        "tops out near 40 turns/s whatever max_jobs; beyond that, add worker processes "
-        "(table 5), not max_jobs. (2 repetitions here, not 3: each is seconds of model "
-        "latency.)",
+        *mj_text(plan, r),
         "",
         "## 3. Enqueue throughput, Python API",
         "",
@@ -1273,17 +1306,20 @@ def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
         f"{stats(col(enq['bulk'], 'last_1000'))} |",
         "",
     ]
+    own_us = statistics.median(col(r.scale["aof"], "own_us@0"))
+    redis_us = statistics.median(col(r.scale["aof"], "redis_us@0"))
     if bulk_med < 20_000:
         lines += [
-            "Bulk goal ≥ 20k turns/s missed. Where the time goes (py-spy on a producer "
-            "enqueueing 20,000 turns): about half the wall time the producer is on the CPU — "
-            "redis-py packing the script arguments (~20% of its samples), pydantic validation "
-            "of each turn (~12%), turn ids (uuid4, ~8%), the JSON request — and the other half "
-            "it waits for `redis-server` running the enqueue script for each turn (idempotency "
-            "check, conversation ownership, queue pushes, indexes, the arq job). Tried: one "
-            "script call per 200 turns instead of one per turn (fewer commands to pack and "
-            "dispatch): a few percent. Not tried: skipping model validation for trusted bulk "
-            "callers (it is what makes bad input fail with field names, so it stays).",
+            "Bulk goal ≥ 20k turns/s missed. Where the time goes (table 3c, the first calls): "
+            f"the producer's CPU {fmt(own_us)} µs a turn and redis-server's {fmt(redis_us)} µs "
+            f"({fmt(1e6 / (own_us + redis_us))} turns/s if nothing else waited). An earlier py-spy "
+            "profile of the producer: redis-py packing the script arguments, pydantic validation "
+            "of each turn, turn ids (uuid4), the JSON request; redis-server runs the enqueue "
+            "script for each turn (idempotency check, conversation ownership, queue pushes, "
+            "indexes, the arq job). Tried: one script call per chunk of turns instead of one per "
+            "turn (fewer commands to pack and dispatch): a few percent. Not tried: skipping model "
+            "validation for trusted bulk callers (it is what makes bad input fail with field "
+            "names, so it stays).",
             "",
         ]
     return lines
@@ -1378,8 +1414,9 @@ def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
         f"| {stats(col(lag_runs, 'max_backlog'))} | {stats(col(lag_runs, 'p50_backlog'))} | "
         f"{stats(col(lag_runs, 'catch_up_ms'))} |",
         "",
-        "One consumer keeps up with one worker with room to spare (table 4: it aggregates "
-        "an order of magnitude more turns/s than a worker runs).",
+        f"Table 4's consumer aggregates {fmt(tel_med / ev_per_turn)} turns/s (events/s ÷ "
+        f"{ev_per_turn:.1f} events a turn) against {fmt(statistics.median(r.fleet))} turns/s for one "
+        f"worker (table 1): {tel_med / ev_per_turn / statistics.median(r.fleet):.1f}× what a worker runs.",
         "",
     ]
     return lines
@@ -1414,7 +1451,8 @@ def scaling_lines(plan: Plan, r: Runs) -> list[str]:
     if scale_med < 1.8:
         lines += [
             "Goal ≥ 1.8× missed. Where the time goes: this machine has 2 CPUs; two workers "
-            "each want a whole core (table 1c: ~10 ms of CPU a turn) and `redis-server` "
+            f"each want a whole core (table 1d: {fmt(statistics.median(col(r.wcpu['worker'], 'cpu_us')) / 1000)} "
+            "ms of CPU a turn) and `redis-server` "
             "needs the CPU shown above for every turn on top, so at 2 workers the three "
             "processes share 2 cores and the second worker cannot add a full core. On a "
             "machine with a core per worker plus one for Redis the ratio is the one to read; "
@@ -1505,7 +1543,8 @@ def memory_lines(plan: Plan, r: Runs) -> list[str]:
         f"One size (N = {n_w}); table 7b follows memory over sizes.",
         "",
     ]
-    lines += growth_lines(r.growth, GROWTH_ENV, fams)
+    kept = statistics.median(sum(x.get(f"mem:{f}", 0) for f in NO_TTL) / n_w for x in mem1)
+    lines += growth_lines(r.growth, GROWTH_ENV, fams, kept)
     return lines
 
 
@@ -1546,7 +1585,7 @@ def run_section(name: str, quick: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run")
-    ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
+    ap.add_argument("--quick", action="store_true", help="2 reps, small N (a few minutes)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--only", choices=SECTIONS,
                     help="run just this section and print its table (BENCHMARKS.md is not written)")
