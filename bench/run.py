@@ -38,6 +38,7 @@ from bench.common import (
     ROOT,
     TEXT,
     PrivateRedis,
+    children_cpu,
     col,
     consume,
     conv_turns,
@@ -45,6 +46,7 @@ from bench.common import (
     fmt,
     interleave,
     percentile,
+    redis_cpu,
     stats,
     worker_env,
 )
@@ -143,14 +145,6 @@ async def _results(url: str, ids: list[str]) -> list[Any]:
 
     async with Producer(url) as p:
         return [await p.result(t) for t in ids]
-
-
-def _children_cpu() -> float:
-    """CPU seconds (user + sys) of the children this process has reaped."""
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _run_burst_worker(url: str, base: Path, name: str, timeout_s: float) -> float:
@@ -333,16 +327,6 @@ async def _memory(url: str) -> dict[str, float]:
     return out
 
 
-async def _redis_cpu(url: str) -> float:
-    """CPU seconds redis-server has used (INFO cpu, user + sys)."""
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(url)
-    info = await redis.info("cpu")
-    await redis.aclose()
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing: str,
                   memory: bool = False) -> dict[str, float]:
     """Pre-enqueue ``n`` turns, start ``workers`` ``turnfleet worker --burst`` at once, drain."""
@@ -352,7 +336,7 @@ def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing
         if memory:
             out["used_memory_before"] = asyncio.run(_memory(url))["used_memory"]
         ids = asyncio.run(enqueue_all(url, conv_turns(n, f"{name}{rep}")))
-        cpu0 = asyncio.run(_redis_cpu(url))
+        cpu0 = redis_cpu(url)
         env = {**worker_env(url, base / "state"), **TRACING[tracing]}
         procs = [FleetProcess(f"{name}-{rep}-{w}", ["worker", "--burst"], env,
                               base / "logs" / f"{name}-{rep}-{w}.log") for w in range(workers)]
@@ -374,7 +358,7 @@ def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing
         span = (max(r.finished_at for r in done) - min(r.started_at for r in done)).total_seconds()
         out["turns_s"] = n / span
         out["us_turn"] = span / n * 1e6
-        out["redis_cpu_us_turn"] = (asyncio.run(_redis_cpu(url)) - cpu0) / n * 1e6
+        out["redis_cpu_us_turn"] = (redis_cpu(url) - cpu0) / n * 1e6
         if memory:
             asyncio.run(_telemetry(url))  # the aggregates (tf:agg:*) exist only once consumed
             out.update(asyncio.run(_memory(url)))
@@ -413,14 +397,14 @@ def bench_max_jobs(max_jobs: int, latency_s: float, waves: int, base: Path, rep:
         ids = asyncio.run(enqueue_all(server.url, conv_turns(n, f"mj{max_jobs}-{rep}")))
         env = llm.worker_env({**worker_env(server.url, base / "state"),
                               "TURNFLEET_MAX_JOBS": str(max_jobs)})
-        cpu0 = _children_cpu()
+        cpu0 = children_cpu()
         proc = FleetProcess(f"mj-{max_jobs}-{rep}", ["worker", "--burst"], env,
                             base / "logs" / f"mj-{max_jobs}-{rep}.log").start()
         try:
             rc = proc.wait(600)
         finally:
             proc.kill()
-        cpu = _children_cpu() - cpu0
+        cpu = children_cpu() - cpu0
         if rc != 0:
             raise RuntimeError(f"max_jobs {max_jobs}: worker exited {rc}:\n{proc.output()[-2000:]}")
         results = asyncio.run(_results(server.url, ids))
@@ -518,7 +502,7 @@ def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -
     """``workers`` ``turnfleet worker --burst`` started together until all exit: their CPU
     seconds (``RUSAGE_CHILDREN`` delta: the bench reaps nothing else meanwhile), the wall
     seconds, and redis-server's CPU seconds over the same window."""
-    redis0, cpu0, t0 = asyncio.run(_redis_cpu(url)), _children_cpu(), time.perf_counter()
+    redis0, cpu0, t0 = redis_cpu(url), children_cpu(), time.perf_counter()
     procs = [FleetProcess(f"{name}-{w}", ["worker", "--burst"], env,
                           base / "logs" / f"{name}-{w}.log").start() for w in range(workers)]
     try:
@@ -528,8 +512,8 @@ def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -
     finally:
         for p in procs:
             p.kill()
-    return {"worker_cpu_s": _children_cpu() - cpu0, "wall_s": time.perf_counter() - t0,
-            "redis_cpu_s": asyncio.run(_redis_cpu(url)) - redis0}
+    return {"worker_cpu_s": children_cpu() - cpu0, "wall_s": time.perf_counter() - t0,
+            "redis_cpu_s": redis_cpu(url) - redis0}
 
 
 def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> list[dict[str, float]]:
@@ -558,9 +542,9 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
             if len(ok) != n:
                 raise RuntimeError(f"growth: {len(ok)}/{n} turns completed at {size}")
             span = (max(r.finished_at for r in ok) - min(r.started_at for r in ok)).total_seconds()
-            redis0, own0 = asyncio.run(_redis_cpu(url)), time.process_time()
+            redis0, own0 = redis_cpu(url), time.process_time()
             asyncio.run(consume(url, extra_env))
-            consumer_cpu, consumer_redis = time.process_time() - own0, asyncio.run(_redis_cpu(url)) - redis0
+            consumer_cpu, consumer_redis = time.process_time() - own0, redis_cpu(url) - redis0
             done = size
             mem = asyncio.run(_memory(url))
             mem.update({
