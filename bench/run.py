@@ -285,6 +285,7 @@ def bench_enqueue(mode: str, n: int, base: Path, rep: int) -> dict[str, float]:
 
 # -- 5-7. scaling, tracing overhead, Redis memory per turn --------------------------------------
 
+TOP_COMMANDS = 6  # table 7c's rows of commands
 NO_TTL = ("tf:turn:*", "tf:conv:*", "tf:session:*", "tf:agg:*")  # kept until retention purges them
 FAMILIES = ("tf:turn:", "tf:trace:", "tf:events:", "tf:agg:", "tf:session:", "tf:conv:",
             "tf:telemetry", "tf:results", "arq:")
@@ -516,6 +517,23 @@ def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -
             "redis_cpu_s": redis_cpu(url) - redis0}
 
 
+def command_stats(url: str, reset: bool = False) -> dict[str, dict[str, float]]:
+    """redis-server's calls and µs per command since the last reset (``INFO commandstats``;
+    commands a script runs count both under their name and in the script's ``evalsha``)."""
+    from redis import Redis
+
+    r = Redis.from_url(url, decode_responses=True)
+    try:
+        if reset:
+            r.config_resetstat()
+            return {}
+        info = r.info("commandstats")
+    finally:
+        r.close()
+    return {k.removeprefix("cmdstat_"): {"calls": float(v["calls"]), "us": float(v["usec"])}
+            for k, v in info.items()}
+
+
 def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> list[dict[str, float]]:
     """One Redis; turns added in chunks up to each size (2 burst workers, then the telemetry
     consumer), memory by key family measured at each size, and what each chunk cost: the
@@ -536,7 +554,9 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
                 chunk = min(10_000, size - i)
                 ids += asyncio.run(enqueue_all(url, conv_turns(chunk, f"g{i}")))
             n = size - done
+            command_stats(url, reset=True)
             drain = _drain(url, base, f"grow-{size}", env, 2)
+            commands = command_stats(url)
             results = asyncio.run(_results(url, ids))
             ok = [r for r in results if r is not None and r.status == "completed"]
             if len(ok) != n:
@@ -554,6 +574,7 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
                 "consumer_cpu_us_turn": consumer_cpu / n * 1e6,
                 "consumer_redis_us_turn": consumer_redis / n * 1e6,
                 "idle_worker_cpu_s": idle["worker_cpu_s"],
+                **{f"cmd:{c}:{k}": v / n for c, kv in commands.items() for k, v in kv.items()},
             })
             mem["turn_records"] = float(asyncio.run(_count_turns(url)))
             mem["used_memory_delta"] = mem["used_memory"] - before
@@ -675,6 +696,8 @@ def growth_cost_lines(growth: list[dict[str, float]]) -> list[str]:
         + f" at {sizes[-1]:,} what it was at {sizes[0]:,}: "
         + ("no part grows by more than " f"{(GROWS - 1) * 100:.0f}% with the number of turns behind it."
            if not grows else "grows: " + ", ".join(names[k] for k in grows) + "."))
+    if "redis_cpu_us_turn" in grows:
+        verdict_text += " " + command_growth(first, last)
     return [
         "### 7c. Time and CPU per turn over the same sizes",
         "",
@@ -695,10 +718,47 @@ def growth_cost_lines(growth: list[dict[str, float]]) -> list[str]:
         row("redis-server CPU in the drain, µs", "redis_cpu_us_turn"),
         row("consumer CPU (aggregation + retention purge), µs", "consumer_cpu_us_turn"),
         row("redis-server CPU in the consumer's run, µs", "consumer_redis_us_turn"),
+        *[f"| drain: `{c}` calls / µs (`INFO commandstats`) | " + " | ".join(
+            f"{g.get(f'cmd:{c}:calls', 0):.1f} / {fmt(g.get(f'cmd:{c}:us', 0))}" for g in growth) + " |"
+          for c in top_commands(growth)],
         "",
         verdict_text,
         "",
     ]
+
+
+def command_growth(first: dict[str, float], last: dict[str, float]) -> str:
+    """Which commands account for redis-server's growth in the drain, and whether they were
+    called more often per turn or each call cost more (a bigger structure)."""
+    names = {k.split(":")[1] for k in last if k.startswith("cmd:")}
+
+    def us(g: dict[str, float], c: str) -> float:
+        return g.get(f"cmd:{c}:us", 0.0)
+
+    def calls(g: dict[str, float], c: str) -> float:
+        return g.get(f"cmd:{c}:calls", 0.0)
+
+    grown = sorted(names, key=lambda c: -(us(last, c) - us(first, c)))[:3]
+    parts = []
+    for c in grown:
+        if calls(first, c) == 0:
+            parts.append(f"`{c}` {fmt(us(last, c))} µs a turn, new")
+            continue
+        per_call = (us(last, c) / calls(last, c)) / (us(first, c) / calls(first, c)) if us(first, c) else float("nan")
+        parts.append(f"`{c}` {fmt(us(first, c))} → {fmt(us(last, c))} µs a turn ({calls(last, c) / calls(first, c):.2f}× "
+                     f"the calls a turn, {per_call:.2f}× the µs a call)")
+    return ("Where (`INFO commandstats`, µs a turn of command execution; a script's commands count "
+            "under their names and inside its `evalsha`): " + "; ".join(parts) + ".")
+
+
+def top_commands(growth: list[dict[str, float]], n: int = TOP_COMMANDS) -> list[str]:
+    """The commands with the most redis-server µs per turn in the drain at the largest size,
+    and any whose µs per turn grew the most from the first size to the last."""
+    first, last = growth[0], growth[-1]
+    names = {k.split(":")[1] for k in last if k.startswith("cmd:")}
+    by_cost = sorted(names, key=lambda c: -last.get(f"cmd:{c}:us", 0))[:n]
+    by_growth = sorted(names, key=lambda c: -(last.get(f"cmd:{c}:us", 0) - first.get(f"cmd:{c}:us", 0)))[:2]
+    return by_cost + [c for c in by_growth if c not in by_cost]
 
 
 def feature_lines(feat: dict[str, list[dict[str, float]]], fleet: list[float], n_feat: int) -> list[str]:
