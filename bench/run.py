@@ -286,6 +286,7 @@ def bench_enqueue(mode: str, n: int, base: Path, rep: int) -> dict[str, float]:
 # -- 5-7. scaling, tracing overhead, Redis memory per turn --------------------------------------
 
 TOP_COMMANDS = 6  # table 7c's rows of commands
+RECONCILER_COMMANDS = ("zscan", "llen")  # shown in 7c whatever their cost: the reconciler's walk
 NO_TTL = ("tf:turn:*", "tf:conv:*", "tf:session:*", "tf:agg:*")  # kept until retention purges them
 FAMILIES = ("tf:turn:", "tf:trace:", "tf:events:", "tf:agg:", "tf:session:", "tf:conv:",
             "tf:telemetry", "tf:results", "arq:")
@@ -577,6 +578,7 @@ def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> lis
                 **{f"cmd:{c}:{k}": v / n for c, kv in commands.items() for k, v in kv.items()},
             })
             mem["turn_records"] = float(asyncio.run(_count_turns(url)))
+            mem["purged"] = size - mem["turn_records"] - sum(g["purged"] for g in out)  # in this step
             mem["used_memory_delta"] = mem["used_memory"] - before
             mem["elapsed_s"] = time.perf_counter() - t0
             print(f"[growth] {size} turns: used_memory +{mem['used_memory_delta'] / 1e6:.1f} MB, "
@@ -697,7 +699,13 @@ def growth_cost_lines(growth: list[dict[str, float]]) -> list[str]:
         + ("no part grows by more than " f"{(GROWS - 1) * 100:.0f}% with the number of turns behind it."
            if not grows else "grows: " + ", ".join(names[k] for k in grows) + "."))
     if "redis_cpu_us_turn" in grows:
-        verdict_text += " " + command_growth(first, last)
+        verdict_text += " " + command_growth(first, last) + " " + reconciler_text(first, last)
+    if {"consumer_cpu_us_turn", "consumer_redis_us_turn"} & set(grows) and first["purged"] < last["purged"]:
+        verdict_text += (
+            f" The consumer's run purged {int(first['purged']):,} turn records at {sizes[0]:,} and "
+            f"{int(last['purged']):,} at {sizes[-1]:,} (turns idle past the retention, earlier "
+            "chunks' included): its growth per turn is the purge arriving once turns are old "
+            "enough, a cost each turn pays once, not one that grows with the size.")
     return [
         "### 7c. Time and CPU per turn over the same sizes",
         "",
@@ -718,6 +726,8 @@ def growth_cost_lines(growth: list[dict[str, float]]) -> list[str]:
         row("redis-server CPU in the drain, µs", "redis_cpu_us_turn"),
         row("consumer CPU (aggregation + retention purge), µs", "consumer_cpu_us_turn"),
         row("redis-server CPU in the consumer's run, µs", "consumer_redis_us_turn"),
+        "| turn records the consumer's retention purge removed in this step (all turns) | "
+        + " | ".join(f"{int(g['purged']):,}" for g in growth) + " |",
         *[f"| drain: `{c}` calls / µs (`INFO commandstats`) | " + " | ".join(
             f"{g.get(f'cmd:{c}:calls', 0):.1f} / {fmt(g.get(f'cmd:{c}:us', 0))}" for g in growth) + " |"
           for c in top_commands(growth)],
@@ -758,7 +768,29 @@ def top_commands(growth: list[dict[str, float]], n: int = TOP_COMMANDS) -> list[
     names = {k.split(":")[1] for k in last if k.startswith("cmd:")}
     by_cost = sorted(names, key=lambda c: -last.get(f"cmd:{c}:us", 0))[:n]
     by_growth = sorted(names, key=lambda c: -(last.get(f"cmd:{c}:us", 0) - first.get(f"cmd:{c}:us", 0)))[:2]
-    return by_cost + [c for c in by_growth if c not in by_cost]
+    return by_cost + [c for c in (*by_growth, *RECONCILER_COMMANDS) if c not in by_cost]
+
+
+def reconciler_text(first: dict[str, float], last: dict[str, float]) -> str:
+    """The reconciler's share, from the commands only its walk sends during a drain: ZSCAN of
+    ``tf:conversations`` and an LLEN per conversation (START and FINISH send one LLEN a turn
+    each, in their scripts)."""
+    def walked(g: dict[str, float]) -> float:
+        return max(0.0, g.get("cmd:llen:calls", 0.0) - 2)
+
+    a, b = walked(first), walked(last)
+    seen = (f"its walk (LLEN beyond START's and FINISH's two a turn) read {a:.1f} conversations a turn at "
+            f"{int(first['size']):,} and {b:.1f} at {int(last['size']):,}")
+    if b <= a * GROWS:
+        return f"Not the reconciler (workers/reconcile.py): {seen}."
+    return (
+        "The reconciler (workers/reconcile.py) grows with the backlog: every worker, every "
+        "`TURNFLEET_RECONCILE_EVERY_S` (30 s by default), walks every conversation in "
+        "`tf:conversations` (ZSCAN, then LLEN + EXISTS each) and runs its repair script for each "
+        "open one; a drain of a backlog B lasts B / throughput, so its passes cost O(B) a turn. "
+        f"Here {seen}. The fix its docstring names (an index of open conversations) bounds the "
+        "walk; the repair script per open conversation would still grow with the backlog "
+        "(a pass could skip conversations whose head job is queued and not stale).")
 
 
 def feature_lines(feat: dict[str, list[dict[str, float]]], fleet: list[float], n_feat: int) -> list[str]:
