@@ -1,4 +1,4 @@
-"""turnfleet benchmarks: ``python -m bench.run [--quick] [--only SECTION]``.
+"""turnfleet benchmarks: ``python -m bench.run [--quick] [--only SECTION] [--render KEPT]``.
 
 Every variant runs ``reps`` times (2 quick, 3 full), interleaved (rep 1 of A, rep 1 of B, rep 2
 of A, ...), each against its own private ``redis-server``; tables give median and min–max.
@@ -9,8 +9,15 @@ every table's variants (``bench_*`` below) and returns :class:`Runs`; each ``*_l
 function writes one part of the report from them, and :func:`main` assembles the parts in
 :data:`REPORT` order. Sections with a module of their own (``bench/sigkill.py``,
 ``bench/redaction.py``, ``bench/privacy.py``, ``bench/checks.py``, ``bench/rerun.py``, ``bench/peers.py``) measure and write their table in one
-``section(base, quick, note)`` call, and can run alone with ``--only``. What the sections share
-(the workload, private Redis servers, ``interleave``, cell formatting) is ``bench/common.py``.
+``section(base, quick, note)`` call, and can run alone with ``--only``; so do
+``bench/worker_cpu.py`` (``--only workercpu``) and ``bench/enqueue_scale.py``, whose figures the
+report's tables and the issue-19 goals also read (``Runs.wcpu``, ``Runs.scale``).
+``bench/capacity.py`` measures nothing: it turns the run's figures into section 7d. What the
+sections share (the workload, private Redis servers, ``interleave``, cell formatting, CPU
+readings) is ``bench/common.py``.
+
+Every run keeps its measurements (``--keep``, JSON); ``--render KEPT`` writes the report again
+from them without measuring, e.g. after changing a sentence.
 """
 
 from __future__ import annotations
