@@ -26,13 +26,16 @@ def test_capacity_divides_one_second_by_redis_cpu_per_turn_and_names_the_first_l
 
 
 def test_enqueue_goal_is_met_only_at_or_above_its_ratio_and_rehash_is_named_only_when_seen():
-    met = " ".join(enqueue_scale.explain(0.95, 0.97, 0.98, 0.99, 0.99, 6, 0))
+    F = enqueue_scale.Figures
+    met = " ".join(enqueue_scale.explain(F(0.95, 0.97, 0.98, 0.99, 0.99, 6, 0, 0)))
     assert "Goal ≥ 0.9× (read from the 10 first and last calls: one call is one noisy sample): met" in met
-    missed = " ".join(enqueue_scale.explain(0.80, 0.95, 0.70, 0.70, 0.99, 6, 7))
+    assert "redis-server's 1.01×" in met
+    missed = " ".join(enqueue_scale.explain(F(0.80, 0.95, 0.70, 0.70, 0.99, 6, 7, 3)))
     assert "**missed** (0.80×)" in missed
     assert "rehashed after 7 of the last 10 calls" in missed
+    assert "a rewrite was running after 3 of the last 10 calls" in missed
     assert "the rest of the wall-clock loss is waiting" in missed
-    unexplained = " ".join(enqueue_scale.explain(0.80, 0.70, 0.70, 0.70, 0.99, 6, 0))
+    unexplained = " ".join(enqueue_scale.explain(F(0.80, 0.70, 0.70, 0.70, 0.99, 6, 0, 0)))
     assert "not explained here" in unexplained
 
 
