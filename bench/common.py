@@ -55,6 +55,27 @@ class PrivateRedis:
         self.server.kill()  # nothing here needs to survive
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + sys) of the children this process has reaped: around a child's run,
+    its CPU, read without sampling it (nothing else may be reaped meanwhile)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def redis_cpu(url: str) -> float:
+    """CPU seconds redis-server has used (INFO cpu, user + sys of its threads)."""
+    from redis import Redis
+
+    r = Redis.from_url(url)
+    try:
+        info = r.info("cpu")
+    finally:
+        r.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def worker_env(url: str, state_dir: Path) -> dict[str, str]:
     return fleet_env(url, {
         "TURNFLEET_STATE_DIR": str(state_dir),

@@ -1,4 +1,4 @@
-"""turnfleet benchmarks: ``python -m bench.run [--quick] [--only SECTION]``.
+"""turnfleet benchmarks: ``python -m bench.run [--quick] [--only SECTION] [--render KEPT]``.
 
 Every variant runs ``reps`` times (2 quick, 3 full), interleaved (rep 1 of A, rep 1 of B, rep 2
 of A, ...), each against its own private ``redis-server``; tables give median and min–max.
@@ -9,8 +9,15 @@ every table's variants (``bench_*`` below) and returns :class:`Runs`; each ``*_l
 function writes one part of the report from them, and :func:`main` assembles the parts in
 :data:`REPORT` order. Sections with a module of their own (``bench/sigkill.py``,
 ``bench/redaction.py``, ``bench/privacy.py``, ``bench/checks.py``, ``bench/rerun.py``, ``bench/peers.py``) measure and write their table in one
-``section(base, quick, note)`` call, and can run alone with ``--only``. What the sections share
-(the workload, private Redis servers, ``interleave``, cell formatting) is ``bench/common.py``.
+``section(base, quick, note)`` call, and can run alone with ``--only``; so do
+``bench/worker_cpu.py`` (``--only workercpu``) and ``bench/enqueue_scale.py``, whose figures the
+report's tables and the issue-19 goals also read (``Runs.wcpu``, ``Runs.scale``).
+``bench/capacity.py`` measures nothing: it turns the run's figures into section 7d. What the
+sections share (the workload, private Redis servers, ``interleave``, cell formatting, CPU
+readings) is ``bench/common.py``.
+
+Every run keeps its measurements (``--keep``, JSON); ``--render KEPT`` writes the report again
+from them without measuring, e.g. after changing a sentence.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +45,7 @@ from bench.common import (
     ROOT,
     TEXT,
     PrivateRedis,
+    children_cpu,
     col,
     consume,
     conv_turns,
@@ -43,6 +53,7 @@ from bench.common import (
     fmt,
     interleave,
     percentile,
+    redis_cpu,
     stats,
     worker_env,
 )
@@ -281,6 +292,9 @@ def bench_enqueue(mode: str, n: int, base: Path, rep: int) -> dict[str, float]:
 
 # -- 5-7. scaling, tracing overhead, Redis memory per turn --------------------------------------
 
+TOP_COMMANDS = 6  # table 7c's rows of commands
+RECONCILER_COMMANDS = ("zscan", "llen")  # shown in 7c whatever their cost: the reconciler's walk
+NO_TTL = ("tf:turn:*", "tf:conv:*", "tf:session:*", "tf:agg:*")  # kept until retention purges them
 FAMILIES = ("tf:turn:", "tf:trace:", "tf:events:", "tf:agg:", "tf:session:", "tf:conv:",
             "tf:telemetry", "tf:results", "arq:")
 TRACING = {
@@ -322,16 +336,6 @@ async def _memory(url: str) -> dict[str, float]:
     return out
 
 
-async def _redis_cpu(url: str) -> float:
-    """CPU seconds redis-server has used (INFO cpu, user + sys)."""
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(url)
-    info = await redis.info("cpu")
-    await redis.aclose()
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing: str,
                   memory: bool = False) -> dict[str, float]:
     """Pre-enqueue ``n`` turns, start ``workers`` ``turnfleet worker --burst`` at once, drain."""
@@ -341,7 +345,7 @@ def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing
         if memory:
             out["used_memory_before"] = asyncio.run(_memory(url))["used_memory"]
         ids = asyncio.run(enqueue_all(url, conv_turns(n, f"{name}{rep}")))
-        cpu0 = asyncio.run(_redis_cpu(url))
+        cpu0 = redis_cpu(url)
         env = {**worker_env(url, base / "state"), **TRACING[tracing]}
         procs = [FleetProcess(f"{name}-{rep}-{w}", ["worker", "--burst"], env,
                               base / "logs" / f"{name}-{rep}-{w}.log") for w in range(workers)]
@@ -363,7 +367,7 @@ def bench_workers(n: int, base: Path, rep: int, name: str, workers: int, tracing
         span = (max(r.finished_at for r in done) - min(r.started_at for r in done)).total_seconds()
         out["turns_s"] = n / span
         out["us_turn"] = span / n * 1e6
-        out["redis_cpu_us_turn"] = (asyncio.run(_redis_cpu(url)) - cpu0) / n * 1e6
+        out["redis_cpu_us_turn"] = (redis_cpu(url) - cpu0) / n * 1e6
         if memory:
             asyncio.run(_telemetry(url))  # the aggregates (tf:agg:*) exist only once consumed
             out.update(asyncio.run(_memory(url)))
@@ -402,12 +406,14 @@ def bench_max_jobs(max_jobs: int, latency_s: float, waves: int, base: Path, rep:
         ids = asyncio.run(enqueue_all(server.url, conv_turns(n, f"mj{max_jobs}-{rep}")))
         env = llm.worker_env({**worker_env(server.url, base / "state"),
                               "TURNFLEET_MAX_JOBS": str(max_jobs)})
+        cpu0 = children_cpu()
         proc = FleetProcess(f"mj-{max_jobs}-{rep}", ["worker", "--burst"], env,
                             base / "logs" / f"mj-{max_jobs}-{rep}.log").start()
         try:
             rc = proc.wait(600)
         finally:
             proc.kill()
+        cpu = children_cpu() - cpu0
         if rc != 0:
             raise RuntimeError(f"max_jobs {max_jobs}: worker exited {rc}:\n{proc.output()[-2000:]}")
         results = asyncio.run(_results(server.url, ids))
@@ -418,7 +424,8 @@ def bench_max_jobs(max_jobs: int, latency_s: float, waves: int, base: Path, rep:
         span = (max(r.finished_at for r in done) - min(r.started_at for r in done)).total_seconds()
         turn_latency = calls * latency_s
         return {"turns_s": n / span, "ideal": max_jobs / turn_latency, "calls": calls,
-                "p50_turn_s": statistics.median(r.duration_ms for r in done) / 1000}
+                "p50_turn_s": statistics.median(r.duration_ms for r in done) / 1000,
+                "cpu_s": cpu, "n": n}  # startup included: mj_text subtracts table 1d's
 
 
 # -- 4b. HTTP enqueue -------------------------------------------------------------------------
@@ -500,34 +507,91 @@ async def _count_turns(url: str) -> int:
 # -- 6b. memory growth over sizes -----------------------------------------------------------------
 
 
+def _drain(url: str, base: Path, name: str, env: dict[str, str], workers: int) -> dict[str, float]:
+    """``workers`` ``turnfleet worker --burst`` started together until all exit: their CPU
+    seconds (``RUSAGE_CHILDREN`` delta: the bench reaps nothing else meanwhile), the wall
+    seconds, and redis-server's CPU seconds over the same window."""
+    redis0, cpu0, t0 = redis_cpu(url), children_cpu(), time.perf_counter()
+    procs = [FleetProcess(f"{name}-{w}", ["worker", "--burst"], env,
+                          base / "logs" / f"{name}-{w}.log").start() for w in range(workers)]
+    try:
+        for p in procs:
+            if p.wait(1200) != 0:
+                raise RuntimeError(f"{name}: worker failed:\n{p.output()[-2000:]}")
+    finally:
+        for p in procs:
+            p.kill()
+    return {"worker_cpu_s": children_cpu() - cpu0, "wall_s": time.perf_counter() - t0,
+            "redis_cpu_s": redis_cpu(url) - redis0}
+
+
+def command_stats(url: str, reset: bool = False) -> dict[str, dict[str, float]]:
+    """redis-server's calls and µs per command since the last reset (``INFO commandstats``;
+    commands a script runs count both under their name and in the script's ``evalsha``)."""
+    from redis import Redis
+
+    r = Redis.from_url(url, decode_responses=True)
+    try:
+        if reset:
+            r.config_resetstat()
+            return {}
+        info = r.info("commandstats")
+    finally:
+        r.close()
+    return {k.removeprefix("cmdstat_"): {"calls": float(v["calls"]), "us": float(v["usec"])}
+            for k, v in info.items()}
+
+
 def bench_growth(sizes: list[int], base: Path, extra_env: dict[str, str]) -> list[dict[str, float]]:
     """One Redis; turns added in chunks up to each size (2 burst workers, then the telemetry
-    consumer), memory by key family measured at each size."""
+    consumer), memory by key family measured at each size, and what each chunk cost: the
+    workers' CPU per turn (less what two burst workers cost on an empty queue), turns/s from
+    the TurnResults, redis-server's CPU per turn during the drain and during the consumer's
+    run (aggregation and the retention purge), and the consumer's own CPU per turn."""
     out = []
     with PrivateRedis(base) as server:
         url = server.url
         done = 0
+        env = {**worker_env(url, base / "state"), **extra_env}
+        idle = _drain(url, base, "grow-empty", env, 2)  # startup + exit, nothing queued
         before = asyncio.run(_memory(url))["used_memory"]
         t0 = time.perf_counter()
         for size in sizes:
+            ids: list[str] = []
             for i in range(done, size, 10_000):
                 chunk = min(10_000, size - i)
-                asyncio.run(enqueue_all(url, conv_turns(chunk, f"g{i}")))
-            env = {**worker_env(url, base / "state"), **extra_env}
-            procs = [FleetProcess(f"grow-{size}-{w}", ["worker", "--burst"], env,
-                                  base / "logs" / f"grow-{size}-{w}.log").start() for w in range(2)]
-            for p in procs:
-                if p.wait(1200) != 0:
-                    raise RuntimeError(f"growth: worker failed:\n{p.output()[-2000:]}")
+                ids += asyncio.run(enqueue_all(url, conv_turns(chunk, f"g{i}")))
+            n = size - done
+            command_stats(url, reset=True)
+            drain = _drain(url, base, f"grow-{size}", env, 2)
+            commands = command_stats(url)
+            results = asyncio.run(_results(url, ids))
+            ok = [r for r in results if r is not None and r.status == "completed"]
+            if len(ok) != n:
+                raise RuntimeError(f"growth: {len(ok)}/{n} turns completed at {size}")
+            span = (max(r.finished_at for r in ok) - min(r.started_at for r in ok)).total_seconds()
+            redis0, own0 = redis_cpu(url), time.process_time()
             asyncio.run(consume(url, extra_env))
+            consumer_cpu, consumer_redis = time.process_time() - own0, redis_cpu(url) - redis0
             done = size
             mem = asyncio.run(_memory(url))
-            mem["size"] = size
+            mem.update({
+                "size": size, "chunk": n, "turns_s": n / span,
+                "worker_cpu_us_turn": (drain["worker_cpu_s"] - idle["worker_cpu_s"]) / n * 1e6,
+                "redis_cpu_us_turn": drain["redis_cpu_s"] / n * 1e6,
+                "consumer_cpu_us_turn": consumer_cpu / n * 1e6,
+                "consumer_redis_us_turn": consumer_redis / n * 1e6,
+                "idle_worker_cpu_s": idle["worker_cpu_s"],
+                **{f"cmd:{c}:{k}": v / n for c, kv in commands.items() for k, v in kv.items()},
+            })
             mem["turn_records"] = float(asyncio.run(_count_turns(url)))
+            mem["purged"] = size - mem["turn_records"] - sum(g["purged"] for g in out)  # in this step
             mem["used_memory_delta"] = mem["used_memory"] - before
             mem["elapsed_s"] = time.perf_counter() - t0
-            print(f"[growth] {size} turns: used_memory +{mem['used_memory_delta'] / 1e6:.1f} MB "
-                  f"({mem['elapsed_s']:.0f}s)", file=sys.stderr, flush=True)
+            print(f"[growth] {size} turns: used_memory +{mem['used_memory_delta'] / 1e6:.1f} MB, "
+                  f"{mem['turns_s']:.0f} turns/s, worker {mem['worker_cpu_us_turn']:.0f} µs/turn, "
+                  f"redis {mem['redis_cpu_us_turn']:.0f} µs/turn ({mem['elapsed_s']:.0f}s)",
+                  file=sys.stderr, flush=True)
             out.append(mem)
     return out
 
@@ -573,7 +637,8 @@ def machine() -> list[str]:
     ]
 
 
-def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list[str]) -> list[str]:
+def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list[str],
+                 kept: float) -> list[str]:
     """Table 7b: Redis memory by key family at each size, and what retention holds flat."""
     sizes = [int(g["size"]) for g in growth]
     head = "| key family | " + " | ".join(f"bytes/turn at {n:,}" for n in sizes) + " | keys with TTL at the end |"
@@ -600,7 +665,7 @@ def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list
         + ", ".join(f"`{k}={v}`" for k, v in env.items()) + f" (the run took "
         f"{growth[-1]['elapsed_s']:.0f} s). Cells are bytes per turn enqueued so far: a "
         "family held flat shows bytes/turn falling as the size grows, because only the turns "
-        "of the last minute or so are still there.",
+        f"of the last {int(env['TURNFLEET_RETENTION_S'])} s or so are still there.",
         "",
         head,
         "|" + "---|" * (len(sizes) + 2),
@@ -610,14 +675,129 @@ def growth_lines(growth: list[dict[str, float]], env: dict[str, str], fams: list
         "consumer purges conversations idle that long, whole: turn records, conversation "
         "records, per-turn and per-conversation aggregates, index entries, memory, traces) "
         "with `TURNFLEET_TRACE_RETENTION_S` and `TURNFLEET_SESSION_TTL_S` no longer than it. "
-        "Without it (table 7), every turn keeps its ~6 kB of records and aggregates forever "
+        f"Without it (table 7), every turn keeps its {kept / 1000:.1f} kB of records, memory and "
+        "aggregates (`tf:turn:*`, `tf:conv:*`, `tf:session:*`, `tf:agg:*`) forever "
         "plus traces and timelines until `TURNFLEET_TRACE_RETENTION_S` (7 days by default). "
         "Steady state ≈ turns/s × retention × bytes/turn of table 7; what stays whatever the "
         "retention is bounded by subjects, not turns (fleet, customer, model and per-day "
         "aggregates, latency samples capped at `TURNFLEET_LATENCY_SAMPLES`, the streams "
         "trimmed to their limits) plus the refund ledger and per-turn refund keys.",
         "",
+        *growth_cost_lines(growth),
     ]
+
+
+def growth_cost_lines(growth: list[dict[str, float]]) -> list[str]:
+    """Table 7c: what a turn costs at each size of table 7b, and whether that grows."""
+    sizes = [int(g["size"]) for g in growth]
+
+    def row(label: str, key: str, unit: str = "") -> str:
+        return f"| {label} | " + " | ".join(f"{fmt(g[key])}{unit}" for g in growth) + " |"
+
+    first, last = growth[0], growth[-1]
+    keys = ("worker_cpu_us_turn", "redis_cpu_us_turn", "consumer_cpu_us_turn", "consumer_redis_us_turn")
+    ratio = {k: last[k] / first[k] if first[k] > 0 else float("nan") for k in keys}
+    grows = [k for k in keys if ratio[k] > GROWS]
+    names = {"worker_cpu_us_turn": "the workers' CPU", "redis_cpu_us_turn": "redis-server's CPU in the drain",
+             "consumer_cpu_us_turn": "the consumer's CPU", "consumer_redis_us_turn": "redis-server's CPU in the consumer's run"}
+    verdict_text = (
+        "Per turn, " + ", ".join(f"{names[k]} is {ratio[k]:.2f}×" for k in keys)
+        + f" at {sizes[-1]:,} what it was at {sizes[0]:,}: "
+        + ("no part grows by more than " f"{(GROWS - 1) * 100:.0f}% with the number of turns behind it."
+           if not grows else "grows: " + ", ".join(names[k] for k in grows) + "."))
+    if "redis_cpu_us_turn" in grows:
+        verdict_text += " " + command_growth(first, last) + " " + reconciler_text(first, last)
+    if {"consumer_cpu_us_turn", "consumer_redis_us_turn"} & set(grows) and first["purged"] < last["purged"]:
+        verdict_text += (
+            f" The consumer's run purged {int(first['purged']):,} turn records at {sizes[0]:,} and "
+            f"{int(last['purged']):,} at {sizes[-1]:,} (turns idle past the retention, earlier "
+            "chunks' included): its growth per turn is the purge arriving once turns are old "
+            "enough, a cost each turn pays once, not one that grows with the size.")
+    return [
+        "### 7c. Time and CPU per turn over the same sizes",
+        "",
+        f"The same run as 7b, per chunk (the turns that brought Redis to each size: "
+        + ", ".join(f"{int(g['chunk']):,}" for g in growth) + "). **Workers' CPU**: user + sys of the two "
+        "burst workers (`getrusage(RUSAGE_CHILDREN)` around them; they run the turns and their "
+        "check jobs) less two burst workers on the empty queue "
+        f"({first['idle_worker_cpu_s']:.2f} s in all, startup and exit), ÷ turns. **turns/s**: from "
+        "the TurnResults as in table 1 (two workers). **redis-server CPU** (INFO cpu) over the "
+        "drain, then over the burst consumer's run (aggregation and the retention purge). "
+        "**Consumer CPU**: this process's CPU time over that run (`time.process_time`: the "
+        "consumer runs in-process).",
+        "",
+        "| per turn | " + " | ".join(f"at {n:,}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+        row("workers' CPU, µs", "worker_cpu_us_turn"),
+        row("turns/s (2 workers)", "turns_s"),
+        row("redis-server CPU in the drain, µs", "redis_cpu_us_turn"),
+        row("consumer CPU (aggregation + retention purge), µs", "consumer_cpu_us_turn"),
+        row("redis-server CPU in the consumer's run, µs", "consumer_redis_us_turn"),
+        "| turn records the consumer's retention purge removed in this step (all turns) | "
+        + " | ".join(f"{int(g['purged']):,}" for g in growth) + " |",
+        *[f"| drain: `{c}` calls / µs (`INFO commandstats`) | " + " | ".join(
+            f"{g.get(f'cmd:{c}:calls', 0):.1f} / {fmt(g.get(f'cmd:{c}:us', 0))}" for g in growth) + " |"
+          for c in top_commands(growth)],
+        "",
+        verdict_text,
+        "",
+    ]
+
+
+def command_growth(first: dict[str, float], last: dict[str, float]) -> str:
+    """Which commands account for redis-server's growth in the drain, and whether they were
+    called more often per turn or each call cost more (a bigger structure)."""
+    names = {k.split(":")[1] for k in last if k.startswith("cmd:")}
+
+    def us(g: dict[str, float], c: str) -> float:
+        return g.get(f"cmd:{c}:us", 0.0)
+
+    def calls(g: dict[str, float], c: str) -> float:
+        return g.get(f"cmd:{c}:calls", 0.0)
+
+    grown = sorted(names, key=lambda c: -(us(last, c) - us(first, c)))[:3]
+    parts = []
+    for c in grown:
+        if calls(first, c) == 0:
+            parts.append(f"`{c}` {fmt(us(last, c))} µs a turn, new")
+            continue
+        per_call = (us(last, c) / calls(last, c)) / (us(first, c) / calls(first, c)) if us(first, c) else float("nan")
+        parts.append(f"`{c}` {fmt(us(first, c))} → {fmt(us(last, c))} µs a turn ({calls(last, c) / calls(first, c):.2f}× "
+                     f"the calls a turn, {per_call:.2f}× the µs a call)")
+    return ("Where (`INFO commandstats`, µs a turn of command execution; a script's commands count "
+            "under their names and inside its `evalsha`): " + "; ".join(parts) + ".")
+
+
+def top_commands(growth: list[dict[str, float]], n: int = TOP_COMMANDS) -> list[str]:
+    """The commands with the most redis-server µs per turn in the drain at the largest size,
+    and any whose µs per turn grew the most from the first size to the last."""
+    first, last = growth[0], growth[-1]
+    names = {k.split(":")[1] for k in last if k.startswith("cmd:")}
+    by_cost = sorted(names, key=lambda c: -last.get(f"cmd:{c}:us", 0))[:n]
+    by_growth = sorted(names, key=lambda c: -(last.get(f"cmd:{c}:us", 0) - first.get(f"cmd:{c}:us", 0)))[:2]
+    return by_cost + [c for c in (*by_growth, *RECONCILER_COMMANDS) if c not in by_cost]
+
+
+def reconciler_text(first: dict[str, float], last: dict[str, float]) -> str:
+    """The reconciler's share, from the commands only its walk sends during a drain: ZSCAN of
+    ``tf:conversations`` and an LLEN per conversation (START and FINISH send one LLEN a turn
+    each, in their scripts)."""
+    def walked(g: dict[str, float]) -> float:
+        return max(0.0, g.get("cmd:llen:calls", 0.0) - 2)
+
+    a, b = walked(first), walked(last)
+    seen = (f"its walk (LLEN beyond START's and FINISH's two a turn) read {a:.1f} conversations a turn at "
+            f"{int(first['size']):,} and {b:.1f} at {int(last['size']):,}")
+    if b <= a * GROWS:
+        return f"Not the reconciler (workers/reconcile.py): {seen}."
+    return (
+        "The reconciler (workers/reconcile.py) grows with the backlog: every worker, every "
+        "`TURNFLEET_RECONCILE_EVERY_S` (30 s by default), walks every conversation in "
+        "`tf:conversations` (ZSCAN, then LLEN + EXISTS each) and runs its repair script for each "
+        "open one; a drain of a backlog B lasts B / throughput, so its passes cost O(B) a turn. "
+        f"Here {seen}. The fix its docstring names (an index of open conversations) bounds the "
+        "walk; the repair script per open conversation would still grow with the backlog "
+        "(a pass could skip conversations whose head job is queued and not stale).")
 
 
 def feature_lines(feat: dict[str, list[dict[str, float]]], fleet: list[float], n_feat: int) -> list[str]:
@@ -667,8 +847,10 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
         "is on the CPU, so samples / rate is CPU time. Each sample goes to the innermost frame "
         "that belongs to a part (a Redis call made by a tool is the SDK run's; a span the "
         "model opens is tracing's). Startup imports are left out "
-        f"({cpu.get('startup (imports)', 0) * n / 1e6:.1f} s in all). py-spy slows the worker "
-        "a little, so the total is a bit above 1/throughput.",
+        f"({cpu.get('startup (imports)', 0) * n / 1e6:.1f} s in all). py-spy slows the worker: "
+        f"the total is {total / (1e6 / statistics.median(fleet)):.2f}× 1/throughput of table 1 "
+        "(which, with turns waiting on Redis, is not the CPU per turn either; table 1d measures "
+        "that without a profiler).",
         "",
         "| part | CPU µs per turn | share |",
         "|---|---|---|",
@@ -684,16 +866,20 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
 
 # -- the run: what to measure, then the report section by section -----------------------------
 
+SCALE_REPS = 2  # 3c: each rep of 500k turns is a minute or two (AOF on and off)
+GROWS = 1.15  # table 7c calls a per-turn cost growing when the largest size costs this much more
 GROWTH_ENV = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
               "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
-SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers")  # sections that run alone: ``--only``
+SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers", "workercpu",
+            "enqueue_scale")  # sections that run alone: ``--only``
+MODULES = {"workercpu": "worker_cpu"}  # an ``--only`` name whose module is named otherwise
 
 Reps = dict[str, list[dict[str, float]]]  # variant -> one dict of figures a rep
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How big a run is: ``--quick`` (a minute or two) or full (~15 minutes)."""
+    """How big a run is: ``--quick`` (a few minutes) or full (about half an hour)."""
 
     quick: bool
     reps: int
@@ -709,6 +895,8 @@ class Plan:
     mj_latency: float
     http_s: int
     sizes: list[int]
+    n_scale: int  # 3c: turns queued by the bulk enqueue (the issue's goal is at 500k)
+    n_wcpu: int  # 1d: turns a rep of bench/worker_cpu.py
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
@@ -719,6 +907,7 @@ class Plan:
             n_bulk=20000 if quick else 50000, n_w=120 if quick else 500,
             mj_list=[10] if quick else [10, 50, 200], mj_waves=2 if quick else 3, mj_latency=1.0,
             http_s=2 if quick else 6, sizes=[300, 600] if quick else [1000, 10_000, 50_000],
+            n_scale=50_000 if quick else 500_000, n_wcpu=300 if quick else 1000,
         )
 
 
@@ -737,6 +926,9 @@ class Runs:
     wk: Reps  # 5, 6, 7
     growth: list[dict[str, float]]  # 7b
     sections: list[str]  # 8 on: the sections of their own modules, their lines
+    wcpu: Reps  # 1d (bench/worker_cpu.py)
+    scale: Reps  # 3c (bench/enqueue_scale.py)
+    peers: Reps  # 14's runs (bench/peers.py), for the goals
 
     @property
     def bare(self) -> list[float]:
@@ -767,7 +959,7 @@ class Runs:
         return statistics.median(col(self.tp["fleet"], "tel_events_s"))
 
     @property
-    def scale(self) -> list[float]:
+    def two_workers(self) -> list[float]:
         return [b / a for a, b in zip(col(self.wk["1w-sampled"], "turns_s"),
                                       col(self.wk["2w-sampled"], "turns_s"))]
 
@@ -781,7 +973,7 @@ class Runs:
 
 def measure(plan: Plan, base: Path) -> Runs:
     """Run every table's variants, each on its own private Redis under ``base``."""
-    from bench import checks, http_load, peers, privacy, redaction, rerun, sigkill
+    from bench import checks, enqueue_scale, http_load, peers, privacy, redaction, rerun, sigkill, worker_cpu
 
     reps, n_tp, n_w = plan.reps, plan.n_tp, plan.n_w
     tp = interleave(reps, {
@@ -800,6 +992,7 @@ def measure(plan: Plan, base: Path) -> Runs:
     }, "sdk features")
     cpu = bench_cpu_split(n_tp, base)
     print(f"[cpu] {cpu}", file=sys.stderr, flush=True)
+    wcpu = worker_cpu.measure(plan.n_wcpu, reps, base)
     pk = interleave(reps, {"pickup": lambda r: bench_pickup(plan.n_pick, base, r)}, "pickup")
     mj = interleave(2, {
         f"mj{m}": (lambda m: lambda r: bench_max_jobs(m, plan.mj_latency, plan.mj_waves, base, r))(m)
@@ -810,6 +1003,7 @@ def measure(plan: Plan, base: Path) -> Runs:
         "gather": lambda r: bench_enqueue("gather", plan.n_gather, base, r),
         "bulk": lambda r: bench_enqueue("bulk", plan.n_bulk, base, r),
     }, "enqueue")
+    scale = enqueue_scale.measure(base, plan.n_scale, SCALE_REPS)
     http = interleave(reps, {
         "single": lambda r: bench_http(0, plan.http_s, base, r),
         "batch100": lambda r: bench_http(100, plan.http_s, base, r),
@@ -827,8 +1021,30 @@ def measure(plan: Plan, base: Path) -> Runs:
                 for line in module.section(base, plan.quick)]
     sections += checks.section(base, plan.quick)
     sections += rerun.section(base, plan.quick)
-    sections += peers.section(base, plan.quick)  # its processes run from .venv-peers
-    return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections)
+    with keep_peer_runs() as peer_runs:
+        sections += peers.section(base, plan.quick)  # its processes run from .venv-peers
+    return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections, wcpu, scale, peer_runs)
+
+
+@contextmanager
+def keep_peer_runs() -> Iterator[Reps]:
+    """The figures of section 14 for the goals table: ``peers.section`` returns only its lines
+    (and its sizes are its owner's), so its ``bench_peers`` is wrapped while it runs."""
+    from bench import peers
+
+    kept: Reps = {}
+    measure_peers = peers.bench_peers
+
+    def keeping(*args: Any, **kwargs: Any) -> Any:
+        runs, skipped, profiles = measure_peers(*args, **kwargs)
+        kept.update(runs)
+        return runs, skipped, profiles
+
+    peers.bench_peers = keeping
+    try:
+        yield kept
+    finally:
+        peers.bench_peers = measure_peers
 
 
 def verdict(ok: bool) -> str:
@@ -864,14 +1080,85 @@ def header_lines(plan: Plan, date: str, total: float) -> list[str]:
     ]
 
 
+def issue19_lines(plan: Plan, r: Runs) -> list[str]:
+    """The issue-19 goals, each row computed from this run ("before" is the issue's "now")."""
+    from bench import enqueue_scale, worker_cpu
+
+    traced = col(r.feat["traced"], "turns_s")
+    ratio = statistics.median(r.fleet) / statistics.median(traced)
+    outside = statistics.median(worker_cpu.outside(r.wcpu)) / 1000
+    redis_us = statistics.median(col(r.wk["1w-sampled"], "redis_cpu_us_turn"))
+    b1 = statistics.median(memory_sum(r.wk["1w-sampled"], plan.n_w))
+    b01 = statistics.median(memory_sum(r.wk["1w-rate0.1"], plan.n_w))
+    enq = statistics.median(enqueue_scale.ratio_around(r.scale, plan.n_scale, "turns_s"))
+    rows = [
+        ("one worker vs `Runner.run` at the worker's concurrency with SDK tracing on (tables 1 and 1b)",
+         "0.55× (101 / 185)", "≥ 0.80×",
+         f"{ratio:.2f}× ({fmt(statistics.median(r.fleet))} / {fmt(statistics.median(traced))})", ratio >= 0.80),
+        ("worker CPU per turn outside the SDK run (table 1d)", "~3.9 ms", "≤ 1.8 ms",
+         f"{outside:.2f} ms", outside <= 1.8),
+        ("one telemetry consumer (table 4)", "15.8k events/s", "≥ 50k events/s, exactly-once kept",
+         f"{fmt(r.tel_med)} events/s", r.tel_med >= 50_000),
+        ("redis-server CPU per turn, 1 worker (table 5)", "525 µs", "≤ 300 µs", f"{fmt(redis_us)} µs",
+         redis_us <= 300),
+        ("Redis bytes per turn, sample rate 1.0 / 0.1 (table 7, sum of MEMORY USAGE)", "27 kB / 16 kB",
+         "≤ 12 kB / ≤ 6 kB", f"{b1 / 1000:.1f} kB / {b01 / 1000:.1f} kB", b1 <= 12_000 and b01 <= 6_000),
+    ]
+    if 200 in plan.mj_list:
+        mj = statistics.median(r.mj_ratio(200))
+        rows.append(("max_jobs 200 against a 1 s model: turns/s ÷ ideal (table 2b)", "0.59×", "≥ 0.85×",
+                     f"{mj:.2f}×", mj >= 0.85))
+    else:
+        rows.append(("max_jobs 200 against a 1 s model: turns/s ÷ ideal (table 2b)", "0.59×", "≥ 0.85×",
+                     "not run (quick)", None))
+    rows.append((f"bulk enqueue, last 1,000 with {plan.n_scale:,} turns queued vs the first 1,000 (table 3c: "
+                 f"{enqueue_scale.AROUND} calls each, AOF on)", "0.67× at 50k", "≥ 0.9× at 500k",
+                 f"{enq:.2f}× at {plan.n_scale // 1000}k (by CPU: "
+                 f"{statistics.median(enqueue_scale.ratio_around(r.scale, plan.n_scale, 'cpu')):.2f}×)",
+                 enq >= enqueue_scale.GOAL if plan.n_scale >= 500_000 else None))  # quick: no verdict
+    peer = r.peers
+    if all(v in peer for v in ("a", "b", "e")):
+        off = col(peer["a"], "cpu_ms_turn")
+        e = statistics.median([x - o for x, o in zip(col(peer["e"], "cpu_ms_turn"), off)])
+        b = statistics.median([x - o for x, o in zip(col(peer["b"], "cpu_ms_turn"), off)])
+        rows.append(("observability CPU per turn over tracing off, (e) vs the SDK's own exporter (b) (table 14)",
+                     "+1.30 ms (b: +0.60)", "≤ (b)", f"{e:+.2f} ms (b: {b:+.2f})", e <= b))
+    else:
+        rows.append(("observability CPU per turn over tracing off, (e) vs the SDK's own exporter (b) (table 14)",
+                     "+1.30 ms (b: +0.60)", "≤ (b)", "not run (see table 14)", None))
+    if all(v in peer for v in ("a", "c", "f")):
+        off = col(peer["a"], "cpu_ms_turn")
+        f = statistics.median([x - o for x, o in zip(col(peer["f"], "cpu_ms_turn"), off)])
+        c = statistics.median([x - o for x, o in zip(col(peer["c"], "cpu_ms_turn"), off)])
+        rows.append(("(f) turnfleet's OTLP export over tracing off vs OpenInference's (c) (table 14)",
+                     "not measured", "< half of (c)", f"{f:+.2f} ms (half of (c): {c / 2:+.2f})", f < c / 2))
+    return [
+        "## Issue 19's goals, this run",
+        "",
+        "Every row is computed from this run's tables (named in each row); 'before' is the issue's "
+        "figure when it was filed. Medians over the reps.",
+        "",
+        "| what | before issue 19 | goal | this run | |",
+        "|---|---|---|---|---|",
+        *[f"| {what} | {before} | {goal} | {now} | {'' if ok is None else verdict(ok)} |"
+          for what, before, goal, now, ok in rows],
+        "",
+    ]
+
+
+def memory_sum(runs: list[dict[str, float]], n: int) -> list[float]:
+    """Table 7's sum of MEMORY USAGE over every key family, bytes per turn, per rep."""
+    return [sum(v for k, v in r.items() if k.startswith("mem:")) / n for r in runs]
+
+
 def goal_lines(plan: Plan, r: Runs) -> list[str]:
     ratio_med, p50_med, p99_med, bulk_med = r.ratio_med, r.p50_med, r.p99_med, r.bulk_med
-    tel_med, scale_med, http_med, http = r.tel_med, statistics.median(r.scale), r.http_med, r.http
+    tel_med, scale_med, http_med, http = r.tel_med, statistics.median(r.two_workers), r.http_med, r.http
     fleet, plain = r.fleet, col(r.tp["plain-arq"], "turns_s")
     mj_latency, mj_list = plan.mj_latency, plan.mj_list
     mj_ratio = {m: r.mj_ratio(m) for m in mj_list}
     return [
-        "## Goals (from the issue) at a glance",
+        "## Earlier issues' goals at a glance",
         "",
         "| goal | result (median) | |",
         "|---|---|---|",
@@ -897,7 +1184,9 @@ def goal_lines(plan: Plan, r: Runs) -> list[str]:
 
 
 def throughput_lines(plan: Plan, r: Runs) -> list[str]:
-    """Tables 1, 1b and 1c (and where the time goes if the goal is missed)."""
+    """Tables 1, 1b, 1c and 1d (and where the time goes if the goal is missed)."""
+    from bench import worker_cpu
+
     n_tp, n_plain, tp, ratio_med = plan.n_tp, plan.n_plain, r.tp, r.ratio_med
     bare, fleet = r.bare, r.fleet
     bare_traced = col(tp["bare-traced"], "turns_s")
@@ -939,18 +1228,21 @@ def throughput_lines(plan: Plan, r: Runs) -> list[str]:
         f"{stats(col(tp['fleet'], 'startup_s'))} s.",
         "",
     ]
+    hooks_ratio = statistics.median([h / b for h, b in zip(col(r.feat["hooks"], "turns_s"),
+                                                             col(r.feat["c10"], "turns_s"))])
+    outside_ms = statistics.median(worker_cpu.outside(r.wcpu)) / 1000
     lines += feature_lines(r.feat, fleet, n_tp // 2)
     lines += cpu_lines(r.cpu, n_tp, bare, fleet)
+    lines += worker_cpu_lines(plan, r)
     if ratio_med < 0.80:
         lines += [
-            "Goal ≥ 0.80× missed. Where the time goes: table 1b shows the ceiling is not the "
-            "queue. The bare limit runs 10 turns at a time with no tracing, memory or hooks; "
-            "the same SDK run at the worker's concurrency (50) with tracing, memory and hooks "
-            "on — what any fleet that keeps memory and telemetry must run — is already well "
-            "below 0.80× of it, before any queue. Table 1c splits the worker's CPU: the SDK run "
-            "(model, tools, its session and tracing bookkeeping) is most of it; turnfleet's own "
-            "parts (queue bookkeeping, trace store, telemetry batch, memory write) are the rest, "
-            "each a few Redis round trips at ~100–300 µs of redis-py asyncio CPU apiece.",
+            "Goal ≥ 0.80× missed. Where the time goes: table 1b. The bare limit runs 10 turns at "
+            "a time with no tracing, memory or hooks; the same SDK run at the worker's concurrency "
+            "(50) with tracing, memory and hooks on — what any fleet that keeps memory and "
+            f"telemetry must run — is {hooks_ratio:.2f}× of it before any queue. Table 1c splits "
+            "the worker's CPU by part and table 1d gives what turnfleet adds around the SDK run "
+            f"({fmt(outside_ms)} ms a turn): queue bookkeeping, trace store, telemetry batch, "
+            "memory write and checks, each a few Redis round trips through redis-py and asyncio.",
             "",
             "What was tried, each measured with this bench (one worker, 600 turns, turns/s): "
             "(1) the SDK's `RedisSession` opened a **new TCP connection for every write** on "
@@ -972,6 +1264,33 @@ def throughput_lines(plan: Plan, r: Runs) -> list[str]:
             "",
         ]
     return lines
+
+
+def worker_cpu_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 1d (bench/worker_cpu.py): the worker's CPU per turn outside the SDK run."""
+    from bench import worker_cpu
+
+    return [
+        "### 1d. Worker CPU per turn outside the SDK run",
+        "",
+        f"bench/worker_cpu.py, {plan.n_wcpu} turns a rep, {plan.reps} reps, the two interleaved, each "
+        "in a fresh process: the CPU time (user + sys, `getrusage(RUSAGE_CHILDREN)` around the "
+        "child) of one `turnfleet worker --burst` draining the turns (checks lane included), less "
+        "the same worker on an empty queue, ÷ turns; and the CPU time of a process running "
+        f"`Runner.run` on the same turns at concurrency {worker_cpu.CONCURRENCY} with the SDK's "
+        "tracing on (spans built, no processor), ÷ turns. The difference is what turnfleet adds "
+        "around the SDK run: queue bookkeeping, telemetry and tracing, redaction, memory, checks "
+        "and the event loop's share of them. No profiler runs, unlike 1c.",
+        "",
+        *worker_cpu.lines(plan.n_wcpu, r.wcpu),
+    ]
+
+
+def scale_lines(plan: Plan, r: Runs) -> list[str]:
+    """Table 3c (bench/enqueue_scale.py)."""
+    from bench import enqueue_scale
+
+    return enqueue_scale.lines(r.scale, plan.n_scale, SCALE_REPS)
 
 
 def pickup_lines(plan: Plan, r: Runs) -> list[str]:
@@ -1002,6 +1321,33 @@ def pickup_lines(plan: Plan, r: Runs) -> list[str]:
     return lines
 
 
+def mj_text(plan: Plan, r: Runs) -> list[str]:
+    """What table 2b shows, from its figures and table 1d's (the worker's CPU a turn with the
+    in-process model)."""
+    mj, mj_list, latency = r.mj, plan.mj_list, plan.mj_latency
+    top = mj_list[-1]
+    calls = statistics.median(x["calls"] for x in mj[f"mj{top}"])
+    startup = statistics.median(col(r.wcpu["worker"], "startup_cpu_s"))
+    http_cpu = statistics.median((x["cpu_s"] - startup) / x["n"] * 1e6 for x in mj[f"mj{top}"])
+    offline_cpu = statistics.median(col(r.wcpu["worker"], "cpu_us"))
+    per_call = (http_cpu - offline_cpu) / calls
+    ceiling = 1e6 / http_cpu
+    out = [
+        f"{plan.mj_waves} waves only, so the ramp-up and the last wave's tail count fully. "
+        f"Turn duration against model time: at max_jobs {top} the median turn takes "
+        f"{statistics.median(col(mj[f'mj{top}'], 'p50_turn_s')):.2f} s against {calls * latency:.1f} s "
+        "of model calls. The worker's CPU over the drain (`getrusage(RUSAGE_CHILDREN)`, less "
+        f"table 1d's empty-queue worker, {startup:.1f} s) is {fmt(http_cpu / 1000)} ms a turn at max_jobs {top}, against "
+        f"{fmt(offline_cpu / 1000)} ms with the in-process model (table 1d): ≈ {fmt(per_call / 1000)} ms "
+        f"more for each of the {calls:.0f} model calls through the openai client (py-spy before: "
+        "its request transform, httpx/anyio connection handling, response parsing). One process "
+        f"on one core therefore tops out near {fmt(ceiling)} turns/s with this model whatever "
+        "max_jobs; beyond that, add worker processes (table 5), not max_jobs. (2 repetitions "
+        "here, not 3: each is seconds of model latency.)",
+    ]
+    return out
+
+
 def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
     """Tables 2b and 3 (and where the time goes if the bulk goal is missed)."""
     mj, mj_list, mj_waves, mj_latency = r.mj, plan.mj_list, plan.mj_waves, plan.mj_latency
@@ -1025,15 +1371,7 @@ def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
         *[f"| {m} | {stats(col(mj[f'mj{m}'], 'turns_s'))} | {mj[f'mj{m}'][0]['ideal']:.1f} | "
           f"{stats(mj_ratio[m])}× | {stats(col(mj[f'mj{m}'], 'p50_turn_s'))} |" for m in mj_list],
         "",
-        f"{mj_waves} waves only, so the ramp-up and the last wave's tail count fully: at 50 "
-        "the turns themselves take ~3.1 s against 3.0 s of model time, and the rest of the "
-        "gap is the ramp. At 200 the worker is CPU-bound (`top`: 100% of a core): a model call "
-        "through the openai client costs the worker ~4 ms of CPU (py-spy: the client's "
-        "request transform, httpx/anyio connection handling, response parsing), about 24 ms "
-        "a turn here against ~10 ms with the in-process model (table 1c), so one process "
-        "tops out near 40 turns/s whatever max_jobs; beyond that, add worker processes "
-        "(table 5), not max_jobs. (2 repetitions here, not 3: each is seconds of model "
-        "latency.)",
+        *mj_text(plan, r),
         "",
         "## 3. Enqueue throughput, Python API",
         "",
@@ -1053,17 +1391,20 @@ def max_jobs_and_enqueue_lines(plan: Plan, r: Runs) -> list[str]:
         f"{stats(col(enq['bulk'], 'last_1000'))} |",
         "",
     ]
+    own_us = statistics.median(col(r.scale["aof"], "own_us@0"))
+    redis_us = statistics.median(col(r.scale["aof"], "redis_us@0"))
     if bulk_med < 20_000:
         lines += [
-            "Bulk goal ≥ 20k turns/s missed. Where the time goes (py-spy on a producer "
-            "enqueueing 20,000 turns): about half the wall time the producer is on the CPU — "
-            "redis-py packing the script arguments (~20% of its samples), pydantic validation "
-            "of each turn (~12%), turn ids (uuid4, ~8%), the JSON request — and the other half "
-            "it waits for `redis-server` running the enqueue script for each turn (idempotency "
-            "check, conversation ownership, queue pushes, indexes, the arq job). Tried: one "
-            "script call per 200 turns instead of one per turn (fewer commands to pack and "
-            "dispatch): a few percent. Not tried: skipping model validation for trusted bulk "
-            "callers (it is what makes bad input fail with field names, so it stays).",
+            "Bulk goal ≥ 20k turns/s missed. Where the time goes (table 3c, the first calls): "
+            f"the producer's CPU {fmt(own_us)} µs a turn and redis-server's {fmt(redis_us)} µs "
+            f"({fmt(1e6 / (own_us + redis_us))} turns/s if nothing else waited). An earlier py-spy "
+            "profile of the producer: redis-py packing the script arguments, pydantic validation "
+            "of each turn, turn ids (uuid4), the JSON request; redis-server runs the enqueue "
+            "script for each turn (idempotency check, conversation ownership, queue pushes, "
+            "indexes, the arq job). Tried: one script call per chunk of turns instead of one per "
+            "turn (fewer commands to pack and dispatch): a few percent. Not tried: skipping model "
+            "validation for trusted bulk callers (it is what makes bad input fail with field "
+            "names, so it stays).",
             "",
         ]
     return lines
@@ -1132,16 +1473,17 @@ def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
     ]
     if tel_med < 50_000:
         lines += [
-            "Goal ≥ 50k events/s missed. Where the time goes: since issue 19 the consumer applies "
-            "a batch of entries with one script, their ops merged per key and field "
-            "(`lua/aggregate_batch.lua`; entry by entry only when an event was counted before or "
-            "a subject is erased), which cut redis-server's CPU per event from ~22 to ~9 µs "
-            "(bench/telemetry_replay.py). The consumer's own Python is now the limit: planning "
-            "(`Aggregator.plan`: per-event counters for turn, conversation, customer, model, "
-            "day, latency samples, histograms and search facets) ~18 µs an event, merging ~6, "
-            "redis-py, asyncio and alerts ~6. Next: plan a batch in one pass over its events "
-            "read as dicts, summing per key as it goes. One consumer keeps up with two workers "
-            "(4b).",
+            f"Goal ≥ 50k events/s missed: {1e6 / tel_med:.0f} µs of wall time an event here. Where "
+            "the time goes: since issue 19 the consumer applies a batch of entries with one script, "
+            "their ops merged per key and field (`lua/aggregate_batch.lua`; entry by entry only "
+            "when an event was counted before or a subject is erased), which cut redis-server's "
+            "CPU per event from ~22 to ~9 µs. The consumer's own Python was then the limit: "
+            "planning (`Aggregator.plan`: per-event counters for turn, conversation, customer, "
+            "model, day, latency samples, histograms and search facets) ~18 µs an event, merging "
+            "~6, redis-py, asyncio and alerts ~6 (those four figures: bench/telemetry_replay.py "
+            "when the batch script landed, not this run). Next: plan a batch in one pass over its "
+            "events read as dicts, summing per key as it goes. Table 4b shows one consumer beside "
+            "one worker.",
             "",
         ]
     lag_runs = lag["lag"]
@@ -1158,8 +1500,9 @@ def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
         f"| {stats(col(lag_runs, 'max_backlog'))} | {stats(col(lag_runs, 'p50_backlog'))} | "
         f"{stats(col(lag_runs, 'catch_up_ms'))} |",
         "",
-        "One consumer keeps up with one worker with room to spare (table 4: it aggregates "
-        "an order of magnitude more turns/s than a worker runs).",
+        f"Table 4's consumer aggregates {fmt(tel_med / ev_per_turn)} turns/s (events/s ÷ "
+        f"{ev_per_turn:.1f} events a turn) against {fmt(statistics.median(r.fleet))} turns/s for one "
+        f"worker (table 1): {tel_med / ev_per_turn / statistics.median(r.fleet):.1f}× what a worker runs.",
         "",
     ]
     return lines
@@ -1167,7 +1510,7 @@ def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
 
 def scaling_lines(plan: Plan, r: Runs) -> list[str]:
     """Table 5."""
-    n_w, wk, scale = plan.n_w, r.wk, r.scale
+    n_w, wk, scale = plan.n_w, r.wk, r.two_workers
     one_w, two_w = col(wk["1w-sampled"], "turns_s"), col(wk["2w-sampled"], "turns_s")
     scale_med = statistics.median(scale)
     lines: list[str] = []
@@ -1194,7 +1537,8 @@ def scaling_lines(plan: Plan, r: Runs) -> list[str]:
     if scale_med < 1.8:
         lines += [
             "Goal ≥ 1.8× missed. Where the time goes: this machine has 2 CPUs; two workers "
-            "each want a whole core (table 1c: ~10 ms of CPU a turn) and `redis-server` "
+            f"each want a whole core (table 1d: {fmt(statistics.median(col(r.wcpu['worker'], 'cpu_us')) / 1000)} "
+            "ms of CPU a turn) and `redis-server` "
             "needs the CPU shown above for every turn on top, so at 2 workers the three "
             "processes share 2 cores and the second worker cannot add a full core. On a "
             "machine with a core per worker plus one for Redis the ratio is the one to read; "
@@ -1285,19 +1629,36 @@ def memory_lines(plan: Plan, r: Runs) -> list[str]:
         f"One size (N = {n_w}); table 7b follows memory over sizes.",
         "",
     ]
-    lines += growth_lines(r.growth, GROWTH_ENV, fams)
+    kept = statistics.median(sum(x.get(f"mem:{f}", 0) for f in NO_TTL) / n_w for x in mem1)
+    lines += growth_lines(r.growth, GROWTH_ENV, fams, kept)
     return lines
 
 
-REPORT = (goal_lines, throughput_lines, pickup_lines, max_jobs_and_enqueue_lines, http_lines,
-          telemetry_lines, scaling_lines, tracing_lines, memory_lines)
+def capacity_lines(plan: Plan, r: Runs) -> list[str]:
+    """Section 15 (bench/capacity.py), from the figures of tables 1d, 3c, 5, 7 and 7c."""
+    from bench import capacity
+
+    def used(runs: list[dict[str, float]]) -> float:
+        return statistics.median((x["used_memory"] - x["used_memory_before"]) / plan.n_w for x in runs)
+
+    return capacity.lines(capacity.Measured(
+        redis_enqueue_us=statistics.median(col(r.scale["aof"], "redis_us@0")),
+        redis_worker_us=statistics.median(col(r.wk["1w-sampled"], "redis_cpu_us_turn")),
+        redis_consumer_us=r.growth[-1]["consumer_redis_us_turn"],
+        worker_cpu_us=statistics.median(col(r.wcpu["worker"], "cpu_us")),
+        bytes_rate1=used(r.wk["1w-sampled"]), bytes_rate01=used(r.wk["1w-rate0.1"]),
+    ))
+
+
+REPORT = (issue19_lines, goal_lines, throughput_lines, pickup_lines, max_jobs_and_enqueue_lines, http_lines,
+          scale_lines, telemetry_lines, scaling_lines, tracing_lines, memory_lines, capacity_lines)
 
 
 def run_section(name: str, quick: bool) -> int:
     """``--only NAME``: one section of its own module, its table printed (nothing written)."""
     import importlib
 
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"bench.{MODULES.get(name, name)}")
     started = time.perf_counter()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
@@ -1310,22 +1671,35 @@ def run_section(name: str, quick: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run")
-    ap.add_argument("--quick", action="store_true", help="3 reps, small N (a minute or two)")
+    ap.add_argument("--quick", action="store_true", help="2 reps, small N (a few minutes)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--only", choices=SECTIONS,
                     help="run just this section and print its table (BENCHMARKS.md is not written)")
+    ap.add_argument("--keep", default=str(Path(tempfile.gettempdir()) / "turnfleet-bench-runs.json"),
+                    help="where the run's measurements are kept (JSON)")
+    ap.add_argument("--render", metavar="KEPT",
+                    help="measure nothing: write the report from a --keep file (after changing its text)")
     args = ap.parse_args(argv)
     from turnfleet.logging import configure_logging
 
     configure_logging("WARNING")  # this process's own logs (the children keep their defaults)
     if args.only:
         return run_section(args.only, args.quick)
-    plan = Plan.of(args.quick)
-    started = time.perf_counter()
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
-        runs = measure(plan, Path(tmp))
-    total = time.perf_counter() - started
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        plan, date, total = Plan.of(saved["quick"]), saved["date"], saved["total"]
+        runs = Runs(**saved["runs"])
+    else:
+        plan = Plan.of(args.quick)
+        started = time.perf_counter()
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with tempfile.TemporaryDirectory(prefix="turnfleet-bench-") as tmp:
+            runs = measure(plan, Path(tmp))
+        total = time.perf_counter() - started
+        Path(args.keep).write_text(json.dumps({"quick": plan.quick, "date": date, "total": total,
+                                               "runs": asdict(runs)}))
+        print(f"measurements kept in {args.keep} (--render {args.keep} rewrites the report)",
+              file=sys.stderr)
     lines = header_lines(plan, date, total)
     for section in REPORT:
         lines += section(plan, runs)
@@ -1333,6 +1707,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out} in {total:.0f} s", file=sys.stderr)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
