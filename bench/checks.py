@@ -8,9 +8,11 @@ what the checks' follow-up job will do per turn on top of reading them: build th
 ``FinishedTurn`` (parse every tool call's JSON, freeze it, walk the memory items) and run the
 workflow's four checks; and, separately, the whole check job as a worker runs it
 (``workers/check_job.py`` ``run_turn_checks``, in-process on the private Redis: read the
-record and the memory, run the checks in a thread, redact the reasons, write the outcomes and
-the ``check`` entry with one script), its outcomes key deleted before each rep so every run
-writes.
+record and the memory, run the checks (the Desk's are ``blocking=False``: on the loop, no thread
+hop), redact the reasons, write the outcomes and the ``check`` entry with one script), one job
+at a time, its outcomes key deleted before each rep so every run writes. The checks lane
+(``workers/checks_lane.py``) runs a poll's jobs as one batch, so in a worker the reads and the
+write are shared by every turn of the batch: this is the cost of a batch of one.
 """
 
 from __future__ import annotations
@@ -121,8 +123,10 @@ def checks_lines(runs: dict[str, list[float]], reps: int, note: str = "") -> lis
         "Timed per turn: building the `FinishedTurn` from the record and the memory items, and "
         "running the Desk's four checks (`run_checks`), "
         f"{reps} reps over the same turns; and the whole check job a worker runs per finished "
-        "turn (`run_turn_checks` in-process: read the record and memory, run the checks in a "
-        "thread, redact the reasons, write the outcomes and the `check` entry with one script), "
+        "turn (`run_turn_checks` in-process: read the record and memory, run the checks "
+        "(the Desk's on the loop, `blocking=False`), redact the reasons, write the outcomes and the "
+        "`check` entry with one script; a batch of one: the checks lane shares the reads and the "
+        "write among a poll's jobs), "
         f"{len(runs['job'])} reps. "
         f"Failed checks: {int(max(runs['failed']))} (every real Desk turn passes). " + note,
         "",
@@ -130,7 +134,7 @@ def checks_lines(runs: dict[str, list[float]], reps: int, note: str = "") -> lis
         "|---|---|",
         f"| build the view + run the 4 checks | {stats(runs['total'])} |",
         f"| run the 4 checks alone | {stats(runs['checks'])} |",
-        f"| the whole check job (Redis reads, thread, write script) | {stats(runs['job'])} |",
+        f"| the whole check job (Redis read, checks, write script; a batch of one) | {stats(runs['job'])} |",
         "",
     ]
 
