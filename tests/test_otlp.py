@@ -398,7 +398,7 @@ def test_a_missing_otlp_extra_says_how_to_install_it(monkeypatch) -> None:
     import turnfleet.workers.otlp as otlp
 
     monkeypatch.setattr(otlp, "_otel", None)
-    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.resources", None)
     with pytest.raises(ImportError, match=r"pip install 'turnfleet\[otlp\]'") as raised:
         OtlpSink("http://127.0.0.1:4318/v1/traces")
     assert str(raised.value) == OTLP_EXTRA_MISSING
