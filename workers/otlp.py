@@ -204,7 +204,13 @@ def attribute_value(value: Any) -> Any:
     return _json(value)
 
 
+_SCALARS = frozenset({str, bool, int, float})
+
+
 def _put(attrs: dict[str, Any], key: str, value: Any) -> None:
+    if type(value) in _SCALARS:  # most values: no conversion
+        attrs[key] = value
+        return
     legal = attribute_value(value)
     if legal is not None:
         attrs[key] = legal
@@ -771,7 +777,7 @@ class OtlpSink:
         openinference_messages: bool = False,
     ) -> None:
         otel = _load_otel()
-        self._pricing = pricing
+        self._pricing = memoized(pricing) if pricing is not None else None
         self._openinference_messages = openinference_messages
         self.endpoint = endpoint
         self._post = _Post(endpoint, dict(headers or {}), timeout_s)
@@ -994,6 +1000,27 @@ class OtlpSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def memoized(pricing: Pricing, entries: int = 4096) -> Pricing:
+    """``pricing`` remembered per (model, usage): a fleet's calls repeat models and, for the
+    same prompt, token counts; pricing one builds a ``TokenUsage`` and resolves the model's
+    name (tens of microseconds a call, issue 19)."""
+    memo: dict[tuple[Any, ...], float | None] = {}
+
+    def cost(model: str | None, usage: TokenUsage) -> float | None:
+        key = (model, usage.requests, usage.input_tokens, usage.output_tokens, usage.cached_tokens,
+               usage.reasoning_tokens)
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        if len(memo) >= entries:
+            memo.clear()
+        value = memo[key] = pricing(model, usage)
+        return value
+
+    return cost
 
 
 def _failure(error: Any, at: int) -> tuple[bytes, bytes]:
