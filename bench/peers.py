@@ -378,14 +378,15 @@ def _in(*paths: str) -> Any:
 
 
 PROFILE_PARTS: list[tuple[str, Any]] = [
-    ("OTLP: the exporter's thread (batching, protobuf encoding, the POST)",
-     _calls("BatchProcessor.worker ")),  # OpenTelemetry's BatchSpanProcessor thread
-    ("OTLP: record → OpenTelemetry spans (`OtlpSink.export`)", _calls("OtlpSink.export ")),
+    ("OTLP: the sender's thread (batching, the POST)",
+     _calls("OtlpSink._run ", "BatchProcessor.worker ")),  # ours; OpenTelemetry's BatchSpanProcessor thread
+    ("OTLP: record → OTLP protobuf bytes (`OtlpSink.export`)", _calls("OtlpSink.export ")),
     ("trace store: redacting the record (`redact_record`)", _calls("redact_record ")),
-    ("trace store: the Redis write, JSON included (`TraceStore._write`)", _calls("TraceStore._write ")),
+    ("trace store: the record's JSON (`TraceStore.prepare`)", _calls("TraceStore.prepare ")),
+    ("trace store: the Redis write (`TraceStore.write`)", _calls("TraceStore.write ")),
     ("telemetry batch (`batch_json`: event export, redaction, JSON)", _calls("TelemetryHooks.batch_json ")),
     ("hooks: events built during the run", _in("workers/hooks.py", "turnfleet/events.py")),
-    ("trace store: buffer callbacks, sampling", _in("workers/trace_store.py")),
+    ("trace store: buffer callbacks (`TraceBuffer.on_*`), sampling", _in("workers/trace_store.py")),
     ("the SDK's spans (agents/tracing/)", _in("agents/tracing/")),
 ]
 REST = "the rest: the agent run, the event loop, redis-py"
@@ -512,8 +513,9 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         "telemetry batch (`batch_json`; in the worker it rides on the result write it makes anyway). "
         "Not the queue: no START, lease, memory or finish script.",
         "- (f) (e) with `OtlpSink.from_settings` (`TURNFLEET_OTLP_ENDPOINT` at the receiver): each "
-        "kept record converted (OpenInference + GenAI attributes, messages, cost) and sent by an "
-        "OTel `BatchSpanProcessor` + OTLP/HTTP exporter.",
+        "kept record converted (OpenInference + GenAI attributes, messages, cost) straight to OTLP "
+        "protobuf bytes (`workers/otlp_wire.py`: no OpenTelemetry span objects, no encoder) and "
+        "POSTed in batches by one background thread.",
         "",
         f"Processes run from `.venv-peers` (`make bench-tools`: the project with `-c constraints.txt` "
         f"plus the peers, bench-only, never runtime dependencies): {pins}. " + note,
@@ -565,8 +567,8 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
             f"(f) against OpenInference: `OtlpSink` sends {ratio:.1f}× OpenInference's bytes for the same "
             "turn (the turn-wide attributes are on the root only and each model call's messages "
             "go once, in the GenAI form). What is left is the conversion in the turn "
-            "(`OtlpSink.export`) and the OpenTelemetry exporter's Python protobuf encoding on its "
-            "thread, which grows with the number of attributes (14b).",
+            "(`OtlpSink.export`: the attributes, then their protobuf bytes), which grows with the "
+            "number of attributes (14b).",
             "",
         ]
     return lines
