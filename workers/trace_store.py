@@ -373,7 +373,7 @@ class TraceStore:
         record = redact_record(
             {"trace": {**trace, **turn, "kept_because": reason}, "spans": spans}, self.redactor
         )
-        return Kept(record, json.dumps(record, default=str), turn["turn_id"], reason, dropped, workflow), dropped
+        return Kept(record, json.dumps(record, default=str, separators=(",", ":")), turn["turn_id"], reason, dropped, workflow), dropped
 
     async def finish_attempt(
         self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float,
