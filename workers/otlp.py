@@ -8,9 +8,10 @@ makes the sampling decision at trace end possible and keeps unredacted data insi
 What a caller may rely on:
 
 * ``export(record)`` does not block on the network and does not raise for a bad collector: it
-  converts the record (tens of microseconds a span) and queues the spans on an OpenTelemetry
-  ``BatchSpanProcessor``, whose own thread sends them with ``OTLPSpanExporter`` (retries with
-  backoff up to ``timeout_s`` a batch). A full queue drops spans (the processor logs it).
+  writes the record's spans as OTLP protobuf bytes (``otlp_wire``: no OpenTelemetry span
+  objects, no encoder; ~20 µs a span) and queues them; one background thread batches and POSTs
+  them, retrying as OpenTelemetry's OTLP/HTTP exporter does (up to ``timeout_s`` a batch). A
+  full queue drops the record's spans, counted in ``stats().spans_dropped`` and logged once.
 * One OTel trace per turn *attempt* (each attempt runs under its own SDK trace). Its trace id
   is the SDK trace id's 32 hex digits (``trace_<hex>`` → ``<hex>``), so a trace found in a
   backend is found in the trace store by the same id. Each SDK span keeps its parent; a ROOT

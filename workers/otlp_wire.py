@@ -108,21 +108,47 @@ def key_value(key: str, value: Any) -> bytes:
 
 
 def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
-    """Each attribute as a repeated ``KeyValue`` field ``tag``, in the mapping's order."""
-    out = []
+    """Each attribute as a repeated ``KeyValue`` field ``tag``, in the mapping's order.
+
+    The hot path of the export (a turn has hundreds of attributes): short strings, ints and
+    bools come whole from a cache; a long string's bytes are copied once, by the join."""
+    out: list[bytes] = []
+    append = out.append
+    whole_cache = _WHOLE
     for key, value in attrs.items():
         kind = type(value)
-        if kind is bool or (kind is str and len(value) <= _WHOLE_MAX_CHARS):
+        if kind is str:
+            if len(value) <= _WHOLE_MAX_CHARS:
+                cache_key = (tag, key, kind, value)
+                whole = whole_cache.get(cache_key)
+                if whole is None:
+                    whole = _remember(cache_key, field(tag, key_value(key, value)))
+                append(whole)
+                continue
+            data = value.encode("utf-8")
+            n = len(data)
+            head = b"\x0a" + (_SMALL[n] if n < 128 else varint(n))
+            value_len = len(head) + n
+            key_field = _key(key)
+            kv_len = len(key_field) + 1 + len(varint(value_len)) + value_len
+            append(tag + varint(kv_len) + key_field + b"\x12" + varint(value_len) + head)
+            append(data)
+        elif kind is int or kind is bool:
             cache_key = (tag, key, kind, value)
-            whole = _WHOLE.get(cache_key)
+            whole = whole_cache.get(cache_key)
             if whole is None:
-                if len(_WHOLE) >= _CACHE_ENTRIES:
-                    _WHOLE.clear()
-                whole = _WHOLE[cache_key] = field(tag, key_value(key, value))
-            out.append(whole)
+                whole = _remember(cache_key, field(tag, key_value(key, value)))
+            append(whole)
         else:
-            out.append(field(tag, key_value(key, value)))
+            append(field(tag, key_value(key, value)))
     return b"".join(out)
+
+
+def _remember(cache_key: tuple[bytes, str, type, Any], whole: bytes) -> bytes:
+    if len(_WHOLE) >= _CACHE_ENTRIES:
+        _WHOLE.clear()
+    _WHOLE[cache_key] = whole
+    return whole
 
 
 # -- Span (trace.proto) ---------------------------------------------------------------------------
