@@ -424,15 +424,23 @@ def bench_peers(base: Path, turns: int, reps: int, profile_turns: int) -> tuple[
     runnable = [v for v in VARIANTS if why_not[v] is None]
     skipped = {v: why for v, why in why_not.items() if why is not None}
     profiles: Profiles = {}
-    with PrivateRedis(base) as server, Receiver() as receiver:
+    # Each process gets a fresh redis-server of its own, so none runs against what the earlier
+    # ones left (their traces, an AOF growing ~3 MB a process and fsynced every second). With
+    # one shared server (f) − (e) came out ~2 ms a turn, with fresh ones ~1 ms in the same
+    # interleaved run, and ~0.55 ms paired in one process (blocks of turns with the sink on and
+    # off, alternated): the shared server's figure was the bench's, not the export's (issue 19).
+    with Receiver() as receiver:
+        def run(v: str, n: int, log: Path, raw: Path | None = None) -> dict[str, float]:
+            with PrivateRedis(base) as server:
+                return run_variant(v, n, server.url, receiver.url, log, raw)
+
         runs = interleave(reps, {
-            v: (lambda v: lambda r: run_variant(v, turns, server.url, receiver.url,
-                                               base / "logs" / f"peers-{v}-{r}.log"))(v)
+            v: (lambda v: lambda r: run(v, turns, base / "logs" / f"peers-{v}-{r}.log"))(v)
             for v in runnable}, "peers")
         if py_spy() is not None:
             for v in (v for v in ("e", "f") if v in runnable):
                 raw = base / f"peers-{v}.raw"
-                run_variant(v, profile_turns, server.url, receiver.url, base / "logs" / f"peers-{v}-spy.log", raw)
+                run(v, profile_turns, base / "logs" / f"peers-{v}-spy.log", raw)
                 profiles[v] = profile_split(raw.read_text(), profile_turns + WARMUP)
     return runs, skipped, profiles
 
@@ -481,7 +489,8 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         f"The same Support Desk turn in every variant: the offline model, `{TEXT}` from {CUSTOMER} "
         "(Triage → handoff to Orders → `lookup_order` → answer: 2 model calls, 1 tool call), one turn "
         f"at a time (`bench/peers.py`). Each variant runs in a **fresh process** (the "
-        f"instrumentations patch globals that cannot be undone in-process), {reps} reps, the variants "
+        f"instrumentations patch globals that cannot be undone in-process) with a fresh redis-server "
+        f"of its own, {reps} reps, the variants "
         f"interleaved (rep 1 of each, then rep 2, ...); a process runs {WARMUP} warm-up turns and "
         f"flushes its exporter, then {turns} measured turns and a final flush (their export is inside "
         "the window). CPU per turn is the process's CPU time over that window "
