@@ -937,7 +937,10 @@ class OtlpSink:
                     spans += len(self._queue[0])
                     batch.append(self._queue.popleft())
                 self._queued_spans -= spans
-            ok, why = self._post.send(wire.request(self._head, [s for r in batch for s in r]), self._stopping)
+            try:
+                ok, why = self._post.send(wire.request(self._head, [s for r in batch for s in r]), self._stopping)
+            except Exception as exc:  # noqa: BLE001 - the sender outlives any one batch
+                ok, why = False, repr(exc)
             with self._wake:
                 if ok:
                     self._spans_exported += spans
