@@ -264,12 +264,20 @@ class Variant:
 async def run_child(variant: str, turns: int, warmup: int, redis_url: str, receiver: str) -> dict[str, float]:
     from redis.asyncio import Redis
 
+    from turnfleet.startup_heap import freeze_startup_heap
+
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-dummy")  # (b)'s exporter wants one; nothing is sent out
     redis = Redis.from_url(redis_url)
     v = Variant(variant, redis, receiver)
     for i in range(warmup):
         await v.turn(-1 - i)
     v.flush()
+    # As a worker does at startup (turnfleet/startup_heap.py), in every variant: the heap built so
+    # far (the SDK, the instrumentation, ~210k objects) is never garbage. Unfrozen, one full
+    # collection walks it (~130 ms here) whenever the allocation count says so: one or none fell
+    # into a 200-turn window, ±0.7 ms a turn by luck, more often in the variants that allocate
+    # more (issue 19: most of the noise of (f) − (e)).
+    freeze_startup_heap()
     before = receiver_totals(receiver)
     redis_cpu0 = await _redis_cpu(redis)
     cpu0 = cpu_seconds()
