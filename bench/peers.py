@@ -433,10 +433,10 @@ def bench_peers(base: Path, turns: int, reps: int, profile_turns: int) -> tuple[
     skipped = {v: why for v, why in why_not.items() if why is not None}
     profiles: Profiles = {}
     # Each process gets a fresh redis-server of its own, so none runs against what the earlier
-    # ones left (their traces, an AOF growing ~3 MB a process and fsynced every second). With
-    # one shared server (f) − (e) came out ~2 ms a turn, with fresh ones ~1 ms in the same
-    # interleaved run, and ~0.55 ms paired in one process (blocks of turns with the sink on and
-    # off, alternated): the shared server's figure was the bench's, not the export's (issue 19).
+    # ones left (their traces, an AOF growing ~3 MB a process and fsynced every second). What
+    # made (f) − (e) read ~2 ms a turn across processes was mostly not the export (~0.55 ms
+    # paired in one process: blocks of turns with the sink on and off, alternated): a full
+    # collection falling into the window or not (see run_child) and the machine's load.
     with Receiver() as receiver:
         def run(v: str, n: int, log: Path, raw: Path | None = None) -> dict[str, float]:
             with PrivateRedis(base) as server:
