@@ -573,9 +573,10 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
             "(which (b) pays too). The trace store writes each kept attempt's record (~13 kB of JSON, "
             "uncompressed; a worker's finish script writes it with the turn's result, this bench "
             "writes it on its own): its CPU is mostly the socket write of those bytes, and "
-            "redis-server pays the RPUSH and its AOF write (the last column). `redact_record` walks "
-            "every string of every span through the detectors; the hooks' events are redacted and "
-            "encoded once a turn, as one batch.",
+            "redis-server pays the RPUSH and its AOF write (the last column). `redact_record` runs "
+            "the detectors over the content (span data, metadata, errors, the turn's text and ids), "
+            "not over the SDK's own ids and timestamps; the hooks' events are redacted and encoded "
+            "once a turn, as one batch.",
             "",
         ]
     if "f" in missed:
