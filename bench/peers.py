@@ -264,12 +264,20 @@ class Variant:
 async def run_child(variant: str, turns: int, warmup: int, redis_url: str, receiver: str) -> dict[str, float]:
     from redis.asyncio import Redis
 
+    from turnfleet.startup_heap import freeze_startup_heap
+
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-dummy")  # (b)'s exporter wants one; nothing is sent out
     redis = Redis.from_url(redis_url)
     v = Variant(variant, redis, receiver)
     for i in range(warmup):
         await v.turn(-1 - i)
     v.flush()
+    # As a worker does at startup (turnfleet/startup_heap.py), in every variant: the heap built so
+    # far (the SDK, the instrumentation, ~210k objects) is never garbage. Unfrozen, one full
+    # collection walks it (~130 ms here) whenever the allocation count says so: one or none fell
+    # into a 200-turn window, ±0.7 ms a turn by luck, more often in the variants that allocate
+    # more (issue 19: most of the noise of (f) − (e)).
+    freeze_startup_heap()
     before = receiver_totals(receiver)
     redis_cpu0 = await _redis_cpu(redis)
     cpu0 = cpu_seconds()
@@ -378,14 +386,15 @@ def _in(*paths: str) -> Any:
 
 
 PROFILE_PARTS: list[tuple[str, Any]] = [
-    ("OTLP: the exporter's thread (batching, protobuf encoding, the POST)",
-     _calls("BatchProcessor.worker ")),  # OpenTelemetry's BatchSpanProcessor thread
-    ("OTLP: record → OpenTelemetry spans (`OtlpSink.export`)", _calls("OtlpSink.export ")),
+    ("OTLP: the sender's thread (batching, the POST)",
+     _calls("OtlpSink._run ", "BatchProcessor.worker ")),  # ours; OpenTelemetry's BatchSpanProcessor thread
+    ("OTLP: record → OTLP protobuf bytes (`OtlpSink.export`)", _calls("OtlpSink.export ")),
     ("trace store: redacting the record (`redact_record`)", _calls("redact_record ")),
-    ("trace store: the Redis write, JSON included (`TraceStore._write`)", _calls("TraceStore._write ")),
+    ("trace store: the record's JSON (`TraceStore.prepare`)", _calls("TraceStore.prepare ")),
+    ("trace store: the Redis write (`TraceStore.write`)", _calls("TraceStore.write ")),
     ("telemetry batch (`batch_json`: event export, redaction, JSON)", _calls("TelemetryHooks.batch_json ")),
     ("hooks: events built during the run", _in("workers/hooks.py", "turnfleet/events.py")),
-    ("trace store: buffer callbacks, sampling", _in("workers/trace_store.py")),
+    ("trace store: buffer callbacks (`TraceBuffer.on_*`), sampling", _in("workers/trace_store.py")),
     ("the SDK's spans (agents/tracing/)", _in("agents/tracing/")),
 ]
 REST = "the rest: the agent run, the event loop, redis-py"
@@ -423,15 +432,23 @@ def bench_peers(base: Path, turns: int, reps: int, profile_turns: int) -> tuple[
     runnable = [v for v in VARIANTS if why_not[v] is None]
     skipped = {v: why for v, why in why_not.items() if why is not None}
     profiles: Profiles = {}
-    with PrivateRedis(base) as server, Receiver() as receiver:
+    # Each process gets a fresh redis-server of its own, so none runs against what the earlier
+    # ones left (their traces, an AOF growing ~3 MB a process and fsynced every second). What
+    # made (f) − (e) read ~2 ms a turn across processes was mostly not the export (~0.55 ms
+    # paired in one process: blocks of turns with the sink on and off, alternated): a full
+    # collection falling into the window or not (see run_child) and the machine's load.
+    with Receiver() as receiver:
+        def run(v: str, n: int, log: Path, raw: Path | None = None) -> dict[str, float]:
+            with PrivateRedis(base) as server:
+                return run_variant(v, n, server.url, receiver.url, log, raw)
+
         runs = interleave(reps, {
-            v: (lambda v: lambda r: run_variant(v, turns, server.url, receiver.url,
-                                               base / "logs" / f"peers-{v}-{r}.log"))(v)
+            v: (lambda v: lambda r: run(v, turns, base / "logs" / f"peers-{v}-{r}.log"))(v)
             for v in runnable}, "peers")
         if py_spy() is not None:
             for v in (v for v in ("e", "f") if v in runnable):
                 raw = base / f"peers-{v}.raw"
-                run_variant(v, profile_turns, server.url, receiver.url, base / "logs" / f"peers-{v}-spy.log", raw)
+                run(v, profile_turns, base / "logs" / f"peers-{v}-spy.log", raw)
                 profiles[v] = profile_split(raw.read_text(), profile_turns + WARMUP)
     return runs, skipped, profiles
 
@@ -480,7 +497,8 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         f"The same Support Desk turn in every variant: the offline model, `{TEXT}` from {CUSTOMER} "
         "(Triage → handoff to Orders → `lookup_order` → answer: 2 model calls, 1 tool call), one turn "
         f"at a time (`bench/peers.py`). Each variant runs in a **fresh process** (the "
-        f"instrumentations patch globals that cannot be undone in-process), {reps} reps, the variants "
+        f"instrumentations patch globals that cannot be undone in-process) with a fresh redis-server "
+        f"of its own, {reps} reps, the variants "
         f"interleaved (rep 1 of each, then rep 2, ...); a process runs {WARMUP} warm-up turns and "
         f"flushes its exporter, then {turns} measured turns and a final flush (their export is inside "
         "the window). CPU per turn is the process's CPU time over that window "
@@ -512,8 +530,9 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         "telemetry batch (`batch_json`; in the worker it rides on the result write it makes anyway). "
         "Not the queue: no START, lease, memory or finish script.",
         "- (f) (e) with `OtlpSink.from_settings` (`TURNFLEET_OTLP_ENDPOINT` at the receiver): each "
-        "kept record converted (OpenInference + GenAI attributes, messages, cost) and sent by an "
-        "OTel `BatchSpanProcessor` + OTLP/HTTP exporter.",
+        "kept record converted (OpenInference + GenAI attributes, messages, cost) straight to OTLP "
+        "protobuf bytes (`workers/otlp_wire.py`: no OpenTelemetry span objects, no encoder) and "
+        "POSTed in batches by one background thread.",
         "",
         f"Processes run from `.venv-peers` (`make bench-tools`: the project with `-c constraints.txt` "
         f"plus the peers, bench-only, never runtime dependencies): {pins}. " + note,
@@ -554,9 +573,10 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
             "(which (b) pays too). The trace store writes each kept attempt's record (~13 kB of JSON, "
             "uncompressed; a worker's finish script writes it with the turn's result, this bench "
             "writes it on its own): its CPU is mostly the socket write of those bytes, and "
-            "redis-server pays the RPUSH and its AOF write (the last column). `redact_record` walks "
-            "every string of every span through the detectors; the hooks' events are redacted and "
-            "encoded once a turn, as one batch.",
+            "redis-server pays the RPUSH and its AOF write (the last column). `redact_record` runs "
+            "the detectors over the content (span data, metadata, errors, the turn's text and ids), "
+            "not over the SDK's own ids and timestamps; the hooks' events are redacted and encoded "
+            "once a turn, as one batch.",
             "",
         ]
     if "f" in missed:
@@ -565,8 +585,8 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
             f"(f) against OpenInference: `OtlpSink` sends {ratio:.1f}× OpenInference's bytes for the same "
             "turn (the turn-wide attributes are on the root only and each model call's messages "
             "go once, in the GenAI form). What is left is the conversion in the turn "
-            "(`OtlpSink.export`) and the OpenTelemetry exporter's Python protobuf encoding on its "
-            "thread, which grows with the number of attributes (14b).",
+            "(`OtlpSink.export`: the attributes, then their protobuf bytes), which grows with the "
+            "number of attributes (14b).",
             "",
         ]
     return lines

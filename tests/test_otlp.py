@@ -48,6 +48,8 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
         self.requests: list[dict[str, str]] = []  # headers of each request
+        self.refusals: list[int] = []  # statuses to answer the next requests with, instead of taking them
+        self.refused = 0
         self.arrived = threading.Condition()
         receiver = self
 
@@ -56,6 +58,14 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path != "/v1/traces":
                     self.send_error(404)
+                    return
+                with receiver.arrived:
+                    status = receiver.refusals.pop(0) if receiver.refusals else None
+                    receiver.refused += status is not None
+                if status is not None:  # a collector that is busy for a while
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(body)
@@ -398,7 +408,19 @@ def test_a_missing_otlp_extra_says_how_to_install_it(monkeypatch) -> None:
     import turnfleet.workers.otlp as otlp
 
     monkeypatch.setattr(otlp, "_otel", None)
-    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.resources", None)
     with pytest.raises(ImportError, match=r"pip install 'turnfleet\[otlp\]'") as raised:
         OtlpSink("http://127.0.0.1:4318/v1/traces")
     assert str(raised.value) == OTLP_EXTRA_MISSING
+
+
+def test_a_busy_collector_gets_the_batch_again_and_a_full_queue_drops_counted(receiver: Receiver) -> None:
+    receiver.refusals = [503]  # retried, as OpenTelemetry's exporter retries 429/502/503/504
+    with OtlpSink(receiver.endpoint, max_queue_size=1, schedule_delay_ms=60_000) as sink:
+        sink.export(minimal_record())
+        sink.export(minimal_record())  # one span waits already: this one does not fit
+        assert sink.stats().spans_dropped == 1 and sink.stats().spans_queued == 1
+        assert sink.force_flush(10) is True
+        stats = sink.stats()
+    assert receiver.refused == 1 and len(receiver.wait_for_spans(1)) == 1
+    assert (stats.records, stats.spans_exported, stats.spans_failed, stats.spans_dropped) == (2, 1, 0, 1)

@@ -12,7 +12,7 @@ from turnfleet.redaction import Redactor
 from turnfleet.context import TurnContext
 from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.support_desk import build_support_desk
-from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore, conversation_fraction
+from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore, conversation_fraction, redact_record
 
 
 async def run_traced(redis, buffer: TraceBuffer, text: str, conversation_id: str = "conv-1") -> str:
@@ -78,3 +78,48 @@ async def test_the_sdk_openai_exporter_stays_off_unless_configured(redis_url, mo
                 assert kinds[0] is TraceBuffer and kinds[1:] == expected
             finally:
                 await shutdown(ctx)
+
+
+class ScanCounting(Redactor):
+    """A Redactor that remembers every string its detectors were run on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scanned: list[str] = []
+
+    def _text(self, s: str) -> str:
+        self.scanned.append(s)
+        return super()._text(s)
+
+
+def redacted_whole(record: dict, redactor: Redactor) -> dict:
+    """The record redacted as before issue 19: every string of it through the detectors."""
+    spans = []
+    for span in record["spans"]:
+        data = dict(span["span_data"])
+        if data.get("type") == "function":
+            data.update({k: redactor.json_text(data[k]) for k in ("input", "output") if isinstance(data.get(k), str)})
+        spans.append({**span, "span_data": data})
+    return redactor.value({"trace": record["trace"], "spans": spans})
+
+
+async def test_redaction_scans_the_content_and_not_the_sdks_ids_and_times(redis):
+    buffer = TraceBuffer(max_spans=100)
+    text = "Refund order 1042, card 4242 4242 4242 4242, mail jane.doe@acme.example"
+    trace_id = await run_traced(redis, buffer, text)
+    trace, spans, _ = buffer.take(trace_id)
+    planted = "span_of 4111 1111 1111 1111"  # an id key in no SDK shape: redacted as any text
+    spans[-1] = {**spans[-1], "parent_id": planted, "metadata": {"note": "call +1 415 555 0100"}}
+    record = {"trace": {**trace, **turn(), "input": text, "started_at": "2026-01-02T03:04:05.678901+00:00"},
+              "spans": spans}
+    scanning = ScanCounting()
+
+    got = redact_record(record, scanning)
+
+    assert got == redacted_whole(record, Redactor())  # the same record as redacting every string
+    sdk_values = {s[k] for s in spans for k in ("id", "trace_id", "started_at", "ended_at")} | {
+        trace["id"], record["trace"]["started_at"]}
+    assert not sdk_values & set(scanning.scanned)  # the SDK's ids and timestamps were not scanned
+    assert planted in scanning.scanned and "4111" not in json.dumps(got)
+    assert "4242 4242" not in json.dumps(got) and "jane.doe" not in json.dumps(got)
+    assert "555 0100" not in json.dumps(got)

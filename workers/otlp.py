@@ -8,9 +8,10 @@ makes the sampling decision at trace end possible and keeps unredacted data insi
 What a caller may rely on:
 
 * ``export(record)`` does not block on the network and does not raise for a bad collector: it
-  converts the record (tens of microseconds a span) and queues the spans on an OpenTelemetry
-  ``BatchSpanProcessor``, whose own thread sends them with ``OTLPSpanExporter`` (retries with
-  backoff up to ``timeout_s`` a batch). A full queue drops spans (the processor logs it).
+  writes the record's spans as OTLP protobuf bytes (``otlp_wire``: no OpenTelemetry span
+  objects, no encoder; ~20 µs a span) and queues them; one background thread batches and POSTs
+  them, retrying as OpenTelemetry's OTLP/HTTP exporter does (up to ``timeout_s`` a batch). A
+  full queue drops the record's spans, counted in ``stats().spans_dropped`` and logged once.
 * One OTel trace per turn *attempt* (each attempt runs under its own SDK trace). Its trace id
   is the SDK trace id's 32 hex digits (``trace_<hex>`` → ``<hex>``), so a trace found in a
   backend is found in the trace store by the same id. Each SDK span keeps its parent; a ROOT
@@ -44,14 +45,19 @@ module is imported only when an OTLP endpoint is set.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import random
 import re
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import ValidationError
@@ -59,6 +65,7 @@ from pydantic import ValidationError
 from turnfleet.models import TokenUsage
 from turnfleet.pricing import PriceTable
 from turnfleet.settings import DEFAULT_PRICES, TelemetrySettings
+from turnfleet.workers import otlp_wire as wire
 
 if TYPE_CHECKING:
     from turnfleet.settings import WorkerProcessSettings
@@ -95,6 +102,7 @@ GEN_AI_USAGE_COST = "gen_ai.usage.cost"  # USD; read by Langfuse, not (yet) an O
 EXCEPTION_EVENT = "exception"  # the OTel exception event's name (OTel trace API spec)
 
 INSTRUMENTATION_SCOPE = "turnfleet.workers.otlp"
+USER_AGENT = "turnfleet-otlp"
 GEN_AI_PROVIDER = GA.GenAiProviderNameValues.OPENAI.value  # the API the fleet speaks (OpenAI-compatible)
 OFFLINE_PROVIDER = "turnfleet"  # the embedded offline models (turnfleet-offline[-flawed]): no vendor
 
@@ -197,7 +205,13 @@ def attribute_value(value: Any) -> Any:
     return _json(value)
 
 
+_SCALARS = frozenset({str, bool, int, float})
+
+
 def _put(attrs: dict[str, Any], key: str, value: Any) -> None:
+    if type(value) in _SCALARS:  # most values: no conversion
+        attrs[key] = value
+        return
     legal = attribute_value(value)
     if legal is not None:
         attrs[key] = legal
@@ -624,74 +638,27 @@ def tool_call_ids(sdk_spans: list[Mapping[str, Any]]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# OpenTelemetry (the optional extra)
+# The sink: records → OTLP bytes (otlp_wire) → one background thread that POSTs them
 
 _otel: SimpleNamespace | None = None
 
 
 def _load_otel() -> SimpleNamespace:
-    """The OpenTelemetry names this module uses, imported on first need."""
+    """The OpenTelemetry SDK's ``Resource`` (the resource's attributes as every OTel SDK makes
+    them: ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME``, ``telemetry.sdk.*``), on first need."""
     global _otel
     if _otel is None:
         try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import Event, ReadableSpan
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
-            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-            from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
         except ImportError as exc:
             raise ImportError(OTLP_EXTRA_MISSING) from exc
-        _otel = SimpleNamespace(
-            OTLPSpanExporter=OTLPSpanExporter,
-            Resource=Resource,
-            ReadableSpan=ReadableSpan,
-            Event=Event,
-            BatchSpanProcessor=BatchSpanProcessor,
-            SpanExportResult=SpanExportResult,
-            InstrumentationScope=InstrumentationScope,
-            SpanContext=SpanContext,
-            SpanKind=SpanKind,
-            Status=Status,
-            StatusCode=StatusCode,
-            TraceFlags=TraceFlags,
-        )
+        _otel = SimpleNamespace(Resource=Resource)
     return _otel
 
 
-class _CountingExporter:
-    """Wraps the real exporter to count what reached the collector and what did not."""
-
-    def __init__(self, inner: Any, otel: SimpleNamespace, endpoint: str) -> None:
-        self._inner = inner
-        self._otel = otel
-        self._endpoint = endpoint
-        self._lock = threading.Lock()
-        self.spans_exported = 0
-        self.spans_failed = 0
-        self.failed_batches = 0
-
-    def export(self, spans: Any) -> Any:
-        result = self._otel.SpanExportResult.FAILURE
-        try:
-            result = self._inner.export(spans)
-            return result
-        finally:  # an exception is logged by the BatchSpanProcessor; here it is counted
-            ok = result == self._otel.SpanExportResult.SUCCESS
-            with self._lock:
-                if ok:
-                    self.spans_exported += len(spans)
-                else:
-                    self.spans_failed += len(spans)
-                    self.failed_batches += 1
-            if not ok:
-                log.warning("otlp.export_failed", spans=len(spans), endpoint=self._endpoint)
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return bool(self._inner.force_flush(timeout_millis))
+def _span_id(sdk_span_id: str) -> bytes:
+    """:func:`otel_span_id` as the 8 bytes on the wire."""
+    return otel_span_id(sdk_span_id).to_bytes(8, "big")
 
 
 @dataclass(frozen=True)
@@ -699,23 +666,101 @@ class OtlpStats:
     """Counters since the sink was made (for logs and /metrics)."""
 
     records: int
-    records_dropped: int
+    records_dropped: int  # malformed: could not be converted
     spans_queued: int
     spans_exported: int
-    spans_failed: int
+    spans_failed: int  # their batch failed (after retries)
+    spans_dropped: int = 0  # the queue was full: never sent
+
+
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})  # as OpenTelemetry's OTLP/HTTP exporter
+MAX_ATTEMPTS = 6  # a batch's POSTs at most (backoff 1, 2, 4, ... s ± 20 %, within timeout_s)
+DEFAULT_MAX_QUEUE_SPANS = 2048  # OpenTelemetry's BatchSpanProcessor defaults
+DEFAULT_BATCH_SPANS = 512
+DEFAULT_SCHEDULE_DELAY_MS = 5000.0
+
+
+class _Post:
+    """POSTs bodies to one OTLP/HTTP endpoint over a kept-alive connection (http.client)."""
+
+    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout_s: float) -> None:
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"OTLP endpoint must be an http(s) URL: {endpoint!r}")
+        self._https = url.scheme == "https"
+        self._host, self._port = url.hostname, url.port
+        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._headers = {"Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT, **headers}
+        self._timeout_s = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=timeout)
+        self._conn.timeout = timeout
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(timeout)
+        return self._conn
+
+    def once(self, body: bytes, timeout: float) -> tuple[int | None, str | None]:
+        """One POST: (HTTP status, None) or (None, the connection error)."""
+        try:
+            conn = self._connection(timeout)
+            conn.request("POST", self._path, body, self._headers)
+            answer = conn.getresponse()
+            answer.read()
+            if answer.will_close:
+                self.close()
+            return answer.status, None
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def send(self, body: bytes, stopping: threading.Event) -> tuple[bool, str]:
+        """POST ``body`` until it is taken, refused for good, or ``timeout_s`` ran out.
+
+        As OpenTelemetry's exporter: a connection error is retried at once (a stale kept-alive
+        connection), then connection errors and 429/502/503/504 with backoff; other statuses
+        are final."""
+        deadline = time.monotonic() + self._timeout_s
+        why = ""
+        for attempt in range(MAX_ATTEMPTS):
+            status, error = self.once(body, max(deadline - time.monotonic(), 0.001))
+            if error is not None and deadline > time.monotonic():
+                status, error = self.once(body, max(deadline - time.monotonic(), 0.001))
+            if status is not None and 200 <= status < 400:
+                return True, ""
+            why = error or f"HTTP {status}"
+            if status is not None and status not in RETRYABLE_STATUS:
+                return False, why
+            backoff = 2**attempt * random.uniform(0.8, 1.2)
+            if attempt + 1 == MAX_ATTEMPTS or backoff > deadline - time.monotonic() or stopping.wait(backoff):
+                return False, why
+        return False, why
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class OtlpSink:
     """Sends kept trace records to an OTLP/HTTP traces endpoint (see the module docstring).
 
     ``endpoint`` is the full traces URL (``http://collector:4318/v1/traces``); ``headers`` go
-    with every request (auth for Langfuse, Honeycomb, ...). ``exporter`` replaces the OTLP
-    exporter with any OpenTelemetry ``SpanExporter`` (``endpoint`` is then only a label).
-    ``timeout_s`` bounds one batch's export, retries included. ``max_queue_size`` spans wait
-    for the exporter at most; more are dropped. ``pricing(model, usage)`` is a model call's
-    cost in USD (None: unknown), sent as the call's cost attributes.
-    ``openinference_messages`` adds OpenInference's flattened copy of each model call's
-    messages (``llm.input_messages.*``) beside GenAI's, for a receiver that reads only those.
+    with every request (auth for Langfuse, Honeycomb, ...). ``timeout_s`` bounds one batch's
+    export, retries included. ``max_queue_size`` spans wait for the sender at most; a record
+    that does not fit is dropped and counted (``spans_dropped``). A batch leaves when it holds
+    ``max_batch_spans`` spans or ``schedule_delay_ms`` after the previous one, or at a flush.
+    ``pricing(model, usage)`` is a model call's cost in USD (None: unknown), sent as the call's
+    cost attributes. ``openinference_messages`` adds OpenInference's flattened copy of each
+    model call's messages (``llm.input_messages.*``) beside GenAI's, for a receiver that reads
+    only those.
+
+    ``export`` converts the record to OTLP protobuf in the caller (``otlp_wire``: no
+    OpenTelemetry span objects, no encoder) and queues the bytes; one background thread batches
+    and POSTs them.
     """
 
     def __init__(
@@ -724,37 +769,44 @@ class OtlpSink:
         headers: Mapping[str, str] | None = None,
         service_name: str = "turnfleet-worker",
         *,
-        exporter: Any = None,
         timeout_s: float = 10.0,
         resource_attributes: Mapping[str, Any] | None = None,
         max_queue_size: int | None = None,
+        max_batch_spans: int | None = None,
         schedule_delay_ms: float | None = None,
         pricing: Pricing | None = None,
         openinference_messages: bool = False,
     ) -> None:
         otel = _load_otel()
-        self._otel = otel
-        self._pricing = pricing
+        self._pricing = memoized(pricing) if pricing is not None else None
         self._openinference_messages = openinference_messages
         self.endpoint = endpoint
-        if exporter is None:
-            exporter = otel.OTLPSpanExporter(
-                endpoint=endpoint, headers=dict(headers or {}), timeout=timeout_s
-            )
-        self._exporter = _CountingExporter(exporter, otel, endpoint)
-        self._processor = otel.BatchSpanProcessor(
-            self._exporter, max_queue_size=max_queue_size, schedule_delay_millis=schedule_delay_ms
-        )
-        self._resource = otel.Resource.create(
-            {**dict(resource_attributes or {}), "service.name": service_name}
-        )
-        self._scope = otel.InstrumentationScope(INSTRUMENTATION_SCOPE)
+        self._post = _Post(endpoint, dict(headers or {}), timeout_s)
+        resource = otel.Resource.create({**dict(resource_attributes or {}), "service.name": service_name})
+        self._head = wire.resource_spans_head(dict(resource.attributes), INSTRUMENTATION_SCOPE)
+        self._max_queue = max_queue_size or DEFAULT_MAX_QUEUE_SPANS
+        self._batch_spans = max_batch_spans or DEFAULT_BATCH_SPANS
+        self._delay_s = (schedule_delay_ms if schedule_delay_ms is not None else DEFAULT_SCHEDULE_DELAY_MS) / 1000
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[list[bytes]] = deque()  # each record's encoded spans
+        self._queued_spans = 0
+        self._enqueued = 0  # records put in the queue, ever
+        self._handled = 0  # of those, sent or failed
+        self._flush_to = 0  # the sender sends at once until _handled reaches this
         self._records = 0
         self._records_dropped = 0
         self._spans_queued = 0
+        self._spans_exported = 0
+        self._spans_failed = 0
+        self._spans_dropped = 0
+        self._failed_batches = 0
         self._failures_reported = 0
+        self._full_logged = False
         self._closed = False
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="turnfleet-otlp", daemon=True)
+        self._thread.start()
 
     @classmethod
     def from_settings(cls, settings: WorkerProcessSettings) -> OtlpSink | None:
@@ -783,7 +835,7 @@ class OtlpSink:
             log.warning("otlp.export_after_shutdown", endpoint=self.endpoint)
             return
         try:
-            spans = self.to_spans(record)
+            spans = self.encode_spans(record)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             trace = record.get("trace") if isinstance(record, Mapping) else None
             trace_id = trace.get("id") if isinstance(trace, Mapping) else None
@@ -791,32 +843,38 @@ class OtlpSink:
             with self._lock:
                 self._records_dropped += 1
             return
-        for span in spans:
-            self._processor.on_end(span)
-        with self._lock:
+        with self._wake:
             self._records += 1
+            if self._queued_spans + len(spans) > self._max_queue:
+                self._spans_dropped += len(spans)
+                if not self._full_logged:
+                    self._full_logged = True
+                    log.warning("otlp.queue_full", endpoint=self.endpoint, max_queue_size=self._max_queue)
+                return
+            self._queue.append(spans)
+            self._queued_spans += len(spans)
             self._spans_queued += len(spans)
+            self._enqueued += 1
+            if self._queued_spans >= self._batch_spans:
+                self._wake.notify()
 
-    def to_spans(self, record: Mapping[str, Any]) -> list[Any]:
-        """The record as OpenTelemetry ``ReadableSpan``s, the turn's root span first."""
-        otel = self._otel
+    def encode(self, records: Iterable[Mapping[str, Any]]) -> bytes:
+        """The ``ExportTraceServiceRequest`` body for ``records`` (what one batch POSTs)."""
+        return wire.request(self._head, [s for record in records for s in self.encode_spans(record)])
+
+    def encode_spans(self, record: Mapping[str, Any]) -> list[bytes]:
+        """The record's spans as OTLP ``Span`` messages (bytes), the turn's root span first."""
         trace = record["trace"]
         sdk_spans: list[Mapping[str, Any]] = list(record.get("spans") or [])
         sdk_trace_id = str(trace["id"])
-        trace_id = otel_trace_id(sdk_trace_id)
+        trace_id = otel_trace_id(sdk_trace_id).to_bytes(16, "big")
         attempt = int(trace.get("attempt") or (trace.get("metadata") or {}).get("attempt") or 1)
-        sampled = otel.TraceFlags(otel.TraceFlags.SAMPLED)
 
-        def context(span_id: int) -> Any:
-            return otel.SpanContext(trace_id, span_id, is_remote=False, trace_flags=sampled)
-
-        def failure(error: Any, at: int) -> tuple[Any, list[Any]]:
-            """ERROR status with the real cause, and the OTel exception event."""
-            status = otel.Status(otel.StatusCode.ERROR, error_description(error))
-            return status, [otel.Event(EXCEPTION_EVENT, exception_event(error), timestamp=at)]
-
-        starts = [iso_to_ns(s["started_at"]) for s in sdk_spans if s.get("started_at")]
-        ends = [iso_to_ns(s["ended_at"]) for s in sdk_spans if s.get("ended_at")]
+        times: list[tuple[int | None, int | None]] = [
+            (iso_to_ns(s["started_at"]) if s.get("started_at") else None,
+             iso_to_ns(s["ended_at"]) if s.get("ended_at") else None) for s in sdk_spans]
+        starts = [start for start, _ in times if start is not None]
+        ends = [end for _, end in times if end is not None]
         if trace.get("started_at"):
             starts.append(iso_to_ns(trace["started_at"]))
         if trace.get("ended_at"):
@@ -826,67 +884,80 @@ class OtlpSink:
         root_start = min(starts)
         root_end = max([*ends, root_start])
 
-        root_id = turn_span_id(sdk_trace_id, attempt)
+        root_id = turn_span_id(sdk_trace_id, attempt).to_bytes(8, "big")
         workflow = str(trace.get("workflow_name") or "Agent workflow")
         root_attrs = root_attributes(trace)
-        root_status, root_events = otel.Status(otel.StatusCode.UNSET), []
+        root_events, root_status = b"", wire.status(wire.STATUS_UNSET, None)
         if trace.get("status") == "failed":
             error = trace.get("error") or "turn failed"
-            root_status, root_events = failure(error, root_end)
+            root_events, root_status = _failure(error, root_end)
             if isinstance(error, Mapping) and error.get("type"):
                 root_attrs[ERR.ERROR_TYPE] = str(error["type"])
-        root = otel.ReadableSpan(
-            name=f"{workflow} turn",
-            context=context(root_id),
-            parent=None,
-            resource=self._resource,
-            attributes=root_attrs,
-            events=root_events,
-            kind=otel.SpanKind.INTERNAL,
-            status=root_status,
-            start_time=root_start,
-            end_time=root_end,
-            instrumentation_scope=self._scope,
-        )
+        out = [wire.span(trace_id, root_id, None, f"{workflow} turn", wire.KIND_INTERNAL,
+                         root_start, root_end, root_attrs, root_events, root_status)]
 
-        kept = {str(s["id"]) for s in sdk_spans}
+        ids = {str(s["id"]): _span_id(str(s["id"])) for s in sdk_spans}
         call_ids = tool_call_ids(sdk_spans)
-        out = [root]
-        for sdk in sdk_spans:
+        for sdk, (start, end) in zip(sdk_spans, times):
             sdk_id, sdk_parent = str(sdk["id"]), sdk.get("parent_id")
             name, kind, attrs = span_attributes(sdk.get("span_data") or {}, self._pricing,
                                                 call_ids.get(sdk_id), self._openinference_messages)
             attrs["turnfleet.sdk_span_id"] = sdk_id
             _put(attrs, "turnfleet.span_metadata", sdk.get("metadata"))
-            if sdk_parent in kept:
-                parent_id = otel_span_id(str(sdk_parent))
-            else:  # adopted by the root: the SDK parent it had (not kept) is said here only
+            parent_id = ids.get(str(sdk_parent)) if sdk_parent is not None else None
+            if parent_id is None:  # adopted by the root: the SDK parent it had (not kept) is said here only
                 parent_id = root_id
                 _put(attrs, "turnfleet.sdk_parent_id", sdk_parent)
-            start = iso_to_ns(sdk["started_at"]) if sdk.get("started_at") else root_start
-            end = max(start, iso_to_ns(sdk["ended_at"]) if sdk.get("ended_at") else start)
+            start = root_start if start is None else start
+            end = start if end is None else max(start, end)
             error = sdk.get("error")
-            status, events = otel.Status(otel.StatusCode.UNSET), []
+            events, span_status = b"", wire.status(wire.STATUS_UNSET, None)
             if error:
-                status, events = failure(error, end)
+                events, span_status = _failure(error, end)
                 if isinstance(error, Mapping):
                     _put(attrs, "turnfleet.error.data", error.get("data"))
-            out.append(
-                otel.ReadableSpan(
-                    name=name,
-                    context=context(otel_span_id(sdk_id)),
-                    parent=context(parent_id),
-                    resource=self._resource,
-                    attributes=attrs,
-                    events=events,
-                    kind=otel.SpanKind.CLIENT if kind in _MODEL_CALLS else otel.SpanKind.INTERNAL,
-                    status=status,
-                    start_time=start,
-                    end_time=end,
-                    instrumentation_scope=self._scope,
-                )
-            )
+            out.append(wire.span(trace_id, ids[sdk_id], parent_id, name,
+                                 wire.KIND_CLIENT if kind in _MODEL_CALLS else wire.KIND_INTERNAL,
+                                 start, end, attrs, events, span_status))
         return out
+
+    # -- the sender thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(self._due, self._delay_s)
+                if not self._queue:
+                    if self._stopping.is_set():
+                        return
+                    continue
+                batch: list[list[bytes]] = []
+                spans = 0
+                while self._queue and (not batch or spans + len(self._queue[0]) <= self._batch_spans):
+                    spans += len(self._queue[0])
+                    batch.append(self._queue.popleft())
+                self._queued_spans -= spans
+            try:
+                ok, why = self._post.send(wire.request(self._head, [s for r in batch for s in r]), self._stopping)
+            except Exception as exc:  # noqa: BLE001 - the sender outlives any one batch
+                ok, why = False, repr(exc)
+            with self._wake:
+                if ok:
+                    self._spans_exported += spans
+                else:
+                    self._spans_failed += spans
+                    self._failed_batches += 1
+                self._handled += len(batch)
+                self._full_logged = False
+                self._wake.notify_all()
+            if not ok:
+                log.warning("otlp.export_failed", spans=spans, endpoint=self.endpoint, error=why[:200])
+
+    def _due(self) -> bool:
+        """Whether a batch should leave now (called with the lock held)."""
+        if self._stopping.is_set():
+            return True
+        return bool(self._queue) and (self._queued_spans >= self._batch_spans or self._flush_to > self._handled)
 
     def force_flush(self, timeout_s: float = 10) -> bool:
         """Send what is queued; True when it all reached the collector within ``timeout_s``.
@@ -896,31 +967,26 @@ class OtlpSink:
         """
         if self._closed:
             return False
-        done = threading.Event()
-
-        def flush() -> None:
-            try:
-                self._processor.force_flush()
-            finally:
-                done.set()
-
-        threading.Thread(target=flush, name="turnfleet-otlp-flush", daemon=True).start()
-        if not done.wait(timeout_s):
-            log.warning("otlp.flush_timeout", endpoint=self.endpoint, timeout_s=timeout_s)
-            return False
-        with self._lock:
-            failures = self._exporter.failed_batches
-            ok = failures == self._failures_reported
-            self._failures_reported = failures
+        with self._wake:
+            target = self._flush_to = max(self._flush_to, self._enqueued)
+            self._wake.notify_all()
+            if not self._wake.wait_for(lambda: self._handled >= target, timeout_s):
+                log.warning("otlp.flush_timeout", endpoint=self.endpoint, timeout_s=timeout_s)
+                return False
+            ok = self._failed_batches == self._failures_reported
+            self._failures_reported = self._failed_batches
         return ok
 
     def shutdown(self) -> None:
-        """Send what is queued, then stop the export thread. Later ``export`` calls are ignored."""
-        with self._lock:
+        """Send what is queued, then stop the sender thread. Later ``export`` calls are ignored."""
+        with self._wake:
             if self._closed:
                 return
             self._closed = True
-        self._processor.shutdown()
+            self._stopping.set()
+            self._wake.notify_all()
+        self._thread.join()
+        self._post.close()
 
     def stats(self) -> OtlpStats:
         with self._lock:
@@ -928,8 +994,9 @@ class OtlpSink:
                 records=self._records,
                 records_dropped=self._records_dropped,
                 spans_queued=self._spans_queued,
-                spans_exported=self._exporter.spans_exported,
-                spans_failed=self._exporter.spans_failed,
+                spans_exported=self._spans_exported,
+                spans_failed=self._spans_failed,
+                spans_dropped=self._spans_dropped,
             )
 
     def __enter__(self) -> OtlpSink:
@@ -938,3 +1005,29 @@ class OtlpSink:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+
+def memoized(pricing: Pricing, entries: int = 4096) -> Pricing:
+    """``pricing`` remembered per (model, usage): a fleet's calls repeat models and, for the
+    same prompt, token counts; pricing one builds a ``TokenUsage`` and resolves the model's
+    name (tens of microseconds a call, issue 19)."""
+    memo: dict[tuple[Any, ...], float | None] = {}
+
+    def cost(model: str | None, usage: TokenUsage) -> float | None:
+        key = (model, usage.requests, usage.input_tokens, usage.output_tokens, usage.cached_tokens,
+               usage.reasoning_tokens)
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        if len(memo) >= entries:
+            memo.clear()
+        value = memo[key] = pricing(model, usage)
+        return value
+
+    return cost
+
+
+def _failure(error: Any, at: int) -> tuple[bytes, bytes]:
+    """ERROR status with the real cause, and the OTel exception event (wire fields)."""
+    return (wire.event(EXCEPTION_EVENT, at, exception_event(error)),
+            wire.status(wire.STATUS_ERROR, error_description(error)))

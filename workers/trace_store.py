@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping, Sequence
@@ -286,17 +287,49 @@ class Kept:
     workflow: str | None = None
 
 
+# What the SDK itself writes in a trace's or span's export: its ids (``trace_<32 hex>``,
+# ``span_<24 hex>``), ISO-8601 timestamps and the object kind. No text of a conversation has
+# these shapes, and each id and timestamp is new (the redactor's cache never helps): running
+# the detectors over them was most of ``redact_record``'s work (issue 19). A value of these
+# keys in any other shape (a team's own span id, say) is redacted like everything else.
+SDK_FIELDS = frozenset({"object", "id", "trace_id", "parent_id", "started_at", "ended_at"})
+_SDK_SHAPE = re.compile(
+    r"trace_[0-9a-f]{32}|span_[0-9a-f]{24}|trace(?:\.span)?"
+    r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d:\d\d|Z)?")
+
+
+def _redact_fields(item: Mapping[str, Any], redactor: Redactor) -> dict[str, Any]:
+    """A trace's or span's fields redacted, the SDK's ids and timestamps passed as they are."""
+    kept: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in item.items():
+        if key in SDK_FIELDS and type(value) is str and _SDK_SHAPE.fullmatch(value):
+            kept[key] = value
+        elif key == "span_data" and isinstance(value, dict):
+            kept[key] = _redact_span_data(value, redactor)
+        else:
+            rest[key] = value
+    return {**kept, **redactor.value(rest)} if rest else kept
+
+
+def _redact_span_data(data: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
+    """A span's data; a tool's input and output are JSON in strings, redacted as JSON."""
+    if data.get("type") != "function":
+        return redactor.value(data)
+    as_json = {key: redactor.json_text(data[key]) for key in ("input", "output")
+               if isinstance(data.get(key), str) and not redactor.is_sensitive_field(key)}
+    if not as_json:
+        return redactor.value(data)
+    return {**redactor.value({k: v for k, v in data.items() if k not in as_json}), **as_json}
+
+
 def redact_record(record: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
-    """Redact span data; tool inputs/outputs are JSON in strings, redacted as JSON."""
-    spans = []
-    for span in record["spans"]:
-        data = dict(span.get("span_data") or {})
-        if data.get("type") == "function":
-            for key in ("input", "output"):
-                if isinstance(data.get(key), str):
-                    data[key] = redactor.json_text(data[key])
-        spans.append({**span, "span_data": data})
-    return redactor.value({"trace": record["trace"], "spans": spans})
+    """The record as it may leave the worker: every value redaction covers, redacted (span
+    data, metadata, errors, the turn's text and ids...), the SDK's own ids and timestamps
+    passed through (``SDK_FIELDS``)."""
+    return {"trace": _redact_fields(record["trace"], redactor),
+            "spans": [_redact_fields(span, redactor) if isinstance(span, dict) else redactor.value(span)
+                      for span in record["spans"]]}
 
 
 class TraceStore:
@@ -340,7 +373,7 @@ class TraceStore:
         record = redact_record(
             {"trace": {**trace, **turn, "kept_because": reason}, "spans": spans}, self.redactor
         )
-        return Kept(record, json.dumps(record, default=str), turn["turn_id"], reason, dropped, workflow), dropped
+        return Kept(record, json.dumps(record, default=str, separators=(",", ":")), turn["turn_id"], reason, dropped, workflow), dropped
 
     async def finish_attempt(
         self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float,
