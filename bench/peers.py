@@ -14,8 +14,11 @@ processor); (b) the SDK's tracing with its own exporter
 OpenInference's instrumentation → OpenTelemetry ``BatchSpanProcessor`` → OTLP/HTTP; (d)
 Logfire's ``instrument_openai_agents`` → OTLP/HTTP (``send_to_logfire=False``); (e) what a
 turnfleet worker does around a run for observability (telemetry hooks, the trace buffer as the
-SDK's only processor, the trace store: sampling, redaction, one Redis write, and the redacted
-telemetry batch); (f) (e) plus the OTLP export (``OtlpSink``) to the local receiver.
+SDK's only processor, the trace store: sampling, redaction, and the redacted telemetry batch,
+both written with the turn's result); (f) (e) plus the OTLP export (``OtlpSink``) to the local
+receiver. Every variant ends a turn by writing its result with one script call
+(``Variant.finish``), as any queue-based runner does; (e) and (f) add the trace record and the
+telemetry batch to that call, as the worker's finish script does.
 
 The peers' packages are bench-only: the processes run from ``.venv-peers`` (``make
 bench-tools`` builds it: this project with ``-c constraints.txt`` plus the peers, pinned in the
@@ -126,6 +129,18 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# What a turn's end writes in every variant (``Variant.finish``): the result; in (e)/(f) also the
+# kept trace record and the telemetry batch, as the worker's finish script adds them.
+FINISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+if ARGV[5] ~= '' then redis.call('XADD', KEYS[3], '*', 'batch', ARGV[5]) end
+"""
+
+
 class Variant:
     """What one variant sets up, how it runs a turn, and how it flushes its export."""
 
@@ -137,6 +152,7 @@ class Variant:
 
         self.name = name
         self.redis = redis
+        self.finish_script = redis.register_script(FINISH)
         self.app = builtin_app(OfflineModel())
         self.workflow = self.app.workflows[0]
         self.agent = self.workflow.starting_agent(None)
@@ -223,6 +239,14 @@ class Variant:
                         group_id=conv)
         result = await Runner.run(self.agent, TEXT, context=ctx, run_config=cfg)
         assert result.final_output
+        await self.finish(ctx.turn_id, str(result.final_output))
+
+    async def finish(self, turn_id: str, output: str, trace: str = "", batch: str = "") -> None:
+        """The turn's result written, as any queue-based runner ends a turn: one script call in
+        every variant. (e) and (f) add the trace record and the telemetry batch to it, as the
+        worker's finish script does (``turnfleet/lua/finish.lua``): bytes, not round trips."""
+        await self.finish_script(keys=[f"bench:result:{turn_id}", f"bench:trace:{turn_id}", "bench:telemetry"],
+                                 args=[json.dumps({"turn_id": turn_id, "output": output}), 3600, trace, 3600, batch])
 
     async def _turnfleet_turn(self, ctx: Any) -> None:
         """What ``workers/attempt.py`` does around ``Runner.run`` for telemetry and tracing
@@ -254,11 +278,13 @@ class Variant:
         turn = {"turn_id": ctx.turn_id, "attempt": 1, "final": True, "conversation_id": ctx.conversation_id,
                 "customer_id": CUSTOMER, "status": "completed", "started_at": started_at.isoformat(),
                 "ended_at": utcnow().isoformat(), "input": TEXT, "output": final}
-        _kept, dropped = await self.store.finish_attempt(current.trace_id, turn, failed=False,
-                                                         duration_ms=duration_ms, workflow=self.workflow.name)
+        kept, dropped = self.store.prepare(current.trace_id, turn, failed=False, duration_ms=duration_ms,
+                                           workflow=self.workflow.name)
+        assert kept is not None  # sample rate 1.0
         hooks.spans_dropped(dropped)
         hooks.turn_completed(duration_ms, 0.0, final)
-        assert hooks.batch_json()  # rides on the result write the worker makes anyway
+        await self.finish(ctx.turn_id, final, kept.json, hooks.batch_json())  # one call, as the worker's
+        self.store.written(kept)  # then the OTLP sink (f) and the team's processors
 
 
 async def run_child(variant: str, turns: int, warmup: int, redis_url: str, receiver: str) -> dict[str, float]:
@@ -391,7 +417,7 @@ PROFILE_PARTS: list[tuple[str, Any]] = [
     ("OTLP: record → OTLP protobuf bytes (`OtlpSink.export`)", _calls("OtlpSink.export ")),
     ("trace store: redacting the record (`redact_record`)", _calls("redact_record ")),
     ("trace store: the record's JSON (`TraceStore.prepare`)", _calls("TraceStore.prepare ")),
-    ("trace store: the Redis write (`TraceStore.write`)", _calls("TraceStore.write ")),
+    ("the result write, with (e)'s trace record and batch (`Variant.finish`)", _calls("Variant.finish ")),
     ("telemetry batch (`batch_json`: event export, redaction, JSON)", _calls("TelemetryHooks.batch_json ")),
     ("hooks: events built during the run", _in("workers/hooks.py", "turnfleet/events.py")),
     ("trace store: buffer callbacks (`TraceBuffer.on_*`), sampling", _in("workers/trace_store.py")),
@@ -525,10 +551,12 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         "- (e) what a worker does around a run for observability (`workers/settings.py` startup, "
         "`workers/attempt.py`), assembled from the same objects: `TelemetryHooks` with the "
         "worker's redactor, `TraceBuffer` as the SDK's only processor, the run in a `trace(...)` "
-        "with the worker's metadata, then `TraceStore.finish_attempt` (sample rate 1.0: every turn "
-        "kept; redaction of the record; one Redis write with its expiry) and the redacted "
-        "telemetry batch (`batch_json`; in the worker it rides on the result write it makes anyway). "
-        "Not the queue: no START, lease, memory or finish script.",
+        "with the worker's metadata, then `TraceStore.prepare` (sample rate 1.0: every turn "
+        "kept; redaction of the record; its JSON) and the redacted telemetry batch (`batch_json`), "
+        "both added to the turn's result write, as the worker's finish script takes them. Every "
+        "variant ends a turn with that result write (one script call: SET of the result; in (e) "
+        "and (f) also RPUSH + EXPIRE of the record and XADD of the batch), so what (e) adds is "
+        "bytes in a call, not a round trip. Not the queue: no START, lease or memory.",
         "- (f) (e) with `OtlpSink.from_settings` (`TURNFLEET_OTLP_ENDPOINT` at the receiver): each "
         "kept record converted (OpenInference + GenAI attributes, messages, cost) straight to OTLP "
         "protobuf bytes (`workers/otlp_wire.py`: no OpenTelemetry span objects, no encoder) and "

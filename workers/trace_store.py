@@ -29,7 +29,6 @@ come from the hook events of every turn.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from agents.tracing import Span, Trace, TracingProcessor
 from agents.tracing.span_data import ResponseSpanData, SpanData
 from redis.asyncio import Redis
 
-from turnfleet import keys
+from turnfleet import fastjson, keys
 from turnfleet.redaction import Redactor
 from turnfleet.workers.response_span import response_span_export
 
@@ -373,7 +372,7 @@ class TraceStore:
         record = redact_record(
             {"trace": {**trace, **turn, "kept_because": reason}, "spans": spans}, self.redactor
         )
-        return Kept(record, json.dumps(record, default=str, separators=(",", ":")), turn["turn_id"], reason, dropped, workflow), dropped
+        return Kept(record, fastjson.dumps(record, default=str), turn["turn_id"], reason, dropped, workflow), dropped
 
     async def finish_attempt(
         self, trace_id: str | None, turn: dict[str, Any], *, failed: bool, duration_ms: float,
