@@ -490,6 +490,23 @@ class _Attempt:
 
 
 _LLM_END, _TOOL_END, _AGENT_START = EventKind.llm_end, EventKind.tool_end, EventKind.agent_start
+_NO_USAGE = TokenUsage()
+# Key names built once (planning reads them per event).
+_TURN_SAMPLE_KEYS = tuple((m, (keys.latency_samples("turn", GLOBAL_SUBJECT, m),)) for m in TURN_METRICS)
+_NAMES_KEYS = {d: keys.latency_names(d) for d in ("model", "agent", "tool")}
+_INDEX_KEYS = {k: keys.aggregate_index(k)
+               for k in ("turn", "conversation", "customer", "version", "model", "check")}
+_SAMPLE_KEYS: dict[tuple[str, str], str] = {}  # (dimension, name) -> its call samples' list
+_SAMPLE_KEYS_KEPT = 10_000
+
+
+def _sample_key(dimension: str, name: str) -> str:
+    key = _SAMPLE_KEYS.get((dimension, name))
+    if key is None:
+        if len(_SAMPLE_KEYS) >= _SAMPLE_KEYS_KEPT:
+            _SAMPLE_KEYS.clear()
+        key = _SAMPLE_KEYS[(dimension, name)] = keys.latency_samples(dimension, name, CALL_METRIC)
+    return key
 _QUEUE_WAIT_DETAILS = (TurnStartedDetail, TurnCompletedDetail)
 _AGENTS_DETAILS = (TurnCompletedDetail, TurnFailedDetail)
 
@@ -612,7 +629,7 @@ class _Plan:
             members[member] = ts_ms
 
     def index(self, kind: str, subject: str, ts_ms: int) -> None:
-        self.zmax(keys.aggregate_index(kind), subject, ts_ms)
+        self.zmax(_INDEX_KEYS.get(kind) or keys.aggregate_index(kind), subject, ts_ms)
 
     def member(self, key: str, name: str) -> None:
         """``SADD`` name to a set (one SADD per key), whatever was new."""
@@ -1004,41 +1021,47 @@ class Aggregator:
             at.g_split = plan.group([*at.every, *at.split])
             at.g_turn = plan.group([turn])
             at.seen = keys.event_seen(ev.turn_id)
+            at.llm_groups = {}
             plan.expire(cust_day, DAY_TTL_S)
         count(self, plan, ev, at)
         plan.end_event(at.seen, ev.event_id)
 
     def _count_llm_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
-        every, day = at.every, at.day
-        cust_day = every[3]
-        usage = ev.usage or TokenUsage()
-        targets = list(every)
-        if ev.model:
-            model_day = keys.aggregate_day("model", ev.model, day)
-            targets += [keys.aggregate("model", ev.model), model_day]
-            plan.expire(model_day, DAY_TTL_S)
-        split = plan.group([*targets, *at.split])  # tokens and cost also per version
-        for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
-                     "reasoning_tokens"):
-            plan.op("i", split, name, getattr(usage, name))
+        model, day = ev.model, at.day
+        groups = at.llm_groups.get(model)
+        if groups is None:  # the attempt's first call on this model (this day)
+            targets = list(at.every)
+            if model:
+                model_day = keys.aggregate_day("model", model, day)
+                targets += [keys.aggregate("model", model), model_day]
+                plan.expire(model_day, DAY_TTL_S)
+            # (tokens and cost also per version, the rest not; the customer-day hash alone)
+            groups = at.llm_groups[model] = (plan.group([*targets, *at.split]), plan.group(targets),
+                                             plan.group([at.every[3]]))
+        split, g_targets, g_cust_day = groups
+        usage = ev.usage or _NO_USAGE
+        plan.op("i", split, "requests", usage.requests)
+        plan.op("i", split, "input_tokens", usage.input_tokens)
+        plan.op("i", split, "output_tokens", usage.output_tokens)
+        plan.op("i", split, "cached_tokens", usage.cached_tokens)
+        plan.op("i", split, "reasoning_tokens", usage.reasoning_tokens)
         plan.op("i", split, "llm_calls", 1)
-        cost = at.prices.cost_nusd(ev.model, usage)
+        cost = at.prices.cost_nusd(model, usage)
         if cost is None:
             plan.op("i", split, "cost_unknown_calls", 1)
         else:
             plan.op("i", split, "cost_nusd", cost)
-        if ev.model:
-            plan.op("i", [cust_day], CUSTOMER_MODEL_CALLS + ev.model, 1)
-            plan.op("i", [cust_day], CUSTOMER_MODEL_COST + ev.model, cost or 0)
-        g_targets = plan.group(targets)
+        if model:
+            plan.op("i", g_cust_day, CUSTOMER_MODEL_CALLS + model, 1)
+            plan.op("i", g_cust_day, CUSTOMER_MODEL_COST + model, cost or 0)
         if at.attempt.failed:
             plan.op("i", g_targets, "failed_attempt_tokens", usage.total_tokens)
             plan.op("i", g_targets, "failed_attempt_cost_nusd", cost or 0)
         if ev.duration_ms is not None:
             plan.op("f", g_targets, "llm_ms_sum", ev.duration_ms)
-            self._plan_call_sample(plan, ev.duration_ms, model=ev.model, agent=ev.agent)
-        if ev.model:
-            plan.index("model", ev.model, _ms(ev.ts))
+            self._plan_call_sample(plan, ev.duration_ms, (("model", model), ("agent", ev.agent)))
+        if model:
+            plan.index("model", model, _ms(ev.ts))
         at.touched.customer_days.add((ev.customer_id, day))
 
     def _count_tool_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
@@ -1047,7 +1070,7 @@ class Aggregator:
             plan.op("i", at.g_every, "tool_errors", 1)
         if ev.duration_ms is not None:
             plan.op("f", at.g_every, "tool_ms_sum", ev.duration_ms)
-            self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
+            self._plan_call_sample(plan, ev.duration_ms, (("tool", ev.tool),))
 
     def _count_handoff(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         plan.op("i", at.g_every, "handoffs", 1)
@@ -1181,30 +1204,31 @@ class Aggregator:
             plan.op("s", [turn], "other_ms", other)
             plan.op("t", [keys.SLOWEST_TURNS], ev.turn_id, ev.duration_ms)
         if self.settings.latency_samples > 0:
-            for metric in TURN_METRICS:
+            for metric, sample in _TURN_SAMPLE_KEYS:
                 value = figures[metric]
                 if value is not None:
-                    sample = keys.latency_samples("turn", GLOBAL_SUBJECT, metric)
-                    plan.op("l", [sample], "", value)
+                    plan.op("l", sample, "", value)
 
     @staticmethod
     def _plan_histogram(plan: _Plan, key: str, value_ms: float | None) -> None:
         """One observation: its bucket, ``sum`` and ``count`` (in the deduplicated event)."""
         if value_ms is None:
             return
-        plan.op("i", [key], histogram_bucket(value_ms), 1)
-        plan.op("i", [key], "count", 1)
-        plan.op("f", [key], "sum", value_ms)
+        group = (key,)
+        plan.op("i", group, histogram_bucket(value_ms), 1)
+        plan.op("i", group, "count", 1)
+        plan.op("f", group, "sum", value_ms)
 
-    def _plan_call_sample(self, plan: _Plan, duration_ms: float, **names: str | None) -> None:
-        """One model or tool call's duration onto the lists of each dimension it names."""
+    def _plan_call_sample(self, plan: _Plan, duration_ms: float,
+                          names: tuple[tuple[str, str | None], ...]) -> None:
+        """One model or tool call's duration onto the lists of each (dimension, name) it names."""
         if self.settings.latency_samples <= 0:
             return
         targets = []
-        for dimension, name in names.items():
+        for dimension, name in names:
             if name:
-                targets.append(keys.latency_samples(dimension, name, CALL_METRIC))
-                plan.member(keys.latency_names(dimension), name)
+                targets.append(_sample_key(dimension, name))
+                plan.member(_NAMES_KEYS[dimension], name)
         plan.op("l", targets, "", duration_ms)
 
     @staticmethod
@@ -1311,6 +1335,8 @@ class _Counting:
     g_split: int = 0
     g_turn: int = 0
     seen: str = ""  # keys.event_seen of the turn
+    # Per model of the attempt's calls: the groups of its llm_end ops (``_count_llm_end``).
+    llm_groups: dict[str | None, tuple[Any, Any, Any]] = field(default_factory=dict)
     of: tuple[str, str, str] = ("", "", "")  # (day, conversation, customer) the above are for
 
 
