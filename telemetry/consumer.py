@@ -92,7 +92,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +129,7 @@ RETRY_FIRST_S = 0.2  # a failed entry is read again after 0.2 s, 0.4 s, ... (per
 RETRY_MAX_S = 5.0
 ERROR_CHARS = 2000
 TRACEBACK_CHARS = 8000
-PIPELINE_CHUNK = 25  # entries planned while the previous chunk's script runs (a batch of 50+)
+READ_AHEAD_MIN = 50  # a full batch of at least this many: the next is read and planned meanwhile
 # Loop iterations redis-py takes from a call to its command on the wire (pool, connection
 # check, write: ~4 with redis-py 5); a few more cost ~10 µs each, a few less only the overlap.
 SEND_YIELDS = 8
@@ -192,6 +192,19 @@ class _Failure:
     fields: Mapping[str, Any]
     error: BaseException
     stage: str  # plan, aggregate, alerts
+
+
+@dataclass
+class _Batch:
+    """A batch of entries, planned: what ``TelemetryConsumer._finish`` needs once applied."""
+
+    entries: list[Entry]
+    plans: list[EntryPlan] = field(default_factory=list)
+    ack: list[str] = field(default_factory=list)  # gone from the stream: acknowledged as they are
+    fields_of: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    malformed: dict[str, str] = field(default_factory=dict)  # entry id -> what is wrong with it
+    failed: dict[str, _Failure] = field(default_factory=dict)
+    left: int = 0  # of a newer format version: left pending
 
 
 @dataclass(frozen=True)
@@ -279,6 +292,7 @@ class TelemetryConsumer(StreamGroupMember):
         self._dead_letter = DEAD_LETTER_SCRIPT.bind(redis)
         self._aggregated = 0  # entries whose aggregate this process stored (fault injection)
         self._left_logged = versions.Once()  # newer-version entries this consumer has logged
+        self._ahead: _Batch | None = None  # the next batch, read and planned (handle)
         if self.faults.crash_before_ack is not None:
             log.warning("telemetry.fault_injection_armed", consumer=self.name,
                         crash_before_ack=self.faults.crash_before_ack)
@@ -329,6 +343,12 @@ class TelemetryConsumer(StreamGroupMember):
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=wait)
+        if self._ahead is not None:  # stopped with a batch read ahead: handle it, not leave it
+            try:
+                handled += await self.handle(self._ahead.entries)
+            except RedisError as exc:
+                log.error("telemetry.redis_error", consumer=self.name, error=repr(exc),
+                          hint="the batch read ahead stays pending")
         log.info("telemetry.consumer_stopped", consumer=self.name, handled=handled)
         return handled
 
@@ -348,6 +368,19 @@ class TelemetryConsumer(StreamGroupMember):
     async def process(self, entries: Sequence[Entry]) -> int:
         return await self.handle(entries)
 
+    async def _read(self, from_id: str, block: int | None = None) -> list[Entry]:
+        if from_id == ">" and self._ahead is not None:
+            return self._ahead.entries  # read (and planned) while the last batch was applied
+        return await super()._read(from_id, block)
+
+    async def _drain_own_pending(self) -> int:
+        self._ahead = None  # entries read ahead are in the pending list this reads
+        return await super()._drain_own_pending()
+
+    def lost_redis(self, exc: RedisError) -> None:
+        self._ahead = None  # the own pending list, read next, holds them
+        super().lost_redis(exc)
+
     async def handle(self, entries: Sequence[Entry]) -> int:
         """Aggregate, evaluate alerts, acknowledge. Returns the number of entries acknowledged
         (dead-lettered ones included).
@@ -358,68 +391,86 @@ class TelemetryConsumer(StreamGroupMember):
         or is dead-lettered if this was its ``dead_letter_after``-th delivery; the others are
         handled as if it were not there. Redis being unavailable is raised: nothing is
         acknowledged then.
+
+        **Read-ahead.** After a full batch of at least ``READ_AHEAD_MIN`` entries (a backlog),
+        the next batch of new entries is read before this one's script is sent, and planned
+        while Redis runs it: the consumer's CPU and redis-server's overlap. That batch is then
+        what the next read of new entries returns; it is only planned, never applied, until
+        then, and applied batches stay in order. Reading the own pending list, or a Redis
+        error, drops it (its entries are in that list).
         """
-        ack: list[str] = []
-        plans: list[EntryPlan] = []  # applied
-        fields_of: dict[str, Mapping[str, Any]] = {}
-        malformed: dict[str, str] = {}  # entry id -> what is wrong with it
-        failed: dict[str, _Failure] = {}
-        left = 0
-        await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in entries if f)
-        # A large batch is planned and applied in chunks, pipelined: while Redis runs one
-        # chunk's script, the next chunk is planned (the consumer's CPU and redis-server's
-        # overlap). Chunks are applied one after the other, each as the whole batch was.
-        step = PIPELINE_CHUNK if len(entries) >= 2 * PIPELINE_CHUNK else max(1, len(entries))
-        applying: asyncio.Future[list[EntryPlan]] | None = None
-        try:
-            for start in range(0, len(entries), step):
-                chunk: list[EntryPlan] = []
-                for entry_id, fields in entries[start:start + step]:
-                    if entry_id is None:
-                        continue
-                    if not fields:
-                        log.warning("telemetry.entry_gone", entry_id=entry_id,
-                                    hint="trimmed from the stream before it was aggregated")
-                        ack.append(entry_id)
-                        continue
-                    version = versions.version_of(fields.get(versions.FIELD))
-                    if version is not None and version > self.reads_batch_version:
-                        left += 1
-                        self._leave(entry_id, fields, version)
-                        continue
-                    fields_of[entry_id] = fields
-                    try:
-                        if version is None:
-                            raise MalformedEntry(f"field {versions.FIELD!r} is not a format version")
-                        chunk.append(self.aggregator.plan(entry_id, fields))
-                    except MalformedEntry as exc:
-                        log.error("telemetry.malformed", entry_id=entry_id, turn_id=fields.get("turn_id"),
-                                  fields=sorted(fields), error=str(exc))
-                        chunk.append(self.aggregator.plan_malformed(entry_id))
-                        malformed[entry_id] = str(exc)
-                    except Exception as exc:  # the planner cannot handle this entry: it alone fails
-                        failed[entry_id] = _Failure(fields, exc, "plan")
-                if applying is not None:
-                    plans += await self._applied(applying)
-                    applying = None
-                if chunk:
-                    applying = asyncio.ensure_future(
-                        self._isolating("aggregate", self.aggregator.apply, chunk, failed, fields_of))
-                    for _ in range(SEND_YIELDS):  # the script is sent before the next chunk is planned
-                        await asyncio.sleep(0)
-            if applying is not None:
-                plans += await self._applied(applying)
-                applying = None
-        finally:
-            if applying is not None:  # planning raised (a bug): the chunk in flight still settles
-                with contextlib.suppress(Exception):
-                    await applying
-        if left:
-            await versions.count_left(self.redis, versions.Kind.batch, left)
-        if not ack and not fields_of:
+        if not entries:
             return 0
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and entries is ahead.entries:
+            batch = ahead
+        else:
+            if ahead is not None:  # claimed entries came first: the own pending list holds it
+                self._own_pending = True
+            await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in entries if f)
+            batch = self._prepare(entries)
+        if not batch.ack and not batch.fields_of:
+            if batch.left:
+                await versions.count_left(self.redis, versions.Kind.batch, batch.left)
+            return 0
+        read_ahead = (len(entries) >= self.batch_size >= READ_AHEAD_MIN
+                      and batch.plans and not self._stop.is_set())
+        if not read_ahead:
+            plans = await self._isolating("aggregate", self.aggregator.apply, batch.plans,
+                                          batch.failed, batch.fields_of)
+        else:
+            following = await super()._read(">")
+            if following:
+                await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in following if f)
+            applying = asyncio.ensure_future(self._isolating(
+                "aggregate", self.aggregator.apply, batch.plans, batch.failed, batch.fields_of))
+            try:
+                for _ in range(SEND_YIELDS):  # the script is on its way before planning starts
+                    await asyncio.sleep(0)
+                self._ahead = self._prepare(following) if following else None
+            finally:
+                plans = await applying
+        return await self._finish(batch, plans)
+
+    def _prepare(self, entries: Sequence[Entry]) -> _Batch:
+        """Plan a batch (pure: nothing is written)."""
+        batch = _Batch(list(entries))
+        for entry_id, fields in entries:
+            if entry_id is None:
+                continue
+            if not fields:
+                log.warning("telemetry.entry_gone", entry_id=entry_id,
+                            hint="trimmed from the stream before it was aggregated")
+                batch.ack.append(entry_id)
+                continue
+            version = versions.version_of(fields.get(versions.FIELD))
+            if version is not None and version > self.reads_batch_version:
+                batch.left += 1
+                self._leave(entry_id, fields, version)
+                continue
+            batch.fields_of[entry_id] = fields
+            try:
+                if version is None:
+                    raise MalformedEntry(f"field {versions.FIELD!r} is not a format version")
+                batch.plans.append(self.aggregator.plan(entry_id, fields))
+            except MalformedEntry as exc:
+                log.error("telemetry.malformed", entry_id=entry_id, turn_id=fields.get("turn_id"),
+                          fields=sorted(fields), error=str(exc))
+                batch.plans.append(self.aggregator.plan_malformed(entry_id))
+                batch.malformed[entry_id] = str(exc)
+            except Exception as exc:  # the planner cannot handle this entry: it alone fails
+                batch.failed[entry_id] = _Failure(fields, exc, "plan")
+        return batch
+
+    async def _finish(self, batch: _Batch, plans: list[EntryPlan]) -> int:
+        """After the aggregate of ``plans`` (those of ``batch`` it stored): alerts, XACK, the
+        dead-letter copies and retries."""
+        if batch.left:
+            await versions.count_left(self.redis, versions.Kind.batch, batch.left)
+        self._crash_if_injected(len(plans))
+        failed, fields_of, malformed = batch.failed, batch.fields_of, batch.malformed
         plans = await self._isolating("alerts", self._evaluate_alerts, plans, failed, fields_of)
-        ack += [p.entry_id for p in plans if p.entry_id not in malformed]
+        ack = batch.ack + [p.entry_id for p in plans if p.entry_id not in malformed]
         if ack:
             await self.redis.xack(STREAM, GROUP, *ack)
         n = len(ack)
@@ -432,12 +483,6 @@ class TelemetryConsumer(StreamGroupMember):
             n += await self._failed(entry_id, failure)
         log.debug("telemetry.handled", consumer=self.name, entries=n, failed=len(failed))
         return n
-
-    async def _applied(self, applying: Awaitable[list[EntryPlan]]) -> list[EntryPlan]:
-        """The plans a chunk's aggregate stored (fault injection may end the process here)."""
-        plans = await applying
-        self._crash_if_injected(len(plans))
-        return plans
 
     def _leave(self, entry_id: str, fields: Mapping[str, Any], version: int) -> None:
         """An entry of a newer batch version: left pending (see the module doc); logged once."""

@@ -1,9 +1,9 @@
-"""A large batch handled in pipelined chunks (``TelemetryConsumer.handle``: each chunk's script
-runs while the next chunk is planned) counts every event once, as the entries counted one by one
-would: with an entry counted before, a re-sent copy of an entry of an earlier chunk and an erased
-subject in later chunks, whose shared keys (fleet, customers, model, version) earlier chunks
-already added to; alerts fire once. And the planner's epoch ms, day and window of an event are
-what ``datetime.timestamp`` gives, for any offset."""
+"""A backlog consumed with read-ahead (``TelemetryConsumer.handle``: the next batch is read and
+planned while Redis runs this one's script) counts every event once, as the entries counted one
+by one would: with an entry counted before, a re-sent copy of an entry of an earlier batch and an
+erased subject in later batches, whose shared keys (fleet, customers, model, version) earlier
+batches already added to; alerts fire once. And the planner's epoch ms, day and window of an
+event are what ``datetime.timestamp`` gives, for any offset."""
 
 from __future__ import annotations
 
@@ -14,44 +14,55 @@ from typing import Any
 
 from turnfleet import keys
 from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, _day, _ms, window_start
-from turnfleet.telemetry.consumer import PIPELINE_CHUNK, TelemetryConsumer
+from turnfleet.telemetry.consumer import READ_AHEAD_MIN, TelemetryConsumer
 from turnfleet.telemetry.stats import turn_stats
 from tests.batches import TURN_COST_NUSD, TURN_TOKENS, CheckEntry, failed_turn, support_turn
 from tests.consuming import pending, pick, settings
 from tests.test_alerts import alerts_of
 
-N = 2 * PIPELINE_CHUNK + 10  # three chunks: 25, 25, 10
+B = READ_AHEAD_MIN  # entries a read
+N = 2 * B + 10  # three batches: B, B, 10
 
 
-async def test_a_batch_in_pipelined_chunks_counts_every_event_once(redis: Any) -> None:
+async def test_a_backlog_read_ahead_counts_every_event_once(redis: Any) -> None:
     await redis.set(keys.ERASED_SALT, "salt")
     await redis.zadd(keys.ERASED, {hashlib.sha1(b"saltcust-gone").hexdigest(): 10**13})
     turns = [support_turn(f"t-{i}", f"c-{i}", f"cust-{i % 3}") for i in range(N - 4)]
     fields = [{"turn_id": b.turn_id, "batch": b.batch_json()} for b in turns]
-    # Chunk 2: an entry counted before (its consumer died after storing it) and a re-sent copy
-    # of an entry of chunk 1; chunk 3: an erased customer's turn, a failed turn and checks.
-    before = fields[PIPELINE_CHUNK + 3]
-    fields.insert(PIPELINE_CHUNK + 5, dict(fields[2]))
-    fields.insert(2 * PIPELINE_CHUNK + 2,
+    # Batch 2: an entry counted before (its consumer died after storing it) and a re-sent copy
+    # of an entry of batch 1; batch 3: an erased customer's turn, a failed turn and checks.
+    before = fields[B + 3]
+    fields.insert(B + 5, dict(fields[2]))
+    fields.insert(2 * B + 2,
                   {"turn_id": "t-gone", "batch": support_turn("t-gone", "c-gone", "cust-gone").batch_json()})
     fields.append({"turn_id": "t-f", "batch": failed_turn("t-f").batch_json()})
     fields.append(CheckEntry("t-1", "c-1", "cust-1").check("refund_ok", "failed", money_path=True)
                   .check("tone", "passed").fields())
     assert len(fields) == N
     ids = [await redis.xadd(keys.TELEMETRY_STREAM, f) for f in fields]
-    consumer = TelemetryConsumer(redis, settings(batch_size=N), name="pipelined")
+    consumer = TelemetryConsumer(redis, settings(batch_size=B), name="ahead")
     await consumer.aggregator.aggregate(ids[fields.index(before)], before)
 
-    chunks: list[int] = []
-    apply = consumer.aggregator.apply
+    steps: list[tuple[str, int]] = []  # what the consumer did, in order
+    apply, prepare = consumer.aggregator.apply, consumer._prepare
 
-    async def recorded(plans: Any) -> list[int]:
-        chunks.append(len(plans))
-        return await apply(plans)
+    async def applying(plans: Any) -> list[int]:
+        steps.append(("apply", len(plans)))
+        try:
+            return await apply(plans)
+        finally:
+            steps.append(("applied", len(plans)))
 
-    consumer.aggregator.apply = recorded  # type: ignore[method-assign]
+    def preparing(entries: Any) -> Any:
+        steps.append(("plan", len(entries)))
+        return prepare(entries)
+
+    consumer.aggregator.apply = applying  # type: ignore[method-assign]
+    consumer._prepare = preparing  # type: ignore[method-assign]
     assert await consumer.run(burst=True) == N
-    assert chunks == [PIPELINE_CHUNK, PIPELINE_CHUNK, 10]  # three chunks, one after the other
+    # Each next batch is planned while the one before is applied; batches apply in order.
+    assert steps == [("plan", B), ("apply", B), ("plan", B), ("applied", B),
+                     ("apply", B), ("plan", 10), ("applied", B), ("apply", 10), ("applied", 10)]
     assert await pending(redis) == 0
 
     counted = N - 4  # the support turns, once each (not the re-sent copy, nor the erased one)
@@ -65,7 +76,7 @@ async def test_a_batch_in_pipelined_chunks_counts_every_event_once(redis: Any) -
         customer = await redis.hgetall(keys.aggregate("customer", f"cust-{c}"))
         n = len(range(c, N - 4, 3))
         assert (customer["turns_completed"], customer["input_tokens"]) == (str(n), str(n * 820))
-    for turn in ("t-2", f"t-{PIPELINE_CHUNK + 2}", f"t-{N - 5}"):
+    for turn in ("t-2", f"t-{B + 2}", f"t-{N - 5}"):
         assert pick(await turn_stats(redis, turn), TURN_TOKENS) == TURN_TOKENS
     assert await redis.exists(keys.aggregate("turn", "t-gone"), keys.event_seen("t-gone")) == 0
     samples = keys.latency_samples("turn", keys.GLOBAL_SUBJECT, "total")
