@@ -133,9 +133,10 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import orjson
 import structlog
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -255,6 +256,7 @@ _AFTER_TURN_KINDS = (EventKind.feedback, EventKind.check)  # written after the t
 
 _FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
 _TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
+_USAGE_KINDS = (*_TERMINAL_KINDS, EventKind.attempt_failed)  # carry the attempt's usage
 
 # The script (telemetry/lua/aggregate.lua says what a plan holds): dedupe and increments in one.
 AGGREGATE = load_script("aggregate", "turnfleet.telemetry")
@@ -403,34 +405,56 @@ def parse_batch(fields: Mapping[str, Any] | None) -> list[TelemetryEvent]:
 
 def window_start(ts: datetime, window_s: int) -> int:
     """Start (epoch seconds) of the fixed error-rate window that contains ``ts``."""
-    epoch = int(_utc(ts).timestamp())
+    epoch = int(_epoch_us(ts) / 10**6)
     return epoch - epoch % window_s
 
 
-# An event's time is read several times while it is planned (ms, day, window, ISO text):
-# converted once. Keyed by the object's id; the value holds the object, so the id stays its.
-_UTC: dict[int, tuple[datetime, datetime, int]] = {}
+# An event's time is read several times while it is planned (ms, day, window): converted
+# once. Keyed by the object's id; the value holds the object, so the id stays its.
+_UTC: dict[int, tuple[datetime, int, str]] = {}
 _UTC_KEPT = 4096
+_DAYS: dict[int, str] = {}  # days since the epoch -> YYYY-MM-DD
+_EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
+_ONE_US = timedelta(microseconds=1)
 
 
-def _utc_ms(ts: datetime) -> tuple[datetime, int]:
+def _epoch_us(ts: datetime) -> int:
+    """Microseconds since the epoch (a naive ``ts`` is UTC): ``(ts - epoch)`` in integers, as
+    ``datetime.timestamp`` computes it, without its cost (~2 µs on pydantic's tzinfo)."""
+    us = ((ts.toordinal() - _EPOCH_ORDINAL) * 86_400 + ts.hour * 3600 + ts.minute * 60
+          + ts.second) * 1_000_000 + ts.microsecond
+    offset = ts.utcoffset()
+    return us - offset // _ONE_US if offset else us
+
+
+def _utc_of(ts: datetime) -> tuple[datetime, int, str]:
+    """``(ts, its epoch ms, its UTC day)``, converted once per object (a naive ``ts`` is UTC).
+    The ms are ``int(ts.timestamp() * 1000)``, to the last bit."""
     hit = _UTC.get(id(ts))
     if hit is not None and hit[0] is ts:
-        return hit[1], hit[2]
-    utc = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
-    ms = int(utc.timestamp() * 1000)
+        return hit
+    us = _epoch_us(ts)
+    day = _DAYS.get(us // 86_400_000_000)
+    if day is None:
+        day = _DAYS[us // 86_400_000_000] = datetime.fromtimestamp(
+            us // 1_000_000, timezone.utc).date().isoformat()
     if len(_UTC) >= _UTC_KEPT:
         _UTC.clear()
-    _UTC[id(ts)] = (ts, utc, ms)
-    return utc, ms
+    hit = _UTC[id(ts)] = (ts, int(us / 10**6 * 1000), day)
+    return hit
 
 
 def _utc(ts: datetime) -> datetime:
-    return _utc_ms(ts)[0]
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
 def _ms(ts: datetime) -> int:
-    return _utc_ms(ts)[1]
+    return _utc_of(ts)[1]
+
+
+def _day(ts: datetime) -> str:
+    """The UTC date of ``ts``, ``YYYY-MM-DD``."""
+    return _utc_of(ts)[2]
 
 
 def histogram_bucket(value_ms: float) -> str:
@@ -458,42 +482,78 @@ class _Attempt:
     tool_ms: float = 0.0  # sum of this attempt's tool_end durations
     agents: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
-    llm_usage: TokenUsage = field(default_factory=TokenUsage)
+    # Sums of the llm_end usage (requests, input, output, cached, reasoning tokens): plain ints,
+    # a TokenUsage only when compared (``Aggregator._check_usage``).
+    llm_usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
     queue_wait_ms: float | None = None
     after_turn_only: bool = True  # only feedback / check events: no attempt ran in this entry
+
+
+_LLM_END, _TOOL_END, _AGENT_START = EventKind.llm_end, EventKind.tool_end, EventKind.agent_start
+_NO_USAGE = TokenUsage()
+# Key names built once (planning reads them per event).
+_TURN_SAMPLE_KEYS = tuple((m, (keys.latency_samples("turn", GLOBAL_SUBJECT, m),)) for m in TURN_METRICS)
+_NAMES_KEYS = {d: keys.latency_names(d) for d in ("model", "agent", "tool")}
+_INDEX_KEYS = {k: keys.aggregate_index(k)
+               for k in ("turn", "conversation", "customer", "version", "model", "check")}
+_SAMPLE_KEYS: dict[tuple[str, str], str] = {}  # (dimension, name) -> its call samples' list
+_SAMPLE_KEYS_KEPT = 10_000
+
+
+def _sample_key(dimension: str, name: str) -> str:
+    key = _SAMPLE_KEYS.get((dimension, name))
+    if key is None:
+        if len(_SAMPLE_KEYS) >= _SAMPLE_KEYS_KEPT:
+            _SAMPLE_KEYS.clear()
+        key = _SAMPLE_KEYS[(dimension, name)] = keys.latency_samples(dimension, name, CALL_METRIC)
+    return key
+_QUEUE_WAIT_DETAILS = (TurnStartedDetail, TurnCompletedDetail)
+_AGENTS_DETAILS = (TurnCompletedDetail, TurnFailedDetail)
 
 
 def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attempt]:
     out: dict[tuple[str, int], _Attempt] = {}
     for ev in events:
+        kind = ev.kind
         a = out.get((ev.turn_id, ev.attempt))
         if a is None:
             a = out[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id, ev.customer_id)
-        if ev.kind in _AFTER_TURN_KINDS:
+        if kind in _AFTER_TURN_KINDS:
             continue  # given after the turn: not part of any attempt's figures
         a.after_turn_only = False
         ts_ms = _ms(ev.ts)
-        a.last_ts_ms = max(a.last_ts_ms, ts_ms)
-        a.first_ts_ms = ts_ms if a.first_ts_ms is None else min(a.first_ts_ms, ts_ms)
-        if ev.kind == EventKind.tool_end and ev.duration_ms is not None:
-            a.tool_ms += ev.duration_ms
-        if ev.kind in _FAILED_KINDS:
-            a.failed = True
-        elif ev.kind == EventKind.agent_start and ev.agent:
-            a.agents.append(ev.agent)  # as the hooks record it; a terminal event's list wins
-        elif ev.kind == EventKind.llm_end:
+        if ts_ms > a.last_ts_ms:
+            a.last_ts_ms = ts_ms
+        if a.first_ts_ms is None or ts_ms < a.first_ts_ms:
+            a.first_ts_ms = ts_ms
+        if kind is _LLM_END:
             if ev.model and ev.model not in a.models:
                 a.models.append(ev.model)
-            if ev.usage:
-                a.llm_usage = a.llm_usage + ev.usage
+            u = ev.usage
+            if u is not None:
+                a.llm_usage = [a.llm_usage[0] + u.requests, a.llm_usage[1] + u.input_tokens,
+                               a.llm_usage[2] + u.output_tokens, a.llm_usage[3] + u.cached_tokens,
+                               a.llm_usage[4] + u.reasoning_tokens]
             if ev.duration_ms is not None:
                 a.llm_ms += ev.duration_ms
+            continue
+        if kind is _TOOL_END:
+            if ev.duration_ms is not None:
+                a.tool_ms += ev.duration_ms
+            continue
+        if kind in _FAILED_KINDS:
+            a.failed = True
+        elif kind is _AGENT_START and ev.agent:
+            a.agents.append(ev.agent)  # as the hooks record it; a terminal event's list wins
         detail = ev.detail
-        if isinstance(detail, (TurnStartedDetail, TurnCompletedDetail)) and detail.queue_wait_ms is not None:
+        if isinstance(detail, _QUEUE_WAIT_DETAILS) and detail.queue_wait_ms is not None:
             a.queue_wait_ms = detail.queue_wait_ms
-        if isinstance(detail, (TurnCompletedDetail, TurnFailedDetail)) and detail.agents is not None:
+        if isinstance(detail, _AGENTS_DETAILS) and detail.agents is not None:
             a.agents = list(detail.agents)
     return out
+
+
+_USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
 
 
 class _Plan:
@@ -562,11 +622,14 @@ class _Plan:
 
     def zmax(self, key: str, member: str, ts_ms: int) -> None:
         """``ZADD GT`` member at the latest ms seen in the entry (one ZADD per key)."""
-        members = self._zmax.setdefault(key, {})
-        members[member] = max(ts_ms, members.get(member, 0))
+        members = self._zmax.get(key)
+        if members is None:
+            self._zmax[key] = {member: max(ts_ms, 0)}
+        elif ts_ms > members.get(member, 0):
+            members[member] = ts_ms
 
     def index(self, kind: str, subject: str, ts_ms: int) -> None:
-        self.zmax(keys.aggregate_index(kind), subject, ts_ms)
+        self.zmax(_INDEX_KEYS.get(kind) or keys.aggregate_index(kind), subject, ts_ms)
 
     def member(self, key: str, name: str) -> None:
         """``SADD`` name to a set (one SADD per key), whatever was new."""
@@ -605,17 +668,20 @@ class _FastPlan(_Plan):
     summed per group and field, HSETs kept last-wins, max/min merged, and the counted events
     as a list of ids (no per-event op lists). Only valid when every event is new, which the
     batch script checks before it writes anything; otherwise the entry is planned again with
-    :class:`_Plan` (``EntryPlan.legacy``)."""
+    :class:`_Plan` (``EntryPlan.legacy``).
+
+    A group here is the tuple of its key names itself (no index to look up per op); the
+    merge resolves each distinct tuple once (:func:`_group_split`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sums: dict[tuple[int, str], int | float] = {}  # (group, field) -> HINCRBY
-        self.fsums: dict[tuple[int, str], float] = {}  # (group, field) -> HINCRBYFLOAT
-        self.sets: dict[tuple[int, str], str] = {}  # 's': last value wins
-        self.maxes: dict[tuple[str, int, str], str] = {}  # ('x' or 'mn', group, field) -> value
-        self.status: list[tuple[int, str, str]] = []  # 'st', in order
-        self.samples: list[tuple[int, str]] = []  # 'l', in order
-        self.tops: list[tuple[int, str, str]] = []  # 't': (group, member, score)
+        self.sums: dict[tuple[tuple[str, ...], str], int | float] = {}  # (group, field) -> HINCRBY
+        self.fsums: dict[tuple[tuple[str, ...], str], float] = {}  # (group, field) -> HINCRBYFLOAT
+        self.sets: dict[tuple[tuple[str, ...], str], str] = {}  # 's': last value wins
+        self.maxes: dict[tuple[str, Any, str], str] = {}  # ('x' or 'mn', group, field) -> value
+        self.status: list[tuple[tuple[str, ...], str, str]] = []  # 'st', in order
+        self.samples: list[tuple[tuple[str, ...], str]] = []  # 'l', in order
+        self.tops: list[tuple[tuple[str, ...], str, str]] = []  # 't': (group, member, score)
         self.ids: list[tuple[str, str]] = []  # (seen-set, event id) of each counted event
         self._any = False  # the event being planned has an op
         self.erased: tuple[str, list[str]] | None = None
@@ -623,44 +689,46 @@ class _FastPlan(_Plan):
         # ZADD), so such an entry is never merged with others (its batch goes one by one).
         self.unmergeable = False
 
-    def group(self, names: Sequence[str]) -> int:
-        names = tuple(names)
-        ix = self._group_of_names.get(names)
-        if ix is None:
-            self.groups.append(names)  # type: ignore[arg-type]  # names, merged into keys later
-            ix = self._group_of_names[names] = len(self.groups)
-        return ix
+    def group(self, names: Sequence[str]) -> Any:  # type: ignore[override]
+        return tuple(names)
 
-    def op(self, kind: str, targets: Sequence[str] | int, a: str, b: str | int | float) -> None:
-        if kind in ("i", "f") and not b:
+    def op(self, kind: str, targets: Sequence[str] | Any, a: str, b: str | int | float) -> None:
+        if targets.__class__ is not tuple:
+            targets = tuple(targets)
+        if not targets:
             return
-        if not isinstance(targets, int):
-            if not targets:
-                return
-            targets = self.group(targets)
-        self._any = True
-        if isinstance(b, float) and not math.isfinite(b):
+        if b.__class__ is float and not math.isfinite(b):  # type: ignore[arg-type]
             self.unmergeable = True
         if kind == "i":
-            k = (targets, a)
-            self.sums[k] = self.sums.get(k, 0) + b  # type: ignore[operator]
-        elif kind == "f":
-            k = (targets, a)
-            self.fsums[k] = self.fsums.get(k, 0.0) + float(b)
-        elif kind == "s":
-            self.sets[(targets, a)] = b if isinstance(b, str) else _num(b)
+            if b:
+                k = (targets, a)
+                sums = self.sums
+                sums[k] = sums.get(k, 0) + b  # type: ignore[operator]
+                self._any = True
+            return
+        if kind == "f":
+            if b:
+                k = (targets, a)
+                fsums = self.fsums
+                fsums[k] = fsums.get(k, 0.0) + float(b)
+                self._any = True
+            return
+        self._any = True
+        value = b if b.__class__ is str else _num(b)  # type: ignore[arg-type]
+        if kind == "s":
+            self.sets[(targets, a)] = value  # type: ignore[assignment]
         elif kind in ("x", "mn"):
-            self._extreme(kind, targets, a, b if isinstance(b, str) else _num(b))
+            self._extreme(kind, targets, a, value)  # type: ignore[arg-type]
         elif kind == "st":
             self.status.append((targets, a, str(b)))
         elif kind == "l":
-            self.samples.append((targets, b if isinstance(b, str) else _num(b)))
+            self.samples.append((targets, value))  # type: ignore[arg-type]
         elif kind == "t":
-            self.tops.append((targets, a, b if isinstance(b, str) else _num(b)))
+            self.tops.append((targets, a, value))  # type: ignore[arg-type]
         else:
             raise ValueError(f"unknown op {kind!r}")
 
-    def _extreme(self, kind: str, g: int, a: str, value: str) -> None:
+    def _extreme(self, kind: str, g: Any, a: str, value: str) -> None:
         k = (kind, g, a)
         old = self.maxes.get(k)
         if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
@@ -677,11 +745,105 @@ class _FastPlan(_Plan):
         self.erased = (ms if ms.isdigit() else "0", sorted(ids))
 
 
-def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) -> tuple[list[str], str] | None:
+def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) -> tuple[list[str], bytes] | None:
     """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' ops merged
     per key and field, as if each entry's script ran in turn with every event new; ``None``
     when an event id is in the batch twice (a re-sent entry) or an entry holds a NaN or
-    infinite figure: the entries then go one by one."""
+    infinite figure: the entries then go one by one.
+
+    Merged by key name; the names get their indexes in the script's keys once, at the end."""
+    ids: dict[str, list[str]] = {}
+    seen_ids: set[tuple[str, str]] = set()
+    incr: dict[str, dict[str, Any]] = {}
+    incrf: dict[str, dict[str, Any]] = {}
+    shared_sums: dict[tuple[tuple[str, ...], str], Any] = {}
+    shared_fsums: dict[tuple[tuple[str, ...], str], Any] = {}
+    sets: dict[str, dict[str, str]] = {}
+    extreme: dict[str, dict[str, dict[str, str]]] = {"x": {}, "mn": {}}
+    status: list[tuple[str, str, str]] = []
+    samples: dict[str, list[str]] = {}
+    tops: dict[str, list[str]] = {}
+    zmax: dict[str, dict[str, int]] = {}
+    members: dict[str, set[str]] = {}
+    expire: dict[str, int] = {}
+    erased: list[list[str]] = []
+    if len(_SPLITS) >= _SPLITS_KEPT:
+        _SPLITS.clear()
+    splits = _SPLITS
+    for plan in plans:
+        if plan.unmergeable:
+            return None
+        n_seen = len(seen_ids)
+        seen_ids.update(plan.ids)
+        if len(seen_ids) != n_seen + len(plan.ids):
+            return None  # an event twice: in two entries, or twice in one
+        for seen_key, event_id in plan.ids:
+            got = ids.get(seen_key)
+            if got is None:
+                ids[seen_key] = [event_id]
+            else:
+                got.append(event_id)
+        for sums, acc, shared in ((plan.sums, incr, shared_sums), (plan.fsums, incrf, shared_fsums)):
+            for (g, field_), v in sums.items():
+                _, own, rest = splits.get(g) or _group_split(g, splits)
+                for k in own:
+                    h = acc.get(k)
+                    if h is None:
+                        h = acc[k] = {}
+                    h[field_] = h.get(field_, 0) + v
+                if rest:
+                    sk = (rest, field_)
+                    shared[sk] = shared.get(sk, 0) + v
+        for (g, field_), value in plan.sets.items():
+            for k in (splits.get(g) or _group_split(g, splits))[0]:
+                h = sets.get(k)
+                if h is None:
+                    h = sets[k] = {}
+                h[field_] = value
+        for (kind, g, field_), value in (*plan.maxes.items(),
+                                         *((k, v) for k, v in plan._always.items() if k[0] != "s")):
+            for k in (splits.get(g) or _group_split(g, splits))[0]:
+                h2 = extreme[kind].setdefault(k, {})
+                old = h2.get(field_)
+                if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
+                    h2[field_] = value
+        for (kind, g, field_), value in plan._always.items():
+            if kind == "s":
+                for k in (splits.get(g) or _group_split(g, splits))[0]:
+                    sets.setdefault(k, {})[field_] = value
+        for g, a, value in plan.status:
+            status += [(k, a, value) for k in (splits.get(g) or _group_split(g, splits))[0]]
+        for g, value in plan.samples:
+            for k in (splits.get(g) or _group_split(g, splits))[0]:
+                samples.setdefault(k, []).append(value)
+        for g, member, score in plan.tops:
+            for k in (splits.get(g) or _group_split(g, splits))[0]:
+                tops.setdefault(k, []).extend((score, member))
+        for name, ms_of in plan._zmax.items():
+            z = zmax.get(name)
+            if z is None:
+                zmax[name] = dict(ms_of)
+                continue
+            for member, ts_ms in ms_of.items():
+                if ts_ms > z.get(member, -1):
+                    z[member] = ts_ms
+        for name, new in plan._members.items():
+            members.setdefault(name, set()).update(new)
+        for name in plan._seen:
+            if expire.get(name, 0) < seen_ttl_s:
+                expire[name] = seen_ttl_s
+        for name, ttl in plan._expire.items():
+            if expire.get(name, 0) < ttl:
+                expire[name] = ttl
+        if plan.erased is not None:
+            erased.append([plan.erased[0], *plan.erased[1]])
+    for shared, acc in ((shared_sums, incr), (shared_fsums, incrf)):
+        for (rest, field_), v in shared.items():
+            for k in rest:
+                h = acc.get(k)
+                if h is None:
+                    h = acc[k] = {}
+                h[field_] = h.get(field_, 0) + v
     names: list[str] = []
     ix: dict[str, int] = {}
 
@@ -692,122 +854,42 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
             i = ix[name] = len(names)
         return i
 
-    ids: dict[int, list[str]] = {}
-    seen_ids: set[tuple[str, str]] = set()
-    incr: dict[int, dict[str, Any]] = {}
-    incrf: dict[int, dict[str, Any]] = {}
-    shared_sums: dict[tuple[tuple[int, ...], str], Any] = {}
-    shared_fsums: dict[tuple[tuple[int, ...], str], Any] = {}
-    sets: dict[int, dict[str, str]] = {}
-    extreme: dict[str, dict[int, dict[str, str]]] = {"x": {}, "mn": {}}
-    status: list[list[Any]] = []
-    samples: dict[int, list[str]] = {}
-    tops: dict[int, list[str]] = {}
-    zmax: dict[int, dict[str, int]] = {}
-    members: dict[int, set[str]] = {}
-    expire: dict[int, int] = {}
-    erased: list[list[str]] = []
-    group_cache: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-    for plan in plans:
-        if plan.unmergeable:
-            return None
-        for pair in plan.ids:
-            if pair in seen_ids:
-                return None
-            seen_ids.add(pair)
-            ids.setdefault(key(pair[0]), []).append(pair[1])
-        # A counter group's turn and conversation hashes are the entry's own; the rest (fleet,
-        # customer, day, version, model) are shared by the batch: summed per group first.
-        groups: list[tuple[int, ...]] = [()]
-        split: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
-        for g in plan.groups:
-            known = group_cache.get(g)
-            if known is None:
-                ix_ = tuple(dict.fromkeys(key(n) for n in g))
-                known = group_cache[g] = (ix_, _split_group(g, ix_))
-            groups.append(known[0])
-            split.append(known[1])
-        for sums, acc, shared in ((plan.sums, incr, shared_sums), (plan.fsums, incrf, shared_fsums)):
-            for (g, field_), v in sums.items():
-                own, rest = split[g]
-                for k in own:
-                    h = acc.get(k)
-                    if h is None:
-                        h = acc[k] = {}
-                    h[field_] = h.get(field_, 0) + v
-                if rest:
-                    sk = (rest, field_)
-                    shared[sk] = shared.get(sk, 0) + v
-        for (g, field_), value in plan.sets.items():
-            for k in groups[g]:
-                sets.setdefault(k, {})[field_] = value
-        for (kind, g, field_), value in (*plan.maxes.items(),
-                                         *((k, v) for k, v in plan._always.items() if k[0] != "s")):
-            for k in groups[g]:
-                h2 = extreme[kind].setdefault(k, {})
-                old = h2.get(field_)
-                if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
-                    h2[field_] = value
-        for (kind, g, field_), value in plan._always.items():
-            if kind == "s":
-                for k in groups[g]:
-                    sets.setdefault(k, {})[field_] = value
-        for g, a, value in plan.status:
-            status += [[k, a, value] for k in groups[g]]
-        for g, value in plan.samples:
-            for k in groups[g]:
-                samples.setdefault(k, []).append(value)
-        for g, member, score in plan.tops:
-            for k in groups[g]:
-                tops.setdefault(k, []).extend((score, member))
-        for name, ms_of in plan._zmax.items():
-            z = zmax.setdefault(key(name), {})
-            for member, ts_ms in ms_of.items():
-                if ts_ms > z.get(member, -1):
-                    z[member] = ts_ms
-        for name, new in plan._members.items():
-            members.setdefault(key(name), set()).update(new)
-        for name in plan._seen:
-            plan.expire(name, seen_ttl_s)
-        for name, ttl in plan._expire.items():
-            k = key(name)
-            expire[k] = max(ttl, expire.get(k, 0))
-        if plan.erased is not None:
-            erased.append([plan.erased[0], *plan.erased[1]])
-    for shared, acc in ((shared_sums, incr), (shared_fsums, incrf)):
-        for (rest, field_), v in shared.items():
-            for k in rest:
-                h = acc.get(k)
-                if h is None:
-                    h = acc[k] = {}
-                h[field_] = h.get(field_, 0) + v
     body: dict[str, Any] = {
-        "ids": [[k, *v] for k, v in ids.items()],
-        "s": [[k, h] for k, h in sets.items()],
-        "x": [[k, h] for k, h in extreme["x"].items()],
-        "mn": [[k, h] for k, h in extreme["mn"].items()],
-        "st": status,
-        "i": [[k, h] for k, h in incr.items()],
-        "f": [[k, {f: repr(v) for f, v in h.items()}] for k, h in incrf.items()],
-        "l": [[k, *v] for k, v in samples.items()],
-        "t": [[k, *v] for k, v in tops.items()],
-        "z": [[k, *(x for m, ts in z.items() for x in (str(ts), m))] for k, z in zmax.items()],
-        "sa": [[k, *sorted(m)] for k, m in members.items()],
-        "e": [[k, str(ttl)] for k, ttl in expire.items()],
+        "ids": [[key(k), *v] for k, v in ids.items()],
+        "s": [[key(k), h] for k, h in sets.items()],
+        "x": [[key(k), h] for k, h in extreme["x"].items()],
+        "mn": [[key(k), h] for k, h in extreme["mn"].items()],
+        "st": [[key(k), a, value] for k, a, value in status],
+        "i": [[key(k), h] for k, h in incr.items()],
+        "f": [[key(k), {f: repr(v) for f, v in h.items()}] for k, h in incrf.items()],
+        "l": [[key(k), *v] for k, v in samples.items()],
+        "t": [[key(k), *v] for k, v in tops.items()],
+        "z": [[key(k), *(x for m, ts in z.items() for x in (str(ts), m))] for k, z in zmax.items()],
+        "sa": [[key(k), *sorted(m)] for k, m in members.items()],
+        "e": [[key(k), str(ttl)] for k, ttl in expire.items()],
         "cap": max(samples_cap, 1), "top": SLOWEST_TURNS_KEPT,
     }
     if erased:
         body["er"] = [key(keys.ERASED), key(keys.ERASED_SALT), erased]
-    return names, json.dumps(body, separators=(",", ":"))
+    return names, orjson.dumps(body)
 
 
 _OWN_PREFIXES = (keys.aggregate("turn", ""), keys.aggregate("conversation", ""))
+_Split = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+# Groups seen by recent merges, split: the shared ones (fleet, a window, a histogram...) recur
+# in every batch. Cleared when it holds _SPLITS_KEPT (each entry adds its own few).
+_SPLITS: dict[tuple[str, ...], _Split] = {}
+_SPLITS_KEPT = 20_000
 
 
-def _split_group(names: tuple[str, ...], ix: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A group's keys (indexes ``ix``) split: the turn's and conversation's, the others."""
-    own = tuple(k for n, k in zip(dict.fromkeys(names), ix) if n.startswith(_OWN_PREFIXES))
-    return (own, tuple(k for k in ix if k not in own)) if own else ((), ix)
+def _group_split(names: tuple[str, ...], cache: dict[tuple[str, ...], _Split]) -> _Split:
+    """A group's distinct key names; of them the turn's and conversation's (the entry's own),
+    and the others (fleet, customer, day, version, model: shared by the batch, summed per
+    group first)."""
+    unique = tuple(dict.fromkeys(names)) if len(names) > 1 else names
+    own = tuple(n for n in unique if n.startswith(_OWN_PREFIXES))
+    split = cache[names] = (unique, own, tuple(n for n in unique if n not in own) if own else unique)
+    return split
 
 
 class Aggregator:
@@ -927,7 +1009,7 @@ class Aggregator:
 
     def _plan_event(self, plan: _Plan, ev: TelemetryEvent, at: _Counting, count: _Count) -> None:
         """One counted event: its kind's increments, deduplicated on its id."""
-        day = _utc(ev.ts).date().isoformat()
+        day = _day(ev.ts)
         if (day, ev.conversation_id, ev.customer_id) != at.of:  # the attempt's first, or a new day
             at.of = (day, ev.conversation_id, ev.customer_id)
             at.day = day
@@ -939,41 +1021,47 @@ class Aggregator:
             at.g_split = plan.group([*at.every, *at.split])
             at.g_turn = plan.group([turn])
             at.seen = keys.event_seen(ev.turn_id)
+            at.llm_groups = {}
             plan.expire(cust_day, DAY_TTL_S)
         count(self, plan, ev, at)
         plan.end_event(at.seen, ev.event_id)
 
     def _count_llm_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
-        every, day = at.every, at.day
-        cust_day = every[3]
-        usage = ev.usage or TokenUsage()
-        targets = list(every)
-        if ev.model:
-            model_day = keys.aggregate_day("model", ev.model, day)
-            targets += [keys.aggregate("model", ev.model), model_day]
-            plan.expire(model_day, DAY_TTL_S)
-        split = plan.group([*targets, *at.split])  # tokens and cost also per version
-        for name in ("requests", "input_tokens", "output_tokens", "cached_tokens",
-                     "reasoning_tokens"):
-            plan.op("i", split, name, getattr(usage, name))
+        model, day = ev.model, at.day
+        groups = at.llm_groups.get(model)
+        if groups is None:  # the attempt's first call on this model (this day)
+            targets = list(at.every)
+            if model:
+                model_day = keys.aggregate_day("model", model, day)
+                targets += [keys.aggregate("model", model), model_day]
+                plan.expire(model_day, DAY_TTL_S)
+            # (tokens and cost also per version, the rest not; the customer-day hash alone)
+            groups = at.llm_groups[model] = (plan.group([*targets, *at.split]), plan.group(targets),
+                                             plan.group([at.every[3]]))
+        split, g_targets, g_cust_day = groups
+        usage = ev.usage or _NO_USAGE
+        plan.op("i", split, "requests", usage.requests)
+        plan.op("i", split, "input_tokens", usage.input_tokens)
+        plan.op("i", split, "output_tokens", usage.output_tokens)
+        plan.op("i", split, "cached_tokens", usage.cached_tokens)
+        plan.op("i", split, "reasoning_tokens", usage.reasoning_tokens)
         plan.op("i", split, "llm_calls", 1)
-        cost = at.prices.cost_nusd(ev.model, usage)
+        cost = at.prices.cost_nusd(model, usage)
         if cost is None:
             plan.op("i", split, "cost_unknown_calls", 1)
         else:
             plan.op("i", split, "cost_nusd", cost)
-        if ev.model:
-            plan.op("i", [cust_day], CUSTOMER_MODEL_CALLS + ev.model, 1)
-            plan.op("i", [cust_day], CUSTOMER_MODEL_COST + ev.model, cost or 0)
-        g_targets = plan.group(targets)
+        if model:
+            plan.op("i", g_cust_day, CUSTOMER_MODEL_CALLS + model, 1)
+            plan.op("i", g_cust_day, CUSTOMER_MODEL_COST + model, cost or 0)
         if at.attempt.failed:
             plan.op("i", g_targets, "failed_attempt_tokens", usage.total_tokens)
             plan.op("i", g_targets, "failed_attempt_cost_nusd", cost or 0)
         if ev.duration_ms is not None:
             plan.op("f", g_targets, "llm_ms_sum", ev.duration_ms)
-            self._plan_call_sample(plan, ev.duration_ms, model=ev.model, agent=ev.agent)
-        if ev.model:
-            plan.index("model", ev.model, _ms(ev.ts))
+            self._plan_call_sample(plan, ev.duration_ms, (("model", model), ("agent", ev.agent)))
+        if model:
+            plan.index("model", model, _ms(ev.ts))
         at.touched.customer_days.add((ev.customer_id, day))
 
     def _count_tool_end(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
@@ -982,7 +1070,7 @@ class Aggregator:
             plan.op("i", at.g_every, "tool_errors", 1)
         if ev.duration_ms is not None:
             plan.op("f", at.g_every, "tool_ms_sum", ev.duration_ms)
-            self._plan_call_sample(plan, ev.duration_ms, tool=ev.tool)
+            self._plan_call_sample(plan, ev.duration_ms, (("tool", ev.tool),))
 
     def _count_handoff(self, plan: _Plan, ev: TelemetryEvent, at: _Counting) -> None:
         plan.op("i", at.g_every, "handoffs", 1)
@@ -1116,30 +1204,31 @@ class Aggregator:
             plan.op("s", [turn], "other_ms", other)
             plan.op("t", [keys.SLOWEST_TURNS], ev.turn_id, ev.duration_ms)
         if self.settings.latency_samples > 0:
-            for metric in TURN_METRICS:
+            for metric, sample in _TURN_SAMPLE_KEYS:
                 value = figures[metric]
                 if value is not None:
-                    sample = keys.latency_samples("turn", GLOBAL_SUBJECT, metric)
-                    plan.op("l", [sample], "", value)
+                    plan.op("l", sample, "", value)
 
     @staticmethod
     def _plan_histogram(plan: _Plan, key: str, value_ms: float | None) -> None:
         """One observation: its bucket, ``sum`` and ``count`` (in the deduplicated event)."""
         if value_ms is None:
             return
-        plan.op("i", [key], histogram_bucket(value_ms), 1)
-        plan.op("i", [key], "count", 1)
-        plan.op("f", [key], "sum", value_ms)
+        group = (key,)
+        plan.op("i", group, histogram_bucket(value_ms), 1)
+        plan.op("i", group, "count", 1)
+        plan.op("f", group, "sum", value_ms)
 
-    def _plan_call_sample(self, plan: _Plan, duration_ms: float, **names: str | None) -> None:
-        """One model or tool call's duration onto the lists of each dimension it names."""
+    def _plan_call_sample(self, plan: _Plan, duration_ms: float,
+                          names: tuple[tuple[str, str | None], ...]) -> None:
+        """One model or tool call's duration onto the lists of each (dimension, name) it names."""
         if self.settings.latency_samples <= 0:
             return
         targets = []
-        for dimension, name in names.items():
+        for dimension, name in names:
             if name:
-                targets.append(keys.latency_samples(dimension, name, CALL_METRIC))
-                plan.member(keys.latency_names(dimension), name)
+                targets.append(_sample_key(dimension, name))
+                plan.member(_NAMES_KEYS[dimension], name)
         plan.op("l", targets, "", duration_ms)
 
     @staticmethod
@@ -1163,10 +1252,13 @@ class Aggregator:
     def _check_usage(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
         """``turn_completed``/``turn_failed`` usage must equal the attempt's ``llm_end`` sum."""
         for ev in events:
-            if ev.kind not in (*_TERMINAL_KINDS, EventKind.attempt_failed) or ev.usage is None:
+            if ev.kind not in _USAGE_KINDS or ev.usage is None:
                 continue
-            counted = attempts[(ev.turn_id, ev.attempt)].llm_usage
-            if ev.usage != counted:
+            u = ev.usage
+            counted_sums = attempts[(ev.turn_id, ev.attempt)].llm_usage
+            if [u.requests, u.input_tokens, u.output_tokens, u.cached_tokens,
+                    u.reasoning_tokens] != counted_sums:
+                counted = TokenUsage(**dict(zip(_USAGE_FIELDS, counted_sums)))
                 log.warning(
                     "telemetry.usage_mismatch",
                     turn_id=ev.turn_id,
@@ -1243,6 +1335,8 @@ class _Counting:
     g_split: int = 0
     g_turn: int = 0
     seen: str = ""  # keys.event_seen of the turn
+    # Per model of the attempt's calls: the groups of its llm_end ops (``_count_llm_end``).
+    llm_groups: dict[str | None, tuple[Any, Any, Any]] = field(default_factory=dict)
     of: tuple[str, str, str] = ("", "", "")  # (day, conversation, customer) the above are for
 
 
