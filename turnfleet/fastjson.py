@@ -4,7 +4,10 @@ A turn's trace record (~13 kB) and its telemetry batch are dumped once a turn; o
 ~7× faster than ``json.dumps`` (54 → 8 µs for a Support Desk record). The output decodes to the
 same value as ``json.dumps(obj, separators=(",", ":"), default=...)``: datetimes and dataclasses
 go through ``default`` as with json (not orjson's own forms), non-string keys are written as
-json writes them, and what orjson refuses (an int past 64 bits) falls back to ``json``.
+json writes them, and what orjson refuses (an int past 64 bits) falls back to ``json``. One
+difference: NaN and the infinities are written ``null`` (json writes the non-standard ``NaN``,
+which other languages' parsers refuse) — why the telemetry batch, whose NaN is the consumer's
+poison path, stays on ``json``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ attempt counts against the model it was on when it failed.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -29,7 +30,6 @@ from agents import Agent, RunContextWrapper, RunHooks, Tool
 from agents.items import ModelResponse
 
 from turnfleet import events as ev
-from turnfleet import fastjson
 from turnfleet.events import EventDetail, TelemetryEvent
 from turnfleet.models import ErrorInfo, Handoff, TokenUsage, ToolCall, utcnow
 from turnfleet.redaction import Redactor
@@ -195,7 +195,10 @@ class TelemetryHooks(RunHooks[Any]):
 
     def batch_json(self) -> str:
         """The attempt's events as one JSON array, redacted: this is what leaves the process."""
-        return fastjson.dumps([self._export(e if isinstance(e, dict) else e.export()) for e in self._events])
+        # json, not fastjson: a NaN a hook passed through stays NaN (the consumer's poison path,
+        # tests/test_dead_letter.py), where orjson would write null.
+        return json.dumps([self._export(e if isinstance(e, dict) else e.export()) for e in self._events],
+                          separators=(",", ":"))
 
     def _export(self, data: dict[str, Any]) -> dict[str, Any]:
         r = self.redactor
