@@ -169,7 +169,10 @@ def section(base: Path, quick: bool, note: str) -> list[str]:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--bare":
+        from turnfleet.logging import configure_logging
         from turnfleet.workers.supervisor import event_loop_factory
+
+        configure_logging("INFO")  # as the worker (unconfigured, structlog prints the model's debug lines)
 
         # On the worker's own event loop (uvloop where installed): the difference is then
         # turnfleet's work, not the loops'.
