@@ -592,9 +592,9 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
         lines += [
             "(e) over the SDK's exporter: the parts above are what turnfleet adds to the SDK's spans "
             "(which (b) pays too). The trace store writes each kept attempt's record (~13 kB of JSON, "
-            "uncompressed; a worker's finish script writes it with the turn's result, this bench "
-            "writes it on its own): its CPU is mostly the socket write of those bytes, and "
-            "redis-server pays the RPUSH and its AOF write (the last column). `redact_record` runs "
+            "uncompressed, JSON by orjson), added with the telemetry batch to the turn's result write as "
+            "the worker's finish script takes them: what it costs the worker is those bytes on the "
+            "socket, and redis-server pays the RPUSH, the XADD and their AOF write (the last column). `redact_record` runs "
             "the detectors over the content (span data, metadata, errors, the turn's text and ids), "
             "not over the SDK's own ids and timestamps; the hooks' events are redacted and encoded "
             "once a turn, as one batch.",
