@@ -22,36 +22,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CUSTOMER, ROOT, TEXT, PrivateRedis, col, conv_turns, enqueue_all, interleave, stats, worker_env
+from bench.common import (CUSTOMER, ROOT, TEXT, PrivateRedis, children_cpu, col, conv_turns, enqueue_all,
+                          interleave, redis_cpu, stats, worker_env)
 from turnfleet.shell.fleet import FleetProcess
 
 CONCURRENCY = 50  # the worker's default max_jobs
 
 
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-async def _redis_cpu(url: str) -> float:
-    from redis.asyncio import Redis
-
-    r = Redis.from_url(url)
-    info = await r.info("cpu")
-    await r.aclose()
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
 def _burst(url: str, base: Path, name: str) -> float:
     """CPU seconds of one burst worker run (the child's own, reaped before this returns)."""
-    before = _children_cpu()
+    before = children_cpu()
     proc = FleetProcess(name, ["worker", "--burst"], worker_env(url, base / "state"),
                         base / "logs" / f"{name}.log").start()
     try:
@@ -61,7 +47,7 @@ def _burst(url: str, base: Path, name: str) -> float:
         raise RuntimeError(f"{name}: burst worker did not exit") from None
     if rc != 0:
         raise RuntimeError(f"{name}: worker exited {rc}:\n{proc.output()[-2000:]}")
-    return _children_cpu() - before
+    return children_cpu() - before
 
 
 async def _checked(url: str, ids: list[str]) -> int:
@@ -84,11 +70,11 @@ def worker(n: int, base: Path, rep: int) -> dict[str, float]:
     with PrivateRedis(base) as server:
         empty = _burst(server.url, base, f"wcpu-empty-{rep}")
         ids = asyncio.run(enqueue_all(server.url, conv_turns(n, f"wcpu{rep}")))
-        r0 = asyncio.run(_redis_cpu(server.url))
+        r0 = redis_cpu(server.url)
         t0 = time.perf_counter()
         cpu = _burst(server.url, base, f"wcpu-{rep}")
         wall = time.perf_counter() - t0
-        r1 = asyncio.run(_redis_cpu(server.url))
+        r1 = redis_cpu(server.url)
         ok = asyncio.run(_checked(server.url, ids))
         if ok != n:
             raise RuntimeError(f"worker cpu: {ok}/{n} turns completed with their checks written")
