@@ -109,7 +109,9 @@ async def test_drill_8_soak_with_workers_killed_at_random(redis, fleet_env, tmp_
         await wait_telemetry(redis, [telemetry])
         report = await audit(redis, ids)
         assert sum(report.statuses().values()) == 1500
-        assert report.statuses()["failed"] == 0
+        failed = {t: [(e.attempt, e.error_type, e.message[:200]) for e in r.errors]
+                  for t, r in report.results.items() if r.status == "failed"}
+        assert report.statuses()["failed"] == 0, f"failed turns and their attempts' errors: {failed}"
     finally:
         telemetry.stop()
         for w in workers.values():
