@@ -871,7 +871,7 @@ GROWS = 1.15  # table 7c calls a per-turn cost growing when the largest size cos
 GROWTH_ENV = {"TURNFLEET_RETENTION_S": "60", "TURNFLEET_SEEN_TTL_S": "60",
               "TURNFLEET_TRACE_RETENTION_S": "60", "TURNFLEET_SESSION_TTL_S": "60"}
 SECTIONS = ("sigkill", "redaction", "privacy", "checks", "rerun", "peers", "workercpu",
-            "enqueue_scale")  # sections that run alone: ``--only``
+            "enqueue_scale", "redis_cost")  # sections that run alone: ``--only``
 MODULES = {"workercpu": "worker_cpu"}  # an ``--only`` name whose module is named otherwise
 
 Reps = dict[str, list[dict[str, float]]]  # variant -> one dict of figures a rep
@@ -973,7 +973,8 @@ class Runs:
 
 def measure(plan: Plan, base: Path) -> Runs:
     """Run every table's variants, each on its own private Redis under ``base``."""
-    from bench import checks, enqueue_scale, http_load, peers, privacy, redaction, rerun, sigkill, worker_cpu
+    from bench import (checks, enqueue_scale, http_load, peers, privacy, redaction, redis_cost, rerun, sigkill,
+                       worker_cpu)
 
     reps, n_tp, n_w = plan.reps, plan.n_tp, plan.n_w
     tp = interleave(reps, {
@@ -1023,6 +1024,7 @@ def measure(plan: Plan, base: Path) -> Runs:
     sections += rerun.section(base, plan.quick)
     with keep_peer_runs() as peer_runs:
         sections += peers.section(base, plan.quick)  # its processes run from .venv-peers
+    sections += redis_cost.section(base, plan.quick)
     return Runs(tp, feat, cpu, pk, mj, enq, http, lag, wk, growth, sections, wcpu, scale, peer_runs)
 
 

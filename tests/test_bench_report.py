@@ -55,3 +55,28 @@ def test_growth_names_the_reconciler_only_when_its_walk_grows():
     assert "read 2.0 conversations a turn at 1,000 and 11.0 at 10,000" in walk
     same_walk = "\n".join(growth_cost_lines([_size(1000, 1000, 850, 4, 0), _size(10_000, 9000, 1100, 4, 0)]))
     assert "Not the reconciler" in same_walk
+
+
+def test_redis_profile_puts_a_scripts_inner_commands_under_the_script(redis_url: str):
+    """Redis 6 logs the commands a script calls as entries of their own (client ``?:0``): the
+    profile counts them inside their script, not twice, and names the script from its file."""
+    import redis as redis_sync
+
+    from bench import redis_cost
+    from turnfleet.scripts import load_script
+
+    names = redis_cost.script_names()
+    renew = load_script("renew")
+    assert names[__import__("hashlib").sha1(renew.body.encode()).hexdigest()] == "renew"
+    r = redis_sync.Redis.from_url(redis_url)
+    redis_cost._slowlog_start(redis_url)
+    r.set("k", "v")
+    r.eval("redis.call('SET', 'a', '1'); redis.call('SET', 'b', '2'); return redis.call('GET', 'a')", 0)
+    r.close()
+    taken = redis_cost._slowlog_take(redis_url, names)
+    assert taken["SET"][""][0] == 1  # the top-level SET only
+    script = taken["EVAL (inline script)"]
+    assert script[""][0] == 1 and script["SET"][0] == 2 and script["GET"][0] == 1
+    assert "GET" not in taken
+    rows = "\n".join(redis_cost._command_rows(taken, 1, 10.0))
+    assert "| EVAL (inline script) | 1.00 |" in rows and "SET 2.00×" in rows
