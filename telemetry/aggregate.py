@@ -343,9 +343,14 @@ class Touched:
     windows: dict[int, FailedTurn | None] = field(default_factory=dict)  # start s -> a failure
     failed_checks: dict[tuple[str, str], FailedCheck] = field(default_factory=dict)  # money path
     check_windows: set[tuple[int, str]] = field(default_factory=set)  # (start s, <workflow>/<check>)
+    # conversation -> its cost_nusd as the batch script left it (read in the script, after its
+    # writes): where that is under the threshold the conversation cost rule reads nothing.
+    conversation_costs: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: Touched) -> None:
         self.conversations.update(other.conversations)
+        for cid, cost in other.conversation_costs.items():
+            self.conversation_costs[cid] = max(cost, self.conversation_costs.get(cid, cost))
         self.customer_days |= other.customer_days
         self.failed_turns.update(other.failed_turns)
         self.failed_checks.update(other.failed_checks)
@@ -760,7 +765,8 @@ class _Sums:
         self.seen.add(seen)
 
 
-def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int) -> tuple[list[str], bytes] | None:
+def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int,
+                 reads: Sequence[str] = ()) -> tuple[list[str], bytes] | None:
     """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' writes merged
     per key and field, as if each entry's script ran in turn with every event new; ``None``
     when an event id is in the batch twice (a re-sent entry) or an entry holds a NaN or
@@ -768,7 +774,8 @@ def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int) -> tu
 
     Increments of a group holding the entry's own keys (turn, conversation) are added per key;
     the rest of the group (fleet, customer, day, version, model: shared by the batch) is summed
-    per group first and added per key once. Key names get their indexes at the end."""
+    per group first and added per key once. Key names get their indexes at the end.
+    ``reads``: hashes whose ``cost_nusd`` the script returns after its writes."""
     seen_ids: set[tuple[str, str]] = set()
     ids: dict[str, list[str]] = {}
     incr: dict[str, dict[str, Any]] = {}
@@ -906,6 +913,8 @@ def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int) -> tu
     }
     if erased:
         body["er"] = [key(keys.ERASED), key(keys.ERASED_SALT), erased]
+    if reads:
+        body["rd"] = [key(k) for k in reads]
     return names, orjson.dumps(body)
 
 
@@ -1655,13 +1664,19 @@ class Aggregator:
         """
         if not plans:
             return []
+        conversations = list(dict.fromkeys(c for p in plans for c in p.touched.conversations))
         merged = _merge_batch([p.ops for p in plans], self.settings.seen_ttl_s,
-                              self.settings.latency_samples)
+                              self.settings.latency_samples,
+                              [keys.aggregate("conversation", c) for c in conversations])
         if merged is not None:
             names, payload = merged
-            if int(await self._batch(keys={"touched": names}, args={"plan": payload})) >= 0:
+            reply = await self._batch(keys={"touched": names}, args={"plan": payload})
+            if isinstance(reply, list):  # applied: the events counted, then the costs read
+                costs = {c: int(v or 0) for c, v in zip(conversations, reply[1:])}
                 for p in plans:
                     p.skipped = False
+                    for c in p.touched.conversations:
+                        p.touched.conversation_costs[c] = costs[c]
                 return [p.counted for p in plans]
         log.debug("telemetry.batch_one_by_one", entries=len(plans),
                   reason="an event of the batch was counted before, is in it twice, or erased")
