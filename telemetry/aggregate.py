@@ -472,6 +472,21 @@ def histogram_bucket(value_ms: float) -> str:
 _HISTOGRAM_FIELDS = (*(f"le_{bound}" for bound in HISTOGRAM_BOUNDS_MS), HISTOGRAM_INF)
 
 
+_JSON_LISTS: dict[tuple[str, ...], str] = {}  # a finished turn's agents / models -> json.dumps
+_JSON_LISTS_KEPT = 10_000
+
+
+def _json_list(names: list[str]) -> str:
+    """``json.dumps(names)``, once per distinct list (a fleet's agent paths are few)."""
+    key = tuple(names)
+    text = _JSON_LISTS.get(key)
+    if text is None:
+        if len(_JSON_LISTS) >= _JSON_LISTS_KEPT:
+            _JSON_LISTS.clear()
+        text = _JSON_LISTS[key] = json.dumps(names)
+    return text
+
+
 def _num(value: float | int) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
 
@@ -1274,8 +1289,8 @@ class Aggregator:
             S.s(turn, "duration_ms", d)
         S.status.append((turn, "1", status))
         S.s(turn, "finished_at", _utc(ev.ts).isoformat())
-        S.s(turn, "agents", json.dumps(attempt.agents))
-        S.s(turn, "models", json.dumps(attempt.models or ([ev.model] if ev.model else [])))
+        S.s(turn, "agents", _json_list(attempt.agents))
+        S.s(turn, "models", _json_list(attempt.models or ([ev.model] if ev.model else [])))
         if ev.model:
             S.s(turn, "model", ev.model)
         queue_wait = attempt.queue_wait_ms
