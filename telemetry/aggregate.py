@@ -16,7 +16,12 @@ events is in its seen-set yet and no entry's subject is erased. The script check
 same event twice (a re-sent entry). Otherwise, which is a redelivery, a claim or a re-send,
 each entry goes through the per-entry script (``lua/aggregate.lua``, planned again then: per
 event ops behind the dedupe), so counting stays exactly once; merging only makes the common
-case (every event new) cheaper, for the consumer and for ``redis-server``.
+case (every event new) cheaper, for the consumer and for ``redis-server``. For the batch script
+an entry is planned in one pass, its increments summed per group of keys as its events are read
+(``Aggregator._sums``); the per-entry script's plan (``_Plan``, per event) is the reference
+both must agree with (tests/test_aggregate_batch.py). Adding a counted kind means a branch in
+each. The batch script also returns each touched conversation's cost after its writes, so the
+conversation cost alert reads only those over the threshold (``Touched.conversation_costs``).
 
 The entry is read through the event contract (``turnfleet.events``): an event whose kind or
 payload does not fit is a ``MalformedEntry``. What each kind adds is its entry in
@@ -504,8 +509,8 @@ class _Attempt:
     tool_ms: float = 0.0  # sum of this attempt's tool_end durations
     agents: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
-    # Sums of the llm_end usage (requests, input, output, cached, reasoning tokens): plain ints,
-    # a TokenUsage only when compared (``Aggregator._check_usage``).
+    # Sums of the llm_end usage (requests, input, output, cached, reasoning tokens): plain ints
+    # (``Aggregator._check_usage`` compares them with a terminal event's usage).
     llm_usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
     queue_wait_ms: float | None = None
     after_turn_only: bool = True  # only feedback / check events: no attempt ran in this entry
@@ -1244,7 +1249,7 @@ class Aggregator:
             touched.conversations[a.conversation_id] = a.customer_id
         ms = entry_id.partition("-")[0]
         S.erased = (ms if ms.isdigit() else "0", sorted(ids))
-        self._check_usage_of(events, attempts)
+        self._check_usage(events, attempts)
         return S, touched
 
     def _call_samples(self, S: _Sums, value: str, names: tuple[tuple[str, str | None], ...]) -> None:
@@ -1388,7 +1393,7 @@ class Aggregator:
                 S.i(judge, "check_cost_nusd", cost)
 
     @staticmethod
-    def _check_usage_of(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
+    def _check_usage(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
         """``turn_completed``/``turn_failed`` usage must equal the attempt's ``llm_end`` sum."""
         for ev in events:
             u = ev.usage
@@ -1660,26 +1665,6 @@ class Aggregator:
         if ev.error is not None:
             plan.op("s", [turn], "error_type", ev.error.type)
             plan.op("s", [turn], "error_message", ev.error.message)
-
-    @staticmethod
-    def _check_usage(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
-        """``turn_completed``/``turn_failed`` usage must equal the attempt's ``llm_end`` sum."""
-        for ev in events:
-            if ev.kind not in _USAGE_KINDS or ev.usage is None:
-                continue
-            u = ev.usage
-            counted_sums = attempts[(ev.turn_id, ev.attempt)].llm_usage
-            if [u.requests, u.input_tokens, u.output_tokens, u.cached_tokens,
-                    u.reasoning_tokens] != counted_sums:
-                counted = TokenUsage(**dict(zip(_USAGE_FIELDS, counted_sums)))
-                log.warning(
-                    "telemetry.usage_mismatch",
-                    turn_id=ev.turn_id,
-                    attempt=ev.attempt,
-                    event_id=ev.event_id,
-                    reported=ev.usage.model_dump(),
-                    counted_from_llm_end=counted.model_dump(),
-                )
 
     # -- applying ----------------------------------------------------------------------
 
