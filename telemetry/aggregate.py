@@ -16,7 +16,12 @@ events is in its seen-set yet and no entry's subject is erased. The script check
 same event twice (a re-sent entry). Otherwise, which is a redelivery, a claim or a re-send,
 each entry goes through the per-entry script (``lua/aggregate.lua``, planned again then: per
 event ops behind the dedupe), so counting stays exactly once; merging only makes the common
-case (every event new) cheaper, for the consumer and for ``redis-server``.
+case (every event new) cheaper, for the consumer and for ``redis-server``. For the batch script
+an entry is planned in one pass, its increments summed per group of keys as its events are read
+(``Aggregator._sums``); the per-entry script's plan (``_Plan``, per event) is the reference
+both must agree with (tests/test_aggregate_batch.py). Adding a counted kind means a branch in
+each. The batch script also returns each touched conversation's cost after its writes, so the
+conversation cost alert reads only those over the threshold (``Touched.conversation_costs``).
 
 The entry is read through the event contract (``turnfleet.events``): an event whose kind or
 payload does not fit is a ``MalformedEntry``. What each kind adds is its entry in
@@ -128,6 +133,7 @@ pending when a customer is forgotten cannot rebuild it, while its later turns co
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import time
@@ -252,11 +258,12 @@ CHECK_OUTCOME_COUNTERS = tuple(f"checks_{o}" for o in CHECK_OUTCOMES)  # a check
 CHECK_FAILED_FIELD = "check_failed:"  # turn hash field prefix: that check failed on the turn
 CHECK_RUNS = "check_runs:"  # window hash field prefix (+ <workflow>/<check>): checks judged
 CHECK_FAILS = "check_fails:"  # window hash field prefix: of those, failed
-_AFTER_TURN_KINDS = (EventKind.feedback, EventKind.check)  # written after the turn, attempt 0
+# (frozensets: ``in`` a tuple of str enum members compares each by value, ~0.2 µs a test)
+_AFTER_TURN_KINDS = frozenset((EventKind.feedback, EventKind.check))  # written after the turn, attempt 0
 
-_FAILED_KINDS = (EventKind.attempt_failed, EventKind.turn_failed)
-_TERMINAL_KINDS = (EventKind.turn_completed, EventKind.turn_failed)
-_USAGE_KINDS = (*_TERMINAL_KINDS, EventKind.attempt_failed)  # carry the attempt's usage
+_FAILED_KINDS = frozenset((EventKind.attempt_failed, EventKind.turn_failed))
+_TERMINAL_KINDS = frozenset((EventKind.turn_completed, EventKind.turn_failed))
+_USAGE_KINDS = _TERMINAL_KINDS | {EventKind.attempt_failed}  # carry the attempt's usage
 
 # The script (telemetry/lua/aggregate.lua says what a plan holds): dedupe and increments in one.
 AGGREGATE = load_script("aggregate", "turnfleet.telemetry")
@@ -343,9 +350,14 @@ class Touched:
     windows: dict[int, FailedTurn | None] = field(default_factory=dict)  # start s -> a failure
     failed_checks: dict[tuple[str, str], FailedCheck] = field(default_factory=dict)  # money path
     check_windows: set[tuple[int, str]] = field(default_factory=set)  # (start s, <workflow>/<check>)
+    # conversation -> its cost_nusd as the batch script left it (read in the script, after its
+    # writes): where that is under the threshold the conversation cost rule reads nothing.
+    conversation_costs: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: Touched) -> None:
         self.conversations.update(other.conversations)
+        for cid, cost in other.conversation_costs.items():
+            self.conversation_costs[cid] = max(cost, self.conversation_costs.get(cid, cost))
         self.customer_days |= other.customer_days
         self.failed_turns.update(other.failed_turns)
         self.failed_checks.update(other.failed_checks)
@@ -362,7 +374,7 @@ class EntryPlan:
 
     entry_id: str
     touched: Touched
-    ops: _FastPlan
+    ops: _Sums
     legacy: Callable[[], tuple[list[str], str]]
     skipped: bool = False  # set by ``apply``: its subject was erased (no alerts for it)
     _call: tuple[list[str], str] | None = None
@@ -459,10 +471,25 @@ def _day(ts: datetime) -> str:
 
 def histogram_bucket(value_ms: float) -> str:
     """The (non-cumulative) bucket field a value falls in: ``le_<smallest bound ≥ value>``."""
-    for bound in HISTOGRAM_BOUNDS_MS:
-        if value_ms <= bound:
-            return f"le_{bound}"
-    return HISTOGRAM_INF
+    return _HISTOGRAM_FIELDS[bisect.bisect_left(HISTOGRAM_BOUNDS_MS, value_ms)]
+
+
+_HISTOGRAM_FIELDS = (*(f"le_{bound}" for bound in HISTOGRAM_BOUNDS_MS), HISTOGRAM_INF)
+
+
+_JSON_LISTS: dict[tuple[str, ...], str] = {}  # a finished turn's agents / models -> json.dumps
+_JSON_LISTS_KEPT = 10_000
+
+
+def _json_list(names: list[str]) -> str:
+    """``json.dumps(names)``, once per distinct list (a fleet's agent paths are few)."""
+    key = tuple(names)
+    text = _JSON_LISTS.get(key)
+    if text is None:
+        if len(_JSON_LISTS) >= _JSON_LISTS_KEPT:
+            _JSON_LISTS.clear()
+        text = _JSON_LISTS[key] = json.dumps(names)
+    return text
 
 
 def _num(value: float | int) -> str:
@@ -482,14 +509,17 @@ class _Attempt:
     tool_ms: float = 0.0  # sum of this attempt's tool_end durations
     agents: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
-    # Sums of the llm_end usage (requests, input, output, cached, reasoning tokens): plain ints,
-    # a TokenUsage only when compared (``Aggregator._check_usage``).
+    # Sums of the llm_end usage (requests, input, output, cached, reasoning tokens): plain ints
+    # (``Aggregator._check_usage`` compares them with a terminal event's usage).
     llm_usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
     queue_wait_ms: float | None = None
     after_turn_only: bool = True  # only feedback / check events: no attempt ran in this entry
 
 
 _LLM_END, _TOOL_END, _AGENT_START = EventKind.llm_end, EventKind.tool_end, EventKind.agent_start
+_HANDOFF, _GUARDRAIL, _SPANS_DROPPED = EventKind.handoff, EventKind.guardrail, EventKind.spans_dropped
+_FEEDBACK, _CHECK, _ATTEMPT_FAILED = EventKind.feedback, EventKind.check, EventKind.attempt_failed
+_TURN_FAILED = EventKind.turn_failed
 _NO_USAGE = TokenUsage()
 # Key names built once (planning reads them per event).
 _TURN_SAMPLE_KEYS = tuple((m, (keys.latency_samples("turn", GLOBAL_SUBJECT, m),)) for m in TURN_METRICS)
@@ -554,6 +584,8 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
 
 
 _USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
+# Model calls' sums the version hash gets too, in the order ``Aggregator._sums`` keeps them.
+_LLM_SPLIT_FIELDS = (*_USAGE_FIELDS, "llm_calls", "cost_nusd", "cost_unknown_calls")
 
 
 class _Plan:
@@ -663,101 +695,117 @@ class _Plan:
                         ms if ms.isdigit() else "0", sorted(ids)]
 
 
-class _FastPlan(_Plan):
-    """One entry's ops for :func:`_merge_batch`: what :class:`_Plan` records, but increments
-    summed per group and field, HSETs kept last-wins, max/min merged, and the counted events
-    as a list of ids (no per-event op lists). Only valid when every event is new, which the
-    batch script checks before it writes anything; otherwise the entry is planned again with
-    :class:`_Plan` (``EntryPlan.legacy``).
+# -- the batch path: an entry's writes summed in one pass, a batch's merged per key -----------
+#
+# What the batch script (lua/aggregate_batch.lua) applies when every event of a batch is new:
+# the same writes the per-entry script (``_Plan``, the reference, still what a redelivery or
+# an erased subject goes through) makes entry by entry, computed with less work per event: an
+# entry's increments summed per group of keys (turn, conversation, customer, customer-day,
+# fleet, version...) and field as its events are read, with no op list per event, then the
+# batch's entries merged per key and field (:func:`_merge_batch`). tests/test_aggregate_batch.py
+# checks that both paths write the same.
 
-    A group here is the tuple of its key names itself (no index to look up per op); the
-    merge resolves each distinct tuple once (:func:`_group_split`)."""
+
+class _Sums:
+    """One entry's writes for the batch script, summed: increments per group of keys and field
+    (ints and floats apart), HSETs last-wins per key, max/min merged, statuses, samples and
+    slowest turns in order, ``ZADD GT`` members at their latest ms, set members, TTLs, the
+    counted events' ids (seen-set, id) and what the erasure check needs.
+    ``unmergeable``: a NaN or infinite figure (Redis refuses it half-way through a script), so
+    the entry is never merged with others (its batch goes one by one)."""
+
+    __slots__ = ("gi", "gf", "sets", "x", "mn", "status", "samples", "tops", "zmax", "members",
+                 "expire", "ids", "seen", "erased", "unmergeable")
 
     def __init__(self) -> None:
-        super().__init__()
-        self.sums: dict[tuple[tuple[str, ...], str], int | float] = {}  # (group, field) -> HINCRBY
-        self.fsums: dict[tuple[tuple[str, ...], str], float] = {}  # (group, field) -> HINCRBYFLOAT
-        self.sets: dict[tuple[tuple[str, ...], str], str] = {}  # 's': last value wins
-        self.maxes: dict[tuple[str, Any, str], str] = {}  # ('x' or 'mn', group, field) -> value
-        self.status: list[tuple[tuple[str, ...], str, str]] = []  # 'st', in order
-        self.samples: list[tuple[tuple[str, ...], str]] = []  # 'l', in order
-        self.tops: list[tuple[tuple[str, ...], str, str]] = []  # 't': (group, member, score)
-        self.ids: list[tuple[str, str]] = []  # (seen-set, event id) of each counted event
-        self._any = False  # the event being planned has an op
+        self.gi: dict[tuple[str, ...], dict[str, int]] = {}
+        self.gf: dict[tuple[str, ...], dict[str, float]] = {}
+        self.sets: dict[str, dict[str, str]] = {}
+        self.x: dict[str, dict[str, str]] = {}
+        self.mn: dict[str, dict[str, str]] = {}
+        self.status: list[tuple[str, str, str]] = []
+        self.samples: dict[str, list[str]] = {}
+        self.tops: dict[str, list[str]] = {}
+        self.zmax: dict[str, dict[str, int]] = {}
+        self.members: dict[str, set[str]] = {}
+        self.expire: dict[str, int] = {}
+        self.ids: list[tuple[str, str]] = []
+        self.seen: set[str] = set()
         self.erased: tuple[str, list[str]] | None = None
-        # A NaN or infinite figure: Redis refuses it half-way through a script (HINCRBYFLOAT,
-        # ZADD), so such an entry is never merged with others (its batch goes one by one).
         self.unmergeable = False
 
-    def group(self, names: Sequence[str]) -> Any:  # type: ignore[override]
-        return tuple(names)
+    def i(self, g: tuple[str, ...], name: str, n: int) -> None:
+        if n:
+            h = self.gi.get(g)
+            if h is None:
+                self.gi[g] = {name: n}
+            else:
+                h[name] = h.get(name, 0) + n
 
-    def op(self, kind: str, targets: Sequence[str] | Any, a: str, b: str | int | float) -> None:
-        if targets.__class__ is not tuple:
-            targets = tuple(targets)
-        if not targets:
-            return
-        if b.__class__ is float and not math.isfinite(b):  # type: ignore[arg-type]
-            self.unmergeable = True
-        if kind == "i":
-            if b:
-                k = (targets, a)
-                sums = self.sums
-                sums[k] = sums.get(k, 0) + b  # type: ignore[operator]
-                self._any = True
-            return
-        if kind == "f":
-            if b:
-                k = (targets, a)
-                fsums = self.fsums
-                fsums[k] = fsums.get(k, 0.0) + float(b)
-                self._any = True
-            return
-        self._any = True
-        value = b if b.__class__ is str else _num(b)  # type: ignore[arg-type]
-        if kind == "s":
-            self.sets[(targets, a)] = value  # type: ignore[assignment]
-        elif kind in ("x", "mn"):
-            self._extreme(kind, targets, a, value)  # type: ignore[arg-type]
-        elif kind == "st":
-            self.status.append((targets, a, str(b)))
-        elif kind == "l":
-            self.samples.append((targets, value))  # type: ignore[arg-type]
-        elif kind == "t":
-            self.tops.append((targets, a, value))  # type: ignore[arg-type]
+    def f(self, g: tuple[str, ...], name: str, v: float) -> None:
+        if v:
+            h = self.gf.get(g)
+            if h is None:
+                self.gf[g] = {name: v}
+            else:
+                h[name] = h.get(name, 0.0) + v
+
+    def s(self, key: str, name: str, value: str) -> None:
+        h = self.sets.get(key)
+        if h is None:
+            self.sets[key] = {name: value}
         else:
-            raise ValueError(f"unknown op {kind!r}")
+            h[name] = value
 
-    def _extreme(self, kind: str, g: Any, a: str, value: str) -> None:
-        k = (kind, g, a)
-        old = self.maxes.get(k)
-        if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
-            self.maxes[k] = value
+    def extreme(self, acc: dict[str, dict[str, str]], key: str, name: str, value: str, top: bool) -> None:
+        h = acc.get(key)
+        if h is None:
+            acc[key] = {name: value}
+            return
+        old = h.get(name)
+        if old is None or (float(value) > float(old) if top else float(value) < float(old)):
+            h[name] = value
 
-    def end_event(self, seen_key: str, event_id: str) -> None:
-        if self._any:
-            self.ids.append((seen_key, event_id))
-            self._seen.add(seen_key)
-        self._any = False
+    def sample(self, key: str, value: str) -> None:
+        got = self.samples.get(key)
+        if got is None:
+            self.samples[key] = [value]
+        else:
+            got.append(value)
 
-    def erased_check(self, entry_id: str, ids: Iterable[str]) -> None:
-        ms = entry_id.partition("-")[0]
-        self.erased = (ms if ms.isdigit() else "0", sorted(ids))
+    def zadd(self, key: str, member: str, ts_ms: int) -> None:
+        members = self.zmax.get(key)
+        if members is None:
+            self.zmax[key] = {member: max(ts_ms, 0)}
+        elif ts_ms > members.get(member, 0):
+            members[member] = ts_ms
+
+    def ttl(self, key: str, ttl_s: int) -> None:
+        if self.expire.get(key, 0) < ttl_s:
+            self.expire[key] = ttl_s
+
+    def counted(self, seen: str, event_id: str) -> None:
+        self.ids.append((seen, event_id))
+        self.seen.add(seen)
 
 
-def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) -> tuple[list[str], bytes] | None:
-    """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' ops merged
+def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int,
+                 reads: Sequence[str] = ()) -> tuple[list[str], bytes] | None:
+    """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' writes merged
     per key and field, as if each entry's script ran in turn with every event new; ``None``
     when an event id is in the batch twice (a re-sent entry) or an entry holds a NaN or
     infinite figure: the entries then go one by one.
 
-    Merged by key name; the names get their indexes in the script's keys once, at the end."""
-    ids: dict[str, list[str]] = {}
+    Increments of a group holding the entry's own keys (turn, conversation) are added per key;
+    the rest of the group (fleet, customer, day, version, model: shared by the batch) is summed
+    per group first and added per key once. Key names get their indexes at the end.
+    ``reads``: hashes whose ``cost_nusd`` the script returns after its writes."""
     seen_ids: set[tuple[str, str]] = set()
+    ids: dict[str, list[str]] = {}
     incr: dict[str, dict[str, Any]] = {}
     incrf: dict[str, dict[str, Any]] = {}
-    shared_sums: dict[tuple[tuple[str, ...], str], Any] = {}
-    shared_fsums: dict[tuple[tuple[str, ...], str], Any] = {}
+    shared_i: dict[tuple[str, ...], dict[str, Any]] = {}
+    shared_f: dict[tuple[str, ...], dict[str, Any]] = {}
     sets: dict[str, dict[str, str]] = {}
     extreme: dict[str, dict[str, dict[str, str]]] = {"x": {}, "mn": {}}
     status: list[tuple[str, str, str]] = []
@@ -770,56 +818,68 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
     if len(_SPLITS) >= _SPLITS_KEPT:
         _SPLITS.clear()
     splits = _SPLITS
-    for plan in plans:
-        if plan.unmergeable:
+    for s in sums:
+        if s.unmergeable:
             return None
         n_seen = len(seen_ids)
-        seen_ids.update(plan.ids)
-        if len(seen_ids) != n_seen + len(plan.ids):
+        seen_ids.update(s.ids)
+        if len(seen_ids) != n_seen + len(s.ids):
             return None  # an event twice: in two entries, or twice in one
-        for seen_key, event_id in plan.ids:
+        for seen_key, event_id in s.ids:
             got = ids.get(seen_key)
             if got is None:
                 ids[seen_key] = [event_id]
             else:
                 got.append(event_id)
-        for sums, acc, shared in ((plan.sums, incr, shared_sums), (plan.fsums, incrf, shared_fsums)):
-            for (g, field_), v in sums.items():
+        for groups, acc, shared in ((s.gi, incr, shared_i), (s.gf, incrf, shared_f)):
+            for g, fields in groups.items():
                 _, own, rest = splits.get(g) or _group_split(g, splits)
                 for k in own:
                     h = acc.get(k)
                     if h is None:
-                        h = acc[k] = {}
-                    h[field_] = h.get(field_, 0) + v
+                        acc[k] = dict(fields)
+                    else:
+                        for name, v in fields.items():
+                            h[name] = h.get(name, 0) + v
                 if rest:
-                    sk = (rest, field_)
-                    shared[sk] = shared.get(sk, 0) + v
-        for (g, field_), value in plan.sets.items():
-            for k in (splits.get(g) or _group_split(g, splits))[0]:
-                h = sets.get(k)
+                    h = shared.get(rest)
+                    if h is None:
+                        shared[rest] = dict(fields)
+                    else:
+                        for name, v in fields.items():
+                            h[name] = h.get(name, 0) + v
+        for k, fields in s.sets.items():
+            h = sets.get(k)
+            if h is None:
+                sets[k] = dict(fields)
+            else:
+                h.update(fields)
+        for kind, own_ext in (("x", s.x), ("mn", s.mn)):
+            acc_ext = extreme[kind]
+            for k, fields in own_ext.items():
+                h = acc_ext.get(k)
                 if h is None:
-                    h = sets[k] = {}
-                h[field_] = value
-        for (kind, g, field_), value in (*plan.maxes.items(),
-                                         *((k, v) for k, v in plan._always.items() if k[0] != "s")):
-            for k in (splits.get(g) or _group_split(g, splits))[0]:
-                h2 = extreme[kind].setdefault(k, {})
-                old = h2.get(field_)
-                if old is None or (float(value) > float(old) if kind == "x" else float(value) < float(old)):
-                    h2[field_] = value
-        for (kind, g, field_), value in plan._always.items():
-            if kind == "s":
-                for k in (splits.get(g) or _group_split(g, splits))[0]:
-                    sets.setdefault(k, {})[field_] = value
-        for g, a, value in plan.status:
-            status += [(k, a, value) for k in (splits.get(g) or _group_split(g, splits))[0]]
-        for g, value in plan.samples:
-            for k in (splits.get(g) or _group_split(g, splits))[0]:
-                samples.setdefault(k, []).append(value)
-        for g, member, score in plan.tops:
-            for k in (splits.get(g) or _group_split(g, splits))[0]:
-                tops.setdefault(k, []).extend((score, member))
-        for name, ms_of in plan._zmax.items():
+                    acc_ext[k] = dict(fields)
+                    continue
+                for name, value in fields.items():
+                    old = h.get(name)
+                    if old is None or (float(value) > float(old) if kind == "x"
+                                       else float(value) < float(old)):
+                        h[name] = value
+        status += s.status
+        for k, values in s.samples.items():
+            got = samples.get(k)
+            if got is None:
+                samples[k] = list(values)
+            else:
+                got += values
+        for k, values in s.tops.items():
+            got = tops.get(k)
+            if got is None:
+                tops[k] = list(values)
+            else:
+                got += values
+        for name, ms_of in s.zmax.items():
             z = zmax.get(name)
             if z is None:
                 zmax[name] = dict(ms_of)
@@ -827,23 +887,29 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
             for member, ts_ms in ms_of.items():
                 if ts_ms > z.get(member, -1):
                     z[member] = ts_ms
-        for name, new in plan._members.items():
-            members.setdefault(name, set()).update(new)
-        for name in plan._seen:
+        for name, new in s.members.items():
+            got_m = members.get(name)
+            if got_m is None:
+                members[name] = set(new)
+            else:
+                got_m |= new
+        for name in s.seen:
             if expire.get(name, 0) < seen_ttl_s:
                 expire[name] = seen_ttl_s
-        for name, ttl in plan._expire.items():
+        for name, ttl in s.expire.items():
             if expire.get(name, 0) < ttl:
                 expire[name] = ttl
-        if plan.erased is not None:
-            erased.append([plan.erased[0], *plan.erased[1]])
-    for shared, acc in ((shared_sums, incr), (shared_fsums, incrf)):
-        for (rest, field_), v in shared.items():
+        if s.erased is not None:
+            erased.append([s.erased[0], *s.erased[1]])
+    for shared, acc in ((shared_i, incr), (shared_f, incrf)):
+        for rest, fields in shared.items():
             for k in rest:
                 h = acc.get(k)
                 if h is None:
-                    h = acc[k] = {}
-                h[field_] = h.get(field_, 0) + v
+                    acc[k] = dict(fields)
+                else:
+                    for name, v in fields.items():
+                        h[name] = h.get(name, 0) + v
     names: list[str] = []
     ix: dict[str, int] = {}
 
@@ -871,6 +937,8 @@ def _merge_batch(plans: Sequence[_FastPlan], seen_ttl_s: int, samples_cap: int) 
     }
     if erased:
         body["er"] = [key(keys.ERASED), key(keys.ERASED_SALT), erased]
+    if reads:
+        body["rd"] = [key(k) for k in reads]
     return names, orjson.dumps(body)
 
 
@@ -933,13 +1001,12 @@ class Aggregator:
     # -- planning (pure) -------------------------------------------------------------
 
     def plan(self, entry_id: str, fields: Mapping[str, Any] | None) -> EntryPlan:
-        """The ops of one entry. Raises ``MalformedEntry``."""
+        """The writes of one entry (for the batch script; the per-entry script's plan is made
+        only if needed, ``EntryPlan.legacy``). Raises ``MalformedEntry``."""
         events = parse_batch(fields)
         ran = RanBy.of(fields)
         prices = self.workflow_prices.get(ran.workflow, self.prices)
-        ops = _FastPlan()
-        touched, attempts = self._build(ops, entry_id, events, ran, prices)
-        self._check_usage(events, attempts)
+        ops, touched = self._sums(entry_id, events, ran, prices)
 
         def legacy() -> tuple[list[str], str]:  # read again: the events are not kept meanwhile
             plan = _Plan()
@@ -991,6 +1058,356 @@ class Aggregator:
                                      for x in (t, a.conversation_id, a.customer_id)})
         return touched, attempts
 
+    # -- planning for the batch script: one pass per entry -----------------------------------
+
+    def _sums(self, entry_id: str, events: list[TelemetryEvent], ran: RanBy,
+              prices: PriceTable) -> tuple[_Sums, Touched]:
+        """One entry's writes for the batch script (the same as ``_build`` plans for the
+        per-entry script, every event new), and what it touched."""
+        S = _Sums()
+        touched = Touched()
+        attempts: dict[tuple[str, int], _Attempt] = {}
+        us_of: list[int] = []
+        for ev in events:  # the attempts' figures, and each event's time, once
+            ts = ev.ts
+            us = _epoch_us(ts)
+            us_of.append(us)
+            kind = ev.kind
+            a = attempts.get((ev.turn_id, ev.attempt))
+            if a is None:
+                a = attempts[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id,
+                                                                        ev.customer_id)
+            if kind in _AFTER_TURN_KINDS:
+                continue
+            a.after_turn_only = False
+            ts_ms = int(us / 10**6 * 1000)
+            if ts_ms > a.last_ts_ms:
+                a.last_ts_ms = ts_ms
+            if a.first_ts_ms is None or ts_ms < a.first_ts_ms:
+                a.first_ts_ms = ts_ms
+            if kind is _LLM_END:
+                model = ev.model
+                if model and model not in a.models:
+                    a.models.append(model)
+                u = ev.usage
+                if u is not None:
+                    s = a.llm_usage
+                    a.llm_usage = [s[0] + u.requests, s[1] + u.input_tokens, s[2] + u.output_tokens,
+                                   s[3] + u.cached_tokens, s[4] + u.reasoning_tokens]
+                if ev.duration_ms is not None:
+                    a.llm_ms += ev.duration_ms
+                continue
+            if kind is _TOOL_END:
+                if ev.duration_ms is not None:
+                    a.tool_ms += ev.duration_ms
+                continue
+            if kind in _FAILED_KINDS:
+                a.failed = True
+            elif kind is _AGENT_START and ev.agent:
+                a.agents.append(ev.agent)
+            detail = ev.detail
+            if isinstance(detail, _QUEUE_WAIT_DETAILS) and detail.queue_wait_ms is not None:
+                a.queue_wait_ms = detail.queue_wait_ms
+            if isinstance(detail, _AGENTS_DETAILS) and detail.agents is not None:
+                a.agents = list(detail.agents)
+        version_key = keys.aggregate("version", ran.subject)
+        samples_on = self.settings.latency_samples > 0
+        contexts: dict[tuple[str, int], list[Any]] = {}
+        calls: list[list[Any]] = []  # the model call groups of every attempt (and day)
+        for ev, us in zip(events, us_of):
+            kind = ev.kind
+            duration = ev.duration_ms
+            if duration is not None and not math.isfinite(duration):
+                S.unmergeable = True
+            if kind in _FAST_COUNTED:
+                turn_id, conv, cust = ev.turn_id, ev.conversation_id, ev.customer_id
+                day = _DAYS.get(us // 86_400_000_000)
+                if day is None:
+                    day = _DAYS[us // 86_400_000_000] = datetime.fromtimestamp(
+                        us // 1_000_000, timezone.utc).date().isoformat()
+                c = contexts.get((turn_id, ev.attempt))
+                if c is None or c[0] != (day, conv, cust):  # the attempt's first, or a new day
+                    turn = keys.aggregate("turn", turn_id)
+                    cust_day = keys.aggregate_day("customer", cust, day)
+                    every = (turn, keys.aggregate("conversation", conv),
+                             keys.aggregate("customer", cust), cust_day, GLOBAL_KEY)
+                    c = contexts[(turn_id, ev.attempt)] = [
+                        (day, conv, cust), every, (*every, version_key), (turn,),
+                        keys.event_seen(turn_id), {}]
+                    S.ttl(cust_day, DAY_TTL_S)
+                _, every, split, g_turn, seen, llm_groups = c
+                a = attempts[(turn_id, ev.attempt)]
+                if kind is _LLM_END:
+                    model = ev.model
+                    groups = llm_groups.get(model)
+                    if groups is None:  # the attempt's first call on this model (this day)
+                        targets = every
+                        if model:
+                            model_day = keys.aggregate_day("model", model, day)
+                            targets = (*every, keys.aggregate("model", model), model_day)
+                            S.ttl(model_day, DAY_TTL_S)
+                        # split group, targets, customer-day, model, [requests, input, output,
+                        # cached, reasoning, calls, cost, unknown-cost calls, failed tokens,
+                        # failed cost], llm ms
+                        groups = llm_groups[model] = [(*targets, version_key), targets, (every[3],),
+                                                      model, [0] * 10, 0.0]
+                        calls.append(groups)
+                        touched.customer_days.add((cust, day))
+                    # Summed per model group here, added to the plan once (below).
+                    totals = groups[4]
+                    usage = ev.usage or _NO_USAGE
+                    totals[0] += usage.requests
+                    totals[1] += usage.input_tokens
+                    totals[2] += usage.output_tokens
+                    totals[3] += usage.cached_tokens
+                    totals[4] += usage.reasoning_tokens
+                    totals[5] += 1
+                    cost = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
+                    if cost is None:
+                        totals[7] += 1
+                    else:
+                        totals[6] += cost
+                    if a.failed:
+                        totals[8] += usage.total_tokens
+                        totals[9] += cost or 0
+                    if duration is not None:
+                        groups[5] += duration
+                        if samples_on:
+                            self._call_samples(S, _num(duration), (("model", model), ("agent", ev.agent)))
+                    if model:
+                        S.zadd(_INDEX_KEYS["model"], model, int(us / 10**6 * 1000))
+                elif kind is _TOOL_END:
+                    S.i(every, "tool_calls", 1)
+                    if ev.error is not None:
+                        S.i(every, "tool_errors", 1)
+                    if duration is not None:
+                        S.f(every, "tool_ms_sum", duration)
+                        if samples_on:
+                            self._call_samples(S, _num(duration), (("tool", ev.tool),))
+                elif kind is _HANDOFF:
+                    S.i(every, "handoffs", 1)
+                elif kind is _GUARDRAIL:
+                    S.i(every, "guardrails_tripped", 1)
+                    S.s(g_turn[0], "guardrail", ev.detail.guardrail or "guardrail")
+                elif kind is _SPANS_DROPPED:
+                    if not ev.detail.count:
+                        continue  # nothing counted: the event is not deduplicated either
+                    S.i(every, "spans_dropped", ev.detail.count)
+                elif kind is _FEEDBACK:
+                    self._sum_feedback(S, ev, us, split, day, touched)
+                elif kind is _CHECK:
+                    self._sum_check(S, ev, us, split, g_turn, ran, prices, touched)
+                elif kind is _ATTEMPT_FAILED:
+                    S.i(split, "attempts_failed", 1)
+                    S.status.append((g_turn[0], "0", STATUS_RETRYING))
+                    self._sum_failure(S, ev, us, g_turn[0])
+                elif kind in _TERMINAL_KINDS:
+                    self._sum_terminal(S, ev, us, a, every, split, g_turn[0], touched)
+                else:  # a kind PLANNERS counts needs its branch here too
+                    raise NotImplementedError(f"no batch planning for {kind}")
+                S.counted(seen, ev.event_id)
+            facets = _FAST_FACETS.get(kind)
+            if facets is not None:
+                for facet, value in facets(ev):
+                    ms = int(us / 10**6 * 1000)
+                    S.zadd(keys.facet_conversations(facet, value), ev.conversation_id, ms)
+                    S.zadd(keys.conversation_facets(ev.conversation_id), f"{facet}:{value}", ms)
+        for g_split, g_targets, g_cust_day, model, totals, llm_ms in calls:
+            for name, n in zip(_LLM_SPLIT_FIELDS, totals):
+                S.i(g_split, name, n)
+            if model:
+                S.i(g_cust_day, CUSTOMER_MODEL_CALLS + model, totals[5])
+                S.i(g_cust_day, CUSTOMER_MODEL_COST + model, totals[6])
+            S.i(g_targets, "failed_attempt_tokens", totals[8])
+            S.i(g_targets, "failed_attempt_cost_nusd", totals[9])
+            S.f(g_targets, "llm_ms_sum", llm_ms)
+        ids: set[str] = set()
+        for (turn_id, number), a in attempts.items():
+            ids.update((turn_id, a.conversation_id, a.customer_id))
+            if a.after_turn_only:
+                continue  # feedback and checks are indexed by their own facets, not as activity
+            # Identity and listing: the same values whatever is redelivered.
+            turn = keys.aggregate("turn", turn_id)
+            conv = keys.aggregate("conversation", a.conversation_id)
+            S.s(turn, "conversation_id", a.conversation_id)
+            S.s(turn, "customer_id", a.customer_id)
+            S.s(conv, "customer_id", a.customer_id)
+            S.extreme(S.x, turn, "attempts", str(number), True)
+            S.extreme(S.mn, conv, "first_event_ms",
+                      str(a.last_ts_ms if a.first_ts_ms is None else a.first_ts_ms), False)
+            S.extreme(S.x, conv, "last_event_ms", str(a.last_ts_ms), True)
+            last = a.last_ts_ms
+            S.zadd(_INDEX_KEYS["turn"], turn_id, last)
+            S.zadd(_INDEX_KEYS["conversation"], a.conversation_id, last)
+            S.zadd(_INDEX_KEYS["customer"], a.customer_id, last)
+            S.zadd(_INDEX_KEYS["version"], ran.subject, last)
+            S.s(turn, "workflow", ran.workflow)
+            S.s(turn, "version", ran.version)
+            if ran.known:
+                S.zadd(keys.facet_conversations("version", ran.subject), a.conversation_id, last)
+                S.zadd(keys.conversation_facets(a.conversation_id), f"version:{ran.subject}", last)
+            touched.conversations[a.conversation_id] = a.customer_id
+        ms = entry_id.partition("-")[0]
+        S.erased = (ms if ms.isdigit() else "0", sorted(ids))
+        self._check_usage(events, attempts)
+        return S, touched
+
+    def _call_samples(self, S: _Sums, value: str, names: tuple[tuple[str, str | None], ...]) -> None:
+        """One model or tool call's duration onto the lists of each (dimension, name) it names."""
+        for dimension, name in names:
+            if name:
+                S.sample(_sample_key(dimension, name), value)
+                got = S.members.get(_NAMES_KEYS[dimension])
+                if got is None:
+                    S.members[_NAMES_KEYS[dimension]] = {name}
+                else:
+                    got.add(name)
+
+    def _sum_failure(self, S: _Sums, ev: TelemetryEvent, us: int, turn: str) -> None:
+        """A failed attempt: its error on the turn, and counted against its model."""
+        error = ev.error
+        if error is not None:
+            S.s(turn, "error_type", error.type)
+            S.s(turn, "error_message", error.message)
+        model = ev.model
+        if model:
+            g_model = (keys.aggregate("model", model),)
+            S.i(g_model, MODEL_ERRORS, 1)
+            if error is not None:
+                S.i(g_model, MODEL_ERRORS_BY_TYPE + error.type, 1)
+            S.zadd(_INDEX_KEYS["model"], model, int(us / 10**6 * 1000))
+
+    def _sum_terminal(self, S: _Sums, ev: TelemetryEvent, us: int, attempt: _Attempt,
+                      every: tuple[str, ...], split: tuple[str, ...], turn: str,
+                      touched: Touched) -> None:
+        """A finished turn (as ``_plan_terminal``)."""
+        failed = ev.kind is _TURN_FAILED
+        status = "failed" if failed else "completed"
+        duration = ev.duration_ms
+        S.i(split, f"turns_{status}", 1)
+        if duration is not None:
+            d = _num(duration)
+            S.i(split, "latency_count", 1)
+            S.f(split, "latency_ms_sum", duration)
+            for k in every:
+                S.extreme(S.x, k, "latency_ms_max", d, True)
+            S.s(turn, "duration_ms", d)
+        S.status.append((turn, "1", status))
+        S.s(turn, "finished_at", _utc(ev.ts).isoformat())
+        S.s(turn, "agents", _json_list(attempt.agents))
+        S.s(turn, "models", _json_list(attempt.models or ([ev.model] if ev.model else [])))
+        if ev.model:
+            S.s(turn, "model", ev.model)
+        queue_wait = attempt.queue_wait_ms
+        if queue_wait is not None:
+            if not math.isfinite(queue_wait):
+                S.unmergeable = True
+            S.s(turn, "queue_wait_ms", _num(queue_wait))
+        # The latency breakdown, its samples and the turn's place among the slowest.
+        S.s(turn, "model_ms", _num(attempt.llm_ms))
+        S.s(turn, "tool_ms", _num(attempt.tool_ms))
+        other = None
+        if duration is not None:
+            other = round(max(0.0, duration - attempt.llm_ms - attempt.tool_ms), 3)
+            S.s(turn, "other_ms", _num(other))
+            tops = S.tops.get(keys.SLOWEST_TURNS)
+            if tops is None:
+                tops = S.tops[keys.SLOWEST_TURNS] = []
+            tops += (_num(duration), ev.turn_id)
+        if self.settings.latency_samples > 0:
+            figures = (queue_wait, attempt.llm_ms, attempt.tool_ms, other, duration)
+            for (_, sample), value in zip(_TURN_SAMPLE_KEYS, figures):
+                if value is not None:
+                    S.sample(sample[0], _num(value))
+        for key, value in ((keys.HIST_TURN_LATENCY, duration), (keys.HIST_QUEUE_WAIT, queue_wait)):
+            if value is not None:
+                g = (key,)
+                S.i(g, histogram_bucket(value), 1)
+                S.i(g, "count", 1)
+                S.f(g, "sum", value)
+        if failed:
+            self._sum_failure(S, ev, us, turn)
+        epoch = int(us / 10**6)
+        start = epoch - epoch % self.window_s
+        window = keys.aggregate_window(start)
+        S.i((window,), f"turns_{status}", 1)
+        S.ttl(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+        minute = keys.aggregate_minute(epoch - epoch % 60)
+        S.i((minute,), f"turns_{status}", 1)
+        if duration is not None:
+            S.i((minute,), f"{LATENCY_BUCKET}{latency_bucket(duration)}", 1)
+        S.ttl(minute, MINUTE_TTL_S)
+        pointer = FailedTurn(ev.turn_id, ev.conversation_id, ev.customer_id) if failed else None
+        touched.windows[start] = pointer or touched.windows.get(start)
+        if pointer:
+            touched.failed_turns[ev.turn_id] = pointer
+
+    def _sum_feedback(self, S: _Sums, ev: TelemetryEvent, us: int, split: tuple[str, ...],
+                      day: str, touched: Touched) -> None:
+        """A score on a turn (as ``_count_feedback``)."""
+        d = ev.detail
+        polarity = feedback_polarity(d.score)
+        S.i(split, f"feedback_{polarity}", 1)
+        kept = {"feedback_id": d.feedback_id or ev.event_id, "score": d.score, "source": d.source,
+                "comment": d.comment, "at": _utc(ev.ts).isoformat()}
+        S.s(keys.turn_feedback(ev.turn_id), kept["feedback_id"], json.dumps(kept, separators=(",", ":")))
+        epoch = int(us / 10**6)
+        start = epoch - epoch % self.window_s
+        window = keys.aggregate_window(start)
+        S.i((window,), f"feedback_{polarity}", 1)
+        S.ttl(window, max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+        touched.windows.setdefault(start, None)
+        touched.customer_days.add((ev.customer_id, day))
+
+    def _sum_check(self, S: _Sums, ev: TelemetryEvent, us: int, split: tuple[str, ...],
+                   g_turn: tuple[str], ran: RanBy, prices: PriceTable, touched: Touched) -> None:
+        """One check's outcome on a finished turn (as ``_count_check``)."""
+        d = ev.detail
+        subject = keys.version_subject(ran.workflow, d.check)
+        counter = f"checks_{d.outcome}"
+        S.i(split, counter, 1)
+        S.i((keys.aggregate("check", subject),), counter, 1)
+        S.zadd(_INDEX_KEYS["check"], subject, int(us / 10**6 * 1000))
+        if d.outcome == "failed":
+            S.i(g_turn, CHECK_FAILED_FIELD + d.check, 1)
+            if d.money_path:
+                touched.failed_checks[(ev.turn_id, d.check)] = FailedCheck(
+                    ev.turn_id, ev.conversation_id, ev.customer_id, ran.workflow, d.check)
+        if d.outcome in ("passed", "failed"):
+            epoch = int(us / 10**6)
+            start = epoch - epoch % self.window_s
+            window = (keys.aggregate_window(start),)
+            S.i(window, CHECK_RUNS + subject, 1)
+            if d.outcome == "failed":
+                S.i(window, CHECK_FAILS + subject, 1)
+            S.ttl(window[0], max(MIN_WINDOW_TTL_S, 2 * self.window_s))
+            touched.check_windows.add((start, subject))
+        usage = ev.usage
+        if usage is not None:  # an LLM judge: its own spend, never the turn's
+            judge = (split[-1], GLOBAL_KEY)
+            S.i(judge, "check_tokens", usage.total_tokens)
+            cost = prices.cost_nusd(ev.model, usage)  # type: ignore[arg-type]
+            if cost is None:
+                S.i(judge, "check_cost_unknown_calls", 1)
+            else:
+                S.i(judge, "check_cost_nusd", cost)
+
+    @staticmethod
+    def _check_usage(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
+        """``turn_completed``/``turn_failed`` usage must equal the attempt's ``llm_end`` sum."""
+        for ev in events:
+            u = ev.usage
+            if u is None or ev.kind not in _USAGE_KINDS:
+                continue
+            counted_sums = attempts[(ev.turn_id, ev.attempt)].llm_usage
+            if [u.requests, u.input_tokens, u.output_tokens, u.cached_tokens,
+                    u.reasoning_tokens] != counted_sums:
+                log.warning(
+                    "telemetry.usage_mismatch", turn_id=ev.turn_id, attempt=ev.attempt,
+                    event_id=ev.event_id, reported=u.model_dump(),
+                    counted_from_llm_end=dict(zip(_USAGE_FIELDS, counted_sums)),
+                )
+
     def plan_malformed(self, entry_id: str) -> EntryPlan:
         """Count a malformed entry in ``telemetry_malformed``, once per stream entry id."""
 
@@ -1003,8 +1420,9 @@ class Aggregator:
             plan = build(_Plan())
             return plan.keys, plan.payload(self.settings.seen_ttl_s)
 
-        ops = build(_FastPlan())
-        assert isinstance(ops, _FastPlan)
+        ops = _Sums()
+        ops.i((GLOBAL_KEY,), "telemetry_malformed", 1)
+        ops.counted(MALFORMED_SEEN, entry_id)
         return EntryPlan(entry_id, Touched(), ops, legacy)
 
     def _plan_event(self, plan: _Plan, ev: TelemetryEvent, at: _Counting, count: _Count) -> None:
@@ -1248,26 +1666,6 @@ class Aggregator:
             plan.op("s", [turn], "error_type", ev.error.type)
             plan.op("s", [turn], "error_message", ev.error.message)
 
-    @staticmethod
-    def _check_usage(events: list[TelemetryEvent], attempts: dict[tuple[str, int], _Attempt]) -> None:
-        """``turn_completed``/``turn_failed`` usage must equal the attempt's ``llm_end`` sum."""
-        for ev in events:
-            if ev.kind not in _USAGE_KINDS or ev.usage is None:
-                continue
-            u = ev.usage
-            counted_sums = attempts[(ev.turn_id, ev.attempt)].llm_usage
-            if [u.requests, u.input_tokens, u.output_tokens, u.cached_tokens,
-                    u.reasoning_tokens] != counted_sums:
-                counted = TokenUsage(**dict(zip(_USAGE_FIELDS, counted_sums)))
-                log.warning(
-                    "telemetry.usage_mismatch",
-                    turn_id=ev.turn_id,
-                    attempt=ev.attempt,
-                    event_id=ev.event_id,
-                    reported=ev.usage.model_dump(),
-                    counted_from_llm_end=counted.model_dump(),
-                )
-
     # -- applying ----------------------------------------------------------------------
 
     async def apply(self, plans: Sequence[EntryPlan]) -> list[int]:
@@ -1283,13 +1681,19 @@ class Aggregator:
         """
         if not plans:
             return []
+        conversations = list(dict.fromkeys(c for p in plans for c in p.touched.conversations))
         merged = _merge_batch([p.ops for p in plans], self.settings.seen_ttl_s,
-                              self.settings.latency_samples)
+                              self.settings.latency_samples,
+                              [keys.aggregate("conversation", c) for c in conversations])
         if merged is not None:
             names, payload = merged
-            if int(await self._batch(keys={"touched": names}, args={"plan": payload})) >= 0:
+            reply = await self._batch(keys={"touched": names}, args={"plan": payload})
+            if isinstance(reply, list):  # applied: the events counted, then the costs read
+                costs = {c: int(v or 0) for c, v in zip(conversations, reply[1:])}
                 for p in plans:
                     p.skipped = False
+                    for c in p.touched.conversations:
+                        p.touched.conversation_costs[c] = costs[c]
                 return [p.counted for p in plans]
         log.debug("telemetry.batch_one_by_one", entries=len(plans),
                   reason="an event of the batch was counted before, is in it twice, or erased")
@@ -1442,3 +1846,31 @@ PLANNERS: dict[EventKind, KindPlan] = {
 }
 """The registry: aggregation's plan for each event kind (see the module docstring for what
 each counter means)."""
+
+
+# The batch path's view of the registry (``Aggregator._sums``): kinds counted on their own, and
+# the ``find`` facets of each kind, read from an event as a plain dict.
+_FAST_COUNTED = frozenset(kind for kind, spec in PLANNERS.items() if spec.count is not None)
+
+
+def _fast_tool_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    facets = [("tool", ev.tool)] if ev.tool else []
+    if ev.error is not None:
+        facets.append(("error", TOOL_ERROR))
+    return facets
+
+
+def _fast_error_facets(ev: TelemetryEvent) -> list[tuple[str, str]]:
+    return [("error", ev.error.type)] if ev.error is not None else []
+
+
+_FAST_FACETS: dict[EventKind, Callable[[TelemetryEvent], list[tuple[str, str]]]] = {
+    EventKind.agent_start: lambda ev: [("agent", ev.agent)] if ev.agent else [],
+    EventKind.tool_end: _fast_tool_facets,
+    EventKind.attempt_failed: _fast_error_facets,
+    EventKind.turn_failed: _fast_error_facets,
+    EventKind.feedback: lambda ev: [("feedback", feedback_polarity(ev.detail.score))],
+    EventKind.check: lambda ev: ([("check_failed", ev.detail.check)]
+                                 if ev.detail.outcome == "failed" else []),
+    EventKind.guardrail: lambda ev: [("guardrail", ev.detail.guardrail or "guardrail")],
+}

@@ -183,7 +183,12 @@ class AlertRules:
 
     def _checks(self, touched: Touched) -> list[_Check]:
         s = self.settings
-        checks = [self._conversation_cost(cid, cust) for cid, cust in touched.conversations.items()]
+        # A conversation whose cost the batch script read back (touched.conversation_costs) is
+        # read again only if that is over the threshold: costs only grow, and whoever adds to
+        # one evaluates it after its own write.
+        known, threshold = touched.conversation_costs, s.alert_conversation_cost_usd
+        checks = [self._conversation_cost(cid, cust) for cid, cust in touched.conversations.items()
+                  if cid not in known or nusd_to_usd(known[cid]) > threshold]
         checks += [self._customer_daily_cost(cust, day) for cust, day in sorted(touched.customer_days)]
         checks += [
             self._customer_budget(cust, day, limit, level)

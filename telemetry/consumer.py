@@ -130,12 +130,20 @@ RETRY_FIRST_S = 0.2  # a failed entry is read again after 0.2 s, 0.4 s, ... (per
 RETRY_MAX_S = 5.0
 ERROR_CHARS = 2000
 TRACEBACK_CHARS = 8000
+READ_AHEAD_MIN = 50  # a full batch of at least this many: the next is read and planned meanwhile
+# Loop iterations redis-py takes from a call to its command on the wire (pool, connection
+# check, write: ~4 with redis-py 5); a few more cost ~10 µs each, a few less only the overlap.
+SEND_YIELDS = 8
 # The consumer allocates a few hundred containers an event (pydantic events, plans), nearly all
 # freed by reference counting once their batch is done. With CPython's default thresholds
-# (700, 10, 10) a full collection, a walk of every live object, ran every few hundred events:
-# ~2 µs of CPU an event (bench/telemetry_replay.py). While run_consumer runs, full collections
-# come 100 times less often.
-GC_THRESHOLDS = (700, 10, 1000)
+# (700, 10, 10) a full collection, a walk of every live object (two batches' worth with the
+# read-ahead), ran every few hundred events: ~2 µs of CPU an event (bench/telemetry_replay.py).
+# A young collection every 700 allocations still walked a batch's live objects over and over
+# (~400 young and ~40 middle collections a replay of 36k events: ~1.3 µs an event); with
+# 100 000 a batch's objects are freed before one comes (one a replay, ~0.3 µs an event). While
+# run_consumer runs, collections come that much less often; a cycle left as garbage waits for
+# at most 100 000 allocations.
+GC_THRESHOLDS = (100_000, 10, 1000)
 FAULT_EXIT_CODE = 137  # what a shell reports for a SIGKILLed process (128 + 9)
 
 REASON_ERROR = "error"
@@ -199,8 +207,7 @@ class _Failure:
 
 @dataclass
 class _Batch:
-    """A batch of entries, planned (pure, nothing written): what ``TelemetryConsumer._finish``
-    needs once its aggregate is stored."""
+    """A batch of entries, planned: what ``TelemetryConsumer._finish`` needs once applied."""
 
     entries: list[Entry]
     plans: list[EntryPlan] = field(default_factory=list)
@@ -296,6 +303,7 @@ class TelemetryConsumer(StreamGroupMember):
         self._dead_letter = DEAD_LETTER_SCRIPT.bind(redis)
         self._aggregated = 0  # entries whose aggregate this process stored (fault injection)
         self._left_logged = versions.Once()  # newer-version entries this consumer has logged
+        self._ahead: _Batch | None = None  # the next batch, read and planned (handle)
         if self.faults.crash_before_ack is not None:
             log.warning("telemetry.fault_injection_armed", consumer=self.name,
                         crash_before_ack=self.faults.crash_before_ack)
@@ -346,6 +354,12 @@ class TelemetryConsumer(StreamGroupMember):
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=wait)
+        if self._ahead is not None:  # stopped with a batch read ahead: handle it, not leave it
+            try:
+                handled += await self.handle(self._ahead.entries)
+            except RedisError as exc:
+                log.error("telemetry.redis_error", consumer=self.name, error=repr(exc),
+                          hint="the batch read ahead stays pending")
         log.info("telemetry.consumer_stopped", consumer=self.name, handled=handled)
         return handled
 
@@ -365,6 +379,19 @@ class TelemetryConsumer(StreamGroupMember):
     async def process(self, entries: Sequence[Entry]) -> int:
         return await self.handle(entries)
 
+    async def _read(self, from_id: str, block: int | None = None) -> list[Entry]:
+        if from_id == ">" and self._ahead is not None:
+            return self._ahead.entries  # read (and planned) while the last batch was applied
+        return await super()._read(from_id, block)
+
+    async def _drain_own_pending(self) -> int:
+        self._ahead = None  # entries read ahead are in the pending list this reads
+        return await super()._drain_own_pending()
+
+    def lost_redis(self, exc: RedisError) -> None:
+        self._ahead = None  # the own pending list, read next, holds them
+        super().lost_redis(exc)
+
     async def handle(self, entries: Sequence[Entry]) -> int:
         """Aggregate, evaluate alerts, acknowledge. Returns the number of entries acknowledged
         (dead-lettered ones included).
@@ -375,17 +402,45 @@ class TelemetryConsumer(StreamGroupMember):
         or is dead-lettered if this was its ``dead_letter_after``-th delivery; the others are
         handled as if it were not there. Redis being unavailable is raised: nothing is
         acknowledged then.
+
+        **Read-ahead.** After a full batch of at least ``READ_AHEAD_MIN`` entries (a backlog),
+        the next batch of new entries is read before this one's script is sent, and planned
+        while Redis runs it: the consumer's CPU and redis-server's overlap. That batch is then
+        what the next read of new entries returns; it is only planned, never applied, until
+        then, and applied batches stay in order. Reading the own pending list, or a Redis
+        error, drops it (its entries are in that list).
         """
         if not entries:
             return 0
-        await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in entries if f)
-        batch = self._prepare(entries)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and entries is ahead.entries:
+            batch = ahead
+        else:
+            if ahead is not None:  # claimed entries came first: the own pending list holds it
+                self._own_pending = True
+            await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in entries if f)
+            batch = self._prepare(entries)
         if not batch.ack and not batch.fields_of:
             if batch.left:
                 await versions.count_left(self.redis, versions.Kind.batch, batch.left)
             return 0
-        plans = await self._isolating("aggregate", self.aggregator.apply, batch.plans,
-                                      batch.failed, batch.fields_of)
+        read_ahead = (len(entries) >= self.batch_size >= READ_AHEAD_MIN
+                      and batch.plans and not self._stop.is_set())
+        if not read_ahead:
+            plans = await self._isolating("aggregate", self.aggregator.apply, batch.plans,
+                                          batch.failed, batch.fields_of)
+        else:
+            following = await super()._read(">")
+            if following:
+                await self.aggregator.refresh_prices(RanBy.of(f).workflow for _, f in following if f)
+            applying = asyncio.ensure_future(self._isolating(
+                "aggregate", self.aggregator.apply, batch.plans, batch.failed, batch.fields_of))
+            try:
+                for _ in range(SEND_YIELDS):  # the script is on its way before planning starts
+                    await asyncio.sleep(0)
+                self._ahead = self._prepare(following) if following else None
+            finally:
+                plans = await applying
         return await self._finish(batch, plans)
 
     def _prepare(self, entries: Sequence[Entry]) -> _Batch:

@@ -203,3 +203,93 @@ async def test_an_entry_with_a_figure_redis_refuses_is_not_merged_and_the_rest_c
         assert pick(await turn_stats(redis, good), TURN_TOKENS) == TURN_TOKENS
         assert await redis.zscore(keys.SLOWEST_TURNS, good) == 1000.0
     assert await redis.llen(keys.latency_samples("turn", keys.GLOBAL_SUBJECT, "total")) == 2
+
+
+# -- exact sums of a merged batch (the batch path sums an entry's writes in one pass, then
+# merges entries per key: a slip in either shows as a wrong figure here) ----------------------
+
+
+async def test_two_entries_of_one_batch_on_the_same_conversation_sum_exactly(redis):
+    # Two turns of one conversation and customer in one batch: the conversation hash is an own
+    # key of both entries, the customer, day, model, version and fleet hashes shared.
+    agg = aggregator(redis)
+    version = {"workflow": "support-desk", "version": "1.0"}
+    plans = [agg.plan("1000-0", {**version, "batch": support_turn("t-1", duration_ms=1000.0).batch_json()}),
+             agg.plan("1000-1", {**version, "batch": support_turn("t-2", duration_ms=250.5).batch_json()})]
+    assert await agg.apply(plans) == [p.counted for p in plans]
+    day = T0.date().isoformat()
+    conversation = await redis.hgetall(keys.aggregate("conversation", "c-1"))
+    version_hash = await redis.hgetall(keys.aggregate("version", "support-desk/1.0"))
+    customer_day = await redis.hgetall(keys.aggregate_day("customer", "cust-1", day))
+    model = await redis.hgetall(keys.aggregate("model", "turnfleet-offline"))
+    for h in (conversation, version_hash, customer_day, await redis.hgetall(GLOBAL_KEY)):
+        assert (h["input_tokens"], h["cached_tokens"], h["llm_calls"]) == ("1640", "600", "6")
+        assert (h["cost_nusd"], h["turns_completed"], h["latency_count"]) == ("860000", "2", "2")
+        assert float(h["latency_ms_sum"]) == 1250.5
+    assert (conversation["tool_calls"], conversation["handoffs"]) == ("2", "2")
+    assert float(conversation["tool_ms_sum"]) == 15.0  # 2 × 7.5
+    assert float(conversation["llm_ms_sum"]) == 600.0  # 6 calls × 100
+    assert float(conversation["latency_ms_max"]) == 1000.0
+    assert (customer_day["model_calls:turnfleet-offline"],
+            customer_day["model_cost_nusd:turnfleet-offline"]) == ("6", "860000")
+    assert (model["llm_calls"], model["output_tokens"]) == ("6", "240")
+    assert "tool_calls" not in version_hash  # not a split counter
+    for turn in ("t-1", "t-2"):  # each turn's own hash: one turn's figures
+        h = await redis.hgetall(keys.aggregate("turn", turn))
+        assert (h["input_tokens"], h["turns_completed"], h["cost_nusd"]) == ("820", "1", "430000")
+    histogram = await redis.hgetall(keys.HIST_TURN_LATENCY)
+    assert (histogram["count"], histogram["le_1000"], histogram.get("le_250")) == ("2", "1", None)
+    assert histogram["le_500"] == "1" and float(histogram["sum"]) == 1250.5
+    assert await redis.smembers(keys.event_seen("t-1")) == {e.event_id for e in support_turn("t-1").events
+                                                          if e.kind.value in ("llm_end", "tool_end",
+                                                                              "handoff", "turn_completed")}
+    assert await redis.hget(keys.aggregate("conversation", "c-1"), "first_event_ms") == str(
+        int(T0.timestamp() * 1000) + 1)
+
+
+async def test_an_entry_applied_before_in_the_middle_of_a_batch_counts_once(redis):
+    # Same conversation, customer and fleet for all three: merged blindly the middle one (a
+    # redelivery) would count twice.
+    agg = aggregator(redis)
+    first, again, third = (agg.plan(f"{1000 + i}-0", {"batch": support_turn(t).batch_json()})
+                           for i, t in enumerate(("t-1", "t-2", "t-3")))
+    await agg.apply([again])
+    assert await agg.apply([first, again, third]) == [first.counted, 0, third.counted]
+    for key in (keys.aggregate("conversation", "c-1"), keys.aggregate("customer", "cust-1"), GLOBAL_KEY):
+        h = await redis.hgetall(key)
+        assert (h["turns_completed"], h["input_tokens"], h["cost_nusd"]) == ("3", "2460", "1290000")
+    assert await redis.llen(keys.latency_samples("turn", keys.GLOBAL_SUBJECT, "total")) == 3
+
+
+async def test_an_erased_subject_mid_batch_is_skipped_and_the_entries_around_it_sum_exactly(redis):
+    await redis.set(keys.ERASED_SALT, "salt")
+    await redis.zadd(keys.ERASED, {hashlib.sha1(b"saltc-gone").hexdigest(): 1000})
+    agg = aggregator(redis)
+    plans = [agg.plan("1000-0", {"batch": support_turn("t-1", "c-1").batch_json()}),
+             agg.plan("1000-1", {"batch": support_turn("t-gone", "c-gone").batch_json()}),
+             agg.plan("1000-2", {"batch": support_turn("t-3", "c-3").batch_json()})]
+    assert await agg.apply(plans) == [plans[0].counted, -1, plans[2].counted]
+    assert [p.skipped for p in plans] == [False, True, False]
+    assert await redis.exists(keys.aggregate("conversation", "c-gone"), keys.event_seen("t-gone")) == 0
+    customer = await redis.hgetall(keys.aggregate("customer", "cust-1"))
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert customer["turns_completed"] == fleet["turns_completed"] == "2"
+    assert customer["input_tokens"] == fleet["input_tokens"] == "1640"
+    assert fleet[ERASED_SKIPPED] == "1"
+
+
+async def test_a_malformed_entry_among_good_ones_is_dead_lettered_and_the_others_sum_exactly(redis):
+    from turnfleet.telemetry.consumer import read_dead_letters
+
+    await support_turn("t-1").send(redis)
+    events = json.loads(support_turn("t-bad").batch_json())
+    events[3]["usage"]["input_tokens"] = "lots"  # an llm_end's usage the contract refuses
+    bad = await redis.xadd(keys.TELEMETRY_STREAM, {"turn_id": "t-bad", "batch": json.dumps(events)})
+    await support_turn("t-2").send(redis)
+    assert await drain(redis) == 3
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["input_tokens"], fleet["cost_nusd"]) == ("2", "1640", "860000")
+    assert fleet["telemetry_malformed"] == "1"
+    assert await redis.exists(keys.aggregate("turn", "t-bad")) == 0
+    [dead] = await read_dead_letters(redis)
+    assert (dead.entry_id, dead.reason, dead.stage) == (bad, "malformed", "parse")

@@ -185,3 +185,21 @@ async def test_budget_alerts_fire_once_at_80_and_100_percent(redis: Any) -> None
     await support_turn("t-5", "c-5", "cust-free").send(redis)
     await drain(redis, **s)
     assert {a.subject for a in await alerts_of(redis, "customer_budget")} == {"cust-b"}
+
+
+async def test_conversation_cost_alert_fires_when_one_merged_batch_crosses_the_threshold(redis: Any) -> None:
+    # The batch script returns each conversation's cost after its writes, and the rule reads a
+    # conversation again only when that is over the threshold: read before the writes (0), or
+    # compared the wrong way, no alert would fire here.
+    s = {"alert_conversation_cost_usd": 0.0005}
+    for turn in ("t-1", "t-2"):  # $0.00043 each: over only together
+        await support_turn(turn, "c-1", "cust-a").send(redis)
+    await support_turn("t-3", "c-3", "cust-a").send(redis)  # $0.00043: under
+    consumer = TelemetryConsumer(redis, settings(**s), name="one")
+    plans = [consumer.aggregator.plan(f"{1000 + i}-0", {"batch": t.batch_json()})
+             for i, t in enumerate((support_turn("t-9", "c-9", "cust-a"),))]
+    await consumer.aggregator.apply(plans)
+    assert plans[0].touched.conversation_costs == {"c-9": 430_000}
+    assert await consumer.run(burst=True) == 3
+    [alert] = await alerts_of(redis, "conversation_cost")
+    assert (alert.conversation_id, alert.figures["cost_usd"]) == ("c-1", 0.00086)

@@ -1,11 +1,13 @@
-"""A backlog consumed in merged batches (``TelemetryConsumer.handle``: one script a batch, its
-ops merged per key by name) counts every event once, as the entries counted one by one would:
-with an entry counted before, a re-sent copy of an entry of an earlier batch and an erased
-subject in later batches, whose shared keys (fleet, customers, model, version) earlier batches
-already added to; alerts fire once. And the planner's epoch ms, day and window of an event are
-what ``datetime.timestamp`` gives, for any offset."""
+"""A backlog consumed with read-ahead (``TelemetryConsumer.handle``: the next batch is read and
+planned while Redis runs this one's script) counts every event once, as the entries counted one
+by one would: with an entry counted before, a re-sent copy of an entry of an earlier batch and an
+erased subject in later batches, whose shared keys (fleet, customers, model, version) earlier
+batches already added to; alerts fire once. And the planner's epoch ms, day and window of an
+event are what ``datetime.timestamp`` gives, for any offset."""
 
 from __future__ import annotations
+
+import asyncio
 
 import hashlib
 import random
@@ -14,17 +16,18 @@ from typing import Any
 
 from turnfleet import keys
 from turnfleet.telemetry.aggregate import ERASED_SKIPPED, GLOBAL_KEY, _day, _ms, window_start
-from turnfleet.telemetry.consumer import TelemetryConsumer
+from turnfleet.telemetry.consumer import READ_AHEAD_MIN, TelemetryConsumer
 from turnfleet.telemetry.stats import turn_stats
 from tests.batches import TURN_COST_NUSD, TURN_TOKENS, CheckEntry, failed_turn, support_turn
 from tests.consuming import pending, pick, settings
 from tests.test_alerts import alerts_of
 
-B = 50  # entries a read
+B = READ_AHEAD_MIN  # entries a read
 N = 2 * B + 10  # three batches: B, B, 10
+WAIT_S = 10.0  # a read-ahead that never comes fails the test instead of hanging it
 
 
-async def test_a_backlog_in_merged_batches_counts_every_event_once(redis: Any) -> None:
+async def test_a_backlog_read_ahead_counts_every_event_once(redis: Any) -> None:
     await redis.set(keys.ERASED_SALT, "salt")
     await redis.zadd(keys.ERASED, {hashlib.sha1(b"saltcust-gone").hexdigest(): 10**13})
     turns = [support_turn(f"t-{i}", f"c-{i}", f"cust-{i % 3}") for i in range(N - 4)]
@@ -40,19 +43,35 @@ async def test_a_backlog_in_merged_batches_counts_every_event_once(redis: Any) -
                   .check("tone", "passed").fields())
     assert len(fields) == N
     ids = [await redis.xadd(keys.TELEMETRY_STREAM, f) for f in fields]
-    consumer = TelemetryConsumer(redis, settings(batch_size=B), name="batches")
+    consumer = TelemetryConsumer(redis, settings(batch_size=B), name="ahead")
     await consumer.aggregator.aggregate(ids[fields.index(before)], before)
 
-    applied: list[int] = []
-    apply = consumer.aggregator.apply
+    steps: list[tuple[str, int]] = []  # what the consumer did, in order
+    apply, prepare = consumer.aggregator.apply, consumer._prepare
+    planned = asyncio.Event()  # a batch was planned since the last apply began
 
     async def applying(plans: Any) -> list[int]:
-        applied.append(len(plans))
-        return await apply(plans)
+        steps.append(("apply", len(plans)))
+        planned.clear()
+        try:
+            return await apply(plans)
+        finally:
+            if len(plans) == B:  # a full batch: the next one is planned before it returns
+                # (the script may be done first: wait, so the order says what overlapped)
+                await asyncio.wait_for(planned.wait(), WAIT_S)
+            steps.append(("applied", len(plans)))
+
+    def preparing(entries: Any) -> Any:
+        steps.append(("plan", len(entries)))
+        planned.set()
+        return prepare(entries)
 
     consumer.aggregator.apply = applying  # type: ignore[method-assign]
+    consumer._prepare = preparing  # type: ignore[method-assign]
     assert await consumer.run(burst=True) == N
-    assert applied == [B, B, 10]  # three batches, each applied at once (or entry by entry)
+    # Each next batch is planned while the one before is applied; batches apply in order.
+    assert steps == [("plan", B), ("apply", B), ("plan", B), ("applied", B),
+                     ("apply", B), ("plan", 10), ("applied", B), ("apply", 10), ("applied", 10)]
     assert await pending(redis) == 0
 
     counted = N - 4  # the support turns, once each (not the re-sent copy, nor the erased one)

@@ -15,7 +15,9 @@
 --   t   : [[key, score, member, ...], ...]   ZADD, then keep the top highest scores
 --   z   : [[key, score, member, ...], ...]   ZADD GT
 --   sa  : [[key, member, ...], ...]          SADD          e : [[key, seconds], ...] EXPIRE
--- Returns the number of events counted, or -2 and writes nothing when an event of the batch
+--   rd  : [key, ...]                         hashes whose cost_nusd to return, after the writes
+-- Returns {the number of events counted, then each rd hash's cost_nusd (nil if none)}, or -2
+-- (a number, not a list) and writes nothing when an event of the batch
 -- is already in its seen-set (a redelivery), an entry's subject was erased at or after it
 -- was written, or a key it writes has another type / a counter it adds to is no number: the
 -- caller then applies the entries one by one (lua/aggregate.lua), which counts each event at
@@ -135,4 +137,6 @@ end
 for _, z in ipairs(p.z) do chunked('ZADD', T[z[1]], z, 2, 'GT') end
 for _, m in ipairs(p.sa) do chunked('SADD', T[m[1]], m, 2) end
 for _, e in ipairs(p.e) do redis.call('EXPIRE', T[e[1]], e[2]) end
-return new
+local out = {new}
+for i, k in ipairs(p.rd or {}) do out[i + 1] = redis.call('HGET', T[k], 'cost_nusd') end
+return out
