@@ -297,18 +297,30 @@ _SDK_SHAPE = re.compile(
     r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d:\d\d|Z)?")
 
 
-def _redact_fields(item: Mapping[str, Any], redactor: Redactor) -> dict[str, Any]:
-    """A trace's or span's fields redacted, the SDK's ids and timestamps passed as they are."""
+def _redact_fields(item: Mapping[str, Any], redactor: Redactor, shaped: set[str] | None = None) -> dict[str, Any]:
+    """A trace's or span's fields redacted, the SDK's ids and timestamps passed as they are.
+
+    ``shaped``: the values of one record already found SDK-shaped (every span repeats the
+    trace id, and a parent's id is another span's id): looked up, not matched again."""
+    if shaped is None:
+        shaped = set()
     kept: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     for key, value in item.items():
-        if key in SDK_FIELDS and type(value) is str and _SDK_SHAPE.fullmatch(value):
+        if key in SDK_FIELDS and type(value) is str and (value in shaped or _sdk_shaped(value, shaped)):
             kept[key] = value
         elif key == "span_data" and isinstance(value, dict):
             kept[key] = _redact_span_data(value, redactor)
         else:
             rest[key] = value
     return {**kept, **redactor.value(rest)} if rest else kept
+
+
+def _sdk_shaped(value: str, shaped: set[str]) -> bool:
+    if _SDK_SHAPE.fullmatch(value) is None:
+        return False
+    shaped.add(value)
+    return True
 
 
 def _redact_span_data(data: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
@@ -326,8 +338,9 @@ def redact_record(record: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
     """The record as it may leave the worker: every value redaction covers, redacted (span
     data, metadata, errors, the turn's text and ids...), the SDK's own ids and timestamps
     passed through (``SDK_FIELDS``)."""
-    return {"trace": _redact_fields(record["trace"], redactor),
-            "spans": [_redact_fields(span, redactor) if isinstance(span, dict) else redactor.value(span)
+    shaped: set[str] = set()
+    return {"trace": _redact_fields(record["trace"], redactor, shaped),
+            "spans": [_redact_fields(span, redactor, shaped) if isinstance(span, dict) else redactor.value(span)
                       for span in record["spans"]]}
 
 
