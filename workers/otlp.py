@@ -245,10 +245,38 @@ def token_usage(usage: Mapping[str, Any]) -> TokenUsage:
     )
 
 
+_USAGE_ATTRS: dict[tuple[Any, ...], dict[str, Any]] = {}  # (model, pricing, the counts) -> attributes
+_USAGE_ENTRIES = 4096
+
+
 def _put_usage(attrs: dict[str, Any], usage: Mapping[str, Any] | None, model: str | None,
                pricing: Pricing | None) -> None:
+    """A model call's token counts and cost; the same counts of the same model make the same
+    attributes (remembered: the cost prices a ``TokenUsage``, ~10 µs a call)."""
     if not usage:
         return
+    try:
+        details_in = usage.get("input_tokens_details") or {}
+        details_out = usage.get("output_tokens_details") or {}
+        counts = (usage.get("input_tokens"), usage.get("output_tokens"), usage.get("total_tokens"),
+                  usage.get("requests"), details_in.get("cached_tokens"), details_in.get("cache_write_tokens"),
+                  details_out.get("reasoning_tokens"))
+        # Types too: 1, 1.0 and True are equal keys, not equal attributes.
+        key = (model, pricing, counts, tuple(map(type, counts)))
+        block = _USAGE_ATTRS.get(key)
+    except (TypeError, AttributeError):  # an unhashable or odd value: written, not remembered
+        _usage_attributes(attrs, usage, model, pricing)
+        return
+    if block is None:
+        if len(_USAGE_ATTRS) >= _USAGE_ENTRIES:
+            _USAGE_ATTRS.clear()
+        block = _USAGE_ATTRS[key] = {}
+        _usage_attributes(block, usage, model, pricing)
+    attrs.update(block)
+
+
+def _usage_attributes(attrs: dict[str, Any], usage: Mapping[str, Any], model: str | None,
+                      pricing: Pricing | None) -> None:
     input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
     details_in = usage.get("input_tokens_details") or {}
     details_out = usage.get("output_tokens_details") or {}
@@ -349,22 +377,45 @@ def _put_messages(attrs: dict[str, Any], genai_key: str, history: list[dict[str,
     has the ``finish_reason`` GenAI requires (``tool_call`` when it calls tools, else ``stop``;
     the record keeps no other): without it Phoenix's conversion refuses the whole list.
     """
-    parts_of: list[dict[str, Any]] = []
-    for message in history:
-        parts: list[dict[str, Any]] = []
-        if message.get("tool_call_id"):
-            parts.append({"type": "tool_call_response", "id": message["tool_call_id"],
-                          "response": message.get("content")})
-        elif message.get("content") is not None:
-            parts.append({"type": "text", "content": message["content"]})
-        for call in message.get("tool_calls") or []:
-            parts.append({"type": "tool_call", **call})
-        part = {"role": message["role"], "parts": parts}
-        if output:
-            part["finish_reason"] = "tool_call" if message.get("tool_calls") else "stop"
-        parts_of.append(part)
-    if parts_of:
-        attrs[genai_key] = _json(parts_of)
+    if history:
+        # The list's JSON is its messages' JSON joined as json.dumps joins a list's items: each
+        # distinct message is encoded once (a call's input repeats the earlier calls' messages
+        # and the agents' instructions; a conversation's later turns repeat its history).
+        attrs[genai_key] = "[" + ", ".join([_message_json(message, output) for message in history]) + "]"
+
+
+_MESSAGE_JSON: dict[tuple[Any, ...], str] = {}  # (output, the message's fields) -> its GenAI part's JSON
+_MESSAGE_JSON_ENTRIES = 4096
+
+
+def _message_json(message: Mapping[str, Any], output: bool) -> str:
+    calls = message.get("tool_calls")
+    try:
+        key = (output, message["role"], message.get("content"), message.get("tool_call_id"),
+               tuple(tuple(call.items()) for call in calls) if calls else None)
+        done = _MESSAGE_JSON.get(key)
+    except TypeError:  # an unhashable value (not what ``messages`` makes): encoded, not remembered
+        return _json(_genai_message(message, output))
+    if done is None:
+        if len(_MESSAGE_JSON) >= _MESSAGE_JSON_ENTRIES:
+            _MESSAGE_JSON.clear()
+        done = _MESSAGE_JSON[key] = _json(_genai_message(message, output))
+    return done
+
+
+def _genai_message(message: Mapping[str, Any], output: bool) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = []
+    if message.get("tool_call_id"):
+        parts.append({"type": "tool_call_response", "id": message["tool_call_id"],
+                      "response": message.get("content")})
+    elif message.get("content") is not None:
+        parts.append({"type": "text", "content": message["content"]})
+    for call in message.get("tool_calls") or []:
+        parts.append({"type": "tool_call", **call})
+    part = {"role": message["role"], "parts": parts}
+    if output:
+        part["finish_reason"] = "tool_call" if message.get("tool_calls") else "stop"
+    return part
 
 
 def _put_openinference_messages(attrs: dict[str, Any], oi_key: str, history: list[dict[str, Any]]) -> None:
@@ -656,6 +707,25 @@ def _load_otel() -> SimpleNamespace:
     return _otel
 
 
+DESCRIBED_ENTRIES = 4096
+_DICT = object()  # marks a frozen dict (a list of pairs is not the same value)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable form of a JSON value, equal only for equal values of the same types (1, 1.0
+    and True differ); TypeError for anything else."""
+    kind = type(value)
+    if kind is str or kind is int or value is None:
+        return value
+    if kind is dict:
+        return (_DICT, *[(k, _frozen(v)) for k, v in value.items()])
+    if kind is list:
+        return tuple([_frozen(v) for v in value])
+    if kind is bool or kind is float:
+        return (kind, value)
+    raise TypeError(kind.__name__)
+
+
 def _span_id(sdk_span_id: str) -> bytes:
     """:func:`otel_span_id` as the 8 bytes on the wire."""
     return otel_span_id(sdk_span_id).to_bytes(8, "big")
@@ -780,6 +850,7 @@ class OtlpSink:
         otel = _load_otel()
         self._pricing = memoized(pricing) if pricing is not None else None
         self._openinference_messages = openinference_messages
+        self._described_cache: dict[tuple[Any, ...], tuple[str, str, bytes, frozenset[str]]] = {}
         self.endpoint = endpoint
         self._post = _Post(endpoint, dict(headers or {}), timeout_s)
         resource = otel.Resource.create({**dict(resource_attributes or {}), "service.name": service_name})
@@ -900,14 +971,15 @@ class OtlpSink:
         call_ids = tool_call_ids(sdk_spans)
         for sdk, (start, end) in zip(sdk_spans, times):
             sdk_id, sdk_parent = str(sdk["id"]), sdk.get("parent_id")
-            name, kind, attrs = span_attributes(sdk.get("span_data") or {}, self._pricing,
-                                                call_ids.get(sdk_id), self._openinference_messages)
-            attrs["turnfleet.sdk_span_id"] = sdk_id
-            _put(attrs, "turnfleet.span_metadata", sdk.get("metadata"))
+            data, call_id = sdk.get("span_data") or {}, call_ids.get(sdk_id)
+            name, kind, attr_bytes, attr_keys = self._described(data, call_id)
+            # The span's own attributes, after what its data says (in this order).
+            own: dict[str, Any] = {"turnfleet.sdk_span_id": sdk_id}
+            _put(own, "turnfleet.span_metadata", sdk.get("metadata"))
             parent_id = ids.get(str(sdk_parent)) if sdk_parent is not None else None
             if parent_id is None:  # adopted by the root: the SDK parent it had (not kept) is said here only
                 parent_id = root_id
-                _put(attrs, "turnfleet.sdk_parent_id", sdk_parent)
+                _put(own, "turnfleet.sdk_parent_id", sdk_parent)
             start = root_start if start is None else start
             end = start if end is None else max(start, end)
             error = sdk.get("error")
@@ -915,11 +987,39 @@ class OtlpSink:
             if error:
                 events, span_status = _failure(error, end)
                 if isinstance(error, Mapping):
-                    _put(attrs, "turnfleet.error.data", error.get("data"))
+                    _put(own, "turnfleet.error.data", error.get("data"))
+            if attr_keys.isdisjoint(own):
+                attr_bytes += wire.attributes(wire.SPAN_ATTRIBUTE, own)
+            else:  # a data attribute of the same name: one mapping, as the names collide in it
+                attrs = span_attributes(data, self._pricing, call_id, self._openinference_messages)[2]
+                attrs.update(own)
+                attr_bytes = wire.attributes(wire.SPAN_ATTRIBUTE, attrs)
             out.append(wire.span(trace_id, ids[sdk_id], parent_id, name,
                                  wire.KIND_CLIENT if kind in _MODEL_CALLS else wire.KIND_INTERNAL,
-                                 start, end, attrs, events, span_status))
+                                 start, end, attr_bytes, events, span_status))
         return out
+
+    def _described(self, data: Mapping[str, Any], tool_call_id: str | None) -> tuple[str, str, bytes, frozenset[str]]:
+        """A span's name, SDK type, the OTLP bytes of the attributes its data makes, and their
+        names. Remembered by the data's value for all but model calls: an agent's, a handoff's,
+        a guardrail's or a task's span is the same in every turn of a workflow (a model call's
+        messages are remembered one by one instead: ``_message_json``)."""
+        key: tuple[Any, ...] | None = None
+        if data.get("type") not in _MODEL_CALLS:
+            try:
+                key = (_frozen(data), tool_call_id)
+                done = self._described_cache.get(key)
+            except TypeError:  # a value that is not plain JSON: described, not remembered
+                key = done = None
+            if done is not None:
+                return done
+        name, kind, attrs = span_attributes(data, self._pricing, tool_call_id, self._openinference_messages)
+        done = (name, kind, wire.attributes(wire.SPAN_ATTRIBUTE, attrs), frozenset(attrs))
+        if key is not None:
+            if len(self._described_cache) >= DESCRIBED_ENTRIES:
+                self._described_cache.clear()
+            self._described_cache[key] = done
+        return done
 
     # -- the sender thread ------------------------------------------------------------------------
 

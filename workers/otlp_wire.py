@@ -167,18 +167,22 @@ def event(name: str, time_ns: int, attrs: Mapping[str, Any]) -> bytes:
                  + attributes(b"\x1a", attrs))
 
 
+SPAN_ATTRIBUTE = b"\x4a"  # Span.attributes' tag, for :func:`attributes`
+
+
 def span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, name: str, kind: int,
-         start_ns: int, end_ns: int, attrs: Mapping[str, Any], events: bytes = b"",
+         start_ns: int, end_ns: int, attrs: Mapping[str, Any] | bytes, events: bytes = b"",
          status_field: bytes = b"\x7a\x00") -> bytes:
-    """One ``Span`` message's bytes (``trace_id`` 16 bytes, span ids 8; ``events`` from
-    :func:`event`, ``status_field`` from :func:`status`)."""
+    """One ``Span`` message's bytes (``trace_id`` 16 bytes, span ids 8; ``attrs`` a mapping or
+    already ``attributes(SPAN_ATTRIBUTE, ...)``; ``events`` from :func:`event`,
+    ``status_field`` from :func:`status`)."""
     return b"".join((
         b"\x0a\x10", trace_id, b"\x12\x08", span_id,
         b"\x22\x08" + parent_id if parent_id else b"",
         field(b"\x2a", name.encode("utf-8")),
         b"\x30", _SMALL[kind],
         b"\x39", _pack_q(start_ns), b"\x41", _pack_q(end_ns),
-        attributes(b"\x4a", attrs),
+        attrs if type(attrs) is bytes else attributes(SPAN_ATTRIBUTE, attrs),
         events,
         status_field,
         b"\x85\x01", _pack_i(LOCAL_SPAN_FLAGS),
