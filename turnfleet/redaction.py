@@ -787,6 +787,7 @@ class Redactor:
         # Long strings repeat too: every generation span carries the agent's instructions and
         # the conversation so far. Remember the latest results (cleared when full).
         self._texts: dict[str, str] = {}
+        self._json_texts: dict[str, str] = {}  # json_text's results, as _texts
 
     @classmethod
     def from_settings(cls, settings: RedactionSettings) -> Redactor:
@@ -823,12 +824,21 @@ class Redactor:
         :meth:`text`, so that ``"89.00"`` stays ``"89.00"``.
         """
         if s.lstrip()[:1] in ("{", "["):
+            done = self._json_texts.get(s)
+            if done is not None:
+                return done
             try:
                 parsed = json.loads(s)
             except ValueError:
                 pass
             else:
-                return json.dumps(self.value(parsed), ensure_ascii=False, separators=(",", ":"))
+                # A tool's arguments and result repeat (in its span, its events, the next model
+                # call's input): parsed, redacted and dumped once.
+                if len(self._json_texts) >= TEXT_CACHE_ENTRIES:
+                    self._json_texts.clear()
+                done = self._json_texts[s] = json.dumps(self.value(parsed), ensure_ascii=False,
+                                                        separators=(",", ":"))
+                return done
         return self.text(s)
 
     # -- structures ---------------------------------------------------------------------------
