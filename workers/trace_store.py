@@ -111,7 +111,9 @@ class TraceBuffer(TracingProcessor):
         if isinstance(span.span_data, ResponseSpanData):  # its export drops model and messages
             exported["span_data"] = response_span_export(span.span_data)
         with self._lock:
-            buffered = self._traces.setdefault(span.trace_id, _Buffered())
+            buffered = self._traces.get(span.trace_id)
+            if buffered is None:
+                buffered = self._traces[span.trace_id] = _Buffered()
             if self._held >= self.max_spans:
                 buffered.dropped += 1
                 return
