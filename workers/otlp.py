@@ -670,6 +670,8 @@ def exception_event(error: Any) -> dict[str, Any]:
 def tool_call_ids(sdk_spans: list[Mapping[str, Any]]) -> dict[str, str]:
     """SDK function span id -> the model's call id, matched by tool name and arguments in
     the order the calls were made (only when model outputs were recorded)."""
+    if not any((sdk.get("span_data") or {}).get("type") == "function" for sdk in sdk_spans):
+        return {}  # no tool ran: nothing to match
     pending: dict[tuple[Any, Any], list[str]] = {}
     for sdk in sdk_spans:
         data = sdk.get("span_data") or {}
@@ -708,6 +710,8 @@ def _load_otel() -> SimpleNamespace:
 
 
 DESCRIBED_ENTRIES = 4096
+_ZERO_ID, _ONE_ID = bytes(8), (1).to_bytes(8, "big")
+_UNSET = wire.status(wire.STATUS_UNSET, None)  # the status of a span that did not fail
 _DICT = object()  # marks a frozen dict (a list of pairs is not the same value)
 
 
@@ -727,8 +731,9 @@ def _frozen(value: Any) -> Any:
 
 
 def _span_id(sdk_span_id: str) -> bytes:
-    """:func:`otel_span_id` as the 8 bytes on the wire."""
-    return otel_span_id(sdk_span_id).to_bytes(8, "big")
+    """:func:`otel_span_id` as the 8 bytes on the wire (the digest's first 8: the same number)."""
+    head = hashlib.sha256(sdk_span_id.encode("utf-8")).digest()[:8]
+    return head if head != _ZERO_ID else _ONE_ID
 
 
 @dataclass(frozen=True)
@@ -955,10 +960,10 @@ class OtlpSink:
         root_start = min(starts)
         root_end = max([*ends, root_start])
 
-        root_id = turn_span_id(sdk_trace_id, attempt).to_bytes(8, "big")
+        root_id = _span_id(f"{sdk_trace_id}#turn-attempt-{attempt}")  # turn_span_id's bytes
         workflow = str(trace.get("workflow_name") or "Agent workflow")
         root_attrs = root_attributes(trace)
-        root_events, root_status = b"", wire.status(wire.STATUS_UNSET, None)
+        root_events, root_status = b"", _UNSET
         if trace.get("status") == "failed":
             error = trace.get("error") or "turn failed"
             root_events, root_status = _failure(error, root_end)
@@ -983,13 +988,13 @@ class OtlpSink:
             start = root_start if start is None else start
             end = start if end is None else max(start, end)
             error = sdk.get("error")
-            events, span_status = b"", wire.status(wire.STATUS_UNSET, None)
+            events, span_status = b"", _UNSET
             if error:
                 events, span_status = _failure(error, end)
                 if isinstance(error, Mapping):
                     _put(own, "turnfleet.error.data", error.get("data"))
             if attr_keys.isdisjoint(own):
-                attr_bytes += wire.attributes(wire.SPAN_ATTRIBUTE, own)
+                attr_bytes += wire.attributes(wire.SPAN_ATTRIBUTE, own, remember=False)
             else:  # a data attribute of the same name: one mapping, as the names collide in it
                 attrs = span_attributes(data, self._pricing, call_id, self._openinference_messages)[2]
                 attrs.update(own)
