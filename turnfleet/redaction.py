@@ -784,6 +784,7 @@ class Redactor:
         # Dict keys repeat (they are the telemetry's schema): remember what each one becomes,
         # None meaning "sensitive field".
         self._keys: dict[str, str | None] = {}
+        self._plain: dict[tuple[Any, ...], bool] = {}  # a dict's key names -> all kept as they are
         # Long strings repeat too: every generation span carries the agent's instructions and
         # the conversation so far. Remember the latest results (cleared when full).
         self._texts: dict[str, str] = {}
@@ -846,6 +847,13 @@ class Redactor:
     def is_sensitive_field(self, name: str) -> bool:
         """Whether a dict entry under ``name`` is replaced whole by ``[REDACTED:field]``."""
         return normalise_field(name) in self._fields
+
+    def _remember_plain(self, names: tuple[Any, ...]) -> bool:
+        plain = all(type(name) is str and self._key(name) == name for name in names)
+        if len(self._plain) >= self._KEY_CACHE_SIZE:
+            self._plain.clear()
+        self._plain[names] = plain
+        return plain
 
     def _key(self, key: str) -> str | None:
         try:
@@ -920,7 +928,26 @@ class Redactor:
         return out
 
     def _mapping(self, obj: Mapping[Any, Any]) -> dict[Any, Any]:
-        keys, texts = self._keys, self._texts
+        texts = self._texts
+        if type(obj) is dict:
+            # A dict whose keys all stay as they are (the schema's names: neither sensitive nor
+            # redacted) is copied whole, then only its strings and containers are replaced:
+            # most of a trace record is such dicts of numbers and None (model settings, usage).
+            names = tuple(obj)
+            plain = self._plain.get(names)
+            if plain is None:
+                plain = self._remember_plain(names)
+            if plain:
+                out = obj.copy()
+                for key, val in obj.items():
+                    kind = type(val)
+                    if kind is str:
+                        done = texts.get(val)
+                        out[key] = self.text(val) if done is None else done
+                    elif kind not in _ATOMS:
+                        out[key] = self.value(val)
+                return out
+        keys = self._keys
         out: dict[Any, Any] = {}
         for key, val in obj.items():
             if type(key) is str:
