@@ -355,3 +355,23 @@ def test_hooks_write_each_event_in_its_wire_form_without_building_models(monkeyp
             assert last.error == ErrorInfo(type="ToolError", message="lookup_order raised ConnectionError")
             if redactor is None:  # the models ``events`` gives are the same events
                 assert batch_json(h.events) == written
+
+
+def test_a_batch_is_written_as_utf8_and_a_non_finite_number_as_json_writes_it() -> None:
+    """The batch goes through orjson (issue 19): non-ASCII text as UTF-8, not ``\\u`` escapes,
+    decoding to the same events. A NaN or infinite number a hook passed through is still
+    written ``NaN`` / ``Infinity`` (json's spelling; orjson would write null): the consumer's
+    poison path (tests/test_dead_letter.py) depends on it."""
+    h = hooks(True, Redactor())
+    h.turn_started(1.0, "Triage")
+    h.turn_completed(20.0, 1.0, "Grüße aus Köln 🙂, order 1043 ships today")
+    written = h.batch_json()
+    assert "Grüße aus Köln 🙂" in written and "\\u00fc" not in written
+    assert batch_json(parse_events(written)) == json.dumps(json.loads(written), separators=(",", ":"))
+    for value, spelled in ((float("nan"), "NaN"), (float("inf"), "Infinity")):
+        odd = hooks(True, Redactor())
+        odd.turn_started(value, "Triage")
+        odd.turn_completed(20.0, 1.0, "Grüße")
+        text = odd.batch_json()
+        assert f'"queue_wait_ms":{spelled}' in text and "Grüße" not in text  # json, as before
+        assert json.loads(text)[1]["detail"]["final_output"] == "Grüße"
