@@ -670,23 +670,42 @@ def exception_event(error: Any) -> dict[str, Any]:
 def tool_call_ids(sdk_spans: list[Mapping[str, Any]]) -> dict[str, str]:
     """SDK function span id -> the model's call id, matched by tool name and arguments in
     the order the calls were made (only when model outputs were recorded)."""
-    if not any((sdk.get("span_data") or {}).get("type") == "function" for sdk in sdk_spans):
+    tools = [sdk for sdk in sdk_spans if (sdk.get("span_data") or {}).get("type") == "function"]
+    if not tools:
         return {}  # no tool ran: nothing to match
     pending: dict[tuple[Any, Any], list[str]] = {}
     for sdk in sdk_spans:
         data = sdk.get("span_data") or {}
         if data.get("type") in _MODEL_CALLS:
-            for message in messages(data.get("output")):
-                for call in message.get("tool_calls") or []:
-                    if call.get("id"):
-                        pending.setdefault((call.get("name"), call.get("arguments")), []).append(call["id"])
+            for call_id, name, arguments in _calls_in(data.get("output")):
+                if call_id:
+                    pending.setdefault((name, arguments), []).append(call_id)
     out: dict[str, str] = {}
-    for sdk in sorted(sdk_spans, key=lambda s: s.get("started_at") or ""):
-        data = sdk.get("span_data") or {}
-        if data.get("type") == "function":
-            ids = pending.get((data.get("name"), data.get("input")))
-            if ids:
-                out[str(sdk["id"])] = ids.pop(0)
+    for sdk in sorted(tools, key=lambda s: s.get("started_at") or ""):
+        data = sdk["span_data"]
+        ids = pending.get((data.get("name"), data.get("input")))
+        if ids:
+            out[str(sdk["id"])] = ids.pop(0)
+    return out
+
+
+def _calls_in(items: Any) -> list[tuple[Any, Any, Any]]:
+    """(id, name, arguments) of the tool calls in a model call's output, as :func:`messages`
+    reads them (without building the messages)."""
+    if isinstance(items, str):
+        return []
+    out = []
+    for item in items or []:
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type")
+        if kind == "function_call":
+            out.append((item.get("call_id") or item.get("id"), item.get("name"), item.get("arguments")))
+        elif kind != "function_call_output" and "role" in item:
+            for c in item.get("tool_calls") or []:
+                if isinstance(c, Mapping):
+                    out.append((c.get("id"), (c.get("function") or {}).get("name"),
+                                (c.get("function") or {}).get("arguments")))
     return out
 
 
@@ -980,7 +999,9 @@ class OtlpSink:
             name, kind, attr_bytes, attr_keys = self._described(data, call_id)
             # The span's own attributes, after what its data says (in this order).
             own: dict[str, Any] = {"turnfleet.sdk_span_id": sdk_id}
-            _put(own, "turnfleet.span_metadata", sdk.get("metadata"))
+            metadata = sdk.get("metadata")
+            if metadata is not None:
+                _put(own, "turnfleet.span_metadata", metadata)
             parent_id = ids.get(str(sdk_parent)) if sdk_parent is not None else None
             if parent_id is None:  # adopted by the root: the SDK parent it had (not kept) is said here only
                 parent_id = root_id
@@ -993,7 +1014,9 @@ class OtlpSink:
                 events, span_status = _failure(error, end)
                 if isinstance(error, Mapping):
                     _put(own, "turnfleet.error.data", error.get("data"))
-            if attr_keys.isdisjoint(own):
+            if len(own) == 1 and "turnfleet.sdk_span_id" not in attr_keys:  # the usual: its id only
+                attr_bytes += wire.string_attribute(wire.SPAN_ATTRIBUTE, "turnfleet.sdk_span_id", sdk_id)
+            elif attr_keys.isdisjoint(own):
                 attr_bytes += wire.attributes(wire.SPAN_ATTRIBUTE, own, remember=False)
             else:  # a data attribute of the same name: one mapping, as the names collide in it
                 attrs = span_attributes(data, self._pricing, call_id, self._openinference_messages)[2]

@@ -145,6 +145,11 @@ def attributes(tag: bytes, attrs: Mapping[str, Any], remember: bool = True) -> b
     return b"".join(out)
 
 
+def string_attribute(tag: bytes, key: str, value: str) -> bytes:
+    """One string attribute's field, not cached (``attributes(tag, {key: value}, remember=False)``)."""
+    return field(tag, _key(key) + field(b"\x12", field(b"\x0a", value.encode("utf-8"))))
+
+
 def _remember(cache_key: tuple[bytes, str, type, Any], whole: bytes) -> bytes:
     if len(_WHOLE) >= _CACHE_ENTRIES:
         _WHOLE.clear()
