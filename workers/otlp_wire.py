@@ -39,6 +39,8 @@ def varint(n: int) -> bytes:
     """``n`` (0 ≤ n < 2**64) as a protobuf varint."""
     if n < 128:
         return _SMALL[n]
+    if n < 16384:  # two bytes: most lengths of a span's strings and messages
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 127:
         out.append((n & 0x7F) | 0x80)
@@ -70,6 +72,8 @@ def any_value(value: Any) -> bytes:
         return field(b"\x0a", str(value).encode())  # beyond int64: its digits, not a failed batch
     if kind is float:
         return b"\x21" + _pack_d(value)
+    if kind is list or kind is tuple:
+        return field(b"\x2a", b"".join(field(b"\x0a", any_value(v)) for v in value))
     if isinstance(value, str):
         return field(b"\x0a", str(value).encode("utf-8"))
     if isinstance(value, bool):
