@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from agents import Agent, RunContextWrapper, RunHooks, Tool
@@ -33,7 +34,7 @@ from agents.items import ModelResponse
 from turnfleet import events as ev
 from turnfleet import fastjson
 from turnfleet.events import EventDetail, TelemetryEvent
-from turnfleet.models import ErrorInfo, Handoff, TokenUsage, ToolCall, utcnow
+from turnfleet.models import ErrorInfo, Handoff, TokenUsage, ToolCall
 from turnfleet.redaction import Redactor
 from turnfleet.tool_errors import tool_error_of
 
@@ -112,7 +113,21 @@ def _usage(usage: TokenUsage | None) -> dict[str, int] | None:
 
 def _now() -> str:
     """``utcnow()`` as pydantic writes it (``...+00:00`` as ``Z``)."""
-    return utcnow().isoformat().replace("+00:00", "Z")
+    return iso_z(time.time_ns())
+
+
+_second: tuple[int, str] = (-1, "")  # the latest second written, and its "YYYY-MM-DDTHH:MM:SS"
+
+
+def iso_z(ns: int) -> str:
+    """``ns`` since the epoch as ``datetime.isoformat`` writes it in UTC (microseconds floored,
+    left out when 0), with ``Z``: the second's text is made once a second, not per event."""
+    global _second
+    seconds, micros = divmod(ns // 1000, 1_000_000)
+    done = _second
+    if done[0] != seconds:
+        done = _second = (seconds, datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{done[1]}.{micros:06d}Z" if micros else f"{done[1]}Z"
 
 
 JSON_FIELDS: dict[str, tuple[str, ...]] = {k.value: cls.json_fields for k, cls in ev.PAYLOADS.items()}
