@@ -142,29 +142,39 @@ def test_each_distinct_message_is_encoded_once_across_a_records_model_calls(monk
 
 def test_a_span_whose_data_repeats_is_described_once_and_model_calls_each_time(monkeypatch) -> None:
     """An agent's, a handoff's, a guardrail's or a task's span is the same in every turn of a
-    workflow: the attributes its data makes are remembered as bytes; model calls are not."""
+    workflow: the attributes its data makes are remembered as bytes. A model call's messages
+    and usage are written for each call (its model and settings are remembered)."""
     from turnfleet.workers import otlp
 
     described: list[str] = []
-    real = otlp.span_attributes
+    messages_written: list[str] = []
+    real, real_io = otlp.span_attributes, otlp._put_generation_io
 
     def counting(span_data: Any, *args: Any) -> Any:
         described.append(str(span_data.get("type")))
         return real(span_data, *args)
 
+    def counting_io(attrs: Any, span_data: Any, *args: Any) -> None:
+        messages_written.append(str(span_data.get("type")))
+        real_io(attrs, span_data, *args)
+
     monkeypatch.setattr(otlp, "span_attributes", counting)
+    monkeypatch.setattr(otlp, "_put_generation_io", counting_io)
     record = GOLDEN["records"]["refund"]
+    model_calls = [s for s in record["spans"] if s["span_data"]["type"] in ("generation", "response")]
     sink = _sink()
     try:
         first = sink.encode([record])
-        kinds = list(described)
+        assert len(described) == len(record["spans"]) - len(model_calls)
+        assert len(messages_written) == len(model_calls)
         described.clear()
+        messages_written.clear()
         again = sink.encode([copy.deepcopy(record)])
     finally:
         sink.shutdown()
     assert again == first
-    assert len(kinds) == len(record["spans"])
-    assert described == [k for k in kinds if k in ("generation", "response")]
+    assert described == []
+    assert len(messages_written) == len(model_calls)
 
 
 def test_remembered_attributes_tell_true_1_and_1_0_apart_and_keep_a_spans_own_names_last() -> None:

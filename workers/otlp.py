@@ -549,18 +549,7 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         model = span_data.get("model")
         name, operation = (f"chat {model}" if model else "chat"), Op.CHAT.value
         _put(attrs, GA.GEN_AI_RESPONSE_ID, span_data.get("response_id"))
-        _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
-        # The model that answered, only once an answer came (the SDK records usage for every
-        # answer): Phoenix shows gen_ai.response.* as the output of a span that has none.
-        if span_data.get("usage") or span_data.get("output"):
-            _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
-        _put(attrs, OI.LLM_MODEL_NAME, model)
-        _put(attrs, OI.LLM_PROVIDER, provider_of(model))
-        config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}
-        _put(attrs, GA.GEN_AI_REQUEST_TEMPERATURE, config.get("temperature"))
-        _put(attrs, GA.GEN_AI_REQUEST_TOP_P, config.get("top_p"))
-        _put(attrs, GA.GEN_AI_REQUEST_MAX_TOKENS, config.get("max_tokens"))
-        _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
+        _put_model_config(attrs, span_data)
         _put_usage(attrs, span_data.get("usage"), model, pricing)
         _put_generation_io(attrs, span_data, openinference_messages)
     elif kind == "function":
@@ -606,15 +595,37 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         label = span_data.get("name") or span_data.get("model")
         name, operation = (f"{kind} {label}" if label else kind), kind
         _put_data(attrs, f"turnfleet.{kind}", span_data)
+    _put_kind(attrs, kind, operation, span_data.get("model"))
+    return name, kind, attrs
+
+
+def _put_model_config(attrs: dict[str, Any], span_data: Mapping[str, Any]) -> None:
+    """A model call's model and settings (the same for every call of one model and config)."""
+    model = span_data.get("model")
+    _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
+    # The model that answered, only once an answer came (the SDK records usage for every
+    # answer): Phoenix shows gen_ai.response.* as the output of a span that has none.
+    if span_data.get("usage") or span_data.get("output"):
+        _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
+    _put(attrs, OI.LLM_MODEL_NAME, model)
+    _put(attrs, OI.LLM_PROVIDER, provider_of(model))
+    config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}
+    _put(attrs, GA.GEN_AI_REQUEST_TEMPERATURE, config.get("temperature"))
+    _put(attrs, GA.GEN_AI_REQUEST_TOP_P, config.get("top_p"))
+    _put(attrs, GA.GEN_AI_REQUEST_MAX_TOKENS, config.get("max_tokens"))
+    _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
+
+
+def _put_kind(attrs: dict[str, Any], kind: str, operation: str, model: Any) -> None:
+    """Every span's last attributes: the operation, the provider, the OpenInference kind."""
     attrs[GA.GEN_AI_OPERATION_NAME] = operation
     if kind in _MODEL_CALLS:
-        provider = provider_of(span_data.get("model"))
+        provider = provider_of(model)
         attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers for model calls
     else:
         provider = GEN_AI_PROVIDER
     attrs[GA.GEN_AI_PROVIDER_NAME] = provider
     attrs[OI.OPENINFERENCE_SPAN_KIND] = _OPENINFERENCE_KIND.get(kind, Kind.CHAIN.value)
-    return name, kind, attrs
 
 
 def root_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
@@ -730,6 +741,7 @@ def _load_otel() -> SimpleNamespace:
 
 DESCRIBED_ENTRIES = 4096
 _ZERO_ID, _ONE_ID = bytes(8), (1).to_bytes(8, "big")
+_NO_NAMES: frozenset[str] = frozenset()
 _UNSET = wire.status(wire.STATUS_UNSET, None)  # the status of a span that did not fail
 _DICT = object()  # marks a frozen dict (a list of pairs is not the same value)
 
@@ -875,6 +887,7 @@ class OtlpSink:
         self._pricing = memoized(pricing) if pricing is not None else None
         self._openinference_messages = openinference_messages
         self._described_cache: dict[tuple[Any, ...], tuple[str, str, bytes, frozenset[str]]] = {}
+        self._model_parts: dict[tuple[Any, ...], tuple[str, bytes, bytes]] = {}
         self.endpoint = endpoint
         self._post = _Post(endpoint, dict(headers or {}), timeout_s)
         resource = otel.Resource.create({**dict(resource_attributes or {}), "service.name": service_name})
@@ -1027,13 +1040,46 @@ class OtlpSink:
                                  start, end, attr_bytes, events, span_status))
         return out
 
+    def _model_call(self, data: Mapping[str, Any]) -> tuple[str, str, bytes, frozenset[str]]:
+        """A model call's span as :meth:`_described` gives it: its model-and-settings
+        attributes and its last ones are the same for every call of one model and config
+        (remembered as bytes); its id, usage and messages are written for the call. The parts
+        are written in ``span_attributes``' order, and none makes a span's own names."""
+        kind, model = str(data["type"]), data.get("model")
+        answered = bool(data.get("usage") or data.get("output"))
+        key = (kind, _frozen(model), answered, _frozen(data.get("model_config") or {}))
+        parts = self._model_parts.get(key)
+        if parts is None:
+            head: dict[str, Any] = {}
+            _put_model_config(head, data)
+            tail: dict[str, Any] = {}
+            _put_kind(tail, kind, GA.GenAiOperationNameValues.CHAT.value, model)
+            parts = (f"chat {model}" if model else "chat", wire.attributes(wire.SPAN_ATTRIBUTE, head),
+                     wire.attributes(wire.SPAN_ATTRIBUTE, tail))
+            if len(self._model_parts) >= DESCRIBED_ENTRIES:
+                self._model_parts.clear()
+            self._model_parts[key] = parts
+        name, head_bytes, tail_bytes = parts
+        call: dict[str, Any] = {}
+        _put(call, GA.GEN_AI_RESPONSE_ID, data.get("response_id"))
+        rest: dict[str, Any] = {}
+        _put_usage(rest, data.get("usage"), model, self._pricing)
+        _put_generation_io(rest, data, self._openinference_messages)
+        return (name, kind, wire.attributes(wire.SPAN_ATTRIBUTE, call, remember=False) + head_bytes
+                + wire.attributes(wire.SPAN_ATTRIBUTE, rest) + tail_bytes, _NO_NAMES)
+
     def _described(self, data: Mapping[str, Any], tool_call_id: str | None) -> tuple[str, str, bytes, frozenset[str]]:
         """A span's name, SDK type, the OTLP bytes of the attributes its data makes, and their
         names. Remembered by the data's value for all but model calls: an agent's, a handoff's,
         a guardrail's or a task's span is the same in every turn of a workflow (a model call's
         messages are remembered one by one instead: ``_message_json``)."""
         key: tuple[Any, ...] | None = None
-        if data.get("type") not in _MODEL_CALLS:
+        if data.get("type") in _MODEL_CALLS:
+            try:
+                return self._model_call(data)
+            except TypeError:  # a value that is not plain JSON: described whole, below
+                pass
+        else:
             try:
                 key = (_frozen(data), tool_call_id)
                 done = self._described_cache.get(key)
