@@ -323,7 +323,9 @@ def _redact_fields(item: Mapping[str, Any], redactor: Redactor, ids: set[str] | 
             kept[key] = _redact_span_data(value, redactor)
         else:
             rest[key] = value
-    return {**kept, **redactor.value(rest)} if rest else kept
+    if rest:  # the other fields after the SDK's, as before
+        kept.update(redactor.value(rest))
+    return kept
 
 
 def _redact_span_data(data: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
