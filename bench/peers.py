@@ -614,7 +614,11 @@ def peers_lines(runs: dict[str, list[dict[str, float]]], skipped: dict[str, str]
 
 
 def section(base: Path, quick: bool, note: str = "") -> list[str]:
-    turns, reps, profile_turns = (60, 3, 200) if quick else (200, 5, 600)
+    # The profiled processes run longer than the measured ones: at bench/profile.py's rate a
+    # part of ~50 µs a turn got ~6 samples in 600 turns, and (e) and (f) read 2× apart in parts
+    # they do alike (issue 19: the buffer's callbacks, 48 vs 105 µs; ~50 µs each in one process,
+    # by thread CPU time). A higher rate would slow the process more (py-spy pauses it per sample).
+    turns, reps, profile_turns = (60, 3, 600) if quick else (200, 5, 3000)
     runs, skipped, profiles = bench_peers(base, turns, reps, profile_turns)
     versions = peer_versions() if PEERS_PYTHON.exists() else {}
     return peers_lines(runs, skipped, turns, reps, versions, profiles, profile_turns, note)

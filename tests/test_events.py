@@ -355,3 +355,43 @@ def test_hooks_write_each_event_in_its_wire_form_without_building_models(monkeyp
             assert last.error == ErrorInfo(type="ToolError", message="lookup_order raised ConnectionError")
             if redactor is None:  # the models ``events`` gives are the same events
                 assert batch_json(h.events) == written
+
+
+def test_a_batch_is_written_as_utf8_and_a_non_finite_number_as_json_writes_it() -> None:
+    """The batch goes through orjson (issue 19): non-ASCII text as UTF-8, not ``\\u`` escapes,
+    decoding to the same events. A NaN or infinite number a hook passed through is still
+    written ``NaN`` / ``Infinity`` (json's spelling; orjson would write null): the consumer's
+    poison path (tests/test_dead_letter.py) depends on it."""
+    h = hooks(True, Redactor())
+    h.turn_started(1.0, "Triage")
+    h.turn_completed(20.0, 1.0, "Grüße aus Köln 🙂, order 1043 ships today")
+    written = h.batch_json()
+    assert "Grüße aus Köln 🙂" in written and "\\u00fc" not in written
+    assert batch_json(parse_events(written)) == json.dumps(json.loads(written), separators=(",", ":"))
+    for value, spelled in ((float("nan"), "NaN"), (float("inf"), "Infinity")):
+        odd = hooks(True, Redactor())
+        odd.turn_started(value, "Triage")
+        odd.turn_completed(20.0, 1.0, "Grüße")
+        text = odd.batch_json()
+        assert f'"queue_wait_ms":{spelled}' in text and "Grüße" not in text  # json, as before
+        assert json.loads(text)[1]["detail"]["final_output"] == "Grüße"
+
+
+def test_event_timestamps_are_written_as_isoformat_writes_utc_with_z() -> None:
+    """The hooks stamp events without building a datetime per event (issue 19); the text is
+    what ``datetime.isoformat`` wrote (microseconds floored, left out when 0, ``Z``)."""
+    from datetime import datetime, timedelta, timezone
+
+    from turnfleet.workers.hooks import iso_z
+
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    instants = [0, 999, 1_000, 1_732_500_000_000_000_000, 1_732_500_000_123_456_789,
+                1_732_500_000_999_999_999, 4_102_444_799_999_999_000]
+    instants += [1_732_500_000_000_000_000 + i * 7_777_777_777 for i in range(200)]
+    for ns in instants:
+        expected = (epoch + timedelta(microseconds=ns // 1000)).isoformat().replace("+00:00", "Z")
+        assert iso_z(ns) == expected
+    h = hooks()
+    h.turn_started(1.0, "Triage")
+    ts = json.loads(h.batch_json())[0]["ts"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", ts)

@@ -656,3 +656,43 @@ def test_the_cli_refuses_unusable_redaction_settings_in_one_line(fleet_env, name
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"turnfleet: {says}") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_json_text_parses_and_redacts_a_repeated_string_once(monkeypatch) -> None:
+    """A tool's arguments and result repeat (its span, its events, the next model call's
+    input): ``json_text`` remembers what each string became, as ``text`` does (issue 19)."""
+    from types import SimpleNamespace
+
+    stdlib_json = json
+    parsed: list[str] = []
+
+    def loads(s: str) -> object:
+        parsed.append(s)
+        return stdlib_json.loads(s)
+
+    monkeypatch.setattr(redaction, "json", SimpleNamespace(loads=loads, dumps=stdlib_json.dumps))
+    r = Redactor()
+    raw = '{"card": "4111 1111 1111 1111", "order_id": "1042", "email": "ann@example.com"}'
+    first, again = r.json_text(raw), r.json_text(raw)
+    assert first == again == '{"card":"[REDACTED:card]","order_id":"1042","email":"[REDACTED:email]"}'
+    assert parsed == [raw]
+
+
+def test_a_dict_copied_whole_is_still_redacted_where_its_keys_or_values_say() -> None:
+    """The walk copies a dict whose key names all stay as they are and replaces only its
+    strings and containers; a dict with the same names plus a sensitive or redacted one, or a
+    str subclass key, takes the entry by entry path: the results are the same as key by key."""
+
+    class Name(str):
+        pass
+
+    r = Redactor()
+    plain = {"model": "m", "temperature": None, "max_tokens": 5, "top_p": 0.5, "store": True,
+             "metadata": {"note": "call +44 20 7946 0958"}, "tags": ["ann@example.com", 3]}
+    assert r.value(plain) == {**plain, "metadata": {"note": "call [REDACTED:phone]"},
+                              "tags": ["[REDACTED:email]", 3]}
+    assert r.value({**plain, "api_key": "x"})["api_key"] == "[REDACTED:field]"
+    assert "[REDACTED:email]" in r.value({**plain, "ann@example.com": 1})
+    subclassed = r.value({Name("password"): "hunter2", Name("model"): "m"})
+    assert list(subclassed.values()) == ["[REDACTED:field]", "m"]
+    assert r.value(plain) == r.value(plain)  # the second time from the remembered names

@@ -745,6 +745,10 @@ class _UserPattern:
 TEXT_CACHE_MIN_CHARS = 1
 TEXT_CACHE_ENTRIES = 4096
 
+# What :meth:`Redactor.value` passes through as it is, by exact type.
+_ATOMS = frozenset({type(None), bool, int, float, bytes, bytearray})
+_UNSEEN = object()  # a key the key cache has not seen (its None means "sensitive field")
+
 
 class RedactionSettings(Protocol):
     """What a redactor is built from: ``turnfleet.settings.CommonSettings`` has these (the
@@ -780,9 +784,11 @@ class Redactor:
         # Dict keys repeat (they are the telemetry's schema): remember what each one becomes,
         # None meaning "sensitive field".
         self._keys: dict[str, str | None] = {}
+        self._plain: dict[tuple[Any, ...], bool] = {}  # a dict's key names -> all kept as they are
         # Long strings repeat too: every generation span carries the agent's instructions and
         # the conversation so far. Remember the latest results (cleared when full).
         self._texts: dict[str, str] = {}
+        self._json_texts: dict[str, str] = {}  # json_text's results, as _texts
 
     @classmethod
     def from_settings(cls, settings: RedactionSettings) -> Redactor:
@@ -819,12 +825,21 @@ class Redactor:
         :meth:`text`, so that ``"89.00"`` stays ``"89.00"``.
         """
         if s.lstrip()[:1] in ("{", "["):
+            done = self._json_texts.get(s)
+            if done is not None:
+                return done
             try:
                 parsed = json.loads(s)
             except ValueError:
                 pass
             else:
-                return json.dumps(self.value(parsed), ensure_ascii=False, separators=(",", ":"))
+                # A tool's arguments and result repeat (in its span, its events, the next model
+                # call's input): parsed, redacted and dumped once.
+                if len(self._json_texts) >= TEXT_CACHE_ENTRIES:
+                    self._json_texts.clear()
+                done = self._json_texts[s] = json.dumps(self.value(parsed), ensure_ascii=False,
+                                                        separators=(",", ":"))
+                return done
         return self.text(s)
 
     # -- structures ---------------------------------------------------------------------------
@@ -832,6 +847,13 @@ class Redactor:
     def is_sensitive_field(self, name: str) -> bool:
         """Whether a dict entry under ``name`` is replaced whole by ``[REDACTED:field]``."""
         return normalise_field(name) in self._fields
+
+    def _remember_plain(self, names: tuple[Any, ...]) -> bool:
+        plain = all(type(name) is str and self._key(name) == name for name in names)
+        if len(self._plain) >= self._KEY_CACHE_SIZE:
+            self._plain.clear()
+        self._plain[names] = plain
+        return plain
 
     def _key(self, key: str) -> str | None:
         try:
@@ -854,6 +876,22 @@ class Redactor:
         card). Any other object comes back as it is unless its ``str()`` carries a secret, in
         which case the redacted string replaces it.
         """
+        # The exact JSON types first, by ``type() is``: a trace record is ~400 nodes a turn,
+        # and the walk (not the detectors: their results are cached) was most of its cost.
+        kind = type(obj)
+        if kind is str:
+            done = self._texts.get(obj)
+            return self.text(obj) if done is None else done
+        if kind is dict:
+            return self._mapping(obj)
+        if kind is list:
+            return self._list(obj)
+        if kind in _ATOMS:
+            return obj
+        return self._other(obj)
+
+    def _other(self, obj: Any) -> Any:
+        """:meth:`value` of anything but an exact str, dict, list or atom (subclasses too)."""
         if isinstance(obj, str):
             return self.text(obj)
         if obj is None or isinstance(obj, (bool, int, float, bytes, bytearray)):
@@ -861,7 +899,7 @@ class Redactor:
         if isinstance(obj, dict):
             return self._mapping(obj)
         if isinstance(obj, list):
-            return [self.value(v) for v in obj]
+            return self._list(obj)
         if isinstance(obj, tuple):
             return tuple(self.value(v) for v in obj)
         if isinstance(obj, (set, frozenset)):
@@ -872,17 +910,70 @@ class Redactor:
         redacted = self.text(as_text)
         return obj if redacted == as_text else redacted
 
+    def _list(self, obj: list[Any]) -> list[Any]:
+        texts = self._texts
+        out = []
+        append = out.append
+        for val in obj:
+            kind = type(val)
+            if kind is str:
+                done = texts.get(val)
+                append(self.text(val) if done is None else done)
+            elif kind is dict:
+                append(self._mapping(val))
+            elif kind in _ATOMS:
+                append(val)
+            else:
+                append(self.value(val))
+        return out
+
     def _mapping(self, obj: Mapping[Any, Any]) -> dict[Any, Any]:
+        texts = self._texts
+        if type(obj) is dict:
+            # A dict whose keys all stay as they are (the schema's names: neither sensitive nor
+            # redacted) is copied whole, then only its strings and containers are replaced:
+            # most of a trace record is such dicts of numbers and None (model settings, usage).
+            names = tuple(obj)
+            plain = self._plain.get(names)
+            if plain is None:
+                plain = self._remember_plain(names)
+            if plain:
+                out = obj.copy()
+                for key, val in obj.items():
+                    kind = type(val)
+                    if kind is str:
+                        done = texts.get(val)
+                        out[key] = self.text(val) if done is None else done
+                    elif kind not in _ATOMS:
+                        out[key] = self.value(val)
+                return out
+        keys = self._keys
         out: dict[Any, Any] = {}
         for key, val in obj.items():
-            if isinstance(key, str):
+            if type(key) is str:
+                new_key = keys.get(key, _UNSEEN)
+                if new_key is _UNSEEN:
+                    new_key = self._key(key)
+            elif isinstance(key, str):
                 new_key = self._key(key)
-                if new_key is None:
-                    out[key] = FIELD_MARK
-                else:
-                    out[new_key] = self.value(val)
             else:
                 out[key] = self.value(val)
+                continue
+            if new_key is None:
+                out[key] = FIELD_MARK
+                continue
+            kind = type(val)
+            if kind is str:
+                done = texts.get(val)
+                out[new_key] = self.text(val) if done is None else done
+            elif kind in _ATOMS:
+                out[new_key] = val
+            elif kind is dict:
+                out[new_key] = self._mapping(val)
+            elif kind is list:
+                out[new_key] = self._list(val)
+            else:
+                out[new_key] = self.value(val)
         return out
 
     # -- logging ------------------------------------------------------------------------------

@@ -245,10 +245,38 @@ def token_usage(usage: Mapping[str, Any]) -> TokenUsage:
     )
 
 
+_USAGE_ATTRS: dict[tuple[Any, ...], dict[str, Any]] = {}  # (model, pricing, the counts) -> attributes
+_USAGE_ENTRIES = 4096
+
+
 def _put_usage(attrs: dict[str, Any], usage: Mapping[str, Any] | None, model: str | None,
                pricing: Pricing | None) -> None:
+    """A model call's token counts and cost; the same counts of the same model make the same
+    attributes (remembered: the cost prices a ``TokenUsage``, ~10 µs a call)."""
     if not usage:
         return
+    try:
+        details_in = usage.get("input_tokens_details") or {}
+        details_out = usage.get("output_tokens_details") or {}
+        counts = (usage.get("input_tokens"), usage.get("output_tokens"), usage.get("total_tokens"),
+                  usage.get("requests"), details_in.get("cached_tokens"), details_in.get("cache_write_tokens"),
+                  details_out.get("reasoning_tokens"))
+        # Types too: 1, 1.0 and True are equal keys, not equal attributes.
+        key = (model, pricing, counts, tuple(map(type, counts)))
+        block = _USAGE_ATTRS.get(key)
+    except (TypeError, AttributeError):  # an unhashable or odd value: written, not remembered
+        _usage_attributes(attrs, usage, model, pricing)
+        return
+    if block is None:
+        if len(_USAGE_ATTRS) >= _USAGE_ENTRIES:
+            _USAGE_ATTRS.clear()
+        block = _USAGE_ATTRS[key] = {}
+        _usage_attributes(block, usage, model, pricing)
+    attrs.update(block)
+
+
+def _usage_attributes(attrs: dict[str, Any], usage: Mapping[str, Any], model: str | None,
+                      pricing: Pricing | None) -> None:
     input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
     details_in = usage.get("input_tokens_details") or {}
     details_out = usage.get("output_tokens_details") or {}
@@ -349,22 +377,45 @@ def _put_messages(attrs: dict[str, Any], genai_key: str, history: list[dict[str,
     has the ``finish_reason`` GenAI requires (``tool_call`` when it calls tools, else ``stop``;
     the record keeps no other): without it Phoenix's conversion refuses the whole list.
     """
-    parts_of: list[dict[str, Any]] = []
-    for message in history:
-        parts: list[dict[str, Any]] = []
-        if message.get("tool_call_id"):
-            parts.append({"type": "tool_call_response", "id": message["tool_call_id"],
-                          "response": message.get("content")})
-        elif message.get("content") is not None:
-            parts.append({"type": "text", "content": message["content"]})
-        for call in message.get("tool_calls") or []:
-            parts.append({"type": "tool_call", **call})
-        part = {"role": message["role"], "parts": parts}
-        if output:
-            part["finish_reason"] = "tool_call" if message.get("tool_calls") else "stop"
-        parts_of.append(part)
-    if parts_of:
-        attrs[genai_key] = _json(parts_of)
+    if history:
+        # The list's JSON is its messages' JSON joined as json.dumps joins a list's items: each
+        # distinct message is encoded once (a call's input repeats the earlier calls' messages
+        # and the agents' instructions; a conversation's later turns repeat its history).
+        attrs[genai_key] = "[" + ", ".join([_message_json(message, output) for message in history]) + "]"
+
+
+_MESSAGE_JSON: dict[tuple[Any, ...], str] = {}  # (output, the message's fields) -> its GenAI part's JSON
+_MESSAGE_JSON_ENTRIES = 4096
+
+
+def _message_json(message: Mapping[str, Any], output: bool) -> str:
+    calls = message.get("tool_calls")
+    try:
+        key = (output, message["role"], message.get("content"), message.get("tool_call_id"),
+               tuple(tuple(call.items()) for call in calls) if calls else None)
+        done = _MESSAGE_JSON.get(key)
+    except TypeError:  # an unhashable value (not what ``messages`` makes): encoded, not remembered
+        return _json(_genai_message(message, output))
+    if done is None:
+        if len(_MESSAGE_JSON) >= _MESSAGE_JSON_ENTRIES:
+            _MESSAGE_JSON.clear()
+        done = _MESSAGE_JSON[key] = _json(_genai_message(message, output))
+    return done
+
+
+def _genai_message(message: Mapping[str, Any], output: bool) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = []
+    if message.get("tool_call_id"):
+        parts.append({"type": "tool_call_response", "id": message["tool_call_id"],
+                      "response": message.get("content")})
+    elif message.get("content") is not None:
+        parts.append({"type": "text", "content": message["content"]})
+    for call in message.get("tool_calls") or []:
+        parts.append({"type": "tool_call", **call})
+    part = {"role": message["role"], "parts": parts}
+    if output:
+        part["finish_reason"] = "tool_call" if message.get("tool_calls") else "stop"
+    return part
 
 
 def _put_openinference_messages(attrs: dict[str, Any], oi_key: str, history: list[dict[str, Any]]) -> None:
@@ -498,18 +549,7 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         model = span_data.get("model")
         name, operation = (f"chat {model}" if model else "chat"), Op.CHAT.value
         _put(attrs, GA.GEN_AI_RESPONSE_ID, span_data.get("response_id"))
-        _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
-        # The model that answered, only once an answer came (the SDK records usage for every
-        # answer): Phoenix shows gen_ai.response.* as the output of a span that has none.
-        if span_data.get("usage") or span_data.get("output"):
-            _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
-        _put(attrs, OI.LLM_MODEL_NAME, model)
-        _put(attrs, OI.LLM_PROVIDER, provider_of(model))
-        config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}
-        _put(attrs, GA.GEN_AI_REQUEST_TEMPERATURE, config.get("temperature"))
-        _put(attrs, GA.GEN_AI_REQUEST_TOP_P, config.get("top_p"))
-        _put(attrs, GA.GEN_AI_REQUEST_MAX_TOKENS, config.get("max_tokens"))
-        _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
+        _put_model_config(attrs, span_data)
         _put_usage(attrs, span_data.get("usage"), model, pricing)
         _put_generation_io(attrs, span_data, openinference_messages)
     elif kind == "function":
@@ -555,15 +595,37 @@ def span_attributes(span_data: Mapping[str, Any], pricing: Pricing | None = None
         label = span_data.get("name") or span_data.get("model")
         name, operation = (f"{kind} {label}" if label else kind), kind
         _put_data(attrs, f"turnfleet.{kind}", span_data)
+    _put_kind(attrs, kind, operation, span_data.get("model"))
+    return name, kind, attrs
+
+
+def _put_model_config(attrs: dict[str, Any], span_data: Mapping[str, Any]) -> None:
+    """A model call's model and settings (the same for every call of one model and config)."""
+    model = span_data.get("model")
+    _put(attrs, GA.GEN_AI_REQUEST_MODEL, model)
+    # The model that answered, only once an answer came (the SDK records usage for every
+    # answer): Phoenix shows gen_ai.response.* as the output of a span that has none.
+    if span_data.get("usage") or span_data.get("output"):
+        _put(attrs, GA.GEN_AI_RESPONSE_MODEL, model)
+    _put(attrs, OI.LLM_MODEL_NAME, model)
+    _put(attrs, OI.LLM_PROVIDER, provider_of(model))
+    config = {k: v for k, v in (span_data.get("model_config") or {}).items() if v is not None}
+    _put(attrs, GA.GEN_AI_REQUEST_TEMPERATURE, config.get("temperature"))
+    _put(attrs, GA.GEN_AI_REQUEST_TOP_P, config.get("top_p"))
+    _put(attrs, GA.GEN_AI_REQUEST_MAX_TOKENS, config.get("max_tokens"))
+    _put(attrs, OI.LLM_INVOCATION_PARAMETERS, config or None)
+
+
+def _put_kind(attrs: dict[str, Any], kind: str, operation: str, model: Any) -> None:
+    """Every span's last attributes: the operation, the provider, the OpenInference kind."""
     attrs[GA.GEN_AI_OPERATION_NAME] = operation
     if kind in _MODEL_CALLS:
-        provider = provider_of(span_data.get("model"))
+        provider = provider_of(model)
         attrs[GA.GEN_AI_SYSTEM] = provider  # deprecated name, still read by older receivers for model calls
     else:
         provider = GEN_AI_PROVIDER
     attrs[GA.GEN_AI_PROVIDER_NAME] = provider
     attrs[OI.OPENINFERENCE_SPAN_KIND] = _OPENINFERENCE_KIND.get(kind, Kind.CHAIN.value)
-    return name, kind, attrs
 
 
 def root_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
@@ -619,21 +681,42 @@ def exception_event(error: Any) -> dict[str, Any]:
 def tool_call_ids(sdk_spans: list[Mapping[str, Any]]) -> dict[str, str]:
     """SDK function span id -> the model's call id, matched by tool name and arguments in
     the order the calls were made (only when model outputs were recorded)."""
+    tools = [sdk for sdk in sdk_spans if (sdk.get("span_data") or {}).get("type") == "function"]
+    if not tools:
+        return {}  # no tool ran: nothing to match
     pending: dict[tuple[Any, Any], list[str]] = {}
     for sdk in sdk_spans:
         data = sdk.get("span_data") or {}
         if data.get("type") in _MODEL_CALLS:
-            for message in messages(data.get("output")):
-                for call in message.get("tool_calls") or []:
-                    if call.get("id"):
-                        pending.setdefault((call.get("name"), call.get("arguments")), []).append(call["id"])
+            for call_id, name, arguments in _calls_in(data.get("output")):
+                if call_id:
+                    pending.setdefault((name, arguments), []).append(call_id)
     out: dict[str, str] = {}
-    for sdk in sorted(sdk_spans, key=lambda s: s.get("started_at") or ""):
-        data = sdk.get("span_data") or {}
-        if data.get("type") == "function":
-            ids = pending.get((data.get("name"), data.get("input")))
-            if ids:
-                out[str(sdk["id"])] = ids.pop(0)
+    for sdk in sorted(tools, key=lambda s: s.get("started_at") or ""):
+        data = sdk["span_data"]
+        ids = pending.get((data.get("name"), data.get("input")))
+        if ids:
+            out[str(sdk["id"])] = ids.pop(0)
+    return out
+
+
+def _calls_in(items: Any) -> list[tuple[Any, Any, Any]]:
+    """(id, name, arguments) of the tool calls in a model call's output, as :func:`messages`
+    reads them (without building the messages)."""
+    if isinstance(items, str):
+        return []
+    out = []
+    for item in items or []:
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type")
+        if kind == "function_call":
+            out.append((item.get("call_id") or item.get("id"), item.get("name"), item.get("arguments")))
+        elif kind != "function_call_output" and "role" in item:
+            for c in item.get("tool_calls") or []:
+                if isinstance(c, Mapping):
+                    out.append((c.get("id"), (c.get("function") or {}).get("name"),
+                                (c.get("function") or {}).get("arguments")))
     return out
 
 
@@ -656,9 +739,32 @@ def _load_otel() -> SimpleNamespace:
     return _otel
 
 
+DESCRIBED_ENTRIES = 4096
+_ZERO_ID, _ONE_ID = bytes(8), (1).to_bytes(8, "big")
+_NO_NAMES: frozenset[str] = frozenset()
+_UNSET = wire.status(wire.STATUS_UNSET, None)  # the status of a span that did not fail
+_DICT = object()  # marks a frozen dict (a list of pairs is not the same value)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable form of a JSON value, equal only for equal values of the same types (1, 1.0
+    and True differ); TypeError for anything else."""
+    kind = type(value)
+    if kind is str or kind is int or value is None:
+        return value
+    if kind is dict:
+        return (_DICT, *[(k, _frozen(v)) for k, v in value.items()])
+    if kind is list:
+        return tuple([_frozen(v) for v in value])
+    if kind is bool or kind is float:
+        return (kind, value)
+    raise TypeError(kind.__name__)
+
+
 def _span_id(sdk_span_id: str) -> bytes:
-    """:func:`otel_span_id` as the 8 bytes on the wire."""
-    return otel_span_id(sdk_span_id).to_bytes(8, "big")
+    """:func:`otel_span_id` as the 8 bytes on the wire (the digest's first 8: the same number)."""
+    head = hashlib.sha256(sdk_span_id.encode("utf-8")).digest()[:8]
+    return head if head != _ZERO_ID else _ONE_ID
 
 
 @dataclass(frozen=True)
@@ -780,6 +886,8 @@ class OtlpSink:
         otel = _load_otel()
         self._pricing = memoized(pricing) if pricing is not None else None
         self._openinference_messages = openinference_messages
+        self._described_cache: dict[tuple[Any, ...], tuple[str, str, bytes, frozenset[str]]] = {}
+        self._model_parts: dict[tuple[Any, ...], tuple[str, bytes, bytes]] = {}
         self.endpoint = endpoint
         self._post = _Post(endpoint, dict(headers or {}), timeout_s)
         resource = otel.Resource.create({**dict(resource_attributes or {}), "service.name": service_name})
@@ -884,10 +992,10 @@ class OtlpSink:
         root_start = min(starts)
         root_end = max([*ends, root_start])
 
-        root_id = turn_span_id(sdk_trace_id, attempt).to_bytes(8, "big")
+        root_id = _span_id(f"{sdk_trace_id}#turn-attempt-{attempt}")  # turn_span_id's bytes
         workflow = str(trace.get("workflow_name") or "Agent workflow")
         root_attrs = root_attributes(trace)
-        root_events, root_status = b"", wire.status(wire.STATUS_UNSET, None)
+        root_events, root_status = b"", _UNSET
         if trace.get("status") == "failed":
             error = trace.get("error") or "turn failed"
             root_events, root_status = _failure(error, root_end)
@@ -900,26 +1008,92 @@ class OtlpSink:
         call_ids = tool_call_ids(sdk_spans)
         for sdk, (start, end) in zip(sdk_spans, times):
             sdk_id, sdk_parent = str(sdk["id"]), sdk.get("parent_id")
-            name, kind, attrs = span_attributes(sdk.get("span_data") or {}, self._pricing,
-                                                call_ids.get(sdk_id), self._openinference_messages)
-            attrs["turnfleet.sdk_span_id"] = sdk_id
-            _put(attrs, "turnfleet.span_metadata", sdk.get("metadata"))
+            data, call_id = sdk.get("span_data") or {}, call_ids.get(sdk_id)
+            name, kind, attr_bytes, attr_keys = self._described(data, call_id)
+            # The span's own attributes, after what its data says (in this order).
+            own: dict[str, Any] = {"turnfleet.sdk_span_id": sdk_id}
+            metadata = sdk.get("metadata")
+            if metadata is not None:
+                _put(own, "turnfleet.span_metadata", metadata)
             parent_id = ids.get(str(sdk_parent)) if sdk_parent is not None else None
             if parent_id is None:  # adopted by the root: the SDK parent it had (not kept) is said here only
                 parent_id = root_id
-                _put(attrs, "turnfleet.sdk_parent_id", sdk_parent)
+                _put(own, "turnfleet.sdk_parent_id", sdk_parent)
             start = root_start if start is None else start
             end = start if end is None else max(start, end)
             error = sdk.get("error")
-            events, span_status = b"", wire.status(wire.STATUS_UNSET, None)
+            events, span_status = b"", _UNSET
             if error:
                 events, span_status = _failure(error, end)
                 if isinstance(error, Mapping):
-                    _put(attrs, "turnfleet.error.data", error.get("data"))
+                    _put(own, "turnfleet.error.data", error.get("data"))
+            if len(own) == 1 and "turnfleet.sdk_span_id" not in attr_keys:  # the usual: its id only
+                attr_bytes += wire.string_attribute(wire.SPAN_ATTRIBUTE, "turnfleet.sdk_span_id", sdk_id)
+            elif attr_keys.isdisjoint(own):
+                attr_bytes += wire.attributes(wire.SPAN_ATTRIBUTE, own, remember=False)
+            else:  # a data attribute of the same name: one mapping, as the names collide in it
+                attrs = span_attributes(data, self._pricing, call_id, self._openinference_messages)[2]
+                attrs.update(own)
+                attr_bytes = wire.attributes(wire.SPAN_ATTRIBUTE, attrs)
             out.append(wire.span(trace_id, ids[sdk_id], parent_id, name,
                                  wire.KIND_CLIENT if kind in _MODEL_CALLS else wire.KIND_INTERNAL,
-                                 start, end, attrs, events, span_status))
+                                 start, end, attr_bytes, events, span_status))
         return out
+
+    def _model_call(self, data: Mapping[str, Any]) -> tuple[str, str, bytes, frozenset[str]]:
+        """A model call's span as :meth:`_described` gives it: its model-and-settings
+        attributes and its last ones are the same for every call of one model and config
+        (remembered as bytes); its id, usage and messages are written for the call. The parts
+        are written in ``span_attributes``' order, and none makes a span's own names."""
+        kind, model = str(data["type"]), data.get("model")
+        answered = bool(data.get("usage") or data.get("output"))
+        key = (kind, _frozen(model), answered, _frozen(data.get("model_config") or {}))
+        parts = self._model_parts.get(key)
+        if parts is None:
+            head: dict[str, Any] = {}
+            _put_model_config(head, data)
+            tail: dict[str, Any] = {}
+            _put_kind(tail, kind, GA.GenAiOperationNameValues.CHAT.value, model)
+            parts = (f"chat {model}" if model else "chat", wire.attributes(wire.SPAN_ATTRIBUTE, head),
+                     wire.attributes(wire.SPAN_ATTRIBUTE, tail))
+            if len(self._model_parts) >= DESCRIBED_ENTRIES:
+                self._model_parts.clear()
+            self._model_parts[key] = parts
+        name, head_bytes, tail_bytes = parts
+        call: dict[str, Any] = {}
+        _put(call, GA.GEN_AI_RESPONSE_ID, data.get("response_id"))
+        rest: dict[str, Any] = {}
+        _put_usage(rest, data.get("usage"), model, self._pricing)
+        _put_generation_io(rest, data, self._openinference_messages)
+        return (name, kind, wire.attributes(wire.SPAN_ATTRIBUTE, call, remember=False) + head_bytes
+                + wire.attributes(wire.SPAN_ATTRIBUTE, rest) + tail_bytes, _NO_NAMES)
+
+    def _described(self, data: Mapping[str, Any], tool_call_id: str | None) -> tuple[str, str, bytes, frozenset[str]]:
+        """A span's name, SDK type, the OTLP bytes of the attributes its data makes, and their
+        names. Remembered by the data's value for all but model calls: an agent's, a handoff's,
+        a guardrail's or a task's span is the same in every turn of a workflow (a model call's
+        messages are remembered one by one instead: ``_message_json``)."""
+        key: tuple[Any, ...] | None = None
+        if data.get("type") in _MODEL_CALLS:
+            try:
+                return self._model_call(data)
+            except TypeError:  # a value that is not plain JSON: described whole, below
+                pass
+        else:
+            try:
+                key = (_frozen(data), tool_call_id)
+                done = self._described_cache.get(key)
+            except TypeError:  # a value that is not plain JSON: described, not remembered
+                key = done = None
+            if done is not None:
+                return done
+        name, kind, attrs = span_attributes(data, self._pricing, tool_call_id, self._openinference_messages)
+        done = (name, kind, wire.attributes(wire.SPAN_ATTRIBUTE, attrs), frozenset(attrs))
+        if key is not None:
+            if len(self._described_cache) >= DESCRIBED_ENTRIES:
+                self._described_cache.clear()
+            self._described_cache[key] = done
+        return done
 
     # -- the sender thread ------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ def varint(n: int) -> bytes:
     """``n`` (0 ≤ n < 2**64) as a protobuf varint."""
     if n < 128:
         return _SMALL[n]
+    if n < 16384:  # two bytes: most lengths of a span's strings and messages
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 127:
         out.append((n & 0x7F) | 0x80)
@@ -70,6 +72,8 @@ def any_value(value: Any) -> bytes:
         return field(b"\x0a", str(value).encode())  # beyond int64: its digits, not a failed batch
     if kind is float:
         return b"\x21" + _pack_d(value)
+    if kind is list or kind is tuple:
+        return field(b"\x2a", b"".join(field(b"\x0a", any_value(v)) for v in value))
     if isinstance(value, str):
         return field(b"\x0a", str(value).encode("utf-8"))
     if isinstance(value, bool):
@@ -107,18 +111,19 @@ def key_value(key: str, value: Any) -> bytes:
     return _key(key) + field(b"\x12", any_value(value))
 
 
-def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
+def attributes(tag: bytes, attrs: Mapping[str, Any], remember: bool = True) -> bytes:
     """Each attribute as a repeated ``KeyValue`` field ``tag``, in the mapping's order.
 
     The hot path of the export (a turn has hundreds of attributes): short strings, ints and
-    bools come whole from a cache; a long string's bytes are copied once, by the join."""
+    bools come whole from a cache; a long string's bytes are copied once, by the join.
+    ``remember=False`` for values that do not repeat (a span's own id): written, not cached."""
     out: list[bytes] = []
     append = out.append
     whole_cache = _WHOLE
     for key, value in attrs.items():
         kind = type(value)
         if kind is str:
-            if len(value) <= _WHOLE_MAX_CHARS:
+            if len(value) <= _WHOLE_MAX_CHARS and remember:
                 cache_key = (tag, key, kind, value)
                 whole = whole_cache.get(cache_key)
                 if whole is None:
@@ -133,7 +138,7 @@ def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
             kv_len = len(key_field) + 1 + len(varint(value_len)) + value_len
             append(tag + varint(kv_len) + key_field + b"\x12" + varint(value_len) + head)
             append(data)
-        elif kind is int or kind is bool:
+        elif (kind is int or kind is bool) and remember:
             cache_key = (tag, key, kind, value)
             whole = whole_cache.get(cache_key)
             if whole is None:
@@ -142,6 +147,11 @@ def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
         else:
             append(field(tag, key_value(key, value)))
     return b"".join(out)
+
+
+def string_attribute(tag: bytes, key: str, value: str) -> bytes:
+    """One string attribute's field, not cached (``attributes(tag, {key: value}, remember=False)``)."""
+    return field(tag, _key(key) + field(b"\x12", field(b"\x0a", value.encode("utf-8"))))
 
 
 def _remember(cache_key: tuple[bytes, str, type, Any], whole: bytes) -> bytes:
@@ -167,18 +177,22 @@ def event(name: str, time_ns: int, attrs: Mapping[str, Any]) -> bytes:
                  + attributes(b"\x1a", attrs))
 
 
+SPAN_ATTRIBUTE = b"\x4a"  # Span.attributes' tag, for :func:`attributes`
+
+
 def span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, name: str, kind: int,
-         start_ns: int, end_ns: int, attrs: Mapping[str, Any], events: bytes = b"",
+         start_ns: int, end_ns: int, attrs: Mapping[str, Any] | bytes, events: bytes = b"",
          status_field: bytes = b"\x7a\x00") -> bytes:
-    """One ``Span`` message's bytes (``trace_id`` 16 bytes, span ids 8; ``events`` from
-    :func:`event`, ``status_field`` from :func:`status`)."""
+    """One ``Span`` message's bytes (``trace_id`` 16 bytes, span ids 8; ``attrs`` a mapping or
+    already ``attributes(SPAN_ATTRIBUTE, ...)``; ``events`` from :func:`event`,
+    ``status_field`` from :func:`status`)."""
     return b"".join((
         b"\x0a\x10", trace_id, b"\x12\x08", span_id,
         b"\x22\x08" + parent_id if parent_id else b"",
         field(b"\x2a", name.encode("utf-8")),
         b"\x30", _SMALL[kind],
         b"\x39", _pack_q(start_ns), b"\x41", _pack_q(end_ns),
-        attributes(b"\x4a", attrs),
+        attrs if type(attrs) is bytes else attributes(SPAN_ATTRIBUTE, attrs),
         events,
         status_field,
         b"\x85\x01", _pack_i(LOCAL_SPAN_FLAGS),
@@ -195,5 +209,17 @@ def resource_spans_head(resource: Mapping[str, Any], scope_name: str) -> tuple[b
 def request(head: tuple[bytes, bytes], spans: Iterable[bytes]) -> bytes:
     """An ``ExportTraceServiceRequest``: one resource, one scope, ``spans`` (from :func:`span`)."""
     resource, scope = head
-    scope_spans = scope + b"".join(field(b"\x12", s) for s in spans)
-    return field(b"\x0a", resource + field(b"\x12", scope_spans))
+    # One join of the parts (a batch is ~40 turns' spans, ~600 kB): each nesting written as
+    # tag + length before its parts, not by copying the parts into it.
+    parts: list[bytes] = [b"", b"", resource, b"", scope]
+    scope_len = len(scope)
+    for s in spans:
+        n = len(s)
+        head_s = b"\x12" + (_SMALL[n] if n < 128 else varint(n))
+        parts += (head_s, s)
+        scope_len += len(head_s) + n
+    scope_head = b"\x12" + varint(scope_len)
+    parts[3] = scope_head
+    resource_len = len(resource) + len(scope_head) + scope_len
+    parts[0], parts[1] = b"\x0a", varint(resource_len)
+    return b"".join(parts)

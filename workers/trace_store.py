@@ -111,7 +111,9 @@ class TraceBuffer(TracingProcessor):
         if isinstance(span.span_data, ResponseSpanData):  # its export drops model and messages
             exported["span_data"] = response_span_export(span.span_data)
         with self._lock:
-            buffered = self._traces.setdefault(span.trace_id, _Buffered())
+            buffered = self._traces.get(span.trace_id)
+            if buffered is None:
+                buffered = self._traces[span.trace_id] = _Buffered()
             if self._held >= self.max_spans:
                 buffered.dropped += 1
                 return
@@ -292,23 +294,38 @@ class Kept:
 # the detectors over them was most of ``redact_record``'s work (issue 19). A value of these
 # keys in any other shape (a team's own span id, say) is redacted like everything else.
 SDK_FIELDS = frozenset({"object", "id", "trace_id", "parent_id", "started_at", "ended_at"})
-_SDK_SHAPE = re.compile(
-    r"trace_[0-9a-f]{32}|span_[0-9a-f]{24}|trace(?:\.span)?"
-    r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d:\d\d|Z)?")
+# Each field's own shape (a timestamp is not an id): [0-9], not \d, which is any script's digits.
+_SDK_ID = re.compile(r"trace_[0-9a-f]{32}|span_[0-9a-f]{24}")
+_SDK_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:[+\-][0-9]{2}:[0-9]{2}|Z)?")
+_SDK_SHAPES = {"object": re.compile(r"trace(?:\.span)?"), "id": _SDK_ID, "trace_id": _SDK_ID,
+               "parent_id": _SDK_ID, "started_at": _SDK_TIME, "ended_at": _SDK_TIME}
 
 
-def _redact_fields(item: Mapping[str, Any], redactor: Redactor) -> dict[str, Any]:
-    """A trace's or span's fields redacted, the SDK's ids and timestamps passed as they are."""
+def _redact_fields(item: Mapping[str, Any], redactor: Redactor, ids: set[str] | None = None) -> dict[str, Any]:
+    """A trace's or span's fields redacted, the SDK's ids and timestamps passed as they are.
+
+    ``ids``: the SDK ids of one record already matched (every span repeats the trace id, and
+    a parent's id is another span's id): looked up, not matched again."""
+    if ids is None:
+        ids = set()
     kept: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     for key, value in item.items():
-        if key in SDK_FIELDS and type(value) is str and _SDK_SHAPE.fullmatch(value):
+        shape = _SDK_SHAPES.get(key) if type(key) is str and type(value) is str else None
+        if shape is _SDK_ID and value in ids:
             kept[key] = value
+        elif shape is not None and shape.fullmatch(value):
+            kept[key] = value
+            if shape is _SDK_ID:
+                ids.add(value)
         elif key == "span_data" and isinstance(value, dict):
             kept[key] = _redact_span_data(value, redactor)
         else:
             rest[key] = value
-    return {**kept, **redactor.value(rest)} if rest else kept
+    if rest:  # the other fields after the SDK's, as before
+        kept.update(redactor.value(rest))
+    return kept
 
 
 def _redact_span_data(data: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
@@ -326,8 +343,9 @@ def redact_record(record: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
     """The record as it may leave the worker: every value redaction covers, redacted (span
     data, metadata, errors, the turn's text and ids...), the SDK's own ids and timestamps
     passed through (``SDK_FIELDS``)."""
-    return {"trace": _redact_fields(record["trace"], redactor),
-            "spans": [_redact_fields(span, redactor) if isinstance(span, dict) else redactor.value(span)
+    ids: set[str] = set()
+    return {"trace": _redact_fields(record["trace"], redactor, ids),
+            "spans": [_redact_fields(span, redactor, ids) if isinstance(span, dict) else redactor.value(span)
                       for span in record["spans"]]}
 
 
