@@ -98,3 +98,14 @@ def collector() -> Iterator[Collector]:
     collecting = Collector()
     with traces_to(collecting):
         yield collecting
+
+
+@pytest.fixture
+async def endpoint_clients_closed() -> AsyncIterator[None]:
+    """After the test (every test using ``llm_server``): the endpoint models' HTTP clients it
+    made are closed, as a worker's shutdown closes them (an aiohttp session left open warns
+    when it is collected)."""
+    yield
+    from turnfleet.workers.llm import close_models
+
+    await close_models()

@@ -570,7 +570,7 @@ def _fault_response(kind: str, retry_after: float | None, echo: str | None = Non
 
 
 @pytest.fixture
-def llm_server() -> Iterator[Callable[..., LLMServer]]:
+def llm_server(endpoint_clients_closed: None) -> Iterator[Callable[..., LLMServer]]:
     """Start :class:`LLMServer` instances (keyword arguments as its constructor); all are
     stopped after the test. Import it into a test module: ``from tests.llm_server import
     llm_server``."""
@@ -587,3 +587,4 @@ def llm_server() -> Iterator[Callable[..., LLMServer]]:
 
 
 __all__ = ["Fault", "LLMServer", "Served", "handoff_option", "llm_server"]
+

@@ -30,7 +30,7 @@ from tests.processes import run_burst
 from turnfleet.connection import connect
 from turnfleet.shell.embedded import RedisServer
 from turnfleet.settings import DEFAULT_PRICES, WorkerProcessSettings
-from turnfleet.workers.llm import MalformedModelResponse, is_transient_model_error, make_model
+from turnfleet.workers.llm import MalformedModelResponse, close_models, is_transient_model_error, make_model
 from turnfleet.workers.model import OfflineModel
 from turnfleet.workers.support_desk import build_support_desk
 
@@ -177,6 +177,22 @@ async def test_both_apis_serve_the_offline_models_decision_and_usage(llm_server,
         assert (got.usage.input_tokens, got.usage.output_tokens) == (
             want.usage.input_tokens, want.usage.output_tokens)
     assert server.counts == {"ok": 3}
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_the_client_transport_is_a_setting_and_the_worker_closes_its_clients(llm_server, transport):  # noqa: F811
+    server = llm_server()
+    settings = {} if transport == "aiohttp" else {"model_http": "httpx"}  # aiohttp: the default
+    model = endpoint_model(server, **settings)
+    response = await ask(model, REFUND)
+    assert response.output[0].name == "transfer_to_billing"
+    http = model._client._client  # the SDK model's openai client, then its HTTP client
+    expected = openai.DefaultAioHttpClient if transport == "aiohttp" else openai.DefaultAsyncHttpxClient
+    assert type(http) is expected and not http.is_closed
+    await close_models()  # what the worker's shutdown runs
+    assert http.is_closed
+    with pytest.raises(ValueError, match="TURNFLEET_MODEL_HTTP must be one of aiohttp, httpx, not 'curl'"):
+        endpoint_model(server, model_http="curl")
 
 
 async def test_timeouts_and_5xx_are_retried_by_the_client_within_one_model_call(llm_server):  # noqa: F811

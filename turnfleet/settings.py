@@ -155,6 +155,11 @@ class WorkerProcessSettings(CommonSettings):
     model_max_retries: int = Field(
         default=3, description="Retries of a model request on 429, 5xx, timeouts, with backoff."
     )
+    model_http: str = Field(
+        default="aiohttp",
+        description="The openai client's HTTP transport: 'aiohttp' (its aiohttp transport: ~0.5 ms "
+        "less CPU a model call, BENCHMARKS.md table 2b) or 'httpx' (its default).",
+    )
     turn_lease_s: float = Field(
         default=10.0,
         description="A running turn's lease, renewed while it runs: a killed worker's turn is "

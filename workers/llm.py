@@ -48,7 +48,9 @@ configurable backoff base, does not outweigh that: tests keep retry time small w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import openai
@@ -69,6 +71,8 @@ FLAWED_OFFLINE_MODEL = "turnfleet-offline-flawed"  # the Desk's script with a pl
 OFFLINE_MODELS = (OFFLINE_MODEL, FLAWED_OFFLINE_MODEL)
 LITELLM_PREFIX = "litellm/"  # the SDK's MultiProvider prefix for its LiteLLM models
 MODEL_APIS = ("chat", "responses")
+MODEL_HTTP = ("aiohttp", "httpx")
+_clients: weakref.WeakKeyDictionary[Model, openai.AsyncOpenAI] = weakref.WeakKeyDictionary()  # what close_models closes
 BODY_SNIPPET_CHARS = 200
 
 # Answers of these statuses are worth another try (the openai client retries the same set).
@@ -103,6 +107,13 @@ def offline_script(model_name: str, script: Script | None) -> Script | None:
     return SUPPORT_DESK_FLAWED_SCRIPT if script is None or script is SUPPORT_DESK_SCRIPT else script
 
 
+def http_client_class(transport: str) -> type[Any]:
+    """The openai client's HTTP client class for ``TURNFLEET_MODEL_HTTP``: its aiohttp transport
+    (the same httpx2 API, hooks and timeouts; less CPU a request: BENCHMARKS.md table 2b) or its
+    httpx default."""
+    return openai.DefaultAioHttpClient if transport == "aiohttp" else openai.DefaultAsyncHttpxClient
+
+
 def make_model(settings: WorkerProcessSettings, script: Script | None = None) -> Model:
     """The worker's model, from settings (see the module docstring); offline, the
     ``OfflineModel`` following ``script`` (default: the built-in app's, the Desk's)."""
@@ -115,6 +126,10 @@ def make_model(settings: WorkerProcessSettings, script: Script | None = None) ->
         raise ValueError(
             f"TURNFLEET_MODEL_API must be one of {', '.join(MODEL_APIS)}, not {settings.model_api!r}"
         )
+    if settings.model_http not in MODEL_HTTP:
+        raise ValueError(
+            f"TURNFLEET_MODEL_HTTP must be one of {', '.join(MODEL_HTTP)}, not {settings.model_http!r}"
+        )
     from agents import OpenAIChatCompletionsModel, OpenAIResponsesModel
 
     client = openai.AsyncOpenAI(
@@ -124,7 +139,7 @@ def make_model(settings: WorkerProcessSettings, script: Script | None = None) ->
         api_key=settings.model_api_key or ("not-needed" if settings.model_base_url else None),
         timeout=settings.model_timeout_s,
         max_retries=settings.model_max_retries,
-        http_client=openai.DefaultAsyncHttpxClient(
+        http_client=http_client_class(settings.model_http)(
             event_hooks={"response": [check_model_response]}
         ),
     )
@@ -136,9 +151,23 @@ def make_model(settings: WorkerProcessSettings, script: Script | None = None) ->
         timeout_s=settings.model_timeout_s,
         max_retries=settings.model_max_retries,
     )
+    model: Model
     if settings.model_api == "responses":
-        return OpenAIResponsesModel(model=settings.model_name, openai_client=client)
-    return OpenAIChatCompletionsModel(model=settings.model_name, openai_client=client)
+        model = OpenAIResponsesModel(model=settings.model_name, openai_client=client)
+    else:
+        model = OpenAIChatCompletionsModel(model=settings.model_name, openai_client=client)
+    _clients[model] = client
+    return model
+
+
+async def close_models() -> None:
+    """Close the HTTP client of every model this process made (the worker's shutdown): an
+    aiohttp session left open holds its connections and warns when collected."""
+    for model in list(_clients):
+        client = _clients.pop(model, None)
+        if client is not None:
+            with contextlib.suppress(Exception):  # a client that cannot close has nothing left to free
+                await client.close()
 
 
 class WorkerModels(ModelProvider):

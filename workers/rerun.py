@@ -115,7 +115,9 @@ class Candidates:
         return found
 
     def _build(self, workflow_name: str, model: str) -> Candidate:
-        settings = self.settings.model_copy(update={"model_name": model})
+        # httpx, not the worker's aiohttp default: a rerun's clients live as long as its command
+        # or request and are dropped unclosed, which an aiohttp session warns about.
+        settings = self.settings.model_copy(update={"model_name": model, "model_http": "httpx"})
         if self.settings.model_base_url is None and model not in OFFLINE_MODELS:
             raise RerunError(f"--model {model!r}: no such model here: without TURNFLEET_MODEL_BASE_URL "
                              f"the fleet runs offline ({', '.join(OFFLINE_MODELS)})")

@@ -37,7 +37,7 @@ from turnfleet.redaction import Redactor
 from turnfleet.settings import WorkerProcessSettings
 from turnfleet.workers.check_job import run_turn_checks
 from turnfleet.workers.job import Runtime, leave_newer_job, record_undecodable, run_turn
-from turnfleet.workers.llm import app_models, make_model
+from turnfleet.workers.llm import app_models, close_models, make_model
 from turnfleet.startup_heap import freeze_startup_heap
 from turnfleet.workers.reconcile import reconcile_forever
 from turnfleet.workers.trace_store import TraceBuffer, TraceSampler, TraceStore
@@ -173,6 +173,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         if rt.traces is not None and rt.traces.redis is not rt.redis:
             await rt.traces.redis.aclose()
         await rt.redis.aclose()
+    await close_models()  # the model endpoint's HTTP clients
 
 
 def redis_settings(url: str | None) -> RedisSettings:
