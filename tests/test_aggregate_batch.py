@@ -293,3 +293,67 @@ async def test_a_malformed_entry_among_good_ones_is_dead_lettered_and_the_others
     assert await redis.exists(keys.aggregate("turn", "t-bad")) == 0
     [dead] = await read_dead_letters(redis)
     assert (dead.entry_id, dead.reason, dead.stage) == (bad, "malformed", "parse")
+
+
+# -- a batch planned into one set of sums (what the consumer does: no per-entry sums merged
+# afterwards); the sums are what ``apply`` sends only for exactly the entries planned into them --
+
+
+async def test_a_batch_planned_into_one_set_of_sums_writes_what_its_entries_write_one_by_one(redis):
+    agg = aggregator(redis)
+    into = agg.sums()
+    plans = [agg.plan(entry_id, fields, into) for entry_id, fields in entries()]
+    plans.append(agg.plan_malformed("1100-0", into))
+    assert all(p.ops is into for p in plans)
+    assert await one_by_one(redis, plans) == [p.counted for p in plans]
+    expected = await state(redis)
+    await redis.flushdb()
+
+    assert await agg.apply(plans) == [p.counted for p in plans]
+    assert await state(redis) == expected
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["input_tokens"], fleet["telemetry_malformed"]) == ("3", "1790", "1")
+
+
+async def test_some_entries_of_a_batch_applied_alone_count_only_themselves(redis):
+    # What the consumer does when the batch failed through an entry's fault: each plan alone.
+    agg = aggregator(redis)
+    into = agg.sums()
+    plans = [agg.plan(f"{1000 + i}-0", {"batch": support_turn(t, c).batch_json()}, into)
+             for i, (t, c) in enumerate((("t-1", "c-1"), ("t-2", "c-2"), ("t-3", "c-1")))]
+    assert await agg.apply([plans[1]]) == [plans[1].counted]
+    assert await agg.apply([plans[0], plans[2]]) == [plans[0].counted, plans[2].counted]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["input_tokens"], fleet["cost_nusd"]) == ("3", "2460", "1290000")
+    conversation = await redis.hgetall(keys.aggregate("conversation", "c-1"))
+    assert (conversation["turns_completed"], conversation["input_tokens"]) == ("2", "1640")
+    assert (await redis.hgetall(keys.aggregate("conversation", "c-2")))["input_tokens"] == "820"
+
+
+class _FailingPrices:
+    """A price table that cannot price a model call (a planner bug), after the entry's first
+    writes are summed."""
+
+    def cost_nusd(self, model: Any, usage: Any) -> int:
+        raise RuntimeError("no price")
+
+
+async def test_an_entry_whose_planning_failed_half_way_leaves_nothing_in_its_batch(redis):
+    agg = aggregator(redis)
+    agg.workflow_prices["broken"] = _FailingPrices()  # type: ignore[assignment]
+    into = agg.sums()
+    first = agg.plan("1000-0", {"batch": support_turn("t-1", "c-1").batch_json()}, into)
+    bad = AttemptBatch("t-bad", "c-bad", "cust-bad").started().agent("Triage") \
+        .tool("Triage", "lookup_order").llm("Triage", 10, 1).completed()
+    try:
+        agg.plan("1000-1", {"workflow": "broken", "version": "1", "batch": bad.batch_json()}, into)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("planning the entry should have failed")
+    third = agg.plan("1000-2", {"batch": support_turn("t-3", "c-3").batch_json()}, into)
+    assert await agg.apply([first, third]) == [first.counted, third.counted]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["tool_calls"], fleet["input_tokens"]) == ("2", "2", "1640")
+    assert await redis.exists(keys.aggregate("turn", "t-bad"), keys.aggregate("customer", "cust-bad"),
+                              keys.event_seen("t-bad")) == 0
