@@ -147,6 +147,7 @@ from typing import Any
 import orjson
 import structlog
 from pydantic import ValidationError
+from pydantic_core import TzInfo
 from redis.asyncio import Redis
 
 from turnfleet.telemetry.pricing import PriceTable
@@ -430,15 +431,26 @@ _UTC_KEPT = 4096
 _DAYS: dict[int, str] = {}  # days since the epoch -> YYYY-MM-DD
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
 _ONE_US = timedelta(microseconds=1)
+_FIXED_TZ_TYPES = (timezone, TzInfo)  # the same offset at any time (pydantic's from JSON)
+_FIXED_OFFSET_US: dict[Any, int] = {}  # such a tzinfo -> its offset in µs
 
 
 def _epoch_us(ts: datetime) -> int:
     """Microseconds since the epoch (a naive ``ts`` is UTC): ``(ts - epoch)`` in integers, as
-    ``datetime.timestamp`` computes it, without its cost (~2 µs on pydantic's tzinfo)."""
+    ``datetime.timestamp`` computes it, without its cost (~2 µs on pydantic's tzinfo). A
+    fixed-offset tzinfo's offset is looked up, not asked for each time."""
     us = ((ts.toordinal() - _EPOCH_ORDINAL) * 86_400 + ts.hour * 3600 + ts.minute * 60
           + ts.second) * 1_000_000 + ts.microsecond
-    offset = ts.utcoffset()
-    return us - offset // _ONE_US if offset else us
+    tz = ts.tzinfo
+    if tz is None:
+        return us
+    off = _FIXED_OFFSET_US.get(tz)
+    if off is None:
+        offset = ts.utcoffset()
+        off = offset // _ONE_US if offset else 0
+        if type(tz) in _FIXED_TZ_TYPES and len(_FIXED_OFFSET_US) < 100:
+            _FIXED_OFFSET_US[tz] = off
+    return us - off
 
 
 def _utc_of(ts: datetime) -> tuple[datetime, int, str]:
@@ -892,6 +904,8 @@ def _merge_batch(S: _Sums, seen_ttl_s: int, samples_cap: int,
     return names, orjson.dumps(body)
 
 
+_NO_COST = object()
+_COSTS_KEPT = 10_000
 _OWN_PREFIXES = (keys.aggregate("turn", ""), keys.aggregate("conversation", ""))
 _Split = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 # Groups seen by recent merges, split: the shared ones (fleet, a window, a histogram...) recur
@@ -927,6 +941,9 @@ class Aggregator:
         self.workflow_prices: dict[str, PriceTable] = {}
         self._registered: set[str] = set()  # workflow names the last registry read saw
         self._prices_read_at = float("-inf")
+        # A model call's cost by (price table, model, input, cached, output tokens): calls
+        # often repeat their token counts. Cleared when it holds _COSTS_KEPT.
+        self._costs: dict[tuple[Any, ...], Any] = {}
 
     async def refresh_prices(self, workflows: Iterable[str] = ()) -> None:
         """Re-read the workflows' own prices from the registry when the last read is
@@ -1079,6 +1096,7 @@ class Aggregator:
                 a.agents = list(detail.agents)
         version_key = keys.aggregate("version", ran.subject)
         samples_on = self.settings.latency_samples > 0
+        costs = self._costs
         contexts: dict[tuple[str, int], list[Any]] = {}
         calls: list[list[Any]] = []  # the model call groups of every attempt (and day)
         for ev, us in zip(events, us_of):
@@ -1129,7 +1147,12 @@ class Aggregator:
                     totals[3] += usage.cached_tokens
                     totals[4] += usage.reasoning_tokens
                     totals[5] += 1
-                    cost = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
+                    ck = (prices, model, usage.input_tokens, usage.cached_tokens, usage.output_tokens)
+                    cost = costs.get(ck, _NO_COST)
+                    if cost is _NO_COST:  # the price of these tokens on this model, once
+                        if len(costs) >= _COSTS_KEPT:
+                            costs.clear()
+                        cost = costs[ck] = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
                     if cost is None:
                         totals[7] += 1
                     else:
@@ -1252,6 +1275,7 @@ class Aggregator:
         status = "failed" if failed else "completed"
         duration = ev.duration_ms
         S.i(split, f"turns_{status}", 1)
+        d = None
         if duration is not None:
             d = _num(duration)
             S.i(split, "latency_count", 1)
@@ -1266,26 +1290,29 @@ class Aggregator:
         if ev.model:
             S.s(turn, "model", ev.model)
         queue_wait = attempt.queue_wait_ms
+        q = None
         if queue_wait is not None:
             if not math.isfinite(queue_wait):
                 S.unmergeable = True
-            S.s(turn, "queue_wait_ms", _num(queue_wait))
-        # The latency breakdown, its samples and the turn's place among the slowest.
-        S.s(turn, "model_ms", _num(attempt.llm_ms))
-        S.s(turn, "tool_ms", _num(attempt.tool_ms))
-        other = None
-        if duration is not None:
-            other = round(max(0.0, duration - attempt.llm_ms - attempt.tool_ms), 3)
-            S.s(turn, "other_ms", _num(other))
+            q = _num(queue_wait)
+            S.s(turn, "queue_wait_ms", q)
+        # The latency breakdown, its samples and the turn's place among the slowest (each
+        # figure's text made once).
+        llm, tool = _num(attempt.llm_ms), _num(attempt.tool_ms)
+        S.s(turn, "model_ms", llm)
+        S.s(turn, "tool_ms", tool)
+        o = None
+        if d is not None:
+            o = _num(round(max(0.0, duration - attempt.llm_ms - attempt.tool_ms), 3))  # type: ignore[operator]
+            S.s(turn, "other_ms", o)
             tops = S.tops.get(keys.SLOWEST_TURNS)
             if tops is None:
                 tops = S.tops[keys.SLOWEST_TURNS] = []
-            tops += (_num(duration), ev.turn_id)
+            tops += (d, ev.turn_id)
         if self.settings.latency_samples > 0:
-            figures = (queue_wait, attempt.llm_ms, attempt.tool_ms, other, duration)
-            for (_, sample), value in zip(_TURN_SAMPLE_KEYS, figures):
-                if value is not None:
-                    S.sample(sample[0], _num(value))
+            for (_, sample), text in zip(_TURN_SAMPLE_KEYS, (q, llm, tool, o, d)):
+                if text is not None:
+                    S.sample(sample[0], text)
         for key, value in ((keys.HIST_TURN_LATENCY, duration), (keys.HIST_QUEUE_WAIT, queue_wait)):
             if value is not None:
                 g = (key,)

@@ -357,3 +357,47 @@ async def test_an_entry_whose_planning_failed_half_way_leaves_nothing_in_its_bat
     assert (fleet["turns_completed"], fleet["tool_calls"], fleet["input_tokens"]) == ("2", "2", "1640")
     assert await redis.exists(keys.aggregate("turn", "t-bad"), keys.aggregate("customer", "cust-bad"),
                               keys.event_seen("t-bad")) == 0
+
+
+async def test_calls_with_the_same_tokens_cost_by_their_own_price_table(redis):
+    # Every call of these turns has the same token counts; a call's cost is remembered per
+    # price table, model and tokens, so a workflow's own table, the fleet's, and a workflow's
+    # table read again with new prices each cost their own calls.
+    from turnfleet.settings import Price
+    from turnfleet.telemetry.pricing import PriceTable
+
+    def table(usd_per_1m: float) -> PriceTable:
+        return PriceTable({"turnfleet-offline": Price(input=usd_per_1m, cached_input=usd_per_1m,
+                                                      output=usd_per_1m)})
+
+    agg = aggregator(redis)
+    agg.workflow_prices["w-own"] = table(1.0)
+    own = {"workflow": "w-own", "version": "1"}
+    into = agg.sums()
+    plans = [agg.plan("1000-0", {**own, "batch": support_turn("t-1", "c-1").batch_json()}, into),
+             agg.plan("1000-1", {"batch": support_turn("t-2", "c-2").batch_json()}, into)]
+    assert await agg.apply(plans) == [p.counted for p in plans]
+    agg.workflow_prices["w-own"] = table(2.0)  # a registry read with new prices
+    await agg.apply([agg.plan("1001-0", {**own, "batch": support_turn("t-3", "c-3").batch_json()})])
+    costs = [await redis.hget(keys.aggregate("turn", t), "cost_nusd") for t in ("t-1", "t-2", "t-3")]
+    assert costs == ["940000", "430000", "1880000"]  # 940 tokens at 1 and 2 USD per 1M; the fleet's table
+
+
+def test_an_events_epoch_time_is_exact_whatever_its_offset():
+    # Fixed offsets (pydantic's from JSON, datetime.timezone) are remembered per tzinfo; a zone
+    # whose offset changes (daylight saving) is asked each time.
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+
+    from pydantic import TypeAdapter
+
+    from turnfleet.telemetry.aggregate import _epoch_us
+
+    parse = TypeAdapter(datetime).validate_json
+    stamps = [parse(b'"2026-03-04T10:00:00.123456+02:00"'), parse(b'"2026-03-04T10:00:00.123456Z"'),
+              parse(b'"2026-03-04T10:00:00.123456-05:30"'), parse(b'"2026-03-04T10:00:00.123456+02:00"'),
+              datetime(2026, 7, 1, 12, tzinfo=timezone.utc), datetime(2026, 7, 1, 12, tzinfo=ZoneInfo("Europe/Berlin")),
+              datetime(2026, 1, 1, 12, tzinfo=ZoneInfo("Europe/Berlin"))]
+    for ts in stamps + stamps:
+        assert _epoch_us(ts) == round((ts - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds() * 10**6)
+    assert _epoch_us(datetime(2026, 3, 4, 8, 0, 0, 123456)) == _epoch_us(stamps[0])  # naive is UTC
