@@ -401,3 +401,29 @@ def test_an_events_epoch_time_is_exact_whatever_its_offset():
     for ts in stamps + stamps:
         assert _epoch_us(ts) == round((ts - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds() * 10**6)
     assert _epoch_us(datetime(2026, 3, 4, 8, 0, 0, 123456)) == _epoch_us(stamps[0])  # naive is UTC
+
+
+async def test_a_batch_onto_hashes_old_and_new_writes_what_its_entries_write_one_by_one(redis):
+    # The batch script writes a hash that does not exist yet with one HSET (its increments and
+    # max/min fields), one that exists with HINCRBY and HGET + HSET: two batches, the second
+    # adding to the first's fleet, customer, conversation and turn hashes and creating others.
+    agg = aggregator(redis)
+    batch = entries()
+    first, second = batch[:4], batch[4:]
+    plans = [agg.plan(entry_id, fields) for entry_id, fields in batch]
+    assert await one_by_one(redis, plans) == [p.counted for p in plans]
+    expected, exact = await state(redis), await dump_keys(redis)
+    await redis.flushdb()
+
+    for part in (first, second):
+        into = agg.sums()
+        part_plans = [agg.plan(entry_id, fields, into) for entry_id, fields in part]
+        assert await agg.apply(part_plans) == [p.counted for p in part_plans]
+    assert await state(redis) == expected
+    written = await dump_keys(redis)
+    for turn in ("t-1", "t-2", "t-4", "t-5"):  # old (t-1 then its checks, t-2) and new: each text
+        key = keys.aggregate("turn", turn)
+        got, want = json.loads(written[key]), json.loads(exact[key])
+        assert got.keys() == want.keys()
+        for name, value in want.items():  # an integer to the letter; a float sum to its last bits
+            assert (got[name] == value) if value.lstrip("-").isdigit() else (_value(got[name]) == _value(value))
