@@ -136,6 +136,7 @@ pending when a customer is forgotten cannot rebuild it, while its later turns co
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import time
@@ -302,7 +303,19 @@ class RanBy:
     @classmethod
     def of(cls, fields: Mapping[str, Any] | None) -> RanBy:
         fields = fields or {}
-        workflow, version = _text_field(fields.get("workflow")), _text_field(fields.get("version"))
+        raw = (fields.get("workflow"), fields.get("version"))
+        if type(raw[0]) is str and type(raw[1]) in (str, type(None)):  # read once per pair
+            got = _RAN_BY.get(raw)  # type: ignore[arg-type]
+            if got is None:
+                if len(_RAN_BY) >= _RAN_BY_KEPT:
+                    _RAN_BY.clear()
+                got = _RAN_BY[raw] = cls._read(*raw)  # type: ignore[arg-type]
+            return got
+        return cls._read(*raw)
+
+    @classmethod
+    def _read(cls, workflow_field: Any, version_field: Any) -> RanBy:
+        workflow, version = _text_field(workflow_field), _text_field(version_field)
         if not workflow or not ID_PATTERN.fullmatch(workflow):
             return cls(keys.UNKNOWN_RUN, keys.UNKNOWN_RUN)
         if not version or len(version) > MAX_VERSION_CHARS:
@@ -313,10 +326,14 @@ class RanBy:
     def known(self) -> bool:
         return self.workflow != keys.UNKNOWN_RUN
 
-    @property
+    @functools.cached_property
     def subject(self) -> str:
         """The version's aggregate subject (``keys.version_subject``)."""
         return keys.version_subject(self.workflow, self.version)
+
+
+_RAN_BY: dict[tuple[str, str | None], RanBy] = {}  # (workflow, version) fields -> RanBy
+_RAN_BY_KEPT = 1000
 
 
 def _text_field(value: Any) -> str:

@@ -427,3 +427,18 @@ async def test_a_batch_onto_hashes_old_and_new_writes_what_its_entries_write_one
         assert got.keys() == want.keys()
         for name, value in want.items():  # an integer to the letter; a float sum to its last bits
             assert (got[name] == value) if value.lstrip("-").isdigit() else (_value(got[name]) == _value(value))
+
+
+def test_an_entrys_workflow_and_version_are_its_own_whatever_was_read_before():
+    # RanBy.of remembers what it read per (workflow, version) pair of fields.
+    from turnfleet.telemetry.aggregate import RanBy
+
+    reads = [({"workflow": "w", "version": "1"}, ("w", "1")), ({"workflow": "w", "version": "2"}, ("w", "2")),
+             ({"workflow": "w"}, ("w", "unknown")), ({"workflow": "v", "version": "1"}, ("v", "1")),
+             ({"workflow": b"w", "version": b"3"}, ("w", "3")), ({"workflow": "no name!", "version": "1"},
+                                                                   ("unknown", "unknown")),
+             ({"version": "1"}, ("unknown", "unknown")), ({"workflow": "w", "version": "x" * 500}, ("w", "unknown"))]
+    for _ in range(2):
+        for fields, (workflow, version) in reads:
+            ran = RanBy.of(fields)
+            assert (ran.workflow, ran.version, ran.subject) == (workflow, version, f"{workflow}/{version}")
