@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -129,12 +130,39 @@ def _run(tree: Path, file: Path) -> dict[str, float]:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def compare(file: Path, against: Path | None, reps: int) -> None:
+def wait_quiet(limit_pct: float, max_wait_s: float = 300.0) -> float:
+    """Wait until no other process used more than ``limit_pct`` of a core over 2 s (at most
+    ``max_wait_s``); the seconds waited. Wall time means little while another engineer's
+    tests run on the other core."""
+    import psutil
+
+    t0 = time.monotonic()
+    me = os.getpid()
+    while time.monotonic() - t0 < max_wait_s:
+        procs = [p for p in psutil.process_iter() if p.pid != me]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.cpu_percent(None)
+        time.sleep(2.0)
+        busy = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.cpu_percent(None) > limit_pct:
+                    busy.append(p.name())
+        if not busy:
+            break
+        print(f"waiting: busy {busy}", file=sys.stderr, flush=True)
+    return time.monotonic() - t0
+
+
+def compare(file: Path, against: Path | None, reps: int, quiet_pct: float | None = None) -> None:
     trees = {"this": ROOT} | ({"other": against.resolve()} if against else {})
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     for rep in range(reps):
         order = list(trees) if rep % 2 == 0 else list(reversed(trees))
         for name in order:
+            if quiet_pct is not None:
+                wait_quiet(quiet_pct)
             runs[name].append(_run(trees[name], file))
             x = runs[name][-1]
             print(f"rep {rep + 1} {name}: {x['events_s_wall']:,.0f} ev/s wall, consumer "
@@ -160,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--file", type=Path, required=True)
     c.add_argument("--against", type=Path)
     c.add_argument("--reps", type=int, default=5)
+    c.add_argument("--quiet", type=float, metavar="PCT",
+                   help="before each run, wait until no other process uses more than PCT%% of a core")
     args = ap.parse_args(argv)
     if args.cmd == "record":
         record(args.n, args.out)
     elif args.cmd == "one":
         one(args.file)
     else:
-        compare(args.file, args.against, args.reps)
+        compare(args.file, args.against, args.reps, args.quiet)
     return 0
 
 

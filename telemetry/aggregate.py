@@ -17,8 +17,10 @@ same event twice (a re-sent entry). Otherwise, which is a redelivery, a claim or
 each entry goes through the per-entry script (``lua/aggregate.lua``, planned again then: per
 event ops behind the dedupe), so counting stays exactly once; merging only makes the common
 case (every event new) cheaper, for the consumer and for ``redis-server``. For the batch script
-an entry is planned in one pass, its increments summed per group of keys as its events are read
-(``Aggregator._sums``); the per-entry script's plan (``_Plan``, per event) is the reference
+the entries of a batch are planned in one pass into the batch's sums, increments summed per group
+of keys as the events are read (``Aggregator._sums`` into one ``_Sums``, no per-entry sums merged
+afterwards; an entry is planned again only when ``apply`` gets other entries than those planned
+together, or one's planning failed half-way); the per-entry script's plan (``_Plan``, per event) is the reference
 both must agree with (tests/test_aggregate_batch.py). Adding a counted kind means a branch in
 each. The batch script also returns each touched conversation's cost after its writes, so the
 conversation cost alert reads only those over the threshold (``Touched.conversation_costs``).
@@ -134,6 +136,7 @@ pending when a customer is forgotten cannot rebuild it, while its later turns co
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import time
@@ -145,6 +148,7 @@ from typing import Any
 import orjson
 import structlog
 from pydantic import ValidationError
+from pydantic_core import TzInfo
 from redis.asyncio import Redis
 
 from turnfleet.telemetry.pricing import PriceTable
@@ -299,7 +303,19 @@ class RanBy:
     @classmethod
     def of(cls, fields: Mapping[str, Any] | None) -> RanBy:
         fields = fields or {}
-        workflow, version = _text_field(fields.get("workflow")), _text_field(fields.get("version"))
+        raw = (fields.get("workflow"), fields.get("version"))
+        if type(raw[0]) is str and type(raw[1]) in (str, type(None)):  # read once per pair
+            got = _RAN_BY.get(raw)  # type: ignore[arg-type]
+            if got is None:
+                if len(_RAN_BY) >= _RAN_BY_KEPT:
+                    _RAN_BY.clear()
+                got = _RAN_BY[raw] = cls._read(*raw)  # type: ignore[arg-type]
+            return got
+        return cls._read(*raw)
+
+    @classmethod
+    def _read(cls, workflow_field: Any, version_field: Any) -> RanBy:
+        workflow, version = _text_field(workflow_field), _text_field(version_field)
         if not workflow or not ID_PATTERN.fullmatch(workflow):
             return cls(keys.UNKNOWN_RUN, keys.UNKNOWN_RUN)
         if not version or len(version) > MAX_VERSION_CHARS:
@@ -310,10 +326,14 @@ class RanBy:
     def known(self) -> bool:
         return self.workflow != keys.UNKNOWN_RUN
 
-    @property
+    @functools.cached_property
     def subject(self) -> str:
         """The version's aggregate subject (``keys.version_subject``)."""
         return keys.version_subject(self.workflow, self.version)
+
+
+_RAN_BY: dict[tuple[str, str | None], RanBy] = {}  # (workflow, version) fields -> RanBy
+_RAN_BY_KEPT = 1000
 
 
 def _text_field(value: Any) -> str:
@@ -368,14 +388,19 @@ class Touched:
 
 @dataclass
 class EntryPlan:
-    """One entry's ops (merged with the rest of its batch by ``Aggregator.apply``) and what it
-    touches. ``keys`` / ``payload``: its own call of the per-entry script (lua/aggregate.lua),
-    planned only when needed (a batch holding an event counted before, or an erased entry)."""
+    """One entry planned into its batch's sums (``ops``, shared by the entries planned into it:
+    what ``Aggregator.apply`` sends when it gets exactly those entries) and what it touches.
+    ``replan`` plans it again into other sums (``apply`` on another set of entries, or after an
+    entry's planning failed half-way). ``keys`` / ``payload``: its own call of the per-entry
+    script (lua/aggregate.lua), planned only when needed (a batch holding an event counted
+    before, or an erased entry)."""
 
     entry_id: str
     touched: Touched
     ops: _Sums
+    counted: int  # events of the entry the aggregate counts on their own (and deduplicates)
     legacy: Callable[[], tuple[list[str], str]]
+    replan: Callable[[_Sums], None]
     skipped: bool = False  # set by ``apply``: its subject was erased (no alerts for it)
     _call: tuple[list[str], str] | None = None
 
@@ -386,11 +411,6 @@ class EntryPlan:
     @property
     def payload(self) -> str:
         return self._legacy_call()[1]
-
-    @property
-    def counted(self) -> int:
-        """Events of the entry the aggregate counts on their own (and deduplicates)."""
-        return len(self.ops.ids)
 
     def _legacy_call(self) -> tuple[list[str], str]:
         if self._call is None:
@@ -428,15 +448,26 @@ _UTC_KEPT = 4096
 _DAYS: dict[int, str] = {}  # days since the epoch -> YYYY-MM-DD
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
 _ONE_US = timedelta(microseconds=1)
+_FIXED_TZ_TYPES = (timezone, TzInfo)  # the same offset at any time (pydantic's from JSON)
+_FIXED_OFFSET_US: dict[Any, int] = {}  # such a tzinfo -> its offset in µs
 
 
 def _epoch_us(ts: datetime) -> int:
     """Microseconds since the epoch (a naive ``ts`` is UTC): ``(ts - epoch)`` in integers, as
-    ``datetime.timestamp`` computes it, without its cost (~2 µs on pydantic's tzinfo)."""
+    ``datetime.timestamp`` computes it, without its cost (~2 µs on pydantic's tzinfo). A
+    fixed-offset tzinfo's offset is looked up, not asked for each time."""
     us = ((ts.toordinal() - _EPOCH_ORDINAL) * 86_400 + ts.hour * 3600 + ts.minute * 60
           + ts.second) * 1_000_000 + ts.microsecond
-    offset = ts.utcoffset()
-    return us - offset // _ONE_US if offset else us
+    tz = ts.tzinfo
+    if tz is None:
+        return us
+    off = _FIXED_OFFSET_US.get(tz)
+    if off is None:
+        offset = ts.utcoffset()
+        off = offset // _ONE_US if offset else 0
+        if type(tz) in _FIXED_TZ_TYPES and len(_FIXED_OFFSET_US) < 100:
+            _FIXED_OFFSET_US[tz] = off
+    return us - off
 
 
 def _utc_of(ts: datetime) -> tuple[datetime, int, str]:
@@ -700,22 +731,26 @@ class _Plan:
 # What the batch script (lua/aggregate_batch.lua) applies when every event of a batch is new:
 # the same writes the per-entry script (``_Plan``, the reference, still what a redelivery or
 # an erased subject goes through) makes entry by entry, computed with less work per event: an
-# entry's increments summed per group of keys (turn, conversation, customer, customer-day,
-# fleet, version...) and field as its events are read, with no op list per event, then the
-# batch's entries merged per key and field (:func:`_merge_batch`). tests/test_aggregate_batch.py
+# batch's increments summed per group of keys (turn, conversation, customer, customer-day,
+# fleet, version...) and field as its entries' events are read, with no op list per event and
+# no per-entry sums, then split into keys (:func:`_merge_batch`). tests/test_aggregate_batch.py
 # checks that both paths write the same.
 
 
 class _Sums:
-    """One entry's writes for the batch script, summed: increments per group of keys and field
-    (ints and floats apart), HSETs last-wins per key, max/min merged, statuses, samples and
-    slowest turns in order, ``ZADD GT`` members at their latest ms, set members, TTLs, the
-    counted events' ids (seen-set, id) and what the erasure check needs.
-    ``unmergeable``: a NaN or infinite figure (Redis refuses it half-way through a script), so
-    the entry is never merged with others (its batch goes one by one)."""
+    """A batch's writes for the batch script, summed as its entries are planned (one pass, no
+    per-entry sums merged afterwards): increments per group of keys and field (ints and floats
+    apart), HSETs last-wins per key, max/min merged, statuses, samples and slowest turns in
+    order, ``ZADD GT`` members at their latest ms, set members, TTLs, the counted events' ids
+    per seen-set and what the erasure check needs, per entry. ``entries``: the ids of the
+    entries planned into it, in order. ``unmergeable``: an entry holds a NaN or infinite figure
+    (Redis refuses it half-way through a script); ``twice``: an event id was counted twice (a
+    re-sent entry); ``broken``: planning an entry failed half-way (its writes may be in here):
+    then ``Aggregator.apply`` plans its entries again, or sends them one by one."""
 
     __slots__ = ("gi", "gf", "sets", "x", "mn", "status", "samples", "tops", "zmax", "members",
-                 "expire", "ids", "seen", "erased", "unmergeable")
+                 "expire", "ids", "seen_ids", "n_counted", "erased", "entries", "unmergeable",
+                 "twice", "broken")
 
     def __init__(self) -> None:
         self.gi: dict[tuple[str, ...], dict[str, int]] = {}
@@ -729,10 +764,14 @@ class _Sums:
         self.zmax: dict[str, dict[str, int]] = {}
         self.members: dict[str, set[str]] = {}
         self.expire: dict[str, int] = {}
-        self.ids: list[tuple[str, str]] = []
-        self.seen: set[str] = set()
-        self.erased: tuple[str, list[str]] | None = None
+        self.ids: dict[str, list[str]] = {}  # seen-set -> event ids counted
+        self.seen_ids: set[tuple[str, str]] = set()
+        self.n_counted = 0
+        self.erased: list[list[str]] = []
+        self.entries: list[str] = []
         self.unmergeable = False
+        self.twice = False
+        self.broken = False
 
     def i(self, g: tuple[str, ...], name: str, n: int) -> None:
         if n:
@@ -777,7 +816,11 @@ class _Sums:
         members = self.zmax.get(key)
         if members is None:
             self.zmax[key] = {member: max(ts_ms, 0)}
-        elif ts_ms > members.get(member, 0):
+            return
+        old = members.get(member)
+        if old is None:
+            members[member] = max(ts_ms, 0)
+        elif ts_ms > old:
             members[member] = ts_ms
 
     def ttl(self, key: str, ttl_s: int) -> None:
@@ -785,131 +828,67 @@ class _Sums:
             self.expire[key] = ttl_s
 
     def counted(self, seen: str, event_id: str) -> None:
-        self.ids.append((seen, event_id))
-        self.seen.add(seen)
+        self.n_counted += 1
+        pair = (seen, event_id)
+        if pair in self.seen_ids:
+            self.twice = True
+            return
+        self.seen_ids.add(pair)
+        got = self.ids.get(seen)
+        if got is None:
+            self.ids[seen] = [event_id]
+        else:
+            got.append(event_id)
 
 
-def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int,
+def _merge_batch(S: _Sums, seen_ttl_s: int, samples_cap: int,
                  reads: Sequence[str] = ()) -> tuple[list[str], bytes] | None:
-    """The batch script's keys and plan (lua/aggregate_batch.lua) for the entries' writes merged
-    per key and field, as if each entry's script ran in turn with every event new; ``None``
-    when an event id is in the batch twice (a re-sent entry) or an entry holds a NaN or
-    infinite figure: the entries then go one by one.
+    """The batch script's keys and plan (lua/aggregate_batch.lua) for a batch's summed writes,
+    as if each entry's script ran in turn with every event new; ``None`` when an event id is in
+    the batch twice (a re-sent entry) or an entry holds a NaN or infinite figure: the entries
+    then go one by one. ``S`` is left as it was.
 
-    Increments of a group holding the entry's own keys (turn, conversation) are added per key;
+    Increments of a group holding an entry's own keys (turn, conversation) are added per key;
     the rest of the group (fleet, customer, day, version, model: shared by the batch) is summed
     per group first and added per key once. Key names get their indexes at the end.
     ``reads``: hashes whose ``cost_nusd`` the script returns after its writes."""
-    seen_ids: set[tuple[str, str]] = set()
-    ids: dict[str, list[str]] = {}
+    if S.unmergeable or S.twice:
+        return None
     incr: dict[str, dict[str, Any]] = {}
     incrf: dict[str, dict[str, Any]] = {}
-    shared_i: dict[tuple[str, ...], dict[str, Any]] = {}
-    shared_f: dict[tuple[str, ...], dict[str, Any]] = {}
-    sets: dict[str, dict[str, str]] = {}
-    extreme: dict[str, dict[str, dict[str, str]]] = {"x": {}, "mn": {}}
-    status: list[tuple[str, str, str]] = []
-    samples: dict[str, list[str]] = {}
-    tops: dict[str, list[str]] = {}
-    zmax: dict[str, dict[str, int]] = {}
-    members: dict[str, set[str]] = {}
-    expire: dict[str, int] = {}
-    erased: list[list[str]] = []
     if len(_SPLITS) >= _SPLITS_KEPT:
         _SPLITS.clear()
     splits = _SPLITS
-    for s in sums:
-        if s.unmergeable:
-            return None
-        n_seen = len(seen_ids)
-        seen_ids.update(s.ids)
-        if len(seen_ids) != n_seen + len(s.ids):
-            return None  # an event twice: in two entries, or twice in one
-        for seen_key, event_id in s.ids:
-            got = ids.get(seen_key)
-            if got is None:
-                ids[seen_key] = [event_id]
-            else:
-                got.append(event_id)
-        for groups, acc, shared in ((s.gi, incr, shared_i), (s.gf, incrf, shared_f)):
-            for g, fields in groups.items():
-                _, own, rest = splits.get(g) or _group_split(g, splits)
-                for k in own:
-                    h = acc.get(k)
-                    if h is None:
-                        acc[k] = dict(fields)
-                    else:
-                        for name, v in fields.items():
-                            h[name] = h.get(name, 0) + v
-                if rest:
-                    h = shared.get(rest)
-                    if h is None:
-                        shared[rest] = dict(fields)
-                    else:
-                        for name, v in fields.items():
-                            h[name] = h.get(name, 0) + v
-        for k, fields in s.sets.items():
-            h = sets.get(k)
-            if h is None:
-                sets[k] = dict(fields)
-            else:
-                h.update(fields)
-        for kind, own_ext in (("x", s.x), ("mn", s.mn)):
-            acc_ext = extreme[kind]
-            for k, fields in own_ext.items():
-                h = acc_ext.get(k)
-                if h is None:
-                    acc_ext[k] = dict(fields)
-                    continue
-                for name, value in fields.items():
-                    old = h.get(name)
-                    if old is None or (float(value) > float(old) if kind == "x"
-                                       else float(value) < float(old)):
-                        h[name] = value
-        status += s.status
-        for k, values in s.samples.items():
-            got = samples.get(k)
-            if got is None:
-                samples[k] = list(values)
-            else:
-                got += values
-        for k, values in s.tops.items():
-            got = tops.get(k)
-            if got is None:
-                tops[k] = list(values)
-            else:
-                got += values
-        for name, ms_of in s.zmax.items():
-            z = zmax.get(name)
-            if z is None:
-                zmax[name] = dict(ms_of)
-                continue
-            for member, ts_ms in ms_of.items():
-                if ts_ms > z.get(member, -1):
-                    z[member] = ts_ms
-        for name, new in s.members.items():
-            got_m = members.get(name)
-            if got_m is None:
-                members[name] = set(new)
-            else:
-                got_m |= new
-        for name in s.seen:
-            if expire.get(name, 0) < seen_ttl_s:
-                expire[name] = seen_ttl_s
-        for name, ttl in s.expire.items():
-            if expire.get(name, 0) < ttl:
-                expire[name] = ttl
-        if s.erased is not None:
-            erased.append([s.erased[0], *s.erased[1]])
-    for shared, acc in ((shared_i, incr), (shared_f, incrf)):
-        for rest, fields in shared.items():
-            for k in rest:
+    for groups, acc in ((S.gi, incr), (S.gf, incrf)):
+        shared: dict[tuple[str, ...], dict[str, Any]] = {}
+        for g, fields in groups.items():
+            _, own, rest = splits.get(g) or _group_split(g, splits)
+            for k in own:
                 h = acc.get(k)
                 if h is None:
                     acc[k] = dict(fields)
                 else:
                     for name, v in fields.items():
                         h[name] = h.get(name, 0) + v
+            if rest:
+                h = shared.get(rest)
+                if h is None:
+                    shared[rest] = dict(fields)
+                else:
+                    for name, v in fields.items():
+                        h[name] = h.get(name, 0) + v
+        for rest, fields in shared.items():
+            for k in rest:
+                h = acc.get(k)
+                if h is None:
+                    acc[k] = fields if len(rest) == 1 else dict(fields)
+                else:
+                    for name, v in fields.items():
+                        h[name] = h.get(name, 0) + v
+    expire = dict(S.expire)
+    for name in S.ids:
+        if expire.get(name, 0) < seen_ttl_s:
+            expire[name] = seen_ttl_s
     names: list[str] = []
     ix: dict[str, int] = {}
 
@@ -921,27 +900,29 @@ def _merge_batch(sums: Sequence[_Sums], seen_ttl_s: int, samples_cap: int,
         return i
 
     body: dict[str, Any] = {
-        "ids": [[key(k), *v] for k, v in ids.items()],
-        "s": [[key(k), h] for k, h in sets.items()],
-        "x": [[key(k), h] for k, h in extreme["x"].items()],
-        "mn": [[key(k), h] for k, h in extreme["mn"].items()],
-        "st": [[key(k), a, value] for k, a, value in status],
+        "ids": [[key(k), *v] for k, v in S.ids.items()],
+        "s": [[key(k), h] for k, h in S.sets.items()],
+        "x": [[key(k), h] for k, h in S.x.items()],
+        "mn": [[key(k), h] for k, h in S.mn.items()],
+        "st": [[key(k), a, value] for k, a, value in S.status],
         "i": [[key(k), h] for k, h in incr.items()],
         "f": [[key(k), {f: repr(v) for f, v in h.items()}] for k, h in incrf.items()],
-        "l": [[key(k), *v] for k, v in samples.items()],
-        "t": [[key(k), *v] for k, v in tops.items()],
-        "z": [[key(k), *(x for m, ts in z.items() for x in (str(ts), m))] for k, z in zmax.items()],
-        "sa": [[key(k), *sorted(m)] for k, m in members.items()],
+        "l": [[key(k), *v] for k, v in S.samples.items()],
+        "t": [[key(k), *v] for k, v in S.tops.items()],
+        "z": [[key(k), *(x for m, ts in z.items() for x in (str(ts), m))] for k, z in S.zmax.items()],
+        "sa": [[key(k), *sorted(m)] for k, m in S.members.items()],
         "e": [[key(k), str(ttl)] for k, ttl in expire.items()],
         "cap": max(samples_cap, 1), "top": SLOWEST_TURNS_KEPT,
     }
-    if erased:
-        body["er"] = [key(keys.ERASED), key(keys.ERASED_SALT), erased]
+    if S.erased:
+        body["er"] = [key(keys.ERASED), key(keys.ERASED_SALT), S.erased]
     if reads:
         body["rd"] = [key(k) for k in reads]
     return names, orjson.dumps(body)
 
 
+_NO_COST = object()
+_COSTS_KEPT = 10_000
 _OWN_PREFIXES = (keys.aggregate("turn", ""), keys.aggregate("conversation", ""))
 _Split = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 # Groups seen by recent merges, split: the shared ones (fleet, a window, a histogram...) recur
@@ -977,6 +958,9 @@ class Aggregator:
         self.workflow_prices: dict[str, PriceTable] = {}
         self._registered: set[str] = set()  # workflow names the last registry read saw
         self._prices_read_at = float("-inf")
+        # A model call's cost by (price table, model, input, cached, output tokens): calls
+        # often repeat their token counts. Cleared when it holds _COSTS_KEPT.
+        self._costs: dict[tuple[Any, ...], Any] = {}
 
     async def refresh_prices(self, workflows: Iterable[str] = ()) -> None:
         """Re-read the workflows' own prices from the registry when the last read is
@@ -1000,20 +984,38 @@ class Aggregator:
 
     # -- planning (pure) -------------------------------------------------------------
 
-    def plan(self, entry_id: str, fields: Mapping[str, Any] | None) -> EntryPlan:
-        """The writes of one entry (for the batch script; the per-entry script's plan is made
-        only if needed, ``EntryPlan.legacy``). Raises ``MalformedEntry``."""
+    @staticmethod
+    def sums() -> _Sums:
+        """Empty sums, for the entries of one batch to be planned ``into``."""
+        return _Sums()
+
+    def plan(self, entry_id: str, fields: Mapping[str, Any] | None,
+             into: _Sums | None = None) -> EntryPlan:
+        """The writes of one entry, summed into its batch's ``into`` (new sums if ``None``) for
+        the batch script; the per-entry script's plan is made only if needed
+        (``EntryPlan.legacy``). Raises ``MalformedEntry``."""
         events = parse_batch(fields)
         ran = RanBy.of(fields)
         prices = self.workflow_prices.get(ran.workflow, self.prices)
-        ops, touched = self._sums(entry_id, events, ran, prices)
+        S = _Sums() if into is None else into
+        n = S.n_counted
+        try:
+            touched = self._sums(S, entry_id, events, ran, prices)
+        except BaseException:
+            S.broken = True  # some of its writes may be in S
+            raise
+        S.entries.append(entry_id)
 
         def legacy() -> tuple[list[str], str]:  # read again: the events are not kept meanwhile
             plan = _Plan()
             self._build(plan, entry_id, parse_batch(fields), ran, prices)
             return plan.keys, plan.payload(self.settings.seen_ttl_s, self.settings.latency_samples)
 
-        return EntryPlan(entry_id, touched, ops, legacy)
+        def replan(other: _Sums) -> None:
+            self._sums(other, entry_id, parse_batch(fields), ran, prices)
+            other.entries.append(entry_id)
+
+        return EntryPlan(entry_id, touched, S, S.n_counted - n, legacy, replan)
 
     def _build(self, plan: _Plan, entry_id: str, events: list[TelemetryEvent], ran: RanBy,
                prices: PriceTable) -> tuple[Touched, dict[tuple[str, int], _Attempt]]:
@@ -1060,11 +1062,10 @@ class Aggregator:
 
     # -- planning for the batch script: one pass per entry -----------------------------------
 
-    def _sums(self, entry_id: str, events: list[TelemetryEvent], ran: RanBy,
-              prices: PriceTable) -> tuple[_Sums, Touched]:
+    def _sums(self, S: _Sums, entry_id: str, events: list[TelemetryEvent], ran: RanBy,
+              prices: PriceTable) -> Touched:
         """One entry's writes for the batch script (the same as ``_build`` plans for the
-        per-entry script, every event new), and what it touched."""
-        S = _Sums()
+        per-entry script, every event new), summed into its batch's ``S``; what it touched."""
         touched = Touched()
         attempts: dict[tuple[str, int], _Attempt] = {}
         us_of: list[int] = []
@@ -1112,6 +1113,7 @@ class Aggregator:
                 a.agents = list(detail.agents)
         version_key = keys.aggregate("version", ran.subject)
         samples_on = self.settings.latency_samples > 0
+        costs = self._costs
         contexts: dict[tuple[str, int], list[Any]] = {}
         calls: list[list[Any]] = []  # the model call groups of every attempt (and day)
         for ev, us in zip(events, us_of):
@@ -1162,7 +1164,12 @@ class Aggregator:
                     totals[3] += usage.cached_tokens
                     totals[4] += usage.reasoning_tokens
                     totals[5] += 1
-                    cost = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
+                    ck = (prices, model, usage.input_tokens, usage.cached_tokens, usage.output_tokens)
+                    cost = costs.get(ck, _NO_COST)
+                    if cost is _NO_COST:  # the price of these tokens on this model, once
+                        if len(costs) >= _COSTS_KEPT:
+                            costs.clear()
+                        cost = costs[ck] = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
                     if cost is None:
                         totals[7] += 1
                     else:
@@ -1248,9 +1255,9 @@ class Aggregator:
                 S.zadd(keys.conversation_facets(a.conversation_id), f"version:{ran.subject}", last)
             touched.conversations[a.conversation_id] = a.customer_id
         ms = entry_id.partition("-")[0]
-        S.erased = (ms if ms.isdigit() else "0", sorted(ids))
+        S.erased.append([ms if ms.isdigit() else "0", *sorted(ids)])
         self._check_usage(events, attempts)
-        return S, touched
+        return touched
 
     def _call_samples(self, S: _Sums, value: str, names: tuple[tuple[str, str | None], ...]) -> None:
         """One model or tool call's duration onto the lists of each (dimension, name) it names."""
@@ -1285,6 +1292,7 @@ class Aggregator:
         status = "failed" if failed else "completed"
         duration = ev.duration_ms
         S.i(split, f"turns_{status}", 1)
+        d = None
         if duration is not None:
             d = _num(duration)
             S.i(split, "latency_count", 1)
@@ -1299,26 +1307,29 @@ class Aggregator:
         if ev.model:
             S.s(turn, "model", ev.model)
         queue_wait = attempt.queue_wait_ms
+        q = None
         if queue_wait is not None:
             if not math.isfinite(queue_wait):
                 S.unmergeable = True
-            S.s(turn, "queue_wait_ms", _num(queue_wait))
-        # The latency breakdown, its samples and the turn's place among the slowest.
-        S.s(turn, "model_ms", _num(attempt.llm_ms))
-        S.s(turn, "tool_ms", _num(attempt.tool_ms))
-        other = None
-        if duration is not None:
-            other = round(max(0.0, duration - attempt.llm_ms - attempt.tool_ms), 3)
-            S.s(turn, "other_ms", _num(other))
+            q = _num(queue_wait)
+            S.s(turn, "queue_wait_ms", q)
+        # The latency breakdown, its samples and the turn's place among the slowest (each
+        # figure's text made once).
+        llm, tool = _num(attempt.llm_ms), _num(attempt.tool_ms)
+        S.s(turn, "model_ms", llm)
+        S.s(turn, "tool_ms", tool)
+        o = None
+        if d is not None:
+            o = _num(round(max(0.0, duration - attempt.llm_ms - attempt.tool_ms), 3))  # type: ignore[operator]
+            S.s(turn, "other_ms", o)
             tops = S.tops.get(keys.SLOWEST_TURNS)
             if tops is None:
                 tops = S.tops[keys.SLOWEST_TURNS] = []
-            tops += (_num(duration), ev.turn_id)
+            tops += (d, ev.turn_id)
         if self.settings.latency_samples > 0:
-            figures = (queue_wait, attempt.llm_ms, attempt.tool_ms, other, duration)
-            for (_, sample), value in zip(_TURN_SAMPLE_KEYS, figures):
-                if value is not None:
-                    S.sample(sample[0], _num(value))
+            for (_, sample), text in zip(_TURN_SAMPLE_KEYS, (q, llm, tool, o, d)):
+                if text is not None:
+                    S.sample(sample[0], text)
         for key, value in ((keys.HIST_TURN_LATENCY, duration), (keys.HIST_QUEUE_WAIT, queue_wait)):
             if value is not None:
                 g = (key,)
@@ -1408,7 +1419,7 @@ class Aggregator:
                     counted_from_llm_end=dict(zip(_USAGE_FIELDS, counted_sums)),
                 )
 
-    def plan_malformed(self, entry_id: str) -> EntryPlan:
+    def plan_malformed(self, entry_id: str, into: _Sums | None = None) -> EntryPlan:
         """Count a malformed entry in ``telemetry_malformed``, once per stream entry id."""
 
         def build(plan: _Plan) -> _Plan:
@@ -1420,10 +1431,14 @@ class Aggregator:
             plan = build(_Plan())
             return plan.keys, plan.payload(self.settings.seen_ttl_s)
 
-        ops = _Sums()
-        ops.i((GLOBAL_KEY,), "telemetry_malformed", 1)
-        ops.counted(MALFORMED_SEEN, entry_id)
-        return EntryPlan(entry_id, Touched(), ops, legacy)
+        def replan(S: _Sums) -> None:
+            S.i((GLOBAL_KEY,), "telemetry_malformed", 1)
+            S.counted(MALFORMED_SEEN, entry_id)
+            S.entries.append(entry_id)
+
+        ops = _Sums() if into is None else into
+        replan(ops)
+        return EntryPlan(entry_id, Touched(), ops, 1, legacy, replan)
 
     def _plan_event(self, plan: _Plan, ev: TelemetryEvent, at: _Counting, count: _Count) -> None:
         """One counted event: its kind's increments, deduplicated on its id."""
@@ -1682,7 +1697,13 @@ class Aggregator:
         if not plans:
             return []
         conversations = list(dict.fromkeys(c for p in plans for c in p.touched.conversations))
-        merged = _merge_batch([p.ops for p in plans], self.settings.seen_ttl_s,
+        sums = plans[0].ops
+        if (sums.broken or len(sums.entries) != len(plans)
+                or any(p.ops is not sums or p.entry_id != e for p, e in zip(plans, sums.entries))):
+            sums = _Sums()  # not the entries planned together (a retry of some alone): again
+            for p in plans:
+                p.replan(sums)
+        merged = _merge_batch(sums, self.settings.seen_ttl_s,
                               self.settings.latency_samples,
                               [keys.aggregate("conversation", c) for c in conversations])
         if merged is not None:

@@ -446,6 +446,7 @@ class TelemetryConsumer(StreamGroupMember):
     def _prepare(self, entries: Sequence[Entry]) -> _Batch:
         """Plan a batch (pure: nothing is written)."""
         batch = _Batch(list(entries))
+        into = self.aggregator.sums()  # the batch's entries are planned into one set of sums
         for entry_id, fields in entries:
             if entry_id is None:
                 continue
@@ -463,11 +464,11 @@ class TelemetryConsumer(StreamGroupMember):
             try:
                 if version is None:
                     raise MalformedEntry(f"field {versions.FIELD!r} is not a format version")
-                batch.plans.append(self.aggregator.plan(entry_id, fields))
+                batch.plans.append(self.aggregator.plan(entry_id, fields, into))
             except MalformedEntry as exc:
                 log.error("telemetry.malformed", entry_id=entry_id, turn_id=fields.get("turn_id"),
                           fields=sorted(fields), error=str(exc))
-                batch.plans.append(self.aggregator.plan_malformed(entry_id))
+                batch.plans.append(self.aggregator.plan_malformed(entry_id, into))
                 batch.malformed[entry_id] = str(exc)
             except Exception as exc:  # the planner cannot handle this entry: it alone fails
                 batch.failed[entry_id] = _Failure(fields, exc, "plan")

@@ -293,3 +293,152 @@ async def test_a_malformed_entry_among_good_ones_is_dead_lettered_and_the_others
     assert await redis.exists(keys.aggregate("turn", "t-bad")) == 0
     [dead] = await read_dead_letters(redis)
     assert (dead.entry_id, dead.reason, dead.stage) == (bad, "malformed", "parse")
+
+
+# -- a batch planned into one set of sums (what the consumer does: no per-entry sums merged
+# afterwards); the sums are what ``apply`` sends only for exactly the entries planned into them --
+
+
+async def test_a_batch_planned_into_one_set_of_sums_writes_what_its_entries_write_one_by_one(redis):
+    agg = aggregator(redis)
+    into = agg.sums()
+    plans = [agg.plan(entry_id, fields, into) for entry_id, fields in entries()]
+    plans.append(agg.plan_malformed("1100-0", into))
+    assert all(p.ops is into for p in plans)
+    assert await one_by_one(redis, plans) == [p.counted for p in plans]
+    expected = await state(redis)
+    await redis.flushdb()
+
+    assert await agg.apply(plans) == [p.counted for p in plans]
+    assert await state(redis) == expected
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["input_tokens"], fleet["telemetry_malformed"]) == ("3", "1790", "1")
+
+
+async def test_some_entries_of_a_batch_applied_alone_count_only_themselves(redis):
+    # What the consumer does when the batch failed through an entry's fault: each plan alone.
+    agg = aggregator(redis)
+    into = agg.sums()
+    plans = [agg.plan(f"{1000 + i}-0", {"batch": support_turn(t, c).batch_json()}, into)
+             for i, (t, c) in enumerate((("t-1", "c-1"), ("t-2", "c-2"), ("t-3", "c-1")))]
+    assert await agg.apply([plans[1]]) == [plans[1].counted]
+    assert await agg.apply([plans[0], plans[2]]) == [plans[0].counted, plans[2].counted]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["input_tokens"], fleet["cost_nusd"]) == ("3", "2460", "1290000")
+    conversation = await redis.hgetall(keys.aggregate("conversation", "c-1"))
+    assert (conversation["turns_completed"], conversation["input_tokens"]) == ("2", "1640")
+    assert (await redis.hgetall(keys.aggregate("conversation", "c-2")))["input_tokens"] == "820"
+
+
+class _FailingPrices:
+    """A price table that cannot price a model call (a planner bug), after the entry's first
+    writes are summed."""
+
+    def cost_nusd(self, model: Any, usage: Any) -> int:
+        raise RuntimeError("no price")
+
+
+async def test_an_entry_whose_planning_failed_half_way_leaves_nothing_in_its_batch(redis):
+    agg = aggregator(redis)
+    agg.workflow_prices["broken"] = _FailingPrices()  # type: ignore[assignment]
+    into = agg.sums()
+    first = agg.plan("1000-0", {"batch": support_turn("t-1", "c-1").batch_json()}, into)
+    bad = AttemptBatch("t-bad", "c-bad", "cust-bad").started().agent("Triage") \
+        .tool("Triage", "lookup_order").llm("Triage", 10, 1).completed()
+    try:
+        agg.plan("1000-1", {"workflow": "broken", "version": "1", "batch": bad.batch_json()}, into)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("planning the entry should have failed")
+    third = agg.plan("1000-2", {"batch": support_turn("t-3", "c-3").batch_json()}, into)
+    assert await agg.apply([first, third]) == [first.counted, third.counted]
+    fleet = await redis.hgetall(GLOBAL_KEY)
+    assert (fleet["turns_completed"], fleet["tool_calls"], fleet["input_tokens"]) == ("2", "2", "1640")
+    assert await redis.exists(keys.aggregate("turn", "t-bad"), keys.aggregate("customer", "cust-bad"),
+                              keys.event_seen("t-bad")) == 0
+
+
+async def test_calls_with_the_same_tokens_cost_by_their_own_price_table(redis):
+    # Every call of these turns has the same token counts; a call's cost is remembered per
+    # price table, model and tokens, so a workflow's own table, the fleet's, and a workflow's
+    # table read again with new prices each cost their own calls.
+    from turnfleet.settings import Price
+    from turnfleet.telemetry.pricing import PriceTable
+
+    def table(usd_per_1m: float) -> PriceTable:
+        return PriceTable({"turnfleet-offline": Price(input=usd_per_1m, cached_input=usd_per_1m,
+                                                      output=usd_per_1m)})
+
+    agg = aggregator(redis)
+    agg.workflow_prices["w-own"] = table(1.0)
+    own = {"workflow": "w-own", "version": "1"}
+    into = agg.sums()
+    plans = [agg.plan("1000-0", {**own, "batch": support_turn("t-1", "c-1").batch_json()}, into),
+             agg.plan("1000-1", {"batch": support_turn("t-2", "c-2").batch_json()}, into)]
+    assert await agg.apply(plans) == [p.counted for p in plans]
+    agg.workflow_prices["w-own"] = table(2.0)  # a registry read with new prices
+    await agg.apply([agg.plan("1001-0", {**own, "batch": support_turn("t-3", "c-3").batch_json()})])
+    costs = [await redis.hget(keys.aggregate("turn", t), "cost_nusd") for t in ("t-1", "t-2", "t-3")]
+    assert costs == ["940000", "430000", "1880000"]  # 940 tokens at 1 and 2 USD per 1M; the fleet's table
+
+
+def test_an_events_epoch_time_is_exact_whatever_its_offset():
+    # Fixed offsets (pydantic's from JSON, datetime.timezone) are remembered per tzinfo; a zone
+    # whose offset changes (daylight saving) is asked each time.
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+
+    from pydantic import TypeAdapter
+
+    from turnfleet.telemetry.aggregate import _epoch_us
+
+    parse = TypeAdapter(datetime).validate_json
+    stamps = [parse(b'"2026-03-04T10:00:00.123456+02:00"'), parse(b'"2026-03-04T10:00:00.123456Z"'),
+              parse(b'"2026-03-04T10:00:00.123456-05:30"'), parse(b'"2026-03-04T10:00:00.123456+02:00"'),
+              datetime(2026, 7, 1, 12, tzinfo=timezone.utc), datetime(2026, 7, 1, 12, tzinfo=ZoneInfo("Europe/Berlin")),
+              datetime(2026, 1, 1, 12, tzinfo=ZoneInfo("Europe/Berlin"))]
+    for ts in stamps + stamps:
+        assert _epoch_us(ts) == round((ts - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds() * 10**6)
+    assert _epoch_us(datetime(2026, 3, 4, 8, 0, 0, 123456)) == _epoch_us(stamps[0])  # naive is UTC
+
+
+async def test_a_batch_onto_hashes_old_and_new_writes_what_its_entries_write_one_by_one(redis):
+    # The batch script writes a hash that does not exist yet with one HSET (its increments and
+    # max/min fields), one that exists with HINCRBY and HGET + HSET: two batches, the second
+    # adding to the first's fleet, customer, conversation and turn hashes and creating others.
+    agg = aggregator(redis)
+    batch = entries()
+    first, second = batch[:4], batch[4:]
+    plans = [agg.plan(entry_id, fields) for entry_id, fields in batch]
+    assert await one_by_one(redis, plans) == [p.counted for p in plans]
+    expected, exact = await state(redis), await dump_keys(redis)
+    await redis.flushdb()
+
+    for part in (first, second):
+        into = agg.sums()
+        part_plans = [agg.plan(entry_id, fields, into) for entry_id, fields in part]
+        assert await agg.apply(part_plans) == [p.counted for p in part_plans]
+    assert await state(redis) == expected
+    written = await dump_keys(redis)
+    for turn in ("t-1", "t-2", "t-4", "t-5"):  # old (t-1 then its checks, t-2) and new: each text
+        key = keys.aggregate("turn", turn)
+        got, want = json.loads(written[key]), json.loads(exact[key])
+        assert got.keys() == want.keys()
+        for name, value in want.items():  # an integer to the letter; a float sum to its last bits
+            assert (got[name] == value) if value.lstrip("-").isdigit() else (_value(got[name]) == _value(value))
+
+
+def test_an_entrys_workflow_and_version_are_its_own_whatever_was_read_before():
+    # RanBy.of remembers what it read per (workflow, version) pair of fields.
+    from turnfleet.telemetry.aggregate import RanBy
+
+    reads = [({"workflow": "w", "version": "1"}, ("w", "1")), ({"workflow": "w", "version": "2"}, ("w", "2")),
+             ({"workflow": "w"}, ("w", "unknown")), ({"workflow": "v", "version": "1"}, ("v", "1")),
+             ({"workflow": b"w", "version": b"3"}, ("w", "3")), ({"workflow": "no name!", "version": "1"},
+                                                                   ("unknown", "unknown")),
+             ({"version": "1"}, ("unknown", "unknown")), ({"workflow": "w", "version": "x" * 500}, ("w", "unknown"))]
+    for _ in range(2):
+        for fields, (workflow, version) in reads:
+            ran = RanBy.of(fields)
+            assert (ran.workflow, ran.version, ran.subject) == (workflow, version, f"{workflow}/{version}")

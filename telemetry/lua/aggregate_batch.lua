@@ -11,6 +11,9 @@
 --   st  : [[key, a, status], ...] in order   HSET status; if a == '0' only when not terminal
 --   i/f : [[key, {field: n}], ...]           HINCRBY / HINCRBYFLOAT (summed over the batch;
 --                                             i's n a JSON number, rounded as lua/aggregate.lua)
+-- A hash that does not exist yet (most of a batch's turn hashes) gets its i, x and mn fields
+-- in one HSET instead (what HINCRBY and HGET + HSET from nothing would write), and is not
+-- read to check its counters.
 --   l   : [[key, sample, ...], ...]          LPUSH in order, then LTRIM to cap if longer
 --   t   : [[key, score, member, ...], ...]   ZADD, then keep the top highest scores
 --   z   : [[key, score, member, ...], ...]   ZADD GT
@@ -61,18 +64,25 @@ end
 expect(p.ids, 'set'); expect(p.sa, 'set'); expect(p.s, 'hash'); expect(p.x, 'hash')
 expect(p.mn, 'hash'); expect(p.st, 'hash'); expect(p.i, 'hash'); expect(p.f, 'hash')
 expect(p.l, 'list'); expect(p.t, 'zset'); expect(p.z, 'zset')
+local fresh = {}  -- keys that do not exist yet
 for k, kind in pairs(want) do
   local have = redis.call('TYPE', T[k])['ok']
-  if have ~= 'none' and have ~= kind then return -2 end
+  if have == 'none' then
+    fresh[k] = true
+  elseif have ~= kind then
+    return -2
+  end
 end
 local function numbers(list, pattern)
   for _, h in ipairs(list) do
-    local fields = {}
-    for f in pairs(h[2]) do fields[#fields + 1] = f end
-    if #fields == 0 then fields[1] = '-' end
-    for _, v in ipairs(redis.call('HMGET', T[h[1]], unpack(fields))) do
-      if v and not (pattern and string.match(v, pattern) or (not pattern and tonumber(v))) then
-        return false
+    if not fresh[h[1]] then  -- (a key that does not exist holds no field)
+      local fields = {}
+      for f in pairs(h[2]) do fields[#fields + 1] = f end
+      if #fields == 0 then fields[1] = '-' end
+      for _, v in ipairs(redis.call('HMGET', T[h[1]], unpack(fields))) do
+        if v and not (pattern and string.match(v, pattern) or (not pattern and tonumber(v))) then
+          return false
+        end
       end
     end
   end
@@ -92,6 +102,31 @@ for _, s in ipairs(p.ids) do
   chunked('SADD', T[s[1]], s, 2)
   new = new + #s - 1
 end
+-- A hash that did not exist: its increments (i) and max/min fields (x, mn) are its values,
+-- written with one HSET, as HINCRBY / HGET + HSET from nothing would write them (the plan
+-- never sets and increments one field, nor adds to a field it takes the max or min of).
+local written = {}
+local by_key = {}
+for _, list in ipairs({p.i, p.x, p.mn}) do
+  for _, h in ipairs(list) do
+    if fresh[h[1]] then
+      local flat = by_key[h[1]]
+      if not flat then
+        flat = {}
+        by_key[h[1]] = flat
+      end
+      local fmt = list == p.i
+      for f, v in pairs(h[2]) do
+        flat[#flat + 1] = f
+        flat[#flat + 1] = fmt and string.format('%.0f', v) or v
+      end
+    end
+  end
+end
+for k, flat in pairs(by_key) do
+  chunked('HSET', T[k], flat, 1)
+  written[k] = true
+end
 for _, h in ipairs(p.s) do
   local flat = {}
   for f, v in pairs(h[2]) do flat[#flat + 1] = f; flat[#flat + 1] = v end
@@ -99,14 +134,14 @@ for _, h in ipairs(p.s) do
 end
 for _, h in ipairs(p.x) do
   local key = T[h[1]]
-  for f, v in pairs(h[2]) do
+  for f, v in pairs(written[h[1]] and {} or h[2]) do
     local cur = redis.call('HGET', key, f)
     if (not cur) or tonumber(v) > tonumber(cur) then redis.call('HSET', key, f, v) end
   end
 end
 for _, h in ipairs(p.mn) do
   local key = T[h[1]]
-  for f, v in pairs(h[2]) do
+  for f, v in pairs(written[h[1]] and {} or h[2]) do
     local cur = redis.call('HGET', key, f)
     if (not cur) or tonumber(v) < tonumber(cur) then redis.call('HSET', key, f, v) end
   end
@@ -120,7 +155,9 @@ for _, o in ipairs(p.st) do
 end
 for _, h in ipairs(p.i) do
   local key = T[h[1]]
-  for f, n in pairs(h[2]) do redis.call('HINCRBY', key, f, string.format('%.0f', n)) end
+  if not written[h[1]] then
+    for f, n in pairs(h[2]) do redis.call('HINCRBY', key, f, string.format('%.0f', n)) end
+  end
 end
 for _, h in ipairs(p.f) do
   local key = T[h[1]]
