@@ -546,6 +546,40 @@ class _Attempt:
     queue_wait_ms: float | None = None
     after_turn_only: bool = True  # only feedback / check events: no attempt ran in this entry
 
+    def note(self, ev: TelemetryEvent, kind: EventKind, ts_ms: int) -> None:
+        """One event of the attempt (not one given after the turn), at ``ts_ms``: its times,
+        model calls, tool time, agents, failure and queue wait."""
+        self.after_turn_only = False
+        if ts_ms > self.last_ts_ms:
+            self.last_ts_ms = ts_ms
+        if self.first_ts_ms is None or ts_ms < self.first_ts_ms:
+            self.first_ts_ms = ts_ms
+        if kind is _LLM_END:
+            model = ev.model
+            if model and model not in self.models:
+                self.models.append(model)
+            u = ev.usage
+            if u is not None:
+                s = self.llm_usage
+                self.llm_usage = [s[0] + u.requests, s[1] + u.input_tokens, s[2] + u.output_tokens,
+                                  s[3] + u.cached_tokens, s[4] + u.reasoning_tokens]
+            if ev.duration_ms is not None:
+                self.llm_ms += ev.duration_ms
+            return
+        if kind is _TOOL_END:
+            if ev.duration_ms is not None:
+                self.tool_ms += ev.duration_ms
+            return
+        if kind in _FAILED_KINDS:
+            self.failed = True
+        elif kind is _AGENT_START and ev.agent:
+            self.agents.append(ev.agent)  # as the hooks record it; a terminal event's list wins
+        detail = ev.detail
+        if isinstance(detail, _QUEUE_WAIT_DETAILS) and detail.queue_wait_ms is not None:
+            self.queue_wait_ms = detail.queue_wait_ms
+        if isinstance(detail, _AGENTS_DETAILS) and detail.agents is not None:
+            self.agents = list(detail.agents)
+
 
 _LLM_END, _TOOL_END, _AGENT_START = EventKind.llm_end, EventKind.tool_end, EventKind.agent_start
 _HANDOFF, _GUARDRAIL, _SPANS_DROPPED = EventKind.handoff, EventKind.guardrail, EventKind.spans_dropped
@@ -581,36 +615,7 @@ def _attempts(events: Iterable[TelemetryEvent]) -> dict[tuple[str, int], _Attemp
             a = out[(ev.turn_id, ev.attempt)] = _Attempt(ev.conversation_id, ev.customer_id)
         if kind in _AFTER_TURN_KINDS:
             continue  # given after the turn: not part of any attempt's figures
-        a.after_turn_only = False
-        ts_ms = _ms(ev.ts)
-        if ts_ms > a.last_ts_ms:
-            a.last_ts_ms = ts_ms
-        if a.first_ts_ms is None or ts_ms < a.first_ts_ms:
-            a.first_ts_ms = ts_ms
-        if kind is _LLM_END:
-            if ev.model and ev.model not in a.models:
-                a.models.append(ev.model)
-            u = ev.usage
-            if u is not None:
-                a.llm_usage = [a.llm_usage[0] + u.requests, a.llm_usage[1] + u.input_tokens,
-                               a.llm_usage[2] + u.output_tokens, a.llm_usage[3] + u.cached_tokens,
-                               a.llm_usage[4] + u.reasoning_tokens]
-            if ev.duration_ms is not None:
-                a.llm_ms += ev.duration_ms
-            continue
-        if kind is _TOOL_END:
-            if ev.duration_ms is not None:
-                a.tool_ms += ev.duration_ms
-            continue
-        if kind in _FAILED_KINDS:
-            a.failed = True
-        elif kind is _AGENT_START and ev.agent:
-            a.agents.append(ev.agent)  # as the hooks record it; a terminal event's list wins
-        detail = ev.detail
-        if isinstance(detail, _QUEUE_WAIT_DETAILS) and detail.queue_wait_ms is not None:
-            a.queue_wait_ms = detail.queue_wait_ms
-        if isinstance(detail, _AGENTS_DETAILS) and detail.agents is not None:
-            a.agents = list(detail.agents)
+        a.note(ev, kind, _ms(ev.ts))
     return out
 
 
@@ -1080,37 +1085,7 @@ class Aggregator:
                                                                         ev.customer_id)
             if kind in _AFTER_TURN_KINDS:
                 continue
-            a.after_turn_only = False
-            ts_ms = int(us / 10**6 * 1000)
-            if ts_ms > a.last_ts_ms:
-                a.last_ts_ms = ts_ms
-            if a.first_ts_ms is None or ts_ms < a.first_ts_ms:
-                a.first_ts_ms = ts_ms
-            if kind is _LLM_END:
-                model = ev.model
-                if model and model not in a.models:
-                    a.models.append(model)
-                u = ev.usage
-                if u is not None:
-                    s = a.llm_usage
-                    a.llm_usage = [s[0] + u.requests, s[1] + u.input_tokens, s[2] + u.output_tokens,
-                                   s[3] + u.cached_tokens, s[4] + u.reasoning_tokens]
-                if ev.duration_ms is not None:
-                    a.llm_ms += ev.duration_ms
-                continue
-            if kind is _TOOL_END:
-                if ev.duration_ms is not None:
-                    a.tool_ms += ev.duration_ms
-                continue
-            if kind in _FAILED_KINDS:
-                a.failed = True
-            elif kind is _AGENT_START and ev.agent:
-                a.agents.append(ev.agent)
-            detail = ev.detail
-            if isinstance(detail, _QUEUE_WAIT_DETAILS) and detail.queue_wait_ms is not None:
-                a.queue_wait_ms = detail.queue_wait_ms
-            if isinstance(detail, _AGENTS_DETAILS) and detail.agents is not None:
-                a.agents = list(detail.agents)
+            a.note(ev, kind, int(us / 10**6 * 1000))
         version_key = keys.aggregate("version", ran.subject)
         samples_on = self.settings.latency_samples > 0
         costs = self._costs

@@ -85,16 +85,22 @@ async def state(redis: Redis) -> dict[str, Any]:
     return out
 
 
-async def test_a_batch_applied_at_once_writes_what_its_entries_write_one_by_one(redis):
-    agg = aggregator(redis)
-    plans = [agg.plan(entry_id, fields) for entry_id, fields in entries()]
+async def applied_at_once_as_one_by_one(redis, agg, plans) -> dict[str, str]:
+    """Apply ``plans`` one by one, then (Redis emptied) as one batch: the same state and counts;
+    the fleet's hash after."""
     assert await one_by_one(redis, plans) == [p.counted for p in plans]
     expected = await state(redis)
     await redis.flushdb()
 
     assert await agg.apply(plans) == [p.counted for p in plans]
     assert await state(redis) == expected
-    fleet = await redis.hgetall(GLOBAL_KEY)
+    return await redis.hgetall(GLOBAL_KEY)
+
+
+async def test_a_batch_applied_at_once_writes_what_its_entries_write_one_by_one(redis):
+    agg = aggregator(redis)
+    plans = [agg.plan(entry_id, fields) for entry_id, fields in entries()]
+    fleet = await applied_at_once_as_one_by_one(redis, agg, plans)
     assert (fleet["turns_completed"], fleet["turns_failed"], fleet["attempts_failed"]) == ("3", "2", "2")
     assert (await redis.hgetall(keys.aggregate("turn", "t-2")))["status"] == "completed"
     assert (await redis.hgetall(keys.aggregate("turn", "t-5")))["error_type"] == "ModelError"
@@ -305,13 +311,7 @@ async def test_a_batch_planned_into_one_set_of_sums_writes_what_its_entries_writ
     plans = [agg.plan(entry_id, fields, into) for entry_id, fields in entries()]
     plans.append(agg.plan_malformed("1100-0", into))
     assert all(p.ops is into for p in plans)
-    assert await one_by_one(redis, plans) == [p.counted for p in plans]
-    expected = await state(redis)
-    await redis.flushdb()
-
-    assert await agg.apply(plans) == [p.counted for p in plans]
-    assert await state(redis) == expected
-    fleet = await redis.hgetall(GLOBAL_KEY)
+    fleet = await applied_at_once_as_one_by_one(redis, agg, plans)
     assert (fleet["turns_completed"], fleet["input_tokens"], fleet["telemetry_malformed"]) == ("3", "1790", "1")
 
 
