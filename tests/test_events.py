@@ -423,3 +423,16 @@ def test_hooks_sum_a_turns_usage_as_counts_without_a_token_usage_per_model_call(
     h.usage = TokenUsage(requests=5)  # set (as before): what the next events carry
     h.turn_completed(1.0, None, "ok")
     assert json.loads(h.batch_json())[-1]["usage"] == TokenUsage(requests=5).model_dump()
+
+
+def test_an_event_with_nothing_to_redact_goes_into_the_batch_as_it_is() -> None:
+    """An event whose detail is numbers only and that carries no error is not copied for the
+    batch (issue 19); every other event is, redacted (the hooks' own list stays as it was)."""
+    h = hooks(True, Redactor())
+    asyncio.run(drive_hooks(h))
+    before = json.dumps(h._events)
+    exported = [h._export(e) for e in h._events]
+    as_is = {e["kind"] for e, x in zip(h._events, exported) if x is e}
+    assert as_is == {"turn_started", "agent_start", "llm_start", "spans_dropped"}
+    assert all(x is not e for e, x in zip(h._events, exported) if e["kind"] not in as_is)
+    assert json.dumps(h._events) == before

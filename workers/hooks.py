@@ -144,6 +144,8 @@ def iso_z(ns: int) -> str:
     return f"{done[1]}.{micros:06d}Z" if micros else f"{done[1]}Z"
 
 
+_NUMBERS = frozenset({int, float, bool, type(None)})  # a detail value redaction returns as it is
+
 JSON_FIELDS: dict[str, tuple[str, ...]] = {k.value: cls.json_fields for k, cls in ev.PAYLOADS.items()}
 """Per kind: the detail fields holding JSON text (redacted as JSON)."""
 
@@ -270,6 +272,8 @@ class TelemetryHooks(RunHooks[Any]):
         r = self.redactor
         if r is None:
             return data
+        if data.get("error") is None and _NUMBERS.issuperset(map(type, data["detail"].values())):
+            return data  # nothing to redact (agent_start, llm_start, turn_started...): not copied
         json_fields = JSON_FIELDS.get(data["kind"], ())
         detail = {}
         for key, value in data["detail"].items():
