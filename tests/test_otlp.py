@@ -444,3 +444,17 @@ def test_the_remembered_parts_key_a_value_by_its_types_flat_or_nested() -> None:
     assert _frozen(nested) != _frozen({**nested, "data": [{"k": 1}]})
     with pytest.raises(TypeError):
         _frozen({"x": object()})
+
+
+def test_capped_history_copies_a_message_only_to_clip_its_text() -> None:
+    """The messages ``messages`` made are its own: one whose text fits is kept as it is (issue
+    19: a copy per message per model call), a longer one is a clipped copy."""
+    from turnfleet.workers.otlp import MAX_MESSAGE_CHARS, capped_history
+
+    short = {"role": "user", "content": "hi"}
+    calls = {"role": "assistant", "tool_calls": [{"id": "c", "name": "f", "arguments": "{}"}]}
+    long = {"role": "assistant", "content": "x" * (MAX_MESSAGE_CHARS + 5)}
+    kept, left_out = capped_history([short, calls, long])
+    assert left_out == 0 and kept[0] is short and kept[1] is calls
+    assert kept[2] is not long and len(kept[2]["content"]) == MAX_MESSAGE_CHARS
+    assert long["content"] == "x" * (MAX_MESSAGE_CHARS + 5)

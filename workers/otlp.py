@@ -358,8 +358,9 @@ def capped_history(history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     clipped to MAX_MESSAGE_CHARS. Returns (messages, how many were left out)."""
     head = history[:1] if history and history[0].get("role") == "system" else []
     tail = history[len(head):][-(MAX_HISTORY - len(head)):]
-    kept = [
-        {**m, "content": clip(m["content"], MAX_MESSAGE_CHARS)} if isinstance(m.get("content"), str) else m
+    kept = [  # a message is copied only to clip its text (``messages`` made it: never shared)
+        {**m, "content": clip(m["content"], MAX_MESSAGE_CHARS)}
+        if isinstance(m.get("content"), str) and len(m["content"]) > MAX_MESSAGE_CHARS else m
         for m in head + tail
     ]
     return kept, len(history) - len(kept)
