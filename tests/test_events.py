@@ -27,7 +27,7 @@ from tests.consuming import drain, pending
 from turnfleet import events as ev
 from turnfleet import keys
 from turnfleet.events import PAYLOADS, EventKind, batch_json, parse_events
-from turnfleet.models import ErrorInfo
+from turnfleet.models import ErrorInfo, TokenUsage
 from turnfleet.redaction import Redactor
 from turnfleet.tool_errors import MARKER
 from turnfleet.workers.hooks import TelemetryHooks
@@ -395,3 +395,44 @@ def test_event_timestamps_are_written_as_isoformat_writes_utc_with_z() -> None:
     h.turn_started(1.0, "Triage")
     ts = json.loads(h.batch_json())[0]["ts"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", ts)
+
+
+def test_hooks_sum_a_turns_usage_as_counts_without_a_token_usage_per_model_call(monkeypatch) -> None:
+    """Each model call's usage is read as counts and summed as counts (issue 19: two
+    ``TokenUsage`` models a call, ~4 µs); ``hooks.usage`` is the sum, as a model, when read,
+    and the turn's events carry the same counts."""
+    built: list[dict[str, Any]] = []
+    init = TokenUsage.__init__
+
+    def counting(self: TokenUsage, **fields: Any) -> None:
+        built.append(fields)
+        init(self, **fields)
+
+    h = hooks()
+    with monkeypatch.context() as m:
+        m.setattr(TokenUsage, "__init__", counting)
+        asyncio.run(drive_hooks(h))
+    assert built == []
+    total = TokenUsage(requests=2, input_tokens=20, output_tokens=4)
+    assert h.usage == total
+    events = json.loads(h.batch_json())
+    assert [e["usage"] for e in events if e["kind"] == "llm_end"] == [
+        TokenUsage(requests=1, input_tokens=10, output_tokens=2).model_dump()] * 2
+    ends = [e for e in events if e["kind"] in ("turn_completed", "turn_failed", "attempt_failed")]
+    assert len(ends) == 3 and all(e["usage"] == total.model_dump() for e in ends)
+    h.usage = TokenUsage(requests=5)  # set (as before): what the next events carry
+    h.turn_completed(1.0, None, "ok")
+    assert json.loads(h.batch_json())[-1]["usage"] == TokenUsage(requests=5).model_dump()
+
+
+def test_an_event_with_nothing_to_redact_goes_into_the_batch_as_it_is() -> None:
+    """An event whose detail is numbers only and that carries no error is not copied for the
+    batch (issue 19); every other event is, redacted (the hooks' own list stays as it was)."""
+    h = hooks(True, Redactor())
+    asyncio.run(drive_hooks(h))
+    before = json.dumps(h._events)
+    exported = [h._export(e) for e in h._events]
+    as_is = {e["kind"] for e, x in zip(h._events, exported) if x is e}
+    assert as_is == {"turn_started", "agent_start", "llm_start", "spans_dropped"}
+    assert all(x is not e for e, x in zip(h._events, exported) if e["kind"] not in as_is)
+    assert json.dumps(h._events) == before

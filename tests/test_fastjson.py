@@ -32,3 +32,11 @@ def test_what_orjson_refuses_falls_back_to_json() -> None:
 def test_an_unknown_type_without_default_raises_type_error_as_json_does() -> None:
     with pytest.raises(TypeError):
         fastjson.dumps({"x": object()})
+
+
+def test_the_fallback_writes_text_as_orjson_does_utf8_not_escapes() -> None:
+    """What orjson refuses (a non-string key, an int past 64 bits) goes to json with the same
+    text form as orjson's: a record's non-ASCII text is the same bytes whichever wrote it."""
+    assert fastjson.dumps({"n": 2 ** 70, "é": "naïve ✓"}) == '{"n":1180591620717411303424,"é":"naïve ✓"}'
+    assert fastjson.dumps({1: "ü", "k": "ü"}) == '{"1":"ü","k":"ü"}'
+    assert fastjson.dumps({"k": "ü"}) == '{"k":"ü"}'

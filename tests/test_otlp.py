@@ -424,3 +424,37 @@ def test_a_busy_collector_gets_the_batch_again_and_a_full_queue_drops_counted(re
         stats = sink.stats()
     assert receiver.refused == 1 and len(receiver.wait_for_spans(1)) == 1
     assert (stats.records, stats.spans_exported, stats.spans_failed, stats.spans_dropped) == (2, 1, 0, 1)
+
+
+def test_the_remembered_parts_key_a_value_by_its_types_flat_or_nested() -> None:
+    """``_frozen`` (the key model calls' settings and other spans' data are remembered by):
+    equal for equal values, different when a value differs only in type (1, 1.0, True), the
+    same form whether a dict or list is flat (built in one go) or nested."""
+    from turnfleet.workers.otlp import _frozen
+
+    flat = {"temperature": None, "top_p": None, "provider": "p", "max_tokens": 5}
+    assert _frozen(flat) == _frozen(copy.deepcopy(flat))
+    keys = {_frozen({**flat, "max_tokens": v}) for v in (1, 1.0, True, "1", None)}
+    assert len(keys) == 5
+    assert _frozen({"a": 1, "b": "x"}) != _frozen({"b": "x", "a": 1})  # order is the attributes'
+    assert _frozen(["a", 1, None]) == ("a", 1, None) != _frozen(["a", True, None])
+    nested = {"usage": {"input_tokens": 1, "details": {"cached": 0}}, "tools": ["x", "y"],
+              "data": [{"k": 1.5}]}
+    assert _frozen(nested) == _frozen(copy.deepcopy(nested))
+    assert _frozen(nested) != _frozen({**nested, "data": [{"k": 1}]})
+    with pytest.raises(TypeError):
+        _frozen({"x": object()})
+
+
+def test_capped_history_copies_a_message_only_to_clip_its_text() -> None:
+    """The messages ``messages`` made are its own: one whose text fits is kept as it is (issue
+    19: a copy per message per model call), a longer one is a clipped copy."""
+    from turnfleet.workers.otlp import MAX_MESSAGE_CHARS, capped_history
+
+    short = {"role": "user", "content": "hi"}
+    calls = {"role": "assistant", "tool_calls": [{"id": "c", "name": "f", "arguments": "{}"}]}
+    long = {"role": "assistant", "content": "x" * (MAX_MESSAGE_CHARS + 5)}
+    kept, left_out = capped_history([short, calls, long])
+    assert left_out == 0 and kept[0] is short and kept[1] is calls
+    assert kept[2] is not long and len(kept[2]["content"]) == MAX_MESSAGE_CHARS
+    assert long["content"] == "x" * (MAX_MESSAGE_CHARS + 5)

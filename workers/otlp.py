@@ -358,8 +358,9 @@ def capped_history(history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     clipped to MAX_MESSAGE_CHARS. Returns (messages, how many were left out)."""
     head = history[:1] if history and history[0].get("role") == "system" else []
     tail = history[len(head):][-(MAX_HISTORY - len(head)):]
-    kept = [
-        {**m, "content": clip(m["content"], MAX_MESSAGE_CHARS)} if isinstance(m.get("content"), str) else m
+    kept = [  # a message is copied only to clip its text (``messages`` made it: never shared)
+        {**m, "content": clip(m["content"], MAX_MESSAGE_CHARS)}
+        if isinstance(m.get("content"), str) and len(m["content"]) > MAX_MESSAGE_CHARS else m
         for m in head + tail
     ]
     return kept, len(history) - len(kept)
@@ -744,6 +745,7 @@ _ZERO_ID, _ONE_ID = bytes(8), (1).to_bytes(8, "big")
 _NO_NAMES: frozenset[str] = frozenset()
 _UNSET = wire.status(wire.STATUS_UNSET, None)  # the status of a span that did not fail
 _DICT = object()  # marks a frozen dict (a list of pairs is not the same value)
+_SELF_FROZEN = frozenset({str, int, type(None)})  # the types _frozen returns as they are
 
 
 def _frozen(value: Any) -> Any:
@@ -753,8 +755,13 @@ def _frozen(value: Any) -> Any:
     if kind is str or kind is int or value is None:
         return value
     if kind is dict:
+        # Most are flat (a model's settings: ~20 entries, mostly None): the same tuple, built in C.
+        if _SELF_FROZEN.issuperset(map(type, value.values())):
+            return (_DICT, *value.items())
         return (_DICT, *[(k, _frozen(v)) for k, v in value.items()])
     if kind is list:
+        if _SELF_FROZEN.issuperset(map(type, value)):
+            return tuple(value)
         return tuple([_frozen(v) for v in value])
     if kind is bool or kind is float:
         return (kind, value)
