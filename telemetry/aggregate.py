@@ -926,8 +926,6 @@ def _merge_batch(S: _Sums, seen_ttl_s: int, samples_cap: int,
     return names, orjson.dumps(body)
 
 
-_NO_COST = object()
-_COSTS_KEPT = 10_000
 _OWN_PREFIXES = (keys.aggregate("turn", ""), keys.aggregate("conversation", ""))
 _Split = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 # Groups seen by recent merges, split: the shared ones (fleet, a window, a histogram...) recur
@@ -963,9 +961,6 @@ class Aggregator:
         self.workflow_prices: dict[str, PriceTable] = {}
         self._registered: set[str] = set()  # workflow names the last registry read saw
         self._prices_read_at = float("-inf")
-        # A model call's cost by (price table, model, input, cached, output tokens): calls
-        # often repeat their token counts. Cleared when it holds _COSTS_KEPT.
-        self._costs: dict[tuple[Any, ...], Any] = {}
 
     async def refresh_prices(self, workflows: Iterable[str] = ()) -> None:
         """Re-read the workflows' own prices from the registry when the last read is
@@ -1088,7 +1083,6 @@ class Aggregator:
             a.note(ev, kind, int(us / 10**6 * 1000))
         version_key = keys.aggregate("version", ran.subject)
         samples_on = self.settings.latency_samples > 0
-        costs = self._costs
         contexts: dict[tuple[str, int], list[Any]] = {}
         calls: list[list[Any]] = []  # the model call groups of every attempt (and day)
         for ev, us in zip(events, us_of):
@@ -1139,12 +1133,7 @@ class Aggregator:
                     totals[3] += usage.cached_tokens
                     totals[4] += usage.reasoning_tokens
                     totals[5] += 1
-                    ck = (prices, model, usage.input_tokens, usage.cached_tokens, usage.output_tokens)
-                    cost = costs.get(ck, _NO_COST)
-                    if cost is _NO_COST:  # the price of these tokens on this model, once
-                        if len(costs) >= _COSTS_KEPT:
-                            costs.clear()
-                        cost = costs[ck] = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
+                    cost = prices.cost_nusd(model, usage)  # type: ignore[arg-type]
                     if cost is None:
                         totals[7] += 1
                     else:

@@ -245,34 +245,12 @@ def token_usage(usage: Mapping[str, Any]) -> TokenUsage:
     )
 
 
-_USAGE_ATTRS: dict[tuple[Any, ...], dict[str, Any]] = {}  # (model, pricing, the counts) -> attributes
-_USAGE_ENTRIES = 4096
-
-
 def _put_usage(attrs: dict[str, Any], usage: Mapping[str, Any] | None, model: str | None,
                pricing: Pricing | None) -> None:
-    """A model call's token counts and cost; the same counts of the same model make the same
-    attributes (remembered: the cost prices a ``TokenUsage``, ~10 µs a call)."""
-    if not usage:
-        return
-    try:
-        details_in = usage.get("input_tokens_details") or {}
-        details_out = usage.get("output_tokens_details") or {}
-        counts = (usage.get("input_tokens"), usage.get("output_tokens"), usage.get("total_tokens"),
-                  usage.get("requests"), details_in.get("cached_tokens"), details_in.get("cache_write_tokens"),
-                  details_out.get("reasoning_tokens"))
-        # Types too: 1, 1.0 and True are equal keys, not equal attributes.
-        key = (model, pricing, counts, tuple(map(type, counts)))
-        block = _USAGE_ATTRS.get(key)
-    except (TypeError, AttributeError):  # an unhashable or odd value: written, not remembered
+    """A model call's token counts and cost (not remembered by counts: in production they
+    differ from call to call, and pricing one is a few microseconds)."""
+    if usage:
         _usage_attributes(attrs, usage, model, pricing)
-        return
-    if block is None:
-        if len(_USAGE_ATTRS) >= _USAGE_ENTRIES:
-            _USAGE_ATTRS.clear()
-        block = _USAGE_ATTRS[key] = {}
-        _usage_attributes(block, usage, model, pricing)
-    attrs.update(block)
 
 
 def _usage_attributes(attrs: dict[str, Any], usage: Mapping[str, Any], model: str | None,
@@ -891,7 +869,7 @@ class OtlpSink:
         openinference_messages: bool = False,
     ) -> None:
         otel = _load_otel()
-        self._pricing = memoized(pricing) if pricing is not None else None
+        self._pricing = pricing
         self._openinference_messages = openinference_messages
         self._described_cache: dict[tuple[Any, ...], tuple[str, str, bytes, frozenset[str]]] = {}
         self._model_parts: dict[tuple[Any, ...], tuple[str, bytes, bytes]] = {}
@@ -1185,27 +1163,6 @@ class OtlpSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
-
-
-def memoized(pricing: Pricing, entries: int = 4096) -> Pricing:
-    """``pricing`` remembered per (model, usage): a fleet's calls repeat models and, for the
-    same prompt, token counts; pricing one builds a ``TokenUsage`` and resolves the model's
-    name (tens of microseconds a call, issue 19)."""
-    memo: dict[tuple[Any, ...], float | None] = {}
-
-    def cost(model: str | None, usage: TokenUsage) -> float | None:
-        key = (model, usage.requests, usage.input_tokens, usage.output_tokens, usage.cached_tokens,
-               usage.reasoning_tokens)
-        try:
-            return memo[key]
-        except KeyError:
-            pass
-        if len(memo) >= entries:
-            memo.clear()
-        value = memo[key] = pricing(model, usage)
-        return value
-
-    return cost
 
 
 def _failure(error: Any, at: int) -> tuple[bytes, bytes]:
