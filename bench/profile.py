@@ -50,6 +50,10 @@ def part_of(stack: list[str]) -> str:
         return "startup (imports)"
     # Only the running task's frames: below the event loop's callback dispatch.
     runs = [i for i, f in enumerate(stack) if f.startswith("Handle._run ")]
+    if not runs:
+        # uvloop (the worker's loop) dispatches in C: a task's frames follow the frame that
+        # started the loop (asyncio.Runner.run), with nothing of the loop's own between.
+        runs = [i for i, f in enumerate(stack) if "asyncio/runners.py" in f]
     stack = stack[runs[-1] + 1:] if runs else []
     for frame in reversed(stack):
         m = FRAME.match(frame)

@@ -80,3 +80,18 @@ def test_redis_profile_puts_a_scripts_inner_commands_under_the_script(redis_url:
     assert "GET" not in taken
     rows = "\n".join(redis_cost._command_rows(taken, 1, 10.0))
     assert "| EVAL (inline script) | 1.00 |" in rows and "SET 2.00×" in rows
+
+
+def test_cpu_split_finds_the_running_tasks_frames_on_uvloop_too():
+    """asyncio's loop shows its dispatch (``Handle._run``); uvloop's is C, so a task's frames
+    follow the frame that started the loop. Both go to the part of the innermost owned frame."""
+    from bench import profile
+
+    outer = ["<module> (turnfleet/shell/cli.py:10)", "main (turnfleet/shell/cli.py:99)",
+             "run (asyncio/runners.py:118)"]
+    task = ["run_turn (workers/job.py:70)", "run (workers/attempt.py:300)",
+            "on_span_end (workers/trace_store.py:120)"]
+    assert profile.part_of(outer + task) == "telemetry and tracing"  # uvloop: no Handle._run
+    assert profile.part_of(outer + ["_run_once (asyncio/base_events.py:1900)", "Handle._run (asyncio/events.py:80)",
+                                    *task]) == "telemetry and tracing"
+    assert profile.part_of(outer) == "event loop and I/O (asyncio, redis-py) not owned by a part"
