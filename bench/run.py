@@ -835,7 +835,14 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
 
     if cpu is None:
         return ["CPU split not measured: `py-spy` not found (`make bench` installs it).", ""]
-    per_turn = {k: v for k, v in cpu.items() if k not in ("startup (imports)", profile.REDACTION)}
+    per_turn = {k: v for k, v in cpu.items()
+                if k not in ("startup (imports)", profile.REDACTION) and not k.startswith("_")}
+    apart = cpu.get("_measured_apart_hhmm")  # set by hand in a --keep file when 1c was re-measured
+    apart_text = ("" if apart is None else
+                  f" Measured apart from the rest of this run, at {int(apart) // 100:02d}:{int(apart) % 100:02d} "
+                  "UTC on the same code: the run's own split had put every sample in 'event loop' (on "
+                  "uvloop a task's frames follow `asyncio.Runner.run`, not `Handle._run`; fixed in "
+                  "bench/profile.py).")
     total = sum(per_turn.values())
     rows = [f"| {k} | {v:,.0f} | {v / total * 100:.0f}% |"
             for k, v in sorted(per_turn.items(), key=lambda kv: -kv[1])]
@@ -850,7 +857,7 @@ def cpu_lines(cpu: dict[str, float] | None, n: int, bare: list[float], fleet: li
         f"({cpu.get('startup (imports)', 0) * n / 1e6:.1f} s in all). py-spy slows the worker: "
         f"the total is {total / (1e6 / statistics.median(fleet)):.2f}× 1/throughput of table 1 "
         "(which, with turns waiting on Redis, is not the CPU per turn either; table 1d measures "
-        "that without a profiler).",
+        f"that without a profiler).{apart_text}",
         "",
         "| part | CPU µs per turn | share |",
         "|---|---|---|",
