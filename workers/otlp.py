@@ -249,12 +249,8 @@ def _put_usage(attrs: dict[str, Any], usage: Mapping[str, Any] | None, model: st
                pricing: Pricing | None) -> None:
     """A model call's token counts and cost (not remembered by counts: in production they
     differ from call to call, and pricing one is a few microseconds)."""
-    if usage:
-        _usage_attributes(attrs, usage, model, pricing)
-
-
-def _usage_attributes(attrs: dict[str, Any], usage: Mapping[str, Any], model: str | None,
-                      pricing: Pricing | None) -> None:
+    if not usage:
+        return
     input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
     details_in = usage.get("input_tokens_details") or {}
     details_out = usage.get("output_tokens_details") or {}
